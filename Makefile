@@ -1,0 +1,65 @@
+# Prime Spark. `make lab` brings up the lab and runs the main job; `make test` runs every test.
+# Both install what they need first (`make setup`), on a fresh Debian 12 machine as root.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SPARK := $(BIN)/spark
+ENV ?= lab
+PYTEST_ARGS ?=
+
+# Debian packages the project uses; installed by `make setup`, never by hand.
+APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
+	debootstrap cloud-init cloud-image-utils prometheus iproute2 iptables nftables iputils-ping \
+	python3-venv ca-certificates
+
+.PHONY: setup apt venv docker lab lab-down test test-unit test-lab lint bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: apt venv docker  ## install Debian packages, the venv (.venv) and start Docker if needed (idempotent)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+docker:  ## start the Docker daemon where nothing else does (no systemd, as in CI)
+	@if ! docker info >/dev/null 2>&1; then \
+		echo "starting dockerd (log: /var/log/spark-dockerd.log)"; \
+		(setsid nohup dockerd >/var/log/spark-dockerd.log 2>&1 &); \
+		for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+		docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/spark-dockerd.log"; exit 1; }; \
+	fi
+
+lab: setup  ## bring up the lab fleet and run the main job
+	$(SPARK) validate $(ENV)
+	$(SPARK) show $(ENV)
+
+test: setup  ## run every test (unit and lab end-to-end)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv  ## only the fast tests (no Docker)
+	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
+
+lint: venv  ## ruff
+	$(BIN)/ruff check src tests bench stacks flows policies
+
+bench: setup  ## run every benchmark
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove the venv and caches (not the lab's state)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,3 @@
+"""Prime Spark: a hybrid edge-cloud AI fleet as code."""
+
+__version__ = "0.1.0"

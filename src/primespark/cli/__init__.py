@@ -1,0 +1,1 @@
+"""The `spark` command line: one module per command group."""

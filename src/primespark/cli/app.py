@@ -1,0 +1,39 @@
+"""The `spark` application: command groups are registered here, each defined in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from primespark.cli import fleet as fleet_commands
+from primespark.errors import UserError
+from primespark.fleet import FleetError
+from primespark.secrets import SecretError
+
+app = typer.Typer(
+    name="spark",
+    help="Prime Spark: run a hybrid edge-cloud AI fleet as code, from one validated inventory.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+fleet_commands.register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except FleetError as exc:
+        typer.echo(f"error: {exc.summary()}", err=True)
+        sys.exit(1)
+    except (UserError, SecretError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Rules that relate several parts of the fleet. Each yields a located `Problem`; all are reported together.
+
+Every problem has a code, so a consumer that reports the same rule in its own terms can take it over
+(`spark plan` leaves `kvm-capacity` to the policy pack, which checks it on the resource graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from itertools import combinations
+
+from primespark.fleet.errors import Path, Problem
+from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, Topology
+
+
+def cross_check(fleet: Fleet) -> list[Problem]:
+    problems: list[Problem] = []
+    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup):
+        problems.extend(rule(fleet))
+    return problems
+
+
+def _p(path: Path, message: str, fix: str, code: str) -> Problem:
+    return Problem(path, message, fix, code)
+
+
+def _networks(fleet: Fleet) -> Iterator[tuple[Path, IPv4Network]]:
+    for name, site in fleet.sites.items():
+        yield ("sites", name, "lan"), site.lan
+    for name, mesh in fleet.meshes.items():
+        yield ("meshes", name, "overlay"), mesh.overlay
+    if fleet.lab is not None:
+        yield ("lab", "wan"), fleet.lab.wan
+
+
+def _sites(fleet: Fleet) -> Iterator[Problem]:
+    for (path_a, net_a), (path_b, net_b) in combinations(_networks(fleet), 2):
+        if net_a.overlaps(net_b):
+            yield _p(path_b, f"{net_b} overlaps {net_a} ({'.'.join(map(str, path_a))})",
+                     "give each LAN, overlay and WAN a range of its own", "cidr-overlap")
+    for name, site in fleet.sites.items():
+        if site.behind_nat and site.public_address is None and fleet.lab is not None:
+            yield _p(("sites", name, "public_address"), "a site behind NAT in the lab needs its router's WAN address",
+                     f"add an address inside lab.wan ({fleet.lab.wan})", "missing-public-address")
+
+
+def _addresses(fleet: Fleet) -> Iterator[Problem]:
+    seen: dict[IPv4Address, Path] = {}
+    for name, site in fleet.sites.items():
+        if site.public_address is not None:
+            seen[site.public_address] = ("sites", name, "public_address")
+    for name, host in fleet.hosts.items():
+        site = fleet.sites.get(host.site)
+        if site is None:
+            yield _p(("hosts", name, "site"), f"no site named {host.site!r}",
+                     f"use one of: {', '.join(fleet.sites)}", "unknown-site")
+        elif host.address not in site.lan:
+            yield _p(("hosts", name, "address"), f"{host.address} is outside site {host.site}'s LAN {site.lan}",
+                     f"pick an address inside {site.lan}, or change hosts.{name}.site", "address-outside-site")
+        elif host.address in (site.lan.network_address, site.lan.broadcast_address, site.gateway):
+            yield _p(("hosts", name, "address"),
+                     f"{host.address} is the network, broadcast or gateway address of {site.lan}",
+                     f"pick a host address from {site.gateway + 1} upward", "reserved-address")
+        for field, address in (("address", host.address), ("public_address", host.public_address)):
+            if address is None:
+                continue
+            if address in seen:
+                other = ".".join(map(str, seen[address]))
+                yield _p(("hosts", name, field), f"{address} is already used by {other}",
+                         "give every host an address of its own", "duplicate-address")
+            else:
+                seen[address] = ("hosts", name, field)
+        if host.public_address is not None and fleet.lab is not None and host.public_address not in fleet.lab.wan:
+            yield _p(("hosts", name, "public_address"), f"{host.public_address} is outside lab.wan {fleet.lab.wan}",
+                     f"pick an address inside {fleet.lab.wan}", "address-outside-site")
+
+
+def _vms(fleet: Fleet) -> Iterator[Problem]:
+    for name, host in fleet.hosts.items():
+        if host.vm is None:
+            continue
+        kvm = fleet.hosts.get(host.vm.kvm_host)
+        if kvm is None or kvm.kind is not HostKind.kvm_host:
+            kvm_hosts = ", ".join(fleet.hosts_of(HostKind.kvm_host)) or "none defined"
+            yield _p(("hosts", name, "vm", "kvm_host"), f"{host.vm.kvm_host!r} is not a host of kind kvm_host",
+                     f"use one of: {kvm_hosts}", "unknown-kvm-host")
+        elif kvm.site != host.site:
+            yield _p(("hosts", name, "site"), f"the VM is in site {host.site} but its KVM host is in {kvm.site}",
+                     f"set site: {kvm.site}", "vm-site")
+        else:
+            for field, unit in (("cpus", ""), ("memory_mb", " MiB"), ("disk_gb", " GB")):
+                if getattr(host, field) > getattr(kvm, field):
+                    yield _p(("hosts", name, field),
+                             f"{getattr(host, field)}{unit} is more than its KVM host {host.vm.kvm_host} has "
+                             f"({getattr(kvm, field)}{unit})", f"lower {field} or grow the KVM host", "vm-too-big")
+        if host.vm.image not in fleet.images:
+            yield _p(("hosts", name, "vm", "image"), f"no base image named {host.vm.image!r}",
+                     f"use one of: {', '.join(fleet.images) or 'none (add an images: section)'}", "unknown-image")
+
+
+def _kvm_capacity(fleet: Fleet) -> Iterator[Problem]:
+    for kvm_name, kvm in fleet.hosts_of(HostKind.kvm_host).items():
+        vms = fleet.vms_on(kvm_name)
+        for field, unit in (("cpus", " vCPUs"), ("memory_mb", " MiB"), ("disk_gb", " GB")):
+            total = sum(getattr(vm, field) for vm in vms.values())
+            if total > getattr(kvm, field):
+                yield _p(("hosts", kvm_name, field),
+                         f"its VMs ({', '.join(vms)}) need {total}{unit} in all, the host has {getattr(kvm, field)}",
+                         f"grow the KVM host's {field} or shrink or move a VM", "kvm-capacity")
+
+
+def _services(fleet: Fleet) -> Iterator[Problem]:
+    ports: dict[tuple[str, int], str] = {}
+    for name, service in fleet.services.items():
+        if service.host not in fleet.hosts:
+            yield _p(("services", name, "host"), f"no host named {service.host!r}",
+                     f"place it on one of: {', '.join(fleet.hosts)}", "unknown-host")
+            continue
+        if fleet.hosts[service.host].kind is HostKind.kvm_host:
+            yield _p(("services", name, "host"), f"{service.host} is a KVM host; services run on its VMs",
+                     "place the service on a VM", "service-on-kvm-host")
+        key = (service.host, service.port)
+        if key in ports:
+            yield _p(("services", name, "port"), f"port {service.port} on {service.host} is taken by {ports[key]}",
+                     "choose another port", "port-conflict")
+        ports[key] = name
+        if service.port == fleet.hosts[service.host].ssh.port:
+            yield _p(("services", name, "port"), f"port {service.port} is the host's SSH port",
+                     "choose another port", "port-conflict")
+
+
+def _meshes(fleet: Fleet) -> Iterator[Problem]:
+    used: dict[tuple[str, int], str] = {}
+    interfaces: dict[tuple[str, str], str] = {}
+    for mesh_name, mesh in fleet.meshes.items():
+        members = fleet.mesh_members(mesh_name)
+        for i, member in enumerate(members):
+            if member not in fleet.hosts:
+                yield _p(("meshes", mesh_name, "members", i), f"no host named {member!r}",
+                         "list existing hosts only", "unknown-host")
+        if len(set(members)) != len(members):
+            yield _p(("meshes", mesh_name, "members"), "a host is listed twice", "list each host once",
+                     "duplicate-member")
+        capacity = mesh.overlay.num_addresses - 2
+        if len(members) > capacity:
+            yield _p(("meshes", mesh_name, "overlay"),
+                     f"{mesh.overlay} holds {capacity} hosts but the mesh has {len(members)}",
+                     f"use a larger overlay, e.g. /{_prefix_for(len(members))}", "overlay-too-small")
+        if mesh.topology is Topology.hub_and_spoke and mesh.hub is not None:
+            hub = fleet.hosts.get(mesh.hub)
+            if hub is None or mesh.hub not in members:
+                yield _p(("meshes", mesh_name, "hub"), f"{mesh.hub!r} is not a member of the mesh",
+                         "choose a member host with a public address", "unknown-hub")
+            elif fleet.behind_nat(mesh.hub):
+                yield _p(("meshes", mesh_name, "hub"), f"{mesh.hub} sits behind NAT; spokes cannot reach it",
+                         "choose a host in a site that is not behind NAT", "hub-behind-nat")
+            elif hub.public_address is None:
+                yield _p(("meshes", mesh_name, "hub"), f"the hub {mesh.hub} has no endpoint (no public_address)",
+                         f"give hosts.{mesh.hub} a public_address, or choose another hub", "hub-without-endpoint")
+        for member in members:
+            if member not in fleet.hosts:
+                continue
+            for key, table, what in (((member, mesh.listen_port), used, "listen port"),
+                                     ((member, mesh.interface), interfaces, "interface")):
+                if key in table and table[key] != mesh_name:
+                    field = "listen_port" if what == "listen port" else "interface"
+                    yield _p(("meshes", mesh_name, field),
+                             f"{member} is in meshes {table[key]} and {mesh_name} with the same {what} {key[1]}",
+                             f"give mesh {mesh_name} its own {what}", "mesh-conflict")
+                table[key] = mesh_name  # type: ignore[index]
+
+
+def _prefix_for(count: int) -> int:
+    prefix = 30
+    while (2 ** (32 - prefix)) - 2 < count:
+        prefix -= 1
+    return prefix
+
+
+def _tiers(fleet: Fleet) -> Iterator[Problem]:
+    previous: tuple[str, int | None] | None = None
+    for tier_name in TIER_ORDER:
+        tier = fleet.tiers.get(tier_name)
+        if tier is None:
+            continue
+        for i, host in enumerate(tier.hosts):
+            if host not in fleet.hosts:
+                yield _p(("tiers", tier_name.value, "hosts", i), f"no host named {host!r}",
+                         f"use one of: {', '.join(fleet.hosts)}", "unknown-host")
+        if previous is not None:
+            prev_name, prev_age = previous
+            if prev_age is None:
+                yield _p(("tiers", prev_name, "max_age_days"),
+                         f"tier {prev_name} keeps data forever, so nothing would reach {tier_name.value}",
+                         f"set tiers.{prev_name}.max_age_days", "tier-order")
+            elif tier.max_age_days is not None and tier.max_age_days <= prev_age:
+                yield _p(("tiers", tier_name.value, "max_age_days"),
+                         f"{tier.max_age_days} days is not more than the {prev_name} tier's {prev_age}",
+                         "age thresholds must grow from hot to warm to cold", "tier-order")
+        previous = (tier_name.value, tier.max_age_days)
+
+
+def _backup(fleet: Fleet) -> Iterator[Problem]:
+    backup = fleet.backup
+    if backup is None:
+        return
+    for name, repo in backup.repositories.items():
+        if repo.host not in fleet.hosts:
+            yield _p(("backup", "repositories", name, "host"), f"no host named {repo.host!r}",
+                     f"store it on one of: {', '.join(fleet.hosts)}", "unknown-host")
+        if repo.copy_from is not None and (repo.copy_from == name or repo.copy_from not in backup.repositories):
+            yield _p(("backup", "repositories", name, "copy_from"), f"{repo.copy_from!r} is not another repository",
+                     f"use one of: {', '.join(r for r in backup.repositories if r != name)}", "unknown-repository")
+    for host, plan in backup.plans.items():
+        if host not in fleet.hosts:
+            yield _p(("backup", "plans", host), f"no host named {host!r}", "key plans by existing host names",
+                     "unknown-host")
+        if plan.repository not in backup.repositories:
+            yield _p(("backup", "plans", host, "repository"), f"no repository named {plan.repository!r}",
+                     f"use one of: {', '.join(backup.repositories)}", "unknown-repository")
+    if backup.drill.scratch_host not in fleet.hosts:
+        yield _p(("backup", "drill", "scratch_host"), f"no host named {backup.drill.scratch_host!r}",
+                 f"use one of: {', '.join(fleet.hosts)}", "unknown-host")

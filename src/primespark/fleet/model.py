@@ -1,0 +1,301 @@
+"""The fleet model: one typed description of sites, hosts, VMs, mesh, storage tiers, backups and services.
+
+Field-level rules live here (pydantic); rules that relate several parts of the fleet live in `checks.py`,
+so that every violation is reported with its own location, all at once.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+CRON_PATTERN = r"^(\S+\s+){4}\S+$"
+Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN)]
+
+# A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`.
+SECRET_REF_PATTERN = r"^(vault:[A-Za-z0-9_./-]+#[A-Za-z0-9_-]+|local:[A-Za-z0-9_./-]+)$"
+SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteKind(StrEnum):
+    edge = "edge"
+    cloud = "cloud"
+
+
+class HostKind(StrEnum):
+    pi = "pi"
+    nas = "nas"
+    kvm_host = "kvm_host"
+    vm = "vm"
+
+
+class Arch(StrEnum):
+    aarch64 = "aarch64"
+    armv7l = "armv7l"
+    x86_64 = "x86_64"
+
+
+class ServiceKind(StrEnum):
+    kafka = "kafka"
+    timescaledb = "timescaledb"
+    redis = "redis"
+    mlflow = "mlflow"
+    prometheus = "prometheus"
+    grafana = "grafana"
+    api = "api"
+
+
+class Topology(StrEnum):
+    full_mesh = "full_mesh"
+    hub_and_spoke = "hub_and_spoke"
+
+
+class Site(Strict):
+    kind: SiteKind
+    lan: IPv4Network = Field(description="The site's LAN CIDR.")
+    behind_nat: bool = Field(
+        default=False, description="Hosts here reach the WAN through a NAT router (a home connection)."
+    )
+    public_address: IPv4Address | None = Field(
+        default=None, description="The router's WAN address, for a site behind NAT."
+    )
+
+    @property
+    def gateway(self) -> IPv4Address:
+        """The router on the LAN: by convention the first usable address."""
+        return self.lan.network_address + 1
+
+
+class Ssh(Strict):
+    address: IPv4Address | None = Field(default=None, description="Defaults to the host's LAN address.")
+    user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] = "spark"
+    port: int = Field(default=22, ge=1, le=65535)
+
+
+class Governor(StrEnum):
+    ondemand = "ondemand"
+    powersave = "powersave"
+    performance = "performance"
+    schedutil = "schedutil"
+    conservative = "conservative"
+
+
+HHMM = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+
+
+class PowerProfile(Strict):
+    governor: Governor = Governor.ondemand
+    quiet_hours: tuple[HHMM, HHMM] | None = Field(
+        default=None, description="[start, end]: the CPU runs powersave and agent tasks pause."
+    )
+    ups_signal: Literal["none", "gpio", "nut"] = "none"
+    shutdown_battery_percent: int = Field(default=15, ge=1, le=90)
+
+
+class VmSpec(Strict):
+    kvm_host: Name = Field(description="The KVM host this VM runs on.")
+    image: Name = Field(description="A base image from `images:`.")
+    autostart: bool = True
+
+
+class Host(Strict):
+    kind: HostKind
+    site: Name
+    arch: Arch = Arch.x86_64
+    cpus: int = Field(ge=1, le=512)
+    memory_mb: int = Field(ge=256, le=4_194_304)
+    disk_gb: int = Field(ge=1, le=1_000_000)
+    address: IPv4Address = Field(description="The host's address on its site's LAN.")
+    public_address: IPv4Address | None = Field(
+        default=None, description="An address reachable from outside the site (a WireGuard endpoint)."
+    )
+    ssh: Ssh = Ssh()
+    labels: dict[Name, str] = Field(default_factory=dict)
+    power: PowerProfile | None = None
+    vm: VmSpec | None = None
+    container_runtime: bool = Field(default=False, description="Run agent tasks in containers (Pis).")
+
+    @model_validator(mode="after")
+    def _kind_specific(self) -> Host:
+        if self.kind is HostKind.vm and self.vm is None:
+            raise ValueError("a host of kind vm needs a `vm:` section (kvm_host, image)")
+        if self.kind is not HostKind.vm and self.vm is not None:
+            raise ValueError(f"only hosts of kind vm take a `vm:` section, this one is {self.kind.value}")
+        if self.power is not None and self.kind is not HostKind.pi:
+            raise ValueError(f"a power profile is for Pis only, this host is {self.kind.value}")
+        return self
+
+    @property
+    def ssh_address(self) -> IPv4Address:
+        return self.ssh.address or self.address
+
+
+class Image(Strict):
+    url: Annotated[str, StringConstraints(pattern=r"^(https?|file)://\S+$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    os: str = "debian-12"
+
+
+class Mesh(Strict):
+    interface: Annotated[str, StringConstraints(pattern=r"^wg[0-9]{1,3}$")] = "wg0"
+    overlay: IPv4Network
+    listen_port: int = Field(default=51820, ge=1, le=65535)
+    topology: Topology = Topology.full_mesh
+    hub: Name | None = Field(default=None, description="The hub host for hub_and_spoke.")
+    members: list[Name] | None = Field(default=None, description="Default: every host but KVM hosts.")
+    keepalive_seconds: int = Field(default=25, ge=1, le=3600)
+    mtu: int = Field(default=1420, ge=1280, le=9000)
+    preshared_keys: bool = True
+
+    @model_validator(mode="after")
+    def _hub_matches_topology(self) -> Mesh:
+        if self.topology is Topology.hub_and_spoke and self.hub is None:
+            raise ValueError("topology hub_and_spoke needs `hub:` (a host with a public address)")
+        if self.topology is Topology.full_mesh and self.hub is not None:
+            raise ValueError("`hub:` is only for topology hub_and_spoke")
+        return self
+
+
+class TierName(StrEnum):
+    hot = "hot"
+    warm = "warm"
+    cold = "cold"
+
+
+TIER_ORDER = (TierName.hot, TierName.warm, TierName.cold)
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
+
+
+class Tier(Strict):
+    hosts: list[Name] = Field(min_length=1)
+    path: AbsPath
+    capacity_gb: int = Field(ge=1)
+    max_age_days: int | None = Field(default=None, ge=1, description="Data older than this moves down a tier.")
+    low_watermark: Fraction = 0.70
+    high_watermark: Fraction = 0.85
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> Tier:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError(
+                f"low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})"
+            )
+        return self
+
+
+class Retention(Strict):
+    keep_last: int | None = Field(default=None, ge=1)
+    keep_hourly: int | None = Field(default=None, ge=1)
+    keep_daily: int | None = Field(default=None, ge=1)
+    keep_weekly: int | None = Field(default=None, ge=1)
+    keep_monthly: int | None = Field(default=None, ge=1)
+    keep_yearly: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> Retention:
+        if not any(v for v in self.model_dump().values()):
+            raise ValueError("retention keeps nothing: set at least one keep_* value")
+        return self
+
+
+class Repository(Strict):
+    host: Name = Field(description="The host that stores the repository.")
+    path: AbsPath
+    password: SecretRef
+    copy_from: Name | None = Field(default=None, description="Another repository this one copies (offsite).")
+
+
+class BackupPlan(Strict):
+    repository: Name
+    paths: list[AbsPath] = Field(min_length=1)
+    excludes: list[str] = Field(default_factory=list)
+    schedule: Cron = "0 2 * * *"
+
+
+class Check(Strict):
+    schedule: Cron = "0 4 * * 0"
+    read_data_subset: Annotated[str, StringConstraints(pattern=r"^(\d{1,3}%|\d+/\d+|\d+[KMGT])$")] = "5%"
+
+
+class Targets(Strict):
+    rpo_hours: float = Field(gt=0, description="The newest snapshot may be at most this old.")
+    rto_minutes: float = Field(gt=0, description="A restore must be verified within this time.")
+
+
+class Drill(Strict):
+    schedule: Cron = "0 5 * * 6"
+    scratch_host: Name = Field(description="Where drills restore; never the source host.")
+
+
+class Backup(Strict):
+    repositories: dict[Name, Repository] = Field(min_length=1)
+    plans: dict[Name, BackupPlan] = Field(default_factory=dict, description="Keyed by host name.")
+    retention: Retention
+    check: Check = Check()
+    targets: Targets
+    drill: Drill
+
+
+class Service(Strict):
+    kind: ServiceKind
+    host: Name
+    port: int = Field(ge=1, le=65535)
+    check: Literal["tcp", "http", "none"] = "tcp"
+    backup_paths: list[AbsPath] = Field(default_factory=list)
+
+
+class Lab(Strict):
+    wan: IPv4Network = Field(description="The WAN between the sites, made as a container network.")
+    prefect_port: int = Field(default=4200, ge=1024, le=65535)
+
+
+class Fleet(Strict):
+    name: Name
+    domain: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")] = "fleet.internal"
+    timezone: str = "UTC"
+    sites: dict[Name, Site] = Field(min_length=1)
+    hosts: dict[Name, Host] = Field(min_length=1)
+    images: dict[Name, Image] = Field(default_factory=dict)
+    meshes: dict[Name, Mesh] = Field(default_factory=dict)
+    tiers: dict[TierName, Tier] = Field(default_factory=dict)
+    backup: Backup | None = None
+    services: dict[Name, Service] = Field(default_factory=dict)
+    lab: Lab | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]+(/[A-Za-z0-9_+-]+)*", value):
+            raise ValueError(f"{value!r} is not an IANA time zone name such as Europe/Berlin")
+        return value
+
+    # Derived views: consumers ask the model rather than re-deriving.
+    def hosts_of(self, *kinds: HostKind) -> dict[str, Host]:
+        return {n: h for n, h in self.hosts.items() if h.kind in kinds}
+
+    def vms_on(self, kvm_host: str) -> dict[str, Host]:
+        return {n: h for n, h in self.hosts.items() if h.vm is not None and h.vm.kvm_host == kvm_host}
+
+    def services_on(self, host: str) -> dict[str, Service]:
+        return {n: s for n, s in self.services.items() if s.host == host}
+
+    def mesh_members(self, mesh: str) -> list[str]:
+        spec = self.meshes[mesh]
+        if spec.members is not None:
+            return list(spec.members)
+        return [n for n, h in self.hosts.items() if h.kind is not HostKind.kvm_host]
+
+    def behind_nat(self, host: str) -> bool:
+        return self.sites[self.hosts[host].site].behind_nat

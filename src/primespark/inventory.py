@@ -1,0 +1,92 @@
+"""The Ansible inventory, derived from the fleet model: groups by site, kind and service; host vars from the model.
+
+Used by the `fleet` inventory plugin (`inventory/<env>.fleet.yml`) and by `spark inventory ENV`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from primespark.fleet.model import Fleet, HostKind
+from primespark.settings import Settings, get_settings
+
+KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
+
+
+def group_name(name: str) -> str:
+    """Ansible group names may not hold dashes."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def managed_hosts(fleet: Fleet) -> list[str]:
+    """Hosts reached over SSH. In the lab the KVM host is the machine itself, so it is left out."""
+    return [n for n, h in fleet.hosts.items() if not (fleet.lab is not None and h.kind is HostKind.kvm_host)]
+
+
+def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
+    host = fleet.hosts[name]
+    tiers = {t.value: {"path": spec.path, "capacity_gb": spec.capacity_gb}
+             for t, spec in fleet.tiers.items() if name in spec.hosts}
+    return {
+        "ansible_host": str(host.ssh_address),
+        "ansible_user": host.ssh.user,
+        "ansible_port": host.ssh.port,
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "spark_fleet": fleet.name,
+        "spark_kind": host.kind.value,
+        "spark_site": host.site,
+        "spark_site_kind": fleet.sites[host.site].kind.value,
+        "spark_behind_nat": fleet.behind_nat(name),
+        "spark_arch": host.arch.value,
+        "spark_cpus": host.cpus,
+        "spark_memory_mb": host.memory_mb,
+        "spark_disk_gb": host.disk_gb,
+        "spark_address": str(host.address),
+        "spark_public_address": str(host.public_address) if host.public_address else None,
+        "spark_lan": str(fleet.sites[host.site].lan),
+        "spark_labels": dict(host.labels),
+        "spark_power": host.power.model_dump(mode="json") if host.power else None,
+        "spark_container_runtime": host.container_runtime,
+        "spark_timezone": fleet.timezone,
+        "spark_services": [{"name": s, "kind": svc.kind.value, "port": svc.port}
+                           for s, svc in fleet.services_on(name).items()],
+        "spark_tiers": tiers,
+        "spark_meshes": {m: {"interface": spec.interface, "listen_port": spec.listen_port,
+                             "overlay": str(spec.overlay)}
+                         for m, spec in fleet.meshes.items() if name in fleet.mesh_members(m)},
+    }
+
+
+def connection_vars(env: str, settings: Settings | None = None) -> dict[str, Any]:
+    """SSH key and known-hosts file from the environment's state directory, where they exist."""
+    settings = settings or get_settings()
+    ssh_dir = (settings.state_dir_override or settings.state_home / env) / "ssh"
+    out: dict[str, Any] = {}
+    if (ssh_dir / "id_ed25519").is_file():
+        out["ansible_ssh_private_key_file"] = str(ssh_dir / "id_ed25519")
+    if (ssh_dir / "known_hosts").is_file():
+        out["ansible_ssh_common_args"] = f"-o UserKnownHostsFile={ssh_dir / 'known_hosts'}"
+    return out
+
+
+def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """Ansible's JSON inventory format (the `--list` shape)."""
+    groups: dict[str, set[str]] = {}
+    hostvars: dict[str, dict[str, Any]] = {}
+    common = connection_vars(env or fleet.name, settings)
+    for name in managed_hosts(fleet):
+        host = fleet.hosts[name]
+        hostvars[name] = {**host_vars(fleet, name), **common}
+        for group in (group_name(host.site), fleet.sites[host.site].kind.value, KIND_GROUPS[host.kind]):
+            groups.setdefault(group, set()).add(name)
+        for service in fleet.services_on(name):
+            groups.setdefault(group_name(service), set()).add(name)
+    inventory: dict[str, Any] = {
+        "_meta": {"hostvars": hostvars},
+        "all": {"children": sorted(groups) + ["ungrouped"]},
+        "ungrouped": {"hosts": []},
+    }
+    for group, members in sorted(groups.items()):
+        inventory[group] = {"hosts": sorted(members)}
+    return inventory
