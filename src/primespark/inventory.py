@@ -54,7 +54,7 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_tiers": tiers,
         "spark_meshes": {m: {"interface": spec.interface, "listen_port": spec.listen_port,
                              "overlay": str(spec.overlay)}
-                         for m, spec in fleet.meshes.items() if name in fleet.mesh_members(m)},
+                         for m, spec in fleet.meshes.items() if fleet.in_mesh(m, name)},
     }
 
 

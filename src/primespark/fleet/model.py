@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal
 
@@ -288,14 +289,33 @@ class Fleet(Strict):
     def vms_on(self, kvm_host: str) -> dict[str, Host]:
         return {n: h for n, h in self.hosts.items() if h.vm is not None and h.vm.kvm_host == kvm_host}
 
+    @cached_property
+    def _services_by_host(self) -> dict[str, dict[str, Service]]:
+        index: dict[str, dict[str, Service]] = {}
+        for name, service in self.services.items():
+            index.setdefault(service.host, {})[name] = service
+        return index
+
+    @cached_property
+    def _mesh_members(self) -> dict[str, list[str]]:
+        return {
+            mesh: list(spec.members) if spec.members is not None
+            else [n for n, h in self.hosts.items() if h.kind is not HostKind.kvm_host]
+            for mesh, spec in self.meshes.items()
+        }
+
     def services_on(self, host: str) -> dict[str, Service]:
-        return {n: s for n, s in self.services.items() if s.host == host}
+        return dict(self._services_by_host.get(host, {}))
 
     def mesh_members(self, mesh: str) -> list[str]:
-        spec = self.meshes[mesh]
-        if spec.members is not None:
-            return list(spec.members)
-        return [n for n, h in self.hosts.items() if h.kind is not HostKind.kvm_host]
+        return list(self._mesh_members[mesh])
+
+    @cached_property
+    def _mesh_member_sets(self) -> dict[str, frozenset[str]]:
+        return {mesh: frozenset(members) for mesh, members in self._mesh_members.items()}
+
+    def in_mesh(self, mesh: str, host: str) -> bool:
+        return host in self._mesh_member_sets[mesh]
 
     def behind_nat(self, host: str) -> bool:
         return self.sites[self.hosts[host].site].behind_nat
