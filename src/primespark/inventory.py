@@ -55,7 +55,51 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_meshes": {m: {"interface": spec.interface, "listen_port": spec.listen_port,
                              "overlay": str(spec.overlay)}
                          for m, spec in fleet.meshes.items() if fleet.in_mesh(m, name)},
+        "spark_ssh_port": host.ssh.port,
+        "spark_mgmt_networks": management_networks(fleet, name),
+        "spark_operators": [{"name": n, "keys": list(op.keys), "sudo": op.sudo}
+                            for n, op in fleet.operators.items()],
+        "spark_node_exporter_port": fleet.monitoring.node_exporter_port,
+        "spark_textfile_dir": fleet.monitoring.textfile_dir,
+        # Lab containers share the machine's clock and have no way out: no time sources there.
+        "spark_ntp_servers": [] if fleet.lab is not None else list(fleet.ntp_servers),
+        "spark_restic_repositories": [
+            {"name": r, "path": repo.path}
+            for r, repo in (fleet.backup.repositories.items() if fleet.backup else ()) if repo.host == name
+        ],
+        "spark_backup_accounts": [a for a in backup_accounts(fleet) if a["nas"] == name],
+        "spark_backup_target": next((a for a in backup_accounts(fleet) if a["client"] == name), None),
     }
+
+
+def management_networks(fleet: Fleet, name: str) -> list[str]:
+    """Where SSH and service ports are reachable from: the host's site LAN and the overlays it is in."""
+    host = fleet.hosts[name]
+    overlays = [str(spec.overlay) for m, spec in fleet.meshes.items() if fleet.in_mesh(m, name)]
+    return [str(fleet.sites[host.site].lan), *overlays]
+
+
+def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
+    """One SFTP-only account per client host on the host of its plan's repository.
+
+    restic cannot share one repository between several Unix users (it creates owner-only files),
+    so each client gets its own repository inside its own chroot: `<repository path>/<client>/repo`.
+    The client's restic URL is `sftp:<user>@<nas address>:/repo`.
+    """
+    if fleet.backup is None:
+        return []
+    accounts = []
+    for client, plan in fleet.backup.plans.items():
+        repo = fleet.backup.repositories[plan.repository]
+        accounts.append({
+            "client": client,
+            "nas": repo.host,
+            "repository": plan.repository,
+            "user": f"backup-{client}"[:32],
+            "chroot": f"{repo.path.rstrip('/')}/{client}",
+            "path": "/repo",
+        })
+    return accounts
 
 
 def connection_vars(env: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -70,6 +114,14 @@ def connection_vars(env: str, settings: Settings | None = None) -> dict[str, Any
     return out
 
 
+def ssh_operator(user: str, env: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The host's SSH user (Ansible's), with the environment's generated public key where there is one."""
+    settings = settings or get_settings()
+    pub = (settings.state_dir_override or settings.state_home / env) / "ssh" / "id_ed25519.pub"
+    keys = [pub.read_text().strip()] if pub.is_file() else []
+    return {"name": user, "keys": keys, "sudo": True}
+
+
 def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Ansible's JSON inventory format (the `--list` shape)."""
     groups: dict[str, set[str]] = {}
@@ -78,6 +130,8 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
     for name in managed_hosts(fleet):
         host = fleet.hosts[name]
         hostvars[name] = {**host_vars(fleet, name), **common}
+        hostvars[name]["spark_operators"] = [ssh_operator(host.ssh.user, env or fleet.name, settings),
+                                             *hostvars[name]["spark_operators"]]
         for group in (group_name(host.site), fleet.sites[host.site].kind.value, KIND_GROUPS[host.kind]):
             groups.setdefault(group, set()).add(name)
         for service in fleet.services_on(name):

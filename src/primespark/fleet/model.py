@@ -257,6 +257,23 @@ class Service(Strict):
     backup_paths: list[AbsPath] = Field(default_factory=list)
 
 
+SSH_KEY_PATTERN = r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( .*)?$"
+SshPublicKey = Annotated[str, StringConstraints(pattern=SSH_KEY_PATTERN)]
+UserName = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+
+
+class Operator(Strict):
+    keys: list[SshPublicKey] = Field(default_factory=list, description="SSH public keys allowed to log in.")
+    sudo: bool = Field(default=True, description="May run any command as root without a password.")
+
+
+class Monitoring(Strict):
+    node_exporter_port: int = Field(default=9100, ge=1, le=65535)
+    textfile_dir: AbsPath = Field(
+        default="/var/lib/prometheus/node-exporter", description="Flows write *.prom files here."
+    )
+
+
 class Lab(Strict):
     wan: IPv4Network = Field(description="The WAN between the sites, made as a container network.")
     prefect_port: int = Field(default=4200, ge=1024, le=65535)
@@ -274,6 +291,13 @@ class Fleet(Strict):
     backup: Backup | None = None
     services: dict[Name, Service] = Field(default_factory=dict)
     lab: Lab | None = None
+    operators: dict[UserName, Operator] = Field(
+        default_factory=dict, description="People who log in to every managed host, besides its SSH user."
+    )
+    monitoring: Monitoring = Monitoring()
+    ntp_servers: list[str] = Field(
+        default_factory=lambda: ["pool.ntp.org"], description="Time sources (none in the lab)."
+    )
 
     @field_validator("timezone")
     @classmethod
