@@ -138,7 +138,7 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
             groups.setdefault(group_name(service), set()).add(name)
     inventory: dict[str, Any] = {
         "_meta": {"hostvars": hostvars},
-        "all": {"children": sorted(groups) + ["ungrouped"]},
+        "all": {"children": [*sorted(groups), "ungrouped"]},
         "ungrouped": {"hosts": []},
     }
     for group, members in sorted(groups.items()):

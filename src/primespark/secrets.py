@@ -153,7 +153,8 @@ def secret_store(env: str | None = None, settings: Settings | None = None) -> Se
     if settings.secret_backend == "vault":
         if not settings.vault_addr:
             raise SecretError("secret_backend is vault but VAULT_ADDR is not set: export VAULT_ADDR and VAULT_TOKEN")
-        return VaultSecretStore(settings.vault_addr, settings.vault_mount, f"{settings.vault_prefix}/{env or settings.env}")
+        prefix = f"{settings.vault_prefix}/{env or settings.env}"
+        return VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
     return LocalSecretStore(settings.state_dir(env) / "secrets")
 
 

@@ -131,8 +131,9 @@ def _services(fleet: Fleet) -> Iterator[Problem]:
 
 
 def _meshes(fleet: Fleet) -> Iterator[Problem]:
-    used: dict[tuple[str, int], str] = {}
-    interfaces: dict[tuple[str, str], str] = {}
+    # Per host, which mesh already holds a listen port or an interface name; clashes are grouped per mesh pair.
+    taken: dict[tuple[str, str, object], str] = {}
+    clashes: dict[tuple[str, str, str, object], list[str]] = {}
     for mesh_name, mesh in fleet.meshes.items():
         members = fleet.mesh_members(mesh_name)
         for i, member in enumerate(members):
@@ -148,27 +149,30 @@ def _meshes(fleet: Fleet) -> Iterator[Problem]:
                      f"{mesh.overlay} holds {capacity} hosts but the mesh has {len(members)}",
                      f"use a larger overlay, e.g. /{_prefix_for(len(members))}", "overlay-too-small")
         if mesh.topology is Topology.hub_and_spoke and mesh.hub is not None:
-            hub = fleet.hosts.get(mesh.hub)
-            if hub is None or mesh.hub not in members:
-                yield _p(("meshes", mesh_name, "hub"), f"{mesh.hub!r} is not a member of the mesh",
-                         "choose a member host with a public address", "unknown-hub")
-            elif fleet.behind_nat(mesh.hub):
-                yield _p(("meshes", mesh_name, "hub"), f"{mesh.hub} sits behind NAT; spokes cannot reach it",
-                         "choose a host in a site that is not behind NAT", "hub-behind-nat")
-            elif hub.public_address is None:
-                yield _p(("meshes", mesh_name, "hub"), f"the hub {mesh.hub} has no endpoint (no public_address)",
-                         f"give hosts.{mesh.hub} a public_address, or choose another hub", "hub-without-endpoint")
+            yield from _hub(fleet, mesh_name, mesh.hub, members)
         for member in members:
-            if member not in fleet.hosts:
-                continue
-            for key, table, what in (((member, mesh.listen_port), used, "listen port"),
-                                     ((member, mesh.interface), interfaces, "interface")):
-                if key in table and table[key] != mesh_name:
-                    field = "listen_port" if what == "listen port" else "interface"
-                    yield _p(("meshes", mesh_name, field),
-                             f"{member} is in meshes {table[key]} and {mesh_name} with the same {what} {key[1]}",
-                             f"give mesh {mesh_name} its own {what}", "mesh-conflict")
-                table[key] = mesh_name  # type: ignore[index]
+            for field, value in (("listen_port", mesh.listen_port), ("interface", mesh.interface)):
+                other = taken.setdefault((member, field, value), mesh_name)
+                if other != mesh_name:
+                    clashes.setdefault((mesh_name, other, field, value), []).append(member)
+    for (mesh_name, other, field, value), hosts in clashes.items():
+        what = field.replace("_", " ")
+        yield _p(("meshes", mesh_name, field),
+                 f"meshes {other} and {mesh_name} share the {what} {value} on {', '.join(hosts)}",
+                 f"give mesh {mesh_name} its own {what}", "mesh-conflict")
+
+
+def _hub(fleet: Fleet, mesh_name: str, hub_name: str, members: list[str]) -> Iterator[Problem]:
+    hub = fleet.hosts.get(hub_name)
+    if hub is None or hub_name not in members:
+        yield _p(("meshes", mesh_name, "hub"), f"{hub_name!r} is not a member of the mesh",
+                 "choose a member host with a public address", "unknown-hub")
+    elif fleet.behind_nat(hub_name):
+        yield _p(("meshes", mesh_name, "hub"), f"{hub_name} sits behind NAT; spokes cannot reach it",
+                 "choose a host in a site that is not behind NAT", "hub-behind-nat")
+    elif hub.public_address is None:
+        yield _p(("meshes", mesh_name, "hub"), f"the hub {hub_name} has no endpoint (no public_address)",
+                 f"give hosts.{hub_name} a public_address, or choose another hub", "hub-without-endpoint")
 
 
 def _prefix_for(count: int) -> int:

@@ -29,7 +29,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else (self.file or "<fleet>")
-        text = f"{where}: {dotted(self.path)}: {self.message}"
+        text = f"{where}: {dotted(self.path) + ': ' if self.path else ''}{self.message}"
         return f"{text}\n    fix: {self.fix}" if self.fix else text
 
 

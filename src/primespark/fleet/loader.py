@@ -20,7 +20,7 @@ from primespark.fleet.errors import FleetError, Path, Problem, dotted, sort_prob
 from primespark.fleet.model import Fleet
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MAX_NODES = 2_000_000
+_MAX_NODES = 500_000  # ~15,000 hosts; more is an alias bomb
 _MAX_DEPTH = 64
 LineMap = dict[Path, int]
 
@@ -201,7 +201,9 @@ def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Pr
 def validate_data(data: Any, file: str, lines: LineMap | None = None, skip: frozenset[str] = frozenset()) -> Fleet:
     lines = lines or {}
     if not isinstance(data, dict):
-        raise FleetError.single(file, "the fleet file must be a mapping with name, sites and hosts", "see inventory/lab.yaml")
+        raise FleetError.single(
+            file, "the fleet file must be a mapping with name, sites and hosts", "see inventory/lab.yaml"
+        )
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as exc:
