@@ -14,7 +14,7 @@ APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-clie
 	debootstrap cloud-init cloud-image-utils prometheus iproute2 iptables nftables iputils-ping \
 	python3-venv ca-certificates
 
-.PHONY: setup apt venv docker lab lab-down test test-unit test-lab lint bench clean help
+.PHONY: setup apt venv docker docker-stop lab lab-down test test-unit test-lab lint bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -37,10 +37,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+DOCKERD_PIDFILE := /run/spark-dockerd.pid
+
 docker:  ## start the Docker daemon where nothing else does (no systemd, as in CI)
 	@if ! docker info >/dev/null 2>&1; then \
 		echo "starting dockerd (log: /var/log/spark-dockerd.log)"; \
-		(setsid nohup dockerd >/var/log/spark-dockerd.log 2>&1 &); \
+		(setsid nohup dockerd --pidfile $(DOCKERD_PIDFILE) >/var/log/spark-dockerd.log 2>&1 &); \
 		for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
 		docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/spark-dockerd.log"; exit 1; }; \
 	fi
@@ -49,8 +51,17 @@ lab: setup  ## bring up the lab fleet and run the main job
 	$(SPARK) validate $(ENV)
 	$(SPARK) show $(ENV)
 
-test: setup  ## run every test (unit and lab end-to-end)
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: setup  ## run every test (unit and lab end-to-end); stops a dockerd that `make` started
+	@status=0; $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; $(MAKE) --no-print-directory docker-stop; exit $$status
+
+docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon started otherwise is left alone)
+	@if [ -f $(DOCKERD_PIDFILE) ]; then \
+		pid=$$(cat $(DOCKERD_PIDFILE)); \
+		if kill $$pid 2>/dev/null; then \
+			echo "stopping the dockerd that make started (pid $$pid)"; \
+			for i in $$(seq 1 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+		fi; \
+	fi
 
 test-unit: venv  ## only the fast tests (no Docker)
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
