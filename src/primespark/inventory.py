@@ -55,6 +55,8 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_meshes": {m: {"interface": spec.interface, "listen_port": spec.listen_port,
                              "overlay": str(spec.overlay)}
                          for m, spec in fleet.meshes.items() if fleet.in_mesh(m, name)},
+        "spark_tier_watermarks": {t.value: {"low": spec.low_watermark, "high": spec.high_watermark}
+                                  for t, spec in fleet.tiers.items() if name in spec.hosts},
         "spark_ssh_port": host.ssh.port,
         "spark_mgmt_networks": management_networks(fleet, name),
         "spark_operators": [{"name": n, "keys": list(op.keys), "sudo": op.sudo}
