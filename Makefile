@@ -47,9 +47,31 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 		docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/spark-dockerd.log"; exit 1; }; \
 	fi
 
-lab: setup  ## bring up the lab fleet and run the main job
+# Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
+# the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
+LAB_LOCK := $(SPARK) lab locked --
+# Hook for the flows: run every flow once against the lab (skipped while no such command exists).
+LAB_FLOWS := $(SPARK) flows run-all $(ENV)
+
+lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
 	$(SPARK) validate $(ENV)
-	$(SPARK) show $(ENV)
+	$(SPARK) lab up --env $(ENV)
+	@if [ -f site.yml ]; then \
+		$(LAB_LOCK) $(BIN)/ansible-playbook -i inventory/$(ENV).fleet.yml site.yml; \
+	else echo "no site.yml yet: no playbook to apply"; fi
+	@if $(SPARK) flows run-all --help >/dev/null 2>&1; then \
+		eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) $(LAB_FLOWS); \
+	else echo "no flows yet: nothing to run"; fi
+	@eval "$$($(SPARK) lab env --env $(ENV))"; \
+	echo; echo "The lab is up. Look next at:"; \
+	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \
+	echo "  hosts               $(SPARK) lab status"; \
+	echo "  a shell on a host   $(SPARK) lab ssh pi-1"; \
+	echo "  Ansible             $(BIN)/ansible all -i inventory/$(ENV).fleet.yml -m ping"; \
+	echo "  take it down        $(SPARK) lab down"
+
+lab-down: venv  ## remove the lab's containers and networks, stop its Prefect server
+	$(SPARK) lab down --env $(ENV)
 
 test: setup  ## run every test (unit and lab end-to-end); stops a dockerd that `make` started
 	@status=0; $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; $(MAKE) --no-print-directory docker-stop; exit $$status

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from primespark.cli import fleet as fleet_commands
+from primespark.cli import lab as lab_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -19,6 +20,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 fleet_commands.register(app)
+app.add_typer(lab_commands.app, name="lab")
 
 
 def main() -> None:

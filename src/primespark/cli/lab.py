@@ -1,0 +1,106 @@
+"""`spark lab up | down | status | ssh HOST`: the lab fleet as containers on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from primespark.cli.common import console, fleet_for
+from primespark.errors import UserError
+from primespark.lab import Lab
+from primespark.lab.lock import lab_lock
+from primespark.lab.ssh import ssh_argv
+
+app = typer.Typer(help="The lab: every host of a lab fleet as a Docker container on this machine.",
+                  no_args_is_help=True)
+
+EnvOption = Annotated[str, typer.Option("--env", "-e", help="The lab fleet (inventory/<env>.yaml) or a path.")]
+
+
+def _lab(env: str) -> Lab:
+    return Lab(fleet_for(env))
+
+
+@app.command()
+def up(env: EnvOption = "lab") -> None:
+    """Bring the lab up (idempotent): image, networks, NAT router, hosts, SSH keys, Prefect server."""
+    lab = _lab(env)
+    started = time.monotonic()
+    with lab_lock(), console.status("starting the lab") as spinner:
+        def report(message: str) -> None:
+            spinner.update(f"[bold]{message}[/bold]  ({time.monotonic() - started:.0f} s)")
+            if not message.startswith(("waiting", "preflight")):
+                console.print(f"  {message}")
+        result = lab.up(report)
+    verdict = "up" if result.changed else "already up, nothing changed"
+    built = " (image built)" if result.image_built else ""
+    console.print(f"[green]lab {lab.fleet.name} {verdict}[/green] in {result.seconds:.1f} s{built}: "
+                  f"{sum(1 for s in lab.plan().containers if s.host)} hosts, image {result.image}")
+    console.print(f"  Prefect UI {result.prefect_url}   state {lab.state_dir}")
+    console.print("  next: `spark lab status`, `spark lab ssh <host>`, "
+                  "`ansible all -i inventory/lab.fleet.yml -m ping`")
+
+
+@app.command()
+def down(env: EnvOption = "lab") -> None:
+    """Remove every container, network and volume the lab made (and nothing else); stop its Prefect server."""
+    lab = _lab(env)
+    with lab_lock(), console.status("taking the lab down"):
+        containers, networks, volumes = lab.down(lambda m: console.print(f"  {m}"))
+    console.print(f"[green]lab {lab.fleet.name} down[/green]: removed {containers} containers, "
+                  f"{networks} networks, {volumes} volumes")
+
+
+@app.command()
+def status(env: EnvOption = "lab",
+           no_ssh: Annotated[bool, typer.Option("--no-ssh", help="Skip the SSH login check.")] = False) -> None:
+    """Each host: container state, addresses, SSH reachability; the Prefect UI address."""
+    lab = _lab(env)
+    with console.status("checking the lab"):
+        state = lab.status(check_ssh=not no_ssh)
+    table = Table(title=f"lab {lab.fleet.name}")
+    for column in ("host", "container", "state", "addresses", "ssh"):
+        table.add_column(column)
+    for row in state.hosts + state.routers:
+        ssh = "-" if row.host not in lab.fleet.hosts else ("[green]ok[/green]" if row.ssh else "[red]no[/red]")
+        colour = "green" if row.state == "running" else "red"
+        table.add_row(row.host, row.container, f"[{colour}]{row.state}[/{colour}]",
+                      ", ".join(f"{a} ({n.rsplit('-', 1)[-1]})" for n, a in row.addresses.items()), ssh)
+    console.print(table)
+    health = "[green]healthy[/green]" if state.prefect_healthy else "[red]not running[/red]"
+    console.print(f"Prefect UI {state.prefect_url} ({health})   state {state.state_dir}")
+    if not all(h.ssh or no_ssh for h in state.hosts):
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(host: Annotated[str, typer.Argument(help="A host of the lab fleet, e.g. pi-1.")],
+        command: Annotated[list[str] | None, typer.Argument(help="A command to run instead of a shell.")] = None,
+        env: EnvOption = "lab") -> None:
+    """Log in to a lab host as its fleet user, with the lab's key and known_hosts."""
+    lab = _lab(env)
+    if host not in lab.fleet.hosts or host not in {s.host for s in lab.plan().containers}:
+        raise UserError(f"{host!r} is not a host of the lab {lab.fleet.name}",
+                        fix="one of: " + ", ".join(s.host for s in lab.plan().containers if s.host))
+    argv = ssh_argv(lab.state_dir, lab.fleet.hosts[host], *(command or []), batch=False)
+    os.execvp(argv[0], argv)  # noqa: S606 (the operator asked for this ssh)
+
+
+@app.command("env")
+def env_(env: EnvOption = "lab") -> None:
+    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL and the state directory."""
+    lab = _lab(env)
+    typer.echo(f"export PREFECT_API_URL={lab.prefect.api_url}")
+    typer.echo(f"export SPARK_LAB_STATE={lab.state_dir}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def locked(command: Annotated[list[str], typer.Argument(help="The command, after `--`.")]) -> None:
+    """Run a command holding the lab lock (like `flock /tmp/spark-lab.lock`, but no deadlock when nested)."""
+    with lab_lock():
+        raise typer.Exit(subprocess.run(command).returncode)

@@ -1,0 +1,179 @@
+"""`spark lab up | down | status`: the fleet of a lab fleet file as containers on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from primespark.errors import UserError
+from primespark.fleet.model import Fleet
+from primespark.inventory import build_inventory
+from primespark.lab import ssh
+from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag
+from primespark.lab.prefect_server import PrefectServer
+from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
+from primespark.lab.topology import LabPlan, plan_lab
+from primespark.secrets import atomic_write
+from primespark.settings import Settings, get_settings
+
+Report = Callable[[str], None]
+GIB = 1024**3
+
+
+@dataclass
+class UpResult:
+    image: str
+    image_built: bool
+    containers: dict[str, str] = field(default_factory=dict)  # name -> kept / started / created / removed
+    networks_created: int = 0
+    prefect_url: str = ""
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return self.image_built or self.networks_created > 0 or any(v != "kept" for v in self.containers.values())
+
+
+@dataclass
+class HostStatus:
+    host: str
+    container: str
+    state: str
+    addresses: dict[str, str]
+    ssh: bool
+
+
+@dataclass
+class LabStatus:
+    hosts: list[HostStatus]
+    routers: list[HostStatus]
+    prefect_url: str
+    prefect_healthy: bool
+    state_dir: Path
+
+
+class Lab:
+    def __init__(self, fleet: Fleet, settings: Settings | None = None) -> None:
+        if fleet.lab is None:
+            plan_lab(fleet, "")  # raises the explanatory error
+        assert fleet.lab is not None
+        self.fleet = fleet
+        self.settings = settings or get_settings()
+        self.state_dir = self.settings.state_dir(fleet.name)
+        self.recipe_dir = default_recipe_dir(self.settings.root)
+        self.prefect = PrefectServer(self.state_dir, fleet.lab.prefect_port)
+
+    def plan(self) -> LabPlan:
+        return plan_lab(self.fleet, ssh.operator_key(self.state_dir, f"spark-{self.fleet.name}-operator"))
+
+    # --- up ----------------------------------------------------------------------------------------
+    def preflight(self, runtime: LabRuntime, image_missing: bool) -> None:
+        tun = Path("/dev/net/tun")
+        if not (tun.exists() and stat.S_ISCHR(tun.stat().st_mode)):
+            raise UserError("/dev/net/tun is missing: lab hosts need it for wireguard-go",
+                            fix="`modprobe tun`, or `mkdir -p /dev/net && mknod /dev/net/tun c 10 200`")
+        needed = 3 * GIB if image_missing else GIB // 2
+        docker_root = runtime.client.info().get("DockerRootDir", "/var/lib/docker")
+        for where in {docker_root, str(self.state_dir)}:
+            free = shutil.disk_usage(where).free if os.path.exists(where) else needed
+            if free < needed:
+                raise UserError(f"only {free / GIB:.1f} GiB free under {where}; the lab needs {needed / GIB:.1f} GiB",
+                                fix="free some disk space (`docker system prune` removes unused images)")
+        self.prefect.preflight()
+        runtime.check_overlaps()
+
+    def up(self, report: Report = lambda _: None) -> UpResult:
+        started = time.monotonic()
+        client = docker_client()
+        tag = image_tag(self.recipe_dir)
+        plan = self.plan()
+        runtime = LabRuntime(client, plan, tag)
+        report("preflight checks")
+        self.preflight(runtime, image_missing=not image_exists(tag))
+        # The server warms up (imports, migrations) while the image and the hosts come up.
+        self.prefect.start()
+        tag, built = ImageBuilder(self.recipe_dir, self.state_dir, report).ensure()
+        result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url)
+        result.networks_created = runtime.ensure_networks(report)
+        result.containers = runtime.ensure_containers(report)
+        report("waiting for sshd on every host")
+        entries = self._collect_host_keys(runtime, plan)
+        if ssh.write_known_hosts(self.state_dir, entries):
+            report("known_hosts updated")
+        self._write_inventory()
+        report("waiting for the Prefect server")
+        self.prefect.wait_healthy()
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _collect_host_keys(self, runtime: LabRuntime, plan: LabPlan) -> dict[str, tuple[list[str], list[str]]]:
+        def one(host: str) -> tuple[str, tuple[list[str], list[str]]]:
+            spec = plan.container(host)
+            fleet_host = self.fleet.hosts[host]
+            keys = runtime.host_keys(spec)
+            if not wait_for_ssh(str(fleet_host.ssh_address), fleet_host.ssh.port):
+                raise UserError(f"sshd on {host} ({fleet_host.ssh_address}:{fleet_host.ssh.port}) does not answer",
+                                fix=f"see `docker logs {spec.name}`")
+            return host, (ssh.known_host_names(host, fleet_host), keys)
+
+        hosts = [s.host for s in plan.containers if s.host is not None]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(pool.map(one, hosts))
+
+    def _write_inventory(self) -> None:
+        """The inventory Ansible sees, kept beside the keys for reference and for tools that want a file."""
+        text = json.dumps(build_inventory(self.fleet, self.fleet.name, self.settings), indent=2, sort_keys=True)
+        path = self.state_dir / "inventory.json"
+        if not path.is_file() or path.read_text() != text:
+            atomic_write(path, text, mode=0o600)
+
+    # --- down --------------------------------------------------------------------------------------
+    def down(self, report: Report = lambda _: None) -> tuple[int, int, int]:
+        client = docker_client()
+        runtime = LabRuntime(client, LabPlan(self.fleet.name, [], []), "")
+        removed = runtime.remove_all(report)
+        if self.prefect.stop():
+            report("stopped the Prefect server")
+        # The next `up` makes new host keys; stale ones would only cause warnings.
+        (self.state_dir / "ssh" / "known_hosts").unlink(missing_ok=True)
+        return removed
+
+    # --- status ------------------------------------------------------------------------------------
+    def status(self, check_ssh: bool = True) -> LabStatus:
+        client = docker_client()
+        plan = self.plan()
+        runtime = LabRuntime(client, plan, "")
+        existing = runtime.containers()
+
+        def one(spec) -> HostStatus:  # type: ignore[no-untyped-def]
+            container = existing.get(spec.name)
+            state = container.status if container is not None else "absent"
+            reachable = False
+            if spec.host is not None and state == "running" and check_ssh:
+                host = self.fleet.hosts[spec.host]
+                if ssh_banner(str(host.ssh_address), host.ssh.port):
+                    reachable = ssh.ssh_run(self.state_dir, host, "true", timeout=15).returncode == 0
+            return HostStatus(spec.host or spec.hostname, spec.name, state,
+                              {k: str(v) for k, v in spec.addresses.items()}, reachable)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            rows = list(pool.map(one, plan.containers))
+        return LabStatus(
+            hosts=[r for r, s in zip(rows, plan.containers, strict=True) if s.host is not None],
+            routers=[r for r, s in zip(rows, plan.containers, strict=True) if s.host is None],
+            prefect_url=self.prefect.url,
+            prefect_healthy=self.prefect.healthy(),
+            state_dir=self.state_dir,
+        )
+
+    def exec(self, host: str, command: list[str] | str, user: str = "root") -> tuple[int, str]:
+        runtime = LabRuntime(docker_client(), self.plan(), "")
+        argv = ["sh", "-c", command] if isinstance(command, str) else command
+        return runtime.exec(runtime.plan.container(host).name, argv, user=user)
