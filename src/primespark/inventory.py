@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from primespark.fleet.model import Fleet, HostKind
+from primespark.fleet.model import Fleet, HostKind, PowerProfile
 from primespark.settings import Settings, get_settings
 
 KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
@@ -28,6 +28,8 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
     host = fleet.hosts[name]
     tiers = {t.value: {"path": spec.path, "capacity_gb": spec.capacity_gb}
              for t, spec in fleet.tiers.items() if name in spec.hosts}
+    # A Pi without a profile gets the model's defaults, so the edge role always has one.
+    power = host.power or (PowerProfile() if host.kind is HostKind.pi else None)
     return {
         "ansible_host": str(host.ssh_address),
         "ansible_user": host.ssh.user,
@@ -46,7 +48,7 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_public_address": str(host.public_address) if host.public_address else None,
         "spark_lan": str(fleet.sites[host.site].lan),
         "spark_labels": dict(host.labels),
-        "spark_power": host.power.model_dump(mode="json") if host.power else None,
+        "spark_power": power.model_dump(mode="json") if power else None,
         "spark_container_runtime": host.container_runtime,
         "spark_timezone": fleet.timezone,
         "spark_services": [{"name": s, "kind": svc.kind.value, "port": svc.port}
