@@ -1,0 +1,129 @@
+"""The `lab` fixture: one lab per pytest run, shared by every end-to-end test.
+
+It holds the machine-wide lab lock (/tmp/spark-lab.lock) for the whole session, so parallel pytest runs
+by different people queue up; it brings the lab up from scratch once and takes it down at the end, also
+when tests fail. `SPARK_LAB_KEEP=1` leaves the lab running afterwards for a look around.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from primespark.errors import UserError
+from primespark.fleet import Fleet, load_fleet
+from primespark.lab import Lab, UpResult
+from primespark.lab.lock import lab_lock
+from primespark.lab.ssh import ssh_argv
+
+REPO = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Runs inside a lab host: try TCP connections in parallel, print which ones opened.
+PROBE = """
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+targets, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
+def try_one(t):
+    try:
+        socket.create_connection((t[0], t[1]), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+with ThreadPoolExecutor(len(targets)) as pool:
+    print(json.dumps(list(pool.map(try_one, targets))))
+"""
+
+
+def docker_snapshot() -> tuple[set[str], set[str]]:
+    """Every container (id name) and network (id name) on this machine."""
+    containers = subprocess.run(["docker", "ps", "-a", "--format", "{{.ID}} {{.Names}}"],
+                                capture_output=True, text=True, check=True).stdout.split("\n")
+    networks = subprocess.run(["docker", "network", "ls", "--format", "{{.ID}} {{.Name}}"],
+                              capture_output=True, text=True, check=True).stdout.split("\n")
+    return {c for c in containers if c}, {n for n in networks if n}
+
+
+@dataclass
+class LabHandle:
+    fleet: Fleet
+    state_dir: Path
+    lab: Lab
+    first_up: UpResult
+    baseline: tuple[set[str], set[str]]  # docker ps -a / network ls before the lab existed
+
+    def docker_state(self) -> tuple[set[str], set[str]]:
+        return docker_snapshot()
+
+    def container(self, host: str) -> str:
+        return self.lab.plan().container(host).name
+
+    def exec(self, host: str, command: str | list[str], user: str = "root",
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a command in the host's container (docker exec), no SSH involved."""
+        argv = ["sh", "-c", command] if isinstance(command, str) else command
+        return subprocess.run(["docker", "exec", "-u", user, self.container(host), *argv],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def ssh(self, host: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a command over real SSH as the host's fleet user, with the lab's key and known_hosts."""
+        return subprocess.run(ssh_argv(self.state_dir, self.fleet.hosts[host], command),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def probe(self, host: str, targets: list[tuple[str, int]], timeout: float = 2.0) -> dict[tuple[str, int], bool]:
+        """From inside `host`: which TCP connections open."""
+        done = self.exec(host, ["python3", "-c", PROBE, json.dumps(targets), str(timeout)])
+        assert done.returncode == 0, done.stderr
+        return dict(zip(targets, json.loads(done.stdout), strict=True))
+
+    def ansible(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Ansible from the repo's venv with the repo's ansible.cfg and the lab inventory."""
+        env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+        return subprocess.run([str(REPO / ".venv/bin/ansible"), "-i", f"inventory/{self.fleet.name}.fleet.yml",
+                               *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _docker_or_skip(lab: Lab) -> None:
+    from primespark.lab.runtime import docker_client
+
+    try:
+        docker_client()
+        return
+    except UserError as first:
+        # Start a daemon where nothing else does, as `make setup` would.
+        subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "docker"], capture_output=True)
+        try:
+            docker_client()
+            return
+        except UserError:
+            reason = f"the lab needs Docker and none can be reached or started here: {first.message}"
+    if IN_CI:
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabHandle]:
+    fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
+    the_lab = Lab(fleet)
+    _docker_or_skip(the_lab)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lab_lock())
+        the_lab.down()  # a fresh lab: nothing left from earlier work changes what the tests see
+        baseline = docker_snapshot()
+        try:
+            first_up = the_lab.up()
+            yield LabHandle(fleet, the_lab.state_dir, the_lab, first_up, baseline)
+        finally:
+            if os.environ.get("SPARK_LAB_KEEP") != "1":
+                the_lab.down()
+                after = docker_snapshot()
+                assert after == baseline, (f"lab down left Docker changed: containers {after[0] ^ baseline[0]}, "
+                                           f"networks {after[1] ^ baseline[1]}")
