@@ -1,0 +1,56 @@
+"""What the roles read from the inventory: management networks, backup accounts, repositories, operators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from primespark.fleet import load_fleet
+from primespark.inventory import build_inventory
+
+
+@pytest.fixture
+def hostvars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    from primespark.settings import get_settings
+
+    state = tmp_path / "state"
+    (state / "ssh").mkdir(parents=True)
+    (state / "ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample spark@lab\n")
+    monkeypatch.setenv("SPARK_STATE_DIR", str(state))
+    get_settings.cache_clear()
+    yield build_inventory(load_fleet("lab"))["_meta"]["hostvars"]
+    get_settings.cache_clear()
+
+
+def test_management_networks_are_the_site_lan_and_the_overlay(hostvars: dict) -> None:
+    assert hostvars["pi-1"]["spark_mgmt_networks"] == ["172.30.1.0/24", "10.99.0.0/24"]
+    assert hostvars["core-1"]["spark_mgmt_networks"] == ["172.30.2.0/24", "10.99.0.0/24"]
+
+
+def test_each_backup_client_gets_its_own_chrooted_account_on_the_nas(hostvars: dict) -> None:
+    nas = hostvars["nas-1"]
+    assert nas["spark_restic_repositories"] == [{"name": "nas-primary", "path": "/srv/restic/primary"}]
+    accounts = {a["client"]: a for a in nas["spark_backup_accounts"]}
+    assert set(accounts) == {"pi-1", "pi-2", "nas-1"}, "the fleet's plans on nas-primary"
+    assert accounts["pi-1"]["user"] == "backup-pi-1"
+    assert accounts["pi-1"]["chroot"] == "/srv/restic/primary/pi-1"
+    assert hostvars["pi-1"]["spark_backup_target"] == accounts["pi-1"]
+    assert hostvars["pi-3"]["spark_backup_target"] is None, "pi-3 has no backup plan"
+    assert hostvars["pi-1"]["spark_backup_accounts"] == []
+
+
+def test_the_ssh_user_is_an_operator_with_the_environment_key(hostvars: dict) -> None:
+    operators = hostvars["pi-2"]["spark_operators"]
+    assert operators[0]["name"] == "spark"
+    assert operators[0]["keys"] == ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample spark@lab"]
+
+
+def test_monitoring_and_time_come_from_the_fleet(hostvars: dict) -> None:
+    pi = hostvars["pi-1"]
+    assert pi["spark_node_exporter_port"] == 9100
+    assert pi["spark_textfile_dir"] == "/var/lib/prometheus/node-exporter"
+    assert pi["spark_ntp_servers"] == [], "the lab shares the machine's clock"
+    assert pi["spark_tier_watermarks"] == {"hot": {"low": 0.7, "high": 0.85}}
+    assert hostvars["pi-2"]["spark_power"]["governor"] == "ondemand"
+    assert hostvars["core-1"]["spark_power"] is None
