@@ -1,0 +1,159 @@
+"""Mesh health: for every pair of members, the latest handshake (from `wg show dump`) and reachability
+(ping over the overlay), as a table and as Prometheus text-format metrics for node-exporter's textfile collector.
+
+The probe runs as one shell snippet per host: pings to every other member first (so that an idle pair
+handshakes), then the peer lines of the dump with the preshared-key column cut out — no secret leaves a host.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+from primespark.errors import UserError
+from primespark.mesh.plan import MeshPlan
+from primespark.mesh.remote import Runner, on_each
+
+# WireGuard re-handshakes every 2 minutes while traffic flows and gives a session up after 3 minutes.
+STALE_HANDSHAKE_SECONDS = 180
+
+_PROBE = """\
+for a in {addresses}; do
+  ( if out=$(ping -n -q -c 1 -w {deadline} "$a" 2>&1); then
+      echo "ping $a ok $(echo "$out" | sed -n 's|^rtt [^=]*= [0-9.]*/\\([0-9.]*\\)/.*|\\1|p')"
+    else echo "ping $a down"; fi ) &
+done
+wait
+echo "now $(date +%s)"
+wg show {interface} dump | awk -F '\\t' 'NR > 1 {{ print "peer\\t" $1 "\\t" $3 "\\t" $5 "\\t" $6 "\\t" $7 }}'
+"""
+_RTT = re.compile(r"^[0-9.]+$")
+
+
+@dataclass
+class PairHealth:
+    source: str
+    target: str
+    direct: bool
+    reachable: bool
+    rtt_ms: float | None
+    handshake_age: float | None  # None: not a direct peer, or never handshaked
+
+    @property
+    def status(self) -> str:
+        if not self.reachable:
+            return "down"
+        if self.direct and (self.handshake_age is None or self.handshake_age > STALE_HANDSHAKE_SECONDS):
+            return "stale"
+        return "ok"
+
+
+@dataclass
+class MeshHealth:
+    mesh: str
+    pairs: list[PairHealth] = field(default_factory=list)
+    unreachable_hosts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def down(self) -> list[PairHealth]:
+        return [p for p in self.pairs if p.status != "ok"]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down and not self.unreachable_hosts
+
+
+@dataclass
+class _Probe:
+    pings: dict[str, float | None]  # address → rtt ms, None when down
+    handshakes: dict[str, int]  # public key → unix time of the latest handshake (0: never)
+    now: int
+
+
+def _parse(text: str) -> _Probe:
+    pings: dict[str, float | None] = {}
+    handshakes: dict[str, int] = {}
+    now = int(time.time())
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("ping ") and len(parts) >= 3:
+            rtt = parts[3] if len(parts) > 3 and _RTT.match(parts[3]) else None
+            pings[parts[1]] = (float(rtt) if rtt else 0.0) if parts[2] == "ok" else None
+        elif line.startswith("now ") and len(parts) == 2:
+            now = int(parts[1])
+        elif line.startswith("peer\t"):
+            fields = line.split("\t")
+            handshakes[fields[1]] = int(fields[3]) if fields[3].isdigit() else 0
+    return _Probe(pings, handshakes, now)
+
+
+def check_mesh(plan: MeshPlan, runner: Runner, deadline_seconds: int = 6) -> MeshHealth:
+    interface = plan.spec.interface
+
+    def probe(host: str) -> _Probe:
+        others = " ".join(str(h.address) for n, h in plan.hosts.items() if n != host)
+        script = _PROBE.format(addresses=others or "", deadline=deadline_seconds, interface=interface)
+        return _parse(runner.run(host, script, timeout=deadline_seconds + 30))
+
+    health = MeshHealth(plan.mesh)
+    results: dict[str, _Probe] = {}
+
+    def guarded(host: str) -> _Probe | None:
+        try:
+            return probe(host)
+        except UserError as exc:
+            health.unreachable_hosts[host] = exc.message
+            return None
+
+    for host, result in on_each(plan.hosts, guarded).items():
+        if result is not None:
+            results[host] = result
+    for source, config in plan.hosts.items():
+        result = results.get(source)
+        peers = {p.name: p for p in config.peers}
+        for target, target_config in plan.hosts.items():
+            if target == source:
+                continue
+            direct = target in peers
+            rtt = result.pings.get(str(target_config.address)) if result else None
+            age = None
+            if result and direct:
+                latest = result.handshakes.get(peers[target].public_key, 0)
+                age = float(max(0, result.now - latest)) if latest else None
+            health.pairs.append(PairHealth(source, target, direct, rtt is not None, rtt, age))
+    return health
+
+
+def write_metrics(health: MeshHealth, path: Path) -> Path:
+    """Prometheus text format via prometheus_client, written atomically (write_to_textfile renames)."""
+    registry = CollectorRegistry()
+    up = Gauge("spark_mesh_pair_up", "1 when the target's overlay address answers ping from the source",
+               ["mesh", "source", "target"], registry=registry)
+    rtt = Gauge("spark_mesh_pair_rtt_seconds", "Ping round trip over the overlay",
+                ["mesh", "source", "target"], registry=registry)
+    age = Gauge("spark_mesh_handshake_age_seconds", "Seconds since the latest WireGuard handshake (direct peers)",
+                ["mesh", "source", "target"], registry=registry)
+    down = Gauge("spark_mesh_pairs_down", "Pairs that are down or have a stale handshake", ["mesh"],
+                 registry=registry)
+    host_up = Gauge("spark_mesh_host_probed", "1 when the host could be probed", ["mesh", "host"],
+                    registry=registry)
+    stamp = Gauge("spark_mesh_check_timestamp_seconds", "When the check ran", ["mesh"], registry=registry)
+    for pair in health.pairs:
+        labels = (health.mesh, pair.source, pair.target)
+        up.labels(*labels).set(1 if pair.reachable else 0)
+        if pair.rtt_ms is not None:
+            rtt.labels(*labels).set(pair.rtt_ms / 1000)
+        if pair.handshake_age is not None:
+            age.labels(*labels).set(pair.handshake_age)
+    hosts = {p.source for p in health.pairs}
+    for host in sorted(hosts):
+        host_up.labels(health.mesh, host).set(0 if host in health.unreachable_hosts else 1)
+    down.labels(health.mesh).set(len(health.down))
+    stamp.labels(health.mesh).set(time.time())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)
+    return path

@@ -1,0 +1,46 @@
+"""One wg-quick config per host, from a Jinja2 template (StrictUndefined), written with mode 0600."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, Template
+
+from primespark.mesh.keys import MeshKeys
+from primespark.mesh.plan import MeshPlan
+from primespark.secrets import atomic_write
+
+
+@lru_cache(maxsize=1)
+def _template() -> Template:
+    env = Environment(loader=PackageLoader("primespark.mesh", "templates"), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)  # noqa: S701
+    return env.get_template("wg-quick.conf.j2")
+
+
+def render_host(plan: MeshPlan, keys: MeshKeys, host: str, private_key: str | None = None) -> str:
+    config = plan.hosts[host]
+    psks = {p.name: keys.preshared_key(host, p.name) for p in config.peers if p.preshared_key}
+    return _template().render(
+        mesh=plan.mesh, fleet=plan.fleet, host=config, prefixlen=plan.prefixlen, listen_port=plan.spec.listen_port,
+        mtu=plan.spec.mtu, private_key=private_key or keys.private_key(host), preshared_keys=psks,
+    )
+
+
+def config_path(out: Path, plan: MeshPlan, host: str) -> Path:
+    return out / host / f"{plan.spec.interface}.conf"
+
+
+def render_all(plan: MeshPlan, keys: MeshKeys, out: Path, hosts: list[str] | None = None) -> list[Path]:
+    """Write `<out>/<host>/<interface>.conf` for each host; folders 0700, files 0600."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(out, 0o700)
+    written = []
+    for host in hosts or list(plan.hosts):
+        path = config_path(out, plan, host)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        atomic_write(path, render_host(plan, keys, host), 0o600)
+        written.append(path)
+    return written
