@@ -241,6 +241,9 @@ class Drill(Strict):
 
 
 class Backup(Strict):
+    client_dir: AbsPath = Field(
+        default="/etc/primespark/restic", description="On backup clients: the SFTP key and known hosts (restic role)."
+    )
     repositories: dict[Name, Repository] = Field(min_length=1)
     plans: dict[Name, BackupPlan] = Field(default_factory=dict, description="Keyed by host name.")
     retention: Retention
@@ -255,6 +258,11 @@ class Service(Strict):
     port: int = Field(ge=1, le=65535)
     check: Literal["tcp", "http", "none"] = "tcp"
     backup_paths: list[AbsPath] = Field(default_factory=list)
+    restore_check: str | None = Field(
+        default=None,
+        description="A shell command a DR drill runs on the scratch host after a restore; {root} is the "
+        "restored tree, e.g. `test -s {root}/var/lib/postgresql/15/main/PG_VERSION`.",
+    )
 
 
 SSH_KEY_PATTERN = r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( .*)?$"

@@ -1,0 +1,59 @@
+"""Deployments on the fleet's schedules, served from this machine: `python flows/deployments.py [ENV]`.
+
+One `backup-<host>` per plan (the plan's cron), one `maintenance-<repository>` per primary repository (the
+check schedule; it also catches up the offsite copy) and one `dr-drill-<host>` per plan (the drill schedule),
+all in the fleet's time zone. They show in the Prefect UI and can be run from there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `flows` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.backup import backup
+from flows.dr_drill import dr_drill
+from flows.maintenance import maintenance
+from primespark.fleet import Fleet, load_fleet
+
+
+def build_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[RunnerDeployment]:
+    if fleet.backup is None:
+        return []
+    spec = fleet.backup
+    zone = fleet.timezone
+    out = []
+    for host, plan in spec.plans.items():
+        common = {"host": host, "env": env, "transport": transport}
+        out.append(backup.to_deployment(
+            f"backup-{host}", schedules=[Cron(plan.schedule, timezone=zone)], parameters=common,
+            tags=["backup", host, plan.repository], concurrency_limit=1,
+            description=f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}"))
+        out.append(dr_drill.to_deployment(
+            f"dr-drill-{host}", schedules=[Cron(spec.drill.schedule, timezone=zone)], parameters=common,
+            tags=["drill", host], concurrency_limit=1,
+            description=f"restore {host}'s newest snapshot on {spec.drill.scratch_host}, verify, report"))
+    for name, repo in spec.repositories.items():
+        if repo.copy_from is None:
+            out.append(maintenance.to_deployment(
+                f"maintenance-{name}", schedules=[Cron(spec.check.schedule, timezone=zone)],
+                parameters={"repository": name, "env": env, "transport": transport},
+                tags=["maintenance", name], concurrency_limit=1,
+                description=f"offsite copy, forget/prune, check --read-data-subset {spec.check.read_data_subset}"))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    from prefect import serve
+
+    env = argv[0] if argv else "lab"
+    serve(*build_deployments(load_fleet(env), env), limit=4)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,256 @@
+"""The DR drill: restore a host's newest snapshot on another host, verify it, and judge it against RTO/RPO.
+
+`run_drill` never raises for a failed drill: it returns a report that says what failed and why; the flow
+publishes it and then fails the run. It raises only for operator mistakes (no plan, scratch = source).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from primespark.backup.manifest import compare, hash_tree, load_manifest
+from primespark.backup.policy import BACKUP_TAG, BackupContext
+from primespark.errors import UserError
+from primespark.restic import ResticError, RestoreFailed
+from primespark.secrets import atomic_write
+
+HISTORY_KEEP = 200
+
+
+@dataclass
+class ServiceCheck:
+    service: str
+    kind: str
+    status: str  # passed | failed | skipped
+    detail: str
+
+
+@dataclass
+class DrillReport:
+    host: str
+    scratch_host: str
+    started: str
+    repository: str
+    snapshot: str | None = None
+    snapshot_time: str | None = None
+    rpo_seconds: float | None = None
+    rto_seconds: float | None = None
+    rpo_target_seconds: float = 0.0
+    rto_target_seconds: float = 0.0
+    restore_verified_by_restic: bool = False
+    files_matched: int = 0
+    files_mismatched: list[str] = field(default_factory=list)
+    files_missing: list[str] = field(default_factory=list)
+    files_unexpected: list[str] = field(default_factory=list)
+    files_changed_during_backup: int = 0
+    restore_errors: list[str] = field(default_factory=list)
+    services: list[ServiceCheck] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    restored_to: str | None = None
+    finished: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def history_row(self) -> dict[str, object]:
+        return {
+            "started": self.started,
+            "host": self.host,
+            "scratch": self.scratch_host,
+            "snapshot": (self.snapshot or "-")[:8],
+            "result": "pass" if self.passed else "FAIL",
+            "rpo_h": None if self.rpo_seconds is None else round(self.rpo_seconds / 3600, 2),
+            "rto_min": None if self.rto_seconds is None else round(self.rto_seconds / 60, 2),
+            "files": self.files_matched,
+            "reason": "; ".join(self.failures)[:300],
+        }
+
+
+def _fmt(seconds: float | None, unit: float, suffix: str) -> str:
+    return "n/a" if seconds is None else f"{seconds / unit:.2f} {suffix}"
+
+
+def render_markdown(report: DrillReport) -> str:
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# DR drill {verdict}: {report.host} → {report.scratch_host}",
+        "",
+        f"- started: {report.started}, finished: {report.finished}",
+        f"- repository: `{report.repository}`, snapshot: `{report.snapshot or 'none'}` taken {report.snapshot_time}",
+        f"- restored to: `{report.restored_to}` on {report.scratch_host} (not the source host)",
+        "",
+        "| measure | value | target | result |",
+        "|---|---|---|---|",
+        f"| RPO (snapshot age) | {_fmt(report.rpo_seconds, 3600, 'h')} | "
+        f"{_fmt(report.rpo_target_seconds, 3600, 'h')} | "
+        f"{'ok' if report.rpo_seconds is not None and report.rpo_seconds <= report.rpo_target_seconds else 'MISS'} |",
+        f"| RTO (start → verified restore) | {_fmt(report.rto_seconds, 60, 'min')} | "
+        f"{_fmt(report.rto_target_seconds, 60, 'min')} | "
+        f"{'ok' if report.rto_seconds is not None and report.rto_seconds <= report.rto_target_seconds else 'MISS'} |",
+        "",
+        "## Verification",
+        f"- `restic restore --verify`: {'passed' if report.restore_verified_by_restic else 'failed'}",
+        f"- sha256 against the source as of the snapshot: {report.files_matched} files equal, "
+        f"{len(report.files_mismatched)} differ, {len(report.files_missing)} missing, "
+        f"{len(report.files_unexpected)} unexpected ({report.files_changed_during_backup} changed while the "
+        "backup ran, not compared)",
+    ]
+    for title, items in (("Restore errors", report.restore_errors), ("Files that differ", report.files_mismatched),
+                         ("Files missing", report.files_missing), ("Unexpected files", report.files_unexpected)):
+        if items:
+            lines += ["", f"### {title}", *[f"- `{item}`" for item in items[:50]]]
+            if len(items) > 50:
+                lines.append(f"- … and {len(items) - 50} more")
+    lines += ["", "## Service checks"]
+    if report.services:
+        lines += ["| service | kind | result | detail |", "|---|---|---|---|"]
+        lines += [f"| {c.service} | {c.kind} | {c.status} | {c.detail} |" for c in report.services]
+    else:
+        lines.append("- the fleet defines no service on this host")
+    if report.failures:
+        lines += ["", "## Why the drill failed", *[f"- {f}" for f in report.failures]]
+    return "\n".join(lines) + "\n"
+
+
+# --- history ----------------------------------------------------------------------------------------------
+
+
+def history_path(ctx: BackupContext) -> Path:
+    return ctx.settings.state_dir(ctx.env) / "drills" / "history.json"
+
+
+def load_history(ctx: BackupContext) -> list[dict[str, object]]:
+    path = history_path(ctx)
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()))
+    except (ValueError, OSError):
+        return []
+
+
+def append_history(ctx: BackupContext, report: DrillReport) -> list[dict[str, object]]:
+    rows = [*load_history(ctx), report.history_row()][-HISTORY_KEEP:]
+    atomic_write(history_path(ctx), json.dumps(rows, indent=1), 0o600)
+    (history_path(ctx).parent / f"last-{report.host}.json").write_text(json.dumps(asdict(report), indent=1))
+    return rows
+
+
+# --- the drill --------------------------------------------------------------------------------------------
+
+
+Step = Callable[..., object]
+
+
+def _run_step(step: Step | None, fn: Callable[..., object], *args: object) -> object:
+    """Run `fn` directly or as a Prefect task (`step` wraps it) so each phase shows in the UI."""
+    return step(fn, *args) if step is not None else fn(*args)
+
+
+def run_drill(
+    ctx: BackupContext,
+    host: str,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    keep_restore: bool = False,
+    step: Step | None = None,
+) -> DrillReport:
+    plan = ctx.plan(host)
+    scratch = ctx.backup.drill.scratch_host
+    if scratch == host:
+        raise UserError(f"the drill for {host} would restore onto {host} itself",
+                        "set backup.drill.scratch_host to another host")
+    targets = ctx.backup.targets
+    started = now()
+    clock = time.monotonic()
+    report = DrillReport(host, scratch, started.isoformat(timespec="seconds"), plan.repository,
+                         rpo_target_seconds=targets.rpo_hours * 3600, rto_target_seconds=targets.rto_minutes * 60)
+    client = ctx.client(plan.repository, host, via=scratch)
+    runner = client.runner
+    target = ctx.scratch_dir(scratch, host, started.strftime("%Y%m%dT%H%M%S"))
+    report.restored_to = target
+    try:
+        snapshots = [s for s in client.snapshots(host=host, tags=[BACKUP_TAG])]
+        if not snapshots:
+            report.failures.append(f"no snapshot of {host} in {plan.repository}")
+            return _finish(report, now)
+        latest = snapshots[-1]
+        report.snapshot, report.snapshot_time = latest.id, latest.time.isoformat(timespec="seconds")
+        report.rpo_seconds = (started - latest.time).total_seconds()
+
+        def restore() -> None:
+            runner.run(["mkdir", "-p", "-m", "0700", target])
+            client.restore(latest.id, target, verify=True)
+
+        try:
+            _run_step(step, restore)
+            report.restore_verified_by_restic = True
+        except RestoreFailed as exc:
+            report.restore_errors = exc.problems
+            report.failures.append(f"restore of {latest.short_id} failed: {'; '.join(exc.problems[:3])}")
+
+        manifest = load_manifest(client, latest.id)
+        if manifest is None:
+            report.failures.append(f"no content manifest for snapshot {latest.short_id}: cannot compare hashes")
+        else:
+            restored = _run_step(step, hash_tree, runner, target)
+            result = compare(manifest, restored)  # type: ignore[arg-type]
+            report.files_matched = result.matched
+            report.files_mismatched, report.files_missing = result.mismatched, result.missing
+            report.files_unexpected = result.unexpected
+            report.files_changed_during_backup = len(manifest.changed_since_snapshot)
+            if not result.ok:
+                report.failures.append(
+                    f"restored content differs from the source at snapshot time: {len(result.mismatched)} "
+                    f"differ, {len(result.missing)} missing, {len(result.unexpected)} unexpected "
+                    f"(first: {(result.mismatched + result.missing + result.unexpected)[0]})")
+            report.services = _service_checks(ctx, host, target, manifest.files)
+            report.failures += [f"service check {c.service}: {c.detail}" for c in report.services
+                                if c.status == "failed"]
+        report.rto_seconds = time.monotonic() - clock
+        if report.rpo_seconds > report.rpo_target_seconds:
+            report.failures.append(f"RPO breach: the newest snapshot is {report.rpo_seconds / 3600:.2f} h old, "
+                                   f"the target is {targets.rpo_hours} h")
+        if report.rto_seconds > report.rto_target_seconds:
+            report.failures.append(f"RTO breach: the verified restore took {report.rto_seconds / 60:.2f} min, "
+                                   f"the target is {targets.rto_minutes} min")
+    except ResticError as exc:
+        report.failures.append(str(exc))
+    finally:
+        if not keep_restore:
+            runner.run(["rm", "-rf", "--one-file-system", "--", target])
+    return _finish(report, now)
+
+
+def _finish(report: DrillReport, now: Callable[[], datetime]) -> DrillReport:
+    report.finished = now().isoformat(timespec="seconds")
+    return report
+
+
+def _service_checks(ctx: BackupContext, host: str, target: str, files: dict[str, str]) -> list[ServiceCheck]:
+    checks = []
+    runner = ctx.transport.runner(ctx.backup.drill.scratch_host)
+    for name, service in sorted(ctx.fleet.services_on(host).items()):
+        for path in service.backup_paths:
+            prefix = path.rstrip("/") + "/"
+            present = any(f.startswith(prefix) for f in files)
+            checks.append(ServiceCheck(name, "data", "passed" if present else "failed",
+                                       f"{path}: {'restored' if present else 'no files in the snapshot'}"))
+        if service.restore_check:
+            command = service.restore_check.format(root=shlex.quote(target))
+            proc = runner.run(["sh", "-c", command], timeout=600)
+            status = "passed" if proc.returncode == 0 else "failed"
+            detail = f"`{service.restore_check}` exit {proc.returncode} {proc.stderr.strip()[-200:]}".strip()
+            checks.append(ServiceCheck(name, "restore_check", status, detail))
+        elif service.check != "none":
+            checks.append(ServiceCheck(name, service.check, "skipped",
+                                       f"a {service.check} check needs the running service; drills do not start "
+                                       "services (set restore_check to test the restored data)"))
+    return checks

@@ -1,0 +1,158 @@
+"""Backup, offsite copy and maintenance steps, independent of Prefect (the flows call these from tasks)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from primespark.backup.manifest import Manifest, manifest_tag, record_manifest
+from primespark.backup.policy import BACKUP_TAG, MANIFEST_TAG, BackupContext
+from primespark.restic import BackupSummary, CheckFailed, ResticClient, ResticError
+from primespark.secrets import atomic_write
+
+WriterSlot = Callable[[str], AbstractContextManager[object]]
+
+
+def no_slot(_: str) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
+@dataclass
+class BackupOutcome:
+    host: str
+    repository: str
+    snapshot_id: str
+    summary: BackupSummary
+    manifest_files: int
+    changed_during_backup: int
+    duration_seconds: float
+    started: float
+    finished: float
+    size_bytes: int
+    copied_to: list[str] = field(default_factory=list)
+
+
+def prepare(ctx: BackupContext, repository: str, client: str) -> dict[str, object]:
+    """Create the repository (and its password) on first use; remove locks left by dead processes."""
+    restic = ctx.client(repository, client, create=True)
+    created = restic.init()
+    locks = ctx.clear_stale_locks(repository, client)
+    return {"created": created, "stale_locks_removed": [lock.id[:8] for lock in locks.removed],
+            "live_locks": [lock.id[:8] for lock in locks.kept_alive],
+            "unresolved_locks": [f"{lock.id[:8]} by pid {lock.pid} on {lock.hostname}" for lock in locks.unresolved]}
+
+
+def backup_host(
+    ctx: BackupContext, host: str, slot: WriterSlot = no_slot, time_override: datetime | None = None
+) -> tuple[BackupSummary, float, float]:
+    """One restic backup of the host's plan, holding the repository's writer slot only while writing."""
+    plan = ctx.plan(host)
+    restic = ctx.client(plan.repository, host)
+    with slot(plan.repository):
+        started = time.time()
+        summary = restic.backup(plan.paths, excludes=plan.excludes, tags=[BACKUP_TAG], host=host, time=time_override)
+        return summary, started, time.time()
+
+
+def manifest_for(ctx: BackupContext, host: str, snapshot_id: str, slot: WriterSlot = no_slot) -> Manifest:
+    plan = ctx.plan(host)
+    restic = ctx.client(plan.repository, host)
+    with slot(plan.repository):
+        return record_manifest(restic, restic.runner, host, snapshot_id)
+
+
+def copy_offsite(
+    ctx: BackupContext, repository: str, client: str, snapshot_ids: list[str] | None = None,
+    slot: WriterSlot = no_slot,
+) -> list[str]:
+    """`restic copy` from the primary into each offsite repository; it runs on the client host, which holds
+    the SFTP key for both. Without ids it copies every snapshot the offsite copy lacks (idempotent)."""
+    done = []
+    source = ctx.client(repository, client)
+    for offsite in ctx.offsite_of(repository):
+        target = ctx.client(offsite, client, via=client, create=True)
+        target.init()
+        ctx.clear_stale_locks(offsite, client)
+        with slot(offsite):
+            target.copy(source, snapshot_ids or [])
+        done.append(offsite)
+    return done
+
+
+def state_file(ctx: BackupContext, host: str) -> Path:
+    return ctx.settings.state_dir(ctx.env) / "backup" / f"{host}.json"
+
+
+def load_state(ctx: BackupContext, host: str) -> dict[str, float]:
+    path = state_file(ctx, host)
+    try:
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+    except (ValueError, OSError):
+        return {}
+
+
+def save_state(ctx: BackupContext, host: str, state: dict[str, float]) -> None:
+    atomic_write(state_file(ctx, host), json.dumps(state), 0o600)
+
+
+@dataclass
+class MaintenanceOutcome:
+    repository: str
+    forgotten: dict[str, int] = field(default_factory=dict)
+    orphan_manifests: dict[str, int] = field(default_factory=dict)
+    checked: dict[str, bool] = field(default_factory=dict)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(self.checked.values())
+
+
+def clients_of(ctx: BackupContext, repository: str) -> list[str]:
+    primary = ctx.backup.repositories[repository].copy_from or repository
+    return [h for h, p in ctx.backup.plans.items() if p.repository == primary]
+
+
+def forget_and_prune(ctx: BackupContext, restic: ResticClient) -> tuple[int, int]:
+    """Retention on data snapshots, then drop manifests whose snapshot is gone, then one prune."""
+    keep = ctx.backup.retention.model_dump(exclude_none=True)
+    removed = restic.forget(keep, prune=False, tags=[BACKUP_TAG]).removed
+    alive = {manifest_tag(s.id) for s in restic.snapshots(tags=[BACKUP_TAG])}
+    orphans = [s.id for s in restic.snapshots(tags=[MANIFEST_TAG]) if not alive.intersection(s.tags)]
+    restic.forget_ids(orphans)
+    restic.prune()
+    return len(removed), len(orphans)
+
+
+def maintain(
+    ctx: BackupContext, repository: str, *, check: bool = True, read_data_subset: str | None = None,
+    slot: WriterSlot = no_slot,
+) -> MaintenanceOutcome:
+    """forget + prune + check for every client repository inside one fleet repository."""
+    outcome = MaintenanceOutcome(repository)
+    subset = read_data_subset or ctx.backup.check.read_data_subset
+    for client in clients_of(ctx, repository):
+        try:
+            restic = ctx.client(repository, client)
+            if not restic.exists():
+                outcome.errors[client] = f"no repository for {client} yet (no backup has run)"
+                continue
+            ctx.clear_stale_locks(repository, client)
+            with slot(repository):
+                outcome.forgotten[client], outcome.orphan_manifests[client] = forget_and_prune(ctx, restic)
+                if check:
+                    try:
+                        restic.check(read_data_subset=subset)
+                        outcome.checked[client] = True
+                    except CheckFailed as exc:
+                        outcome.checked[client] = False
+                        outcome.problems[client] = exc.problems
+        except ResticError as exc:
+            outcome.errors[client] = str(exc)
+    return outcome

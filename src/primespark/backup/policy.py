@@ -1,0 +1,225 @@
+"""The fleet's backup policy turned into restic clients: which repository, reached how, from which host.
+
+Each client host owns its own restic repository inside the fleet repository's folder on the storage host
+(`<repository path>/<client>/repo`, an SFTP-only account `backup-<client>` chrooted to `<path>/<client>`),
+as `primespark.inventory.backup_accounts` lays out for the `nas` role: restic cannot share one repository
+between Unix users. The offsite repository mirrors that layout, one copy per client.
+"""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from primespark.errors import UserError
+from primespark.fleet import Fleet, load_fleet
+from primespark.fleet.model import Backup, BackupPlan
+from primespark.restic import LocalRunner, ResticClient, Runner, StaleLockReport
+from primespark.secrets import SecretError, SecretStore, resolve, secret_store
+from primespark.settings import Settings, settings_for
+
+TransportName = Literal["ssh", "local"]
+BACKUP_TAG = "primespark-backup"
+MANIFEST_TAG = "primespark-manifest"
+SCRATCH_ROOT = "/var/tmp/primespark-drill"
+
+
+def account_for(client: str) -> str:
+    return f"backup-{client}"[:32]
+
+
+def limit_name(repository: str) -> str:
+    """The Prefect global concurrency limit that lets one writer at a time into a fleet repository."""
+    return f"restic-{repository}"
+
+
+def secret_key(reference: str) -> str:
+    """The store key `primespark.secrets.resolve` reads for a reference (to create missing secrets)."""
+    kind, _, rest = reference.partition(":")
+    if kind == "local":
+        return rest
+    path, _, key = rest.partition("#")
+    return f"{path.split('/', 1)[-1]}/{key}"
+
+
+def client_key_secret(client: str) -> str:
+    return f"restic/ssh/{client}"
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: str
+    repository: str
+    paths: list[str]
+    excludes: list[str]
+    schedule: str
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    def runner(self, host: str) -> Runner: ...
+    def location(self, repository: str, client: str, via: str) -> Location: ...
+    def scratch_root(self, host: str) -> str: ...
+    def host_of_lock(self, hostname: str) -> str | None: ...
+
+
+class SshTransport:
+    """Production and lab: restic runs on the hosts, repositories are SFTP accounts on their storage hosts."""
+
+    def __init__(self, fleet: Fleet, settings: Settings) -> None:
+        self.fleet = fleet
+        self.ssh_dir = settings.state_dir(fleet.name) / "ssh"
+
+    def runner(self, host: str) -> Runner:
+        from primespark.backup.remote import SshRunner
+
+        spec = self.fleet.hosts[host]
+        key = self.ssh_dir / "id_ed25519"
+        known = self.ssh_dir / "known_hosts"
+        return SshRunner(host, str(spec.ssh_address), spec.ssh.user, spec.ssh.port,
+                         key if key.is_file() else None, known if known.is_file() else None)
+
+    def address_from(self, via: str, target: str) -> str:
+        """How `via` reaches `target`: on the same site its LAN address, across sites its public one."""
+        src, dst = self.fleet.hosts[via], self.fleet.hosts[target]
+        if src.site == dst.site or via == target:
+            return str(dst.address)
+        if dst.public_address is None:
+            raise UserError(f"{via} cannot reach the repository host {target}: it is on another site and has "
+                            "no public_address", f"give {target} a public_address in the fleet file")
+        return str(dst.public_address)
+
+    def location(self, repository: str, client: str, via: str) -> Location:
+        backup = _backup(self.fleet)
+        repo = backup.repositories[repository]
+        storage = self.fleet.hosts[repo.host]
+        user, address, cdir = account_for(client), self.address_from(via, repo.host), backup.client_dir
+        ssh = ["ssh", "-i", f"{cdir}/{client}.key", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+               "-o", f"UserKnownHostsFile={cdir}/known_hosts", "-o", "StrictHostKeyChecking=accept-new",
+               "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+               "-p", str(storage.ssh.port), f"{user}@{address}", "-s", "sftp"]
+        return Location(f"sftp:{user}@{address}:/repo", {"sftp.command": shlex.join(ssh)})
+
+    def scratch_root(self, host: str) -> str:
+        return SCRATCH_ROOT
+
+    def host_of_lock(self, hostname: str) -> str | None:
+        short = hostname.split(".")[0]
+        return short if short in self.fleet.hosts else None
+
+
+class LocalTransport:
+    """Tests and benchmarks: every host is this machine, every repository a local folder at its path."""
+
+    def __init__(self, fleet: Fleet, scratch: str = "/tmp/primespark-drill") -> None:
+        self.fleet = fleet
+        self.scratch = scratch
+
+    def runner(self, host: str) -> Runner:
+        return LocalRunner(host)
+
+    def location(self, repository: str, client: str, via: str) -> Location:
+        repo = _backup(self.fleet).repositories[repository]
+        return Location(f"{repo.path.rstrip('/')}/{client}/repo")
+
+    def scratch_root(self, host: str) -> str:
+        return f"{self.scratch}/{host}"
+
+    def host_of_lock(self, hostname: str) -> str | None:
+        return next(iter(self.fleet.hosts)) if hostname == socket.gethostname() else None
+
+
+def _backup(fleet: Fleet) -> Backup:
+    if fleet.backup is None:
+        raise UserError(f"the fleet {fleet.name!r} has no backup policy", "add a `backup:` section to the fleet file")
+    return fleet.backup
+
+
+@dataclass
+class BackupContext:
+    """Everything a flow needs: the fleet, where commands run, and the secret store."""
+
+    env: str
+    fleet: Fleet
+    transport: Transport
+    store: SecretStore
+    settings: Settings
+
+    @classmethod
+    def load(cls, env: str, transport: TransportName = "ssh") -> BackupContext:
+        fleet = load_fleet(env)
+        name = fleet.name if Path(env).suffix in (".yaml", ".yml") else env
+        settings = settings_for(name)
+        chosen: Transport = SshTransport(fleet, settings) if transport == "ssh" else LocalTransport(fleet)
+        return cls(name, fleet, chosen, secret_store(name, settings), settings)
+
+    @property
+    def backup(self) -> Backup:
+        return _backup(self.fleet)
+
+    def plan(self, host: str) -> HostPlan:
+        plans: dict[str, BackupPlan] = self.backup.plans
+        if host not in plans:
+            raise UserError(f"{host!r} has no backup plan in the fleet {self.fleet.name!r}",
+                            f"back up one of: {', '.join(plans) or 'none'}, or add `backup.plans.{host}`")
+        plan = plans[host]
+        paths = list(dict.fromkeys([*plan.paths, *(p for s in self.fleet.services_on(host).values()
+                                                    for p in s.backup_paths)]))
+        return HostPlan(host, plan.repository, paths, list(plan.excludes), plan.schedule)
+
+    def offsite_of(self, repository: str) -> list[str]:
+        return [n for n, r in self.backup.repositories.items() if r.copy_from == repository]
+
+    def password(self, repository: str, create: bool = False) -> str:
+        reference = self.backup.repositories[repository].password
+        try:
+            return resolve(reference, self.store)
+        except SecretError:
+            if not create:
+                raise UserError(f"no password for the restic repository {repository!r} ({reference})",
+                                f"run `spark backup now <host> {self.env}` once: it creates the repository "
+                                "and its password") from None
+        value = pysecrets.token_urlsafe(32)
+        self.store.put(secret_key(reference), value)
+        return value
+
+    def client_key(self, client: str) -> tuple[str, str]:
+        """The client's SFTP key pair (private OpenSSH PEM, public line), made once into the secret store."""
+        key = client_key_secret(client)
+        if self.store.exists(key):
+            private = serialization.load_ssh_private_key(self.store.get(key).encode(), password=None)
+        else:
+            private = Ed25519PrivateKey.generate()
+            pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                        serialization.NoEncryption())
+            self.store.put(key, pem.decode())
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        return self.store.get(key), f"{public.decode()} {account_for(client)}@{self.fleet.name}"
+
+    def client(self, repository: str, client: str, via: str | None = None, create: bool = False) -> ResticClient:
+        """The restic repository holding `client`'s data in `repository`, as host `via` reaches it."""
+        via = via or client
+        where = self.transport.location(repository, client, via)
+        return ResticClient(where.url, self.password(repository, create), self.transport.runner(via), where.options)
+
+    def clear_stale_locks(self, repository: str, client: str, via: str | None = None) -> StaleLockReport:
+        def client_on(hostname: str) -> ResticClient | None:
+            owner = self.transport.host_of_lock(hostname)
+            return None if owner is None else self.client(repository, client, via=owner)
+
+        return self.client(repository, client, via).clear_stale_locks(client_on)
+
+    def scratch_dir(self, scratch: str, host: str, stamp: str) -> str:
+        return f"{self.transport.scratch_root(scratch)}/{host}-{stamp}"

@@ -1,0 +1,560 @@
+"""A thin, typed client over `restic --json`.
+
+Why not resticpy (PyPI `resticpy`): its repository, password file and binary are module-global settings,
+so two Prefect tasks on two repositories would race on them; it cannot pass an environment per call (the
+password would have to sit in `os.environ` for the whole process); and its `check()` returns None on a
+failed check instead of raising. Here every call carries its own environment (the password from the
+secret store, never written to disk, never in argv, never logged), and every non-zero exit becomes a
+typed exception.
+
+Commands run through a `Runner`: `LocalRunner` on this machine; `primespark.backup.remote.SshRunner` on a
+fleet host. Exit codes follow restic 0.17+ (0 ok, 1 fatal, 3 incomplete backup, 10 no repository,
+11 locked, 12 wrong password). Debian 12 ships restic 0.14, which exits 1 for all of those, so the
+message on stderr is matched as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# restic treats a lock as stale after 30 minutes without a refresh (it refreshes every 5 minutes).
+STALE_LOCK_AGE = timedelta(minutes=30)
+
+
+# --- running commands -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+
+class Runner(Protocol):
+    """Runs one command somewhere (here, or on a fleet host) with extra environment variables."""
+
+    name: str
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Completed: ...
+
+    def pid_alive(self, pid: int) -> bool: ...
+
+
+class LocalRunner:
+    """Runs on this machine. Inherited RESTIC_* variables are dropped so that only the call's own count."""
+
+    def __init__(self, name: str = "localhost") -> None:
+        self.name = name
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Completed:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        try:
+            proc = subprocess.run(
+                list(argv), input=stdin if stdin is not None else b"", capture_output=True,
+                env={**base, **(env or {})}, timeout=timeout, check=False,
+            )
+        except FileNotFoundError:
+            raise ResticNotInstalled(f"{argv[0]!r} is not installed on {self.name}") from None
+        except subprocess.TimeoutExpired:
+            raise ResticTimeout(f"{' '.join(argv[:3])} … on {self.name} did not finish in {timeout} s") from None
+        return Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
+
+    def pid_alive(self, pid: int) -> bool:
+        return os.path.exists(f"/proc/{pid}")
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+class ResticError(Exception):
+    """A restic command failed. `stderr` is restic's own message (it never holds the password)."""
+
+    transient = False
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ResticNotInstalled(ResticError):
+    pass
+
+
+class ResticTimeout(ResticError):
+    transient = True
+
+
+class RepositoryNotFound(ResticError):  # exit 10
+    pass
+
+
+class RepositoryLocked(ResticError):  # exit 11
+    transient = True
+
+
+class WrongPassword(ResticError):  # exit 12
+    pass
+
+
+class RepositoryUnreachable(ResticError):
+    """The storage host did not answer (sftp/ssh failed): worth retrying."""
+
+    transient = True
+
+
+class HostUnreachable(ResticError):
+    """The host that should run restic did not answer (ssh exit 255)."""
+
+    transient = True
+
+
+class BackupIncomplete(ResticError):  # exit 3
+    def __init__(self, message: str, summary: BackupSummary | None, unreadable: list[str], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.summary = summary
+        self.unreadable = unreadable
+
+
+class CheckFailed(ResticError):
+    def __init__(self, message: str, problems: list[str], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.problems = problems
+
+
+class RestoreFailed(ResticError):
+    def __init__(self, message: str, problems: list[str], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.problems = problems
+
+
+_UNREACHABLE = re.compile(
+    r"ssh: connect to host|Connection refused|No route to host|Connection timed out|"
+    r"Could not resolve hostname|unable to start the sftp session|connection lost|Connection reset|"
+    r"Connection closed|Broken pipe|ssh command exited|subprocess ssh",
+    re.IGNORECASE,
+)
+
+
+def classify(proc: Completed, what: str) -> ResticError:
+    """Map an exit code (and, for restic < 0.17, the message) to a typed error."""
+    stderr = proc.stderr.strip()
+    tail = "\n".join(stderr.splitlines()[-6:])
+    code = proc.returncode
+    args = {"returncode": code, "stderr": stderr}
+    if code == 10 or "Is there a repository at the following location?" in stderr:
+        return RepositoryNotFound(f"{what}: no repository there ({tail})", **args)
+    if code == 12 or "wrong password or no key found" in stderr:
+        return WrongPassword(f"{what}: wrong password for the repository", **args)
+    if code == 11 or "repository is already locked" in stderr:
+        return RepositoryLocked(f"{what}: the repository is locked ({tail})", **args)
+    if _UNREACHABLE.search(stderr):
+        return RepositoryUnreachable(f"{what}: the repository's storage is unreachable ({tail})", **args)
+    return ResticError(f"{what} failed with exit code {code}: {tail}", **args)
+
+
+# --- parsed output ----------------------------------------------------------------------------------------
+
+
+class _Parsed(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Snapshot(_Parsed):
+    id: str
+    short_id: str
+    time: datetime
+    hostname: str
+    paths: list[str]
+    tags: list[str] = Field(default_factory=list)
+    excludes: list[str] = Field(default_factory=list)
+
+    def age(self, now: datetime | None = None) -> timedelta:
+        return (now or datetime.now(UTC)) - self.time
+
+
+class BackupSummary(_Parsed):
+    snapshot_id: str | None = None
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    data_added: int = 0
+    total_files_processed: int = 0
+    total_bytes_processed: int = 0
+    total_duration: float = 0.0
+
+
+class Node(_Parsed):
+    path: str
+    type: str
+    size: int = 0
+    mtime: datetime | None = None
+
+
+class Lock(_Parsed):
+    id: str
+    time: datetime
+    exclusive: bool = False
+    hostname: str
+    pid: int
+
+    def age(self, now: datetime | None = None) -> timedelta:
+        return (now or datetime.now(UTC)) - self.time
+
+
+class Stats(_Parsed):
+    total_size: int = 0
+    total_file_count: int = 0
+    snapshots_count: int = 0
+
+
+@dataclass
+class ForgetResult:
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StaleLockReport:
+    removed: list[Lock] = field(default_factory=list)
+    kept_alive: list[Lock] = field(default_factory=list)
+    unresolved: list[Lock] = field(default_factory=list)
+
+
+def _json_lines(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in raw.decode(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    match = re.search(r"restic (\d+)\.(\d+)\.(\d+)", text)
+    if not match:
+        raise ResticError(f"cannot read restic's version from {text.strip()!r}")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+# --- the client -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResticClient:
+    """One repository as seen from one runner. `options` are `-o key=value` pairs (e.g. sftp.command)."""
+
+    repository: str
+    password: str = field(repr=False)
+    runner: Runner = field(default_factory=LocalRunner)
+    options: Mapping[str, str] = field(default_factory=dict)
+    binary: str = "restic"
+    timeout: float | None = None
+
+    def _argv(self, *args: str, json_output: bool = True) -> list[str]:
+        argv = [self.binary, "--repo", self.repository]
+        for key, value in self.options.items():
+            argv += ["--option", f"{key}={value}"]
+        if json_output:
+            argv.append("--json")
+        return argv + list(args)
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {"RESTIC_PASSWORD": self.password, **(extra or {})}
+
+    def _scrub(self, proc: Completed) -> Completed:
+        if self.password and self.password in proc.stderr:
+            return Completed(proc.argv, proc.returncode, proc.stdout, proc.stderr.replace(self.password, "***"))
+        return proc
+
+    def _call(
+        self,
+        what: str,
+        *args: str,
+        json_output: bool = True,
+        ok: Iterable[int] = (0,),
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> Completed:
+        proc = self._scrub(self.runner.run(
+            self._argv(*args, json_output=json_output), env=self._env(env), stdin=stdin, timeout=self.timeout
+        ))
+        if proc.returncode == 255 and "restic" not in proc.stderr.lower() and getattr(self.runner, "remote", False):
+            raise HostUnreachable(f"{what}: cannot reach {self.runner.name} over SSH: {proc.stderr.strip()}",
+                                  returncode=255, stderr=proc.stderr)
+        if proc.returncode not in ok:
+            raise classify(proc, f"restic {what} on {self.runner.name}")
+        return proc
+
+    # version and repository ------------------------------------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        proc = self.runner.run([self.binary, "version"], timeout=60)
+        if proc.returncode != 0:
+            raise ResticNotInstalled(f"restic does not run on {self.runner.name}: {proc.stderr.strip()}")
+        return parse_version(proc.stdout.decode())
+
+    def exists(self) -> bool:
+        try:
+            self._call("cat config", "cat", "config", json_output=False)
+        except RepositoryNotFound:
+            return False
+        return True
+
+    def init(self) -> bool:
+        """Create the repository unless it exists. True if it was created now."""
+        if self.exists():
+            return False
+        try:
+            self._call("init", "init", json_output=False)
+        except ResticError as exc:
+            if "config file already exists" in exc.stderr:  # another writer won the race
+                return False
+            raise
+        return True
+
+    # backup ----------------------------------------------------------------------------------------------
+
+    def backup(
+        self,
+        paths: Sequence[str],
+        *,
+        excludes: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        host: str | None = None,
+        time: datetime | None = None,
+    ) -> BackupSummary:
+        args = ["backup", "--quiet"]
+        for pattern in excludes:
+            args += ["--exclude", pattern]
+        args += self._common_backup_args(tags, host, time)
+        proc = self._call("backup", *args, "--", *paths, ok=(0, 3))
+        summary = self._summary(proc)
+        if proc.returncode == 3:
+            unreadable = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Warning")]
+            raise BackupIncomplete(
+                f"restic backup on {self.runner.name}: some source files could not be read "
+                f"(snapshot {summary.snapshot_id} is incomplete): {'; '.join(unreadable[:5])}",
+                summary, unreadable, returncode=3, stderr=proc.stderr,
+            )
+        return summary
+
+    def backup_stdin(
+        self, data: bytes, filename: str, *, tags: Sequence[str] = (), host: str | None = None
+    ) -> BackupSummary:
+        args = ["backup", "--quiet", "--stdin", "--stdin-filename", filename,
+                *self._common_backup_args(tags, host, None)]
+        return self._summary(self._call("backup --stdin", *args, stdin=data))
+
+    @staticmethod
+    def _common_backup_args(tags: Sequence[str], host: str | None, time: datetime | None) -> list[str]:
+        args: list[str] = []
+        for tag in tags:
+            args += ["--tag", tag]
+        if host:
+            args += ["--host", host]
+        if time is not None:
+            args += ["--time", time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")]
+        return args
+
+    def _summary(self, proc: Completed) -> BackupSummary:
+        for message in reversed(_json_lines(proc.stdout)):
+            if message.get("message_type") == "summary":
+                return BackupSummary.model_validate(message)
+        raise ResticError(f"restic backup on {self.runner.name} printed no summary", stderr=proc.stderr)
+
+    # reading ---------------------------------------------------------------------------------------------
+
+    def snapshots(self, *, host: str | None = None, tags: Sequence[str] = ()) -> list[Snapshot]:
+        args = ["snapshots"]
+        if host:
+            args += ["--host", host]
+        for tag in tags:
+            args += ["--tag", tag]
+        proc = self._call("snapshots", *args)
+        found = [Snapshot.model_validate(s) for s in json.loads(proc.stdout or b"[]") or []]
+        return sorted(found, key=lambda s: s.time)
+
+    def ls(self, snapshot_id: str) -> list[Node]:
+        proc = self._call("ls", "ls", snapshot_id)
+        return [Node.model_validate(m) for m in _json_lines(proc.stdout) if m.get("struct_type") == "node"]
+
+    def dump(self, snapshot_id: str, path: str) -> bytes:
+        return self._call("dump", "dump", snapshot_id, path, json_output=False).stdout
+
+    def stats(self, snapshot_id: str | None = None, mode: str = "restore-size") -> Stats:
+        args = ["stats", "--mode", mode] + ([snapshot_id] if snapshot_id else [])
+        return Stats.model_validate(json.loads(self._call("stats", *args).stdout))
+
+    # maintenance -----------------------------------------------------------------------------------------
+
+    def forget(
+        self,
+        keep: Mapping[str, int],
+        *,
+        prune: bool = True,
+        host: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> ForgetResult:
+        args = ["forget"]
+        for name, count in keep.items():
+            args += [f"--{name.replace('_', '-')}", str(count)]
+        if not keep:
+            raise ValueError("forget needs at least one keep-* rule")
+        if host:
+            args += ["--host", host]
+        for tag in tags:
+            args += ["--tag", tag]
+        if prune:
+            args.append("--prune")
+        return self._forget_result(self._call("forget", *args))
+
+    def forget_ids(self, snapshot_ids: Sequence[str], *, prune: bool = False) -> ForgetResult:
+        if not snapshot_ids:
+            return ForgetResult()
+        self._call("forget", "forget", *(["--prune"] if prune else []), *snapshot_ids, json_output=False)
+        return ForgetResult(removed=list(snapshot_ids))
+
+    @staticmethod
+    def _forget_result(proc: Completed) -> ForgetResult:
+        result = ForgetResult()
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            if not line.startswith("[{"):  # the JSON array, not a "[0:00] 100%" progress line
+                continue
+            for group in json.loads(line):
+                result.kept += [s["id"] for s in group.get("keep") or []]
+                result.removed += [s["id"] for s in group.get("remove") or []]
+        return result
+
+    def prune(self) -> None:
+        self._call("prune", "prune", json_output=False)
+
+    def check(self, read_data_subset: str | None = None) -> list[str]:
+        """Raise CheckFailed naming each problem (pack IDs, trees) restic found; return its notes otherwise."""
+        args = ["check"] + (["--read-data-subset", read_data_subset] if read_data_subset else [])
+        try:
+            proc = self._call("check", *args, json_output=False)
+        except ResticError as exc:
+            if type(exc) is not ResticError:
+                raise
+            problems = [
+                ln.strip() for ln in exc.stderr.splitlines()
+                if ln.strip() and not ln.startswith(("using temporary cache", "create exclusive lock"))
+                and "Fatal: repository contains errors" not in ln
+            ]
+            raise CheckFailed(
+                f"restic check on {self.runner.name} found errors in {self.repository}: "
+                + "; ".join(problems[:8]), problems, returncode=exc.returncode, stderr=exc.stderr,
+            ) from None
+        return [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.strip()]
+
+    def copy(self, source: ResticClient, snapshot_ids: Sequence[str] = ()) -> None:
+        """Copy snapshots from `source` (as reachable from this client's runner) into this repository."""
+        args = ["copy", "--from-repo", source.repository]
+        for key, value in source.options.items():
+            if key not in self.options:
+                args += ["--option", f"{key}={value}"]
+        self._call("copy", *args, *snapshot_ids, json_output=False, env={"RESTIC_FROM_PASSWORD": source.password})
+
+    def restore(
+        self,
+        snapshot_id: str,
+        target: str,
+        *,
+        verify: bool = True,
+        includes: Sequence[str] = (),
+    ) -> None:
+        """Restore into `target`; `--verify` makes restic re-read every restored file (restic ≥ 0.9)."""
+        args = ["restore", snapshot_id, "--target", target]
+        for pattern in includes:
+            args += ["--include", pattern]
+        if verify:
+            args.append("--verify")
+        try:
+            self._call("restore", *args, json_output=False)
+        except ResticError as exc:
+            if type(exc) is not ResticError:
+                raise
+            problems = [ln.strip() for ln in exc.stderr.splitlines()
+                        if ln.strip() and not ln.startswith("Fatal: There were")]
+            raise RestoreFailed(
+                f"restic restore of {snapshot_id} on {self.runner.name} failed: " + "; ".join(problems[:8]),
+                problems, returncode=exc.returncode, stderr=exc.stderr,
+            ) from None
+
+    # locks -----------------------------------------------------------------------------------------------
+
+    def locks(self) -> list[Lock]:
+        proc = self._call("list locks", "list", "locks", json_output=False)
+        found = []
+        for lock_id in proc.stdout.decode().split():
+            try:
+                raw = self._call("cat lock", "cat", "lock", lock_id, json_output=False).stdout
+            except ResticError as exc:
+                if "no such file" in exc.stderr.lower() or "not exist" in exc.stderr.lower():
+                    continue  # released while we looked
+                raise
+            found.append(Lock.model_validate({**json.loads(raw), "id": lock_id}))
+        return found
+
+    def unlock(self) -> None:
+        """restic's own `unlock` (without --remove-all) removes only locks it considers stale."""
+        self._call("unlock", "unlock", json_output=False)
+
+    def clear_stale_locks(
+        self, client_on: Callable[[str], ResticClient | None], now: datetime | None = None
+    ) -> StaleLockReport:
+        """Remove locks whose process is gone, never a live writer's.
+
+        A lock is stale when restic's refresh has stopped (older than 30 min) or when its process no longer
+        exists on the host that took it. We check that process on its own host (through the fleet), then run
+        `restic unlock` there: restic then removes the lock itself, by the same rule, on the same evidence.
+        """
+        report = StaleLockReport()
+        now = now or datetime.now(UTC)
+        for lock in self.locks():
+            if lock.age(now) > STALE_LOCK_AGE:
+                self.unlock()
+                report.removed.append(lock)
+                continue
+            owner = client_on(lock.hostname)  # this repository, as the lock's host reaches it
+            if owner is None:
+                report.unresolved.append(lock)
+            elif owner.runner.pid_alive(lock.pid):
+                report.kept_alive.append(lock)
+            else:
+                owner.unlock()
+                report.removed.append(lock)
+        return report

@@ -1,0 +1,236 @@
+"""The restic client against real restic and local repositories in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from primespark.backup.remote import SshRunner
+from primespark.restic import (
+    BackupIncomplete,
+    CheckFailed,
+    Completed,
+    LocalRunner,
+    RepositoryLocked,
+    RepositoryNotFound,
+    RepositoryUnreachable,
+    ResticClient,
+    RestoreFailed,
+    WrongPassword,
+    classify,
+    parse_version,
+)
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    (src / "skip.tmp").write_text("temporary")
+    return src
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ResticClient:
+    client = ResticClient(str(tmp_path / "repo"), PASSWORD)
+    client.init()
+    return client
+
+
+def corrupt_largest_pack(repo_dir: Path) -> str:
+    packs = sorted((p for p in (repo_dir / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    pack = packs[-1]
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    return pack.name
+
+
+def test_init_is_idempotent(tmp_path: Path) -> None:
+    client = ResticClient(str(tmp_path / "r"), PASSWORD)
+    assert client.exists() is False
+    assert client.init() is True
+    assert client.init() is False
+    assert (tmp_path / "r" / "config").is_file()
+
+
+def test_backup_summary_snapshots_ls_stats(repo: ResticClient, source: Path) -> None:
+    summary = repo.backup([str(source)], excludes=["*.tmp"], tags=["t1"], host="pi-9")
+    assert summary.snapshot_id and summary.files_new == 2
+    assert summary.total_bytes_processed == 6 + 200_000
+    snaps = repo.snapshots(host="pi-9")
+    assert [s.short_id for s in snaps] == [summary.snapshot_id[:8]]
+    assert snaps[0].tags == ["t1"] and snaps[0].excludes == ["*.tmp"]
+    files = {n.path for n in repo.ls(snaps[0].id) if n.type == "file"}
+    assert files == {f"{source}/a.txt", f"{source}/sub/b.bin"}
+    assert repo.stats(snaps[0].id).total_size == 200_006
+    assert repo.dump(snaps[0].id, f"{source}/a.txt") == b"alpha\n"
+
+
+def test_backdated_snapshot_keeps_its_time(repo: ResticClient, source: Path) -> None:
+    old = datetime.now(UTC) - timedelta(hours=50)
+    repo.backup([str(source)], time=old)
+    assert abs(repo.snapshots()[-1].age() - timedelta(hours=50)) < timedelta(minutes=1)
+
+
+def test_exit_3_is_an_incomplete_backup() -> None:
+    """restic exits 3 when it could not read some source files (root reads everything, so replay that exit)."""
+    summary = b'{"message_type":"summary","files_new":1,"snapshot_id":"abcd1234"}\n'
+
+    class Exit3(LocalRunner):
+        def run(self, argv, *, env=None, stdin=None, timeout=None):  # type: ignore[no-untyped-def]
+            return Completed(tuple(argv), 3, summary, "error: open /srv/x: permission denied\n")
+
+    with pytest.raises(BackupIncomplete) as err:
+        ResticClient("unused", PASSWORD, Exit3()).backup(["/srv"])
+    assert err.value.returncode == 3 and err.value.summary is not None
+    assert err.value.summary.snapshot_id == "abcd1234"
+    assert "permission denied" in str(err.value)
+
+
+def test_errors_are_typed(tmp_path: Path, repo: ResticClient) -> None:
+    with pytest.raises(RepositoryNotFound):
+        ResticClient(str(tmp_path / "nothing"), PASSWORD).snapshots()
+    with pytest.raises(WrongPassword):
+        ResticClient(repo.repository, "not the password").snapshots()
+    assert classify(Completed(("restic",), 11, b"", "x"), "w").__class__ is RepositoryLocked
+    assert classify(Completed(("restic",), 10, b"", ""), "w").__class__ is RepositoryNotFound
+    unreachable = classify(Completed(("restic",), 1, b"", "ssh: connect to host 10.0.0.1 port 22: No route"), "w")
+    assert isinstance(unreachable, RepositoryUnreachable) and unreachable.transient
+
+
+def test_password_goes_per_call_never_into_os_environ_or_argv(repo: ResticClient, source: Path) -> None:
+    seen: list[tuple[tuple[str, ...], dict[str, str]]] = []
+
+    class Spy(LocalRunner):
+        def run(self, argv, *, env=None, stdin=None, timeout=None):  # type: ignore[no-untyped-def]
+            seen.append((tuple(argv), dict(env or {})))
+            return super().run(argv, env=env, stdin=stdin, timeout=timeout)
+
+    os.environ["RESTIC_PASSWORD"] = "a stale global that must not be used"
+    try:
+        client = ResticClient(repo.repository, PASSWORD, Spy())
+        client.backup([str(source)])
+    finally:
+        del os.environ["RESTIC_PASSWORD"]
+    assert "RESTIC_PASSWORD" not in os.environ
+    assert all(PASSWORD not in " ".join(argv) for argv, _ in seen)
+    assert all(env["RESTIC_PASSWORD"] == PASSWORD for _, env in seen)
+
+
+def test_check_names_the_corrupted_pack_and_restore_names_the_file(
+    tmp_path: Path, repo: ResticClient, source: Path
+) -> None:
+    (source / "big.bin").write_bytes(os.urandom(6_000_000))
+    repo.backup([str(source)])
+    repo.check(read_data_subset="100%")  # clean before
+    pack = corrupt_largest_pack(Path(repo.repository))
+    with pytest.raises(CheckFailed) as err:
+        repo.check(read_data_subset="100%")
+    assert any(pack in problem for problem in err.value.problems), err.value.problems
+    with pytest.raises(RestoreFailed) as restore_err:
+        repo.restore("latest", str(tmp_path / "out"), verify=True)
+    named = [p for p in restore_err.value.problems if "ciphertext verification failed" in p]
+    assert named and all(str(source) in p for p in named), restore_err.value.problems
+
+
+def test_restore_verify_round_trip(tmp_path: Path, repo: ResticClient, source: Path) -> None:
+    repo.backup([str(source)], excludes=["*.tmp"])
+    repo.restore("latest", str(tmp_path / "out"), verify=True)
+    restored = tmp_path / "out" / str(source).lstrip("/")
+    assert (restored / "sub" / "b.bin").read_bytes() == (source / "sub" / "b.bin").read_bytes()
+    assert not (restored / "skip.tmp").exists()
+
+
+def test_forget_with_retention_and_copy_offsite(tmp_path: Path, repo: ResticClient, source: Path) -> None:
+    for i in range(3):
+        (source / "a.txt").write_text(f"v{i}")
+        repo.backup([str(source)], tags=["primespark-backup"])
+    result = repo.forget({"keep_last": 2}, prune=True)
+    assert len(result.kept) == 2 and len(result.removed) == 1
+    assert len(repo.snapshots()) == 2
+    offsite = ResticClient(str(tmp_path / "offsite"), "another password")
+    offsite.init()
+    offsite.copy(repo)
+    offsite.copy(repo)  # idempotent: restic copies only what is missing
+    assert len(offsite.snapshots()) == 2
+    offsite.check()
+
+
+def hold_lock(repo: ResticClient) -> subprocess.Popen[bytes]:
+    """A real restic writer that holds its lock until we end it: `backup --stdin` from a pipe left open."""
+    env = {**os.environ, "RESTIC_PASSWORD": PASSWORD}
+    proc = subprocess.Popen(["restic", "--repo", repo.repository, "backup", "--stdin"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock_dir = Path(repo.repository) / "locks"
+    deadline = time.monotonic() + 30
+    while not any(lock_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(lock_dir.iterdir()), "the writer took no lock"
+    return proc
+
+
+def test_stale_lock_of_a_killed_backup_is_removed_but_a_live_one_is_kept(repo: ResticClient) -> None:
+    proc = hold_lock(repo)
+    assert [lock.pid for lock in repo.locks()] == [proc.pid]
+    report = repo.clear_stale_locks(lambda hostname: repo)
+    assert [lock.pid for lock in report.kept_alive] == [proc.pid] and not report.removed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(repo.locks()) == 1  # left behind by the killed process
+    with pytest.raises(RepositoryLocked):
+        repo.check()
+    report = repo.clear_stale_locks(lambda hostname: repo)
+    assert [lock.pid for lock in report.removed] == [proc.pid]
+    assert repo.locks() == []
+    repo.check()
+
+
+def test_lock_of_an_unknown_host_is_left_alone(repo: ResticClient) -> None:
+    proc = hold_lock(repo)
+    try:
+        report = repo.clear_stale_locks(lambda hostname: None)
+        assert len(report.unresolved) == 1 and not report.removed
+        assert len(repo.locks()) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_version() -> None:
+    assert parse_version("restic 0.14.0 compiled with go1.19.8 on linux/amd64") == (0, 14, 0)
+    assert ResticClient("unused", "x").version() >= (0, 14, 0)
+
+
+def test_ssh_runner_passes_secrets_on_stdin_not_argv(tmp_path: Path, repo: ResticClient, source: Path) -> None:
+    """A stand-in `ssh` that runs the remote command here: the quoting and the stdin protocol are real."""
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    log = tmp_path / "argv.log"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nfor last; do :; done\nexec sh -c "$last"\n')
+    fake.chmod(0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{fake.parent}:{old_path}"
+    try:
+        runner = SshRunner("pi-9", "192.0.2.1", "root")
+        remote = ResticClient(repo.repository, PASSWORD, runner)
+        summary = remote.backup([str(source)], host="pi-9")
+        assert remote.snapshots(host="pi-9")[0].short_id == summary.snapshot_id[:8]
+        remote.backup_stdin(b"stdin payload\n", "note.txt", host="pi-9")
+        snap = remote.snapshots(host="pi-9")[-1]
+        assert remote.dump(snap.id, "/note.txt") == b"stdin payload\n"
+        assert runner.pid_alive(os.getpid()) and not runner.pid_alive(2**22 + 7)
+    finally:
+        os.environ["PATH"] = old_path
+    assert "root@192.0.2.1" in log.read_text()
+    assert PASSWORD not in log.read_text()
