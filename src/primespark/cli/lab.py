@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from typing import Annotated
 
 import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from primespark.cli.common import console, fleet_for
@@ -30,13 +30,15 @@ def _lab(env: str) -> Lab:
 def up(env: EnvOption = "lab") -> None:
     """Bring the lab up (idempotent): image, networks, NAT router, hosts, SSH keys, Prefect server."""
     lab = _lab(env)
-    started = time.monotonic()
-    with lab_lock(), console.status("starting the lab") as spinner:
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn())
+    with lab_lock(), Progress(*columns, console=console, transient=True) as progress:
+        step = progress.add_task("starting the lab")
+
         def report(message: str) -> None:
-            spinner.update(f"[bold]{message}[/bold]  ({time.monotonic() - started:.0f} s)")
+            progress.update(step, description=message)
             if not message.startswith(("waiting", "preflight")):
-                console.print(f"  {message}")
-        result = lab.up(report)
+                progress.console.print(f"  {message}")
+        result = lab.up(report, detail=lambda line: progress.update(step, description=line))
     verdict = "up" if result.changed else "already up, nothing changed"
     built = " (image built)" if result.image_built else ""
     console.print(f"[green]lab {lab.fleet.name} {verdict}[/green] in {result.seconds:.1f} s{built}: "

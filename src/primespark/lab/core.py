@@ -16,7 +16,7 @@ from primespark.errors import UserError
 from primespark.fleet.model import Fleet
 from primespark.inventory import build_inventory
 from primespark.lab import ssh
-from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag
+from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag, prune_old_images
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
 from primespark.lab.topology import LabPlan, plan_lab
@@ -33,12 +33,14 @@ class UpResult:
     image_built: bool
     containers: dict[str, str] = field(default_factory=dict)  # name -> kept / started / created / removed
     networks_created: int = 0
+    prefect_started: bool = False
     prefect_url: str = ""
     seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
-        return self.image_built or self.networks_created > 0 or any(v != "kept" for v in self.containers.values())
+        return (self.image_built or self.networks_created > 0 or self.prefect_started
+                or any(v != "kept" for v in self.containers.values()))
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Lab:
         self.prefect.preflight()
         runtime.check_overlaps()
 
-    def up(self, report: Report = lambda _: None) -> UpResult:
+    def up(self, report: Report = lambda _: None, detail: Report = lambda _: None) -> UpResult:
         started = time.monotonic()
         client = docker_client()
         tag = image_tag(self.recipe_dir)
@@ -98,9 +100,11 @@ class Lab:
         report("preflight checks")
         self.preflight(runtime, image_missing=not image_exists(tag))
         # The server warms up (imports, migrations) while the image and the hosts come up.
-        self.prefect.start()
-        tag, built = ImageBuilder(self.recipe_dir, self.state_dir, report).ensure()
-        result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url)
+        prefect_started = self.prefect.start()
+        if prefect_started:
+            report(f"starting the Prefect server on {self.prefect.url}")
+        tag, built = ImageBuilder(self.recipe_dir, self.state_dir, report, detail).ensure()
+        result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url, prefect_started=prefect_started)
         result.networks_created = runtime.ensure_networks(report)
         result.containers = runtime.ensure_containers(report)
         report("waiting for sshd on every host")
@@ -108,6 +112,9 @@ class Lab:
         if ssh.write_known_hosts(self.state_dir, entries):
             report("known_hosts updated")
         self._write_inventory()
+        if built:
+            for old in prune_old_images(keep=tag):
+                report(f"removed the outdated image {old}")
         report("waiting for the Prefect server")
         self.prefect.wait_healthy()
         result.seconds = time.monotonic() - started

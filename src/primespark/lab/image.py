@@ -52,12 +52,15 @@ def image_exists(tag: str) -> bool:
 
 
 class ImageBuilder:
-    def __init__(self, recipe_dir: Path, work_dir: Path, report: Report = lambda _: None) -> None:
+    def __init__(self, recipe_dir: Path, work_dir: Path, report: Report = lambda _: None,
+                 detail: Report = lambda _: None) -> None:
         self.recipe_dir = recipe_dir
         self.work_dir = work_dir
-        self.report = report
+        self.report = report  # steps
+        self.detail = detail  # the latest output line of a step, for a live progress line
         self.tag = image_tag(recipe_dir)
         self.log_path = work_dir / "image-build.log"
+        self._lock_fd: int | None = None
 
     def ensure(self) -> tuple[str, bool]:
         """The image's tag, and whether it had to be built."""
@@ -65,9 +68,16 @@ class ImageBuilder:
             return self.tag, False
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.work_dir / "image-build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another `up` may be building the same image
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.report("waiting for another image build (or what is left of a killed one) to end")
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if image_exists(self.tag):
                 return self.tag, False
+            # Every process of the build inherits the lock: if this one is killed, a debootstrap or dpkg
+            # left running keeps the next build waiting instead of writing into a folder being removed.
+            self._lock_fd = lock.fileno()
             self._build()
         return self.tag, True
 
@@ -76,11 +86,19 @@ class ImageBuilder:
         with open(self.log_path, "a") as log:
             log.write(f"\n$ {' '.join(argv)}\n")
             log.flush()
-            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=stdin)
-        if done.returncode != 0:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin,
+                                       pass_fds=(self._lock_fd,) if self._lock_fd is not None else ())
+            assert process.stdout is not None
+            for raw in process.stdout:  # the log keeps everything, the progress line shows the latest
+                log.write(raw.decode(errors="replace"))
+                line = raw.decode(errors="replace").strip()
+                if line:
+                    self.detail(f"{step}: {line[:70]}")
+            returncode = process.wait()
+        if returncode != 0:
             tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-15:])
             raise UserError(
-                f"building the lab image failed while {step} (exit {done.returncode}):\n{tail}",
+                f"building the lab image failed while {step} (exit {returncode}):\n{tail}",
                 fix=f"see the full log {self.log_path}; fix the cause and run `spark lab up` again "
                 "(downloaded packages are kept)",
             )
@@ -138,7 +156,7 @@ class ImageBuilder:
     def _import(self, root: Path) -> None:
         recipe = recipe_hash(self.recipe_dir)
         tar = subprocess.Popen(["tar", "--numeric-owner", "--one-file-system", "-C", str(root), "-cf", "-", "."],
-                               stdout=subprocess.PIPE)
+                               stdout=subprocess.PIPE, pass_fds=(self._lock_fd,) if self._lock_fd else ())
         try:
             self._run(["docker", "import",
                        "--change", 'CMD ["/usr/local/sbin/spark-lab-init"]',
