@@ -23,8 +23,7 @@ class BackupFailed(Exception):
     pass
 
 
-@task(name="prepare-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(5),
-      retry_condition_fn=transient)
+@task(name="prepare-repository", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def prepare_repository(ctx: BackupContext, repository: str, host: str) -> dict[str, object]:
     return jobs.prepare(ctx, repository, host)
 
@@ -66,9 +65,9 @@ def backup(
     retrying = {"retries": retries, "retry_delay_seconds": exponential_backoff(retry_delay_seconds)(retries),
                 "retry_jitter_factor": 0.2}
     try:
-        prepared = prepare_repository(ctx, plan.repository, host)
+        prepared = prepare_repository.with_options(**retrying)(ctx, plan.repository, host)
         logger.info("repository %s for %s: %s", plan.repository, host, prepared)
-        summary, _, _ = restic_backup.with_options(**retrying)(ctx, host, snapshot_time)
+        summary, write_started, write_finished = restic_backup.with_options(**retrying)(ctx, host, snapshot_time)
         manifest = record_manifest(ctx, host, summary.snapshot_id)
         copied = []
         if offsite and ctx.offsite_of(plan.repository):
@@ -94,10 +93,11 @@ def backup(
         "files": summary.total_files_processed, "bytes": summary.total_bytes_processed,
         "added_bytes": summary.data_added, "manifest_files": len(manifest.files),
         "changed_during_backup": len(manifest.changed_since_snapshot), "copied_to": copied,
-        "duration_seconds": round(finished - started, 2),
+        "duration_seconds": round(finished - started, 2), "write_window": [write_started, write_finished],
+        "stale_locks_removed": prepared["stale_locks_removed"],
     }
     create_markdown_artifact(
-        "\n".join(f"- **{k}**: {v}" for k, v in result.items()), key=f"backup-{host}",
+        "\n".join(f"- **{k}**: {v}" for k, v in result.items() if k != "write_window"), key=f"backup-{host}",
         description=f"last backup of {host}")
     return result
 

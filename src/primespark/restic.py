@@ -197,6 +197,7 @@ class Snapshot(_Parsed):
     paths: list[str]
     tags: list[str] = Field(default_factory=list)
     excludes: list[str] = Field(default_factory=list)
+    original: str | None = Field(default=None, description="The source snapshot's id, for a `restic copy`.")
 
     def age(self, now: datetime | None = None) -> timedelta:
         return (now or datetime.now(UTC)) - self.time

@@ -196,7 +196,7 @@ def run_drill(
             report.restore_errors = exc.problems
             report.failures.append(f"restore of {latest.short_id} failed: {'; '.join(exc.problems[:3])}")
 
-        manifest = load_manifest(client, latest.id)
+        manifest = load_manifest(client, latest)
         if manifest is None:
             report.failures.append(f"no content manifest for snapshot {latest.short_id}: cannot compare hashes")
         else:

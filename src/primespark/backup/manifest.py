@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from primespark.backup.policy import MANIFEST_TAG
-from primespark.restic import Node, ResticClient, ResticError, Runner
+from primespark.restic import Node, ResticClient, ResticError, Runner, Snapshot
 
 MANIFEST_FILE = "primespark-manifest.json"
 
@@ -118,8 +118,9 @@ def record_manifest(client: ResticClient, source: Runner, host: str, snapshot_id
     return manifest
 
 
-def load_manifest(client: ResticClient, snapshot_id: str) -> Manifest | None:
-    found = client.snapshots(tags=[manifest_tag(snapshot_id)])
+def load_manifest(client: ResticClient, snapshot: Snapshot) -> Manifest | None:
+    """The manifest of `snapshot`; in an offsite copy it is tagged with the original snapshot's id."""
+    found = client.snapshots(tags=[manifest_tag(snapshot.original or snapshot.id)])
     found = [s for s in found if MANIFEST_TAG in s.tags]
     if not found:
         return None

@@ -1,0 +1,263 @@
+"""The Prefect flows end to end on this machine: real restic, local repositories, one Prefect test server.
+
+Every host of a test fleet is this machine (LocalTransport); repositories are folders. The fault tests
+corrupt a pack, backdate a snapshot, cut the "NAS" (an SFTP server that refuses connections) and race two
+writers on one repository.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.backup import backup  # noqa: E402
+from flows.deployments import build_deployments  # noqa: E402
+from flows.dr_drill import dr_drill  # noqa: E402
+from flows.maintenance import maintenance  # noqa: E402
+from primespark.backup import jobs  # noqa: E402
+from primespark.backup.policy import BackupContext, Location, LocalTransport  # noqa: E402
+from primespark.fleet import load_fleet  # noqa: E402
+
+pytestmark = pytest.mark.slow
+FAST = {"retries": 2, "retry_delay_seconds": 0.2}
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("state")
+    old = os.environ.get("SPARK_STATE_DIR")
+    os.environ["SPARK_STATE_DIR"] = str(path)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield path
+    if old is None:
+        del os.environ["SPARK_STATE_DIR"]
+    else:
+        os.environ["SPARK_STATE_DIR"] = old
+
+
+def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float = 26) -> str:
+    """The lab fleet with its backup section pointed at folders under `root` (one source of the rest)."""
+    data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
+    backup_spec = data["backup"]
+    backup_spec["repositories"]["nas-primary"]["path"] = str(root / "nas")
+    backup_spec["repositories"]["offsite"]["path"] = str(root / "cloud")
+    backup_spec["plans"] = {}
+    for host in plans:
+        src = root / "src" / host
+        (src / "app").mkdir(parents=True, exist_ok=True)
+        (src / "notes.txt").write_text(f"{host} notes\n")
+        (src / "blob.bin").write_bytes(os.urandom(300_000))
+        (src / "app" / "state.db").write_bytes(os.urandom(50_000))
+        (src / "cache.tmp").write_text("not backed up")
+        backup_spec["plans"][host] = {"repository": "nas-primary", "paths": [str(src)], "excludes": ["*.tmp"]}
+    backup_spec["targets"]["rpo_hours"] = rpo_hours
+    data["services"]["pi1-app"] = {
+        "kind": "api", "host": "pi-1", "port": 8080, "check": "http",
+        "backup_paths": [str(root / "src" / "pi-1" / "app")],
+        "restore_check": "test -s {root}" + str(root / "src" / "pi-1" / "app" / "state.db"),
+    }
+    path = root / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    load_fleet(str(path))  # fails here, with its location, if the edit broke the fleet
+    return str(path)
+
+
+def run(flow, *args, **kwargs):  # type: ignore[no-untyped-def]
+    return flow(*args, transport="local", return_state=True, **kwargs)
+
+
+def artifact_markdown(key: str) -> str:
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r} in the Prefect API"
+    return str(sorted(found, key=lambda a: a.created)[-1].data)
+
+
+def promtool(path: Path) -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (make setup installs prometheus)")
+    proc = subprocess.run(["promtool", "check", "metrics"], input=path.read_bytes(), capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, ("pi-1", "pi-2"))
+    prom = tmp_path / "textfile"
+    result = run(backup, "pi-1", fleet, textfile=str(prom), **FAST).result()
+    assert result["files"] == 3 and result["manifest_files"] == 3 and result["copied_to"] == ["offsite"]
+    ctx = BackupContext.load(fleet, "local")
+    offsite = ctx.client("offsite", "pi-1")
+    copied = offsite.snapshots(tags=["primespark-backup"])
+    assert [s.original[:8] for s in copied if s.original] == [result["snapshot"][:8]]
+    assert offsite.snapshots(tags=["primespark-manifest"]), "the manifest travels with the copy"
+    metrics = (prom / "primespark_backup_pi-1.prom").read_text()
+    assert 'primespark_backup_success{host="pi-1",repository="nas-primary"} 1.0' in metrics
+    assert "primespark_backup_last_success_timestamp_seconds" in metrics
+    promtool(prom / "primespark_backup_pi-1.prom")
+
+    run(backup, "pi-2", fleet, textfile=str(prom), **FAST).result()
+    done = run(maintenance, "nas-primary", fleet, textfile=str(prom), read_data_subset="100%").result()
+    assert done["checked"] == {"nas-primary": {"pi-1": True, "pi-2": True}, "offsite": {"pi-1": True, "pi-2": True}}
+    promtool(prom / "primespark_maintenance_nas-primary.prom")
+
+    row = run(dr_drill, "pi-1", fleet, textfile=str(prom), keep_restore=True).result()
+    assert row["result"] == "pass" and row["files"] == 3 and row["scratch"] == "pi-3"
+    report = artifact_markdown("drill-report-pi-1")
+    assert "DR drill PASSED: pi-1 → pi-3" in report and "| pi1-app | restore_check | passed" in report
+    assert "drill-history" in {a for a in [artifact_key_exists("drill-history")] if a}
+    drills = (prom / "primespark_drill_pi-1.prom").read_text()
+    assert 'primespark_drill_success{host="pi-1"} 1.0' in drills and "primespark_drill_rto_seconds" in drills
+    promtool(prom / "primespark_drill_pi-1.prom")
+    # byte for byte: the restored tree equals the source (minus the excluded *.tmp)
+    restored = Path(LocalTransport(ctx.fleet).scratch_root("pi-3"))
+    tree = next(restored.glob("pi-1-*")) / str(tmp_path / "src" / "pi-1").lstrip("/")
+    comparison = filecmp.dircmp(tmp_path / "src" / "pi-1", tree)
+    assert comparison.left_only == ["cache.tmp"] and not comparison.right_only
+    assert filecmp.cmpfiles(tmp_path / "src" / "pi-1", tree, ["notes.txt", "blob.bin", "app/state.db"],
+                            shallow=False)[0] == ["notes.txt", "blob.bin", "app/state.db"]
+    shutil.rmtree(restored, ignore_errors=True)
+
+
+def artifact_key_exists(key: str) -> str | None:
+    return key if artifact_markdown(key) else None
+
+
+def test_corrupted_pack_fails_check_and_drill_naming_it(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path)
+    (tmp_path / "src" / "pi-1" / "blob.bin").write_bytes(os.urandom(6_000_000))
+    run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
+    repo = tmp_path / "nas" / "pi-1" / "repo"
+    packs = sorted((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(packs[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    packs[-1].write_bytes(bytes(data))
+
+    state_ = run(maintenance, "nas-primary", fleet, textfile=str(tmp_path / "prom"), offsite=False,
+                 read_data_subset="100%")
+    assert state_.is_failed()
+    assert packs[-1].name in str(state_.result(raise_on_failure=False))
+    drill = run(dr_drill, "pi-1", fleet, textfile=str(tmp_path / "prom"))
+    assert drill.is_failed()
+    report = artifact_markdown("drill-report-pi-1")
+    assert "DR drill FAILED" in report and "ciphertext verification failed" in report
+    assert "blob.bin" in report  # which file could not be restored
+
+
+def test_stale_snapshot_is_an_rpo_breach(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, rpo_hours=2)
+    old = datetime.now(UTC) - timedelta(hours=3)
+    run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, snapshot_time=old, **FAST).result()
+    drill = run(dr_drill, "pi-1", fleet, textfile=str(tmp_path / "prom"))
+    assert drill.is_failed()
+    message = str(drill.result(raise_on_failure=False))
+    assert "RPO breach" in message and "target is 2" in message
+    report = artifact_markdown("drill-report-pi-1")
+    assert "| RPO (snapshot age) | 3.00 h | 2.00 h | MISS |" in report
+    assert "primespark_drill_success{host=\"pi-1\"} 0.0" in (tmp_path / "prom" / "primespark_drill_pi-1.prom").read_text()
+
+
+def test_unreachable_nas_retries_fails_clearly_then_recovers_without_unlock(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repository is served over real SFTP (OpenSSH's sftp-server) through a switch we can pull."""
+    fleet = make_fleet(tmp_path)
+    down, attempts = tmp_path / "nas-down", tmp_path / "attempts"
+    switch = tmp_path / "nas.sh"
+    switch.write_text(f"#!/bin/sh\necho x >> {attempts}\n"
+                      f"if [ -e {down} ]; then echo 'ssh: connect to host nas-1 port 22: Connection refused' >&2;"
+                      " exit 255; fi\nexec /usr/lib/openssh/sftp-server\n")
+    switch.chmod(0o755)
+
+    def over_sftp(self: LocalTransport, repository: str, client: str, via: str) -> Location:
+        path = self.fleet.backup.repositories[repository].path  # type: ignore[union-attr]
+        return Location(f"sftp:backup@nas-1:{path}/{client}/repo", {"sftp.command": str(switch)})
+
+    monkeypatch.setattr(LocalTransport, "location", over_sftp)
+    run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
+
+    # a writer dies mid-backup when the NAS goes away: its lock stays behind
+    ctx = BackupContext.load(fleet, "local")
+    client = ctx.client("nas-primary", "pi-1")
+    proc = subprocess.Popen(["restic", "--repo", client.repository, "--option", f"sftp.command={switch}",
+                             "backup", "--stdin"], env={**os.environ, "RESTIC_PASSWORD": client.password},
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not client.locks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert len(client.locks()) == 1
+
+    down.touch()
+    attempts.write_text("")
+    failed = run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST)
+    assert failed.is_failed()
+    reason = str(failed.result(raise_on_failure=False))
+    assert "unreachable" in reason and "Connection refused" in reason
+    assert len(attempts.read_text().split()) >= 1 + FAST["retries"], "no retries happened"
+    assert "primespark_backup_success{host=\"pi-1\",repository=\"nas-primary\"} 0.0" in (
+        tmp_path / "prom" / "primespark_backup_pi-1.prom").read_text()
+
+    down.unlink()
+    result = run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
+    assert len(result["stale_locks_removed"]) == 1 and client.locks() == []
+    assert run(maintenance, "nas-primary", fleet, offsite=False, textfile=str(tmp_path / "prom")).is_completed()
+
+
+def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, ("pi-1", "pi-2"))
+    for host in ("pi-1", "pi-2"):
+        (tmp_path / "src" / host / "blob.bin").write_bytes(os.urandom(20_000_000))
+    ctx = BackupContext.load(fleet, "local")
+    for host in ("pi-1", "pi-2"):
+        jobs.prepare(ctx, "nas-primary", host)
+
+    def windows(target) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+        out: list[tuple[float, float]] = []
+        threads = [threading.Thread(target=lambda h=h: out.append(target(h))) for h in ("pi-1", "pi-2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sorted(out)
+
+    # without the limit the two writers overlap (so the check below can fail) …
+    free = windows(lambda h: jobs.backup_host(ctx, h)[1:])
+    assert free[1][0] < free[0][1], f"the unguarded writers did not overlap: {free}"
+    # … through the flow they take turns
+    guarded = windows(lambda h: tuple(run(backup, h, fleet, textfile=str(tmp_path / "prom"), offsite=False,
+                                          **FAST).result()["write_window"]))
+    assert guarded[1][0] >= guarded[0][1], f"two writers in nas-primary at once: {guarded}"
+
+
+def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
+    fleet = load_fleet("lab")
+    deployments = {d.name: d for d in build_deployments(fleet, "lab")}
+    assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
+                                "dr-drill-nas-1", "maintenance-nas-primary"}
+    assert deployments["backup-pi-1"].schedules[0].schedule.cron == fleet.backup.plans["pi-1"].schedule  # type: ignore[union-attr]
+    assert deployments["dr-drill-nas-1"].schedules[0].schedule.cron == fleet.backup.drill.schedule  # type: ignore[union-attr]
+    deployment_id = deployments["backup-pi-1"].apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+    assert stored.name == "backup-pi-1" and stored.parameters["host"] == "pi-1"
+    assert stored.schedules[0].schedule.cron == "15 * * * *"
