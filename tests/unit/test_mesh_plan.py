@@ -166,7 +166,7 @@ def test_changing_the_overlay_or_exhausting_it_is_a_clear_error(tmp_path, store)
     small = tmp_path / "small"
     plan_and_save(fleet_with(["pi-1", "pi-2", "pi-3"], overlay="10.99.0.0/29"), "fleet", small, store)
     plan_and_save(fleet_with(["pi-3"], overlay="10.99.0.0/29"), "fleet", small, store)
-    with pytest.raises(UserError, match="no address left.*retired"):
+    with pytest.raises(UserError, match=r"no address left.*retired"):
         plan_and_save(fleet_with(["pi-3", "nas-1", "core-1", "stream-1", "ops-1", "analytics-1"],
                                  overlay="10.99.0.0/29"), "fleet", small, store)
 
