@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker.errors
+
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
 from primespark.inventory import build_inventory
@@ -105,10 +107,15 @@ class Lab:
             report(f"starting the Prefect server on {self.prefect.url}")
         tag, built = ImageBuilder(self.recipe_dir, self.state_dir, report, detail).ensure()
         result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url, prefect_started=prefect_started)
-        result.networks_created = runtime.ensure_networks(report)
-        result.containers = runtime.ensure_containers(report)
-        report("waiting for sshd on every host")
-        entries = self._collect_host_keys(runtime, plan)
+        try:
+            result.networks_created = runtime.ensure_networks(report)
+            result.containers = runtime.ensure_containers(report)
+            report("waiting for sshd on every host")
+            entries = self._collect_host_keys(runtime, plan)
+        except docker.errors.DockerException as exc:
+            raise UserError(f"Docker refused a step of `lab up`: {exc}",
+                            fix="run `spark lab up` again (it picks up where it stopped); if it fails the same "
+                            "way, `spark lab down` then `spark lab up`") from None
         if ssh.write_known_hosts(self.state_dir, entries):
             report("known_hosts updated")
         self._write_inventory()

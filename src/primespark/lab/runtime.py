@@ -143,6 +143,8 @@ class LabRuntime:
                     outcome[spec.name] = result
                     if result != "kept":
                         report(f"{result} {spec.name}")
+                if batch is routers:
+                    list(pool.map(self.wait_ready, routers))
         wanted = {s.name for s in self.plan.containers}
         for name, container in self.containers().items():
             if name not in wanted:  # a host taken out of the fleet file
@@ -155,10 +157,27 @@ class LabRuntime:
         result = self.client.containers.get(name).exec_run(command, user=user, demux=False)
         return result.exit_code, (result.output or b"").decode(errors="replace")
 
+    def _check_alive(self, spec: ContainerSpec) -> None:
+        container = self.client.containers.get(spec.name)
+        if container.status not in ("running", "created"):
+            raise UserError(f"{spec.name} stopped right after starting ({container.status}):\n{self.logs(spec.name)}",
+                            fix=f"see `docker logs {spec.name}`; fix the cause, then `spark lab up` again")
+
+    def wait_ready(self, spec: ContainerSpec, timeout: float = 30) -> None:
+        """The container's init has reported `ready` (after its routes and NAT rules are in place)."""
+        deadline = time.monotonic() + timeout
+        while b"ready" not in self.client.containers.get(spec.name).logs(tail=5):
+            self._check_alive(spec)
+            if time.monotonic() > deadline:
+                raise UserError(f"{spec.name} did not get ready in {timeout:.0f} s:\n{self.logs(spec.name)}",
+                                fix=f"see `docker logs {spec.name}`")
+            time.sleep(0.2)
+
     def host_keys(self, spec: ContainerSpec, timeout: float = 30) -> list[str]:
         """The host's public keys once sshd has them (made at its first start)."""
         deadline = time.monotonic() + timeout
         while True:
+            self._check_alive(spec)
             code, out = self.exec(spec.name, ["sh", "-c", "cat /etc/ssh/ssh_host_ed25519_key.pub "
                                               "/etc/ssh/ssh_host_ecdsa_key.pub /etc/ssh/ssh_host_rsa_key.pub"])
             if code == 0:
