@@ -9,6 +9,7 @@ import typer
 from primespark.cli import fleet as fleet_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
+from primespark.cli import preflight as preflight_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -23,6 +24,7 @@ app = typer.Typer(
 fleet_commands.register(app)
 app.add_typer(lab_commands.app, name="lab")
 app.add_typer(mesh_commands.app, name="mesh")
+preflight_commands.register(app)
 
 
 def main() -> None:

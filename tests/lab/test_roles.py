@@ -1,0 +1,190 @@
+"""End to end: site.yml configures every lab host, a second run changes nothing, and the result holds up
+(firewall open set from another host, sshd policy, node exporter and its textfile collector, SFTP chroot).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from primespark.fleet.model import HostKind
+from primespark.inventory import build_inventory, managed_hosts
+from primespark.playbook import RunResult, run_ansible
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+# Ports scanned on every target: the fleet's, some that are never allowed, and a throw-away listener.
+DENIED_PORTS = [21, 25, 80, 111, 443, 2049, 3306, 4200, 8080, 47124]
+DECOY_PORT = 47124
+
+# Runs inside a lab host: TCP connect to each target, and tell open (accepted), closed (refused:
+# the host answered) from filtered (no answer within the timeout: the firewall dropped it).
+SCAN = """
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+targets, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
+def scan(t):
+    try:
+        socket.create_connection((t[0], t[1]), timeout=timeout).close()
+        return "open"
+    except ConnectionRefusedError:
+        return "closed"
+    except OSError:
+        return "filtered"
+with ThreadPoolExecutor(len(targets)) as pool:
+    print(json.dumps(list(pool.map(scan, targets))))
+"""
+
+
+def playbook(lab, name: str, limit: str | None = None, extravars: dict | None = None) -> RunResult:
+    """A playbook with the repo's ansible.cfg and the lab inventory, through ansible-runner."""
+    return run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=name, limit=limit,
+                       extravars=extravars, root=REPO)
+
+
+@pytest.fixture(scope="module")
+def configured(lab) -> RunResult:
+    run = playbook(lab, "site.yml")
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    return run
+
+
+def test_site_playbook_configures_every_host(lab, configured):
+    assert configured.hosts == set(managed_hosts(lab.fleet))
+    for host, counts in configured.stats.items():
+        assert counts["failures"] == 0 and counts["unreachable"] == 0, (host, counts)
+        assert counts["ok"] > 10, (host, counts)
+
+
+def test_second_run_changes_nothing(lab, configured):
+    run = playbook(lab, "site.yml")
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    assert run.hosts == set(managed_hosts(lab.fleet))
+    changed = {host: counts["changed"] for host, counts in run.stats.items()}
+    assert all(n == 0 for n in changed.values()), f"{changed}: " + "\n".join(run.changed_tasks)
+
+
+def scan(lab, scanner: str, target: str, ports: list[int]) -> dict[int, str]:
+    address = str(lab.fleet.hosts[target].address)
+    done = lab.exec(scanner, ["python3", "-c", SCAN, json.dumps([[address, p] for p in ports]), "2"])
+    assert done.returncode == 0, done.stderr
+    return dict(zip(ports, json.loads(done.stdout), strict=True))
+
+
+def scanner_for(lab, target: str) -> str:
+    site = lab.fleet.hosts[target].site
+    return next(h for h in managed_hosts(lab.fleet) if h != target and lab.fleet.hosts[h].site == site)
+
+
+@pytest.mark.parametrize("kind", [HostKind.pi, HostKind.nas, HostKind.vm])
+def test_firewall_answers_on_exactly_the_allowed_ports(lab, configured, kind):
+    hostvars = build_inventory(lab.fleet)["_meta"]["hostvars"]
+    targets = [h for h in managed_hosts(lab.fleet) if lab.fleet.hosts[h].kind is kind]
+    # A host with services if the kind has one, so that service ports are part of what is checked.
+    target = max(targets, key=lambda h: len(hostvars[h]["spark_services"]))
+    allowed = {lab.fleet.hosts[target].ssh.port, lab.fleet.monitoring.node_exporter_port,
+               *(s["port"] for s in hostvars[target]["spark_services"])}
+    ports = sorted(allowed | set(DENIED_PORTS))
+
+    # Something listens on the decoy port: if it stays unanswered, the firewall dropped it.
+    decoy = subprocess.Popen(["docker", "exec", lab.container(target), "python3", "-c",
+                              "import socket, time; s = socket.socket(); "
+                              f"s.bind(('0.0.0.0', {DECOY_PORT})); s.listen(); time.sleep(30)"])
+    try:
+        listening = ""
+        for _ in range(50):
+            listening = lab.exec(target, f"ss -Htln 'sport = :{DECOY_PORT}'").stdout
+            if listening.strip():
+                break
+        assert listening.strip(), "the decoy listener did not start"
+        result = scan(lab, scanner_for(lab, target), target, ports)
+    finally:
+        decoy.kill()
+    answering = {p for p, state in result.items() if state != "filtered"}
+    assert answering == allowed, f"{target} ({kind.value}): {result}"
+    assert result[lab.fleet.hosts[target].ssh.port] == "open"
+    assert result[lab.fleet.monitoring.node_exporter_port] == "open"
+
+
+def test_nas_exports_the_warm_tier_to_the_overlay_only(lab, configured):
+    nas = next(h for h in managed_hosts(lab.fleet) if lab.fleet.hosts[h].kind is HostKind.nas)
+    overlay = str(next(iter(lab.fleet.meshes.values())).overlay)
+    exports = lab.exec(nas, "cat /etc/exports.d/spark.exports").stdout
+    warm = lab.fleet.tiers["warm"].path
+    assert f"{warm} {overlay}(" in exports
+    rules = lab.exec(nas, "nft list table inet spark_filter").stdout
+    assert "ip saddr @overlay tcp dport 2049 accept" in rules
+
+
+def test_sshd_takes_keys_only_and_modern_ciphers(lab, configured):
+    pis = [h for h in managed_hosts(lab.fleet) if lab.fleet.hosts[h].kind is HostKind.pi]
+    target, client = pis[0], pis[1]
+    address = str(lab.fleet.hosts[target].address)
+    opts = "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5"
+    password = lab.exec(client, f"ssh {opts} -o PubkeyAuthentication=no spark@{address} true")
+    assert password.returncode != 0 and "Permission denied (publickey)" in password.stderr, password.stderr
+    weak = lab.exec(client, f"ssh {opts} -c aes128-cbc spark@{address} true")
+    assert weak.returncode != 0 and "no matching cipher" in weak.stderr, weak.stderr
+    effective = lab.exec(target, "sshd -T -C user=spark,host=x,addr=127.0.0.1").stdout
+    assert "passwordauthentication no" in effective and "permitrootlogin no" in effective
+
+
+def test_node_exporter_serves_textfile_metrics_to_another_host(lab, configured):
+    target, scanner = "pi-1", "pi-2"
+    textfile = lab.fleet.monitoring.textfile_dir
+    assert lab.exec(target, f"echo 'spark_lab_probe 42' > {textfile}/spark_lab_probe.prom").returncode == 0
+    guard = lab.exec(target, "/usr/local/sbin/spark-usage-guard /etc/spark/usage-guard.json")
+    assert guard.returncode == 0, guard.stderr
+    url = f"http://{lab.fleet.hosts[target].address}:{lab.fleet.monitoring.node_exporter_port}/metrics"
+    metrics = lab.exec(scanner, f"curl -fsS --max-time 10 {url}").stdout
+    assert "spark_lab_probe 42" in metrics
+    hot = lab.fleet.tiers["hot"].path
+    assert f'spark_storage_over_quota{{name="tier-hot",path="{hot}"}} 0' in metrics
+
+
+def test_pi_gets_its_power_profile_and_hot_tier(lab, configured):
+    status = lab.exec("pi-1", "/usr/local/sbin/spark-power status").stdout
+    assert "no cpufreq" in status  # containers have no cpufreq: said, not failed
+    cron = lab.exec("pi-1", "cat /etc/cron.d/spark-power").stdout
+    start, end = lab.fleet.hosts["pi-1"].power.quiet_hours
+    assert f"{int(start[3:])} {int(start[:2])} * * * root /usr/local/sbin/spark-power auto" in cron
+    assert f"{int(end[3:])} {int(end[:2])} * * * root /usr/local/sbin/spark-power auto" in cron
+    hot = lab.fleet.tiers["hot"].path
+    layout = lab.exec("pi-1", f"stat -c '%n %U %a' {hot}/incoming {hot}/work").stdout.split("\n")
+    assert layout[0] == f"{hot}/incoming spark-agent 750"
+    running = lab.exec("pi-1", "pgrep -x cron && pgrep -x chronyd && pgrep -f prometheus-node-exporter")
+    assert running.returncode == 0, "cron, chronyd and the node exporter run without systemd"
+
+
+def test_backup_account_is_sftp_only_and_chrooted(lab, configured, tmp_path):
+    nas = next(h for h in managed_hosts(lab.fleet) if lab.fleet.hosts[h].kind is HostKind.nas)
+    hostvars = build_inventory(lab.fleet)["_meta"]["hostvars"]
+    account: dict[str, Any] = next(a for a in hostvars[nas]["spark_backup_accounts"] if a["client"] != nas)
+    client = account["client"]
+    key = tmp_path / "backup_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    keys = {"nas_backup_authorized_keys": {client: [key.with_suffix(".pub").read_text().strip()]}}
+    run = playbook(lab, "site.yml", limit=nas, extravars=keys)
+    assert run.rc == 0, "\n".join(run.failed_tasks)
+
+    container = lab.container(client)
+    subprocess.run(["docker", "cp", str(key), f"{container}:/root/backup_key"], check=True)
+    address = str(lab.fleet.hosts[nas].address)
+    opts = ("-i /root/backup_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            "-o ConnectTimeout=5")
+    batch = f"pwd\\nls /\\nput /etc/hostname {account['path']}/probe\\nls {account['path']}\\ncd /etc\\n"
+    sftp = lab.exec(client, f"chmod 600 /root/backup_key; printf '{batch}' | "
+                            f"sftp -b - {opts} {account['user']}@{address}")
+    assert "Remote working directory: /" in sftp.stdout, sftp.stdout + sftp.stderr
+    assert f"{account['path']}/probe" in sftp.stdout
+    assert sftp.returncode != 0 and "/etc" in sftp.stderr, "outside the chroot there is nothing to enter"
+    stored = lab.exec(nas, f"stat -c '%U' {account['chroot']}{account['path']}/probe").stdout.strip()
+    assert stored == account["user"]
+    shell = lab.exec(client, f"ssh {opts} {account['user']}@{address} id")
+    assert "uid=" not in shell.stdout, "a backup account never gets a shell"
+    lab.exec(nas, f"rm -f {account['chroot']}{account['path']}/probe")
