@@ -223,3 +223,25 @@ class BackupContext:
 
     def scratch_dir(self, scratch: str, host: str, stamp: str) -> str:
         return f"{self.transport.scratch_root(scratch)}/{host}-{stamp}"
+
+
+def host_material(env: str, host: str) -> dict[str, object]:
+    """What the `restic` role installs on `host`: SFTP keys (its own; every client's on the drill's scratch
+    host), repository passwords, and the public key the NAS must authorise. Made in the store on first use."""
+    ctx = BackupContext.load(env, "ssh")
+    plans = ctx.backup.plans
+    clients = [c for c in plans if c == host or host == ctx.backup.drill.scratch_host]
+    keys, repositories, passwords = [], [], {}
+    for client in clients:
+        private, public = ctx.client_key(client)
+        keys.append({"client": client, "private_key": private, "public_key": public})
+        for repository in [plans[client].repository, *ctx.offsite_of(plans[client].repository)]:
+            passwords[repository] = ctx.password(repository, create=True)
+            where = ctx.transport.location(repository, client, host)
+            repositories.append({"repository": repository, "client": client, "url": where.url,
+                                 "sftp_command": where.options.get("sftp.command", "")})
+    return {
+        "client_keys": keys,
+        "repositories": [{**r, "password": passwords[str(r["repository"])]} for r in repositories],
+        "public_keys": [k["public_key"] for k in keys if k["client"] == host],
+    }

@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from primespark.cli import backup as backup_commands
+from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
@@ -25,6 +27,8 @@ fleet_commands.register(app)
 app.add_typer(lab_commands.app, name="lab")
 app.add_typer(mesh_commands.app, name="mesh")
 preflight_commands.register(app)
+app.add_typer(backup_commands.app, name="backup")
+app.add_typer(drill_commands.app, name="drill")
 
 
 def main() -> None:

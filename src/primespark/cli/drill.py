@@ -1,0 +1,61 @@
+"""`spark drill run [HOST]` and `spark drill report`: DR drills now, and the last drills as a table."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from primespark.backup.drill import load_history
+from primespark.backup.policy import BackupContext
+from primespark.cli.backup import EnvOption, TransportOption, check_transport, load_flow, use_lab_prefect
+from primespark.cli.common import console
+from primespark.errors import UserError
+
+app = typer.Typer(help="DR drills: restore on a scratch host, verify, measure RTO/RPO.", no_args_is_help=True)
+
+
+@app.command("run")
+def run(
+    host: Annotated[str | None, typer.Argument(help="A host with a backup plan; all of them if omitted.")] = None,
+    env: EnvOption = "lab",
+    transport: TransportOption = "ssh",
+) -> None:
+    """Drill HOST (or every host with a plan), one after the other; fail if any drill misses."""
+    check_transport(transport)
+    ctx = BackupContext.load(env, transport)  # type: ignore[arg-type]
+    hosts = [host] if host else list(ctx.backup.plans)
+    for name in hosts:
+        ctx.plan(name)  # a clear error for a host without a plan, before anything runs
+    use_lab_prefect(ctx.fleet)
+    flow = load_flow("dr_drill", "dr_drill")
+    failed = []
+    for name in hosts:
+        state = flow(name, env, transport, return_state=True)
+        if state.is_completed():
+            console.print(f"[green]drill {name}: passed[/green]")
+        else:
+            failed.append(name)
+            console.print(f"[red]drill {name}: {state.result(raise_on_failure=False)}[/red]")
+    report(env=env, last=len(hosts))
+    if failed:
+        raise UserError(f"drills failed: {', '.join(failed)}", "read the report artifact `drill-report-<host>` "
+                        "in the Prefect UI, or `spark drill report`")
+
+
+@app.command("report")
+def report(env: EnvOption = "lab", last: Annotated[int, typer.Option(help="How many drills.")] = 20) -> None:
+    """The last drills, newest last."""
+    rows = load_history(BackupContext.load(env, "local"))[-last:]
+    if not rows:
+        console.print(f"no drill has run in {env} yet: `spark drill run --env {env}`")
+        return
+    table = Table(title=f"DR drills in {env}")
+    columns = ["started", "host", "scratch", "snapshot", "result", "rpo_h", "rto_min", "files", "reason"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = "green" if row.get("result") == "pass" else "red"
+        table.add_row(*[str(row.get(c, "")) for c in columns], style=style)
+    console.print(table)

@@ -1,0 +1,47 @@
+"""The restic role and what it installs: defaults agree with the fleet model; key material is stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+from primespark.backup.policy import host_material
+from primespark.fleet import load_fleet
+from primespark.fleet.model import Backup
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_role_default_matches_the_fleet_model() -> None:
+    defaults = yaml.safe_load((ROOT / "roles/restic/defaults/main.yml").read_text())
+    assert defaults["restic_client_dir"] == Backup.model_fields["client_dir"].default
+    specs = yaml.safe_load((ROOT / "roles/restic/meta/argument_specs.yml").read_text())
+    assert specs["argument_specs"]["main"]["options"]["restic_client_dir"]["default"] == defaults["restic_client_dir"]
+
+
+def test_material_per_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
+    fleet = load_fleet("lab")
+    assert fleet.backup is not None
+    pi1 = host_material("lab", "pi-1")
+    assert [k["client"] for k in pi1["client_keys"]] == ["pi-1"]  # type: ignore[index]
+    private = serialization.load_ssh_private_key(pi1["client_keys"][0]["private_key"].encode(), None)  # type: ignore[index]
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert pi1["public_keys"] == [pi1["client_keys"][0]["public_key"]]  # type: ignore[index]
+    assert pi1["public_keys"][0].startswith(public.decode())  # type: ignore[index]
+    assert {r["url"] for r in pi1["repositories"]} == {  # type: ignore[attr-defined]
+        f"sftp:backup-pi-1@{fleet.hosts['nas-1'].address}:/repo",
+        f"sftp:backup-pi-1@{fleet.hosts['ops-1'].public_address}:/repo",  # offsite: another site
+    }
+    # the scratch host holds every client's key (it restores them all) but publishes none of its own
+    scratch = host_material("lab", fleet.backup.drill.scratch_host)
+    assert {k["client"] for k in scratch["client_keys"]} == set(fleet.backup.plans)  # type: ignore[union-attr]
+    assert scratch["public_keys"] == []
+    # made once: a second call returns the same secrets; files are 0600
+    assert host_material("lab", "pi-1") == pi1
+    for path in (tmp_path / "secrets" / "restic").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o600, path
