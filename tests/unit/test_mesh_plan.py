@@ -142,6 +142,7 @@ def test_rendered_configs_are_private_and_parse_with_wg(tmp_path, store):
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert path.name.endswith(".wg0.conf")
     text = written[0].read_text()
     assert text.count("[Peer]") == 7 and "MTU = 1420" in text and "ListenPort = 51820" in text
     if os.access("/usr/bin/wg-quick", os.X_OK):

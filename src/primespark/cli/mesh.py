@@ -91,7 +91,7 @@ def show(env: EnvArg = "lab", mesh: MeshOpt = None) -> None:
 @app.command()
 def render(
     env: EnvArg = "lab",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <host>/<interface>.conf (mode 0700).")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <host>.<interface>.conf (mode 0700).")] = Path(
         "out/mesh"),
     mesh: MeshOpt = None,
     host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts (repeatable).")] = None,

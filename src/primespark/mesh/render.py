@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,7 +11,6 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
 from primespark.mesh.keys import MeshKeys
 from primespark.mesh.plan import MeshPlan
-from primespark.secrets import atomic_write
 
 
 @lru_cache(maxsize=1)
@@ -30,17 +30,36 @@ def render_host(plan: MeshPlan, keys: MeshKeys, host: str, private_key: str | No
 
 
 def config_path(out: Path, plan: MeshPlan, host: str) -> Path:
-    return out / host / f"{plan.spec.interface}.conf"
+    """Flat: `<host>.<interface>.conf` (host names hold no dots), one folder however many hosts."""
+    return out / f"{host}.{plan.spec.interface}.conf"
+
+
+def _replace(path: Path, text: str) -> None:
+    """Temporary file (0600 from the start) renamed over the old one: readers see old or new, never half.
+    No fsync: these files are derived and re-rendered from the plan at any time; the plan itself is synced."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def render_all(plan: MeshPlan, keys: MeshKeys, out: Path, hosts: list[str] | None = None) -> list[Path]:
-    """Write `<out>/<host>/<interface>.conf` for each host; folders 0700, files 0600."""
+    """Write `<out>/<host>.<interface>.conf` for each host (folder 0700, files 0600); unchanged files stay."""
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(out, 0o700)
     written = []
     for host in hosts or list(plan.hosts):
         path = config_path(out, plan, host)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        atomic_write(path, render_host(plan, keys, host), 0o600)
+        text = render_host(plan, keys, host)
+        try:
+            same = path.read_text(encoding="utf-8") == text and (path.stat().st_mode & 0o077) == 0
+        except FileNotFoundError:
+            same = False
+        if not same:
+            _replace(path, text)
         written.append(path)
     return written
