@@ -88,8 +88,9 @@ docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon s
 test-unit: venv  ## only the fast tests (no Docker)
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
 
-lint: venv  ## ruff
+lint: venv  ## ruff, and ansible-lint's production profile on roles and playbooks (offline)
 	$(BIN)/ruff check src tests bench stacks flows policies
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint
 
 bench: setup  ## run every benchmark
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -61,6 +61,7 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
                                   for t, spec in fleet.tiers.items() if name in spec.hosts},
         "spark_ssh_port": host.ssh.port,
         "spark_mgmt_networks": management_networks(fleet, name),
+        "spark_ssh_sources": ssh_sources(fleet, name),
         "spark_operators": [{"name": n, "keys": list(op.keys), "sudo": op.sudo}
                             for n, op in fleet.operators.items()],
         "spark_node_exporter_port": fleet.monitoring.node_exporter_port,
@@ -81,6 +82,16 @@ def management_networks(fleet: Fleet, name: str) -> list[str]:
     host = fleet.hosts[name]
     overlays = [str(spec.overlay) for m, spec in fleet.meshes.items() if fleet.in_mesh(m, name)]
     return [str(fleet.sites[host.site].lan), *overlays]
+
+
+def ssh_sources(fleet: Fleet, name: str) -> list[str]:
+    """Where SSH is allowed from: the management networks, and for a host with a public address
+    (reached from outside, as cloud VMs are) also the fleet's admin networks, or anywhere if it names none."""
+    host = fleet.hosts[name]
+    sources = management_networks(fleet, name)
+    if host.public_address is not None or host.ssh_address not in fleet.sites[host.site].lan:
+        sources += [str(n) for n in fleet.admin_networks] or ["0.0.0.0/0"]
+    return sources
 
 
 def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ One connection layer for configuration and operations: the same inventory plugin
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -41,6 +42,14 @@ def ansible_config(root: Path | None = None) -> Path:
     return (root or get_settings().root) / "ansible.cfg"
 
 
+def control_path_dir(inventory: Path) -> str:
+    env = inventory.name.removesuffix(".yml").removesuffix(".yaml").removesuffix(".fleet")
+    settings = get_settings()
+    known_hosts = (settings.state_dir_override or settings.state_home / env) / "ssh" / "known_hosts"
+    digest = hashlib.sha256(known_hosts.read_bytes() if known_hosts.is_file() else b"").hexdigest()[:10]
+    return f"/tmp/spark-ansible-cp/{digest}"
+
+
 def run_ansible(
     inventory: Path,
     *,
@@ -62,8 +71,10 @@ def run_ansible(
     envvars = {"ANSIBLE_CONFIG": str(config), "ANSIBLE_NOCOLOR": "1",
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", **(env or {})}
     if config == ansible_config(root):
-        # ansible-runner would put ControlPersist sockets in its throw-away directory; keep ansible.cfg's.
-        envvars.setdefault("ANSIBLE_SSH_CONTROL_PATH_DIR", "/tmp/spark-ansible-cp")
+        # ansible-runner would put ControlPersist sockets in its throw-away directory; keep them across runs,
+        # but per set of host keys: a master still open to a host that was since re-created (a lab torn down
+        # and brought up again) would take new sessions and hang them.
+        envvars.setdefault("ANSIBLE_SSH_CONTROL_PATH_DIR", control_path_dir(inventory))
     with tempfile.TemporaryDirectory(prefix="spark-runner-") as private:
         kwargs: dict[str, Any] = {
             "private_data_dir": private, "project_dir": str(root), "inventory": str(root / inventory),

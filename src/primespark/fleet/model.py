@@ -303,6 +303,10 @@ class Fleet(Strict):
         default_factory=dict, description="People who log in to every managed host, besides its SSH user."
     )
     monitoring: Monitoring = Monitoring()
+    admin_networks: list[IPv4Network] = Field(
+        default_factory=list,
+        description="Where operators reach hosts that have a public address from; empty: anywhere (keys only).",
+    )
     ntp_servers: list[str] = Field(
         default_factory=lambda: ["pool.ntp.org"], description="Time sources (none in the lab)."
     )
