@@ -125,19 +125,22 @@ class NetnsFabric:
 class ContinuousPing:
     """`ping -D` every `interval` seconds from a host (any argv prefix: nsenter, ssh), for measuring outages."""
 
-    def __init__(self, argv: list[str], interval: float = 0.1) -> None:
-        self.interval = interval
+    def __init__(self, argv: list[str], deadline: float | None = None) -> None:
+        self.deadline = deadline
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     @staticmethod
-    def command(address: str, interval: float = 0.1) -> str:
-        return f"exec ping -D -n -i {interval} -W 1 {address}"
+    def command(address: str, interval: float = 0.1, deadline: int | None = None) -> str:
+        """With a deadline ping ends by itself (for `docker exec`, which does not pass SIGINT on)."""
+        until = f" -w {deadline}" if deadline else ""
+        return f"exec ping -D -n -i {interval} -W 1{until} {address}"
 
     def stop(self) -> tuple[int, int, float]:
         """(sent, received, longest gap in seconds between two consecutive replies)."""
-        self.proc.send_signal(signal.SIGINT)
+        if self.deadline is None:
+            self.proc.send_signal(signal.SIGINT)
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            out, _ = self.proc.communicate(timeout=(self.deadline or 0) + 10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
