@@ -27,14 +27,14 @@ def test_material_per_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     fleet = load_fleet("lab")
     assert fleet.backup is not None
     pi1 = host_material("lab", "pi-1")
-    assert [k["client"] for k in pi1["client_keys"]] == ["pi-1"]  # type: ignore[index]
+    assert [(k["client"], k["account"]) for k in pi1["client_keys"]] == [("pi-1", "backup-pi-1")]  # type: ignore[index]
     private = serialization.load_ssh_private_key(pi1["client_keys"][0]["private_key"].encode(), None)  # type: ignore[index]
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     assert pi1["public_keys"] == [pi1["client_keys"][0]["public_key"]]  # type: ignore[index]
     assert pi1["public_keys"][0].startswith(public.decode())  # type: ignore[index]
     assert {r["url"] for r in pi1["repositories"]} == {  # type: ignore[attr-defined]
-        f"sftp:backup-pi-1@{fleet.hosts['nas-1'].address}:/repo",
-        f"sftp:backup-pi-1@{fleet.hosts['ops-1'].public_address}:/repo",  # offsite: another site
+        f"sftp://backup-pi-1@{fleet.hosts['nas-1'].address}:22//repo",
+        f"sftp://backup-pi-1@{fleet.hosts['ops-1'].public_address}:22//repo",  # offsite: another site
     }
     # the scratch host holds every client's key (it restores them all) but publishes none of its own
     scratch = host_material("lab", fleet.backup.drill.scratch_host)

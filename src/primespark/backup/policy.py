@@ -9,7 +9,6 @@ between Unix users. The offsite repository mirrors that layout, one copy per cli
 from __future__ import annotations
 
 import secrets as pysecrets
-import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,15 +101,12 @@ class SshTransport:
         return str(dst.public_address)
 
     def location(self, repository: str, client: str, via: str) -> Location:
-        backup = _backup(self.fleet)
-        repo = backup.repositories[repository]
-        storage = self.fleet.hosts[repo.host]
-        user, address, cdir = account_for(client), self.address_from(via, repo.host), backup.client_dir
-        ssh = ["ssh", "-i", f"{cdir}/{client}.key", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-               "-o", f"UserKnownHostsFile={cdir}/known_hosts", "-o", "StrictHostKeyChecking=accept-new",
-               "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-               "-p", str(storage.ssh.port), f"{user}@{address}", "-s", "sftp"]
-        return Location(f"sftp:{user}@{address}:/repo", {"sftp.command": shlex.join(ssh)})
+        """The SSH settings (key `<client_dir>/<account>.key`, known hosts, keepalives) come from the ssh_config
+        drop-in the restic role installs, matched on the account name: `restic copy` opens two SFTP
+        repositories in one process, and restic's `-o sftp.command` would send both to the same place."""
+        repo = _backup(self.fleet).repositories[repository]
+        port = self.fleet.hosts[repo.host].ssh.port
+        return Location(f"sftp://{account_for(client)}@{self.address_from(via, repo.host)}:{port}//repo")
 
     def scratch_root(self, host: str) -> str:
         return SCRATCH_ROOT
@@ -234,12 +230,12 @@ def host_material(env: str, host: str) -> dict[str, object]:
     keys, repositories, passwords = [], [], {}
     for client in clients:
         private, public = ctx.client_key(client)
-        keys.append({"client": client, "private_key": private, "public_key": public})
+        keys.append({"client": client, "account": account_for(client), "private_key": private,
+                     "public_key": public})
         for repository in [plans[client].repository, *ctx.offsite_of(plans[client].repository)]:
             passwords[repository] = ctx.password(repository, create=True)
             where = ctx.transport.location(repository, client, host)
-            repositories.append({"repository": repository, "client": client, "url": where.url,
-                                 "sftp_command": where.options.get("sftp.command", "")})
+            repositories.append({"repository": repository, "client": client, "url": where.url})
     return {
         "client_keys": keys,
         "repositories": [{**r, "password": passwords[str(r["repository"])]} for r in repositories],

@@ -1,0 +1,167 @@
+"""End to end in the lab: restic on the hosts over SSH, repositories in SFTP accounts on the NAS and (offsite)
+on ops-1, flows reported to the lab's Prefect server.
+
+Set-up: the `restic` role on the backup clients and the drill's scratch host, the `nas` role on nas-1 (its
+accounts and authorised keys from the restic play, as site.yml does). The `nas` role makes accounts only on
+the primary repository's host, so the fixture applies the same role to ops-1 with the offsite accounts
+(`backup-<client>` in `<offsite path>/<client>`) in play vars — the offsite account set-up is this fixture's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from primespark.playbook import run_ansible
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+pytestmark = pytest.mark.lab
+FAST = {"retries": 2, "retry_delay_seconds": 1.0}
+
+SOURCE_DATA = """
+set -e
+mkdir -p {root}/docs {root}/models/v1
+head -c 3000000 /dev/urandom > {root}/models/v1/weights.bin
+head -c 20000 /dev/urandom > {root}/docs/report.pdf
+printf 'readings %s\\n' {host} > {root}/docs/readme.txt
+ln -sf docs/readme.txt {root}/link
+echo scratch > {root}/junk.tmp
+"""
+
+SHA_TREE = "cd {root} && find . -type f ! -name '*.tmp' -print0 | sort -z | xargs -0 sha256sum"
+
+
+def sha_tree(lab, host: str, root: str) -> dict[str, str]:
+    done = lab.exec(host, SHA_TREE.format(root=root))
+    assert done.returncode == 0, done.stderr
+    return {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in done.stdout.splitlines()}
+
+
+@pytest.fixture(scope="module")
+def backups(lab, tmp_path_factory):
+    fleet = lab.fleet
+    spec = fleet.backup
+    assert spec is not None
+    clients = sorted({"pi-1", "nas-1", spec.drill.scratch_host})
+    offsite_name = next(n for n, r in spec.repositories.items() if r.copy_from)
+    offsite = spec.repositories[offsite_name]
+    offsite_accounts = [{"client": c, "nas": offsite.host, "repository": offsite_name, "user": f"backup-{c}",
+                         "chroot": f"{offsite.path}/{c}", "path": "/repo"} for c in spec.plans]
+    keys = ("{{ dict(groups['all'] | map('extract', hostvars) | selectattr('restic_public_keys', 'defined')"
+            " | map(attribute='inventory_hostname') | zip(groups['all'] | map('extract', hostvars)"
+            " | selectattr('restic_public_keys', 'defined') | map(attribute='restic_public_keys'))) }}")
+    plays = [
+        {"name": "restic clients", "hosts": ",".join(clients), "become": True, "roles": ["restic"]},
+        {"name": "NAS", "hosts": "nas-1", "become": True, "vars": {"nas_backup_authorized_keys": keys},
+         "roles": ["nas"]},
+        {"name": "offsite accounts (fixture)", "hosts": offsite.host, "become": True,
+         "vars": {"nas_backup_authorized_keys": keys, "spark_backup_accounts": offsite_accounts,
+                  "spark_restic_repositories": [{"name": offsite_name, "path": offsite.path}]},
+         "roles": ["nas"]},
+    ]
+    book = tmp_path_factory.mktemp("play") / "backup.yml"
+    book.write_text(yaml.safe_dump(plays, sort_keys=False))
+    run = run_ansible(Path(f"inventory/{fleet.name}.fleet.yml"), playbook=str(book), root=REPO,
+                      limit=",".join([*clients, offsite.host]))
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    for host in ("pi-1", "nas-1"):
+        root = spec.plans[host].paths[0]
+        done = lab.exec(host, SOURCE_DATA.format(root=root, host=host))
+        assert done.returncode == 0, done.stderr
+    # flows report to the lab's Prefect server (a test harness earlier in the session may have set another)
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{fleet.lab.prefect_port}/api"}):
+        yield fleet
+
+
+def test_restic_role_installs_keys_and_passwords_0600(lab, backups):
+    scratch = backups.backup.drill.scratch_host
+    done = lab.exec(scratch, "stat -c '%a %n' /etc/primespark/restic /etc/primespark/restic/*")
+    assert done.returncode == 0, done.stderr
+    modes = dict(line.split(" ", 1)[::-1] for line in done.stdout.splitlines())
+    assert modes["/etc/primespark/restic"] == "700"
+    for client in backups.backup.plans:
+        assert modes[f"/etc/primespark/restic/backup-{client}.key"] == "600"
+    assert modes["/etc/primespark/restic/nas-primary.password"] == "600"
+
+
+def test_backup_copy_drill_end_to_end(lab, backups):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.backup import backup
+    from flows.dr_drill import dr_drill
+    from primespark.backup.policy import BackupContext
+
+    spec = backups.backup
+    pi = backup("pi-1", "lab", "ssh", **FAST)
+    nas = backup("nas-1", "lab", "ssh", **FAST)
+    assert pi["files"] >= 4 and pi["copied_to"] == ["offsite"] and nas["copied_to"] == ["offsite"]
+    assert pi["changed_during_backup"] == 0 and pi["manifest_files"] == pi["files"]
+    ctx = BackupContext.load("lab", "ssh")
+    for host, result in (("pi-1", pi), ("nas-1", nas)):
+        copied = ctx.client("offsite", host).snapshots(tags=["primespark-backup"])
+        assert result["snapshot"][:8] in [(s.original or "")[:8] for s in copied], f"{host} not offsite"
+
+    row = dr_drill("pi-1", "lab", "ssh", keep_restore=True)
+    assert row["result"] == "pass" and row["scratch"] == spec.drill.scratch_host != "pi-1"
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drill-report-pi-1"])))
+        history = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drill-history"])))
+    assert found and "DR drill PASSED: pi-1 → pi-3" in str(found[-1].data)
+    assert history and "pi-1" in json.dumps(history[-1].data)
+
+    # byte for byte: every restored file's sha256 equals the source's (the excluded *.tmp aside)
+    restored = lab.exec(spec.drill.scratch_host, "ls -d /var/tmp/primespark-drill/pi-1-* | tail -1").stdout.strip()
+    source_root = spec.plans["pi-1"].paths[0]
+    source = sha_tree(lab, "pi-1", source_root)
+    assert len(source) == 4
+    assert sha_tree(lab, spec.drill.scratch_host, restored + source_root) == source
+    lab.exec(spec.drill.scratch_host, "rm -rf /var/tmp/primespark-drill")
+
+
+def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backups):
+    from flows.backup import backup
+    from primespark.backup.policy import BackupContext
+
+    spec = backups.backup
+    nas = backups.hosts["nas-1"]
+    pi_address = str(backups.hosts["pi-1"].address)
+    root = spec.plans["pi-1"].paths[0]
+    assert lab.exec("pi-1", f"head -c 400000000 /dev/urandom > {root}/bulk.bin").returncode == 0
+    repo_locks = f"{spec.repositories['nas-primary'].path}/pi-1/repo/locks"
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: outcome.update(state=backup(
+        "pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)))
+    worker.start()
+    cut = f"iptables -I INPUT -p tcp --dport {nas.ssh.port} -s {pi_address} -j REJECT --reject-with tcp-reset"
+    try:
+        deadline = time.monotonic() + 60
+        while not lab.exec("nas-1", f"ls {repo_locks}").stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lab.exec("nas-1", f"ls {repo_locks}").stdout.strip(), "the backup never took its lock"
+        done = lab.exec("nas-1", cut)
+        assert done.returncode == 0, done.stderr
+        worker.join(timeout=600)
+    finally:
+        lab.exec("nas-1", cut.replace("-I INPUT", "-D INPUT"))
+    state = outcome["state"]
+    assert state.is_failed()  # type: ignore[attr-defined]
+    reason = str(state.result(raise_on_failure=False))  # type: ignore[attr-defined]
+    assert "unreachable" in reason, reason
+    assert lab.exec("nas-1", f"ls {repo_locks}").stdout.strip(), "the cut left no stale lock to clear"
+
+    result = backup("pi-1", "lab", "ssh", offsite=False, **FAST)
+    assert result["stale_locks_removed"], "the stale lock was not cleared"
+    assert not lab.exec("nas-1", f"ls {repo_locks}").stdout.strip()
+    ctx = BackupContext.load("lab", "ssh")
+    ctx.client("nas-primary", "pi-1").check()
+    lab.exec("pi-1", f"rm -f {root}/bulk.bin")
