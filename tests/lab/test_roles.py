@@ -166,20 +166,23 @@ def test_backup_account_is_sftp_only_and_chrooted(lab, configured, tmp_path):
     hostvars = build_inventory(lab.fleet)["_meta"]["hostvars"]
     account: dict[str, Any] = next(a for a in hostvars[nas]["spark_backup_accounts"] if a["client"] != nas)
     client = account["client"]
-    key = tmp_path / "backup_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    keys = {"nas_backup_authorized_keys": {client: [key.with_suffix(".pub").read_text().strip()]}}
-    run = playbook(lab, "site.yml", limit=nas, extravars=keys)
-    assert run.rc == 0, "\n".join(run.failed_tasks)
+    # The restic role gives each client its account's key; without it, authorise a key made here.
+    key_path = f"{lab.fleet.backup.client_dir}/{account['user']}.key"
+    if lab.exec(client, f"test -s {key_path}").returncode != 0:
+        key = tmp_path / "backup_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        keys = {"nas_backup_authorized_keys": {client: [key.with_suffix(".pub").read_text().strip()]}}
+        run = playbook(lab, "site.yml", limit=nas, extravars=keys)
+        assert run.rc == 0, "\n".join(run.failed_tasks)
+        key_path = "/root/backup_key"
+        subprocess.run(["docker", "cp", str(key), f"{lab.container(client)}:{key_path}"], check=True)
+        lab.exec(client, f"chmod 600 {key_path}")
 
-    container = lab.container(client)
-    subprocess.run(["docker", "cp", str(key), f"{container}:/root/backup_key"], check=True)
     address = str(lab.fleet.hosts[nas].address)
-    opts = ("-i /root/backup_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+    opts = (f"-i {key_path} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
             "-o ConnectTimeout=5")
     batch = f"pwd\\nls /\\nput /etc/hostname {account['path']}/probe\\nls {account['path']}\\ncd /etc\\n"
-    sftp = lab.exec(client, f"chmod 600 /root/backup_key; printf '{batch}' | "
-                            f"sftp -b - {opts} {account['user']}@{address}")
+    sftp = lab.exec(client, f"printf '{batch}' | sftp -b - {opts} {account['user']}@{address}")
     assert "Remote working directory: /" in sftp.stdout, sftp.stdout + sftp.stderr
     assert f"{account['path']}/probe" in sftp.stdout
     assert sftp.returncode != 0 and "/etc" in sftp.stderr, "outside the chroot there is nothing to enter"
