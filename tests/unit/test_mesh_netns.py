@@ -19,7 +19,7 @@ from primespark.fleet.model import Fleet
 from primespark.mesh.health import check_mesh
 from primespark.mesh.netns import ContinuousPing, NetnsFabric, netns_available
 from primespark.mesh.render import render_host
-from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS, rotate_host, write_config_script
+from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS, RotationError, rotate_host, write_config_script
 from primespark.mesh.service import Planned, plan_and_save
 from primespark.secrets import LocalSecretStore
 from primespark.settings import get_settings
@@ -171,3 +171,22 @@ def test_rotation_keeps_a_continuous_ping_within_one_handshake_interval(fabric, 
     assert replanned.plan.hosts["core-1"].public_key == report.new_public_key
     assert replanned.diff.empty
     assert check_mesh(replanned.plan, fabric, deadline_seconds=12).healthy
+
+
+def test_rotation_stops_before_switching_when_a_peer_cannot_take_the_new_key(fabric, store, tmp_path):
+    members = ["pi-1", "core-1", "stream-1"]
+    fleet = fleet_with(lab_data(), members)
+    planned = plan_and_save(fleet, "fleet", tmp_path, store)
+    add_hosts(fabric, fleet, members)
+    for host in members:
+        install_config(fabric, planned, host)
+        fabric.run(host, UP.format(i="wg0"))
+    fabric.run("stream-1", "ip link del wg0")  # this peer cannot be told about the new key
+    old_public = planned.plan.hosts["core-1"].public_key
+    with pytest.raises(RotationError, match="nothing was switched"):
+        rotate_host(fleet, planned, "core-1", fabric, tmp_path, store)
+    assert fabric.run("core-1", "wg show wg0 public-key").strip() == old_public
+    assert fabric.run("pi-1", "wg show wg0 peers").split().count(old_public) == 1
+    assert len(fabric.run("pi-1", "wg show wg0 peers").split()) == 2, "the new key's entry was not removed"
+    replanned = plan_and_save(fleet, "fleet", tmp_path, store)
+    assert replanned.diff.empty and replanned.keys.bundle("core-1").next_private_key is None
