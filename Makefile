@@ -61,12 +61,12 @@ lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say w
 	else echo "no site.yml yet: no playbook to apply"; fi
 	@if $(SPARK) flows run-all --help >/dev/null 2>&1; then \
 		eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) $(LAB_FLOWS); \
-	else echo "no flows yet: nothing to run"; fi
+	else echo 'no "spark flows run-all" yet: flows not run (the hook is LAB_FLOWS in the Makefile)'; fi
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
 	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \
 	echo "  hosts               $(SPARK) lab status"; \
-	echo "  a shell on a host   $(SPARK) lab ssh pi-1"; \
+	echo "  a shell on a host   $(SPARK) lab ssh HOST   (hosts: $(SPARK) lab status)"; \
 	echo "  Ansible             $(BIN)/ansible all -i inventory/$(ENV).fleet.yml -m ping"; \
 	echo "  take it down        $(SPARK) lab down"
 
