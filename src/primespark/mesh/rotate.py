@@ -154,8 +154,9 @@ def _verify(plan: MeshPlan, host: str, new_public: str, runner: Runner) -> None:
     peers = [p.name for p in plan.hosts[host].peers]
     deadline = 3 * HANDSHAKE_INTERVAL_SECONDS
     addresses = " ".join(str(plan.hosts[p].address) for p in peers)
-    runner.run(host, f"rc=0; for a in {addresses}; do ping -n -q -c 1 -w {deadline} $a >/dev/null & done; "
-                     "for j in $(jobs -p); do wait $j || rc=1; done; exit $rc", timeout=deadline + 30)
+    runner.run(host, f"rc=0; pids=; for a in {addresses}; do ping -n -q -c 1 -w {deadline} $a >/dev/null & "
+                     'pids="$pids $!"; done; for p in $pids; do wait $p || rc=1; done; exit $rc',
+               timeout=deadline + 30)
 
     def handshaked(peer: str) -> None:
         out = runner.run(peer, f"wg show {interface} latest-handshakes")
