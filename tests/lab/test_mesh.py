@@ -8,8 +8,6 @@ through the NAT, over the WAN.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from primespark.fleet.model import HostKind
 from primespark.mesh.netns import ContinuousPing
 from primespark.mesh.plan import load_state
 from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS
+from primespark.playbook import RunResult, run_ansible
 
 pytestmark = pytest.mark.lab
 PING_SECONDS = 40
@@ -36,26 +35,17 @@ PLAYBOOK = """\
 """
 
 
-def run_role(lab, playbook: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
-           "ANSIBLE_STDOUT_CALLBACK": "json", "ANSIBLE_NOCOLOR": "1"}
-    done = subprocess.run([str(REPO / ".venv/bin/ansible-playbook"), "-i", f"inventory/{lab.fleet.name}.fleet.yml",
-                           str(playbook)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    start = done.stdout.find("{")
-    return done, (json.loads(done.stdout[start:]) if start >= 0 else {})
-
-
-def changed_tasks(report: dict) -> list[str]:
-    return [f"{task['task']['name']} @ {host}" for play in report.get("plays", []) for task in play["tasks"]
-            for host, result in task["hosts"].items() if result.get("changed")]
+def run_role(lab, playbook: Path) -> RunResult:
+    """The one-role playbook through ansible-runner, with the repo's ansible.cfg and the lab inventory."""
+    return run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), root=REPO)
 
 
 @pytest.fixture(scope="module")
 def mesh(lab, tmp_path_factory):
     playbook = tmp_path_factory.mktemp("mesh") / "mesh.yml"
     playbook.write_text(PLAYBOOK)
-    first, _ = run_role(lab, playbook)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    first = run_role(lab, playbook)
+    assert first.rc == 0, "\n".join(first.failed_tasks) or first.output[-4000:]
     state = load_state(lab.state_dir, "fleet")
     assert state is not None
     return playbook, state
@@ -63,15 +53,16 @@ def mesh(lab, tmp_path_factory):
 
 def test_role_is_idempotent_and_writes_private_configs(lab, mesh):
     playbook, state = mesh
-    second, report = run_role(lab, playbook)
-    assert second.returncode == 0, second.stdout[-4000:]
-    assert changed_tasks(report) == []
+    second = run_role(lab, playbook)
+    assert second.rc == 0, "\n".join(second.failed_tasks) or second.output[-4000:]
+    assert second.hosts == set(state.hosts)
+    assert second.changed_tasks == [] and all(c["changed"] == 0 for c in second.stats.values())
     for host in state.hosts:
         mode = lab.exec(host, "stat -c %a /etc/wireguard/wg0.conf")
         assert mode.stdout.strip() == "600"
         assert lab.exec(host, "wg show wg0 public-key").stdout.strip() == state.hosts[host].public_key
     # The private key never shows in Ansible's output.
-    assert "PrivateKey" not in second.stdout
+    assert "PrivateKey" not in second.output
 
 
 def test_every_host_reaches_every_overlay_address_across_the_nat(lab, mesh):
