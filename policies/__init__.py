@@ -1,0 +1,1 @@
+"""Prime Spark's CrossGuard pack (rules.py) and Vault ACL policies (vault/)."""

@@ -1,0 +1,12 @@
+"""The Prime Spark policy pack: `pulumi preview --policy-pack policies` (spark preview/up attach it)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
+
+from policies.rules import POLICIES  # noqa: E402
+
+PolicyPack(name="primespark", enforcement_level=EnforcementLevel.MANDATORY, policies=POLICIES)

@@ -1,0 +1,194 @@
+"""The CrossGuard policies of Prime Spark. Plain functions over resource props (camelCase wire names), so
+`spark plan` and the tests run them directly and `pulumi preview --policy-pack policies` runs them for real."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+from pulumi_policy import (
+    EnforcementLevel,
+    PolicyResource,
+    ReportViolation,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
+)
+
+DOMAIN = "libvirt:index/domain:Domain"
+VOLUME = "libvirt:index/volume:Volume"
+CLOUD_INIT = "libvirt:index/cloudInitDisk:CloudInitDisk"
+KVM_HOST = "primespark:cloud:KvmHost"
+VM = "primespark:cloud:VirtualMachine"
+VAULT_SECRETS = "pulumi-python:dynamic/vault:Secrets"
+MESH = "primespark:cloud:WireGuardMesh"
+STACK = "pulumi:pulumi:Stack"
+GIB = 1024**3
+PUBLIC_PURPOSES = ("ssh", "wireguard")
+SHA256_FILE = re.compile(r"(^|/)[0-9a-f]{64}\.(qcow2|img|raw)$")
+SECRET_PATTERNS = (
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"(?i)\b(password|passwd|secret[_-]?key|api[_-]?key|secret[_-]?id|token)\b\s*[:=]\s*['\"]?"
+               r"(?![$<{(])[^\s'\"]{8,}"),
+    re.compile(r"(?m)^\s*PrivateKey\s*=\s*[A-Za-z0-9+/]{42,43}="),
+)
+
+
+def _labels(props: Mapping[str, Any]) -> dict[str, str]:
+    try:
+        return dict(json.loads(props.get("description") or "{}").get("primespark", {}).get("labels", {}))
+    except (ValueError, AttributeError):
+        return {}
+
+
+def vm_backup_and_autostart(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    if args.resource_type != DOMAIN:
+        return
+    labels = _labels(args.props)
+    if not labels.get("backup"):
+        report_violation(f"VM {args.name} has no `backup` label: set labels.backup in the fleet "
+                         "(e.g. daily, or none to say so explicitly)", None)
+    if args.props.get("autostart") is not True:
+        report_violation(f"VM {args.name} does not autostart: it stays down after the KVM host reboots", None)
+    if args.props.get("qemuAgent") is not True:
+        report_violation(f"VM {args.name} runs without the QEMU guest agent (no clean shutdown, no address report)",
+                         None)
+
+
+def base_image_pinned(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    if args.resource_type != VOLUME or not args.props.get("source"):
+        return
+    source = str(args.props["source"])
+    if not SHA256_FILE.search(source):
+        report_violation(f"base image {args.name} comes from {source}, which is not pinned by checksum: the "
+                         "source must be the verified file named by its sha256 (`spark up` downloads it)", None)
+
+
+def _ancestor(resource: PolicyResource, type_: str) -> PolicyResource | None:
+    current = resource.parent
+    while current is not None:
+        if current.resource_type == type_:
+            return current
+        current = current.parent
+    return None
+
+
+def kvm_capacity(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    used: dict[str, dict[str, float]] = {}
+    hosts = {r.urn: r for r in args.resources if r.resource_type == KVM_HOST}
+    for resource in args.resources:
+        host = _ancestor(resource, KVM_HOST)
+        if host is None:
+            continue
+        totals = used.setdefault(host.urn, {"cpus": 0, "memoryMb": 0, "diskGb": 0})
+        if resource.resource_type == DOMAIN:
+            totals["cpus"] += float(resource.props.get("vcpu") or 0)
+            totals["memoryMb"] += float(resource.props.get("memory") or 0)
+        elif resource.resource_type == VOLUME and resource.props.get("baseVolumeId") is not None:
+            totals["diskGb"] += float(resource.props.get("size") or 0) / GIB
+    for urn, totals in used.items():
+        host = hosts[urn]
+        for field, unit in (("cpus", "vCPUs"), ("memoryMb", "MiB"), ("diskGb", "GB")):
+            have = float(host.props.get(field) or 0)
+            if totals[field] > have:
+                report_violation(f"KVM host {host.name} is over-committed: its VMs need {totals[field]:g} {unit}, "
+                                 f"it has {have:g} {unit}; grow the host or move a VM in the fleet", urn)
+
+
+def _strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if key != "__provider":
+                yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{path}[{i}]")
+
+
+def generated_secrets(resources: list[PolicyResource]) -> set[str]:
+    """Values the program generated as secrets: Vault service secrets and WireGuard private keys."""
+    found: set[str] = set()
+    for resource in resources:
+        if resource.resource_type == VAULT_SECRETS:
+            found |= {v for _, v in _strings(resource.props.get("values") or {})}
+        elif resource.resource_type == MESH:
+            found |= {v for _, v in _strings(resource.props.get("private_keys") or {})}
+    return {v for v in found if len(v) >= 8}
+
+
+def no_plaintext_secrets(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    secrets = generated_secrets(list(args.resources))
+    for resource in args.resources:
+        if resource.resource_type in (VAULT_SECRETS, MESH):
+            continue  # where the secrets live, as Pulumi secrets
+        for path, text in _strings(resource.props):
+            leaked = next((s for s in secrets if s in text), None)
+            if leaked is not None:
+                where = "a stack output" if resource.resource_type == STACK else f"{resource.name} ({path})"
+                report_violation(f"a generated secret appears in plain text in {where}: deliver it from Vault "
+                                 "at run time instead", resource.urn)
+                continue
+            for pattern in SECRET_PATTERNS:
+                match = pattern.search(text)
+                if match:
+                    report_violation(f"{resource.name} ({path}) holds what looks like a secret "
+                                     f"({match.group(0)[:24]}…): keep secrets in Vault", resource.urn)
+                    break
+
+
+def _compose_ports(user_data: str) -> Iterator[str]:
+    try:
+        document = yaml.safe_load(user_data) or {}
+    except yaml.YAMLError:
+        return
+    for item in document.get("write_files") or []:
+        if str(item.get("path", "")).endswith("compose.yaml"):
+            compose = yaml.safe_load(item.get("content") or "") or {}
+            for service in (compose.get("services") or {}).values():
+                yield from (str(p) for p in service.get("ports") or [])
+
+
+def public_exposure(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    for vm in (r for r in args.resources if r.resource_type == VM):
+        for rule in vm.props.get("exposure") or []:
+            if rule.get("network") == "public" and not str(rule.get("purpose", "")).startswith(PUBLIC_PURPOSES):
+                report_violation(f"VM {vm.name} admits {rule.get('purpose')} ({rule.get('protocol')}/"
+                                 f"{rule.get('port'):g}) from the public network: only SSH and WireGuard may be "
+                                 "public; reach services over the LAN or the mesh", vm.urn)
+        lan_address = vm.props.get("address")
+        for disk in (r for r in args.resources if r.resource_type == CLOUD_INIT and r.parent is not None and r.parent.urn == vm.urn):
+            for port in _compose_ports(str(disk.props.get("userData") or "")):
+                bind = port.rsplit(":", 2)[0] if port.count(":") == 2 else ""
+                if bind != lan_address:
+                    report_violation(f"VM {vm.name} publishes container port {port!r} beyond its LAN address "
+                                     f"{lan_address}: bind published ports to the LAN address", vm.urn)
+
+
+POLICIES = [
+    ResourceValidationPolicy(
+        name="vm-backup-label-and-autostart",
+        description="Every VM carries a backup label, autostarts and runs the QEMU guest agent.",
+        validate=vm_backup_and_autostart, enforcement_level=EnforcementLevel.MANDATORY),
+    ResourceValidationPolicy(
+        name="base-image-pinned",
+        description="Base images come from a file verified against the fleet's sha256, not a moving URL.",
+        validate=base_image_pinned, enforcement_level=EnforcementLevel.MANDATORY),
+    StackValidationPolicy(
+        name="kvm-capacity",
+        description="The VMs on a KVM host fit in its CPUs, memory and disk.",
+        validate=kvm_capacity, enforcement_level=EnforcementLevel.MANDATORY),
+    StackValidationPolicy(
+        name="no-plaintext-secrets",
+        description="No generated secret (or secret-looking value) in a plain output, cloud-init or any input.",
+        validate=no_plaintext_secrets, enforcement_level=EnforcementLevel.MANDATORY),
+    StackValidationPolicy(
+        name="public-exposure",
+        description="Only WireGuard and SSH are reachable from public networks.",
+        validate=public_exposure, enforcement_level=EnforcementLevel.MANDATORY),
+]

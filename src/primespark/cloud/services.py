@@ -1,0 +1,145 @@
+"""The service stack of one VM: a compose file for the services the fleet places there, the boot-time secret
+pull from Vault (AppRole), and the systemd units that order them. Secrets are never part of these files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from primespark.cloud.catalog import RECIPES, readable_services, secret_path
+from primespark.cloud.cloudinit import SECRET_ID_FILE, File, images_dir
+from primespark.fleet.model import Fleet, HostKind, ServiceKind
+
+STACK_DIR = "/opt/primespark"
+COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
+SECRETS_DIR = "/etc/primespark/secrets"
+
+
+@dataclass(frozen=True)
+class VaultTarget:
+    """Where VMs reach Vault and which KV v2 mount holds the secrets (from the stack config)."""
+
+    address: str
+    mount: str = "secret"
+
+
+def role_name(fleet: Fleet, host: str) -> str:
+    return f"primespark-{fleet.name}-{host}"
+
+
+def endpoints(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    return {name: {"kind": svc.kind.value, "host": svc.host, "address": str(fleet.hosts[svc.host].address),
+                   "port": svc.port, "url": _url(fleet, name)} for name, svc in sorted(fleet.services.items())}
+
+
+def _url(fleet: Fleet, service: str) -> str:
+    svc = fleet.services[service]
+    scheme = {ServiceKind.timescaledb: "postgres", ServiceKind.redis: "redis", ServiceKind.kafka: "kafka"}.get(
+        svc.kind, "http")
+    return f"{scheme}://{fleet.hosts[svc.host].address}:{svc.port}"
+
+
+def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
+    svc = fleet.services[name]
+    recipe = RECIPES[svc.kind]
+    address = fleet.hosts[svc.host].address
+    inner = recipe.container_port or svc.port
+    environment = dict(recipe.environment)
+    if svc.kind is ServiceKind.kafka:
+        environment |= {"KAFKA_LISTENERS": f"PLAINTEXT://:{svc.port},CONTROLLER://:9093",
+                        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://{address}:{svc.port}"}
+    for other in recipe.consumes:
+        for peer_name, peer in sorted(fleet.services.items()):
+            if peer.kind is other:
+                environment[f"{other.value.upper()}_URL"] = _url(fleet, peer_name)
+    env_files = [f"{SECRETS_DIR}/{n}.env" for n in _secret_sources(fleet, name)]
+    # Published on the LAN address only: Docker's DNAT bypasses the input firewall, so never on 0.0.0.0.
+    entry: dict[str, Any] = {"image": recipe.image, "restart": "unless-stopped",
+                             "ports": [f"{address}:{svc.port}:{inner}"]}
+    if environment:
+        entry["environment"] = environment
+    if env_files:
+        entry["env_file"] = env_files
+    if recipe.command:
+        entry["command"] = list(recipe.command)
+    volumes = [f"/srv/{name}/data:{recipe.data_dir}"] if recipe.data_dir else []
+    if svc.kind is ServiceKind.prometheus:
+        volumes.append(f"{STACK_DIR}/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+    if volumes:
+        entry["volumes"] = volumes
+    if recipe.healthcheck:
+        entry["healthcheck"] = {"test": list(recipe.healthcheck), "interval": "30s", "retries": 5}
+    return entry
+
+
+def _secret_sources(fleet: Fleet, service: str) -> list[str]:
+    svc = fleet.services[service]
+    recipe = RECIPES[svc.kind]
+    own = [service] if recipe.secrets else []
+    consumed = [n for n, s in sorted(fleet.services.items())
+                if s.kind in recipe.reads_secrets_of and RECIPES[s.kind].secrets]
+    return own + consumed
+
+
+def compose_for(fleet: Fleet, host: str) -> dict[str, Any]:
+    return {"name": "primespark",
+            "services": {name: _compose_service(fleet, name) for name in sorted(fleet.services_on(host))}}
+
+
+def prometheus_config(fleet: Fleet) -> dict[str, Any]:
+    """Scrape every managed host's node exporter and every HTTP service, by its fleet address."""
+    port = fleet.monitoring.node_exporter_port
+    nodes = [f"{h.address}:{port}" for h in fleet.hosts.values() if h.kind is not HostKind.kvm_host]
+    jobs: list[dict[str, Any]] = [{"job_name": "node", "static_configs": [{"targets": nodes}]}]
+    for name, svc in sorted(fleet.services.items()):
+        if svc.check == "http" and svc.kind is not ServiceKind.grafana:
+            jobs.append({"job_name": name, "static_configs": [
+                {"targets": [f"{fleet.hosts[svc.host].address}:{svc.port}"]}]})
+    return {"global": {"scrape_interval": "30s"}, "scrape_configs": jobs}
+
+
+def _dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
+    """Everything cloud-init writes for the host's services; empty for a VM without services."""
+    if not fleet.services_on(host):
+        return []
+    readable = readable_services(fleet, host)
+    files = [
+        File(COMPOSE_FILE, _dump(compose_for(fleet, host))),
+        File("/etc/primespark/vault.env",
+             f"VAULT_ADDR={vault.address}\nVAULT_KV_MOUNT={vault.mount}\nVAULT_ROLE_ID={role_name(fleet, host)}\n"
+             f"VAULT_SECRET_ID_FILE={SECRET_ID_FILE}\n"),
+        File("/etc/primespark/vault/paths", "".join(f"{n} {secret_path(fleet, n)}\n" for n in readable)),
+        File("/usr/local/sbin/primespark-secrets",
+             (images_dir() / "cloud-init" / "primespark-secrets.sh").read_text(encoding="utf-8"), "0755"),
+        File("/etc/systemd/system/primespark-secrets.path", _unit(
+            "Pull service secrets once the AppRole secret-id is in place",
+            f"[Path]\nPathExists={SECRET_ID_FILE}\nPathChanged={SECRET_ID_FILE}\n", "paths.target")),
+        File("/etc/systemd/system/primespark-secrets.service", _unit(
+            "Pull service secrets from Vault (AppRole)",
+            "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/primespark-secrets\n"
+            "ExecStartPost=/bin/systemctl --no-block restart primespark-stack.service\n", None,
+            after="network-online.target", wants="network-online.target")),
+        File("/etc/systemd/system/primespark-stack.service", _unit(
+            "Prime Spark services (docker compose)",
+            f"[Service]\nType=oneshot\nRemainAfterExit=yes\nWorkingDirectory={STACK_DIR}\n"
+            f"ExecStart=/usr/bin/docker-compose -f {COMPOSE_FILE} up -d --remove-orphans\n"
+            f"ExecStop=/usr/bin/docker-compose -f {COMPOSE_FILE} down\n", "multi-user.target",
+            after="docker.service primespark-secrets.service", wants="docker.service")),
+    ]
+    if any(s.kind is ServiceKind.prometheus for s in fleet.services_on(host).values()):
+        files.append(File(f"{STACK_DIR}/prometheus.yml", _dump(prometheus_config(fleet))))
+    return files
+
+
+def _unit(description: str, body: str, wanted_by: str | None, after: str = "", wants: str = "") -> str:
+    head = f"[Unit]\nDescription={description}\n"
+    head += f"After={after}\n" if after else ""
+    head += f"Wants={wants}\n" if wants else ""
+    tail = f"\n[Install]\nWantedBy={wanted_by}\n" if wanted_by else ""
+    return f"{head}\n{body}{tail}"

@@ -1,0 +1,145 @@
+"""Vault for a fleet: KV v2 secrets per service (generated once, kept on update), one ACL policy and one
+AppRole per host that runs services. The spec is plain data derived from the fleet; `VaultSecretsProvider`
+applies it with hvac as a Pulumi dynamic provider (create, update and delete are idempotent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as pysecrets
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from pulumi.dynamic import CreateResult, DiffResult, ResourceProvider, UpdateResult
+
+from primespark.cloud.catalog import RECIPES, readable_services, secret_path
+from primespark.cloud.services import role_name
+from primespark.fleet.model import Fleet
+
+SECRET_BYTES = 24  # token_urlsafe(24): 32 characters, 192 bits
+TYPE_TOKEN = "pulumi-python:dynamic/vault:Secrets"
+
+
+def policies_dir() -> Path:
+    from primespark.settings import get_settings
+
+    return get_settings().root / "policies" / "vault"
+
+
+def host_policy(fleet: Fleet, host: str, mount: str, root: Path | None = None) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(root or policies_dir()),  # noqa: S701 HCL, not HTML
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    paths = [secret_path(fleet, name) for name in readable_services(fleet, host)]
+    return env.get_template("host.hcl.j2").render(fleet=fleet.name, host=host, mount=mount, paths=paths)
+
+
+def vault_spec(fleet: Fleet, mount: str) -> dict[str, Any]:
+    """What Vault should hold for the fleet: JSON-friendly, so it can be a Pulumi resource's inputs."""
+    services = {secret_path(fleet, name): sorted(RECIPES[svc.kind].secrets)
+                for name, svc in sorted(fleet.services.items()) if RECIPES[svc.kind].secrets}
+    hosts = sorted({svc.host for svc in fleet.services.values()})
+    roles = {role_name(fleet, host): {"policy": host_policy(fleet, host, mount)} for host in hosts}
+    return {"mount": mount, "secrets": services, "roles": roles}
+
+
+def generate_values(spec: dict[str, Any], existing: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, str]]:
+    """A value for every secret key; keys that already have one keep it (idempotent re-runs, no rotation)."""
+    existing = existing or {}
+    return {path: {key: existing.get(path, {}).get(key) or pysecrets.token_urlsafe(SECRET_BYTES) for key in keys}
+            for path, keys in spec["secrets"].items()}
+
+
+def _client() -> Any:
+    import hvac
+
+    address, token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
+    if not address or not token:
+        raise RuntimeError("VaultSecrets needs VAULT_ADDR and VAULT_TOKEN in the environment of `spark up` "
+                           "(a token with policies/vault/deployer.hcl)")
+    return hvac.Client(url=address, token=token)
+
+
+class VaultSecretsProvider(ResourceProvider):
+    """hvac against the Vault in VAULT_ADDR. `client_factory` lets tests pass a client of their own."""
+
+    def __init__(self, client_factory: Any = None) -> None:
+        self.client_factory = client_factory
+
+    def _vault(self) -> Any:
+        return (self.client_factory or _client)()
+
+    def _read(self, client: Any, mount: str, path: str) -> dict[str, str]:
+        import hvac
+
+        try:
+            response = client.secrets.kv.v2.read_secret_version(path=path, mount_point=mount,
+                                                                 raise_on_deleted_version=True)
+        except hvac.exceptions.InvalidPath:
+            return {}
+        return dict(response["data"]["data"])
+
+    def _apply(self, spec: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+        client = self._vault()
+        mount = spec["mount"]
+        current = {path: self._read(client, mount, path) for path in spec["secrets"]}
+        values = generate_values(spec, current)
+        for path, data in values.items():
+            if data != current[path]:
+                client.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
+        if "approle/" not in client.sys.list_auth_methods():
+            client.sys.enable_auth_method(method_type="approle")
+        for role, role_spec in spec["roles"].items():
+            client.sys.create_or_update_policy(name=role, policy=role_spec["policy"])
+            client.auth.approle.create_or_update_approle(
+                role_name=role, token_policies=[role], token_ttl="1h", token_max_ttl="4h", secret_id_ttl="0")
+            client.auth.approle.update_role_id(role_name=role, role_id=role)  # the role-id is not a secret
+        if old:  # what the old spec had and the new one lacks goes
+            for path in set(old.get("secrets", {})) - set(spec["secrets"]):
+                client.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=old["mount"])
+            for role in set(old.get("roles", {})) - set(spec["roles"]):
+                self._delete_role(client, role)
+        return {**spec, "values": values}
+
+    @staticmethod
+    def _delete_role(client: Any, role: str) -> None:
+        import hvac
+
+        for delete in (lambda: client.auth.approle.delete_role(role_name=role),
+                       lambda: client.sys.delete_policy(name=role)):
+            try:
+                delete()
+            except hvac.exceptions.InvalidPath:
+                pass  # already gone: deleting twice is fine
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        outputs = self._apply(_spec(props), None)
+        return CreateResult(id_=f"primespark-vault-{props['fleet']}", outs={**props, **outputs})
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        changed = _spec(olds) != _spec(news) or olds.get("fleet") != news.get("fleet")
+        return DiffResult(changes=changed, replaces=["fleet"] if olds.get("fleet") != news.get("fleet") else [])
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        return UpdateResult(outs={**news, **self._apply(_spec(news), _spec(olds))})
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        import hvac
+
+        client = self._vault()
+        spec = _spec(props)
+        for path in spec["secrets"]:
+            try:
+                client.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=spec["mount"])
+            except hvac.exceptions.InvalidPath:
+                pass
+        for role in spec["roles"]:
+            self._delete_role(client, role)
+
+
+def _spec(props: dict[str, Any]) -> dict[str, Any]:
+    return {"mount": props["mount"], "secrets": props["secrets"], "roles": props["roles"]}
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True)

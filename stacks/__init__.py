@@ -1,0 +1,1 @@
+"""The Pulumi program: ComponentResources composed from the fleet (see program.py)."""

@@ -1,0 +1,110 @@
+"""The Pulumi program: read the fleet named in the stack config and compose the cloud side from it.
+
+Nothing here names a host, an address or a size: all of it comes from the fleet model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+
+from primespark.cloud.cloudinit import exposure_for, vm_seed
+from primespark.cloud.services import VaultTarget, endpoints
+from primespark.fleet import Fleet, HostKind, load_fleet
+from primespark.mesh.service import Planned
+from stacks.kvm import KvmHost, VirtualMachine
+from stacks.services import ServiceStack
+from stacks.vault import VaultSecrets
+from stacks.wireguard_mesh import WireGuardMesh
+
+# The policy pack checks KVM capacity on the resource graph, so the program does not refuse it first.
+FLEET_SKIP = frozenset({"kvm-capacity"})
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """The stack config (Pulumi.<stack>.yaml, namespace `primespark`): where things are, not what they are."""
+
+    fleet: str
+    vault_address: str
+    vault_mount: str = "secret"
+    public_bridge: str = "br0"
+    pool_path: str = "/var/lib/libvirt/images/primespark"
+    image_cache: str = ""
+    automation_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pulumi(cls) -> CloudConfig:
+        config = pulumi.Config("primespark")
+        fleet = config.require("fleet")
+        return cls(
+            fleet=fleet,
+            vault_address=config.require("vaultAddress"),
+            vault_mount=config.get("vaultMount") or "secret",
+            public_bridge=config.get("publicBridge") or "br0",
+            pool_path=config.get("poolPath") or cls.pool_path,
+            image_cache=config.get("imageCache") or "",
+            automation_keys=tuple(_automation_keys(pulumi.get_stack())),
+        )
+
+
+def _state_dir(env: str) -> Path:
+    from primespark.settings import get_settings
+
+    settings = get_settings()
+    return settings.state_dir_override or settings.state_home / env
+
+
+def _automation_keys(env: str) -> list[str]:
+    key = _state_dir(env) / "ssh" / "id_ed25519.pub"
+    return [key.read_text(encoding="utf-8").strip()] if key.is_file() else []
+
+
+def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | None = None) -> dict[str, Any]:
+    """Register every resource; return the stack outputs (also exported).
+
+    `mesh_plans` stands in for the saved mesh plans (offline `spark plan`); without it the mesh component
+    reads the saved plan and refuses a stale one."""
+    image_cache = config.image_cache or str(_state_dir(pulumi.get_stack()) / "images")
+    vault = VaultTarget(config.vault_address, config.vault_mount)
+    vault_secrets = VaultSecrets(fleet, config.vault_mount)
+    stacks = {host: ServiceStack(host, fleet, vault, pulumi.ResourceOptions(depends_on=[vault_secrets]))
+              for host in sorted({svc.host for svc in fleet.services.values()})}
+    vms: dict[str, dict[str, Any]] = {}
+    for kvm_name in fleet.hosts_of(HostKind.kvm_host):
+        if not fleet.vms_on(kvm_name):
+            continue
+        kvm = KvmHost(kvm_name, fleet, pool_path=config.pool_path, image_cache=image_cache)
+        for vm_name, host in fleet.vms_on(kvm_name).items():
+            files = stacks[vm_name].files if vm_name in stacks else []
+            seed = vm_seed(fleet, vm_name, files=files, automation_keys=list(config.automation_keys))
+            VirtualMachine(vm_name, fleet, kvm, seed, public_bridge=config.public_bridge,
+                           exposure=[e.as_dict() for e in exposure_for(fleet, vm_name)])
+            vms[vm_name] = {
+                "address": str(host.address), "public_address": str(host.public_address or ""),
+                "kvm_host": kvm_name, "ssh": {"address": str(host.ssh_address), "user": host.ssh.user,
+                                              "port": host.ssh.port},
+                "labels": dict(host.labels), "services": sorted(fleet.services_on(vm_name)),
+            }
+    outputs: dict[str, Any] = {
+        "fleet": fleet.name,
+        "vms": vms,
+        "services": endpoints(fleet),
+        "vault": {"address": config.vault_address, "mount": config.vault_mount, "roles": vault_secrets.roles},
+    }
+    meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
+    if meshes:
+        # Public keys, overlay addresses and endpoints only; the private keys stay secrets of the component.
+        outputs["mesh"] = {name: {"public_keys": m.public_keys, "addresses": m.addresses, "endpoints": m.endpoints}
+                           for name, m in meshes.items()}
+    for key, value in outputs.items():
+        pulumi.export(key, value)
+    return outputs
+
+
+def main() -> None:
+    config = CloudConfig.from_pulumi()
+    build(load_fleet(config.fleet, skip=FLEET_SKIP), config)
