@@ -11,6 +11,7 @@ from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
+from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
@@ -29,6 +30,7 @@ app.add_typer(mesh_commands.app, name="mesh")
 preflight_commands.register(app)
 app.add_typer(backup_commands.app, name="backup")
 app.add_typer(drill_commands.app, name="drill")
+plan_commands.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,115 @@
+"""The Pulumi program under Pulumi's mock engine: resources, key properties and outputs come from the fleet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from primespark.cloud.plan import plan
+from primespark.fleet import load_fleet
+from primespark.settings import get_settings
+
+GIB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    get_settings.cache_clear()
+    yield tmp_path / "state"
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def homelab():
+    return load_fleet("homelab")
+
+
+def _types(result) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in result.graph.resources:
+        counts[r.type] = counts.get(r.type, 0) + 1
+    return counts
+
+
+def test_homelab_resources_and_counts(homelab):
+    result = plan("homelab")
+    counts = _types(result)
+    vms = homelab.vms_on("kvm-1")
+    assert len(vms) == 4
+    assert counts["libvirt:index/domain:Domain"] == 4
+    assert counts["libvirt:index/cloudInitDisk:CloudInitDisk"] == 4
+    assert counts["libvirt:index/volume:Volume"] == 4 + 1  # a root volume per VM, one shared base image
+    assert counts["pulumi:providers:libvirt"] == 1 and counts["libvirt:index/pool:Pool"] == 1
+    assert counts["libvirt:index/network:Network"] == 1
+    assert counts["primespark:cloud:ServiceStack"] == len({s.host for s in homelab.services.values()})
+    assert counts["pulumi-python:dynamic/vault:Secrets"] == 1
+    assert counts["primespark:cloud:WireGuardMesh"] == 1
+
+
+def test_homelab_key_properties_follow_the_fleet(homelab):
+    graph = plan("homelab").graph
+    [provider] = graph.of_type("pulumi:providers:libvirt")
+    kvm = homelab.hosts["kvm-1"]
+    assert provider.outputs["uri"] == f"qemu+ssh://{kvm.ssh.user}@{kvm.ssh_address}/system"
+    urns = graph.by_urn()
+    for domain in graph.of_type("libvirt:index/domain:Domain"):
+        host = homelab.hosts[domain.name]
+        assert domain.outputs["vcpu"] == host.cpus and domain.outputs["memory"] == host.memory_mb
+        assert domain.outputs["qemuAgent"] is True and domain.outputs["autostart"] is True
+        assert domain.provider.startswith(provider.urn)
+        lan, *public = domain.outputs["networkInterfaces"]
+        assert lan["addresses"] == [str(host.address)]
+        assert bool(public) == bool(host.public_address)
+        labels = json.loads(domain.outputs["description"])["primespark"]["labels"]
+        assert labels == host.labels
+        vm_component = urns[domain.parent]
+        assert vm_component.type == "primespark:cloud:VirtualMachine"
+        assert urns[vm_component.parent].name == "kvm-1"
+    roots = {v.name: v for v in graph.of_type("libvirt:index/volume:Volume") if v.outputs.get("baseVolumeId")}
+    assert {n: v.outputs["size"] / GIB for n, v in roots.items()} == {
+        f"{n}-root": h.disk_gb for n, h in homelab.vms_on("kvm-1").items()}
+    [base] = [v for v in graph.of_type("libvirt:index/volume:Volume") if v.outputs.get("source")]
+    assert base.outputs["source"].endswith(f"/{homelab.images['debian-12'].sha256}.qcow2")
+
+
+def test_outputs_are_json_for_ansible_and_flows(homelab):
+    outputs = plan("homelab").graph.outputs
+    json.dumps(outputs)  # plain data only
+    assert set(outputs["vms"]) == set(homelab.vms_on("kvm-1"))
+    assert outputs["vms"]["core-1"]["address"] == str(homelab.hosts["core-1"].address)
+    assert outputs["services"]["kafka"]["port"] == homelab.services["kafka"].port
+    assert outputs["services"]["kafka"]["address"] == str(homelab.hosts["stream-1"].address)
+    mesh = outputs["mesh"]["fleet"]
+    assert set(mesh["public_keys"]) == set(homelab.mesh_members("fleet"))
+    assert "private_keys" not in mesh
+
+
+def test_program_runs_twice_in_one_process():
+    first = plan("homelab")
+    second = plan("lab")
+    third = plan("homelab")
+    assert first.graph.outputs["fleet"] == third.graph.outputs["fleet"] == "homelab"
+    assert second.graph.outputs["fleet"] == "lab"
+    assert len(first.graph.resources) == len(third.graph.resources)
+    assert {r.name for r in second.graph.of_type("libvirt:index/domain:Domain")} == set(
+        load_fleet("lab").vms_on("kvm-1"))
+
+
+def test_no_generated_secret_in_any_output_or_cloud_init_file():
+    result = plan("homelab")
+    graph = result.graph
+    [vault] = graph.of_type("pulumi-python:dynamic/vault:Secrets")
+    generated = {v for values in vault.outputs["values"].values() for v in values.values()}
+    generated |= {v for v in graph.secret_values if len(v) >= 20 and "\n" not in v}  # mesh private keys
+    assert len(generated) >= 5
+    plain = json.dumps(graph.outputs)
+    seeds = [r for r in graph.of_type("libvirt:index/cloudInitDisk:CloudInitDisk")]
+    assert len(seeds) == 4
+    for secret in generated:
+        assert secret not in plain
+        for seed in seeds:
+            for part in ("userData", "metaData", "networkConfig"):
+                assert secret not in seed.outputs[part], f"{seed.name} {part}"
+    assert not [v for v in result.violations if v.policy == "no-plaintext-secrets"]
