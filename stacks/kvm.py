@@ -14,12 +14,12 @@ GIB = 1024**3
 class KvmHost(pulumi.ComponentResource):
     """One libvirt provider (qemu+ssh to the host), a storage pool, the cloud LAN and the base images."""
 
-    def __init__(self, name: str, fleet: Fleet, *, pool_path: str, image_cache: str,
+    def __init__(self, name: str, fleet: Fleet, *, pool_path: str, image_cache: str, uri: str | None = None,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         host = fleet.hosts[name]
         site = fleet.sites[host.site]
         port = f":{host.ssh.port}" if host.ssh.port != 22 else ""
-        uri = f"qemu+ssh://{host.ssh.user}@{host.ssh_address}{port}/system"
+        uri = uri or f"qemu+ssh://{host.ssh.user}@{host.ssh_address}{port}/system"
         # Props become Output attributes of the component: none may share a name with an attribute set here.
         super().__init__("primespark:cloud:KvmHost", name, {
             "host": name, "uri": uri, "cpus": host.cpus, "memoryMb": host.memory_mb, "diskGb": host.disk_gb,

@@ -35,6 +35,8 @@ class CloudConfig:
     pool_path: str = "/var/lib/libvirt/images/primespark"
     image_cache: str = ""
     automation_keys: tuple[str, ...] = ()
+    libvirt_uri: str = ""  # overrides every KVM host's qemu+ssh URI (test:///default in the integration test)
+    manage_vault: bool = True  # false: a stack with no Vault to write to (the libvirt test driver)
 
     @classmethod
     def from_pulumi(cls) -> CloudConfig:
@@ -48,6 +50,8 @@ class CloudConfig:
             pool_path=config.get("poolPath") or cls.pool_path,
             image_cache=config.get("imageCache") or "",
             automation_keys=tuple(_automation_keys(pulumi.get_stack())),
+            libvirt_uri=config.get("libvirtUri") or "",
+            manage_vault=config.get_bool("manageVault") is not False,
         )
 
 
@@ -70,14 +74,16 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
     reads the saved plan and refuses a stale one."""
     image_cache = config.image_cache or str(_state_dir(pulumi.get_stack()) / "images")
     vault = VaultTarget(config.vault_address, config.vault_mount)
-    vault_secrets = VaultSecrets(fleet, config.vault_mount)
-    stacks = {host: ServiceStack(host, fleet, vault, pulumi.ResourceOptions(depends_on=[vault_secrets]))
+    vault_secrets = VaultSecrets(fleet, config.vault_mount) if config.manage_vault else None
+    after_vault = pulumi.ResourceOptions(depends_on=[vault_secrets] if vault_secrets else [])
+    stacks = {host: ServiceStack(host, fleet, vault, after_vault)
               for host in sorted({svc.host for svc in fleet.services.values()})}
     vms: dict[str, dict[str, Any]] = {}
     for kvm_name in fleet.hosts_of(HostKind.kvm_host):
         if not fleet.vms_on(kvm_name):
             continue
-        kvm = KvmHost(kvm_name, fleet, pool_path=config.pool_path, image_cache=image_cache)
+        kvm = KvmHost(kvm_name, fleet, pool_path=config.pool_path, image_cache=image_cache,
+                      uri=config.libvirt_uri or None)
         for vm_name, host in fleet.vms_on(kvm_name).items():
             files = stacks[vm_name].files if vm_name in stacks else []
             seed = vm_seed(fleet, vm_name, files=files, automation_keys=list(config.automation_keys))
@@ -93,7 +99,7 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
         "fleet": fleet.name,
         "vms": vms,
         "services": endpoints(fleet),
-        "vault": {"address": config.vault_address, "mount": config.vault_mount, "roles": vault_secrets.roles},
+        "vault": {"address": config.vault_address, "mount": config.vault_mount, "roles": vault_secrets.roles if vault_secrets else []},
     }
     meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
     if meshes:

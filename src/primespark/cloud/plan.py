@@ -96,6 +96,8 @@ def plan(env: str) -> PlanResult:
         public_bridge=config.get("publicBridge", "br0"),
         pool_path=config.get("poolPath", CloudConfig.pool_path),
         image_cache=config.get("imageCache", ""),
+        libvirt_uri=config.get("libvirtUri", ""),
+        manage_vault=config.get("manageVault", "true").lower() != "false",
     )
     mesh_plans, notes = _mesh_plans(fleet, stack)
     graph = run_program(lambda: build(fleet, cloud, mesh_plans), stack, config)
