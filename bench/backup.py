@@ -92,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spark-bench-backup-", dir="/tmp"))
     os.environ["SPARK_STATE_DIR"] = str(work / "state")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         dataset = work / "dataset"
         files, size = make_dataset(dataset, args.size_mib)

@@ -44,6 +44,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("state")
     old = os.environ.get("SPARK_STATE_DIR")
     os.environ["SPARK_STATE_DIR"] = str(path)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing on SQLite
     with prefect_test_harness(server_startup_timeout=120):
         yield path
     if old is None:
@@ -128,7 +129,7 @@ def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None
     assert 'primespark_drill_success{host="pi-1"} 1.0' in drills and "primespark_drill_rto_seconds" in drills
     promtool(prom / "primespark_drill_pi-1.prom")
     # byte for byte: the restored tree equals the source (minus the excluded *.tmp)
-    restored = Path(LocalTransport(ctx.fleet).scratch_root("pi-3"))
+    restored = Path(ctx.transport.scratch_root("pi-3"))
     tree = next(restored.glob("pi-1-*")) / str(tmp_path / "src" / "pi-1").lstrip("/")
     comparison = filecmp.dircmp(tmp_path / "src" / "pi-1", tree)
     assert comparison.left_only == ["cache.tmp"] and not comparison.right_only
@@ -263,9 +264,20 @@ def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
 def test_drill_report_lists_the_drills_in_the_terminal(state: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from primespark.backup.drill import DrillReport, append_history
     from primespark.cli.app import app
 
     fleet = make_fleet(tmp_path)
-    out = CliRunner().invoke(app, ["drill", "report", "--env", fleet, "--last", "50"])
+    ctx = BackupContext.load(fleet, "local")
+    passed = DrillReport("pi-1", "pi-3", "2026-01-01T05:00:00+00:00", "nas-primary", snapshot="a" * 64,
+                         rpo_seconds=3600, rto_seconds=90)
+    failed = DrillReport("pi-2", "pi-3", "2026-01-02T05:00:00+00:00", "nas-primary",
+                         failures=["RPO breach: the newest snapshot is 30.00 h old"])
+    append_history(ctx, passed)
+    append_history(ctx, failed)
+    out = CliRunner().invoke(app, ["drill", "report", "--env", fleet, "--last", "2"])
     assert out.exit_code == 0, out.output
-    assert "DR drills in" in out.output and "pi-1" in out.output and "pass" in out.output and "FAIL" in out.output
+    lines = [ln for ln in out.output.splitlines() if "2026-01-0" in ln]
+    assert len(lines) == 2
+    assert "pi-1" in lines[0] and "pass" in lines[0] and "aaaaaaaa" in lines[0] and "1.5" in lines[0]
+    assert "pi-2" in lines[1] and "FAIL" in lines[1] and "RPO breach" in out.output

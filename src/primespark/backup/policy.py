@@ -119,7 +119,7 @@ class SshTransport:
 class LocalTransport:
     """Tests and benchmarks: every host is this machine, every repository a local folder at its path."""
 
-    def __init__(self, fleet: Fleet, scratch: str = "/tmp/primespark-drill") -> None:
+    def __init__(self, fleet: Fleet, scratch: str) -> None:
         self.fleet = fleet
         self.scratch = scratch
 
@@ -158,7 +158,8 @@ class BackupContext:
         fleet = load_fleet(env)
         name = fleet.name if Path(env).suffix in (".yaml", ".yml") else env
         settings = settings_for(name)
-        chosen: Transport = SshTransport(fleet, settings) if transport == "ssh" else LocalTransport(fleet)
+        chosen: Transport = (SshTransport(fleet, settings) if transport == "ssh"
+                             else LocalTransport(fleet, str(settings.state_dir(name) / "drill-scratch")))
         return cls(name, fleet, chosen, secret_store(name, settings), settings)
 
     @property
