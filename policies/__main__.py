@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
+from pulumi_policy import EnforcementLevel, PolicyPack
 
-from policies.rules import POLICIES  # noqa: E402
+from policies.rules import POLICIES
 
 PolicyPack(name="primespark", enforcement_level=EnforcementLevel.MANDATORY, policies=POLICIES)

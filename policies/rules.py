@@ -28,6 +28,7 @@ VAULT_SECRETS = "pulumi-python:dynamic/vault:Secrets"
 MESH = "primespark:cloud:WireGuardMesh"
 STACK = "pulumi:pulumi:Stack"
 GIB = 1024**3
+_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: user-data is long
 PUBLIC_PURPOSES = ("ssh", "wireguard")
 SHA256_FILE = re.compile(r"(^|/)[0-9a-f]{64}\.(qcow2|img|raw)$")
 SECRET_PATTERNS = (
@@ -124,12 +125,14 @@ def generated_secrets(resources: list[PolicyResource]) -> set[str]:
 
 def no_plaintext_secrets(args: StackValidationArgs, report_violation: ReportViolation) -> None:
     secrets = generated_secrets(list(args.resources))
+    # One alternation for all secrets: a scan per string instead of one per secret and string.
+    any_secret = re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))) if secrets \
+        else None
     for resource in args.resources:
         if resource.resource_type in (VAULT_SECRETS, MESH):
             continue  # where the secrets live, as Pulumi secrets
         for path, text in _strings(resource.props):
-            leaked = next((s for s in secrets if s in text), None)
-            if leaked is not None:
+            if any_secret is not None and any_secret.search(text):
                 where = "a stack output" if resource.resource_type == STACK else f"{resource.name} ({path})"
                 report_violation(f"a generated secret appears in plain text in {where}: deliver it from Vault "
                                  "at run time instead", resource.urn)
@@ -144,17 +147,21 @@ def no_plaintext_secrets(args: StackValidationArgs, report_violation: ReportViol
 
 def _compose_ports(user_data: str) -> Iterator[str]:
     try:
-        document = yaml.safe_load(user_data) or {}
+        document = yaml.load(user_data, Loader=_YAML) or {}  # noqa: S506 a safe loader (CSafeLoader or SafeLoader)
     except yaml.YAMLError:
         return
     for item in document.get("write_files") or []:
         if str(item.get("path", "")).endswith("compose.yaml"):
-            compose = yaml.safe_load(item.get("content") or "") or {}
+            compose = yaml.load(item.get("content") or "", Loader=_YAML) or {}  # noqa: S506 a safe loader (CSafeLoader or SafeLoader)
             for service in (compose.get("services") or {}).values():
                 yield from (str(p) for p in service.get("ports") or [])
 
 
 def public_exposure(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    seeds: dict[str, list[PolicyResource]] = {}
+    for r in args.resources:
+        if r.resource_type == CLOUD_INIT and r.parent is not None:
+            seeds.setdefault(r.parent.urn, []).append(r)
     for vm in (r for r in args.resources if r.resource_type == VM):
         for rule in vm.props.get("exposure") or []:
             if rule.get("network") == "public" and not str(rule.get("purpose", "")).startswith(PUBLIC_PURPOSES):
@@ -162,7 +169,7 @@ def public_exposure(args: StackValidationArgs, report_violation: ReportViolation
                                  f"{rule.get('port'):g}) from the public network: only SSH and WireGuard may be "
                                  "public; reach services over the LAN or the mesh", vm.urn)
         lan_address = vm.props.get("address")
-        for disk in (r for r in args.resources if r.resource_type == CLOUD_INIT and r.parent is not None and r.parent.urn == vm.urn):
+        for disk in seeds.get(vm.urn, []):
             for port in _compose_ports(str(disk.props.get("userData") or "")):
                 bind = port.rsplit(":", 2)[0] if port.count(":") == 2 else ""
                 if bind != lan_address:

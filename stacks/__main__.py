@@ -5,6 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stacks.program import main  # noqa: E402 needs the path above
+from stacks.program import main
 
 main()

@@ -99,7 +99,8 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
         "fleet": fleet.name,
         "vms": vms,
         "services": endpoints(fleet),
-        "vault": {"address": config.vault_address, "mount": config.vault_mount, "roles": vault_secrets.roles if vault_secrets else []},
+        "vault": {"address": config.vault_address, "mount": config.vault_mount,
+                  "roles": vault_secrets.roles if vault_secrets else []},
     }
     meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
     if meshes:

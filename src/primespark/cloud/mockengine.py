@@ -98,7 +98,7 @@ class _RecordingMonitor(mocks.MockMonitor):
         self.secret_outputs: set[str] = set()
         self.secret_values: set[str] = set()
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 the gRPC method name
+    def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         if request.type == STACK_TYPE:
             return response
@@ -113,7 +113,7 @@ class _RecordingMonitor(mocks.MockMonitor):
         ))
         return response
 
-    def RegisterResourceOutputs(self, request: Any) -> Any:  # noqa: N802
+    def RegisterResourceOutputs(self, request: Any) -> Any:
         outputs = rpc.deserialize_properties(request.outputs)
         self.secret_values |= _secret_strings(outputs)
         if "::" + STACK_TYPE + "::" in request.urn:

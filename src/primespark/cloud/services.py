@@ -100,8 +100,11 @@ def prometheus_config(fleet: Fleet) -> dict[str, Any]:
     return {"global": {"scrape_interval": "30s"}, "scrape_configs": jobs}
 
 
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present
+
+
 def _dump(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=False)
 
 
 def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:

@@ -4,7 +4,7 @@ applies it with hvac as a Pulumi dynamic provider (create, update and delete are
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import secrets as pysecrets
 from pathlib import Path
@@ -43,7 +43,8 @@ def vault_spec(fleet: Fleet, mount: str) -> dict[str, Any]:
     return {"mount": mount, "secrets": services, "roles": roles}
 
 
-def generate_values(spec: dict[str, Any], existing: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, str]]:
+def generate_values(spec: dict[str, Any],
+                    existing: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, str]]:
     """A value for every secret key; keys that already have one keep it (idempotent re-runs, no rotation)."""
     existing = existing or {}
     return {path: {key: existing.get(path, {}).get(key) or pysecrets.token_urlsafe(SECRET_BYTES) for key in keys}
@@ -92,7 +93,8 @@ class VaultSecretsProvider(ResourceProvider):
         for role, role_spec in spec["roles"].items():
             client.sys.create_or_update_policy(name=role, policy=role_spec["policy"])
             client.auth.approle.create_or_update_approle(
-                role_name=role, token_policies=[role], token_ttl="1h", token_max_ttl="4h", secret_id_ttl="0")
+                role_name=role, token_policies=[role], token_ttl="1h", token_max_ttl="4h",  # noqa: S106 durations
+                secret_id_ttl="0")  # noqa: S106
             client.auth.approle.update_role_id(role_name=role, role_id=role)  # the role-id is not a secret
         if old:  # what the old spec had and the new one lacks goes
             for path in set(old.get("secrets", {})) - set(spec["secrets"]):
@@ -107,10 +109,8 @@ class VaultSecretsProvider(ResourceProvider):
 
         for delete in (lambda: client.auth.approle.delete_role(role_name=role),
                        lambda: client.sys.delete_policy(name=role)):
-            try:
+            with contextlib.suppress(hvac.exceptions.InvalidPath):  # already gone: deleting twice is fine
                 delete()
-            except hvac.exceptions.InvalidPath:
-                pass  # already gone: deleting twice is fine
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         outputs = self._apply(_spec(props), None)
@@ -129,10 +129,8 @@ class VaultSecretsProvider(ResourceProvider):
         client = self._vault()
         spec = _spec(props)
         for path in spec["secrets"]:
-            try:
+            with contextlib.suppress(hvac.exceptions.InvalidPath):
                 client.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=spec["mount"])
-            except hvac.exceptions.InvalidPath:
-                pass
         for role in spec["roles"]:
             self._delete_role(client, role)
 
@@ -141,5 +139,3 @@ def _spec(props: dict[str, Any]) -> dict[str, Any]:
     return {"mount": props["mount"], "secrets": props["secrets"], "roles": props["roles"]}
 
 
-def fingerprint(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True)
