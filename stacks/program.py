@@ -76,7 +76,8 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
     vault = VaultTarget(config.vault_address, config.vault_mount)
     vault_secrets = VaultSecrets(fleet, config.vault_mount) if config.manage_vault else None
     after_vault = pulumi.ResourceOptions(depends_on=[vault_secrets] if vault_secrets else [])
-    stacks = {host: ServiceStack(host, fleet, vault, after_vault)
+    service_endpoints = endpoints(fleet)
+    stacks = {host: ServiceStack(host, fleet, vault, service_endpoints, after_vault)
               for host in sorted({svc.host for svc in fleet.services.values()})}
     vms: dict[str, dict[str, Any]] = {}
     for kvm_name in fleet.hosts_of(HostKind.kvm_host):
@@ -98,7 +99,7 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
     outputs: dict[str, Any] = {
         "fleet": fleet.name,
         "vms": vms,
-        "services": endpoints(fleet),
+        "services": service_endpoints,
         "vault": {"address": config.vault_address, "mount": config.vault_mount,
                   "roles": vault_secrets.roles if vault_secrets else []},
     }

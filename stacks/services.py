@@ -11,10 +11,10 @@ from primespark.fleet.model import Fleet
 class ServiceStack(pulumi.ComponentResource):
     """Files for cloud-init (compose, Vault pull, systemd units) and the endpoints they serve."""
 
-    def __init__(self, host: str, fleet: Fleet, vault: VaultTarget,
+    def __init__(self, host: str, fleet: Fleet, vault: VaultTarget, all_endpoints: dict[str, dict] | None = None,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         self.files = stack_files(fleet, host, vault)
-        self.endpoints = {name: ep for name, ep in endpoints(fleet).items() if ep["host"] == host}
+        self.endpoints = {name: ep for name, ep in (all_endpoints or endpoints(fleet)).items() if ep["host"] == host}
         super().__init__("primespark:cloud:ServiceStack", f"{host}-services", {
             "host": host, "services": self.endpoints, "paths": [f.path for f in self.files],
         }, opts)

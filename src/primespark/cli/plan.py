@@ -9,8 +9,12 @@ import typer
 from rich.text import Text
 from rich.tree import Tree
 
+from typing import TYPE_CHECKING
+
 from primespark.cli.common import EnvArg, console
-from primespark.cloud.mockengine import Recorded
+
+if TYPE_CHECKING:  # the Pulumi SDK loads only when a cloud command runs
+    from primespark.cloud.mockengine import Recorded
 
 GIB = 1024**3
 

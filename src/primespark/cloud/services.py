@@ -4,6 +4,8 @@ pull from Vault (AppRole), and the systemd units that order them. Secrets are ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -118,8 +120,7 @@ def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
              f"VAULT_ADDR={vault.address}\nVAULT_KV_MOUNT={vault.mount}\nVAULT_ROLE_ID={role_name(fleet, host)}\n"
              f"VAULT_SECRET_ID_FILE={SECRET_ID_FILE}\n"),
         File("/etc/primespark/vault/paths", "".join(f"{n} {secret_path(fleet, n)}\n" for n in readable)),
-        File("/usr/local/sbin/primespark-secrets",
-             (images_dir() / "cloud-init" / "primespark-secrets.sh").read_text(encoding="utf-8"), "0755"),
+        File("/usr/local/sbin/primespark-secrets", _script(images_dir()), "0755"),
         File("/etc/systemd/system/primespark-secrets.path", _unit(
             "Pull service secrets once the AppRole secret-id is in place",
             f"[Path]\nPathExists={SECRET_ID_FILE}\nPathChanged={SECRET_ID_FILE}\n", "paths.target")),
@@ -138,6 +139,11 @@ def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
     if any(s.kind is ServiceKind.prometheus for s in fleet.services_on(host).values()):
         files.append(File(f"{STACK_DIR}/prometheus.yml", _dump(prometheus_config(fleet))))
     return files
+
+
+@lru_cache(maxsize=4)
+def _script(root: Path) -> str:
+    return (root / "cloud-init" / "primespark-secrets.sh").read_text(encoding="utf-8")
 
 
 def _unit(description: str, body: str, wanted_by: str | None, after: str = "", wants: str = "") -> str:

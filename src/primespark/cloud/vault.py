@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets as pysecrets
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,14 @@ def policies_dir() -> Path:
     return get_settings().root / "policies" / "vault"
 
 
+@lru_cache(maxsize=4)
+def _hcl_templates(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(root),  # noqa: S701 HCL, not HTML
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
 def host_policy(fleet: Fleet, host: str, mount: str, root: Path | None = None) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(root or policies_dir()),  # noqa: S701 HCL, not HTML
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = _hcl_templates(root or policies_dir())
     paths = [secret_path(fleet, name) for name in readable_services(fleet, host)]
     return env.get_template("host.hcl.j2").render(fleet=fleet.name, host=host, mount=mount, paths=paths)
 
