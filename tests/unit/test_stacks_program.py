@@ -113,3 +113,30 @@ def test_no_generated_secret_in_any_output_or_cloud_init_file():
             for part in ("userData", "metaData", "networkConfig"):
                 assert secret not in seed.outputs[part], f"{seed.name} {part}"
     assert not [v for v in result.violations if v.policy == "no-plaintext-secrets"]
+
+
+def test_plan_writes_no_state(state_dir):
+    plan("homelab")
+    assert not state_dir.exists(), "spark plan must not create keys, plans or folders"
+
+
+def test_the_pulumi_entry_point_reads_the_fleet_named_in_the_stack_config(state_dir):
+    """`stacks.program.main` as `pulumi up` runs it: config from Pulumi.homelab.yaml, the saved mesh plan."""
+    from primespark.cloud.mockengine import run_program, stacks_importable
+    from primespark.cloud.plan import stack_config
+    from primespark.mesh.service import plan_and_save
+    from primespark.secrets import LocalSecretStore
+
+    stacks_importable()
+    from stacks.program import main
+
+    config = stack_config("homelab")
+    assert config["fleet"] == "homelab" and config["vaultAddress"].startswith("https://")
+    fleet = load_fleet(config["fleet"])
+    saved = plan_and_save(fleet, "fleet", state_dir, LocalSecretStore(state_dir / "secrets"))
+    graph = run_program(main, "homelab", config)
+    assert {r.name for r in graph.of_type("libvirt:index/domain:Domain")} == set(fleet.vms_on("kvm-1"))
+    assert graph.outputs["vault"]["address"] == config["vaultAddress"]
+    assert graph.outputs["mesh"]["fleet"]["public_keys"]["core-1"] == saved.plan.hosts["core-1"].public_key
+    seed = next(r for r in graph.of_type("libvirt:index/cloudInitDisk:CloudInitDisk") if r.name == "core-1-seed")
+    assert f"VAULT_ADDR={config['vaultAddress']}" in seed.outputs["userData"].replace("\\n", "\n")
