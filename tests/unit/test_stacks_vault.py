@@ -10,7 +10,7 @@ import hvac
 import pytest
 
 from primespark.cloud.catalog import readable_services
-from primespark.cloud.vault import VaultSecretsProvider, host_policy, vault_spec
+from primespark.cloud.vault import VaultSecretsProvider, host_policy, issue_secret_id, vault_spec
 from primespark.fleet import load_fleet
 
 
@@ -21,6 +21,7 @@ class MemoryVault:
         self.roles: dict[str, dict] = {}
         self.auth: dict[str, dict] = {"token/": {}}
         self.writes = 0
+        self.issued: list = []
         outer = self
 
         class KV:
@@ -59,6 +60,10 @@ class MemoryVault:
 
             def update_role_id(self, role_name, role_id):
                 outer.roles[role_name]["role_id"] = role_id
+
+            def generate_secret_id(self, role_name, metadata=None):
+                outer.issued.append((role_name, metadata))
+                return {"data": {"secret_id": f"sid-{len(outer.issued)}", "secret_id_accessor": "acc"}}
 
             def delete_role(self, role_name):
                 if role_name not in outer.roles:
@@ -116,3 +121,11 @@ def test_create_update_delete_are_idempotent(homelab):
     provider.delete("id", smaller)
     provider.delete("id", smaller)  # twice: already gone is fine
     assert vault.kv == {} and vault.roles == {} and vault.policies == {}
+
+
+def test_secret_ids_are_issued_per_service_host(homelab):
+    vault = MemoryVault()
+    assert issue_secret_id(vault.client(), homelab, "core-1") == "sid-1"
+    assert vault.issued == [("primespark-homelab-core-1", {"host": "core-1", "fleet": "homelab"})]
+    with pytest.raises(ValueError, match="no AppRole"):
+        issue_secret_id(vault.client(), homelab, "pi-1")

@@ -145,3 +145,13 @@ def _spec(props: dict[str, Any]) -> dict[str, Any]:
     return {"mount": props["mount"], "secrets": props["secrets"], "roles": props["roles"]}
 
 
+
+
+def issue_secret_id(client: Any, fleet: Fleet, host: str) -> str:
+    """A fresh AppRole secret-id for `host`, for the configuration run to place at the VM's secret-id file
+    (0400, over SSH). It never goes into user-data, outputs or the Pulumi state."""
+    if not fleet.services_on(host):
+        raise ValueError(f"{host} runs no services and has no AppRole")
+    response = client.auth.approle.generate_secret_id(role_name=role_name(fleet, host),
+                                                      metadata={"host": host, "fleet": fleet.name})
+    return str(response["data"]["secret_id"])
