@@ -31,11 +31,12 @@ GIB = 1024**3
 _YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: user-data is long
 PUBLIC_PURPOSES = ("ssh", "wireguard")
 SHA256_FILE = re.compile(r"(^|/)[0-9a-f]{64}\.(qcow2|img|raw)$")
-SECRET_PATTERNS = (
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"(?i)\b(password|passwd|secret[_-]?key|api[_-]?key|secret[_-]?id|token)\b\s*[:=]\s*['\"]?"
-               r"(?![$<{(])[^\s'\"]{8,}"),
-    re.compile(r"(?m)^\s*PrivateKey\s*=\s*[A-Za-z0-9+/]{42,43}="),
+SECRET_PATTERNS = (  # (what to call it, pattern); messages name the kind, never the matched text
+    ("a private key block", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
+    ("a password or token assignment",
+     re.compile(r"(?i)\b(password|passwd|secret[_-]?key|api[_-]?key|secret[_-]?id|token)\b\s*[:=]\s*['\"]?"
+                r"(?![$<{(])[^\s'\"]{8,}")),
+    ("a WireGuard private key", re.compile(r"(?m)^\s*PrivateKey\s*=\s*[A-Za-z0-9+/]{42,43}=")),
 )
 
 
@@ -137,11 +138,10 @@ def no_plaintext_secrets(args: StackValidationArgs, report_violation: ReportViol
                 report_violation(f"a generated secret appears in plain text in {where}: deliver it from Vault "
                                  "at run time instead", resource.urn)
                 continue
-            for pattern in SECRET_PATTERNS:
-                match = pattern.search(text)
-                if match:
-                    report_violation(f"{resource.name} ({path}) holds what looks like a secret "
-                                     f"({match.group(0)[:24]}…): keep secrets in Vault", resource.urn)
+            for kind, pattern in SECRET_PATTERNS:
+                if pattern.search(text):
+                    report_violation(f"{resource.name} ({path}) holds what looks like a secret ({kind}): "
+                                     "keep secrets in Vault", resource.urn)
                     break
 
 

@@ -105,7 +105,8 @@ def test_no_plaintext_secrets():
     pattern = check_stack(rules.no_plaintext_secrets, _secret_graph(clean + f"# {key!r}\n", {}))
     assert len(pattern) == 1 and "looks like a secret" in pattern[0]
     assignment = check_stack(rules.no_plaintext_secrets, _secret_graph(clean + "# password=hunter2hunter2\n", {}))
-    assert len(assignment) == 1
+    assert len(assignment) == 1 and "hunter2" not in assignment[0], "the report must not repeat the secret"
+    assert all("s3cr3t" not in m for m in leaked_output + leaked_seed)
     reference = check_stack(rules.no_plaintext_secrets, _secret_graph(clean + "# password=$REDIS_PASSWORD\n", {}))
     assert reference == [], "a reference to a variable is not a secret"
 
