@@ -210,7 +210,8 @@ def test_unreachable_nas_retries_fails_clearly_then_recovers_without_unlock(
     failed = run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST)
     assert failed.is_failed()
     reason = str(failed.result(raise_on_failure=False))
-    assert "unreachable" in reason and "Connection refused" in reason
+    # restic relays the ssh error line from a goroutine that may lose the race with its exit: not asserted
+    assert "storage is unreachable" in reason and "sftp" in reason, reason
     assert len(attempts.read_text().split()) >= 1 + FAST["retries"], "no retries happened"
     assert "primespark_backup_success{host=\"pi-1\",repository=\"nas-primary\"} 0.0" in (
         tmp_path / "prom" / "primespark_backup_pi-1.prom").read_text()

@@ -21,33 +21,31 @@ MANIFEST_FILE = "primespark-manifest.json"
 # list); "tree" hashes every regular file under argv[2]. Output: {path: [sha256, size, mtime_ns]} or null.
 HASH_SCRIPT = r"""
 import hashlib, json, os, stat, sys
+from concurrent.futures import ThreadPoolExecutor
 def digest(p):
-    st = os.lstat(p)
-    if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return [h.hexdigest(), st.st_size, st.st_mtime_ns]
+    except OSError:
         return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return [h.hexdigest(), st.st_size, st.st_mtime_ns]
-out = {}
 if sys.argv[1] == "files":
-    for p in json.load(sys.stdin):
-        try:
-            out[p] = digest(p)
-        except OSError:
-            out[p] = None
+    paths = json.load(sys.stdin)
+    keys = paths
 else:
     root = sys.argv[2]
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            try:
-                r = digest(p)
-            except OSError:
-                r = None
-            if r is not None:
-                out["/" + os.path.relpath(p, root)] = r
+    paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+    keys = ["/" + os.path.relpath(p, root) for p in paths]
+# hashlib releases the GIL: one thread per core hashes in parallel
+with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    out = dict(zip(keys, pool.map(digest, paths, chunksize=64)))
+if sys.argv[1] != "files":
+    out = {k: v for k, v in out.items() if v is not None}
 json.dump(out, sys.stdout)
 """
 
