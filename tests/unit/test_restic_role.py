@@ -45,3 +45,17 @@ def test_material_per_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     for path in (tmp_path / "secrets" / "restic").rglob("*"):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_parallel_lookups_agree_on_every_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ansible runs the lookup for many hosts at once (forks): the scratch host and pi-1 must get one key."""
+    import multiprocessing
+
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.starmap(host_material, [("lab", h) for h in ("pi-1", "pi-3", "pi-2", "pi-3")])
+    own = {k["client"]: k["private_key"] for r in results[:1] for k in r["client_keys"]}  # type: ignore[attr-defined]
+    scratch = {k["client"]: k["private_key"] for k in results[1]["client_keys"]}  # type: ignore[index]
+    assert own["pi-1"] == scratch["pi-1"]
+    passwords = {(r["repository"], r["password"]) for res in results for r in res["repositories"]}  # type: ignore[attr-defined]
+    assert len({repo for repo, _ in passwords}) == len(passwords)  # one password per repository

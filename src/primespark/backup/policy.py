@@ -8,6 +8,7 @@ between Unix users. The offsite repository mirrors that layout, one copy per cli
 
 from __future__ import annotations
 
+import fcntl
 import secrets as pysecrets
 import socket
 from dataclasses import dataclass, field
@@ -226,6 +227,13 @@ def host_material(env: str, host: str) -> dict[str, object]:
     """What the `restic` role installs on `host`: SFTP keys (its own; every client's on the drill's scratch
     host), repository passwords, and the public key the NAS must authorise. Made in the store on first use."""
     ctx = BackupContext.load(env, "ssh")
+    # Ansible looks this up for many hosts at once, in parallel processes: make each secret exactly once.
+    with open(ctx.settings.state_dir(ctx.env) / ".backup-material.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _host_material(ctx, host)
+
+
+def _host_material(ctx: BackupContext, host: str) -> dict[str, object]:
     plans = ctx.backup.plans
     clients = [c for c in plans if c == host or host == ctx.backup.drill.scratch_host]
     keys, repositories, passwords = [], [], {}
