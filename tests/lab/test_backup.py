@@ -136,7 +136,7 @@ def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backup
     nas = backups.hosts["nas-1"]
     pi_address = str(backups.hosts["pi-1"].address)
     root = spec.plans["pi-1"].paths[0]
-    assert lab.exec("pi-1", f"head -c 400000000 /dev/urandom > {root}/bulk.bin").returncode == 0
+    assert lab.exec("pi-1", f"head -c 200000000 /dev/urandom > {root}/bulk.bin").returncode == 0
     repo_locks = f"{spec.repositories['nas-primary'].path}/pi-1/repo/locks"
     outcome: dict[str, object] = {}
     worker = threading.Thread(target=lambda: outcome.update(state=backup(
