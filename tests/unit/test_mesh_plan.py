@@ -201,3 +201,22 @@ def test_health_probe_output_is_parsed_and_exported(tmp_path):
     assert families["spark_mesh_pairs_down"].samples[0].value == 1
     up = {s.labels["target"]: s.value for s in families["spark_mesh_pair_up"].samples}
     assert up == {"b": 1.0, "c": 0.0}
+
+
+def test_ssh_runner_uses_the_fleet_ssh_settings_and_sudo(tmp_path, monkeypatch):
+    import shlex
+
+    from primespark.mesh.remote import SshRunner
+    from primespark.settings import Settings
+
+    ssh = tmp_path / "ssh"
+    ssh.mkdir()
+    (ssh / "id_ed25519").write_text("key")
+    (ssh / "known_hosts").write_text("")
+    settings = Settings(SPARK_STATE_DIR=tmp_path)  # type: ignore[call-arg]
+    runner = SshRunner(fleet_with(), "lab", settings)
+    argv = runner.argv("pi-1", "wg show wg0 dump | awk '{print $1}'")
+    assert argv[-2] == "spark@172.30.1.11" and argv[argv.index("-p"):argv.index("-p") + 2] == ["-p", "22"]
+    assert str(ssh / "id_ed25519") in argv and f"UserKnownHostsFile={ssh / 'known_hosts'}" in argv
+    remote = shlex.split(argv[-1])
+    assert remote[:4] == ["sudo", "-n", "sh", "-c"] and remote[4] == "wg show wg0 dump | awk '{print $1}'"
