@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.text import Text
 from rich.tree import Tree
-
-from typing import TYPE_CHECKING
 
 from primespark.cli.common import EnvArg, console
 
