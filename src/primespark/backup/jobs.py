@@ -12,7 +12,7 @@ from pathlib import Path
 
 from primespark.backup.manifest import Manifest, manifest_tag, record_manifest
 from primespark.backup.policy import BACKUP_TAG, MANIFEST_TAG, BackupContext
-from primespark.restic import BackupSummary, CheckFailed, ResticClient, ResticError
+from primespark.restic import BackupSummary, CheckFailed, RepositoryNotFound, ResticClient, ResticError
 from primespark.secrets import atomic_write
 
 WriterSlot = Callable[[str], AbstractContextManager[object]]
@@ -40,8 +40,12 @@ class BackupOutcome:
 def prepare(ctx: BackupContext, repository: str, client: str) -> dict[str, object]:
     """Create the repository (and its password) on first use; remove locks left by dead processes."""
     restic = ctx.client(repository, client, create=True)
-    created = restic.init()
-    locks = ctx.clear_stale_locks(repository, client)
+    created = False
+    try:  # listing locks also proves the repository exists: one restic start saved on every run
+        locks = ctx.clear_stale_locks(repository, client)
+    except RepositoryNotFound:
+        created = restic.init()
+        locks = ctx.clear_stale_locks(repository, client)
     return {"created": created, "stale_locks_removed": [lock.id[:8] for lock in locks.removed],
             "live_locks": [lock.id[:8] for lock in locks.kept_alive],
             "unresolved_locks": [f"{lock.id[:8]} by pid {lock.pid} on {lock.hostname}" for lock in locks.unresolved]}
