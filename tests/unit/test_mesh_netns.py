@@ -160,6 +160,7 @@ def test_rotation_keeps_a_continuous_ping_within_one_handshake_interval(fabric, 
         time.sleep(1)
     finally:
         sent, received, gap = ping.stop()
+    print(f"rotation: longest silence {gap:.2f} s, {sent - received} of {sent} pings lost")
     assert report.new_public_key != old_public
     assert gap <= HANDSHAKE_INTERVAL_SECONDS, f"longest silence {gap:.2f} s; {sent - received} of {sent} lost"
     assert fabric.run("core-1", "wg show wg0 public-key").strip() == report.new_public_key
