@@ -9,6 +9,7 @@ the primary repository's host, so the fixture applies the same role to ops-1 wit
 
 from __future__ import annotations
 
+import contextvars
 import json
 import sys
 import threading
@@ -139,8 +140,10 @@ def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backup
     assert lab.exec("pi-1", f"head -c 200000000 /dev/urandom > {root}/bulk.bin").returncode == 0
     repo_locks = f"{spec.repositories['nas-primary'].path}/pi-1/repo/locks"
     outcome: dict[str, object] = {}
-    worker = threading.Thread(target=lambda: outcome.update(state=backup(
-        "pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)))
+    # the thread runs in a copy of this context: Prefect's settings (the lab server's URL) live in contextvars
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=lambda: context.run(lambda: outcome.update(state=backup(
+        "pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST))))
     worker.start()
     cut = f"iptables -I INPUT -p tcp --dport {nas.ssh.port} -s {pi_address} -j REJECT --reject-with tcp-reset"
     try:

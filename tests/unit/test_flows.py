@@ -7,6 +7,7 @@ writers on one repository.
 
 from __future__ import annotations
 
+import contextvars
 import filecmp
 import os
 import shutil
@@ -232,7 +233,9 @@ def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -
 
     def windows(target) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
         out: list[tuple[float, float]] = []
-        threads = [threading.Thread(target=lambda h=h: out.append(target(h))) for h in ("pi-1", "pi-2")]
+        # each thread in a copy of this context: the harness's Prefect settings live in contextvars
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(lambda h=h: out.append(target(h)),))
+                   for h in ("pi-1", "pi-2")]
         for t in threads:
             t.start()
         for t in threads:
