@@ -59,6 +59,11 @@ class LabHandle:
     first_up: UpResult
     baseline: tuple[set[str], set[str]]  # docker ps -a / network ls before the lab existed
 
+    @property
+    def prefect_api_url(self) -> str:
+        """The lab's Prefect server (running while the lab is up)."""
+        return self.lab.prefect.api_url
+
     def docker_state(self) -> tuple[set[str], set[str]]:
         return docker_snapshot()
 

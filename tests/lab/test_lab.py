@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +54,16 @@ def test_host_keys_are_made_per_container_not_baked_into_the_image(lab):
     key = lab.state_dir / "ssh" / "id_ed25519"
     assert key.stat().st_mode & 0o777 == 0o600
     assert lab.state_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_prefect_server_answers_on_loopback_with_sqlite_in_the_state_dir(lab):
+    import json
+    import urllib.request
+
+    assert lab.prefect_api_url.startswith(f"http://127.0.0.1:{lab.fleet.lab.prefect_port}/")
+    with urllib.request.urlopen(f"{lab.prefect_api_url}/health", timeout=10) as reply:
+        assert json.load(reply) is True
+    assert list((lab.state_dir / "prefect").glob("*.db")), "no SQLite database under the lab's PREFECT_HOME"
 
 
 def test_ansible_pings_every_host_through_the_fleet_inventory(lab):
@@ -113,6 +125,20 @@ def test_cloud_host_cannot_open_a_connection_to_an_edge_host(lab):
     assert not any(opened.values()), f"the NAT router let {cloud} in: {opened}"
 
 
+def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab, repo):
+    spark = str(repo / ".venv" / "bin" / "spark")
+    # The fixture holds the lab lock; the CLI, its child, must not wait for it.
+    up = subprocess.run([spark, "lab", "up"], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert "already up, nothing changed" in up.stdout
+    status = subprocess.run([spark, "lab", "status"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("│")}
+    for name in managed_hosts(lab.fleet):
+        assert "running" in rows[name] and " ok " in rows[name], rows.get(name)
+    assert f"http://127.0.0.1:{lab.fleet.lab.prefect_port} (healthy)" in status.stdout
+
+
 def test_up_recovers_a_container_removed_by_hand_and_changes_nothing_else(lab):
     victim = edge_hosts(lab)[-1]
     subprocess.run(["docker", "rm", "-f", lab.container(victim)], check=True, capture_output=True)
@@ -127,10 +153,35 @@ def test_up_recovers_a_container_removed_by_hand_and_changes_nothing_else(lab):
     assert not again.changed, again.containers
 
 
-def test_down_leaves_docker_as_before_and_up_brings_the_lab_back(lab):
+INNER_CONFTEST = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("spark_lab_fixture", {conftest!r})
+module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+lab = module.lab
+"""
+
+INNER_TEST = """
+def test_fails_on_purpose(lab):
+    assert lab.ssh({host!r}, "true").returncode == 0  # the lab was really up
+    raise AssertionError("failing on purpose")
+"""
+
+
+def test_down_leaves_docker_as_before_also_after_a_failing_test_and_up_brings_the_lab_back(lab, tmp_path):
     lab.lab.down()
     assert lab.docker_state() == lab.baseline
     assert not lab.lab.prefect.healthy()
+
+    # A pytest run whose lab test fails still takes its lab down (the fixture cleans up on failure).
+    host = managed_hosts(lab.fleet)[0]
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST.format(conftest=str(Path(__file__).with_name("conftest.py"))))
+    (tmp_path / "test_inner.py").write_text(INNER_TEST.format(host=host))
+    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+                            str(tmp_path), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert "1 failed" in inner.stdout and "failing on purpose" in inner.stdout, inner.stdout[-3000:]
+    assert lab.docker_state() == lab.baseline
+
     result = lab.lab.up()  # the lab is shared with the tests that run after this one
     assert result.changed and not result.image_built
     assert lab.ssh(edge_hosts(lab)[0], "true").returncode == 0
