@@ -9,6 +9,7 @@ the primary repository's host, so the fixture applies the same role to ops-1 wit
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import sys
@@ -80,6 +81,19 @@ def backups(lab, tmp_path_factory):
         assert done.returncode == 0, done.stderr
     # flows report to the lab's Prefect server (a test harness earlier in the session may have set another)
     with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{fleet.lab.prefect_port}/api"}):
+        # The lab's Prefect database outlives `lab down`: a writer slot held by a run killed in an earlier
+        # session would block every backup here. This session owns the lab (its lock), so start from zero.
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+        from prefect.exceptions import ObjectNotFound
+
+        from primespark.backup.policy import limit_name
+
+        with get_client(sync_client=True) as client:
+            for name in spec.repositories:
+                with contextlib.suppress(ObjectNotFound):
+                    client.update_global_concurrency_limit(limit_name(name),
+                                                           GlobalConcurrencyLimitUpdate(active_slots=0))
         yield fleet
 
 
