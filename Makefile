@@ -50,8 +50,8 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 # Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
 # the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
 LAB_LOCK := $(SPARK) lab locked --
-# Hook for the flows: run every flow once against the lab (skipped while no such command exists).
-LAB_FLOWS := $(SPARK) flows run-all $(ENV)
+# The main job's operations: back up every host with a plan (and copy offsite), then drill every one.
+LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV)
 
 lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
 	$(SPARK) validate $(ENV)
@@ -59,9 +59,7 @@ lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say w
 	@if [ -f site.yml ]; then \
 		$(LAB_LOCK) $(BIN)/ansible-playbook -i inventory/$(ENV).fleet.yml site.yml; \
 	else echo "no site.yml yet: no playbook to apply"; fi
-	@if $(SPARK) flows run-all --help >/dev/null 2>&1; then \
-		eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) $(LAB_FLOWS); \
-	else echo 'no "spark flows run-all" yet: flows not run (the hook is LAB_FLOWS in the Makefile)'; fi
+	eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) sh -c '$(LAB_FLOWS)' 
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
 	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \

@@ -95,7 +95,8 @@ def ssh_sources(fleet: Fleet, name: str) -> list[str]:
 
 
 def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
-    """One SFTP-only account per client host on the host of its plan's repository.
+    """One SFTP-only account per client host on the host of its plan's repository, and on the host of every
+    repository that copies it (offsite): the primary account comes first.
 
     restic cannot share one repository between several Unix users (it creates owner-only files),
     so each client gets its own repository inside its own chroot: `<repository path>/<client>/repo`.
@@ -105,15 +106,17 @@ def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
         return []
     accounts = []
     for client, plan in fleet.backup.plans.items():
-        repo = fleet.backup.repositories[plan.repository]
-        accounts.append({
-            "client": client,
-            "nas": repo.host,
-            "repository": plan.repository,
-            "user": f"backup-{client}"[:32],
-            "chroot": f"{repo.path.rstrip('/')}/{client}",
-            "path": "/repo",
-        })
+        copies = [r for r, repo in fleet.backup.repositories.items() if repo.copy_from == plan.repository]
+        for name in (plan.repository, *copies):
+            repo = fleet.backup.repositories[name]
+            accounts.append({
+                "client": client,
+                "nas": repo.host,
+                "repository": name,
+                "user": f"backup-{client}"[:32],
+                "chroot": f"{repo.path.rstrip('/')}/{client}",
+                "path": "/repo",
+            })
     return accounts
 
 
@@ -151,6 +154,8 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
             groups.setdefault(group, set()).add(name)
         for service in fleet.services_on(name):
             groups.setdefault(group_name(service), set()).add(name)
+        if fleet.backup and any(repo.host == name for repo in fleet.backup.repositories.values()):
+            groups.setdefault("backup_repositories", set()).add(name)
     inventory: dict[str, Any] = {
         "_meta": {"hostvars": hostvars},
         "all": {"children": [*sorted(groups), "ungrouped"]},

@@ -76,3 +76,13 @@ def test_the_plugin_reports_a_bad_fleet_clearly(repo: Path, tmp_path: Path, isol
     done = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(tmp_path / "bad.fleet.yml"), "--list"],
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert "is outside site edge's LAN" in done.stderr
+
+
+def test_every_repository_host_gets_the_backup_accounts_it_serves(isolated_state: Path) -> None:
+    inventory = build_inventory(load_fleet("lab"))
+    assert inventory["backup_repositories"]["hosts"] == ["nas-1", "ops-1"]
+    hostvars = inventory["_meta"]["hostvars"]
+    offsite = {(a["client"], a["repository"], a["chroot"]) for a in hostvars["ops-1"]["spark_backup_accounts"]}
+    assert offsite == {(c, "offsite", f"/srv/restic/offsite/{c}") for c in ("pi-1", "pi-2", "nas-1")}
+    assert {a["repository"] for a in hostvars["nas-1"]["spark_backup_accounts"]} == {"nas-primary"}
+    assert hostvars["pi-1"]["spark_backup_target"]["repository"] == "nas-primary", "the primary comes first"

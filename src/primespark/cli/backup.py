@@ -58,20 +58,22 @@ def run_flow(flow: Any, *args: Any, **kwargs: Any) -> Any:
 
 @app.command("now")
 def now(
-    host: Annotated[str, typer.Argument(help="A host with a backup plan (fleet backup.plans).")],
+    host: Annotated[str | None, typer.Argument(help="A host with a backup plan; every such host if omitted.")] = None,
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
 ) -> None:
-    """Back up HOST now: its plan's paths into its repository, then the offsite copy."""
+    """Back up HOST (or every host with a plan) now: the plan's paths into its repository, then the offsite copy."""
     check_transport(transport)
     fleet = load_fleet(env)
-    if fleet.backup is None or host not in fleet.backup.plans:
-        plans = ", ".join(fleet.backup.plans) if fleet.backup else "none"
-        raise UserError(f"{host!r} has no backup plan in {env}", f"back up one of: {plans}")
+    plans = list(fleet.backup.plans) if fleet.backup else []
+    if host is not None and host not in plans:
+        raise UserError(f"{host!r} has no backup plan in {env}", f"back up one of: {', '.join(plans) or 'none'}")
     use_lab_prefect(fleet)
-    result = run_flow(load_flow("backup", "backup"), host, env, transport)
-    table = Table(title=f"backup of {host}", show_header=False)
-    for key, value in result.items():
-        if key != "write_window":
-            table.add_row(key, str(value))
-    console.print(table)
+    flow = load_flow("backup", "backup")
+    for name in [host] if host else plans:
+        result = run_flow(flow, name, env, transport)
+        table = Table(title=f"backup of {name}", show_header=False)
+        for key, value in result.items():
+            if key != "write_window":
+                table.add_row(key, str(value))
+        console.print(table)
