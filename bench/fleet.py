@@ -5,7 +5,7 @@ Target: 1,000 hosts under 1 s end to end. Each figure is the best of five runs.
 
 from __future__ import annotations
 
-import time
+from timing import best_of
 
 from primespark.fleet.generate import generate_fleet_yaml
 from primespark.fleet.loader import parse_yaml, validate_data
@@ -14,14 +14,6 @@ from primespark.inventory import build_inventory
 RUNS = 5
 
 
-def best(fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 def main() -> None:
     print(f"{'hosts':>6} {'parse':>9} {'validate':>9} {'inventory':>10} {'total':>9}  target")
@@ -29,9 +21,9 @@ def main() -> None:
         text = generate_fleet_yaml(size)
         data, lines = parse_yaml(text, "bench.yaml")
         fleet = validate_data(data, "bench.yaml", lines)
-        parse = best(lambda text=text: parse_yaml(text, "bench.yaml"))
-        validate = best(lambda data=data, lines=lines: validate_data(data, "bench.yaml", lines))
-        render = best(lambda fleet=fleet: build_inventory(fleet))
+        parse = best_of(lambda text=text: parse_yaml(text, "bench.yaml"), RUNS)
+        validate = best_of(lambda data=data, lines=lines: validate_data(data, "bench.yaml", lines), RUNS)
+        render = best_of(lambda fleet=fleet: build_inventory(fleet), RUNS)
         total = parse + validate + render
         target = "< 1 s" if size == 1000 else ""
         verdict = ("met" if total < 1 else "MISSED") if target else ""

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
+from timing import best_of
 
 from primespark.cloud.plan import plan
 from primespark.fleet.generate import generate_fleet_data
@@ -22,14 +23,6 @@ from primespark.settings import get_settings
 RUNS = 3
 TARGET_S = 5.0
 
-
-def best(fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cli(target: str, state: str) -> float:
@@ -50,7 +43,7 @@ def main() -> None:
         print(f"{'fleet':<22} {'resources':>9} {'in-process':>11} {'spark plan (CLI)':>17}  target")
         for label, target in (("homelab (4 VMs)", "homelab"), (f"generated ({vms} VMs)", str(fleet_file))):
             result = plan(target)
-            seconds = best(lambda target=target: plan(target))
+            seconds = best_of(lambda target=target: plan(target), RUNS)
             wall = cli(target, scratch)
             goal = f"< {TARGET_S:g} s {'met' if wall < TARGET_S else 'MISSED'}" if vms and "generated" in label else ""
             print(f"{label:<22} {len(result.graph.resources):>9} {seconds:>10.2f}s {wall:>16.2f}s  {goal}")
