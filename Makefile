@@ -71,8 +71,13 @@ lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say w
 lab-down: venv  ## remove the lab's containers and networks, stop its Prefect server
 	$(SPARK) lab down --env $(ENV)
 
-test: setup  ## run every test (unit and lab end-to-end); stops a dockerd that `make` started
-	@status=0; $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; $(MAKE) --no-print-directory docker-stop; exit $$status
+# Unit and lab tests run as two pytest processes: Prefect keeps process-wide client services (concurrency
+# slots), and a lab run's services must not leak into the unit tests' own throwaway Prefect server.
+test: setup  ## run every test (unit, then lab end-to-end); stops a dockerd that `make` started
+	@status=0; \
+	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/pytest -m lab $(PYTEST_ARGS) || status=$$?; \
+	$(MAKE) --no-print-directory docker-stop; exit $$status
 
 docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon started otherwise is left alone)
 	@if [ -f $(DOCKERD_PIDFILE) ]; then \
@@ -85,6 +90,9 @@ docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon s
 
 test-unit: venv  ## only the fast tests (no Docker)
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
+
+test-lab: setup  ## only the lab end-to-end tests
+	$(BIN)/pytest -m lab $(PYTEST_ARGS)
 
 lint: venv  ## ruff, and ansible-lint's production profile on roles and playbooks (offline)
 	$(BIN)/ruff check src tests bench stacks flows policies
