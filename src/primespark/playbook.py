@@ -75,6 +75,9 @@ def run_ansible(
         # but per set of host keys: a master still open to a host that was since re-created (a lab torn down
         # and brought up again) would take new sessions and hang them.
         envvars.setdefault("ANSIBLE_SSH_CONTROL_PATH_DIR", control_path_dir(inventory))
+    if module == "raw":
+        # raw must work on a host without Python (preflight finds those); Mitogen runs even raw in a Python there.
+        envvars["ANSIBLE_STRATEGY"] = "linear"
     with tempfile.TemporaryDirectory(prefix="spark-runner-") as private:
         kwargs: dict[str, Any] = {
             "private_data_dir": private, "project_dir": str(root), "inventory": str(root / inventory),
