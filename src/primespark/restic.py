@@ -284,7 +284,8 @@ class ResticClient:
     binary: str = "restic"
     timeout: float | None = None
 
-    def _argv(self, *args: str, json_output: bool = True) -> list[str]:
+    def command(self, *args: str, json_output: bool = True) -> list[str]:
+        """The argv of one restic call on this repository (the password goes in `environment()`, never here)."""
         argv = [self.binary, "--repo", self.repository]
         for key, value in self.options.items():
             argv += ["--option", f"{key}={value}"]
@@ -292,10 +293,10 @@ class ResticClient:
             argv.append("--json")
         return argv + list(args)
 
-    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return {"RESTIC_PASSWORD": self.password, **(extra or {})}
 
-    def _scrub(self, proc: Completed) -> Completed:
+    def scrub(self, proc: Completed) -> Completed:
         if self.password and self.password in proc.stderr:
             return Completed(proc.argv, proc.returncode, proc.stdout, proc.stderr.replace(self.password, "***"))
         return proc
@@ -309,8 +310,8 @@ class ResticClient:
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
     ) -> Completed:
-        proc = self._scrub(self.runner.run(
-            self._argv(*args, json_output=json_output), env=self._env(env), stdin=stdin, timeout=self.timeout
+        proc = self.scrub(self.runner.run(
+            self.command(*args, json_output=json_output), env=self.environment(env), stdin=stdin, timeout=self.timeout
         ))
         if proc.returncode == 255 and "restic" not in proc.stderr.lower() and getattr(self.runner, "remote", False):
             raise HostUnreachable(f"{what}: cannot reach {self.runner.name} over SSH: {proc.stderr.strip()}",
@@ -357,12 +358,28 @@ class ResticClient:
         host: str | None = None,
         time: datetime | None = None,
     ) -> BackupSummary:
-        args = ["backup", "--quiet"]
+        proc = self._call("backup", *self.backup_args(paths, excludes=excludes, tags=tags, host=host, time=time),
+                          ok=(0, 3))
+        return self.backup_result(proc, self._summary(proc))
+
+    def backup_args(
+        self,
+        paths: Sequence[str],
+        *,
+        excludes: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        host: str | None = None,
+        time: datetime | None = None,
+        verbose: bool = False,
+    ) -> list[str]:
+        """`verbose` makes restic name every file it saves (`-vv`), for a hasher reading its output."""
+        args = ["backup", "-vv" if verbose else "--quiet"]
         for pattern in excludes:
             args += ["--exclude", pattern]
-        args += self._common_backup_args(tags, host, time)
-        proc = self._call("backup", *args, "--", *paths, ok=(0, 3))
-        summary = self._summary(proc)
+        return [*args, *self._common_backup_args(tags, host, time), "--", *paths]
+
+    def backup_result(self, proc: Completed, summary: BackupSummary) -> BackupSummary:
+        """The summary of a finished `backup` (exit 0 or 3); exit 3 (files unreadable) raises BackupIncomplete."""
         if proc.returncode == 3:
             unreadable = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Warning")]
             raise BackupIncomplete(
@@ -375,9 +392,12 @@ class ResticClient:
     def backup_stdin(
         self, data: bytes, filename: str, *, tags: Sequence[str] = (), host: str | None = None
     ) -> BackupSummary:
-        args = ["backup", "--quiet", "--stdin", "--stdin-filename", filename,
+        return self._summary(self._call("backup --stdin", *self.backup_stdin_args(filename, tags=tags, host=host),
+                                        stdin=data))
+
+    def backup_stdin_args(self, filename: str, *, tags: Sequence[str] = (), host: str | None = None) -> list[str]:
+        return ["backup", "--quiet", "--stdin", "--stdin-filename", filename,
                 *self._common_backup_args(tags, host, None)]
-        return self._summary(self._call("backup --stdin", *args, stdin=data))
 
     @staticmethod
     def _common_backup_args(tags: Sequence[str], host: str | None, time: datetime | None) -> list[str]:
@@ -518,11 +538,12 @@ class ResticClient:
     # locks -----------------------------------------------------------------------------------------------
 
     def locks(self) -> list[Lock]:
-        proc = self._call("list locks", "list", "locks", json_output=False)
+        proc = self._call("list locks", "--no-lock", "list", "locks", json_output=False)
         found = []
         for lock_id in proc.stdout.decode().split():
             try:
-                raw = self._call("cat lock", "cat", "lock", lock_id, json_output=False).stdout
+                # --no-lock: `cat` would otherwise need a lock of its own, refused while an exclusive lock stands
+                raw = self._call("cat lock", "--no-lock", "cat", "lock", lock_id, json_output=False).stdout
             except ResticError as exc:
                 if "no such file" in exc.stderr.lower() or "not exist" in exc.stderr.lower():
                     continue  # released while we looked
