@@ -1,5 +1,5 @@
-"""`backup`: one host's plan into its repository, one writer per repository, retried with backoff,
-content manifest recorded, copied offsite, metrics written."""
+"""`backup`: one host's plan into its repository with its content manifest (one session on the host), one
+writer per repository, retried with backoff, copied offsite, metrics written."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from primespark.backup import jobs
-from primespark.backup.manifest import manifest_tag
 from primespark.backup.metrics import write_backup_metrics
-from primespark.backup.orchestration import ensure_writer_limits, textfile_dir, transient, writer_slot
+from primespark.backup.orchestration import textfile_dir, transient, writer_slot
 from primespark.backup.policy import BackupContext, TransportName
 
 
@@ -23,20 +22,16 @@ class BackupFailed(Exception):
     pass
 
 
-@task(name="prepare-repository", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def prepare_repository(ctx: BackupContext, repository: str, host: str) -> dict[str, object]:
-    return jobs.prepare(ctx, repository, host)
-
-
 @task(name="restic-backup", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def restic_backup(ctx: BackupContext, host: str, time_override: datetime | None) -> tuple[Any, float, float]:
-    return jobs.backup_host(ctx, host, writer_slot, time_override)
+def restic_backup(ctx: BackupContext, host: str, time_override: datetime | None,
+                  clear_stale_locks: bool) -> jobs.HostBackup:
+    return jobs.backup_host(ctx, host, writer_slot, time_override, clear_stale_locks)
 
 
-@task(name="record-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(5),
+@task(name="store-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(5),
       retry_condition_fn=transient)
-def record_manifest(ctx: BackupContext, host: str, snapshot_id: str) -> jobs.Manifest:
-    return jobs.manifest_for(ctx, host, snapshot_id, writer_slot)
+def store_manifest(ctx: BackupContext, host: str, run: jobs.BackupRun) -> str | None:
+    return jobs.store_pending_manifest(ctx, host, run, writer_slot)
 
 
 @task(name="copy-offsite", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -59,42 +54,47 @@ def backup(
     logger = get_run_logger()
     ctx = BackupContext.load(env, transport)
     plan = ctx.plan(host)
-    ensure_writer_limits(ctx)
     state = jobs.load_state(ctx, host)
+    # a run that did not finish (failed, killed) may have left its lock: the next one clears stale locks first
+    unfinished = state.get("last_status", "succeeded") != "succeeded"
+    jobs.save_state(ctx, host, {**state, "last_status": "running"})
     started = time.time()
     retrying = {"retries": retries, "retry_delay_seconds": exponential_backoff(retry_delay_seconds)(retries),
                 "retry_jitter_factor": 0.2}
     try:
-        prepared = prepare_repository.with_options(**retrying)(ctx, plan.repository, host)
-        logger.info("repository %s for %s: %s", plan.repository, host, prepared)
-        summary, write_started, write_finished = restic_backup.with_options(**retrying)(ctx, host, snapshot_time)
-        manifest = record_manifest(ctx, host, summary.snapshot_id)
+        done = restic_backup.with_options(**retrying)(ctx, host, snapshot_time, unfinished)
+        run = done.run
+        if run.manifest_pending is not None:
+            logger.warning("storing the manifest beside snapshot %s failed (%s): trying again",
+                           run.summary.snapshot_id, run.manifest_error)
+            store_manifest(ctx, host, run)
         copied = []
         if offsite and ctx.offsite_of(plan.repository):
-            manifests = ctx.client(plan.repository, host).snapshots(tags=[manifest_tag(summary.snapshot_id)])
-            copied = copy_offsite.with_options(**retrying)(
-                ctx, plan.repository, host, [summary.snapshot_id, *(m.id for m in manifests)])
+            ids = [i for i in (run.summary.snapshot_id, run.manifest_snapshot) if i]
+            copied = copy_offsite.with_options(**retrying)(ctx, plan.repository, host, ids)
     except Exception as exc:
         finished = time.time()
+        jobs.save_state(ctx, host, {**state, "last_status": "failed"})
         write_backup_metrics(textfile_dir(ctx, textfile), host, plan.repository, success=False, finished=finished,
                              duration_seconds=finished - started, last_success=state.get("last_success"),
                              snapshot_time=state.get("snapshot_time"), size_bytes=state.get("size_bytes"),
                              added_bytes=None)
         raise BackupFailed(f"backup of {host} into {plan.repository} failed: {exc}") from exc
     finished = time.time()
-    when = snapshot_time.timestamp() if snapshot_time else started
-    state = {"last_success": finished, "snapshot_time": when, "size_bytes": summary.total_bytes_processed}
-    jobs.save_state(ctx, host, state)
+    summary = run.summary
+    when = snapshot_time.timestamp() if snapshot_time else done.started
+    jobs.save_state(ctx, host, {"last_status": "succeeded", "last_success": finished, "snapshot_time": when,
+                                "size_bytes": summary.total_bytes_processed})
     write_backup_metrics(textfile_dir(ctx, textfile), host, plan.repository, success=True, finished=finished,
                          duration_seconds=finished - started, last_success=finished, snapshot_time=when,
                          size_bytes=summary.total_bytes_processed, added_bytes=summary.data_added)
     result = {
         "host": host, "repository": plan.repository, "snapshot": summary.snapshot_id,
         "files": summary.total_files_processed, "bytes": summary.total_bytes_processed,
-        "added_bytes": summary.data_added, "manifest_files": len(manifest.files),
-        "changed_during_backup": len(manifest.changed_since_snapshot), "copied_to": copied,
-        "duration_seconds": round(finished - started, 2), "write_window": [write_started, write_finished],
-        "stale_locks_removed": prepared["stale_locks_removed"],
+        "added_bytes": summary.data_added, "manifest": run.manifest_snapshot, "manifest_files": run.files,
+        "hashed_files": run.hashed_now, "changed_during_backup": len(run.unhashed), "copied_to": copied,
+        "duration_seconds": round(finished - started, 2), "write_window": [done.started, done.finished],
+        "created_repository": done.created_repository, "stale_locks_removed": done.stale_locks_removed,
     }
     create_markdown_artifact(
         "\n".join(f"- **{k}**: {v}" for k, v in result.items() if k != "write_window"), key=f"backup-{host}",

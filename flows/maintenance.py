@@ -13,7 +13,7 @@ from prefect.tasks import exponential_backoff
 
 from primespark.backup import jobs
 from primespark.backup.metrics import write_check_metrics
-from primespark.backup.orchestration import ensure_writer_limits, textfile_dir, transient, writer_slot
+from primespark.backup.orchestration import textfile_dir, transient, writer_slot
 from primespark.backup.policy import BackupContext, TransportName
 
 
@@ -46,7 +46,6 @@ def maintenance(
     ctx = BackupContext.load(env, transport)
     if repository not in ctx.backup.repositories:
         raise MaintenanceFailed(f"no repository {repository!r}; the fleet has {', '.join(ctx.backup.repositories)}")
-    ensure_writer_limits(ctx)
     copy_errors: dict[str, str] = {}
     if offsite:
         for client in jobs.clients_of(ctx, repository):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -243,7 +244,7 @@ def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -
         return sorted(out)
 
     # without the limit the two writers overlap (so the check below can fail) …
-    free = windows(lambda h: jobs.backup_host(ctx, h)[1:])
+    free = windows(lambda h: (lambda done: (done.started, done.finished))(jobs.backup_host(ctx, h)))
     assert free[1][0] < free[0][1], f"the unguarded writers did not overlap: {free}"
     # … through the flow they take turns
     guarded = windows(lambda h: tuple(run(backup, h, fleet, textfile=str(tmp_path / "prom"), offsite=False,
@@ -285,3 +286,79 @@ def test_drill_report_lists_the_drills_in_the_terminal(state: Path, tmp_path: Pa
     assert len(lines) == 2
     assert "pi-1" in lines[0] and "pass" in lines[0] and "aaaaaaaa" in lines[0] and "1.5" in lines[0]
     assert "pi-2" in lines[1] and "FAIL" in lines[1] and "RPO breach" in out.output
+
+
+def test_unchanged_files_keep_their_hash_and_edits_are_hashed_again(state: Path, tmp_path: Path) -> None:
+    """The host-side cache: a second backup hashes nothing; an edit is hashed even when its mtime is put back."""
+    fleet = make_fleet(tmp_path)
+    ctx = BackupContext.load(fleet, "local")
+    first = jobs.backup_host(ctx, "pi-1").run
+    assert first.files == 3 and first.hashed_now == 3
+    cache = Path(ctx.transport.cache_file("pi-1", "nas-primary"))
+    assert cache.stat().st_mode & 0o777 == 0o600
+    assert jobs.backup_host(ctx, "pi-1").run.hashed_now == 0
+    notes = tmp_path / "src" / "pi-1" / "notes.txt"
+    before = notes.stat()
+    notes.write_text("pi-1 notez\n")  # same size
+    os.utime(notes, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: only ctime tells
+    assert jobs.backup_host(ctx, "pi-1").run.hashed_now == 1
+    from primespark.backup.drill import run_drill
+
+    report = run_drill(ctx, "pi-1")
+    assert report.passed and report.files_matched == 3, report.failures
+
+
+def test_drill_fails_when_restored_content_differs_from_the_manifest(state: Path, tmp_path: Path) -> None:
+    """A manifest that records other content than restic saved (here: a doctored cache) fails the drill."""
+    from primespark.backup.drill import run_drill
+
+    fleet = make_fleet(tmp_path)
+    ctx = BackupContext.load(fleet, "local")
+    jobs.backup_host(ctx, "pi-1")
+    cache = Path(ctx.transport.cache_file("pi-1", "nas-primary"))
+    data = json.loads(cache.read_text())
+    blob = str(tmp_path / "src" / "pi-1" / "blob.bin")
+    data["files"][blob][0] = "0" * 64
+    cache.write_text(json.dumps(data))
+    jobs.backup_host(ctx, "pi-1")  # blob.bin unchanged: its (wrong) hash is carried into the new manifest
+    report = run_drill(ctx, "pi-1")
+    assert not report.passed and report.files_mismatched == [blob] and report.files_matched == 2
+    assert "restored content differs" in report.failures[0]
+
+
+def test_snapshot_without_its_manifest_is_reported_not_compared_with_another(state: Path, tmp_path: Path) -> None:
+    from primespark.backup.drill import run_drill
+    from primespark.backup.policy import BACKUP_TAG
+
+    fleet = make_fleet(tmp_path)
+    ctx = BackupContext.load(fleet, "local")
+    jobs.backup_host(ctx, "pi-1")
+    # a newer data snapshot whose manifest never got stored: the newest manifest belongs to the older one
+    client = ctx.client("nas-primary", "pi-1")
+    newer = client.backup([str(tmp_path / "src" / "pi-1")], tags=[BACKUP_TAG, "primespark-run-feedfeedfeed"],
+                          host="pi-1")
+    report = run_drill(ctx, "pi-1")
+    assert report.snapshot == newer.snapshot_id[:8]
+    assert not report.passed and f"no content manifest for snapshot {report.snapshot}" in report.failures[0]
+
+
+def test_stale_exclusive_lock_is_cleared_when_the_backup_finds_it(state: Path, tmp_path: Path) -> None:
+    """A killed `restic check` leaves an exclusive lock; the next backup clears it (its process is gone)."""
+    fleet = make_fleet(tmp_path)
+    (tmp_path / "src" / "pi-1" / "blob.bin").write_bytes(os.urandom(30_000_000))
+    ctx = BackupContext.load(fleet, "local")
+    jobs.backup_host(ctx, "pi-1")
+    client = ctx.client("nas-primary", "pi-1")
+    locks = Path(client.repository) / "locks"
+    proc = subprocess.Popen(["restic", "--repo", client.repository, "check", "--read-data"],
+                            env={**os.environ, "RESTIC_PASSWORD": client.password},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    # restic writes a lock under a temporary name, then renames it to its 64-hex id
+    while not [f for f in locks.iterdir() if len(f.name) == 64] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert [lock.exclusive for lock in client.locks()] == [True], "no exclusive lock was left behind"
+    done = jobs.backup_host(ctx, "pi-1")
+    assert len(done.stale_locks_removed) == 1 and client.locks() == []

@@ -234,3 +234,14 @@ def test_ssh_runner_passes_secrets_on_stdin_not_argv(tmp_path: Path, repo: Resti
         os.environ["PATH"] = old_path
     assert "root@192.0.2.1" in log.read_text()
     assert PASSWORD not in log.read_text()
+
+
+def test_the_snapshot_restic_restores_is_read_from_its_own_line() -> None:
+    from primespark.backup.manifest import parse_restoring
+
+    short, when = parse_restoring("restoring <Snapshot 32005ca4 of [/tmp/kt/ds /b] at 2026-11-26 13:02:58.372297218 "
+                                  "+0000 UTC by root@vm> to /tmp/kt/r1\n")  # type: ignore[misc]
+    assert short == "32005ca4" and when.isoformat() == "2026-11-26T13:02:58.372297+00:00"
+    assert parse_restoring("restoring <Snapshot 1a2b3c4d of [/x] at 2026-01-02 03:04:05 +0100 CET by a@b> to /t")[1] \
+        .isoformat() == "2026-01-02T03:04:05+01:00"  # type: ignore[index]
+    assert parse_restoring("Fatal: no snapshot found") is None

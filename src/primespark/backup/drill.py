@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from primespark.backup.manifest import compare, hash_tree, load_manifest
-from primespark.backup.policy import BACKUP_TAG, BackupContext
+from primespark.backup.manifest import RestoreRun, restore_and_compare
+from primespark.backup.policy import BackupContext
 from primespark.errors import UserError
-from primespark.restic import ResticError, RestoreFailed
+from primespark.restic import ResticError
 from primespark.secrets import atomic_write
 
 HISTORY_KEEP = 200
@@ -177,45 +177,42 @@ def run_drill(
     target = ctx.scratch_dir(scratch, host, started.strftime("%Y%m%dT%H%M%S"))
     report.restored_to = target
     try:
-        snapshots = [s for s in client.snapshots(host=host, tags=[BACKUP_TAG])]
-        if not snapshots:
-            report.failures.append(f"no snapshot of {host} in {plan.repository}")
-            return _finish(report, now)
-        latest = snapshots[-1]
-        report.snapshot, report.snapshot_time = latest.id, latest.time.isoformat(timespec="seconds")
-        report.rpo_seconds = (started - latest.time).total_seconds()
-
-        def restore() -> None:
-            runner.run(["mkdir", "-p", "-m", "0700", target])
-            client.restore(latest.id, target, verify=True)
-
         try:
-            _run_step(step, restore)
+            probes = [p for s in ctx.fleet.services_on(host).values() for p in s.backup_paths]
+            run = _run_step(step, restore_and_compare, client, host, target, probes)
+        except ResticError as exc:
+            if "snapshot for criteria not found" in exc.stderr or "no snapshot found" in exc.stderr:
+                report.failures.append(f"no snapshot of {host} in {plan.repository}")
+                return _finish(report, now)
+            raise
+        assert isinstance(run, RestoreRun)
+        report.snapshot, report.snapshot_time = run.snapshot_short_id, _iso(run.snapshot_time)
+        if run.snapshot_time is not None:
+            report.rpo_seconds = (started - run.snapshot_time).total_seconds()
+        if run.restore_error is None:
             report.restore_verified_by_restic = True
-        except RestoreFailed as exc:
-            report.restore_errors = exc.problems
-            report.failures.append(f"restore of {latest.short_id} failed: {'; '.join(exc.problems[:3])}")
-
-        manifest = load_manifest(client, latest)
-        if manifest is None:
-            report.failures.append(f"no content manifest for snapshot {latest.short_id}: cannot compare hashes")
         else:
-            restored = _run_step(step, hash_tree, runner, target)
-            result = compare(manifest, restored)  # type: ignore[arg-type]
+            report.restore_errors = run.restore_error.problems
+            report.failures.append(f"restore of {run.snapshot_short_id} failed: "
+                                   f"{'; '.join(run.restore_error.problems[:3])}")
+        result = run.comparison
+        if result is None:
+            report.failures.append(run.manifest_problem or f"no content manifest for {run.snapshot_short_id}")
+        else:
             report.files_matched = result.matched
             report.files_mismatched, report.files_missing = result.mismatched, result.missing
             report.files_unexpected = result.unexpected
-            report.files_changed_during_backup = len(manifest.changed_since_snapshot)
+            report.files_changed_during_backup = len(result.changed)
             if not result.ok:
                 report.failures.append(
                     f"restored content differs from the source at snapshot time: {len(result.mismatched)} "
                     f"differ, {len(result.missing)} missing, {len(result.unexpected)} unexpected "
                     f"(first: {(result.mismatched + result.missing + result.unexpected)[0]})")
-            report.services = _service_checks(ctx, host, target, manifest.files)
-            report.failures += [f"service check {c.service}: {c.detail}" for c in report.services
-                                if c.status == "failed"]
+        report.services = _service_checks(ctx, host, target, run.present)
+        report.failures += [f"service check {c.service}: {c.detail}" for c in report.services
+                            if c.status == "failed"]
         report.rto_seconds = time.monotonic() - clock
-        if report.rpo_seconds > report.rpo_target_seconds:
+        if report.rpo_seconds is not None and report.rpo_seconds > report.rpo_target_seconds:
             report.failures.append(f"RPO breach: the newest snapshot is {report.rpo_seconds / 3600:.2f} h old, "
                                    f"the target is {targets.rpo_hours} h")
         if report.rto_seconds > report.rto_target_seconds:
@@ -229,18 +226,21 @@ def run_drill(
     return _finish(report, now)
 
 
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
 def _finish(report: DrillReport, now: Callable[[], datetime]) -> DrillReport:
     report.finished = now().isoformat(timespec="seconds")
     return report
 
 
-def _service_checks(ctx: BackupContext, host: str, target: str, files: dict[str, str]) -> list[ServiceCheck]:
+def _service_checks(ctx: BackupContext, host: str, target: str, restored: dict[str, bool]) -> list[ServiceCheck]:
     checks = []
     runner = ctx.transport.runner(ctx.backup.drill.scratch_host)
     for name, service in sorted(ctx.fleet.services_on(host).items()):
         for path in service.backup_paths:
-            prefix = path.rstrip("/") + "/"
-            present = any(f.startswith(prefix) for f in files)
+            present = restored.get(path, False)
             checks.append(ServiceCheck(name, "data", "passed" if present else "failed",
                                        f"{path}: {'restored' if present else 'no files in the snapshot'}"))
         if service.restore_check:

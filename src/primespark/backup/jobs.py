@@ -5,36 +5,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from primespark.backup.manifest import Manifest, manifest_tag, record_manifest
+from primespark.backup.manifest import BackupRun, backup_with_manifest, run_of, run_tag, store_manifest
 from primespark.backup.policy import BACKUP_TAG, MANIFEST_TAG, BackupContext
-from primespark.restic import BackupSummary, CheckFailed, RepositoryNotFound, ResticClient, ResticError
+from primespark.restic import CheckFailed, RepositoryLocked, RepositoryNotFound, ResticClient, ResticError
 from primespark.secrets import atomic_write
 
 WriterSlot = Callable[[str], AbstractContextManager[object]]
+T = TypeVar("T")
 
 
 def no_slot(_: str) -> AbstractContextManager[object]:
     return nullcontext()
-
-
-@dataclass
-class BackupOutcome:
-    host: str
-    repository: str
-    snapshot_id: str
-    summary: BackupSummary
-    manifest_files: int
-    changed_during_backup: int
-    duration_seconds: float
-    started: float
-    finished: float
-    size_bytes: int
-    copied_to: list[str] = field(default_factory=list)
 
 
 def prepare(ctx: BackupContext, repository: str, client: str) -> dict[str, object]:
@@ -51,23 +38,68 @@ def prepare(ctx: BackupContext, repository: str, client: str) -> dict[str, objec
             "unresolved_locks": [f"{lock.id[:8]} by pid {lock.pid} on {lock.hostname}" for lock in locks.unresolved]}
 
 
+def with_repository_fixes(ctx: BackupContext, repository: str, client: str, action: Callable[[], T]) -> Fixed[T]:
+    """Run `action` (one restic write); create the repository if restic finds none, and clear stale locks if
+    it finds the repository locked, then try again. The usual run costs no extra restic start."""
+    fixed: Fixed[T] = Fixed()
+    for _ in range(3):
+        try:
+            fixed.value = action()
+            return fixed
+        except RepositoryNotFound:
+            if fixed.created:
+                raise
+            ctx.client(repository, client, create=True).init()
+            fixed.created = True
+        except RepositoryLocked:
+            cleared = ctx.clear_stale_locks(repository, client).removed
+            if not cleared:
+                raise  # a live writer: transient, the task retries later
+            fixed.stale_locks_removed += [lock.id[:8] for lock in cleared]
+    return Fixed(action(), fixed.created, fixed.stale_locks_removed)
+
+
+@dataclass
+class Fixed(Generic[T]):
+    value: T | None = None
+    created: bool = False
+    stale_locks_removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostBackup:
+    run: BackupRun
+    started: float
+    finished: float
+    created_repository: bool = False
+    stale_locks_removed: list[str] = field(default_factory=list)
+
+
 def backup_host(
-    ctx: BackupContext, host: str, slot: WriterSlot = no_slot, time_override: datetime | None = None
-) -> tuple[BackupSummary, float, float]:
-    """One restic backup of the host's plan, holding the repository's writer slot only while writing."""
+    ctx: BackupContext, host: str, slot: WriterSlot = no_slot, time_override: datetime | None = None,
+    clear_stale_locks: bool = False,
+) -> HostBackup:
+    """One restic backup of the host's plan with its manifest, in one session on the host, holding the
+    repository's writer slot. `clear_stale_locks` first (after a run that did not finish) costs restic starts."""
     plan = ctx.plan(host)
-    restic = ctx.client(plan.repository, host)
+    restic = ctx.client(plan.repository, host, create=True)
+    cache = ctx.transport.cache_file(host, plan.repository)
     with slot(plan.repository):
+        removed = []
+        if clear_stale_locks:
+            with suppress(RepositoryNotFound):  # none yet: the backup creates it
+                removed = [lock.id[:8] for lock in ctx.clear_stale_locks(plan.repository, host).removed]
         started = time.time()
-        summary = restic.backup(plan.paths, excludes=plan.excludes, tags=[BACKUP_TAG], host=host, time=time_override)
-        return summary, started, time.time()
+        done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
+            restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache))
+        assert done.value is not None
+        return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
 
 
-def manifest_for(ctx: BackupContext, host: str, snapshot_id: str, slot: WriterSlot = no_slot) -> Manifest:
+def store_pending_manifest(ctx: BackupContext, host: str, run: BackupRun, slot: WriterSlot = no_slot) -> str | None:
     plan = ctx.plan(host)
-    restic = ctx.client(plan.repository, host)
     with slot(plan.repository):
-        return record_manifest(restic, restic.runner, host, snapshot_id)
+        return store_manifest(ctx.client(plan.repository, host), run, host)
 
 
 def copy_offsite(
@@ -80,10 +112,8 @@ def copy_offsite(
     source = ctx.client(repository, client)
     for offsite in ctx.offsite_of(repository):
         target = ctx.client(offsite, client, via=client, create=True)
-        target.init()
-        ctx.clear_stale_locks(offsite, client)
         with slot(offsite):
-            target.copy(source, snapshot_ids or [])
+            with_repository_fixes(ctx, offsite, client, lambda target=target: target.copy(source, snapshot_ids or []))
         done.append(offsite)
     return done
 
@@ -92,7 +122,7 @@ def state_file(ctx: BackupContext, host: str) -> Path:
     return ctx.settings.state_dir(ctx.env) / "backup" / f"{host}.json"
 
 
-def load_state(ctx: BackupContext, host: str) -> dict[str, float]:
+def load_state(ctx: BackupContext, host: str) -> dict[str, Any]:
     path = state_file(ctx, host)
     try:
         return dict(json.loads(path.read_text())) if path.is_file() else {}
@@ -100,7 +130,7 @@ def load_state(ctx: BackupContext, host: str) -> dict[str, float]:
         return {}
 
 
-def save_state(ctx: BackupContext, host: str, state: dict[str, float]) -> None:
+def save_state(ctx: BackupContext, host: str, state: dict[str, Any]) -> None:
     atomic_write(state_file(ctx, host), json.dumps(state), 0o600)
 
 
@@ -127,8 +157,9 @@ def forget_and_prune(ctx: BackupContext, restic: ResticClient) -> tuple[int, int
     """Retention on data snapshots, then drop manifests whose snapshot is gone, then one prune."""
     keep = ctx.backup.retention.model_dump(exclude_none=True)
     removed = restic.forget(keep, prune=False, tags=[BACKUP_TAG]).removed
-    alive = {manifest_tag(s.id) for s in restic.snapshots(tags=[BACKUP_TAG])}
-    orphans = [s.id for s in restic.snapshots(tags=[MANIFEST_TAG]) if not alive.intersection(s.tags)]
+    snapshots = restic.snapshots()
+    alive = {run_tag(run) for s in snapshots if BACKUP_TAG in s.tags and (run := run_of(s))}
+    orphans = [s.id for s in snapshots if MANIFEST_TAG in s.tags and not alive.intersection(s.tags)]
     restic.forget_ids(orphans)
     restic.prune()
     return len(removed), len(orphans)

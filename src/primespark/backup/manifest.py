@@ -1,131 +1,117 @@
-"""Content manifests: sha256 per file of the source as it was at snapshot time, kept in the repository.
+"""Content manifests: sha256 per file of the source as restic read it, stored in the repository beside the data.
 
-Right after a backup the source host hashes exactly the files the snapshot holds (`restic ls`), keeping a
-file only if its size and mtime still equal the snapshot's record — so the hash is of the content restic
-saved, not of a later edit. The manifest is stored as its own small snapshot (stdin, tagged with the data
-snapshot's id), so it lives beside the data, travels with `restic copy`, and leaves the data untouched.
+The hashing runs on the host, inside the same process as restic (`hostside`): a backup writes the data
+snapshot and, through a second restic started at the same moment, a small manifest snapshot (stdin). Both
+carry the run's tag (`primespark-run-<id>`), so a manifest travels with `restic copy` and is found again by
+its data snapshot's tag. A drill restores, hashes the restored tree while restic verifies it, and compares.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-from primespark.backup.policy import MANIFEST_TAG
-from primespark.restic import Node, ResticClient, ResticError, Runner, Snapshot
+from primespark.backup import hostside
+from primespark.backup.policy import BACKUP_TAG, MANIFEST_TAG
+from primespark.restic import (
+    BackupSummary,
+    Completed,
+    ResticClient,
+    ResticError,
+    RestoreFailed,
+    Snapshot,
+    classify,
+)
 
 MANIFEST_FILE = "primespark-manifest.json"
+RUN_TAG_PREFIX = "primespark-run-"
+HOSTSIDE_SOURCE = Path(hostside.__file__).read_text()
 
-# Runs on the hosts (python3 is there for Ansible). argv[1]: "files" hashes the paths given on stdin (one JSON
-# list); "tree" hashes every regular file under argv[2]. Output: {path: [sha256, size, mtime_ns]} or null.
-HASH_SCRIPT = r"""
-import hashlib, json, os, stat, sys
-from concurrent.futures import ThreadPoolExecutor
-def digest(p):
+
+class HashError(ResticError):
+    """The host-side session itself failed (not restic): no Python on the host, a crash, garbled output."""
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(6)
+
+
+def run_tag(run_id: str) -> str:
+    return f"{RUN_TAG_PREFIX}{run_id}"
+
+
+def run_of(snapshot: Snapshot) -> str | None:
+    return next((t.removeprefix(RUN_TAG_PREFIX) for t in snapshot.tags if t.startswith(RUN_TAG_PREFIX)), None)
+
+
+def run_hostside(client: ResticClient, phase: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """One host-side session with the repository's credentials in its environment (never in argv)."""
+    runner = client.runner
+    proc = client.scrub(runner.run(["python3", "-c", HOSTSIDE_SOURCE, phase], env=client.environment(),
+                                   stdin=json.dumps(spec).encode(), timeout=client.timeout))
     try:
-        st = os.lstat(p)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return [h.hexdigest(), st.st_size, st.st_mtime_ns]
-    except OSError:
-        return None
-if sys.argv[1] == "files":
-    paths = json.load(sys.stdin)
-    keys = paths
-else:
-    root = sys.argv[2]
-    paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
-    keys = ["/" + os.path.relpath(p, root) for p in paths]
-# hashlib releases the GIL: one thread per core hashes in parallel
-with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-    out = dict(zip(keys, pool.map(digest, paths, chunksize=64)))
-if sys.argv[1] != "files":
-    out = {k: v for k, v in out.items() if v is not None}
-json.dump(out, sys.stdout)
-"""
-
-
-def manifest_tag(snapshot_id: str) -> str:
-    """Tags the manifest with its data snapshot (short id: restic's backup summary gives only that)."""
-    return f"snapshot-{snapshot_id[:8]}"
-
-
-class HashError(Exception):
-    pass
-
-
-def hash_files(runner: Runner, paths: list[str]) -> dict[str, list | None]:
-    proc = runner.run(["python3", "-c", HASH_SCRIPT, "files"], stdin=json.dumps(paths).encode())
-    if proc.returncode != 0:
-        raise HashError(f"hashing files on {runner.name} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
-
-
-def hash_tree(runner: Runner, root: str) -> dict[str, list]:
-    proc = runner.run(["python3", "-c", HASH_SCRIPT, "tree", root])
-    if proc.returncode != 0:
-        raise HashError(f"hashing {root} on {runner.name} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
-
-
-def _mtime_us(value: datetime) -> int:
-    return (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        out = json.loads(proc.stdout)
+    except ValueError:
+        out = None
+    if proc.returncode != 0 or not isinstance(out, dict):
+        raise HashError(f"the {phase} session on {runner.name} failed (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-500:]}", returncode=proc.returncode, stderr=proc.stderr)
+    return out
 
 
 @dataclass
-class Manifest:
-    host: str
-    snapshot: str
-    created: str
-    files: dict[str, str] = field(default_factory=dict)
-    changed_since_snapshot: list[str] = field(default_factory=list)
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True, indent=1).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        return cls(**json.loads(raw))
+class BackupRun:
+    summary: BackupSummary
+    run_id: str
+    files: int
+    hashed_now: int
+    unhashed: list[str]
+    manifest_snapshot: str | None
+    manifest_pending: bytes | None = field(default=None, repr=False)  # to store again when the first try failed
+    manifest_error: str | None = None
 
 
-def build_manifest(host: str, snapshot_id: str, nodes: list[Node], hashes: dict[str, list | None]) -> Manifest:
-    manifest = Manifest(host, snapshot_id, datetime.now(UTC).isoformat())
-    for node in nodes:
-        if node.type != "file":
-            continue
-        got = hashes.get(node.path)
-        same = (got is not None and got[1] == node.size and node.mtime is not None
-                and got[2] // 1000 == _mtime_us(node.mtime))
-        if same:
-            manifest.files[node.path] = got[0]  # type: ignore[index]
-        else:
-            manifest.changed_since_snapshot.append(node.path)
-    return manifest
+def backup_with_manifest(
+    client: ResticClient, paths: list[str], *, host: str, excludes: list[str] | None = None,
+    time: datetime | None = None, cache: str | None = None,
+) -> BackupRun:
+    """restic backup of `paths` with its content manifest, in one session on the client's host."""
+    run_id = new_run_id()
+    tags = [BACKUP_TAG, run_tag(run_id)]
+    data = client.command(*client.backup_args(paths, excludes=excludes or [], tags=tags, host=host, time=time,
+                                              verbose=True))
+    manifest = client.command(*client.backup_stdin_args(MANIFEST_FILE, tags=[MANIFEST_TAG, run_tag(run_id)],
+                                                        host=host))
+    out = run_hostside(client, "backup", {"data": data, "manifest": manifest, "host": host, "run": run_id,
+                                          "cache": cache})
+    proc = client.scrub(Completed(tuple(data), out["returncode"], b"", out["stderr"]))
+    if proc.returncode not in (0, 3):
+        raise classify(proc, f"restic backup on {client.runner.name}")
+    if not out.get("summary"):
+        raise ResticError(f"restic backup on {client.runner.name} printed no summary", stderr=proc.stderr)
+    summary = BackupSummary.model_validate(out["summary"])
+    stored = out.get("manifest") or {}
+    done = BackupRun(summary, run_id, out["files"], out["hashed_now"], out["unhashed"],
+                     (stored.get("summary") or {}).get("snapshot_id"))
+    if stored.get("returncode") != 0:
+        done.manifest_pending = str(stored.get("body", "")).encode()
+        done.manifest_error = str(stored.get("stderr", "")).strip()[-300:]
+    client.backup_result(proc, summary)  # exit 3 raises BackupIncomplete, after the manifest is stored
+    return done
 
 
-def record_manifest(client: ResticClient, source: Runner, host: str, snapshot_id: str) -> Manifest:
-    """Hash the snapshot's files on the source host and store the manifest beside the snapshot."""
-    nodes = [n for n in client.ls(snapshot_id) if n.type == "file"]
-    manifest = build_manifest(host, snapshot_id, nodes, hash_files(source, [n.path for n in nodes]))
-    client.backup_stdin(manifest.to_json(), MANIFEST_FILE, tags=[MANIFEST_TAG, manifest_tag(snapshot_id)], host=host)
-    return manifest
-
-
-def load_manifest(client: ResticClient, snapshot: Snapshot) -> Manifest | None:
-    """The manifest of `snapshot`; in an offsite copy it is tagged with the original snapshot's id."""
-    found = client.snapshots(tags=[manifest_tag(snapshot.original or snapshot.id)])
-    found = [s for s in found if MANIFEST_TAG in s.tags]
-    if not found:
-        return None
-    try:
-        return Manifest.from_json(client.dump(found[-1].id, f"/{MANIFEST_FILE}"))
-    except (ResticError, ValueError, TypeError):
-        return None
+def store_manifest(client: ResticClient, run: BackupRun, host: str) -> str | None:
+    """Second try at a manifest whose first store failed (the data snapshot is already safe)."""
+    if run.manifest_pending is None:
+        return run.manifest_snapshot
+    summary = client.backup_stdin(run.manifest_pending, MANIFEST_FILE, tags=[MANIFEST_TAG, run_tag(run.run_id)],
+                                  host=host)
+    run.manifest_snapshot, run.manifest_pending = summary.snapshot_id, None
+    return run.manifest_snapshot
 
 
 @dataclass
@@ -134,23 +120,81 @@ class Comparison:
     mismatched: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # changed while restic read them: not compared
 
     @property
     def ok(self) -> bool:
         return not (self.mismatched or self.missing or self.unexpected)
 
 
-def compare(manifest: Manifest, restored: dict[str, list]) -> Comparison:
-    """`restored` maps snapshot paths (as in the manifest) to [sha256, size, mtime_ns]."""
-    result = Comparison()
-    for path, digest in sorted(manifest.files.items()):
-        got = restored.get(path)
-        if got is None:
-            result.missing.append(path)
-        elif got[0] != digest:
-            result.mismatched.append(path)
-        else:
-            result.matched += 1
-    known = set(manifest.files) | set(manifest.changed_since_snapshot)
-    result.unexpected = sorted(p for p in restored if p not in known)
-    return result
+@dataclass
+class RestoreRun:
+    snapshot_short_id: str | None
+    snapshot_time: datetime | None
+    restored_files: int
+    restore_error: RestoreFailed | None
+    comparison: Comparison | None
+    manifest_problem: str | None
+    present: dict[str, bool] = field(default_factory=dict)  # probed path -> some file restored under it
+
+
+def parse_restoring(line: str | None) -> tuple[str, datetime] | None:
+    """restic's "restoring <Snapshot 1a2b3c4d of [...] at 2026-11-26 13:02:58.372297218 +0000 UTC by ...>"."""
+    match = hostside.RESTORING.match(line or "")
+    if not match:
+        return None
+    stamp = match[2].removesuffix(" UTC").split(" m=")[0]
+    day, clock, offset = [*stamp.split(" "), "+0000"][:3]
+    whole, _, fraction = clock.partition(".")
+    try:
+        return match[1], datetime.strptime(f"{day} {whole}.{(fraction + '000000')[:6]} {offset}",
+                                           "%Y-%m-%d %H:%M:%S.%f %z")
+    except ValueError:
+        return None
+
+
+def restore_and_compare(client: ResticClient, host: str, target: str, probes: list[str] | None = None) -> RestoreRun:
+    """Restore the newest backup of `host` into `target` with `--verify`, hash it, compare with its manifest."""
+    restore = client.command("restore", "latest", "--host", host, "--tag", BACKUP_TAG, "--target", target,
+                             "--verify", json_output=False)
+    dump = client.command("dump", "latest", f"/{MANIFEST_FILE}", "--host", host, "--tag", MANIFEST_TAG,
+                          json_output=False)
+    out = run_hostside(client, "drill", {"restore": restore, "dump": dump, "target": target,
+                                         "probes": probes or []})
+    parsed = parse_restoring(out.get("restoring"))
+    error = None
+    if out["returncode"] != 0:
+        proc = client.scrub(Completed(tuple(restore), out["returncode"], b"", out["stderr"]))
+        typed = classify(proc, f"restic restore on {client.runner.name}")
+        if type(typed) is not ResticError:
+            raise typed  # unreachable repository, wrong password, lock: not a verdict on the backup
+        if parsed is None:
+            raise typed  # nothing was restored (no snapshot, …): the drill reports the reason
+        problems = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Fatal: There")]
+        error = RestoreFailed(f"restic restore of {parsed[0]} on {client.runner.name} failed: "
+                              + "; ".join(problems[:8]), problems, returncode=proc.returncode, stderr=proc.stderr)
+    if parsed is None:
+        raise ResticError(f"restic restore on {client.runner.name} did not say which snapshot it restored: "
+                          f"{out.get('restoring')!r}")
+    run = RestoreRun(parsed[0], parsed[1], out["restored_files"], error, None, None, out.get("present", {}))
+    if "comparison" in out:
+        run.comparison = Comparison(**out["comparison"])
+    else:  # the newest manifest is not this snapshot's (a run whose manifest store failed): find its own
+        run.comparison, run.manifest_problem = _compare_by_run_tag(client, host, parsed[0], out["restored"])
+    return run
+
+
+def _compare_by_run_tag(
+    client: ResticClient, host: str, short_id: str, restored: dict[str, list[Any]]
+) -> tuple[Comparison | None, str | None]:
+    snapshots = client.snapshots(host=host)
+    data = next((s for s in snapshots if s.id.startswith(short_id)), None)
+    run_id = run_of(data) if data else None
+    found = [s for s in snapshots if MANIFEST_TAG in s.tags and run_id and run_tag(run_id) in s.tags]
+    if not found:
+        return None, f"no content manifest for snapshot {short_id}: cannot compare hashes"
+    try:
+        manifest = json.loads(client.dump(found[-1].id, f"/{MANIFEST_FILE}"))
+        return Comparison(**hostside.compare(manifest["files"], restored)), None
+    except (ResticError, ValueError, KeyError, TypeError) as exc:
+        return None, f"the content manifest of snapshot {short_id} cannot be read: {exc}"

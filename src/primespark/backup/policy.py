@@ -29,6 +29,8 @@ TransportName = Literal["ssh", "local"]
 BACKUP_TAG = "primespark-backup"
 MANIFEST_TAG = "primespark-manifest"
 SCRATCH_ROOT = "/var/tmp/primespark-drill"
+# Last manifest per repository on each client host (0600, root): unchanged files keep their hash.
+MANIFEST_CACHE_ROOT = "/var/cache/primespark/manifests"
 
 
 def account_for(client: str) -> str:
@@ -72,6 +74,7 @@ class Transport(Protocol):
     def runner(self, host: str) -> Runner: ...
     def location(self, repository: str, client: str, via: str) -> Location: ...
     def scratch_root(self, host: str) -> str: ...
+    def cache_file(self, host: str, repository: str) -> str: ...
     def host_of_lock(self, hostname: str) -> str | None: ...
 
 
@@ -112,6 +115,9 @@ class SshTransport:
     def scratch_root(self, host: str) -> str:
         return SCRATCH_ROOT
 
+    def cache_file(self, host: str, repository: str) -> str:
+        return f"{MANIFEST_CACHE_ROOT}/{repository}.json"
+
     def host_of_lock(self, hostname: str) -> str | None:
         short = hostname.split(".")[0]
         return short if short in self.fleet.hosts else None
@@ -120,9 +126,10 @@ class SshTransport:
 class LocalTransport:
     """Tests and benchmarks: every host is this machine, every repository a local folder at its path."""
 
-    def __init__(self, fleet: Fleet, scratch: str) -> None:
+    def __init__(self, fleet: Fleet, scratch: str, cache: str) -> None:
         self.fleet = fleet
         self.scratch = scratch
+        self.cache = cache
 
     def runner(self, host: str) -> Runner:
         return LocalRunner(host)
@@ -133,6 +140,9 @@ class LocalTransport:
 
     def scratch_root(self, host: str) -> str:
         return f"{self.scratch}/{host}"
+
+    def cache_file(self, host: str, repository: str) -> str:
+        return f"{self.cache}/{host}/{repository}.json"
 
     def host_of_lock(self, hostname: str) -> str | None:
         return next(iter(self.fleet.hosts)) if hostname == socket.gethostname() else None
@@ -160,7 +170,8 @@ class BackupContext:
         name = fleet.name if Path(env).suffix in (".yaml", ".yml") else env
         settings = settings_for(name)
         chosen: Transport = (SshTransport(fleet, settings) if transport == "ssh"
-                             else LocalTransport(fleet, str(settings.state_dir(name) / "drill-scratch")))
+                             else LocalTransport(fleet, str(settings.state_dir(name) / "drill-scratch"),
+                                                 str(settings.state_dir(name) / "manifest-cache")))
         return cls(name, fleet, chosen, secret_store(name, settings), settings)
 
     @property

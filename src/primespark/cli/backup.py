@@ -50,7 +50,10 @@ def check_transport(transport: str) -> None:
 
 
 def run_flow(flow: Any, *args: Any, **kwargs: Any) -> Any:
-    state = flow(*args, return_state=True, **kwargs)
+    from primespark.backup.orchestration import in_process_runs
+
+    with in_process_runs():
+        state = flow(*args, return_state=True, **kwargs)
     if not state.is_completed():
         raise UserError(str(state.result(raise_on_failure=False)), "see the run in the Prefect UI for each step")
     return state.result()

@@ -30,9 +30,12 @@ def run(
         ctx.plan(name)  # a clear error for a host without a plan, before anything runs
     use_lab_prefect(ctx.fleet)
     flow = load_flow("dr_drill", "dr_drill")
+    from primespark.backup.orchestration import in_process_runs  # Prefect loads only when a drill runs
+
     failed = []
     for name in hosts:
-        state = flow(name, env, transport, return_state=True)
+        with in_process_runs():
+            state = flow(name, env, transport, return_state=True)
         if state.is_completed():
             console.print(f"[green]drill {name}: passed[/green]")
         else:

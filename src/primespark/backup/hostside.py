@@ -1,0 +1,267 @@
+"""What runs on a fleet host during a backup or a drill: restic beside a content hasher, in one process.
+
+Shipped as source and run with the host's own `python3 -c` (standard library only: the hosts have Python for
+Ansible, nothing else). One SSH round trip per phase, and every extra restic start overlaps the main one:
+each start costs restic's key derivation (~0.6 s of one core), which would otherwise add up serially.
+
+- `backup`: runs `restic backup -vv --json` and, at the same time, the `restic backup --stdin` that will store
+  the manifest. Each file restic reports saved is hashed (sha256) right away, while it is in the page cache;
+  a file whose size and mtime equal the previous run's record keeps its hash (the cache, 0600). When the data
+  snapshot is written, the manifest (path -> sha256, size, mtime_ns) goes down the waiting stdin.
+- `drill`: runs `restic restore latest --verify` and `restic dump` of the newest manifest at the same time;
+  when restic starts verifying, the restored tree is hashed beside it; then restored == manifest is judged.
+
+Input: a JSON spec on stdin (after the environment lines the SSH runner consumes). Output: one JSON object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+FORMAT = 2
+BLOCK = 1 << 20
+# restic's text line naming the snapshot it restores (stable since 0.9): "restoring <Snapshot 1a2b3c4d of
+# [/data] at 2026-11-26 13:02:58.37 +0000 UTC by root@pi-1> to /target"
+RESTORING = re.compile(r"^restoring <Snapshot ([0-9a-f]+) of \[.*\] at (.+?) by .*> to ")
+
+
+def digest(path: str) -> list[Any] | None:
+    """[sha256, size, mtime_ns, inode, ctime_ns] of a regular file; None if it is not one or changed while
+    being read. The manifest compares size and mtime (restic restores both); the cache also needs inode and
+    ctime, as restic's own change detection does, so that a file edited with its mtime put back is hashed again."""
+    try:
+        before = os.lstat(path)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(BLOCK):
+                h.update(block)
+        after = os.lstat(path)
+    except OSError:
+        return None
+    if identity(before) != identity(after):
+        return None
+    return [h.hexdigest(), *identity(after)]
+
+
+def identity(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def pool() -> ThreadPoolExecutor:
+    # hashlib releases the GIL on large buffers: one thread per core hashes in parallel
+    return ThreadPoolExecutor(max(2, os.cpu_count() or 1))
+
+
+def hash_tree(root: str) -> dict[str, list[Any]]:
+    """Every regular file under `root`, keyed as restic names it in the snapshot ("/" + path below root)."""
+    paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+    with pool() as workers:
+        hashes = workers.map(digest, paths, chunksize=32)
+        return {"/" + os.path.relpath(p, root): h for p, h in zip(paths, hashes, strict=True) if h is not None}
+
+
+def compare(files: dict[str, list[Any]], restored: dict[str, list[Any]]) -> dict[str, Any]:
+    """Restored tree against the manifest. A file the source changed while restic read it (its size or mtime
+    differs from what restic restored) is counted, not compared: its hash is of another version."""
+    result: dict[str, Any] = {"matched": 0, "mismatched": [], "missing": [], "unexpected": [], "changed": []}
+    for path, entry in sorted(files.items()):
+        got = restored.get(path)
+        if got is None:
+            result["missing"].append(path)
+        elif entry is None or got[1:3] != entry[1:3]:
+            result["changed"].append(path)
+        elif got[0] != entry[0]:
+            result["mismatched"].append(path)
+        else:
+            result["matched"] += 1
+    result["unexpected"] = sorted(p for p in restored if p not in files)
+    return result
+
+
+class Drain(threading.Thread):
+    """Reads a pipe to the end in the background (a full stderr pipe would stall restic)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.data = stream, b""
+        self.start()
+
+    def run(self) -> None:
+        self.data = self.stream.read()
+
+    def text(self) -> str:
+        self.join()
+        return self.data.decode(errors="replace")
+
+
+def start(argv: list[str], stdin: bool = False) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Interrupt a restic that is no longer wanted: on SIGINT it removes its lock and writes nothing."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def json_lines(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
+    for line in lines:
+        if line.startswith(b"{"):
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+# --- backup -----------------------------------------------------------------------------------------------
+
+
+def load_cache(path: str | None) -> dict[str, list[Any]]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+        return dict(data["files"]) if data.get("format") == FORMAT else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def save_cache(path: str, manifest: dict[str, Any]) -> None:
+    """Atomically, 0600: it names every file of the host."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cached_or_hashed(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
+    known = cache.get(path)
+    if known is not None:
+        try:
+            now = os.lstat(path)
+        except OSError:
+            return None
+        if identity(now) == known[1:]:
+            return known
+    return digest(path)
+
+
+def backup(spec: dict[str, Any]) -> dict[str, Any]:
+    manifest_proc = start(spec["manifest"], stdin=True) if spec.get("manifest") else None
+    data = start(spec["data"])
+    data_err = Drain(data.stderr)
+    cache = load_cache(spec.get("cache"))
+    summary: dict[str, Any] | None = None
+    pending: dict[str, Future[list[Any] | None]] = {}
+    with pool() as workers:
+        for message in json_lines(data.stdout):  # type: ignore[arg-type]
+            kind = message.get("message_type")
+            if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
+                item = message["item"]
+                pending[item] = workers.submit(cached_or_hashed, item, cache)
+            elif kind == "summary":
+                summary = message
+        returncode = data.wait()
+        files = {path: future.result() for path, future in pending.items()}
+    result: dict[str, Any] = {"returncode": returncode, "summary": summary, "stderr": data_err.text(),
+                              "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
+                              "hashed_now": sum(1 for p, h in files.items() if h is not None and h is not cache.get(p))}
+    snapshot = (summary or {}).get("snapshot_id")
+    if manifest_proc is None:
+        return result
+    if returncode not in (0, 3) or not snapshot:
+        stop(manifest_proc)
+        return result
+    manifest = {"format": FORMAT, "host": spec["host"], "run": spec["run"], "snapshot": snapshot, "files": files}
+    body = json.dumps(manifest, sort_keys=True).encode()
+    out, err = manifest_proc.communicate(body)
+    stored = list(json_lines(out.splitlines()))
+    result["manifest"] = {"returncode": manifest_proc.returncode, "stderr": err.decode(errors="replace"),
+                          "summary": next((m for m in stored if m.get("message_type") == "summary"), None)}
+    if manifest_proc.returncode != 0:
+        result["manifest"]["body"] = body.decode()  # the controller stores it again with retries
+    if spec.get("cache"):
+        save_cache(spec["cache"], manifest)
+    return result
+
+
+# --- drill ------------------------------------------------------------------------------------------------
+
+
+def drill(spec: dict[str, Any]) -> dict[str, Any]:
+    target = spec["target"]
+    os.makedirs(target, mode=0o700, exist_ok=True)
+    dump = start(spec["dump"])
+    dump_out, dump_err = Drain(dump.stdout), Drain(dump.stderr)
+    restore = start(spec["restore"])
+    restore_err = Drain(restore.stderr)
+    restoring: str | None = None
+    hashing: Future[dict[str, list[Any]]] | None = None
+    with ThreadPoolExecutor(1) as background:
+        for raw in restore.stdout:  # type: ignore[union-attr]
+            line = raw.decode(errors="replace")
+            if restoring is None and RESTORING.match(line):
+                restoring = line.strip()
+            elif line.startswith("verifying files in") and hashing is None:
+                # restic re-reads the restored files on one core; the hash runs on the others meanwhile
+                hashing = background.submit(hash_tree, target)
+        returncode = restore.wait()
+        restored = hashing.result() if hashing is not None else hash_tree(target)
+    dump.wait()
+    prefixes = {p: p.rstrip("/") + "/" for p in spec.get("probes", [])}
+    result: dict[str, Any] = {"returncode": returncode, "stderr": restore_err.text(), "restoring": restoring,
+                              "verified": hashing is not None, "restored_files": len(restored),
+                              "present": {p: any(k.startswith(pre) for k in restored) for p, pre in prefixes.items()}}
+    result["dump"] = {"returncode": dump.returncode, "stderr": dump_err.text()}
+    match = RESTORING.match(restoring or "")
+    manifest = None
+    if dump.returncode == 0:
+        try:
+            manifest = json.loads(dump_out.data)
+        except ValueError:
+            result["dump"]["stderr"] += "\nthe manifest is not JSON"
+    if manifest and match and manifest.get("format") == FORMAT and manifest["snapshot"].startswith(match[1]):
+        result["manifest"] = {k: v for k, v in manifest.items() if k != "files"}
+        result["comparison"] = compare(manifest["files"], restored)
+    else:  # not the restored snapshot's manifest (or none): the controller finds the right one
+        result["restored"] = restored
+    return result
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    if sys.argv[1] == "backup":
+        out = backup(spec)
+    elif sys.argv[1] == "drill":
+        out = drill(spec)
+    else:
+        raise SystemExit(f"unknown phase {sys.argv[1]!r}")
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
