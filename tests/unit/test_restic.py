@@ -21,6 +21,7 @@ from primespark.restic import (
     RepositoryNotFound,
     RepositoryUnreachable,
     ResticClient,
+    ResticNotInstalled,
     RestoreFailed,
     WrongPassword,
     classify,
@@ -245,3 +246,11 @@ def test_the_snapshot_restic_restores_is_read_from_its_own_line() -> None:
     assert parse_restoring("restoring <Snapshot 1a2b3c4d of [/x] at 2026-01-02 03:04:05 +0100 CET by a@b> to /t")[1] \
         .isoformat() == "2026-01-02T03:04:05+01:00"  # type: ignore[index]
     assert parse_restoring("Fatal: no snapshot found") is None
+
+
+def test_a_host_without_restic_gets_a_clear_error_from_the_backup_session(tmp_path: Path) -> None:
+    from primespark.backup.manifest import backup_with_manifest
+
+    client = ResticClient(str(tmp_path / "repo"), "pw", binary="restic-not-here")
+    with pytest.raises(ResticNotInstalled, match="'restic-not-here' is not installed on localhost"):
+        backup_with_manifest(client, [str(tmp_path)], host="pi-1")

@@ -25,12 +25,14 @@ import stat
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 FORMAT = 2
 BLOCK = 1 << 20
+MAX_PENDING = 4096
 # restic's text line naming the snapshot it restores (stable since 0.9): "restoring <Snapshot 1a2b3c4d of
 # [/data] at 2026-11-26 13:02:58.37 +0000 UTC by root@pi-1> to /target"
 RESTORING = re.compile(r"^restoring <Snapshot ([0-9a-f]+) of \[.*\] at (.+?) by .*> to ")
@@ -176,17 +178,21 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
     data_err = Drain(data.stderr)
     cache = load_cache(spec.get("cache"))
     summary: dict[str, Any] | None = None
-    pending: dict[str, Future[list[Any] | None]] = {}
+    files: dict[str, list[Any] | None] = {}
+    pending: deque[tuple[str, Future[list[Any] | None]]] = deque()
     with pool() as workers:
         for message in json_lines(data.stdout):  # type: ignore[arg-type]
             kind = message.get("message_type")
             if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
                 item = message["item"]
-                pending[item] = workers.submit(cached_or_hashed, item, cache)
+                pending.append((item, workers.submit(cached_or_hashed, item, cache)))
+                while len(pending) > MAX_PENDING:  # bounded memory on a host with a million files
+                    path, future = pending.popleft()
+                    files[path] = future.result()
             elif kind == "summary":
                 summary = message
         returncode = data.wait()
-        files = {path: future.result() for path, future in pending.items()}
+        files.update((path, future.result()) for path, future in pending)
     result: dict[str, Any] = {"returncode": returncode, "summary": summary, "stderr": data_err.text(),
                               "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
                               "hashed_now": sum(1 for p, h in files.items() if h is not None and h is not cache.get(p))}
@@ -254,12 +260,11 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.load(sys.stdin)
-    if sys.argv[1] == "backup":
-        out = backup(spec)
-    elif sys.argv[1] == "drill":
-        out = drill(spec)
-    else:
-        raise SystemExit(f"unknown phase {sys.argv[1]!r}")
+    phases = {"backup": backup, "drill": drill}
+    try:
+        out = phases[sys.argv[1]](spec)
+    except FileNotFoundError as exc:  # restic itself is missing: said as such, not as a traceback
+        out = {"not_installed": exc.filename}
     json.dump(out, sys.stdout)
 
 

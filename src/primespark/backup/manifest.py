@@ -22,6 +22,7 @@ from primespark.restic import (
     Completed,
     ResticClient,
     ResticError,
+    ResticNotInstalled,
     RestoreFailed,
     Snapshot,
     classify,
@@ -57,6 +58,8 @@ def run_hostside(client: ResticClient, phase: str, spec: dict[str, Any]) -> dict
         out = json.loads(proc.stdout)
     except ValueError:
         out = None
+    if isinstance(out, dict) and "not_installed" in out:
+        raise ResticNotInstalled(f"{out['not_installed']!r} is not installed on {runner.name}")
     if proc.returncode != 0 or not isinstance(out, dict):
         raise HashError(f"the {phase} session on {runner.name} failed (exit {proc.returncode}): "
                         f"{proc.stderr.strip()[-500:]}", returncode=proc.returncode, stderr=proc.stderr)
