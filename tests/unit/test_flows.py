@@ -362,3 +362,19 @@ def test_stale_exclusive_lock_is_cleared_when_the_backup_finds_it(state: Path, t
     assert [lock.exclusive for lock in client.locks()] == [True], "no exclusive lock was left behind"
     done = jobs.backup_host(ctx, "pi-1")
     assert len(done.stale_locks_removed) == 1 and client.locks() == []
+
+
+def test_drill_leaves_no_restored_copy_behind(state: Path, tmp_path: Path) -> None:
+    from primespark.backup.drill import run_drill
+
+    fleet = make_fleet(tmp_path)
+    ctx = BackupContext.load(fleet, "local")
+    jobs.backup_host(ctx, "pi-1")
+    scratch = Path(ctx.transport.scratch_root(ctx.backup.drill.scratch_host))
+    (scratch / "pi-1-19990101T000000.removing").mkdir(parents=True)  # what an interrupted clean-up left
+    report = run_drill(ctx, "pi-1")
+    assert report.passed, report.failures
+    deadline = time.monotonic() + 30
+    while list(scratch.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(scratch.iterdir()) == [], "the restored copy (or an old one) is still there"

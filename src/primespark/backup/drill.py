@@ -17,7 +17,7 @@ from pathlib import Path
 from primespark.backup.manifest import RestoreRun, restore_and_compare
 from primespark.backup.policy import BackupContext
 from primespark.errors import UserError
-from primespark.restic import ResticError
+from primespark.restic import ResticError, Runner
 from primespark.secrets import atomic_write
 
 HISTORY_KEEP = 200
@@ -222,8 +222,19 @@ def run_drill(
         report.failures.append(str(exc))
     finally:
         if not keep_restore:
-            runner.run(["rm", "-rf", "--one-file-system", "--", target])
+            remove_in_background(runner, target)
     return _finish(report, now)
+
+
+# The restored copy is renamed at once (nothing reads it any more) and deleted by a process of its own, so
+# the report does not wait for it; `setsid` keeps sudo's pty from taking it down, and each clean-up also
+# sweeps what an earlier one left (a host that rebooted meanwhile).
+_REMOVE = ('mv -- "$1" "$1.removing" && setsid -f rm -rf --one-file-system -- "${1%/*}"/*.removing '
+           "</dev/null >/dev/null 2>&1")
+
+
+def remove_in_background(runner: Runner, target: str) -> None:
+    runner.run(["sh", "-c", _REMOVE, "sh", target], timeout=120)
 
 
 def _iso(value: datetime | None) -> str | None:
