@@ -149,27 +149,25 @@ def load_cache(path: str | None) -> dict[str, list[Any]]:
 
 
 def save_cache(path: str, manifest: dict[str, Any]) -> None:
-    """Atomically, 0600: it names every file of the host."""
+    """Atomically, 0600 (it names every file of the host). No fsync: after a crash a torn cache reads as
+    empty, and the next run hashes everything again."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def cached_or_hashed(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
+def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
+    """The last run's entry for `path` if the file is still exactly that one (size, mtime, inode, ctime)."""
     known = cache.get(path)
-    if known is not None:
-        try:
-            now = os.lstat(path)
-        except OSError:
-            return None
-        if identity(now) == known[1:]:
-            return known
-    return digest(path)
+    if known is None:
+        return None
+    try:
+        return known if identity(os.lstat(path)) == known[1:] else None
+    except OSError:
+        return None
 
 
 def backup(spec: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +176,7 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
     data_err = Drain(data.stderr)
     cache = load_cache(spec.get("cache"))
     summary: dict[str, Any] | None = None
+    hashed = 0
     files: dict[str, list[Any] | None] = {}
     pending: deque[tuple[str, Future[list[Any] | None]]] = deque()
     with pool() as workers:
@@ -185,7 +184,12 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
             kind = message.get("message_type")
             if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
                 item = message["item"]
-                pending.append((item, workers.submit(cached_or_hashed, item, cache)))
+                known = unchanged(item, cache)
+                if known is not None:
+                    files[item] = known
+                    continue
+                hashed += 1
+                pending.append((item, workers.submit(digest, item)))
                 while len(pending) > MAX_PENDING:  # bounded memory on a host with a million files
                     path, future = pending.popleft()
                     files[path] = future.result()
@@ -195,7 +199,7 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
         files.update((path, future.result()) for path, future in pending)
     result: dict[str, Any] = {"returncode": returncode, "summary": summary, "stderr": data_err.text(),
                               "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
-                              "hashed_now": sum(1 for p, h in files.items() if h is not None and h is not cache.get(p))}
+                              "hashed_now": hashed}
     snapshot = (summary or {}).get("snapshot_id")
     if manifest_proc is None:
         return result
@@ -204,14 +208,17 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
         return result
     manifest = {"format": FORMAT, "host": spec["host"], "run": spec["run"], "snapshot": snapshot, "files": files}
     body = json.dumps(manifest, sort_keys=True).encode()
+    saving = threading.Thread(target=save_cache, args=(spec["cache"], manifest)) if spec.get("cache") else None
+    if saving:
+        saving.start()  # beside restic storing the manifest
     out, err = manifest_proc.communicate(body)
     stored = list(json_lines(out.splitlines()))
     result["manifest"] = {"returncode": manifest_proc.returncode, "stderr": err.decode(errors="replace"),
                           "summary": next((m for m in stored if m.get("message_type") == "summary"), None)}
     if manifest_proc.returncode != 0:
         result["manifest"]["body"] = body.decode()  # the controller stores it again with retries
-    if spec.get("cache"):
-        save_cache(spec["cache"], manifest)
+    if saving:
+        saving.join()
     return result
 
 
