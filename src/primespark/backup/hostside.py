@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -31,8 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 FORMAT = 2
-BLOCK = 1 << 20
-MAX_PENDING = 4096
+BUFFER = bytearray(1 << 20)
+BATCH = 64  # files per job sent to a hashing process
+MAX_PENDING = 256  # jobs in flight
 # restic's text line naming the snapshot it restores (stable since 0.9): "restoring <Snapshot 1a2b3c4d of
 # [/data] at 2026-11-26 13:02:58.37 +0000 UTC by root@pi-1> to /target"
 RESTORING = re.compile(r"^restoring <Snapshot ([0-9a-f]+) of \[.*\] at (.+?) by .*> to ")
@@ -43,36 +45,50 @@ def digest(path: str) -> list[Any] | None:
     being read. The manifest compares size and mtime (restic restores both); the cache also needs inode and
     ctime, as restic's own change detection does, so that a file edited with its mtime put back is hashed again."""
     try:
-        before = os.lstat(path)
-        if not stat.S_ISREG(before.st_mode):
-            return None
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(BLOCK):
-                h.update(block)
-        after = os.lstat(path)
+        # O_NOFOLLOW: a symlink is not followed; O_NONBLOCK: a FIFO does not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        sha = hashlib.sha256()
+        view = memoryview(BUFFER)  # one buffer per process: no allocation per file (most files are small)
+        while count := os.readv(fd, [view]):
+            sha.update(view[:count])
+        after = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if identity(before) != identity(after):
         return None
-    return [h.hexdigest(), *identity(after)]
+    return [sha.hexdigest(), *identity(after)]
+
+
+def digests(paths: list[str]) -> list[list[Any] | None]:
+    return [digest(p) for p in paths]
 
 
 def identity(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def pool() -> ThreadPoolExecutor:
-    # hashlib releases the GIL on large buffers: one thread per core hashes in parallel
-    return ThreadPoolExecutor(max(2, os.cpu_count() or 1))
+def hashers() -> Any:
+    """Worker processes, made before restic starts so they hold none of its pipes. Processes, not threads:
+    thousands of small files make the hash bound by Python's per-file work under the GIL (measured on 15k
+    files: two threads 1.85 s, one 1.25 s, two processes 0.58 s)."""
+    # niced: restic's own threads come first, the hash fills the time they leave idle
+    return multiprocessing.get_context("fork").Pool(max(2, os.cpu_count() or 1), initializer=os.nice, initargs=(19,))
 
 
-def hash_tree(root: str) -> dict[str, list[Any]]:
+def hash_tree(root: str, workers: Any) -> dict[str, list[Any]]:
     """Every regular file under `root`, keyed as restic names it in the snapshot ("/" + path below root)."""
     paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
-    with pool() as workers:
-        hashes = workers.map(digest, paths, chunksize=32)
-        return {"/" + os.path.relpath(p, root): h for p, h in zip(paths, hashes, strict=True) if h is not None}
+    batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
+    hashes = [h for batch in workers.imap(digests, batches) for h in batch]
+    return {"/" + os.path.relpath(p, root): h for p, h in zip(paths, hashes, strict=True) if h is not None}
 
 
 def compare(files: dict[str, list[Any]], restored: dict[str, list[Any]]) -> dict[str, Any]:
@@ -171,15 +187,22 @@ def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
 
 
 def backup(spec: dict[str, Any]) -> dict[str, Any]:
-    manifest_proc = start(spec["manifest"], stdin=True) if spec.get("manifest") else None
-    data = start(spec["data"])
-    data_err = Drain(data.stderr)
-    cache = load_cache(spec.get("cache"))
-    summary: dict[str, Any] | None = None
-    hashed = 0
-    files: dict[str, list[Any] | None] = {}
-    pending: deque[tuple[str, Future[list[Any] | None]]] = deque()
-    with pool() as workers:
+    with hashers() as workers:
+        manifest_proc = start(spec["manifest"], stdin=True) if spec.get("manifest") else None
+        data = start(spec["data"])
+        data_err = Drain(data.stderr)
+        cache = load_cache(spec.get("cache"))
+        summary: dict[str, Any] | None = None
+        hashed = 0
+        files: dict[str, list[Any] | None] = {}
+        batch: list[str] = []
+        pending: deque[tuple[list[str], Any]] = deque()
+
+        def collect(keep: int) -> None:
+            while len(pending) > keep:  # bounded memory on a host with a million files
+                paths, result = pending.popleft()
+                files.update(zip(paths, result.get(), strict=True))
+
         for message in json_lines(data.stdout):  # type: ignore[arg-type]
             kind = message.get("message_type")
             if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
@@ -189,14 +212,17 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
                     files[item] = known
                     continue
                 hashed += 1
-                pending.append((item, workers.submit(digest, item)))
-                while len(pending) > MAX_PENDING:  # bounded memory on a host with a million files
-                    path, future = pending.popleft()
-                    files[path] = future.result()
+                batch.append(item)
+                if len(batch) == BATCH:
+                    pending.append((batch, workers.apply_async(digests, (batch,))))
+                    batch = []
+                    collect(MAX_PENDING)
             elif kind == "summary":
                 summary = message
+        if batch:
+            pending.append((batch, workers.apply_async(digests, (batch,))))
         returncode = data.wait()
-        files.update((path, future.result()) for path, future in pending)
+        collect(0)
     result: dict[str, Any] = {"returncode": returncode, "summary": summary, "stderr": data_err.text(),
                               "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
                               "hashed_now": hashed}
@@ -228,23 +254,23 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
 def drill(spec: dict[str, Any]) -> dict[str, Any]:
     target = spec["target"]
     os.makedirs(target, mode=0o700, exist_ok=True)
-    dump = start(spec["dump"])
-    dump_out, dump_err = Drain(dump.stdout), Drain(dump.stderr)
-    restore = start(spec["restore"])
-    restore_err = Drain(restore.stderr)
-    restoring: str | None = None
-    hashing: Future[dict[str, list[Any]]] | None = None
-    with ThreadPoolExecutor(1) as background:
+    with hashers() as workers, ThreadPoolExecutor(1) as background:
+        dump = start(spec["dump"])
+        dump_out, dump_err = Drain(dump.stdout), Drain(dump.stderr)
+        restore = start(spec["restore"])
+        restore_err = Drain(restore.stderr)
+        restoring: str | None = None
+        hashing: Future[dict[str, list[Any]]] | None = None
         for raw in restore.stdout:  # type: ignore[union-attr]
             line = raw.decode(errors="replace")
             if restoring is None and RESTORING.match(line):
                 restoring = line.strip()
             elif line.startswith("verifying files in") and hashing is None:
-                # restic re-reads the restored files on one core; the hash runs on the others meanwhile
-                hashing = background.submit(hash_tree, target)
+                # restic's verify re-reads the restored tree; the hash reads it beside it, from the page cache
+                hashing = background.submit(hash_tree, target, workers)
         returncode = restore.wait()
-        restored = hashing.result() if hashing is not None else hash_tree(target)
-    dump.wait()
+        restored = hashing.result() if hashing is not None else hash_tree(target, workers)
+        dump.wait()
     prefixes = {p: p.rstrip("/") + "/" for p in spec.get("probes", [])}
     result: dict[str, Any] = {"returncode": returncode, "stderr": restore_err.text(), "restoring": restoring,
                               "verified": hashing is not None, "restored_files": len(restored),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +53,9 @@ def run_of(snapshot: Snapshot) -> str | None:
 def run_hostside(client: ResticClient, phase: str, spec: dict[str, Any]) -> dict[str, Any]:
     """One host-side session with the repository's credentials in its environment (never in argv)."""
     runner = client.runner
-    proc = client.scrub(runner.run(["python3", "-c", HOSTSIDE_SOURCE, phase], env=client.environment(),
+    # a fleet host's own python3; here, this interpreter (not whatever `python3` a shim on PATH starts)
+    python = "python3" if getattr(runner, "remote", False) else sys.executable
+    proc = client.scrub(runner.run([python, "-c", HOSTSIDE_SOURCE, phase], env=client.environment(),
                                    stdin=json.dumps(spec).encode(), timeout=client.timeout))
     try:
         out = json.loads(proc.stdout)
