@@ -114,6 +114,7 @@ def main() -> None:
         from flows.backup import backup
         from flows.dr_drill import dr_drill
         from primespark.backup import jobs
+        from primespark.backup.drill import run_drill
         from primespark.backup.orchestration import in_process_runs
         from primespark.backup.policy import BackupContext
 
@@ -122,7 +123,14 @@ def main() -> None:
         flow_repo = work / "flow-repos" / "pi-1" / "repo"
         prom = str(work / "prom")
         times: dict[str, list[float]] = {k: [] for k in (
-            "plain backup", "flow backup", "plain restore", "flow drill", "plain again", "flow again")}
+            "plain backup", "flow backup", "session backup", "plain restore", "flow drill", "session drill",
+            "plain again", "flow again")}
+        scratch = Path(ctx.transport.scratch_root(ctx.backup.drill.scratch_host))
+
+        def cleaned_up() -> None:
+            """Untimed: the drill's background removal of its restored copy ends before the next step."""
+            while scratch.exists() and any(scratch.iterdir()):
+                time.sleep(0.05)
 
         def plain_round(round_: int) -> None:
             repo = work / f"plain-repo-{round_}"
@@ -135,16 +143,25 @@ def main() -> None:
             times["plain again"].append(timed(lambda: plain("backup", str(dataset), repo=repo)))
             shutil.rmtree(repo)
 
-        def flow_round(round_: int) -> None:
+        def fresh_repository() -> None:
             shutil.rmtree(flow_repo.parent.parent, ignore_errors=True)
             Path(ctx.transport.cache_file("pi-1", "nas-primary")).unlink(missing_ok=True)
             jobs.prepare(ctx, "nas-primary", "pi-1")
+
+        def flow_round(round_: int) -> None:
+            fresh_repository()
             times["flow backup"].append(timed(lambda: backup("pi-1", str(fleet), "local", offsite=False,
                                                              textfile=prom)))
             times["flow drill"].append(timed(lambda: dr_drill("pi-1", str(fleet), "local", textfile=prom)))
+            cleaned_up()
             change_some(dataset, round_ + 100)
             times["flow again"].append(timed(lambda: backup("pi-1", str(fleet), "local", offsite=False,
                                                             textfile=prom)))
+            # the same work without Prefect: the host-side session and the drill's steps alone
+            fresh_repository()
+            times["session backup"].append(timed(lambda: jobs.backup_host(ctx, "pi-1")))
+            times["session drill"].append(timed(lambda: run_drill(ctx, "pi-1")))
+            cleaned_up()
 
         # run as `spark backup now` / `spark drill run` run them: in this process, without heartbeats
         with prefect_test_harness(server_startup_timeout=120), in_process_runs():
@@ -153,7 +170,9 @@ def main() -> None:
                 for step in ((plain_round, flow_round) if round_ % 2 == 0 else (flow_round, plain_round)):
                     step(round_)
         rows = [("first backup: backup flow vs restic backup", "plain backup", "flow backup"),
+                ("  the same without Prefect (host-side session)", "plain backup", "session backup"),
                 ("DR drill: dr_drill flow vs restic restore --verify", "plain restore", "flow drill"),
+                ("  the same without Prefect (run_drill)", "plain restore", "session drill"),
                 ("next backup, 5% of files changed: flow vs restic", "plain again", "flow again")]
         print(f"\nbest of {ROUNDS} rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"{'':54} {'restic CLI':>11} {'ours':>9} {'overhead':>9}")
