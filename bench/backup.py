@@ -3,7 +3,7 @@
 Run: .venv/bin/python bench/backup.py [--size-mib 1024]. The dataset and repositories live under /tmp
 and are removed at the end. Target: our overhead at most 10% over plain restic.
 
-Rows, each the best of three rounds (plain restic and the flows alternate which goes first):
+Rows, each the best of three rounds; each of our steps runs right beside restic's, the order alternating:
 - the first backup into a new repository: the whole `backup` flow (writer slot, backup with its sha256
   manifest, Prefect bookkeeping, metrics) vs `restic backup` (both repositories made beforehand, untimed);
 - the DR drill: the whole `dr_drill` flow (restore --verify, sha256 of every restored file against the
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -132,31 +133,32 @@ def main() -> None:
             while scratch.exists() and any(scratch.iterdir()):
                 time.sleep(0.05)
 
-        def plain_round(round_: int) -> None:
-            repo = work / f"plain-repo-{round_}"
-            plain("init", repo=repo)  # untimed, as the flow's repository below
-            times["plain backup"].append(timed(lambda: plain("backup", str(dataset), repo=repo)))
-            times["plain restore"].append(timed(lambda: plain(
-                "restore", "latest", "--verify", "--target", str(work / "restored"), repo=repo)))
-            shutil.rmtree(work / "restored")
-            change_some(dataset, round_)
-            times["plain again"].append(timed(lambda: plain("backup", str(dataset), repo=repo)))
-            shutil.rmtree(repo)
-
         def fresh_repository() -> None:
             shutil.rmtree(flow_repo.parent.parent, ignore_errors=True)
             Path(ctx.transport.cache_file("pi-1", "nas-primary")).unlink(missing_ok=True)
-            jobs.prepare(ctx, "nas-primary", "pi-1")
+            jobs.prepare(ctx, "nas-primary", "pi-1")  # untimed, as `restic init` for plain restic
 
-        def flow_round(round_: int) -> None:
+        def pair(first_ours: bool, theirs: tuple[str, Any], ours: tuple[str, Any]) -> None:
+            """Each of our steps beside restic's same step, adjacent, the order alternating by round."""
+            for key, step in (ours, theirs) if first_ours else (theirs, ours):
+                times[key].append(timed(step))
+                cleaned_up()
+
+        def one_round(round_: int) -> None:
+            repo = work / f"plain-repo-{round_}"
+            plain("init", repo=repo)
             fresh_repository()
-            times["flow backup"].append(timed(lambda: backup("pi-1", str(fleet), "local", offsite=False,
-                                                             textfile=prom)))
-            times["flow drill"].append(timed(lambda: dr_drill("pi-1", str(fleet), "local", textfile=prom)))
-            cleaned_up()
-            change_some(dataset, round_ + 100)
-            times["flow again"].append(timed(lambda: backup("pi-1", str(fleet), "local", offsite=False,
-                                                            textfile=prom)))
+            first = round_ % 2 == 1
+            pair(first, ("plain backup", lambda: plain("backup", str(dataset), repo=repo)),
+                 ("flow backup", lambda: backup("pi-1", str(fleet), "local", offsite=False, textfile=prom)))
+            pair(first, ("plain restore", lambda: plain("restore", "latest", "--verify", "--target",
+                                                        str(work / "restored"), repo=repo)),
+                 ("flow drill", lambda: dr_drill("pi-1", str(fleet), "local", textfile=prom)))
+            shutil.rmtree(work / "restored")
+            change_some(dataset, round_)
+            pair(first, ("plain again", lambda: plain("backup", str(dataset), repo=repo)),
+                 ("flow again", lambda: backup("pi-1", str(fleet), "local", offsite=False, textfile=prom)))
+            shutil.rmtree(repo)
             # the same work without Prefect: the host-side session and the drill's steps alone
             fresh_repository()
             times["session backup"].append(timed(lambda: jobs.backup_host(ctx, "pi-1")))
@@ -166,9 +168,8 @@ def main() -> None:
         # run as `spark backup now` / `spark drill run` run them: in this process, without heartbeats
         with prefect_test_harness(server_startup_timeout=120), in_process_runs():
             flow(name="warm-up")(lambda: None)()  # the fresh server's first run (client, SQLite) is not a backup's
-            for round_ in range(ROUNDS):  # alternating which goes first; the best of each counts
-                for step in ((plain_round, flow_round) if round_ % 2 == 0 else (flow_round, plain_round)):
-                    step(round_)
+            for round_ in range(ROUNDS):
+                one_round(round_)
         rows = [("first backup: backup flow vs restic backup", "plain backup", "flow backup"),
                 ("  the same without Prefect (host-side session)", "plain backup", "session backup"),
                 ("DR drill: dr_drill flow vs restic restore --verify", "plain restore", "flow drill"),
