@@ -378,3 +378,22 @@ def test_drill_leaves_no_restored_copy_behind(state: Path, tmp_path: Path) -> No
     while list(scratch.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list(scratch.iterdir()) == [], "the restored copy (or an old one) is still there"
+
+
+def test_retention_drops_the_manifests_of_forgotten_snapshots_only(state: Path, tmp_path: Path) -> None:
+    from primespark.backup.drill import run_drill
+    from primespark.backup.manifest import run_of
+
+    fleet = make_fleet(tmp_path)
+    data = yaml.safe_load(Path(fleet).read_text())
+    data["backup"]["retention"] = {"keep_last": 1}
+    Path(fleet).write_text(yaml.safe_dump(data))
+    ctx = BackupContext.load(fleet, "local")
+    for _ in range(3):
+        jobs.backup_host(ctx, "pi-1")
+    outcome = jobs.maintain(ctx, "nas-primary", check=False)
+    assert outcome.forgotten == {"pi-1": 2} and outcome.orphan_manifests == {"pi-1": 2}, outcome
+    left = ctx.client("nas-primary", "pi-1").snapshots()
+    assert sorted(s.tags[0] for s in left) == ["primespark-backup", "primespark-manifest"]
+    assert run_of(left[0]) == run_of(left[1])  # the kept manifest is the kept snapshot's
+    assert run_drill(ctx, "pi-1").passed
