@@ -5,9 +5,10 @@ Ansible, nothing else). One SSH round trip per phase, and every extra restic sta
 each start costs restic's key derivation (~0.6 s of one core), which would otherwise add up serially.
 
 - `backup`: runs `restic backup -vv --json` and, at the same time, the `restic backup --stdin` that will store
-  the manifest. Each file restic reports saved is hashed (sha256) right away, while it is in the page cache;
-  a file whose size and mtime equal the previous run's record keeps its hash (the cache, 0600). When the data
-  snapshot is written, the manifest (path -> sha256, size, mtime_ns) goes down the waiting stdin.
+  the manifest. Each file restic reports saved is hashed (sha256) right away, while it is in the page cache,
+  by niced worker processes; a file whose size, mtime, inode and ctime equal the previous run's record keeps
+  its hash (the cache, 0600). When the data snapshot is written, the manifest (path -> sha256, size,
+  mtime_ns, inode, ctime_ns) goes down the waiting stdin.
 - `drill`: runs `restic restore latest --verify` and `restic dump` of the newest manifest at the same time;
   when restic starts verifying, the restored tree is hashed beside it; then restored == manifest is judged.
 
