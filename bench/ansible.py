@@ -74,8 +74,8 @@ def main() -> None:
         if not was_up:
             lab.down()
     load = " ".join(f"{x:.2f}" for x in load_before), " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"no-change run of site.yml on the {fleet.name} lab ({len(ours_recap)} hosts); {os.cpu_count()} CPUs, "
-          f"load average {load[0]} before, {load[1]} after")
+    print(f"no-change run of site.yml on the lab of fleet {fleet.name!r} ({len(ours_recap)} hosts); "
+          f"{os.cpu_count()} CPUs, load average {load[0]} before, {load[1]} after")
     print(f"{'config':<46} {'wall':>8}  {'speed-up':>8}   result")
     for label, seconds, recap in (("Ansible defaults", default_s, default_recap),
                                   ("ours (ansible.cfg: Mitogen)", ours_s, ours_recap),
