@@ -76,30 +76,27 @@ class HostBackup:
 
 
 def backup_host(
-    ctx: BackupContext, host: str, slot: WriterSlot = no_slot, time_override: datetime | None = None,
-    clear_stale_locks: bool = False,
+    ctx: BackupContext, host: str, time_override: datetime | None = None, clear_stale_locks: bool = False,
 ) -> HostBackup:
-    """One restic backup of the host's plan with its manifest, in one session on the host, holding the
-    repository's writer slot. `clear_stale_locks` first (after a run that did not finish) costs restic starts."""
+    """One restic backup of the host's plan with its manifest, in one session on the host; the caller holds
+    the repository's writer slot. `clear_stale_locks` first (after a run that did not finish) costs restic starts."""
     plan = ctx.plan(host)
     restic = ctx.client(plan.repository, host, create=True)
     cache = ctx.transport.cache_file(host, plan.repository)
-    with slot(plan.repository):
-        removed = []
-        if clear_stale_locks:
-            with suppress(RepositoryNotFound):  # none yet: the backup creates it
-                removed = [lock.id[:8] for lock in ctx.clear_stale_locks(plan.repository, host).removed]
-        started = time.time()
-        done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
-            restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache))
-        assert done.value is not None
-        return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
+    removed = []
+    if clear_stale_locks:
+        with suppress(RepositoryNotFound):  # none yet: the backup creates it
+            removed = [lock.id[:8] for lock in ctx.clear_stale_locks(plan.repository, host).removed]
+    started = time.time()
+    done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
+        restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache))
+    assert done.value is not None
+    return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
 
 
-def store_pending_manifest(ctx: BackupContext, host: str, run: BackupRun, slot: WriterSlot = no_slot) -> str | None:
+def store_pending_manifest(ctx: BackupContext, host: str, run: BackupRun) -> str | None:
     plan = ctx.plan(host)
-    with slot(plan.repository):
-        return store_manifest(ctx.client(plan.repository, host), run, host)
+    return store_manifest(ctx.client(plan.repository, host), run, host)
 
 
 def copy_offsite(
