@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from primespark.errors import UserError
 from primespark.fleet.loader import validate_data
 from primespark.fleet.model import Fleet
-from primespark.mesh.health import MeshHealth, PairHealth, _parse, write_metrics
+from primespark.mesh.health import MeshHealth, PairHealth, _parse, probe_rounds, write_metrics
 from primespark.mesh.keys import public_key_of
 from primespark.mesh.plan import load_state, state_path
 from primespark.mesh.render import render_all, render_host
@@ -186,6 +186,26 @@ def test_bad_mesh_input_is_a_located_error_without_traceback(tmp_path, fixture, 
     assert expected in done.stderr and "meshes." in done.stderr and "fix:" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mesh").exists()
+
+
+@pytest.mark.parametrize("topology", [{}, {"topology": "hub_and_spoke", "hub": "core-1"}])
+def test_health_probe_opens_each_direct_pair_from_one_end_only(tmp_path, store, topology):
+    plan = plan_and_save(fleet_with(**topology), "fleet", tmp_path, store).plan
+    first, second = probe_rounds(plan)
+    name_of = {str(c.address): n for n, c in plan.hosts.items()}
+    opened = {(source, name_of[a]) for source, addresses in first.items() for a in addresses}
+    later = {(source, name_of[a]) for source, addresses in second.items() for a in addresses}
+    every = {(s, t) for s in plan.hosts for t in plan.hosts if s != t}
+    assert opened | later == every and not opened & later
+    direct = {tuple(sorted(pair)) for pair in plan.peer_pairs()}
+    # Exactly one end of each direct pair speaks first (crossing first handshakes stall for 15 s) ...
+    assert sorted(tuple(sorted(pair)) for pair in opened) == sorted(direct)
+    for source, target in opened:
+        # ... and it is an end that knows where the other is.
+        assert next(p for p in plan.hosts[source].peers if p.name == target).endpoint is not None
+    assert ("pi-1", "core-1") in opened  # the cloud has no endpoint for a NATed Pi: the Pi calls in
+    if topology:
+        assert ("pi-1", "pi-2") in later and ("pi-2", "pi-1") in later  # through the hub, once it is up
 
 
 def test_health_probe_output_is_parsed_and_exported(tmp_path):

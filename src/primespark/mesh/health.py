@@ -1,8 +1,15 @@
 """Mesh health: for every pair of members, the latest handshake (from `wg show dump`) and reachability
 (ping over the overlay), as a table and as Prometheus text-format metrics for node-exporter's textfile collector.
 
-The probe runs as one shell snippet per host: pings to every other member first (so that an idle pair
-handshakes), then the peer lines of the dump with the preshared-key column cut out — no secret leaves a host.
+The probe runs as shell snippets on each host: pings to the other members (so that an idle pair handshakes),
+then the peer lines of the dump with the preshared-key column cut out — no secret leaves a host.
+
+It pings in two rounds. If both ends of an idle pair send their first packet at the same moment, their
+handshake initiations cross: each side answers the other's and drops the answer to its own, and neither
+can send until the passive-keepalive timer starts over, 15 s later (seen with wireguard-go on every
+tenth bring-up in the tests). So in the first round only one end of each direct pair speaks: the end that
+knows the other's endpoint, or the first by name when both know each other's. The second round covers the
+other directions and the pairs routed through a hub, once the tunnels are up.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from primespark.mesh.remote import Runner, on_each
 # WireGuard re-handshakes every 2 minutes while traffic flows and gives a session up after 3 minutes.
 STALE_HANDSHAKE_SECONDS = 180
 
-_PROBE = """\
+_PINGS = """\
 for a in {addresses}; do
   ( if out=$(ping -n -q -c 1 -w {deadline} "$a" 2>&1); then
       echo "ping $a ok $(echo "$out" | sed -n 's|^rtt [^=]*= [0-9.]*/\\([0-9.]*\\)/.*|\\1|p')"
     else echo "ping $a down"; fi ) &
 done
 wait
+"""
+_DUMP = """\
 echo "now $(date +%s)"
 wg show {interface} dump | awk -F '\\t' 'NR > 1 {{ print "peer\\t" $1 "\\t" $3 "\\t" $5 "\\t" $6 "\\t" $7 }}'
 """
@@ -91,26 +100,50 @@ def _parse(text: str) -> _Probe:
     return _Probe(pings, handshakes, now)
 
 
+def probe_rounds(plan: MeshPlan) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The overlay addresses each host pings in the first round (one end of each direct pair) and in the second."""
+    first: dict[str, list[str]] = {name: [] for name in plan.hosts}
+    second: dict[str, list[str]] = {name: [] for name in plan.hosts}
+    for source, config in plan.hosts.items():
+        peers = {p.name: p for p in config.peers}
+        for target, target_config in plan.hosts.items():
+            if target == source:
+                continue
+            address = str(target_config.address)
+            if target not in peers:
+                second[source].append(address)
+                continue
+            knows_target = peers[target].endpoint is not None
+            back = next((p for p in target_config.peers if p.name == source), None)
+            known_by_target = back is not None and back.endpoint is not None
+            speaks_first = knows_target and (not known_by_target or source < target)
+            (first if speaks_first else second)[source].append(address)
+    return first, second
+
+
 def check_mesh(plan: MeshPlan, runner: Runner, deadline_seconds: int = 6) -> MeshHealth:
     interface = plan.spec.interface
-
-    def probe(host: str) -> _Probe:
-        others = " ".join(str(h.address) for n, h in plan.hosts.items() if n != host)
-        script = _PROBE.format(addresses=others or "", deadline=deadline_seconds, interface=interface)
-        return _parse(runner.run(host, script, timeout=deadline_seconds + 30))
-
     health = MeshHealth(plan.mesh)
-    results: dict[str, _Probe] = {}
+    first, second = probe_rounds(plan)
 
-    def guarded(host: str) -> _Probe | None:
+    def probe(host: str, addresses: list[str], dump: bool) -> _Probe | None:
+        script = _PINGS.format(addresses=" ".join(addresses), deadline=deadline_seconds)
+        if dump:
+            script += _DUMP.format(interface=interface)
         try:
-            return probe(host)
+            return _parse(runner.run(host, script, timeout=deadline_seconds + 30))
         except UserError as exc:
             health.unreachable_hosts[host] = exc.message
             return None
 
-    for host, result in on_each(plan.hosts, guarded).items():
+    opening = on_each([h for h in plan.hosts if first[h]], lambda h: probe(h, first[h], dump=False))
+    results: dict[str, _Probe] = {}
+    reachable = [h for h in plan.hosts if h not in health.unreachable_hosts]
+    for host, result in on_each(reachable, lambda h: probe(h, second[h], dump=True)).items():
         if result is not None:
+            earlier = opening.get(host)
+            if earlier is not None:
+                result.pings.update(earlier.pings)
             results[host] = result
     for source, config in plan.hosts.items():
         result = results.get(source)
