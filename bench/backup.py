@@ -4,9 +4,9 @@ Run: .venv/bin/python bench/backup.py [--size-mib 1024]. The dataset and reposit
 and are removed at the end. Target: our overhead at most 10% over plain restic.
 
 Rows, each the best of three rounds; each of our steps runs right beside restic's, the order alternating:
-- the first backup into a new repository: the whole `backup` flow (writer slot, backup with its sha256
+- the first backup into a new repository: the whole `backup` flow (writer slot, backup with its XXH3-128
   manifest, Prefect bookkeeping, metrics) vs `restic backup` (both repositories made beforehand, untimed);
-- the DR drill: the whole `dr_drill` flow (restore --verify, sha256 of every restored file against the
+- the DR drill: the whole `dr_drill` flow (restore --verify, the hash of every restored file against the
   manifest, report and history artifacts, metrics, clean-up) vs `restic restore --verify`;
 - the next backup after 5% of the files changed (the manifest hashes only what changed) vs `restic backup`.
 """
@@ -180,7 +180,7 @@ def main() -> None:
         for name, theirs_key, ours_key in rows:
             theirs, ours = min(times[theirs_key]), min(times[ours_key])
             print(f"{name:54} {theirs:10.2f}s {ours:8.2f}s {100 * (ours - theirs) / theirs:8.1f}%")
-        print("\ntarget: overhead ≤ 10% (the anchor: plain restic). The backup flow adds a sha256 manifest of every"
+        print("\ntarget: overhead ≤ 10% (the anchor: plain restic). The backup flow adds a hash manifest of every"
               "\nfile (hashed beside restic, stored by a second restic started with it), the writer slot and Prefect's"
               "\nbookkeeping; the drill adds the hash comparison (beside restic's --verify), the report and artifacts.")
     finally:

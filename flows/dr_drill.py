@@ -1,5 +1,5 @@
 """`dr_drill`: restore a host's newest snapshot onto the fleet's scratch host, verify it (restic --verify and
-sha256 against the source as of the snapshot), run the host's service checks, measure RTO and RPO against the
+content hashes against the source as of the snapshot), run the host's service checks, measure RTO and RPO against the
 fleet's targets, publish the report (markdown) and the drill history (table), fail the run on any miss."""
 
 from __future__ import annotations

@@ -326,6 +326,34 @@ def test_drill_fails_when_restored_content_differs_from_the_manifest(state: Path
     assert "restored content differs" in report.failures[0]
 
 
+def test_a_host_without_xxhash_hashes_with_sha256_and_drills_still_compare(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts without python3-xxhash write sha256 manifests, which a drill with xxhash hashes its way; a drill on
+    a host that lacks the manifest's hash says what to install instead of comparing unlike hashes."""
+    from primespark.backup.drill import run_drill
+
+    fleet = make_fleet(tmp_path)
+    ctx = BackupContext.load(fleet, "local")
+    no_xxhash = tmp_path / "no-xxhash"
+    no_xxhash.mkdir()
+    (no_xxhash / "xxhash.py").write_text("raise ImportError('this host has no python3-xxhash')\n")
+    monkeypatch.setenv("PYTHONPATH", str(no_xxhash))  # the host-side session is a child of this process
+    jobs.backup_host(ctx, "pi-1")
+    cache = json.loads(Path(ctx.transport.cache_file("pi-1", "nas-primary")).read_text())
+    blob = str(tmp_path / "src" / "pi-1" / "blob.bin")
+    assert cache["hash"] == "sha256" and len(cache["files"][blob][0]) == 64
+    monkeypatch.delenv("PYTHONPATH")
+    report = run_drill(ctx, "pi-1")
+    assert report.passed and report.files_matched == 3, report.failures
+    jobs.backup_host(ctx, "pi-1")  # with xxhash: an XXH3-128 manifest, every file hashed again
+    cache = json.loads(Path(ctx.transport.cache_file("pi-1", "nas-primary")).read_text())
+    assert cache["hash"] == "xxh3_128" and len(cache["files"][blob][0]) == 32
+    monkeypatch.setenv("PYTHONPATH", str(no_xxhash))
+    report = run_drill(ctx, "pi-1")
+    assert not report.passed and "install python3-xxhash" in " ".join(report.failures), report.failures
+
+
 def test_snapshot_without_its_manifest_is_reported_not_compared_with_another(state: Path, tmp_path: Path) -> None:
     from primespark.backup.drill import run_drill
     from primespark.backup.policy import BACKUP_TAG

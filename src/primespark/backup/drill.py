@@ -97,7 +97,7 @@ def render_markdown(report: DrillReport) -> str:
         "",
         "## Verification",
         f"- `restic restore --verify`: {'passed' if report.restore_verified_by_restic else 'failed'}",
-        f"- sha256 against the source as of the snapshot: {report.files_matched} files equal, "
+        f"- content hashes against the source as of the snapshot: {report.files_matched} files equal, "
         f"{len(report.files_mismatched)} differ, {len(report.files_missing)} missing, "
         f"{len(report.files_unexpected)} unexpected ({report.files_changed_during_backup} changed while the "
         "backup ran, not compared)",

@@ -1,4 +1,5 @@
-"""Content manifests: sha256 per file of the source as restic read it, stored in the repository beside the data.
+"""Content manifests: a hash (XXH3-128) per file of the source as restic read it, stored in the repository
+beside the data.
 
 The hashing runs on the host, inside the same process as restic (`hostside`): a backup writes the data
 snapshot and, through a second restic started at the same moment, a small manifest snapshot (stdin). Both
@@ -185,13 +186,16 @@ def restore_and_compare(client: ResticClient, host: str, target: str, probes: li
     run = RestoreRun(parsed[0], parsed[1], out["restored_files"], error, None, None, out.get("present", {}))
     if "comparison" in out:
         run.comparison = Comparison(**out["comparison"])
+    elif "hash_problem" in out:
+        run.manifest_problem = f"{out['hash_problem']} (on {client.runner.name})"
     else:  # the newest manifest is not this snapshot's (a run whose manifest store failed): find its own
-        run.comparison, run.manifest_problem = _compare_by_run_tag(client, host, parsed[0], out["restored"])
+        run.comparison, run.manifest_problem = _compare_by_run_tag(client, host, parsed[0], out["restored"],
+                                                                   out["hash"])
     return run
 
 
 def _compare_by_run_tag(
-    client: ResticClient, host: str, short_id: str, restored: dict[str, list[Any]]
+    client: ResticClient, host: str, short_id: str, restored: dict[str, list[Any]], algorithm: str
 ) -> tuple[Comparison | None, str | None]:
     snapshots = client.snapshots(host=host)
     data = next((s for s in snapshots if s.id.startswith(short_id)), None)
@@ -201,6 +205,9 @@ def _compare_by_run_tag(
         return None, f"no content manifest for snapshot {short_id}: cannot compare hashes"
     try:
         manifest = json.loads(client.dump(found[-1].id, f"/{MANIFEST_FILE}"))
+        if hostside.hash_of(manifest) != algorithm:
+            return None, (f"the content manifest of snapshot {short_id} was hashed with {hostside.hash_of(manifest)} "
+                          f"and {client.runner.name} hashed with {algorithm}: install python3-xxhash on both")
         return Comparison(**hostside.compare(manifest["files"], restored)), None
     except (ResticError, ValueError, KeyError, TypeError) as exc:
         return None, f"the content manifest of snapshot {short_id} cannot be read: {exc}"
