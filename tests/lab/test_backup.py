@@ -122,6 +122,9 @@ def test_backup_copy_drill_end_to_end(lab, backups):
     assert pi["files"] == 3 and pi["copied_to"] == ["offsite"] and nas["copied_to"] == ["offsite"]
     assert pi["changed_during_backup"] == 0 and pi["manifest_files"] == pi["files"]
     ctx = BackupContext.load("lab", "ssh")
+    # the lab image and the restic role give the hosts python3-xxhash: the manifest is hashed with XXH3-128
+    cache = lab.exec("pi-1", f"cat {ctx.transport.cache_file('pi-1', 'nas-primary')}")
+    assert cache.returncode == 0 and json.loads(cache.stdout)["hash"] == "xxh3_128", cache.stderr
     for host, result in (("pi-1", pi), ("nas-1", nas)):
         copied = ctx.client("offsite", host).snapshots(tags=["primespark-backup"])
         assert result["snapshot"][:8] in [(s.original or "")[:8] for s in copied], f"{host} not offsite"
