@@ -1,9 +1,10 @@
 """Backup and restore of a generated 1 GiB mixed dataset: plain restic CLI beside our client and our flows.
 
-Run: .venv/bin/python bench/backup.py [--size-mib 1024]. The dataset and repositories live under /tmp
+Run: .venv/bin/python bench/backup.py [--size-mib 1024] [--rounds 5]. The dataset and repositories live under /tmp
 and are removed at the end. Target: our overhead at most 10% over plain restic.
 
-Rows, each the best of three rounds; each of our steps runs right beside restic's, the order alternating:
+Rows, each the best and the median of the rounds (restic's own times vary by 10-20% here from run to run, so
+one round proves little); each of our steps runs right beside restic's, the order alternating:
 - the first backup into a new repository: the whole `backup` flow (writer slot, backup with its XXH3-128
   manifest, Prefect bookkeeping, metrics) vs `restic backup` (both repositories made beforehand, untimed);
 - the DR drill: the whole `dr_drill` flow (restore --verify, the hash of every restored file against the
@@ -17,6 +18,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PASSWORD = "bench password, not a secret"
-ROUNDS = 3
 
 
 def make_dataset(root: Path, size_mib: int) -> tuple[int, int]:
@@ -100,6 +101,7 @@ def fleet_file(work: Path, dataset: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spark-bench-backup-", dir="/tmp"))
     os.environ["SPARK_STATE_DIR"] = str(work / "state")
@@ -168,18 +170,22 @@ def main() -> None:
         # run as `spark backup now` / `spark drill run` run them: in this process, without heartbeats
         with prefect_test_harness(server_startup_timeout=120), in_process_runs():
             flow(name="warm-up")(lambda: None)()  # the fresh server's first run (client, SQLite) is not a backup's
-            for round_ in range(ROUNDS):
+            for round_ in range(args.rounds):
                 one_round(round_)
         rows = [("first backup: backup flow vs restic backup", "plain backup", "flow backup"),
                 ("  the same without Prefect (host-side session)", "plain backup", "session backup"),
                 ("DR drill: dr_drill flow vs restic restore --verify", "plain restore", "flow drill"),
                 ("  the same without Prefect (run_drill)", "plain restore", "session drill"),
                 ("next backup, 5% of files changed: flow vs restic", "plain again", "flow again")]
-        print(f"\nbest of {ROUNDS} rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"{'':54} {'restic CLI':>11} {'ours':>9} {'overhead':>9}")
+        print(f"\n{args.rounds} rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"{'':52} {'restic CLI':>10} {'ours':>7} {'overhead':>8}   {'restic':>7} {'ours':>7} {'overhead':>8}")
+        print(f"{'':52} {'best':>10} {'best':>7} {'':>8}   {'median':>7} {'median':>7}")
         for name, theirs_key, ours_key in rows:
-            theirs, ours = min(times[theirs_key]), min(times[ours_key])
-            print(f"{name:54} {theirs:10.2f}s {ours:8.2f}s {100 * (ours - theirs) / theirs:8.1f}%")
+            cells = []
+            for pick in (min, statistics.median):
+                theirs, ours = pick(times[theirs_key]), pick(times[ours_key])
+                cells.append(f"{theirs:9.2f}s {ours:6.2f}s {100 * (ours - theirs) / theirs:7.1f}%")
+            print(f"{name:52} {'   '.join(cells)}")
         print("\ntarget: overhead ≤ 10% (the anchor: plain restic). The backup flow adds a hash manifest of every"
               "\nfile (hashed beside restic, stored by a second restic started with it), the writer slot and Prefect's"
               "\nbookkeeping; the drill adds the hash comparison (beside restic's --verify), the report and artifacts.")
