@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -273,6 +273,15 @@ def parse_version(text: str) -> tuple[int, int, int]:
 # --- the client -------------------------------------------------------------------------------------------
 
 
+class BackupOptions(TypedDict, total=False):
+    """The keywords of `ResticClient.backup` (those of `backup_args` but `verbose`)."""
+
+    excludes: Sequence[str]
+    tags: Sequence[str]
+    host: str | None
+    time: datetime | None
+
+
 @dataclass
 class ResticClient:
     """One repository as seen from one runner. `options` are `-o key=value` pairs (e.g. sftp.command)."""
@@ -349,17 +358,8 @@ class ResticClient:
 
     # backup ----------------------------------------------------------------------------------------------
 
-    def backup(
-        self,
-        paths: Sequence[str],
-        *,
-        excludes: Sequence[str] = (),
-        tags: Sequence[str] = (),
-        host: str | None = None,
-        time: datetime | None = None,
-    ) -> BackupSummary:
-        proc = self._call("backup", *self.backup_args(paths, excludes=excludes, tags=tags, host=host, time=time),
-                          ok=(0, 3))
+    def backup(self, paths: Sequence[str], **options: Unpack[BackupOptions]) -> BackupSummary:
+        proc = self._call("backup", *self.backup_args(paths, **options), ok=(0, 3))
         return self.backup_result(proc, self._summary(proc))
 
     def backup_args(
