@@ -187,8 +187,9 @@ def main() -> None:
                 cells.append(f"{theirs:9.2f}s {ours:6.2f}s {100 * (ours - theirs) / theirs:7.1f}%")
             print(f"{name:52} {'   '.join(cells)}")
         print("\ntarget: overhead ≤ 10% (the anchor: plain restic). The backup flow adds a hash manifest of every"
-              "\nfile (hashed beside restic, stored by a second restic started with it), the writer slot and Prefect's"
-              "\nbookkeeping; the drill adds the hash comparison (beside restic's --verify), the report and artifacts.")
+              "\nfile (hashed while restic derives its key, saved by the same restic run), the writer slot and"
+              "\nPrefect's bookkeeping; the drill adds the hash comparison (beside restic's --verify), the report and"
+              "\nartifacts.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

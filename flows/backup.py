@@ -68,13 +68,15 @@ def backup(
         with writer_slot(plan.repository):
             done = restic_backup.with_options(**retrying)(ctx, host, snapshot_time, unfinished)
             run = done.run
+            if run.embed_problem:
+                logger.warning("%s: the manifest went in a snapshot of its own", run.embed_problem)
             if run.manifest_pending is not None:
                 logger.warning("storing the manifest beside snapshot %s failed (%s): trying again",
                                run.summary.snapshot_id, run.manifest_error)
                 store_manifest(ctx, host, run)
         copied = []
         if offsite and (offsites := ctx.offsite_of(plan.repository)):
-            ids = [i for i in (run.summary.snapshot_id, run.manifest_snapshot) if i]
+            ids = [i for i in (run.summary.snapshot_id, run.separate_manifest) if i]
             with ExitStack() as slots:
                 for repository in offsites:
                     slots.enter_context(writer_slot(repository))
@@ -97,8 +99,10 @@ def backup(
                          size_bytes=summary.total_bytes_processed, added_bytes=summary.data_added)
     result = {
         "host": host, "repository": plan.repository, "snapshot": summary.snapshot_id,
-        "files": summary.total_files_processed, "bytes": summary.total_bytes_processed,
-        "added_bytes": summary.data_added, "manifest": run.manifest_snapshot, "manifest_files": run.files,
+        # the manifest inside the snapshot is not one of the host's files
+        "files": summary.total_files_processed - run.manifest_embedded, "bytes": summary.total_bytes_processed,
+        "added_bytes": summary.data_added, "manifest": run.manifest_snapshot,
+        "manifest_inside_snapshot": run.manifest_embedded, "manifest_files": run.files,
         "hashed_files": run.hashed_now, "changed_during_backup": len(run.unhashed), "copied_to": copied,
         "duration_seconds": round(finished - started, 2), "write_window": [done.started, done.finished],
         "created_repository": done.created_repository, "stale_locks_removed": done.stale_locks_removed,

@@ -103,6 +103,8 @@ def promtool(path: Path) -> None:
 
 
 def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None:
+    from primespark.backup.manifest import run_of
+
     fleet = make_fleet(tmp_path, ("pi-1", "pi-2"))
     prom = tmp_path / "textfile"
     result = run(backup, "pi-1", fleet, textfile=str(prom), **FAST).result()
@@ -111,7 +113,11 @@ def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None
     offsite = ctx.client("offsite", "pi-1")
     copied = offsite.snapshots(tags=["primespark-backup"])
     assert [s.original[:8] for s in copied if s.original] == [result["snapshot"][:8]]
-    assert offsite.snapshots(tags=["primespark-manifest"]), "the manifest travels with the copy"
+    # the manifest is inside the data snapshot, and travels with it
+    assert result["manifest_inside_snapshot"] and not offsite.snapshots(tags=["primespark-manifest"])
+    manifest_dir = ctx.transport.manifest_dir("pi-1", "nas-primary")
+    copied_manifest = json.loads(offsite.dump(copied[0].id, f"{manifest_dir}/primespark-manifest.json"))
+    assert len(copied_manifest["files"]) == 3 and copied_manifest["run"] == run_of(copied[0])
     metrics = (prom / "primespark_backup_pi-1.prom").read_text()
     assert 'primespark_backup_success{host="pi-1",repository="nas-primary"} 1.0' in metrics
     assert "primespark_backup_last_success_timestamp_seconds" in metrics
@@ -408,7 +414,11 @@ def test_drill_leaves_no_restored_copy_behind(state: Path, tmp_path: Path) -> No
     assert list(scratch.iterdir()) == [], "the restored copy (or an old one) is still there"
 
 
-def test_retention_drops_the_manifests_of_forgotten_snapshots_only(state: Path, tmp_path: Path) -> None:
+def test_a_manifest_that_cannot_go_inside_its_snapshot_goes_beside_it_and_leaves_with_it(
+    state: Path, tmp_path: Path
+) -> None:
+    """Where the manifest folder cannot be had (here a file stands in its place), each run stores its manifest
+    as a snapshot of its own; retention drops those of forgotten snapshots only, and drills still compare."""
     from primespark.backup.drill import run_drill
     from primespark.backup.manifest import run_of
 
@@ -417,8 +427,16 @@ def test_retention_drops_the_manifests_of_forgotten_snapshots_only(state: Path, 
     data["backup"]["retention"] = {"keep_last": 1}
     Path(fleet).write_text(yaml.safe_dump(data))
     ctx = BackupContext.load(fleet, "local")
-    for _ in range(3):
-        jobs.backup_host(ctx, "pi-1")
+    blocked = Path(ctx.transport.manifest_dir("pi-1", "nas-primary"))
+    shutil.rmtree(blocked, ignore_errors=True)
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a folder")
+    try:
+        runs = [jobs.backup_host(ctx, "pi-1").run for _ in range(3)]
+    finally:
+        blocked.unlink()  # the state folder is this module's: the other tests keep theirs
+    assert all(not r.manifest_embedded and r.separate_manifest for r in runs)
+    assert runs[0].embed_problem and "cannot be used" in runs[0].embed_problem
     outcome = jobs.maintain(ctx, "nas-primary", check=False)
     assert outcome.forgotten == {"pi-1": 2} and outcome.orphan_manifests == {"pi-1": 2}, outcome
     left = ctx.client("nas-primary", "pi-1").snapshots()

@@ -179,7 +179,8 @@ def run_drill(
     try:
         try:
             probes = [p for s in ctx.fleet.services_on(host).values() for p in s.backup_paths]
-            run = _run_step(step, restore_and_compare, client, host, target, probes)
+            run = _run_step(step, restore_and_compare, client, host, target, probes,
+                            ctx.transport.manifest_dir(host, plan.repository))
         except ResticError as exc:
             if "snapshot for criteria not found" in exc.stderr or "no snapshot found" in exc.stderr:
                 report.failures.append(f"no snapshot of {host} in {plan.repository}")

@@ -2,16 +2,20 @@
 
 Shipped as source and run with the host's own `python3 -c` (standard library, plus python3-xxhash where the
 host has it: the restic role installs it; without it files are hashed with sha256). One SSH round trip per
-phase, and every extra restic start overlaps the main one: each start costs restic's key derivation (~0.6 s
-of one core), which would otherwise add up serially.
+phase, and one restic start per phase: each start costs restic's key derivation (~0.6 s of one core).
 
-- `backup`: runs `restic backup -vv --json` and, at the same time, the `restic backup --stdin` that will store
-  the manifest. Each file restic reports saved is hashed (XXH3-128) right away, while it is in the page cache,
-  by niced worker processes; a file whose size, mtime, inode and ctime equal the previous run's record keeps
-  its hash (the cache, 0600). When the data snapshot is written, the manifest (path -> hash, size,
-  mtime_ns, inode, ctime_ns) goes down the waiting stdin.
-- `drill`: runs `restic restore latest --verify` and `restic dump` of the newest manifest at the same time;
-  when restic starts verifying, the restored tree is hashed beside it; then restored == manifest is judged.
+- `backup`: starts `restic backup -vv --json` of the plan's paths plus the manifest folder, and while restic
+  derives its key (one core busy, the other idle) walks the same paths as restic would (its exclude patterns,
+  regular files) and hashes every file (XXH3-128) with niced worker processes; a file whose size, mtime, inode
+  and ctime equal the previous run's record keeps its hash (the cache, 0600). The manifest (path -> hash, size,
+  mtime_ns, inode, ctime_ns) is then renamed into the manifest folder, which restic lists after the data (it
+  sorts later in the lab and the bench; where it does not, see below), so it lands in the data snapshot itself.
+  restic's own list of the files it saved decides: if restic saved the manifest and exactly the files hashed,
+  nothing else runs. Otherwise (restic listed the folder first, a file appeared while it ran, an exclude read
+  otherwise, the folder cannot be written) the manifest of what restic saved goes in a second, separate
+  snapshot (stdin) with the run's tag.
+- `drill`: runs `restic restore latest --verify`; when restic starts verifying, the restored tree is hashed
+  beside it; the restored manifest is read from the tree; then restored == manifest is judged.
 
 Input: a JSON spec on stdin (after the environment lines the SSH runner consumes). Output: one JSON object.
 """
@@ -22,14 +26,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+import posixpath
 import re
-import signal
 import stat
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +42,7 @@ try:
 except ImportError:  # a host without python3-xxhash still backs up and drills, at sha256's pace
     xxhash = None
 
+MANIFEST_FILE = "primespark-manifest.json"
 FORMAT = 3  # 3: the manifest names its hash; 2 (sha256, unnamed) is still read
 READABLE_FORMATS = (2, 3)
 # XXH3-128 runs at ~12 GB/s on a core here, sha256 (SHA-NI) at ~1.3 GB/s, and a backup has no core to spare.
@@ -142,20 +147,8 @@ class Drain(threading.Thread):
         return self.data.decode(errors="replace")
 
 
-def start(argv: list[str], stdin: bool = False) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Interrupt a restic that is no longer wanted: on SIGINT it removes its lock and writes nothing."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def start(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def json_lines(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
@@ -165,6 +158,123 @@ def json_lines(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
                 yield json.loads(line)
             except ValueError:
                 continue
+
+
+# --- backup: which files restic saves ------------------------------------------------------------------
+
+
+class Excludes:
+    """restic's `--exclude` patterns, matched as restic 0.14+ matches them (internal/filter): the pattern and
+    the absolute path split at "/"; a pattern starting with "/" must match from the root, any other matches at
+    any depth; each part is a Go `filepath.Match` glob; "**" stands for any number of parts. A pattern this
+    cannot read makes `unknown` true: then restic's own list decides (see `backup`)."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.unknown = False
+        self.patterns = []
+        for pattern in filter(None, patterns):  # restic skips empty patterns
+            clean = posixpath.normpath(pattern)
+            clean = "/" + clean.lstrip("/") if clean.startswith("/") else clean  # as Go's Clean: "//a" is "/a"
+            try:
+                self.patterns.append([p if p == "**" else _part(p) for p in clean.split("/")])
+            except (ValueError, IndexError, re.error):
+                self.unknown = True
+
+    def __call__(self, path: str, parent_checked: bool = False) -> bool:
+        """`parent_checked`: the folder holding `path` was matched already (and was not excluded), so only the
+        placings that end at the last part are new."""
+        parts = path.split("/")
+        return any(_match(pattern, parts, parent_checked) for pattern in self.patterns)
+
+
+def _part(glob: str) -> str | re.Pattern[str]:
+    """A Go filepath.Match glob as a regex (a plain string when it has no special characters)."""
+    if not any(c in glob for c in "\\[]*?"):
+        return glob
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\":
+            i += 1
+            out.append(re.escape(glob[i]))  # a trailing backslash: IndexError, a ValueError
+        elif c == "[":
+            j, negate, items = i + 1, glob[i + 1:i + 2] == "^", []
+            j += negate
+            while glob[j] != "]" or not items:  # an unclosed class: IndexError
+                lo, j = _class_char(glob, j)
+                if glob[j] == "-":
+                    hi, j = _class_char(glob, j + 1)
+                    items.append(f"{re.escape(lo)}-{re.escape(hi)}")
+                else:
+                    items.append(re.escape(lo))
+            out.append(f"[{'^/' if negate else ''}{''.join(items)}]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+def _class_char(glob: str, j: int) -> tuple[str, int]:
+    if glob[j] in "-]":
+        raise ValueError("bad pattern")  # as Go's filepath.Match says
+    return (glob[j + 1], j + 2) if glob[j] == "\\" else (glob[j], j + 1)
+
+
+def _match(pattern: list[str | re.Pattern[str]], parts: list[str], at_end: bool = False) -> bool:
+    if "**" in pattern:  # tried as zero, one, two, ... single-part wildcards, as restic does
+        pos = pattern.index("**")
+        star = _part("*")
+        return any(_match(pattern[:pos] + [star] * n + pattern[pos + 1:], parts, at_end)
+                   for n in range(len(parts) - len(pattern) + 2))
+    if len(pattern) > len(parts):
+        return False
+    last = len(parts) - len(pattern)
+    anchored = bool(pattern) and pattern[0] == ""  # "/..." matches from the root only
+    offsets = [0] if anchored else range(last, -1, -1)
+    if at_end:
+        offsets = [last] if not anchored or last == 0 else []
+    return any(all(p == s if isinstance(p, str) else p.match(s) for p, s in zip(pattern, parts[offset:], strict=False))
+               for offset in offsets)
+
+
+def saved_files(paths: list[str], excludes: Excludes, skip: str | None) -> Iterator[str]:
+    """The regular files `restic backup` saves from `paths`, in its order: restic does not follow symlinks,
+    and names neither them nor special files in its list; an excluded folder is skipped whole; a target inside
+    another is walked once, as restic saves it once."""
+    targets = sorted({posixpath.normpath(p) for p in paths})
+    for target in [t for t in targets if not any(t.startswith(o.rstrip("/") + "/") for o in targets if o != t)]:
+        if excludes(target):
+            continue
+        try:
+            mode = os.lstat(target).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode):
+            yield target
+        elif not stat.S_ISDIR(mode) or target == skip:
+            continue
+        folders = [target]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError:
+                continue
+            below = []
+            for entry in entries:
+                if entry.path == skip or excludes(entry.path, parent_checked=True):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry.path
+            folders.extend(reversed(below))
 
 
 # --- backup -----------------------------------------------------------------------------------------------
@@ -181,15 +291,24 @@ def load_cache(path: str | None) -> dict[str, list[Any]]:
         return {}
 
 
-def save_cache(path: str, manifest: dict[str, Any]) -> None:
-    """Atomically, 0600 (it names every file of the host). No fsync: after a crash a torn cache reads as
-    empty, and the next run hashes everything again."""
+def write_private(path: str, body: bytes, staging: str | None = None) -> None:
+    """Atomically, 0600 (a manifest names every file of the host), written in `staging` (same file system)
+    and renamed into place. No fsync: after a crash a torn cache reads as empty and is rebuilt."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = os.path.join(staging or os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f)
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
     os.replace(tmp, path)
+
+
+def empty_manifest_folder(folder: str) -> str:
+    """The folder the manifest is renamed into, made (0700) and emptied: restic must find in it this run's
+    manifest or nothing. Returns the manifest's path; raises OSError when the folder cannot be had."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    return os.path.join(folder, MANIFEST_FILE)
 
 
 def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
@@ -203,67 +322,95 @@ def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
         return None
 
 
-def backup(spec: dict[str, Any]) -> dict[str, Any]:
-    # niced: restic's own threads come first, the hash fills the time they leave idle
-    with hashers(19) as workers:
-        manifest_proc = start(spec["manifest"], stdin=True) if spec.get("manifest") else None
-        data = start(spec["data"])
-        data_err = Drain(data.stderr)
-        cache = load_cache(spec.get("cache"))
-        summary: dict[str, Any] | None = None
-        hashed = 0
-        files: dict[str, list[Any] | None] = {}
-        batch: list[str] = []
-        pending: deque[tuple[list[str], Any]] = deque()
+class Saved(threading.Thread):
+    """restic's `-vv --json` output, read as it comes: the files it saved and its summary."""
 
-        def collect(keep: int) -> None:
-            while len(pending) > keep:  # bounded memory on a host with a million files
-                paths, result = pending.popleft()
-                files.update(zip(paths, result.get(), strict=True))
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.files, self.summary = stream, set[str](), None
+        self.start()
 
-        for message in json_lines(data.stdout):  # type: ignore[arg-type]
+    def run(self) -> None:
+        for message in json_lines(self.stream):
             kind = message.get("message_type")
             if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
-                item = message["item"]
-                known = unchanged(item, cache)
-                if known is not None:
-                    files[item] = known
-                    continue
-                hashed += 1
-                batch.append(item)
-                if len(batch) == BATCH:
-                    pending.append((batch, workers.apply_async(digests, (batch,))))
-                    batch = []
-                    collect(MAX_PENDING)
+                self.files.add(message["item"])
             elif kind == "summary":
-                summary = message
-        if batch:
+                self.summary = message
+
+
+def hash_files(paths: Iterable[str], cache: dict[str, list[Any]], workers: Any) -> tuple[dict[str, Any], int]:
+    """path -> [hash, size, mtime_ns, inode, ctime_ns] (None: changed while read), and how many were hashed."""
+    files: dict[str, list[Any] | None] = {}
+    batch: list[str] = []
+    pending: deque[tuple[list[str], Any]] = deque()
+    hashed = 0
+
+    def collect(keep: int) -> None:
+        while len(pending) > keep:  # bounded memory on a host with a million files
+            done, result = pending.popleft()
+            files.update(zip(done, result.get(), strict=True))
+
+    for path in paths:
+        known = unchanged(path, cache)
+        if known is not None:
+            files[path] = known
+            continue
+        hashed += 1
+        files[path] = None  # its place in the walk's order; the hash fills it in
+        batch.append(path)
+        if len(batch) == BATCH:
             pending.append((batch, workers.apply_async(digests, (batch,))))
+            batch = []
+            collect(MAX_PENDING)
+    if batch:
+        pending.append((batch, workers.apply_async(digests, (batch,))))
+    collect(0)
+    return files, hashed
+
+
+def backup(spec: dict[str, Any]) -> dict[str, Any]:
+    folder = spec.get("manifest_dir")
+    problem = None
+    try:
+        manifest_path = empty_manifest_folder(folder) if folder else None
+    except OSError as exc:
+        manifest_path, problem = None, f"the manifest folder {folder} cannot be used: {exc.strerror}"
+    cache = load_cache(spec.get("cache"))
+    excludes = Excludes(spec.get("excludes", []))
+    # niced: restic's key derivation keeps its core, the hash takes the one it leaves idle
+    with hashers(19) as workers:
+        data = start(spec["data"] + ([folder] if manifest_path else []))
+        data_err, saved = Drain(data.stderr), Saved(data.stdout)
+        files, hashed = hash_files(saved_files(spec["paths"], excludes, folder), cache, workers)
+        # the walk's order is restic's: the same files give the same bytes, which restic stores once
+        manifest = {"format": FORMAT, "hash": PREFERRED, "host": spec["host"], "run": spec["run"], "files": files}
+        body = json.dumps(manifest).encode()
+        if manifest_path:
+            write_private(manifest_path, body, staging=os.path.dirname(folder))
+        if spec.get("cache"):
+            write_private(spec["cache"], body)  # while restic runs
         returncode = data.wait()
-        collect(0)
-    result: dict[str, Any] = {"returncode": returncode, "summary": summary, "stderr": data_err.text(),
+        saved.join()
+        restic_files = {p for p in saved.files if folder is None or not p.startswith(folder + "/")}
+        embedded = manifest_path in saved.files and not excludes.unknown and restic_files == files.keys()
+        if not embedded:  # the manifest of what restic saved: files it saved that the walk did not see, hashed now
+            files = {p: files[p] if p in files else digest(p) for p in restic_files}
+            if spec.get("cache"):
+                write_private(spec["cache"], json.dumps({**manifest, "files": files}).encode())
+    result: dict[str, Any] = {"returncode": returncode, "summary": saved.summary, "stderr": data_err.text(),
                               "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
-                              "hashed_now": hashed}
-    snapshot = (summary or {}).get("snapshot_id")
-    if manifest_proc is None:
+                              "hashed_now": hashed, "embedded": embedded, "embed_problem": problem}
+    snapshot = (saved.summary or {}).get("snapshot_id")
+    if embedded or not spec.get("manifest") or returncode not in (0, 3) or not snapshot:
         return result
-    if returncode not in (0, 3) or not snapshot:
-        stop(manifest_proc)
-        return result
-    manifest = {"format": FORMAT, "hash": PREFERRED, "host": spec["host"], "run": spec["run"], "snapshot": snapshot,
-                "files": files}
-    body = json.dumps(manifest, sort_keys=True).encode()
-    saving = threading.Thread(target=save_cache, args=(spec["cache"], manifest)) if spec.get("cache") else None
-    if saving:
-        saving.start()  # beside restic storing the manifest
-    out, err = manifest_proc.communicate(body)
-    stored = list(json_lines(out.splitlines()))
-    result["manifest"] = {"returncode": manifest_proc.returncode, "stderr": err.decode(errors="replace"),
-                          "summary": next((m for m in stored if m.get("message_type") == "summary"), None)}
-    if manifest_proc.returncode != 0:
+    body = json.dumps({**manifest, "snapshot": snapshot, "files": files}, sort_keys=True).encode()
+    stored = subprocess.run(spec["manifest"], input=body, capture_output=True)
+    result["manifest"] = {"returncode": stored.returncode, "stderr": stored.stderr.decode(errors="replace"),
+                          "summary": next((m for m in json_lines(stored.stdout.splitlines())
+                                           if m.get("message_type") == "summary"), None)}
+    if stored.returncode != 0:
         result["manifest"]["body"] = body.decode()  # the controller stores it again with retries
-    if saving:
-        saving.join()
     return result
 
 
@@ -274,8 +421,6 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
     target = spec["target"]
     os.makedirs(target, mode=0o700, exist_ok=True)
     with hashers() as workers, ThreadPoolExecutor(1) as background:
-        dump = start(spec["dump"])
-        dump_out, dump_err = Drain(dump.stdout), Drain(dump.stderr)
         restore = start(spec["restore"])
         restore_err = Drain(restore.stderr)
         restoring: str | None = None
@@ -289,21 +434,19 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
                 hashing = background.submit(hash_tree, target, workers)
         returncode = restore.wait()
         restored = hashing.result() if hashing is not None else hash_tree(target, workers)
-        dump.wait()
     prefixes = {p: p.rstrip("/") + "/" for p in spec.get("probes", [])}
     result: dict[str, Any] = {"returncode": returncode, "stderr": restore_err.text(), "restoring": restoring,
                               "verified": hashing is not None, "restored_files": len(restored),
                               "present": {p: any(k.startswith(pre) for k in restored) for p, pre in prefixes.items()}}
-    result["dump"] = {"returncode": dump.returncode, "stderr": dump_err.text()}
-    match = RESTORING.match(restoring or "")
-    manifest = None
-    if dump.returncode == 0:
+    manifest, algorithm = None, PREFERRED
+    if folder := spec.get("manifest_dir"):  # the manifest restored with the data, itself not compared
+        restored = {k: v for k, v in restored.items() if not k.startswith(folder + "/")}
         try:
-            manifest = json.loads(dump_out.data)
-        except ValueError:
-            result["dump"]["stderr"] += "\nthe manifest is not JSON"
-    readable = manifest and manifest.get("format") in READABLE_FORMATS
-    if readable and match and manifest["snapshot"].startswith(match[1]):
+            with open(target + os.path.join(folder, MANIFEST_FILE), "rb") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS:
         result["manifest"] = {k: v for k, v in manifest.items() if k != "files"}
         algorithm = hash_of(manifest)
         if algorithm not in HASHES:
@@ -312,10 +455,13 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
             return result
         if algorithm != PREFERRED:  # made where xxhash was missing, or before: hashed again its way
             with hashers() as workers:
-                restored = hash_tree(target, workers, algorithm)
-        result["comparison"] = compare(manifest["files"], restored)
-    else:  # not the restored snapshot's manifest (or none): the controller finds the right one
-        result["restored"], result["hash"] = restored, PREFERRED
+                restored = {k: v for k, v in hash_tree(target, workers, algorithm).items() if k in restored}
+        comparison = compare(manifest["files"], restored)
+        result["comparison"] = comparison
+        if not (comparison["mismatched"] or comparison["missing"] or comparison["unexpected"]):
+            return result
+    # no manifest inside the snapshot, or one that disagrees: the controller looks for a separate one
+    result["restored"], result["hash"] = restored, algorithm
     return result
 
 

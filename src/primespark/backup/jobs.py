@@ -83,13 +83,15 @@ def backup_host(
     plan = ctx.plan(host)
     restic = ctx.client(plan.repository, host, create=True)
     cache = ctx.transport.cache_file(host, plan.repository)
+    manifest_dir = ctx.transport.manifest_dir(host, plan.repository)
     removed = []
     if clear_stale_locks:
         with suppress(RepositoryNotFound):  # none yet: the backup creates it
             removed = [lock.id[:8] for lock in ctx.clear_stale_locks(plan.repository, host).removed]
     started = time.time()
     done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
-        restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache))
+        restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache,
+        manifest_dir=manifest_dir))
     assert done.value is not None
     return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
 

@@ -1,10 +1,12 @@
 """Content manifests: a hash (XXH3-128) per file of the source as restic read it, stored in the repository
-beside the data.
+inside the data snapshot.
 
-The hashing runs on the host, inside the same process as restic (`hostside`): a backup writes the data
-snapshot and, through a second restic started at the same moment, a small manifest snapshot (stdin). Both
-carry the run's tag (`primespark-run-<id>`), so a manifest travels with `restic copy` and is found again by
-its data snapshot's tag. A drill restores, hashes the restored tree while restic verifies it, and compares.
+The hashing runs on the host, in the same process that runs restic (`hostside`): the manifest is made while
+restic derives its key, and saved by the same restic run as a file of a folder on the host (`manifest_dir`),
+so it travels with `restic copy` and is restored with the data. Where restic's own list of what it saved
+disagrees with the manifest it holds, the right manifest goes in a second, small snapshot (stdin) with the
+run's tag (`primespark-run-<id>`), found again by its data snapshot's tag. A drill restores, hashes the
+restored tree while restic verifies it, and compares.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from primespark.restic import (
     classify,
 )
 
-MANIFEST_FILE = "primespark-manifest.json"
+MANIFEST_FILE = hostside.MANIFEST_FILE
 RUN_TAG_PREFIX = "primespark-run-"
 HOSTSIDE_SOURCE = Path(hostside.__file__).read_text()
 
@@ -77,36 +79,48 @@ class BackupRun:
     files: int
     hashed_now: int
     unhashed: list[str]
-    manifest_snapshot: str | None
+    manifest_snapshot: str | None  # the data snapshot itself when the manifest is inside it
     manifest_pending: bytes | None = field(default=None, repr=False)  # to store again when the first try failed
     manifest_error: str | None = None
+    manifest_embedded: bool = False
+    embed_problem: str | None = None  # why the manifest folder could not be used
+
+    @property
+    def separate_manifest(self) -> str | None:
+        """The manifest's own snapshot, when it is not inside the data snapshot (copied offsite beside it)."""
+        return None if self.manifest_embedded else self.manifest_snapshot
 
 
 def backup_with_manifest(
     client: ResticClient, paths: list[str], *, host: str, excludes: list[str] | None = None,
-    time: datetime | None = None, cache: str | None = None,
+    time: datetime | None = None, cache: str | None = None, manifest_dir: str | None = None,
 ) -> BackupRun:
     """restic backup of `paths` with its content manifest, in one session on the client's host."""
     run_id = new_run_id()
     tags = [BACKUP_TAG, run_tag(run_id)]
     data = client.command(*client.backup_args(paths, excludes=excludes or [], tags=tags, host=host, time=time,
                                               verbose=True))
-    manifest = client.command(*client.backup_stdin_args(MANIFEST_FILE, tags=[MANIFEST_TAG, run_tag(run_id)],
+    separate = client.command(*client.backup_stdin_args(MANIFEST_FILE, tags=[MANIFEST_TAG, run_tag(run_id)],
                                                         host=host))
-    out = run_hostside(client, "backup", {"data": data, "manifest": manifest, "host": host, "run": run_id,
-                                          "cache": cache})
+    out = run_hostside(client, "backup", {"data": data, "manifest": separate, "host": host, "run": run_id,
+                                          "cache": cache, "manifest_dir": manifest_dir, "paths": paths,
+                                          "excludes": excludes or []})
     proc = client.scrub(Completed(tuple(data), out["returncode"], b"", out["stderr"]))
     if proc.returncode not in (0, 3):
         raise classify(proc, f"restic backup on {client.runner.name}")
     if not out.get("summary"):
         raise ResticError(f"restic backup on {client.runner.name} printed no summary", stderr=proc.stderr)
     summary = BackupSummary.model_validate(out["summary"])
-    stored = out.get("manifest") or {}
-    done = BackupRun(summary, run_id, out["files"], out["hashed_now"], out["unhashed"],
-                     (stored.get("summary") or {}).get("snapshot_id"))
-    if stored.get("returncode") != 0:
-        done.manifest_pending = str(stored.get("body", "")).encode()
-        done.manifest_error = str(stored.get("stderr", "")).strip()[-300:]
+    done = BackupRun(summary, run_id, out["files"], out["hashed_now"], out["unhashed"], None,
+                     manifest_embedded=bool(out.get("embedded")), embed_problem=out.get("embed_problem"))
+    if done.manifest_embedded:
+        done.manifest_snapshot = summary.snapshot_id
+    else:
+        stored = out.get("manifest") or {}
+        done.manifest_snapshot = (stored.get("summary") or {}).get("snapshot_id")
+        if stored.get("returncode") != 0:
+            done.manifest_pending = str(stored.get("body", "")).encode()
+            done.manifest_error = str(stored.get("stderr", "")).strip()[-300:]
     client.backup_result(proc, summary)  # exit 3 raises BackupIncomplete, after the manifest is stored
     return done
 
@@ -160,14 +174,15 @@ def parse_restoring(line: str | None) -> tuple[str, datetime] | None:
         return None
 
 
-def restore_and_compare(client: ResticClient, host: str, target: str, probes: list[str] | None = None) -> RestoreRun:
-    """Restore the newest backup of `host` into `target` with `--verify`, hash it, compare with its manifest."""
+def restore_and_compare(
+    client: ResticClient, host: str, target: str, probes: list[str] | None = None, manifest_dir: str | None = None,
+) -> RestoreRun:
+    """Restore the newest backup of `host` into `target` with `--verify`, hash it, compare with its manifest
+    (the one restored from `manifest_dir`, or else the one its run stored apart)."""
     restore = client.command("restore", "latest", "--host", host, "--tag", BACKUP_TAG, "--target", target,
                              "--verify", json_output=False)
-    dump = client.command("dump", "latest", f"/{MANIFEST_FILE}", "--host", host, "--tag", MANIFEST_TAG,
-                          json_output=False)
-    out = run_hostside(client, "drill", {"restore": restore, "dump": dump, "target": target,
-                                         "probes": probes or []})
+    out = run_hostside(client, "drill", {"restore": restore, "target": target, "probes": probes or [],
+                                         "manifest_dir": manifest_dir})
     parsed = parse_restoring(out.get("restoring"))
     error = None
     if out["returncode"] != 0:
@@ -184,13 +199,15 @@ def restore_and_compare(client: ResticClient, host: str, target: str, probes: li
         raise ResticError(f"restic restore on {client.runner.name} did not say which snapshot it restored: "
                           f"{out.get('restoring')!r}")
     run = RestoreRun(parsed[0], parsed[1], out["restored_files"], error, None, None, out.get("present", {}))
-    if "comparison" in out:
-        run.comparison = Comparison(**out["comparison"])
-    elif "hash_problem" in out:
+    inside = Comparison(**out["comparison"]) if "comparison" in out else None
+    if "hash_problem" in out:
         run.manifest_problem = f"{out['hash_problem']} (on {client.runner.name})"
-    else:  # the newest manifest is not this snapshot's (a run whose manifest store failed): find its own
-        run.comparison, run.manifest_problem = _compare_by_run_tag(client, host, parsed[0], out["restored"],
-                                                                   out["hash"])
+    elif inside is not None and inside.ok:
+        run.comparison = inside
+    else:  # none inside the snapshot, or it disagrees: a manifest stored apart by the same run decides
+        apart, problem = _compare_by_run_tag(client, host, parsed[0], out["restored"], out["hash"])
+        run.comparison = apart or inside
+        run.manifest_problem = None if run.comparison else problem
     return run
 
 

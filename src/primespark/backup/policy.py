@@ -31,6 +31,8 @@ MANIFEST_TAG = "primespark-manifest"
 SCRATCH_ROOT = "/var/tmp/primespark-drill"
 # Last manifest per repository on each client host (0600, root): unchanged files keep their hash.
 MANIFEST_CACHE_ROOT = "/var/cache/primespark/manifests"
+# The folder each backup saves its manifest in, beside the data (0700, root; one file, this run's).
+MANIFEST_ROOT = "/var/lib/primespark/manifests"
 
 
 def account_for(client: str) -> str:
@@ -75,6 +77,7 @@ class Transport(Protocol):
     def location(self, repository: str, client: str, via: str) -> Location: ...
     def scratch_root(self, host: str) -> str: ...
     def cache_file(self, host: str, repository: str) -> str: ...
+    def manifest_dir(self, host: str, repository: str) -> str: ...
     def host_of_lock(self, hostname: str) -> str | None: ...
 
 
@@ -118,6 +121,9 @@ class SshTransport:
     def cache_file(self, host: str, repository: str) -> str:
         return f"{MANIFEST_CACHE_ROOT}/{repository}.json"
 
+    def manifest_dir(self, host: str, repository: str) -> str:
+        return f"{MANIFEST_ROOT}/{repository}"
+
     def host_of_lock(self, hostname: str) -> str | None:
         short = hostname.split(".")[0]
         return short if short in self.fleet.hosts else None
@@ -126,10 +132,11 @@ class SshTransport:
 class LocalTransport:
     """Tests and benchmarks: every host is this machine, every repository a local folder at its path."""
 
-    def __init__(self, fleet: Fleet, scratch: str, cache: str) -> None:
+    def __init__(self, fleet: Fleet, scratch: str, cache: str, manifests: str) -> None:
         self.fleet = fleet
         self.scratch = scratch
         self.cache = cache
+        self.manifests = manifests
 
     def runner(self, host: str) -> Runner:
         return LocalRunner(host)
@@ -143,6 +150,9 @@ class LocalTransport:
 
     def cache_file(self, host: str, repository: str) -> str:
         return f"{self.cache}/{host}/{repository}.json"
+
+    def manifest_dir(self, host: str, repository: str) -> str:
+        return f"{self.manifests}/{host}/{repository}"
 
     def host_of_lock(self, hostname: str) -> str | None:
         return next(iter(self.fleet.hosts)) if hostname == socket.gethostname() else None
@@ -170,8 +180,8 @@ class BackupContext:
         name = fleet.name if Path(env).suffix in (".yaml", ".yml") else env
         settings = settings_for(name)
         chosen: Transport = (SshTransport(fleet, settings) if transport == "ssh"
-                             else LocalTransport(fleet, str(settings.state_dir(name) / "drill-scratch"),
-                                                 str(settings.state_dir(name) / "manifest-cache")))
+                             else LocalTransport(fleet, *(str(settings.state_dir(name) / d) for d in
+                                                          ("drill-scratch", "manifest-cache", "manifests"))))
         return cls(name, fleet, chosen, secret_store(name, settings), settings)
 
     @property

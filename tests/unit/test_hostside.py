@@ -1,0 +1,95 @@
+"""The host-side session: its walk against restic's own list, and the manifest's way into the repository,
+with real restic and local repositories."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from primespark.backup import hostside
+from primespark.backup.manifest import restore_and_compare, run_hostside
+from primespark.restic import ResticClient
+
+PASSWORD = "not a secret: a test repository"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Files, folders and names that exclude patterns tell apart, a symlink, a FIFO and an empty folder."""
+    root = tmp_path / "src"
+    for name in ("a.txt", "b.txt", "x.tmp", "abc", "adc", "keep.log", "cache/blob", "cache/deep/more",
+                 "logs/app.log", "logs/app.txt", "deep/logs/old.log", "deep/er/logs/z.log", "sub/cache.d/f",
+                 "we ird/sp ace.bin", "star*name", "brack[et]"):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+    (root / "empty").mkdir()
+    (root / "link").symlink_to("a.txt")
+    (root / "dirlink").symlink_to("cache")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+def restic_saves(tmp_path: Path, targets: list[str], excludes: list[str]) -> set[str]:
+    repo = tmp_path / f"repo-{len(list(tmp_path.glob('repo-*')))}"
+    env = {**os.environ, "RESTIC_PASSWORD": PASSWORD, "RESTIC_REPOSITORY": str(repo)}
+    subprocess.run(["restic", "init", "--quiet"], env=env, check=True)
+    args = [a for pattern in excludes for a in ("--exclude", pattern)]
+    out = subprocess.run(["restic", "backup", "-vv", "--json", *args, "--", *targets], env=env, check=True,
+                         capture_output=True).stdout
+    saved = set()
+    for line in out.splitlines():
+        message = json.loads(line)
+        if message.get("message_type") == "verbose_status" and not message["item"].endswith("/"):
+            saved.add(message["item"])
+    return saved
+
+
+@pytest.mark.parametrize("excludes", [
+    [],
+    ["*.tmp", "cache"],
+    ["/SRC/logs", "a?c", "[ab].txt"],
+    ["**/logs/*.log", "deep/er", "[^k]*.log", "star\\*name", "brack\\[et\\]"],
+    ["*", "!never"],
+])
+def test_the_walk_lists_the_files_restic_saves(tree: Path, tmp_path: Path, excludes: list[str]) -> None:
+    excludes = [e.replace("/SRC", str(tree)) for e in excludes]
+    targets = [str(tree), str(tree / "cache"), str(tree / "a.txt")]  # nested targets are saved once
+    walked = list(hostside.saved_files(targets, hostside.Excludes(excludes), None))
+    assert len(walked) == len(set(walked))
+    assert set(walked) == restic_saves(tmp_path, targets, excludes)
+
+
+def test_patterns_restic_would_refuse_leave_the_decision_to_restic() -> None:
+    assert hostside.Excludes(["[]a]"]).unknown and hostside.Excludes(["[a"]).unknown
+    assert hostside.Excludes(["trailing\\"]).unknown and not hostside.Excludes(["*.tmp", "[a-c]x"]).unknown
+
+
+def test_files_restic_saved_that_the_walk_missed_get_a_manifest_of_their_own(tree: Path, tmp_path: Path) -> None:
+    """restic saves the whole tree, the walk sees one folder (as when files appear while restic runs): the
+    manifest inside the snapshot is not trusted; the one stored beside it covers every file restic saved,
+    and the drill compares with that one."""
+    client = ResticClient(str(tmp_path / "repo"), PASSWORD)
+    client.init()
+    folder = str(tmp_path / "manifests")
+    data = client.command(*client.backup_args([str(tree)], tags=["primespark-backup", "primespark-run-0001"],
+                                              host="pi-1", verbose=True))
+    separate = client.command(*client.backup_stdin_args(hostside.MANIFEST_FILE, host="pi-1",
+                                                        tags=["primespark-manifest", "primespark-run-0001"]))
+    out = run_hostside(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0001",
+                                          "cache": None, "manifest_dir": folder, "paths": [str(tree / "cache")],
+                                          "excludes": []})
+    assert out["returncode"] == 0 and not out["embedded"] and out["manifest"]["returncode"] == 0
+    everything = restic_saves(tmp_path, [str(tree)], [])
+    assert out["files"] == len(everything) == 16
+    stored = json.loads(client.dump(out["manifest"]["summary"]["snapshot_id"], f"/{hostside.MANIFEST_FILE}"))
+    assert set(stored["files"]) == everything and stored["snapshot"] == out["summary"]["snapshot_id"]
+    inside = json.loads(client.dump(out["summary"]["snapshot_id"], f"{folder}/{hostside.MANIFEST_FILE}"))
+    assert set(inside["files"]) == {str(tree / "cache" / "blob"), str(tree / "cache" / "deep" / "more")}
+
+    run = restore_and_compare(client, "pi-1", str(tmp_path / "restored"), manifest_dir=folder)
+    assert run.comparison is not None and run.comparison.ok and run.comparison.matched == 16, run
