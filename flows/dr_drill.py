@@ -40,10 +40,12 @@ def dr_drill(
     transport: TransportName = "ssh",
     keep_restore: bool = False,
     textfile: str | None = None,
+    repository: str | None = None,
 ) -> dict[str, Any]:
+    """`repository`: the plan's primary by default, or one of its offsite copies."""
     logger = get_run_logger()
     ctx = BackupContext.load(env, transport)
-    report = run_drill(ctx, host, keep_restore=keep_restore, step=_step)
+    report = run_drill(ctx, host, keep_restore=keep_restore, step=_step, repository=repository)
     markdown = render_markdown(report)
     create_markdown_artifact(markdown, key=f"drill-report-{host}", description=f"DR drill of {host}")
     rows = append_history(ctx, report)

@@ -121,6 +121,8 @@ def test_backup_copy_drill_end_to_end(lab, backups):
     nas = backup("nas-1", "lab", "ssh", **FAST)
     assert pi["files"] == 3 and pi["copied_to"] == ["offsite"] and nas["copied_to"] == ["offsite"]
     assert pi["changed_during_backup"] == 0 and pi["manifest_files"] == pi["files"]
+    # /srv/hot is listed before /var/lib/primespark/manifests: the manifest is saved inside the data snapshot
+    assert pi["manifest_inside_snapshot"] and nas["manifest_inside_snapshot"]
     ctx = BackupContext.load("lab", "ssh")
     # the lab image and the restic role give the hosts python3-xxhash: the manifest is hashed with XXH3-128
     cache = lab.exec("pi-1", f"cat {ctx.transport.cache_file('pi-1', 'nas-primary')}")
@@ -144,6 +146,10 @@ def test_backup_copy_drill_end_to_end(lab, backups):
     assert len(source) == 3  # regular files; the symlink and *.tmp aside
     assert sha_tree(lab, spec.drill.scratch_host, restored + source_root) == source
     lab.exec(spec.drill.scratch_host, "rm -rf /var/tmp/primespark-drill")
+
+    # the offsite copy on ops-1 alone is enough: the NAS could be gone
+    offsite = dr_drill("pi-1", "lab", "ssh", repository="offsite")
+    assert offsite["result"] == "pass" and offsite["repository"] == "offsite" and offsite["files"] == 3, offsite
 
 
 def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backups):

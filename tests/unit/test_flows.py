@@ -145,6 +145,13 @@ def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None
                             shallow=False)[0] == ["notes.txt", "blob.bin", "app/state.db"]
     shutil.rmtree(restored, ignore_errors=True)
 
+    # the offsite copy alone is enough: it carries the snapshot and the manifest inside it
+    from primespark.backup.drill import run_drill
+
+    from_offsite = run_drill(ctx, "pi-1", repository="offsite")
+    assert from_offsite.passed and from_offsite.repository == "offsite", from_offsite.failures
+    assert from_offsite.files_matched == 3 and from_offsite.snapshot == copied[0].id[:8]
+
 
 def test_corrupted_pack_fails_check_and_drill_naming_it(state: Path, tmp_path: Path) -> None:
     fleet = make_fleet(tmp_path)
@@ -292,6 +299,11 @@ def test_drill_report_lists_the_drills_in_the_terminal(state: Path, tmp_path: Pa
     assert len(lines) == 2
     assert "pi-1" in lines[0] and "pass" in lines[0] and "aaaaaaaa" in lines[0] and "1.5" in lines[0]
     assert "pi-2" in lines[1] and "FAIL" in lines[1] and "RPO breach" in out.output
+    wrong = subprocess.run([str(Path(sys.executable).parent / "spark"), "drill", "run", "pi-1", "--env", fleet,
+                            "--transport", "local", "--repository", "elsewhere"], capture_output=True, text=True)
+    said = wrong.stdout + wrong.stderr
+    assert wrong.returncode != 0 and "not in repository 'elsewhere'" in said, said
+    assert "nas-primary, offsite" in said and "Traceback" not in said
 
 
 def test_unchanged_files_keep_their_hash_and_edits_are_hashed_again(state: Path, tmp_path: Path) -> None:

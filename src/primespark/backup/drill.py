@@ -64,6 +64,7 @@ class DrillReport:
             "started": self.started,
             "host": self.host,
             "scratch": self.scratch_host,
+            "repository": self.repository,
             "snapshot": (self.snapshot or "-")[:8],
             "result": "pass" if self.passed else "FAIL",
             "rpo_h": None if self.rpo_seconds is None else round(self.rpo_seconds / 3600, 2),
@@ -161,8 +162,15 @@ def run_drill(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     keep_restore: bool = False,
     step: Step | None = None,
+    repository: str | None = None,
 ) -> DrillReport:
+    """`repository`: the plan's (the default) or one of its offsite copies, which carry the same snapshots
+    with their manifests: a drill from there shows the copy the NAS's loss would leave is whole."""
     plan = ctx.plan(host)
+    source = repository or plan.repository
+    if source not in (plan.repository, *ctx.offsite_of(plan.repository)):
+        copies = ", ".join([plan.repository, *ctx.offsite_of(plan.repository)])
+        raise UserError(f"{host}'s backups are not in repository {source!r}", f"drill from one of: {copies}")
     scratch = ctx.backup.drill.scratch_host
     if scratch == host:
         raise UserError(f"the drill for {host} would restore onto {host} itself",
@@ -170,9 +178,9 @@ def run_drill(
     targets = ctx.backup.targets
     started = now()
     clock = time.monotonic()
-    report = DrillReport(host, scratch, started.isoformat(timespec="seconds"), plan.repository,
+    report = DrillReport(host, scratch, started.isoformat(timespec="seconds"), source,
                          rpo_target_seconds=targets.rpo_hours * 3600, rto_target_seconds=targets.rto_minutes * 60)
-    client = ctx.client(plan.repository, host, via=scratch)
+    client = ctx.client(source, host, via=scratch)
     runner = client.runner
     target = ctx.scratch_dir(scratch, host, started.strftime("%Y%m%dT%H%M%S"))
     report.restored_to = target
@@ -183,7 +191,7 @@ def run_drill(
                             ctx.transport.manifest_dir(host, plan.repository))
         except ResticError as exc:
             if "snapshot for criteria not found" in exc.stderr or "no snapshot found" in exc.stderr:
-                report.failures.append(f"no snapshot of {host} in {plan.repository}")
+                report.failures.append(f"no snapshot of {host} in {source}")
                 return _finish(report, now)
             raise
         assert isinstance(run, RestoreRun)

@@ -21,13 +21,18 @@ def run(
     host: Annotated[str | None, typer.Argument(help="A host with a backup plan; all of them if omitted.")] = None,
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
+    repository: Annotated[str | None, typer.Option(
+        help="Restore from this repository: the plan's own (the default) or one of its offsite copies.")] = None,
 ) -> None:
     """Drill HOST (or every host with a plan), one after the other; fail if any drill misses."""
     check_transport(transport)
     ctx = BackupContext.load(env, transport)  # type: ignore[arg-type]
     hosts = [host] if host else list(ctx.backup.plans)
-    for name in hosts:
-        ctx.plan(name)  # a clear error for a host without a plan, before anything runs
+    for name in hosts:  # clear errors for a host without a plan or a wrong repository, before anything runs
+        copies = [ctx.plan(name).repository, *ctx.offsite_of(ctx.plan(name).repository)]
+        if repository and repository not in copies:
+            raise UserError(f"{name}'s backups are not in repository {repository!r}",
+                            f"use --repository with one of: {', '.join(copies)}")
     use_lab_prefect(ctx.fleet)
     flow = load_flow("dr_drill", "dr_drill")
     from primespark.backup.orchestration import in_process_runs  # Prefect loads only when a drill runs
@@ -35,7 +40,7 @@ def run(
     failed = []
     for name in hosts:
         with in_process_runs():
-            state = flow(name, env, transport, return_state=True)
+            state = flow(name, env, transport, repository=repository, return_state=True)
         if state.is_completed():
             console.print(f"[green]drill {name}: passed[/green]")
         else:
@@ -55,7 +60,7 @@ def report(env: EnvOption = "lab", last: Annotated[int, typer.Option(help="How m
         console.print(f"no drill has run in {env} yet: `spark drill run --env {env}`")
         return
     table = Table(title=f"DR drills in {env}")
-    columns = ["started", "host", "scratch", "snapshot", "result", "rpo_h", "rto_min", "files", "reason"]
+    columns = ["started", "host", "scratch", "repository", "snapshot", "result", "rpo_h", "rto_min", "files", "reason"]
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
