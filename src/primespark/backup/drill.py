@@ -236,9 +236,10 @@ def run_drill(
 
 
 # The restored copy is renamed at once (nothing reads it any more) and deleted by a process of its own, so
-# the report does not wait for it; `setsid` keeps sudo's pty from taking it down, and each clean-up also
-# sweeps what an earlier one left (a host that rebooted meanwhile).
-_REMOVE = ('mv -- "$1" "$1.removing" && setsid -f rm -rf --one-file-system -- "${1%/*}"/*.removing '
+# the report does not wait for it; `setsid` keeps sudo's pty from taking it down, `nice` keeps it from taking
+# the CPU from the report's publishing (and the scratch host's services), and each clean-up also sweeps what an
+# earlier one left (a host that rebooted meanwhile).
+_REMOVE = ('mv -- "$1" "$1.removing" && setsid -f nice -n 19 rm -rf --one-file-system -- "${1%/*}"/*.removing '
            "</dev/null >/dev/null 2>&1")
 
 

@@ -323,20 +323,33 @@ def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
 
 
 class Saved(threading.Thread):
-    """restic's `-vv --json` output, read as it comes: the files it saved and its summary."""
+    """restic's `-vv --json` output, read as it comes: the files it saved, its summary, and for each file it
+    read (new or modified) the file's identity right after restic reported it saved: equal to the identity
+    it had when hashed, the file did not change in between (any write moves ctime), so restic read what was
+    hashed."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(daemon=True)
         self.stream, self.files, self.summary = stream, set[str](), None
+        self.read_as: dict[str, list[int] | None] = {}
         self.start()
 
     def run(self) -> None:
         for message in json_lines(self.stream):
             kind = message.get("message_type")
             if kind == "verbose_status" and not str(message.get("item", "/")).endswith("/"):
-                self.files.add(message["item"])
+                item = message["item"]
+                self.files.add(item)
+                if message.get("action") != "unchanged":  # unchanged: restic kept the parent's content
+                    try:
+                        self.read_as[item] = identity(os.lstat(item))
+                    except OSError:
+                        self.read_as[item] = None
             elif kind == "summary":
                 self.summary = message
+
+    def changed_since_hashed(self, files: dict[str, list[Any] | None]) -> list[str]:
+        return [p for p, now in self.read_as.items() if (entry := files.get(p)) is not None and entry[1:] != now]
 
 
 def hash_files(paths: Iterable[str], cache: dict[str, list[Any]], workers: Any) -> tuple[dict[str, Any], int]:
@@ -393,9 +406,12 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
         returncode = data.wait()
         saved.join()
         restic_files = {p for p in saved.files if folder is None or not p.startswith(folder + "/")}
-        embedded = manifest_path in saved.files and not excludes.unknown and restic_files == files.keys()
+        changed = saved.changed_since_hashed(files)
+        embedded = (manifest_path in saved.files and not excludes.unknown and not changed
+                    and restic_files == files.keys())
         if not embedded:  # the manifest of what restic saved: files it saved that the walk did not see, hashed now
             files = {p: files[p] if p in files else digest(p) for p in restic_files}
+            files.update(dict.fromkeys(changed))  # restic may have read another version: counted, not compared
             if spec.get("cache"):
                 write_private(spec["cache"], json.dumps({**manifest, "files": files}).encode())
     result: dict[str, Any] = {"returncode": returncode, "summary": saved.summary, "stderr": data_err.text(),
