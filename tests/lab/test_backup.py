@@ -127,6 +127,9 @@ def test_backup_copy_drill_end_to_end(lab, backups):
     # the lab image and the restic role give the hosts python3-xxhash: the manifest is hashed with XXH3-128
     cache = lab.exec("pi-1", f"cat {ctx.transport.cache_file('pi-1', 'nas-primary')}")
     assert cache.returncode == 0 and json.loads(cache.stdout)["hash"] == "xxh3_128", cache.stderr
+    folder = ctx.transport.manifest_dir("pi-1", "nas-primary")
+    modes = lab.exec("pi-1", f"stat -c '%a' {folder} {folder}/primespark-manifest.json").stdout.split()
+    assert modes == ["700", "600"], modes  # it names every file of the host
     for host, result in (("pi-1", pi), ("nas-1", nas)):
         copied = ctx.client("offsite", host).snapshots(tags=["primespark-backup"])
         assert result["snapshot"][:8] in [(s.original or "")[:8] for s in copied], f"{host} not offsite"

@@ -155,6 +155,16 @@ def _run_step(step: Step | None, fn: Callable[..., object], *args: object) -> ob
     return step(fn, *args) if step is not None else fn(*args)
 
 
+def drill_source(ctx: BackupContext, host: str, repository: str | None) -> str:
+    """The repository a drill of `host` restores from: its plan's own, or one of that one's offsite copies."""
+    plan = ctx.plan(host)
+    copies = [plan.repository, *ctx.offsite_of(plan.repository)]
+    if repository is not None and repository not in copies:
+        raise UserError(f"{host}'s backups are not in repository {repository!r}",
+                        f"use --repository with one of: {', '.join(copies)}")
+    return repository or plan.repository
+
+
 def run_drill(
     ctx: BackupContext,
     host: str,
@@ -167,10 +177,7 @@ def run_drill(
     """`repository`: the plan's (the default) or one of its offsite copies, which carry the same snapshots
     with their manifests: a drill from there shows the copy the NAS's loss would leave is whole."""
     plan = ctx.plan(host)
-    source = repository or plan.repository
-    if source not in (plan.repository, *ctx.offsite_of(plan.repository)):
-        copies = ", ".join([plan.repository, *ctx.offsite_of(plan.repository)])
-        raise UserError(f"{host}'s backups are not in repository {source!r}", f"drill from one of: {copies}")
+    source = drill_source(ctx, host, repository)
     scratch = ctx.backup.drill.scratch_host
     if scratch == host:
         raise UserError(f"the drill for {host} would restore onto {host} itself",

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from primespark.backup.drill import load_history
+from primespark.backup.drill import drill_source, load_history
 from primespark.backup.policy import BackupContext
 from primespark.cli.backup import EnvOption, TransportOption, check_transport, load_flow, use_lab_prefect
 from primespark.cli.common import console
@@ -29,10 +29,7 @@ def run(
     ctx = BackupContext.load(env, transport)  # type: ignore[arg-type]
     hosts = [host] if host else list(ctx.backup.plans)
     for name in hosts:  # clear errors for a host without a plan or a wrong repository, before anything runs
-        copies = [ctx.plan(name).repository, *ctx.offsite_of(ctx.plan(name).repository)]
-        if repository and repository not in copies:
-            raise UserError(f"{name}'s backups are not in repository {repository!r}",
-                            f"use --repository with one of: {', '.join(copies)}")
+        drill_source(ctx, name, repository)
     use_lab_prefect(ctx.fleet)
     flow = load_flow("dr_drill", "dr_drill")
     from primespark.backup.orchestration import in_process_runs  # Prefect loads only when a drill runs
