@@ -11,9 +11,9 @@ phase, and one restic start per phase: each start costs restic's key derivation 
   mtime_ns, inode, ctime_ns) is then renamed into the manifest folder, which restic lists after the data (it
   sorts later in the lab and the bench; where it does not, see below), so it lands in the data snapshot itself.
   restic's own list of the files it saved decides: if restic saved the manifest and exactly the files hashed,
-  nothing else runs. Otherwise (restic listed the folder first, a file appeared while it ran, an exclude read
-  otherwise, the folder cannot be written) the manifest of what restic saved goes in a second, separate
-  snapshot (stdin) with the run's tag.
+  nothing else runs. Otherwise (restic listed the folder first, a file appeared while it ran, a file was
+  written between its hash and restic's read, an exclude read otherwise, the folder cannot be written) the
+  manifest of what restic saved goes in a second, separate snapshot (stdin) with the run's tag.
 - `drill`: runs `restic restore latest --verify`; when restic starts verifying, the restored tree is hashed
   beside it; the restored manifest is read from the tree; then restored == manifest is judged.
 
