@@ -6,7 +6,8 @@ write-back out of the times, which then vary less (restic's restores vary most).
 over plain restic.
 
 Rows, each the best and the median of the rounds (restic's own times vary by 10-20% here from run to run, so
-one round proves little); each of our steps runs right beside restic's, the order alternating:
+one round proves little), and the median of each round's own ratio (ours over the restic step it ran beside,
+which takes out what drifts between rounds); each of our steps runs right beside restic's, the order alternating:
 - the first backup into a new repository: the whole `backup` flow (writer slot, backup with its XXH3-128
   manifest, Prefect bookkeeping, metrics) vs `restic backup` (both repositories made beforehand, untimed);
 - the DR drill: the whole `dr_drill` flow (restore --verify, the hash of every restored file against the
@@ -182,14 +183,17 @@ def main() -> None:
                 ("next backup, 5% of files changed: flow vs restic", "plain again", "flow again")]
         print(f"\n{args.rounds} rounds in {args.work_dir}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"{'':52} {'restic CLI':>10} {'ours':>7} {'overhead':>8}   {'restic':>7} {'ours':>7} {'overhead':>8}")
-        print(f"{'':52} {'best':>10} {'best':>7} {'':>8}   {'median':>7} {'median':>7}")
+        print(f"{'':52} {'restic CLI':>10} {'ours':>7} {'overhead':>8}   {'restic':>7} {'ours':>7} {'overhead':>8}"
+              f"   {'overhead':>8}")
+        print(f"{'':52} {'best':>10} {'best':>7} {'':>8}   {'median':>7} {'median':>7} {'':>8}   {'paired':>8}")
         for name, theirs_key, ours_key in rows:
             cells = []
             for pick in (min, statistics.median):
                 theirs, ours = pick(times[theirs_key]), pick(times[ours_key])
                 cells.append(f"{theirs:9.2f}s {ours:6.2f}s {100 * (ours - theirs) / theirs:7.1f}%")
-            print(f"{name:52} {'   '.join(cells)}")
+            # each round's own ratio (ours beside the restic step it ran next to), then their median
+            paired = statistics.median(o / t for o, t in zip(times[ours_key], times[theirs_key], strict=True))
+            print(f"{name:52} {'   '.join(cells)}   {100 * (paired - 1):7.1f}%")
         print("\ntarget: overhead ≤ 10% (the anchor: plain restic). The backup flow adds a hash manifest of every"
               "\nfile (hashed while restic derives its key, saved by the same restic run), the writer slot and"
               "\nPrefect's bookkeeping; the drill adds the hash comparison (beside restic's --verify), the report and"
