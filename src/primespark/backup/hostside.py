@@ -183,6 +183,8 @@ class Excludes:
     def __call__(self, path: str, parent_checked: bool = False) -> bool:
         """`parent_checked`: the folder holding `path` was matched already (and was not excluded), so only the
         placings that end at the last part are new."""
+        if not self.patterns:  # most plans: no split per file
+            return False
         parts = path.split("/")
         return any(_match(pattern, parts, parent_checked) for pattern in self.patterns)
 
@@ -219,6 +221,9 @@ def _part(glob: str) -> str | re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+_STAR = _part("*")
+
+
 def _class_char(glob: str, j: int) -> tuple[str, int]:
     if glob[j] in "-]":
         raise ValueError("bad pattern")  # as Go's filepath.Match says
@@ -228,8 +233,7 @@ def _class_char(glob: str, j: int) -> tuple[str, int]:
 def _match(pattern: list[str | re.Pattern[str]], parts: list[str], at_end: bool = False) -> bool:
     if "**" in pattern:  # tried as zero, one, two, ... single-part wildcards, as restic does
         pos = pattern.index("**")
-        star = _part("*")
-        return any(_match(pattern[:pos] + [star] * n + pattern[pos + 1:], parts, at_end)
+        return any(_match(pattern[:pos] + [_STAR] * n + pattern[pos + 1:], parts, at_end)
                    for n in range(len(parts) - len(pattern) + 2))
     if len(pattern) > len(parts):
         return False
