@@ -23,7 +23,6 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PASSWORD = "bench password, not a secret"
 
 
@@ -122,17 +120,18 @@ def main() -> None:
         from flows.dr_drill import dr_drill
         from primespark.backup import jobs
         from primespark.backup.drill import run_drill
-        from primespark.backup.orchestration import in_process_runs
-        from primespark.backup.policy import BackupContext
+        from primespark.backup.repositories import folders_on
+        from primespark.context import FleetContext
+        from primespark.orchestration.runs import in_process_runs
 
         fleet = fleet_file(work, dataset)
-        ctx = BackupContext.load(str(fleet), "local")
+        ctx = FleetContext.load(str(fleet), "local")
         flow_repo = work / "flow-repos" / "pi-1" / "repo"
         prom = str(work / "prom")
         times: dict[str, list[float]] = {k: [] for k in (
             "plain backup", "flow backup", "session backup", "plain restore", "flow drill", "session drill",
             "plain again", "flow again")}
-        scratch = Path(ctx.transport.scratch_root(ctx.backup.drill.scratch_host))
+        scratch = Path(folders_on(ctx, ctx.fleet.backup.drill.scratch_host).scratch)  # type: ignore[union-attr]
 
         def cleaned_up() -> None:
             """Untimed: the drill's background removal of its restored copy ends before the next step."""
@@ -141,7 +140,7 @@ def main() -> None:
 
         def fresh_repository() -> None:
             shutil.rmtree(flow_repo.parent.parent, ignore_errors=True)
-            Path(ctx.transport.cache_file("pi-1", "nas-primary")).unlink(missing_ok=True)
+            Path(folders_on(ctx, "pi-1").cache_file("nas-primary")).unlink(missing_ok=True)
             jobs.prepare(ctx, "nas-primary", "pi-1")  # untimed, as `restic init` for plain restic
 
         def pair(first_ours: bool, theirs: tuple[str, Any], ours: tuple[str, Any]) -> None:

@@ -27,7 +27,7 @@ TARGET_S = 5.0
 
 def cli(target: str, state: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "primespark.cli.app", "plan", target], check=False,
+    subprocess.run([sys.executable, "-m", "primespark.cli.app", "plan", "--env", target], check=False,
                    capture_output=True, env={**os.environ, "SPARK_STATE_DIR": state})
     return time.perf_counter() - start
 

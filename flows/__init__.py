@@ -1,1 +1,2 @@
-"""Prefect flows: one module per flow; `deployments.py` serves them on the fleet's schedules."""
+"""Prefect flows, one module per flow: parameters → FleetContext → one task per core step → publish.
+`deployments.py` makes their deployments on the fleet's schedules."""

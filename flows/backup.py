@@ -4,49 +4,54 @@ writer per repository, retried with backoff, copied offsite, metrics written."""
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from primespark.backup import jobs
-from primespark.backup.metrics import write_backup_metrics
-from primespark.backup.orchestration import textfile_dir, transient, writer_slot
-from primespark.backup.policy import BackupContext, TransportName
+from primespark.backup.repositories import offsite_of, plan_of
+from primespark.backup.session import BackupRun
+from primespark.context import FleetContext, Transport
+from primespark.monitoring.metrics import textfile_dir, write_backup_metrics
+from primespark.orchestration.locks import hold, repository_lock
+from primespark.orchestration.retries import retrying, transient
 
 
 class BackupFailed(Exception):
     pass
 
 
-# The tasks run inside the flow's writer slot: taken before a task starts, the slot's request does not queue
-# behind the server recording that task's own start (on SQLite that cost up to 2 s a slot).
+# The tasks run inside the flow's lock: taken before a task starts, the lock's request does not queue behind
+# the server recording that task's own start (on SQLite that cost up to 2 s a lock).
 @task(name="restic-backup", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def restic_backup(ctx: BackupContext, host: str, time_override: datetime | None,
-                  clear_stale_locks: bool) -> jobs.HostBackup:
-    return jobs.backup_host(ctx, host, time_override=time_override, clear_stale_locks=clear_stale_locks)
+def restic_backup(ctx: FleetContext, host: str, time_override: datetime | None,
+                  clear_stale_locks_first: bool) -> jobs.HostBackup:
+    return jobs.backup_host(ctx, host, time_override=time_override, clear_stale_locks_first=clear_stale_locks_first)
 
 
-@task(name="store-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(5),
-      retry_condition_fn=transient)
-def store_manifest(ctx: BackupContext, host: str, run: jobs.BackupRun) -> str | None:
+@task(name="store-manifest", cache_policy=NO_CACHE, retry_condition_fn=transient)
+def store_manifest(ctx: FleetContext, host: str, run: BackupRun) -> str | None:
     return jobs.store_pending_manifest(ctx, host, run)
 
 
 @task(name="copy-offsite", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def copy_offsite(ctx: BackupContext, repository: str, host: str, snapshot_ids: list[str]) -> list[str]:
-    return jobs.copy_offsite(ctx, repository, host, snapshot_ids)
+def copy_offsite(ctx: FleetContext, repository: str, offsite: str, host: str, snapshot_ids: list[str]) -> str:
+    jobs.copy_offsite(ctx, repository, offsite, host, snapshot_ids)
+    return offsite
+
+
+def backup_report(result: dict[str, Any]) -> str:
+    return "\n".join(f"- **{k}**: {v}" for k, v in result.items() if k != "write_window")
 
 
 @flow(name="backup", flow_run_name="backup-{host}", log_prints=True)
 def backup(
     host: str,
     env: str = "lab",
-    transport: TransportName = "ssh",
+    transport: Transport = "ssh",
     retries: int = 3,
     retry_delay_seconds: float = 30.0,
     offsite: bool = True,
@@ -55,36 +60,34 @@ def backup(
 ) -> dict[str, Any]:
     """Back up `host` as the fleet's plan says. `snapshot_time` backdates the snapshot (tests of RPO)."""
     logger = get_run_logger()
-    ctx = BackupContext.load(env, transport)
-    plan = ctx.plan(host)
+    ctx = FleetContext.load(env, transport)
+    plan = plan_of(ctx, host)
+    metrics_dir = textfile_dir(ctx.fleet, textfile)
     state = jobs.load_state(ctx, host)
     # a run that did not finish (failed, killed) may have left its lock: the next one clears stale locks first
     unfinished = state.get("last_status", "succeeded") != "succeeded"
     jobs.save_state(ctx, host, {**state, "last_status": "running"})
     started = time.time()
-    retrying = {"retries": retries, "retry_delay_seconds": exponential_backoff(retry_delay_seconds)(retries),
-                "retry_jitter_factor": 0.2}
+    options = retrying(retries, retry_delay_seconds)
     try:
-        with writer_slot(plan.repository):
-            done = restic_backup.with_options(**retrying)(ctx, host, snapshot_time, unfinished)
+        with hold(repository_lock(plan.repository)):
+            done = restic_backup.with_options(**options)(ctx, host, snapshot_time, unfinished)
             run = done.run
             if run.embed_problem:
                 logger.warning("%s: the manifest went in a snapshot of its own", run.embed_problem)
             if run.manifest_pending is not None:
                 logger.warning("storing the manifest beside snapshot %s failed (%s): trying again",
                                run.summary.snapshot_id, run.manifest_error)
-                store_manifest(ctx, host, run)
+                store_manifest.with_options(**options)(ctx, host, run)
         copied = []
-        if offsite and (offsites := ctx.offsite_of(plan.repository)):
-            ids = [i for i in (run.summary.snapshot_id, run.separate_manifest) if i]
-            with ExitStack() as slots:
-                for repository in offsites:
-                    slots.enter_context(writer_slot(repository))
-                copied = copy_offsite.with_options(**retrying)(ctx, plan.repository, host, ids)
+        ids = [i for i in (run.summary.snapshot_id, run.separate_manifest) if i]
+        for repository in offsite_of(ctx, plan.repository) if offsite else []:
+            with hold(repository_lock(repository)):
+                copied.append(copy_offsite.with_options(**options)(ctx, plan.repository, repository, host, ids))
     except Exception as exc:
         finished = time.time()
         jobs.save_state(ctx, host, {**state, "last_status": "failed"})
-        write_backup_metrics(textfile_dir(ctx, textfile), host, plan.repository, success=False, finished=finished,
+        write_backup_metrics(metrics_dir, host, plan.repository, success=False, finished=finished,
                              duration_seconds=finished - started, last_success=state.get("last_success"),
                              snapshot_time=state.get("snapshot_time"), size_bytes=state.get("size_bytes"),
                              added_bytes=None)
@@ -94,7 +97,7 @@ def backup(
     when = snapshot_time.timestamp() if snapshot_time else done.started
     jobs.save_state(ctx, host, {"last_status": "succeeded", "last_success": finished, "snapshot_time": when,
                                 "size_bytes": summary.total_bytes_processed})
-    write_backup_metrics(textfile_dir(ctx, textfile), host, plan.repository, success=True, finished=finished,
+    write_backup_metrics(metrics_dir, host, plan.repository, success=True, finished=finished,
                          duration_seconds=finished - started, last_success=finished, snapshot_time=when,
                          size_bytes=summary.total_bytes_processed, added_bytes=summary.data_added)
     result = {
@@ -103,17 +106,10 @@ def backup(
         "files": summary.total_files_processed - run.manifest_embedded, "bytes": summary.total_bytes_processed,
         "added_bytes": summary.data_added, "manifest": run.manifest_snapshot,
         "manifest_inside_snapshot": run.manifest_embedded, "manifest_files": run.files,
-        "hashed_files": run.hashed_now, "changed_during_backup": len(run.unhashed), "copied_to": copied,
-        "duration_seconds": round(finished - started, 2), "write_window": [done.started, done.finished],
-        "created_repository": done.created_repository, "stale_locks_removed": done.stale_locks_removed,
+        "hashed_files": run.hashed_now, "changed_during_backup": len(run.changed_during_backup),
+        "copied_to": copied, "duration_seconds": round(finished - started, 2),
+        "write_window": [done.started, done.finished], "created_repository": done.created_repository,
+        "stale_locks_removed": done.stale_locks_removed,
     }
-    create_markdown_artifact(
-        "\n".join(f"- **{k}**: {v}" for k, v in result.items() if k != "write_window"), key=f"backup-{host}",
-        description=f"last backup of {host}")
+    create_markdown_artifact(backup_report(result), key=f"backup-{host}", description=f"last backup of {host}")
     return result
-
-
-if __name__ == "__main__":
-    import sys
-
-    backup(sys.argv[1], *(sys.argv[2:3]))

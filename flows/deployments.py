@@ -1,4 +1,4 @@
-"""Deployments on the fleet's schedules, served from this machine: `python flows/deployments.py [ENV]`.
+"""Deployments on the fleet's schedules, served from this machine: `python -m flows.deployments [ENV]`.
 
 One `backup-<host>` per plan (the plan's cron), one `maintenance-<repository>` per primary repository (the
 check schedule; it also catches up the offsite copy) and one `dr-drill-<host>` per plan (the drill schedule),
@@ -8,10 +8,6 @@ all in the fleet's time zone. They show in the Prefect UI and can be run from th
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `flows` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
@@ -20,6 +16,13 @@ from flows.backup import backup
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
 from primespark.fleet import Fleet, load_fleet
+from primespark.orchestration.naming import deployment
+
+
+def _made(deployment: object) -> RunnerDeployment:
+    """`to_deployment` is async-or-sync; called from sync code it returns the deployment itself."""
+    assert isinstance(deployment, RunnerDeployment), deployment
+    return deployment
 
 
 def build_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[RunnerDeployment]:
@@ -27,24 +30,24 @@ def build_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[Ru
         return []
     spec = fleet.backup
     zone = fleet.timezone
-    out = []
+    out: list[RunnerDeployment] = []
     for host, plan in spec.plans.items():
         common = {"host": host, "env": env, "transport": transport}
-        out.append(backup.to_deployment(
-            f"backup-{host}", schedules=[Cron(plan.schedule, timezone=zone)], parameters=common,
+        out.append(_made(backup.to_deployment(
+            deployment("backup", host), schedules=[Cron(plan.schedule, timezone=zone)], parameters=common,
             tags=["backup", host, plan.repository], concurrency_limit=1,
-            description=f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}"))
-        out.append(dr_drill.to_deployment(
-            f"dr-drill-{host}", schedules=[Cron(spec.drill.schedule, timezone=zone)], parameters=common,
+            description=f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}")))
+        out.append(_made(dr_drill.to_deployment(
+            deployment("dr-drill", host), schedules=[Cron(spec.drill.schedule, timezone=zone)], parameters=common,
             tags=["drill", host], concurrency_limit=1,
-            description=f"restore {host}'s newest snapshot on {spec.drill.scratch_host}, verify, report"))
+            description=f"restore {host}'s newest snapshot on {spec.drill.scratch_host}, verify, report")))
     for name, repo in spec.repositories.items():
         if repo.copy_from is None:
-            out.append(maintenance.to_deployment(
-                f"maintenance-{name}", schedules=[Cron(spec.check.schedule, timezone=zone)],
+            out.append(_made(maintenance.to_deployment(
+                deployment("maintenance", name), schedules=[Cron(spec.check.schedule, timezone=zone)],
                 parameters={"repository": name, "env": env, "transport": transport},
                 tags=["maintenance", name], concurrency_limit=1,
-                description=f"offsite copy, forget/prune, check --read-data-subset {spec.check.read_data_subset}"))
+                description=f"offsite copy, forget/prune, check --read-data-subset {spec.check.read_data_subset}")))
     return out
 
 

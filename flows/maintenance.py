@@ -9,77 +9,81 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
+from flows.backup import copy_offsite
 from primespark.backup import jobs
-from primespark.backup.metrics import write_check_metrics
-from primespark.backup.orchestration import textfile_dir, transient, writer_slot
-from primespark.backup.policy import BackupContext, TransportName
+from primespark.backup.repositories import backup_of, clients_of, offsite_of
+from primespark.context import FleetContext, Transport
+from primespark.errors import UserError
+from primespark.monitoring.metrics import textfile_dir, write_check_metrics
+from primespark.orchestration.locks import hold, repository_lock
+from primespark.orchestration.retries import retrying
 
 
 class MaintenanceFailed(Exception):
     pass
 
 
-@task(name="copy-offsite", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(30),
-      retry_condition_fn=transient)
-def catch_up_offsite(ctx: BackupContext, repository: str, client: str) -> list[str]:
-    return jobs.copy_offsite(ctx, repository, client, None, writer_slot)
-
-
 @task(name="forget-prune-check", cache_policy=NO_CACHE)
-def forget_prune_check(ctx: BackupContext, repository: str, check: bool, subset: str | None) -> jobs.MaintenanceOutcome:
-    return jobs.maintain(ctx, repository, check=check, read_data_subset=subset, slot=writer_slot)
+def forget_prune_check(ctx: FleetContext, repository: str, client: str, check: bool,
+                       subset: str | None) -> jobs.ClientMaintenance:
+    return jobs.maintain_client(ctx, repository, client, check=check, read_data_subset=subset)
+
+
+def maintenance_report(repository: str, outcomes: list[jobs.MaintenanceOutcome], copy_errors: dict[str, str]) -> str:
+    lines = [line for out in outcomes for line in out.lines()]
+    lines += [f"- `{repository}/{c}`: {e}" for c, e in copy_errors.items()]
+    return f"# Maintenance of {repository}\n\n" + "\n".join(lines) + "\n"
+
+
+def failure_reasons(repository: str, outcomes: list[jobs.MaintenanceOutcome], copy_errors: dict[str, str]) -> list[str]:
+    failed = [o for o in outcomes if not o.ok]
+    reasons = [f"{o.repository}/{c}: {'; '.join(p)}" for o in failed for c, p in o.problems.items()]
+    reasons += [f"{o.repository}/{c}: {e}" for o in failed for c, e in o.errors.items()]
+    return reasons + [f"{repository}/{c}: {e}" for c, e in copy_errors.items()]
 
 
 @flow(name="maintenance", flow_run_name="maintenance-{repository}", log_prints=True)
 def maintenance(
     repository: str,
     env: str = "lab",
-    transport: TransportName = "ssh",
+    transport: Transport = "ssh",
     check: bool = True,
     read_data_subset: str | None = None,
     offsite: bool = True,
     textfile: str | None = None,
+    retries: int = 3,
+    retry_delay_seconds: float = 30.0,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    ctx = BackupContext.load(env, transport)
-    if repository not in ctx.backup.repositories:
-        raise MaintenanceFailed(f"no repository {repository!r}; the fleet has {', '.join(ctx.backup.repositories)}")
+    ctx = FleetContext.load(env, transport)
+    repositories = backup_of(ctx.fleet).repositories
+    if repository not in repositories:
+        raise UserError(f"no repository {repository!r} in the fleet", f"use one of: {', '.join(repositories)}")
+    offsites = offsite_of(ctx, repository) if offsite else []
     copy_errors: dict[str, str] = {}
-    if offsite:
-        for client in jobs.clients_of(ctx, repository):
-            if ctx.offsite_of(repository):
-                try:
-                    catch_up_offsite(ctx, repository, client)
-                except Exception as exc:
-                    copy_errors[client] = f"offsite copy failed: {exc}"
-    outcomes = [forget_prune_check(ctx, name, check, read_data_subset)
-                for name in [repository, *(ctx.offsite_of(repository) if offsite else [])]]
+    for client in clients_of(ctx, repository) if offsites else []:
+        for target in offsites:
+            try:
+                with hold(repository_lock(target)):
+                    copy_offsite.with_options(**retrying(retries, retry_delay_seconds))(
+                        ctx, repository, target, client, [])
+            except Exception as exc:
+                copy_errors[client] = f"offsite copy failed: {exc}"
+    outcomes = []
+    for name in [repository, *offsites]:
+        clients = []
+        for client in clients_of(ctx, name):
+            with hold(repository_lock(name)):
+                clients.append(forget_prune_check(ctx, name, client, check, read_data_subset))
+        outcomes.append(jobs.MaintenanceOutcome.of(name, clients))
     finished = time.time()
-    lines = []
-    for out in outcomes:
-        if check:
-            write_check_metrics(textfile_dir(ctx, textfile), out.repository, out.checked, finished)
-        for client in sorted({*out.checked, *out.errors}):
-            verdict = ("error: " + out.errors[client]) if client in out.errors else (
-                "check passed" if out.checked.get(client) else "CHECK FAILED: " + "; ".join(out.problems[client]))
-            lines.append(f"- `{out.repository}/{client}`: forgot {out.forgotten.get(client, 0)} snapshots, "
-                         f"{out.orphan_manifests.get(client, 0)} orphan manifests; {verdict}")
-    lines += [f"- `{repository}/{c}`: {e}" for c, e in copy_errors.items()]
-    report = f"# Maintenance of {repository}\n\n" + "\n".join(lines) + "\n"
+    if check:
+        for out in outcomes:
+            write_check_metrics(textfile_dir(ctx.fleet, textfile), out.repository, out.checked, finished)
+    report = maintenance_report(repository, outcomes, copy_errors)
     create_markdown_artifact(report, key=f"maintenance-{repository}", description=f"maintenance of {repository}")
     logger.info(report)
-    failed = [o for o in outcomes if not o.ok]
-    if failed or copy_errors:
-        reasons = [f"{o.repository}/{c}: {'; '.join(p)}" for o in failed for c, p in o.problems.items()]
-        reasons += [f"{o.repository}/{c}: {e}" for o in failed for c, e in o.errors.items()]
-        reasons += [f"{repository}/{c}: {e}" for c, e in copy_errors.items()]
+    if reasons := failure_reasons(repository, outcomes, copy_errors):
         raise MaintenanceFailed("maintenance found problems: " + " | ".join(reasons))
     return {"repository": repository, "checked": {o.repository: o.checked for o in outcomes}}
-
-
-if __name__ == "__main__":
-    import sys
-
-    maintenance(sys.argv[1], *(sys.argv[2:3]))

@@ -1,10 +1,5 @@
 """The Prime Spark policy pack: `pulumi preview --policy-pack policies` (spark preview/up attach it)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from pulumi_policy import EnforcementLevel, PolicyPack
 
 from policies.rules import POLICIES

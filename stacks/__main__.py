@@ -1,9 +1,4 @@
-"""Entry point for `pulumi` (Pulumi.yaml: main: stacks/): make the checkout importable, then run the program."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+"""Entry point for `pulumi` (Pulumi.yaml: main: stacks/, virtualenv: .venv, where the project is installed)."""
 
 from stacks.program import main
 

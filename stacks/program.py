@@ -14,7 +14,9 @@ import pulumi
 from primespark.cloud.cloudinit import exposure_for, vm_seed
 from primespark.cloud.services import VaultTarget, endpoints
 from primespark.fleet import Fleet, HostKind, load_fleet
+from primespark.hosts import SshFiles
 from primespark.mesh.service import Planned
+from primespark.settings import get_settings
 from stacks.kvm import KvmHost, VirtualMachine
 from stacks.services import ServiceStack
 from stacks.vault import VaultSecrets
@@ -56,15 +58,12 @@ class CloudConfig:
 
 
 def _state_dir(env: str) -> Path:
-    from primespark.settings import get_settings
-
-    settings = get_settings()
-    return settings.state_dir_override or settings.state_home / env
+    return get_settings().state_path(env)
 
 
 def _automation_keys(env: str) -> list[str]:
-    key = _state_dir(env) / "ssh" / "id_ed25519.pub"
-    return [key.read_text(encoding="utf-8").strip()] if key.is_file() else []
+    """The operator's key (the one Ansible and the flows use) is authorised on every VM."""
+    return SshFiles.of(_state_dir(env)).public_keys()
 
 
 def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from primespark.fleet.model import Fleet, HostKind, PowerProfile
+from primespark.hosts import SshFiles
 from primespark.settings import Settings, get_settings
 
 KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
@@ -120,35 +121,25 @@ def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
     return accounts
 
 
-def connection_vars(env: str, settings: Settings | None = None) -> dict[str, Any]:
-    """SSH key and known-hosts file from the environment's state directory, where they exist."""
-    settings = settings or get_settings()
-    ssh_dir = (settings.state_dir_override or settings.state_home / env) / "ssh"
-    out: dict[str, Any] = {}
-    if (ssh_dir / "id_ed25519").is_file():
-        out["ansible_ssh_private_key_file"] = str(ssh_dir / "id_ed25519")
-    if (ssh_dir / "known_hosts").is_file():
-        out["ansible_ssh_common_args"] = f"-o UserKnownHostsFile={ssh_dir / 'known_hosts'}"
-    return out
+def ssh_files(env: str, settings: Settings | None = None) -> SshFiles:
+    return SshFiles.of((settings or get_settings()).state_path(env))
 
 
-def ssh_operator(user: str, env: str, settings: Settings | None = None) -> dict[str, Any]:
+def ssh_operator(user: str, files: SshFiles) -> dict[str, Any]:
     """The host's SSH user (Ansible's), with the environment's generated public key where there is one."""
-    settings = settings or get_settings()
-    pub = (settings.state_dir_override or settings.state_home / env) / "ssh" / "id_ed25519.pub"
-    keys = [pub.read_text().strip()] if pub.is_file() else []
-    return {"name": user, "keys": keys, "sudo": True}
+    return {"name": user, "keys": files.public_keys(), "sudo": True}
 
 
 def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Ansible's JSON inventory format (the `--list` shape)."""
     groups: dict[str, set[str]] = {}
     hostvars: dict[str, dict[str, Any]] = {}
-    common = connection_vars(env or fleet.name, settings)
+    files = ssh_files(env or fleet.name, settings)
+    common = files.ansible_vars()
     for name in managed_hosts(fleet):
         host = fleet.hosts[name]
         hostvars[name] = {**host_vars(fleet, name), **common}
-        hostvars[name]["spark_operators"] = [ssh_operator(host.ssh.user, env or fleet.name, settings),
+        hostvars[name]["spark_operators"] = [ssh_operator(host.ssh.user, files),
                                              *hostvars[name]["spark_operators"]]
         for group in (group_name(host.site), fleet.sites[host.site].kind.value, KIND_GROUPS[host.kind]):
             groups.setdefault(group, set()).add(name)

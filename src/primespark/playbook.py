@@ -19,6 +19,7 @@ from typing import Any
 import ansible_runner
 
 from primespark.errors import UserError
+from primespark.hosts import SshFiles
 from primespark.settings import get_settings
 
 
@@ -44,8 +45,7 @@ def ansible_config(root: Path | None = None) -> Path:
 
 def control_path_dir(inventory: Path) -> str:
     env = inventory.name.removesuffix(".yml").removesuffix(".yaml").removesuffix(".fleet")
-    settings = get_settings()
-    known_hosts = (settings.state_dir_override or settings.state_home / env) / "ssh" / "known_hosts"
+    known_hosts = SshFiles.of(get_settings().state_path(env)).known_hosts
     digest = hashlib.sha256(known_hosts.read_bytes() if known_hosts.is_file() else b"").hexdigest()[:10]
     return f"/tmp/spark-ansible-cp/{digest}"
 
@@ -90,34 +90,39 @@ def run_ansible(
             runner = ansible_runner.run(module=module, module_args=module_args, host_pattern=hosts, **kwargs)
         else:
             raise ValueError("name a playbook or a module")
-        seconds = time.monotonic() - start
-        stats = runner.stats or {}
-        result = RunResult(rc=runner.rc, status=runner.status, seconds=seconds, stats={}, output=runner.stdout.read())
-        names = set().union(*(stats.get(k, {}) for k in ("ok", "changed", "failures", "dark", "skipped")))
-        for name in sorted(names):
-            result.stats[name] = {"ok": stats.get("ok", {}).get(name, 0),
-                                  "changed": stats.get("changed", {}).get(name, 0),
-                                  "failures": stats.get("failures", {}).get(name, 0),
-                                  "unreachable": stats.get("dark", {}).get(name, 0),
-                                  "skipped": stats.get("skipped", {}).get(name, 0)}
-        for event in runner.events:
-            kind, data = event.get("event", ""), event.get("event_data", {})
-            if kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable"):
-                continue
-            res = dict(data.get("res") or {})
-            res["unreachable"] = kind == "runner_on_unreachable"
-            res["failed"] = kind == "runner_on_failed" and not data.get("ignore_errors")
-            # When the controller started and finished this host's task (epoch seconds): timing and clock checks.
-            for key in ("start", "end"):
-                if data.get(key):
-                    res[f"_{key}"] = datetime.fromisoformat(str(data[key])).timestamp()
-            host, task = data.get("host", "?"), data.get("task", "?")
-            result.results.setdefault(host, []).append({"task": task, **res})
-            if kind == "runner_on_ok" and res.get("changed"):
-                result.changed_tasks.append(f"{host}: {task}")
-            if res["failed"] or res["unreachable"]:
-                result.failed_tasks.append(f"{host}: {task}: {res.get('msg', '')} {res.get('stderr', '')}".strip())
+        result = _result(runner, time.monotonic() - start)
     if runner.status not in ("successful", "failed"):
         raise UserError(f"ansible did not run ({runner.status}): {result.output.strip()[-800:]}",
                         "run the same command with ansible-playbook directly to see why")
+    return result
+
+
+def _result(runner: Any, seconds: float) -> RunResult:
+    """Per-host stats and task results from ansible-runner's events."""
+    stats = runner.stats or {}
+    result = RunResult(rc=runner.rc, status=runner.status, seconds=seconds, stats={}, output=runner.stdout.read())
+    names = set().union(*(stats.get(k, {}) for k in ("ok", "changed", "failures", "dark", "skipped")))
+    for name in sorted(names):
+        result.stats[name] = {"ok": stats.get("ok", {}).get(name, 0),
+                              "changed": stats.get("changed", {}).get(name, 0),
+                              "failures": stats.get("failures", {}).get(name, 0),
+                              "unreachable": stats.get("dark", {}).get(name, 0),
+                              "skipped": stats.get("skipped", {}).get(name, 0)}
+    for event in runner.events:
+        kind, data = event.get("event", ""), event.get("event_data", {})
+        if kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable"):
+            continue
+        res = dict(data.get("res") or {})
+        res["unreachable"] = kind == "runner_on_unreachable"
+        res["failed"] = kind == "runner_on_failed" and not data.get("ignore_errors")
+        # When the controller started and finished this host's task (epoch seconds): timing and clock checks.
+        for key in ("start", "end"):
+            if data.get(key):
+                res[f"_{key}"] = datetime.fromisoformat(str(data[key])).timestamp()
+        host, task = data.get("host", "?"), data.get("task", "?")
+        result.results.setdefault(host, []).append({"task": task, **res})
+        if kind == "runner_on_ok" and res.get("changed"):
+            result.changed_tasks.append(f"{host}: {task}")
+        if res["failed"] or res["unreachable"]:
+            result.failed_tasks.append(f"{host}: {task}: {res.get('msg', '')} {res.get('stderr', '')}".strip())
     return result

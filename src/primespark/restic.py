@@ -7,100 +7,37 @@ failed check instead of raising. Here every call carries its own environment (th
 secret store, never written to disk, never in argv, never logged), and every non-zero exit becomes a
 typed exception.
 
-Commands run through a `Runner`: `LocalRunner` on this machine; `primespark.backup.remote.SshRunner` on a
-fleet host. Exit codes follow restic 0.17+ (0 ok, 1 fatal, 3 incomplete backup, 10 no repository,
-11 locked, 12 wrong password). Debian 12 ships restic 0.14, which exits 1 for all of those, so the
-message on stderr is matched as well.
+Commands run through a `primespark.hosts.Runner`: on a fleet host over SSH, or on this machine. Exit codes
+follow restic 0.17+ (0 ok, 1 fatal, 3 incomplete backup, 10 no repository, 11 locked, 12 wrong password).
+Debian 12 ships restic 0.14, which exits 1 for all of those, so the message on stderr is matched as well.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypedDict, Unpack
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from primespark.errors import StepFailed
+from primespark.hosts import CommandNotFound, Completed, HostUnreachable, LocalRunner, Runner
 
 # restic treats a lock as stale after 30 minutes without a refresh (it refreshes every 5 minutes).
 STALE_LOCK_AGE = timedelta(minutes=30)
 
 
-# --- running commands -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Completed:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-
-class Runner(Protocol):
-    """Runs one command somewhere (here, or on a fleet host) with extra environment variables."""
-
-    name: str
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Completed: ...
-
-    def pid_alive(self, pid: int) -> bool: ...
-
-
-class LocalRunner:
-    """Runs on this machine. Inherited RESTIC_* variables are dropped so that only the call's own count."""
-
-    def __init__(self, name: str = "localhost") -> None:
-        self.name = name
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Completed:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
-        try:
-            proc = subprocess.run(
-                list(argv), input=stdin if stdin is not None else b"", capture_output=True,
-                env={**base, **(env or {})}, timeout=timeout, check=False,
-            )
-        except FileNotFoundError:
-            raise ResticNotInstalled(f"{argv[0]!r} is not installed on {self.name}") from None
-        except subprocess.TimeoutExpired:
-            raise ResticTimeout(f"{' '.join(argv[:3])} … on {self.name} did not finish in {timeout} s") from None
-        return Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
-
-    def pid_alive(self, pid: int) -> bool:
-        return os.path.exists(f"/proc/{pid}")
-
-
 # --- errors -----------------------------------------------------------------------------------------------
 
 
-class ResticError(Exception):
+class ResticError(StepFailed):
     """A restic command failed. `stderr` is restic's own message (it never holds the password)."""
 
-    transient = False
-
     def __init__(self, message: str, *, returncode: int | None = None, stderr: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.returncode = returncode
-        self.stderr = stderr
+        super().__init__(message, returncode=returncode, stderr=stderr)
 
     def __str__(self) -> str:
         return self.message
@@ -108,10 +45,6 @@ class ResticError(Exception):
 
 class ResticNotInstalled(ResticError):
     pass
-
-
-class ResticTimeout(ResticError):
-    transient = True
 
 
 class RepositoryNotFound(ResticError):  # exit 10
@@ -128,12 +61,6 @@ class WrongPassword(ResticError):  # exit 12
 
 class RepositoryUnreachable(ResticError):
     """The storage host did not answer (sftp/ssh failed): worth retrying."""
-
-    transient = True
-
-
-class HostUnreachable(ResticError):
-    """The host that should run restic did not answer (ssh exit 255)."""
 
     transient = True
 
@@ -165,12 +92,11 @@ _UNREACHABLE = re.compile(
 )
 
 
-def classify(proc: Completed, what: str) -> ResticError:
+def classify(code: int, stderr: str, what: str) -> ResticError:
     """Map an exit code (and, for restic < 0.17, the message) to a typed error."""
-    stderr = proc.stderr.strip()
+    stderr = stderr.strip()
     tail = "\n".join(stderr.splitlines()[-6:])
-    code = proc.returncode
-    args = {"returncode": code, "stderr": stderr}
+    args: dict[str, Any] = {"returncode": code, "stderr": stderr}
     if code == 10 or "Is there a repository at the following location?" in stderr:
         return RepositoryNotFound(f"{what}: no repository there ({tail})", **args)
     if code == 12 or "wrong password or no key found" in stderr:
@@ -214,13 +140,6 @@ class BackupSummary(_Parsed):
     total_duration: float = 0.0
 
 
-class Node(_Parsed):
-    path: str
-    type: str
-    size: int = 0
-    mtime: datetime | None = None
-
-
 class Lock(_Parsed):
     id: str
     time: datetime
@@ -230,12 +149,6 @@ class Lock(_Parsed):
 
     def age(self, now: datetime | None = None) -> timedelta:
         return (now or datetime.now(UTC)) - self.time
-
-
-class Stats(_Parsed):
-    total_size: int = 0
-    total_file_count: int = 0
-    snapshots_count: int = 0
 
 
 @dataclass
@@ -263,23 +176,7 @@ def _json_lines(raw: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def parse_version(text: str) -> tuple[int, int, int]:
-    match = re.search(r"restic (\d+)\.(\d+)\.(\d+)", text)
-    if not match:
-        raise ResticError(f"cannot read restic's version from {text.strip()!r}")
-    return int(match[1]), int(match[2]), int(match[3])
-
-
 # --- the client -------------------------------------------------------------------------------------------
-
-
-class BackupOptions(TypedDict, total=False):
-    """The keywords of `ResticClient.backup` (those of `backup_args` but `verbose`)."""
-
-    excludes: Sequence[str]
-    tags: Sequence[str]
-    host: str | None
-    time: datetime | None
 
 
 @dataclass
@@ -305,10 +202,36 @@ class ResticClient:
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return {"RESTIC_PASSWORD": self.password, **(extra or {})}
 
-    def scrub(self, proc: Completed) -> Completed:
-        if self.password and self.password in proc.stderr:
-            return Completed(proc.argv, proc.returncode, proc.stdout, proc.stderr.replace(self.password, "***"))
-        return proc
+    @property
+    def host(self) -> str:
+        """The host restic runs on for this client."""
+        return self.runner.name
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+            timeout: float | None = None) -> Completed:
+        """Any command on this client's host with the repository's credentials in its environment (restic
+        itself, or the host-side session that starts restic); the password is scrubbed from what comes back."""
+        try:
+            proc = self.runner.run(argv, env=self.environment(env), stdin=stdin,
+                                   timeout=self.timeout if timeout is None else timeout)
+        except CommandNotFound:
+            raise ResticNotInstalled(f"{argv[0]!r} is not installed on {self.host}") from None
+        return Completed(proc.argv, proc.returncode, proc.stdout, self.scrub(proc.stderr))
+
+    def run_python(self, source: str, *args: str, stdin: bytes) -> Completed:
+        """Python `source` (standard library only) run by the host's own interpreter, with the credentials."""
+        return self.run([self.runner.python, "-c", source, *args], stdin=stdin)
+
+    def scrub(self, text: str) -> str:
+        """`text` without the password (restic never prints it; a wrapper's error might)."""
+        return text.replace(self.password, "***") if self.password else text
+
+    def failed(self, what: str, code: int, stderr: str) -> StepFailed:
+        """The typed error of a restic run that exited `code`: the host unreachable over SSH, or restic's own."""
+        if code == 255 and "restic" not in stderr.lower() and self.runner.remote:
+            return HostUnreachable(f"{what}: cannot reach {self.host} over SSH: {stderr.strip()}",
+                                   returncode=255, stderr=stderr)
+        return classify(code, stderr, f"restic {what} on {self.host}")
 
     def _call(
         self,
@@ -319,23 +242,16 @@ class ResticClient:
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
     ) -> Completed:
-        proc = self.scrub(self.runner.run(
-            self.command(*args, json_output=json_output), env=self.environment(env), stdin=stdin, timeout=self.timeout
-        ))
-        if proc.returncode == 255 and "restic" not in proc.stderr.lower() and getattr(self.runner, "remote", False):
-            raise HostUnreachable(f"{what}: cannot reach {self.runner.name} over SSH: {proc.stderr.strip()}",
-                                  returncode=255, stderr=proc.stderr)
+        proc = self.run(self.command(*args, json_output=json_output), env=env, stdin=stdin)
         if proc.returncode not in ok:
-            raise classify(proc, f"restic {what} on {self.runner.name}")
+            raise self.failed(what, proc.returncode, proc.stderr)
         return proc
 
-    # version and repository ------------------------------------------------------------------------------
+    def writer_alive(self, pid: int) -> bool:
+        """Whether process `pid` (a lock's owner) still runs on this client's host."""
+        return self.runner.pid_alive(pid)
 
-    def version(self) -> tuple[int, int, int]:
-        proc = self.runner.run([self.binary, "version"], timeout=60)
-        if proc.returncode != 0:
-            raise ResticNotInstalled(f"restic does not run on {self.runner.name}: {proc.stderr.strip()}")
-        return parse_version(proc.stdout.decode())
+    # repository ------------------------------------------------------------------------------------------
 
     def exists(self) -> bool:
         try:
@@ -358,10 +274,6 @@ class ResticClient:
 
     # backup ----------------------------------------------------------------------------------------------
 
-    def backup(self, paths: Sequence[str], **options: Unpack[BackupOptions]) -> BackupSummary:
-        proc = self._call("backup", *self.backup_args(paths, **options), ok=(0, 3))
-        return self.backup_result(proc, self._summary(proc))
-
     def backup_args(
         self,
         paths: Sequence[str],
@@ -378,14 +290,14 @@ class ResticClient:
             args += ["--exclude", pattern]
         return [*args, *self._common_backup_args(tags, host, time), "--", *paths]
 
-    def backup_result(self, proc: Completed, summary: BackupSummary) -> BackupSummary:
+    def backup_result(self, returncode: int, stderr: str, summary: BackupSummary) -> BackupSummary:
         """The summary of a finished `backup` (exit 0 or 3); exit 3 (files unreadable) raises BackupIncomplete."""
-        if proc.returncode == 3:
-            unreadable = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Warning")]
+        if returncode == 3:
+            unreadable = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning")]
             raise BackupIncomplete(
-                f"restic backup on {self.runner.name}: some source files could not be read "
+                f"restic backup on {self.host}: some source files could not be read "
                 f"(snapshot {summary.snapshot_id} is incomplete): {'; '.join(unreadable[:5])}",
-                summary, unreadable, returncode=3, stderr=proc.stderr,
+                summary, unreadable, returncode=3, stderr=stderr,
             )
         return summary
 
@@ -414,7 +326,7 @@ class ResticClient:
         for message in reversed(_json_lines(proc.stdout)):
             if message.get("message_type") == "summary":
                 return BackupSummary.model_validate(message)
-        raise ResticError(f"restic backup on {self.runner.name} printed no summary", stderr=proc.stderr)
+        raise ResticError(f"restic backup on {self.host} printed no summary", stderr=proc.stderr)
 
     # reading ---------------------------------------------------------------------------------------------
 
@@ -428,16 +340,8 @@ class ResticClient:
         found = [Snapshot.model_validate(s) for s in json.loads(proc.stdout or b"[]") or []]
         return sorted(found, key=lambda s: s.time)
 
-    def ls(self, snapshot_id: str) -> list[Node]:
-        proc = self._call("ls", "ls", snapshot_id)
-        return [Node.model_validate(m) for m in _json_lines(proc.stdout) if m.get("struct_type") == "node"]
-
     def dump(self, snapshot_id: str, path: str) -> bytes:
         return self._call("dump", "dump", snapshot_id, path, json_output=False).stdout
-
-    def stats(self, snapshot_id: str | None = None, mode: str = "restore-size") -> Stats:
-        args = ["stats", "--mode", mode] + ([snapshot_id] if snapshot_id else [])
-        return Stats.model_validate(json.loads(self._call("stats", *args).stdout))
 
     # maintenance -----------------------------------------------------------------------------------------
 
@@ -496,7 +400,7 @@ class ResticClient:
                 and "Fatal: repository contains errors" not in ln
             ]
             raise CheckFailed(
-                f"restic check on {self.runner.name} found errors in {self.repository}: "
+                f"restic check on {self.host} found errors in {self.repository}: "
                 + "; ".join(problems[:8]), problems, returncode=exc.returncode, stderr=exc.stderr,
             ) from None
         return [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.strip()]
@@ -508,32 +412,6 @@ class ResticClient:
             if key not in self.options:
                 args += ["--option", f"{key}={value}"]
         self._call("copy", *args, *snapshot_ids, json_output=False, env={"RESTIC_FROM_PASSWORD": source.password})
-
-    def restore(
-        self,
-        snapshot_id: str,
-        target: str,
-        *,
-        verify: bool = True,
-        includes: Sequence[str] = (),
-    ) -> None:
-        """Restore into `target`; `--verify` makes restic re-read every restored file (restic ≥ 0.9)."""
-        args = ["restore", snapshot_id, "--target", target]
-        for pattern in includes:
-            args += ["--include", pattern]
-        if verify:
-            args.append("--verify")
-        try:
-            self._call("restore", *args, json_output=False)
-        except ResticError as exc:
-            if type(exc) is not ResticError:
-                raise
-            problems = [ln.strip() for ln in exc.stderr.splitlines()
-                        if ln.strip() and not ln.startswith("Fatal: There were")]
-            raise RestoreFailed(
-                f"restic restore of {snapshot_id} on {self.runner.name} failed: " + "; ".join(problems[:8]),
-                problems, returncode=exc.returncode, stderr=exc.stderr,
-            ) from None
 
     # locks -----------------------------------------------------------------------------------------------
 
@@ -574,7 +452,7 @@ class ResticClient:
             owner = client_on(lock.hostname)  # this repository, as the lock's host reaches it
             if owner is None:
                 report.unresolved.append(lock)
-            elif owner.runner.pid_alive(lock.pid):
+            elif owner.writer_alive(lock.pid):
                 report.kept_alive.append(lock)
             else:
                 owner.unlock()

@@ -44,9 +44,13 @@ class Settings(BaseSettings):
     def inventory_dir(self) -> Path:
         return self.root / "inventory"
 
+    def state_path(self, env: str | None = None) -> Path:
+        """Where the environment's state lives, without creating it (readers that must not leave a folder)."""
+        return self.state_dir_override or (self.state_home / (env or self.env))
+
     def state_dir(self, env: str | None = None) -> Path:
         """Per-environment state (SSH keys, mesh plan, secrets, Pulumi backend), created with mode 0700."""
-        path = self.state_dir_override or (self.state_home / (env or self.env))
+        path = self.state_path(env)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.chmod(0o700)
         return path
@@ -54,7 +58,7 @@ class Settings(BaseSettings):
 
 def settings_for(env: str) -> Settings:
     """Settings with the per-environment file `.env.<env>` taking precedence over `.env`."""
-    return Settings(_env_file=(".env", f".env.{env}"), env=env)  # type: ignore[call-arg]
+    return Settings(_env_file=(".env", f".env.{env}"), env=env)
 
 
 @lru_cache(maxsize=1)

@@ -79,7 +79,7 @@ class LabHandle:
 
     def ssh(self, host: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a command over real SSH as the host's fleet user, with the lab's key and known_hosts."""
-        return subprocess.run(ssh_argv(self.state_dir, self.fleet.hosts[host], command),
+        return subprocess.run(ssh_argv(self.state_dir, self.fleet, host, command),
                               capture_output=True, text=True, timeout=timeout)
 
     def probe(self, host: str, targets: list[tuple[str, int]], timeout: float = 2.0) -> dict[tuple[str, int], bool]:

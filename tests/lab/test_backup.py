@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from primespark.playbook import run_ansible
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 pytestmark = pytest.mark.lab
 FAST = {"retries": 2, "retry_delay_seconds": 1.0}
@@ -87,12 +85,12 @@ def backups(lab, tmp_path_factory):
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
         from prefect.exceptions import ObjectNotFound
 
-        from primespark.backup.policy import limit_name
+        from primespark.orchestration.locks import repository_lock
 
         with get_client(sync_client=True) as client:
             for name in spec.repositories:
                 with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(limit_name(name),
+                    client.update_global_concurrency_limit(repository_lock(name),
                                                            GlobalConcurrencyLimitUpdate(active_slots=0))
         yield fleet
 
@@ -114,7 +112,8 @@ def test_backup_copy_drill_end_to_end(lab, backups):
 
     from flows.backup import backup
     from flows.dr_drill import dr_drill
-    from primespark.backup.policy import BackupContext
+    from primespark.backup.repositories import folders_on, restic_for
+    from primespark.context import FleetContext
 
     spec = backups.backup
     pi = backup("pi-1", "lab", "ssh", **FAST)
@@ -123,15 +122,15 @@ def test_backup_copy_drill_end_to_end(lab, backups):
     assert pi["changed_during_backup"] == 0 and pi["manifest_files"] == pi["files"]
     # /srv/hot is listed before /var/lib/primespark/manifests: the manifest is saved inside the data snapshot
     assert pi["manifest_inside_snapshot"] and nas["manifest_inside_snapshot"]
-    ctx = BackupContext.load("lab", "ssh")
+    ctx = FleetContext.load("lab", "ssh")
     # the lab image and the restic role give the hosts python3-xxhash: the manifest is hashed with XXH3-128
-    cache = lab.exec("pi-1", f"cat {ctx.transport.cache_file('pi-1', 'nas-primary')}")
+    cache = lab.exec("pi-1", f"cat {folders_on(ctx, 'pi-1').cache_file('nas-primary')}")
     assert cache.returncode == 0 and json.loads(cache.stdout)["hash"] == "xxh3_128", cache.stderr
-    folder = ctx.transport.manifest_dir("pi-1", "nas-primary")
+    folder = folders_on(ctx, "pi-1").manifest_dir("nas-primary")
     modes = lab.exec("pi-1", f"stat -c '%a' {folder} {folder}/primespark-manifest.json").stdout.split()
     assert modes == ["700", "600"], modes  # it names every file of the host
     for host, result in (("pi-1", pi), ("nas-1", nas)):
-        copied = ctx.client("offsite", host).snapshots(tags=["primespark-backup"])
+        copied = restic_for(ctx, "offsite", host).snapshots(tags=["primespark-backup"])
         assert result["snapshot"][:8] in [(s.original or "")[:8] for s in copied], f"{host} not offsite"
 
     row = dr_drill("pi-1", "lab", "ssh", keep_restore=True)
@@ -157,7 +156,8 @@ def test_backup_copy_drill_end_to_end(lab, backups):
 
 def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backups):
     from flows.backup import backup
-    from primespark.backup.policy import BackupContext
+    from primespark.backup.repositories import restic_for
+    from primespark.context import FleetContext
 
     spec = backups.backup
     nas = backups.hosts["nas-1"]
@@ -191,6 +191,6 @@ def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backup
     result = backup("pi-1", "lab", "ssh", offsite=False, **FAST)
     assert result["stale_locks_removed"], "the stale lock was not cleared"
     assert not lab.exec("nas-1", f"ls {repo_locks}").stdout.strip()
-    ctx = BackupContext.load("lab", "ssh")
-    ctx.client("nas-primary", "pi-1").check()
+    ctx = FleetContext.load("lab", "ssh")
+    restic_for(ctx, "nas-primary", "pi-1").check()
     lab.exec("pi-1", f"rm -f {root}/bulk.bin")

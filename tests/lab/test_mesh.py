@@ -88,7 +88,7 @@ def test_every_host_reaches_every_overlay_address_across_the_nat(lab, mesh):
 
 def test_spark_mesh_check_exits_zero_and_writes_metrics(lab, mesh, tmp_path):
     metrics = tmp_path / "mesh.prom"
-    done = subprocess.run([SPARK, "mesh", "check", "lab", "--textfile", str(metrics)], capture_output=True,
+    done = subprocess.run([SPARK, "mesh", "check", "--env", "lab", "--textfile", str(metrics)], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
@@ -121,5 +121,6 @@ def test_rotation_under_a_continuous_ping(lab, mesh):
     new_key = load_state(lab.state_dir, "fleet").hosts[cloud].public_key
     assert new_key != old_key
     assert lab.exec(cloud, "wg show wg0 public-key").stdout.strip() == new_key
-    check = subprocess.run([SPARK, "mesh", "check", "lab"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    check = subprocess.run([SPARK, "mesh", "check", "--env", "lab"], capture_output=True, text=True, timeout=300,
+                           cwd=REPO)
     assert check.returncode == 0, check.stdout[-3000:]

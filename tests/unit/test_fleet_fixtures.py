@@ -62,7 +62,7 @@ def test_the_cli_answers_every_invalid_fleet_without_a_traceback(
     path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     message, field = expectation(path)
-    monkeypatch.setattr(sys, "argv", ["spark", "validate", str(path)])
+    monkeypatch.setattr(sys, "argv", ["spark", "validate", "--env", str(path)])
     with pytest.raises(SystemExit) as exited:
         main()
     out, err = capsys.readouterr()
@@ -77,11 +77,11 @@ def test_the_cli_answers_every_invalid_fleet_without_a_traceback(
 
 def test_the_installed_command_exits_1_without_a_traceback() -> None:
     path = FIXTURES / "invalid" / "address-outside-site.yaml"
-    done = subprocess.run([str(SPARK), "validate", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(SPARK), "validate", "--env", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert re.search(rf"{re.escape(str(path))}:\d+: hosts\.nas-1\.address: ", done.stderr)
-    ok = subprocess.run([str(SPARK), "validate", "homelab"], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run([str(SPARK), "validate", "--env", "homelab"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
 
 

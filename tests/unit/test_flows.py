@@ -1,6 +1,6 @@
 """The Prefect flows end to end on this machine: real restic, local repositories, one Prefect test server.
 
-Every host of a test fleet is this machine (LocalTransport); repositories are folders. The fault tests
+Every host of a test fleet is this machine (the local transport); repositories are folders. The fault tests
 corrupt a pack, backdate a snapshot, cut the "NAS" (an SFTP server that refuses connections) and race two
 writers on one repository.
 """
@@ -22,20 +22,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+from restic_testing import ResticTestClient
+
+from flows.backup import backup
+from flows.deployments import build_deployments
+from flows.dr_drill import dr_drill
+from flows.maintenance import maintenance
+from primespark.backup import jobs, repositories
+from primespark.backup.repositories import Location, folders_on, restic_for
+from primespark.context import FleetContext
+from primespark.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
-from flows.backup import backup  # noqa: E402
-from flows.deployments import build_deployments  # noqa: E402
-from flows.dr_drill import dr_drill  # noqa: E402
-from flows.maintenance import maintenance  # noqa: E402
-from primespark.backup import jobs  # noqa: E402
-from primespark.backup.policy import BackupContext, LocalTransport, Location  # noqa: E402
-from primespark.fleet import load_fleet  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FAST = {"retries": 2, "retry_delay_seconds": 0.2}
@@ -109,13 +109,13 @@ def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None
     prom = tmp_path / "textfile"
     result = run(backup, "pi-1", fleet, textfile=str(prom), **FAST).result()
     assert result["files"] == 3 and result["manifest_files"] == 3 and result["copied_to"] == ["offsite"]
-    ctx = BackupContext.load(fleet, "local")
-    offsite = ctx.client("offsite", "pi-1")
+    ctx = FleetContext.load(fleet, "local")
+    offsite = restic_for(ctx, "offsite", "pi-1")
     copied = offsite.snapshots(tags=["primespark-backup"])
     assert [s.original[:8] for s in copied if s.original] == [result["snapshot"][:8]]
     # the manifest is inside the data snapshot, and travels with it
     assert result["manifest_inside_snapshot"] and not offsite.snapshots(tags=["primespark-manifest"])
-    manifest_dir = ctx.transport.manifest_dir("pi-1", "nas-primary")
+    manifest_dir = folders_on(ctx, "pi-1").manifest_dir("nas-primary")
     copied_manifest = json.loads(offsite.dump(copied[0].id, f"{manifest_dir}/primespark-manifest.json"))
     assert len(copied_manifest["files"]) == 3 and copied_manifest["run"] == run_of(copied[0])
     metrics = (prom / "primespark_backup_pi-1.prom").read_text()
@@ -137,7 +137,7 @@ def test_backup_copy_maintenance_drill_pass(state: Path, tmp_path: Path) -> None
     assert 'primespark_drill_success{host="pi-1"} 1.0' in drills and "primespark_drill_rto_seconds" in drills
     promtool(prom / "primespark_drill_pi-1.prom")
     # byte for byte: the restored tree equals the source (minus the excluded *.tmp)
-    restored = Path(ctx.transport.scratch_root("pi-3"))
+    restored = Path(folders_on(ctx, "pi-3").scratch)
     tree = next(restored.glob("pi-1-*")) / str(tmp_path / "src" / "pi-1").lstrip("/")
     comparison = filecmp.dircmp(tmp_path / "src" / "pi-1", tree)
     assert comparison.left_only == ["cache.tmp"] and not comparison.right_only
@@ -200,16 +200,16 @@ def test_unreachable_nas_retries_fails_clearly_then_recovers_without_unlock(
                       " exit 255; fi\nexec /usr/lib/openssh/sftp-server\n")
     switch.chmod(0o755)
 
-    def over_sftp(self: LocalTransport, repository: str, client: str, via: str) -> Location:
-        path = self.fleet.backup.repositories[repository].path  # type: ignore[union-attr]
+    def over_sftp(ctx: FleetContext, repository: str, client: str, via: str) -> Location:
+        path = ctx.fleet.backup.repositories[repository].path  # type: ignore[union-attr]
         return Location(f"sftp:backup@nas-1:{path}/{client}/repo", {"sftp.command": str(switch)})
 
-    monkeypatch.setattr(LocalTransport, "location", over_sftp)
+    monkeypatch.setattr(repositories, "location", over_sftp)
     run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
 
     # a writer dies mid-backup when the NAS goes away: its lock stays behind
-    ctx = BackupContext.load(fleet, "local")
-    client = ctx.client("nas-primary", "pi-1")
+    ctx = FleetContext.load(fleet, "local")
+    client = restic_for(ctx, "nas-primary", "pi-1")
     proc = subprocess.Popen(["restic", "--repo", client.repository, "--option", f"sftp.command={switch}",
                              "backup", "--stdin"], env={**os.environ, "RESTIC_PASSWORD": client.password},
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -241,7 +241,7 @@ def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -
     fleet = make_fleet(tmp_path, ("pi-1", "pi-2"))
     for host in ("pi-1", "pi-2"):
         (tmp_path / "src" / host / "blob.bin").write_bytes(os.urandom(20_000_000))
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     for host in ("pi-1", "pi-2"):
         jobs.prepare(ctx, "nas-primary", host)
 
@@ -286,13 +286,13 @@ def test_drill_report_lists_the_drills_in_the_terminal(state: Path, tmp_path: Pa
     from primespark.cli.app import app
 
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     passed = DrillReport("pi-1", "pi-3", "2026-01-01T05:00:00+00:00", "nas-primary", snapshot="a" * 64,
                          rpo_seconds=3600, rto_seconds=90)
     failed = DrillReport("pi-2", "pi-3", "2026-01-02T05:00:00+00:00", "nas-primary",
                          failures=["RPO breach: the newest snapshot is 30.00 h old"])
-    append_history(ctx, passed)
-    append_history(ctx, failed)
+    append_history(ctx.state_dir, passed)
+    append_history(ctx.state_dir, failed)
     out = CliRunner().invoke(app, ["drill", "report", "--env", fleet, "--last", "2"])
     assert out.exit_code == 0, out.output
     lines = [ln for ln in out.output.splitlines() if "2026-01-0" in ln]
@@ -309,10 +309,10 @@ def test_drill_report_lists_the_drills_in_the_terminal(state: Path, tmp_path: Pa
 def test_unchanged_files_keep_their_hash_and_edits_are_hashed_again(state: Path, tmp_path: Path) -> None:
     """The host-side cache: a second backup hashes nothing; an edit is hashed even when its mtime is put back."""
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     first = jobs.backup_host(ctx, "pi-1").run
     assert first.files == 3 and first.hashed_now == 3
-    cache = Path(ctx.transport.cache_file("pi-1", "nas-primary"))
+    cache = Path(folders_on(ctx, "pi-1").cache_file("nas-primary"))
     assert cache.stat().st_mode & 0o777 == 0o600
     assert jobs.backup_host(ctx, "pi-1").run.hashed_now == 0
     notes = tmp_path / "src" / "pi-1" / "notes.txt"
@@ -331,9 +331,9 @@ def test_drill_fails_when_restored_content_differs_from_the_manifest(state: Path
     from primespark.backup.drill import run_drill
 
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     jobs.backup_host(ctx, "pi-1")
-    cache = Path(ctx.transport.cache_file("pi-1", "nas-primary"))
+    cache = Path(folders_on(ctx, "pi-1").cache_file("nas-primary"))
     data = json.loads(cache.read_text())
     blob = str(tmp_path / "src" / "pi-1" / "blob.bin")
     data["files"][blob][0] = "0" * 64
@@ -352,20 +352,20 @@ def test_a_host_without_xxhash_hashes_with_sha256_and_drills_still_compare(
     from primespark.backup.drill import run_drill
 
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     no_xxhash = tmp_path / "no-xxhash"
     no_xxhash.mkdir()
     (no_xxhash / "xxhash.py").write_text("raise ImportError('this host has no python3-xxhash')\n")
     monkeypatch.setenv("PYTHONPATH", str(no_xxhash))  # the host-side session is a child of this process
     jobs.backup_host(ctx, "pi-1")
-    cache = json.loads(Path(ctx.transport.cache_file("pi-1", "nas-primary")).read_text())
+    cache = json.loads(Path(folders_on(ctx, "pi-1").cache_file("nas-primary")).read_text())
     blob = str(tmp_path / "src" / "pi-1" / "blob.bin")
     assert cache["hash"] == "sha256" and len(cache["files"][blob][0]) == 64
     monkeypatch.delenv("PYTHONPATH")
     report = run_drill(ctx, "pi-1")
     assert report.passed and report.files_matched == 3, report.failures
     jobs.backup_host(ctx, "pi-1")  # with xxhash: an XXH3-128 manifest, every file hashed again
-    cache = json.loads(Path(ctx.transport.cache_file("pi-1", "nas-primary")).read_text())
+    cache = json.loads(Path(folders_on(ctx, "pi-1").cache_file("nas-primary")).read_text())
     assert cache["hash"] == "xxh3_128" and len(cache["files"][blob][0]) == 32
     monkeypatch.setenv("PYTHONPATH", str(no_xxhash))
     report = run_drill(ctx, "pi-1")
@@ -374,13 +374,13 @@ def test_a_host_without_xxhash_hashes_with_sha256_and_drills_still_compare(
 
 def test_snapshot_without_its_manifest_is_reported_not_compared_with_another(state: Path, tmp_path: Path) -> None:
     from primespark.backup.drill import run_drill
-    from primespark.backup.policy import BACKUP_TAG
+    from primespark.backup.manifest import BACKUP_TAG
 
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     jobs.backup_host(ctx, "pi-1")
     # a newer data snapshot whose manifest never got stored: the newest manifest belongs to the older one
-    client = ctx.client("nas-primary", "pi-1")
+    client = ResticTestClient.of(restic_for(ctx, "nas-primary", "pi-1"))
     newer = client.backup([str(tmp_path / "src" / "pi-1")], tags=[BACKUP_TAG, "primespark-run-feedfeedfeed"],
                           host="pi-1")
     report = run_drill(ctx, "pi-1")
@@ -392,9 +392,9 @@ def test_stale_exclusive_lock_is_cleared_when_the_backup_finds_it(state: Path, t
     """A killed `restic check` leaves an exclusive lock; the next backup clears it (its process is gone)."""
     fleet = make_fleet(tmp_path)
     (tmp_path / "src" / "pi-1" / "blob.bin").write_bytes(os.urandom(30_000_000))
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     jobs.backup_host(ctx, "pi-1")
-    client = ctx.client("nas-primary", "pi-1")
+    client = restic_for(ctx, "nas-primary", "pi-1")
     locks = Path(client.repository) / "locks"
     proc = subprocess.Popen(["restic", "--repo", client.repository, "check", "--read-data"],
                             env={**os.environ, "RESTIC_PASSWORD": client.password},
@@ -414,9 +414,9 @@ def test_drill_leaves_no_restored_copy_behind(state: Path, tmp_path: Path) -> No
     from primespark.backup.drill import run_drill
 
     fleet = make_fleet(tmp_path)
-    ctx = BackupContext.load(fleet, "local")
+    ctx = FleetContext.load(fleet, "local")
     jobs.backup_host(ctx, "pi-1")
-    scratch = Path(ctx.transport.scratch_root(ctx.backup.drill.scratch_host))
+    scratch = Path(folders_on(ctx, ctx.fleet.backup.drill.scratch_host).scratch)
     (scratch / "pi-1-19990101T000000.removing").mkdir(parents=True)  # what an interrupted clean-up left
     report = run_drill(ctx, "pi-1")
     assert report.passed, report.failures
@@ -438,8 +438,8 @@ def test_a_manifest_that_cannot_go_inside_its_snapshot_goes_beside_it_and_leaves
     data = yaml.safe_load(Path(fleet).read_text())
     data["backup"]["retention"] = {"keep_last": 1}
     Path(fleet).write_text(yaml.safe_dump(data))
-    ctx = BackupContext.load(fleet, "local")
-    blocked = Path(ctx.transport.manifest_dir("pi-1", "nas-primary"))
+    ctx = FleetContext.load(fleet, "local")
+    blocked = Path(folders_on(ctx, "pi-1").manifest_dir("nas-primary"))
     shutil.rmtree(blocked, ignore_errors=True)
     blocked.parent.mkdir(parents=True, exist_ok=True)
     blocked.write_text("not a folder")
@@ -451,7 +451,7 @@ def test_a_manifest_that_cannot_go_inside_its_snapshot_goes_beside_it_and_leaves
     assert runs[0].embed_problem and "cannot be used" in runs[0].embed_problem
     outcome = jobs.maintain(ctx, "nas-primary", check=False)
     assert outcome.forgotten == {"pi-1": 2} and outcome.orphan_manifests == {"pi-1": 2}, outcome
-    left = ctx.client("nas-primary", "pi-1").snapshots()
+    left = restic_for(ctx, "nas-primary", "pi-1").snapshots()
     assert sorted(s.tags[0] for s in left) == ["primespark-backup", "primespark-manifest"]
     assert run_of(left[0]) == run_of(left[1])  # the kept manifest is the kept snapshot's
     assert run_drill(ctx, "pi-1").passed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from primespark.backup import hostside
-from primespark.backup.manifest import restore_and_compare, run_hostside
+from primespark.backup.session import restore_and_compare, run_session
 from primespark.restic import ResticClient
 
 PASSWORD = "not a secret: a test repository"
@@ -82,7 +82,7 @@ def test_files_restic_saved_that_the_walk_missed_get_a_manifest_of_their_own(tre
                                               host="pi-1", verbose=True))
     separate = client.command(*client.backup_stdin_args(hostside.MANIFEST_FILE, host="pi-1",
                                                         tags=["primespark-manifest", "primespark-run-0001"]))
-    out = run_hostside(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0001",
+    out = run_session(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0001",
                                           "cache": None, "manifest_dir": folder, "paths": [str(tree / "cache")],
                                           "excludes": []})
     assert out["returncode"] == 0 and not out["embedded"] and out["manifest"]["returncode"] == 0
@@ -122,12 +122,12 @@ def test_a_file_written_after_its_hash_and_before_restic_read_it_is_counted_not_
 
     writer = threading.Thread(target=write_once_hashed)
     writer.start()
-    out = run_hostside(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0002",
+    out = run_session(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0002",
                                           "cache": None, "manifest_dir": str(folder), "paths": [str(src)],
                                           "excludes": []})
     writer.join()
-    assert out["returncode"] == 0 and not out["embedded"] and out["unhashed"] == [str(late)], out
+    assert out["returncode"] == 0 and not out["embedded"] and out["changed_during_backup"] == [str(late)], out
     assert client.dump(out["summary"]["snapshot_id"], str(late)) == b"after, and longer\n"  # restic read it so
     run = restore_and_compare(client, "pi-1", str(tmp_path / "restored"), manifest_dir=str(folder))
     assert run.comparison is not None and run.comparison.ok, run
-    assert run.comparison.changed == [str(late)] and run.comparison.matched == 1
+    assert run.comparison.changed_during_backup == [str(late)] and run.comparison.matched == 1

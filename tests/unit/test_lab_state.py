@@ -47,7 +47,7 @@ def test_known_hosts_names_every_address_and_is_rewritten_only_on_change(tmp_pat
 
 def test_ssh_uses_the_lab_key_known_hosts_and_the_fleet_user(tmp_path):
     fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
-    argv = ssh.ssh_argv(tmp_path, fleet.hosts["pi-1"], "hostname")
+    argv = ssh.ssh_argv(tmp_path, fleet, "pi-1", "hostname")
     assert f"{fleet.hosts['pi-1'].ssh.user}@{fleet.hosts['pi-1'].ssh_address}" in argv
     assert f"UserKnownHostsFile={tmp_path / 'ssh' / 'known_hosts'}" in argv
     assert "StrictHostKeyChecking=yes" in argv and argv[-1] == "hostname"

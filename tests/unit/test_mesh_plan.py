@@ -180,7 +180,7 @@ def test_changing_the_overlay_or_exhausting_it_is_a_clear_error(tmp_path, store)
 ])
 def test_bad_mesh_input_is_a_located_error_without_traceback(tmp_path, fixture, expected):
     env = {**os.environ, "SPARK_STATE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "primespark.cli.app", "mesh", "plan", str(INVALID / fixture)],
+    done = subprocess.run([sys.executable, "-m", "primespark.cli.app", "mesh", "plan", "--env", str(INVALID / fixture)],
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 1
     assert expected in done.stderr and "meshes." in done.stderr and "fix:" in done.stderr
@@ -226,16 +226,14 @@ def test_health_probe_output_is_parsed_and_exported(tmp_path):
 def test_ssh_runner_uses_the_fleet_ssh_settings_and_sudo(tmp_path, monkeypatch):
     import shlex
 
-    from primespark.mesh.remote import SshRunner
-    from primespark.settings import Settings
+    from primespark.hosts import SshFiles, SshHosts
 
     ssh = tmp_path / "ssh"
     ssh.mkdir()
     (ssh / "id_ed25519").write_text("key")
     (ssh / "known_hosts").write_text("")
-    settings = Settings(SPARK_STATE_DIR=tmp_path)  # type: ignore[call-arg]
-    runner = SshRunner(fleet_with(), "lab", settings)
-    argv = runner.argv("pi-1", "wg show wg0 dump | awk '{print $1}'")
+    runner = SshHosts(fleet_with(), SshFiles.of(tmp_path)).runner("pi-1")
+    argv = runner.argv(["sh", "-c", "wg show wg0 dump | awk '{print $1}'"])  # type: ignore[attr-defined]
     assert argv[-2] == "spark@172.30.1.11" and argv[argv.index("-p"):argv.index("-p") + 2] == ["-p", "22"]
     assert str(ssh / "id_ed25519") in argv and f"UserKnownHostsFile={ssh / 'known_hosts'}" in argv
     remote = shlex.split(argv[-1])

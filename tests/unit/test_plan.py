@@ -21,7 +21,7 @@ def spark(*args: str, state: Path, path: str | None = None) -> subprocess.Comple
 
 
 def test_plan_homelab_prints_the_tree_and_no_violation(tmp_path):
-    result = spark("plan", "homelab", state=tmp_path)
+    result = spark("plan", "--env", "homelab", state=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("primespark-homelab", "libvirt:index/domain:Domain core-1", "4 vCPU, 8192 MiB",
@@ -31,7 +31,7 @@ def test_plan_homelab_prints_the_tree_and_no_violation(tmp_path):
 
 
 def test_plan_of_an_over_committed_kvm_host_fails(tmp_path):
-    result = spark("plan", "tests/fixtures/cloud/overcommit.yaml", state=tmp_path)
+    result = spark("plan", "--env", "tests/fixtures/cloud/overcommit.yaml", state=tmp_path)
     assert result.returncode == 1
     assert "[kvm-capacity] KVM host kvm-1 is over-committed" in result.stdout
     assert "147456 MiB" in result.stdout
@@ -40,7 +40,7 @@ def test_plan_of_an_over_committed_kvm_host_fails(tmp_path):
 def test_plan_of_a_broken_fleet_is_a_located_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "inventory/homelab.yaml").read_text().replace("cpus: 8\n", "cpus: many\n", 1))
-    result = spark("plan", str(bad), state=tmp_path)
+    result = spark("plan", "--env", str(bad), state=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "bad.yaml" in result.stderr and "cpus" in result.stderr
 
@@ -78,9 +78,9 @@ def test_preview_and_up_against_libvirt_test_driver(tmp_path):
     (tmp_path / f"{sha}.qcow2").write_bytes(b"")
     try:
         env_path = str(Path(shutil.which("pulumi")).parent) + ":/usr/bin:/bin"
-        preview = spark("preview", "libvirt-test", state=tmp_path, path=env_path)
+        preview = spark("preview", "--env", "libvirt-test", state=tmp_path, path=env_path)
         assert preview.returncode == 0, preview.stdout + preview.stderr
-        up = spark("up", "libvirt-test", state=tmp_path, path=env_path)
+        up = spark("up", "--env", "libvirt-test", state=tmp_path, path=env_path)
         assert up.returncode == 0, up.stdout + up.stderr
         assert (tmp_path / "stack-outputs.json").is_file()
     finally:

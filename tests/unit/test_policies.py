@@ -13,10 +13,7 @@ from pulumi_policy import (
     StackValidationArgs,
 )
 
-from primespark.cloud.mockengine import stacks_importable
-
-stacks_importable()
-from policies import rules  # noqa: E402
+from policies import rules
 
 OPTS = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [], None)
 GIB = 1024**3

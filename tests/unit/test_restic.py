@@ -10,22 +10,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from restic_testing import ResticTestClient as ResticClient
+from restic_testing import parse_version
 
-from primespark.backup.remote import SshRunner
+from primespark.hosts import Completed, Connection, LocalRunner, SshRunner
 from primespark.restic import (
     BackupIncomplete,
     CheckFailed,
-    Completed,
-    LocalRunner,
     RepositoryLocked,
     RepositoryNotFound,
     RepositoryUnreachable,
-    ResticClient,
     ResticNotInstalled,
     RestoreFailed,
     WrongPassword,
     classify,
-    parse_version,
 )
 
 PASSWORD = "correct horse battery staple"
@@ -104,9 +102,9 @@ def test_errors_are_typed(tmp_path: Path, repo: ResticClient) -> None:
         ResticClient(str(tmp_path / "nothing"), PASSWORD).snapshots()
     with pytest.raises(WrongPassword):
         ResticClient(repo.repository, "not the password").snapshots()
-    assert classify(Completed(("restic",), 11, b"", "x"), "w").__class__ is RepositoryLocked
-    assert classify(Completed(("restic",), 10, b"", ""), "w").__class__ is RepositoryNotFound
-    unreachable = classify(Completed(("restic",), 1, b"", "ssh: connect to host 10.0.0.1 port 22: No route"), "w")
+    assert classify(11, "x", "w").__class__ is RepositoryLocked
+    assert classify(10, "", "w").__class__ is RepositoryNotFound
+    unreachable = classify(1, "ssh: connect to host 10.0.0.1 port 22: No route", "w")
     assert isinstance(unreachable, RepositoryUnreachable) and unreachable.transient
 
 
@@ -223,7 +221,7 @@ def test_ssh_runner_passes_secrets_on_stdin_not_argv(tmp_path: Path, repo: Resti
     old_path = os.environ["PATH"]
     os.environ["PATH"] = f"{fake.parent}:{old_path}"
     try:
-        runner = SshRunner("pi-9", "192.0.2.1", "root")
+        runner = SshRunner(Connection("pi-9", "192.0.2.1", "root"))
         remote = ResticClient(repo.repository, PASSWORD, runner)
         summary = remote.backup([str(source)], host="pi-9")
         assert remote.snapshots(host="pi-9")[0].short_id == summary.snapshot_id[:8]
@@ -238,7 +236,7 @@ def test_ssh_runner_passes_secrets_on_stdin_not_argv(tmp_path: Path, repo: Resti
 
 
 def test_the_snapshot_restic_restores_is_read_from_its_own_line() -> None:
-    from primespark.backup.manifest import parse_restoring
+    from primespark.backup.session import parse_restoring
 
     short, when = parse_restoring("restoring <Snapshot 32005ca4 of [/tmp/kt/ds /b] at 2026-11-26 13:02:58.372297218 "
                                   "+0000 UTC by root@vm> to /tmp/kt/r1\n")  # type: ignore[misc]
@@ -249,7 +247,7 @@ def test_the_snapshot_restic_restores_is_read_from_its_own_line() -> None:
 
 
 def test_a_host_without_restic_gets_a_clear_error_from_the_backup_session(tmp_path: Path) -> None:
-    from primespark.backup.manifest import backup_with_manifest
+    from primespark.backup.session import backup_with_manifest
 
     client = ResticClient(str(tmp_path / "repo"), "pw", binary="restic-not-here")
     with pytest.raises(ResticNotInstalled, match="'restic-not-here' is not installed on localhost"):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from primespark.backup.policy import host_material
+from primespark.backup.repositories import host_material
 from primespark.fleet import load_fleet
 from primespark.fleet.model import Backup
 

@@ -122,12 +122,10 @@ def test_plan_writes_no_state(state_dir):
 
 def test_the_pulumi_entry_point_reads_the_fleet_named_in_the_stack_config(state_dir):
     """`stacks.program.main` as `pulumi up` runs it: config from Pulumi.homelab.yaml, the saved mesh plan."""
-    from primespark.cloud.mockengine import run_program, stacks_importable
+    from primespark.cloud.mockengine import run_program
     from primespark.cloud.plan import stack_config
     from primespark.mesh.service import plan_and_save
     from primespark.secrets import LocalSecretStore
-
-    stacks_importable()
     from stacks.program import main
 
     config = stack_config("homelab")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pulumi
 
-from primespark.cloud.mockengine import run_program, stacks_importable
+from primespark.cloud.mockengine import run_program
 from primespark.fleet import load_fleet
 from primespark.fleet.model import HostKind
 from primespark.mesh.keys import public_key_of
 from primespark.mesh.service import plan_and_save
 from primespark.secrets import LocalSecretStore
-
-stacks_importable()
-from stacks.wireguard_mesh import WireGuardMesh  # noqa: E402
+from stacks.wireguard_mesh import WireGuardMesh
 
 
 def test_cloud_keys_are_pulumi_secrets_and_public_keys_match_the_plan(tmp_path):

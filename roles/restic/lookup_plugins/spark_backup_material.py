@@ -27,7 +27,7 @@ class LookupModule(LookupBase):
     def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
         self.set_options(var_options=variables, direct=kwargs)
         try:
-            from primespark.backup.policy import host_material
+            from primespark.backup.repositories import host_material
         except ImportError as exc:
             raise AnsibleError(f"spark_backup_material needs primespark on the controller: {exc}") from exc
         try:

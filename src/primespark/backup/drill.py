@@ -1,7 +1,9 @@
 """The DR drill: restore a host's newest snapshot on another host, verify it, and judge it against RTO/RPO.
 
-`run_drill` never raises for a failed drill: it returns a report that says what failed and why; the flow
-publishes it and then fails the run. It raises only for operator mistakes (no plan, scratch = source).
+A drill is `plan_drill` (what to restore where), `restore` (the restore, hashed and compared, on the scratch
+host), `judge` (service checks, RTO and RPO against the targets) and `clean_up`; `run_drill` runs them in turn
+and the `dr_drill` flow runs each as a task. Neither raises for a failed drill: the report says what failed
+and why; the flow publishes it and then fails the run. Only operator mistakes raise (no plan, scratch = source).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from primespark.backup.manifest import RestoreRun, restore_and_compare
-from primespark.backup.policy import BackupContext
-from primespark.errors import UserError
-from primespark.restic import ResticError, Runner
+from primespark.backup.repositories import backup_of, folders_on, offsite_of, plan_of, restic_for
+from primespark.backup.session import RestoreRun, restore_and_compare
+from primespark.context import FleetContext
+from primespark.errors import StepFailed, UserError
+from primespark.hosts import Runner
 from primespark.secrets import atomic_write
 
 HISTORY_KEEP = 200
@@ -123,12 +126,12 @@ def render_markdown(report: DrillReport) -> str:
 # --- history ----------------------------------------------------------------------------------------------
 
 
-def history_path(ctx: BackupContext) -> Path:
-    return ctx.settings.state_dir(ctx.env) / "drills" / "history.json"
+def history_path(state_dir: Path) -> Path:
+    return state_dir / "drills" / "history.json"
 
 
-def load_history(ctx: BackupContext) -> list[dict[str, object]]:
-    path = history_path(ctx)
+def load_history(state_dir: Path) -> list[dict[str, object]]:
+    path = history_path(state_dir)
     if not path.is_file():
         return []
     try:
@@ -137,109 +140,148 @@ def load_history(ctx: BackupContext) -> list[dict[str, object]]:
         return []
 
 
-def append_history(ctx: BackupContext, report: DrillReport) -> list[dict[str, object]]:
-    rows = [*load_history(ctx), report.history_row()][-HISTORY_KEEP:]
-    atomic_write(history_path(ctx), json.dumps(rows, indent=1), 0o600)
-    (history_path(ctx).parent / f"last-{report.host}.json").write_text(json.dumps(asdict(report), indent=1))
+def append_history(state_dir: Path, report: DrillReport) -> list[dict[str, object]]:
+    rows = [*load_history(state_dir), report.history_row()][-HISTORY_KEEP:]
+    atomic_write(history_path(state_dir), json.dumps(rows, indent=1), 0o600)
+    (history_path(state_dir).parent / f"last-{report.host}.json").write_text(json.dumps(asdict(report), indent=1))
     return rows
 
 
 # --- the drill --------------------------------------------------------------------------------------------
 
-
-Step = Callable[..., object]
-
-
-def _run_step(step: Step | None, fn: Callable[..., object], *args: object) -> object:
-    """Run `fn` directly or as a Prefect task (`step` wraps it) so each phase shows in the UI."""
-    return step(fn, *args) if step is not None else fn(*args)
+Clock = Callable[[], datetime]
 
 
-def drill_source(ctx: BackupContext, host: str, repository: str | None) -> str:
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def drill_source(ctx: FleetContext, host: str, repository: str | None) -> str:
     """The repository a drill of `host` restores from: its plan's own, or one of that one's offsite copies."""
-    plan = ctx.plan(host)
-    copies = [plan.repository, *ctx.offsite_of(plan.repository)]
+    plan = plan_of(ctx, host)
+    copies = [plan.repository, *offsite_of(ctx, plan.repository)]
     if repository is not None and repository not in copies:
         raise UserError(f"{host}'s backups are not in repository {repository!r}",
                         f"use --repository with one of: {', '.join(copies)}")
     return repository or plan.repository
 
 
-def run_drill(
-    ctx: BackupContext,
-    host: str,
-    *,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
-    keep_restore: bool = False,
-    step: Step | None = None,
-    repository: str | None = None,
-) -> DrillReport:
+@dataclass
+class Drill:
+    """One drill under way: the report it fills in, and where it restores."""
+
+    host: str
+    source: str  # the repository restored from
+    scratch: str  # the host restored onto
+    target: str  # the folder restored into, on the scratch host
+    clock: float  # time.monotonic() at the start, for the RTO
+    started: datetime
+    report: DrillReport
+
+
+def plan_drill(ctx: FleetContext, host: str, repository: str | None = None, now: Clock = utc_now) -> Drill:
     """`repository`: the plan's (the default) or one of its offsite copies, which carry the same snapshots
     with their manifests: a drill from there shows the copy the NAS's loss would leave is whole."""
-    plan = ctx.plan(host)
     source = drill_source(ctx, host, repository)
-    scratch = ctx.backup.drill.scratch_host
+    backup = backup_of(ctx.fleet)
+    scratch = backup.drill.scratch_host
     if scratch == host:
         raise UserError(f"the drill for {host} would restore onto {host} itself",
                         "set backup.drill.scratch_host to another host")
-    targets = ctx.backup.targets
     started = now()
-    clock = time.monotonic()
+    target = f"{folders_on(ctx, scratch).scratch}/{host}-{started.strftime('%Y%m%dT%H%M%S')}"
     report = DrillReport(host, scratch, started.isoformat(timespec="seconds"), source,
-                         rpo_target_seconds=targets.rpo_hours * 3600, rto_target_seconds=targets.rto_minutes * 60)
-    client = ctx.client(source, host, via=scratch)
-    runner = client.runner
-    target = ctx.scratch_dir(scratch, host, started.strftime("%Y%m%dT%H%M%S"))
-    report.restored_to = target
+                         rpo_target_seconds=backup.targets.rpo_hours * 3600,
+                         rto_target_seconds=backup.targets.rto_minutes * 60, restored_to=target)
+    return Drill(host, source, scratch, target, time.monotonic(), started, report)
+
+
+def restore(ctx: FleetContext, drill: Drill) -> RestoreRun | None:
+    """Restore the host's newest snapshot on the scratch host with `--verify`, hashing and comparing it with
+    its manifest; None when there is no snapshot."""
+    client = restic_for(ctx, drill.source, drill.host, via=drill.scratch)
+    probes = [p for s in ctx.fleet.services_on(drill.host).values() for p in s.backup_paths]
+    manifest_dir = folders_on(ctx, drill.host).manifest_dir(plan_of(ctx, drill.host).repository)
     try:
-        try:
-            probes = [p for s in ctx.fleet.services_on(host).values() for p in s.backup_paths]
-            run = _run_step(step, restore_and_compare, client, host, target, probes,
-                            ctx.transport.manifest_dir(host, plan.repository))
-        except ResticError as exc:
-            if "snapshot for criteria not found" in exc.stderr or "no snapshot found" in exc.stderr:
-                report.failures.append(f"no snapshot of {host} in {source}")
-                return _finish(report, now)
-            raise
-        assert isinstance(run, RestoreRun)
-        report.snapshot, report.snapshot_time = run.snapshot_short_id, _iso(run.snapshot_time)
-        if run.snapshot_time is not None:
-            report.rpo_seconds = (started - run.snapshot_time).total_seconds()
-        if run.restore_error is None:
-            report.restore_verified_by_restic = True
-        else:
-            report.restore_errors = run.restore_error.problems
-            report.failures.append(f"restore of {run.snapshot_short_id} failed: "
-                                   f"{'; '.join(run.restore_error.problems[:3])}")
-        result = run.comparison
-        if result is None:
-            report.failures.append(run.manifest_problem or f"no content manifest for {run.snapshot_short_id}")
-        else:
-            report.files_matched = result.matched
-            report.files_mismatched, report.files_missing = result.mismatched, result.missing
-            report.files_unexpected = result.unexpected
-            report.files_changed_during_backup = len(result.changed)
-            if not result.ok:
-                report.failures.append(
-                    f"restored content differs from the source at snapshot time: {len(result.mismatched)} "
-                    f"differ, {len(result.missing)} missing, {len(result.unexpected)} unexpected "
-                    f"(first: {(result.mismatched + result.missing + result.unexpected)[0]})")
-        report.services = _service_checks(ctx, host, target, run.present)
-        report.failures += [f"service check {c.service}: {c.detail}" for c in report.services
-                            if c.status == "failed"]
-        report.rto_seconds = time.monotonic() - clock
-        if report.rpo_seconds is not None and report.rpo_seconds > report.rpo_target_seconds:
-            report.failures.append(f"RPO breach: the newest snapshot is {report.rpo_seconds / 3600:.2f} h old, "
-                                   f"the target is {targets.rpo_hours} h")
-        if report.rto_seconds > report.rto_target_seconds:
-            report.failures.append(f"RTO breach: the verified restore took {report.rto_seconds / 60:.2f} min, "
-                                   f"the target is {targets.rto_minutes} min")
-    except ResticError as exc:
-        report.failures.append(str(exc))
+        return restore_and_compare(client, drill.host, drill.target, probes, manifest_dir)
+    except StepFailed as exc:
+        if "snapshot for criteria not found" in exc.stderr or "no snapshot found" in exc.stderr:
+            return None
+        raise
+
+
+def judge(ctx: FleetContext, drill: Drill, run: RestoreRun | None) -> DrillReport:
+    """The verdict on a restore: content, service checks, RPO and RTO against the fleet's targets."""
+    report = drill.report
+    if run is None:
+        report.failures.append(f"no snapshot of {drill.host} in {drill.source}")
+        return report
+    report.snapshot, report.snapshot_time = run.snapshot_short_id, _iso(run.snapshot_time)
+    if run.snapshot_time is not None:
+        report.rpo_seconds = (drill.started - run.snapshot_time).total_seconds()
+    if run.restore_error is None:
+        report.restore_verified_by_restic = True
+    else:
+        report.restore_errors = run.restore_error.problems
+        report.failures.append(f"restore of {run.snapshot_short_id} failed: "
+                               f"{'; '.join(run.restore_error.problems[:3])}")
+    _judge_content(report, run)
+    report.services = _service_checks(ctx, drill.host, drill.target, run.present)
+    report.failures += [f"service check {c.service}: {c.detail}" for c in report.services if c.status == "failed"]
+    report.rto_seconds = time.monotonic() - drill.clock
+    targets = backup_of(ctx.fleet).targets
+    if report.rpo_seconds is not None and report.rpo_seconds > report.rpo_target_seconds:
+        report.failures.append(f"RPO breach: the newest snapshot is {report.rpo_seconds / 3600:.2f} h old, "
+                               f"the target is {targets.rpo_hours} h")
+    if report.rto_seconds > report.rto_target_seconds:
+        report.failures.append(f"RTO breach: the verified restore took {report.rto_seconds / 60:.2f} min, "
+                               f"the target is {targets.rto_minutes} min")
+    return report
+
+
+def _judge_content(report: DrillReport, run: RestoreRun) -> None:
+    result = run.comparison
+    if result is None:
+        report.failures.append(run.manifest_problem or f"no content manifest for {run.snapshot_short_id}")
+        return
+    report.files_matched = result.matched
+    report.files_mismatched, report.files_missing = result.mismatched, result.missing
+    report.files_unexpected = result.unexpected
+    report.files_changed_during_backup = len(result.changed_during_backup)
+    if not result.ok:
+        report.failures.append(
+            f"restored content differs from the source at snapshot time: {len(result.mismatched)} "
+            f"differ, {len(result.missing)} missing, {len(result.unexpected)} unexpected "
+            f"(first: {(result.mismatched + result.missing + result.unexpected)[0]})")
+
+
+def clean_up(ctx: FleetContext, drill: Drill) -> None:
+    remove_in_background(ctx.hosts.runner(drill.scratch), drill.target)
+
+
+def finish(drill: Drill, now: Clock = utc_now) -> DrillReport:
+    drill.report.finished = now().isoformat(timespec="seconds")
+    return drill.report
+
+
+def run_drill(
+    ctx: FleetContext,
+    host: str,
+    *,
+    now: Clock = utc_now,
+    keep_restore: bool = False,
+    repository: str | None = None,
+) -> DrillReport:
+    """A whole drill of `host`, without Prefect (the `dr_drill` flow runs the same steps as tasks)."""
+    drill = plan_drill(ctx, host, repository, now)
+    try:
+        drill.report = judge(ctx, drill, restore(ctx, drill))
+    except StepFailed as exc:
+        drill.report.failures.append(str(exc))
     finally:
         if not keep_restore:
-            remove_in_background(runner, target)
-    return _finish(report, now)
+            clean_up(ctx, drill)
+    return finish(drill, now)
 
 
 # The restored copy is renamed at once (nothing reads it any more) and deleted by a process of its own, so
@@ -258,14 +300,9 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
-def _finish(report: DrillReport, now: Callable[[], datetime]) -> DrillReport:
-    report.finished = now().isoformat(timespec="seconds")
-    return report
-
-
-def _service_checks(ctx: BackupContext, host: str, target: str, restored: dict[str, bool]) -> list[ServiceCheck]:
+def _service_checks(ctx: FleetContext, host: str, target: str, restored: dict[str, bool]) -> list[ServiceCheck]:
     checks = []
-    runner = ctx.transport.runner(ctx.backup.drill.scratch_host)
+    runner = ctx.hosts.runner(backup_of(ctx.fleet).drill.scratch_host)
     for name, service in sorted(ctx.fleet.services_on(host).items()):
         for path in service.backup_paths:
             present = restored.get(path, False)

@@ -35,8 +35,9 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
+xxhash: Any
 try:
     import xxhash
 except ImportError:  # a host without python3-xxhash still backs up and drills, at sha256's pace
@@ -58,14 +59,47 @@ MAX_PENDING = 256  # jobs in flight
 RESTORING = re.compile(r"^restoring <Snapshot ([0-9a-f]+) of \[.*\] at (.+?) by .*> to ")
 
 
+class Identity(NamedTuple):
+    """What says a file is still the one that was hashed. The manifest compares size and mtime (restic
+    restores both); the cache also needs inode and ctime, as restic's own change detection does, so that a
+    file edited with its mtime put back is hashed again."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+
+
+class Entry(NamedTuple):
+    """A manifest entry: the content hash and the file's identity when hashed (a JSON list in the manifest)."""
+
+    hash: str
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Size and mtime: what a restore gives back, so what tells two versions of a file apart."""
+        return self.size, self.mtime_ns
+
+
+def entries(files: dict[str, Any]) -> dict[str, Entry | None]:
+    """A manifest's `files` as read from JSON: path -> Entry, or None for a file changed during the backup."""
+    return {path: None if raw is None else Entry(*raw) for path, raw in files.items()}
+
+
 def hash_of(manifest: dict[str, Any]) -> str:
     return str(manifest.get("hash", "sha256"))
 
 
-def digest(path: str, algorithm: str = PREFERRED) -> list[Any] | None:
-    """[hash, size, mtime_ns, inode, ctime_ns] of a regular file; None if it is not one or changed while
-    being read. The manifest compares size and mtime (restic restores both); the cache also needs inode and
-    ctime, as restic's own change detection does, so that a file edited with its mtime put back is hashed again."""
+def digest(path: str, algorithm: str = PREFERRED) -> Entry | None:
+    """The entry of a regular file; None if it is not one or changed while being read."""
     try:
         # O_NOFOLLOW: a symlink is not followed; O_NONBLOCK: a FIFO does not block the open
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -86,15 +120,15 @@ def digest(path: str, algorithm: str = PREFERRED) -> list[Any] | None:
         os.close(fd)
     if identity(before) != identity(after):
         return None
-    return [sha.hexdigest(), *identity(after)]
+    return Entry(sha.hexdigest(), *identity(after))
 
 
-def digests(paths: list[str], algorithm: str = PREFERRED) -> list[list[Any] | None]:
+def digests(paths: list[str], algorithm: str = PREFERRED) -> list[Entry | None]:
     return [digest(p, algorithm) for p in paths]
 
 
-def identity(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+def identity(st: os.stat_result) -> Identity:
+    return Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def hashers(niceness: int = 0) -> Any:
@@ -105,7 +139,7 @@ def hashers(niceness: int = 0) -> Any:
                                                     initargs=(niceness,))
 
 
-def hash_tree(root: str, workers: Any, algorithm: str = PREFERRED) -> dict[str, list[Any]]:
+def hash_tree(root: str, workers: Any, algorithm: str = PREFERRED) -> dict[str, Entry]:
     """Every regular file under `root`, keyed as restic names it in the snapshot ("/" + path below root)."""
     paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
     batches = [(paths[i:i + BATCH], algorithm) for i in range(0, len(paths), BATCH)]
@@ -113,17 +147,18 @@ def hash_tree(root: str, workers: Any, algorithm: str = PREFERRED) -> dict[str, 
     return {"/" + os.path.relpath(p, root): h for p, h in zip(paths, hashes, strict=True) if h is not None}
 
 
-def compare(files: dict[str, list[Any]], restored: dict[str, list[Any]]) -> dict[str, Any]:
+def compare(files: dict[str, Entry | None], restored: dict[str, Entry]) -> dict[str, Any]:
     """Restored tree against the manifest. A file the source changed while restic read it (its size or mtime
     differs from what restic restored) is counted, not compared: its hash is of another version."""
-    result: dict[str, Any] = {"matched": 0, "mismatched": [], "missing": [], "unexpected": [], "changed": []}
+    result: dict[str, Any] = {"matched": 0, "mismatched": [], "missing": [], "unexpected": [],
+                              "changed_during_backup": []}
     for path, entry in sorted(files.items()):
         got = restored.get(path)
         if got is None:
             result["missing"].append(path)
-        elif entry is None or got[1:3] != entry[1:3]:
-            result["changed"].append(path)
-        elif got[0] != entry[0]:
+        elif entry is None or got.version != entry.version:
+            result["changed_during_backup"].append(path)
+        elif got.hash != entry.hash:
             result["mismatched"].append(path)
         else:
             result["matched"] += 1
@@ -204,7 +239,8 @@ def _part(glob: str) -> str | re.Pattern[str]:
             i += 1
             out.append(re.escape(glob[i]))  # a trailing backslash: IndexError, a ValueError
         elif c == "[":
-            j, negate, items = i + 1, glob[i + 1:i + 2] == "^", []
+            items: list[str] = []
+            j, negate = i + 1, glob[i + 1:i + 2] == "^"
             j += negate
             while glob[j] != "]" or not items:  # an unclosed class: IndexError
                 lo, j = _class_char(glob, j)
@@ -284,13 +320,13 @@ def saved_files(paths: list[str], excludes: Excludes, skip: str | None) -> Itera
 # --- backup -----------------------------------------------------------------------------------------------
 
 
-def load_cache(path: str | None) -> dict[str, list[Any]]:
+def load_cache(path: str | None) -> dict[str, Entry | None]:
     if not path:
         return {}
     try:
         with open(path, "rb") as f:
             data = json.load(f)
-        return dict(data["files"]) if data.get("format") == FORMAT and hash_of(data) == PREFERRED else {}
+        return entries(data["files"]) if data.get("format") == FORMAT and hash_of(data) == PREFERRED else {}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -315,13 +351,13 @@ def empty_manifest_folder(folder: str) -> str:
     return os.path.join(folder, MANIFEST_FILE)
 
 
-def unchanged(path: str, cache: dict[str, list[Any]]) -> list[Any] | None:
+def unchanged(path: str, cache: dict[str, Entry | None]) -> Entry | None:
     """The last run's entry for `path` if the file is still exactly that one (size, mtime, inode, ctime)."""
     known = cache.get(path)
     if known is None:
         return None
     try:
-        return known if identity(os.lstat(path)) == known[1:] else None
+        return known if identity(os.lstat(path)) == known.identity else None
     except OSError:
         return None
 
@@ -334,8 +370,9 @@ class Saved(threading.Thread):
 
     def __init__(self, stream: Any) -> None:
         super().__init__(daemon=True)
-        self.stream, self.files, self.summary = stream, set[str](), None
-        self.read_as: dict[str, list[int] | None] = {}
+        self.stream, self.files = stream, set[str]()
+        self.summary: dict[str, Any] | None = None
+        self.read_as: dict[str, Identity | None] = {}
         self.start()
 
     def run(self) -> None:
@@ -352,13 +389,15 @@ class Saved(threading.Thread):
             elif kind == "summary":
                 self.summary = message
 
-    def changed_since_hashed(self, files: dict[str, list[Any] | None]) -> list[str]:
-        return [p for p, now in self.read_as.items() if (entry := files.get(p)) is not None and entry[1:] != now]
+    def changed_since_hashed(self, files: dict[str, Entry | None]) -> list[str]:
+        return [p for p, now in self.read_as.items()
+                if (entry := files.get(p)) is not None and entry.identity != now]
 
 
-def hash_files(paths: Iterable[str], cache: dict[str, list[Any]], workers: Any) -> tuple[dict[str, Any], int]:
-    """path -> [hash, size, mtime_ns, inode, ctime_ns] (None: changed while read), and how many were hashed."""
-    files: dict[str, list[Any] | None] = {}
+def hash_files(paths: Iterable[str], cache: dict[str, Entry | None],
+               workers: Any) -> tuple[dict[str, Entry | None], int]:
+    """path -> its entry (None: changed while read), and how many files were hashed now."""
+    files: dict[str, Entry | None] = {}
     batch: list[str] = []
     pending: deque[tuple[list[str], Any]] = deque()
     hashed = 0
@@ -403,7 +442,7 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
         # the walk's order is restic's: the same files give the same bytes, which restic stores once
         manifest = {"format": FORMAT, "hash": PREFERRED, "host": spec["host"], "run": spec["run"], "files": files}
         body = json.dumps(manifest).encode()
-        if manifest_path:
+        if manifest_path and folder:
             write_private(manifest_path, body, staging=os.path.dirname(folder))
         if spec.get("cache"):
             write_private(spec["cache"], body)  # while restic runs
@@ -419,7 +458,8 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
             if spec.get("cache"):
                 write_private(spec["cache"], json.dumps({**manifest, "files": files}).encode())
     result: dict[str, Any] = {"returncode": returncode, "summary": saved.summary, "stderr": data_err.text(),
-                              "files": len(files), "unhashed": sorted(p for p, h in files.items() if h is None),
+                              "files": len(files),
+                              "changed_during_backup": sorted(p for p, h in files.items() if h is None),
                               "hashed_now": hashed, "embedded": embedded, "embed_problem": problem}
     snapshot = (saved.summary or {}).get("snapshot_id")
     if embedded or not spec.get("manifest") or returncode not in (0, 3) or not snapshot:
@@ -444,8 +484,9 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
         restore = start(spec["restore"])
         restore_err = Drain(restore.stderr)
         restoring: str | None = None
-        hashing: Future[dict[str, list[Any]]] | None = None
-        for raw in restore.stdout:  # type: ignore[union-attr]
+        hashing: Future[dict[str, Entry]] | None = None
+        assert restore.stdout is not None  # stdout=PIPE
+        for raw in restore.stdout:
             line = raw.decode(errors="replace")
             if restoring is None and RESTORING.match(line):
                 restoring = line.strip()
@@ -476,7 +517,7 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
         if algorithm != PREFERRED:  # made where xxhash was missing, or before: hashed again its way
             with hashers() as workers:
                 restored = {k: v for k, v in hash_tree(target, workers, algorithm).items() if k in restored}
-        comparison = compare(manifest["files"], restored)
+        comparison = compare(entries(manifest["files"]), restored)
         result["comparison"] = comparison
         if not (comparison["mismatched"] or comparison["missing"] or comparison["unexpected"]):
             return result

@@ -1,44 +1,58 @@
-"""Backup, offsite copy and maintenance steps, independent of Prefect (the flows call these from tasks)."""
+"""Backup, offsite copy and maintenance steps, independent of Prefect: the flows wrap each in a task and hold
+the repository's lock around it; nothing here takes a lock."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from primespark.backup.manifest import BackupRun, backup_with_manifest, run_of, run_tag, store_manifest
-from primespark.backup.policy import BACKUP_TAG, MANIFEST_TAG, BackupContext
-from primespark.restic import CheckFailed, RepositoryLocked, RepositoryNotFound, ResticClient, ResticError
+from primespark.backup import manifest
+from primespark.backup.manifest import BACKUP_TAG, MANIFEST_TAG, run_of, run_tag
+from primespark.backup.repositories import (
+    backup_of,
+    clear_stale_locks,
+    clients_of,
+    folders_on,
+    plan_of,
+    restic_for,
+)
+from primespark.backup.session import BackupRun, backup_with_manifest
+from primespark.context import FleetContext
+from primespark.errors import StepFailed
+from primespark.restic import CheckFailed, RepositoryLocked, RepositoryNotFound, ResticClient
 from primespark.secrets import atomic_write
 
-WriterSlot = Callable[[str], AbstractContextManager[object]]
 T = TypeVar("T")
 
 
-def no_slot(_: str) -> AbstractContextManager[object]:
-    return nullcontext()
-
-
-def prepare(ctx: BackupContext, repository: str, client: str) -> dict[str, object]:
+def prepare(ctx: FleetContext, repository: str, client: str) -> dict[str, object]:
     """Create the repository (and its password) on first use; remove locks left by dead processes."""
-    restic = ctx.client(repository, client, create=True)
+    restic = restic_for(ctx, repository, client, create=True)
     created = False
     try:  # listing locks also proves the repository exists: one restic start saved on every run
-        locks = ctx.clear_stale_locks(repository, client)
+        locks = clear_stale_locks(ctx, repository, client)
     except RepositoryNotFound:
         created = restic.init()
-        locks = ctx.clear_stale_locks(repository, client)
+        locks = clear_stale_locks(ctx, repository, client)
     return {"created": created, "stale_locks_removed": [lock.id[:8] for lock in locks.removed],
             "live_locks": [lock.id[:8] for lock in locks.kept_alive],
             "unresolved_locks": [f"{lock.id[:8]} by pid {lock.pid} on {lock.hostname}" for lock in locks.unresolved]}
 
 
-def with_repository_fixes(ctx: BackupContext, repository: str, client: str, action: Callable[[], T]) -> Fixed[T]:
+@dataclass
+class Fixed(Generic[T]):
+    value: T | None = None
+    created: bool = False
+    stale_locks_removed: list[str] = field(default_factory=list)
+
+
+def with_repository_fixes(ctx: FleetContext, repository: str, client: str, action: Callable[[], T]) -> Fixed[T]:
     """Run `action` (one restic write); create the repository if restic finds none, and clear stale locks if
     it finds the repository locked, then try again. The usual run costs no extra restic start."""
     fixed: Fixed[T] = Fixed()
@@ -49,21 +63,14 @@ def with_repository_fixes(ctx: BackupContext, repository: str, client: str, acti
         except RepositoryNotFound:
             if fixed.created:
                 raise
-            ctx.client(repository, client, create=True).init()
+            restic_for(ctx, repository, client, create=True).init()
             fixed.created = True
         except RepositoryLocked:
-            cleared = ctx.clear_stale_locks(repository, client).removed
+            cleared = clear_stale_locks(ctx, repository, client).removed
             if not cleared:
                 raise  # a live writer: transient, the task retries later
             fixed.stale_locks_removed += [lock.id[:8] for lock in cleared]
     return Fixed(action(), fixed.created, fixed.stale_locks_removed)
-
-
-@dataclass
-class Fixed(Generic[T]):
-    value: T | None = None
-    created: bool = False
-    stale_locks_removed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,52 +83,52 @@ class HostBackup:
 
 
 def backup_host(
-    ctx: BackupContext, host: str, time_override: datetime | None = None, clear_stale_locks: bool = False,
+    ctx: FleetContext, host: str, time_override: datetime | None = None, clear_stale_locks_first: bool = False,
 ) -> HostBackup:
-    """One restic backup of the host's plan with its manifest, in one session on the host; the caller holds
-    the repository's writer slot. `clear_stale_locks` first (after a run that did not finish) costs restic starts."""
-    plan = ctx.plan(host)
-    restic = ctx.client(plan.repository, host, create=True)
-    cache = ctx.transport.cache_file(host, plan.repository)
-    manifest_dir = ctx.transport.manifest_dir(host, plan.repository)
+    """One restic backup of the host's plan with its manifest, in one session on the host. `clear_stale_locks_first`
+    (after a run that did not finish) costs restic starts."""
+    plan = plan_of(ctx, host)
+    restic = restic_for(ctx, plan.repository, host, create=True)
+    folders = folders_on(ctx, host)
     removed = []
-    if clear_stale_locks:
+    if clear_stale_locks_first:
         with suppress(RepositoryNotFound):  # none yet: the backup creates it
-            removed = [lock.id[:8] for lock in ctx.clear_stale_locks(plan.repository, host).removed]
+            removed = [lock.id[:8] for lock in clear_stale_locks(ctx, plan.repository, host).removed]
     started = time.time()
     done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
-        restic, plan.paths, host=host, excludes=plan.excludes, time=time_override, cache=cache,
-        manifest_dir=manifest_dir))
+        restic, plan.paths, host=host, excludes=plan.excludes, time=time_override,
+        cache=folders.cache_file(plan.repository), manifest_dir=folders.manifest_dir(plan.repository)))
     assert done.value is not None
     return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
 
 
-def store_pending_manifest(ctx: BackupContext, host: str, run: BackupRun) -> str | None:
-    plan = ctx.plan(host)
-    return store_manifest(ctx.client(plan.repository, host), run, host)
+def store_pending_manifest(ctx: FleetContext, host: str, run: BackupRun) -> str | None:
+    """Store the manifest whose first store failed (the data snapshot is already safe); its snapshot id."""
+    if run.manifest_pending is None:
+        return run.manifest_snapshot
+    restic = restic_for(ctx, plan_of(ctx, host).repository, host)
+    run.manifest_snapshot = manifest.store_manifest(restic, run.manifest_pending, run.run_id, host)
+    run.manifest_pending = None
+    return run.manifest_snapshot
 
 
-def copy_offsite(
-    ctx: BackupContext, repository: str, client: str, snapshot_ids: list[str] | None = None,
-    slot: WriterSlot = no_slot,
-) -> list[str]:
-    """`restic copy` from the primary into each offsite repository; it runs on the client host, which holds
-    the SFTP key for both. Without ids it copies every snapshot the offsite copy lacks (idempotent)."""
-    done = []
-    source = ctx.client(repository, client)
-    for offsite in ctx.offsite_of(repository):
-        target = ctx.client(offsite, client, via=client, create=True)
-        with slot(offsite):
-            with_repository_fixes(ctx, offsite, client, lambda target=target: target.copy(source, snapshot_ids or []))
-        done.append(offsite)
-    return done
+def copy_offsite(ctx: FleetContext, repository: str, offsite: str, client: str,
+                 snapshot_ids: list[str] | None = None) -> None:
+    """`restic copy` from the primary into one offsite repository; it runs on the client host, which holds the
+    SFTP key for both. Without ids it copies every snapshot the offsite copy lacks (idempotent)."""
+    source = restic_for(ctx, repository, client)
+    target = restic_for(ctx, offsite, client, create=True)
+    with_repository_fixes(ctx, offsite, client, lambda: target.copy(source, snapshot_ids or []))
 
 
-def state_file(ctx: BackupContext, host: str) -> Path:
-    return ctx.settings.state_dir(ctx.env) / "backup" / f"{host}.json"
+# --- the last run of each host (the state directory) --------------------------------------------------------
 
 
-def load_state(ctx: BackupContext, host: str) -> dict[str, Any]:
+def state_file(ctx: FleetContext, host: str) -> Path:
+    return ctx.state_dir / "backup" / f"{host}.json"
+
+
+def load_state(ctx: FleetContext, host: str) -> dict[str, Any]:
     path = state_file(ctx, host)
     try:
         return dict(json.loads(path.read_text())) if path.is_file() else {}
@@ -129,8 +136,21 @@ def load_state(ctx: BackupContext, host: str) -> dict[str, Any]:
         return {}
 
 
-def save_state(ctx: BackupContext, host: str, state: dict[str, Any]) -> None:
+def save_state(ctx: FleetContext, host: str, state: dict[str, Any]) -> None:
     atomic_write(state_file(ctx, host), json.dumps(state), 0o600)
+
+
+# --- maintenance ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientMaintenance:
+    client: str
+    forgotten: int = 0
+    orphan_manifests: int = 0
+    checked: bool | None = None  # None: not checked
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass
@@ -142,19 +162,44 @@ class MaintenanceOutcome:
     problems: dict[str, list[str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, repository: str, clients: list[ClientMaintenance]) -> MaintenanceOutcome:
+        outcome = cls(repository)
+        for done in clients:
+            if done.error is not None:
+                outcome.errors[done.client] = done.error
+                continue
+            outcome.forgotten[done.client] = done.forgotten
+            outcome.orphan_manifests[done.client] = done.orphan_manifests
+            if done.checked is not None:
+                outcome.checked[done.client] = done.checked
+            if done.problems:
+                outcome.problems[done.client] = done.problems
+        return outcome
+
     @property
     def ok(self) -> bool:
         return not self.errors and all(self.checked.values())
 
+    def lines(self) -> list[str]:
+        """One line per client, for the report."""
+        out = []
+        for client in sorted({*self.checked, *self.errors, *self.forgotten}):
+            if client in self.errors:
+                verdict = "error: " + self.errors[client]
+            elif client not in self.checked:
+                verdict = "not checked"
+            else:
+                verdict = "check passed" if self.checked[client] else "CHECK FAILED: " + "; ".join(
+                    self.problems.get(client, []))
+            out.append(f"- `{self.repository}/{client}`: forgot {self.forgotten.get(client, 0)} snapshots, "
+                       f"{self.orphan_manifests.get(client, 0)} orphan manifests; {verdict}")
+        return out
 
-def clients_of(ctx: BackupContext, repository: str) -> list[str]:
-    primary = ctx.backup.repositories[repository].copy_from or repository
-    return [h for h, p in ctx.backup.plans.items() if p.repository == primary]
 
-
-def forget_and_prune(ctx: BackupContext, restic: ResticClient) -> tuple[int, int]:
+def forget_and_prune(ctx: FleetContext, restic: ResticClient) -> tuple[int, int]:
     """Retention on data snapshots, then drop manifests whose snapshot is gone, then one prune."""
-    keep = ctx.backup.retention.model_dump(exclude_none=True)
+    keep = backup_of(ctx.fleet).retention.model_dump(exclude_none=True)
     removed = restic.forget(keep, prune=False, tags=[BACKUP_TAG]).removed
     snapshots = restic.snapshots()
     alive = {run_tag(run) for s in snapshots if BACKUP_TAG in s.tags and (run := run_of(s))}
@@ -164,29 +209,31 @@ def forget_and_prune(ctx: BackupContext, restic: ResticClient) -> tuple[int, int
     return len(removed), len(orphans)
 
 
-def maintain(
-    ctx: BackupContext, repository: str, *, check: bool = True, read_data_subset: str | None = None,
-    slot: WriterSlot = no_slot,
-) -> MaintenanceOutcome:
-    """forget + prune + check for every client repository inside one fleet repository."""
-    outcome = MaintenanceOutcome(repository)
-    subset = read_data_subset or ctx.backup.check.read_data_subset
-    for client in clients_of(ctx, repository):
-        try:
-            restic = ctx.client(repository, client)
-            if not restic.exists():
-                outcome.errors[client] = f"no repository for {client} yet (no backup has run)"
-                continue
-            ctx.clear_stale_locks(repository, client)
-            with slot(repository):
-                outcome.forgotten[client], outcome.orphan_manifests[client] = forget_and_prune(ctx, restic)
-                if check:
-                    try:
-                        restic.check(read_data_subset=subset)
-                        outcome.checked[client] = True
-                    except CheckFailed as exc:
-                        outcome.checked[client] = False
-                        outcome.problems[client] = exc.problems
-        except ResticError as exc:
-            outcome.errors[client] = str(exc)
-    return outcome
+def maintain_client(ctx: FleetContext, repository: str, client: str, *, check: bool = True,
+                    read_data_subset: str | None = None) -> ClientMaintenance:
+    """forget + prune + check of one client's repository inside a fleet repository."""
+    done = ClientMaintenance(client)
+    try:
+        restic = restic_for(ctx, repository, client)
+        if not restic.exists():
+            done.error = f"no repository for {client} yet (no backup has run)"
+            return done
+        clear_stale_locks(ctx, repository, client)
+        done.forgotten, done.orphan_manifests = forget_and_prune(ctx, restic)
+        if check:
+            try:
+                restic.check(read_data_subset=read_data_subset or backup_of(ctx.fleet).check.read_data_subset)
+                done.checked = True
+            except CheckFailed as exc:
+                done.checked, done.problems = False, exc.problems
+    except StepFailed as exc:
+        done.error = str(exc)
+    return done
+
+
+def maintain(ctx: FleetContext, repository: str, *, check: bool = True,
+             read_data_subset: str | None = None) -> MaintenanceOutcome:
+    """Every client repository inside one fleet repository, one after the other."""
+    return MaintenanceOutcome.of(repository, [
+        maintain_client(ctx, repository, client, check=check, read_data_subset=read_data_subset)
+        for client in clients_of(ctx, repository)])

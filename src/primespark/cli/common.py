@@ -1,4 +1,9 @@
-"""Shared pieces of the CLI: the console, the environment argument, loading a fleet for a command."""
+"""Shared pieces of the CLI: the console, the environment option, loading a fleet for a command.
+
+Every command names its environment the same way: `--env ENV` (or `-e`, or `SPARK_ENV`), where ENV is
+`lab`, `homelab` (`inventory/<env>.yaml`) or a path to a fleet file. The older `spark COMMAND ENV` spelling of
+some commands still works for this release, with a note.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,20 @@ from primespark.fleet import Fleet, load_fleet
 console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True)
 
-EnvArg = Annotated[
-    str, typer.Argument(help="An environment (lab, homelab: inventory/<env>.yaml) or a path to a fleet file.")
-]
+EnvOption = Annotated[str, typer.Option(
+    "--env", "-e", envvar="SPARK_ENV",
+    help="The environment: lab, homelab (inventory/<env>.yaml) or a path to a fleet file.")]
+# `spark validate lab`: the spelling before --env, accepted for one more release.
+OldEnvArg = Annotated[str | None, typer.Argument(hidden=True, show_default=False, metavar="")]
+
+
+def env_of(env: str, old_positional: str | None) -> str:
+    """The environment a command acts on; a positional one (the old spelling) wins, with a note."""
+    if old_positional is None:
+        return env
+    err_console.print(f"[yellow]note[/yellow]: naming the environment without --env is deprecated: "
+                      f"use `--env {old_positional}`")
+    return old_positional
 
 
 def fleet_for(env_or_file: str, skip: frozenset[str] = frozenset()) -> Fleet:

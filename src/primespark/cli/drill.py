@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from primespark.backup.drill import drill_source, load_history
-from primespark.backup.policy import BackupContext
-from primespark.cli.backup import EnvOption, TransportOption, check_transport, load_flow, use_lab_prefect
-from primespark.cli.common import console
+from primespark.cli.backup import TransportOption, planned_hosts, transport_of
+from primespark.cli.common import EnvOption, console
+from primespark.context import FleetContext
 from primespark.errors import UserError
 
 app = typer.Typer(help="DR drills: restore on a scratch host, verify, measure RTO/RPO.", no_args_is_help=True)
@@ -25,19 +25,18 @@ def run(
         help="Restore from this repository: the plan's own (the default) or one of its offsite copies.")] = None,
 ) -> None:
     """Drill HOST (or every host with a plan), one after the other; fail if any drill misses."""
-    check_transport(transport)
-    ctx = BackupContext.load(env, transport)  # type: ignore[arg-type]
-    hosts = [host] if host else list(ctx.backup.plans)
+    ctx = FleetContext.load(env, transport_of(transport))
+    hosts = planned_hosts(ctx, host)
     for name in hosts:  # clear errors for a host without a plan or a wrong repository, before anything runs
         drill_source(ctx, name, repository)
-    use_lab_prefect(ctx.fleet)
-    flow = load_flow("dr_drill", "dr_drill")
-    from primespark.backup.orchestration import in_process_runs  # Prefect loads only when a drill runs
+    from flows.dr_drill import dr_drill  # Prefect loads only when a drill runs
+    from primespark.orchestration.runs import in_process_runs, use_lab_prefect
 
+    use_lab_prefect(ctx.fleet)
     failed = []
     for name in hosts:
         with in_process_runs():
-            state = flow(name, env, transport, repository=repository, return_state=True)
+            state = dr_drill(name, env, transport, repository=repository, return_state=True)
         if state.is_completed():
             console.print(f"[green]drill {name}: passed[/green]")
         else:
@@ -46,13 +45,14 @@ def run(
     report(env=env, last=len(hosts))
     if failed:
         raise UserError(f"drills failed: {', '.join(failed)}", "read the report artifact `drill-report-<host>` "
-                        "in the Prefect UI, or `spark drill report`")
+                        f"in the Prefect UI, or `spark drill report --env {env}`")
 
 
 @app.command("report")
 def report(env: EnvOption = "lab", last: Annotated[int, typer.Option(help="How many drills.")] = 20) -> None:
-    """The last drills, newest last."""
-    rows = load_history(BackupContext.load(env, "local"))[-last:]
+    """The last drills, newest last (read from the state directory: no secret store, no Prefect)."""
+    ctx = FleetContext.load(env)  # its secret store is made on first use only: never here
+    rows = load_history(ctx.settings.state_path(ctx.env))[-last:]
     if not rows:
         console.print(f"no drill has run in {env} yet: `spark drill run --env {env}`")
         return

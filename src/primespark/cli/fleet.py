@@ -7,13 +7,14 @@ import json
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvArg, console, fleet_for
+from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.fleet.loader import resolve
 from primespark.inventory import build_inventory
 
 
-def validate(env: EnvArg = "lab") -> None:
+def validate(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """Validate a fleet file: every problem, located by file:line and field, with a fix."""
+    env = env_of(env, old_env)
     fleet = fleet_for(env)
     console.print(
         f"[green]ok[/green] {resolve(env)}: fleet [bold]{fleet.name}[/bold], {len(fleet.hosts)} hosts, "
@@ -21,9 +22,9 @@ def validate(env: EnvArg = "lab") -> None:
     )
 
 
-def show(env: EnvArg = "lab") -> None:
+def show(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """Show hosts, services, storage tiers, meshes and backups as tables."""
-    fleet = fleet_for(env)
+    fleet = fleet_for(env_of(env, old_env))
     hosts = Table(title=f"fleet {fleet.name}: hosts")
     for column in ("host", "kind", "site", "arch", "cpu", "mem MiB", "disk GB", "address", "public", "services"):
         hosts.add_column(column)
@@ -63,11 +64,12 @@ def show(env: EnvArg = "lab") -> None:
 
 
 def inventory(
-    env: EnvArg = "lab",
+    old_env: OldEnvArg = None,
+    env: EnvOption = "lab",
     host: str | None = typer.Option(None, "--host", help="Print one host's variables (Ansible's --host)."),
 ) -> None:
     """Print the Ansible inventory derived from the fleet, as JSON (Ansible's --list format)."""
-    fleet = fleet_for(env)
+    fleet = fleet_for(env_of(env, old_env))
     data = build_inventory(fleet)
     if host is not None:
         if host not in data["_meta"]["hostvars"]:

@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from primespark.cli.common import console, fleet_for
+from primespark.cli.common import EnvOption, console, fleet_for
 from primespark.errors import UserError
 from primespark.lab import Lab
 from primespark.lab.lock import lab_lock
@@ -18,8 +18,6 @@ from primespark.lab.ssh import ssh_argv
 
 app = typer.Typer(help="The lab: every host of a lab fleet as a Docker container on this machine.",
                   no_args_is_help=True)
-
-EnvOption = Annotated[str, typer.Option("--env", "-e", help="The lab fleet (inventory/<env>.yaml) or a path.")]
 
 
 def _lab(env: str) -> Lab:
@@ -89,7 +87,7 @@ def ssh(host: Annotated[str, typer.Argument(help="A host of the lab fleet, e.g. 
     if host not in lab.fleet.hosts or host not in {s.host for s in lab.plan().containers}:
         raise UserError(f"{host!r} is not a host of the lab {lab.fleet.name}",
                         fix="one of: " + ", ".join(s.host for s in lab.plan().containers if s.host))
-    argv = ssh_argv(lab.state_dir, lab.fleet.hosts[host], *(command or []), batch=False)
+    argv = ssh_argv(lab.state_dir, lab.fleet, host, *(command or []), batch=False)
     os.execvp(argv[0], argv)  # noqa: S606 (the operator asked for this ssh)
 
 

@@ -8,16 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvArg, console, err_console, fleet_for
+from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, err_console
+from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
 from primespark.mesh.health import check_mesh, write_metrics
-from primespark.mesh.remote import SshRunner
 from primespark.mesh.render import render_all
 from primespark.mesh.rotate import rotate_host
 from primespark.mesh.service import current_plan, plan_and_save
-from primespark.secrets import secret_store
-from primespark.settings import settings_for
 
 app = typer.Typer(help="The WireGuard mesh: plan addresses and keys, render configs, rotate keys, check health.",
                   no_args_is_help=True)
@@ -35,18 +33,16 @@ def _meshes(fleet: Fleet, mesh: str | None) -> list[str]:
     return list(fleet.meshes)
 
 
-def _context(env: str) -> tuple[Fleet, Path, object]:
-    fleet = fleet_for(env)
-    settings = settings_for(fleet.name)
-    return fleet, settings.state_dir(fleet.name), secret_store(fleet.name, settings)
+def _context(env: str, old_env: str | None = None) -> FleetContext:
+    return FleetContext.load(env_of(env, old_env))
 
 
 @app.command()
-def plan(env: EnvArg = "lab", mesh: MeshOpt = None) -> None:
+def plan(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None) -> None:
     """Plan the mesh: stable addresses, keys for new hosts, peers; save it and print what changed."""
-    fleet, state_dir, store = _context(env)
-    for name in _meshes(fleet, mesh):
-        planned = plan_and_save(fleet, name, state_dir, store)  # type: ignore[arg-type]
+    ctx = _context(env, old_env)
+    for name in _meshes(ctx.fleet, mesh):
+        planned = plan_and_save(ctx.fleet, name, ctx.state_dir, ctx.secrets)
         diff = planned.diff
         console.print(f"mesh [bold]{name}[/bold]: {len(planned.plan.hosts)} hosts, {planned.plan.spec.topology.value}"
                       f", saved to {planned.saved_to}")
@@ -63,11 +59,12 @@ def plan(env: EnvArg = "lab", mesh: MeshOpt = None) -> None:
 
 
 @app.command()
-def show(env: EnvArg = "lab", mesh: MeshOpt = None) -> None:
+def show(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None) -> None:
     """Show the saved plan: each host's overlay address, endpoint, NAT, peers and public key."""
-    fleet, state_dir, store = _context(env)
+    ctx = _context(env, old_env)
+    fleet = ctx.fleet
     for name in _meshes(fleet, mesh):
-        planned = current_plan(fleet, name, state_dir, store)  # type: ignore[arg-type]
+        planned = current_plan(fleet, name, ctx.state_dir, ctx.secrets)
         spec = planned.plan.spec
         hub = f", hub {spec.hub}" if spec.hub else ""
         table = Table(title=f"mesh {name}: {spec.interface} {spec.overlay} port {spec.listen_port}, "
@@ -90,16 +87,17 @@ def show(env: EnvArg = "lab", mesh: MeshOpt = None) -> None:
 
 @app.command()
 def render(
-    env: EnvArg = "lab",
+    old_env: OldEnvArg = None,
+    env: EnvOption = "lab",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <host>.<interface>.conf (mode 0700).")] = Path(
         "out/mesh"),
     mesh: MeshOpt = None,
     host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts (repeatable).")] = None,
 ) -> None:
     """Write one wg-quick config per host (mode 0600; they hold private keys) from the saved plan."""
-    fleet, state_dir, store = _context(env)
-    for name in _meshes(fleet, mesh):
-        planned = current_plan(fleet, name, state_dir, store)  # type: ignore[arg-type]
+    ctx = _context(env, old_env)
+    for name in _meshes(ctx.fleet, mesh):
+        planned = current_plan(ctx.fleet, name, ctx.state_dir, ctx.secrets)
         unknown = [h for h in host or [] if h not in planned.plan.hosts]
         if unknown:
             raise UserError(f"not in mesh {name}: {', '.join(unknown)}", f"members: {', '.join(planned.plan.hosts)}")
@@ -110,19 +108,19 @@ def render(
 @app.command()
 def rotate(
     host: Annotated[str, typer.Argument(help="The host whose key is replaced.")],
-    env: Annotated[str, typer.Option("--env", "-e", help="The environment.")] = "lab",
+    env: EnvOption = "lab",
     mesh: MeshOpt = None,
 ) -> None:
     """Replace HOST's key without downtime: publish the new key to its peers, switch, retire the old one."""
-    fleet, state_dir, store = _context(env)
-    runner = SshRunner(fleet, fleet.name)
+    ctx = _context(env)
+    fleet = ctx.fleet
     for name in _meshes(fleet, mesh):
-        planned = current_plan(fleet, name, state_dir, store)  # type: ignore[arg-type]
+        planned = current_plan(fleet, name, ctx.state_dir, ctx.secrets)
         if host not in planned.plan.hosts:
             if mesh is None and len(fleet.meshes) > 1:
                 continue
             raise UserError(f"{host} is not a member of mesh {name}", f"members: {', '.join(planned.plan.hosts)}")
-        report = rotate_host(fleet, planned, host, runner, state_dir, store,  # type: ignore[arg-type]
+        report = rotate_host(fleet, planned, host, ctx.hosts, ctx.state_dir, ctx.secrets,
                              log=lambda line: console.print(f"  {line}", markup=False))
         console.print(f"mesh [bold]{name}[/bold]: {host} now uses {report.new_public_key} "
                       f"(was {report.old_public_key}); {len(report.peers)} peer(s) updated")
@@ -130,18 +128,18 @@ def rotate(
 
 @app.command()
 def check(
-    env: EnvArg = "lab",
+    old_env: OldEnvArg = None,
+    env: EnvOption = "lab",
     mesh: MeshOpt = None,
     textfile: Annotated[Path | None, typer.Option(
         "--textfile", help="Write Prometheus metrics here (default: <state>/metrics/mesh_<mesh>.prom).")] = None,
 ) -> None:
     """For every pair: latest handshake age and ping over the overlay. Exit 1 when a pair is down."""
-    fleet, state_dir, store = _context(env)
-    runner = SshRunner(fleet, fleet.name)
+    ctx = _context(env, old_env)
     failed = False
-    for name in _meshes(fleet, mesh):
-        planned = current_plan(fleet, name, state_dir, store)  # type: ignore[arg-type]
-        health = check_mesh(planned.plan, runner)
+    for name in _meshes(ctx.fleet, mesh):
+        planned = current_plan(ctx.fleet, name, ctx.state_dir, ctx.secrets)
+        health = check_mesh(planned.plan, ctx.hosts)
         table = Table(title=f"mesh {name}: {len(health.pairs)} pairs, {len(health.down)} not ok")
         for column in ("from", "to", "path", "handshake age", "ping", "status"):
             table.add_column(column)
@@ -155,8 +153,8 @@ def check(
         console.print(table)
         for host, why in health.unreachable_hosts.items():
             err_console.print(f"[red]{host}[/red]: could not be probed: {why}")
-        path = write_metrics(health, textfile or state_dir / "metrics" / f"mesh_{name}.prom")
-        console.print(f"metrics: {path}")
+        written = write_metrics(health, textfile or ctx.state_dir / "metrics" / f"mesh_{name}.prom")
+        console.print(f"metrics: {written}")
         failed = failed or not health.healthy
     if failed:
         raise typer.Exit(1)

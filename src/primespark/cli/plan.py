@@ -10,10 +10,11 @@ import typer
 from rich.text import Text
 from rich.tree import Tree
 
-from primespark.cli.common import EnvArg, console
+from primespark.cli.common import EnvOption, OldEnvArg, console, env_of
 
 if TYPE_CHECKING:  # the Pulumi SDK loads only when a cloud command runs
     from primespark.cloud.mockengine import Recorded
+    from primespark.cloud.plan import PlanResult
 
 GIB = 1024**3
 
@@ -51,7 +52,7 @@ def _key_props(r: Recorded) -> str:
     return ""
 
 
-def _tree(result) -> Tree:  # type: ignore[no-untyped-def]
+def _tree(result: PlanResult) -> Tree:
     children: dict[str | None, list[Recorded]] = defaultdict(list)
     for r in result.graph.resources:
         children[r.parent].append(r)
@@ -67,11 +68,11 @@ def _tree(result) -> Tree:  # type: ignore[no-untyped-def]
     return root
 
 
-def plan(env: EnvArg = "lab") -> None:
+def plan(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """Run the Pulumi program offline under mocks: the resource tree and every policy's verdict."""
     from primespark.cloud.plan import plan as run_plan
 
-    result = run_plan(env)
+    result = run_plan(env_of(env, old_env))
     console.print(_tree(result))
     for note in result.notes:
         console.print(f"[yellow]note[/yellow] {note}")
@@ -104,19 +105,19 @@ def _drive(action: str, env: str) -> None:
         console.print(f"stack outputs written to {automation.write_outputs(env, outputs)}")
 
 
-def preview(env: EnvArg = "lab") -> None:
+def preview(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """`pulumi preview` of ENV with the policy pack attached (local file backend under the state dir)."""
-    _drive("preview", env)
+    _drive("preview", env_of(env, old_env))
 
 
-def up(env: EnvArg = "lab") -> None:
+def up(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """`pulumi up` of ENV with the policy pack attached; writes the stack outputs for Ansible and the flows."""
-    _drive("up", env)
+    _drive("up", env_of(env, old_env))
 
 
-def destroy(env: EnvArg = "lab") -> None:
+def destroy(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     """`pulumi destroy` of ENV."""
-    _drive("destroy", env)
+    _drive("destroy", env_of(env, old_env))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,19 +5,21 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvArg, console, fleet_for
+from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.preflight import Limits, Status, preflight
 
 STYLE = {Status.ok: "green", Status.warn: "yellow", Status.fail: "bold red"}
 
 
 def preflight_command(
-    env: EnvArg = "lab",
+    old_env: OldEnvArg = None,
+    env: EnvOption = "lab",
     min_free_gb: float = typer.Option(1.0, help="Free space the root filesystem of each host needs, in GB."),
     max_skew: float = typer.Option(5.0, help="Largest clock difference from this machine, in seconds."),
     timeout: float = typer.Option(5.0, help="Seconds to wait for each host's SSH port."),
 ) -> None:
     """Check networks, SSH reachability, Python, free disk and clock skew on every managed host."""
+    env = env_of(env, old_env)
     fleet = fleet_for(env)
     findings = preflight(fleet, env, Limits(min_free_gb=min_free_gb, max_skew_seconds=max_skew,
                                             connect_timeout=timeout))

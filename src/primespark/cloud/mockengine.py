@@ -6,7 +6,6 @@ run any number of times in one process (homelab, then lab, in one pytest session
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +87,8 @@ class _Mocks(pulumi.runtime.Mocks):
             outputs["values"] = generate_values({"secrets": args.inputs["secrets"]})
         return f"{args.name}-id", outputs
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
-        return {}
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        return {}, None
 
 
 class _RecordingMonitor(mocks.MockMonitor):
@@ -151,12 +150,3 @@ def run_program(program: Callable[[], Any], stack: str, config: dict[str, str] |
         if saved_trace is not None:
             pulumi_resource._get_stack_trace = saved_trace
     return Graph(monitor.recorded, monitor.stack_outputs, monitor.secret_outputs, monitor.secret_values)
-
-
-def stacks_importable() -> None:
-    """Put the checkout on sys.path, so that `stacks` (the Pulumi program) imports as a package."""
-    from primespark.settings import get_settings
-
-    root = str(get_settings().root)
-    if root not in sys.path:
-        sys.path.insert(0, root)

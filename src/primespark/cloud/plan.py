@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from primespark.cloud.mockengine import PROJECT, Graph, run_program, stacks_importable
+from primespark.cloud.mockengine import PROJECT, Graph, run_program
 from primespark.cloud.policyrun import Violation, run_policies
 from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
@@ -64,7 +64,7 @@ def _mesh_plans(fleet: Fleet, stack: str) -> tuple[dict[str, Any], list[str]]:
     from primespark.mesh.service import plan_and_save
 
     settings = get_settings()
-    state = settings.state_dir_override or settings.state_home / stack
+    state = settings.state_path(stack)
     plans, notes = {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for mesh in fleet.meshes:
@@ -73,13 +73,12 @@ def _mesh_plans(fleet: Fleet, stack: str) -> tuple[dict[str, Any], list[str]]:
             planned = plan_and_save(fleet, mesh, state if local else Path(scratch), store, save=False)
             if planned.keys_created:
                 notes.append(f"mesh {mesh}: {len(planned.keys_created)} host(s) without saved keys were planned with "
-                             f"throwaway keys (`spark mesh plan {stack}` makes the real ones)")
+                             f"throwaway keys (`spark mesh plan --env {stack}` makes the real ones)")
             plans[mesh] = planned
     return plans, notes
 
 
 def plan(env: str) -> PlanResult:
-    stacks_importable()
     from stacks.program import CloudConfig, build
 
     stack = _stack_name(env)

@@ -17,7 +17,7 @@ from pulumi_policy import (
     StackValidationPolicy,
 )
 
-from primespark.cloud.mockengine import STACK_TYPE, Graph, stacks_importable
+from primespark.cloud.mockengine import STACK_TYPE, Graph
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,6 @@ class Violation:
 
 
 def policies() -> list[Any]:
-    stacks_importable()
     from policies.rules import POLICIES
 
     return list(POLICIES)
@@ -84,7 +83,10 @@ def run_policies(graph: Graph, stack_urn: str, only: list[Any] | None = None) ->
             for resource in resources:
                 args = ResourceValidationArgs(resource.resource_type, resource.props, resource.urn, resource.name,
                                               resource.opts, resource.provider)
-                policy.validate(args, lambda m, u=None, _u=resource.urn: report(m, u or _u))
+                def report_on(message: str, urn: str | None = None, _resource: str = resource.urn) -> None:
+                    report(message, urn or _resource)
+
+                policy.validate(args, report_on)
         elif isinstance(policy, StackValidationPolicy):
             policy.validate(StackValidationArgs(resources), report)
     return violations

@@ -51,17 +51,17 @@ def _addresses(fleet: Fleet) -> Iterator[Problem]:
         if site.public_address is not None:
             seen[site.public_address] = ("sites", name, "public_address")
     for name, host in fleet.hosts.items():
-        site = fleet.sites.get(host.site)
-        if site is None:
+        host_site = fleet.sites.get(host.site)
+        if host_site is None:
             yield _p(("hosts", name, "site"), f"no site named {host.site!r}",
                      f"use one of: {', '.join(fleet.sites)}", "unknown-site")
-        elif host.address not in site.lan:
-            yield _p(("hosts", name, "address"), f"{host.address} is outside site {host.site}'s LAN {site.lan}",
-                     f"pick an address inside {site.lan}, or change hosts.{name}.site", "address-outside-site")
-        elif host.address in (site.lan.network_address, site.lan.broadcast_address, site.gateway):
+        elif host.address not in host_site.lan:
+            yield _p(("hosts", name, "address"), f"{host.address} is outside site {host.site}'s LAN {host_site.lan}",
+                     f"pick an address inside {host_site.lan}, or change hosts.{name}.site", "address-outside-site")
+        elif host.address in (host_site.lan.network_address, host_site.lan.broadcast_address, host_site.gateway):
             yield _p(("hosts", name, "address"),
-                     f"{host.address} is the network, broadcast or gateway address of {site.lan}",
-                     f"pick a host address from {site.gateway + 1} upward", "reserved-address")
+                     f"{host.address} is the network, broadcast or gateway address of {host_site.lan}",
+                     f"pick a host address from {host_site.gateway + 1} upward", "reserved-address")
         for field, address in (("address", host.address), ("public_address", host.public_address)):
             if address is None:
                 continue
@@ -155,10 +155,10 @@ def _meshes(fleet: Fleet) -> Iterator[Problem]:
                 other = taken.setdefault((member, field, value), mesh_name)
                 if other != mesh_name:
                     clashes.setdefault((mesh_name, other, field, value), []).append(member)
-    for (mesh_name, other, field, value), hosts in clashes.items():
-        what = field.replace("_", " ")
-        yield _p(("meshes", mesh_name, field),
-                 f"meshes {other} and {mesh_name} share the {what} {value} on {', '.join(hosts)}",
+    for (mesh_name, other, clash, shared), hosts in clashes.items():
+        what = clash.replace("_", " ")
+        yield _p(("meshes", mesh_name, clash),
+                 f"meshes {other} and {mesh_name} share the {what} {shared} on {', '.join(hosts)}",
                  f"give mesh {mesh_name} its own {what}", "mesh-conflict")
 
 

@@ -144,45 +144,52 @@ def _model_at(path: Path) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _fix_extra(path: Path) -> str:
+    if not path:
+        return "remove it"
+    owner = _model_at(path[:-1])
+    allowed = sorted(owner.model_fields) if owner else []
+    close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return f"{hint}remove it or use one of: {', '.join(allowed)}" if allowed else "remove it"
+
+
+def _fix_pattern(pattern: str) -> str:
+    if "vault:" in pattern:
+        return "write a reference, not a secret: `vault:<mount>/<path>#<key>` or `local:<name>`"
+    if "a-z][a-z0-9-]" in pattern:
+        return "use lower-case letters, digits and dashes, starting with a letter (2-32 characters)"
+    if pattern.startswith("^/"):
+        return "use an absolute path starting with /"
+    if "\\S+\\s+" in pattern:
+        return "use a five-field cron expression such as `0 2 * * *`"
+    return f"the value must match {pattern}"
+
+
+# Error types (or their prefixes) whose fix does not depend on the value.
+_PLAIN_FIXES: list[tuple[tuple[str, ...], str]] = [
+    (("ip_v4", "ip_any"),
+     "write an IPv4 address such as 192.0.2.10, or a network such as 192.0.2.0/24 with host bits zero"),
+    (("int_parsing", "int_type", "float_parsing", "float_type"), "write a number without units"),
+    (("greater_than_equal", "greater_than", "less_than_equal", "less_than"), "choose a value within the stated range"),
+    (("dict_type", "model_type"), "write a mapping (`key: value` lines) here"),
+    (("string_type",), "quote the value (YAML read it as a number, a date or a boolean)"),
+    (("list_type",), "write a list (`- item` lines) here"),
+]
+
+
 def _fix_for(error: Any, path: Path) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "missing":
         return f"add `{path[-1]}:` here" if path else "add the missing field"
     if kind == "extra_forbidden":
-        owner = _model_at(path[:-1])
-        allowed = sorted(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
-        return f"{hint}remove it or use one of: {', '.join(allowed)}" if allowed else "remove it"
-    if kind == "enum":
-        return f"use one of: {ctx.get('expected', '')}"
-    if kind == "literal_error":
+        return _fix_extra(path)
+    if kind in ("enum", "literal_error"):
         return f"use one of: {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
-        pattern = ctx.get("pattern", "")
-        if "vault:" in pattern:
-            return "write a reference, not a secret: `vault:<mount>/<path>#<key>` or `local:<name>`"
-        if "a-z][a-z0-9-]" in pattern:
-            return "use lower-case letters, digits and dashes, starting with a letter (2-32 characters)"
-        if pattern.startswith("^/"):
-            return "use an absolute path starting with /"
-        if "\\S+\\s+" in pattern:
-            return "use a five-field cron expression such as `0 2 * * *`"
-        return f"the value must match {pattern}"
-    if kind.startswith(("ip_v4", "ip_any")):
-        return "write an IPv4 address such as 192.0.2.10, or a network such as 192.0.2.0/24 with host bits zero"
-    if kind in ("int_parsing", "int_type", "float_parsing", "float_type"):
-        return "write a number without units"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        return "choose a value within the stated range"
-    if kind in ("dict_type", "model_type"):
-        return "write a mapping (`key: value` lines) here"
-    if kind == "string_type":
-        return "quote the value (YAML read it as a number, a date or a boolean)"
-    if kind == "list_type":
-        return "write a list (`- item` lines) here"
-    return "correct the value"
+        return _fix_pattern(ctx.get("pattern", ""))
+    return next((fix for kinds, fix in _PLAIN_FIXES if kind.startswith(kinds)), "correct the value")
 
 
 def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Problem]:

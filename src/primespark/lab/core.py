@@ -16,12 +16,13 @@ import docker.errors
 
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
+from primespark.hosts import SshFiles
 from primespark.inventory import build_inventory
 from primespark.lab import ssh
 from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag, prune_old_images
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
-from primespark.lab.topology import LabPlan, plan_lab
+from primespark.lab.topology import ContainerSpec, LabPlan, plan_lab
 from primespark.secrets import atomic_write
 from primespark.settings import Settings, get_settings
 
@@ -156,7 +157,7 @@ class Lab:
         if self.prefect.stop():
             report("stopped the Prefect server")
         # The next `up` makes new host keys; stale ones would only cause warnings.
-        (self.state_dir / "ssh" / "known_hosts").unlink(missing_ok=True)
+        SshFiles.of(self.state_dir).known_hosts.unlink(missing_ok=True)
         return removed
 
     # --- status ------------------------------------------------------------------------------------
@@ -166,14 +167,14 @@ class Lab:
         runtime = LabRuntime(client, plan, "")
         existing = runtime.containers()
 
-        def one(spec) -> HostStatus:  # type: ignore[no-untyped-def]
+        def one(spec: ContainerSpec) -> HostStatus:
             container = existing.get(spec.name)
             state = container.status if container is not None else "absent"
             reachable = False
             if spec.host is not None and state == "running" and check_ssh:
                 host = self.fleet.hosts[spec.host]
                 if ssh_banner(str(host.ssh_address), host.ssh.port):
-                    reachable = ssh.ssh_run(self.state_dir, host, "true", timeout=15).returncode == 0
+                    reachable = ssh.ssh_run(self.state_dir, self.fleet, spec.host, "true", timeout=15).returncode == 0
             return HostStatus(spec.host or spec.hostname, spec.name, state,
                               {k: str(v) for k, v in spec.addresses.items()}, reachable)
 

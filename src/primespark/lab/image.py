@@ -157,6 +157,7 @@ class ImageBuilder:
         recipe = recipe_hash(self.recipe_dir)
         tar = subprocess.Popen(["tar", "--numeric-owner", "--one-file-system", "-C", str(root), "-cf", "-", "."],
                                stdout=subprocess.PIPE, pass_fds=(self._lock_fd,) if self._lock_fd else ())
+        assert tar.stdout is not None  # stdout=PIPE
         try:
             self._run(["docker", "import",
                        "--change", 'CMD ["/usr/local/sbin/spark-lab-init"]',
@@ -164,7 +165,6 @@ class ImageBuilder:
                        "--change", f"LABEL primespark.lab.recipe={recipe}",
                        "-", self.tag], f"importing into Docker as {self.tag}", stdin=tar.stdout.fileno())
         finally:
-            assert tar.stdout is not None
             tar.stdout.close()
             if tar.wait() != 0:
                 raise UserError("packing the image's root (tar) failed", fix=f"see {self.log_path}")

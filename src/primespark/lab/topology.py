@@ -94,8 +94,16 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
     if fleet.lab is None:
         raise UserError(f"fleet {fleet.name!r} has no `lab:` section, so it cannot run as a lab",
                         fix="add `lab: {wan: <cidr>}` to the fleet file, or use the lab fleet (inventory/lab.yaml)")
-    wan = network_name(fleet, "wan")
     hosts = managed_hosts(fleet)
+    networks = _networks(fleet, fleet.lab.wan, _taken_addresses(fleet, hosts))
+    gateways = {n.name: n.gateway for n in networks}
+    containers = [*_routers(fleet, hosts, gateways), *_host_containers(fleet, hosts, gateways, authorized_key)]
+    return LabPlan(fleet.name, networks, containers)
+
+
+def _taken_addresses(fleet: Fleet, hosts: list[str]) -> dict[str, set[IPv4Address]]:
+    """Per lab network, the addresses that hosts and routers use."""
+    wan = network_name(fleet, "wan")
     taken: dict[str, set[IPv4Address]] = {wan: set()}
     for site_name, site in fleet.sites.items():
         taken[network_name(fleet, site_name)] = {site.gateway} if site.behind_nat else set()
@@ -109,25 +117,33 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
         taken[network_name(fleet, host.site)].add(host.address)
         if host.public_address is not None and not fleet.behind_nat(name):
             taken[wan].add(host.public_address)
+    return taken
 
-    networks = [NetworkSpec(wan, fleet.lab.wan, _bridge_address(fleet.lab.wan, taken[wan], "lab.wan"), "wan")]
+
+def _networks(fleet: Fleet, wan_subnet: IPv4Network, taken: dict[str, set[IPv4Address]]) -> list[NetworkSpec]:
+    wan = network_name(fleet, "wan")
+    networks = [NetworkSpec(wan, wan_subnet, _bridge_address(wan_subnet, taken[wan], "lab.wan"), "wan")]
     for site_name, site in fleet.sites.items():
         net = network_name(fleet, site_name)
         networks.append(NetworkSpec(net, site.lan, _bridge_address(site.lan, taken[net], f"sites.{site_name}.lan"),
                                     f"site {site_name}"))
-    gateways = {n.name: n.gateway for n in networks}
     for spec in networks:
         for addr in taken[spec.name]:
             if addr not in spec.subnet:
                 raise UserError(f"address {addr} is outside {spec.purpose}'s network {spec.subnet}",
                                 fix="move the address into the network, or widen the network in the fleet file")
+    return networks
 
-    containers: list[ContainerSpec] = []
+
+def _routers(fleet: Fleet, hosts: list[str], gateways: dict[str, IPv4Address]) -> list[ContainerSpec]:
+    """A NAT router per site behind NAT that has hosts in the lab."""
+    wan = network_name(fleet, "wan")
+    routers = []
     for site_name, site in fleet.sites.items():
         if site.behind_nat and any(fleet.hosts[h].site == site_name for h in hosts):
             lan = network_name(fleet, site_name)
             assert site.public_address is not None
-            containers.append(ContainerSpec(
+            routers.append(ContainerSpec(
                 name=router_name(fleet, site_name), hostname=f"router-{site_name}", role="router", host=None,
                 addresses={lan: site.gateway, wan: site.public_address},
                 default_gateway=gateways[wan],
@@ -138,6 +154,13 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
                 sysctls={"net.ipv4.ip_forward": "1"},
                 aliases=(f"router-{site_name}",),
             ))
+    return routers
+
+
+def _host_containers(fleet: Fleet, hosts: list[str], gateways: dict[str, IPv4Address],
+                     authorized_key: str) -> list[ContainerSpec]:
+    wan = network_name(fleet, "wan")
+    containers = []
     for name in hosts:
         host = fleet.hosts[name]
         lan = network_name(fleet, host.site)
@@ -157,4 +180,4 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
                          "TZ": fleet.timezone},
             aliases=(name, f"{name}.{fleet.domain}"),
         ))
-    return LabPlan(fleet.name, networks, containers)
+    return containers

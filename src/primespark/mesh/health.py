@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-
 from primespark.errors import UserError
+from primespark.hosts import HostAccess, on_each, run_on
 from primespark.mesh.plan import MeshPlan
-from primespark.mesh.remote import Runner, on_each
+from primespark.monitoring.metrics import write_mesh_metrics
 
 # WireGuard re-handshakes every 2 minutes while traffic flows and gives a session up after 3 minutes.
 STALE_HANDSHAKE_SECONDS = 180
@@ -121,7 +120,7 @@ def probe_rounds(plan: MeshPlan) -> tuple[dict[str, list[str]], dict[str, list[s
     return first, second
 
 
-def check_mesh(plan: MeshPlan, runner: Runner, deadline_seconds: int = 6) -> MeshHealth:
+def check_mesh(plan: MeshPlan, hosts: HostAccess, deadline_seconds: int = 6) -> MeshHealth:
     interface = plan.spec.interface
     health = MeshHealth(plan.mesh)
     first, second = probe_rounds(plan)
@@ -131,7 +130,7 @@ def check_mesh(plan: MeshPlan, runner: Runner, deadline_seconds: int = 6) -> Mes
         if dump:
             script += _DUMP.format(interface=interface)
         try:
-            return _parse(runner.run(host, script, timeout=deadline_seconds + 30))
+            return _parse(run_on(hosts, host, script, timeout=deadline_seconds + 30))
         except UserError as exc:
             health.unreachable_hosts[host] = exc.message
             return None
@@ -162,31 +161,8 @@ def check_mesh(plan: MeshPlan, runner: Runner, deadline_seconds: int = 6) -> Mes
 
 
 def write_metrics(health: MeshHealth, path: Path) -> Path:
-    """Prometheus text format via prometheus_client, written atomically (write_to_textfile renames)."""
-    registry = CollectorRegistry()
-    up = Gauge("spark_mesh_pair_up", "1 when the target's overlay address answers ping from the source",
-               ["mesh", "source", "target"], registry=registry)
-    rtt = Gauge("spark_mesh_pair_rtt_seconds", "Ping round trip over the overlay",
-                ["mesh", "source", "target"], registry=registry)
-    age = Gauge("spark_mesh_handshake_age_seconds", "Seconds since the latest WireGuard handshake (direct peers)",
-                ["mesh", "source", "target"], registry=registry)
-    down = Gauge("spark_mesh_pairs_down", "Pairs that are down or have a stale handshake", ["mesh"],
-                 registry=registry)
-    host_up = Gauge("spark_mesh_host_probed", "1 when the host could be probed", ["mesh", "host"],
-                    registry=registry)
-    stamp = Gauge("spark_mesh_check_timestamp_seconds", "When the check ran", ["mesh"], registry=registry)
-    for pair in health.pairs:
-        labels = (health.mesh, pair.source, pair.target)
-        up.labels(*labels).set(1 if pair.reachable else 0)
-        if pair.rtt_ms is not None:
-            rtt.labels(*labels).set(pair.rtt_ms / 1000)
-        if pair.handshake_age is not None:
-            age.labels(*labels).set(pair.handshake_age)
-    hosts = {p.source for p in health.pairs}
-    for host in sorted(hosts):
-        host_up.labels(health.mesh, host).set(0 if host in health.unreachable_hosts else 1)
-    down.labels(health.mesh).set(len(health.down))
-    stamp.labels(health.mesh).set(time.time())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry)
-    return path
+    """Prometheus text format, through the metric registry's writer (atomic: the collector never reads half)."""
+    pairs = [(p.source, p.target, p.reachable, None if p.rtt_ms is None else p.rtt_ms / 1000, p.handshake_age)
+             for p in health.pairs]
+    probed = {host: host not in health.unreachable_hosts for host in {p.source for p in health.pairs}}
+    return write_mesh_metrics(path, health.mesh, pairs, probed, len(health.down))

@@ -18,11 +18,20 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from primespark.mesh.remote import completed
+from primespark.errors import UserError
+from primespark.hosts import LocalRunner, Runner, shell
 
 _HOLD = ("mount --make-rprivate / && mount -t tmpfs -o mode=0700 tmpfs /run/wireguard && "
          "mount -t tmpfs -o mode=0700 tmpfs /etc/wireguard && mount -t sysfs sysfs /sys && "
          "ip link set lo up && echo ready && exec sleep 86400")
+
+
+def completed(host: str, proc: subprocess.CompletedProcess[str], what: str) -> str:
+    """The output of a set-up step of the fabric, or an error naming the host and the step."""
+    if proc.returncode != 0:
+        raise UserError(f"{host}: `{what.strip()[:120]}` failed (exit {proc.returncode}): "
+                        f"{(proc.stderr or proc.stdout).strip()[:400]}")
+    return proc.stdout
 
 
 def netns_available() -> str | None:
@@ -84,8 +93,12 @@ class NetnsFabric:
                       if other != name for a in addrs]
             completed(name, self._in(holder, "ip -batch -", "\n".join(routes) + "\n"), "routes")
 
+    def runner(self, host: str) -> Runner:
+        """The host's runner (the hosts layer's local runner, entering the host's namespaces)."""
+        return LocalRunner(host, prefix=["nsenter", "-t", str(self.holders[host].pid), "-n", "-m", "--"])
+
     def run(self, host: str, script: str, stdin: str | None = None, timeout: float = 60) -> str:
-        return completed(host, self._in(self.holders[host], script, stdin, timeout), script)
+        return shell(self.runner(host), script, stdin, timeout)
 
     def pids_in(self, host: str) -> list[int]:
         target = os.readlink(f"/proc/{self.holders[host].pid}/ns/net")

@@ -104,7 +104,7 @@ class MeshPlan:
         )
 
     def peer_pairs(self) -> list[tuple[str, str]]:
-        return sorted({tuple(sorted((h, p.name))) for h, c in self.hosts.items() for p in c.peers})  # type: ignore[misc]
+        return sorted({(min(h, p.name), max(h, p.name)) for h, c in self.hosts.items() for p in c.peers})
 
 
 def settings_digest(spec: Mesh) -> str:

@@ -56,9 +56,9 @@ def current_plan(fleet: Fleet, mesh: str, state_dir: Path, store: SecretStore) -
     """The saved plan, refusing to act on it when the fleet has changed since it was made."""
     planned = plan_and_save(fleet, mesh, state_dir, store, save=False)
     if planned.previous is None:
-        raise UserError(f"mesh {mesh} has no saved plan yet", f"run `spark mesh plan {fleet.name}` first")
+        raise UserError(f"mesh {mesh} has no saved plan yet", f"run `spark mesh plan --env {fleet.name}` first")
     if not planned.diff.empty:
         changes = "; ".join(planned.diff.lines()[:5])
         raise UserError(f"the fleet changed since mesh {mesh} was planned ({changes})",
-                        f"run `spark mesh plan {fleet.name}` and review the diff")
+                        f"run `spark mesh plan --env {fleet.name}` and review the diff")
     return planned

@@ -6,6 +6,7 @@ Use a file named `<env>.fleet.yml` with `plugin: fleet` and `fleet: <env>.yaml` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin
@@ -38,7 +39,7 @@ class InventoryModule(BaseInventoryPlugin):
     def verify_file(self, path: str) -> bool:
         return super().verify_file(path) and path.endswith((".fleet.yml", ".fleet.yaml"))
 
-    def parse(self, inventory, loader, path, cache=True):  # type: ignore[no-untyped-def]
+    def parse(self, inventory: Any, loader: Any, path: str, cache: bool = True) -> None:
         super().parse(inventory, loader, path, cache)
         self._read_config_data(path)
         from primespark.fleet import FleetError, load_fleet

@@ -1,0 +1,102 @@
+"""How a fleet host is reached over SSH: derived once from the fleet and the environment's state directory.
+
+The operator's key and the hosts' known keys live in `<state dir>/ssh/` (the lab makes them; in production the
+operator puts them there). Ansible's inventory, the flows' runners, `spark lab ssh`, preflight and the Pulumi
+program all take their SSH settings from here, so no two of them can disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from primespark.fleet.model import Fleet
+
+# ssh options shared by every connection: no prompt, host keys checked against our known_hosts, a dead
+# connection noticed within 30 s.
+_BATCH = ["-o", "BatchMode=yes"]
+_QUIET = ["-o", "LogLevel=ERROR"]
+_KEEPALIVE = ["-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
+
+
+@dataclass(frozen=True)
+class SshFiles:
+    """The operator's key pair and the known_hosts file of one environment."""
+
+    folder: Path
+
+    @classmethod
+    def of(cls, state_dir: Path) -> SshFiles:
+        return cls(state_dir / "ssh")
+
+    @property
+    def key(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def public_key(self) -> Path:
+        return self.folder / "id_ed25519.pub"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.folder / "known_hosts"
+
+    def key_if_present(self) -> Path | None:
+        return self.key if self.key.is_file() else None
+
+    def known_hosts_if_present(self) -> Path | None:
+        return self.known_hosts if self.known_hosts.is_file() else None
+
+    def public_keys(self) -> list[str]:
+        """The operator's public key line, where there is one (authorised on hosts and VMs)."""
+        return [self.public_key.read_text(encoding="utf-8").strip()] if self.public_key.is_file() else []
+
+    def ansible_vars(self) -> dict[str, Any]:
+        """The same settings as Ansible host variables."""
+        out: dict[str, Any] = {}
+        if key := self.key_if_present():
+            out["ansible_ssh_private_key_file"] = str(key)
+        if known := self.known_hosts_if_present():
+            out["ansible_ssh_common_args"] = f"-o UserKnownHostsFile={known}"
+        return out
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One host as SSH reaches it. `become`: commands run under `sudo -n` (the fleet user is not root)."""
+
+    name: str
+    address: str
+    user: str
+    port: int = 22
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+
+    @property
+    def become(self) -> bool:
+        return self.user != "root"
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.address}"
+
+    def ssh_argv(self, *, batch: bool = True, connect_timeout: int = 10) -> list[str]:
+        """`ssh … user@address`, to which the remote command is appended."""
+        argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={connect_timeout}", *_QUIET, *_KEEPALIVE]
+        if batch:
+            argv += _BATCH
+        if self.key_file is not None:
+            argv += ["-i", str(self.key_file), "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts is not None:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+        return [*argv, self.login]
+
+
+def connection(fleet: Fleet, name: str, files: SshFiles, *, require_files: bool = False) -> Connection:
+    """`name` as the fleet says to reach it. The key and known_hosts are used where they exist, or always
+    (`require_files`: the lab, which makes them, where a missing file is a bug rather than a choice)."""
+    host = fleet.hosts[name]
+    key = files.key if require_files else files.key_if_present()
+    known = files.known_hosts if require_files else files.known_hosts_if_present()
+    return Connection(name, str(host.ssh_address), host.ssh.user, host.ssh.port, key, known)

@@ -1,0 +1,1 @@
+"""What the fleet tells Prometheus: the metric registry and the node exporter textfile writer."""

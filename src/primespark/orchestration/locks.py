@@ -1,0 +1,46 @@
+"""Named locks across every process that talks to one Prefect server: global concurrency limits of one slot.
+
+Today one writer per restic repository; the names say what is locked, so later kinds (a sync link, a tier
+host) never collide with these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+
+from prefect.client.orchestration import get_client
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.sync import concurrency
+
+# How long a run waits for a lock before it fails (a long backup or check may hold it that long).
+LOCK_WAIT_SECONDS = 6 * 3600
+
+
+def repository_lock(repository: str) -> str:
+    """One writer at a time into a fleet repository (every client's repository in it)."""
+    return f"restic-{repository}"
+
+
+def ensure_locks(names: list[str]) -> None:
+    """One slot per name (created, or reset to 1)."""
+    with get_client(sync_client=True) as client:
+        for name in names:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+
+
+def _one(name: str) -> AbstractContextManager[None]:
+    return concurrency(name, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
+
+
+@contextmanager
+def hold(*names: str) -> Iterator[None]:
+    """Hold every named lock (made on first use), taken in sorted order so that two runs never deadlock."""
+    with ExitStack() as held:
+        for name in sorted(set(names)):
+            try:
+                held.enter_context(_one(name))
+            except ConcurrencySlotAcquisitionError:
+                ensure_locks([name])
+                held.enter_context(_one(name))
+        yield
