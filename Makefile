@@ -54,7 +54,7 @@ LAB_LOCK := $(SPARK) lab locked --
 LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV)
 
 lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
-	$(SPARK) validate $(ENV)
+	$(SPARK) validate --env $(ENV)
 	$(SPARK) lab up --env $(ENV)
 	@if [ -f site.yml ]; then \
 		$(LAB_LOCK) $(BIN)/ansible-playbook -i inventory/$(ENV).fleet.yml site.yml; \
@@ -94,12 +94,13 @@ test-unit: venv  ## only the fast tests (no Docker)
 test-lab: setup  ## only the lab end-to-end tests
 	$(BIN)/pytest -m lab $(PYTEST_ARGS)
 
-lint: venv  ## ruff, and ansible-lint's production profile on roles and playbooks (offline)
+lint: apt venv  ## ruff (complexity limit included), mypy, and ansible-lint's production profile (offline)
 	$(BIN)/ruff check src tests bench stacks flows policies
+	$(BIN)/mypy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint
 
 bench: setup  ## run every benchmark
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove the venv and caches (not the lab's state)
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
