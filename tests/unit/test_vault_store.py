@@ -182,7 +182,7 @@ def test_sealed_server_is_one_clear_error_and_nothing_is_created(fresh_vault) ->
 
 def test_revoked_token_and_denied_path_say_which(fresh_vault) -> None:
     root = fresh_vault.client()
-    root.sys.create_or_update_policy(
+    root.sys.create_or_update_acl_policy(
         name="restic-reader", policy='path "secret/data/primespark/lab/restic/*" { capabilities = ["read"] }')
     token = root.auth.token.create(policies=["restic-reader"], ttl="1h")["auth"]["client_token"]
     root.secrets.kv.v2.create_or_update_secret(path="primespark/lab/restic/pw", secret={"value": "v"})
