@@ -398,6 +398,44 @@ def ensure_reference(reference: str | Reference, store: SecretStore, make: Calla
     return value
 
 
+@dataclass(frozen=True)
+class Migrated:
+    key: str
+    status: Literal["would move", "moved", "already there", "conflict"]
+    removed_local: bool = False
+
+
+def migrate(source: SecretStore, target: SecretStore, dry_run: bool = False,
+            remove_local: bool = False) -> list[Migrated]:
+    """Copy every key of `source` to the same key of `target`, create-only (a different value already there is a
+    conflict, never overwritten), each copy verified by reading it back. With `remove_local` the source's copy
+    goes, only once the target is verified to hold the same value. Safe to run again."""
+    done: list[Migrated] = []
+    for key in source.list():
+        value = source.get(key)
+        try:
+            present: str | None = target.get(key)
+        except SecretNotFound:
+            present = None
+        if present is not None and present != value:
+            done.append(Migrated(key, "conflict"))
+            continue
+        if dry_run:
+            done.append(Migrated(key, "would move" if present is None else "already there"))
+            continue
+        if present is None:
+            # Written by someone else since we looked: judged below on what is there now.
+            with contextlib.suppress(SecretExists):
+                target.create(key, value)
+        if target.get(key) != value:
+            done.append(Migrated(key, "conflict"))
+            continue
+        if remove_local:
+            source.delete(key)
+        done.append(Migrated(key, "moved" if present is None else "already there", remove_local))
+    return done
+
+
 def secret_store(env: str | None = None, settings: Settings | None = None) -> SecretStore:
     settings = settings or get_settings()
     if settings.secret_backend == "vault":
