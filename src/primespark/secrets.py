@@ -1,29 +1,45 @@
 """One small secret-store interface, two backends: Vault KV v2 (hvac) in production, 0600 files in the lab.
 
-Fleet files hold references (`vault:<mount>/<path>#<key>` or `local:<path>`), never values; `resolve` turns
-a reference into the value at run time.
+Fleet files hold references, never values. `local:<key>` names a key of the environment's own store (a 0600
+file, or `<vault_mount>/<vault_prefix>/<env>/<key>` field `value` when the backend is Vault); `vault:<mount>/
+<path>#<field>` names one field of one KV v2 secret, read and written exactly there. `read_reference`,
+`write_reference` and `ensure_reference` act on a reference; a missing secret is `SecretNotFound`, anything
+else (Vault unreachable, sealed, a token that is expired or not allowed) a `SecretError` that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
+from primespark.errors import UserError
 from primespark.settings import Settings, get_settings
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
 
-class SecretError(Exception):
-    pass
+class SecretError(UserError):
+    """The secret store failed or refused: the message says where, `fix` what to do."""
+
+
+class SecretNotFound(SecretError):
+    """The store answered: there is no such secret (the only error that may lead to creating one)."""
+
+
+class SecretExists(SecretError):
+    """A create-only write found a value already in place."""
 
 
 class SecretStore(Protocol):
     def get(self, key: str) -> str: ...
     def put(self, key: str, value: str) -> None: ...
+    def create(self, key: str, value: str) -> None: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def exists(self, key: str) -> bool: ...
@@ -67,13 +83,31 @@ class LocalSecretStore:
         try:
             return self._path(key).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise SecretError(f"secret {key!r} is not in the local store {self.root}") from None
+            raise SecretNotFound(f"secret {key!r} is not in the local store {self.root}") from None
 
     def put(self, key: str, value: str) -> None:
+        atomic_write(self._parent_made(key), value, 0o600)
+
+    def create(self, key: str, value: str) -> None:
+        """Write `value` only if `key` has none: a whole file appears or SecretExists (link(2) is atomic)."""
+        path = self._parent_made(key)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(value.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            raise SecretExists(f"secret {key!r} is already in the local store {self.root}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _parent_made(self, key: str) -> Path:
         path = self._path(key)
         for parent in reversed(path.relative_to(self.root).parents):
             (self.root / parent).mkdir(exist_ok=True, mode=0o700)
-        atomic_write(path, value, 0o600)
+        return path
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -88,55 +122,191 @@ class LocalSecretStore:
         )
 
 
-class VaultSecretStore:
-    """Vault KV v2 through hvac; each key is one secret whose data holds `value`."""
+_SEAL_FIX = "unseal it (`bao operator unseal`, or `vault operator unseal`) and run again"
 
-    def __init__(self, addr: str, mount: str = "secret", prefix: str = "primespark", token: str | None = None) -> None:
+
+def _errors(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    return "; ".join(str(e) for e in errors) if errors else str(exc.args[0] if exc.args else exc)
+
+
+class VaultSecretStore:
+    """Vault (or OpenBao) KV v2 through hvac. The environment's own keys live at `<mount>/<prefix>/<key>`,
+    field `value`; `read_field`/`write_field` reach any mount, path and field (what `vault:` references name).
+    Every failure is a `SecretError` naming the server, the path and what to do, never an hvac traceback."""
+
+    def __init__(self, addr: str, mount: str = "secret", prefix: str = "primespark", token: str | None = None,
+                 timeout: float = 10.0) -> None:
         import hvac
 
-        self.client = hvac.Client(url=addr, token=token or os.environ.get("VAULT_TOKEN"))
+        self.addr = addr.rstrip("/")
+        # hvac falls back to VAULT_TOKEN, then the token helper's ~/.vault-token.
+        self.client = hvac.Client(url=self.addr, token=token, timeout=timeout)
+        if not self.client.token:
+            raise SecretError(f"no Vault token for {self.addr}",
+                              "export VAULT_TOKEN (or `bao login`) with a token whose policy allows the fleet's paths")
         self.mount = mount
         self.prefix = prefix.strip("/")
 
     def _path(self, key: str) -> str:
         return f"{self.prefix}/{_check_key(key)}" if self.prefix else _check_key(key)
 
-    def get(self, key: str) -> str:
+    # Errors -----------------------------------------------------------------------------------------------
+
+    def _call(self, doing: str, where: str, action: Callable[[], Any]) -> Any:
         import hvac.exceptions
+        import requests
 
         try:
-            response = self.client.secrets.kv.v2.read_secret_version(
-                path=self._path(key), mount_point=self.mount, raise_on_deleted_version=True
-            )
-        except hvac.exceptions.InvalidPath:
-            raise SecretError(f"secret {key!r} is not in Vault at {self.mount}/{self._path(key)}") from None
-        return str(response["data"]["data"]["value"])
+            return action()
+        except hvac.exceptions.InvalidPath as exc:
+            if "no handler for route" in _errors(exc):  # not "no such secret": nothing may be created here
+                raise SecretError(f"Vault at {self.addr} has no secrets engine at the mount of {where}",
+                                  "enable a KV v2 engine there (`bao secrets enable -version=2 -path=MOUNT kv`) "
+                                  "or fix the mount in the reference") from None
+            raise SecretNotFound(f"no secret at {where} in Vault {self.addr}") from None
+        except hvac.exceptions.Forbidden:
+            raise self._denied(doing, where) from None
+        except hvac.exceptions.VaultDown as exc:
+            state = "sealed" if "sealed" in _errors(exc).lower() else "unavailable"
+            raise SecretError(f"secret store {state}: Vault at {self.addr} answered {_errors(exc)!r} "
+                              f"while {doing} {where}", _SEAL_FIX if state == "sealed" else
+                              "check the server (`bao status`) and run again") from None
+        except hvac.exceptions.VaultError as exc:
+            raise SecretError(f"Vault at {self.addr} refused {doing} {where}: {_errors(exc)}",
+                              "check the path and the mount (`bao secrets list`)") from None
+        except requests.exceptions.RequestException as exc:
+            raise SecretError(f"secret store unreachable: no answer from Vault at {self.addr} while {doing} {where} "
+                              f"({type(exc).__name__})",
+                              "check VAULT_ADDR and that the server runs (`bao status`)") from None
+
+    def _denied(self, doing: str, where: str) -> SecretError:
+        """A 403 is either a token Vault no longer honours or a policy that lacks the path: ask which."""
+        import hvac.exceptions
+        import requests
+
+        try:
+            info = self.client.auth.token.lookup_self()["data"]
+        except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
+            return SecretError(f"Vault at {self.addr} refused the token while {doing} {where}: it is expired, "
+                               "revoked or unknown to this server",
+                               "log in again (`bao login`, or a new AppRole login) and export VAULT_TOKEN")
+        policies = ", ".join(info.get("policies") or []) or "none"
+        return SecretError(f"permission denied (403) {doing} {where}: the token's policies ({policies}) do not "
+                           "allow it", "add the path to one of the token's policies (policies/vault/ has the "
+                           "project's), or use a token that has it")
+
+    # Fields of KV v2 secrets --------------------------------------------------------------------------------
+
+    def _current(self, mount: str, path: str, where: str) -> tuple[dict[str, Any], int]:
+        """The secret's data (empty if none or deleted) and its current version (0: never written)."""
+        kv = self.client.secrets.kv.v2
+        for _ in range(5):
+            try:  # a soft-deleted version answers with its metadata and no data
+                response = self._call("reading", where, lambda: kv.read_secret_version(
+                    path=path, mount_point=mount, raise_on_deleted_version=False))
+            except SecretNotFound:
+                try:  # a destroyed version has metadata only
+                    meta = self._call("reading", where, lambda: kv.read_secret_metadata(path=path,
+                                                                                         mount_point=mount))
+                except SecretNotFound:
+                    return {}, 0
+                current = int(meta["data"]["current_version"])
+                state = meta["data"]["versions"].get(str(current), {})
+                if state.get("destroyed") or state.get("deletion_time"):
+                    return {}, current
+                continue  # a version was written between the two reads: read it
+            return dict(response["data"]["data"] or {}), int(response["data"]["metadata"]["version"])
+        raise SecretError(f"{where} in Vault {self.addr} kept changing while being read", "run again")
+
+    def read_field(self, mount: str, path: str, field: str) -> str:
+        where = f"{mount}/{path}#{field}"
+        data, _ = self._current(mount, path, where)
+        if field not in data:
+            raise SecretNotFound(f"no secret at {where} in Vault {self.addr}")
+        return str(data[field])
+
+    def write_field(self, mount: str, path: str, field: str, value: str, replace: bool = True) -> None:
+        """Set one field, keeping the secret's other fields, as a new version. Check-and-set on the version
+        read, so a concurrent writer is never overwritten; `replace=False` refuses to change a field that has
+        a value (SecretExists)."""
+        import hvac.exceptions
+
+        where = f"{mount}/{path}#{field}"
+        kv = self.client.secrets.kv.v2
+        for _ in range(5):
+            data, version = self._current(mount, path, where)
+            if field in data and not replace:
+                raise SecretExists(f"{where} in Vault {self.addr} already has a value")
+
+            def write(data: dict[str, Any] = data, version: int = version) -> bool:
+                try:
+                    kv.create_or_update_secret(path=path, secret={**data, field: value}, cas=version,
+                                               mount_point=mount)
+                except hvac.exceptions.InvalidRequest as exc:
+                    if "check-and-set" in _errors(exc):
+                        return False  # someone wrote in between: read again
+                    raise
+                return True
+
+            if self._call("writing", where, write):
+                return
+        raise SecretError(f"{where} in Vault {self.addr} kept changing while being written",
+                          "run again once the other writer is done")
+
+    def delete_field(self, mount: str, path: str, field: str) -> None:
+        where = f"{mount}/{path}#{field}"
+        data, version = self._current(mount, path, where)
+        if field not in data:
+            return
+        rest = {k: v for k, v in data.items() if k != field}
+        kv = self.client.secrets.kv.v2
+        if rest:
+            self._call("writing", where, lambda: kv.create_or_update_secret(
+                path=path, secret=rest, cas=version, mount_point=mount))
+        else:
+            self._call("deleting", where, lambda: kv.delete_metadata_and_all_versions(path=path, mount_point=mount))
+
+    # The environment's own store (SecretStore) ----------------------------------------------------------------
+
+    def get(self, key: str) -> str:
+        try:
+            return self.read_field(self.mount, self._path(key), "value")
+        except SecretNotFound:
+            raise SecretNotFound(f"secret {key!r} is not in Vault {self.addr} at "
+                                 f"{self.mount}/{self._path(key)}") from None
 
     def put(self, key: str, value: str) -> None:
-        self.client.secrets.kv.v2.create_or_update_secret(
-            path=self._path(key), secret={"value": value}, mount_point=self.mount
-        )
+        path = self._path(key)
+        self._call("writing", f"{self.mount}/{path}", lambda: self.client.secrets.kv.v2.create_or_update_secret(
+            path=path, secret={"value": value}, mount_point=self.mount))
+
+    def create(self, key: str, value: str) -> None:
+        self.write_field(self.mount, self._path(key), "value", value, replace=False)
 
     def delete(self, key: str) -> None:
-        self.client.secrets.kv.v2.delete_metadata_and_all_versions(path=self._path(key), mount_point=self.mount)
+        path = self._path(key)
+        with contextlib.suppress(SecretNotFound):
+            self._call("deleting", f"{self.mount}/{path}", lambda: self.client.secrets.kv.v2
+                       .delete_metadata_and_all_versions(path=path, mount_point=self.mount))
 
     def exists(self, key: str) -> bool:
         try:
             self.get(key)
-        except SecretError:
+        except SecretNotFound:
             return False
         return True
 
     def list(self, prefix: str = "") -> list[str]:
-        import hvac.exceptions
-
         found: list[str] = []
+        kv = self.client.secrets.kv.v2
 
         def walk(sub: str) -> None:
             path = f"{self.prefix}/{sub}".strip("/")
             try:
-                keys = self.client.secrets.kv.v2.list_secrets(path=path, mount_point=self.mount)["data"]["keys"]
-            except hvac.exceptions.InvalidPath:
+                keys = self._call("listing", f"{self.mount}/{path}/",
+                                  lambda: kv.list_secrets(path=path, mount_point=self.mount))["data"]["keys"]
+            except SecretNotFound:
                 return
             for key in keys:
                 if key.endswith("/"):
@@ -148,22 +318,135 @@ class VaultSecretStore:
         return sorted(k for k in found if k.startswith(prefix))
 
 
+# References ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed fleet secret reference: `local:<key>`, or `vault:<mount>/<path>#<field>`."""
+
+    kind: Literal["local", "vault"]
+    path: str  # local: the store key; vault: the secret's path inside its mount
+    mount: str = ""
+    field: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        kind, _, rest = text.partition(":")
+        if kind == "local":
+            return cls("local", _check_key(rest))
+        if kind == "vault":
+            location, _, field = rest.partition("#")
+            mount, _, path = location.partition("/")
+            if not (mount and path and field):
+                raise SecretError(f"{text!r} is not a Vault reference",
+                                  "write vault:<mount>/<path>#<field>, e.g. vault:secret/primespark/restic#nas-primary")
+            _check_key(mount)
+            _check_key(path)
+            _check_key(field)
+            return cls("vault", path.strip("/"), mount, field)
+        raise SecretError(f"{text!r} is not a secret reference", "write vault:<mount>/<path>#<field> or local:<key>")
+
+    def __str__(self) -> str:
+        return f"vault:{self.mount}/{self.path}#{self.field}" if self.kind == "vault" else f"local:{self.path}"
+
+
+def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore:
+    if isinstance(store, VaultSecretStore):
+        return store
+    where = getattr(store, "root", "")
+    raise SecretError(f"{reference} is in Vault, but this environment's secret store is local ({where})",
+                      "set SPARK_SECRET_BACKEND=vault, VAULT_ADDR and VAULT_TOKEN (e.g. in .env.<env>), "
+                      "or use a local: reference")
+
+
+def _parsed(reference: str | Reference) -> Reference:
+    return reference if isinstance(reference, Reference) else Reference.parse(reference)
+
+
+def read_reference(reference: str | Reference, store: SecretStore) -> str:
+    """The value a reference names: a `local:` key of `store`, or exactly the mount, path and field of a
+    `vault:` reference. SecretNotFound if there is none; any other SecretError if the store failed."""
+    ref = _parsed(reference)
+    if ref.kind == "local":
+        return store.get(ref.path)
+    return _vault_for(ref, store).read_field(ref.mount, ref.path, ref.field)
+
+
+def write_reference(reference: str | Reference, value: str, store: SecretStore, replace: bool = False) -> None:
+    """Store `value` where the reference points. By default only where there is no value yet (SecretExists
+    otherwise): a secret that a repository or a host depends on is never silently replaced."""
+    ref = _parsed(reference)
+    if ref.kind == "local":
+        (store.put if replace else store.create)(ref.path, value)
+    else:
+        _vault_for(ref, store).write_field(ref.mount, ref.path, ref.field, value, replace=replace)
+
+
+def ensure_reference(reference: str | Reference, store: SecretStore, make: Callable[[], str]) -> str:
+    """The reference's value, created with `make()` if (and only if) the store says there is none. Two runs
+    at once agree on one value: the second one's create-only write fails and it reads the first one's."""
+    try:
+        return read_reference(reference, store)
+    except SecretNotFound:
+        pass
+    value = make()
+    try:
+        write_reference(reference, value, store)
+    except SecretExists:
+        return read_reference(reference, store)
+    return value
+
+
+@dataclass(frozen=True)
+class Migrated:
+    key: str
+    status: Literal["would move", "moved", "already there", "conflict"]
+    removed_local: bool = False
+
+
+def migrate(source: SecretStore, target: SecretStore, dry_run: bool = False,
+            remove_local: bool = False) -> list[Migrated]:
+    """Copy every key of `source` to the same key of `target`, create-only (a different value already there is a
+    conflict, never overwritten), each copy verified by reading it back. With `remove_local` the source's copy
+    goes, only once the target is verified to hold the same value. Safe to run again."""
+    done: list[Migrated] = []
+    for key in source.list():
+        value = source.get(key)
+        try:
+            present: str | None = target.get(key)
+        except SecretNotFound:
+            present = None
+        if present is not None and present != value:
+            done.append(Migrated(key, "conflict"))
+            continue
+        if dry_run:
+            done.append(Migrated(key, "would move" if present is None else "already there"))
+            continue
+        if present is None:
+            # Written by someone else since we looked: judged below on what is there now.
+            with contextlib.suppress(SecretExists):
+                target.create(key, value)
+        if target.get(key) != value:
+            done.append(Migrated(key, "conflict"))
+            continue
+        if remove_local:
+            source.delete(key)
+        done.append(Migrated(key, "moved" if present is None else "already there", remove_local))
+    return done
+
+
 def secret_store(env: str | None = None, settings: Settings | None = None) -> SecretStore:
     settings = settings or get_settings()
     if settings.secret_backend == "vault":
         if not settings.vault_addr:
-            raise SecretError("secret_backend is vault but VAULT_ADDR is not set: export VAULT_ADDR and VAULT_TOKEN")
+            raise SecretError("secret_backend is vault but VAULT_ADDR is not set",
+                              "export VAULT_ADDR and VAULT_TOKEN (or set them in .env.<env>)")
         prefix = f"{settings.vault_prefix}/{env or settings.env}"
         return VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
     return LocalSecretStore(settings.state_dir(env) / "secrets")
 
 
 def resolve(reference: str, store: SecretStore) -> str:
-    """Resolve a fleet secret reference. `local:a/b` → key a/b; `vault:mount/path#key` → key path/key."""
-    kind, _, rest = reference.partition(":")
-    if kind == "local":
-        return store.get(rest)
-    if kind == "vault":
-        path, _, field = rest.partition("#")
-        return store.get(f"{path.split('/', 1)[-1]}/{field}")
-    raise SecretError(f"{reference!r} is not a secret reference (vault:… or local:…)")
+    """The value of a fleet secret reference (the name the callers before `read_reference` use)."""
+    return read_reference(reference, store)

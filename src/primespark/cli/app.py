@@ -13,6 +13,7 @@ from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
 from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
+from primespark.cli import secrets as secrets_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -30,6 +31,7 @@ app.add_typer(mesh_commands.app, name="mesh")
 preflight_commands.register(app)
 app.add_typer(backup_commands.app, name="backup")
 app.add_typer(drill_commands.app, name="drill")
+app.add_typer(secrets_commands.app, name="secrets")
 plan_commands.register(app)
 
 

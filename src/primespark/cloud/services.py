@@ -126,8 +126,8 @@ def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
             f"[Path]\nPathExists={SECRET_ID_FILE}\nPathChanged={SECRET_ID_FILE}\n", "paths.target")),
         File("/etc/systemd/system/primespark-secrets.service", _unit(
             "Pull service secrets from Vault (AppRole)",
-            "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/primespark-secrets\n"
-            "ExecStartPost=/bin/systemctl --no-block restart primespark-stack.service\n", None,
+            # The script restarts primespark-stack itself, and only after a complete pull.
+            "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/primespark-secrets\n", None,
             after="network-online.target", wants="network-online.target")),
         File("/etc/systemd/system/primespark-stack.service", _unit(
             "Prime Spark services (docker compose)",

@@ -97,7 +97,7 @@ class VaultSecretsProvider(ResourceProvider):
         if "approle/" not in client.sys.list_auth_methods():
             client.sys.enable_auth_method(method_type="approle")
         for role, role_spec in spec["roles"].items():
-            client.sys.create_or_update_policy(name=role, policy=role_spec["policy"])
+            client.sys.create_or_update_acl_policy(name=role, policy=role_spec["policy"])
             client.auth.approle.create_or_update_approle(
                 role_name=role, token_policies=[role], token_ttl="1h", token_max_ttl="4h",  # noqa: S106 durations
                 secret_id_ttl="0")  # noqa: S106
@@ -114,7 +114,7 @@ class VaultSecretsProvider(ResourceProvider):
         import hvac
 
         for delete in (lambda: client.auth.approle.delete_role(role_name=role),
-                       lambda: client.sys.delete_policy(name=role)):
+                       lambda: client.sys.delete_acl_policy(name=role)):
             with contextlib.suppress(hvac.exceptions.InvalidPath):  # already gone: deleting twice is fine
                 delete()
 
