@@ -147,6 +147,8 @@ def _model_at(path: Path) -> type[BaseModel] | None:
 def _fix_for(error: Any, path: Path) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
+    if "fix" in ctx:  # the model's own rules (PydanticCustomError) say how to fix what they refuse
+        return str(ctx["fix"])
     if kind == "missing":
         return f"add `{path[-1]}:` here" if path else "add the missing field"
     if kind == "extra_forbidden":
@@ -174,8 +176,13 @@ def _fix_for(error: Any, path: Path) -> str:
         return "write an IPv4 address such as 192.0.2.10, or a network such as 192.0.2.0/24 with host bits zero"
     if kind in ("int_parsing", "int_type", "float_parsing", "float_type"):
         return "write a number without units"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        return "choose a value within the stated range"
+    if kind == "finite_number":
+        return "write a finite number (YAML reads `.inf`, and pydantic `1e400`, as infinity)"
+    bounds = {"less_than_equal": ("le", "use {} or less"), "less_than": ("lt", "use less than {}"),
+              "greater_than_equal": ("ge", "use {} or more"), "greater_than": ("gt", "use more than {}")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        return words.format(ctx[key]) if key in ctx else "choose a value within the stated range"
     if kind in ("dict_type", "model_type"):
         return "write a mapping (`key: value` lines) here"
     if kind == "string_type":
@@ -183,6 +190,11 @@ def _fix_for(error: Any, path: Path) -> str:
     if kind == "list_type":
         return "write a list (`- item` lines) here"
     return "correct the value"
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Problem]:
@@ -193,7 +205,7 @@ def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Pr
         if error["type"] == "string_pattern_mismatch":
             message = "the value does not have the required form"
         if error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], dict | list):
-            message = f"{message} (got {error['input']!r})"
+            message = f"{message} (got {_shown(error['input'])})"
         problems.append(Problem(path, message, _fix_for(error, path), error["type"], file, line_of(lines, path)))
     return problems
 
