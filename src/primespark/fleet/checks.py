@@ -111,6 +111,10 @@ def _kvm_capacity(fleet: Fleet) -> Iterator[Problem]:
 
 
 def _services(fleet: Fleet) -> Iterator[Problem]:
+    # Imported here: the catalog imports the fleet model, and the fleet package must import without the cloud side.
+    from primespark.cloud.catalog import RECIPES
+
+    kinds_without_image = {kind for kind, recipe in RECIPES.items() if recipe.image is None}
     ports: dict[tuple[str, int], str] = {}
     for name, service in fleet.services.items():
         if service.host not in fleet.hosts:
@@ -128,6 +132,10 @@ def _services(fleet: Fleet) -> Iterator[Problem]:
         if service.port == fleet.hosts[service.host].ssh.port:
             yield _p(("services", name, "port"), f"port {service.port} is the host's SSH port",
                      "choose another port", "port-conflict")
+        if service.image is None and service.kind in kinds_without_image:
+            yield _p(("services", name, "image"), f"a service of kind {service.kind.value} has no default image",
+                     "add `image:` with the image you build for it, pinned by a version tag or digest",
+                     "missing-image")
 
 
 def _meshes(fleet: Fleet) -> Iterator[Problem]:

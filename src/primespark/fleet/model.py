@@ -12,7 +12,16 @@ from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -252,9 +261,35 @@ class Backup(Strict):
     drill: Drill
 
 
+# `[registry[:port]/]path[:tag][@sha256:digest]` with a tag or a digest: a moving reference (no tag, `latest`)
+# would let the same fleet run different code from one boot to the next.
+_IMAGE_NAME = r"([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+_IMAGE_PATTERN = re.compile(
+    rf"{_IMAGE_NAME}(?P<tag>:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?P<digest>@sha256:[0-9a-f]{{64}})?")
+
+
+def _container_image(reference: str) -> str:
+    match = _IMAGE_PATTERN.fullmatch(reference)
+    if match is None:
+        problem = "not a container image reference"
+    elif match["digest"] is None and match["tag"] in (None, ":latest"):
+        problem = "the image is not pinned: it needs a version tag (not `latest`) or a digest"
+    else:
+        return reference
+    raise PydanticCustomError("image-reference", problem, {
+        "fix": "name a pinned image such as `registry.example.org/primespark/api:1.4.2` or `name@sha256:<digest>`"})
+
+
+ContainerImage = Annotated[str, AfterValidator(_container_image)]
+
+
 class Service(Strict):
     kind: ServiceKind
     host: Name
+    image: ContainerImage | None = Field(
+        default=None, description="The container image, pinned by a version tag or a digest; default: the kind's "
+        "own (primespark.cloud.catalog). The api kind has no public image, so an api service must name one.",
+    )
     port: int = Field(ge=1, le=65535)
     check: Literal["tcp", "http", "none"] = "tcp"
     backup_paths: list[AbsPath] = Field(default_factory=list)

@@ -1,0 +1,39 @@
+"""Field rules of the fleet model checked against what their consumers accept: restic's --read-data-subset,
+Prefect's cron schedules, the secret store's paths, container image references, sane numeric bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from primespark.fleet import FleetError, load_text
+
+BASE = (Path(__file__).resolve().parent.parent / "fixtures" / "fleet" / "valid" / "mini-full.yaml").read_text()
+
+
+def problems_after(old: str, new: str) -> list[tuple[str, str]]:
+    """Load mini-full with one edit; the (dotted path, code) of each problem, [] if it loads."""
+    assert BASE.count(old) == 1, f"{old!r} is not in mini-full.yaml once"
+    try:
+        load_text(BASE.replace(old, new), "edited.yaml")
+    except FleetError as exc:
+        return [(".".join(map(str, p.path)), p.code) for p in exc.problems]
+    return []
+
+
+@pytest.mark.parametrize(("image", "accepted"), [
+    ("redis:7.4.1", True), ("registry.example.org:5000/team/redis:7.4.1-alpine", True),
+    ("redis@sha256:" + "a" * 64, True), ("redis:7.4@sha256:" + "b" * 64, True),
+    ("redis", False), ("redis:latest", False), ("Redis:7", False), ("redis:7 ", False), ("redis::7", False),
+    ("https://registry.example.org/redis:7", False),
+])
+def test_a_named_image_is_a_pinned_reference(image: str, accepted: bool) -> None:
+    found = problems_after("redis: {kind: redis, host: core-1, port: 6379}",
+                           f'redis: {{kind: redis, host: core-1, port: 6379, image: "{image}"}}')
+    assert found == ([] if accepted else [("services.redis.image", "image-reference")])
+
+
+def test_an_api_service_must_name_its_image() -> None:
+    unnamed = problems_after(', image: "registry.example.org/primespark/api:0.1.0"}', "}")
+    assert unnamed == [("services.api.image", "missing-image")]
