@@ -22,6 +22,21 @@ def problems_after(old: str, new: str) -> list[tuple[str, str]]:
     return []
 
 
+@pytest.mark.parametrize(("schedule", "accepted"), [
+    ("99 99 99 99 99", False), ("60 * * * *", False), ("0 24 * * *", False), ("0 0 0 * *", False),
+    ("0 0 * 13 *", False), ("0 0 * * 8", False), ("*/0 * * * *", False), ("H 2 * * *", False),
+    ("0 2 * * *", True), ("*/15 * * * *", True), ("0 2 * * mon-fri", True), ("0 0 1,15 jan *", True),
+    ("0 0 * * 7", True), ("0 2 L * *", True),
+    ("@daily", False), ("0 2 * * * 5", False),  # Prefect takes these; the fleet keeps to five fields
+])
+def test_cron_schedules_are_what_prefect_accepts(schedule: str, accepted: bool) -> None:
+    found = problems_after('schedule: "30 1 * * *"', f'schedule: "{schedule}"')
+    assert (not found) == accepted, found
+    if not accepted:
+        [(path, _)] = found
+        assert path == "backup.plans.nas-1.schedule"
+
+
 @pytest.mark.parametrize(("image", "accepted"), [
     ("redis:7.4.1", True), ("registry.example.org:5000/team/redis:7.4.1-alpine", True),
     ("redis@sha256:" + "a" * 64, True), ("redis:7.4@sha256:" + "b" * 64, True),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal
 
@@ -26,7 +26,32 @@ from pydantic_core import PydanticCustomError
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 CRON_PATTERN = r"^(\S+\s+){4}\S+$"
-Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN)]
+CRON_FIELDS = "minute 0-59, hour 0-23, day of month 1-31, month 1-12 or jan-dec, day of week 0-7 or sun-sat"
+
+
+@lru_cache(maxsize=256)
+def _prefect_accepts(expression: str) -> bool:
+    # Prefect's own check (its croniter, without random or hashed fields): the fleet takes what the deployments
+    # in flows/deployments.py will take. Imported here, as Prefect's import costs seconds.
+    from prefect.schedules import Cron as PrefectCron
+
+    try:
+        PrefectCron(expression)
+    except ValueError:
+        return False
+    return True
+
+
+def _cron(expression: str) -> str:
+    if not _prefect_accepts(expression):
+        raise PydanticCustomError(
+            "cron", "Prefect does not accept this cron expression (a field out of range or not cron syntax)",
+            {"fix": f"write five fields within their ranges ({CRON_FIELDS}), e.g. `0 2 * * *`"})
+    return expression
+
+
+# Five fields first (the loader's fix names them), then Prefect's own validation of the fields.
+Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN), AfterValidator(_cron)]
 
 # A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`.
 SECRET_REF_PATTERN = r"^(vault:[A-Za-z0-9_./-]+#[A-Za-z0-9_-]+|local:[A-Za-z0-9_./-]+)$"
