@@ -37,6 +37,20 @@ def test_cron_schedules_are_what_prefect_accepts(schedule: str, accepted: bool) 
         assert path == "backup.plans.nas-1.schedule"
 
 
+@pytest.mark.parametrize(("reference", "accepted"), [
+    ("local:restic/nas-primary", True), ("local:nas_primary.key", True),
+    ("vault:secret/primespark/restic#nas-primary", True), ("vault:kv/restic#key_1", True),
+    ("local:../../etc/shadow", False), ("local:restic/../../x", False), ("local:/etc/shadow", False),
+    ("local:restic//x", False), ("local:restic/", False), ("local:./restic", False), ("local:restic/.hidden", False),
+    ("local:restic#key", False), ("vault:secret#key", False), ("vault:secret/restic", False),
+    ("vault:secret/restic#", False), ("vault:secret/restic#a#b", False), ("vault:/secret/restic#key", False),
+    ("vault:secret/../restic#key", False),
+])
+def test_secret_references_stay_inside_their_store(reference: str, accepted: bool) -> None:
+    found = problems_after('password: "local:restic/nas-primary"', f'password: "{reference}"')
+    assert found == ([] if accepted else [("backup.repositories.nas-primary.password", "secret-reference")])
+
+
 @pytest.mark.parametrize(("image", "accepted"), [
     ("redis:7.4.1", True), ("registry.example.org:5000/team/redis:7.4.1-alpine", True),
     ("redis@sha256:" + "a" * 64, True), ("redis:7.4@sha256:" + "b" * 64, True),

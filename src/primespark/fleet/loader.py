@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from primespark.fleet.checks import cross_check
 from primespark.fleet.errors import FleetError, Path, Problem, dotted, sort_problems
-from primespark.fleet.model import Fleet
+from primespark.fleet.model import SECRET_REF_PATTERN, Fleet
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_NODES = 500_000  # ~15,000 hosts; more is an alias bomb
@@ -163,7 +163,7 @@ def _fix_for(error: Any, path: Path) -> str:
         return f"use one of: {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
         pattern = ctx.get("pattern", "")
-        if "vault:" in pattern:
+        if pattern == SECRET_REF_PATTERN:
             return "write a reference, not a secret: `vault:<mount>/<path>#<key>` or `local:<name>`"
         if "a-z][a-z0-9-]" in pattern:
             return "use lower-case letters, digits and dashes, starting with a letter (2-32 characters)"

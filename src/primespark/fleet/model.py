@@ -53,9 +53,38 @@ def _cron(expression: str) -> str:
 # Five fields first (the loader's fix names them), then Prefect's own validation of the fields.
 Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN), AfterValidator(_cron)]
 
-# A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`.
-SECRET_REF_PATTERN = r"^(vault:[A-Za-z0-9_./-]+#[A-Za-z0-9_-]+|local:[A-Za-z0-9_./-]+)$"
-SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN)]
+# A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`. The pattern tells a
+# reference from a secret written inline; `_secret_ref` then checks that the path stays inside its store.
+SECRET_REF_PATTERN = r"^(vault|local):[A-Za-z0-9_./#-]+$"
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _secret_ref(reference: str) -> str:
+    kind, _, rest = reference.partition(":")
+    path, hash_sign, key = rest.partition("#")
+    segments = path.split("/")
+    if kind == "local" and hash_sign:
+        problem = "a local reference names a file of the store; it takes no `#key`"
+    elif kind == "vault" and not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        problem = "a vault reference needs one `#key` (letters, digits, `_` and `-`) after its path"
+    elif path.startswith("/"):
+        problem = "the path is absolute"
+    elif "" in segments:
+        problem = "the path has an empty segment (`//` or a trailing `/`)"
+    elif any(s in (".", "..") for s in segments):
+        problem = "the path climbs out of the secret store (`.` or `..`)"
+    elif not all(_SEGMENT.fullmatch(s) for s in segments):
+        problem = "a path segment starts with a dot or a dash"
+    elif kind == "vault" and len(segments) < 2:
+        problem = "a vault reference needs a mount and a path below it"
+    else:
+        return reference
+    fix = ("write `vault:<mount>/<path>#<key>`, e.g. `vault:secret/primespark/restic#nas-primary`"
+           if kind == "vault" else "write `local:<name>` relative to the secret store, e.g. `local:restic/nas-primary`")
+    raise PydanticCustomError("secret-reference", problem, {"fix": fix})
+
+
+SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN), AfterValidator(_secret_ref)]
 
 
 class Strict(BaseModel):
