@@ -3,11 +3,14 @@ Prefect's cron schedules, the secret store's paths, container image references, 
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from primespark.fleet import FleetError, load_text
+from primespark.fleet.model import Fleet
 
 BASE = (Path(__file__).resolve().parent.parent / "fixtures" / "fleet" / "valid" / "mini-full.yaml").read_text()
 
@@ -66,3 +69,38 @@ def test_a_named_image_is_a_pinned_reference(image: str, accepted: bool) -> None
 def test_an_api_service_must_name_its_image() -> None:
     unnamed = problems_after(', image: "registry.example.org/primespark/api:0.1.0"}', "}")
     assert unnamed == [("services.api.image", "missing-image")]
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1.0e+400", ".inf", ".nan", "nan"])
+def test_targets_are_finite(number: str) -> None:
+    found = problems_after("rpo_hours: 26", f"rpo_hours: {number}")
+    assert [path for path, _ in found] == ["backup.targets.rpo_hours"]
+
+
+def _numeric_fields(model: type[BaseModel], seen: set[type[BaseModel]]) -> typing.Iterator[tuple[str, object]]:
+    if model in seen:
+        return
+    seen.add(model)
+    for name, field in model.model_fields.items():
+        where = f"{model.__name__}.{name}"
+        todo = [field.annotation]
+        while todo:
+            kind = todo.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _numeric_fields(kind, seen)
+            elif kind in (int, float):
+                yield where, field
+            else:
+                todo.extend(typing.get_args(kind))
+
+
+def test_every_number_in_the_fleet_has_an_upper_bound() -> None:
+    numbers = dict(_numeric_fields(Fleet, set()))
+    assert {"Host.cpus", "Tier.capacity_gb", "Retention.keep_daily", "Targets.rpo_hours",
+            "Service.port"} <= set(numbers), sorted(numbers)
+    unbounded = []
+    for where, field in numbers.items():
+        if not any(getattr(m, "le", None) is not None or getattr(m, "lt", None) is not None
+                   for m in field.metadata):
+            unbounded.append(where)
+    assert not unbounded, f"no upper bound: {unbounded}"

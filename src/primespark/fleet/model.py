@@ -87,8 +87,14 @@ def _secret_ref(reference: str) -> str:
 SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN), AfterValidator(_secret_ref)]
 
 
+# Upper bounds no homelab reaches, so that a typo (`1e400`, an extra dozen zeros) is an error, not a plan.
+MAX_GB = 1_000_000  # a petabyte
+CENTURY_DAYS = 36_525
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No float field takes inf or nan (`rpo_hours: 1e400` is inf to pydantic).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SiteKind(StrEnum):
@@ -178,7 +184,7 @@ class Host(Strict):
     arch: Arch = Arch.x86_64
     cpus: int = Field(ge=1, le=512)
     memory_mb: int = Field(ge=256, le=4_194_304)
-    disk_gb: int = Field(ge=1, le=1_000_000)
+    disk_gb: int = Field(ge=1, le=MAX_GB)
     address: IPv4Address = Field(description="The host's address on its site's LAN.")
     public_address: IPv4Address | None = Field(
         default=None, description="An address reachable from outside the site (a WireGuard endpoint)."
@@ -245,8 +251,9 @@ AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
 class Tier(Strict):
     hosts: list[Name] = Field(min_length=1)
     path: AbsPath
-    capacity_gb: int = Field(ge=1)
-    max_age_days: int | None = Field(default=None, ge=1, description="Data older than this moves down a tier.")
+    capacity_gb: int = Field(ge=1, le=MAX_GB)
+    max_age_days: int | None = Field(
+        default=None, ge=1, le=CENTURY_DAYS, description="Data older than this moves down a tier.")
     low_watermark: Fraction = 0.70
     high_watermark: Fraction = 0.85
 
@@ -260,12 +267,14 @@ class Tier(Strict):
 
 
 class Retention(Strict):
-    keep_last: int | None = Field(default=None, ge=1)
-    keep_hourly: int | None = Field(default=None, ge=1)
-    keep_daily: int | None = Field(default=None, ge=1)
-    keep_weekly: int | None = Field(default=None, ge=1)
-    keep_monthly: int | None = Field(default=None, ge=1)
-    keep_yearly: int | None = Field(default=None, ge=1)
+    """restic's --keep-* counts; each at most a century's worth of its period."""
+
+    keep_last: int | None = Field(default=None, ge=1, le=100_000)
+    keep_hourly: int | None = Field(default=None, ge=1, le=CENTURY_DAYS * 24)
+    keep_daily: int | None = Field(default=None, ge=1, le=CENTURY_DAYS)
+    keep_weekly: int | None = Field(default=None, ge=1, le=5_218)
+    keep_monthly: int | None = Field(default=None, ge=1, le=1_200)
+    keep_yearly: int | None = Field(default=None, ge=1, le=100)
 
     @model_validator(mode="after")
     def _keeps_something(self) -> Retention:
@@ -294,8 +303,9 @@ class Check(Strict):
 
 
 class Targets(Strict):
-    rpo_hours: float = Field(gt=0, description="The newest snapshot may be at most this old.")
-    rto_minutes: float = Field(gt=0, description="A restore must be verified within this time.")
+    rpo_hours: float = Field(gt=0, le=8_760, description="The newest snapshot may be at most this old (≤ a year).")
+    rto_minutes: float = Field(
+        gt=0, le=43_200, description="A restore must be verified within this time (≤ 30 days).")
 
 
 class Drill(Strict):
