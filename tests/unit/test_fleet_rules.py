@@ -3,6 +3,9 @@ Prefect's cron schedules, the secret store's paths, container image references, 
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import typing
 from pathlib import Path
 
@@ -23,6 +26,49 @@ def problems_after(old: str, new: str) -> list[tuple[str, str]]:
     except FleetError as exc:
         return [(".".join(map(str, p.path)), p.code) for p in exc.problems]
     return []
+
+
+def subset_problems(value: str) -> list[tuple[str, str]]:
+    return problems_after("  targets: {rpo_hours: 26", f'  check: {{read_data_subset: "{value}"}}\n'
+                          "  targets: {rpo_hours: 26")
+
+
+# restic 0.14 (Debian 12's, the one the project installs) decides each of these; the fleet must agree.
+SUBSETS = ["5%", "100%", "100.0%", "0.5%", "2.5%", "0%", "100.1%", "900%", "1/2", "3/3", "1/256", "0/2", "2/1",
+           "1/257", "1G", "1g", "1K", "1T", "1B", "1", "0", "1P", "1.5G", "-1G", "abc", "1/2/3", "5%%", " 5%",
+           "8388607T", "8388608T"]
+
+
+@pytest.fixture(scope="module")
+def restic_repository(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    if shutil.which("restic") is None:
+        pytest.skip("restic is not installed (make apt installs it)")
+    root = tmp_path_factory.mktemp("subset")
+    env = {**os.environ, "RESTIC_REPOSITORY": str(root / "repo"), "RESTIC_PASSWORD": "test-only",
+           "RESTIC_CACHE_DIR": str(root / "cache")}
+    (root / "data").mkdir()
+    (root / "data" / "file").write_text("some data\n")
+    subprocess.run(["restic", "init"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(["restic", "backup", str(root / "data")], env=env, check=True, capture_output=True, timeout=60)
+    return env
+
+
+@pytest.mark.parametrize("value", SUBSETS)
+def test_read_data_subset_is_accepted_exactly_when_restic_accepts_it(
+    value: str, restic_repository: dict[str, str]
+) -> None:
+    done = subprocess.run(["restic", "check", f"--read-data-subset={value}"], env=restic_repository,
+                          capture_output=True, text=True, timeout=60)
+    refused = subset_problems(value)
+    assert not refused or refused == [("backup.check.read_data_subset", "read-data-subset")]
+    assert (done.returncode == 0) == (not refused), f"restic: {done.returncode} {done.stderr.strip()}"
+
+
+@pytest.mark.parametrize("value", ["1e2%", "+5%", "10000000000T"])
+def test_read_data_subset_refuses_restics_odd_forms(value: str) -> None:
+    # restic 0.14 takes these (Go's float syntax; a size that overflows to a small one); the fleet keeps to the
+    # plain decimal forms and to sizes below 8 EiB.
+    assert subset_problems(value) == [("backup.check.read_data_subset", "read-data-subset")]
 
 
 @pytest.mark.parametrize(("schedule", "accepted"), [

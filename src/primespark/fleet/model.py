@@ -297,9 +297,31 @@ class BackupPlan(Strict):
     schedule: Cron = "0 2 * * *"
 
 
+_SUBSET_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SUBSET_FORMS = "`n/t` with 1 ≤ n ≤ t ≤ 256, a percentage above 0 and at most 100 such as `5%`, or a size such as `1G`"
+
+
+def _read_data_subset(value: str) -> str:
+    """What `restic check --read-data-subset` takes (restic 0.14: cmd_check.go), in its plain decimal forms."""
+    if match := re.fullmatch(r"(\d+)/(\d+)", value):
+        part, total = int(match[1]), int(match[2])
+        problem = "" if 1 <= part <= total <= 256 else "n/t needs 1 ≤ n ≤ t and t at most 256 (restic's limit)"
+    elif match := re.fullmatch(r"(\d+(?:\.\d+)?)%", value):
+        problem = "" if 0 < float(match[1]) <= 100 else "a percentage must be above 0% and at most 100%"
+    elif match := re.fullmatch(r"(\d+)([bBkKmMgGtT])", value):
+        size = int(match[1]) * _SUBSET_UNITS[match[2].lower()]
+        problem = "" if 0 < size < 2**63 else "a size must be above 0 and below 8 EiB"
+    else:
+        problem = "not a form restic's --read-data-subset takes"
+    if problem:
+        raise PydanticCustomError("read-data-subset", problem, {"fix": f"use {_SUBSET_FORMS}"})
+    return value
+
+
 class Check(Strict):
     schedule: Cron = "0 4 * * 0"
-    read_data_subset: Annotated[str, StringConstraints(pattern=r"^(\d{1,3}%|\d+/\d+|\d+[KMGT])$")] = "5%"
+    read_data_subset: Annotated[str, AfterValidator(_read_data_subset)] = Field(
+        default="5%", description=f"How much pack data `restic check` reads: {_SUBSET_FORMS}.")
 
 
 class Targets(Strict):
