@@ -117,6 +117,11 @@ def test_an_api_service_must_name_its_image() -> None:
     assert unnamed == [("services.api.image", "missing-image")]
 
 
+def test_a_host_holds_one_tier() -> None:
+    found = problems_after("cold: {hosts: [ops-1]", "cold: {hosts: [ops-1, pi-1]")
+    assert found == [("tiers.cold.hosts.1", "host-in-two-tiers")]
+
+
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "1.0e+400", ".inf", ".nan", "nan"])
 def test_targets_are_finite(number: str) -> None:
     found = problems_after("rpo_hours: 26", f"rpo_hours: {number}")

@@ -192,6 +192,7 @@ def _prefix_for(count: int) -> int:
 
 def _tiers(fleet: Fleet) -> Iterator[Problem]:
     previous: tuple[str, int | None] | None = None
+    tier_of: dict[str, str] = {}  # a host holds one tier: data migrates between hosts, not within one
     for tier_name in TIER_ORDER:
         tier = fleet.tiers.get(tier_name)
         if tier is None:
@@ -200,6 +201,11 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
             if host not in fleet.hosts:
                 yield _p(("tiers", tier_name.value, "hosts", i), f"no host named {host!r}",
                          f"use one of: {', '.join(fleet.hosts)}", "unknown-host")
+            other = tier_of.setdefault(host, tier_name.value)
+            if other != tier_name.value:
+                yield _p(("tiers", tier_name.value, "hosts", i), f"{host} is already in the {other} tier",
+                         f"put {host} in one tier only (remove it from tiers.{other}.hosts or from here)",
+                         "host-in-two-tiers")
         if previous is not None:
             prev_name, prev_age = previous
             if prev_age is None:
