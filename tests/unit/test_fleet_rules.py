@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from primespark.fleet import FleetError, load_text
-from primespark.fleet.model import Fleet
+from primespark.fleet.model import Backup, Fleet
 
 BASE = (Path(__file__).resolve().parent.parent / "fixtures" / "fleet" / "valid" / "mini-full.yaml").read_text()
 
@@ -147,7 +147,7 @@ def _numeric_fields(model: type[BaseModel], seen: set[type[BaseModel]]) -> typin
 
 def test_every_number_in_the_fleet_has_an_upper_bound() -> None:
     numbers = dict(_numeric_fields(Fleet, set()))
-    assert {"Host.cpus", "Tier.capacity_gb", "Retention.keep_daily", "Targets.rpo_hours",
+    assert {"Host.cpus", "Tier.capacity_gb", "Retention.keep_daily", "Targets.rpo_hours", "Backup.max_shrink",
             "Service.port"} <= set(numbers), sorted(numbers)
     unbounded = []
     for where, field in numbers.items():
@@ -155,3 +155,11 @@ def test_every_number_in_the_fleet_has_an_upper_bound() -> None:
                    for m in field.metadata):
             unbounded.append(where)
     assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def test_max_shrink_is_a_fraction_with_a_default_of_one_half() -> None:
+    assert Backup.model_fields["max_shrink"].default == 0.5
+    for value, accepted in (("0", False), ("1.5", False), ("-0.1", False), ("1", True), ("0.2", True)):
+        found = problems_after("  drill: {scratch_host: pi-2}",
+                               f"  drill: {{scratch_host: pi-2}}\n  max_shrink: {value}")
+        assert (not found) == accepted, (value, found)

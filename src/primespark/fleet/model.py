@@ -345,6 +345,12 @@ class Backup(Strict):
     check: Check = Check()
     targets: Targets
     drill: Drill
+    max_shrink: Fraction = Field(
+        default=0.5,
+        description="The largest fall in a snapshot's file count, as a fraction of the previous snapshot's, that a "
+        "backup accepts (0 < x ≤ 1): 0.5 fails a backup that lost more than half of the files; a snapshot with no "
+        "files fails whatever this says. Not yet enforced by the backup.",
+    )
 
 
 # `[registry[:port]/]path[:tag][@sha256:digest]` with a tag or a digest: a moving reference (no tag, `latest`)
