@@ -445,8 +445,3 @@ def secret_store(env: str | None = None, settings: Settings | None = None) -> Se
         prefix = f"{settings.vault_prefix}/{env or settings.env}"
         return VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
     return LocalSecretStore(settings.state_dir(env) / "secrets")
-
-
-def resolve(reference: str, store: SecretStore) -> str:
-    """The value of a fleet secret reference (the name the callers before `read_reference` use)."""
-    return read_reference(reference, store)

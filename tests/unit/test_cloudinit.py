@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
+from primespark.cloud.catalog import RECIPES
 from primespark.cloud.cloudinit import exposure_for, pi_seed, vm_seed
 from primespark.cloud.services import VaultTarget, compose_for, stack_files
-from primespark.fleet import HostKind, load_fleet
+from primespark.fleet import HostKind, ServiceKind, load_fleet, load_text
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ5nJ8w3rZVa0x2n0Y0E5hX0C0m4e5fJ3wD8v5t9m1Qb spark@test"
 VAULT = VaultTarget("https://vault.example.org:8200")
+INVENTORY = Path(__file__).resolve().parents[2] / "inventory"
 
 
 def seeds(env: str):
@@ -61,6 +64,24 @@ def test_compose_on_each_vm_is_where_the_fleet_places_services():
     prometheus = yaml.safe_load(files_of(ops.user_data)["/opt/primespark/prometheus.yml"])
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert f"{fleet.hosts['pi-1'].address}:{fleet.monitoring.node_exporter_port}" in targets
+
+
+def test_compose_uses_the_kinds_default_image_unless_the_fleet_names_one():
+    fleet = load_fleet("homelab")
+    core = compose_for(fleet, "core-1")["services"]
+    assert core["redis"]["image"] == RECIPES[ServiceKind.redis].image == "redis:7.4.1"
+    assert RECIPES[ServiceKind.api].image is None, "there is no public image of the API"
+    assert core["api"]["image"] == fleet.services["api"].image == "registry.home.arpa/primespark/api:0.1.0"
+    data = yaml.safe_load((INVENTORY / "homelab.yaml").read_text())
+    data["services"]["redis"]["image"] = "registry.example.org/mirror/redis:7.4.1-alpine"
+    named = load_text(yaml.safe_dump(data), "named.yaml")
+    named_core = compose_for(named, "core-1")["services"]
+    assert named_core["redis"]["image"] == "registry.example.org/mirror/redis:7.4.1-alpine"
+    assert {k: v for k, v in named_core["redis"].items() if k != "image"} == \
+        {k: v for k, v in core["redis"].items() if k != "image"}, "only the image changes"
+    written = yaml.safe_load(files_of(vm_seed(named, "core-1", files=stack_files(named, "core-1", VAULT),
+                                              automation_keys=[KEY]).user_data)["/opt/primespark/compose.yaml"])
+    assert written["services"]["redis"]["image"] == "registry.example.org/mirror/redis:7.4.1-alpine"
 
 
 def test_secrets_come_from_vault_at_boot_never_inline():

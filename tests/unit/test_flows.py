@@ -72,7 +72,7 @@ def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float 
         backup_spec["plans"][host] = {"repository": "nas-primary", "paths": [str(src)], "excludes": ["*.tmp"]}
     backup_spec["targets"]["rpo_hours"] = rpo_hours
     data["services"]["pi1-app"] = {
-        "kind": "api", "host": "pi-1", "port": 8080, "check": "http",
+        "kind": "api", "host": "pi-1", "port": 8080, "check": "http", "image": "registry.example.org/api:1",
         "backup_paths": [str(root / "src" / "pi-1" / "app")],
         "restore_check": "test -s {root}" + str(root / "src" / "pi-1" / "app" / "state.db"),
     }

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from primespark.secrets import LocalSecretStore, SecretError, atomic_write, resolve, secret_store
+from primespark.secrets import LocalSecretStore, SecretError, atomic_write, read_reference, secret_store
 from primespark.settings import Settings, settings_for
 
 
@@ -21,7 +21,7 @@ def test_local_store_keeps_secrets_private(tmp_path: Path) -> None:
     assert mode(tmp_path / "secrets" / "restic") == 0o700
     assert mode(tmp_path / "secrets" / "restic" / "nas-primary") == 0o600
     assert store.list("restic/") == ["restic/nas-primary"]
-    assert resolve("local:restic/nas-primary", store) == "s3cret"
+    assert read_reference("local:restic/nas-primary", store) == "s3cret"
     store.delete("restic/nas-primary")
     assert not store.exists("restic/nas-primary")
     with pytest.raises(SecretError, match="not in the local store"):

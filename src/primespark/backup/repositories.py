@@ -24,7 +24,7 @@ from primespark.errors import UserError
 from primespark.fleet import Fleet
 from primespark.fleet.model import Backup
 from primespark.restic import ResticClient, StaleLockReport
-from primespark.secrets import SecretError, resolve
+from primespark.secrets import SecretNotFound, ensure_reference, read_reference
 
 # Where a backup keeps its manifest on the host (0700, root; one file, this run's), the last manifest per
 # repository (its cache: unchanged files keep their hash), and where drills restore.
@@ -35,15 +35,6 @@ SCRATCH_ROOT = "/var/tmp/primespark-drill"
 
 def account_for(client: str) -> str:
     return f"backup-{client}"[:32]
-
-
-def secret_key(reference: str) -> str:
-    """The store key `primespark.secrets.resolve` reads for a reference (to create missing secrets)."""
-    kind, _, rest = reference.partition(":")
-    if kind == "local":
-        return rest
-    path, _, key = rest.partition("#")
-    return f"{path.split('/', 1)[-1]}/{key}"
 
 
 def client_key_secret(client: str) -> str:
@@ -158,32 +149,30 @@ def host_of_lock(ctx: FleetContext, hostname: str) -> str | None:
 
 
 def password(ctx: FleetContext, repository: str, create: bool = False) -> str:
+    """The repository's password, where its reference points; made there on first use (`create`)."""
     reference = backup_of(ctx.fleet).repositories[repository].password
+    if create:
+        return ensure_reference(reference, ctx.secrets, lambda: pysecrets.token_urlsafe(32))
     try:
-        return resolve(reference, ctx.secrets)
-    except SecretError:
-        if not create:
-            raise UserError(f"no password for the restic repository {repository!r} ({reference})",
-                            f"run `spark backup now --env {ctx.env}` once: it creates the repository "
-                            "and its password") from None
-    value = pysecrets.token_urlsafe(32)
-    ctx.secrets.put(secret_key(reference), value)
-    return value
+        return read_reference(reference, ctx.secrets)
+    except SecretNotFound:
+        raise UserError(f"no password for the restic repository {repository!r} ({reference})",
+                        f"run `spark backup now --env {ctx.env}` once: it creates the repository "
+                        "and its password") from None
+
+
+def _new_client_key() -> str:
+    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption())
+    return pem.decode()
 
 
 def client_key(ctx: FleetContext, client: str) -> tuple[str, str]:
     """The client's SFTP key pair (private OpenSSH PEM, public line), made once into the secret store."""
-    key = client_key_secret(client)
-    store = ctx.secrets
-    if store.exists(key):
-        private = serialization.load_ssh_private_key(store.get(key).encode(), password=None)
-    else:
-        private = Ed25519PrivateKey.generate()
-        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption())
-        store.put(key, pem.decode())
+    pem = ensure_reference(f"local:{client_key_secret(client)}", ctx.secrets, _new_client_key)
+    private = serialization.load_ssh_private_key(pem.encode(), password=None)
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return store.get(key), f"{public.decode()} {account_for(client)}@{ctx.fleet.name}"
+    return pem, f"{public.decode()} {account_for(client)}@{ctx.fleet.name}"
 
 
 def restic_for(ctx: FleetContext, repository: str, client: str, via: str | None = None,

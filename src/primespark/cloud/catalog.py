@@ -12,7 +12,7 @@ from primespark.fleet.model import Fleet, ServiceKind
 
 @dataclass(frozen=True)
 class ServiceRecipe:
-    image: str
+    image: str | None  # pinned; None: no public image, the fleet names one (a fleet check says so)
     container_port: int | None  # None: the container listens on the fleet's port itself
     secrets: tuple[str, ...] = ()  # env variable names generated per service and kept in Vault
     consumes: tuple[ServiceKind, ...] = ()  # services this one talks to (it gets their URLs)
@@ -75,7 +75,7 @@ RECIPES: dict[ServiceKind, ServiceRecipe] = {
         environment={"GF_SECURITY_ADMIN_USER": "admin", "GF_USERS_ALLOW_SIGN_UP": "false"},
     ),
     ServiceKind.api: ServiceRecipe(
-        image="ghcr.io/primespark/api:0.1.0",
+        image=None,  # our own API: no public image exists, each fleet names the one it builds
         container_port=8000,
         secrets=("API_SECRET_KEY",),
         consumes=(ServiceKind.redis, ServiceKind.timescaledb, ServiceKind.kafka, ServiceKind.mlflow),

@@ -58,7 +58,8 @@ def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
                 environment[f"{other.value.upper()}_URL"] = _url(fleet, peer_name)
     env_files = [f"{SECRETS_DIR}/{n}.env" for n in _secret_sources(fleet, name)]
     # Published on the LAN address only: Docker's DNAT bypasses the input firewall, so never on 0.0.0.0.
-    entry: dict[str, Any] = {"image": recipe.image, "restart": "unless-stopped",
+    image = svc.image or recipe.image  # the fleet loader refuses a service that has neither
+    entry: dict[str, Any] = {"image": image, "restart": "unless-stopped",
                              "ports": [f"{address}:{svc.port}:{inner}"]}
     if environment:
         entry["environment"] = environment

@@ -111,6 +111,10 @@ def _kvm_capacity(fleet: Fleet) -> Iterator[Problem]:
 
 
 def _services(fleet: Fleet) -> Iterator[Problem]:
+    # Imported here: the catalog imports the fleet model, and the fleet package must import without the cloud side.
+    from primespark.cloud.catalog import RECIPES
+
+    kinds_without_image = {kind for kind, recipe in RECIPES.items() if recipe.image is None}
     ports: dict[tuple[str, int], str] = {}
     for name, service in fleet.services.items():
         if service.host not in fleet.hosts:
@@ -128,6 +132,10 @@ def _services(fleet: Fleet) -> Iterator[Problem]:
         if service.port == fleet.hosts[service.host].ssh.port:
             yield _p(("services", name, "port"), f"port {service.port} is the host's SSH port",
                      "choose another port", "port-conflict")
+        if service.image is None and service.kind in kinds_without_image:
+            yield _p(("services", name, "image"), f"a service of kind {service.kind.value} has no default image",
+                     "add `image:` with the image you build for it, pinned by a version tag or digest",
+                     "missing-image")
 
 
 def _meshes(fleet: Fleet) -> Iterator[Problem]:
@@ -184,6 +192,7 @@ def _prefix_for(count: int) -> int:
 
 def _tiers(fleet: Fleet) -> Iterator[Problem]:
     previous: tuple[str, int | None] | None = None
+    tier_of: dict[str, str] = {}  # a host holds one tier: data migrates between hosts, not within one
     for tier_name in TIER_ORDER:
         tier = fleet.tiers.get(tier_name)
         if tier is None:
@@ -192,6 +201,11 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
             if host not in fleet.hosts:
                 yield _p(("tiers", tier_name.value, "hosts", i), f"no host named {host!r}",
                          f"use one of: {', '.join(fleet.hosts)}", "unknown-host")
+            other = tier_of.setdefault(host, tier_name.value)
+            if other != tier_name.value:
+                yield _p(("tiers", tier_name.value, "hosts", i), f"{host} is already in the {other} tier",
+                         f"put {host} in one tier only (remove it from tiers.{other}.hosts or from here)",
+                         "host-in-two-tiers")
         if previous is not None:
             prev_name, prev_age = previous
             if prev_age is None:

@@ -59,7 +59,10 @@ def generate_fleet_data(
             "vm": {"kvm_host": f"kvm-{v // VMS_PER_KVM_HOST + 1}", "image": "debian-12"},
         }
         kind = service_kinds[v % len(service_kinds)]
-        data["services"][f"{kind.value}-{v + 1}"] = {"kind": kind.value, "host": vm_name, "port": 8000 + v % 7}
+        service: dict[str, Any] = {"kind": kind.value, "host": vm_name, "port": 8000 + v % 7}
+        if kind is ServiceKind.api:  # no public image: a fleet names its own
+            service["image"] = "registry.example.org/primespark/api:0.1.0"
+        data["services"][f"{kind.value}-{v + 1}"] = service
     mesh: dict[str, Any] = {"overlay": f"10.96.0.0/{min(overlay_prefix, 24)}", "topology": topology}
     if topology == "hub_and_spoke":
         mesh["hub"] = "kvm-1"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from primespark.fleet.checks import cross_check
 from primespark.fleet.errors import FleetError, Path, Problem, dotted, sort_problems
-from primespark.fleet.model import Fleet
+from primespark.fleet.model import SECRET_REF_PATTERN, Fleet
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_NODES = 500_000  # ~15,000 hosts; more is an alias bomb
@@ -155,7 +155,7 @@ def _fix_extra(path: Path) -> str:
 
 
 def _fix_pattern(pattern: str) -> str:
-    if "vault:" in pattern:
+    if pattern == SECRET_REF_PATTERN:
         return "write a reference, not a secret: `vault:<mount>/<path>#<key>` or `local:<name>`"
     if "a-z][a-z0-9-]" in pattern:
         return "use lower-case letters, digits and dashes, starting with a letter (2-32 characters)"
@@ -171,16 +171,22 @@ _PLAIN_FIXES: list[tuple[tuple[str, ...], str]] = [
     (("ip_v4", "ip_any"),
      "write an IPv4 address such as 192.0.2.10, or a network such as 192.0.2.0/24 with host bits zero"),
     (("int_parsing", "int_type", "float_parsing", "float_type"), "write a number without units"),
-    (("greater_than_equal", "greater_than", "less_than_equal", "less_than"), "choose a value within the stated range"),
     (("dict_type", "model_type"), "write a mapping (`key: value` lines) here"),
     (("string_type",), "quote the value (YAML read it as a number, a date or a boolean)"),
     (("list_type",), "write a list (`- item` lines) here"),
 ]
 
 
+# Bounds: the fix names the bound (pydantic's context holds it).
+_BOUNDS = {"less_than_equal": ("le", "use {} or less"), "less_than": ("lt", "use less than {}"),
+           "greater_than_equal": ("ge", "use {} or more"), "greater_than": ("gt", "use more than {}")}
+
+
 def _fix_for(error: Any, path: Path) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
+    if "fix" in ctx:  # the model's own rules (PydanticCustomError) say how to fix what they refuse
+        return str(ctx["fix"])
     if kind == "missing":
         return f"add `{path[-1]}:` here" if path else "add the missing field"
     if kind == "extra_forbidden":
@@ -189,7 +195,17 @@ def _fix_for(error: Any, path: Path) -> str:
         return f"use one of: {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
         return _fix_pattern(ctx.get("pattern", ""))
+    if kind == "finite_number":
+        return "write a finite number (YAML reads `.inf`, and pydantic `1e400`, as infinity)"
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        return words.format(ctx[key]) if key in ctx else "choose a value within the stated range"
     return next((fix for kinds, fix in _PLAIN_FIXES if kind.startswith(kinds)), "correct the value")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Problem]:
@@ -200,7 +216,7 @@ def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Pr
         if error["type"] == "string_pattern_mismatch":
             message = "the value does not have the required form"
         if error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], dict | list):
-            message = f"{message} (got {error['input']!r})"
+            message = f"{message} (got {_shown(error['input'])})"
         problems.append(Problem(path, message, _fix_for(error, path), error["type"], file, line_of(lines, path)))
     return problems
 

@@ -12,20 +12,87 @@ from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 CRON_PATTERN = r"^(\S+\s+){4}\S+$"
-Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN)]
+CRON_FIELDS = "minute 0-59, hour 0-23, day of month 1-31, month 1-12 or jan-dec, day of week 0-7 or sun-sat"
 
-# A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`.
-SECRET_REF_PATTERN = r"^(vault:[A-Za-z0-9_./-]+#[A-Za-z0-9_-]+|local:[A-Za-z0-9_./-]+)$"
-SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN)]
+
+def cron_accepted(expression: str) -> bool:
+    """Whether Prefect's schedules take `expression`: croniter's validation (Prefect vendors croniter) without
+    its random (R) and hashed (H) fields, as Prefect refuses those. The standalone croniter loads in
+    milliseconds where importing Prefect takes seconds; tests/unit/test_fleet_model.py checks that the two
+    agree."""
+    from croniter import croniter
+
+    fields = expression.split()
+    return croniter.is_valid(expression) and not any(f.casefold() in ("r", "h") for f in fields)
+
+
+def _cron(expression: str) -> str:
+    if not cron_accepted(expression):
+        raise PydanticCustomError(
+            "cron", "Prefect does not accept this cron expression (a field out of range or not cron syntax)",
+            {"fix": f"write five fields within their ranges ({CRON_FIELDS}), e.g. `0 2 * * *`"})
+    return expression
+
+
+# Five fields first (the loader's fix names them), then Prefect's own validation of the fields.
+Cron = Annotated[str, StringConstraints(pattern=CRON_PATTERN), AfterValidator(_cron)]
+
+# A secret reference, never a secret: `vault:<mount>/<path>#<key>` or `local:<path>`. The pattern tells a
+# reference from a secret written inline; `_secret_ref` then checks that the path stays inside its store.
+SECRET_REF_PATTERN = r"^(vault|local):[A-Za-z0-9_./#-]+$"
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _secret_ref(reference: str) -> str:
+    kind, _, rest = reference.partition(":")
+    path, hash_sign, key = rest.partition("#")
+    segments = path.split("/")
+    if kind == "local" and hash_sign:
+        problem = "a local reference names a file of the store; it takes no `#key`"
+    elif kind == "vault" and not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        problem = "a vault reference needs one `#key` (letters, digits, `_` and `-`) after its path"
+    elif path.startswith("/"):
+        problem = "the path is absolute"
+    elif "" in segments:
+        problem = "the path has an empty segment (`//` or a trailing `/`)"
+    elif any(s in (".", "..") for s in segments):
+        problem = "the path climbs out of the secret store (`.` or `..`)"
+    elif not all(_SEGMENT.fullmatch(s) for s in segments):
+        problem = "a path segment starts with a dot or a dash"
+    elif kind == "vault" and len(segments) < 2:
+        problem = "a vault reference needs a mount and a path below it"
+    else:
+        return reference
+    fix = ("write `vault:<mount>/<path>#<key>`, e.g. `vault:secret/primespark/restic#nas-primary`"
+           if kind == "vault" else "write `local:<name>` relative to the secret store, e.g. `local:restic/nas-primary`")
+    raise PydanticCustomError("secret-reference", problem, {"fix": fix})
+
+
+SecretRef = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN), AfterValidator(_secret_ref)]
+
+
+# Upper bounds no homelab reaches, so that a typo (`1e400`, an extra dozen zeros) is an error, not a plan.
+MAX_GB = 1_000_000  # a petabyte
+CENTURY_DAYS = 36_525
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No float field takes inf or nan (`rpo_hours: 1e400` is inf to pydantic).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SiteKind(StrEnum):
@@ -115,7 +182,7 @@ class Host(Strict):
     arch: Arch = Arch.x86_64
     cpus: int = Field(ge=1, le=512)
     memory_mb: int = Field(ge=256, le=4_194_304)
-    disk_gb: int = Field(ge=1, le=1_000_000)
+    disk_gb: int = Field(ge=1, le=MAX_GB)
     address: IPv4Address = Field(description="The host's address on its site's LAN.")
     public_address: IPv4Address | None = Field(
         default=None, description="An address reachable from outside the site (a WireGuard endpoint)."
@@ -182,8 +249,9 @@ AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
 class Tier(Strict):
     hosts: list[Name] = Field(min_length=1)
     path: AbsPath
-    capacity_gb: int = Field(ge=1)
-    max_age_days: int | None = Field(default=None, ge=1, description="Data older than this moves down a tier.")
+    capacity_gb: int = Field(ge=1, le=MAX_GB)
+    max_age_days: int | None = Field(
+        default=None, ge=1, le=CENTURY_DAYS, description="Data older than this moves down a tier.")
     low_watermark: Fraction = 0.70
     high_watermark: Fraction = 0.85
 
@@ -197,12 +265,14 @@ class Tier(Strict):
 
 
 class Retention(Strict):
-    keep_last: int | None = Field(default=None, ge=1)
-    keep_hourly: int | None = Field(default=None, ge=1)
-    keep_daily: int | None = Field(default=None, ge=1)
-    keep_weekly: int | None = Field(default=None, ge=1)
-    keep_monthly: int | None = Field(default=None, ge=1)
-    keep_yearly: int | None = Field(default=None, ge=1)
+    """restic's --keep-* counts; each at most a century's worth of its period."""
+
+    keep_last: int | None = Field(default=None, ge=1, le=100_000)
+    keep_hourly: int | None = Field(default=None, ge=1, le=CENTURY_DAYS * 24)
+    keep_daily: int | None = Field(default=None, ge=1, le=CENTURY_DAYS)
+    keep_weekly: int | None = Field(default=None, ge=1, le=5_218)
+    keep_monthly: int | None = Field(default=None, ge=1, le=1_200)
+    keep_yearly: int | None = Field(default=None, ge=1, le=100)
 
     @model_validator(mode="after")
     def _keeps_something(self) -> Retention:
@@ -225,14 +295,37 @@ class BackupPlan(Strict):
     schedule: Cron = "0 2 * * *"
 
 
+_SUBSET_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SUBSET_FORMS = "`n/t` with 1 ≤ n ≤ t ≤ 256, a percentage above 0 and at most 100 such as `5%`, or a size such as `1G`"
+
+
+def _read_data_subset(value: str) -> str:
+    """What `restic check --read-data-subset` takes (restic 0.14: cmd_check.go), in its plain decimal forms."""
+    if match := re.fullmatch(r"(\d+)/(\d+)", value):
+        part, total = int(match[1]), int(match[2])
+        problem = "" if 1 <= part <= total <= 256 else "n/t needs 1 ≤ n ≤ t and t at most 256 (restic's limit)"
+    elif match := re.fullmatch(r"(\d+(?:\.\d+)?)%", value):
+        problem = "" if 0 < float(match[1]) <= 100 else "a percentage must be above 0% and at most 100%"
+    elif match := re.fullmatch(r"(\d+)([bBkKmMgGtT])", value):
+        size = int(match[1]) * _SUBSET_UNITS[match[2].lower()]
+        problem = "" if 0 < size < 2**63 else "a size must be above 0 and below 8 EiB"
+    else:
+        problem = "not a form restic's --read-data-subset takes"
+    if problem:
+        raise PydanticCustomError("read-data-subset", problem, {"fix": f"use {_SUBSET_FORMS}"})
+    return value
+
+
 class Check(Strict):
     schedule: Cron = "0 4 * * 0"
-    read_data_subset: Annotated[str, StringConstraints(pattern=r"^(\d{1,3}%|\d+/\d+|\d+[KMGT])$")] = "5%"
+    read_data_subset: Annotated[str, AfterValidator(_read_data_subset)] = Field(
+        default="5%", description=f"How much pack data `restic check` reads: {_SUBSET_FORMS}.")
 
 
 class Targets(Strict):
-    rpo_hours: float = Field(gt=0, description="The newest snapshot may be at most this old.")
-    rto_minutes: float = Field(gt=0, description="A restore must be verified within this time.")
+    rpo_hours: float = Field(gt=0, le=8_760, description="The newest snapshot may be at most this old (≤ a year).")
+    rto_minutes: float = Field(
+        gt=0, le=43_200, description="A restore must be verified within this time (≤ 30 days).")
 
 
 class Drill(Strict):
@@ -250,11 +343,43 @@ class Backup(Strict):
     check: Check = Check()
     targets: Targets
     drill: Drill
+    max_shrink: Fraction = Field(
+        default=0.5,
+        description="The largest fall in a snapshot's file count, as a fraction of the previous snapshot's, that a "
+        "backup accepts (0 < x ≤ 1): 0.5 fails a backup that lost more than half of the files; a snapshot with no "
+        "files fails whatever this says. Not yet enforced by the backup.",
+    )
+
+
+# `[registry[:port]/]path[:tag][@sha256:digest]` with a tag or a digest: a moving reference (no tag, `latest`)
+# would let the same fleet run different code from one boot to the next.
+_IMAGE_NAME = r"([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+_IMAGE_PATTERN = re.compile(
+    rf"{_IMAGE_NAME}(?P<tag>:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?P<digest>@sha256:[0-9a-f]{{64}})?")
+
+
+def _container_image(reference: str) -> str:
+    match = _IMAGE_PATTERN.fullmatch(reference)
+    if match is None:
+        problem = "not a container image reference"
+    elif match["digest"] is None and match["tag"] in (None, ":latest"):
+        problem = "the image is not pinned: it needs a version tag (not `latest`) or a digest"
+    else:
+        return reference
+    raise PydanticCustomError("image-reference", problem, {
+        "fix": "name a pinned image such as `registry.example.org/primespark/api:1.4.2` or `name@sha256:<digest>`"})
+
+
+ContainerImage = Annotated[str, AfterValidator(_container_image)]
 
 
 class Service(Strict):
     kind: ServiceKind
     host: Name
+    image: ContainerImage | None = Field(
+        default=None, description="The container image, pinned by a version tag or a digest; default: the kind's "
+        "own (primespark.cloud.catalog). The api kind has no public image, so an api service must name one.",
+    )
     port: int = Field(ge=1, le=65535)
     check: Literal["tcp", "http", "none"] = "tcp"
     backup_paths: list[AbsPath] = Field(default_factory=list)
