@@ -89,7 +89,8 @@ def test_cron_schedules_are_what_prefect_accepts(schedule: str, accepted: bool) 
 CRON_CORPUS = ["99 99 99 99 99", "60 * * * *", "0 24 * * *", "0 0 0 * *", "0 0 * 13 *", "0 0 * * 8", "*/0 * * * *",
                "H 2 * * *", "R 2 * * *", "0 2 * * *", "*/15 * * * *", "0 2 * * mon-fri", "0 0 1,15 jan *",
                "0 0 * * 7", "0 2 L * *", "5-10/2 * * * *", "0 0 29 2 *", "0 0 * * sun#2", "0 0 * * 5L", "a b c d e",
-               "0 0 ? * *", "1-60 * * * *", "0 0 * jan-dec/3 *", "0 0 1W * *", "* * * * 7-1"]
+               "0 0 ? * *", "1-60 * * * *", "0 0 * jan-dec/3 *", "0 0 1W * *", "* * * * 7-1", "0 0 LW * *",
+               "0 0 15W * *"]
 
 
 @pytest.mark.parametrize("schedule", CRON_CORPUS)

@@ -19,7 +19,6 @@ from primespark.secrets import (
     VaultSecretStore,
     ensure_reference,
     read_reference,
-    resolve,
     write_reference,
 )
 
@@ -57,7 +56,7 @@ def test_store_get_put_delete_list(vault, vault_prefix, store) -> None:
     with pytest.raises(SecretExists):
         store.create("fresh", "two")
     assert store.get("fresh") == "one"
-    assert resolve("local:restic/ssh/pi-2", store) == "key-two"  # local: names a key of the env's own store
+    assert read_reference("local:restic/ssh/pi-2", store) == "key-two"  # local: names a key of the env's own store
 
 
 def test_vault_reference_is_read_and_written_at_its_mount_path_and_field(vault, vault_prefix, store) -> None:
@@ -72,7 +71,7 @@ def test_vault_reference_is_read_and_written_at_its_mount_path_and_field(vault, 
     write_reference(f"vault:kv-prod/{path}#offsite", "second-password", store)
     assert kv(root, "kv-prod", path) == {"nas-primary": "first-password", "offsite": "second-password"}
     assert read_reference(reference, store) == "first-password"
-    assert resolve(reference, store) == "first-password"
+    assert read_reference(reference, store) == "first-password"
     assert store.list() == [], "nothing landed in the environment's own store"
 
     root.secrets.kv.v2.create_or_update_secret(path="elsewhere", secret={"x": "set-by-hand"}, mount_point="kv-prod")
