@@ -71,7 +71,7 @@ class Settings(BaseSettings):
             fix = f"make {path} a folder of your own (mode 0700), or set SPARK_STATE_DIR to a new folder"
             return private_folder(path, "the state directory", fix, make_parents=True)
         fix = ("point SPARK_STATE_DIR at a folder that does not exist yet, in a folder that does (spark makes it, "
-               "mode 0700), or at a folder of your own with mode 0700")
+               f"mode 0700), or at a folder of your own with mode 0700 (`chmod 700 {path}` if it is yours)")
         return private_folder(path, "SPARK_STATE_DIR", fix)
 
 
