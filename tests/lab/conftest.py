@@ -119,6 +119,15 @@ def _docker_or_skip(lab: Lab) -> None:
     pytest.skip(reason)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    """Wait for the lab lock before the first lab test starts, not inside it: another run's lab may hold the lock
+    for longer than a test's timeout. The `lab` fixture then finds it held by this process."""
+    wanted = any(item.get_closest_marker("lab") for item in session.items)
+    with lab_lock() if wanted else contextlib.nullcontext():
+        yield
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabHandle]:
     fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
