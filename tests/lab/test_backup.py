@@ -88,13 +88,12 @@ def backups(lab, tmp_path_factory):
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
         from prefect.exceptions import ObjectNotFound
 
-        from primespark.orchestration.locks import repository_lock
+        from primespark.orchestration.locks import drill_lock, repository_lock
 
         with get_client(sync_client=True) as client:
-            for name in spec.repositories:
+            for name in [*map(repository_lock, spec.repositories), *map(drill_lock, spec.plans)]:
                 with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(repository_lock(name),
-                                                           GlobalConcurrencyLimitUpdate(active_slots=0))
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
         yield fleet
 
 
