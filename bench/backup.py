@@ -141,7 +141,7 @@ def main() -> None:
         def fresh_repository() -> None:
             shutil.rmtree(flow_repo.parent.parent, ignore_errors=True)
             Path(folders_on(ctx, "pi-1").cache_file("nas-primary")).unlink(missing_ok=True)
-            jobs.prepare(ctx, "nas-primary", "pi-1")  # untimed, as `restic init` for plain restic
+            jobs.start_over(ctx, "nas-primary", ["pi-1"])  # untimed, as `restic init` for plain restic
 
         def pair(first_ours: bool, theirs: tuple[str, Any], ours: tuple[str, Any]) -> None:
             """Each of our steps beside restic's same step, adjacent, the order alternating by round."""

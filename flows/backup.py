@@ -15,12 +15,14 @@ from primespark.backup import jobs
 from primespark.backup.repositories import offsite_of, plan_of
 from primespark.backup.session import BackupRun
 from primespark.context import FleetContext, Transport
+from primespark.errors import UserError
 from primespark.monitoring.metrics import textfile_dir, write_backup_metrics
+from primespark.orchestration.failures import RunFailed, expected
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying, transient
 
 
-class BackupFailed(Exception):
+class BackupFailed(RunFailed):
     pass
 
 
@@ -28,8 +30,9 @@ class BackupFailed(Exception):
 # the server recording that task's own start (on SQLite that cost up to 2 s a lock).
 @task(name="restic-backup", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def restic_backup(ctx: FleetContext, host: str, time_override: datetime | None,
-                  clear_stale_locks_first: bool) -> jobs.HostBackup:
-    return jobs.backup_host(ctx, host, time_override=time_override, clear_stale_locks_first=clear_stale_locks_first)
+                  clear_stale_locks_first: bool, accept_shrink: bool) -> jobs.HostBackup:
+    return jobs.backup_host(ctx, host, time_override=time_override, clear_stale_locks_first=clear_stale_locks_first,
+                            accept_shrink=accept_shrink)
 
 
 @task(name="store-manifest", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -57,8 +60,11 @@ def backup(
     offsite: bool = True,
     textfile: str | None = None,
     snapshot_time: datetime | None = None,
+    accept_shrink: bool = False,
 ) -> dict[str, Any]:
-    """Back up `host` as the fleet's plan says. `snapshot_time` backdates the snapshot (tests of RPO)."""
+    """Back up `host` as the fleet's plan says. `snapshot_time` backdates the snapshot (tests of RPO).
+    `accept_shrink`: a plan path that is not there, no files, or a fall in the file count beyond
+    `backup.max_shrink` is expected this time (otherwise each fails the backup)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     plan = plan_of(ctx, host)
@@ -71,8 +77,12 @@ def backup(
     options = retrying(retries, retry_delay_seconds)
     try:
         with hold(repository_lock(plan.repository)):
-            done = restic_backup.with_options(**options)(ctx, host, snapshot_time, unfinished)
+            done = restic_backup.with_options(**options)(ctx, host, snapshot_time, unfinished, accept_shrink)
             run = done.run
+            for problem in run.cache_problems:
+                logger.warning("%s", problem)
+            if run.missing_paths:
+                logger.warning("backed up without %s: not there on %s (accepted)", ", ".join(run.missing_paths), host)
             if run.embed_problem:
                 logger.warning("%s: the manifest went in a snapshot of its own", run.embed_problem)
             if run.manifest_pending is not None:
@@ -91,12 +101,15 @@ def backup(
                              duration_seconds=finished - started, last_success=state.get("last_success"),
                              snapshot_time=state.get("snapshot_time"), size_bytes=state.get("size_bytes"),
                              added_bytes=None)
-        raise BackupFailed(f"backup of {host} into {plan.repository} failed: {exc}") from exc
+        if not expected(exc):
+            raise  # a bug: with its traceback
+        why = exc.message if isinstance(exc, UserError) else str(exc)
+        raise BackupFailed(f"backup of {host} into {plan.repository} failed: {why}", getattr(exc, "fix", "")) from exc
     finished = time.time()
     summary = run.summary
     when = snapshot_time.timestamp() if snapshot_time else done.started
     jobs.save_state(ctx, host, {"last_status": "succeeded", "last_success": finished, "snapshot_time": when,
-                                "size_bytes": summary.total_bytes_processed})
+                                "size_bytes": summary.total_bytes_processed, "files": run.files})
     write_backup_metrics(metrics_dir, host, plan.repository, success=True, finished=finished,
                          duration_seconds=finished - started, last_success=finished, snapshot_time=when,
                          size_bytes=summary.total_bytes_processed, added_bytes=summary.data_added)

@@ -16,11 +16,12 @@ from primespark.backup.repositories import backup_of, clients_of, offsite_of
 from primespark.context import FleetContext, Transport
 from primespark.errors import UserError
 from primespark.monitoring.metrics import textfile_dir, write_check_metrics
+from primespark.orchestration.failures import RunFailed
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying
 
 
-class MaintenanceFailed(Exception):
+class MaintenanceFailed(RunFailed):
     pass
 
 

@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from primespark.vault_server import DevServer, dev_server
+
+# Hypothesis keeps its examples and caches in `.hypothesis/` of the current folder, the checkout: not there.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"spark-hypothesis-{os.getuid()}")
 
 REPO = Path(__file__).resolve().parent.parent
 

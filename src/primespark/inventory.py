@@ -75,7 +75,18 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         ],
         "spark_backup_accounts": [a for a in backup_accounts(fleet) if a["nas"] == name],
         "spark_backup_target": next((a for a in backup_accounts(fleet) if a["client"] == name), None),
+        "spark_backup_paths": backup_paths(fleet, name),
+        # A lab fleet's hosts are containers made for it: the lab_data role fills their backup paths.
+        "spark_lab": fleet.lab is not None,
     }
+
+
+def backup_paths(fleet: Fleet, name: str) -> list[str]:
+    """What the host's backup plan reads: its paths and those of the services it runs (none without a plan)."""
+    if fleet.backup is None or name not in fleet.backup.plans:
+        return []
+    services = [p for s in fleet.services_on(name).values() for p in s.backup_paths]
+    return list(dict.fromkeys([*fleet.backup.plans[name].paths, *services]))
 
 
 def management_networks(fleet: Fleet, name: str) -> list[str]:

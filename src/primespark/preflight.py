@@ -12,8 +12,11 @@ import json
 import shlex
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Network
@@ -201,6 +204,10 @@ def evaluate(fleet: Fleet, name: str, result: dict, window: tuple[float, float],
     return findings
 
 
+def names_a_file(env: str) -> bool:
+    return Path(env).suffix in (".yaml", ".yml")
+
+
 def fleet_inventory(env: str, settings: Settings | None = None) -> Path:
     settings = settings or get_settings()
     path = settings.inventory_dir / f"{env}.fleet.yml"
@@ -211,10 +218,29 @@ def fleet_inventory(env: str, settings: Settings | None = None) -> Path:
     return path
 
 
+@contextmanager
+def inventory_for(env: str, fleet: Fleet, settings: Settings | None = None) -> Iterator[Path]:
+    """The Ansible inventory of `env`: inventory/<env>.fleet.yml, or for a fleet file given by its path a
+    temporary `<fleet name>.fleet.yml` for the same `fleet` plugin (its SSH files: the fleet name's state)."""
+    if not names_a_file(env):
+        yield fleet_inventory(env, settings)
+        return
+    with tempfile.TemporaryDirectory(prefix="spark-preflight-") as folder:
+        path = Path(folder) / f"{fleet.name}.fleet.yml"
+        path.write_text(f"# made by spark preflight for {env}\nplugin: fleet\n"
+                        f"fleet: {json.dumps(str(Path(env).resolve()))}\nenv: {json.dumps(fleet.name)}\n")
+        yield path
+
+
 def preflight(fleet: Fleet, env: str, limits: Limits = Limits(), settings: Settings | None = None,
               routes: list[tuple[IPv4Network, str]] | None = None) -> list[Finding]:
     settings = settings or get_settings()
-    inventory = fleet_inventory(env, settings)
+    with inventory_for(env, fleet, settings) as inventory:
+        return _preflight(fleet, inventory, limits, settings, routes)
+
+
+def _preflight(fleet: Fleet, inventory: Path, limits: Limits, settings: Settings,
+               routes: list[tuple[IPv4Network, str]] | None) -> list[Finding]:
     findings = check_networks(fleet, local_routes() if routes is None else routes)
     hosts = managed_hosts(fleet)
     tcp = check_tcp(fleet, hosts, limits.connect_timeout)

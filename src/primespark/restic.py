@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from primespark.errors import StepFailed
-from primespark.hosts import CommandNotFound, Completed, HostUnreachable, LocalRunner, Runner
+from primespark.hosts import CommandNotFound, CommandTimeout, Completed, HostUnreachable, LocalRunner, Runner
 
 # restic treats a lock as stale after 30 minutes without a refresh (it refreshes every 5 minutes).
 STALE_LOCK_AGE = timedelta(minutes=30)
@@ -78,6 +78,18 @@ class CheckFailed(ResticError):
         self.problems = problems
 
 
+class ResticTimeout(ResticError):
+    """A restic step (or a host-side session) outlived its timeout and was stopped on its host. Not retried: a
+    step that took longer than its work allows would likely do so again, holding its lock all the while."""
+
+    def __init__(self, message: str, fix: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message}\n    fix: {self.fix}" if self.fix else self.message
+
+
 class RestoreFailed(ResticError):
     def __init__(self, message: str, problems: list[str], **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -92,12 +104,19 @@ _UNREACHABLE = re.compile(
 )
 
 
+# restic < 0.17 says "Is there a repository at the following location?" after ANY failure to stat `config`
+# (permission denied, an I/O error, a dropped SFTP session): only the cause it names tells "not there" apart.
+# Local backends say "no such file or directory", the SFTP backend "file does not exist".
+_NO_CONFIG = re.compile(r"unable to open config file: .*(no such file or directory|file does not exist)",
+                        re.IGNORECASE)
+
+
 def classify(code: int, stderr: str, what: str) -> ResticError:
     """Map an exit code (and, for restic < 0.17, the message) to a typed error."""
     stderr = stderr.strip()
     tail = "\n".join(stderr.splitlines()[-6:])
     args: dict[str, Any] = {"returncode": code, "stderr": stderr}
-    if code == 10 or "Is there a repository at the following location?" in stderr:
+    if code == 10 or _NO_CONFIG.search(stderr):
         return RepositoryNotFound(f"{what}: no repository there ({tail})", **args)
     if code == 12 or "wrong password or no key found" in stderr:
         return WrongPassword(f"{what}: wrong password for the repository", **args)
@@ -216,11 +235,13 @@ class ResticClient:
                                    timeout=self.timeout if timeout is None else timeout)
         except CommandNotFound:
             raise ResticNotInstalled(f"{argv[0]!r} is not installed on {self.host}") from None
+        except CommandTimeout as exc:
+            raise ResticTimeout(exc.message, exc.fix) from None
         return Completed(proc.argv, proc.returncode, proc.stdout, self.scrub(proc.stderr))
 
-    def run_python(self, source: str, *args: str, stdin: bytes) -> Completed:
+    def run_python(self, source: str, *args: str, stdin: bytes, timeout: float | None = None) -> Completed:
         """Python `source` (standard library only) run by the host's own interpreter, with the credentials."""
-        return self.run([self.runner.python, "-c", source, *args], stdin=stdin)
+        return self.run([self.runner.python, "-c", source, *args], stdin=stdin, timeout=timeout)
 
     def scrub(self, text: str) -> str:
         """`text` without the password (restic never prints it; a wrapper's error might)."""
@@ -241,8 +262,9 @@ class ResticClient:
         ok: Iterable[int] = (0,),
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
+        timeout: float | None = None,
     ) -> Completed:
-        proc = self.run(self.command(*args, json_output=json_output), env=env, stdin=stdin)
+        proc = self.run(self.command(*args, json_output=json_output), env=env, stdin=stdin, timeout=timeout)
         if proc.returncode not in ok:
             raise self.failed(what, proc.returncode, proc.stderr)
         return proc
@@ -253,12 +275,21 @@ class ResticClient:
 
     # repository ------------------------------------------------------------------------------------------
 
-    def exists(self) -> bool:
+    def config_id(self) -> str | None:
+        """The repository's own id (from its config), or None when there is no repository at this location."""
         try:
-            self._call("cat config", "cat", "config", json_output=False)
+            # --no-lock: reading the config needs no lock, and must work beside a (stale) exclusive one
+            proc = self._call("cat config", "--no-lock", "cat", "config", json_output=False)
         except RepositoryNotFound:
-            return False
-        return True
+            return None
+        try:
+            return str(json.loads(proc.stdout)["id"])
+        except (ValueError, KeyError, TypeError):
+            raise ResticError(f"restic cat config on {self.host} printed no repository id: "
+                              f"{proc.stdout[:200]!r}") from None
+
+    def exists(self) -> bool:
+        return self.config_id() is not None
 
     def init(self) -> bool:
         """Create the repository unless it exists. True if it was created now."""
@@ -383,14 +414,15 @@ class ResticClient:
                 result.removed += [s["id"] for s in group.get("remove") or []]
         return result
 
-    def prune(self) -> None:
-        self._call("prune", "prune", json_output=False)
+    def prune(self, timeout: float | None = None) -> None:
+        self._call("prune", "prune", json_output=False, timeout=timeout)
 
-    def check(self, read_data_subset: str | None = None) -> list[str]:
-        """Raise CheckFailed naming each problem (pack IDs, trees) restic found; return its notes otherwise."""
+    def check(self, read_data_subset: str | None = None, timeout: float | None = None) -> list[str]:
+        """Raise CheckFailed naming each problem (pack IDs, trees) restic found; return its notes otherwise.
+        Without `read_data_subset` the check is structural: the index and every snapshot's trees."""
         args = ["check"] + (["--read-data-subset", read_data_subset] if read_data_subset else [])
         try:
-            proc = self._call("check", *args, json_output=False)
+            proc = self._call("check", *args, json_output=False, timeout=timeout)
         except ResticError as exc:
             if type(exc) is not ResticError:
                 raise
@@ -405,13 +437,14 @@ class ResticClient:
             ) from None
         return [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.strip()]
 
-    def copy(self, source: ResticClient, snapshot_ids: Sequence[str] = ()) -> None:
+    def copy(self, source: ResticClient, snapshot_ids: Sequence[str] = (), timeout: float | None = None) -> None:
         """Copy snapshots from `source` (as reachable from this client's runner) into this repository."""
         args = ["copy", "--from-repo", source.repository]
         for key, value in source.options.items():
             if key not in self.options:
                 args += ["--option", f"{key}={value}"]
-        self._call("copy", *args, *snapshot_ids, json_output=False, env={"RESTIC_FROM_PASSWORD": source.password})
+        self._call("copy", *args, *snapshot_ids, json_output=False, env={"RESTIC_FROM_PASSWORD": source.password},
+                   timeout=timeout)
 
     # locks -----------------------------------------------------------------------------------------------
 

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from primespark.errors import UserError
+from primespark.folders import private_folder
+
 
 def _repo_root() -> Path:
     here = Path(__file__).resolve()
@@ -33,7 +36,8 @@ class Settings(BaseSettings):
     env: str = Field(default="lab", description="The environment commands act on when none is named.")
     root: Path = Field(default_factory=_repo_root, description="The checkout: inventory/, roles/, flows/ …")
     state_home: Path = Field(default_factory=_default_state_home, description="State of every environment.")
-    state_dir_override: Path | None = Field(default=None, alias="SPARK_STATE_DIR")
+    # A string, not a Path: "" would become "." (the current folder) before anyone could refuse it.
+    state_dir_override: str | None = Field(default=None, alias="SPARK_STATE_DIR")
     secret_backend: Literal["local", "vault"] = "local"
     vault_addr: str | None = Field(default=None, alias="VAULT_ADDR")
     vault_mount: str = "secret"
@@ -45,15 +49,30 @@ class Settings(BaseSettings):
         return self.root / "inventory"
 
     def state_path(self, env: str | None = None) -> Path:
-        """Where the environment's state lives, without creating it (readers that must not leave a folder)."""
-        return self.state_dir_override or (self.state_home / (env or self.env))
+        """Where the environment's state lives, without creating it (readers that must not leave a folder).
+        SPARK_STATE_DIR must be an absolute path: empty or relative, keys would land in whatever folder the
+        command runs from (inside a checkout: untracked private keys)."""
+        override = self.state_dir_override
+        if override is None:
+            return self.state_home / (env or self.env)
+        if not override.strip():
+            raise UserError("SPARK_STATE_DIR is set but empty",
+                            "unset it (state then lives in ~/.local/state/primespark/<env>) or give an absolute path")
+        if not Path(override).is_absolute():
+            raise UserError(f"SPARK_STATE_DIR={override!r} is a relative path: the state would follow the current "
+                            "folder", "give an absolute path, e.g. SPARK_STATE_DIR=$HOME/spark-state")
+        return Path(override)
 
     def state_dir(self, env: str | None = None) -> Path:
-        """Per-environment state (SSH keys, mesh plan, secrets, Pulumi backend), created with mode 0700."""
+        """Per-environment state (SSH keys, mesh plan, secrets, Pulumi backend): made 0700 when missing; an
+        existing folder is used only when it is already private (its mode is never changed)."""
         path = self.state_path(env)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.chmod(0o700)
-        return path
+        if self.state_dir_override is None:
+            fix = f"make {path} a folder of your own (mode 0700), or set SPARK_STATE_DIR to a new folder"
+            return private_folder(path, "the state directory", fix, make_parents=True)
+        fix = ("point SPARK_STATE_DIR at a folder that does not exist yet, in a folder that does (spark makes it, "
+               f"mode 0700), or at a folder of your own with mode 0700 (`chmod 700 {path}` if it is yours)")
+        return private_folder(path, "SPARK_STATE_DIR", fix)
 
 
 def settings_for(env: str) -> Settings:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,11 @@ from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.lab import Lab, UpResult
 from primespark.lab.lock import lab_lock
+from primespark.lab.runtime import LABEL
 from primespark.lab.ssh import ssh_argv
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's tools, wherever the venv is
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Runs inside a lab host: try TCP connections in parallel, print which ones opened.
@@ -42,11 +45,13 @@ with ThreadPoolExecutor(len(targets)) as pool:
 """
 
 
-def docker_snapshot() -> tuple[set[str], set[str]]:
-    """Every container (id name) and network (id name) on this machine."""
-    containers = subprocess.run(["docker", "ps", "-a", "--format", "{{.ID}} {{.Names}}"],
+def docker_snapshot(fleet: str) -> tuple[set[str], set[str]]:
+    """The lab's containers (id name) and networks (id name): what carries its label. Anything else on the
+    machine (another user's containers, another lab) is not the lab's to compare."""
+    label = f"label={LABEL}={fleet}"
+    containers = subprocess.run(["docker", "ps", "-a", "--filter", label, "--format", "{{.ID}} {{.Names}}"],
                                 capture_output=True, text=True, check=True).stdout.split("\n")
-    networks = subprocess.run(["docker", "network", "ls", "--format", "{{.ID}} {{.Name}}"],
+    networks = subprocess.run(["docker", "network", "ls", "--filter", label, "--format", "{{.ID}} {{.Name}}"],
                               capture_output=True, text=True, check=True).stdout.split("\n")
     return {c for c in containers if c}, {n for n in networks if n}
 
@@ -57,7 +62,7 @@ class LabHandle:
     state_dir: Path
     lab: Lab
     first_up: UpResult
-    baseline: tuple[set[str], set[str]]  # docker ps -a / network ls before the lab existed
+    baseline: tuple[set[str], set[str]]  # the lab's containers and networks before it existed
 
     @property
     def prefect_api_url(self) -> str:
@@ -65,7 +70,7 @@ class LabHandle:
         return self.lab.prefect.api_url
 
     def docker_state(self) -> tuple[set[str], set[str]]:
-        return docker_snapshot()
+        return docker_snapshot(self.fleet.name)
 
     def container(self, host: str) -> str:
         return self.lab.plan().container(host).name
@@ -91,7 +96,7 @@ class LabHandle:
     def ansible(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Ansible from the repo's venv with the repo's ansible.cfg and the lab inventory."""
         env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
-        return subprocess.run([str(REPO / ".venv/bin/ansible"), "-i", f"inventory/{self.fleet.name}.fleet.yml",
+        return subprocess.run([str(BIN / "ansible"), "-i", f"inventory/{self.fleet.name}.fleet.yml",
                                *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -114,6 +119,15 @@ def _docker_or_skip(lab: Lab) -> None:
     pytest.skip(reason)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    """Wait for the lab lock before the first lab test starts, not inside it: another run's lab may hold the lock
+    for longer than a test's timeout. The `lab` fixture then finds it held by this process."""
+    wanted = any(item.get_closest_marker("lab") for item in session.items)
+    with lab_lock() if wanted else contextlib.nullcontext():
+        yield
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabHandle]:
     fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
@@ -122,13 +136,13 @@ def lab() -> Iterator[LabHandle]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(lab_lock())
         the_lab.down()  # a fresh lab: nothing left from earlier work changes what the tests see
-        baseline = docker_snapshot()
+        baseline = docker_snapshot(fleet.name)
         try:
             first_up = the_lab.up()
             yield LabHandle(fleet, the_lab.state_dir, the_lab, first_up, baseline)
         finally:
             if os.environ.get("SPARK_LAB_KEEP") != "1":
                 the_lab.down()
-                after = docker_snapshot()
+                after = docker_snapshot(fleet.name)
                 assert after == baseline, (f"lab down left Docker changed: containers {after[0] ^ baseline[0]}, "
                                            f"networks {after[1] ^ baseline[1]}")

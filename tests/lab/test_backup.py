@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,13 +88,12 @@ def backups(lab, tmp_path_factory):
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
         from prefect.exceptions import ObjectNotFound
 
-        from primespark.orchestration.locks import repository_lock
+        from primespark.orchestration.locks import drill_lock, repository_lock
 
         with get_client(sync_client=True) as client:
-            for name in spec.repositories:
+            for name in [*map(repository_lock, spec.repositories), *map(drill_lock, spec.plans)]:
                 with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(repository_lock(name),
-                                                           GlobalConcurrencyLimitUpdate(active_slots=0))
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
         yield fleet
 
 
@@ -194,3 +196,39 @@ def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backup
     ctx = FleetContext.load("lab", "ssh")
     restic_for(ctx, "nas-primary", "pi-1").check()
     lab.exec("pi-1", f"rm -f {root}/bulk.bin")
+
+
+def test_a_repository_moved_aside_fails_the_backup_and_is_found_again_when_back(lab, backups):
+    """The NAS folder of pi-1's repository moved aside, as an unmounted volume looks: the backup fails naming the
+    repository and what to check, on the terminal in a line or two, and makes no repository there; moved back,
+    the next backup succeeds and sees the old snapshots."""
+    from flows.backup import backup
+    from primespark.backup.repositories import restic_for
+    from primespark.context import FleetContext
+
+    spec = backups.backup
+    backup("pi-1", "lab", "ssh", offsite=False, **FAST)
+    ctx = FleetContext.load("lab", "ssh")
+    before = {s.id for s in restic_for(ctx, "nas-primary", "pi-1").snapshots(tags=["primespark-backup"])}
+    repo = f"{spec.repositories['nas-primary'].path}/pi-1/repo"
+    moved = lab.exec("nas-1", f"mv {repo} {repo}.aside")
+    assert moved.returncode == 0, moved.stderr
+    try:
+        state = backup("pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)
+        assert state.is_failed()
+        reason = str(state.result(raise_on_failure=False))
+        assert "the restic repository of pi-1 in nas-primary is missing" in reason, reason
+        assert f"{repo} on nas-1" in reason and "mounted" in reason, reason
+        assert "spark backup init nas-primary --client pi-1 --env lab" in reason, reason
+        cli = subprocess.run([str(Path(sys.executable).parent / "spark"), "backup", "now", "pi-1", "--env", "lab"],
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PREFECT_API_URL": lab.prefect_api_url})
+        assert cli.returncode == 1 and "is missing" in cli.stderr and "Traceback" not in cli.stdout + cli.stderr, \
+            cli.stdout[-2000:] + cli.stderr[-2000:]
+        assert lab.exec("nas-1", f"test -e {repo}/config").returncode != 0, "a new repository was made in its place"
+    finally:
+        lab.exec("nas-1", f"rmdir {repo} 2>/dev/null; mv {repo}.aside {repo}")
+    again = backup("pi-1", "lab", "ssh", offsite=False, **FAST)
+    assert not again["created_repository"]
+    after = {s.id for s in restic_for(ctx, "nas-primary", "pi-1").snapshots(tags=["primespark-backup"])}
+    assert before < after and any(i.startswith(again["snapshot"]) for i in after)  # restic 0.14: a short id

@@ -126,7 +126,7 @@ def test_cloud_host_cannot_open_a_connection_to_an_edge_host(lab):
 
 
 def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab, repo):
-    spark = str(repo / ".venv" / "bin" / "spark")
+    spark = str(Path(sys.executable).parent / "spark")
     # The fixture holds the lab lock; the CLI, its child, must not wait for it.
     up = subprocess.run([spark, "lab", "up"], capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr

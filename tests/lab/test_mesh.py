@@ -9,6 +9,7 @@ through the NAT, over the WAN.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from primespark.fleet.model import HostKind
+from primespark.inventory import managed_hosts
 from primespark.mesh.netns import ContinuousPing
 from primespark.mesh.plan import load_state
 from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.lab
 PING_SECONDS = 40
 
 REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
+SPARK = str(Path(sys.executable).parent / "spark")
 PLAYBOOK = """\
 - name: WireGuard mesh only
   hosts: edge:cloud
@@ -44,15 +46,24 @@ def run_role(lab, playbook: Path) -> RunResult:
 def mesh(lab, tmp_path_factory):
     playbook = tmp_path_factory.mktemp("mesh") / "mesh.yml"
     playbook.write_text(PLAYBOOK)
+    members = [h for h in lab.fleet.hosts if lab.fleet.in_mesh("fleet", h) and h in managed_hosts(lab.fleet)]
+    before = {h: lab.exec(h, "test -e /etc/wireguard/wg0.conf").returncode == 0 for h in members}
     first = run_role(lab, playbook)
     assert first.rc == 0, "\n".join(first.failed_tasks) or first.output[-4000:]
     state = load_state(lab.state_dir, "fleet")
     assert state is not None
-    return playbook, state
+    # this run is the one that copied the configs, private keys and all: none was there before it
+    assert before and not any(before.values()), before
+    return playbook, state, first
 
 
 def test_role_is_idempotent_and_writes_private_configs(lab, mesh):
-    playbook, state = mesh
+    playbook, state, first = mesh
+    # The run that copied the configs (with the private keys) kept the keys out of Ansible's output.
+    private_keys = [lab.exec(h, "sed -n 's/^PrivateKey *= *//p' /etc/wireguard/wg0.conf").stdout.strip()
+                    for h in state.hosts]
+    assert all(private_keys) and not [k for k in private_keys if k in first.output]
+    assert "PrivateKey" not in first.output
     second = run_role(lab, playbook)
     assert second.rc == 0, "\n".join(second.failed_tasks) or second.output[-4000:]
     assert second.hosts == set(state.hosts)
@@ -61,12 +72,10 @@ def test_role_is_idempotent_and_writes_private_configs(lab, mesh):
         mode = lab.exec(host, "stat -c %a /etc/wireguard/wg0.conf")
         assert mode.stdout.strip() == "600"
         assert lab.exec(host, "wg show wg0 public-key").stdout.strip() == state.hosts[host].public_key
-    # The private key never shows in Ansible's output.
-    assert "PrivateKey" not in second.output
 
 
 def test_every_host_reaches_every_overlay_address_across_the_nat(lab, mesh):
-    _, state = mesh
+    _, state, _ = mesh
     failures = []
     for host in state.hosts:
         others = [str(s.address) for h, s in state.hosts.items() if h != host]
@@ -99,7 +108,7 @@ def test_spark_mesh_check_exits_zero_and_writes_metrics(lab, mesh, tmp_path):
 
 
 def test_rotation_under_a_continuous_ping(lab, mesh):
-    _, state = mesh
+    _, state, _ = mesh
     edge = next(h for h in state.hosts if lab.fleet.behind_nat(h))
     cloud = next(h for h in state.hosts if lab.fleet.hosts[h].kind is HostKind.vm)
     old_key = state.hosts[cloud].public_key

@@ -42,17 +42,20 @@ FAST = {"retries": 2, "retry_delay_seconds": 0.2}
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("state")
-    old = os.environ.get("SPARK_STATE_DIR")
-    os.environ["SPARK_STATE_DIR"] = str(path)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing on SQLite
-    with prefect_test_harness(server_startup_timeout=120):
-        yield path
-    if old is None:
-        del os.environ["SPARK_STATE_DIR"]
-    else:
-        os.environ["SPARK_STATE_DIR"] = old
+def harness() -> Iterator[None]:
+    """One Prefect test server for the module (it takes seconds to start)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing on SQLite
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture
+def state(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A state directory of the test's own: what one test records of its repositories is not another's."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("SPARK_STATE_DIR", str(path))
+    return path
 
 
 def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float = 26) -> str:
@@ -227,6 +230,8 @@ def test_unreachable_nas_retries_fails_clearly_then_recovers_without_unlock(
     reason = str(failed.result(raise_on_failure=False))
     # restic relays the ssh error line from a goroutine that may lose the race with its exit: not asserted
     assert "storage is unreachable" in reason and "sftp" in reason, reason
+    logs = flow_logs(failed)  # an expected failure: the reason in the Prefect UI, no stack under it
+    assert "storage is unreachable" in logs and "Traceback" not in logs, logs
     assert len(attempts.read_text().split()) >= 1 + FAST["retries"], "no retries happened"
     assert "primespark_backup_success{host=\"pi-1\",repository=\"nas-primary\"} 0.0" in (
         tmp_path / "prom" / "primespark_backup_pi-1.prom").read_text()
@@ -455,3 +460,299 @@ def test_a_manifest_that_cannot_go_inside_its_snapshot_goes_beside_it_and_leaves
     assert sorted(s.tags[0] for s in left) == ["primespark-backup", "primespark-manifest"]
     assert run_of(left[0]) == run_of(left[1])  # the kept manifest is the kept snapshot's
     assert run_drill(ctx, "pi-1").passed
+
+
+# --- fail closed, never start over silently, always report (#13) -----------------------------------------------
+
+
+def flow_logs(state) -> str:  # type: ignore[no-untyped-def]
+    """Everything the run logged to the Prefect API (what the UI shows), flushed first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the run's logs still queued go to the API first
+    with get_client(sync_client=True) as client:
+        run_id = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=run_id))
+    return "\n".join(log.message for log in logs)
+
+
+def test_a_repository_that_went_missing_is_refused_never_made_again(state: Path, tmp_path: Path) -> None:
+    """The NAS folder moved aside (as an unmounted volume looks): the backup fails naming the repository and what
+    to check, and makes nothing there; moved back, the next backup sees the old snapshots; `spark backup init`
+    starts over on purpose."""
+    fleet = make_fleet(tmp_path)
+    first = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST).result()
+    assert first["created_repository"]
+    repo = tmp_path / "nas" / "pi-1" / "repo"
+    aside = repo.with_name("repo.aside")
+    repo.rename(aside)
+    refused = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST)
+    assert refused.is_failed()
+    reason = str(refused.result(raise_on_failure=False))
+    assert f"the restic repository of pi-1 in nas-primary is missing at {repo}" in reason, reason
+    assert "refusing to start a new, empty one" in reason and "mounted" in reason
+    assert f"spark backup init nas-primary --client pi-1 --env {Path(fleet).stem}" in reason or \
+        "spark backup init nas-primary --client pi-1" in reason, reason
+    assert not (repo / "config").exists(), "a new repository was made in the old one's place"
+    logs = flow_logs(refused)
+    assert "is missing at" in logs and "Traceback" not in logs, logs  # an expected failure: no stack in the UI
+    # and on the terminal: the reason and what to do, no traceback (the CLI reports to this module's server)
+    from prefect.settings import PREFECT_API_URL
+
+    spark = str(Path(sys.executable).parent / "spark")
+    cli = subprocess.run([spark, "backup", "now", "pi-1", "--env", fleet, "--transport", "local"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "SPARK_STATE_DIR": str(state), "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert cli.returncode == 1 and "is missing at" in cli.stderr, cli.stdout[-2000:] + cli.stderr[-3000:]
+    assert "Traceback" not in cli.stdout + cli.stderr, cli.stderr[-3000:]
+
+    aside.rename(repo)
+    again = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST).result()
+    assert not again["created_repository"]
+    ctx = FleetContext.load(fleet, "local")
+    assert len(restic_for(ctx, "nas-primary", "pi-1").snapshots(tags=["primespark-backup"])) == 2
+
+    # another repository in its place (a volume from another disk) is refused as well
+    shutil.rmtree(repo)
+    ResticTestClient.of(restic_for(ctx, "nas-primary", "pi-1")).init()
+    replaced = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST)
+    assert replaced.is_failed() and "is not the one this environment initialised" in str(
+        replaced.result(raise_on_failure=False))
+
+    # starting over on purpose: the command records what is there now (it deletes nothing)
+    shutil.rmtree(repo)
+    done = subprocess.run([spark, "backup", "init", "nas-primary", "--env", fleet, "--transport", "local"],
+                          capture_output=True, text=True, env={**os.environ, "SPARK_STATE_DIR": str(state)})
+    assert done.returncode == 0, done.stderr
+    assert "pi-1: made a new, empty repository" in done.stdout and (repo / "config").is_file()
+    assert run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST).is_completed()
+
+
+def test_an_empty_or_shrunk_backup_fails_unless_expected(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path)
+    src = tmp_path / "src" / "pi-1"
+    for i in range(10):
+        (src / f"extra-{i}.txt").write_text(f"extra {i}\n")
+    prom = str(tmp_path / "prom")
+    assert run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST).result()["manifest_files"] == 13
+    ctx = FleetContext.load(fleet, "local")
+    client = restic_for(ctx, "nas-primary", "pi-1")
+
+    for i in range(10):  # 13 files → 3: a fall of 77%, more than max_shrink's 50%
+        (src / f"extra-{i}.txt").unlink()
+    shrunk = run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST)
+    assert shrunk.is_failed()
+    reason = str(shrunk.result(raise_on_failure=False))
+    assert "file count fell from 13 to 3" in reason and "backup.max_shrink (50%)" in reason, reason
+    assert "--accept-shrink" in reason
+    assert len(client.snapshots(tags=["primespark-backup"])) == 1, "the refused snapshot was kept"
+    assert 'primespark_backup_success{host="pi-1",repository="nas-primary"} 0.0' in (
+        tmp_path / "prom" / "primespark_backup_pi-1.prom").read_text()
+    accepted = run(backup, "pi-1", fleet, offsite=False, textfile=prom, accept_shrink=True, **FAST).result()
+    assert accepted["manifest_files"] == 3
+
+    # a plan path that is not there: refused before restic starts
+    moved = src.with_name("pi-1.moved")
+    src.rename(moved)
+    missing = run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST)
+    assert missing.is_failed()
+    reason = str(missing.result(raise_on_failure=False))
+    assert f"the plan paths {src}" in reason or f"{src}" in reason, reason
+    assert "is not there on pi-1" in reason or "are not there on pi-1" in reason, reason
+    assert len(client.snapshots(tags=["primespark-backup"])) == 2
+    moved.rename(src)
+
+    # no files at all: refused; accepted, the drill of it has nothing to verify
+    for path in [p for p in src.rglob("*") if p.is_file()]:  # the folders stay: a service's path is one
+        path.unlink()
+    empty = run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST)
+    assert empty.is_failed() and "the snapshot holds no files" in str(empty.result(raise_on_failure=False))
+    run(backup, "pi-1", fleet, offsite=False, textfile=prom, accept_shrink=True, **FAST).result()
+    drill = run(dr_drill, "pi-1", fleet, textfile=prom)
+    assert drill.is_failed()
+    assert "nothing to verify" in str(drill.result(raise_on_failure=False))
+    assert "DR drill FAILED" in artifact_markdown("drill-report-pi-1")
+
+
+def test_a_plan_path_that_is_not_there_is_left_out_when_expected(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path)
+    data = yaml.safe_load(Path(fleet).read_text())
+    gone = str(tmp_path / "src" / "not-mounted")
+    data["backup"]["plans"]["pi-1"]["paths"].append(gone)
+    Path(fleet).write_text(yaml.safe_dump(data))
+    refused = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST)
+    assert refused.is_failed() and f"the plan path {gone} is not there on pi-1" in str(
+        refused.result(raise_on_failure=False))
+    done = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), accept_shrink=True,
+               **FAST).result()
+    assert done["manifest_files"] == 3
+
+
+def test_a_drill_checks_the_repository_and_reports_damage_the_restore_did_not_touch(
+    state: Path, tmp_path: Path
+) -> None:
+    """A data pack only an older snapshot needs goes missing: the newest snapshot restores whole, the
+    structural check finds the damage, and the drill fails with it in its report."""
+    fleet = make_fleet(tmp_path)
+    src = tmp_path / "src" / "pi-1"
+    files = [src / "blob.bin", src / "notes.txt", src / "app" / "state.db"]
+    files[0].write_bytes(os.urandom(12_000_000))
+    prom = str(tmp_path / "prom")
+    run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST).result()
+    repo = tmp_path / "nas" / "pi-1" / "repo"
+    first_packs = {p for p in (repo / "data").rglob("*") if p.is_file()}
+    for path in files:  # new content throughout: the first backup's data packs hold only its own blobs
+        path.write_bytes(os.urandom(path.stat().st_size))
+    run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST).result()
+    old_only = max(first_packs, key=lambda p: p.stat().st_size)
+    old_only.unlink()
+
+    ctx = FleetContext.load(fleet, "local")
+    restored = ResticTestClient.of(restic_for(ctx, "nas-primary", "pi-1"))
+    restored.restore("latest", str(tmp_path / "plain-restore"))  # the newest snapshot comes back whole
+    drill = run(dr_drill, "pi-1", fleet, textfile=prom)
+    assert drill.is_failed()
+    report = artifact_markdown("drill-report-pi-1")
+    assert "3 files equal" in report and "`restic check` of the repository (index and every snapshot's trees): " \
+        "FAILED" in report, report
+    assert old_only.name[:8] in report and "restic check found damage" in report, report
+
+
+def test_every_drill_reports_whatever_failed(state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore_check with braces runs as written; a scratch host unreachable at clean-up keeps the passed verdict,
+    with the clean-up problem beside it; killed drills' copies are swept, a running drill's is not."""
+    from primespark.backup import drill as drill_module
+    from primespark.hosts import HostUnreachable
+
+    fleet = make_fleet(tmp_path)
+    data = yaml.safe_load(Path(fleet).read_text())
+    notes = tmp_path / "src" / "pi-1" / "notes.txt"
+    data["services"]["pi1-app"]["restore_check"] = "awk '{print $1}' {root}" + str(notes) + " | grep -qx pi-1"
+    Path(fleet).write_text(yaml.safe_dump(data))
+    prom = tmp_path / "prom"
+    run(backup, "pi-1", fleet, offsite=False, textfile=str(prom), **FAST).result()
+    ctx = FleetContext.load(fleet, "local")
+    scratch = Path(folders_on(ctx, "pi-3").scratch)
+    killed = [scratch / "pi-1-19990101T000000", scratch / "pi-2-19990101T000000"]
+    running = scratch / "pi-2-29990101T000000"  # another host's drill, under way
+    for folder in [*killed, running]:
+        (folder / "data").mkdir(parents=True)
+
+    def unreachable(runner, target, timeout=120):  # type: ignore[no-untyped-def]
+        raise HostUnreachable(f"cannot reach {runner.name} over SSH: Connection timed out")
+
+    monkeypatch.setattr(drill_module, "remove_in_background", unreachable)
+    done = run(dr_drill, "pi-1", fleet, textfile=str(prom))
+    assert done.is_completed(), done.result(raise_on_failure=False)
+    report = artifact_markdown("drill-report-pi-1")
+    assert "DR drill PASSED" in report and "| pi1-app | restore_check | passed" in report, report
+    assert "## Clean-up (does not change the verdict)" in report and "Connection timed out" in report
+    assert 'primespark_drill_success{host="pi-1"} 1.0' in (prom / "primespark_drill_pi-1.prom").read_text()
+    deadline = time.monotonic() + 30
+    while any(f.exists() for f in killed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(f.exists() for f in killed) and running.is_dir()
+
+
+def test_a_drill_that_stops_on_a_bug_still_reports(state: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever stops a drill — here a bug standing in for one — it ends with a report, a history row and
+    metrics that say it failed; the old success metric does not stay."""
+    from primespark.backup import drill as drill_module
+    from primespark.backup.drill import load_history
+
+    fleet = make_fleet(tmp_path)
+    prom = tmp_path / "prom"
+    run(backup, "pi-1", fleet, offsite=False, textfile=str(prom), **FAST).result()
+    assert run(dr_drill, "pi-1", fleet, textfile=str(prom)).is_completed()
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyError("print $1")
+
+    monkeypatch.setattr(drill_module, "_service_checks", broken)
+    failed = run(dr_drill, "pi-1", fleet, textfile=str(prom))
+    assert failed.is_failed()
+    assert "unexpected error (KeyError" in artifact_markdown("drill-report-pi-1")
+    assert 'primespark_drill_success{host="pi-1"} 0.0' in (prom / "primespark_drill_pi-1.prom").read_text()
+    assert [r["result"] for r in load_history(state)] == ["pass", "FAIL"]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_warning(state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path)
+    ctx = FleetContext.load(fleet, "local")
+    cache_dir = Path(folders_on(ctx, "pi-1").cache)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache_dir.write_text("a file where the cache folder goes")
+    done = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST)
+    assert done.is_completed(), done.result(raise_on_failure=False)
+    assert "cannot be written" in flow_logs(done) and "hashed again next time" in flow_logs(done)
+
+
+def test_a_step_that_outlives_its_timeout_fails_clearly_and_frees_the_lock(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repository's storage hangs (an SFTP server that never answers): the step is stopped after the
+    fleet's timeout with a clear reason, its processes are gone, and the writer slot is free at once."""
+    fleet = make_fleet(tmp_path)
+    data = yaml.safe_load(Path(fleet).read_text())
+    hang, pids = tmp_path / "hang", tmp_path / "pids"
+    switch = tmp_path / "nas.sh"
+    switch.write_text(f"#!/bin/sh\nif [ -e {hang} ]; then echo $$ >> {pids}; exec sleep 600; fi\n"
+                      "exec /usr/lib/openssh/sftp-server\n")
+    switch.chmod(0o755)
+
+    def over_sftp(ctx: FleetContext, repository: str, client: str, via: str) -> Location:
+        path = ctx.fleet.backup.repositories[repository].path  # type: ignore[union-attr]
+        return Location(f"sftp:backup@nas-1:{path}/{client}/repo", {"sftp.command": str(switch)})
+
+    monkeypatch.setattr(repositories, "location", over_sftp)
+    run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST).result()
+    # tight limits for the hung run only (a loaded machine may take 3 s to start restic, as in the run above)
+    Path(fleet).write_text(yaml.safe_dump({**data, "backup": {**data["backup"], "timeouts": {
+        "command_seconds": 3, "minimum_minutes": 0.1}}}))
+    hang.touch()
+    started = time.monotonic()
+    stuck = run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST)
+    assert stuck.is_failed() and time.monotonic() - started < 120
+    reason = str(stuck.result(raise_on_failure=False))
+    assert "did not finish within 3 s and was stopped" in reason and "backup.timeouts" in reason, reason
+    for pid in pids.read_text().split():
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists(), "the hung storage process was left running"
+    hang.unlink()
+    Path(fleet).write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    assert run(backup, "pi-1", fleet, offsite=False, textfile=str(tmp_path / "prom"), **FAST).is_completed()
+    assert time.monotonic() - started < 60, "the next backup waited for the writer slot"
+
+
+def test_two_first_backups_at_once_agree_on_one_password(state: Path, tmp_path: Path) -> None:
+    """Two clients of one repository backed up for the first time at once: one password, made once, opens both."""
+    from primespark.secrets import read_reference
+
+    fleet = make_fleet(tmp_path, ("pi-1", "pi-2"))
+    ctx = FleetContext.load(fleet, "local")
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def first_backup(host: str) -> None:
+        barrier.wait()
+        try:
+            results[host] = jobs.backup_host(ctx, host)
+        except Exception as exc:  # asserted below
+            results[host] = exc
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(first_backup, h))
+               for h in ("pi-1", "pi-2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, jobs.HostBackup) for r in results.values()), results
+    password = read_reference("local:restic/nas-primary", ctx.secrets)
+    for host in ("pi-1", "pi-2"):
+        assert restic_for(ctx, "nas-primary", host).password == password
+        assert restic_for(ctx, "nas-primary", host).snapshots(), f"{host}'s repository does not open with it"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -97,35 +95,43 @@ def test_files_restic_saved_that_the_walk_missed_get_a_manifest_of_their_own(tre
     assert run.comparison is not None and run.comparison.ok and run.comparison.matched == 16, run
 
 
-def test_a_file_written_after_its_hash_and_before_restic_read_it_is_counted_not_compared(tmp_path: Path) -> None:
-    """The hash comes first, restic's read later: a write in between (here right after the manifest lands,
-    while restic is still reading a bigger file sorted before it) makes restic's copy another version. The
+# Stands in front of restic: it starts restic only once the session has hashed every file and put its manifest
+# in place, after writing the late file — so the write falls between the hash and restic's read, every time
+# (a deadline keeps it from waiting forever).
+HOLD_RESTIC = """
+i=0
+while [ ! -e "$SPARK_TEST_MANIFEST" ]; do
+  i=$((i+1)); [ $i -gt 6000 ] && { echo "no manifest after 60 s" >&2; exit 1; }
+  sleep 0.01
+done
+printf 'after, and longer\\n' > "$SPARK_TEST_LATE"
+exec "$@"
+"""
+
+
+def test_a_file_written_after_its_hash_and_before_restic_read_it_is_counted_not_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash comes first, restic's read later: a write in between makes restic's copy another version. The
     session sees the file's identity move, stores a manifest that counts the file as changed, and the drill
     passes without comparing it."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "a-big.bin").write_bytes(os.urandom(300_000_000))
+    (src / "a-big.bin").write_bytes(os.urandom(1_000_000))
     late = src / "z.txt"
     late.write_text("before\n")
     client = ResticClient(str(tmp_path / "repo"), PASSWORD)
     client.init()
     folder = tmp_path / "manifests"
-    data = client.command(*client.backup_args([str(src)], tags=["primespark-backup", "primespark-run-0002"],
-                                              host="pi-1", verbose=True))
+    monkeypatch.setenv("SPARK_TEST_MANIFEST", str(folder / hostside.MANIFEST_FILE))  # the session's environment
+    monkeypatch.setenv("SPARK_TEST_LATE", str(late))
+    data = ["sh", "-c", HOLD_RESTIC, "sh", *client.command(*client.backup_args(
+        [str(src)], tags=["primespark-backup", "primespark-run-0002"], host="pi-1", verbose=True))]
     separate = client.command(*client.backup_stdin_args(hostside.MANIFEST_FILE, host="pi-1",
                                                         tags=["primespark-manifest", "primespark-run-0002"]))
-
-    def write_once_hashed() -> None:
-        while not (folder / hostside.MANIFEST_FILE).exists():
-            time.sleep(0.001)
-        late.write_text("after, and longer\n")
-
-    writer = threading.Thread(target=write_once_hashed)
-    writer.start()
     out = run_session(client, "backup", {"data": data, "manifest": separate, "host": "pi-1", "run": "0002",
                                           "cache": None, "manifest_dir": str(folder), "paths": [str(src)],
                                           "excludes": []})
-    writer.join()
     assert out["returncode"] == 0 and not out["embedded"] and out["changed_during_backup"] == [str(late)], out
     assert client.dump(out["summary"]["snapshot_id"], str(late)) == b"after, and longer\n"  # restic read it so
     run = restore_and_compare(client, "pi-1", str(tmp_path / "restored"), manifest_dir=str(folder))

@@ -65,10 +65,20 @@ def install_config(fabric: NetnsFabric, planned: Planned, host: str) -> None:
 
 
 def interface_identity(fabric: NetnsFabric, host: str, interface: str = "wg0") -> tuple[str, str]:
-    """The interface index and the pid of the wireguard-go serving it: both change when it restarts."""
+    """The interface index and the pid of the wireguard-go serving it: both change when it restarts. The process
+    is looked for in the host's own network namespace only (every host here runs a wireguard-go for wg0, and so
+    may any other test or user of the machine)."""
     index = fabric.run(host, f"cat /sys/class/net/{interface}/ifindex").strip()
-    pid = fabric.run(host, f"pgrep -f 'wireguard-go {interface}$' | head -n 1").strip()
-    return index, pid
+    serving = []
+    for pid in fabric.pids_in(host):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue  # ended meanwhile
+        if argv and Path(argv[0].decode()).name == "wireguard-go" and argv[-1].decode() == interface:
+            serving.append(pid)
+    assert len(serving) == 1, f"{host}: wireguard-go processes serving {interface} in its namespace: {serving}"
+    return index, str(serving[0])
 
 
 def test_full_mesh_every_pair_reaches_every_other(fabric, store, tmp_path):

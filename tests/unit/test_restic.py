@@ -252,3 +252,65 @@ def test_a_host_without_restic_gets_a_clear_error_from_the_backup_session(tmp_pa
     client = ResticClient(str(tmp_path / "repo"), "pw", binary="restic-not-here")
     with pytest.raises(ResticNotInstalled, match="'restic-not-here' is not installed on localhost"):
         backup_with_manifest(client, [str(tmp_path)], host="pi-1")
+
+
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+def test_restic_0_14_no_repository_is_told_from_other_failures_to_open_config(tmp_path: Path) -> None:
+    """restic < 0.17 prints "Is there a repository at the following location?" after ANY failure to stat the
+    config: only a config that is not there means "no repository"; a refused or failed stat is another error."""
+    missing = ResticClient(str(tmp_path / "nothing"), PASSWORD)
+    with pytest.raises(RepositoryNotFound):
+        missing.snapshots()
+    assert missing.config_id() is None
+    if os.access(SFTP_SERVER, os.X_OK):  # the same over SFTP, whose "not there" is worded otherwise
+        over_sftp = ResticClient(f"sftp:x@nas:{tmp_path}/nothing", PASSWORD, options={"sftp.command": SFTP_SERVER})
+        assert over_sftp.config_id() is None
+    # what restic 0.14 (cmd/restic/global.go) prints when the stat itself fails
+    for cause in ("Lstat: permission denied", "stat /mnt/nas/repo/config: input/output error",
+                  "Lstat: connection lost"):
+        stderr = (f"Fatal: unable to open config file: {cause}\nIs there a repository at the following location?\n"
+                  "sftp:backup-pi-1@nas-1:/repo")
+        error = classify(1, stderr, "restic snapshots on pi-1")
+        assert not isinstance(error, RepositoryNotFound), cause
+    assert isinstance(classify(1, "Fatal: unable to open config file: Lstat: connection lost\nIs there a repository "
+                                  "at the following location?\nx", "w"), RepositoryUnreachable)
+
+
+def test_a_repository_has_an_id_of_its_own(tmp_path: Path, repo: ResticClient) -> None:
+    other = ResticClient(str(tmp_path / "other"), PASSWORD)
+    other.init()
+    assert repo.config_id() and other.config_id() and repo.config_id() != other.config_id()
+    assert len(repo.config_id() or "") == 64
+
+
+def test_a_command_past_its_timeout_is_stopped_with_its_whole_process_group(tmp_path: Path) -> None:
+    """A timed-out command's children go too (a host-side session's restic): nothing keeps running, holding a
+    lock, after the step has failed. The background child here ignores SIGINT (as `&` makes it): it takes the
+    SIGKILL that follows."""
+    from primespark.hosts import CommandTimeout
+    from primespark.hosts.runner import KILL_AFTER_SECONDS
+
+    pid_file = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout, match="did not finish within 1 s"):
+        LocalRunner("pi-9").run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], timeout=1)
+    assert time.monotonic() - started < 1 + KILL_AFTER_SECONDS + 30
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists(), "the command's child outlived its timeout"
+
+
+def test_a_restic_step_past_its_timeout_is_a_clear_failure_not_retried(tmp_path: Path) -> None:
+    from primespark.restic import ResticTimeout
+
+    hung = tmp_path / "hung-sftp"
+    hung.write_text("#!/bin/sh\nexec sleep 300\n")
+    hung.chmod(0o755)
+    client = ResticClient(f"sftp:x@nas:{tmp_path}/repo", PASSWORD, options={"sftp.command": str(hung)}, timeout=2)
+    with pytest.raises(ResticTimeout) as stopped:
+        client.snapshots()
+    assert not stopped.value.transient and "did not finish within 2 s" in str(stopped.value)

@@ -9,6 +9,8 @@ import copy
 import json
 import os
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1
 
 
 @pytest.fixture(scope="module")
-def hostvars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    os.environ.setdefault("SPARK_STATE_DIR", str(tmp_path_factory.mktemp("state")))
-    data = build_inventory(load_fleet("lab"))["_meta"]["hostvars"]
-    return {h: {k: v for k, v in hv.items() if k.startswith("spark_")} for h, hv in data.items()}
+def hostvars(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    with pytest.MonkeyPatch.context() as patch:  # set for this module only, whatever the run had before
+        patch.setenv("SPARK_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+        data = build_inventory(load_fleet("lab"))["_meta"]["hostvars"]
+    yield {h: {k: v for k, v in hv.items() if k.startswith("spark_")} for h, hv in data.items()}
 
 
 def validate(tmp_path: Path, plays: list[tuple[str, dict[str, Any]]]) -> subprocess.CompletedProcess[str]:
@@ -40,7 +43,7 @@ def validate(tmp_path: Path, plays: list[tuple[str, dict[str, Any]]]) -> subproc
            "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
            "ANSIBLE_NOCOLOR": "1"}
     return subprocess.run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", "localhost,", "-c", "local",
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
          # Only the always-tagged argument validation runs; no task touches this machine.
          "--tags", "spark-validation-only", str(tmp_path / "play.yml")],
         capture_output=True, text=True, env=env, timeout=120,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / ".venv" / "bin"
+BIN = Path(sys.executable).parent  # the venv's tools, wherever the venv is
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:

@@ -20,6 +20,7 @@ ENTRIES = {"restic/nas-primary": "pw-primary", "restic/ssh/pi-1": "-----BEGIN KE
 @pytest.fixture
 def setup(tmp_path, vault, vault_prefix, monkeypatch):
     state = tmp_path / "state"
+    state.mkdir(mode=0o700)  # private, as spark makes it (the store is filled before spark runs)
     local = LocalSecretStore(state / "secrets")
     for key, value in ENTRIES.items():
         local.put(key, value)

@@ -128,6 +128,7 @@ def test_the_pulumi_entry_point_reads_the_fleet_named_in_the_stack_config(state_
     from primespark.secrets import LocalSecretStore
     from stacks.program import main
 
+    state_dir.mkdir(mode=0o700)  # private, as spark makes it: the plan below is saved into it first
     config = stack_config("homelab")
     assert config["fleet"] == "homelab" and config["vaultAddress"].startswith("https://")
     fleet = load_fleet(config["fleet"])

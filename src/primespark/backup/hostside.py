@@ -425,7 +425,29 @@ def hash_files(paths: Iterable[str], cache: dict[str, Entry | None],
     return files, hashed
 
 
+def write_cache(path: str | None, body: bytes, problems: list[str]) -> None:
+    """The cache is disposable (a missing one costs a rehash): a failure to write it is a warning."""
+    if not path:
+        return
+    try:
+        write_private(path, body)
+    except OSError as exc:
+        problem = f"the manifest cache {path} cannot be written ({exc.strerror}): every file is hashed again next time"
+        if problem not in problems:
+            problems.append(problem)
+
+
 def backup(spec: dict[str, Any]) -> dict[str, Any]:
+    paths = list(spec["paths"])
+    # A plan path that is not there (a volume that did not mount) would make an empty or shrunk snapshot that
+    # looks like a success: refused unless the run was told it is expected; then the paths that are there.
+    missing = [p for p in paths if not os.path.lexists(p)]
+    if missing and (not spec.get("accept_missing") or len(missing) == len(paths)):
+        return {"missing": missing}
+    data_argv = list(spec["data"])
+    if missing:  # the argv ends with `--` and the paths
+        data_argv = data_argv[:len(data_argv) - len(paths)] + [p for p in paths if p not in missing]
+        paths = [p for p in paths if p not in missing]
     folder = spec.get("manifest_dir")
     problem = None
     try:
@@ -433,19 +455,19 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
     except OSError as exc:
         manifest_path, problem = None, f"the manifest folder {folder} cannot be used: {exc.strerror}"
     cache = load_cache(spec.get("cache"))
+    cache_problems: list[str] = []
     excludes = Excludes(spec.get("excludes", []))
     # niced: restic's key derivation keeps its core, the hash takes the one it leaves idle
     with hashers(19) as workers:
-        data = start(spec["data"] + ([folder] if manifest_path else []))
+        data = start(data_argv + ([folder] if manifest_path else []))
         data_err, saved = Drain(data.stderr), Saved(data.stdout)
-        files, hashed = hash_files(saved_files(spec["paths"], excludes, folder), cache, workers)
+        files, hashed = hash_files(saved_files(paths, excludes, folder), cache, workers)
         # the walk's order is restic's: the same files give the same bytes, which restic stores once
         manifest = {"format": FORMAT, "hash": PREFERRED, "host": spec["host"], "run": spec["run"], "files": files}
         body = json.dumps(manifest).encode()
         if manifest_path and folder:
             write_private(manifest_path, body, staging=os.path.dirname(folder))
-        if spec.get("cache"):
-            write_private(spec["cache"], body)  # while restic runs
+        write_cache(spec.get("cache"), body, cache_problems)  # while restic runs
         returncode = data.wait()
         saved.join()
         restic_files = {p for p in saved.files if folder is None or not p.startswith(folder + "/")}
@@ -455,12 +477,12 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
         if not embedded:  # the manifest of what restic saved: files it saved that the walk did not see, hashed now
             files = {p: files[p] if p in files else digest(p) for p in restic_files}
             files.update(dict.fromkeys(changed))  # restic may have read another version: counted, not compared
-            if spec.get("cache"):
-                write_private(spec["cache"], json.dumps({**manifest, "files": files}).encode())
+            write_cache(spec.get("cache"), json.dumps({**manifest, "files": files}).encode(), cache_problems)
     result: dict[str, Any] = {"returncode": returncode, "summary": saved.summary, "stderr": data_err.text(),
                               "files": len(files),
                               "changed_during_backup": sorted(p for p, h in files.items() if h is None),
-                              "hashed_now": hashed, "embedded": embedded, "embed_problem": problem}
+                              "hashed_now": hashed, "embedded": embedded, "embed_problem": problem,
+                              "missing": missing, "cache_problems": cache_problems}
     snapshot = (saved.summary or {}).get("snapshot_id")
     if embedded or not spec.get("manifest") or returncode not in (0, 3) or not snapshot:
         return result

@@ -6,23 +6,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from primespark.backup import manifest
+from primespark.backup import manifest, records
 from primespark.backup.manifest import BACKUP_TAG, MANIFEST_TAG, run_of, run_tag
 from primespark.backup.repositories import (
     backup_of,
     clear_stale_locks,
     clients_of,
     folders_on,
+    long_step,
     plan_of,
+    repository_folder,
     restic_for,
+    start_over_command,
 )
-from primespark.backup.session import BackupRun, backup_with_manifest
+from primespark.backup.session import ACCEPT_HINT, BackupRefused, BackupRun, backup_with_manifest
 from primespark.context import FleetContext
 from primespark.errors import StepFailed
 from primespark.restic import CheckFailed, RepositoryLocked, RepositoryNotFound, ResticClient
@@ -31,16 +33,34 @@ from primespark.secrets import atomic_write
 T = TypeVar("T")
 
 
+def open_repository(ctx: FleetContext, repository: str, client: str, *, create: bool,
+                    via: str | None = None) -> records.Opened | None:
+    """`client`'s repository in `repository`, checked against this environment's record of it (see `records`):
+    made only on its first use (`create`), never again once recorded; None when it was never made."""
+    restic = restic_for(ctx, repository, client, via=via, create=create)
+    return records.open_repository(ctx.state_dir, restic, repository, client, create=create,
+                                   where=repository_folder(ctx, repository, client),
+                                   start_over=start_over_command(ctx, repository, client))
+
+
+def start_over(ctx: FleetContext, repository: str, clients: list[str]) -> dict[str, records.Opened]:
+    """`spark backup init`: forget what was recorded of each client's repository, then make it where there is none
+    (or record the one that is there). Never deletes a repository."""
+    opened = {}
+    for client in clients:
+        records.forget(ctx.state_dir, repository, client)
+        made = open_repository(ctx, repository, client, create=True)
+        assert made is not None  # create=True
+        opened[client] = made
+    return opened
+
+
 def prepare(ctx: FleetContext, repository: str, client: str) -> dict[str, object]:
     """Create the repository (and its password) on first use; remove locks left by dead processes."""
-    restic = restic_for(ctx, repository, client, create=True)
-    created = False
-    try:  # listing locks also proves the repository exists: one restic start saved on every run
-        locks = clear_stale_locks(ctx, repository, client)
-    except RepositoryNotFound:
-        created = restic.init()
-        locks = clear_stale_locks(ctx, repository, client)
-    return {"created": created, "stale_locks_removed": [lock.id[:8] for lock in locks.removed],
+    opened = open_repository(ctx, repository, client, create=True)
+    assert opened is not None  # create=True
+    locks = clear_stale_locks(ctx, repository, client)
+    return {"created": opened.created, "stale_locks_removed": [lock.id[:8] for lock in locks.removed],
             "live_locks": [lock.id[:8] for lock in locks.kept_alive],
             "unresolved_locks": [f"{lock.id[:8]} by pid {lock.pid} on {lock.hostname}" for lock in locks.unresolved]}
 
@@ -53,18 +73,18 @@ class Fixed(Generic[T]):
 
 
 def with_repository_fixes(ctx: FleetContext, repository: str, client: str, action: Callable[[], T]) -> Fixed[T]:
-    """Run `action` (one restic write); create the repository if restic finds none, and clear stale locks if
-    it finds the repository locked, then try again. The usual run costs no extra restic start."""
-    fixed: Fixed[T] = Fixed()
+    """Run `action` (one restic write) on the client's repository, checked first against its record (made on its
+    first use only); clear stale locks if restic finds it locked, then try again."""
+    opened = open_repository(ctx, repository, client, create=True)
+    fixed: Fixed[T] = Fixed(created=opened is not None and opened.created)
     for _ in range(3):
         try:
             fixed.value = action()
             return fixed
         except RepositoryNotFound:
-            if fixed.created:
-                raise
-            restic_for(ctx, repository, client, create=True).init()
-            fixed.created = True
+            # gone since it was checked (a volume unmounted mid-run): said as such, never made again
+            open_repository(ctx, repository, client, create=False)
+            raise
         except RepositoryLocked:
             cleared = clear_stale_locks(ctx, repository, client).removed
             if not cleared:
@@ -82,24 +102,47 @@ class HostBackup:
     stale_locks_removed: list[str] = field(default_factory=list)
 
 
+def shrink_problem(files: int, previous: int | None, max_shrink: float) -> str | None:
+    """Why a snapshot of `files` files (the last accepted one had `previous`) does not look like the host's data."""
+    if files == 0:
+        return "the snapshot holds no files (the plan's paths are empty)"
+    if previous and files < previous * (1 - max_shrink):
+        return (f"its file count fell from {previous} to {files} ({1 - files / previous:.0%} fewer), more than "
+                f"backup.max_shrink ({max_shrink:.0%}) allows")
+    return None
+
+
 def backup_host(
     ctx: FleetContext, host: str, time_override: datetime | None = None, clear_stale_locks_first: bool = False,
+    accept_shrink: bool = False,
 ) -> HostBackup:
     """One restic backup of the host's plan with its manifest, in one session on the host. `clear_stale_locks_first`
-    (after a run that did not finish) costs restic starts."""
+    (after a run that did not finish) costs restic starts.
+
+    An empty backup is not a success: a plan path that is not there, a snapshot without files, or one whose file
+    count fell by more than `backup.max_shrink` against the last accepted backup fails with the reason (the
+    snapshot is forgotten again, so drills and retention keep to the last good one), unless `accept_shrink`."""
     plan = plan_of(ctx, host)
     restic = restic_for(ctx, plan.repository, host, create=True)
     folders = folders_on(ctx, host)
+    last = load_state(ctx, host)
     removed = []
-    if clear_stale_locks_first:
-        with suppress(RepositoryNotFound):  # none yet: the backup creates it
-            removed = [lock.id[:8] for lock in clear_stale_locks(ctx, plan.repository, host).removed]
+    if clear_stale_locks_first and open_repository(ctx, plan.repository, host, create=False) is not None:
+        removed = [lock.id[:8] for lock in clear_stale_locks(ctx, plan.repository, host).removed]
     started = time.time()
     done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
         restic, plan.paths, host=host, excludes=plan.excludes, time=time_override,
-        cache=folders.cache_file(plan.repository), manifest_dir=folders.manifest_dir(plan.repository)))
-    assert done.value is not None
-    return HostBackup(done.value, started, time.time(), done.created, removed + done.stale_locks_removed)
+        cache=folders.cache_file(plan.repository), manifest_dir=folders.manifest_dir(plan.repository),
+        accept_missing=accept_shrink, timeout=long_step(ctx, last.get("size_bytes"))))
+    run = done.value
+    assert run is not None
+    problem = shrink_problem(run.files, last.get("files"), backup_of(ctx.fleet).max_shrink)
+    if problem and not accept_shrink:
+        restic.forget_ids([i for i in (run.summary.snapshot_id, run.separate_manifest) if i])
+        raise BackupRefused(f"backup of {host} refused: {problem}; its snapshot {(run.summary.snapshot_id or '')[:8]} "
+                            "was forgotten again", f"check the host's data and that its volumes are mounted; "
+                            f"{ACCEPT_HINT}")
+    return HostBackup(run, started, time.time(), done.created, removed + done.stale_locks_removed)
 
 
 def store_pending_manifest(ctx: FleetContext, host: str, run: BackupRun) -> str | None:
@@ -118,7 +161,8 @@ def copy_offsite(ctx: FleetContext, repository: str, offsite: str, client: str,
     SFTP key for both. Without ids it copies every snapshot the offsite copy lacks (idempotent)."""
     source = restic_for(ctx, repository, client)
     target = restic_for(ctx, offsite, client, create=True)
-    with_repository_fixes(ctx, offsite, client, lambda: target.copy(source, snapshot_ids or []))
+    timeout = long_step(ctx, load_state(ctx, client).get("size_bytes"))
+    with_repository_fixes(ctx, offsite, client, lambda: target.copy(source, snapshot_ids or [], timeout=timeout))
 
 
 # --- the last run of each host (the state directory) --------------------------------------------------------
@@ -197,7 +241,7 @@ class MaintenanceOutcome:
         return out
 
 
-def forget_and_prune(ctx: FleetContext, restic: ResticClient) -> tuple[int, int]:
+def forget_and_prune(ctx: FleetContext, restic: ResticClient, timeout: float | None = None) -> tuple[int, int]:
     """Retention on data snapshots, then drop manifests whose snapshot is gone, then one prune."""
     keep = backup_of(ctx.fleet).retention.model_dump(exclude_none=True)
     removed = restic.forget(keep, prune=False, tags=[BACKUP_TAG]).removed
@@ -205,7 +249,7 @@ def forget_and_prune(ctx: FleetContext, restic: ResticClient) -> tuple[int, int]
     alive = {run_tag(run) for s in snapshots if BACKUP_TAG in s.tags and (run := run_of(s))}
     orphans = [s.id for s in snapshots if MANIFEST_TAG in s.tags and not alive.intersection(s.tags)]
     restic.forget_ids(orphans)
-    restic.prune()
+    restic.prune(timeout=timeout)
     return len(removed), len(orphans)
 
 
@@ -215,14 +259,16 @@ def maintain_client(ctx: FleetContext, repository: str, client: str, *, check: b
     done = ClientMaintenance(client)
     try:
         restic = restic_for(ctx, repository, client)
-        if not restic.exists():
+        if open_repository(ctx, repository, client, create=False) is None:
             done.error = f"no repository for {client} yet (no backup has run)"
             return done
         clear_stale_locks(ctx, repository, client)
-        done.forgotten, done.orphan_manifests = forget_and_prune(ctx, restic)
+        timeout = long_step(ctx, load_state(ctx, client).get("size_bytes"))
+        done.forgotten, done.orphan_manifests = forget_and_prune(ctx, restic, timeout)
         if check:
             try:
-                restic.check(read_data_subset=read_data_subset or backup_of(ctx.fleet).check.read_data_subset)
+                restic.check(read_data_subset=read_data_subset or backup_of(ctx.fleet).check.read_data_subset,
+                             timeout=timeout)
                 done.checked = True
             except CheckFailed as exc:
                 done.checked, done.problems = False, exc.problems

@@ -128,6 +128,18 @@ class HostFolders:
         return f"{self.cache}/{repository}.json"
 
 
+def repository_folder(ctx: FleetContext, repository: str, client: str) -> str:
+    """Where `client`'s repository inside `repository` lives, for an operator to look: a folder on a host."""
+    repo = backup_of(ctx.fleet).repositories[repository]
+    folder = f"{repo.path.rstrip('/')}/{client}/repo"
+    return folder if ctx.transport == "local" else f"{folder} on {repo.host}"
+
+
+def start_over_command(ctx: FleetContext, repository: str, client: str) -> str:
+    """The command that starts a client's repository over on purpose."""
+    return f"spark backup init {repository} --client {client} --env {ctx.env}"
+
+
 def folders_on(ctx: FleetContext, host: str) -> HostFolders:
     if ctx.transport == "local":  # every host is this machine: one set of folders per host, in the state dir
         base = ctx.state_dir
@@ -178,10 +190,24 @@ def client_key(ctx: FleetContext, client: str) -> tuple[str, str]:
 def restic_for(ctx: FleetContext, repository: str, client: str, via: str | None = None,
                create: bool = False) -> ResticClient:
     """The restic repository holding `client`'s data in `repository`, as host `via` (default: the client)
-    reaches it."""
+    reaches it. Each call has a timeout: a short step's unless the call gives a longer one (`long_step`)."""
     via = via or client
     where = location(ctx, repository, client, via)
-    return ResticClient(where.url, password(ctx, repository, create), ctx.hosts.runner(via), where.options)
+    return ResticClient(where.url, password(ctx, repository, create), ctx.hosts.runner(via), where.options,
+                        timeout=backup_of(ctx.fleet).timeouts.command_seconds)
+
+
+# --- how long a step may run ---------------------------------------------------------------------------------
+
+
+def long_step(ctx: FleetContext, size_bytes: float | None) -> float:
+    """Seconds a step moving `size_bytes` may take (backup.timeouts): the size at the slowest expected rate,
+    within the fleet's minimum and maximum; the maximum when the size is not known yet."""
+    limits = backup_of(ctx.fleet).timeouts
+    if size_bytes is None:
+        return limits.maximum_hours * 3600
+    return min(max(limits.minimum_minutes * 60, size_bytes / (limits.throughput_mb_s * 1e6)),
+               limits.maximum_hours * 3600)
 
 
 def clear_stale_locks(ctx: FleetContext, repository: str, client: str, via: str | None = None) -> StaleLockReport:

@@ -26,6 +26,7 @@ from primespark.backup.manifest import (
     new_run_id,
     run_tag,
 )
+from primespark.errors import StepFailed
 from primespark.restic import BackupSummary, ResticClient, ResticError, ResticNotInstalled, RestoreFailed
 
 HOSTSIDE_SOURCE = Path(hostside.__file__).read_text()
@@ -35,9 +36,17 @@ class SessionFailed(ResticError):
     """The host-side session itself failed (not restic): no Python on the host, a crash, garbled output."""
 
 
-def run_session(client: ResticClient, phase: str, spec: dict[str, Any]) -> dict[str, Any]:
+class BackupRefused(StepFailed):
+    """The backup would not hold the host's data (a plan path missing, no files, a fall in the file count
+    beyond backup.max_shrink): failed with the reason, unless the run was told it is expected."""
+
+
+ACCEPT_HINT = "if this is expected, run the backup again with --accept-shrink (the flow's accept_shrink)"
+
+
+def run_session(client: ResticClient, phase: str, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """One host-side session with the repository's credentials in its environment (never in argv)."""
-    proc = client.run_python(HOSTSIDE_SOURCE, phase, stdin=json.dumps(spec).encode())
+    proc = client.run_python(HOSTSIDE_SOURCE, phase, stdin=json.dumps(spec).encode(), timeout=timeout)
     try:
         out = json.loads(proc.stdout)
     except ValueError:
@@ -67,6 +76,8 @@ class BackupRun:
     manifest_error: str | None = None
     manifest_embedded: bool = False
     embed_problem: str | None = None  # why the manifest folder could not be used
+    missing_paths: list[str] = field(default_factory=list)  # plan paths not there (the run accepted it)
+    cache_problems: list[str] = field(default_factory=list)  # the manifest cache could not be written: warnings
 
     @property
     def separate_manifest(self) -> str | None:
@@ -77,8 +88,10 @@ class BackupRun:
 def backup_with_manifest(
     client: ResticClient, paths: list[str], *, host: str, excludes: list[str] | None = None,
     time: datetime | None = None, cache: str | None = None, manifest_dir: str | None = None,
+    accept_missing: bool = False, timeout: float | None = None,
 ) -> BackupRun:
-    """restic backup of `paths` with its content manifest, in one session on the client's host."""
+    """restic backup of `paths` with its content manifest, in one session on the client's host. A path that
+    is not there refuses the backup (`BackupRefused`) unless `accept_missing`; `timeout` ends the session."""
     run_id = new_run_id()
     tags = [BACKUP_TAG, run_tag(run_id)]
     data = client.command(*client.backup_args(paths, excludes=excludes or [], tags=tags, host=host, time=time,
@@ -87,7 +100,17 @@ def backup_with_manifest(
                                                         host=host))
     out = run_session(client, "backup", {"data": data, "manifest": separate, "host": host, "run": run_id,
                                          "cache": cache, "manifest_dir": manifest_dir, "paths": paths,
-                                         "excludes": excludes or []})
+                                         "excludes": excludes or [], "accept_missing": accept_missing},
+                      timeout=timeout)
+    if "returncode" not in out:  # refused before restic started
+        missing = list(out.get("missing") or [])
+        every = " (none of its paths is there)" if len(missing) == len(paths) else ""
+        raise BackupRefused(f"backup of {host} refused: the plan path{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} not there on "
+                            f"{client.host}{every}",
+                            "check that the volume is mounted and the path is right (backup.plans."
+                            f"{host}.paths, services' backup_paths); {ACCEPT_HINT}"
+                            + (" — with no path there, nothing can be backed up" if every else ""))
     returncode, stderr = int(out["returncode"]), str(out["stderr"])
     if returncode not in (0, 3):
         raise client.failed("backup", returncode, stderr)
@@ -95,7 +118,8 @@ def backup_with_manifest(
         raise ResticError(f"restic backup on {client.host} printed no summary", stderr=stderr)
     summary = BackupSummary.model_validate(out["summary"])
     done = BackupRun(summary, run_id, out["files"], out["hashed_now"], out["changed_during_backup"], None,
-                     manifest_embedded=bool(out.get("embedded")), embed_problem=out.get("embed_problem"))
+                     manifest_embedded=bool(out.get("embedded")), embed_problem=out.get("embed_problem"),
+                     missing_paths=list(out.get("missing") or []), cache_problems=list(out.get("cache_problems") or []))
     if done.manifest_embedded:
         done.manifest_snapshot = summary.snapshot_id
     else:
@@ -139,13 +163,14 @@ def parse_restoring(line: str | None) -> tuple[str, datetime] | None:
 
 def restore_and_compare(
     client: ResticClient, host: str, target: str, probes: list[str] | None = None, manifest_dir: str | None = None,
+    timeout: float | None = None,
 ) -> RestoreRun:
     """Restore the newest backup of `host` into `target` with `--verify`, hash it, compare with its manifest
     (the one restored from `manifest_dir`, or else the one its run stored apart)."""
     restore = client.command("restore", "latest", "--host", host, "--tag", BACKUP_TAG, "--target", target,
                              "--verify", json_output=False)
     out = run_session(client, "drill", {"restore": restore, "target": target, "probes": probes or [],
-                                        "manifest_dir": manifest_dir})
+                                        "manifest_dir": manifest_dir}, timeout=timeout)
     parsed = parse_restoring(out.get("restoring"))
     error = None
     if out["returncode"] != 0:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from primespark.backup.repositories import backup_of, clients_of, location, repository_folder
 from primespark.cli.common import EnvOption, console
 from primespark.context import FleetContext, Transport
 from primespark.errors import UserError
@@ -27,9 +28,12 @@ def transport_of(transport: str) -> Transport:
 
 def planned_hosts(ctx: FleetContext, host: str | None) -> list[str]:
     """HOST, or every host with a backup plan; a clear error for a host without one or a fleet without backups."""
-    plans = list(ctx.fleet.backup.plans) if ctx.fleet.backup else []
+    plans = list(backup_of(ctx.fleet).plans)
     if host is not None and host not in plans:
         raise UserError(f"{host!r} has no backup plan in {ctx.env}", f"back up one of: {', '.join(plans) or 'none'}")
+    if not plans:
+        raise UserError(f"the fleet {ctx.fleet.name!r} has a backup section but no plan",
+                        "add `backup.plans.<host>` with the host's paths and repository")
     return [host] if host else plans
 
 
@@ -38,18 +42,55 @@ def now(
     host: Annotated[str | None, typer.Argument(help="A host with a backup plan; every such host if omitted.")] = None,
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
+    accept_shrink: Annotated[bool, typer.Option(
+        "--accept-shrink", help="This run may back up fewer files than the last: a plan path that is not there, "
+        "no files at all, or a fall beyond backup.max_shrink is expected (each fails the backup otherwise).")] = False,
 ) -> None:
     """Back up HOST (or every host with a plan) now: the plan's paths into its repository, then the offsite copy."""
     ctx = FleetContext.load(env, transport_of(transport))
     hosts = planned_hosts(ctx, host)
     from flows.backup import backup  # Prefect loads only when a backup runs
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import require_prefect, run_here, use_lab_prefect
 
     use_lab_prefect(ctx.fleet)
+    require_prefect(ctx.fleet)
     for name in hosts:
-        result = run_here(backup, name, env, transport)
+        result = run_here(backup, name, env, transport, accept_shrink=accept_shrink)
         table = Table(title=f"backup of {name}", show_header=False)
         for key, value in result.items():
             if key != "write_window":
                 table.add_row(key, str(value))
         console.print(table)
+
+
+@app.command("init")
+def init(
+    repository: Annotated[str, typer.Argument(help="A repository of the fleet's backup section.")],
+    env: EnvOption = "lab",
+    client: Annotated[list[str] | None, typer.Option(
+        help="Only this client's repository (repeatable); every client of REPOSITORY if omitted.")] = None,
+    transport: TransportOption = "ssh",
+) -> None:
+    """Start REPOSITORY over on purpose: a new, empty restic repository for each client where there is none.
+
+    Backups make a repository on its first use only: once this environment has made one, a backup that finds it
+    missing (a NAS volume not mounted, a moved folder) fails instead of starting a new, empty one. When the old
+    repository is really gone, this command makes the new one. Where a repository is there, it is kept and
+    recorded as the one to use. Nothing is ever deleted."""
+    ctx = FleetContext.load(env, transport_of(transport))
+    repositories = backup_of(ctx.fleet).repositories
+    if repository not in repositories:
+        raise UserError(f"no repository {repository!r} in the fleet {ctx.fleet.name!r}",
+                        f"use one of: {', '.join(repositories)}")
+    clients = clients_of(ctx, repository)
+    unknown = [c for c in client or [] if c not in clients]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} back(s) up into another repository than {repository}",
+                        f"clients of {repository}: {', '.join(clients) or 'none'}")
+    from primespark.backup.jobs import start_over
+
+    for name, opened in start_over(ctx, repository, list(client or clients)).items():
+        url = location(ctx, repository, name, name).url
+        what = "made a new, empty repository" if opened.created else "kept the repository that is there"
+        console.print(f"{repository}/{name}: {what} at {url} ({repository_folder(ctx, repository, name)}), "
+                      f"id {opened.id[:8]}: recorded")

@@ -30,9 +30,10 @@ def run(
     for name in hosts:  # clear errors for a host without a plan or a wrong repository, before anything runs
         drill_source(ctx, name, repository)
     from flows.dr_drill import dr_drill  # Prefect loads only when a drill runs
-    from primespark.orchestration.runs import in_process_runs, use_lab_prefect
+    from primespark.orchestration.runs import in_process_runs, require_prefect, use_lab_prefect
 
     use_lab_prefect(ctx.fleet)
+    require_prefect(ctx.fleet)
     failed = []
     for name in hosts:
         with in_process_runs():
@@ -49,7 +50,8 @@ def run(
 
 
 @app.command("report")
-def report(env: EnvOption = "lab", last: Annotated[int, typer.Option(help="How many drills.")] = 20) -> None:
+def report(env: EnvOption = "lab",
+           last: Annotated[int, typer.Option(min=1, help="How many drills (the newest), at least 1.")] = 20) -> None:
     """The last drills, newest last (read from the state directory: no secret store, no Prefect)."""
     ctx = FleetContext.load(env)  # its secret store is made on first use only: never here
     rows = load_history(ctx.settings.state_path(ctx.env))[-last:]

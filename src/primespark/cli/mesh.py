@@ -102,7 +102,7 @@ def render(
         if unknown:
             raise UserError(f"not in mesh {name}: {', '.join(unknown)}", f"members: {', '.join(planned.plan.hosts)}")
         written = render_all(planned.plan, planned.keys, out, host or None)
-        console.print(f"mesh [bold]{name}[/bold]: {len(written)} config(s) in {out}")
+        console.print(f"mesh [bold]{name}[/bold]: {len(written)} config(s) in {written[0].parent if written else out}")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from primespark.cli.common import EnvOption, OldEnvArg, console, env_of
+from primespark.errors import UserError
 
 if TYPE_CHECKING:  # the Pulumi SDK loads only when a cloud command runs
     from primespark.cloud.mockengine import Recorded
@@ -115,9 +117,34 @@ def up(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
     _drive("up", env_of(env, old_env))
 
 
-def destroy(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
-    """`pulumi destroy` of ENV."""
-    _drive("destroy", env_of(env, old_env))
+def destroy(
+    old_env: OldEnvArg = None,
+    env: EnvOption = "lab",
+    yes: bool = typer.Option(False, "--yes", "-y", help="Destroy without asking (what is destroyed is still shown)."),
+) -> None:
+    """`pulumi destroy` of ENV: shows what it destroys and asks first (or takes --yes)."""
+    env = env_of(env, old_env)
+    if not yes and not sys.stdin.isatty():
+        raise UserError(f"`spark destroy` deletes every resource of the {env} stack (VMs and their disks, networks; "
+                        "the Vault secrets it manages, every version); refusing without --yes where no one can "
+                        "answer", f"run `spark destroy --env {env}` at a terminal to see the list and confirm, or "
+                        f"add --yes")
+    from primespark.cloud import automation
+
+    automation.require_cli()
+    resources = automation.stack_resources(env)
+    if not resources:
+        console.print(f"the {env} stack holds no resources: nothing to destroy")
+        return
+    console.print(f"[bold red]spark destroy {env}[/bold red] deletes these {len(resources)} resources:")
+    for kind, name in resources:
+        console.print(f"  {kind} [bold]{name}[/bold]", highlight=False)
+    if any(kind.startswith("vault:") for kind, _ in resources):
+        console.print("[yellow]the Vault secrets above are deleted with every version they have[/yellow]")
+    if not yes and not typer.confirm(f"Destroy all {len(resources)} of them?", default=False):
+        console.print("nothing destroyed")
+        raise typer.Exit(1)
+    _drive("destroy", env)
 
 
 def register(app: typer.Typer) -> None:

@@ -79,6 +79,18 @@ def stack_for(env: str, on_output: Callable[[str], Any]) -> Any:
                         f"check Pulumi.{env}.yaml and the backend in {backend_url(env)}") from None
 
 
+def stack_resources(env: str) -> list[tuple[str, str]]:
+    """(type, name) of every resource the stack holds (its providers and the stack itself aside)."""
+    deployment = stack_for(env, print).export_stack().deployment or {}
+    out = []
+    for resource in deployment.get("resources") or []:
+        kind = str(resource.get("type", ""))
+        if kind == "pulumi:pulumi:Stack" or kind.startswith("pulumi:providers:"):
+            continue
+        out.append((kind, str(resource.get("urn", "")).rsplit("::", 1)[-1]))
+    return out
+
+
 def run(action: str, env: str, on_output: Callable[[str], Any] = print) -> Any:
     from pulumi import automation as auto
 

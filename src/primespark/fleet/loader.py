@@ -257,11 +257,17 @@ def resolve(env_or_file: str | FsPath) -> FsPath:
 
 
 def load_fleet(env_or_file: str | FsPath, skip: frozenset[str] = frozenset()) -> Fleet:
+    known = sorted(p.stem for p in inventory_dir().glob("*.yaml"))
+    if not str(env_or_file).strip():
+        raise FleetError.single("--env", "no environment named: the value is empty",
+                                f"name an environment ({', '.join(known) or 'none found'}) or a fleet file")
     path = resolve(env_or_file)
+    if path.is_dir():
+        raise FleetError.single(str(path), "is a folder, not a fleet file",
+                                f"name an environment ({', '.join(known) or 'none found'}) or a fleet file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        known = sorted(p.stem for p in inventory_dir().glob("*.yaml"))
         raise FleetError.single(
             str(path), "no such fleet file", f"name an environment ({', '.join(known) or 'none found'}) or a file"
         ) from None

@@ -333,6 +333,28 @@ class Drill(Strict):
     scratch_host: Name = Field(description="Where drills restore; never the source host.")
 
 
+class Timeouts(Strict):
+    """How long a step on a host may run before it is stopped, on the host too (`timeout`), its locks freed.
+
+    A long step (a backup, a drill's restore, an offsite copy, prune, check) gets the data it moves at
+    `throughput_mb_s`, but at least `minimum_minutes` and at most `maximum_hours`; one whose size is not known
+    yet (a first backup) gets `maximum_hours`. Short steps (listing snapshots or locks, reading the repository's
+    config, forget, unlock) get `command_seconds`."""
+
+    command_seconds: float = Field(default=300, ge=1, le=86_400, description="Short steps, each (≤ a day).")
+    throughput_mb_s: float = Field(
+        default=2.0, gt=0, le=100_000, description="The slowest rate (MB/s) a long step's data is expected to move at.")
+    minimum_minutes: float = Field(default=30, gt=0, le=10_080, description="A long step's least time (≤ a week).")
+    maximum_hours: float = Field(default=24, gt=0, le=720, description="A long step's most time (≤ 30 days).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.minimum_minutes > self.maximum_hours * 60:
+            raise ValueError(f"minimum_minutes ({self.minimum_minutes:g}) is more than maximum_hours "
+                             f"({self.maximum_hours:g} h)")
+        return self
+
+
 class Backup(Strict):
     client_dir: AbsPath = Field(
         default="/etc/primespark/restic", description="On backup clients: the SFTP key and known hosts (restic role)."
@@ -347,8 +369,10 @@ class Backup(Strict):
         default=0.5,
         description="The largest fall in a snapshot's file count, as a fraction of the previous snapshot's, that a "
         "backup accepts (0 < x ≤ 1): 0.5 fails a backup that lost more than half of the files; a snapshot with no "
-        "files fails whatever this says. Not yet enforced by the backup.",
+        "files fails whatever this says. A run told the fall is expected (`spark backup now --accept-shrink`, "
+        "the backup flow's `accept_shrink`) takes it.",
     )
+    timeouts: Timeouts = Timeouts()
 
 
 # `[registry[:port]/]path[:tag][@sha256:digest]` with a tag or a digest: a moving reference (no tag, `latest`)

@@ -8,11 +8,14 @@ reads it into the environment — never in argv (visible in `ps`), never in a fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,6 +84,13 @@ class HostAccess(Protocol):
     def runner(self, host: str) -> Runner: ...
 
 
+# A command that outlives its timeout gets SIGINT (restic then removes its own lock), and SIGKILL this much later.
+KILL_AFTER_SECONDS = 30
+# The controller waits this much longer than the host's own `timeout`, which normally ends the command first.
+SSH_GRACE_SECONDS = KILL_AFTER_SECONDS + 30
+TIMED_OUT = (124, 137)  # coreutils `timeout`: the command timed out (137: it had to be killed)
+
+
 class SshRunner:
     remote = True
     python = "python3"
@@ -89,10 +99,14 @@ class SshRunner:
         self.connection = connection
         self.name = connection.name
 
-    def argv(self, argv: Sequence[str], env_names: Sequence[str] = ()) -> list[str]:
-        """The whole ssh command line: the remote command reads `env_names` from stdin, one line each."""
+    def argv(self, argv: Sequence[str], env_names: Sequence[str] = (), timeout: float | None = None) -> list[str]:
+        """The whole ssh command line: the remote command reads `env_names` from stdin, one line each. With a
+        `timeout`, coreutils `timeout` on the host ends the command (and every process of its group) itself:
+        killing ssh here would leave restic running there, holding its lock."""
         reads = "".join(f"IFS= read -r {key} && export {key} && " for key in env_names)
         remote = shlex.join(["sh", "-c", reads + "exec " + shlex.join(argv)]) if reads else shlex.join(argv)
+        if timeout is not None:
+            remote = f"timeout -s INT -k {KILL_AFTER_SECONDS} {max(1, round(timeout))} {remote}"
         if self.connection.become:
             remote = "sudo -n " + remote
         return [*self.connection.ssh_argv(), remote]
@@ -111,12 +125,14 @@ class SshRunner:
                 raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
         names = sorted(env)
         secrets = b"".join(env[key].encode() + b"\n" for key in names)
+        started = time.monotonic()
         try:
-            proc = subprocess.run(self.argv(argv, names), input=secrets + (stdin or b""), capture_output=True,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(self.argv(argv, names, timeout), input=secrets + (stdin or b""), capture_output=True,
+                                  timeout=None if timeout is None else timeout + SSH_GRACE_SECONDS, check=False)
         except subprocess.TimeoutExpired:
-            raise CommandTimeout(f"{argv[0]} on {self.name} did not finish in {timeout:.0f} s",
-                                 "check that the host is up and not overloaded") from None
+            raise timed_out(argv, self.name, timeout) from None
+        if timeout is not None and proc.returncode in TIMED_OUT and time.monotonic() - started >= timeout:
+            raise timed_out(argv, self.name, timeout)
         stderr = proc.stderr.decode(errors="replace")
         if proc.returncode == 255 and not proc.stdout:
             raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
@@ -152,16 +168,48 @@ class LocalRunner:
     ) -> Completed:
         base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
         try:
-            proc = subprocess.run([*self.prefix, *argv], input=stdin if stdin is not None else b"",
-                                  capture_output=True, env={**base, **(env or {})}, timeout=timeout, check=False)
+            # a session of its own: on a timeout its whole process group goes (restic started by a host-side
+            # session included), as coreutils `timeout` does on a host
+            proc = subprocess.Popen([*self.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**base, **(env or {})}, start_new_session=True)
         except FileNotFoundError:
             raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}") from None
-        except subprocess.TimeoutExpired:
-            raise CommandTimeout(f"{' '.join(argv[:3])} … on {self.name} did not finish in {timeout} s") from None
-        return Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(stdin if stdin is not None else b"", timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _end_group(proc)
+                raise timed_out(argv, self.name, timeout) from None
+            except BaseException:  # interrupted: nothing of the command may run on
+                _end_group(proc)
+                raise
+        return Completed(tuple(argv), proc.returncode, stdout, stderr.decode(errors="replace"))
 
     def pid_alive(self, pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}") if not self.prefix else _pid_alive(self, pid)
+
+
+def timed_out(argv: Sequence[str], host: str, timeout: float | None) -> CommandTimeout:
+    return CommandTimeout(f"`{' '.join(argv[:3])}{' …' if len(argv) > 3 else ''}` on {host} did not finish within "
+                          f"{timeout or 0:.0f} s and was stopped there",
+                          "check that the host is up and not overloaded; `backup.timeouts` in the fleet file sets "
+                          "how long backup steps may take")
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT to the command's process group (restic removes its lock), SIGKILL if it is still there later."""
+    for sig, wait in ((signal.SIGINT, KILL_AFTER_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.communicate(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # the group may outlive its leader
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _pid_alive(runner: Runner, pid: int) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import docker.errors
 
+from primespark.backup import records
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
 from primespark.hosts import SshFiles
@@ -158,6 +159,10 @@ class Lab:
             report("stopped the Prefect server")
         # The next `up` makes new host keys; stale ones would only cause warnings.
         SshFiles.of(self.state_dir).known_hosts.unlink(missing_ok=True)
+        # The repositories lived in the NAS and offsite containers, gone now on purpose: so is what was recorded
+        # of them (the next backups make new ones) and of the last backups (their file counts).
+        records.forget(self.state_dir)
+        shutil.rmtree(self.state_dir / "backup", ignore_errors=True)
         return removed
 
     # --- status ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
+from primespark.folders import SharedFolder, private_folder
 from primespark.mesh.keys import MeshKeys
 from primespark.mesh.plan import MeshPlan
 
@@ -47,10 +48,20 @@ def _replace(path: Path, text: str) -> None:
         raise
 
 
+def output_folder(out: Path, plan: MeshPlan) -> Path:
+    """Where the configs go: `out` when it is missing (made 0700) or already private; inside a folder open to
+    others (`--out /tmp`), a folder of our own in it, `<out>/spark-mesh-<fleet>-<mesh>` — never a chmod of `out`."""
+    fix = "name a folder that does not exist yet (it is made 0700) or one of your own with mode 0700"
+    try:
+        return private_folder(out, "the output folder", fix, make_parents=True)
+    except SharedFolder:
+        return private_folder(out / f"spark-mesh-{plan.fleet}-{plan.mesh}", "the output folder", fix)
+
+
 def render_all(plan: MeshPlan, keys: MeshKeys, out: Path, hosts: list[str] | None = None) -> list[Path]:
-    """Write `<out>/<host>.<interface>.conf` for each host (folder 0700, files 0600); unchanged files stay."""
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(out, 0o700)
+    """Write `<folder>/<host>.<interface>.conf` for each host (folder 0700, files 0600) into `output_folder`;
+    unchanged files stay."""
+    out = output_folder(out, plan)
     written = []
     for host in hosts or list(plan.hosts):
         path = config_path(out, plan, host)

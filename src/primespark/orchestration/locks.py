@@ -22,6 +22,11 @@ def repository_lock(repository: str) -> str:
     return f"restic-{repository}"
 
 
+def drill_lock(host: str) -> str:
+    """One DR drill of a host at a time (a scheduled one and one started by hand)."""
+    return f"drill-{host}"
+
+
 def ensure_locks(names: list[str]) -> None:
     """One slot per name (created, or reset to 1)."""
     with get_client(sync_client=True) as client:

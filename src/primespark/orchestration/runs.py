@@ -36,10 +36,35 @@ def use_lab_prefect(fleet: Fleet) -> None:
         pass
 
 
+def require_prefect(fleet: Fleet) -> None:
+    """The Prefect server that runs will report to answers, or a clear error saying where it was looked for (not
+    forty lines of connection traceback from inside the first run). No server configured: Prefect starts a
+    throwaway one for the run itself."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    source = "PREFECT_API_URL in the environment" if "PREFECT_API_URL" in os.environ else "the Prefect profile"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as reply:  # noqa: S310 (the operator's URL)
+            if reply.status == 200:
+                return
+            problem = f"it answered HTTP {reply.status}"
+    except OSError as exc:
+        problem = str(getattr(exc, "reason", None) or exc)
+    lab = (f"start the lab's with `spark lab up --env {fleet.name}`, or " if fleet.lab is not None else "start it, or ")
+    raise UserError(f"the Prefect server at {url} (from {source}) is unreachable: {problem}",
+                    f"{lab}unset PREFECT_API_URL to run with a throwaway local server")
+
+
 def run_here(flow: Any, *args: Any, **kwargs: Any) -> Any:
     """Run `flow` in this process; its result, or a UserError with the run's reason."""
     with in_process_runs():
         state = flow(*args, return_state=True, **kwargs)
     if not state.is_completed():
-        raise UserError(str(state.result(raise_on_failure=False)), "see the run in the Prefect UI for each step")
+        reason = state.result(raise_on_failure=False)
+        if isinstance(reason, UserError):  # an expected failure: its own message and fix
+            raise reason
+        raise UserError(str(reason), "see the run in the Prefect UI for each step")
     return state.result()

@@ -1,0 +1,103 @@
+"""Bad input and unreachable services at the CLI: one or two lines saying what is wrong, never a traceback, and
+never a wrong "ok"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from primespark.fleet import load_fleet
+from primespark.preflight import inventory_for
+
+REPO = Path(__file__).resolve().parents[2]
+SPARK = [sys.executable, "-m", "primespark.cli.app"]
+
+
+def spark(*args: str, state: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPARK_STATE_DIR": str(state), "COLUMNS": "200", **(extra_env or {})}
+    env.pop("PREFECT_API_URL", None)
+    env.update(extra_env or {})
+    return subprocess.run([*SPARK, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=180,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_clean_error(done: subprocess.CompletedProcess[str], *said: str) -> None:
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    for text in said:
+        assert text in done.stderr, done.stderr
+
+
+def test_an_empty_env_is_a_clear_error(tmp_path: Path) -> None:
+    done = spark("mesh", "plan", "--env", "", state=tmp_path / "state")
+    one_clean_error(done, "no environment named", "fix:")
+    assert "Is a directory" not in done.stderr
+
+
+@pytest.mark.parametrize("last", ["0", "-1"])
+def test_drill_report_needs_at_least_one_row(tmp_path: Path, last: str) -> None:
+    done = spark("drill", "report", "--env", "lab", "--last", last, state=tmp_path / "state")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--last" in done.stderr and "1" in done.stderr
+
+
+def test_backup_now_on_a_fleet_without_backups_says_so(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
+    del data["backup"]
+    fleet = tmp_path / "nobackup.yaml"
+    fleet.write_text(yaml.safe_dump(data))
+    done = spark("backup", "now", "--env", str(fleet), "--transport", "local", state=tmp_path / "state")
+    one_clean_error(done, "has no backup policy", "add a `backup:` section")
+
+
+def dead_url() -> str:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api"
+
+
+@pytest.mark.parametrize("command", [["backup", "now"], ["drill", "run"]])
+def test_a_dead_prefect_server_is_named_with_how_to_start_the_labs(tmp_path: Path, command: list[str]) -> None:
+    url = dead_url()
+    done = spark(*command, "pi-1", "--env", "lab", "--transport", "local", state=tmp_path / "state",
+                 extra_env={"PREFECT_API_URL": url})
+    one_clean_error(done, f"the Prefect server at {url}", "PREFECT_API_URL in the environment", "is unreachable",
+                    "spark lab up")
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
+
+
+def test_destroy_without_a_terminal_needs_yes(tmp_path: Path) -> None:
+    done = spark("destroy", "--env", "lab", state=tmp_path / "state")
+    one_clean_error(done, "refusing without --yes", "every resource of the lab stack", "--yes")
+    assert not (tmp_path / "state" / "pulumi").exists(), "destroy went on to open the stack"
+
+
+def test_preflight_takes_a_fleet_file_path(tmp_path: Path) -> None:
+    """A fleet file given by its path gets an inventory of its own for Ansible, not "no Ansible inventory"."""
+    data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
+    data["name"] = "elsewhere"
+    fleet_file = tmp_path / "elsewhere.yaml"
+    fleet_file.write_text(yaml.safe_dump(data))
+    done = spark("preflight", "--env", str(fleet_file), "--timeout", "0.2", state=tmp_path / "state")
+    assert "no Ansible inventory" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "preflight: elsewhere" in done.stdout and "pi-1" in done.stdout, done.stdout
+
+    # the inventory made for it is one Ansible reads, with the fleet's hosts
+    with inventory_for(str(fleet_file), load_fleet(str(fleet_file))) as inventory:
+        listed = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(inventory),
+                                 "--list"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                env={**os.environ, "SPARK_STATE_DIR": str(tmp_path / "state"),
+                                     "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")})
+    assert listed.returncode == 0, listed.stderr
+    hostvars = json.loads(listed.stdout)["_meta"]["hostvars"]
+    assert "elsewhere" in json.dumps(hostvars["pi-1"]["spark_fleet"]) and "nas-1" in hostvars
+    assert not inventory.exists(), "the temporary inventory was left behind"
