@@ -34,10 +34,11 @@ class Settings(BaseSettings):
     root: Path = Field(default_factory=_repo_root, description="The checkout: inventory/, roles/, flows/ …")
     state_home: Path = Field(default_factory=_default_state_home, description="State of every environment.")
     state_dir_override: Path | None = Field(default=None, alias="SPARK_STATE_DIR")
-    secret_backend: Literal["local", "vault"] = "local"
-    vault_addr: str | None = Field(default=None, alias="VAULT_ADDR")
-    vault_mount: str = "secret"
-    vault_prefix: str = "primespark"
+    # Where secrets live is the fleet file's `secrets:` section. These older settings are read only to refuse one
+    # that disagrees with it: commands would look for secrets elsewhere and make new ones there.
+    secret_backend: Literal["local", "vault"] | None = None
+    vault_mount: str | None = None
+    vault_prefix: str | None = None
     prefect_api_url: str | None = Field(default=None, alias="PREFECT_API_URL")
 
     @property
