@@ -15,13 +15,14 @@ from primespark.backup import jobs
 from primespark.backup.repositories import offsite_of, plan_of
 from primespark.backup.session import BackupRun
 from primespark.context import FleetContext, Transport
+from primespark.errors import UserError
 from primespark.monitoring.metrics import textfile_dir, write_backup_metrics
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying, transient
 
 
-class BackupFailed(Exception):
-    pass
+class BackupFailed(UserError):
+    """The backup did not complete: why, in a line, and the cause's fix (a sealed secret store: unseal it)."""
 
 
 # The tasks run inside the flow's lock: taken before a task starts, the lock's request does not queue behind
@@ -91,7 +92,9 @@ def backup(
                              duration_seconds=finished - started, last_success=state.get("last_success"),
                              snapshot_time=state.get("snapshot_time"), size_bytes=state.get("size_bytes"),
                              added_bytes=None)
-        raise BackupFailed(f"backup of {host} into {plan.repository} failed: {exc}") from exc
+        reason = exc.message if isinstance(exc, UserError) else str(exc)
+        raise BackupFailed(f"backup of {host} into {plan.repository} failed: {reason}",
+                           exc.fix if isinstance(exc, UserError) else "") from exc
     finished = time.time()
     summary = run.summary
     when = snapshot_time.timestamp() if snapshot_time else done.started
