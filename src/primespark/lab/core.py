@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,10 +21,11 @@ from primespark.hosts import SshFiles
 from primespark.inventory import build_inventory
 from primespark.lab import ssh
 from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag, prune_old_images
+from primespark.lab.openbao import LabOpenBao, Readiness
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
 from primespark.lab.topology import ContainerSpec, LabPlan, plan_lab
-from primespark.secrets import atomic_write
+from primespark.secrets import LocalSecretStore, Migrated, atomic_write, migrate, vault_store
 from primespark.settings import Settings, get_settings
 
 Report = Callable[[str], None]
@@ -38,11 +40,15 @@ class UpResult:
     networks_created: int = 0
     prefect_started: bool = False
     prefect_url: str = ""
+    openbao: Readiness | None = None  # None: the fleet keeps no secrets in the lab's OpenBao
+    openbao_url: str = ""
+    secrets_moved: list[Migrated] = field(default_factory=list)  # the local store's entries moved into OpenBao
     seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
         return (self.image_built or self.networks_created > 0 or self.prefect_started
+                or (self.openbao is not None and self.openbao.changed) or bool(self.secrets_moved)
                 or any(v != "kept" for v in self.containers.values()))
 
 
@@ -62,6 +68,8 @@ class LabStatus:
     prefect_url: str
     prefect_healthy: bool
     state_dir: Path
+    openbao_url: str = ""
+    openbao_state: str = ""  # not running, not initialised, sealed, unsealed; "" without a lab OpenBao
 
 
 class Lab:
@@ -74,6 +82,8 @@ class Lab:
         self.state_dir = self.settings.state_dir(fleet.name)
         self.recipe_dir = default_recipe_dir(self.settings.root)
         self.prefect = PrefectServer(self.state_dir, fleet.lab.prefect_port)
+        spec = plan_lab(fleet, "").openbao
+        self.openbao = LabOpenBao(self.state_dir, spec) if spec is not None else None
 
     def plan(self) -> LabPlan:
         return plan_lab(self.fleet, ssh.operator_key(self.state_dir, f"spark-{self.fleet.name}-operator"))
@@ -92,6 +102,8 @@ class Lab:
                 raise UserError(f"only {free / GIB:.1f} GiB free under {where}; the lab needs {needed / GIB:.1f} GiB",
                                 fix="free some disk space (`docker system prune` removes unused images)")
         self.prefect.preflight()
+        if self.openbao is not None:
+            self.openbao.preflight()
         runtime.check_overlaps()
 
     def up(self, report: Report = lambda _: None, detail: Report = lambda _: None) -> UpResult:
@@ -110,6 +122,8 @@ class Lab:
         result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url, prefect_started=prefect_started)
         try:
             result.networks_created = runtime.ensure_networks(report)
+            # It listens on the bridges made just now; it starts while the hosts come up.
+            bao_started, bao_seconds = self._start_openbao(report)
             result.containers = runtime.ensure_containers(report)
             report("waiting for sshd on every host")
             entries = self._collect_host_keys(runtime, plan)
@@ -120,6 +134,10 @@ class Lab:
         if ssh.write_known_hosts(self.state_dir, entries):
             report("known_hosts updated")
         self._write_inventory()
+        if self.openbao is not None:
+            result.openbao = self._ready_openbao(report, bao_started, bao_seconds)
+            result.openbao_url = self.openbao.address
+            result.secrets_moved = self._move_local_secrets(report)
         if built:
             for old in prune_old_images(keep=tag):
                 report(f"removed the outdated image {old}")
@@ -127,6 +145,58 @@ class Lab:
         self.prefect.wait_healthy()
         result.seconds = time.monotonic() - started
         return result
+
+    def _start_openbao(self, report: Report) -> tuple[bool, float]:
+        if self.openbao is None:
+            return False, 0.0
+        began = time.monotonic()
+        started = self.openbao.start()
+        if started:
+            report(f"starting the lab's OpenBao on {self.openbao.address}")
+        return started, time.monotonic() - began
+
+    def _ready_openbao(self, report: Report, started: bool, start_seconds: float) -> Readiness:
+        """Initialised the first time, unsealed, its engines enabled; the fleet's service secrets, host policies
+        and AppRoles in it, as `spark up` puts them into production's Vault."""
+        from primespark.cloud.vault_spec import apply_spec, vault_spec
+
+        assert self.openbao is not None
+        report("waiting for the lab's OpenBao")
+        ready = self.openbao.ensure_ready()
+        ready.started = ready.started or started
+        ready.seconds += start_seconds
+        for done, message in ((ready.initialised, "initialised the lab's OpenBao (unseal key and root token: "
+                               f"{self.openbao.credentials_file}, 0600)"),
+                              (ready.unsealed, "unsealed the lab's OpenBao")):
+            if done:
+                report(message)
+        for mount in ready.mounts_enabled:
+            report(f"enabled the KV v2 engine {mount}/ in the lab's OpenBao")
+        with self.openbao.explained():
+            apply_spec(self.openbao.root_client(), vault_spec(self.fleet, self.fleet.secrets.mount))
+        return ready
+
+    def _move_local_secrets(self, report: Report) -> list[Migrated]:
+        """Secrets a local store still holds (kept there before the lab used OpenBao) move into OpenBao: each
+        verified by reading it back, then its file removed; one that OpenBao holds with another value stays."""
+        root = self.state_dir / "secrets"
+        if not root.is_dir():
+            return []
+        moved = migrate(LocalSecretStore(root), vault_store(self.fleet, self.fleet.name, self.settings, migrating=True),
+                        remove_local=True)
+        for item in moved:
+            if item.status == "conflict":
+                report(f"warning: {item.key} is in the local store {root} and, with another value, in the lab's "
+                       "OpenBao: left in both; remove the stale one")
+        if moved:
+            report(f"moved {sum(1 for m in moved if m.removed_local)} secrets of the local store into the lab's "
+                   "OpenBao")
+        for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only empty ones go
+        with contextlib.suppress(OSError):
+            root.rmdir()
+        return [m for m in moved if m.removed_local]
 
     def _collect_host_keys(self, runtime: LabRuntime, plan: LabPlan) -> dict[str, tuple[list[str], list[str]]]:
         def one(host: str) -> tuple[str, tuple[list[str], list[str]]]:
@@ -156,6 +226,8 @@ class Lab:
         removed = runtime.remove_all(report)
         if self.prefect.stop():
             report("stopped the Prefect server")
+        if self.openbao is not None and self.openbao.stop():
+            report(f"stopped the lab's OpenBao (its data stays in {self.openbao.home})")
         # The next `up` makes new host keys; stale ones would only cause warnings.
         SshFiles.of(self.state_dir).known_hosts.unlink(missing_ok=True)
         return removed
@@ -186,6 +258,8 @@ class Lab:
             prefect_url=self.prefect.url,
             prefect_healthy=self.prefect.healthy(),
             state_dir=self.state_dir,
+            openbao_url=self.openbao.address if self.openbao is not None else "",
+            openbao_state=self.openbao.state() if self.openbao is not None else "",
         )
 
     def exec(self, host: str, command: list[str] | str, user: str = "root") -> tuple[int, str]:
