@@ -167,3 +167,39 @@ def test_commands_find_the_lab_openbao_through_the_fleet_with_no_vault_variables
         assert sealed.value.fix.startswith("run `spark lab up --env lab`")
     finally:
         server.stop()
+
+
+def test_lab_up_moves_a_leftover_local_store_into_openbao_keeping_conflicts(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from primespark.lab import Lab
+    from primespark.secrets import LocalSecretStore
+
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    for name in ("SPARK_SECRET_BACKEND", "SPARK_VAULT_MOUNT", "SPARK_VAULT_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    lab = Lab(load_fleet(lab_fleet_on(tmp_path, _free_port_pair())))
+    assert lab.openbao is not None
+    lab.openbao.spec = OpenBaoSpec(lab.openbao.spec.port, (IPv4Address("127.0.0.1"),), lab.openbao.spec.mounts)
+    local = LocalSecretStore(lab.state_dir / "secrets")
+    local.put("mesh/fleet/pi-1", "wg-pi-1")
+    local.put("restic/ssh/pi-1", "ssh-key")
+    local.put("pulumi/passphrase", "old")
+    try:
+        lab.openbao.ensure_ready()
+        root = lab.openbao.root_client()
+        root.secrets.kv.v2.create_or_update_secret(path="primespark/lab/pulumi/passphrase", secret={"value": "new"},
+                                                   mount_point="secret")
+        said: list[str] = []
+        moved = lab._move_local_secrets(said.append)
+        assert sorted(m.key for m in moved) == ["mesh/fleet/pi-1", "restic/ssh/pi-1"]
+        for key, value in (("mesh/fleet/pi-1", "wg-pi-1"), ("restic/ssh/pi-1", "ssh-key"),
+                           ("pulumi/passphrase", "new")):
+            read = root.secrets.kv.v2.read_secret_version(path=f"primespark/lab/{key}", mount_point="secret",
+                                                          raise_on_deleted_version=True)
+            assert read["data"]["data"] == {"value": value}
+        assert local.list() == ["pulumi/passphrase"], "the conflicting entry stays; the moved ones are gone"
+        assert not (lab.state_dir / "secrets" / "mesh").exists(), "emptied folders go too"
+        assert any("pulumi/passphrase" in line and "left in both" in line for line in said), said
+        assert lab._move_local_secrets(said.append) == [], "nothing more to move"
+    finally:
+        lab.openbao.stop()

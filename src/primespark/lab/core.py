@@ -188,7 +188,7 @@ class Lab:
             if item.status == "conflict":
                 report(f"warning: {item.key} is in the local store {root} and, with another value, in the lab's "
                        "OpenBao: left in both; remove the stale one")
-        if moved:
+        if any(m.removed_local for m in moved):
             report(f"moved {sum(1 for m in moved if m.removed_local)} secrets of the local store into the lab's "
                    "OpenBao")
         for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):

@@ -125,7 +125,9 @@ class LabOpenBao:
         if self.pid() is not None:
             if self.config_file.is_file() and self.config_file.read_text() == config:
                 return False
-            self.stop()  # it listens elsewhere now (a lab network changed): start it afresh
+            # It listens elsewhere now: start it afresh. (A bridge re-made with the same address needs nothing:
+            # a listening socket outlives its address and answers again when the address is back.)
+            self.stop()
         self.preflight()
         for folder in (self.home, self.data_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
