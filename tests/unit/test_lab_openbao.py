@@ -169,7 +169,7 @@ def test_commands_find_the_lab_openbao_through_the_fleet_with_no_vault_variables
         server.stop()
 
 
-def test_lab_up_moves_a_leftover_local_store_into_openbao_keeping_conflicts(tmp_path: Path,
+def test_lab_up_moves_a_leftover_local_store_into_openbao_and_sets_conflicts_aside_there(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from primespark.lab import Lab
     from primespark.secrets import LocalSecretStore
@@ -197,9 +197,11 @@ def test_lab_up_moves_a_leftover_local_store_into_openbao_keeping_conflicts(tmp_
             read = root.secrets.kv.v2.read_secret_version(path=f"primespark/lab/{key}", mount_point="secret",
                                                           raise_on_deleted_version=True)
             assert read["data"]["data"] == {"value": value}
-        assert local.list() == ["pulumi/passphrase"], "the conflicting entry stays; the moved ones are gone"
-        assert not (lab.state_dir / "secrets" / "mesh").exists(), "emptied folders go too"
-        assert any("pulumi/passphrase" in line and "left in both" in line for line in said), said
+        aside = root.secrets.kv.v2.read_secret_version(path="primespark/lab/local-conflicts/pulumi/passphrase",
+                                                       mount_point="secret", raise_on_deleted_version=True)
+        assert aside["data"]["data"] == {"value": "old"}, "the conflicting local value is kept, in OpenBao"
+        assert not (lab.state_dir / "secrets").exists(), "no local store is left, not even its folders"
+        assert any("pulumi/passphrase" in line and "local-conflicts/pulumi/passphrase" in line for line in said), said
         assert lab._move_local_secrets(said.append) == [], "nothing more to move"
     finally:
         lab.openbao.stop()

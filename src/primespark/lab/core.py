@@ -178,16 +178,24 @@ class Lab:
 
     def _move_local_secrets(self, report: Report) -> list[Migrated]:
         """Secrets a local store still holds (kept there before the lab used OpenBao) move into OpenBao: each
-        verified by reading it back, then its file removed; one that OpenBao holds with another value stays."""
+        verified by reading it back, then its file removed. The lab's state directory keeps no secret but
+        OpenBao's key and token, so a local value that OpenBao holds differently does not stay either: OpenBao's
+        value stands, the local one is kept beside it in OpenBao (`local-conflicts/<key>`), nothing is lost."""
         root = self.state_dir / "secrets"
         if not root.is_dir():
             return []
-        moved = migrate(LocalSecretStore(root), vault_store(self.fleet, self.fleet.name, self.settings, migrating=True),
-                        remove_local=True)
+        local = LocalSecretStore(root)
+        vault = vault_store(self.fleet, self.fleet.name, self.settings, migrating=True)
+        moved = migrate(local, vault, remove_local=True)
         for item in moved:
             if item.status == "conflict":
-                report(f"warning: {item.key} is in the local store {root} and, with another value, in the lab's "
-                       "OpenBao: left in both; remove the stale one")
+                aside = f"local-conflicts/{item.key}"
+                value = local.get(item.key)
+                vault.put(aside, value)  # a new version if an earlier conflict is there: history keeps both
+                if vault.get(aside) == value:
+                    local.delete(item.key)
+                    report(f"warning: {item.key} differed in the local store and the lab's OpenBao: OpenBao's value "
+                           f"stands; the local one is kept in OpenBao at {vault.mount}/{vault.prefix}/{aside}")
         if any(m.removed_local for m in moved):
             report(f"moved {sum(1 for m in moved if m.removed_local)} secrets of the local store into the lab's "
                    "OpenBao")
