@@ -21,6 +21,7 @@ from primespark.fleet.loader import validate_data
 from primespark.lab.openbao import LabOpenBao, credentials_file
 from primespark.lab.topology import OpenBaoSpec, network_name, plan_lab
 from primespark.secrets import SecretError, SecretStoreSealed, VaultSecretStore, ensure_reference, read_reference
+from primespark.settings import settings_for
 from primespark.vault_server import _free_port_pair, health_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +178,7 @@ def test_lab_up_moves_a_leftover_local_store_into_openbao_and_sets_conflicts_asi
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
     for name in ("SPARK_SECRET_BACKEND", "SPARK_VAULT_MOUNT", "SPARK_VAULT_PREFIX"):
         monkeypatch.delenv(name, raising=False)
-    lab = Lab(load_fleet(lab_fleet_on(tmp_path, _free_port_pair())))
+    lab = Lab(load_fleet(lab_fleet_on(tmp_path, _free_port_pair())), settings_for("lab"))
     assert lab.openbao is not None
     lab.openbao.spec = OpenBaoSpec(lab.openbao.spec.port, (IPv4Address("127.0.0.1"),), lab.openbao.spec.mounts)
     local = LocalSecretStore(lab.state_dir / "secrets")
