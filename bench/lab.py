@@ -4,7 +4,7 @@ restart + unseal and an unseal of a sealed server (medians of 3).
 
 Targets for the 8-host lab: cold up < 60 s, no-change re-run < 10 s. Anchor: khuedoan/homelab's k3d sandbox
 "builds in 15-30 min" (its docs), a bigger job but the same promise of a hardware-free copy of the fleet.
-OpenBao target: start + unseal < 5 s (a dev server answers in about a second; raft elects its one node first).
+OpenBao target: start + unseal < 5 s; anchor: `bao server -dev` to healthy (in memory, born unsealed), timed here.
 Holds the lab lock; leaves the lab as it found it (up or down).
 """
 
@@ -19,6 +19,7 @@ from primespark.fleet import load_fleet
 from primespark.inventory import managed_hosts
 from primespark.lab import Lab
 from primespark.lab.lock import lab_lock
+from primespark.vault_server import start_dev_server
 
 REPO = Path(__file__).resolve().parents[1]
 RERUNS = 3
@@ -30,17 +31,20 @@ def timed(fn) -> tuple[float, object]:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start, out
 
 
-def openbao_figures(lab: Lab) -> tuple[float, float]:
-    """Median restart + unseal, median unseal alone; the server is left running and unsealed."""
+def openbao_figures(lab: Lab) -> tuple[float, float, float]:
+    """Medians of: restart + unseal, unseal alone, a dev server's start; the lab's is left running, unsealed."""
     if lab.openbao is None:
-        return 0.0, 0.0
-    restarts, unseals = [], []
+        return 0.0, 0.0, 0.0
+    restarts, unseals, devs = [], [], []
     for _ in range(RERUNS):
         lab.openbao.stop()
         restarts.append(lab.openbao.ensure_ready().seconds)
         lab.openbao.root_client().sys.seal()
         unseals.append(lab.openbao.ensure_ready().seconds)
-    return statistics.median(restarts), statistics.median(unseals)
+        seconds, dev = timed(start_dev_server)
+        dev.stop()  # type: ignore[attr-defined]
+        devs.append(seconds)
+    return statistics.median(restarts), statistics.median(unseals), statistics.median(devs)
 
 
 def main() -> None:
@@ -74,10 +78,10 @@ def main() -> None:
     print(f"{'down':<34} {down:>8.1f}s  {'':>8}  {'':<8}  -")
     if cold_up.openbao is not None:  # type: ignore[attr-defined]
         share = cold_up.openbao.seconds  # type: ignore[attr-defined]
-        print(f"{'  OpenBao in cold up (start+unseal)':<34} {share:>8.1f}s  {'< 5 s':>8}  "
-              f"{'met' if share < 5 else 'MISSED':<8}  overlaps the hosts' start")
+        print(f"{'OpenBao start+unseal in cold up':<34} {share:>8.1f}s  {'< 5 s':>8}  "
+              f"{'met' if share < 5 else 'MISSED':<8}  (what up waits: it starts beside the hosts)")
         print(f"{'OpenBao restart + unseal (median)':<34} {bao[0]:>8.1f}s  {'< 5 s':>8}  "
-              f"{'met' if bao[0] < 5 else 'MISSED':<8}  bao server -dev: ~1 s, no unseal")
+              f"{'met' if bao[0] < 5 else 'MISSED':<8}  bao server -dev to healthy: {bao[2]:.1f} s")
         print(f"{'OpenBao unseal when sealed (median)':<34} {bao[1]:>8.1f}s  {'':>8}  {'':<8}  -")
     print(f"{'ansible all -m ping':<34} {ping:>8.1f}s  {'':>8}  {pinged}/{hosts} hosts answered")
 
