@@ -79,7 +79,7 @@ def main() -> None:
     if cold_up.openbao is not None:  # type: ignore[attr-defined]
         share = cold_up.openbao.seconds  # type: ignore[attr-defined]
         print(f"{'OpenBao start+unseal in cold up':<34} {share:>8.1f}s  {'< 5 s':>8}  "
-              f"{'met' if share < 5 else 'MISSED':<8}  (what up waits: it starts beside the hosts)")
+              f"{'met' if share < 5 else 'MISSED':<8}  (part of the cold up, once the hosts run)")
         print(f"{'OpenBao restart + unseal (median)':<34} {bao[0]:>8.1f}s  {'< 5 s':>8}  "
               f"{'met' if bao[0] < 5 else 'MISSED':<8}  bao server -dev to healthy: {bao[2]:.1f} s")
         print(f"{'OpenBao unseal when sealed (median)':<34} {bao[1]:>8.1f}s  {'':>8}  {'':<8}  -")

@@ -122,8 +122,6 @@ class Lab:
         result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url, prefect_started=prefect_started)
         try:
             result.networks_created = runtime.ensure_networks(report)
-            # It listens on the bridges made just now; it starts while the hosts come up.
-            bao_started, bao_seconds = self._start_openbao(report)
             result.containers = runtime.ensure_containers(report)
             report("waiting for sshd on every host")
             entries = self._collect_host_keys(runtime, plan)
@@ -135,7 +133,8 @@ class Lab:
             report("known_hosts updated")
         self._write_inventory()
         if self.openbao is not None:
-            result.openbao = self._ready_openbao(report, bao_started, bao_seconds)
+            # After the hosts: it listens on their bridges, and takes no CPU from their first start (sshd's keys).
+            result.openbao = self._openbao_up(report)
             result.openbao_url = self.openbao.address
             result.secrets_moved = self._move_local_secrets(report)
         if built:
@@ -146,26 +145,16 @@ class Lab:
         result.seconds = time.monotonic() - started
         return result
 
-    def _start_openbao(self, report: Report) -> tuple[bool, float]:
-        if self.openbao is None:
-            return False, 0.0
-        began = time.monotonic()
-        started = self.openbao.start()
-        if started:
-            report(f"starting the lab's OpenBao on {self.openbao.address}")
-        return started, time.monotonic() - began
-
-    def _ready_openbao(self, report: Report, started: bool, start_seconds: float) -> Readiness:
-        """Initialised the first time, unsealed, its engines enabled; the fleet's service secrets, host policies
-        and AppRoles in it, as `spark up` puts them into production's Vault."""
+    def _openbao_up(self, report: Report) -> Readiness:
+        """Started if it does not run, initialised the first time, unsealed, its engines enabled; the fleet's
+        service secrets, host policies and AppRoles in it, as `spark up` puts them into production's Vault."""
         from primespark.cloud.vault_spec import apply_spec, vault_spec
 
         assert self.openbao is not None
         report("waiting for the lab's OpenBao")
         ready = self.openbao.ensure_ready()
-        ready.started = ready.started or started
-        ready.seconds += start_seconds
-        for done, message in ((ready.initialised, "initialised the lab's OpenBao (unseal key and root token: "
+        for done, message in ((ready.started, f"started the lab's OpenBao on {self.openbao.address}"),
+                              (ready.initialised, "initialised the lab's OpenBao (unseal key and root token: "
                                f"{self.openbao.credentials_file}, 0600)"),
                               (ready.unsealed, "unsealed the lab's OpenBao")):
             if done:
