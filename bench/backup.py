@@ -89,7 +89,10 @@ def plain(*args: str, repo: Path) -> None:
 
 def fleet_file(work: Path, dataset: Path) -> Path:
     data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
+    data["secrets"] = {"backend": "local"}  # the lab's own OpenBao runs only under `spark lab up`
     spec = data["backup"]
+    for name, repository in spec["repositories"].items():
+        repository["password"] = f"local:restic/{name}"
     spec["repositories"]["nas-primary"]["path"] = str(work / "flow-repos")
     spec["repositories"]["offsite"]["path"] = str(work / "flow-offsite")
     spec["plans"] = {"pi-1": {"repository": "nas-primary", "paths": [str(dataset)]}}

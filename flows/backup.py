@@ -23,7 +23,7 @@ from primespark.orchestration.retries import retrying, transient
 
 
 class BackupFailed(RunFailed):
-    pass
+    """The backup did not complete: why, in a line, and the cause's fix (a sealed secret store: unseal it)."""
 
 
 # The tasks run inside the flow's lock: taken before a task starts, the lock's request does not queue behind

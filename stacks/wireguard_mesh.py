@@ -11,7 +11,7 @@ import pulumi
 from primespark.fleet.model import Fleet, HostKind
 from primespark.mesh.render import render_host
 from primespark.mesh.service import Planned, current_plan
-from primespark.secrets import secret_store
+from primespark.secrets import store_for
 from primespark.settings import settings_for
 
 
@@ -27,7 +27,7 @@ class WireGuardMesh(pulumi.ComponentResource):
         super().__init__("primespark:cloud:WireGuardMesh", f"mesh-{mesh}", {"fleet": fleet.name, "mesh": mesh}, opts)
         if planned is None:
             settings = settings_for(fleet.name)
-            planned = current_plan(fleet, mesh, settings.state_dir(fleet.name), secret_store(fleet.name, settings))
+            planned = current_plan(fleet, mesh, settings.state_dir(fleet.name), store_for(fleet, fleet.name, settings))
         plan = planned.plan
         port = plan.spec.listen_port
         self.cloud_vms = [h for h in plan.hosts if fleet.hosts[h].kind is HostKind.vm]

@@ -13,7 +13,7 @@ from typing import Literal
 
 from primespark.fleet import Fleet, load_fleet
 from primespark.hosts import HostAccess, LocalHosts, SshFiles, SshHosts
-from primespark.secrets import SecretStore, secret_store
+from primespark.secrets import SecretStore, store_for
 from primespark.settings import Settings, settings_for
 
 # ssh: commands run on the fleet's hosts; local: every host is this machine (tests and benchmarks).
@@ -49,5 +49,6 @@ class FleetContext:
 
     @cached_property
     def secrets(self) -> SecretStore:
-        """Built on first use: reading history or a plan needs no secret store."""
-        return secret_store(self.env, self.settings)
+        """Built on first use: reading history or a plan needs no secret store. Where it is, the fleet file's
+        `secrets:` section says (the lab: its own OpenBao, with the token from the lab's state directory)."""
+        return store_for(self.fleet, self.env, self.settings)

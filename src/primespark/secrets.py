@@ -1,10 +1,12 @@
-"""One small secret-store interface, two backends: Vault KV v2 (hvac) in production, 0600 files in the lab.
+"""One small secret-store interface, two backends: Vault KV v2 (hvac; production and the lab's OpenBao), and
+0600 files for fleets without Vault.
 
-Fleet files hold references, never values. `local:<key>` names a key of the environment's own store (a 0600
-file, or `<vault_mount>/<vault_prefix>/<env>/<key>` field `value` when the backend is Vault); `vault:<mount>/
-<path>#<field>` names one field of one KV v2 secret, read and written exactly there. `read_reference`,
-`write_reference` and `ensure_reference` act on a reference; a missing secret is `SecretNotFound`, anything
-else (Vault unreachable, sealed, a token that is expired or not allowed) a `SecretError` that says what to do.
+The fleet file's `secrets:` section says which (`store_for`). Fleet files hold references, never values.
+`local:<key>` names a key of the environment's own store (a 0600 file, or `<mount>/<prefix>/<env>/<key>` field
+`value` when the backend is Vault); `vault:<mount>/<path>#<field>` names one field of one KV v2 secret, read and
+written exactly there. `read_reference`, `write_reference` and `ensure_reference` act on a reference; a missing
+secret is `SecretNotFound`, anything else (Vault unreachable, sealed, a token that is expired or not allowed) a
+`SecretError` that says what to do.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from primespark.errors import UserError
-from primespark.settings import Settings, get_settings
+from primespark.fleet.model import Fleet, SecretBackend, Secrets, VaultAuth
+from primespark.settings import Settings
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
@@ -34,6 +37,16 @@ class SecretNotFound(SecretError):
 
 class SecretExists(SecretError):
     """A create-only write found a value already in place."""
+
+
+class SecretStoreSealed(SecretError):
+    """Vault answered that it is sealed: nothing can be read until someone unseals it."""
+
+
+class SecretStoreUnreachable(SecretError):
+    """Vault did not answer, or answered that it cannot serve now: worth retrying."""
+
+    transient = True
 
 
 class SecretStore(Protocol):
@@ -122,7 +135,15 @@ class LocalSecretStore:
         )
 
 
-_SEAL_FIX = "unseal it (`bao operator unseal`, or `vault operator unseal`) and run again"
+@dataclass(frozen=True)
+class VaultHints:
+    """What to tell the operator when the server is sealed or down, and the local store that an environment
+    moving to Vault may still hold (a key found there but not in Vault was not moved yet: never made anew)."""
+
+    sealed: str = "unseal it (`bao operator unseal`, or `vault operator unseal`) and run again"
+    unreachable: str = "check the address and that the server runs (`bao status`)"
+    unmigrated: Path | None = None
+    migrate: str = "move the local store into Vault with `spark secrets migrate`"
 
 
 def _errors(exc: Exception) -> str:
@@ -136,17 +157,33 @@ class VaultSecretStore:
     Every failure is a `SecretError` naming the server, the path and what to do, never an hvac traceback."""
 
     def __init__(self, addr: str, mount: str = "secret", prefix: str = "primespark", token: str | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, hints: VaultHints | None = None,
+                 approle: tuple[str, str] | None = None) -> None:
         import hvac
 
         self.addr = addr.rstrip("/")
+        self.hints = hints or VaultHints()
+        self.mount = mount
+        self.prefix = prefix.strip("/")
         # hvac falls back to VAULT_TOKEN, then the token helper's ~/.vault-token.
         self.client = hvac.Client(url=self.addr, token=token, timeout=timeout)
+        if approle is not None:
+            self._login(*approle)
         if not self.client.token:
             raise SecretError(f"no Vault token for {self.addr}",
                               "export VAULT_TOKEN (or `bao login`) with a token whose policy allows the fleet's paths")
-        self.mount = mount
-        self.prefix = prefix.strip("/")
+
+    def _login(self, role_id: str, secret_id: str) -> None:
+        where = f"AppRole role {role_id}"
+        try:
+            self._call("logging in as", where, lambda: self.client.auth.approle.login(role_id=role_id,
+                                                                                       secret_id=secret_id))
+        except (SecretStoreSealed, SecretStoreUnreachable):
+            raise
+        except SecretError as exc:
+            raise SecretError(f"Vault at {self.addr} refused the login as {where}: {exc.message}",
+                              "check secrets.role_id, and issue a new secret-id if this one expired or was used up "
+                              "(`bao write -f auth/approle/role/<role>/secret-id`)") from None
 
     def _path(self, key: str) -> str:
         return f"{self.prefix}/{_check_key(key)}" if self.prefix else _check_key(key)
@@ -168,17 +205,22 @@ class VaultSecretStore:
         except hvac.exceptions.Forbidden:
             raise self._denied(doing, where) from None
         except hvac.exceptions.VaultDown as exc:
-            state = "sealed" if "sealed" in _errors(exc).lower() else "unavailable"
-            raise SecretError(f"secret store {state}: Vault at {self.addr} answered {_errors(exc)!r} "
-                              f"while {doing} {where}", _SEAL_FIX if state == "sealed" else
-                              "check the server (`bao status`) and run again") from None
+            answer = f"Vault at {self.addr} answered {_errors(exc)!r} while {doing} {where}"
+            if "sealed" in _errors(exc).lower():
+                raise SecretStoreSealed(f"secret store sealed: {answer}", self.hints.sealed) from None
+            raise SecretStoreUnreachable(f"secret store unavailable: {answer}", self.hints.unreachable) from None
+        except hvac.exceptions.InvalidRequest as exc:
+            if "upgrading" in _errors(exc).lower():  # a KV engine enabled a moment ago: it serves shortly
+                raise SecretStoreUnreachable(f"secret store unavailable: Vault at {self.addr} answered "
+                                             f"{_errors(exc)!r} while {doing} {where}", "run again") from None
+            raise SecretError(f"Vault at {self.addr} refused {doing} {where}: {_errors(exc)}",
+                              "check the path and the mount (`bao secrets list`)") from None
         except hvac.exceptions.VaultError as exc:
             raise SecretError(f"Vault at {self.addr} refused {doing} {where}: {_errors(exc)}",
                               "check the path and the mount (`bao secrets list`)") from None
         except requests.exceptions.RequestException as exc:
-            raise SecretError(f"secret store unreachable: no answer from Vault at {self.addr} while {doing} {where} "
-                              f"({type(exc).__name__})",
-                              "check VAULT_ADDR and that the server runs (`bao status`)") from None
+            raise SecretStoreUnreachable(f"secret store unreachable: no answer from Vault at {self.addr} while "
+                                         f"{doing} {where} ({type(exc).__name__})", self.hints.unreachable) from None
 
     def _denied(self, doing: str, where: str) -> SecretError:
         """A 403 is either a token Vault no longer honours or a policy that lacks the path: ask which."""
@@ -273,8 +315,12 @@ class VaultSecretStore:
         try:
             return self.read_field(self.mount, self._path(key), "value")
         except SecretNotFound:
-            raise SecretNotFound(f"secret {key!r} is not in Vault {self.addr} at "
-                                 f"{self.mount}/{self._path(key)}") from None
+            where = f"{self.mount}/{self._path(key)}"
+            leftover = self.hints.unmigrated
+            if leftover is not None and (leftover / key).is_file():
+                raise SecretError(f"secret {key!r} is still in the local store {leftover}, not in Vault {self.addr} "
+                                  f"at {where}", self.hints.migrate) from None
+            raise SecretNotFound(f"secret {key!r} is not in Vault {self.addr} at {where}") from None
 
     def put(self, key: str, value: str) -> None:
         path = self._path(key)
@@ -356,7 +402,7 @@ def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore:
         return store
     where = getattr(store, "root", "")
     raise SecretError(f"{reference} is in Vault, but this environment's secret store is local ({where})",
-                      "set SPARK_SECRET_BACKEND=vault, VAULT_ADDR and VAULT_TOKEN (e.g. in .env.<env>), "
+                      "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file, "
                       "or use a local: reference")
 
 
@@ -436,12 +482,72 @@ def migrate(source: SecretStore, target: SecretStore, dry_run: bool = False,
     return done
 
 
-def secret_store(env: str | None = None, settings: Settings | None = None) -> SecretStore:
-    settings = settings or get_settings()
-    if settings.secret_backend == "vault":
-        if not settings.vault_addr:
-            raise SecretError("secret_backend is vault but VAULT_ADDR is not set",
-                              "export VAULT_ADDR and VAULT_TOKEN (or set them in .env.<env>)")
-        prefix = f"{settings.vault_prefix}/{env or settings.env}"
-        return VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
+# Which store an environment uses ------------------------------------------------------------------------------
+
+
+def store_for(fleet: Fleet, env: str, settings: Settings) -> SecretStore:
+    """The environment's secret store, as the fleet file's `secrets:` section says: 0600 files under the state
+    directory, or Vault (the lab's own OpenBao with `auth: lab`)."""
+    if fleet.secrets.backend is SecretBackend.vault:
+        return vault_store(fleet, env, settings)
+    _refuse_other_settings(fleet.secrets, env, settings)
     return LocalSecretStore(settings.state_dir(env) / "secrets")
+
+
+def vault_store(fleet: Fleet, env: str, settings: Settings, migrating: bool = False) -> VaultSecretStore:
+    """The environment's Vault, logged in as `secrets.auth` says: VAULT_TOKEN (or the token helper), an
+    AppRole, or the lab's root token from the lab's state directory. Unless `migrating`, a key that the local
+    store still holds and Vault does not is an error, never a key to make anew."""
+    spec = fleet.secrets
+    _refuse_other_settings(spec, env, settings)
+    if spec.backend is not SecretBackend.vault:
+        raise SecretError(f"the fleet {fleet.name!r} keeps its secrets in the local store, not in Vault",
+                          "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
+    prefix = f"{spec.prefix}/{env}"
+    leftover = None if migrating else settings.state_path(env) / "secrets"
+    if spec.auth is VaultAuth.lab:
+        from primespark.lab.openbao import lab_access
+
+        address, token = lab_access(fleet, settings.state_path(env))
+        again = f"run `spark lab up --env {env}`: it starts the lab's OpenBao and unseals it"
+        hints = VaultHints(sealed=again, unreachable=again, unmigrated=leftover,
+                           migrate=f"`spark lab up --env {env}` moves the local store into the lab's OpenBao")
+        return VaultSecretStore(address, spec.mount, prefix, token=token, hints=hints)
+    assert spec.address is not None  # fleet/checks.py: vault-without-address
+    hints = VaultHints(unmigrated=leftover,
+                       migrate=f"move the local store first: `spark secrets migrate --env {env} --to vault`")
+    approle = (spec.role_id, _secret_id(spec)) if spec.auth is VaultAuth.approle and spec.role_id else None
+    return VaultSecretStore(spec.address, spec.mount, prefix, hints=hints, approle=approle)
+
+
+def _secret_id(spec: Secrets) -> str:
+    """The AppRole secret-id: VAULT_SECRET_ID, else the file the fleet names (which only its owner may read)."""
+    if os.environ.get("VAULT_SECRET_ID"):
+        return os.environ["VAULT_SECRET_ID"]
+    if spec.secret_id_file is None:
+        raise SecretError("AppRole login needs a secret-id and none is given",
+                          "export VAULT_SECRET_ID, or set secrets.secret_id_file to a 0600 file holding it")
+    path = Path(spec.secret_id_file)
+    try:
+        if path.stat().st_mode & 0o077:
+            raise SecretError(f"the AppRole secret-id file {path} is readable by others",
+                              f"`chmod 600 {path}`, and issue a new secret-id if others may have read it")
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SecretError(f"cannot read the AppRole secret-id file {path}: {exc.strerror}",
+                          "check secrets.secret_id_file, or export VAULT_SECRET_ID") from None
+
+
+def _refuse_other_settings(spec: Secrets, env: str, settings: Settings) -> None:
+    """SPARK_SECRET_BACKEND, SPARK_VAULT_MOUNT and SPARK_VAULT_PREFIX chose the store before the fleet file
+    did: one that disagrees with the fleet file would send commands to look for, and make, secrets elsewhere."""
+    older: list[tuple[str, str | None, str, str]] = [
+        ("SPARK_SECRET_BACKEND", settings.secret_backend, "backend", spec.backend.value)]
+    if spec.backend is SecretBackend.vault:
+        older += [("SPARK_VAULT_MOUNT", settings.vault_mount, "mount", spec.mount),
+                  ("SPARK_VAULT_PREFIX", settings.vault_prefix, "prefix", spec.prefix)]
+    for name, value, field, wanted in older:
+        if value is not None and value != wanted:
+            raise SecretError(f"{name}={value}, but the fleet file has secrets.{field}: {wanted}",
+                              f"the fleet file says where secrets live: set secrets.{field} there, and unset {name} "
+                              f"(in the environment, .env or .env.{env})")

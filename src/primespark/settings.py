@@ -38,10 +38,11 @@ class Settings(BaseSettings):
     state_home: Path = Field(default_factory=_default_state_home, description="State of every environment.")
     # A string, not a Path: "" would become "." (the current folder) before anyone could refuse it.
     state_dir_override: str | None = Field(default=None, alias="SPARK_STATE_DIR")
-    secret_backend: Literal["local", "vault"] = "local"
-    vault_addr: str | None = Field(default=None, alias="VAULT_ADDR")
-    vault_mount: str = "secret"
-    vault_prefix: str = "primespark"
+    # Where secrets live is the fleet file's `secrets:` section. These older settings are read only to refuse one
+    # that disagrees with it: commands would look for secrets elsewhere and make new ones there.
+    secret_backend: Literal["local", "vault"] | None = None
+    vault_mount: str | None = None
+    vault_prefix: str | None = None
     prefect_api_url: str | None = Field(default=None, alias="PREFECT_API_URL")
 
     @property

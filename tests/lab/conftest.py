@@ -24,6 +24,7 @@ from primespark.lab import Lab, UpResult
 from primespark.lab.lock import lab_lock
 from primespark.lab.runtime import LABEL
 from primespark.lab.ssh import ssh_argv
+from primespark.playbook import RunResult, run_ansible
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's tools, wherever the venv is
@@ -146,3 +147,37 @@ def lab() -> Iterator[LabHandle]:
                 after = docker_snapshot(fleet.name)
                 assert after == baseline, (f"lab down left Docker changed: containers {after[0] ^ baseline[0]}, "
                                            f"networks {after[1] ^ baseline[1]}")
+                if the_lab.openbao is not None:  # stopped, its data (and the key to it) kept
+                    assert the_lab.openbao.pid() is None and the_lab.openbao.state() == "not running"
+                    assert the_lab.openbao.credentials_file.is_file() and the_lab.openbao.data_dir.is_dir()
+
+
+@pytest.fixture(scope="session")
+def configured(lab: LabHandle) -> RunResult:
+    """site.yml applied to every lab host once per session (the roles' tests run it again themselves)."""
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", root=REPO)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def lab_flows(lab: LabHandle) -> Iterator[None]:
+    """Flows run here report to the lab's Prefect server (a test harness earlier in the session may have set
+    another), with no repository writer or drill slot left held: the lab's Prefect database outlives `lab down`, and a
+    slot held by a run killed in an earlier session would block every backup. This session owns the lab (its
+    lock), so it starts from zero."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from primespark.orchestration.locks import drill_lock, repository_lock
+
+    assert lab.fleet.lab is not None and lab.fleet.backup is not None
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{lab.fleet.lab.prefect_port}/api"}):
+        with get_client(sync_client=True) as client:
+            slots = [*map(repository_lock, lab.fleet.backup.repositories), *map(drill_lock, lab.fleet.backup.plans)]
+            for name in slots:
+                with contextlib.suppress(ObjectNotFound):
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+        yield

@@ -9,7 +9,6 @@ the primary repository's host, so the fixture applies the same role to ops-1 wit
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import os
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from primespark.playbook import run_ansible
 
@@ -50,7 +48,7 @@ def sha_tree(lab, host: str, root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def backups(lab, tmp_path_factory):
+def backups(lab, lab_flows, tmp_path_factory):
     fleet = lab.fleet
     spec = fleet.backup
     assert spec is not None
@@ -80,21 +78,7 @@ def backups(lab, tmp_path_factory):
         root = spec.plans[host].paths[0]
         done = lab.exec(host, SOURCE_DATA.format(root=root, host=host))
         assert done.returncode == 0, done.stderr
-    # flows report to the lab's Prefect server (a test harness earlier in the session may have set another)
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{fleet.lab.prefect_port}/api"}):
-        # The lab's Prefect database outlives `lab down`: a writer slot held by a run killed in an earlier
-        # session would block every backup here. This session owns the lab (its lock), so start from zero.
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-        from prefect.exceptions import ObjectNotFound
-
-        from primespark.orchestration.locks import drill_lock, repository_lock
-
-        with get_client(sync_client=True) as client:
-            for name in [*map(repository_lock, spec.repositories), *map(drill_lock, spec.plans)]:
-                with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-        yield fleet
+    return fleet
 
 
 def test_restic_role_installs_keys_and_passwords_0600(lab, backups):

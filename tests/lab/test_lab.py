@@ -137,6 +137,7 @@ def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab,
     for name in managed_hosts(lab.fleet):
         assert "running" in rows[name] and " ok " in rows[name], rows.get(name)
     assert f"http://127.0.0.1:{lab.fleet.lab.prefect_port} (healthy)" in status.stdout
+    assert f"OpenBao http://127.0.0.1:{lab.fleet.lab.openbao_port} (unsealed)" in status.stdout
 
 
 def test_up_recovers_a_container_removed_by_hand_and_changes_nothing_else(lab):
@@ -172,6 +173,7 @@ def test_down_leaves_docker_as_before_also_after_a_failing_test_and_up_brings_th
     lab.lab.down()
     assert lab.docker_state() == lab.baseline
     assert not lab.lab.prefect.healthy()
+    assert lab.lab.openbao.state() == "not running" and lab.lab.openbao.credentials_file.is_file()
 
     # A pytest run whose lab test fails still takes its lab down (the fixture cleans up on failure).
     host = managed_hosts(lab.fleet)[0]
@@ -184,4 +186,5 @@ def test_down_leaves_docker_as_before_also_after_a_failing_test_and_up_brings_th
 
     result = lab.lab.up()  # the lab is shared with the tests that run after this one
     assert result.changed and not result.image_built
+    assert result.openbao.started and result.openbao.unsealed and not result.openbao.initialised  # data kept
     assert lab.ssh(edge_hosts(lab)[0], "true").returncode == 0

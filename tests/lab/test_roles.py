@@ -47,13 +47,6 @@ def playbook(lab, name: str, limit: str | None = None, extravars: dict | None = 
                        extravars=extravars, root=REPO)
 
 
-@pytest.fixture(scope="module")
-def configured(lab) -> RunResult:
-    run = playbook(lab, "site.yml")
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    return run
-
-
 def test_site_playbook_configures_every_host(lab, configured):
     assert configured.hosts == set(managed_hosts(lab.fleet))
     for host, counts in configured.stats.items():

@@ -18,11 +18,12 @@ from primespark.fleet.model import Backup, Fleet
 BASE = (Path(__file__).resolve().parent.parent / "fixtures" / "fleet" / "valid" / "mini-full.yaml").read_text()
 
 
-def problems_after(old: str, new: str) -> list[tuple[str, str]]:
-    """Load mini-full with one edit; the (dotted path, code) of each problem, [] if it loads."""
+def problems_after(old: str, new: str, append: str = "") -> list[tuple[str, str]]:
+    """Load mini-full with one edit (and `append` at its end); the (dotted path, code) of each problem, [] if it
+    loads."""
     assert BASE.count(old) == 1, f"{old!r} is not in mini-full.yaml once"
     try:
-        load_text(BASE.replace(old, new), "edited.yaml")
+        load_text(BASE.replace(old, new) + append, "edited.yaml")
     except FleetError as exc:
         return [(".".join(map(str, p.path)), p.code) for p in exc.problems]
     return []
@@ -119,7 +120,9 @@ def test_the_fleets_cron_check_agrees_with_prefects(schedule: str) -> None:
     ("vault:secret/../restic#key", False),
 ])
 def test_secret_references_stay_inside_their_store(reference: str, accepted: bool) -> None:
-    found = problems_after('password: "local:restic/nas-primary"', f'password: "{reference}"')
+    vault = 'secrets: {backend: vault, address: "https://vault.example.org:8200"}\n'
+    found = problems_after('password: "local:restic/nas-primary"', f'password: "{reference}"',
+                           vault if reference.startswith("vault:") else "")
     assert found == ([] if accepted else [("backup.repositories.nas-primary.password", "secret-reference")])
 
 

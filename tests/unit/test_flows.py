@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 from restic_testing import ResticTestClient
 
-from flows.backup import backup
+from flows.backup import BackupFailed, backup
 from flows.deployments import build_deployments
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
@@ -58,10 +59,16 @@ def state(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return path
 
 
-def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float = 26) -> str:
-    """The lab fleet with its backup section pointed at folders under `root` (one source of the rest)."""
+def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float = 26,
+               secrets: dict[str, Any] | None = None) -> str:
+    """The lab fleet with its backup section pointed at folders under `root` (one source of the rest); its
+    secrets in a local store, or in the Vault `secrets` names (the lab's own OpenBao runs only under `lab up`)."""
     data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
+    data["secrets"] = secrets or {"backend": "local"}
     backup_spec = data["backup"]
+    if data["secrets"]["backend"] == "local":
+        for name, repository in backup_spec["repositories"].items():
+            repository["password"] = f"local:restic/{name}"
     backup_spec["repositories"]["nas-primary"]["path"] = str(root / "nas")
     backup_spec["repositories"]["offsite"]["path"] = str(root / "cloud")
     backup_spec["plans"] = {}
@@ -756,3 +763,52 @@ def test_two_first_backups_at_once_agree_on_one_password(state: Path, tmp_path: 
     for host in ("pi-1", "pi-2"):
         assert restic_for(ctx, "nas-primary", host).password == password
         assert restic_for(ctx, "nas-primary", host).snapshots(), f"{host}'s repository does not open with it"
+
+
+def test_a_sealed_or_unreachable_secret_store_fails_the_backup_in_a_line_and_changes_nothing(
+    state: Path, tmp_path: Path, fresh_vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repository password is in Vault (a real OpenBao). Sealed: the backup fails at once (no retry can
+    help) with the store's one-line reason and its fix, through the flow and through `spark backup now`, and
+    makes no snapshot and no secret anywhere. Unreachable: retried, then the same. Unsealed: it works."""
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("VAULT_TOKEN", fresh_vault.root_token)
+    fleet = make_fleet(tmp_path, secrets={"backend": "vault", "address": fresh_vault.address})
+    ctx = FleetContext.load(fleet, "local")
+    reference = ctx.fleet.backup.repositories["nas-primary"].password  # type: ignore[union-attr]
+    assert reference == "vault:secret/primespark/lab/restic/passwords#nas-primary"
+    run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
+    restic = restic_for(ctx, "nas-primary", "pi-1")
+    snapshots = [s.id for s in restic.snapshots()]
+    local = sorted((state / "secrets").rglob("*"))  # the other tests' local stores share the state folder
+
+    fresh_vault.seal()
+    failed = run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST)
+    assert failed.is_failed()
+    reason = failed.result(raise_on_failure=False)
+    assert isinstance(reason, BackupFailed), reason
+    assert reason.message.startswith("backup of pi-1 into nas-primary failed: secret store sealed: Vault at ")
+    assert "secret/primespark/lab/restic/passwords#nas-primary" in reason.message and "\n" not in reason.message
+    assert "bao operator unseal" in reason.fix
+
+    spark = subprocess.run(
+        [str(Path(sys.executable).parent / "spark"), "backup", "now", "pi-1", "--env", fleet, "--transport", "local"],
+        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}, capture_output=True, text=True,
+        timeout=300)
+    assert spark.returncode == 1 and "Traceback" not in spark.stderr, spark.stderr
+    error = spark.stderr[spark.stderr.index("error: "):].splitlines()
+    assert error[0].startswith("error: backup of pi-1 into nas-primary failed: secret store sealed: Vault at ")
+    assert error[0].endswith("while reading secret/primespark/lab/restic/passwords#nas-primary"), error
+    assert error[1:] == ["    fix: unseal it (`bao operator unseal`, or `vault operator unseal`) and run again"]
+
+    fresh_vault.unseal()
+    assert [s.id for s in restic.snapshots()] == snapshots, "no snapshot while sealed"
+    assert sorted((state / "secrets").rglob("*")) == local, "no secret was made in a local store"
+
+    address = fresh_vault.address
+    fresh_vault.stop()
+    down = run(backup, "pi-1", fleet, offsite=False, **FAST)
+    reason = down.result(raise_on_failure=False)
+    assert isinstance(reason, BackupFailed) and "secret store unreachable: no answer from Vault at " \
+        f"{address}" in reason.message, reason

@@ -66,3 +66,27 @@ def test_prefect_port_taken_by_someone_else_is_a_clear_preflight_error(tmp_path)
     assert server.port_free()
     server.preflight()  # free again: no error
     assert server.pid() is None and not server.stop()
+
+
+def test_lab_env_prints_vault_addr_and_the_token_only_when_asked(tmp_path, monkeypatch, request):
+    import json
+
+    from typer.testing import CliRunner
+
+    from primespark.cli.app import app
+    from primespark.lab.openbao import credentials_file
+    from primespark.settings import get_settings
+
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
+    get_settings.cache_clear()  # the CLI's lab reads the cached settings: make them see this state dir
+    request.addfinalizer(get_settings.cache_clear)
+    fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
+    plain = CliRunner().invoke(app, ["lab", "env", "--env", "lab"])
+    assert plain.exit_code == 0, plain.output
+    assert f"export VAULT_ADDR=http://127.0.0.1:{fleet.lab.openbao_port}" in plain.stdout.splitlines()
+    assert "VAULT_TOKEN" not in plain.stdout
+    credentials_file(tmp_path).parent.mkdir(mode=0o700)
+    credentials_file(tmp_path).write_text(json.dumps({"unseal_key": "k", "root_token": "s.root-of-the-lab"}))
+    asked = CliRunner().invoke(app, ["lab", "env", "--env", "lab", "--vault-token"])
+    assert asked.exit_code == 0 and "export VAULT_TOKEN=s.root-of-the-lab" in asked.stdout.splitlines()
+    assert not any(line.endswith("=k") for line in asked.stdout.splitlines()), "never the unseal key"

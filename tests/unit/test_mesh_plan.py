@@ -238,3 +238,26 @@ def test_ssh_runner_uses_the_fleet_ssh_settings_and_sudo(tmp_path, monkeypatch):
     assert str(ssh / "id_ed25519") in argv and f"UserKnownHostsFile={ssh / 'known_hosts'}" in argv
     remote = shlex.split(argv[-1])
     assert remote[:4] == ["sudo", "-n", "sh", "-c"] and remote[4] == "wg show wg0 dump | awk '{print $1}'"
+
+
+def test_a_store_that_cannot_answer_fails_the_plan_and_never_makes_new_keys(tmp_path, fresh_vault):
+    """Only "no such key" may lead to a new WireGuard key: a store that refuses or cannot answer (sealed, a
+    policy without read) must not rotate every host's key behind the operator's back."""
+    from primespark.secrets import SecretError, SecretStoreSealed, VaultSecretStore
+
+    root = fresh_vault.client()
+    store = VaultSecretStore(fresh_vault.address, "secret", "primespark/lab", token=fresh_vault.root_token)
+    fleet = fleet_with(["pi-1", "pi-2", "core-1"])
+    before = snapshot(plan_and_save(fleet, "fleet", tmp_path, store))
+    root.sys.create_or_update_acl_policy(name="write-only", policy=(
+        'path "secret/data/primespark/lab/mesh/*" { capabilities = ["create", "update"] }'))
+    token = root.auth.token.create(policies=["write-only"], ttl="10m")["auth"]["client_token"]
+    blind = VaultSecretStore(fresh_vault.address, "secret", "primespark/lab", token=token)
+    with pytest.raises(SecretError, match=r"permission denied \(403\) reading secret/primespark/lab/mesh/fleet/"):
+        plan_and_save(fleet, "fleet", tmp_path, blind)
+    fresh_vault.seal()
+    with pytest.raises(SecretStoreSealed, match="secret store sealed"):
+        plan_and_save(fleet, "fleet", tmp_path, store)
+    fresh_vault.unseal()
+    again = plan_and_save(fleet, "fleet", tmp_path, store)
+    assert snapshot(again) == before and not again.keys_created

@@ -1,4 +1,5 @@
-"""`spark secrets migrate --env ENV --to vault`, run as the CLI against a real OpenBao dev server."""
+"""`spark secrets migrate --env ENV --to vault`, run as the CLI against a real OpenBao dev server: the Vault is the
+one the fleet file's `secrets:` section names."""
 
 from __future__ import annotations
 
@@ -8,13 +9,24 @@ from pathlib import Path
 
 import hvac
 import pytest
+import yaml
 
-from primespark.secrets import LocalSecretStore, VaultSecretStore, read_reference, secret_store
+from primespark.fleet import load_fleet
+from primespark.secrets import LocalSecretStore, VaultSecretStore, read_reference, store_for
 from primespark.settings import settings_for
 
 SPARK = Path(sys.executable).parent / "spark"
+MINI = Path(__file__).resolve().parents[1] / "fixtures" / "fleet" / "valid" / "mini-full.yaml"
 ENTRIES = {"restic/nas-primary": "pw-primary", "restic/ssh/pi-1": "-----BEGIN KEY-----\nabc\n",
            "mesh/home/pi-1": "wg-private-value"}
+
+
+def fleet_file(tmp_path: Path, address: str, prefix: str) -> Path:
+    data = yaml.safe_load(MINI.read_text())
+    data["secrets"] = {"backend": "vault", "address": address, "prefix": prefix}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture
@@ -24,16 +36,17 @@ def setup(tmp_path, vault, vault_prefix, monkeypatch):
     local = LocalSecretStore(state / "secrets")
     for key, value in ENTRIES.items():
         local.put(key, value)
+    fleet = fleet_file(tmp_path, vault.address, vault_prefix)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SPARK_STATE_DIR": str(state),
-           "SPARK_VAULT_PREFIX": vault_prefix, "VAULT_ADDR": vault.address, "VAULT_TOKEN": vault.root_token}
+           "VAULT_TOKEN": vault.root_token}
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # for settings_for() in this process, as the CLI sees them
 
-    def spark(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(SPARK), "secrets", "migrate", "--env", "lab", *args], env={**env, **extra},
+    def spark(*args: str, fleet: Path = fleet, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SPARK), "secrets", "migrate", "--env", str(fleet), *args], env={**env, **extra},
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
-    return spark, local, vault.client(), f"{vault_prefix}/lab"
+    return spark, local, vault.client(), f"{vault_prefix}/mini", fleet
 
 
 def stored(client: hvac.Client, path: str) -> dict:
@@ -42,7 +55,7 @@ def stored(client: hvac.Client, path: str) -> dict:
 
 
 def test_migrate_moves_verifies_and_is_idempotent(setup) -> None:
-    spark, local, client, prefix = setup
+    spark, local, client, prefix, fleet = setup
     dry = spark("--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert all(key in dry.stdout for key in ENTRIES) and dry.stdout.count("would move") == 3
@@ -64,15 +77,15 @@ def test_migrate_moves_verifies_and_is_idempotent(setup) -> None:
     removed = spark("--remove-local")
     assert removed.returncode == 0, removed.stderr
     assert local.list() == [] and removed.stdout.count("removed") == 3
-    # With the Vault backend the environment's `local:` references now read the migrated values.
-    vault_store = secret_store("lab", settings_for("lab").model_copy(update={"secret_backend": "vault"}))
+    # The environment's `local:` references now read the migrated values from Vault.
+    vault_store = store_for(load_fleet(str(fleet)), "mini", settings_for("mini"))
     assert isinstance(vault_store, VaultSecretStore)
     assert read_reference("local:restic/nas-primary", vault_store) == "pw-primary"
     assert spark().stdout.count("nothing to migrate") == 1
 
 
 def test_a_different_value_in_vault_is_a_conflict_never_overwritten(setup) -> None:
-    spark, local, client, prefix = setup
+    spark, local, client, prefix, _ = setup
     client.secrets.kv.v2.create_or_update_secret(path=f"{prefix}/restic/nas-primary", secret={"value": "other"},
                                                  mount_point="secret")
     result = spark("--remove-local")
@@ -83,11 +96,20 @@ def test_a_different_value_in_vault_is_a_conflict_never_overwritten(setup) -> No
     assert local.list() == ["restic/nas-primary"], "the conflicting local copy stays; the others moved"
 
 
-def test_an_unreachable_vault_is_one_clear_error(setup, fresh_vault) -> None:
-    spark, local, _, _ = setup
+def test_an_unreachable_vault_is_one_clear_error(setup, fresh_vault, tmp_path) -> None:
+    spark, local, _, _, _ = setup
     address = fresh_vault.address
     fresh_vault.stop()
-    result = spark(VAULT_ADDR=address)
+    (tmp_path / "down").mkdir()
+    result = spark(fleet=fleet_file(tmp_path / "down", address, "primespark"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: secret store unreachable: no answer from Vault at {address}")
+    assert sorted(local.list()) == sorted(ENTRIES)
+
+
+def test_a_fleet_without_vault_has_nowhere_to_migrate_to(setup, tmp_path) -> None:
+    spark, local, _, _, _ = setup
+    result = spark(fleet=MINI)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: the fleet 'mini' keeps its secrets in the local store, not in Vault" in result.stderr
     assert sorted(local.list()) == sorted(ENTRIES)

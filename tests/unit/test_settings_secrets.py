@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from primespark.secrets import LocalSecretStore, SecretError, atomic_write, read_reference, secret_store
+from primespark.fleet import load_fleet
+from primespark.secrets import LocalSecretStore, SecretError, atomic_write, read_reference, store_for
 from primespark.settings import Settings, settings_for
 
 
@@ -58,6 +59,9 @@ def test_settings_come_from_the_environment_and_per_env_files(
     state = homelab.state_dir()
     assert state == tmp_path / "state" / "homelab"
     assert mode(state) == 0o700
-    monkeypatch.delenv("VAULT_ADDR", raising=False)
-    with pytest.raises(SecretError, match="VAULT_ADDR is not set"):
-        secret_store("homelab", homelab)
+    # The fleet file says where secrets live; an older setting that disagrees is refused, never followed.
+    fleet = load_fleet(str(Path(__file__).resolve().parents[1] / "fixtures/fleet/valid/mini-full.yaml"))
+    with pytest.raises(SecretError, match=r"SPARK_SECRET_BACKEND=vault, but the fleet file has secrets\.backend: "
+                                          r"local"):
+        store_for(fleet, "homelab", homelab)
+    assert isinstance(store_for(fleet, "lab", settings_for("lab")), LocalSecretStore)

@@ -120,19 +120,31 @@ def test_plan_writes_no_state(state_dir):
     assert not state_dir.exists(), "spark plan must not create keys, plans or folders"
 
 
-def test_the_pulumi_entry_point_reads_the_fleet_named_in_the_stack_config(state_dir):
-    """`stacks.program.main` as `pulumi up` runs it: config from Pulumi.homelab.yaml, the saved mesh plan."""
+def test_the_pulumi_entry_point_reads_the_fleet_named_in_the_stack_config(state_dir, tmp_path, monkeypatch, vault,
+                                                                          vault_prefix):
+    """`stacks.program.main` as `pulumi up` runs it: config from Pulumi.homelab.yaml, the saved mesh plan, the
+    mesh keys from the fleet's Vault (here a real OpenBao in place of homelab's)."""
+    import yaml
+
     from primespark.cloud.mockengine import run_program
     from primespark.cloud.plan import stack_config
     from primespark.mesh.service import plan_and_save
-    from primespark.secrets import LocalSecretStore
+    from primespark.secrets import VaultSecretStore, store_for
+    from primespark.settings import settings_for
     from stacks.program import main
 
     state_dir.mkdir(mode=0o700)  # private, as spark makes it: the plan below is saved into it first
     config = stack_config("homelab")
     assert config["fleet"] == "homelab" and config["vaultAddress"].startswith("https://")
+    data = yaml.safe_load((get_settings().inventory_dir / "homelab.yaml").read_text())
+    data["secrets"].update(address=vault.address, prefix=vault_prefix)
+    (tmp_path / "homelab.yaml").write_text(yaml.safe_dump(data))
+    config = {**config, "fleet": str(tmp_path / "homelab.yaml")}
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
     fleet = load_fleet(config["fleet"])
-    saved = plan_and_save(fleet, "fleet", state_dir, LocalSecretStore(state_dir / "secrets"))
+    store = store_for(fleet, "homelab", settings_for("homelab"))
+    assert isinstance(store, VaultSecretStore)
+    saved = plan_and_save(fleet, "fleet", state_dir, store)
     graph = run_program(main, "homelab", config)
     assert {r.name for r in graph.of_type("libvirt:index/domain:Domain")} == set(fleet.vms_on("kvm-1"))
     assert graph.outputs["vault"]["address"] == config["vaultAddress"]

@@ -26,7 +26,8 @@ def _lab(env: str) -> Lab:
 
 @app.command()
 def up(env: EnvOption = "lab") -> None:
-    """Bring the lab up (idempotent): image, networks, NAT router, hosts, SSH keys, Prefect server."""
+    """Bring the lab up (idempotent): image, networks, NAT router, hosts, SSH keys, Prefect server, and the lab's
+    OpenBao (started, initialised the first time, unsealed)."""
     lab = _lab(env)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn())
     with lab_lock(), Progress(*columns, console=console, transient=True) as progress:
@@ -42,13 +43,17 @@ def up(env: EnvOption = "lab") -> None:
     console.print(f"[green]lab {lab.fleet.name} {verdict}[/green] in {result.seconds:.1f} s{built}: "
                   f"{sum(1 for s in lab.plan().containers if s.host)} hosts, image {result.image}")
     console.print(f"  Prefect UI {result.prefect_url}   state {lab.state_dir}")
+    if result.openbao is not None:
+        console.print(f"  OpenBao {result.openbao_url} (unsealed; start + unseal {result.openbao.seconds:.1f} s)   "
+                      "`eval \"$(spark lab env)\"` sets VAULT_ADDR for `bao`")
     console.print("  next: `spark lab status`, `spark lab ssh <host>`, "
                   "`ansible all -i inventory/lab.fleet.yml -m ping`")
 
 
 @app.command()
 def down(env: EnvOption = "lab") -> None:
-    """Remove every container, network and volume the lab made (and nothing else); stop its Prefect server."""
+    """Remove every container, network and volume the lab made (and nothing else); stop its Prefect server and
+    its OpenBao (whose data, like Prefect's database, stays in the state folder)."""
     lab = _lab(env)
     with lab_lock(), console.status("taking the lab down"):
         containers, networks, volumes = lab.down(lambda m: console.print(f"  {m}"))
@@ -59,7 +64,7 @@ def down(env: EnvOption = "lab") -> None:
 @app.command()
 def status(env: EnvOption = "lab",
            no_ssh: Annotated[bool, typer.Option("--no-ssh", help="Skip the SSH login check.")] = False) -> None:
-    """Each host: container state, addresses, SSH reachability; the Prefect UI address."""
+    """Each host: container state, addresses, SSH reachability; the Prefect UI and the OpenBao addresses."""
     lab = _lab(env)
     with console.status("checking the lab"):
         state = lab.status(check_ssh=not no_ssh)
@@ -74,6 +79,9 @@ def status(env: EnvOption = "lab",
     console.print(table)
     health = "[green]healthy[/green]" if state.prefect_healthy else "[red]not running[/red]"
     console.print(f"Prefect UI {state.prefect_url} ({health})   state {state.state_dir}")
+    if state.openbao_url:
+        colour = "green" if state.openbao_state == "unsealed" else "red"
+        console.print(f"OpenBao {state.openbao_url} ([{colour}]{state.openbao_state}[/{colour}])")
     if not all(h.ssh or no_ssh for h in state.hosts):
         raise typer.Exit(1)
 
@@ -92,11 +100,24 @@ def ssh(host: Annotated[str, typer.Argument(help="A host of the lab fleet, e.g. 
 
 
 @app.command("env")
-def env_(env: EnvOption = "lab") -> None:
-    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL and the state directory."""
+def env_(env: EnvOption = "lab",
+         vault_token: Annotated[bool, typer.Option(
+             "--vault-token", help="Also print VAULT_TOKEN: the lab's OpenBao root token (on stdout: mind where "
+             "it goes).")] = False) -> None:
+    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL, the state directory and, with the
+    lab's OpenBao, VAULT_ADDR for your own `bao` commands. spark itself needs none of them."""
     lab = _lab(env)
     typer.echo(f"export PREFECT_API_URL={lab.prefect.api_url}")
     typer.echo(f"export SPARK_LAB_STATE={lab.state_dir}")
+    if lab.openbao is not None:
+        typer.echo(f"export VAULT_ADDR={lab.openbao.address}")
+        if vault_token:
+            from primespark.lab.openbao import lab_access
+
+            typer.echo(f"export VAULT_TOKEN={lab_access(lab.fleet, lab.state_dir)[1]}")
+    elif vault_token:
+        raise UserError(f"the fleet {lab.fleet.name!r} keeps no secrets in a lab OpenBao",
+                        fix="`secrets: {backend: vault, auth: lab}` in the fleet file gives the lab one")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

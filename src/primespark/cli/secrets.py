@@ -18,33 +18,32 @@ EnvOption = Annotated[str, typer.Option("--env", "-e", help="The environment who
 @app.command("migrate")
 def migrate(
     env: EnvOption = "lab",
-    to: Annotated[str, typer.Option("--to", help="Where the secrets go: vault (VAULT_ADDR, VAULT_TOKEN).")] = "vault",
+    to: Annotated[str, typer.Option("--to", help="Where the secrets go: vault (the fleet file's secrets section).")]
+    = "vault",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would move; change nothing.")] = False,
     remove_local: Annotated[bool, typer.Option(
         "--remove-local", help="Delete each local copy once Vault is verified to hold the same value.")] = False,
 ) -> None:
-    """Move the local store's entries into Vault, each verified by reading it back.
+    """Move the local store's entries into the fleet's Vault, each verified by reading it back.
 
-    Each key goes where `local:` references read it with the Vault backend: `<vault_mount>/<vault_prefix>/<env>/<key>`,
-    field `value`. Safe to run again: an entry already in Vault with the same value is left as it is; a different
-    value there is a conflict, reported and never overwritten. Afterwards set SPARK_SECRET_BACKEND=vault."""
-    from primespark.secrets import LocalSecretStore, VaultSecretStore
+    The fleet file's `secrets:` section names the Vault (backend: vault, address, auth). Each key goes where
+    `local:` references read it: `<mount>/<prefix>/<env>/<key>`, field `value`. Safe to run again: an entry already
+    in Vault with the same value is left as it is; a different value there is a conflict, reported and never
+    overwritten. `spark lab up` does this by itself for the lab."""
+    from primespark.context import FleetContext
+    from primespark.secrets import LocalSecretStore, vault_store
     from primespark.secrets import migrate as run_migration
-    from primespark.settings import settings_for
 
     if to != "vault":
         raise UserError(f"unknown target {to!r}", "use --to vault")
-    settings = settings_for(env)
-    if not settings.vault_addr:
-        raise UserError("VAULT_ADDR is not set", "export VAULT_ADDR and VAULT_TOKEN (or set them in .env.<env>)")
-    root = settings.state_dir(env) / "secrets"
+    ctx = FleetContext.load(env)
+    root = ctx.settings.state_path(ctx.env) / "secrets"
     if not root.is_dir():
         raise UserError(f"no local secret store for {env!r} at {root}", "check --env and SPARK_STATE_DIR")
-    prefix = f"{settings.vault_prefix}/{env}"
-    vault = VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
+    vault = vault_store(ctx.fleet, ctx.env, ctx.settings, migrating=True)
     results = run_migration(LocalSecretStore(root), vault, dry_run=dry_run, remove_local=remove_local)
 
-    where = f"{vault.addr} {settings.vault_mount}/{prefix}/"
+    where = f"{vault.addr} {vault.mount}/{vault.prefix}/"
     table = Table(title=f"{root} -> {where}" + (" (dry run)" if dry_run else ""))
     table.add_column("key")
     table.add_column("status")

@@ -12,8 +12,8 @@ from typing import Any
 
 from primespark.errors import UserError
 from primespark.fleet import Fleet
-from primespark.secrets import atomic_write, secret_store
-from primespark.settings import get_settings
+from primespark.secrets import atomic_write, store_for
+from primespark.settings import get_settings, settings_for
 
 PASSPHRASE_KEY = "pulumi/passphrase"
 INSTALL_HINT = ("install the Pulumi CLI (curl -fsSL https://get.pulumi.com | sh, or see "
@@ -36,7 +36,9 @@ def backend_url(env: str) -> str:
 
 def _passphrase(env: str) -> str:
     """The file backend encrypts stack secrets with a passphrase: made once, kept in the secret store."""
-    store = secret_store(env)
+    from primespark.fleet import load_fleet
+
+    store = store_for(load_fleet(env), env, settings_for(env))
     if not store.exists(PASSPHRASE_KEY):
         store.put(PASSPHRASE_KEY, pysecrets.token_urlsafe(32))
     return store.get(PASSPHRASE_KEY)

@@ -14,6 +14,7 @@ from primespark.cloud.policyrun import Violation, run_policies
 from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.fleet.loader import resolve
+from primespark.fleet.model import SecretBackend
 from primespark.secrets import LocalSecretStore
 from primespark.settings import get_settings
 
@@ -68,7 +69,8 @@ def _mesh_plans(fleet: Fleet, stack: str) -> tuple[dict[str, Any], list[str]]:
     plans, notes = {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for mesh in fleet.meshes:
-            local = settings.secret_backend == "local" and (state / "secrets").is_dir()
+            # Plans stay offline: a fleet whose keys are in Vault is planned with throwaway keys.
+            local = fleet.secrets.backend is SecretBackend.local and (state / "secrets").is_dir()
             store = LocalSecretStore(state / "secrets" if local else Path(scratch) / "secrets")
             planned = plan_and_save(fleet, mesh, state if local else Path(scratch), store, save=False)
             if planned.keys_created:
@@ -87,10 +89,9 @@ def plan(env: str) -> PlanResult:
     if _stack_name(env) != env:
         fleet_ref = str(resolve(env))
     fleet = load_fleet(fleet_ref, skip=FLEET_SKIP)
-    settings = get_settings()
     cloud = CloudConfig(
         fleet=fleet_ref,
-        vault_address=config.get("vaultAddress") or settings.vault_addr or f"https://vault.{fleet.domain}:8200",
+        vault_address=config.get("vaultAddress") or fleet.secrets.address or f"https://vault.{fleet.domain}:8200",
         vault_mount=config.get("vaultMount", "secret"),
         public_bridge=config.get("publicBridge", "br0"),
         pool_path=config.get("poolPath", CloudConfig.pool_path),

@@ -11,12 +11,12 @@ from ipaddress import IPv4Address, IPv4Network
 from itertools import combinations
 
 from primespark.fleet.errors import Path, Problem
-from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, Topology
+from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, SecretBackend, Topology, VaultAuth
 
 
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
-    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup):
+    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets):
         problems.extend(rule(fleet))
     return problems
 
@@ -240,3 +240,36 @@ def _backup(fleet: Fleet) -> Iterator[Problem]:
     if backup.drill.scratch_host not in fleet.hosts:
         yield _p(("backup", "drill", "scratch_host"), f"no host named {backup.drill.scratch_host!r}",
                  f"use one of: {', '.join(fleet.hosts)}", "unknown-host")
+
+
+def _secrets(fleet: Fleet) -> Iterator[Problem]:
+    spec = fleet.secrets
+    if spec.backend is SecretBackend.local:
+        for path, reference in fleet.secret_references().items():
+            if reference.startswith("vault:"):
+                yield _p(path, "a vault: reference, but the fleet keeps its secrets in the local store",
+                         "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file, "
+                         "or write `local:<name>`", "vault-reference-without-vault")
+        if spec.address is not None or spec.auth is not VaultAuth.token:
+            yield _p(("secrets", "backend"), "Vault settings are given, but the backend is local",
+                     "set `secrets.backend: vault`, or remove the Vault settings", "vault-settings-unused")
+        return
+    if spec.auth is VaultAuth.lab:
+        if fleet.lab is None:
+            yield _p(("secrets", "auth"), "`auth: lab` uses the lab's own OpenBao, but the fleet has no lab section",
+                     "use `auth: token` or `auth: approle` with the server's address, or add a `lab:` section",
+                     "lab-vault-without-lab")
+        if spec.address is not None:
+            yield _p(("secrets", "address"), "the lab's OpenBao listens on loopback at lab.openbao_port",
+                     "remove secrets.address (set lab.openbao_port to move it)", "lab-vault-address")
+    elif spec.address is None:
+        yield _p(("secrets", "address"), "the Vault backend needs the server's address",
+                 "add `address: https://<vault>:8200` under secrets", "vault-without-address")
+    if spec.auth is VaultAuth.approle and spec.role_id is None:
+        yield _p(("secrets", "role_id"), "AppRole login needs a role_id",
+                 "add `role_id: <the role's id>` under secrets (the secret-id comes from VAULT_SECRET_ID or "
+                 "secrets.secret_id_file)", "approle-without-role")
+    if fleet.lab is not None and fleet.lab.prefect_port in (fleet.lab.openbao_port, fleet.lab.openbao_port + 1):
+        yield _p(("lab", "openbao_port"), f"the lab's Prefect server has port {fleet.lab.prefect_port}; OpenBao "
+                 f"takes {fleet.lab.openbao_port} and {fleet.lab.openbao_port + 1}",
+                 "give OpenBao two free ports of its own", "lab-port-conflict")

@@ -434,6 +434,40 @@ class Monitoring(Strict):
 class Lab(Strict):
     wan: IPv4Network = Field(description="The WAN between the sites, made as a container network.")
     prefect_port: int = Field(default=4200, ge=1024, le=65535)
+    openbao_port: int = Field(
+        default=8200, ge=1024, le=65534,
+        description="The lab's OpenBao (with `secrets.auth: lab`); raft's cluster listener takes the next port.")
+
+
+class SecretBackend(StrEnum):
+    local = "local"  # 0600 files under the environment's state directory
+    vault = "vault"  # a Vault-API server (HashiCorp Vault or OpenBao), KV v2
+
+
+class VaultAuth(StrEnum):
+    token = "token"  # VAULT_TOKEN, or the token helper's ~/.vault-token
+    approle = "approle"  # role_id from the fleet, the secret-id from VAULT_SECRET_ID or secret_id_file
+    lab = "lab"  # the lab's own OpenBao: `spark lab up` runs it; its root token is in the lab's state directory
+
+
+VaultUrl = Annotated[str, StringConstraints(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$")]
+VaultPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")]
+
+
+class Secrets(Strict):
+    """Where the environment's secrets live; fleet files only ever hold references to them."""
+
+    backend: SecretBackend = SecretBackend.local
+    address: VaultUrl | None = Field(default=None, description="The Vault server, e.g. https://vault.example:8200.")
+    auth: VaultAuth = VaultAuth.token
+    mount: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")] = Field(
+        default="secret", description="The KV v2 mount of the environment's own keys (`local:` references).")
+    prefix: VaultPath = Field(
+        default="primespark", description="Keys live at <mount>/<prefix>/<environment>/<key>, field `value`.")
+    role_id: str | None = Field(default=None, description="The AppRole role-id (auth: approle); not a secret.")
+    secret_id_file: AbsPath | None = Field(
+        default=None, description="A 0600 file holding the AppRole secret-id (auth: approle), if VAULT_SECRET_ID "
+        "is not set.")
 
 
 class Fleet(Strict):
@@ -448,6 +482,7 @@ class Fleet(Strict):
     backup: Backup | None = None
     services: dict[Name, Service] = Field(default_factory=dict)
     lab: Lab | None = None
+    secrets: Secrets = Secrets()
     operators: dict[UserName, Operator] = Field(
         default_factory=dict, description="People who log in to every managed host, besides its SSH user."
     )
@@ -504,3 +539,21 @@ class Fleet(Strict):
 
     def behind_nat(self, host: str) -> bool:
         return self.sites[self.hosts[host].site].behind_nat
+
+    def secret_references(self) -> dict[tuple[str, ...], str]:
+        """Every secret reference in the fleet, by where it is written."""
+        if self.backup is None:
+            return {}
+        return {("backup", "repositories", name, "password"): repo.password
+                for name, repo in self.backup.repositories.items()}
+
+    def vault_mounts(self) -> list[str]:
+        """The KV v2 mounts the fleet's secrets use: the environment's own and every `vault:` reference's."""
+        if self.secrets.backend is not SecretBackend.vault:
+            return []
+        mounts = [self.secrets.mount]
+        for reference in self.secret_references().values():
+            kind, _, rest = reference.partition(":")
+            if kind == "vault":
+                mounts.append(rest.split("/", 1)[0])
+        return list(dict.fromkeys(mounts))

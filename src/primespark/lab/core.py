@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,10 +22,11 @@ from primespark.hosts import SshFiles
 from primespark.inventory import build_inventory
 from primespark.lab import ssh
 from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag, prune_old_images
+from primespark.lab.openbao import LabOpenBao, Readiness
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
 from primespark.lab.topology import ContainerSpec, LabPlan, plan_lab
-from primespark.secrets import atomic_write
+from primespark.secrets import LocalSecretStore, Migrated, atomic_write, migrate, vault_store
 from primespark.settings import Settings, get_settings
 
 Report = Callable[[str], None]
@@ -39,11 +41,15 @@ class UpResult:
     networks_created: int = 0
     prefect_started: bool = False
     prefect_url: str = ""
+    openbao: Readiness | None = None  # None: the fleet keeps no secrets in the lab's OpenBao
+    openbao_url: str = ""
+    secrets_moved: list[Migrated] = field(default_factory=list)  # the local store's entries moved into OpenBao
     seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
         return (self.image_built or self.networks_created > 0 or self.prefect_started
+                or (self.openbao is not None and self.openbao.changed) or bool(self.secrets_moved)
                 or any(v != "kept" for v in self.containers.values()))
 
 
@@ -63,6 +69,8 @@ class LabStatus:
     prefect_url: str
     prefect_healthy: bool
     state_dir: Path
+    openbao_url: str = ""
+    openbao_state: str = ""  # not running, not initialised, sealed, unsealed; "" without a lab OpenBao
 
 
 class Lab:
@@ -75,6 +83,8 @@ class Lab:
         self.state_dir = self.settings.state_dir(fleet.name)
         self.recipe_dir = default_recipe_dir(self.settings.root)
         self.prefect = PrefectServer(self.state_dir, fleet.lab.prefect_port)
+        spec = plan_lab(fleet, "").openbao
+        self.openbao = LabOpenBao(self.state_dir, spec) if spec is not None else None
 
     def plan(self) -> LabPlan:
         return plan_lab(self.fleet, ssh.operator_key(self.state_dir, f"spark-{self.fleet.name}-operator"))
@@ -93,6 +103,8 @@ class Lab:
                 raise UserError(f"only {free / GIB:.1f} GiB free under {where}; the lab needs {needed / GIB:.1f} GiB",
                                 fix="free some disk space (`docker system prune` removes unused images)")
         self.prefect.preflight()
+        if self.openbao is not None:
+            self.openbao.preflight()
         runtime.check_overlaps()
 
     def up(self, report: Report = lambda _: None, detail: Report = lambda _: None) -> UpResult:
@@ -121,6 +133,11 @@ class Lab:
         if ssh.write_known_hosts(self.state_dir, entries):
             report("known_hosts updated")
         self._write_inventory()
+        if self.openbao is not None:
+            # After the hosts: it listens on their bridges, and takes no CPU from their first start (sshd's keys).
+            result.openbao = self._openbao_up(report)
+            result.openbao_url = self.openbao.address
+            result.secrets_moved = self._move_local_secrets(report)
         if built:
             for old in prune_old_images(keep=tag):
                 report(f"removed the outdated image {old}")
@@ -128,6 +145,56 @@ class Lab:
         self.prefect.wait_healthy()
         result.seconds = time.monotonic() - started
         return result
+
+    def _openbao_up(self, report: Report) -> Readiness:
+        """Started if it does not run, initialised the first time, unsealed, its engines enabled; the fleet's
+        service secrets, host policies and AppRoles in it, as `spark up` puts them into production's Vault."""
+        from primespark.cloud.vault_spec import apply_spec, vault_spec
+
+        assert self.openbao is not None
+        report("waiting for the lab's OpenBao")
+        ready = self.openbao.ensure_ready()
+        for done, message in ((ready.started, f"started the lab's OpenBao on {self.openbao.address}"),
+                              (ready.initialised, "initialised the lab's OpenBao (unseal key and root token: "
+                               f"{self.openbao.credentials_file}, 0600)"),
+                              (ready.unsealed, "unsealed the lab's OpenBao")):
+            if done:
+                report(message)
+        for mount in ready.mounts_enabled:
+            report(f"enabled the KV v2 engine {mount}/ in the lab's OpenBao")
+        with self.openbao.explained():
+            apply_spec(self.openbao.root_client(), vault_spec(self.fleet, self.fleet.secrets.mount))
+        return ready
+
+    def _move_local_secrets(self, report: Report) -> list[Migrated]:
+        """Secrets a local store still holds (kept there before the lab used OpenBao) move into OpenBao: each
+        verified by reading it back, then its file removed. The lab's state directory keeps no secret but
+        OpenBao's key and token, so a local value that OpenBao holds differently does not stay either: OpenBao's
+        value stands, the local one is kept beside it in OpenBao (`local-conflicts/<key>`), nothing is lost."""
+        root = self.state_dir / "secrets"
+        if not root.is_dir():
+            return []
+        local = LocalSecretStore(root)
+        vault = vault_store(self.fleet, self.fleet.name, self.settings, migrating=True)
+        moved = migrate(local, vault, remove_local=True)
+        for item in moved:
+            if item.status == "conflict":
+                aside = f"local-conflicts/{item.key}"
+                value = local.get(item.key)
+                vault.put(aside, value)  # a new version if an earlier conflict is there: history keeps both
+                if vault.get(aside) == value:
+                    local.delete(item.key)
+                    report(f"warning: {item.key} differed in the local store and the lab's OpenBao: OpenBao's value "
+                           f"stands; the local one is kept in OpenBao at {vault.mount}/{vault.prefix}/{aside}")
+        if any(m.removed_local for m in moved):
+            report(f"moved {sum(1 for m in moved if m.removed_local)} secrets of the local store into the lab's "
+                   "OpenBao")
+        for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only empty ones go
+        with contextlib.suppress(OSError):
+            root.rmdir()
+        return [m for m in moved if m.removed_local]
 
     def _collect_host_keys(self, runtime: LabRuntime, plan: LabPlan) -> dict[str, tuple[list[str], list[str]]]:
         def one(host: str) -> tuple[str, tuple[list[str], list[str]]]:
@@ -157,6 +224,8 @@ class Lab:
         removed = runtime.remove_all(report)
         if self.prefect.stop():
             report("stopped the Prefect server")
+        if self.openbao is not None and self.openbao.stop():
+            report(f"stopped the lab's OpenBao (its data stays in {self.openbao.home})")
         # The next `up` makes new host keys; stale ones would only cause warnings.
         SshFiles.of(self.state_dir).known_hosts.unlink(missing_ok=True)
         # The repositories lived in the NAS and offsite containers, gone now on purpose: so is what was recorded
@@ -191,6 +260,8 @@ class Lab:
             prefect_url=self.prefect.url,
             prefect_healthy=self.prefect.healthy(),
             state_dir=self.state_dir,
+            openbao_url=self.openbao.address if self.openbao is not None else "",
+            openbao_state=self.openbao.state() if self.openbao is not None else "",
         )
 
     def exec(self, host: str, command: list[str] | str, user: str = "root") -> tuple[int, str]:

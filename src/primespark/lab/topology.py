@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet
+from primespark.fleet.model import Fleet, SecretBackend, VaultAuth
 from primespark.inventory import managed_hosts
 
 LABEL = "primespark.lab"
@@ -53,10 +53,29 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class OpenBaoSpec:
+    """The lab's OpenBao (a fleet with `secrets: {backend: vault, auth: lab}`): a server on this machine that
+    listens on loopback, for commands, and on this machine's address on the LAN of every site whose hosts
+    log in to read their service secrets (they hold AppRoles), as VMs do at boot in production."""
+
+    port: int
+    listen: tuple[IPv4Address, ...]  # loopback first
+    mounts: tuple[str, ...]  # KV v2 engines the fleet's secrets use
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def address_on(self, listen: IPv4Address) -> str:
+        return f"http://{listen}:{self.port}"
+
+
+@dataclass(frozen=True)
 class LabPlan:
     fleet: str
     networks: list[NetworkSpec]
     containers: list[ContainerSpec]
+    openbao: OpenBaoSpec | None = None
 
     def container(self, host: str) -> ContainerSpec:
         for spec in self.containers:
@@ -98,7 +117,17 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
     networks = _networks(fleet, fleet.lab.wan, _taken_addresses(fleet, hosts))
     gateways = {n.name: n.gateway for n in networks}
     containers = [*_routers(fleet, hosts, gateways), *_host_containers(fleet, hosts, gateways, authorized_key)]
-    return LabPlan(fleet.name, networks, containers)
+    return LabPlan(fleet.name, networks, containers, plan_openbao(fleet, networks))
+
+
+def plan_openbao(fleet: Fleet, networks: list[NetworkSpec]) -> OpenBaoSpec | None:
+    if fleet.lab is None or fleet.secrets.backend is not SecretBackend.vault or fleet.secrets.auth is not VaultAuth.lab:
+        return None
+    # The hosts `spark up` would give an AppRole: those that run services.
+    sites = {fleet.hosts[s.host].site for s in fleet.services.values() if s.host in fleet.hosts}
+    lans = {network_name(fleet, site) for site in sites}
+    listen = [IPv4Address("127.0.0.1"), *(n.gateway for n in networks if n.name in lans)]
+    return OpenBaoSpec(fleet.lab.openbao_port, tuple(listen), tuple(fleet.vault_mounts()))
 
 
 def _taken_addresses(fleet: Fleet, hosts: list[str]) -> dict[str, set[IPv4Address]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from primespark.secrets import LocalSecretStore, SecretError, SecretStore
+from primespark.secrets import LocalSecretStore, SecretError, SecretNotFound, SecretStore
 
 
 def generate_private_key() -> str:
@@ -75,7 +75,7 @@ class MeshKeys:
                 return None
             try:
                 self._bundles[host] = Bundle.load(self.store.get(self._key(host)))
-            except SecretError:
+            except SecretNotFound:  # any other failure (sealed, unreachable) must not lead to a new key
                 return None
             except (ValueError, KeyError) as exc:
                 raise SecretError(f"the key bundle {self._key(host)!r} is damaged ({exc}); "
