@@ -15,7 +15,7 @@ from primespark.backup import drill as drills
 from primespark.backup.session import RestoreRun
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed
-from primespark.monitoring.metrics import textfile_dir, write_drill_metrics
+from primespark.monitoring.metrics import drill_metrics, publish
 
 HISTORY_ROWS = 30
 
@@ -59,9 +59,13 @@ def dr_drill(
     create_markdown_artifact(markdown, key=f"drill-report-{host}", description=f"DR drill of {host}")
     rows = drills.append_history(ctx.state_dir, report)
     create_table_artifact(rows[-HISTORY_ROWS:], key="drill-history", description="the last DR drills, all hosts")
-    write_drill_metrics(textfile_dir(ctx.fleet, textfile), host, passed=report.passed, finished=time.time(),
-                        rto_seconds=report.rto_seconds, rpo_seconds=report.rpo_seconds,
-                        rto_target_seconds=report.rto_target_seconds, rpo_target_seconds=report.rpo_target_seconds)
+    metrics = drill_metrics(host, passed=report.passed, finished=time.time(), rto_seconds=report.rto_seconds,
+                            rpo_seconds=report.rpo_seconds, rto_target_seconds=report.rto_target_seconds,
+                            rpo_target_seconds=report.rpo_target_seconds)
+    try:  # on the drilled host, whose node exporter serves them; a host that cannot take them is a warning
+        publish(ctx.hosts, ctx.fleet, host, f"drill_{host}", metrics, textfile)
+    except StepFailed as exc:
+        logger.warning("drill metrics of %s not published: %s", host, exc)
     logger.info(markdown)
     if not report.passed:
         raise DrillFailed(f"DR drill of {host} failed: " + " | ".join(report.failures))
