@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Debian packages the project uses; installed by `make setup`, never by hand.
 APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
-	debootstrap cloud-init cloud-image-utils prometheus iproute2 iptables nftables iputils-ping \
+	debootstrap cloud-init cloud-image-utils prometheus prometheus-alertmanager iproute2 iptables nftables iputils-ping \
 	python3-venv ca-certificates curl jq
 
 .PHONY: setup apt venv docker docker-stop lab lab-down test test-unit test-lab lint bench clean help

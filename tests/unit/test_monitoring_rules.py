@@ -24,8 +24,8 @@ from primespark.mesh.plan import allocate
 from primespark.monitoring import metrics as m
 from primespark.monitoring.alerts import fleet_alerts, rule_groups, runbook_url
 from primespark.monitoring.files import RULES_YML, dump_yaml, monitoring_files, write_files
+from primespark.monitoring.paths import RULES_FILE
 from primespark.monitoring.promql import selector
-from primespark.monitoring.scrape import RULES_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 FLEET = load_fleet(REPO / "inventory" / "homelab.yaml")

@@ -16,17 +16,16 @@ from primespark.cloud.cloudinit import SECRET_ID_FILE, File, images_dir
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
 from primespark.monitoring import files as mon
-from primespark.monitoring.scrape import CONFIG_DIR
-from primespark.monitoring.scrape import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
+from primespark.monitoring.paths import CONFIG_DIR, HOST_SECRETS_DIR
+from primespark.monitoring.paths import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
 
 STACK_DIR = "/opt/primespark"
 COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
 SECRETS_DIR = "/etc/primespark/secrets"
 # The monitoring files (primespark.monitoring.files) under one folder, mounted read-only into the containers at
 # the paths the files name; receivers' secrets are files the monitoring_server role writes from the fleet's
-# references (`spark monitoring render` never holds them).
+# references into HOST_SECRETS_DIR (`spark monitoring render` never holds them).
 MONITORING_DIR = f"{STACK_DIR}/monitoring"
-RECEIVER_SECRETS_DIR = "/etc/primespark/monitoring-secrets"
 MONITORING_KINDS = (ServiceKind.prometheus, ServiceKind.alertmanager, ServiceKind.grafana)
 
 
@@ -102,7 +101,7 @@ def _monitoring(fleet: Fleet, kind: ServiceKind) -> tuple[list[str], list[str]]:
     if kind is ServiceKind.alertmanager:
         return ([f"--config.file={CONFIG_DIR}/{mon.ALERTMANAGER_YML}", "--storage.path=/alertmanager"],
                 [f"{here}/{mon.ALERTMANAGER_YML}:{CONFIG_DIR}/{mon.ALERTMANAGER_YML}:ro",
-                 f"{RECEIVER_SECRETS_DIR}:{RECEIVER_SECRETS_MOUNT}:ro"])
+                 f"{HOST_SECRETS_DIR}:{RECEIVER_SECRETS_MOUNT}:ro"])
     if kind is ServiceKind.grafana:
         return ([], [f"{here}/grafana/provisioning/datasources:/etc/grafana/provisioning/datasources:ro",
                      f"{here}/grafana/provisioning/dashboards:/etc/grafana/provisioning/dashboards:ro",

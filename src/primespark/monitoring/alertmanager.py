@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from primespark.fleet.model import Fleet, Receiver, Severity
-from primespark.monitoring.scrape import SECRETS_DIR
+from primespark.monitoring.paths import SECRETS_DIR
 
 NOWHERE = "nowhere"  # alerts no route sends anywhere: seen in Alertmanager's UI and `spark status` only
 GROUP_BY = ["alertname", "host"]
@@ -64,3 +64,13 @@ def alertmanager_config(fleet: Fleet) -> dict[str, Any]:
     inhibit = [{"source_matchers": ['alertname="HostDown"'], "target_matchers": ['severity="warning"'],
                 "equal": ["host"]}]
     return {"route": route, "receivers": receivers, "inhibit_rules": inhibit}
+
+
+def receiver_secrets(env: str) -> dict[str, str]:
+    """File name → value of every receiver secret, read from the environment's secret store (the monitoring_server
+    role's lookup). A reference with nothing behind it is a SecretNotFound that names it."""
+    from primespark.context import FleetContext
+    from primespark.secrets import read_reference
+
+    ctx = FleetContext.load(env)
+    return {name: read_reference(reference, ctx.secrets) for name, reference in secret_files(ctx.fleet).items()}

@@ -20,12 +20,8 @@ from primespark.cloud.catalog import RECIPES
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
 from primespark.inventory import managed_hosts
+from primespark.monitoring.paths import RULES_FILE
 
-# Where the files go on the Prometheus/Alertmanager host, in both deployments (the lab's Debian packages, the
-# compose stack's containers): the same paths, so each file reads the same wherever it runs.
-CONFIG_DIR = "/etc/prometheus"
-RULES_FILE = f"{CONFIG_DIR}/rules/primespark.rules.yml"
-SECRETS_DIR = f"{CONFIG_DIR}/alertmanager-secrets"
 NODE_JOB = "node"
 
 # mesh name → host → overlay address (the saved mesh plans)
