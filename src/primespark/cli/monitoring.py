@@ -50,6 +50,19 @@ def alerts(env: EnvOption = "lab") -> None:
         console.print(f"[dim]{name}: {why}[/dim]")
 
 
+@app.command()
+def urls(env: EnvOption = "lab") -> None:
+    """Where the fleet's monitoring answers (the services that run in this environment), one per line."""
+    from primespark.monitoring.scrape import running_services
+
+    fleet = fleet_for(env)
+    titles = {"prometheus": "Prometheus", "alertmanager": "Alertmanager", "grafana": "Grafana", "prefect": "Prefect"}
+    for name, kind in running_services(fleet).items():
+        if kind.value in titles:
+            svc = fleet.services[name]
+            typer.echo(f"{titles[kind.value]:<20}http://{fleet.hosts[svc.host].address}:{svc.port}")
+
+
 def status(
     old_env: OldEnvArg = None,
     env: EnvOption = "lab",
