@@ -32,6 +32,13 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 SPARK = str(REPO / ".venv" / "bin" / "spark")
 FAST = {"retries": 1, "retry_delay_seconds": 1.0}
+PLAYBOOK = """\
+- name: Monitoring servers only
+  hosts: monitoring_servers
+  become: true
+  roles:
+    - monitoring_server
+"""
 
 
 def query(url: str, expr: str) -> list[dict[str, Any]]:
@@ -70,10 +77,12 @@ def monitored(lab) -> str:
     return prometheus_url(lab.fleet)
 
 
-def test_monitoring_role_is_idempotent(lab, monitored):
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", root=REPO,
-                      limit="monitoring_servers")
+def test_monitoring_role_second_run_changes_nothing(lab, monitored, tmp_path):
+    playbook = tmp_path / "monitoring.yml"
+    playbook.write_text(PLAYBOOK)
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), root=REPO)
     assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    assert run.hosts == {lab.fleet.services["prometheus"].host}
     assert all(c["changed"] == 0 for c in run.stats.values()), "\n".join(run.changed_tasks)
 
 
