@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Debian packages the project uses; installed by `make setup`, never by hand.
 APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
-	debootstrap cloud-init cloud-image-utils prometheus iproute2 iptables nftables iputils-ping \
+	debootstrap cloud-init cloud-image-utils prometheus prometheus-alertmanager iproute2 iptables nftables iputils-ping \
 	python3-venv ca-certificates curl jq
 
 .PHONY: setup apt venv docker docker-stop lab lab-down test test-unit test-lab lint bench clean help
@@ -50,10 +50,12 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 # Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
 # the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
 LAB_LOCK := $(SPARK) lab locked --
-# The main job's operations: back up every host with a plan (and copy offsite), then drill every one.
-LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV)
+# The main job's operations: back up every host with a plan (and copy offsite), drill every one, maintain and check
+# the repositories, and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
+LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV) && \
+	$(SPARK) backup maintain --env $(ENV) && $(SPARK) mesh check --env $(ENV) --publish
 
-lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
+lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run the flows once, say what to look at next
 	$(SPARK) validate --env $(ENV)
 	$(SPARK) lab up --env $(ENV)
 	@if [ -f site.yml ]; then \
@@ -63,6 +65,8 @@ lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say w
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
 	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \
+	$(SPARK) monitoring urls --env $(ENV) | sed 's/^/  /'; \
+	echo "  the fleet at a view $(SPARK) status --env $(ENV)"; \
 	echo "  hosts               $(SPARK) lab status"; \
 	echo "  a shell on a host   $(SPARK) lab ssh HOST   (hosts: $(SPARK) lab status)"; \
 	echo "  Ansible             $(BIN)/ansible all -i inventory/$(ENV).fleet.yml -m ping"; \

@@ -15,8 +15,8 @@ from primespark.backup import jobs
 from primespark.backup.repositories import offsite_of, plan_of
 from primespark.backup.session import BackupRun
 from primespark.context import FleetContext, Transport
-from primespark.errors import UserError
-from primespark.monitoring.metrics import textfile_dir, write_backup_metrics
+from primespark.errors import StepFailed, UserError
+from primespark.monitoring.metrics import Textfile, backup_metrics, publish
 from primespark.orchestration.failures import RunFailed, expected
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying, transient
@@ -46,6 +46,15 @@ def copy_offsite(ctx: FleetContext, repository: str, offsite: str, host: str, sn
     return offsite
 
 
+def publish_metrics(ctx: FleetContext, host: str, metrics: Textfile, textfile: str | None) -> None:
+    """On the host (its node exporter serves them to Prometheus); a host that cannot take them is a warning: the
+    backup's own outcome stands, and a host gone quiet raises its own alert."""
+    try:
+        publish(ctx.hosts, ctx.fleet, host, f"backup_{host}", metrics, textfile)
+    except StepFailed as exc:
+        get_run_logger().warning("backup metrics of %s not published: %s", host, exc)
+
+
 def backup_report(result: dict[str, Any]) -> str:
     return "\n".join(f"- **{k}**: {v}" for k, v in result.items() if k != "write_window")
 
@@ -68,7 +77,6 @@ def backup(
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     plan = plan_of(ctx, host)
-    metrics_dir = textfile_dir(ctx.fleet, textfile)
     state = jobs.load_state(ctx, host)
     # a run that did not finish (failed, killed) may have left its lock: the next one clears stale locks first
     unfinished = state.get("last_status", "succeeded") != "succeeded"
@@ -97,10 +105,10 @@ def backup(
     except Exception as exc:
         finished = time.time()
         jobs.save_state(ctx, host, {**state, "last_status": "failed"})
-        write_backup_metrics(metrics_dir, host, plan.repository, success=False, finished=finished,
-                             duration_seconds=finished - started, last_success=state.get("last_success"),
-                             snapshot_time=state.get("snapshot_time"), size_bytes=state.get("size_bytes"),
-                             added_bytes=None)
+        publish_metrics(ctx, host, backup_metrics(
+            host, plan.repository, success=False, finished=finished, duration_seconds=finished - started,
+            last_success=state.get("last_success"), snapshot_time=state.get("snapshot_time"),
+            size_bytes=state.get("size_bytes"), added_bytes=None), textfile)
         if not expected(exc):
             raise  # a bug: with its traceback
         why = exc.message if isinstance(exc, UserError) else str(exc)
@@ -110,9 +118,10 @@ def backup(
     when = snapshot_time.timestamp() if snapshot_time else done.started
     jobs.save_state(ctx, host, {"last_status": "succeeded", "last_success": finished, "snapshot_time": when,
                                 "size_bytes": summary.total_bytes_processed, "files": run.files})
-    write_backup_metrics(metrics_dir, host, plan.repository, success=True, finished=finished,
-                         duration_seconds=finished - started, last_success=finished, snapshot_time=when,
-                         size_bytes=summary.total_bytes_processed, added_bytes=summary.data_added)
+    publish_metrics(ctx, host, backup_metrics(
+        host, plan.repository, success=True, finished=finished, duration_seconds=finished - started,
+        last_success=finished, snapshot_time=when, size_bytes=summary.total_bytes_processed,
+        added_bytes=summary.data_added), textfile)
     result = {
         "host": host, "repository": plan.repository, "snapshot": summary.snapshot_id,
         # the manifest inside the snapshot is not one of the host's files

@@ -15,7 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from primespark.backup import drill as drills
 from primespark.backup.session import RestoreRun
 from primespark.context import FleetContext, Transport
-from primespark.monitoring.metrics import textfile_dir, write_drill_metrics
+from primespark.errors import StepFailed
+from primespark.monitoring import metrics
 from primespark.orchestration.failures import RunFailed
 from primespark.orchestration.locks import drill_lock, hold, repository_lock
 
@@ -42,19 +43,22 @@ def check_repository(ctx: FleetContext, drill: drills.Drill) -> drills.DrillRepo
 
 
 def publish(ctx: FleetContext, report: drills.DrillReport, textfile: str | None) -> list[str]:
-    """The history row, the metrics and the artifacts, each whatever became of the others; what failed."""
+    """The history row, the metrics and the artifacts, each whatever became of the others; what failed (metrics that
+    did not reach the host are a warning, not a failed drill)."""
     problems = []
     rows: list[dict[str, object]] = []
     try:
         rows = drills.append_history(ctx.state_dir, report)  # first: it may add a note to the report
     except Exception as exc:  # the metrics and the report still go out
         problems.append(f"the drill history was not written: {exc}")
-    try:
-        write_drill_metrics(textfile_dir(ctx.fleet, textfile), report.host, passed=report.passed, finished=time.time(),
-                            rto_seconds=report.rto_seconds, rpo_seconds=report.rpo_seconds,
-                            rto_target_seconds=report.rto_target_seconds, rpo_target_seconds=report.rpo_target_seconds)
-    except Exception as exc:  # the report still goes out
-        problems.append(f"the drill metrics were not written: {exc}")
+    values = metrics.drill_metrics(report.host, passed=report.passed, finished=time.time(),
+                                   rto_seconds=report.rto_seconds, rpo_seconds=report.rpo_seconds,
+                                   rto_target_seconds=report.rto_target_seconds,
+                                   rpo_target_seconds=report.rpo_target_seconds)
+    try:  # on the drilled host, whose node exporter serves them; a host that cannot take them is a warning
+        metrics.publish(ctx.hosts, ctx.fleet, report.host, f"drill_{report.host}", values, textfile)
+    except StepFailed as exc:  # the report still goes out; a host gone quiet raises its own alert
+        get_run_logger().warning("drill metrics of %s not published: %s", report.host, exc)
     markdown = drills.render_markdown(report)
     get_run_logger().info(markdown)
     create_markdown_artifact(markdown, key=f"drill-report-{report.host}", description=f"DR drill of {report.host}")

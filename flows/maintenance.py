@@ -14,8 +14,8 @@ from flows.backup import copy_offsite
 from primespark.backup import jobs
 from primespark.backup.repositories import backup_of, clients_of, offsite_of
 from primespark.context import FleetContext, Transport
-from primespark.errors import UserError
-from primespark.monitoring.metrics import textfile_dir, write_check_metrics
+from primespark.errors import StepFailed, UserError
+from primespark.monitoring.metrics import check_metrics, publish
 from primespark.orchestration.failures import RunFailed
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying
@@ -81,7 +81,13 @@ def maintenance(
     finished = time.time()
     if check:
         for out in outcomes:
-            write_check_metrics(textfile_dir(ctx.fleet, textfile), out.repository, out.checked, finished)
+            # on the repository's host, whose node exporter serves them
+            host = repositories[out.repository].host
+            try:
+                publish(ctx.hosts, ctx.fleet, host, f"maintenance_{out.repository}",
+                        check_metrics(out.repository, out.checked, finished), textfile)
+            except StepFailed as exc:
+                logger.warning("check metrics of %s not published: %s", out.repository, exc)
     report = maintenance_report(repository, outcomes, copy_errors)
     create_markdown_artifact(report, key=f"maintenance-{repository}", description=f"maintenance of {repository}")
     logger.info(report)

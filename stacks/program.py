@@ -13,9 +13,10 @@ import pulumi
 
 from primespark.cloud.cloudinit import exposure_for, vm_seed
 from primespark.cloud.services import VaultTarget, endpoints
-from primespark.fleet import Fleet, HostKind, load_fleet
+from primespark.fleet import Fleet, HostKind, ServiceKind, load_fleet
 from primespark.hosts import SshFiles
 from primespark.mesh.service import Planned
+from primespark.monitoring.files import monitoring_files
 from primespark.settings import get_settings
 from stacks.kvm import KvmHost, VirtualMachine
 from stacks.services import ServiceStack
@@ -76,7 +77,11 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
     vault_secrets = VaultSecrets(fleet, config.vault_mount) if config.manage_vault else None
     after_vault = pulumi.ResourceOptions(depends_on=[vault_secrets] if vault_secrets else [])
     service_endpoints = endpoints(fleet)
-    stacks = {host: ServiceStack(host, fleet, vault, service_endpoints, after_vault)
+    meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
+    # One set of monitoring files for the whole fleet (Prometheus scrapes the edge at its overlay addresses).
+    monitoring = (monitoring_files(fleet, {name: mesh.overlay for name, mesh in meshes.items()})
+                  if any(s.kind is ServiceKind.prometheus for s in fleet.services.values()) else None)
+    stacks = {host: ServiceStack(host, fleet, vault, service_endpoints, after_vault, monitoring)
               for host in sorted({svc.host for svc in fleet.services.values()})}
     vms: dict[str, dict[str, Any]] = {}
     for kvm_name in fleet.hosts_of(HostKind.kvm_host):
@@ -102,7 +107,6 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
         "vault": {"address": config.vault_address, "mount": config.vault_mount,
                   "roles": vault_secrets.roles if vault_secrets else []},
     }
-    meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
     if meshes:
         # Public keys, overlay addresses and endpoints only; the private keys stay secrets of the component.
         outputs["mesh"] = {name: {"public_keys": m.public_keys, "addresses": m.addresses, "endpoints": m.endpoints}

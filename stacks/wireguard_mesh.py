@@ -32,6 +32,7 @@ class WireGuardMesh(pulumi.ComponentResource):
         port = plan.spec.listen_port
         self.cloud_vms = [h for h in plan.hosts if fleet.hosts[h].kind is HostKind.vm]
         self.public_keys = pulumi.Output.from_input({h: c.public_key for h, c in plan.hosts.items()})
+        self.overlay = {h: c.address for h, c in plan.hosts.items()}  # plain: the monitoring files need them
         self.addresses = pulumi.Output.from_input({h: str(c.address) for h, c in plan.hosts.items()})
         self.endpoints = pulumi.Output.from_input({
             h: f"{fleet.hosts[h].public_address}:{port}" for h in plan.hosts if fleet.hosts[h].public_address})

@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from primespark.fleet.model import Fleet, HostKind, PowerProfile
+from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
+from primespark.monitoring import paths as monitoring_paths
 from primespark.settings import Settings, get_settings
 
 KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
@@ -67,6 +68,7 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
                             for n, op in fleet.operators.items()],
         "spark_node_exporter_port": fleet.monitoring.node_exporter_port,
         "spark_textfile_dir": fleet.monitoring.textfile_dir,
+        "spark_monitoring": monitoring_vars(fleet, name),
         # Lab containers share the machine's clock and have no way out: no time sources there.
         "spark_ntp_servers": [] if fleet.lab is not None else list(fleet.ntp_servers),
         "spark_restic_repositories": [
@@ -87,6 +89,24 @@ def backup_paths(fleet: Fleet, name: str) -> list[str]:
         return []
     services = [p for s in fleet.services_on(name).values() for p in s.backup_paths]
     return list(dict.fromkeys([*fleet.backup.plans[name].paths, *services]))
+
+
+def monitoring_vars(fleet: Fleet, name: str) -> dict[str, Any]:
+    """For the monitoring_server role: the Prometheus and Alertmanager this host runs (ports, or None), and how.
+    `native`: Debian's packages, as in the lab (whose VMs have no compose stack); otherwise the compose stack
+    runs them and the role only places the receivers' secret files where the Alertmanager container reads them."""
+    ports = {svc.kind: svc.port for svc in fleet.services_on(name).values()}
+    names = {svc.kind: service for service, svc in fleet.services_on(name).items()}
+    native = fleet.lab is not None
+    return {
+        "native": native,
+        "prometheus_port": ports.get(ServiceKind.prometheus),
+        "alertmanager_port": ports.get(ServiceKind.alertmanager),
+        "alertmanager_service": names.get(ServiceKind.alertmanager),
+        "config_dir": monitoring_paths.CONFIG_DIR,
+        "secrets_dir": monitoring_paths.SECRETS_DIR if native else monitoring_paths.HOST_SECRETS_DIR,
+        "retention": fleet.monitoring.retention,
+    }
 
 
 def management_networks(fleet: Fleet, name: str) -> list[str]:
@@ -154,8 +174,10 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
                                              *hostvars[name]["spark_operators"]]
         for group in (group_name(host.site), fleet.sites[host.site].kind.value, KIND_GROUPS[host.kind]):
             groups.setdefault(group, set()).add(name)
-        for service in fleet.services_on(name):
+        for service, svc in fleet.services_on(name).items():
             groups.setdefault(group_name(service), set()).add(name)
+            if svc.kind in (ServiceKind.prometheus, ServiceKind.alertmanager):
+                groups.setdefault("monitoring_servers", set()).add(name)
         if fleet.backup and any(repo.host == name for repo in fleet.backup.repositories.values()):
             groups.setdefault("backup_repositories", set()).add(name)
     inventory: dict[str, Any] = {

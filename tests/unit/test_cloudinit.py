@@ -13,17 +13,26 @@ from primespark.cloud.catalog import RECIPES
 from primespark.cloud.cloudinit import exposure_for, pi_seed, vm_seed
 from primespark.cloud.services import VaultTarget, compose_for, stack_files
 from primespark.fleet import HostKind, ServiceKind, load_fleet, load_text
+from primespark.mesh.plan import allocate
+from primespark.monitoring.files import monitoring_files
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ5nJ8w3rZVa0x2n0Y0E5hX0C0m4e5fJ3wD8v5t9m1Qb spark@test"
 VAULT = VaultTarget("https://vault.example.org:8200")
 INVENTORY = Path(__file__).resolve().parents[2] / "inventory"
 
 
+def overlays(fleet):
+    """Overlay addresses as a first `spark mesh plan` hands them out."""
+    return {m: allocate(fleet.mesh_members(m), fleet.meshes[m].overlay, None)[0] for m in fleet.meshes}
+
+
 def seeds(env: str):
     fleet = load_fleet(env)
+    monitoring = monitoring_files(fleet, overlays(fleet))
     for name, host in fleet.hosts.items():
         if host.kind is HostKind.vm:
-            yield fleet, name, vm_seed(fleet, name, files=stack_files(fleet, name, VAULT), automation_keys=[KEY])
+            yield fleet, name, vm_seed(fleet, name, files=stack_files(fleet, name, VAULT, monitoring),
+                                       automation_keys=[KEY])
         elif host.kind is HostKind.pi:
             yield fleet, name, pi_seed(fleet, name, automation_keys=[KEY])
 
@@ -61,9 +70,27 @@ def test_compose_on_each_vm_is_where_the_fleet_places_services():
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     assert kafka["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{fleet.hosts['stream-1'].address}:9092"
     ops = {n: s for _, n, s in seeds("homelab")}["ops-1"]
-    prometheus = yaml.safe_load(files_of(ops.user_data)["/opt/primespark/prometheus.yml"])
-    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert f"{fleet.hosts['pi-1'].address}:{fleet.monitoring.node_exporter_port}" in targets
+    prometheus = yaml.safe_load(files_of(ops.user_data)["/opt/primespark/monitoring/prometheus.yml"])
+    targets = {c["labels"]["host"]: c["targets"][0] for c in prometheus["scrape_configs"][0]["static_configs"]}
+    # the cloud reaches the edge (behind NAT) over the mesh only: pi-1 at its overlay address
+    port = fleet.monitoring.node_exporter_port
+    assert targets["pi-1"] == f"{overlays(fleet)['fleet']['pi-1']}:{port}"
+    assert targets["core-1"] == f"{fleet.hosts['core-1'].address}:{port}"
+
+
+def test_monitoring_containers_mount_the_generated_files():
+    fleet = load_fleet("homelab")
+    monitoring = monitoring_files(fleet, overlays(fleet))
+    written = {f.path: f.content for f in stack_files(fleet, "ops-1", VAULT, monitoring)}
+    compose = yaml.safe_load(written["/opt/primespark/compose.yaml"])["services"]
+    for relative, content in monitoring.items():
+        assert written[f"/opt/primespark/monitoring/{relative}"] == content
+    assert "/opt/primespark/monitoring/rules:/etc/prometheus/rules:ro" in compose["prometheus"]["volumes"]
+    assert "--config.file=/etc/prometheus/alertmanager.yml" in compose["alertmanager"]["command"]
+    assert any(v.endswith(":/etc/grafana/provisioning/dashboards:ro") for v in compose["grafana"]["volumes"])
+    assert compose["prefect"]["environment"]["PREFECT_API_ENABLE_METRICS"] == "true"
+    with pytest.raises(Exception, match="no monitoring files"):
+        stack_files(fleet, "ops-1", VAULT)
 
 
 def test_compose_uses_the_kinds_default_image_unless_the_fleet_names_one():

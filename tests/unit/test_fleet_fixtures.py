@@ -109,7 +109,7 @@ def test_homelab_places_four_vms_on_one_kvm_host() -> None:
     fleet = load_fleet("homelab")
     assert list(fleet.vms_on("kvm-1")) == ["core-1", "stream-1", "analytics-1", "ops-1"]
     assert {s.kind.value for s in fleet.services.values()} == {
-        "kafka", "timescaledb", "redis", "mlflow", "prometheus", "grafana", "api"}
+        "kafka", "timescaledb", "redis", "mlflow", "prometheus", "alertmanager", "grafana", "prefect", "api"}
 
 
 def test_capacity_check_can_be_left_to_the_policy_pack() -> None:

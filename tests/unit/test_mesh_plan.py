@@ -39,7 +39,8 @@ def fleet_with(members: list[str] | None = None, data: dict[str, Any] | None = N
     if members is not None:
         data["meshes"]["fleet"]["members"] = members
     data["meshes"]["fleet"].update(mesh)
-    return validate_data(data, "test")
+    # These meshes leave lab hosts out on purpose; that Prometheus could then not reach them is not the subject.
+    return validate_data(data, "test", skip=frozenset({"prometheus-unreachable"}))
 
 
 @pytest.fixture

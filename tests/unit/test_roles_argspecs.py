@@ -20,7 +20,8 @@ from primespark.fleet import load_fleet
 from primespark.inventory import build_inventory
 
 REPO = Path(__file__).resolve().parents[2]
-ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1"}
+ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1",
+             "monitoring_server": "ops-1"}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,8 @@ BAD = [
     ("nas", "spark_backup_accounts", [{"client": "pi-1", "nas": "nas-1", "repository": "r", "chroot": "/x",
                                        "path": "/repo"}], "user"),
     ("common", "spark_operators", [{"name": "ada", "keys": "not-a-list-of-keys", "sudo": "maybe"}], "sudo"),
+    ("monitoring_server", "spark_monitoring", {"native": "sometimes", "config_dir": "/etc/prometheus",
+                                               "secrets_dir": "/etc/prometheus/s", "retention": "30d"}, "native"),
 ]
 
 

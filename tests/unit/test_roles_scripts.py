@@ -82,3 +82,50 @@ def test_low_power_signal_triggers_below_the_threshold(tmp_path: Path) -> None:
     low, reason = ups.battery_low(profile, None)
     assert low and "is set" in reason
     assert not ups.battery_low({**profile, "ups_signal": "none"}, None)[0]
+
+
+def families(text: str) -> dict[str, list]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_ups_guard_writes_its_readings_under_the_registry_names(tmp_path: Path) -> None:
+    from primespark.monitoring import metrics as m
+
+    ups = load(REPO / "roles/edge/files/spark-ups-guard")
+    line = tmp_path / "value"
+    line.write_text("1\n")
+    profile = {"ups_signal": "gpio", "shutdown_battery_percent": 15, "gpio_path": str(line),
+               "textfile_dir": str(tmp_path)}
+    ups.write_metrics(profile, ups.observe(profile, None))
+    written = families((tmp_path / "spark_power.prom").read_text())
+    assert written[m.POWER_BATTERY_LOW.name][0].value == 1
+    assert written[m.POWER_BATTERY_LOW.name][0].labels == {"signal": "gpio"}
+    assert m.POWER_CHECK_TIME.name in written and m.POWER_ON_BATTERY.name not in written  # a line knows no status
+    ups.write_metrics({**profile, "ups_signal": "nut"}, {"low": False, "charge": 80, "on_battery": True,
+                                                         "reason": "test"})
+    written = families((tmp_path / "spark_power.prom").read_text())
+    assert written[m.POWER_ON_BATTERY.name][0].value == 1
+    assert written[m.POWER_BATTERY_CHARGE.name][0].value == 80
+    script_names = set(written)
+    registry_names = {x.name for x in m.REGISTRY.values() if x.source == m.UPS_GUARD}
+    assert script_names == registry_names
+    for metric in registry_names:
+        assert set(written[metric][0].labels) == set(m.REGISTRY[metric].labels)
+
+
+def test_usage_guard_writes_the_registry_names(tmp_path: Path) -> None:
+    from primespark.monitoring import metrics as m
+
+    tier, metrics = tmp_path / "hot", tmp_path / "textfile"
+    tier.mkdir()
+    metrics.mkdir()
+    config = tmp_path / "guard.json"
+    config.write_text(json.dumps({"textfile_dir": str(metrics), "paths": [
+        {"name": "tier-hot", "path": str(tier), "capacity_bytes": 1_000_000, "low": 0.5, "high": 0.8}]}))
+    assert run_guard(config).returncode == 0
+    written = families((metrics / "spark_usage_guard.prom").read_text())
+    assert set(written) == {x.name for x in m.REGISTRY.values() if x.source == m.USAGE_GUARD}
+    for metric, samples in written.items():
+        assert set(samples[0].labels) == set(m.REGISTRY[metric].labels)

@@ -11,6 +11,7 @@ from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
+from primespark.cli import monitoring as monitoring_commands
 from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
 from primespark.cli import secrets as secrets_commands
@@ -33,6 +34,7 @@ app.add_typer(backup_commands.app, name="backup")
 app.add_typer(drill_commands.app, name="drill")
 app.add_typer(secrets_commands.app, name="secrets")
 plan_commands.register(app)
+monitoring_commands.register(app)
 
 
 def main() -> None:

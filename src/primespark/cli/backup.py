@@ -94,3 +94,28 @@ def init(
         what = "made a new, empty repository" if opened.created else "kept the repository that is there"
         console.print(f"{repository}/{name}: {what} at {url} ({repository_folder(ctx, repository, name)}), "
                       f"id {opened.id[:8]}: recorded")
+
+
+@app.command("maintain")
+def maintain(
+    repository: Annotated[str | None, typer.Argument(
+        help="A repository that is not an offsite copy; every such repository if omitted.")] = None,
+    env: EnvOption = "lab",
+    transport: TransportOption = "ssh",
+    check: Annotated[bool, typer.Option(help="Run `restic check` too (its metrics feed the check alerts).")] = True,
+) -> None:
+    """Maintain REPOSITORY now, as its schedule would: catch up the offsite copy, forget and prune by the
+    retention, check every client repository (primary and offsite); fail naming what check found."""
+    ctx = FleetContext.load(env, transport_of(transport))
+    primaries = [n for n, r in backup_of(ctx.fleet).repositories.items() if r.copy_from is None]
+    if repository is not None and repository not in primaries:
+        raise UserError(f"{repository!r} is not a primary repository of {ctx.env}",
+                        f"maintain one of: {', '.join(primaries)} (offsite copies are maintained with their source)")
+    from flows.maintenance import maintenance  # Prefect loads only when maintenance runs
+    from primespark.orchestration.runs import require_prefect, run_here, use_lab_prefect
+
+    use_lab_prefect(ctx.fleet)
+    require_prefect(ctx.fleet)
+    for name in [repository] if repository else primaries:
+        result = run_here(maintenance, name, env, transport, check=check)
+        console.print(f"[green]maintenance of {name}: done[/green] (checked: {result['checked']})")

@@ -12,7 +12,7 @@ from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, err_con
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
-from primespark.mesh.health import check_mesh, write_metrics
+from primespark.mesh.health import check_mesh, publish_metrics, write_metrics
 from primespark.mesh.render import render_all
 from primespark.mesh.rotate import rotate_host
 from primespark.mesh.service import current_plan, plan_and_save
@@ -133,6 +133,8 @@ def check(
     mesh: MeshOpt = None,
     textfile: Annotated[Path | None, typer.Option(
         "--textfile", help="Write Prometheus metrics here (default: <state>/metrics/mesh_<mesh>.prom).")] = None,
+    publish: Annotated[bool, typer.Option(
+        "--publish", help="Also write each member's pairs onto that member, where Prometheus scrapes them.")] = False,
 ) -> None:
     """For every pair: latest handshake age and ping over the overlay. Exit 1 when a pair is down."""
     ctx = _context(env, old_env)
@@ -155,6 +157,9 @@ def check(
             err_console.print(f"[red]{host}[/red]: could not be probed: {why}")
         written = write_metrics(health, textfile or ctx.state_dir / "metrics" / f"mesh_{name}.prom")
         console.print(f"metrics: {written}")
+        if publish:
+            for host, where in publish_metrics(health, ctx.hosts, ctx.fleet).items():
+                console.print(f"  {host}: {where}", markup=False)
         failed = failed or not health.healthy
     if failed:
         raise typer.Exit(1)

@@ -21,6 +21,7 @@ class ServiceRecipe:
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = ()
     healthcheck: tuple[str, ...] = ()
+    metrics_path: str | None = None  # where it serves Prometheus metrics, if it does (Prometheus scrapes it)
 
 
 RECIPES: dict[ServiceKind, ServiceRecipe] = {
@@ -62,10 +63,18 @@ RECIPES: dict[ServiceKind, ServiceRecipe] = {
         command=("mlflow", "server", "--host", "0.0.0.0", "--port", "5000",  # noqa: S104 inside the container
                  "--backend-store-uri", "sqlite:////mlflow/mlflow.db", "--artifacts-destination", "/mlflow/artifacts"),
     ),
+    # The monitoring trio reads the files of primespark.monitoring (mounted by primespark.cloud.services).
     ServiceKind.prometheus: ServiceRecipe(
         image="prom/prometheus:v2.55.1",
         container_port=9090,
         data_dir="/prometheus",
+        metrics_path="/metrics",
+    ),
+    ServiceKind.alertmanager: ServiceRecipe(
+        image="prom/alertmanager:v0.27.0",
+        container_port=9093,
+        data_dir="/alertmanager",
+        metrics_path="/metrics",
     ),
     ServiceKind.grafana: ServiceRecipe(
         image="grafana/grafana:11.3.1",
@@ -73,6 +82,16 @@ RECIPES: dict[ServiceKind, ServiceRecipe] = {
         secrets=("GF_SECURITY_ADMIN_PASSWORD",),
         data_dir="/var/lib/grafana",
         environment={"GF_SECURITY_ADMIN_USER": "admin", "GF_USERS_ALLOW_SIGN_UP": "false"},
+        metrics_path="/metrics",
+    ),
+    # The orchestrator's server and UI (SQLite in its data folder); /api/metrics when metrics are enabled.
+    ServiceKind.prefect: ServiceRecipe(
+        image="prefecthq/prefect:3.9.1-python3.11",
+        container_port=4200,
+        data_dir="/root/.prefect",
+        environment={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_ENABLE_METRICS": "true"},
+        command=("prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"),  # noqa: S104 in the container
+        metrics_path="/api/metrics",
     ),
     ServiceKind.api: ServiceRecipe(
         image=None,  # our own API: no public image exists, each fleet names the one it builds

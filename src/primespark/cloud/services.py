@@ -3,6 +3,7 @@ pull from Vault (AppRole), and the systemd units that order them. Secrets are ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -12,11 +13,20 @@ import yaml
 
 from primespark.cloud.catalog import RECIPES, readable_services, secret_path
 from primespark.cloud.cloudinit import SECRET_ID_FILE, File, images_dir
-from primespark.fleet.model import Fleet, HostKind, ServiceKind
+from primespark.errors import UserError
+from primespark.fleet.model import Fleet, ServiceKind
+from primespark.monitoring import files as mon
+from primespark.monitoring.paths import CONFIG_DIR, HOST_SECRETS_DIR
+from primespark.monitoring.paths import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
 
 STACK_DIR = "/opt/primespark"
 COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
 SECRETS_DIR = "/etc/primespark/secrets"
+# The monitoring files (primespark.monitoring.files) under one folder, mounted read-only into the containers at
+# the paths the files name; receivers' secrets are files the monitoring_server role writes from the fleet's
+# references into HOST_SECRETS_DIR (`spark monitoring render` never holds them).
+MONITORING_DIR = f"{STACK_DIR}/monitoring"
+MONITORING_KINDS = (ServiceKind.prometheus, ServiceKind.alertmanager, ServiceKind.grafana)
 
 
 @dataclass(frozen=True)
@@ -65,16 +75,38 @@ def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
         entry["environment"] = environment
     if env_files:
         entry["env_file"] = env_files
-    if recipe.command:
-        entry["command"] = list(recipe.command)
+    if svc.kind is ServiceKind.prefect:  # the browser reaches the API where the UI was served from
+        environment["PREFECT_UI_API_URL"] = f"http://{address}:{svc.port}/api"
+        entry["environment"] = environment
+    command, mounts = _monitoring(fleet, svc.kind)
+    if recipe.command or command:
+        entry["command"] = list(recipe.command or command)
     volumes = [f"/srv/{name}/data:{recipe.data_dir}"] if recipe.data_dir else []
-    if svc.kind is ServiceKind.prometheus:
-        volumes.append(f"{STACK_DIR}/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+    volumes += mounts
     if volumes:
         entry["volumes"] = volumes
     if recipe.healthcheck:
         entry["healthcheck"] = {"test": list(recipe.healthcheck), "interval": "30s", "retries": 5}
     return entry
+
+
+def _monitoring(fleet: Fleet, kind: ServiceKind) -> tuple[list[str], list[str]]:
+    """The command and read-only mounts that give a monitoring container the generated files."""
+    here = MONITORING_DIR
+    if kind is ServiceKind.prometheus:
+        return ([f"--config.file={CONFIG_DIR}/{mon.PROMETHEUS_YML}", "--storage.tsdb.path=/prometheus",
+                 f"--storage.tsdb.retention.time={fleet.monitoring.retention}", "--web.enable-lifecycle"],
+                [f"{here}/{mon.PROMETHEUS_YML}:{CONFIG_DIR}/{mon.PROMETHEUS_YML}:ro",
+                 f"{here}/rules:{CONFIG_DIR}/rules:ro"])
+    if kind is ServiceKind.alertmanager:
+        return ([f"--config.file={CONFIG_DIR}/{mon.ALERTMANAGER_YML}", "--storage.path=/alertmanager"],
+                [f"{here}/{mon.ALERTMANAGER_YML}:{CONFIG_DIR}/{mon.ALERTMANAGER_YML}:ro",
+                 f"{HOST_SECRETS_DIR}:{RECEIVER_SECRETS_MOUNT}:ro"])
+    if kind is ServiceKind.grafana:
+        return ([], [f"{here}/grafana/provisioning/datasources:/etc/grafana/provisioning/datasources:ro",
+                     f"{here}/grafana/provisioning/dashboards:/etc/grafana/provisioning/dashboards:ro",
+                     f"{here}/{mon.DASHBOARD_DIR}:{mon.GRAFANA_DASHBOARDS}:ro"])
+    return [], []
 
 
 def _secret_sources(fleet: Fleet, service: str) -> list[str]:
@@ -91,18 +123,6 @@ def compose_for(fleet: Fleet, host: str) -> dict[str, Any]:
             "services": {name: _compose_service(fleet, name) for name in sorted(fleet.services_on(host))}}
 
 
-def prometheus_config(fleet: Fleet) -> dict[str, Any]:
-    """Scrape every managed host's node exporter and every HTTP service, by its fleet address."""
-    port = fleet.monitoring.node_exporter_port
-    nodes = [f"{h.address}:{port}" for h in fleet.hosts.values() if h.kind is not HostKind.kvm_host]
-    jobs: list[dict[str, Any]] = [{"job_name": "node", "static_configs": [{"targets": nodes}]}]
-    for name, svc in sorted(fleet.services.items()):
-        if svc.check == "http" and svc.kind is not ServiceKind.grafana:
-            jobs.append({"job_name": name, "static_configs": [
-                {"targets": [f"{fleet.hosts[svc.host].address}:{svc.port}"]}]})
-    return {"global": {"scrape_interval": "30s"}, "scrape_configs": jobs}
-
-
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present
 
 
@@ -110,8 +130,10 @@ def _dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=False)
 
 
-def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
-    """Everything cloud-init writes for the host's services; empty for a VM without services."""
+def stack_files(fleet: Fleet, host: str, vault: VaultTarget, monitoring: Mapping[str, str] | None = None) -> list[File]:
+    """Everything cloud-init writes for the host's services; empty for a VM without services. `monitoring`: the
+    fleet's monitoring files (primespark.monitoring.files.monitoring_files), needed where a monitoring service
+    runs."""
     if not fleet.services_on(host):
         return []
     readable = readable_services(fleet, host)
@@ -137,8 +159,11 @@ def stack_files(fleet: Fleet, host: str, vault: VaultTarget) -> list[File]:
             f"ExecStop=/usr/bin/docker-compose -f {COMPOSE_FILE} down\n", "multi-user.target",
             after="docker.service primespark-secrets.service", wants="docker.service")),
     ]
-    if any(s.kind is ServiceKind.prometheus for s in fleet.services_on(host).values()):
-        files.append(File(f"{STACK_DIR}/prometheus.yml", _dump(prometheus_config(fleet))))
+    if any(s.kind in MONITORING_KINDS for s in fleet.services_on(host).values()):
+        if monitoring is None:
+            raise UserError(f"{host} runs monitoring services but no monitoring files were given",
+                            "pass primespark.monitoring.files.monitoring_files(fleet, overlays)")
+        files += [File(f"{MONITORING_DIR}/{relative}", content) for relative, content in sorted(monitoring.items())]
     return files
 
 

@@ -11,12 +11,12 @@ from ipaddress import IPv4Address, IPv4Network
 from itertools import combinations
 
 from primespark.fleet.errors import Path, Problem
-from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, SecretBackend, Topology, VaultAuth
+from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, SecretBackend, ServiceKind, Topology, VaultAuth
 
 
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
-    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets):
+    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets, _monitoring):
         problems.extend(rule(fleet))
     return problems
 
@@ -273,3 +273,38 @@ def _secrets(fleet: Fleet) -> Iterator[Problem]:
         yield _p(("lab", "openbao_port"), f"the lab's Prefect server has port {fleet.lab.prefect_port}; OpenBao "
                  f"takes {fleet.lab.openbao_port} and {fleet.lab.openbao_port + 1}",
                  "give OpenBao two free ports of its own", "lab-port-conflict")
+
+
+def _monitoring(fleet: Fleet) -> Iterator[Problem]:
+    # Imported here: the monitoring package imports the fleet model.
+    from primespark.monitoring.alerts import ALERT_NAMES
+    from primespark.monitoring.scrape import monitored_hosts, reaches
+
+    spec = fleet.monitoring
+    for severity, names in spec.routes.items():
+        for i, name in enumerate(names):
+            if name not in spec.receivers:
+                yield _p(("monitoring", "routes", severity.value, i), f"no receiver named {name!r}",
+                         f"use one of: {', '.join(spec.receivers) or 'none (add monitoring.receivers)'}",
+                         "unknown-receiver")
+    kinds = {svc.kind for svc in fleet.services.values()}
+    if spec.receivers and ServiceKind.alertmanager not in kinds:
+        yield _p(("monitoring", "receivers"), "receivers are set but no alertmanager service delivers to them",
+                 "add a service of kind alertmanager (e.g. on the prometheus host, port 9093)", "no-alertmanager")
+    for name in spec.alert_for:
+        if name not in ALERT_NAMES:
+            yield _p(("monitoring", "alert_for", name), f"no alert named {name!r}",
+                     f"use one of: {', '.join(sorted(ALERT_NAMES))}", "unknown-alert")
+    for name, svc in fleet.services.items():
+        if svc.kind is ServiceKind.alertmanager and ServiceKind.prometheus not in kinds:
+            yield _p(("services", name, "kind"), "an alertmanager needs a prometheus service to send it alerts",
+                     "add a service of kind prometheus", "no-prometheus")
+        if svc.kind is not ServiceKind.prometheus or svc.host not in fleet.hosts:
+            continue
+        unreachable = [h for h in monitored_hosts(fleet) if not reaches(fleet, svc.host, h)]
+        if unreachable:
+            shown = ", ".join(unreachable[:5]) + (f" and {len(unreachable) - 5} more" if len(unreachable) > 5 else "")
+            yield _p(("services", name, "host"),
+                     f"Prometheus on {svc.host} cannot reach {shown}: not on its site and in no mesh with it",
+                     f"add {svc.host} and those hosts to one mesh (meshes.<name>.members), or place prometheus "
+                     "on a host that shares a mesh with every site", "prometheus-unreachable")

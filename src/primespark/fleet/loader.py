@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from primespark.fleet.checks import cross_check
 from primespark.fleet.errors import FleetError, Path, Problem, dotted, sort_problems
-from primespark.fleet.model import SECRET_REF_PATTERN, Fleet
+from primespark.fleet.model import ALERT_NAME_PATTERN, DURATION_PATTERN, SECRET_REF_PATTERN, Fleet
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_NODES = 500_000  # ~15,000 hosts; more is an alias bomb
@@ -163,6 +163,10 @@ def _fix_pattern(pattern: str) -> str:
         return "use an absolute path starting with /"
     if "\\S+\\s+" in pattern:
         return "use a five-field cron expression such as `0 2 * * *`"
+    if pattern == DURATION_PATTERN:
+        return "write a Prometheus duration, largest unit first, such as `30s`, `5m`, `1h30m` or `0s`"
+    if pattern == ALERT_NAME_PATTERN:
+        return "name an alert in CamelCase, as the rules do (`spark monitoring alerts` lists them)"
     return f"the value must match {pattern}"
 
 

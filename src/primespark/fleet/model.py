@@ -120,6 +120,8 @@ class ServiceKind(StrEnum):
     mlflow = "mlflow"
     prometheus = "prometheus"
     grafana = "grafana"
+    alertmanager = "alertmanager"
+    prefect = "prefect"
     api = "api"
 
 
@@ -424,11 +426,85 @@ class Operator(Strict):
     sudo: bool = Field(default=True, description="May run any command as root without a password.")
 
 
+# A Prometheus duration, its units largest first: `30s`, `5m`, `1h30m`, `0s`.
+DURATION_PATTERN = r"^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$"
+Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, min_length=1)]
+ALERT_NAME_PATTERN = r"^[A-Z][A-Za-z0-9]{1,62}$"
+AlertName = Annotated[str, StringConstraints(pattern=ALERT_NAME_PATTERN)]
+
+
+class Severity(StrEnum):
+    critical = "critical"
+    warning = "warning"
+    info = "info"
+
+
+# Which fields each kind of receiver needs and takes (besides `kind` and `send_resolved`).
+RECEIVER_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "webhook": (frozenset({"url"}), frozenset({"url", "bearer_token"})),
+    "email": (frozenset({"to", "sender", "smarthost"}),
+              frozenset({"to", "sender", "smarthost", "username", "password", "require_tls"})),
+    "slack": (frozenset({"api_url"}), frozenset({"api_url", "channel"})),
+}
+
+
+class Receiver(Strict):
+    """Where Alertmanager delivers alerts. Secrets (a Slack webhook URL, an SMTP password, a bearer token) are
+    references into the secret store; the deployments write them to files that Alertmanager reads."""
+
+    kind: Literal["webhook", "email", "slack"]
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None, description="webhook: where alerts are POSTed (not a secret; put tokens in bearer_token).")
+    bearer_token: SecretRef | None = Field(default=None, description="webhook: sent as `Authorization: Bearer`.")
+    to: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    sender: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")] | None = Field(
+        default=None, description="email: the From address.")
+    smarthost: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")] | None = Field(
+        default=None, description="email: the SMTP server, `host:port`.")
+    username: str | None = None
+    password: SecretRef | None = None
+    require_tls: bool = True
+    api_url: SecretRef | None = Field(default=None, description="slack: the incoming-webhook URL (a secret).")
+    channel: str | None = None
+    send_resolved: bool = True
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Receiver:
+        needed, taken = RECEIVER_FIELDS[self.kind]
+        given = self.model_fields_set - {"kind", "send_resolved"}
+        if missing := sorted(needed - given):
+            raise PydanticCustomError(
+                "receiver", "a {kind} receiver needs {fields}",
+                {"kind": self.kind, "fields": ", ".join(f"`{f}`" for f in missing),
+                 "fix": f"add {', '.join(f'`{f}:`' for f in missing)} to this receiver"})
+        if extra := sorted(given - taken):
+            raise PydanticCustomError(
+                "receiver", "{fields} is not for a {kind} receiver",
+                {"kind": self.kind, "fields": ", ".join(f"`{f}`" for f in extra),
+                 "fix": f"a {self.kind} receiver takes {', '.join(sorted(taken))}"})
+        return self
+
+
 class Monitoring(Strict):
     node_exporter_port: int = Field(default=9100, ge=1, le=65535)
     textfile_dir: AbsPath = Field(
         default="/var/lib/prometheus/node-exporter", description="Flows write *.prom files here."
     )
+    scrape_interval: Duration = "30s"
+    evaluation_interval: Duration = "30s"
+    retention: Duration = Field(default="30d", description="How long Prometheus keeps samples.")
+    receivers: dict[Name, Receiver] = Field(default_factory=dict)
+    routes: dict[Severity, list[Name]] = Field(
+        default_factory=dict, description="Per severity, the receivers its alerts go to (none: only the UIs).")
+    group_wait: Duration = Field(default="30s", description="Alertmanager: wait this long to batch a new group.")
+    group_interval: Duration = Field(default="5m", description="Alertmanager: between updates of a group.")
+    repeat_interval: Duration = Field(default="4h", description="Alertmanager: re-send a firing alert this often.")
+    alert_for: dict[AlertName, Duration] = Field(
+        default_factory=dict,
+        description="How long a condition must hold before its alert fires, per alert (default: the rule's own).")
+    runbook_base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None, description="Where docs/runbooks/ is browsable (e.g. the repository's web view); default: "
+        "alerts link the runbook by its path in the repository.")
 
 
 class Lab(Strict):

@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from primespark.errors import UserError
+from primespark.errors import StepFailed, UserError
+from primespark.fleet.model import Fleet
 from primespark.hosts import HostAccess, on_each, run_on
 from primespark.mesh.plan import MeshPlan
-from primespark.monitoring.metrics import write_mesh_metrics
+from primespark.monitoring.metrics import mesh_metrics, publish, write_mesh_metrics
 
 # WireGuard re-handshakes every 2 minutes while traffic flows and gives a session up after 3 minutes.
 STALE_HANDSHAKE_SECONDS = 180
@@ -166,3 +167,20 @@ def write_metrics(health: MeshHealth, path: Path) -> Path:
              for p in health.pairs]
     probed = {host: host not in health.unreachable_hosts for host in {p.source for p in health.pairs}}
     return write_mesh_metrics(path, health.mesh, pairs, probed, len(health.down))
+
+
+def publish_metrics(health: MeshHealth, hosts: HostAccess, fleet: Fleet) -> dict[str, str]:
+    """Each member's own view (the pairs it is the source of) onto that member, where its node exporter serves
+    them to Prometheus. Per host: where the file went, or why it could not be written."""
+    def put(source: str) -> str:
+        pairs = [(p.source, p.target, p.reachable, None if p.rtt_ms is None else p.rtt_ms / 1000, p.handshake_age)
+                 for p in health.pairs if p.source == source]
+        down = sum(1 for p in health.pairs if p.source == source and p.status != "ok")
+        metrics = mesh_metrics(health.mesh, pairs, {source: True}, down)
+        try:
+            return publish(hosts, fleet, source, f"mesh_{health.mesh}", metrics)
+        except StepFailed as exc:
+            return f"not written: {exc.message}"
+
+    sources = sorted({p.source for p in health.pairs} - set(health.unreachable_hosts))
+    return on_each(sources, put)

@@ -1,10 +1,14 @@
-"""Every metric the project writes, by name, in one registry; and the textfile writer that writes them.
+"""Every metric the project writes or reads, by name, in one registry; and the textfile writer.
 
 Flows and checks write Prometheus text files for node exporter's textfile collector, one file per (flow,
 subject), so concurrent runs never overwrite each other's figures. Writers name metrics only through the
 constants here (a name typed twice can drift), so a renamed metric breaks the tests that read the files,
 and alert rules built from this registry follow the rename. `write_to_textfile` writes through a temporary
 file and a rename: the collector never reads half a file.
+
+The registry also holds what others write and the rules read: node exporter's metrics, the textfile metrics of
+the roles' scripts (spark-usage-guard, spark-ups-guard), Prometheus' own `up`, and the recording rules'
+series. Each says where it comes from (`source`), so a test can hold each writer to its names.
 """
 
 from __future__ import annotations
@@ -13,9 +17,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, write_to_textfile
 
 from primespark.fleet.model import Fleet
+from primespark.hosts import CommandFailed, HostAccess
+
+# Who writes a metric: the flows here, a role's script, node exporter, Prometheus itself, a recording rule.
+FLOWS = "flows"
+USAGE_GUARD = "roles/common/files/spark-usage-guard"
+UPS_GUARD = "roles/edge/files/spark-ups-guard"
+NODE_EXPORTER = "node_exporter"
+PROMETHEUS = "prometheus"
+RECORDING = "recording rule"
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,7 @@ class Metric:
     name: str
     help: str
     labels: tuple[str, ...]
+    source: str = FLOWS
 
 
 # --- backups and drills (flows/backup.py, flows/maintenance.py, flows/dr_drill.py) ----------------------------
@@ -59,7 +73,62 @@ MESH_PAIRS_DOWN = Metric("spark_mesh_pairs_down", "Pairs that are down or have a
 MESH_HOST_PROBED = Metric("spark_mesh_host_probed", "1 when the host could be probed", ("mesh", "host"))
 MESH_CHECK_TIME = Metric("spark_mesh_check_timestamp_seconds", "When the check ran", ("mesh",))
 
+# --- the roles' scripts (textfile collector) ------------------------------------------------------------------
+_GUARDED = ("name", "path")  # name: tier-<tier> or restic-<repository>
+STORAGE_USED = Metric("spark_storage_used_bytes", "Bytes used under a guarded path (the tier, or its filesystem)",
+                      _GUARDED, USAGE_GUARD)
+STORAGE_CAPACITY = Metric("spark_storage_capacity_bytes", "The quota of a tier, or the size of a filesystem",
+                          _GUARDED, USAGE_GUARD)
+STORAGE_USAGE = Metric("spark_storage_usage_ratio", "Used over capacity", _GUARDED, USAGE_GUARD)
+FILESYSTEM_USAGE = Metric("spark_filesystem_usage_ratio", "Used over size of the filesystem holding the path",
+                          _GUARDED, USAGE_GUARD)
+STORAGE_OVER_QUOTA = Metric("spark_storage_over_quota",
+                            "1 while the path is above its high watermark (until below the low one)", _GUARDED,
+                            USAGE_GUARD)
+_POWER = ("signal",)  # the fleet's ups_signal: nut or gpio
+POWER_ON_BATTERY = Metric("spark_power_on_battery", "1 while the UPS runs on battery (NUT's OB status)", _POWER,
+                          UPS_GUARD)
+POWER_BATTERY_LOW = Metric("spark_power_battery_low", "1 when the battery is at or below the shutdown threshold",
+                           _POWER, UPS_GUARD)
+POWER_BATTERY_CHARGE = Metric("spark_power_battery_charge_percent", "The UPS battery's charge (NUT)", _POWER,
+                              UPS_GUARD)
+POWER_CHECK_TIME = Metric("spark_power_check_timestamp_seconds", "When the power signal was last read", _POWER,
+                          UPS_GUARD)
+
+# --- node exporter (the rules and dashboards read these) ------------------------------------------------------
+_FS = ("device", "fstype", "mountpoint")
+NODE_FS_AVAIL = Metric("node_filesystem_avail_bytes", "Filesystem space available to non-root users", _FS,
+                       NODE_EXPORTER)
+NODE_FS_SIZE = Metric("node_filesystem_size_bytes", "Filesystem size", _FS, NODE_EXPORTER)
+NODE_FS_READONLY = Metric("node_filesystem_readonly", "1 if the filesystem is mounted read-only", _FS,
+                          NODE_EXPORTER)
+NODE_TIMEX_OFFSET = Metric("node_timex_offset_seconds", "The kernel's estimate of the clock's offset", (),
+                           NODE_EXPORTER)
+NODE_TIMEX_SYNC = Metric("node_timex_sync_status", "1 if the clock is synchronised to a reliable source", (),
+                         NODE_EXPORTER)
+NODE_CPU = Metric("node_cpu_seconds_total", "Seconds the CPUs spent in each mode", ("cpu", "mode"), NODE_EXPORTER)
+NODE_LOAD1 = Metric("node_load1", "1-minute load average", (), NODE_EXPORTER)
+NODE_MEM_AVAILABLE = Metric("node_memory_MemAvailable_bytes", "Memory available for new work", (), NODE_EXPORTER)
+NODE_MEM_TOTAL = Metric("node_memory_MemTotal_bytes", "Total memory", (), NODE_EXPORTER)
+NODE_BOOT_TIME = Metric("node_boot_time_seconds", "When the host booted", (), NODE_EXPORTER)
+NODE_NET_RECEIVE = Metric("node_network_receive_bytes_total", "Bytes received per interface", ("device",),
+                          NODE_EXPORTER)
+NODE_NET_TRANSMIT = Metric("node_network_transmit_bytes_total", "Bytes sent per interface", ("device",),
+                           NODE_EXPORTER)
+
+# --- Prometheus itself -----------------------------------------------------------------------------------------
+UP = Metric("up", "1 if the last scrape of the target succeeded", (), PROMETHEUS)
+
+# --- recording rules (primespark.monitoring.alerts records them; dashboards and `spark status` read them) ------
+BACKUP_AGE = Metric("primespark:backup_snapshot_age_seconds", "Age of the newest snapshot, now", _BACKUP, RECORDING)
+DRILL_AGE = Metric("primespark:drill_age_seconds", "Time since the last DR drill ended", ("host",), RECORDING)
+CHECK_AGE = Metric("primespark:restic_check_age_seconds", "Time since maintenance last checked the repository",
+                   ("repository",), RECORDING)
+FS_FREE = Metric("primespark:filesystem_free_ratio", "Free space over size, per filesystem", _FS, RECORDING)
+
 REGISTRY: dict[str, Metric] = {m.name: m for m in globals().copy().values() if isinstance(m, Metric)}
+# Labels Prometheus adds to every scraped series (primespark.monitoring.scrape sets them per target).
+TARGET_LABELS = ("job", "instance", "host", "site", "kind")
 
 
 class Textfile:
@@ -74,6 +143,8 @@ class Textfile:
     def _gauge(self, metric: Metric) -> Gauge:
         if REGISTRY.get(metric.name) is not metric:
             raise KeyError(f"{metric.name} is not in the metric registry (primespark.monitoring.metrics)")
+        if metric.source != FLOWS:
+            raise KeyError(f"{metric.name} is written by {metric.source}, not by the flows")
         if metric.name not in self.gauges:
             self.gauges[metric.name] = Gauge(metric.name, metric.help, list(metric.labels), registry=self.registry)
         return self.gauges[metric.name]
@@ -83,6 +154,9 @@ class Textfile:
         gauge = self._gauge(metric)
         if value is not None:
             gauge.labels(**labels).set(value)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +169,7 @@ def textfile_path(directory: Path, name: str) -> Path:
     return directory / f"primespark_{name}.prom"
 
 
-def write_backup_metrics(
-    directory: Path,
+def backup_metrics(
     host: str,
     repository: str,
     *,
@@ -107,7 +180,7 @@ def write_backup_metrics(
     snapshot_time: float | None,
     size_bytes: int | None,
     added_bytes: int | None,
-) -> Path:
+) -> Textfile:
     out = Textfile()
     labels = {"host": host, "repository": repository}
     out.set(BACKUP_SUCCESS, 1.0 if success else 0.0, **labels)
@@ -118,19 +191,18 @@ def write_backup_metrics(
     out.set(BACKUP_SNAPSHOT_AGE, None if snapshot_time is None else max(0.0, finished - snapshot_time), **labels)
     out.set(BACKUP_SIZE, size_bytes, **labels)
     out.set(BACKUP_ADDED, added_bytes, **labels)
-    return out.write(textfile_path(directory, f"backup_{host}"))
+    return out
 
 
-def write_check_metrics(directory: Path, repository: str, results: dict[str, bool], finished: float) -> Path:
+def check_metrics(repository: str, results: dict[str, bool], finished: float) -> Textfile:
     out = Textfile(CHECK_SUCCESS)
     for client, passed in results.items():
         out.set(CHECK_SUCCESS, 1.0 if passed else 0.0, repository=repository, client=client)
     out.set(CHECK_LAST_RUN, finished, repository=repository)
-    return out.write(textfile_path(directory, f"maintenance_{repository}"))
+    return out
 
 
-def write_drill_metrics(
-    directory: Path,
+def drill_metrics(
     host: str,
     *,
     passed: bool,
@@ -139,7 +211,7 @@ def write_drill_metrics(
     rpo_seconds: float | None,
     rto_target_seconds: float,
     rpo_target_seconds: float,
-) -> Path:
+) -> Textfile:
     out = Textfile()
     out.set(DRILL_SUCCESS, 1.0 if passed else 0.0, host=host)
     out.set(DRILL_LAST_RUN, finished, host=host)
@@ -147,16 +219,15 @@ def write_drill_metrics(
     out.set(DRILL_RPO, rpo_seconds, host=host)
     out.set(DRILL_RTO_TARGET, rto_target_seconds, host=host)
     out.set(DRILL_RPO_TARGET, rpo_target_seconds, host=host)
-    return out.write(textfile_path(directory, f"drill_{host}"))
+    return out
 
 
-def write_mesh_metrics(
-    path: Path,
+def mesh_metrics(
     mesh: str,
     pairs: list[tuple[str, str, bool, float | None, float | None]],
     probed: dict[str, bool],
     pairs_down: int,
-) -> Path:
+) -> Textfile:
     """pairs: (source, target, reachable, rtt seconds, handshake age seconds); probed: host -> probed."""
     out = Textfile(MESH_PAIR_UP, MESH_PAIR_RTT, MESH_HANDSHAKE_AGE, MESH_PAIRS_DOWN, MESH_HOST_PROBED,
                    MESH_CHECK_TIME)
@@ -169,9 +240,43 @@ def write_mesh_metrics(
         out.set(MESH_HOST_PROBED, 1 if ok else 0, mesh=mesh, host=host)
     out.set(MESH_PAIRS_DOWN, pairs_down, mesh=mesh)
     out.set(MESH_CHECK_TIME, time.time(), mesh=mesh)
-    return out.write(path)
+    return out
+
+
+def write_mesh_metrics(
+    path: Path,
+    mesh: str,
+    pairs: list[tuple[str, str, bool, float | None, float | None]],
+    probed: dict[str, bool],
+    pairs_down: int,
+) -> Path:
+    return mesh_metrics(mesh, pairs, probed, pairs_down).write(path)
 
 
 def textfile_dir(fleet: Fleet, override: str | None = None) -> Path:
     """Where the host's node exporter reads text files (the fleet's `monitoring.textfile_dir`)."""
     return Path(override or fleet.monitoring.textfile_dir)
+
+
+# Runs on the host (as root): the file appears whole, under a name the collector reads only once complete.
+_PUT = 'set -e; umask 022; tmp="$1/.$2.tmp.$$"; cat > "$tmp"; mv -f "$tmp" "$1/$2"'
+
+
+def publish(hosts: HostAccess, fleet: Fleet, host: str, name: str, metrics: Textfile,
+            override: str | None = None) -> str:
+    """Write `metrics` where `host`'s node exporter serves them, so Prometheus sees them with that host's labels
+    wherever the flow ran (a worker, the operator's machine, the lab's controller). `override`: a folder on this
+    machine instead (tests). Where it went, as `host:path` or a local path."""
+    if override is not None:
+        return str(metrics.write(textfile_path(Path(override), name)))
+    target = textfile_path(textfile_dir(fleet), name)
+    runner = hosts.runner(host)
+    if not runner.remote:
+        return str(metrics.write(target))
+    done = runner.run(["sh", "-c", _PUT, "sh", str(target.parent), target.name], stdin=metrics.text().encode(),
+                      timeout=60)
+    if done.returncode != 0:
+        raise CommandFailed(f"{host}: writing {target} failed (exit {done.returncode}): {done.stderr.strip()[:300]}",
+                            f"check that {target.parent} exists on {host} (the monitoring_agent role makes it)",
+                            returncode=done.returncode, stderr=done.stderr)
+    return f"{host}:{target}"

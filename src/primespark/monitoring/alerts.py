@@ -1,0 +1,294 @@
+"""The fleet's alert and recording rules, derived from its targets: RPO, drill and check schedules, tier
+watermarks, mesh keepalives. One `Alert` per alert name holds its rule expressions, how long the condition must
+hold (`for:`; the fleet's `monitoring.alert_for` overrides it), its severity, summary, runbook and the signal its
+dashboard panel plots — the rules, the dashboards and `spark status` all read them from here.
+
+Alerts follow the node-exporter mixin where it has one (filesystem, clock) — including its answer to
+predict_linear's false positives: a filesystem alert needs low free space AND a predicted fill AND a writable
+mount, held for an hour, so a write burst that is cleaned up within the hour never fires.
+
+Not built here, for want of a metric (each arrives with its issue): worker/pool readiness (the workers issue),
+agent task failures (tasks), sync lag and refusals (sync), certificate expiry (trust). See NOT_YET.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from primespark.fleet.model import Fleet, Severity
+from primespark.mesh.health import STALE_HANDSHAKE_SECONDS
+from primespark.monitoring import metrics as m
+from primespark.monitoring.promql import duration, selector
+from primespark.monitoring.scrape import NODE_JOB
+
+RUNBOOK_DIR = "docs/runbooks"
+
+# Dashboards (primespark.monitoring.dashboards builds them; every alert names the one holding its panel).
+OVERVIEW, MESH, BACKUPS, NODES = "overview", "mesh", "backups", "nodes"
+
+
+@dataclass(frozen=True)
+class Alert:
+    name: str
+    severity: Severity
+    hold: str  # the rule's `for:`, unless the fleet overrides it
+    exprs: tuple[str, ...]  # the first is the alert's condition; more (held `slow_hold`) catch missing data
+    summary: str
+    description: str
+    signal: str  # what its dashboard panel plots
+    dashboard: str
+    unit: str = "none"  # Grafana's unit of the signal
+    threshold: float | None = None
+    slow_hold: str | None = None  # `for:` of the extra expressions (missing data is judged over a longer time)
+
+    def held(self, fleet: Fleet) -> str:
+        return fleet.monitoring.alert_for.get(self.name, self.hold)
+
+
+# Alerts the issue asks for that need a metric nobody writes yet: name → which issue brings it.
+NOT_YET: dict[str, str] = {
+    "WorkerPoolNotReady": "no metric yet: Prefect work pools and workers arrive with the workers issue",
+    "AgentTaskFailures": "no metric yet: agent tasks arrive with the tasks issue",
+    "SyncLagHigh": "no metric yet: sync arrives with the sync issue",
+    "SyncRefused": "no metric yet: sync arrives with the sync issue",
+    "CertificateExpiry": "no metric yet: certificates arrive with the trust issue",
+}
+
+
+def schedule_gap_seconds(cron: str, horizon_days: int = 400, limit: int = 2000) -> float:
+    """The longest time between two consecutive runs of a cron schedule (over a year, or `limit` runs)."""
+    from croniter import croniter
+
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    runs = croniter(cron, start)
+    previous = runs.get_next(datetime)
+    longest = 0.0
+    for _ in range(limit):
+        current = runs.get_next(datetime)
+        longest = max(longest, (current - previous).total_seconds())
+        if (current - start).days > horizon_days:
+            break
+        previous = current
+    return longest
+
+
+def overdue_seconds(cron: str) -> float:
+    """When a scheduled job is late: its longest gap plus a quarter of it (at least an hour) for the run itself."""
+    gap = schedule_gap_seconds(cron)
+    return gap + max(3600.0, gap / 4)
+
+
+def _node(metric: m.Metric) -> str:
+    return selector(metric, job=NODE_JOB, fstype=("!=", ""))
+
+
+def _filesystem(free_below_percent: int, predict_hours: int | None) -> str:
+    avail, size, readonly = (_node(x) for x in (m.NODE_FS_AVAIL, m.NODE_FS_SIZE, m.NODE_FS_READONLY))
+    parts = [f"({avail} / {size} * 100 < {free_below_percent}"]
+    if predict_hours is not None:
+        parts.append(f"and predict_linear({avail}[6h], {predict_hours} * 3600) < 0")
+    parts.append(f"and {readonly} == 0)")
+    return "\n".join(parts)
+
+
+def _host_alerts() -> list[Alert]:
+    node_up, other_up = selector(m.UP, job=NODE_JOB), selector(m.UP, job=("!=", NODE_JOB))
+    offset = selector(m.NODE_TIMEX_OFFSET)
+    free = selector(m.FS_FREE)
+    return [
+        Alert("HostDown", Severity.critical, "5m", (f"{node_up} == 0",),
+              "{{ $labels.host }} is down: its node exporter does not answer",
+              "Prometheus has not scraped {{ $labels.host }} ({{ $labels.site }}) for the hold time.",
+              node_up, OVERVIEW),
+        Alert("MonitoringTargetDown", Severity.warning, "5m", (f"{other_up} == 0",),
+              "{{ $labels.job }} on {{ $labels.host }} does not answer Prometheus",
+              "The {{ $labels.job }} service's metrics endpoint on {{ $labels.host }} failed its scrapes.",
+              other_up, OVERVIEW),
+        Alert("FilesystemFillingUp", Severity.warning, "1h", (_filesystem(40, 24),),
+              "{{ $labels.host }}: {{ $labels.mountpoint }} is predicted to fill within 24 hours",
+              "Under 40% free, the last 6 hours' trend reaches zero within a day, and it is writable.",
+              free, NODES, "percentunit", 0.4),
+        Alert("FilesystemFillingUpFast", Severity.critical, "1h", (_filesystem(20, 4),),
+              "{{ $labels.host }}: {{ $labels.mountpoint }} is predicted to fill within 4 hours",
+              "Under 20% free, the last 6 hours' trend reaches zero within 4 hours, and it is writable.",
+              free, NODES, "percentunit", 0.2),
+        Alert("FilesystemAlmostFull", Severity.critical, "30m", (_filesystem(5, None),),
+              "{{ $labels.host }}: {{ $labels.mountpoint }} has under 5% free",
+              "A writable filesystem with under 5% of its space free, whatever its trend.",
+              free, NODES, "percentunit", 0.05),
+        Alert("ClockSkew", Severity.warning, "10m",
+              (f"({offset} > 0.05 and deriv({offset}[5m]) >= 0)\nor ({offset} < -0.05 and deriv({offset}[5m]) <= 0)",),
+              "{{ $labels.host }}'s clock is more than 50 ms off and not converging",
+              "The kernel's clock offset is beyond 50 ms and growing: schedules, restic timestamps and TLS suffer.",
+              offset, NODES, "s", 0.05),
+    ]
+
+
+def _and_missing(condition: str, missing: str) -> tuple[str, ...]:
+    return (condition, missing) if missing else (condition,)
+
+
+def _backup_alerts(fleet: Fleet) -> list[Alert]:
+    spec = fleet.backup
+    if spec is None:
+        return []
+    rpo = spec.targets.rpo_hours * 3600
+    drill_late, check_late = overdue_seconds(spec.drill.schedule), overdue_seconds(spec.check.schedule)
+    snapshot, drill_run = selector(m.BACKUP_SNAPSHOT_TIME), selector(m.DRILL_LAST_RUN)
+    check_run = selector(m.CHECK_LAST_RUN)
+    # A subject with no metric at all (never run, or its host long gone) fires after the same time.
+    never_backed = "\nor ".join(f"absent({selector(m.BACKUP_SNAPSHOT_TIME, host=h)})" for h in sorted(spec.plans))
+    never_drilled = "\nor ".join(f"absent({selector(m.DRILL_LAST_RUN, host=h)})" for h in sorted(spec.plans))
+    never_checked = "\nor ".join(f"absent({selector(m.CHECK_LAST_RUN, repository=r)})"
+                                  for r in sorted(spec.repositories))
+    return [
+        Alert("BackupFailed", Severity.critical, "1m", (f"{selector(m.BACKUP_SUCCESS)} == 0",),
+              "the last backup of {{ $labels.host }} into {{ $labels.repository }} failed",
+              "The backup flow ended in failure after its retries; the previous snapshot is the newest.",
+              selector(m.BACKUP_SUCCESS), BACKUPS),
+        Alert("BackupTooOld", Severity.critical, "10m", _and_missing(f"time() - {snapshot} > {rpo:.0f}", never_backed),
+              "{{ $labels.host }}'s newest snapshot is older than the RPO target",
+              f"The RPO target is {spec.targets.rpo_hours:g} h (backup.targets.rpo_hours); a host with a plan "
+              "and no snapshot metric at all fires after the same time.",
+              selector(m.BACKUP_AGE), BACKUPS, "s", rpo, slow_hold=duration(rpo)),
+        Alert("DrillFailed", Severity.critical, "1m", (f"{selector(m.DRILL_SUCCESS)} == 0",),
+              "the last DR drill of {{ $labels.host }} failed",
+              "The restore did not verify, a service check failed, or RTO/RPO missed their targets.",
+              selector(m.DRILL_SUCCESS), BACKUPS),
+        Alert("DrillOverdue", Severity.warning, "10m",
+              _and_missing(f"time() - {drill_run} > {drill_late:.0f}", never_drilled),
+              "{{ $labels.host }} has not been drilled on schedule",
+              f"backup.drill.schedule is `{spec.drill.schedule}`; no drill ended in the last "
+              f"{duration(drill_late)}.", selector(m.DRILL_AGE), BACKUPS, "s", drill_late,
+              slow_hold=duration(drill_late)),
+        Alert("ResticCheckFailed", Severity.critical, "1m", (f"{selector(m.CHECK_SUCCESS)} == 0",),
+              "restic check of {{ $labels.repository }}/{{ $labels.client }} on {{ $labels.host }} found errors",
+              "`restic check` reported damage or could not finish; backups into it may not restore.",
+              selector(m.CHECK_SUCCESS), BACKUPS),
+        Alert("ResticCheckOverdue", Severity.warning, "10m",
+              _and_missing(f"time() - {check_run} > {check_late:.0f}", never_checked),
+              "{{ $labels.repository }} has not been checked on schedule",
+              f"backup.check.schedule is `{spec.check.schedule}`; no check ended in the last "
+              f"{duration(check_late)}.", selector(m.CHECK_AGE), BACKUPS, "s", check_late,
+              slow_hold=duration(check_late)),
+    ]
+
+
+def _mesh_alerts(fleet: Fleet) -> list[Alert]:
+    if not fleet.meshes:
+        return []
+    return [
+        Alert("MeshPairDown", Severity.warning, "5m", (f"{selector(m.MESH_PAIR_UP)} == 0",),
+              "mesh {{ $labels.mesh }}: {{ $labels.source }} cannot reach {{ $labels.target }}",
+              "A ping over the overlay from {{ $labels.host }} got no answer at the last `spark mesh check`.",
+              selector(m.MESH_PAIR_UP), MESH),
+        Alert("MeshHandshakeStale", Severity.warning, "5m",
+              (f"{selector(m.MESH_HANDSHAKE_AGE)} > {STALE_HANDSHAKE_SECONDS}",),
+              "mesh {{ $labels.mesh }}: {{ $labels.source }}'s handshake with {{ $labels.target }} is stale",
+              f"WireGuard re-handshakes every 2 minutes while traffic flows and drops a session after "
+              f"{STALE_HANDSHAKE_SECONDS} s; this pair's latest handshake is older.",
+              selector(m.MESH_HANDSHAKE_AGE), MESH, "s", STALE_HANDSHAKE_SECONDS),
+    ]
+
+
+def _tier_alerts(fleet: Fleet) -> list[Alert]:
+    if not fleet.tiers:
+        return []
+    exprs = ("\nor ".join(f"{selector(m.STORAGE_USAGE, name=f'tier-{t.value}')} > {spec.high_watermark:g}"
+                          for t, spec in sorted(fleet.tiers.items())),)
+    marks = ", ".join(f"{t.value} {spec.high_watermark:.0%}" for t, spec in sorted(fleet.tiers.items()))
+    return [Alert("TierAboveHighWatermark", Severity.warning, "15m", exprs,
+                  "{{ $labels.host }}: {{ $labels.name }} is above its high watermark",
+                  f"Above the tier's high watermark ({marks}); writers stop at the over-quota marker until usage "
+                  "falls below the low watermark.",
+                  selector(m.STORAGE_USAGE, name=("=~", "tier-.*")), NODES, "percentunit",
+                  min(spec.high_watermark for spec in fleet.tiers.values()))]
+
+
+def _power_alerts(fleet: Fleet) -> list[Alert]:
+    if not any(h.power is not None and h.power.ups_signal != "none" for h in fleet.hosts.values()):
+        return []
+    return [
+        Alert("UpsOnBattery", Severity.warning, "1m", (f"{selector(m.POWER_ON_BATTERY)} == 1",),
+              "{{ $labels.host }} runs on battery",
+              "The UPS reports on-battery (NUT's OB status): mains power is out.",
+              selector(m.POWER_ON_BATTERY), NODES),
+        Alert("UpsBatteryLow", Severity.critical, "0s", (f"{selector(m.POWER_BATTERY_LOW)} == 1",),
+              "{{ $labels.host }}'s battery is low: it is shutting down",
+              "The battery is at or below power.shutdown_battery_percent (or the low-battery line is set); "
+              "spark-ups-guard pauses agent tasks and halts the host.",
+              selector(m.POWER_BATTERY_LOW), NODES),
+    ]
+
+
+def fleet_alerts(fleet: Fleet) -> list[Alert]:
+    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, UPSes)."""
+    return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
+            *_power_alerts(fleet)]
+
+
+def _all_names() -> frozenset[str]:
+    """Every alert any fleet can get (the fleet check refuses `alert_for` entries for others)."""
+    import yaml
+
+    # The model alone: the loader's cross checks read ALERT_NAMES themselves.
+    everything = Fleet.model_validate(yaml.safe_load(_EVERYTHING))
+    return frozenset(a.name for a in fleet_alerts(everything))
+
+
+# The smallest fleet that gets every alert.
+_EVERYTHING = """
+name: everything
+sites: {site: {kind: cloud, lan: 10.0.0.0/24}}
+hosts:
+  pi-1: {kind: pi, site: site, cpus: 1, memory_mb: 512, disk_gb: 8, address: 10.0.0.10, power: {ups_signal: nut}}
+  nas-1: {kind: nas, site: site, cpus: 1, memory_mb: 512, disk_gb: 8, address: 10.0.0.11}
+meshes: {mesh: {overlay: 10.9.0.0/24}}
+tiers: {hot: {hosts: [pi-1], path: /srv/hot, capacity_gb: 1}}
+backup:
+  repositories: {repo: {host: nas-1, path: /srv/repo, password: "local:repo"}}
+  plans: {pi-1: {repository: repo, paths: [/srv/hot]}}
+  retention: {keep_last: 1}
+  targets: {rpo_hours: 1, rto_minutes: 1}
+  drill: {scratch_host: nas-1}
+"""
+
+
+def runbook_url(fleet: Fleet, name: str) -> str:
+    base = fleet.monitoring.runbook_base_url
+    return f"{base.rstrip('/')}/{RUNBOOK_DIR}/{name}.md" if base else f"{RUNBOOK_DIR}/{name}.md"
+
+
+def _rules_of(fleet: Fleet, alert: Alert) -> list[dict[str, Any]]:
+    annotations = {"summary": alert.summary, "description": alert.description,
+                   "runbook_url": runbook_url(fleet, alert.name)}
+    rules = [{"alert": alert.name, "expr": alert.exprs[0], "for": alert.held(fleet),
+              "labels": {"severity": alert.severity.value}, "annotations": annotations}]
+    for expr in alert.exprs[1:]:  # no data at all, judged over the slow hold; labelled apart (promtool lint)
+        rules.append({"alert": alert.name, "expr": expr, "for": alert.slow_hold or alert.held(fleet),
+                      "labels": {"severity": alert.severity.value, "condition": "no-data"},
+                      "annotations": annotations})
+    return rules
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    avail, size = _node(m.NODE_FS_AVAIL), _node(m.NODE_FS_SIZE)
+    return [
+        {"record": m.BACKUP_AGE.name, "expr": f"time() - {selector(m.BACKUP_SNAPSHOT_TIME)}"},
+        {"record": m.DRILL_AGE.name, "expr": f"time() - {selector(m.DRILL_LAST_RUN)}"},
+        {"record": m.CHECK_AGE.name, "expr": f"time() - {selector(m.CHECK_LAST_RUN)}"},
+        {"record": m.FS_FREE.name, "expr": f"{avail} / {size}"},
+    ]
+
+
+def rule_groups(fleet: Fleet) -> dict[str, Any]:
+    """The rules file: recordings first (dashboards and `spark status` read them), then the alerts."""
+    return {"groups": [
+        {"name": "primespark-records", "rules": recording_rules()},
+        {"name": "primespark-alerts", "rules": [r for a in fleet_alerts(fleet) for r in _rules_of(fleet, a)]},
+    ]}
+
+
+ALERT_NAMES: frozenset[str] = _all_names()

@@ -1,0 +1,239 @@
+"""`spark status`: the fleet at a glance, from Prometheus' HTTP API — hosts up, mesh pairs, the last backup and
+drill of every host against the RPO, tier fill, and the alerts firing. What it reads is what the alerts read
+(the same registry, the same recording rules), so the terminal and the pager cannot disagree."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from primespark.errors import UserError
+from primespark.fleet.model import Fleet, ServiceKind, Severity
+from primespark.monitoring import metrics as m
+from primespark.monitoring.promql import selector
+from primespark.monitoring.scrape import NODE_JOB, monitored_hosts
+
+
+@dataclass(frozen=True)
+class Sample:
+    labels: dict[str, str]
+    value: float
+
+
+class PrometheusApi:
+    """The few calls `spark status` needs, over HTTP (stdlib), each with a deadline."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=self.timeout) as reply:  # noqa: S310
+                body = json.load(reply)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise UserError(f"Prometheus at {self.url} refused {path}: HTTP {exc.code} {detail}",
+                            "check the query and Prometheus' log") from None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read Prometheus at {self.url}: {exc}",
+                            "check that the fleet's prometheus service runs and that this machine reaches it "
+                            "(or point --prometheus at it)") from None
+        if body.get("status") != "success":
+            raise UserError(f"Prometheus at {self.url} answered {path} with an error: {body.get('error')}",
+                            "check Prometheus' log")
+        return body["data"]
+
+    def query(self, expr: str) -> list[Sample]:
+        data = self._get("/api/v1/query", {"query": expr})
+        return [Sample(dict(r["metric"]), float(r["value"][1])) for r in data.get("result", [])]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(self._get("/api/v1/alerts").get("alerts", []))
+
+
+def prometheus_url(fleet: Fleet) -> str:
+    service = next((s for _, s in sorted(fleet.services.items()) if s.kind is ServiceKind.prometheus), None)
+    if service is None:
+        raise UserError(f"fleet {fleet.name} places no prometheus service, so there is nothing to ask",
+                        "add a service of kind prometheus to the fleet")
+    return f"http://{fleet.hosts[service.host].address}:{service.port}"
+
+
+@dataclass(frozen=True)
+class FiringAlert:
+    name: str
+    severity: str
+    host: str
+    summary: str
+
+
+@dataclass
+class FleetStatus:
+    fleet: str
+    hosts: dict[str, float | None] = field(default_factory=dict)  # host → up (1/0), None: not scraped
+    pairs: list[tuple[str, str, str, bool, float | None]] = field(default_factory=list)  # mesh, source, target, up, age
+    backups: dict[str, dict[str, float]] = field(default_factory=dict)  # host → success, age
+    drills: dict[str, dict[str, float]] = field(default_factory=dict)  # host → success, age
+    tiers: list[tuple[str, str, float]] = field(default_factory=list)  # host, tier, fill
+    alerts: list[FiringAlert] = field(default_factory=list)
+    rpo_seconds: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """2 when a critical alert fires, 1 when only warnings do, 0 otherwise."""
+        severities = {a.severity for a in self.alerts}
+        if Severity.critical.value in severities:
+            return 2
+        return 1 if Severity.warning.value in severities else 0
+
+
+def _by(samples: list[Sample], label: str) -> dict[str, float]:
+    return {s.labels.get(label, ""): s.value for s in samples}
+
+
+def gather(fleet: Fleet, api: PrometheusApi) -> FleetStatus:
+    status = FleetStatus(fleet.name)
+    up = _by(api.query(selector(m.UP, job=NODE_JOB)), "host")
+    status.hosts = {h: up.get(h) for h in monitored_hosts(fleet)}
+    ages = {s.labels.get("source", "") + "\0" + s.labels.get("target", ""): s.value
+            for s in api.query(selector(m.MESH_HANDSHAKE_AGE))}
+    for s in sorted(api.query(selector(m.MESH_PAIR_UP)), key=lambda s: (s.labels.get("source", ""),
+                                                                          s.labels.get("target", ""))):
+        source, target = s.labels.get("source", ""), s.labels.get("target", "")
+        status.pairs.append((s.labels.get("mesh", ""), source, target, s.value == 1,
+                             ages.get(source + "\0" + target)))
+    if fleet.backup is not None:
+        status.rpo_seconds = fleet.backup.targets.rpo_hours * 3600
+        success = _by(api.query(selector(m.BACKUP_SUCCESS)), "host")
+        age = _by(api.query(selector(m.BACKUP_AGE)), "host")
+        status.backups = {h: {"success": success.get(h, math.nan), "age": age.get(h, math.nan)}
+                          for h in sorted(fleet.backup.plans)}
+        passed = _by(api.query(selector(m.DRILL_SUCCESS)), "host")
+        since = _by(api.query(selector(m.DRILL_AGE)), "host")
+        status.drills = {h: {"success": passed.get(h, math.nan), "age": since.get(h, math.nan)}
+                         for h in sorted(fleet.backup.plans)}
+    for s in api.query(selector(m.STORAGE_USAGE, name=("=~", "tier-.*"))):
+        status.tiers.append((s.labels.get("host", ""), s.labels.get("name", "").removeprefix("tier-"), s.value))
+    status.tiers.sort()
+    for alert in api.alerts():
+        if alert.get("state") != "firing":
+            continue
+        labels, notes = alert.get("labels", {}), alert.get("annotations", {})
+        status.alerts.append(FiringAlert(labels.get("alertname", "?"), labels.get("severity", "none"),
+                                         labels.get("host", "-"), notes.get("summary", "")))
+    status.alerts.sort(key=lambda a: ({"critical": 0, "warning": 1}.get(a.severity, 2), a.name, a.host))
+    return status
+
+
+def human_age(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "never"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def render(status: FleetStatus, fleet: Fleet) -> list[Any]:
+    """Rich renderables, top to bottom."""
+    from rich.text import Text
+
+    out: list[Any] = [_hosts(status, fleet)]
+    if status.backups:
+        out.append(_backups(status))
+    if status.pairs:
+        out.append(_mesh(status))
+    if status.tiers:
+        out.append(_tiers(status, fleet))
+    out.append(_alerts(status) if status.alerts else Text("no alerts firing", "green"))
+    out.append(Text(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}; sync lag and agent tasks have no metrics yet",
+                    "dim"))
+    return out
+
+
+def _table(title: str, *columns: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def _hosts(status: FleetStatus, fleet: Fleet) -> Any:
+    from rich.text import Text
+
+    table = _table(f"fleet {status.fleet}: hosts", "host", "site", "kind", "node exporter")
+    for name, up in status.hosts.items():
+        host = fleet.hosts[name]
+        state = (Text("up", "green") if up == 1 else Text("DOWN", "bold red") if up == 0
+                 else Text("not scraped", "yellow"))
+        table.add_row(name, host.site, host.kind.value, state)
+    return table
+
+
+def _backups(status: FleetStatus) -> Any:
+    from rich.text import Text
+
+    rpo = status.rpo_seconds or math.inf
+    table = _table(f"backups and drills (RPO {human_age(rpo)})", "host", "last backup", "newest snapshot",
+                   "last drill", "drilled")
+    for name, backup in status.backups.items():
+        drill = status.drills.get(name, {})
+        age = backup["age"]
+        table.add_row(name, _verdict(backup["success"]),
+                      Text(human_age(age), "red" if math.isnan(age) or age > rpo else "green"),
+                      _verdict(drill.get("success", math.nan)), human_age(drill.get("age", math.nan)))
+    return table
+
+
+def _mesh(status: FleetStatus) -> Any:
+    from rich.text import Text
+
+    down = [p for p in status.pairs if not p[3]]
+    if not down:
+        return Text(f"mesh: all {len(status.pairs)} pairs reachable", "green")
+    table = _table(f"mesh: {len(status.pairs)} pairs, {len(down)} not reachable", "mesh", "from", "to",
+                   "reachable", "handshake age")
+    for name, source, target, _, age in down:
+        table.add_row(name, source, target, Text("no", "bold red"), "-" if age is None else human_age(age))
+    return table
+
+
+def _tiers(status: FleetStatus, fleet: Fleet) -> Any:
+    from rich.text import Text
+
+    table = _table("tiers", "host", "tier", "fill", "high watermark")
+    for host, tier_name, fill in status.tiers:
+        spec = next((t for n, t in fleet.tiers.items() if n.value == tier_name), None)
+        high = spec.high_watermark if spec else math.inf
+        table.add_row(host, tier_name, Text(f"{fill:.1%}", "red" if fill > high else "green"),
+                      f"{high:.0%}" if spec else "-")
+    return table
+
+
+def _alerts(status: FleetStatus) -> Any:
+    from rich.text import Text
+
+    table = _table(f"alerts firing: {len(status.alerts)}", "severity", "alert", "host", "summary")
+    for alert in status.alerts:
+        colour = {"critical": "bold red", "warning": "yellow"}.get(alert.severity, "cyan")
+        table.add_row(Text(alert.severity, colour), alert.name, alert.host, alert.summary)
+    return table
+
+
+def _verdict(value: float) -> Any:
+    from rich.text import Text
+
+    if math.isnan(value):
+        return Text("no data", "yellow")
+    return Text("ok", "green") if value == 1 else Text("FAILED", "bold red")

@@ -1,0 +1,194 @@
+"""End to end on the lab: site.yml brings up Debian's Prometheus and Alertmanager on the host the fleet places them
+on, with the generated files; the main job (backups, drills, maintenance, mesh check) publishes its metrics onto
+the hosts; Prometheus scrapes every node exporter (the edge over the mesh), every dashboard query has data, an
+alert travels Prometheus → Alertmanager → a webhook on the controller and resolves, and `spark status` tells a
+healthy lab from one with an alert firing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from primespark.inventory import managed_hosts
+from primespark.mesh.plan import load_state
+from primespark.monitoring.dashboards import dashboards, panel_queries
+from primespark.monitoring.status import prometheus_url
+from primespark.playbook import run_ansible
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+SPARK = str(REPO / ".venv" / "bin" / "spark")
+FAST = {"retries": 1, "retry_delay_seconds": 1.0}
+PLAYBOOK = """\
+- name: Monitoring servers only
+  hosts: monitoring_servers
+  become: true
+  roles:
+    - monitoring_server
+"""
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}",
+                                timeout=10) as reply:
+        body = json.load(reply)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def until(what: str, condition: Callable[[], Any], seconds: float, every: float = 2.0) -> Any:
+    """Poll `condition` until it returns something true, or fail naming `what`."""
+    deadline = time.monotonic() + seconds
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            last = condition()
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {seconds:.0f} s (last: {last!r})")
+
+
+def spark(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def monitored(lab) -> str:
+    """site.yml on the whole lab, then the main job of `make lab`; Prometheus' URL."""
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", root=REPO)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    for step in (["backup", "now"], ["drill", "run"], ["backup", "maintain"], ["mesh", "check", "--publish"]):
+        done = spark(*step, "--env", lab.fleet.name)
+        assert done.returncode == 0, f"{' '.join(step)}: {done.stdout[-3000:]}{done.stderr[-2000:]}"
+    return prometheus_url(lab.fleet)
+
+
+def test_monitoring_role_second_run_changes_nothing(lab, monitored, tmp_path):
+    playbook = tmp_path / "monitoring.yml"
+    playbook.write_text(PLAYBOOK)
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), root=REPO)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    assert run.hosts == {lab.fleet.services["prometheus"].host}
+    assert all(c["changed"] == 0 for c in run.stats.values()), "\n".join(run.changed_tasks)
+
+
+def test_prometheus_scrapes_every_node_exporter_the_edge_over_the_mesh(lab, monitored):
+    overlay = load_state(lab.state_dir, "fleet")
+    assert overlay is not None
+
+    def node_targets() -> dict[str, dict[str, Any]] | None:
+        with urllib.request.urlopen(f"{monitored}/api/v1/targets?state=active", timeout=10) as reply:
+            active = json.load(reply)["data"]["activeTargets"]
+        node = {t["labels"]["host"]: t for t in active if t["labels"]["job"] == "node"}
+        return node if node and all(t["health"] == "up" for t in node.values()) else None
+
+    targets = until("every node exporter target up", node_targets, 120)
+    assert set(targets) == set(managed_hosts(lab.fleet))
+    for host, target in targets.items():
+        address = urllib.parse.urlparse(target["scrapeUrl"]).hostname
+        if lab.fleet.behind_nat(host):
+            assert address == str(overlay.hosts[host].address), f"{host} is not scraped over the mesh"
+        else:
+            assert address == str(lab.fleet.hosts[host].address)
+    services = {r["metric"]["job"]: r["value"][1] for r in query(monitored, 'up{job!="node"}')}
+    assert services == {"prometheus": "1", "alertmanager": "1"}
+
+
+def test_every_dashboard_query_returns_data_after_the_main_job(lab, monitored):
+    queries = [(f"{uid}/{title}", expr) for uid, board in dashboards(lab.fleet).items()
+               for title, expr in panel_queries(board)]
+    assert len(queries) > 20
+    # the usage guard runs from cron every 5 minutes: its tier figures may take that long to appear
+    deadline = time.monotonic() + 420
+    while True:
+        empty = [f"{panel}: {expr}" for panel, expr in queries if not query(monitored, expr)]
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(10)
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+@contextlib.contextmanager
+def webhook(url: str) -> Iterator[list[dict[str, Any]]]:
+    """Alertmanager's deliveries to the lab fleet's webhook receiver, on this machine's lab-network address."""
+    where = urllib.parse.urlparse(url)
+    received: list[dict[str, Any]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((where.hostname or "", where.port or 80), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def delivered(received: list[dict[str, Any]], status: str, alert: str, host: str) -> bool:
+    return any(a["status"] == status and a["labels"].get("alertname") == alert and a["labels"].get("host") == host
+               for payload in received for a in payload.get("alerts", []))
+
+
+def run_backup(lab) -> Any:
+    """One backup of pi-1 (no offsite copy), in this process, reported to the lab's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.backup import backup
+    from primespark.orchestration.runs import in_process_runs
+
+    with temporary_settings(updates={PREFECT_API_URL: lab.prefect_api_url}), in_process_runs():
+        return backup("pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)
+
+
+def test_spark_status_lists_every_host_and_exits_zero_when_healthy(lab, monitored):
+    done = until("spark status exits 0", lambda: (d := spark("status", "--env", "lab", timeout=120))
+                 and d.returncode == 0 and d, 180, every=5)
+    for host in managed_hosts(lab.fleet):
+        assert host in done.stdout
+    assert "no alerts firing" in done.stdout
+
+
+def test_a_backup_cut_off_from_the_nas_alerts_through_alertmanager_and_resolves(lab, monitored):
+    nas = lab.fleet.hosts["nas-1"]
+    receiver = lab.fleet.monitoring.receivers["controller"].url
+    assert receiver is not None
+    pi_address = str(lab.fleet.hosts["pi-1"].address)
+    cut = f"iptables -I INPUT -p tcp --dport {nas.ssh.port} -s {pi_address} -j REJECT --reject-with tcp-reset"
+    with webhook(receiver) as received:
+        assert lab.exec("nas-1", cut).returncode == 0
+        try:
+            assert run_backup(lab).is_failed()
+            until("BackupFailed for pi-1 delivered to the webhook",
+                  lambda: delivered(received, "firing", "BackupFailed", "pi-1"), 120)
+            status = spark("status", "--env", "lab", timeout=120)
+            assert status.returncode == 2, status.stdout + status.stderr
+            assert "BackupFailed" in status.stdout and "pi-1" in status.stdout
+        finally:
+            lab.exec("nas-1", cut.replace("-I INPUT", "-D INPUT"))
+        assert run_backup(lab).is_completed()
+        until("BackupFailed for pi-1 resolved at the webhook",
+              lambda: delivered(received, "resolved", "BackupFailed", "pi-1"), 180)
+    assert until("spark status back to 0", lambda: spark("status", "--env", "lab", timeout=120).returncode == 0, 120)
