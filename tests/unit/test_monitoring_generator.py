@@ -142,15 +142,24 @@ SLACK_FLEET = (REPO / "inventory" / "lab.yaml").read_text().replace(
 
 
 def test_receiver_secrets_are_read_from_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver's reference is read from the fleet's store (here the local one: the lab's OpenBao runs only
+    under `lab up`)."""
+    import yaml
+
+    from primespark.context import FleetContext
+    from primespark.secrets import SecretError
+
+    data = yaml.safe_load(SLACK_FLEET)
+    data["secrets"] = {"backend": "local"}
+    for name, repository in data["backup"]["repositories"].items():
+        repository["password"] = f"local:restic/{name}"
     fleet_file = tmp_path / "chatty.yaml"
-    fleet_file.write_text(SLACK_FLEET)
+    fleet_file.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
-    from primespark.secrets import SecretError, secret_store
-    from primespark.settings import settings_for
 
     with pytest.raises(SecretError, match="monitoring/slack-hook"):
         receiver_secrets(str(fleet_file))
-    secret_store("lab", settings_for("lab")).put("monitoring/slack-hook", "https://hooks.example.org/T/B/x")
+    FleetContext.load(str(fleet_file)).secrets.put("monitoring/slack-hook", "https://hooks.example.org/T/B/x")
     assert receiver_secrets(str(fleet_file)) == {"chat.api_url": "https://hooks.example.org/T/B/x"}
     slack = next(r for r in alertmanager_config(load_text(SLACK_FLEET))["receivers"] if r["name"] == "chat")
     assert slack["slack_configs"][0]["api_url_file"] == f"{SECRETS_DIR}/chat.api_url"
