@@ -75,6 +75,9 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         ],
         "spark_backup_accounts": [a for a in backup_accounts(fleet) if a["nas"] == name],
         "spark_backup_target": next((a for a in backup_accounts(fleet) if a["client"] == name), None),
+        # the Prefect server's port, opened to the management networks (LAN and overlay) by the hardening role
+        "spark_prefect_server_port": (fleet.orchestration.server.port if fleet.orchestration is not None
+                                      and fleet.orchestration.server.host == name else None),
     }
 
 
@@ -121,6 +124,15 @@ def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
     return accounts
 
 
+def orchestration_groups(fleet: Fleet, name: str) -> list[str]:
+    """`prefect_server` and `prefect_workers`: where site.yml installs the server and the workers."""
+    spec = fleet.orchestration
+    if spec is None:
+        return []
+    return ([*(["prefect_server"] if spec.server.host == name else []),
+             *(["prefect_workers"] if any(w.host == name for w in spec.workers.values()) else [])])
+
+
 def ssh_files(env: str, settings: Settings | None = None) -> SshFiles:
     return SshFiles.of((settings or get_settings()).state_path(env))
 
@@ -147,6 +159,8 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
             groups.setdefault(group_name(service), set()).add(name)
         if fleet.backup and any(repo.host == name for repo in fleet.backup.repositories.values()):
             groups.setdefault("backup_repositories", set()).add(name)
+        for group in orchestration_groups(fleet, name):
+            groups.setdefault(group, set()).add(name)
     inventory: dict[str, Any] = {
         "_meta": {"hostvars": hostvars},
         "all": {"children": [*sorted(groups), "ungrouped"]},

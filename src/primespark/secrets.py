@@ -351,10 +351,11 @@ class Reference:
         return f"vault:{self.mount}/{self.path}#{self.field}" if self.kind == "vault" else f"local:{self.path}"
 
 
-def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore:
-    if isinstance(store, VaultSecretStore):
-        return store
-    where = getattr(store, "root", "")
+def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore | ReadOnlyStore:
+    inner = store.store if isinstance(store, ReadOnlyStore) else store
+    if isinstance(inner, VaultSecretStore):
+        return store if isinstance(store, ReadOnlyStore) else inner  # a read-only store refuses write_field
+    where = getattr(inner, "root", "")
     raise SecretError(f"{reference} is in Vault, but this environment's secret store is local ({where})",
                       "set SPARK_SECRET_BACKEND=vault, VAULT_ADDR and VAULT_TOKEN (e.g. in .env.<env>), "
                       "or use a local: reference")
@@ -436,12 +437,50 @@ def migrate(source: SecretStore, target: SecretStore, dry_run: bool = False,
     return done
 
 
+class ReadOnlyStore:
+    """A store that reads only (a worker's copy of its site's secrets): a missing secret is an error to report,
+    never one to create, so a worker cannot make a repository password that the fleet does not know."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:  # read_field and friends of a Vault store
+        if name in ("write_field", "delete_field"):
+            return self._refuse
+        return getattr(self.store, name)
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise SecretError("this secret store is read-only (a worker's copy of its site's secrets)",
+                          "create the secret on the controller (site.yml's prefect_worker play installs it here)")
+
+    def get(self, key: str) -> str:
+        return self.store.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.store.list(prefix)
+
+    def put(self, key: str, value: str) -> None:
+        self._refuse()
+
+    def create(self, key: str, value: str) -> None:
+        self._refuse()
+
+    def delete(self, key: str) -> None:
+        self._refuse()
+
+
 def secret_store(env: str | None = None, settings: Settings | None = None) -> SecretStore:
     settings = settings or get_settings()
+    store: SecretStore
     if settings.secret_backend == "vault":
         if not settings.vault_addr:
             raise SecretError("secret_backend is vault but VAULT_ADDR is not set",
                               "export VAULT_ADDR and VAULT_TOKEN (or set them in .env.<env>)")
         prefix = f"{settings.vault_prefix}/{env or settings.env}"
-        return VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
-    return LocalSecretStore(settings.state_dir(env) / "secrets")
+        store = VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
+    else:
+        store = LocalSecretStore(settings.state_dir(env) / "secrets")
+    return ReadOnlyStore(store) if settings.secret_read_only else store

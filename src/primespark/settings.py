@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     vault_mount: str = "secret"
     vault_prefix: str = "primespark"
     prefect_api_url: str | None = Field(default=None, alias="PREFECT_API_URL")
+    # Set on a site's Prefect worker (the prefect_worker role): its store is a read-only copy of its site's
+    # secrets, and a repository of another site is opened with the password file on the host restic runs on.
+    worker_site: str | None = None
+    secret_read_only: bool = False
 
     @property
     def inventory_dir(self) -> Path:

@@ -18,7 +18,8 @@ from primespark.fleet import load_fleet
 from primespark.inventory import build_inventory
 
 REPO = Path(__file__).resolve().parents[2]
-ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1"}
+ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1",
+             "spark_venv": "nas-1", "prefect_server": "ops-1", "prefect_worker": "nas-1"}
 
 
 @pytest.fixture(scope="module")

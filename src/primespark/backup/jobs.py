@@ -21,6 +21,7 @@ from primespark.backup.repositories import (
     folders_on,
     plan_of,
     restic_for,
+    restic_on_store,
 )
 from primespark.backup.session import BackupRun, backup_with_manifest
 from primespark.context import FleetContext
@@ -210,15 +211,16 @@ def forget_and_prune(ctx: FleetContext, restic: ResticClient) -> tuple[int, int]
 
 
 def maintain_client(ctx: FleetContext, repository: str, client: str, *, check: bool = True,
-                    read_data_subset: str | None = None) -> ClientMaintenance:
-    """forget + prune + check of one client's repository inside a fleet repository."""
+                    read_data_subset: str | None = None, on_store: bool = False) -> ClientMaintenance:
+    """forget + prune + check of one client's repository inside a fleet repository, from the client host or
+    (`on_store`) on the repository's own host."""
     done = ClientMaintenance(client)
     try:
-        restic = restic_for(ctx, repository, client)
+        restic = restic_on_store(ctx, repository, client) if on_store else restic_for(ctx, repository, client)
         if not restic.exists():
             done.error = f"no repository for {client} yet (no backup has run)"
             return done
-        clear_stale_locks(ctx, repository, client)
+        clear_stale_locks(ctx, repository, client, on_store=on_store)
         done.forgotten, done.orphan_manifests = forget_and_prune(ctx, restic)
         if check:
             try:
