@@ -33,19 +33,30 @@ def planned_hosts(ctx: FleetContext, host: str | None) -> list[str]:
     return [host] if host else plans
 
 
+OnWorkerOption = Annotated[bool, typer.Option(
+    "--on-worker", help="Submit to the work pool of the host's site and wait for its worker's run, instead of "
+    "running here.")]
+
+
 @app.command("now")
 def now(
     host: Annotated[str | None, typer.Argument(help="A host with a backup plan; every such host if omitted.")] = None,
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
+    on_worker: OnWorkerOption = False,
 ) -> None:
     """Back up HOST (or every host with a plan) now: the plan's paths into its repository, then the offsite copy."""
     ctx = FleetContext.load(env, transport_of(transport))
     hosts = planned_hosts(ctx, host)
-    from flows.backup import backup  # Prefect loads only when a backup runs
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    if on_worker:
+        from primespark.cli.flows import on_workers
 
-    use_lab_prefect(ctx.fleet)
+        on_workers(ctx, "backup", hosts)
+        return
+    from flows.backup import backup  # Prefect loads only when a backup runs
+    from primespark.orchestration.runs import record_runs, run_here
+
+    console.print(f"running here (this machine), recorded on {record_runs(ctx)}")
     for name in hosts:
         result = run_here(backup, name, env, transport)
         table = Table(title=f"backup of {name}", show_header=False)

@@ -439,6 +439,8 @@ class DeploymentPlacement(Strict):
     pool: Name | None = Field(default=None, description="The work pool (`spark-<site>`) instead of the one of "
                               "the site whose hosts the deployment touches.")
     paused: bool = Field(default=False, description="Created with its schedule paused.")
+    crash_retries: int | None = Field(
+        default=None, ge=0, le=10, description="Instead of orchestration.crash_retries for this deployment.")
 
 
 class Orchestration(Strict):

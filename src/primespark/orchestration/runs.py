@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet import Fleet
 
@@ -34,6 +35,21 @@ def use_lab_prefect(fleet: Fleet) -> None:
                 os.environ["PREFECT_API_URL"] = url
     except OSError:
         pass
+
+
+def record_runs(ctx: FleetContext) -> str:
+    """Point this process's runs at the fleet's Prefect server (the lab's loopback one for a fleet without an
+    orchestration section); where they are recorded, to tell the operator. A server that does not answer is not
+    fatal for a run here: Prefect then records it in a temporary local API."""
+    if ctx.fleet.orchestration is None:
+        use_lab_prefect(ctx.fleet)
+        return os.environ.get("PREFECT_API_URL", "a temporary local Prefect API")
+    from primespark.orchestration.api import use_fleet_prefect
+
+    try:
+        return use_fleet_prefect(ctx)
+    except UserError as exc:
+        return f"a temporary local Prefect API ({exc.message})"
 
 
 def run_here(flow: Any, *args: Any, **kwargs: Any) -> Any:
