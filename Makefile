@@ -50,8 +50,10 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 # Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
 # the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
 LAB_LOCK := $(SPARK) lab locked --
-# The main job's operations: back up every host with a plan (and copy offsite), then drill every one.
-LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV)
+# The main job's operations, on the sites' workers (site.yml installed them): create the deployments on the work
+# pools, back up every host with a plan (and copy offsite), then drill every one.
+LAB_FLOWS := $(SPARK) flows deploy --env $(ENV) && $(SPARK) backup now --env $(ENV) --on-worker \
+	&& $(SPARK) drill run --env $(ENV) --on-worker
 
 lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
 	$(SPARK) validate --env $(ENV)
@@ -62,7 +64,8 @@ lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say w
 	eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) sh -c '$(LAB_FLOWS)' 
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
-	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \
+	echo "  Prefect UI          $${PREFECT_API_URL%/api}   (its password: PREFECT_API_AUTH_STRING in \`$(SPARK) lab env\`)"; \
+	echo "  pools and workers   $(SPARK) flows status --env $(ENV)"; \
 	echo "  hosts               $(SPARK) lab status"; \
 	echo "  a shell on a host   $(SPARK) lab ssh HOST   (hosts: $(SPARK) lab status)"; \
 	echo "  Ansible             $(BIN)/ansible all -i inventory/$(ENV).fleet.yml -m ping"; \

@@ -5,7 +5,8 @@ for a fleet without an orchestration section (a laptop-only setup).
 Which deployments exist and where each runs is `primespark.orchestration.placement`'s answer: `backup-<host>`
 per plan (the plan's cron), `dr-drill-<host>` per plan (the drill schedule), `maintenance-<repository>` per
 repository (the check schedule), all in the fleet's time zone. On a pool, each names its flow by module path
-(`flows.backup.backup`): the workers have this project installed, nothing is pulled at run time.
+(`flows.backup.backup`): the workers have this project installed, nothing is pulled at run time. `probe-<site>`
+(unscheduled) says where a site's flows run and which of its hosts they reach.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from prefect.schedules import Cron
 from flows.backup import backup
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
+from flows.probe import probe
 from primespark.fleet import Fleet
 from primespark.orchestration.placement import Planned, planned_deployments
 
-FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance}
+FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance,
+                                    "probe": probe}
 OWNER_TAG = "primespark"
 
 
@@ -66,8 +69,9 @@ def build_deployments(fleet: Fleet, env: str, transport: str = "ssh", on_pools: 
         tags = [*planned.tags, OWNER_TAG, fleet_tag(env)]
         if on_pools:
             tags.append(crash_retries_tag(crash_retries(fleet, planned)))
+        schedules = [Cron(planned.schedule, timezone=fleet.timezone)] if planned.schedule else []
         spec: dict[str, Any] = {
-            "name": planned.name, "schedules": [Cron(planned.schedule, timezone=fleet.timezone)],
+            "name": planned.name, "schedules": schedules,
             "parameters": planned.parameters, "tags": tags, "concurrency_limit": 1,
             "description": planned.description, "paused": planned.paused(fleet)}
         if on_pools:

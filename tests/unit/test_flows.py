@@ -269,7 +269,8 @@ def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
     fleet = load_fleet("lab")
     deployments = {d.name: d for d in build_deployments(fleet, "lab", on_pools=False)}  # served, as on a laptop
     assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
-                                "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite"}
+                                "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite", "probe-edge",
+                                "probe-cloud"}
     assert deployments["backup-pi-1"].schedules[0].schedule.cron == fleet.backup.plans["pi-1"].schedule  # type: ignore[union-attr]
     assert deployments["dr-drill-nas-1"].schedules[0].schedule.cron == fleet.backup.drill.schedule  # type: ignore[union-attr]
     deployment_id = deployments["backup-pi-1"].apply()

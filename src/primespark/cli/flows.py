@@ -85,6 +85,13 @@ def status(env: EnvOption = "lab") -> None:
 
 
 @app.command()
+def probe(site: Annotated[str, typer.Argument(help="A site with a worker, e.g. edge.")],
+          env: EnvOption = "lab") -> None:
+    """Run `probe-SITE` on the site's worker: where its flows run and which of its hosts they reach over SSH."""
+    on_workers(FleetContext.load(env), "probe", [site])
+
+
+@app.command()
 def serve(env: EnvOption = "lab") -> None:
     """Serve the fleet's deployments from this machine (a fleet without workers: a laptop-only setup)."""
     from prefect import serve as prefect_serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from typing import Annotated
 
@@ -41,7 +42,8 @@ def up(env: EnvOption = "lab") -> None:
     built = " (image built)" if result.image_built else ""
     console.print(f"[green]lab {lab.fleet.name} {verdict}[/green] in {result.seconds:.1f} s{built}: "
                   f"{sum(1 for s in lab.plan().containers if s.host)} hosts, image {result.image}")
-    console.print(f"  Prefect UI {result.prefect_url}   state {lab.state_dir}")
+    where = " (site.yml installs it on its host)" if lab.orchestrated else ""
+    console.print(f"  Prefect UI {result.prefect_url}{where}   state {lab.state_dir}")
     console.print("  next: `spark lab status`, `spark lab ssh <host>`, "
                   "`ansible all -i inventory/lab.fleet.yml -m ping`")
 
@@ -93,9 +95,16 @@ def ssh(host: Annotated[str, typer.Argument(help="A host of the lab fleet, e.g. 
 
 @app.command("env")
 def env_(env: EnvOption = "lab") -> None:
-    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL and the state directory."""
+    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL (and the API's auth string, for the
+    `prefect` CLI by hand) and the state directory."""
     lab = _lab(env)
-    typer.echo(f"export PREFECT_API_URL={lab.prefect.api_url}")
+    typer.echo(f"export PREFECT_API_URL={lab.prefect_url}/api")
+    if lab.orchestrated:
+        from primespark.context import FleetContext
+        from primespark.orchestration.material import auth_string
+
+        # The operator's own secret into the operator's own shell; it is what the UI asks for, too.
+        typer.echo(f"export PREFECT_API_AUTH_STRING={shlex.quote(auth_string(FleetContext.load(env)))}")
     typer.echo(f"export SPARK_LAB_STATE={lab.state_dir}")
 
 

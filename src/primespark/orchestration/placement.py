@@ -24,7 +24,7 @@ from primespark.fleet.model import Fleet
 from primespark.orchestration.naming import deployment, work_pool
 
 # The pool's queues, most urgent first: a backup never waits behind a drill on a busy worker.
-QUEUES = {"backup": 1, "maintenance": 2, "dr-drill": 3}
+QUEUES = {"backup": 1, "maintenance": 2, "dr-drill": 3, "probe": 4}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Planned:
     name: str
     flow: str  # backup, dr-drill, maintenance (the flow's name; its queue)
     parameters: dict[str, Any]
-    schedule: str
+    schedule: str | None  # None: run on demand only
     hosts: tuple[str, ...]  # where its commands run
     repositories: tuple[str, ...]  # opened with passwords from the worker's store
     origin: Path  # the fleet entry it comes from, for located errors
@@ -69,13 +69,27 @@ def _clients(fleet: Fleet, repository: str) -> list[str]:
     return [h for h, p in fleet.backup.plans.items() if p.repository == primary]
 
 
+def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """`probe-<site>` for each site with a worker: run on demand, it says where the site's flows run and which
+    of its hosts they reach."""
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
+    out = []
+    for site in workers:
+        hosts = tuple(site_hosts(fleet, site))
+        if hosts:
+            out.append(Planned(deployment("probe", site), "probe", {"site": site, "env": env, "transport": transport},
+                               None, hosts, (), ("orchestration", "workers", site),
+                               f"where site {site}'s flows run, and which of its hosts they reach", ("probe",)))
+    return out
+
+
 def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """Every deployment of the fleet, in a stable order. Entries naming hosts or repositories the fleet lacks
     are left out (the fleet's own checks report those)."""
     spec = fleet.backup
+    out: list[Planned] = probes(fleet, env, transport)
     if spec is None:
-        return []
-    out: list[Planned] = []
+        return out
     scratch = spec.drill.scratch_host
     for host, plan in spec.plans.items():
         if host not in fleet.hosts or plan.repository not in spec.repositories:
