@@ -61,8 +61,8 @@ class LabHandle:
 
     @property
     def prefect_api_url(self) -> str:
-        """The lab's Prefect server (running while the lab is up)."""
-        return self.lab.prefect.api_url
+        """The lab's Prefect server, on the host the fleet names (the `prefect` fixture installs it)."""
+        return f"{self.lab.prefect_url}/api"
 
     def docker_state(self) -> tuple[set[str], set[str]]:
         return docker_snapshot()
@@ -132,3 +132,36 @@ def lab() -> Iterator[LabHandle]:
                 after = docker_snapshot()
                 assert after == baseline, (f"lab down left Docker changed: containers {after[0] ^ baseline[0]}, "
                                            f"networks {after[1] ^ baseline[1]}")
+
+
+@dataclass
+class PrefectApi:
+    url: str
+    auth: str
+
+
+@pytest.fixture(scope="session")
+def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
+    """The lab's Prefect server on its fleet host (ops-1), as site.yml's server play installs it: the mesh plan
+    first (the server listens on its mesh address too), then spark_venv + prefect_server there. Prefect in this
+    process points at it, with the API auth string, for the whole session."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from primespark.context import FleetContext
+    from primespark.orchestration.material import auth_string
+    from primespark.playbook import run_ansible
+
+    spark = str(REPO / ".venv" / "bin" / "spark")
+    planned = subprocess.run([spark, "mesh", "plan", "--env", lab.fleet.name], capture_output=True, text=True,
+                             timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    assert lab.fleet.orchestration is not None
+    server = lab.fleet.orchestration.server.host
+    book = lab.state_dir / "prefect-server-play.yml"
+    book.write_text(json.dumps([{"name": "Prefect server", "hosts": server, "become": True,
+                                 "roles": ["spark_venv", "prefect_server"]}]))
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(book), root=REPO, limit=server)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    api = PrefectApi(lab.prefect_api_url, auth_string(FleetContext.load(lab.fleet.name)))
+    with temporary_settings(updates={PREFECT_API_URL: api.url, PREFECT_API_AUTH_STRING: api.auth}):
+        yield api

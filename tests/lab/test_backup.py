@@ -1,5 +1,5 @@
 """End to end in the lab: restic on the hosts over SSH, repositories in SFTP accounts on the NAS and (offsite)
-on ops-1, flows reported to the lab's Prefect server.
+on ops-1, flows run in this process and reported to the lab's Prefect server on ops-1.
 
 Set-up: the `restic` role on the backup clients and the drill's scratch host, the `nas` role on nas-1 (its
 accounts and authorised keys from the restic play, as site.yml does). The `nas` role makes accounts only on
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from primespark.playbook import run_ansible
 
@@ -47,7 +47,7 @@ def sha_tree(lab, host: str, root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def backups(lab, tmp_path_factory):
+def backups(lab, prefect, tmp_path_factory):
     fleet = lab.fleet
     spec = fleet.backup
     assert spec is not None
@@ -77,8 +77,8 @@ def backups(lab, tmp_path_factory):
         root = spec.plans[host].paths[0]
         done = lab.exec(host, SOURCE_DATA.format(root=root, host=host))
         assert done.returncode == 0, done.stderr
-    # flows report to the lab's Prefect server (a test harness earlier in the session may have set another)
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{fleet.lab.prefect_port}/api"}):
+    # flows run here (this process) and report to the lab's Prefect server on ops-1 (the `prefect` fixture)
+    with temporary_settings(updates={PREFECT_API_URL: prefect.url, PREFECT_API_AUTH_STRING: prefect.auth}):
         # The lab's Prefect database outlives `lab down`: a writer slot held by a run killed in an earlier
         # session would block every backup here. This session owns the lab (its lock), so start from zero.
         from prefect.client.orchestration import get_client
