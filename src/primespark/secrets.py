@@ -480,7 +480,13 @@ def secret_store(env: str | None = None, settings: Settings | None = None) -> Se
             raise SecretError("secret_backend is vault but VAULT_ADDR is not set",
                               "export VAULT_ADDR and VAULT_TOKEN (or set them in .env.<env>)")
         prefix = f"{settings.vault_prefix}/{env or settings.env}"
-        store = VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix)
+        token = None
+        if settings.vault_role_id and settings.vault_secret_id_file:
+            from primespark.orchestration.vault import approle_token
+
+            secret_id = settings.vault_secret_id_file.read_text(encoding="utf-8").strip()
+            token = approle_token(settings.vault_addr, settings.vault_role_id, secret_id)
+        store = VaultSecretStore(settings.vault_addr, settings.vault_mount, prefix, token=token)
     else:
         store = LocalSecretStore(settings.state_dir(env) / "secrets")
     return ReadOnlyStore(store) if settings.secret_read_only else store

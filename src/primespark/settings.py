@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # secrets, and a repository of another site is opened with the password file on the host restic runs on.
     worker_site: str | None = None
     secret_read_only: bool = False
+    # A worker with the vault backend logs in with its AppRole (primespark.orchestration.vault).
+    vault_role_id: str | None = None
+    vault_secret_id_file: Path | None = None
 
     @property
     def inventory_dir(self) -> Path:

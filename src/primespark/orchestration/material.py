@@ -166,7 +166,13 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         from primespark.backup.repositories import password
 
         passwords[reference] = password(ctx, name, create=True)
+    vault = None
+    if ctx.settings.secret_backend == "vault":  # the worker logs in with an AppRole of its own; no secret files
+        from primespark.orchestration.vault import ensure_worker_access
+
+        vault = ensure_worker_access(ctx, site)
     return {
+        "vault": vault,
         "site": site,
         "pool": work_pool(site),
         "name": f"{host}",
@@ -178,9 +184,8 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         "ssh_private_key": key.private_pem,
         "ssh_public_key": key.public_line,
         "known_hosts": known_hosts(SshFiles.of(ctx.state_dir), ctx.fleet, site_hosts(ctx.fleet, site)),
-        "secrets": [{"reference": ref, "key": ref.removeprefix("local:"), "value": value}
-                    for ref, value in sorted(passwords.items()) if ref.startswith("local:")],
-        "vault_references": sorted(ref for ref in passwords if ref.startswith("vault:")),
+        "secrets": [] if vault else [{"reference": ref, "key": ref.removeprefix("local:"), "value": value}
+                                     for ref, value in sorted(passwords.items())],
         "repositories": repositories,
         "home": WORKER_HOME,
         "env": ctx.env,
