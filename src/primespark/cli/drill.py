@@ -33,8 +33,8 @@ def run(
     if on_worker:
         from primespark.cli.flows import on_workers
 
+        # the reports are the runs' artifacts (drill-report-<host>) on the server: the history is the worker's
         on_workers(ctx, "dr-drill", hosts, {"repository": repository} if repository else {})
-        report(env=env, last=len(hosts))
         return
     from flows.dr_drill import dr_drill  # Prefect loads only when a drill runs
     from primespark.orchestration.runs import in_process_runs, record_runs
