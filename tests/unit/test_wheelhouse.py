@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from primespark.errors import UserError
-from primespark.orchestration.wheelhouse import CONTROLLER_ONLY, Target, requirements, source_digest
+from primespark.orchestration.wheelhouse import CONTROLLER_ONLY, Target, missing, requirements, source_digest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,16 +58,16 @@ def test_an_unpinned_dependency_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_target_names_every_manylinux_tag_its_glibc_runs() -> None:
-    pi = Target("aarch64", "3.11", "2.36")
+    pi = Target("aarch64", "3.11.2", "2.36")
     tags = pi.platforms()
     assert tags[0] == "manylinux_2_36_aarch64" and "manylinux_2_17_aarch64" in tags
     assert "manylinux2014_aarch64" in tags and not any("x86_64" in t for t in tags)
-    assert pi.key == "cp311-aarch64-glibc2.36"
+    assert pi.key == "py3.11.2-aarch64-glibc2.36" and pi.abi == "cp311"
 
 
 @pytest.mark.parametrize(("arch", "python", "glibc", "says"), [
-    ("sparc", "3.11", "2.36", "architecture"), ("x86_64", "3", "2.36", "Python version"),
-    ("x86_64", "3.11", "2.5", "glibc")])
+    ("sparc", "3.11.2", "2.36", "architecture"), ("x86_64", "3.11", "2.36", "Python version"),
+    ("x86_64", "3.11.2", "2.5", "glibc")])
 def test_a_target_the_wheels_cannot_serve_is_refused(arch: str, python: str, glibc: str, says: str) -> None:
     with pytest.raises(UserError, match=says):
         Target(arch, python, glibc)
@@ -83,3 +83,27 @@ def test_the_project_wheel_is_rebuilt_when_a_source_file_changes(tmp_path: Path)
     assert source_digest(tmp_path) == before  # byte code is not source
     (tmp_path / "src" / "a.py").write_text("x = 2\n")
     assert source_digest(tmp_path) != before
+
+
+def wheel(folder: Path, name: str, version: str, *requires: str) -> None:
+    import zipfile
+
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as archive:
+        archive.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
+
+
+def test_what_the_hosts_own_interpreter_asks_for_is_found_missing(tmp_path: Path) -> None:
+    """pip download judges python_full_version and platform_machine by the controller's interpreter: the
+    wheelhouse is checked again with the host's own markers (Debian 12's Python 3.11.2 needs async-timeout for
+    redis; an aarch64 host needs what only aarch64 asks for), extras followed."""
+    wheel(tmp_path, "redis", "8.1.0", "async-timeout>=4.0.3; python_full_version < '3.11.3'",
+          "hiredis>=3.2.0; extra == 'hiredis'")
+    wheel(tmp_path, "app", "1.0", "redis[hiredis]==8.1.0", "greenlet; platform_machine == 'aarch64'")
+    debian = missing(Target("x86_64", "3.11.2", "2.36"), tmp_path, ["app==1.0"])
+    assert debian == ["async-timeout>=4.0.3", "hiredis>=3.2.0"]
+    assert missing(Target("aarch64", "3.11.7", "2.36"), tmp_path, ["app==1.0"]) == ["greenlet", "hiredis>=3.2.0"]
+    wheel(tmp_path, "async-timeout", "5.0.1")
+    wheel(tmp_path, "hiredis", "3.2.0")
+    assert missing(Target("x86_64", "3.11.2", "2.36"), tmp_path, ["app==1.0"]) == []

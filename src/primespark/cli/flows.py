@@ -16,7 +16,7 @@ app = typer.Typer(help="Flows on the fleet's Prefect server: work pools per site
 @app.command()
 def wheelhouse(
     arch: Annotated[str, typer.Option(help="The host's CPU architecture (uname -m).")],
-    python: Annotated[str, typer.Option(help="The host's Python, MAJOR.MINOR.")],
+    python: Annotated[str, typer.Option(help="The host's Python, MAJOR.MINOR.MICRO.")],
     glibc: Annotated[str, typer.Option(help="The host's glibc (getconf GNU_LIBC_VERSION).")],
 ) -> None:
     """Build (or reuse) the wheelhouse a host installs the project from; print where it is (JSON, for the roles)."""

@@ -22,6 +22,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from primespark.errors import UserError
 
@@ -40,7 +41,8 @@ def _canonical(name: str) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """What a host runs: `x86_64`, Python `3.11`, glibc `2.36` (Debian 12)."""
+    """What a host runs: `x86_64`, Python `3.11.2`, glibc `2.36` (Debian 12). The full Python version matters:
+    a dependency may be needed below a patch release only (redis wants async-timeout below 3.11.3)."""
 
     arch: str
     python: str
@@ -49,15 +51,30 @@ class Target:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise UserError(f"no wheels for CPU architecture {self.arch!r}", f"use one of: {', '.join(ARCHES)}")
-        if not re.fullmatch(r"3\.\d{1,2}", self.python):
-            raise UserError(f"{self.python!r} is not a Python version such as 3.11", "give MAJOR.MINOR")
+        if not re.fullmatch(r"3\.\d{1,2}\.\d{1,3}", self.python):
+            raise UserError(f"{self.python!r} is not a Python version such as 3.11.2", "give MAJOR.MINOR.MICRO")
         if not re.fullmatch(r"2\.\d{1,2}", self.glibc) or int(self.glibc.split(".")[1]) < OLDEST_GLIBC:
             raise UserError(f"glibc {self.glibc!r} is not one manylinux wheels run on (2.17 or newer)",
                             "give the host's `getconf GNU_LIBC_VERSION` number, e.g. 2.36")
 
     @property
+    def minor(self) -> str:
+        return ".".join(self.python.split(".")[:2])
+
+    @property
+    def abi(self) -> str:
+        return f"cp{self.minor.replace('.', '')}"
+
+    @property
     def key(self) -> str:
-        return f"cp{self.python.replace('.', '')}-{self.arch}-glibc{self.glibc}"
+        return f"py{self.python}-{self.arch}-glibc{self.glibc}"
+
+    def markers(self) -> dict[str, str]:
+        """The environment markers of the host's interpreter (pip evaluates some against the controller's)."""
+        return {"python_version": self.minor, "python_full_version": self.python, "implementation_version": self.python,
+                "platform_machine": self.arch, "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                "implementation_name": "cpython", "platform_python_implementation": "CPython", "platform_release": "",
+                "platform_version": ""}
 
     def platforms(self) -> list[str]:
         """Every manylinux tag a wheel for this host may carry, newest first."""
@@ -120,16 +137,72 @@ def _pip(*args: str) -> None:
                         "package index (or PIP_FIND_LINKS) to build a wheelhouse")
 
 
+def _pip_download(target: Target, folder: Path, *requirement_args: str) -> None:
+    platforms = [arg for tag in target.platforms() for arg in ("--platform", tag)]
+    _pip("download", "--quiet", "--only-binary=:all:", *platforms, "--python-version", target.python,
+         "--implementation", "cp", "--abi", target.abi, "--dest", str(folder / "wheels"),
+         "-c", str(folder / "constraints.txt"), *requirement_args)
+
+
+def missing(target: Target, wheels: Path, top: list[str]) -> list[str]:
+    """Requirements the host's interpreter will ask for that no wheel in `wheels` meets: pip download judges some
+    markers by the controller's interpreter (python_full_version, platform_machine), the host by its own."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    found = {canonicalize_name(parse_wheel_filename(w.name)[0]): w for w in wheels.glob("*.whl")}
+    env = target.markers()
+    extras: dict[str, set[str]] = {}
+    queue = [Requirement(r) for r in top]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    lacking: list[str] = []
+    while queue:
+        req = queue.pop()
+        name = canonicalize_name(req.name)
+        if name not in found:
+            lacking.append(str(req).split(";")[0])
+            continue
+        extras.setdefault(name, set()).update(req.extras)
+        key = (name, frozenset(extras[name]))
+        if key in seen:
+            continue
+        seen.add(key)
+        for dependency in _requires(found[name]):
+            wanted = dependency.marker is None or any(
+                dependency.marker.evaluate({**env, "extra": extra}) for extra in extras[name] | {""})
+            if wanted:
+                queue.append(dependency)
+    return sorted(set(lacking))
+
+
+def _requires(wheel: Path) -> list[Any]:
+    import zipfile
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        headers = Parser().parsestr(archive.read(meta).decode())
+    return [Requirement(line) for line in headers.get_all("Requires-Dist") or []]
+
+
 def _download(target: Target, pyproject: Path, into: Path) -> None:
     scratch = into.with_name(into.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    (scratch / "requirements.txt").write_text("\n".join(requirements(pyproject)) + "\n")
+    top = requirements(pyproject)
+    (scratch / "requirements.txt").write_text("\n".join(top) + "\n")
     (scratch / "constraints.txt").write_text("\n".join(constraints()) + "\n")
-    platforms = [arg for tag in target.platforms() for arg in ("--platform", tag)]
-    _pip("download", "--quiet", "--only-binary=:all:", *platforms, "--python-version", target.python,
-         "--implementation", "cp", "--abi", f"cp{target.python.replace('.', '')}", "--dest", str(scratch / "wheels"),
-         "-r", str(scratch / "requirements.txt"), "-c", str(scratch / "constraints.txt"))
+    _pip_download(target, scratch, "-r", str(scratch / "requirements.txt"))
+    for _ in range(5):  # what the host's own markers add, and what that needs in turn
+        lacking = missing(target, scratch / "wheels", top)
+        if not lacking:
+            break
+        _pip_download(target, scratch, *lacking)
+    else:
+        raise UserError(f"the wheelhouse for {target.key} stays incomplete: {', '.join(lacking)}",
+                        "see whether these have wheels for the host's platform")
     shutil.rmtree(into, ignore_errors=True)
     scratch.rename(into)  # complete or absent: an interrupted download is never taken for a cache
 
