@@ -189,3 +189,16 @@ def test_a_server_refusing_the_auth_string_is_named(server: Server, state: Path,
 def test_serve_is_for_a_fleet_without_workers(state: Path) -> None:
     done = spark("flows", "serve", "--env", "lab", env={"SPARK_STATE_DIR": str(state)})
     assert done.returncode == 1 and "runs its flows on its workers" in done.stderr
+
+
+def test_status_and_on_worker_talk_to_the_fleets_server_and_refuse_a_pool_without_a_worker(server: Server,
+                                                                                            state: Path) -> None:
+    deploy(FleetContext.load("lab"))
+    env = {"PREFECT_API_URL": server.url, "SPARK_STATE_DIR": str(state)}
+    status = spark("flows", "status", "--env", "lab", env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("NOT_READY") == 2 and "missing" not in status.stdout  # the fleet's server, not a
+    # temporary local one (Prefect reads its settings once, when imported)
+    done = spark("backup", "now", "pi-1", "--env", "lab", "--on-worker", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "work pool spark-edge has no worker online (NOT_READY)" in done.stderr.splitlines()[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import urllib.error
 import urllib.request
 
@@ -57,4 +58,14 @@ def use_fleet_prefect(ctx: FleetContext) -> str:
     check(url, auth)
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_API_AUTH_STRING"] = auth
+    refresh_prefect_settings()
     return url
+
+
+def refresh_prefect_settings() -> None:
+    """Prefect reads its settings from the environment once, when it is imported: an import before the change
+    (a flow module) would otherwise keep talking to a temporary local API."""
+    if "prefect.context" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()

@@ -33,6 +33,9 @@ def use_lab_prefect(fleet: Fleet) -> None:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:  # noqa: S310 (loopback)
             if reply.status == 200:
                 os.environ["PREFECT_API_URL"] = url
+                from primespark.orchestration.api import refresh_prefect_settings
+
+                refresh_prefect_settings()
     except OSError:
         pass
 

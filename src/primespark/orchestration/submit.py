@@ -30,15 +30,24 @@ class WorkerRun:
 
 
 def submit(flow: str, deployment: str, parameters: dict[str, Any] | None = None) -> Any:
-    """A new run of `<flow>/<deployment>` on its pool; the flow run (not waited for)."""
+    """A new run of `<flow>/<deployment>` on its pool; the flow run (not waited for). A pool without a worker
+    online is refused: the run would wait for one, and so would the operator."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     try:
-        return run_deployment(f"{flow}/{deployment}", parameters=parameters or {}, timeout=0, as_subflow=False)
+        with get_client(sync_client=True) as client:
+            pool = client.read_deployment_by_name(f"{flow}/{deployment}").work_pool_name
+            status = client.read_work_pool(pool).status if pool else None
     except ObjectNotFound:
         raise UserError(f"no deployment {flow}/{deployment} on the Prefect server",
                         "create the fleet's deployments first: `spark flows deploy --env ENV`") from None
+    if pool is None or status is None or status.value != "READY":
+        raise UserError(f"work pool {pool} has no worker online ({status.value if status else 'no pool'}), so "
+                        f"nothing would run {deployment}", "start its worker (site.yml's prefect_worker play); "
+                        "`spark flows status` shows each pool")
+    return run_deployment(f"{flow}/{deployment}", parameters=parameters or {}, timeout=0, as_subflow=False)
 
 
 def follow(flow_run_id: UUID, deployment: str, said: Callable[[str], None] = lambda _: None,
