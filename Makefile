@@ -50,10 +50,12 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 # Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
 # the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
 LAB_LOCK := $(SPARK) lab locked --
-# The main job's operations: back up every host with a plan (and copy offsite), drill every one, maintain and check
-# the repositories, and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
-LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV) && \
-	$(SPARK) backup maintain --env $(ENV) && $(SPARK) mesh check --env $(ENV) --publish
+# The main job's operations: create the deployments on the sites' work pools (site.yml installed the workers), back
+# up every host with a plan (and copy offsite) and drill every one on the workers, then maintain and check the
+# repositories and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
+LAB_FLOWS := $(SPARK) flows deploy --env $(ENV) && $(SPARK) backup now --env $(ENV) --on-worker \
+	&& $(SPARK) drill run --env $(ENV) --on-worker && $(SPARK) backup maintain --env $(ENV) \
+	&& $(SPARK) mesh check --env $(ENV) --publish
 
 lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run the flows once, say what to look at next
 	$(SPARK) validate --env $(ENV)
@@ -64,7 +66,8 @@ lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run
 	eval "$$($(SPARK) lab env --env $(ENV))" && $(LAB_LOCK) sh -c '$(LAB_FLOWS)' 
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
-	echo "  Prefect UI          $${PREFECT_API_URL%/api}"; \
+	echo "  Prefect UI          $${PREFECT_API_URL%/api}   (its password: PREFECT_API_AUTH_STRING in \`$(SPARK) lab env\`)"; \
+	echo "  pools and workers   $(SPARK) flows status --env $(ENV)"; \
 	$(SPARK) monitoring urls --env $(ENV) | sed 's/^/  /'; \
 	echo "  the fleet at a view $(SPARK) status --env $(ENV)"; \
 	echo "  hosts               $(SPARK) lab status"; \

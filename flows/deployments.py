@@ -1,22 +1,52 @@
-"""Deployments on the fleet's schedules, served from this machine: `python -m flows.deployments [ENV]`.
+"""The fleet's deployments as Prefect objects: `spark flows deploy --env ENV` creates them on the work pools of the
+fleet's server (`primespark.orchestration.deploy`); `spark flows serve --env ENV` serves them from this machine
+for a fleet without an orchestration section (a laptop-only setup).
 
-One `backup-<host>` per plan (the plan's cron), one `maintenance-<repository>` per primary repository (the
-check schedule; it also catches up the offsite copy) and one `dr-drill-<host>` per plan (the drill schedule),
-all in the fleet's time zone. They show in the Prefect UI and can be run from there.
+Which deployments exist and where each runs is `primespark.orchestration.placement`'s answer: `backup-<host>`
+per plan (the plan's cron), `dr-drill-<host>` per plan (the drill schedule), `maintenance-<repository>` per
+repository (the check schedule), all in the fleet's time zone. On a pool, each names its flow by module path
+(`flows.backup.backup`): the workers have this project installed, nothing is pulled at run time. `probe-<site>`
+(unscheduled) says where a site's flows run and which of its hosts they reach.
 """
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import json
+from typing import Any
 
-from prefect.deployments.runner import RunnerDeployment
+from prefect import Flow
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.backup import backup
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
-from primespark.fleet import Fleet, load_fleet
-from primespark.orchestration.naming import deployment
+from flows.probe import probe
+from primespark.fleet import Fleet
+from primespark.orchestration.placement import Planned, planned_deployments
+
+FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance,
+                                    "probe": probe}
+OWNER_TAG = "primespark"
+
+
+def fleet_tag(env: str) -> str:
+    """Every deployment of one environment carries it: `spark flows deploy` removes those the fleet lost."""
+    return f"fleet:{env}"
+
+
+def crash_retries_tag(retries: int) -> str:
+    """The deployment's retry policy for crashed runs (its worker died), read by the rescheduling automation."""
+    return f"crash-retries:{retries}"
+
+
+def crash_retries(fleet: Fleet, planned: Planned) -> int:
+    spec = fleet.orchestration
+    if spec is None:
+        return 0
+    placed = spec.deployments.get(planned.name)
+    return placed.crash_retries if placed is not None and placed.crash_retries is not None else spec.crash_retries
 
 
 def _made(deployment: object) -> RunnerDeployment:
@@ -25,38 +55,30 @@ def _made(deployment: object) -> RunnerDeployment:
     return deployment
 
 
-def build_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[RunnerDeployment]:
-    if fleet.backup is None:
-        return []
-    spec = fleet.backup
-    zone = fleet.timezone
-    out: list[RunnerDeployment] = []
-    for host, plan in spec.plans.items():
-        common = {"host": host, "env": env, "transport": transport}
-        out.append(_made(backup.to_deployment(
-            deployment("backup", host), schedules=[Cron(plan.schedule, timezone=zone)], parameters=common,
-            tags=["backup", host, plan.repository], concurrency_limit=1,
-            description=f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}")))
-        out.append(_made(dr_drill.to_deployment(
-            deployment("dr-drill", host), schedules=[Cron(spec.drill.schedule, timezone=zone)], parameters=common,
-            tags=["drill", host], concurrency_limit=1,
-            description=f"restore {host}'s newest snapshot on {spec.drill.scratch_host}, verify, report")))
-    for name, repo in spec.repositories.items():
-        if repo.copy_from is None:
-            out.append(_made(maintenance.to_deployment(
-                deployment("maintenance", name), schedules=[Cron(spec.check.schedule, timezone=zone)],
-                parameters={"repository": name, "env": env, "transport": transport},
-                tags=["maintenance", name], concurrency_limit=1,
-                description=f"offsite copy, forget/prune, check --read-data-subset {spec.check.read_data_subset}")))
+def fingerprint(spec: dict[str, Any]) -> str:
+    """The deployment's version: equal fingerprints mean nothing to update."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_deployments(fleet: Fleet, env: str, transport: str = "ssh", on_pools: bool | None = None
+                      ) -> list[RunnerDeployment]:
+    """The fleet's deployments; on its work pools when it has an orchestration section (`on_pools` overrides)."""
+    on_pools = fleet.orchestration is not None if on_pools is None else on_pools
+    out = []
+    for planned in planned_deployments(fleet, env, transport):
+        tags = [*planned.tags, OWNER_TAG, fleet_tag(env)]
+        if on_pools:
+            tags.append(crash_retries_tag(crash_retries(fleet, planned)))
+        schedules = [Cron(planned.schedule, timezone=fleet.timezone)] if planned.schedule else []
+        spec: dict[str, Any] = {
+            "name": planned.name, "schedules": schedules,
+            "parameters": planned.parameters, "tags": tags, "concurrency_limit": 1,
+            "description": planned.description, "paused": planned.paused(fleet)}
+        if on_pools:
+            spec.update(work_pool_name=planned.pool(fleet), work_queue_name=planned.flow,
+                        entrypoint_type=EntrypointType.MODULE_PATH)
+        plain = {k: v for k, v in spec.items() if k != "schedules"}  # a Cron object's text is not stable
+        spec["version"] = fingerprint({**plain, "schedule": planned.schedule, "timezone": fleet.timezone,
+                                       "flow": planned.flow})
+        out.append(_made(FLOWS[planned.flow].to_deployment(**spec)))
     return out
-
-
-def main(argv: list[str]) -> None:
-    from prefect import serve
-
-    env = argv[0] if argv else "lab"
-    serve(*build_deployments(load_fleet(env), env), limit=4)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

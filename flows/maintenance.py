@@ -27,8 +27,8 @@ class MaintenanceFailed(RunFailed):
 
 @task(name="forget-prune-check", cache_policy=NO_CACHE)
 def forget_prune_check(ctx: FleetContext, repository: str, client: str, check: bool,
-                       subset: str | None) -> jobs.ClientMaintenance:
-    return jobs.maintain_client(ctx, repository, client, check=check, read_data_subset=subset)
+                       subset: str | None, on_store: bool = False) -> jobs.ClientMaintenance:
+    return jobs.maintain_client(ctx, repository, client, check=check, read_data_subset=subset, on_store=on_store)
 
 
 def maintenance_report(repository: str, outcomes: list[jobs.MaintenanceOutcome], copy_errors: dict[str, str]) -> str:
@@ -55,7 +55,11 @@ def maintenance(
     textfile: str | None = None,
     retries: int = 3,
     retry_delay_seconds: float = 30.0,
+    check_copies: bool = True,
+    on_store: bool = False,
 ) -> dict[str, Any]:
+    """`offsite`: catch up the offsite copies first; `check_copies`: maintain them too (a deployment leaves that
+    to each copy's own); `on_store`: open each repository on its own host rather than from the clients."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     repositories = backup_of(ctx.fleet).repositories
@@ -72,11 +76,11 @@ def maintenance(
             except Exception as exc:
                 copy_errors[client] = f"offsite copy failed: {exc}"
     outcomes = []
-    for name in [repository, *offsites]:
+    for name in [repository, *(offsites if check_copies else [])]:
         clients = []
         for client in clients_of(ctx, name):
             with hold(repository_lock(name)):
-                clients.append(forget_prune_check(ctx, name, client, check, read_data_subset))
+                clients.append(forget_prune_check(ctx, name, client, check, read_data_subset, on_store))
         outcomes.append(jobs.MaintenanceOutcome.of(name, clients))
     finished = time.time()
     if check:

@@ -80,6 +80,9 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_backup_paths": backup_paths(fleet, name),
         # A lab fleet's hosts are containers made for it: the lab_data role fills their backup paths.
         "spark_lab": fleet.lab is not None,
+        # the Prefect server's port, opened to the management networks (LAN and overlay) by the hardening role
+        "spark_prefect_server_port": (fleet.orchestration.server.port if fleet.orchestration is not None
+                                      and fleet.orchestration.server.host == name else None),
     }
 
 
@@ -152,6 +155,15 @@ def backup_accounts(fleet: Fleet) -> list[dict[str, str]]:
     return accounts
 
 
+def orchestration_groups(fleet: Fleet, name: str) -> list[str]:
+    """`prefect_server` and `prefect_workers`: where site.yml installs the server and the workers."""
+    spec = fleet.orchestration
+    if spec is None:
+        return []
+    return ([*(["prefect_server"] if spec.server.host == name else []),
+             *(["prefect_workers"] if any(w.host == name for w in spec.workers.values()) else [])])
+
+
 def ssh_files(env: str, settings: Settings | None = None) -> SshFiles:
     return SshFiles.of((settings or get_settings()).state_path(env))
 
@@ -180,6 +192,8 @@ def build_inventory(fleet: Fleet, env: str | None = None, settings: Settings | N
                 groups.setdefault("monitoring_servers", set()).add(name)
         if fleet.backup and any(repo.host == name for repo in fleet.backup.repositories.values()):
             groups.setdefault("backup_repositories", set()).add(name)
+        for group in orchestration_groups(fleet, name):
+            groups.setdefault(group, set()).add(name)
     inventory: dict[str, Any] = {
         "_meta": {"hostvars": hostvars},
         "all": {"children": [*sorted(groups), "ungrouped"]},

@@ -208,6 +208,9 @@ class ResticClient:
     options: Mapping[str, str] = field(default_factory=dict)
     binary: str = "restic"
     timeout: float | None = None
+    # Instead of `password`: a file on the host restic runs on (what the restic role installed there), for a
+    # repository whose password the caller does not hold (a worker copying into another site's repository).
+    password_file: str | None = None
 
     def command(self, *args: str, json_output: bool = True) -> list[str]:
         """The argv of one restic call on this repository (the password goes in `environment()`, never here)."""
@@ -219,7 +222,9 @@ class ResticClient:
         return argv + list(args)
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return {"RESTIC_PASSWORD": self.password, **(extra or {})}
+        secret = ({"RESTIC_PASSWORD_FILE": self.password_file} if self.password_file
+                  else {"RESTIC_PASSWORD": self.password})
+        return {**secret, **(extra or {})}
 
     @property
     def host(self) -> str:
@@ -443,8 +448,9 @@ class ResticClient:
         for key, value in source.options.items():
             if key not in self.options:
                 args += ["--option", f"{key}={value}"]
-        self._call("copy", *args, *snapshot_ids, json_output=False, env={"RESTIC_FROM_PASSWORD": source.password},
-                   timeout=timeout)
+        source_secret = ({"RESTIC_FROM_PASSWORD_FILE": source.password_file} if source.password_file
+                         else {"RESTIC_FROM_PASSWORD": source.password})
+        self._call("copy", *args, *snapshot_ids, json_output=False, env=source_secret, timeout=timeout)
 
     # locks -----------------------------------------------------------------------------------------------
 

@@ -397,10 +397,11 @@ class Reference:
         return f"vault:{self.mount}/{self.path}#{self.field}" if self.kind == "vault" else f"local:{self.path}"
 
 
-def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore:
-    if isinstance(store, VaultSecretStore):
-        return store
-    where = getattr(store, "root", "")
+def _vault_for(reference: Reference, store: SecretStore) -> VaultSecretStore | ReadOnlyStore:
+    inner = store.store if isinstance(store, ReadOnlyStore) else store
+    if isinstance(inner, VaultSecretStore):
+        return store if isinstance(store, ReadOnlyStore) else inner  # a read-only store refuses write_field
+    where = getattr(inner, "root", "")
     raise SecretError(f"{reference} is in Vault, but this environment's secret store is local ({where})",
                       "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file, "
                       "or use a local: reference")
@@ -487,11 +488,31 @@ def migrate(source: SecretStore, target: SecretStore, dry_run: bool = False,
 
 def store_for(fleet: Fleet, env: str, settings: Settings) -> SecretStore:
     """The environment's secret store, as the fleet file's `secrets:` section says: 0600 files under the state
-    directory, or Vault (the lab's own OpenBao with `auth: lab`)."""
+    directory, or Vault (the lab's own OpenBao with `auth: lab`). On a site's worker (the prefect_worker role
+    sets SPARK_SECRET_READ_ONLY, and with Vault its own AppRole) the store only reads."""
+    store: SecretStore
     if fleet.secrets.backend is SecretBackend.vault:
-        return vault_store(fleet, env, settings)
-    _refuse_other_settings(fleet.secrets, env, settings)
-    return LocalSecretStore(settings.state_dir(env) / "secrets")
+        store = worker_vault_store(fleet, env, settings) if settings.vault_role_id else vault_store(fleet, env, settings)
+    else:
+        _refuse_other_settings(fleet.secrets, env, settings)
+        store = LocalSecretStore(settings.state_dir(env) / "secrets")
+    return ReadOnlyStore(store) if settings.secret_read_only else store
+
+
+def worker_vault_store(fleet: Fleet, env: str, settings: Settings) -> VaultSecretStore:
+    """A worker's Vault: the address it reaches (VAULT_ADDR from its env file, else the fleet's), logged in with
+    its site's AppRole, whose policy grants exactly the secrets its deployments open."""
+    spec = fleet.secrets
+    address = settings.vault_addr or spec.address
+    if address is None or settings.vault_role_id is None or settings.vault_secret_id_file is None:
+        raise SecretError("a worker's Vault login needs VAULT_ADDR, SPARK_VAULT_ROLE_ID and "
+                          "SPARK_VAULT_SECRET_ID_FILE", "apply site.yml's prefect_worker play to this host again")
+    try:
+        secret_id = settings.vault_secret_id_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SecretError(f"cannot read the worker's AppRole secret-id {settings.vault_secret_id_file}: "
+                          f"{exc.strerror}", "apply site.yml's prefect_worker play to this host again") from None
+    return VaultSecretStore(address, spec.mount, f"{spec.prefix}/{env}", approle=(settings.vault_role_id, secret_id))
 
 
 def vault_store(fleet: Fleet, env: str, settings: Settings, migrating: bool = False) -> VaultSecretStore:
@@ -551,3 +572,38 @@ def _refuse_other_settings(spec: Secrets, env: str, settings: Settings) -> None:
             raise SecretError(f"{name}={value}, but the fleet file has secrets.{field}: {wanted}",
                               f"the fleet file says where secrets live: set secrets.{field} there, and unset {name} "
                               f"(in the environment, .env or .env.{env})")
+
+
+class ReadOnlyStore:
+    """A store that reads only (a worker's copy of its site's secrets): a missing secret is an error to report,
+    never one to create, so a worker cannot make a repository password that the fleet does not know."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:  # read_field and friends of a Vault store
+        if name in ("write_field", "delete_field"):
+            return self._refuse
+        return getattr(self.store, name)
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise SecretError("this secret store is read-only (a worker's copy of its site's secrets)",
+                          "create the secret on the controller (site.yml's prefect_worker play installs it here)")
+
+    def get(self, key: str) -> str:
+        return self.store.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.store.list(prefix)
+
+    def put(self, key: str, value: str) -> None:
+        self._refuse()
+
+    def create(self, key: str, value: str) -> None:
+        self._refuse()
+
+    def delete(self, key: str) -> None:
+        self._refuse()

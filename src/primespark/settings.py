@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     vault_mount: str | None = None
     vault_prefix: str | None = None
     prefect_api_url: str | None = Field(default=None, alias="PREFECT_API_URL")
+    # Set on a site's Prefect worker (the prefect_worker role): its store is a read-only copy of its site's
+    # secrets, and a repository of another site is opened with the password file on the host restic runs on.
+    worker_site: str | None = None
+    secret_read_only: bool = False
+    # A worker with the vault backend logs in with its AppRole (primespark.orchestration.vault), at the address
+    # it reaches the server on (VAULT_ADDR in its env file; read only on a worker, with a role-id).
+    vault_addr: str | None = Field(default=None, alias="VAULT_ADDR")
+    vault_role_id: str | None = None
+    vault_secret_id_file: Path | None = None
 
     @property
     def inventory_dir(self) -> Path:

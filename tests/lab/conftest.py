@@ -67,8 +67,8 @@ class LabHandle:
 
     @property
     def prefect_api_url(self) -> str:
-        """The lab's Prefect server (running while the lab is up)."""
-        return self.lab.prefect.api_url
+        """The lab's Prefect server, on the host the fleet names (the `prefect` fixture installs it)."""
+        return f"{self.lab.prefect_url}/api"
 
     def docker_state(self) -> tuple[set[str], set[str]]:
         return docker_snapshot(self.fleet.name)
@@ -152,6 +152,39 @@ def lab() -> Iterator[LabHandle]:
                     assert the_lab.openbao.credentials_file.is_file() and the_lab.openbao.data_dir.is_dir()
 
 
+@dataclass
+class PrefectApi:
+    url: str
+    auth: str
+
+
+@pytest.fixture(scope="session")
+def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
+    """The lab's Prefect server on its fleet host (ops-1), as site.yml's server play installs it: the mesh plan
+    first (the server listens on its mesh address too), then spark_venv + prefect_server there. Prefect in this
+    process points at it, with the API auth string, for the whole session."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from primespark.context import FleetContext
+    from primespark.orchestration.material import auth_string
+    from primespark.playbook import run_ansible
+
+    spark = str(REPO / ".venv" / "bin" / "spark")
+    planned = subprocess.run([spark, "mesh", "plan", "--env", lab.fleet.name], capture_output=True, text=True,
+                             timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    assert lab.fleet.orchestration is not None
+    server = lab.fleet.orchestration.server.host
+    book = lab.state_dir / "prefect-server-play.yml"
+    book.write_text(json.dumps([{"name": "Prefect server", "hosts": server, "become": True,
+                                 "roles": ["spark_venv", "prefect_server"]}]))
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(book), root=REPO, limit=server)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    api = PrefectApi(lab.prefect_api_url, auth_string(FleetContext.load(lab.fleet.name)))
+    with temporary_settings(updates={PREFECT_API_URL: api.url, PREFECT_API_AUTH_STRING: api.auth}):
+        yield api
+
+
 @pytest.fixture(scope="session")
 def configured(lab: LabHandle) -> RunResult:
     """site.yml applied to every lab host once per session (the roles' tests run it again themselves)."""
@@ -161,23 +194,20 @@ def configured(lab: LabHandle) -> RunResult:
 
 
 @pytest.fixture(scope="module")
-def lab_flows(lab: LabHandle) -> Iterator[None]:
-    """Flows run here report to the lab's Prefect server (a test harness earlier in the session may have set
-    another), with no repository writer or drill slot left held: the lab's Prefect database outlives `lab down`, and a
-    slot held by a run killed in an earlier session would block every backup. This session owns the lab (its
-    lock), so it starts from zero."""
+def lab_flows(lab: LabHandle, prefect: PrefectApi) -> Iterator[None]:
+    """Flows run here report to the lab's Prefect server on its fleet host (the `prefect` fixture), with no
+    repository writer or drill slot left held: a slot held by a run killed earlier would block every backup.
+    This session owns the lab (its lock), so it starts from zero."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from primespark.orchestration.locks import drill_lock, repository_lock
 
-    assert lab.fleet.lab is not None and lab.fleet.backup is not None
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{lab.fleet.lab.prefect_port}/api"}):
-        with get_client(sync_client=True) as client:
-            slots = [*map(repository_lock, lab.fleet.backup.repositories), *map(drill_lock, lab.fleet.backup.plans)]
-            for name in slots:
-                with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-        yield
+    assert lab.fleet.backup is not None
+    with get_client(sync_client=True) as client:  # the `prefect` fixture points this process at the lab's server
+        slots = [*map(repository_lock, lab.fleet.backup.repositories), *map(drill_lock, lab.fleet.backup.plans)]
+        for name in slots:
+            with contextlib.suppress(ObjectNotFound):
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    yield

@@ -1,5 +1,5 @@
 """End to end in the lab: restic on the hosts over SSH, repositories in SFTP accounts on the NAS and (offsite)
-on ops-1, flows reported to the lab's Prefect server.
+on ops-1, flows run in this process and reported to the lab's Prefect server on ops-1.
 
 Set-up: the `restic` role on the backup clients and the drill's scratch host, the `nas` role on nas-1 (its
 accounts and authorised keys from the restic play, as site.yml does). The `nas` role makes accounts only on

@@ -56,14 +56,16 @@ def test_host_keys_are_made_per_container_not_baked_into_the_image(lab):
     assert lab.state_dir.stat().st_mode & 0o777 == 0o700
 
 
-def test_prefect_server_answers_on_loopback_with_sqlite_in_the_state_dir(lab):
+def test_the_prefect_server_runs_on_its_fleet_host_with_sqlite_there_not_on_this_machine(lab, prefect):
     import json
     import urllib.request
 
-    assert lab.prefect_api_url.startswith(f"http://127.0.0.1:{lab.fleet.lab.prefect_port}/")
+    server = lab.fleet.orchestration.server
+    assert lab.prefect_api_url == f"http://{lab.fleet.hosts[server.host].address}:{server.port}/api"
     with urllib.request.urlopen(f"{lab.prefect_api_url}/health", timeout=10) as reply:
         assert json.load(reply) is True
-    assert list((lab.state_dir / "prefect").glob("*.db")), "no SQLite database under the lab's PREFECT_HOME"
+    assert lab.exec(server.host, "ls /var/lib/primespark/prefect-server/*.db").returncode == 0
+    assert lab.lab.prefect.pid() is None, "a Prefect server on the controller's loopback"
 
 
 def test_ansible_pings_every_host_through_the_fleet_inventory(lab):
@@ -125,7 +127,7 @@ def test_cloud_host_cannot_open_a_connection_to_an_edge_host(lab):
     assert not any(opened.values()), f"the NAT router let {cloud} in: {opened}"
 
 
-def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab, repo):
+def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab, repo, prefect):
     spark = str(Path(sys.executable).parent / "spark")
     # The fixture holds the lab lock; the CLI, its child, must not wait for it.
     up = subprocess.run([spark, "lab", "up"], capture_output=True, text=True, timeout=120)
@@ -136,7 +138,7 @@ def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab,
     rows = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("│")}
     for name in managed_hosts(lab.fleet):
         assert "running" in rows[name] and " ok " in rows[name], rows.get(name)
-    assert f"http://127.0.0.1:{lab.fleet.lab.prefect_port} (healthy)" in status.stdout
+    assert f"{lab.prefect_api_url.removesuffix('/api')} (healthy)" in status.stdout
     assert f"OpenBao http://127.0.0.1:{lab.fleet.lab.openbao_port} (unsealed)" in status.stdout
 
 

@@ -90,7 +90,9 @@ def test_firewall_answers_on_exactly_the_allowed_ports(lab, configured, kind):
     # A host with services if the kind has one, so that service ports are part of what is checked.
     target = max(targets, key=lambda h: len(hostvars[h]["spark_services"]))
     allowed = {lab.fleet.hosts[target].ssh.port, lab.fleet.monitoring.node_exporter_port,
-               *(s["port"] for s in hostvars[target]["spark_services"])}
+               *(s["port"] for s in hostvars[target]["spark_services"]),
+               *([hostvars[target]["spark_prefect_server_port"]] if hostvars[target]["spark_prefect_server_port"]
+                 else [])}
     ports = sorted(allowed | set(DENIED_PORTS))
 
     # Something listens on the decoy port: if it stays unanswered, the firewall dropped it.

@@ -279,9 +279,10 @@ def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -
 
 def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
     fleet = load_fleet("lab")
-    deployments = {d.name: d for d in build_deployments(fleet, "lab")}
+    deployments = {d.name: d for d in build_deployments(fleet, "lab", on_pools=False)}  # served, as on a laptop
     assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
-                                "dr-drill-nas-1", "maintenance-nas-primary"}
+                                "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite", "probe-edge",
+                                "probe-cloud"}
     assert deployments["backup-pi-1"].schedules[0].schedule.cron == fleet.backup.plans["pi-1"].schedule  # type: ignore[union-attr]
     assert deployments["dr-drill-nas-1"].schedules[0].schedule.cron == fleet.backup.drill.schedule  # type: ignore[union-attr]
     deployment_id = deployments["backup-pi-1"].apply()
@@ -777,7 +778,7 @@ def test_a_sealed_or_unreachable_secret_store_fails_the_backup_in_a_line_and_cha
     fleet = make_fleet(tmp_path, secrets={"backend": "vault", "address": fresh_vault.address})
     ctx = FleetContext.load(fleet, "local")
     reference = ctx.fleet.backup.repositories["nas-primary"].password  # type: ignore[union-attr]
-    assert reference == "vault:secret/primespark/lab/restic/passwords#nas-primary"
+    assert reference == "vault:secret/primespark/lab/restic/nas-primary#password"
     run(backup, "pi-1", fleet, textfile=str(tmp_path / "prom"), offsite=False, **FAST).result()
     restic = restic_for(ctx, "nas-primary", "pi-1")
     snapshots = [s.id for s in restic.snapshots()]
@@ -789,7 +790,7 @@ def test_a_sealed_or_unreachable_secret_store_fails_the_backup_in_a_line_and_cha
     reason = failed.result(raise_on_failure=False)
     assert isinstance(reason, BackupFailed), reason
     assert reason.message.startswith("backup of pi-1 into nas-primary failed: secret store sealed: Vault at ")
-    assert "secret/primespark/lab/restic/passwords#nas-primary" in reason.message and "\n" not in reason.message
+    assert "secret/primespark/lab/restic/nas-primary#password" in reason.message and "\n" not in reason.message
     assert "bao operator unseal" in reason.fix
 
     spark = subprocess.run(
@@ -799,7 +800,7 @@ def test_a_sealed_or_unreachable_secret_store_fails_the_backup_in_a_line_and_cha
     assert spark.returncode == 1 and "Traceback" not in spark.stderr, spark.stderr
     error = spark.stderr[spark.stderr.index("error: "):].splitlines()
     assert error[0].startswith("error: backup of pi-1 into nas-primary failed: secret store sealed: Vault at ")
-    assert error[0].endswith("while reading secret/primespark/lab/restic/passwords#nas-primary"), error
+    assert error[0].endswith("while reading secret/primespark/lab/restic/nas-primary#password"), error
     assert error[1:] == ["    fix: unseal it (`bao operator unseal`, or `vault operator unseal`) and run again"]
 
     fresh_vault.unseal()

@@ -150,7 +150,7 @@ def test_commands_find_the_lab_openbao_through_the_fleet_with_no_vault_variables
         store = FleetContext.load(env).secrets
         assert isinstance(store, VaultSecretStore) and store.addr == spec.address
         password = ctx.fleet.backup.repositories["nas-primary"].password
-        assert password == "vault:secret/primespark/lab/restic/passwords#nas-primary"
+        assert password == "vault:secret/primespark/lab/restic/nas-primary#password"
         made = ensure_reference(password, store, lambda: "restic-pw")
         assert read_reference(password, store) == made == "restic-pw"
         assert ensure_reference("local:mesh/fleet/pi-1", store, lambda: "wg") == "wg"
@@ -163,7 +163,7 @@ def test_commands_find_the_lab_openbao_through_the_fleet_with_no_vault_variables
 
         root.sys.seal()
         with pytest.raises(SecretStoreSealed, match=r"^secret store sealed: .* while reading "
-                                                    r"secret/primespark/lab/restic/passwords#nas-primary") as sealed:
+                                                    r"secret/primespark/lab/restic/nas-primary#password") as sealed:
             ensure_reference(password, FleetContext.load(env).secrets, lambda: pytest.fail("made while sealed"))
         assert sealed.value.fix.startswith("run `spark lab up --env lab`")
     finally:

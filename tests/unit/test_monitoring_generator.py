@@ -145,15 +145,15 @@ def test_receiver_secrets_are_read_from_the_store(tmp_path: Path, monkeypatch: p
     """The receiver's reference is read from the fleet's store (here the local one: the lab's OpenBao runs only
     under `lab up`)."""
     import yaml
+    from lab_fleets import lab_fleet
 
     from primespark.context import FleetContext
     from primespark.secrets import SecretError
 
-    data = yaml.safe_load(SLACK_FLEET)
-    data["secrets"] = {"backend": "local"}
-    for name, repository in data["backup"]["repositories"].items():
-        repository["password"] = f"local:restic/{name}"
-    fleet_file = tmp_path / "chatty.yaml"
+    fleet_file = Path(lab_fleet(tmp_path, {"backend": "local"}, "chatty.yaml"))
+    data = yaml.safe_load(fleet_file.read_text())
+    data["monitoring"]["receivers"]["chat"] = {"kind": "slack", "api_url": "local:monitoring/slack-hook",
+                                               "channel": "#ops"}
     fleet_file.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
+from lab_fleets import lab_fleet
 
 from primespark.backup.repositories import host_material
 from primespark.fleet import load_fleet
@@ -21,18 +22,6 @@ def test_role_default_matches_the_fleet_model() -> None:
     assert defaults["restic_client_dir"] == Backup.model_fields["client_dir"].default
     specs = yaml.safe_load((ROOT / "roles/restic/meta/argument_specs.yml").read_text())
     assert specs["argument_specs"]["main"]["options"]["restic_client_dir"]["default"] == defaults["restic_client_dir"]
-
-
-def lab_fleet(tmp_path: Path, secrets: dict) -> str:
-    """The lab fleet with another secret store (the lab's own OpenBao runs only under `spark lab up`)."""
-    data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
-    data["secrets"] = secrets
-    if secrets["backend"] == "local":
-        for name, repository in data["backup"]["repositories"].items():
-            repository["password"] = f"local:restic/{name}"
-    path = tmp_path / "lab.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def test_material_per_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +66,8 @@ def test_parallel_lookups_agree_on_every_secret_in_vault(tmp_path: Path, monkeyp
     assert own["pi-1"] == scratch["pi-1"]
     passwords = {(r["repository"], r["password"]) for res in results for r in res["repositories"]}  # type: ignore[attr-defined]
     assert len({repo for repo, _ in passwords}) == len(passwords)  # one password per repository
-    stored = vault.client().secrets.kv.v2.read_secret_version(
-        path="primespark/lab/restic/passwords", mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+    stored = {name: vault.client().secrets.kv.v2.read_secret_version(
+        path=f"primespark/lab/restic/{name}", mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+        ["password"] for name, _ in passwords}
     assert dict(passwords) == stored  # where the lab's vault: references point
     assert not (tmp_path / "secrets").exists(), "nothing in a local store"

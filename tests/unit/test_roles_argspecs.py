@@ -21,7 +21,7 @@ from primespark.inventory import build_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1",
-             "monitoring_server": "ops-1"}
+             "monitoring_server": "ops-1", "spark_venv": "nas-1", "prefect_server": "ops-1", "prefect_worker": "nas-1"}
 
 
 @pytest.fixture(scope="module")

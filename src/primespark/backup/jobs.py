@@ -22,6 +22,7 @@ from primespark.backup.repositories import (
     plan_of,
     repository_folder,
     restic_for,
+    restic_on_store,
     start_over_command,
 )
 from primespark.backup.session import ACCEPT_HINT, BackupRefused, BackupRun, backup_with_manifest
@@ -34,10 +35,11 @@ T = TypeVar("T")
 
 
 def open_repository(ctx: FleetContext, repository: str, client: str, *, create: bool,
-                    via: str | None = None) -> records.Opened | None:
+                    via: str | None = None, restic: ResticClient | None = None) -> records.Opened | None:
     """`client`'s repository in `repository`, checked against this environment's record of it (see `records`):
-    made only on its first use (`create`), never again once recorded; None when it was never made."""
-    restic = restic_for(ctx, repository, client, via=via, create=create)
+    made only on its first use (`create`), never again once recorded; None when it was never made. `restic`:
+    opened another way than from `via` (a worker's, on the repository's own host)."""
+    restic = restic or restic_for(ctx, repository, client, via=via, create=create)
     return records.open_repository(ctx.state_dir, restic, repository, client, create=create,
                                    where=repository_folder(ctx, repository, client),
                                    start_over=start_over_command(ctx, repository, client))
@@ -254,15 +256,16 @@ def forget_and_prune(ctx: FleetContext, restic: ResticClient, timeout: float | N
 
 
 def maintain_client(ctx: FleetContext, repository: str, client: str, *, check: bool = True,
-                    read_data_subset: str | None = None) -> ClientMaintenance:
-    """forget + prune + check of one client's repository inside a fleet repository."""
+                    read_data_subset: str | None = None, on_store: bool = False) -> ClientMaintenance:
+    """forget + prune + check of one client's repository inside a fleet repository, from the client host or
+    (`on_store`) on the repository's own host."""
     done = ClientMaintenance(client)
     try:
-        restic = restic_for(ctx, repository, client)
-        if open_repository(ctx, repository, client, create=False) is None:
+        restic = restic_on_store(ctx, repository, client) if on_store else restic_for(ctx, repository, client)
+        if open_repository(ctx, repository, client, create=False, restic=restic) is None:
             done.error = f"no repository for {client} yet (no backup has run)"
             return done
-        clear_stale_locks(ctx, repository, client)
+        clear_stale_locks(ctx, repository, client, on_store=on_store)
         timeout = long_step(ctx, load_state(ctx, client).get("size_bytes"))
         done.forgotten, done.orphan_manifests = forget_and_prune(ctx, restic, timeout)
         if check:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import secrets as pysecrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +24,7 @@ from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet import Fleet
 from primespark.fleet.model import Backup
+from primespark.hosts import Completed, Runner
 from primespark.restic import ResticClient, StaleLockReport
 from primespark.secrets import SecretNotFound, ensure_reference, read_reference
 
@@ -187,14 +189,36 @@ def client_key(ctx: FleetContext, client: str) -> tuple[str, str]:
     return pem, f"{public.decode()} {account_for(client)}@{ctx.fleet.name}"
 
 
+def held_here(ctx: FleetContext, repository: str) -> bool:
+    """Whether this process holds the repository's password: anywhere but on a site's worker, which holds only
+    its own site's (`placement.worker_repositories`)."""
+    site = ctx.settings.worker_site
+    if site is None:
+        return True
+    from primespark.orchestration.placement import worker_repositories
+
+    return repository in worker_repositories(ctx.fleet, site)
+
+
+def password_file(ctx: FleetContext, repository: str) -> str:
+    """Where the restic role put the repository's password on a backup client."""
+    return f"{backup_of(ctx.fleet).client_dir}/{repository}.password"
+
+
 def restic_for(ctx: FleetContext, repository: str, client: str, via: str | None = None,
                create: bool = False) -> ResticClient:
     """The restic repository holding `client`'s data in `repository`, as host `via` (default: the client)
-    reaches it. Each call has a timeout: a short step's unless the call gives a longer one (`long_step`)."""
+    reaches it. Each call has a timeout: a short step's unless the call gives a longer one (`long_step`). A
+    repository whose password this process does not hold (a worker copying into another site's repository) is
+    opened with the password file on `via`."""
     via = via or client
     where = location(ctx, repository, client, via)
+    timeout = backup_of(ctx.fleet).timeouts.command_seconds
+    if ctx.transport == "ssh" and not held_here(ctx, repository):
+        return ResticClient(where.url, "", ctx.hosts.runner(via), where.options,
+                            password_file=password_file(ctx, repository), timeout=timeout)
     return ResticClient(where.url, password(ctx, repository, create), ctx.hosts.runner(via), where.options,
-                        timeout=backup_of(ctx.fleet).timeouts.command_seconds)
+                        timeout=timeout)
 
 
 # --- how long a step may run ---------------------------------------------------------------------------------
@@ -210,12 +234,59 @@ def long_step(ctx: FleetContext, size_bytes: float | None) -> float:
                limits.maximum_hours * 3600)
 
 
-def clear_stale_locks(ctx: FleetContext, repository: str, client: str, via: str | None = None) -> StaleLockReport:
+class AsAccount:
+    """A host's runner whose commands run as one backup account (`runuser`): restic then writes files that
+    account owns, as if it came over SFTP."""
+
+    def __init__(self, runner: Runner, account: str) -> None:
+        self.runner = runner
+        self.account = account
+        self.name = runner.name
+        self.remote = runner.remote
+        self.python = runner.python
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+            timeout: float | None = None) -> Completed:
+        # the account's home is its chroot (root's): restic keeps its cache elsewhere
+        cache = {"RESTIC_CACHE_DIR": f"/var/tmp/primespark-restic-{self.account}"}
+        return self.runner.run(["runuser", "-u", self.account, "--", *argv], env={**cache, **(env or {})},
+                               stdin=stdin, timeout=timeout)
+
+    def pid_alive(self, pid: int) -> bool:
+        return self.runner.pid_alive(pid)
+
+
+def restic_on_store(ctx: FleetContext, repository: str, client: str) -> ResticClient:
+    """`client`'s repository inside `repository`, opened on the repository's own host as the client's backup
+    account (no SFTP, no key): how a site's worker maintains the repositories its site stores."""
+    repo = backup_of(ctx.fleet).repositories[repository]
+    if ctx.transport == "local":
+        return restic_for(ctx, repository, client)
+    url = f"{repo.path.rstrip('/')}/{client}/repo"
+    runner = AsAccount(ctx.hosts.runner(repo.host), account_for(client))
+    return ResticClient(url, password(ctx, repository), runner, timeout=backup_of(ctx.fleet).timeouts.command_seconds)
+
+
+def reachable(ctx: FleetContext, host: str) -> bool:
+    """Whether this process reaches `host`: a site's worker reaches its own site's hosts only."""
+    site = ctx.settings.worker_site
+    return site is None or ctx.fleet.hosts[host].site == site
+
+
+def clear_stale_locks(ctx: FleetContext, repository: str, client: str, via: str | None = None,
+                      on_store: bool = False) -> StaleLockReport:
+    store = backup_of(ctx.fleet).repositories[repository].host
+
     def client_on(hostname: str) -> ResticClient | None:
         owner = host_of_lock(ctx, hostname)
-        return None if owner is None else restic_for(ctx, repository, client, via=owner)
+        if owner is None or not reachable(ctx, owner):
+            return None  # a lock of a host out of reach stays (unresolved): never remove a live writer's
+        if on_store and owner == store:
+            return restic_on_store(ctx, repository, client)
+        return restic_for(ctx, repository, client, via=owner)
 
-    return restic_for(ctx, repository, client, via).clear_stale_locks(client_on)
+    start = restic_on_store(ctx, repository, client) if on_store else restic_for(ctx, repository, client, via)
+    return start.clear_stale_locks(client_on)
 
 
 # --- what the restic role installs -------------------------------------------------------------------------

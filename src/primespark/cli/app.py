@@ -9,6 +9,7 @@ import typer
 from primespark.cli import backup as backup_commands
 from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
+from primespark.cli import flows as flows_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
 from primespark.cli import monitoring as monitoring_commands
@@ -33,6 +34,7 @@ preflight_commands.register(app)
 app.add_typer(backup_commands.app, name="backup")
 app.add_typer(drill_commands.app, name="drill")
 app.add_typer(secrets_commands.app, name="secrets")
+app.add_typer(flows_commands.app, name="flows")
 plan_commands.register(app)
 monitoring_commands.register(app)
 

@@ -37,6 +37,11 @@ def planned_hosts(ctx: FleetContext, host: str | None) -> list[str]:
     return [host] if host else plans
 
 
+OnWorkerOption = Annotated[bool, typer.Option(
+    "--on-worker", help="Submit to the work pool of the host's site and wait for its worker's run, instead of "
+    "running here.")]
+
+
 @app.command("now")
 def now(
     host: Annotated[str | None, typer.Argument(help="A host with a backup plan; every such host if omitted.")] = None,
@@ -45,15 +50,20 @@ def now(
     accept_shrink: Annotated[bool, typer.Option(
         "--accept-shrink", help="This run may back up fewer files than the last: a plan path that is not there, "
         "no files at all, or a fall beyond backup.max_shrink is expected (each fails the backup otherwise).")] = False,
+    on_worker: OnWorkerOption = False,
 ) -> None:
     """Back up HOST (or every host with a plan) now: the plan's paths into its repository, then the offsite copy."""
     ctx = FleetContext.load(env, transport_of(transport))
     hosts = planned_hosts(ctx, host)
-    from flows.backup import backup  # Prefect loads only when a backup runs
-    from primespark.orchestration.runs import require_prefect, run_here, use_lab_prefect
+    if on_worker:
+        from primespark.cli.flows import on_workers
 
-    use_lab_prefect(ctx.fleet)
-    require_prefect(ctx.fleet)
+        on_workers(ctx, "backup", hosts, {"accept_shrink": True} if accept_shrink else {})
+        return
+    from flows.backup import backup  # Prefect loads only when a backup runs
+    from primespark.orchestration.runs import record_runs, run_here
+
+    console.print(f"running here (this machine), recorded on {record_runs(ctx)}")
     for name in hosts:
         result = run_here(backup, name, env, transport, accept_shrink=accept_shrink)
         table = Table(title=f"backup of {name}", show_header=False)
@@ -112,10 +122,9 @@ def maintain(
         raise UserError(f"{repository!r} is not a primary repository of {ctx.env}",
                         f"maintain one of: {', '.join(primaries)} (offsite copies are maintained with their source)")
     from flows.maintenance import maintenance  # Prefect loads only when maintenance runs
-    from primespark.orchestration.runs import require_prefect, run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
-    require_prefect(ctx.fleet)
+    console.print(f"running here (this machine), recorded on {record_runs(ctx)}")
     for name in [repository] if repository else primaries:
         result = run_here(maintenance, name, env, transport, check=check)
         console.print(f"[green]maintenance of {name}: done[/green] (checked: {result['checked']})")

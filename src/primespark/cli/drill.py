@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from primespark.backup.drill import drill_source, load_history
-from primespark.cli.backup import TransportOption, planned_hosts, transport_of
+from primespark.cli.backup import OnWorkerOption, TransportOption, planned_hosts, transport_of
 from primespark.cli.common import EnvOption, console
 from primespark.context import FleetContext
 from primespark.errors import UserError
@@ -23,17 +23,23 @@ def run(
     transport: TransportOption = "ssh",
     repository: Annotated[str | None, typer.Option(
         help="Restore from this repository: the plan's own (the default) or one of its offsite copies.")] = None,
+    on_worker: OnWorkerOption = False,
 ) -> None:
     """Drill HOST (or every host with a plan), one after the other; fail if any drill misses."""
     ctx = FleetContext.load(env, transport_of(transport))
     hosts = planned_hosts(ctx, host)
     for name in hosts:  # clear errors for a host without a plan or a wrong repository, before anything runs
         drill_source(ctx, name, repository)
-    from flows.dr_drill import dr_drill  # Prefect loads only when a drill runs
-    from primespark.orchestration.runs import in_process_runs, require_prefect, use_lab_prefect
+    if on_worker:
+        from primespark.cli.flows import on_workers
 
-    use_lab_prefect(ctx.fleet)
-    require_prefect(ctx.fleet)
+        # the reports are the runs' artifacts (drill-report-<host>) on the server: the history is the worker's
+        on_workers(ctx, "dr-drill", hosts, {"repository": repository} if repository else {})
+        return
+    from flows.dr_drill import dr_drill  # Prefect loads only when a drill runs
+    from primespark.orchestration.runs import in_process_runs, record_runs
+
+    console.print(f"running here (this machine), recorded on {record_runs(ctx)}")
     failed = []
     for name in hosts:
         with in_process_runs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from typing import Annotated
 
@@ -42,7 +43,8 @@ def up(env: EnvOption = "lab") -> None:
     built = " (image built)" if result.image_built else ""
     console.print(f"[green]lab {lab.fleet.name} {verdict}[/green] in {result.seconds:.1f} s{built}: "
                   f"{sum(1 for s in lab.plan().containers if s.host)} hosts, image {result.image}")
-    console.print(f"  Prefect UI {result.prefect_url}   state {lab.state_dir}")
+    where = " (site.yml installs it on its host)" if lab.orchestrated else ""
+    console.print(f"  Prefect UI {result.prefect_url}{where}   state {lab.state_dir}")
     if result.openbao is not None:
         console.print(f"  OpenBao {result.openbao_url} (unsealed; start + unseal {result.openbao.seconds:.1f} s)   "
                       "`eval \"$(spark lab env)\"` sets VAULT_ADDR for `bao`")
@@ -104,10 +106,17 @@ def env_(env: EnvOption = "lab",
          vault_token: Annotated[bool, typer.Option(
              "--vault-token", help="Also print VAULT_TOKEN: the lab's OpenBao root token (on stdout: mind where "
              "it goes).")] = False) -> None:
-    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL, the state directory and, with the
-    lab's OpenBao, VAULT_ADDR for your own `bao` commands. spark itself needs none of them."""
+    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL (and the API's auth string, for the
+    `prefect` CLI by hand), the state directory and, with the lab's OpenBao, VAULT_ADDR for your own `bao`
+    commands. spark itself needs none of them."""
     lab = _lab(env)
-    typer.echo(f"export PREFECT_API_URL={lab.prefect.api_url}")
+    typer.echo(f"export PREFECT_API_URL={lab.prefect_url}/api")
+    if lab.orchestrated:
+        from primespark.context import FleetContext
+        from primespark.orchestration.material import auth_string
+
+        # The operator's own secret into the operator's own shell; it is what the UI asks for, too.
+        typer.echo(f"export PREFECT_API_AUTH_STRING={shlex.quote(auth_string(FleetContext.load(env)))}")
     typer.echo(f"export SPARK_LAB_STATE={lab.state_dir}")
     if lab.openbao is not None:
         typer.echo(f"export VAULT_ADDR={lab.openbao.address}")

@@ -16,7 +16,8 @@ from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, SecretBackend, S
 
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
-    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets, _monitoring):
+    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets,
+                 _monitoring, _orchestration):
         problems.extend(rule(fleet))
     return problems
 
@@ -308,3 +309,91 @@ def _monitoring(fleet: Fleet) -> Iterator[Problem]:
                      f"Prometheus on {svc.host} cannot reach {shown}: not on its site and in no mesh with it",
                      f"add {svc.host} and those hosts to one mesh (meshes.<name>.members), or place prometheus "
                      "on a host that shares a mesh with every site", "prometheus-unreachable")
+
+
+def _orchestration(fleet: Fleet) -> Iterator[Problem]:
+    spec = fleet.orchestration
+    if spec is None:
+        return
+    server = spec.server.host
+    if server not in fleet.hosts:
+        yield _p(("orchestration", "server", "host"), f"no host named {server!r}",
+                 f"run the server on one of: {', '.join(fleet.hosts)}", "unknown-host")
+    for site, worker in spec.workers.items():
+        where = ("orchestration", "workers", site, "host")
+        if site not in fleet.sites:
+            yield _p(("orchestration", "workers", site), f"no site named {site!r}",
+                     f"key workers by site: {', '.join(fleet.sites)}", "unknown-site")
+        elif worker.host not in fleet.hosts:
+            yield _p(where, f"no host named {worker.host!r}", f"use a host of site {site}", "unknown-host")
+        elif fleet.hosts[worker.host].site != site:
+            at_home = [h for h, host in fleet.hosts.items() if host.site == site]
+            yield _p(where, f"{worker.host} is in site {fleet.hosts[worker.host].site}, not {site}: a worker runs "
+                     "the flows of its own site's hosts", f"use a host of site {site} ({', '.join(at_home)})",
+                     "worker-site")
+        elif server in fleet.hosts:
+            yield from _reaches_server(fleet, site, worker.host, server)
+    yield from _placements(fleet)
+
+
+def _reaches_server(fleet: Fleet, site: str, worker: str, server: str) -> Iterator[Problem]:
+    """A worker on the server's site reaches it on the LAN; any other over a WireGuard mesh they share."""
+    if fleet.hosts[server].site == site:
+        return
+    if not any(fleet.in_mesh(m, server) and fleet.in_mesh(m, worker) for m in fleet.meshes):
+        yield _p(("orchestration", "server", "host"),
+                 f"{server} has no mesh address that the {site} worker {worker} reaches: they share no WireGuard "
+                 "mesh, and a worker in another site reaches the server over the mesh",
+                 f"put {server} and {worker} in one mesh (meshes.<name>.members), or run the server elsewhere",
+                 "server-unreachable")
+
+
+def _placements(fleet: Fleet) -> Iterator[Problem]:
+    from primespark.orchestration.placement import planned_deployments, pools
+
+    assert fleet.orchestration is not None
+    planned = planned_deployments(fleet, fleet.name)
+    known = {d.name for d in planned}
+    available = pools(fleet)
+    for name, placed in fleet.orchestration.deployments.items():
+        if name not in known:
+            yield _p(("orchestration", "deployments", name), f"the fleet has no deployment named {name!r}",
+                     f"use one of: {', '.join(sorted(known)) or 'none (no backup plans)'}", "unknown-deployment")
+        elif placed.pool is not None and placed.pool not in available:
+            yield _p(("orchestration", "deployments", name, "pool"), f"no work pool named {placed.pool!r}",
+                     f"use one of: {', '.join(available) or 'none (add orchestration.workers)'}", "unknown-pool")
+    for deployment in planned:
+        if len(deployment.sites(fleet)) > 1:
+            yield _p(deployment.origin, f"{deployment.name} runs commands on hosts of sites "
+                     f"{' and '.join(deployment.sites(fleet))}; one site's worker reaches its own hosts only",
+                     "keep the hosts of one deployment in one site", "deployment-spans-sites")
+        pool = deployment.pool(fleet)
+        if pool not in available and deployment.name not in fleet.orchestration.deployments:
+            site = deployment.site(fleet)
+            yield _p(deployment.origin, f"site {site} has no worker, so nothing runs {deployment.name}",
+                     f"add `orchestration.workers.{site}: <a host of {site}>`", "site-without-worker")
+    yield from _shared_secret_paths(fleet)
+
+
+def _shared_secret_paths(fleet: Fleet) -> Iterator[Problem]:
+    """A worker's Vault policy grants whole secrets: two repositories whose passwords share one Vault secret
+    can only be held by the same workers."""
+    from primespark.orchestration.placement import pools, worker_repositories
+
+    if fleet.backup is None:
+        return
+    holders: dict[str, set[str]] = {}
+    for site in pools(fleet).values():
+        for repository in worker_repositories(fleet, site):
+            holders.setdefault(repository, set()).add(site)
+    by_path: dict[str, list[str]] = {}
+    for name, repo in fleet.backup.repositories.items():
+        if repo.password.startswith("vault:"):
+            by_path.setdefault(repo.password.partition("#")[0], []).append(name)
+    for path, names in by_path.items():
+        for other in names[1:]:
+            if holders.get(other, set()) != holders.get(names[0], set()):
+                yield _p(("backup", "repositories", other, "password"),
+                         f"the password shares the Vault secret {path.removeprefix('vault:')} with {names[0]}'s, "
+                         "but different workers hold them: a worker's policy grants a whole secret",
+                         f"give each repository its own secret, e.g. `{path}/{other}#password`", "shared-secret-path")

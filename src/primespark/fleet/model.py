@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -546,6 +547,58 @@ class Secrets(Strict):
         "is not set.")
 
 
+DEPLOYMENT_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
+DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
+
+
+def _host_shorthand(value: object) -> object:
+    """`server: ops-1` and `edge: nas-1` stand for `{host: ops-1}` and `{host: nas-1}`."""
+    return {"host": value} if isinstance(value, str) else value
+
+
+class PrefectServer(Strict):
+    host: Name = Field(description="The host the Prefect server (API and UI) runs on: the cloud ops VM.")
+    port: int = Field(default=4200, ge=1024, le=65535)
+    database: SecretRef | None = Field(
+        default=None, description="A reference to a PostgreSQL connection URL (postgresql+asyncpg://…) the server "
+        "uses; default: SQLite on the server's host.")
+
+
+class Worker(Strict):
+    host: Name = Field(description="The host this site's worker runs on (a host of the site).")
+    limit: int = Field(default=4, ge=1, le=64, description="Flow runs the worker runs at once.")
+
+
+class DeploymentPlacement(Strict):
+    pool: Name | None = Field(default=None, description="The work pool (`spark-<site>`) instead of the one of "
+                              "the site whose hosts the deployment touches.")
+    paused: bool = Field(default=False, description="Created with its schedule paused.")
+    crash_retries: int | None = Field(
+        default=None, ge=0, le=10, description="Instead of orchestration.crash_retries for this deployment.")
+
+
+class Orchestration(Strict):
+    """Where flows run: one Prefect server, one `process` work pool per site (`spark-<site>`) with one worker."""
+
+    server: Annotated[PrefectServer, BeforeValidator(_host_shorthand)]
+    workers: dict[Name, Annotated[Worker, BeforeValidator(_host_shorthand)]] = Field(
+        default_factory=dict, description="Keyed by site: the host of that site's worker.")
+    auth: SecretRef = Field(
+        default="local:orchestration/prefect-auth",
+        description="The Prefect API's basic-auth string (`user:password`), made on first use: the server, "
+        "its workers and the CLI use it.")
+    poll_seconds: float = Field(
+        default=2, ge=0.5, le=60, description="How often a worker asks for runs to start (Prefect's default: 10).")
+    heartbeat_seconds: int = Field(
+        default=30, ge=30, le=3600, description="Flow-run heartbeats of worker runs; a run silent for two "
+        "intervals is marked Crashed.")
+    crash_retries: int = Field(
+        default=1, ge=0, le=10, description="How often a deployment's run that crashed (its worker died) is "
+        "scheduled again.")
+    deployments: dict[DeploymentName, DeploymentPlacement] = Field(
+        default_factory=dict, description="Per deployment (e.g. backup-pi-1): another pool, or paused.")
+
+
 class Fleet(Strict):
     name: Name
     domain: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")] = "fleet.internal"
@@ -559,6 +612,9 @@ class Fleet(Strict):
     services: dict[Name, Service] = Field(default_factory=dict)
     lab: Lab | None = None
     secrets: Secrets = Secrets()
+    orchestration: Orchestration | None = Field(
+        default=None, description="The Prefect server and one worker per site; without it flows run where `spark` "
+        "runs.")
     operators: dict[UserName, Operator] = Field(
         default_factory=dict, description="People who log in to every managed host, besides its SSH user."
     )

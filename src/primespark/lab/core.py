@@ -82,9 +82,31 @@ class Lab:
         self.settings = settings or get_settings()
         self.state_dir = self.settings.state_dir(fleet.name)
         self.recipe_dir = default_recipe_dir(self.settings.root)
+        # A fleet with an orchestration section runs its Prefect server on the host it names (site.yml installs
+        # it there); one without gets a server on this machine's loopback, started by `up`.
         self.prefect = PrefectServer(self.state_dir, fleet.lab.prefect_port)
         spec = plan_lab(fleet, "").openbao
         self.openbao = LabOpenBao(self.state_dir, spec) if spec is not None else None
+        self.orchestrated = fleet.orchestration is not None
+
+    @property
+    def prefect_url(self) -> str:
+        """The Prefect UI (its API under /api), as this machine reaches it."""
+        spec = self.fleet.orchestration
+        if spec is None:
+            return self.prefect.url
+        return f"http://{self.fleet.hosts[spec.server.host].address}:{spec.server.port}"
+
+    def prefect_healthy(self) -> bool:
+        if not self.orchestrated:
+            return self.prefect.healthy()
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.prefect_url}/api/health", timeout=2) as reply:  # noqa: S310 (the lab)
+                return bool(reply.status == 200)
+        except OSError:
+            return False
 
     def plan(self) -> LabPlan:
         return plan_lab(self.fleet, ssh.operator_key(self.state_dir, f"spark-{self.fleet.name}-operator"))
@@ -102,7 +124,8 @@ class Lab:
             if free < needed:
                 raise UserError(f"only {free / GIB:.1f} GiB free under {where}; the lab needs {needed / GIB:.1f} GiB",
                                 fix="free some disk space (`docker system prune` removes unused images)")
-        self.prefect.preflight()
+        if not self.orchestrated:
+            self.prefect.preflight()
         if self.openbao is not None:
             self.openbao.preflight()
         runtime.check_overlaps()
@@ -116,11 +139,11 @@ class Lab:
         report("preflight checks")
         self.preflight(runtime, image_missing=not image_exists(tag))
         # The server warms up (imports, migrations) while the image and the hosts come up.
-        prefect_started = self.prefect.start()
+        prefect_started = False if self.orchestrated else self.prefect.start()
         if prefect_started:
             report(f"starting the Prefect server on {self.prefect.url}")
         tag, built = ImageBuilder(self.recipe_dir, self.state_dir, report, detail).ensure()
-        result = UpResult(image=tag, image_built=built, prefect_url=self.prefect.url, prefect_started=prefect_started)
+        result = UpResult(image=tag, image_built=built, prefect_url=self.prefect_url, prefect_started=prefect_started)
         try:
             result.networks_created = runtime.ensure_networks(report)
             result.containers = runtime.ensure_containers(report)
@@ -141,8 +164,9 @@ class Lab:
         if built:
             for old in prune_old_images(keep=tag):
                 report(f"removed the outdated image {old}")
-        report("waiting for the Prefect server")
-        self.prefect.wait_healthy()
+        if not self.orchestrated:
+            report("waiting for the Prefect server")
+            self.prefect.wait_healthy()
         result.seconds = time.monotonic() - started
         return result
 
@@ -257,8 +281,8 @@ class Lab:
         return LabStatus(
             hosts=[r for r, s in zip(rows, plan.containers, strict=True) if s.host is not None],
             routers=[r for r, s in zip(rows, plan.containers, strict=True) if s.host is None],
-            prefect_url=self.prefect.url,
-            prefect_healthy=self.prefect.healthy(),
+            prefect_url=self.prefect_url,
+            prefect_healthy=self.prefect_healthy(),
             state_dir=self.state_dir,
             openbao_url=self.openbao.address if self.openbao is not None else "",
             openbao_state=self.openbao.state() if self.openbao is not None else "",

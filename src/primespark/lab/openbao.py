@@ -48,6 +48,19 @@ def lab_access(fleet: Fleet, state_dir: Path) -> tuple[str, str]:
     return f"http://127.0.0.1:{fleet.lab.openbao_port}", token
 
 
+def address_for(fleet: Fleet, host: str) -> str:
+    """The lab's OpenBao as `host` (a lab container) reaches it: at the bridge of its site's LAN."""
+    from primespark.lab.topology import network_name, plan_lab
+
+    plan = plan_lab(fleet, "")
+    lan = network_name(fleet, fleet.hosts[host].site)
+    gateway = next((n.gateway for n in plan.networks if n.name == lan), None)
+    if plan.openbao is None or gateway is None or gateway not in plan.openbao.listen:
+        raise SecretError(f"the lab's OpenBao does not listen on {host}'s LAN",
+                          "run services or a Prefect worker on that site (the lab then listens there)")
+    return f"http://{gateway}:{plan.openbao.port}"
+
+
 @dataclass
 class Readiness:
     """What bringing the lab's OpenBao to readiness did."""

@@ -123,8 +123,10 @@ def plan_lab(fleet: Fleet, authorized_key: str) -> LabPlan:
 def plan_openbao(fleet: Fleet, networks: list[NetworkSpec]) -> OpenBaoSpec | None:
     if fleet.lab is None or fleet.secrets.backend is not SecretBackend.vault or fleet.secrets.auth is not VaultAuth.lab:
         return None
-    # The hosts `spark up` would give an AppRole: those that run services.
+    # The hosts `spark up` would give an AppRole (those that run services) and the sites' Prefect workers.
     sites = {fleet.hosts[s.host].site for s in fleet.services.values() if s.host in fleet.hosts}
+    if fleet.orchestration is not None:
+        sites |= {site for site, worker in fleet.orchestration.workers.items() if worker.host in fleet.hosts}
     lans = {network_name(fleet, site) for site in sites}
     listen = [IPv4Address("127.0.0.1"), *(n.gateway for n in networks if n.name in lans)]
     return OpenBaoSpec(fleet.lab.openbao_port, tuple(listen), tuple(fleet.vault_mounts()))

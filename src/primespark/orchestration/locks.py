@@ -15,6 +15,9 @@ from prefect.concurrency.sync import concurrency
 
 # How long a run waits for a lock before it fails (a long backup or check may hold it that long).
 LOCK_WAIT_SECONDS = 6 * 3600
+# A held lock's lease, renewed every 45 s while its holder lives: when the holder dies (its worker or host did),
+# the server's repossessor frees the slot within this time, rather than Prefect's default 300 s.
+LOCK_LEASE_SECONDS = 60
 
 
 def repository_lock(repository: str) -> str:
@@ -35,7 +38,8 @@ def ensure_locks(names: list[str]) -> None:
 
 
 def _one(name: str) -> AbstractContextManager[None]:
-    return concurrency(name, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
+    return concurrency(name, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True,
+                       lease_duration=LOCK_LEASE_SECONDS)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet import Fleet
 
@@ -68,6 +69,9 @@ def use_lab_prefect(fleet: Fleet) -> None:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:  # noqa: S310 (loopback)
             if reply.status == 200:
                 os.environ["PREFECT_API_URL"] = url
+                from primespark.orchestration.api import refresh_prefect_settings
+
+                refresh_prefect_settings()
     except OSError:
         pass
 
@@ -92,6 +96,20 @@ def require_prefect(fleet: Fleet) -> None:
     lab = (f"start the lab's with `spark lab up --env {fleet.name}`, or " if fleet.lab is not None else "start it, or ")
     raise UserError(f"the Prefect server at {url} (from {source}) is unreachable: {problem}",
                     f"{lab}unset PREFECT_API_URL to run with a throwaway local server")
+
+
+def record_runs(ctx: FleetContext) -> str:
+    """Point this process's runs at the fleet's Prefect server (the lab's loopback one for a fleet without an
+    orchestration section); where they are recorded, to tell the operator. A configured server that does not
+    answer stops the run with the reason: the repositories' writer locks live on that server, and a run recorded
+    elsewhere would neither hold them nor show in the UI."""
+    if ctx.fleet.orchestration is None:
+        use_lab_prefect(ctx.fleet)
+        require_prefect(ctx.fleet)
+        return os.environ.get("PREFECT_API_URL", "a temporary local Prefect API")
+    from primespark.orchestration.api import use_fleet_prefect
+
+    return use_fleet_prefect(ctx)
 
 
 def run_here(flow: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,174 @@
+"""How soon a site's worker starts a run, and what an idle worker costs its host (the lab's edge worker on nas-1).
+
+Run: .venv/bin/python bench/workers.py [--runs 20] [--idle-seconds 60]. Needs root and Docker; holds the lab lock.
+A lab where `make lab` ran is used as it is; otherwise the benchmark brings it up (`spark lab up`, site.yml,
+`spark flows deploy`) and leaves it up.
+
+- Latency: from "run deployment" (the flow run's creation, as the UI's Run button makes it) to "flow running on
+  the worker" (its Running state, set by the flow's own process on nas-1), both as the server records them;
+  also to Pending (the worker took it). Median of `--runs` runs of `probe-edge` (without its SSH round), with
+  Prefect's default worker polling (PREFECT_WORKER_QUERY_SECONDS=10) and with the fleet's setting
+  (orchestration.poll_seconds, 2 s), side by side. Target: ≤ 3 s with the fleet's setting.
+- Idle cost: CPU (over `--idle-seconds` with no run) and resident memory of the worker process, and of its
+  supervisor (the lab has no systemd). A Pi has 4-8 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARK = str(ROOT / ".venv" / "bin" / "spark")
+WORKER_HOST = "nas-1"
+ENV_FILE = "/etc/primespark/spark-prefect-worker.env"
+COMMAND_FILE = "/etc/primespark/spark-prefect-worker.command"
+SUPERVISOR_PID = "/run/primespark/spark-prefect-worker.pid"
+PREFECT_DEFAULT_POLL = 10.0
+TARGET_SECONDS = 3.0
+
+
+def container(host: str) -> str:
+    return f"spark-lab-{host}"
+
+
+def on_host(script: str, timeout: float = 120) -> str:
+    done = subprocess.run(["docker", "exec", container(WORKER_HOST), "sh", "-c", script], capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"on {WORKER_HOST}: `{script[:80]}` failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def ensure_lab() -> None:
+    from primespark.context import FleetContext
+    from primespark.errors import UserError
+    from primespark.orchestration.api import use_fleet_prefect
+
+    try:
+        use_fleet_prefect(FleetContext.load("lab"))
+        return
+    except UserError as exc:
+        print(f"the lab's Prefect server does not answer ({exc.message}): bringing the lab up", flush=True)
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    for argv in ([SPARK, "lab", "up", "--env", "lab"],
+                 [str(ROOT / ".venv" / "bin" / "ansible-playbook"), "-i", "inventory/lab.fleet.yml", "site.yml"],
+                 [SPARK, "flows", "deploy", "--env", "lab"]):
+        subprocess.run(argv, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    use_fleet_prefect(FleetContext.load("lab"))
+
+
+def restart_worker(poll_seconds: float) -> None:
+    """The edge worker again, polling every `poll_seconds`; back READY before this returns."""
+    on_host(f"sed -i 's/^PREFECT_WORKER_QUERY_SECONDS=.*/PREFECT_WORKER_QUERY_SECONDS={poll_seconds}/' {ENV_FILE}")
+    venv = "/opt/primespark/venv/bin/python"
+    on_host(f"{venv} -m primespark.orchestration.supervise --name spark-prefect-worker --stop")
+    on_host(f"setsid --fork $(cat {COMMAND_FILE})")
+    wait_ready(time.monotonic())
+
+
+def wait_ready(since: float, timeout: float = 120) -> None:
+    from prefect.client.orchestration import get_client
+
+    while time.monotonic() - since < timeout:
+        with get_client(sync_client=True) as client:
+            workers = client.read_workers_for_work_pool("spark-edge")
+        online = [w for w in workers if w.status.value == "ONLINE" and w.last_heartbeat_time is not None
+                  and w.last_heartbeat_time.timestamp() > time.time() - (time.monotonic() - since)]
+        if online:
+            return
+        time.sleep(1)
+    raise SystemExit("the edge worker did not come back online")
+
+
+def one_run(poll_seconds: float) -> tuple[float, float]:
+    """(to Pending, to Running) of one probe-edge run, in seconds, as the server timed them."""
+    from prefect.client.orchestration import get_client
+
+    time.sleep(random.uniform(0, poll_seconds))  # any phase of the worker's polling
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("probe/probe-edge")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"reach": False})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            current = client.read_flow_run(run.id)
+            if current.state is not None and current.state.is_final():
+                break
+            time.sleep(0.5)
+        states = {s.type.value: s.timestamp for s in client.read_flow_run_states(run.id)}
+    created = run.created
+    if "RUNNING" not in states or created is None:
+        raise SystemExit(f"run {run.name} never ran: {sorted(states)}")
+    return ((states["PENDING"] - created).total_seconds(), (states["RUNNING"] - created).total_seconds())
+
+
+def latencies(poll_seconds: float, runs: int) -> dict[str, float]:
+    restart_worker(poll_seconds)
+    measured = [one_run(poll_seconds) for _ in range(runs)]
+    return {"pending": statistics.median(p for p, _ in measured), "running": statistics.median(r for _, r in measured),
+            "running_max": max(r for _, r in measured)}
+
+
+def idle_cost(seconds: float) -> dict[str, Any]:
+    supervisor = on_host(f"cat {SUPERVISOR_PID}").strip()
+    worker = on_host(f"pgrep -P {supervisor}").split()[0]
+    ticks = int(on_host("getconf CLK_TCK"))
+
+    def cpu(pid: str) -> int:
+        fields = on_host(f"cat /proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    def rss_mib(pid: str) -> float:
+        line = next(ln for ln in on_host(f"cat /proc/{pid}/status").splitlines() if ln.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    before = cpu(worker), cpu(supervisor)
+    time.sleep(seconds)
+    after = cpu(worker), cpu(supervisor)
+    return {"worker_cpu_percent": 100 * (after[0] - before[0]) / ticks / seconds,
+            "supervisor_cpu_percent": 100 * (after[1] - before[1]) / ticks / seconds,
+            "worker_rss_mib": rss_mib(worker), "supervisor_rss_mib": rss_mib(supervisor), "pid": worker}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=60)
+    args = parser.parse_args(argv)
+    from primespark.fleet import load_fleet
+    from primespark.lab.lock import lab_lock
+
+    fleet = load_fleet("lab")
+    assert fleet.orchestration is not None
+    ours = fleet.orchestration.poll_seconds
+    with lab_lock():
+        ensure_lab()
+        idle = idle_cost(args.idle_seconds)
+        default = latencies(PREFECT_DEFAULT_POLL, args.runs)
+        project = latencies(ours, args.runs)  # and leaves the worker as site.yml set it
+    print(f"\nrun deployment -> flow running on the edge worker ({WORKER_HOST}), median of {args.runs} runs, "
+          f"load {os.getloadavg()[0]:.1f}:")
+    print("| worker polling | to Pending (taken) | to Running (flow started) | slowest | "
+          f"target ≤ {TARGET_SECONDS:.0f} s |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, figures in ((f"Prefect's default ({PREFECT_DEFAULT_POLL:.0f} s)", default),
+                           (f"the fleet's ({ours:g} s)", project)):
+        met = "met" if figures["running"] <= TARGET_SECONDS else "not met"
+        print(f"| {label} | {figures['pending']:.2f} s | {figures['running']:.2f} s | {figures['running_max']:.2f} s "
+              f"| {met if label.startswith('the fleet') else ''} |")
+    print(f"\nidle for {args.idle_seconds:.0f} s: the worker process (pid {idle['pid']} on {WORKER_HOST}) used "
+          f"{idle['worker_cpu_percent']:.2f}% of a core and {idle['worker_rss_mib']:.0f} MiB resident; its supervisor "
+          f"{idle['supervisor_cpu_percent']:.2f}% and {idle['supervisor_rss_mib']:.0f} MiB")
+    print(f"(a Pi has 4-8 GiB: the worker takes {idle['worker_rss_mib'] / 4096:.1%} of 4 GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

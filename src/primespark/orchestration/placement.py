@@ -1,0 +1,142 @@
+"""Which deployments the fleet has, and where each runs: on the work pool of the site whose hosts it touches.
+
+Pure data from the fleet (no Prefect import): the fleet checks, `spark flows deploy`, the roles' secret material
+and the docs all ask this module, so they cannot disagree about what runs where or which secrets a worker holds.
+
+- `backup-<host>`: restic runs on the host (its snapshot is copied offsite from there too).
+- `dr-drill-<host>`: restic restores on the drill's scratch host.
+- `maintenance-<repository>`: forget, prune and check of every client's repository, opened on the repository's
+  own host (as the client's backup account, no SFTP); for a primary, also the catch-up copy to its offsite
+  copies from the client hosts, when they are all in the repository's site.
+
+A deployment opens repositories with passwords from its worker's secret store (`repositories`), except the
+target of an offsite copy: that password is read on the client host, from the file the restic role put there,
+so an edge worker never holds a cloud repository's password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from primespark.fleet.errors import Path
+from primespark.fleet.model import Fleet
+from primespark.orchestration.naming import deployment, work_pool
+
+# The pool's queues, most urgent first: a backup never waits behind a drill on a busy worker.
+QUEUES = {"backup": 1, "maintenance": 2, "dr-drill": 3, "probe": 4}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One deployment the fleet asks for."""
+
+    name: str
+    flow: str  # backup, dr-drill, maintenance (the flow's name; its queue)
+    parameters: dict[str, Any]
+    schedule: str | None  # None: run on demand only
+    hosts: tuple[str, ...]  # where its commands run
+    repositories: tuple[str, ...]  # opened with passwords from the worker's store
+    origin: Path  # the fleet entry it comes from, for located errors
+    description: str
+    tags: tuple[str, ...] = field(default=())
+
+    def site(self, fleet: Fleet) -> str:
+        """The site of the hosts it touches (the first host's, when they span sites: a fleet check says so)."""
+        return fleet.hosts[self.hosts[0]].site
+
+    def sites(self, fleet: Fleet) -> list[str]:
+        return list(dict.fromkeys(fleet.hosts[h].site for h in self.hosts if h in fleet.hosts))
+
+    def pool(self, fleet: Fleet) -> str:
+        """The work pool it is created on: the fleet's placement, or its site's pool."""
+        placed = fleet.orchestration.deployments.get(self.name) if fleet.orchestration else None
+        return placed.pool if placed is not None and placed.pool else work_pool(self.site(fleet))
+
+    def paused(self, fleet: Fleet) -> bool:
+        placed = fleet.orchestration.deployments.get(self.name) if fleet.orchestration else None
+        return placed is not None and placed.paused
+
+
+def _copies(fleet: Fleet, repository: str) -> list[str]:
+    assert fleet.backup is not None
+    return [n for n, r in fleet.backup.repositories.items() if r.copy_from == repository]
+
+
+def _clients(fleet: Fleet, repository: str) -> list[str]:
+    assert fleet.backup is not None
+    primary = fleet.backup.repositories[repository].copy_from or repository
+    return [h for h, p in fleet.backup.plans.items() if p.repository == primary]
+
+
+def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """`probe-<site>` for each site with a worker: run on demand, it says where the site's flows run and which
+    of its hosts they reach."""
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
+    out = []
+    for site in workers:
+        hosts = tuple(site_hosts(fleet, site))
+        if hosts:
+            out.append(Planned(deployment("probe", site), "probe", {"site": site, "env": env, "transport": transport},
+                               None, hosts, (), ("orchestration", "workers", site),
+                               f"where site {site}'s flows run, and which of its hosts they reach", ("probe",)))
+    return out
+
+
+def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """Every deployment of the fleet, in a stable order. Entries naming hosts or repositories the fleet lacks
+    are left out (the fleet's own checks report those)."""
+    spec = fleet.backup
+    out: list[Planned] = probes(fleet, env, transport)
+    if spec is None:
+        return out
+    scratch = spec.drill.scratch_host
+    for host, plan in spec.plans.items():
+        if host not in fleet.hosts or plan.repository not in spec.repositories:
+            continue
+        common = {"host": host, "env": env, "transport": transport}
+        out.append(Planned(
+            deployment("backup", host), "backup", common, plan.schedule, (host,), (plan.repository,),
+            ("backup", "plans", host), f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}",
+            ("backup", host, plan.repository)))
+        if scratch in fleet.hosts:
+            out.append(Planned(
+                deployment("dr-drill", host), "dr-drill", common, spec.drill.schedule, (scratch,),
+                (plan.repository,), ("backup", "drill", "scratch_host"),
+                f"restore {host}'s newest snapshot on {scratch}, verify, report", ("drill", host)))
+    for name, repo in spec.repositories.items():
+        if repo.host not in fleet.hosts:
+            continue
+        clients = [c for c in _clients(fleet, name) if c in fleet.hosts]
+        site = fleet.hosts[repo.host].site
+        # the catch-up copy runs on the clients: only where the repository's worker reaches them all
+        catch_up = bool(_copies(fleet, name)) and all(fleet.hosts[c].site == site for c in clients)
+        hosts = (repo.host, *(c for c in clients if catch_up and c != repo.host))
+        out.append(Planned(
+            deployment("maintenance", name), "maintenance",
+            {"repository": name, "env": env, "transport": transport, "offsite": catch_up, "check_copies": False,
+             "on_store": True},
+            spec.check.schedule, hosts, (name,), ("backup", "repositories", name, "host"),
+            f"forget/prune, check --read-data-subset {spec.check.read_data_subset} on {repo.host}"
+            + (", catch up the offsite copies" if catch_up else ""), ("maintenance", name)))
+    return out
+
+
+def pools(fleet: Fleet) -> dict[str, str]:
+    """Work pool → its site: one pool per site that has a worker."""
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
+    return {work_pool(site): site for site in workers}
+
+
+def worker_repositories(fleet: Fleet, site: str) -> list[str]:
+    """The repositories whose passwords the worker of `site` holds: those its pool's deployments open."""
+    pool = work_pool(site)
+    found = [r for d in planned_deployments(fleet, fleet.name) if d.pool(fleet) == pool for r in d.repositories]
+    return sorted(set(found))
+
+
+def site_hosts(fleet: Fleet, site: str) -> list[str]:
+    """The hosts a site's worker reaches over SSH (its key is authorised there): the site's managed hosts."""
+    from primespark.inventory import managed_hosts
+
+    return [h for h in managed_hosts(fleet) if fleet.hosts[h].site == site]

@@ -1,0 +1,288 @@
+"""End to end in the lab: flows run on the sites' workers (docs/workers.md).
+
+site.yml installs the Prefect server on ops-1 and a worker per site (nas-1 for the edge, ops-1 for the cloud);
+`spark flows deploy` fills the pools. Runs are created through the API as the UI's Run button does, and must run
+on the worker of the site whose hosts they touch, never on this machine. A worker that dies mid-backup (`kill -9`
+of its process; separately, its container stopped) leaves no run Running: it is Crashed within two minutes, its
+repository's slot is free, its pool NOT_READY; once the worker is back the rescheduled run completes once. Each
+worker holds its own site's secrets only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from primespark.playbook import RunResult, run_ansible
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+SPARK = str(REPO / ".venv" / "bin" / "spark")
+WORKER_HOME = "/var/lib/primespark/worker"
+WORKER_ENV = "/etc/primespark/spark-prefect-worker.env"
+SUPERVISOR_PID = "/run/primespark/spark-prefect-worker.pid"
+TWO_MINUTES = 120
+
+
+def playbook(lab, book: str, limit: str | None = None) -> RunResult:
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=book, limit=limit, root=REPO)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    return run
+
+
+def spark(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # the CLI finds the server itself
+    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def workers(lab, prefect) -> Any:
+    """site.yml (server, worker keys, workers), then the fleet's deployments on the pools."""
+    playbook(lab, "site.yml")
+    done = spark("flows", "deploy", "--env", lab.fleet.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def client():  # type: ignore[no-untyped-def]
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def trigger(name: str, parameters: dict[str, Any] | None = None) -> UUID:
+    """A run of deployment `name` created through the API, as the UI's Run button does."""
+    with client() as api:
+        deployment = api.read_deployment_by_name(name)
+        return api.create_flow_run_from_deployment(deployment.id, parameters=parameters or {}).id
+
+
+def flow_processes_here(run_id: UUID) -> list[int]:
+    """Processes on this machine that run (or ran) flow run `run_id`."""
+    found = []
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def finish(run_id: UUID, timeout: float = 600) -> Any:
+    """Wait for the run's end, checking all along that no process here runs it."""
+    here: list[int] = []
+
+    def done() -> Any:
+        here.extend(flow_processes_here(run_id))
+        with client() as api:
+            run = api.read_flow_run(run_id)
+        return run if run.state is not None and run.state.is_final() else None
+
+    run = until(f"run {run_id} to end", done, timeout, every=0.5)
+    assert not here, f"flow run {run_id} ran on the controller: pids {here}"
+    return run
+
+
+def snapshots_of(host: str) -> list[str]:
+    from primespark.backup.repositories import plan_of, restic_for
+    from primespark.context import FleetContext
+
+    ctx = FleetContext.load("lab", "ssh")
+    return [s.id for s in restic_for(ctx, plan_of(ctx, host).repository, host).snapshots(tags=["primespark-backup"])]
+
+
+def test_deploy_twice_the_second_changes_nothing(lab, workers):
+    assert "created" in workers.stdout or "nothing changed" in workers.stdout
+    again = spark("flows", "deploy", "--env", lab.fleet.name)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing changed" in again.stdout, again.stdout
+
+
+def test_both_pools_are_ready_with_one_worker_each(lab, workers):
+    spec = lab.fleet.orchestration
+    for site, worker in spec.workers.items():
+        pool = f"spark-{site}"
+
+        def ready(pool: str = pool) -> bool:
+            with client() as api:
+                return api.read_work_pool(pool).status.value == "READY"
+
+        until(f"{pool} READY", ready, 90)
+        with client() as api:
+            online = [w.name for w in api.read_workers_for_work_pool(pool) if w.status.value == "ONLINE"]
+        assert online == [worker.host], (pool, online)
+    status = spark("flows", "status", "--env", lab.fleet.name)
+    assert status.returncode == 0 and status.stdout.count("READY") == 2, status.stdout + status.stderr
+
+
+def test_an_edge_backup_triggered_through_the_api_runs_on_the_edge_worker(lab, workers):
+    before = snapshots_of("pi-1")
+    run = finish(trigger("backup/backup-pi-1"))
+    assert run.state.is_completed(), run.state
+    assert run.work_pool_name == "spark-edge" and run.infrastructure_pid.startswith("nas-1:"), run
+    assert len(snapshots_of("pi-1")) == len(before) + 1
+
+
+def test_a_cloud_deployment_runs_on_the_cloud_worker(lab, workers):
+    for host in lab.fleet.backup.plans:  # every client's repository exists (and is copied offsite) first
+        assert finish(trigger(f"backup/backup-{host}")).state.is_completed()
+    run = finish(trigger("maintenance/maintenance-offsite"))
+    assert run.state.is_completed(), run.state
+    assert run.work_pool_name == "spark-cloud" and run.infrastructure_pid.startswith("ops-1:"), run
+
+
+def test_each_probe_reaches_its_sites_hosts_from_its_worker(lab, workers):
+    for site in lab.fleet.orchestration.workers:
+        done = spark("flows", "probe", site, "--env", lab.fleet.name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"on {lab.fleet.orchestration.workers[site].host}" in done.stdout
+
+
+# --- a worker that dies ---------------------------------------------------------------------------------------
+
+
+def worker_pid(lab) -> int:
+    supervisor = lab.exec("nas-1", f"cat {SUPERVISOR_PID}").stdout.strip()
+    found = lab.exec("nas-1", f"pgrep -P {supervisor}").stdout.split()
+    assert len(found) == 1, found
+    return int(found[0])
+
+
+def fresh_data(lab, host: str, megabytes: int) -> None:
+    """New random data on the host: its backup then takes long enough to be killed in the middle."""
+    root = lab.fleet.backup.plans[host].paths[0]
+    done = lab.exec(host, f"mkdir -p {root} && head -c {megabytes}M /dev/urandom > {root}/large.bin", timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def lock_slots(repository: str) -> int:
+    from primespark.orchestration.locks import repository_lock
+
+    with client() as api:
+        return int(api.read_global_concurrency_limit_by_name(repository_lock(repository)).active_slots)
+
+
+def state_types(run_id: UUID) -> list[str]:
+    with client() as api:
+        return [s.type.value for s in api.read_flow_run_states(run_id)]
+
+
+def pool_status(pool: str) -> str:
+    with client() as api:
+        return str(api.read_work_pool(pool).status.value)
+
+
+def backup_killed_midway(lab, kill: Callable[[], None], bring_back: Callable[[], None]) -> None:
+    """A backup of pi-2 on the edge worker, the worker killed while restic writes; the Must-show checks."""
+    host, repository = "pi-2", lab.fleet.backup.plans["pi-2"].repository
+    fresh_data(lab, host, 600)
+    before = snapshots_of(host)
+    run_id = trigger(f"backup/backup-{host}")
+    until("the backup holds its repository's lock", lambda: "RUNNING" in state_types(run_id)
+          and lock_slots(repository) == 1, 300)
+    killed = time.monotonic()
+    kill()
+    until("Crashed", lambda: "CRASHED" in state_types(run_id), TWO_MINUTES)
+    crashed = time.monotonic() - killed
+    with client() as api:
+        assert not api.read_flow_run(run_id).state.is_running()
+    until("the repository's slot free", lambda: lock_slots(repository) == 0, TWO_MINUTES - crashed)
+    until("spark-edge NOT_READY", lambda: pool_status("spark-edge") == "NOT_READY",
+          TWO_MINUTES - (time.monotonic() - killed))
+    assert time.monotonic() - killed <= TWO_MINUTES
+    bring_back()
+    run = finish(run_id, timeout=900)
+    assert run.state.is_completed(), run.state
+    assert run.run_count == 2 and state_types(run_id).count("COMPLETED") == 1
+    assert len(snapshots_of(host)) == len(before) + 1, "exactly one new snapshot from the rescheduled run"
+    print(f"Crashed {crashed:.0f} s after the kill")
+
+
+def test_worker_killed_with_kill_9_mid_backup(lab, workers):
+    def kill() -> None:
+        pid = worker_pid(lab)
+        assert lab.exec("nas-1", f"kill -9 {pid}").returncode == 0
+
+    backup_killed_midway(lab, kill, lambda: playbook(lab, "site.yml", limit="nas-1"))
+
+
+def test_worker_container_stopped_mid_backup(lab, workers):
+    def kill() -> None:
+        subprocess.run(["docker", "stop", lab.container("nas-1")], check=True, capture_output=True, timeout=60)
+
+    def bring_back() -> None:
+        lab.lab.up()  # starts the stopped container
+        playbook(lab, "site.yml", limit="nas-1")  # its mesh interface and its worker come back
+
+    backup_killed_midway(lab, kill, bring_back)
+
+
+# --- what each worker holds --------------------------------------------------------------------------------
+
+
+def material(lab, host: str) -> dict[str, str]:
+    listing = lab.exec(host, f"find {WORKER_HOME}/state {WORKER_ENV} -type f").stdout.split()
+    return {path: lab.exec(host, f"cat {path}").stdout for path in listing}
+
+
+def test_each_worker_holds_its_own_sites_secrets_only(lab, workers):
+    from primespark.context import FleetContext
+    from primespark.orchestration.material import worker_key
+    from primespark.secrets import read_reference
+
+    ctx = FleetContext.load("lab")
+    passwords = {name: read_reference(repo.password, ctx.secrets)
+                 for name, repo in ctx.fleet.backup.repositories.items()}
+    controller_key = (lab.state_dir / "ssh" / "id_ed25519").read_text()
+    edge, cloud = material(lab, "nas-1"), material(lab, "ops-1")
+    secrets_of = {h: sorted(p.removeprefix(f"{WORKER_HOME}/state/secrets/") for p in m if "/secrets/" in p)
+                  for h, m in (("nas-1", edge), ("ops-1", cloud))}
+    print(f"edge worker: {sorted(edge)}\ncloud worker: {sorted(cloud)}")
+    assert secrets_of == {"nas-1": ["restic/nas-primary"], "ops-1": ["restic/offsite"]}
+    assert not any(passwords["offsite"] in text for text in edge.values()), "a cloud password on the edge worker"
+    assert not any(passwords["nas-primary"] in text for text in cloud.values()), "an edge password in the cloud"
+    assert not any(controller_key.strip() in text for m in (edge, cloud) for text in m.values())
+    for path in (f"{WORKER_HOME}/state/ssh/id_ed25519", WORKER_ENV):
+        assert lab.exec("nas-1", f"stat -c %a {path}").stdout.strip() == "600"
+
+    keys = {site: worker_key(ctx, site).public_line.split()[1] for site in ("edge", "cloud")}
+    for host in ("pi-1", "nas-1", "core-1", "ops-1"):
+        authorized = lab.exec(host, "cat /home/spark/.ssh/authorized_keys").stdout
+        site = lab.fleet.hosts[host].site
+        other = "cloud" if site == "edge" else "edge"
+        assert keys[site] in authorized and keys[other] not in authorized, host
+
+    from primespark.orchestration.material import mesh_address
+
+    def login(worker: str, target: str, address: str) -> subprocess.CompletedProcess[str]:
+        return lab.exec(worker, f"ssh -i {WORKER_HOME}/state/ssh/id_ed25519 -o BatchMode=yes -o ConnectTimeout=5 "
+                        "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                        f"spark@{address} sudo -n true", timeout=60)
+
+    assert login("nas-1", "pi-1", str(lab.fleet.hosts["pi-1"].address)).returncode == 0
+    assert login("ops-1", "core-1", str(lab.fleet.hosts["core-1"].address)).returncode == 0
+    for worker, target in (("nas-1", "ops-1"), ("ops-1", "pi-1")):
+        denied = login(worker, target, str(mesh_address(ctx, target, worker)))
+        assert denied.returncode != 0 and "Permission denied (publickey)" in denied.stderr, (worker, target,
+                                                                                               denied.stderr)

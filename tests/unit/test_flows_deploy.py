@@ -1,0 +1,204 @@
+"""`spark flows deploy` against a real Prefect server started the way the prefect_server role starts it
+(`primespark.orchestration.serve_api`, two listen addresses, API basic auth), on loopback: pools, queues,
+deployments and automations made to match the fleet, idempotently; a plan the fleet lost is removed; a server
+that is down or refuses the auth string is one clear line naming the address."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+from primespark.context import FleetContext
+from primespark.orchestration.deploy import deploy
+from primespark.orchestration.material import auth_string
+
+REPO = Path(__file__).resolve().parents[2]
+SPARK = Path(sys.executable).parent / "spark"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    auth: str
+    port: int
+    home: Path
+
+
+def start_server(home: Path, auth: str, port: int, binds: list[str]) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SPARK_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL="/api")
+    argv = [sys.executable, "-m", "primespark.orchestration.serve_api", "--port", str(port)]
+    for address in binds:
+        argv += ["--bind", address]
+    return subprocess.Popen(argv, env=env, stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], home: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (home / "server.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the server did not answer: " + (home / "server.log").read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("state")
+    old = os.environ.get("SPARK_STATE_DIR")
+    os.environ["SPARK_STATE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SPARK_STATE_DIR", None)
+    else:
+        os.environ["SPARK_STATE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def server(state: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    auth = auth_string(FleetContext.load("lab"))  # made in the store, as the role's lookup makes it
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    process = start_server(home, auth, port, ["127.0.0.1", "127.0.0.2"])
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(url, process, home)
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}):
+            yield Server(url, auth, port, home)
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+def get(url: str, auth: str | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_server_listens_on_its_addresses_only_and_wants_the_auth_string(server: Server) -> None:
+    for address in ("127.0.0.1", "127.0.0.2"):
+        assert get(f"http://{address}:{server.port}/api/health") == 200
+        assert get(f"http://{address}:{server.port}/api/admin/version") == 401
+        assert get(f"http://{address}:{server.port}/api/admin/version", server.auth) == 200
+        assert get(f"http://{address}:{server.port}/api/admin/version", "spark:wrong") == 401
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.3", server.port), timeout=2).close()
+
+
+def test_deploy_makes_pools_queues_deployments_automations_then_changes_nothing(server: Server) -> None:
+    from prefect.client.orchestration import get_client
+
+    ctx = FleetContext.load("lab")
+    first = deploy(ctx)
+    assert {"work pool spark-edge", "work pool spark-cloud", "queue spark-edge/backup", "lock restic-offsite",
+            "deployment backup-pi-1", "deployment maintenance-offsite"} <= set(first.created), first
+    assert sum(w.startswith("automation") for w in first.created) == 2
+    second = deploy(ctx)
+    assert not second.changed, second
+    assert len(second.unchanged) == len(first.created) + len(first.updated) + len(first.unchanged)
+    with get_client(sync_client=True) as client:
+        edge = client.read_deployment_by_name("backup/backup-pi-1")
+        cloud = client.read_deployment_by_name("maintenance/maintenance-offsite")
+        pool = client.read_work_pool("spark-edge")
+        queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="spark-edge")}
+        automations = [a for a in client.read_automations() if a.name.startswith("spark lab:")]
+    assert edge.work_pool_name == "spark-edge" and edge.work_queue_name == "backup"
+    assert edge.entrypoint == "flows.backup.backup" and not edge.pull_steps  # the worker has the code installed
+    assert edge.schedules[0].schedule.cron == "15 * * * *" and edge.schedules[0].schedule.timezone == "UTC"
+    assert edge.parameters == {"host": "pi-1", "env": "lab", "transport": "ssh"}
+    assert {"fleet:lab", "crash-retries:1"} <= set(edge.tags)
+    assert cloud.work_pool_name == "spark-cloud" and cloud.parameters["on_store"] is True
+    assert pool.type == "process" and pool.status is not None and pool.status.value == "NOT_READY"  # no worker yet
+    assert queues["backup"] < queues["maintenance"] < queues["dr-drill"]
+    crash = next(a for a in automations if "heartbeat" in a.name)
+    assert crash.trigger.posture.value == "Proactive" and crash.trigger.within.total_seconds() == 60
+    assert crash.actions[0].state.value == "CRASHED"
+    again = next(a for a in automations if "reschedule" in a.name)
+    assert again.trigger.match.get("prefect.run-count") == ["1"]  # type: ignore[union-attr]
+    assert again.actions[0].state.value == "SCHEDULED" and again.actions[0].name == "AwaitingRetry"
+
+
+def test_a_plan_the_fleet_lost_loses_its_deployments(server: Server, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deploy(FleetContext.load("lab"))
+    text = (REPO / "inventory" / "lab.yaml").read_text()
+    lost = tmp_path / "lab.yaml"
+    lost.write_text(text.replace('    pi-2: {repository: nas-primary, paths: [/srv/hot], excludes: ["*.tmp"], '
+                                 'schedule: "20 * * * *"}\n', ""))
+    assert lost.read_text() != text
+    report = deploy(FleetContext.load(str(lost)))
+    assert sorted(report.removed) == ["deployment backup-pi-2", "deployment dr-drill-pi-2"], report
+    with get_client(sync_client=True) as client, pytest.raises(ObjectNotFound):
+        client.read_deployment_by_name("backup/backup-pi-2")
+    assert sorted(deploy(FleetContext.load("lab")).created) == ["deployment backup-pi-2", "deployment dr-drill-pi-2"]
+
+
+def spark(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SPARK), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env}, cwd=REPO)
+
+
+def test_deploy_and_on_worker_say_in_one_line_that_the_server_is_down(state: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    for args in (["flows", "deploy", "--env", "lab"], ["backup", "now", "pi-1", "--env", "lab", "--on-worker"],
+                 ["drill", "run", "pi-1", "--env", "lab", "--on-worker"]):
+        done = spark(*args, env={"PREFECT_API_URL": url, "SPARK_STATE_DIR": str(state)})
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        first = done.stderr.splitlines()[0]
+        assert first.startswith("error: the Prefect server at ") and url in first and "does not answer" in first
+
+
+def test_a_server_refusing_the_auth_string_is_named(server: Server, state: Path, tmp_path: Path) -> None:
+    other = tmp_path / "state"
+    other.mkdir()
+    done = spark("flows", "deploy", "--env", "lab", env={"PREFECT_API_URL": server.url, "SPARK_STATE_DIR": str(other)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"the Prefect server at {server.url} refused the API auth string (401)" in done.stderr.splitlines()[0]
+
+
+def test_serve_is_for_a_fleet_without_workers(state: Path) -> None:
+    done = spark("flows", "serve", "--env", "lab", env={"SPARK_STATE_DIR": str(state)})
+    assert done.returncode == 1 and "runs its flows on its workers" in done.stderr
+
+
+def test_status_and_on_worker_talk_to_the_fleets_server_and_refuse_a_pool_without_a_worker(server: Server,
+                                                                                            state: Path) -> None:
+    deploy(FleetContext.load("lab"))
+    env = {"PREFECT_API_URL": server.url, "SPARK_STATE_DIR": str(state)}
+    status = spark("flows", "status", "--env", "lab", env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("NOT_READY") == 2 and "missing" not in status.stdout  # the fleet's server, not a
+    # temporary local one (Prefect reads its settings once, when imported)
+    done = spark("backup", "now", "pi-1", "--env", "lab", "--on-worker", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "work pool spark-edge has no worker online (NOT_READY)" in done.stderr.splitlines()[0]
