@@ -492,7 +492,8 @@ def store_for(fleet: Fleet, env: str, settings: Settings) -> SecretStore:
     sets SPARK_SECRET_READ_ONLY, and with Vault its own AppRole) the store only reads."""
     store: SecretStore
     if fleet.secrets.backend is SecretBackend.vault:
-        store = worker_vault_store(fleet, env, settings) if settings.vault_role_id else vault_store(fleet, env, settings)
+        worker = settings.vault_role_id is not None
+        store = worker_vault_store(fleet, env, settings) if worker else vault_store(fleet, env, settings)
     else:
         _refuse_other_settings(fleet.secrets, env, settings)
         store = LocalSecretStore(settings.state_dir(env) / "secrets")

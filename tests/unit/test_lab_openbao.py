@@ -38,15 +38,17 @@ def bao(tmp_path: Path) -> Iterator[LabOpenBao]:
         server.stop()
 
 
-def test_plan_listens_on_loopback_and_on_the_lan_of_hosts_with_service_secrets() -> None:
+def test_plan_listens_on_loopback_and_on_the_lan_of_hosts_with_service_secrets_or_a_worker() -> None:
     fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
     plan = plan_lab(fleet, "ssh-ed25519 AAAA test")
     spec = plan.openbao
     assert spec is not None and spec.port == fleet.lab.openbao_port and spec.mounts == ("secret",)
     service_sites = {fleet.hosts[s.host].site for s in fleet.services.values()}
     assert service_sites == {"cloud"}
-    cloud_lan = next(n for n in plan.networks if n.name == network_name(fleet, "cloud"))
-    assert spec.listen == (IPv4Address("127.0.0.1"), cloud_lan.gateway)  # this machine on the cloud LAN
+    assert fleet.orchestration is not None and set(fleet.orchestration.workers) == {"edge", "cloud"}
+    lans = [n.gateway for n in plan.networks if n.name in (network_name(fleet, "edge"), network_name(fleet, "cloud"))]
+    # this machine on the cloud LAN (service hosts) and on the edge LAN (the edge worker logs in there)
+    assert spec.listen[0] == IPv4Address("127.0.0.1") and sorted(spec.listen[1:]) == sorted(lans) and len(lans) == 2
     assert spec.address == f"http://127.0.0.1:{fleet.lab.openbao_port}"
     # A lab on the local store runs no OpenBao.
     data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())

@@ -65,13 +65,13 @@ def test_each_worker_has_a_key_of_its_own_never_the_controllers(lab_state, lab_e
     keys = {edge["ssh_public_key"].split()[1], cloud["ssh_public_key"].split()[1]}
     assert len(keys) == 2 and operator not in keys
     assert edge["ssh_public_key"].endswith(" spark-worker-edge@lab")
-    assert authorized_worker_keys(lab_state.settings.root, "pi-1") == [edge["ssh_public_key"]]
-    assert authorized_worker_keys(lab_state.settings.root, "core-1") == [cloud["ssh_public_key"]]
+    assert authorized_worker_keys(lab_env, "pi-1") == [edge["ssh_public_key"]]
+    assert authorized_worker_keys(lab_env, "core-1") == [cloud["ssh_public_key"]]
     assert worker_material(lab_env, "nas-1")["ssh_private_key"] == edge["ssh_private_key"]  # made once
 
 
 def test_the_server_listens_on_its_lan_and_mesh_addresses(lab_state, lab_env) -> None:  # type: ignore[no-untyped-def]
-    server = server_material(lab_state.settings.root, "ops-1")
+    server = server_material(lab_env, "ops-1")
     lan, mesh = server["addresses"]
     assert lan == "172.30.2.14" and mesh in [str(a) for a in IPv4Network("10.99.0.0/24")]
     assert server["port"] == 4200 and server["database_url"] is None

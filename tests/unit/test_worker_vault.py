@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from lab_fleets import lab_fleet
 
 from primespark.backup.repositories import password
