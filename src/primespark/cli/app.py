@@ -14,6 +14,7 @@ from primespark.cli import mesh as mesh_commands
 from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
 from primespark.cli import secrets as secrets_commands
+from primespark.cli import sync as sync_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -32,6 +33,7 @@ preflight_commands.register(app)
 app.add_typer(backup_commands.app, name="backup")
 app.add_typer(drill_commands.app, name="drill")
 app.add_typer(secrets_commands.app, name="secrets")
+app.add_typer(sync_commands.app, name="sync")
 plan_commands.register(app)
 
 

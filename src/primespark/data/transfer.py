@@ -50,7 +50,7 @@ IO_TIMEOUT_SECONDS = 120  # rsync's --timeout: a connection silent this long is 
 PARTIAL_TRANSFER = 23
 VANISHED = 24
 MAX_DELETE_REACHED = 25
-_TRANSIENT = {10: "socket I/O error", 11: "file I/O error", 12: "the connection broke", 14: "IPC error",
+_TRANSIENT = {10: "socket I/O error", 12: "the connection broke", 14: "IPC error",
               20: "interrupted", 30: "timed out", 35: "timed out", 255: "the destination did not answer"}
 
 
@@ -163,6 +163,8 @@ class TransferPlan:
             args.append(f"--stop-at={self.stop_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M')}")
         if self.route.rsh:
             args += ["-e", " ".join(self.route.rsh)]
+        else:
+            args.append("--mkpath")  # a folder on this host: made if missing (a remote one is the sync role's)
         args += [f"--include={p}" for p in self.include]
         args += [f"--exclude={p}" for p in (*self.exclude, RSYNC_TEMP_PATTERN)]
         return [*args, self.source.rstrip("/") + "/", self.route.destination(self.destination)]

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from itertools import combinations
+from typing import TYPE_CHECKING
 
-from primespark.data.layout import HOST_PLACEHOLDER, Link, links, overlap, source_hosts, tier_folder
 from primespark.fleet.errors import Path, Problem
 from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, TierName, Topology
+
+if TYPE_CHECKING:
+    from primespark.data.layout import Link
 
 
 def cross_check(fleet: Fleet) -> list[Problem]:
@@ -256,6 +259,7 @@ def _owned_folders(fleet: Fleet, host: str) -> Iterator[tuple[str, str]]:
 
 def _sync_destination(fleet: Fleet, link: Link) -> Iterator[Problem]:
     """A link's destination against the tiers, backups and the route from its source."""
+    from primespark.data.layout import overlap, tier_folder
     where = ("sync", "jobs", link.job, "destination")
     if link.local and overlap(link.source_path, link.destination_path):
         yield _p(where, f"source and destination overlap on {link.source} ({link.source_path} and "
@@ -289,6 +293,9 @@ def _sync_destination(fleet: Fleet, link: Link) -> Iterator[Problem]:
 
 
 def _sync(fleet: Fleet) -> Iterator[Problem]:
+    # Imported here: the layout is built on the fleet model, and the fleet package loads before it.
+    from primespark.data.layout import HOST_PLACEHOLDER, links, overlap, source_hosts
+
     if fleet.sync is None:
         return
     written: list[Link] = []  # every link checked so far

@@ -485,7 +485,8 @@ class SyncJob(Strict):
         default=False, description="No transfers during the source host's power.quiet_hours.")
     max_delete: int | None = Field(
         default=None, ge=0, le=100_000_000,
-        description=f"A mirror deletes at most this many files in one run, else none (default {MAX_DELETE_DEFAULT}).")
+        description=f"A mirror deletes at most this many files and folders in one run, else none (default "
+        f"{MAX_DELETE_DEFAULT}).")
     continuous: bool = Field(default=False, description="Changes reach the destination within seconds (a watcher "
                              "on the source host; a full pass when it starts).")
     schedule: Cron | None = Field(default=None, description="Full passes on this schedule.")
