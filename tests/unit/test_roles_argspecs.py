@@ -18,7 +18,8 @@ from primespark.fleet import load_fleet
 from primespark.inventory import build_inventory
 
 REPO = Path(__file__).resolve().parents[2]
-ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1"}
+ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1",
+             "sync": "nas-1", "lab_generator": "pi-1"}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,9 @@ BAD = [
     ("nas", "spark_backup_accounts", [{"client": "pi-1", "nas": "nas-1", "repository": "r", "chroot": "/x",
                                        "path": "/repo"}], "user"),
     ("common", "spark_operators", [{"name": "ada", "keys": "not-a-list-of-keys", "sudo": "maybe"}], "sudo"),
+    ("sync", "spark_sync_accounts", [{"job": "x", "user": "sync-x", "mode": "both-ways", "roots": []}],
+     "mode must be one of"),
+    ("lab_generator", "spark_lab", "perhaps", "spark_lab"),
 ]
 
 
