@@ -50,8 +50,10 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 # Anything that touches the lab holds the lab lock (/tmp/spark-lab.lock): the lab is one shared thing on
 # the machine. `spark lab locked` is `flock` that does not deadlock when make itself runs under flock.
 LAB_LOCK := $(SPARK) lab locked --
-# The main job's operations: back up every host with a plan (and copy offsite), then drill every one.
-LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV)
+# The main job's operations: back up every host with a plan (and copy offsite), then drill every one; then a pass
+# of every sync job (the Pis' hot tiers to the NAS, the NAS to the cloud) and where each link stands.
+LAB_FLOWS := $(SPARK) backup now --env $(ENV) && $(SPARK) drill run --env $(ENV) && \
+	$(SPARK) sync run --env $(ENV) && $(SPARK) sync status --env $(ENV)
 
 lab: setup  ## bring up the lab fleet, apply site.yml, run the flows once, say what to look at next
 	$(SPARK) validate --env $(ENV)

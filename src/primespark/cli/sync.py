@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
@@ -84,7 +85,8 @@ def _print_passes(result: dict[str, Any]) -> None:
 
 @app.command("run")
 def run(
-    job: JobArg,
+    job: Annotated[str | None, typer.Argument(help="A sync job (`spark sync ls`); every job, in the fleet's order, "
+                                              "if omitted.")] = None,
     env: EnvOption = "lab",
     source: SourceOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
@@ -92,10 +94,17 @@ def run(
     accept_empty_source: Annotated[bool, typer.Option(
         "--accept-empty-source", help="A mirror's source really was emptied: let it delete what it held.")] = False,
     transport: TransportOption = "ssh",
+    as_json: Annotated[bool, typer.Option("--json", help="Print each run's result as one JSON line.")] = False,
 ) -> None:
     """A full pass of JOB now, here (every link, or `--source`'s): probe, transfer, delete (a mirror), verify."""
     ctx = FleetContext.load(env, transport_of(transport))
-    core.links_of(ctx.fleet, job, source)  # a clear error for an unknown job or source, before Prefect loads
+    jobs = [job] if job is not None else list(ctx.fleet.sync.jobs) if ctx.fleet.sync else []
+    if not jobs:
+        raise UserError(f"fleet {ctx.fleet.name} has no sync jobs", "add a `sync:` section to the fleet file")
+    if source is not None and job is None:
+        raise UserError("--source needs a JOB", "name the job: `spark sync run JOB --source HOST`")
+    for name in jobs:  # a clear error for an unknown job or source, before Prefect loads
+        core.links_of(ctx.fleet, name, source)
     if bwlimit is not None and bwlimit != "off":
         try:
             rate_kib(bwlimit)
@@ -105,9 +114,13 @@ def run(
     from primespark.orchestration.runs import run_here, use_lab_prefect
 
     use_lab_prefect(ctx.fleet)
-    result = run_here(sync, job, env, transport, source=source, dry_run=dry_run, bwlimit=bwlimit,
-                      accept_empty_source=accept_empty_source)
-    _print_passes(result)
+    for name in jobs:
+        result = run_here(sync, name, env, transport, source=source, dry_run=dry_run, bwlimit=bwlimit,
+                          accept_empty_source=accept_empty_source)
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            _print_passes(result)
 
 
 @app.command("status")

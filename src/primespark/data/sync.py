@@ -464,7 +464,8 @@ class PassResult:
     finished: float
     files_sent: int = 0
     bytes_sent: int = 0
-    literal_bytes: int = 0
+    literal_bytes: int = 0  # file data sent as is (the rest matched what the destination had)
+    transfer_seconds: float = 0.0  # rsync's own run time (the pass adds its probe, verification, bookkeeping)
     deleted: int = 0
     skipped: int = 0
     source_files: int | None = None
@@ -504,7 +505,7 @@ def pass_result(link: Link, kind: str, started: float, report: TransferReport | 
         sent = report.sent
         delays = lags(sent, finished, changed_at)
         result = replace(result, files_sent=len(sent), bytes_sent=report.bytes_sent,
-                         literal_bytes=report.literal_bytes, skipped=report.skipped,
+                         literal_bytes=report.literal_bytes, transfer_seconds=report.seconds, skipped=report.skipped,
                          source_files=report.source_files if report.plan.files is None else None,
                          lag_p50=statistics.median(delays) if delays else None,
                          lag_max=max(delays) if delays else None, sent=[i.path for i in sent[:LIST_LIMIT]])
