@@ -52,9 +52,11 @@ docker:  ## start the Docker daemon where nothing else does (no systemd, as in C
 LAB_LOCK := $(SPARK) lab locked --
 # The main job's operations: create the deployments on the sites' work pools (site.yml installed the workers), back
 # up every host with a plan (and copy offsite) and drill every one on the workers, then maintain and check the
-# repositories and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
+# repositories, a pass of every sync job (the Pis' hot tiers to the NAS, the NAS to the cloud) and where each link
+# stands, and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
 LAB_FLOWS := $(SPARK) flows deploy --env $(ENV) && $(SPARK) backup now --env $(ENV) --on-worker \
 	&& $(SPARK) drill run --env $(ENV) --on-worker && $(SPARK) backup maintain --env $(ENV) \
+	&& $(SPARK) sync run --env $(ENV) && $(SPARK) sync status --env $(ENV) \
 	&& $(SPARK) mesh check --env $(ENV) --publish
 
 lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run the flows once, say what to look at next

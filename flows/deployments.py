@@ -7,6 +7,10 @@ per plan (the plan's cron), `dr-drill-<host>` per plan (the drill schedule), `ma
 repository (the check schedule), all in the fleet's time zone. On a pool, each names its flow by module path
 (`flows.backup.backup`): the workers have this project installed, nothing is pulled at run time. `probe-<site>`
 (unscheduled) says where a site's flows run and which of its hosts they reach.
+Per sync job (the source's site runs it): `sync-<job>` (a full pass; on the job's schedule, if it has one),
+`sync-check-<job>` (the full checksum compare, on its check_schedule) and, for a continuous job,
+`sync-watch-<job>` (no schedule: one long run that watches the sources; `spark sync watch` runs the same flow in
+the foreground).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from flows.backup import backup
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
 from flows.probe import probe
+from flows.sync import sync, sync_check, sync_watch
 from primespark.fleet import Fleet
 from primespark.orchestration.placement import Planned, planned_deployments
 
 FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance,
-                                    "probe": probe}
+                                    "probe": probe, "sync": sync, "sync-check": sync_check, "sync-watch": sync_watch}
 OWNER_TAG = "primespark"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from primespark.data.layout import links
 from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
 from primespark.monitoring import paths as monitoring_paths
@@ -78,7 +79,12 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_backup_accounts": [a for a in backup_accounts(fleet) if a["nas"] == name],
         "spark_backup_target": next((a for a in backup_accounts(fleet) if a["client"] == name), None),
         "spark_backup_paths": backup_paths(fleet, name),
-        # A lab fleet's hosts are containers made for it: the lab_data role fills their backup paths.
+        # Sync jobs (primespark.data.sync): the accounts this host keeps as a destination, the links it pushes.
+        "spark_sync_accounts": sync_accounts_on(fleet, name),
+        "spark_sync_pushes": sync_pushes_from(fleet, name),
+        "spark_sync_client_dir": fleet.sync.client_dir if fleet.sync else "/etc/primespark/sync",
+        # A lab fleet's hosts are containers made for it: lab-only roles (lab_data fills the backup paths, the
+        # data generator writes into the hot tier) run there only.
         "spark_lab": fleet.lab is not None,
         # the Prefect server's port, opened to the management networks (LAN and overlay) by the hardening role
         "spark_prefect_server_port": (fleet.orchestration.server.port if fleet.orchestration is not None
@@ -110,6 +116,24 @@ def monitoring_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "secrets_dir": monitoring_paths.SECRETS_DIR if native else monitoring_paths.HOST_SECRETS_DIR,
         "retention": fleet.monitoring.retention,
     }
+
+
+def sync_accounts_on(fleet: Fleet, name: str) -> list[dict[str, Any]]:
+    """The sync accounts `name` keeps as a destination: one per job (`sync-<job>`), each source host's key
+    restricted to its link's folder (the `sync` role)."""
+    out: dict[str, dict[str, Any]] = {}
+    for link in links(fleet):
+        if link.destination == name and not link.local:
+            account = out.setdefault(link.job, {"job": link.job, "user": f"sync-{link.job}", "mode": link.mode.value,
+                                                "roots": []})
+            account["roots"].append({"source": link.source, "path": link.destination_path})
+    return list(out.values())
+
+
+def sync_pushes_from(fleet: Fleet, name: str) -> list[dict[str, str]]:
+    """The links `name` pushes as a source host."""
+    return [{"job": link.job, "source_path": link.source_path, "destination": link.destination,
+             "path": link.destination_path} for link in links(fleet) if link.source == name and not link.local]
 
 
 def management_networks(fleet: Fleet, name: str) -> list[str]:

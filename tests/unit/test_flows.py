@@ -280,9 +280,15 @@ def test_two_backups_of_one_repository_take_turns(state: Path, tmp_path: Path) -
 def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
     fleet = load_fleet("lab")
     deployments = {d.name: d for d in build_deployments(fleet, "lab", on_pools=False)}  # served, as on a laptop
+    sync = {f"{kind}-{job}" for kind in ("sync", "sync-check", "sync-watch") for job in ("hot-to-nas", "warm-to-cloud")}
     assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
                                 "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite", "probe-edge",
-                                "probe-cloud"}
+                                "probe-cloud", *sync}
+    assert fleet.sync is not None
+    # continuous jobs: one long watch run each, no schedule; the full compare on the job's check schedule
+    assert not deployments["sync-watch-hot-to-nas"].schedules and not deployments["sync-hot-to-nas"].schedules
+    assert deployments["sync-check-warm-to-cloud"].schedules[0].schedule.cron == (  # type: ignore[union-attr]
+        fleet.sync.jobs["warm-to-cloud"].check_schedule)
     assert deployments["backup-pi-1"].schedules[0].schedule.cron == fleet.backup.plans["pi-1"].schedule  # type: ignore[union-attr]
     assert deployments["dr-drill-nas-1"].schedules[0].schedule.cron == fleet.backup.drill.schedule  # type: ignore[union-attr]
     deployment_id = deployments["backup-pi-1"].apply()

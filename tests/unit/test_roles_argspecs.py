@@ -21,7 +21,8 @@ from primespark.inventory import build_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE_HOST = {"common": "pi-1", "hardening": "nas-1", "monitoring_agent": "core-1", "edge": "pi-1", "nas": "nas-1",
-             "monitoring_server": "ops-1", "spark_venv": "nas-1", "prefect_server": "ops-1", "prefect_worker": "nas-1"}
+             "monitoring_server": "ops-1", "spark_venv": "nas-1", "prefect_server": "ops-1", "prefect_worker": "nas-1",
+             "sync": "nas-1", "lab_generator": "pi-1"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,9 @@ BAD = [
     ("common", "spark_operators", [{"name": "ada", "keys": "not-a-list-of-keys", "sudo": "maybe"}], "sudo"),
     ("monitoring_server", "spark_monitoring", {"native": "sometimes", "config_dir": "/etc/prometheus",
                                                "secrets_dir": "/etc/prometheus/s", "retention": "30d"}, "native"),
+    ("sync", "spark_sync_accounts", [{"job": "x", "user": "sync-x", "mode": "both-ways", "roots": []}],
+     "mode must be one of"),
+    ("lab_generator", "spark_lab", "perhaps", "spark_lab"),
 ]
 
 

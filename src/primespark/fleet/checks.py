@@ -9,14 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 from primespark.fleet.errors import Path, Problem
-from primespark.fleet.model import TIER_ORDER, Fleet, HostKind, SecretBackend, ServiceKind, Topology, VaultAuth
+from primespark.fleet.model import (
+    TIER_ORDER,
+    Fleet,
+    HostKind,
+    SecretBackend,
+    ServiceKind,
+    TierName,
+    Topology,
+    VaultAuth,
+)
+
+if TYPE_CHECKING:
+    from primespark.data.layout import Link
 
 
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
-    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _secrets,
+    for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _sync, _secrets,
                  _monitoring, _orchestration):
         problems.extend(rule(fleet))
     return problems
@@ -397,3 +410,90 @@ def _shared_secret_paths(fleet: Fleet) -> Iterator[Problem]:
                          f"the password shares the Vault secret {path.removeprefix('vault:')} with {names[0]}'s, "
                          "but different workers hold them: a worker's policy grants a whole secret",
                          f"give each repository its own secret, e.g. `{path}/{other}#password`", "shared-secret-path")
+
+
+def _owned_folders(fleet: Fleet, host: str) -> Iterator[tuple[str, str]]:
+    """Folders on `host` that belong to something other than a sync job: (folder, what owns it)."""
+    if fleet.backup is not None:
+        for name, repo in fleet.backup.repositories.items():
+            if repo.host == host:
+                yield repo.path, f"restic repository {name}"
+        yield fleet.backup.client_dir, "the backup client's keys (backup.client_dir)"
+    if fleet.sync is not None:
+        yield fleet.sync.client_dir, "the sync keys (sync.client_dir)"
+
+
+def _sync_destination(fleet: Fleet, link: Link) -> Iterator[Problem]:
+    """A link's destination against the tiers, backups and the route from its source."""
+    from primespark.data.layout import overlap, tier_folder
+    where = ("sync", "jobs", link.job, "destination")
+    if link.local and overlap(link.source_path, link.destination_path):
+        yield _p(where, f"source and destination overlap on {link.source} ({link.source_path} and "
+                 f"{link.destination_path}): each pass would copy into what it reads",
+                 "choose a destination outside the source folder (and the source outside it)", "sync-overlap")
+    for tier_name in TIER_ORDER:
+        tier = fleet.tiers.get(tier_name)
+        if tier is None or link.destination not in tier.hosts or not overlap(link.destination_path, tier.path):
+            continue
+        if tier_name is TierName.hot:
+            yield _p(where, f"{link.destination_path} on {link.destination} is in the hot tier ({tier.path}), which "
+                     "agents write and tier migration empties", "sync into a folder outside the hot tier",
+                     "sync-destination-owned")
+            continue
+        expected = tier_folder(fleet, tier_name, link.source, link.source_path)
+        if link.destination_path != expected:
+            yield _p(where, f"{link.destination_path} on {link.destination} is in the {tier_name.value} tier "
+                     f"({tier.path}), where tier migration keeps {link.source}'s {link.source_path} at {expected}",
+                     f"write to {expected} (for a host pattern: {tier.path.rstrip('/')}/{{host}}/…), so that sync "
+                     "and tier migration share one copy", "sync-destination-owned")
+    for folder, owner in _owned_folders(fleet, link.destination):
+        if overlap(link.destination_path, folder):
+            yield _p(where, f"{link.destination_path} on {link.destination} overlaps {folder}, which belongs to "
+                     f"{owner}", "choose a destination of its own", "sync-destination-owned")
+    source_site, target_site = fleet.hosts[link.source].site, fleet.hosts[link.destination].site
+    if source_site != target_site and not any(
+            fleet.in_mesh(m, link.source) and fleet.in_mesh(m, link.destination) for m in fleet.meshes):
+        yield _p(where, f"{link.source} (site {source_site}) reaches {link.destination} (site {target_site}) only "
+                 "over the WireGuard mesh, and no mesh holds both", "add both hosts to a mesh (`meshes:`)",
+                 "sync-no-route")
+
+
+def _sync(fleet: Fleet) -> Iterator[Problem]:
+    # Imported here: the layout is built on the fleet model, and the fleet package loads before it.
+    from primespark.data.layout import HOST_PLACEHOLDER, links, overlap, source_hosts
+
+    if fleet.sync is None:
+        return
+    written: list[Link] = []  # every link checked so far
+    reported: set[tuple[str, str]] = set()  # job pairs already said to share a destination
+    for name, job in fleet.sync.jobs.items():
+        base = ("sync", "jobs", name)
+        sources = source_hosts(fleet, job)
+        if not sources:
+            yield _p((*base, "source"), f"no host matches {job.source_pattern!r}",
+                     f"name a host or a pattern matching some of: {', '.join(fleet.hosts)}", "unknown-host")
+        if job.destination_host not in fleet.hosts:
+            yield _p((*base, "destination"), f"no host named {job.destination_host!r}",
+                     f"use one of: {', '.join(fleet.hosts)}", "unknown-host")
+            continue
+        if len(sources) > 1 and HOST_PLACEHOLDER not in job.destination_path:
+            yield _p((*base, "destination"), f"the source matches {len(sources)} hosts ({', '.join(sources)}) and "
+                     f"all of them would write {job.destination}", f"add {HOST_PLACEHOLDER} to the destination "
+                     f"path, e.g. {job.destination_host}:{job.destination_path.rstrip('/')}/{HOST_PLACEHOLDER}",
+                     "sync-destination-conflict")
+        sites = sorted({fleet.hosts[h].site for h in sources})
+        if len(sites) > 1:
+            yield _p((*base, "source"), f"the source's hosts are on {len(sites)} sites ({', '.join(sites)}): a job "
+                     "runs on the worker of its sources' site", "split it into one job per site", "sync-sites")
+        for link in links(fleet, name):
+            yield from _sync_destination(fleet, link)
+            for other in written:
+                if (other.job != link.job and (other.job, link.job) not in reported
+                        and other.destination == link.destination
+                        and overlap(other.destination_path, link.destination_path)):
+                    reported.add((other.job, link.job))
+                    yield _p((*base, "destination"), f"{link.destination}:{link.destination_path} is also written by "
+                             f"sync job {other.job} ({other.destination}:{other.destination_path})",
+                             "give each job a destination of its own: two writers undo each other's work",
+                             "sync-destination-conflict")
+            written.append(link)

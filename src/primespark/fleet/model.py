@@ -508,6 +508,129 @@ class Monitoring(Strict):
         "alerts link the runbook by its path in the repository.")
 
 
+# --- sync: one-way jobs between hosts (primespark.data.sync) ----------------------------------------------
+
+
+class SyncMode(StrEnum):
+    copy = "copy"  # never deletes at the destination
+    mirror = "mirror"  # deletes what the source no longer has (guarded: max_delete, a missing or empty source)
+
+
+# `sync-<job>` is the job's account on its destinations: a Unix name of at most 32 characters.
+SYNC_JOB_PATTERN = r"^[a-z][a-z0-9-]{0,25}[a-z0-9]$"
+SyncJobName = Annotated[str, StringConstraints(pattern=SYNC_JOB_PATTERN)]
+# rclone's timetable values: a rate in bytes per second (K, M, G: KiB, MiB, GiB; bare: KiB), `off` (no limit),
+# and ours: `pause` (no transfers in that window).
+RATE_PATTERN = r"^(off|pause|[0-9]+(\.[0-9]+)?[KMG]?)$"
+
+
+def _rate(value: str) -> str:
+    if not re.fullmatch(RATE_PATTERN, value):
+        raise PydanticCustomError("rate", "not a rate", {"fix": "write a rate in bytes per second such as 2M (MiB/s) "
+                                  "or 500K (KiB/s), `off` (no limit) or `pause` (no transfers)"})
+    return value
+
+
+Rate = Annotated[str, AfterValidator(_rate)]
+FilterPattern = Annotated[str, StringConstraints(pattern=r"^[^\x00\n\r]+$")]
+_ENDPOINT = re.compile(r"^(?P<host>[^:/\s]+):(?P<path>/\S*)$")
+_HOST_GLOB = re.compile(r"^[a-z0-9*?\[\]!-]+$")
+MAX_DELETE_DEFAULT = 100
+
+
+def _clean_path(path: str, what: str, fix: str) -> None:
+    segments = path.split("/")[1:]
+    if path != "/" and ("" in segments or any(s in (".", "..") for s in segments)):
+        raise PydanticCustomError("sync-endpoint", f"the {what} path is not in its plain form (`//`, a trailing `/`, "
+                                  "`.` or `..`)", {"fix": fix})
+
+
+def _sync_source(value: str) -> str:
+    match = _ENDPOINT.match(value)
+    fix = "write `HOST:/path` or `PATTERN:/path`, e.g. `pi-*:/srv/hot` (every host whose name matches)"
+    if match is None or not _HOST_GLOB.match(match["host"]):
+        raise PydanticCustomError("sync-endpoint", "not a source of the form `host:/path`", {"fix": fix})
+    if "{" in match["path"]:
+        raise PydanticCustomError("sync-endpoint", "a source path takes no placeholder", {"fix": fix})
+    _clean_path(match["path"], "source", fix)
+    return value
+
+
+def _sync_destination(value: str) -> str:
+    match = _ENDPOINT.match(value)
+    fix = "write `HOST:/path`, with `{host}` standing for each source host, e.g. `nas-1:/srv/warm/{host}`"
+    if match is None or not re.fullmatch(NAME_PATTERN, match["host"]):
+        raise PydanticCustomError("sync-endpoint", "not a destination of the form `host:/path`", {"fix": fix})
+    if re.sub(r"\{host\}", "", match["path"]).count("{") or match["path"].count("}") != match["path"].count("{"):
+        raise PydanticCustomError("sync-endpoint", "the only placeholder a destination takes is `{host}`",
+                                  {"fix": fix})
+    _clean_path(match["path"], "destination", fix)
+    return value
+
+
+SyncSource = Annotated[str, AfterValidator(_sync_source)]
+SyncDestination = Annotated[str, AfterValidator(_sync_destination)]
+
+
+class SyncJob(Strict):
+    source: SyncSource = Field(description="`host:/path`, or a host pattern such as `pi-*:/srv/hot`: one link per "
+                               "matching host.")
+    destination: SyncDestination = Field(description="`host:/path`; `{host}` stands for the source host.")
+    mode: SyncMode = SyncMode.copy
+    include: list[FilterPattern] = Field(default_factory=list, description="rsync patterns kept despite excludes.")
+    exclude: list[FilterPattern] = Field(default_factory=list, description="rsync patterns never synced.")
+    bandwidth: dict[HHMM, Rate] = Field(
+        default_factory=dict, description="A timetable in the fleet's time zone, e.g. {\"07:00\": \"2M\", "
+        "\"23:00\": \"off\"}: each rate holds from its time until the next one (off: no limit; pause: no transfer).")
+    pause_in_quiet_hours: bool = Field(
+        default=False, description="No transfers during the source host's power.quiet_hours.")
+    max_delete: int | None = Field(
+        default=None, ge=0, le=100_000_000,
+        description=f"A mirror deletes at most this many files and folders in one run, else none (default "
+        f"{MAX_DELETE_DEFAULT}).")
+    continuous: bool = Field(default=False, description="Changes reach the destination within seconds (a watcher "
+                             "on the source host; a full pass when it starts).")
+    schedule: Cron | None = Field(default=None, description="Full passes on this schedule.")
+    check_schedule: Cron | None = Field(
+        default="30 4 * * *", description="A full checksum compare (XXH3-128) of source and destination.")
+    timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="How long one pass may take.")
+    fsync: bool = Field(default=True, description="The destination flushes each file to disk before its rename.")
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> SyncJob:
+        if self.mode is SyncMode.copy and self.max_delete is not None:
+            raise PydanticCustomError("sync-mode", "max_delete is for mirrors: a copy never deletes",
+                                      {"fix": "remove max_delete, or set `mode: mirror`"})
+        return self
+
+    @property
+    def source_pattern(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def source_path(self) -> str:
+        return self.source.split(":", 1)[1]
+
+    @property
+    def destination_host(self) -> str:
+        return self.destination.split(":", 1)[0]
+
+    @property
+    def destination_path(self) -> str:
+        """The destination path, `{host}` unexpanded."""
+        return self.destination.split(":", 1)[1]
+
+    @property
+    def deletion_limit(self) -> int:
+        return MAX_DELETE_DEFAULT if self.max_delete is None else self.max_delete
+
+
+class Sync(Strict):
+    client_dir: AbsPath = Field(
+        default="/etc/primespark/sync", description="On source hosts: the sync key and known hosts (sync role).")
+    jobs: dict[SyncJobName, SyncJob] = Field(min_length=1)
+
+
 class Lab(Strict):
     wan: IPv4Network = Field(description="The WAN between the sites, made as a container network.")
     prefect_port: int = Field(default=4200, ge=1024, le=65535)
@@ -609,6 +732,7 @@ class Fleet(Strict):
     meshes: dict[Name, Mesh] = Field(default_factory=dict)
     tiers: dict[TierName, Tier] = Field(default_factory=dict)
     backup: Backup | None = None
+    sync: Sync | None = Field(default=None, description="One-way sync jobs between hosts (primespark.data.sync).")
     services: dict[Name, Service] = Field(default_factory=dict)
     lab: Lab | None = None
     secrets: Secrets = Secrets()

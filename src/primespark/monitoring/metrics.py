@@ -126,6 +126,30 @@ CHECK_AGE = Metric("primespark:restic_check_age_seconds", "Time since maintenanc
                    ("repository",), RECORDING)
 FS_FREE = Metric("primespark:filesystem_free_ratio", "Free space over size, per filesystem", _FS, RECORDING)
 
+# --- sync (flows/sync.py): one file per link, a job's source host --------------------------------------------
+# `sync_job`, not `job`: Prometheus gives every scraped series a `job` label of its own
+_SYNC = ("sync_job", "source")
+SYNC_SUCCESS = Metric("primespark_sync_success", "1 if the link's last pass succeeded (0: failed or refused)", _SYNC)
+SYNC_LAST_RUN = Metric("primespark_sync_last_run_timestamp_seconds", "When the link's last pass ended", _SYNC)
+SYNC_LAST_SUCCESS = Metric("primespark_sync_last_success_timestamp_seconds", "When a pass of the link last succeeded",
+                           _SYNC)
+SYNC_LAG = Metric("primespark_sync_lag_seconds",
+                  "The last pass's largest delay from a change at the source to its arrival at the destination", _SYNC)
+SYNC_SENT_BYTES = Metric("primespark_sync_sent_bytes", "Bytes the link's last pass sent", _SYNC)
+SYNC_SENT_FILES = Metric("primespark_sync_sent_files", "Files the link's last pass sent", _SYNC)
+SYNC_DELETED_FILES = Metric("primespark_sync_deleted_files", "Files the link's last pass deleted at the destination",
+                            _SYNC)
+SYNC_DIFFERING_FILES = Metric("primespark_sync_differing_files",
+                              "Files whose content differed at the destination after the last pass", _SYNC)
+SYNC_ERRORS = Metric("primespark_sync_failed_passes", "Passes of the link that failed, since its state began", _SYNC)
+SYNC_REFUSALS = Metric("primespark_sync_refused_passes",
+                       "Passes the link's guards refused (a missing, unmounted or emptied source, too many deletions), "
+                       "since its state began", _SYNC)
+SYNC_CHECK_LAST_RUN = Metric("primespark_sync_check_last_run_timestamp_seconds",
+                             "When the link's full checksum compare last ran", _SYNC)
+SYNC_CHECK_BAD_FILES = Metric("primespark_sync_check_bad_files",
+                              "Files the last full compare found missing or differing at the destination", _SYNC)
+
 REGISTRY: dict[str, Metric] = {m.name: m for m in globals().copy().values() if isinstance(m, Metric)}
 # Labels Prometheus adds to every scraped series (primespark.monitoring.scrape sets them per target).
 TARGET_LABELS = ("job", "instance", "host", "site", "kind")
@@ -280,3 +304,39 @@ def publish(hosts: HostAccess, fleet: Fleet, host: str, name: str, metrics: Text
                             f"check that {target.parent} exists on {host} (the monitoring_agent role makes it)",
                             returncode=done.returncode, stderr=done.stderr)
     return f"{host}:{target}"
+
+
+def sync_metrics(
+    job: str,
+    source: str,
+    *,
+    success: bool,
+    finished: float,
+    last_success: float | None,
+    lag_seconds: float | None,
+    sent_bytes: int,
+    sent_files: int,
+    deleted_files: int,
+    differing_files: int,
+    errors_total: int,
+    refusals_total: int,
+    check_finished: float | None = None,
+    check_bad_files: int | None = None,
+) -> Textfile:
+    out = Textfile(SYNC_SUCCESS, SYNC_LAST_RUN, SYNC_LAST_SUCCESS, SYNC_LAG, SYNC_SENT_BYTES, SYNC_SENT_FILES,
+                   SYNC_DELETED_FILES, SYNC_DIFFERING_FILES, SYNC_ERRORS, SYNC_REFUSALS, SYNC_CHECK_LAST_RUN,
+                   SYNC_CHECK_BAD_FILES)
+    labels = {"sync_job": job, "source": source}
+    out.set(SYNC_SUCCESS, 1.0 if success else 0.0, **labels)
+    out.set(SYNC_LAST_RUN, finished, **labels)
+    out.set(SYNC_LAST_SUCCESS, last_success, **labels)
+    out.set(SYNC_LAG, lag_seconds, **labels)
+    out.set(SYNC_SENT_BYTES, sent_bytes, **labels)
+    out.set(SYNC_SENT_FILES, sent_files, **labels)
+    out.set(SYNC_DELETED_FILES, deleted_files, **labels)
+    out.set(SYNC_DIFFERING_FILES, differing_files, **labels)
+    out.set(SYNC_ERRORS, errors_total, **labels)
+    out.set(SYNC_REFUSALS, refusals_total, **labels)
+    out.set(SYNC_CHECK_LAST_RUN, check_finished, **labels)
+    out.set(SYNC_CHECK_BAD_FILES, check_bad_files, **labels)
+    return out

@@ -1,7 +1,7 @@
 """Named locks across every process that talks to one Prefect server: global concurrency limits of one slot.
 
-Today one writer per restic repository; the names say what is locked, so later kinds (a sync link, a tier
-host) never collide with these.
+One writer per restic repository, one pass per sync link; the names say what is locked, so later kinds
+(a tier host) never collide with these.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ def repository_lock(repository: str) -> str:
 def drill_lock(host: str) -> str:
     """One DR drill of a host at a time (a scheduled one and one started by hand)."""
     return f"drill-{host}"
+
+
+def sync_lock(job: str, source: str) -> str:
+    """One pass at a time over a sync link (a job's source host): a scheduled pass, a continuous one and
+    `spark sync run` never send into the same folder at once."""
+    return f"sync-{job}-{source}"
 
 
 def ensure_locks(names: list[str]) -> None:

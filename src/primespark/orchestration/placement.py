@@ -5,6 +5,8 @@ and the docs all ask this module, so they cannot disagree about what runs where 
 
 - `backup-<host>`: restic runs on the host (its snapshot is copied offsite from there too).
 - `dr-drill-<host>`: restic restores on the drill's scratch host.
+- `sync-<job>`, `sync-check-<job>`, `sync-watch-<job>` (continuous jobs): rsync runs on the job's source hosts
+  (it reaches the destination itself, over the LAN or the mesh), so the sources' site runs them.
 - `maintenance-<repository>`: forget, prune and check of every client's repository, opened on the repository's
   own host (as the client's backup account, no SFTP); for a primary, also the catch-up copy to its offsite
   copies from the client hosts, when they are all in the repository's site.
@@ -24,7 +26,7 @@ from primespark.fleet.model import Fleet
 from primespark.orchestration.naming import deployment, work_pool
 
 # The pool's queues, most urgent first: a backup never waits behind a drill on a busy worker.
-QUEUES = {"backup": 1, "maintenance": 2, "dr-drill": 3, "probe": 4}
+QUEUES = {"backup": 1, "sync": 2, "sync-watch": 3, "maintenance": 4, "sync-check": 5, "dr-drill": 6, "probe": 7}
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Planned:
     """One deployment the fleet asks for."""
 
     name: str
-    flow: str  # backup, dr-drill, maintenance (the flow's name; its queue)
+    flow: str  # backup, dr-drill, maintenance, sync, sync-check, sync-watch, probe (the flow's name; its queue)
     parameters: dict[str, Any]
     schedule: str | None  # None: run on demand only
     hosts: tuple[str, ...]  # where its commands run
@@ -83,11 +85,34 @@ def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     return out
 
 
+def syncs(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """Per sync job: a full pass, a checksum compare when it has a check schedule, a watcher when continuous."""
+    from primespark.data.layout import source_hosts
+
+    out = []
+    for name, job in fleet.sync.jobs.items() if fleet.sync else ():
+        hosts = tuple(h for h in source_hosts(fleet, job) if h in fleet.hosts)
+        if not hosts:
+            continue
+        common = {"job": name, "env": env, "transport": transport}
+        what = f"{job.mode.value} {job.source} to {job.destination}"
+        origin = ("sync", "jobs", name, "source")
+        out.append(Planned(deployment("sync", name), "sync", common, job.schedule, hosts, (), origin,
+                           f"a full pass: {what}", ("sync", name)))
+        if job.check_schedule:
+            out.append(Planned(deployment("sync-check", name), "sync-check", common, job.check_schedule, hosts, (),
+                               origin, f"compare every file (size, XXH3-128) of {what}", ("sync", name)))
+        if job.continuous:
+            out.append(Planned(deployment("sync-watch", name), "sync-watch", common, None, hosts, (), origin,
+                               f"continuously: {what}", ("sync", name)))
+    return out
+
+
 def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """Every deployment of the fleet, in a stable order. Entries naming hosts or repositories the fleet lacks
     are left out (the fleet's own checks report those)."""
     spec = fleet.backup
-    out: list[Planned] = probes(fleet, env, transport)
+    out: list[Planned] = [*probes(fleet, env, transport), *syncs(fleet, env, transport)]
     if spec is None:
         return out
     scratch = spec.drill.scratch_host

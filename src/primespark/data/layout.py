@@ -1,0 +1,84 @@
+"""Where data lives, from the fleet alone (no I/O): the links of the sync jobs and the folder layout that sync
+and tier migration share.
+
+One layout below the warm and cold tiers: a source host's data sits in `<tier path>/<source host>/<path>`, where
+`<path>` is the file's path below the source's own tier (a file outside any tier keeps its whole path). A sync
+job into the warm tier must write exactly there, so that tier migration finds a hot file's synced copy where it
+would have put it ("check the copy, commit the catalog, delete the source", not a second transfer). The fleet
+checks (`fleet/checks.py`) hold every job to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from posixpath import relpath
+
+from primespark.fleet.model import TIER_ORDER, Fleet, SyncJob, SyncMode, TierName
+
+HOST_PLACEHOLDER = "{host}"
+
+
+def inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or below it (both absolute and in their plain form)."""
+    return path == folder or folder == "/" or path.startswith(folder.rstrip("/") + "/")
+
+
+def overlap(a: str, b: str) -> bool:
+    return inside(a, b) or inside(b, a)
+
+
+def source_hosts(fleet: Fleet, job: SyncJob) -> list[str]:
+    """The hosts a job's source pattern names, in the fleet's order."""
+    return [name for name in fleet.hosts if fnmatchcase(name, job.source_pattern)]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One source host of a sync job and where its data goes."""
+
+    job: str
+    source: str  # the source host
+    source_path: str
+    destination: str  # the destination host
+    destination_path: str  # `{host}` expanded
+    mode: SyncMode
+
+    @property
+    def name(self) -> str:
+        return f"{self.job}/{self.source}"
+
+    @property
+    def local(self) -> bool:
+        """Source and destination are the same host: no transport."""
+        return self.source == self.destination
+
+
+def links(fleet: Fleet, job: str | None = None) -> list[Link]:
+    """Every link of the fleet's sync jobs (or of one job), in the fleet's order."""
+    jobs = fleet.sync.jobs if fleet.sync is not None else {}
+    out = []
+    for name, spec in jobs.items():
+        if job is not None and name != job:
+            continue
+        for host in source_hosts(fleet, spec):
+            out.append(Link(name, host, spec.source_path, spec.destination_host,
+                            spec.destination_path.replace(HOST_PLACEHOLDER, host), spec.mode))
+    return out
+
+
+def tier_of(fleet: Fleet, host: str, path: str) -> TierName | None:
+    """The tier whose folder holds `path` on `host`, if any."""
+    for name in TIER_ORDER:
+        tier = fleet.tiers.get(name)
+        if tier is not None and host in tier.hosts and inside(path, tier.path):
+            return name
+    return None
+
+
+def tier_folder(fleet: Fleet, tier: TierName, source_host: str, source_path: str) -> str:
+    """Where `tier` keeps the data of `source_path` on `source_host`: `<tier path>/<source host>/<path>`."""
+    root = fleet.tiers[tier].path.rstrip("/")
+    own = tier_of(fleet, source_host, source_path)
+    below = (relpath(source_path, fleet.tiers[own].path) if own is not None else source_path.lstrip("/"))
+    return f"{root}/{source_host}" + ("" if below in (".", "") else f"/{below}")

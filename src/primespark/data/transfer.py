@@ -1,0 +1,399 @@
+"""The transfer engine: rsync, run on the source host through `primespark.hosts`, pushing to the destination.
+
+One engine for every mover (sync jobs now, tier migration next): plan a transfer (`TransferPlan`), run it with a
+bandwidth limit, a stop time and a timeout (`run`), and read back what it sent, skipped and deleted
+(`TransferReport`). Sync adds its guards and its bookkeeping around it; this module only moves bytes and
+reports.
+
+Safety that rsync gives, and how we ask for it:
+- A file appears under its final name only whole: rsync writes each file under a temporary name
+  (`.name.XXXXXX`) and renames it when it is complete (never `--inplace`). With `--delay-updates` the finished
+  files of a run wait in `.~tmp~/` and are renamed into place at its end, in one quick sweep.
+- An interrupted file resumes: `--delay-updates` keeps a killed run's partial file in `.~tmp~/`, and the next
+  run uses it as the basis of a delta transfer, so it sends only what was missing. (`--partial-dir` does the
+  same, but a hardened rrsync pins its directory as `/proc/self/fd/N`, where rsync cannot save a partial file;
+  `--delay-updates` keeps the partial directory rsync's own, relative one.)
+- `--fsync`: the destination flushes each file before its rename (a crash never leaves an empty file under a
+  final name that a size-and-time check would take for a good copy).
+- Content is compared with XXH3-128 (`--checksum-choice=xxh128`, the backup manifests' hash) wherever a
+  checksum is asked for: the after-run verification and the full check.
+
+The command runs as `sh -c 'rsync "$@"; echo rsync-exit=$?'` so that rsync's own exit code (255 when its ssh
+to the destination fails) is never taken for the runner's ssh to the source host failing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from primespark.errors import StepFailed
+from primespark.hosts import Runner
+
+# rsync's temporary files (`.name.XXXXXX`): a source that is itself a sync destination holds some while a
+# transfer into it runs; they are never synced, as a file being written is not.
+RSYNC_TEMP_PATTERN = ".*.[A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9]"
+PARTIAL_DIR = ".~tmp~"  # what --delay-updates uses; rsync excludes it from transfers and deletions
+OUT_FORMAT = "%i|%l|%b|%M|%n"
+EXIT_MARK = "rsync-exit="
+CHECKSUM = "xxh128"
+# The flags of every transfer: recursive, symlinks as symlinks, permissions and times. No owners: the sync
+# account on the destination is not root; its own tree stays writable to it.
+BASE_FLAGS = ("-rlpt", "--chmod=Du+rwx,Fu+rw", f"--checksum-choice={CHECKSUM}", "--delay-updates",
+              f"--out-format={OUT_FORMAT}", "--stats", "--no-motd")
+IO_TIMEOUT_SECONDS = 120  # rsync's --timeout: a connection silent this long is dead
+
+# rsync's exit codes (rsync(1), EXIT VALUES)
+PARTIAL_TRANSFER = 23
+VANISHED = 24
+MAX_DELETE_REACHED = 25
+_TRANSIENT = {10: "socket I/O error", 12: "the connection broke", 14: "IPC error",
+              20: "interrupted", 30: "timed out", 35: "timed out", 255: "the destination did not answer"}
+
+
+class TransferFailed(StepFailed):
+    """rsync failed; `transient` when the same transfer may pass when tried again (a broken connection)."""
+
+    def __init__(self, message: str, fix: str = "", *, returncode: int | None = None, stderr: str = "",
+                 transient: bool = False) -> None:
+        super().__init__(message, fix, returncode=returncode, stderr=stderr)
+        self.transient = transient
+
+
+# --- the route to the destination ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the source host reaches the destination folder: over SSH to an account on the destination (whose
+    forced command restricts it to the folder, so the remote path is `/`, the folder's root), or, on the same
+    machine, the folder's own path."""
+
+    target: str = ""  # `account@address`; empty: a local path
+    rsh: tuple[str, ...] = ()  # the remote shell rsync runs (`ssh` with its options)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.target)
+
+    def destination(self, path: str) -> str:
+        """rsync's destination argument for `path` (a local path, or the path below the account's root)."""
+        if self.remote:
+            return f"{self.target}:{path or '/'}"
+        return path
+
+
+def ssh_route(account: str, address: str, port: int, key_file: str, known_hosts: str,
+              connect_timeout: int = 10) -> Route:
+    """To `account@address` with its own key and known hosts: keepalives notice a dead link within 30 s."""
+    rsh = ("ssh", "-p", str(port), "-i", key_file, "-o", "IdentitiesOnly=yes", "-o",
+           f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+           "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
+           "-o", "LogLevel=ERROR")
+    return Route(f"{account}@{address}", rsh)
+
+
+def local_route() -> Route:
+    return Route()
+
+
+# --- bandwidth -------------------------------------------------------------------------------------------------
+
+_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMG]?)$")
+_UNITS = {"": 1, "K": 1, "M": 1024, "G": 1024 * 1024}
+
+
+def rate_kib(rate: str) -> int | None:
+    """A timetable rate in KiB/s for rsync's --bwlimit: `2M` → 2048, `500K` or `500` → 500, `off` → None (no
+    limit). `pause` is not a rate: the caller does not transfer at all."""
+    if rate == "off":
+        return None
+    match = _RATE.match(rate)
+    if match is None:
+        raise ValueError(f"not a rate: {rate!r}")
+    return max(1, round(float(match[1]) * _UNITS[match[2]]))
+
+
+# --- the plan --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """One rsync run from `source` (a folder on the host that runs it) to `destination` (through `route`)."""
+
+    source: str
+    destination: str
+    route: Route = field(default_factory=local_route)
+    delete: bool = False  # remove at the destination what the source lacks (a mirror)
+    max_delete: int | None = None  # with delete: rsync deletes at most this many (0: counts them, deletes none)
+    deletions_only: bool = False  # with delete: transfer nothing, only delete
+    files: tuple[str, ...] | None = None  # only these paths below the source; None: the whole tree
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    bwlimit_kib: int | None = None
+    stop_at: datetime | None = None  # stop gracefully then (a bandwidth window's end); the next run resumes
+    checksum: bool = False  # compare content (XXH3-128) rather than size and time
+    dry_run: bool = False
+    fsync: bool = True
+
+    def argv(self) -> list[str]:
+        """rsync's arguments (without `rsync`)."""
+        args = [*BASE_FLAGS, f"--timeout={IO_TIMEOUT_SECONDS}"]
+        if self.fsync and not self.dry_run:
+            args.append("--fsync")
+        if self.dry_run:
+            args.append("--dry-run")
+        if self.checksum:
+            args.append("--checksum")
+        if self.delete:
+            args.append("--delete-during")
+            if self.max_delete is not None:
+                args.append(f"--max-delete={self.max_delete}")
+            if self.deletions_only:
+                args += ["--existing", "--ignore-existing"]
+        if self.files is not None:
+            # the paths come on stdin, NUL-separated; one that vanished since it was listed is no error
+            args += ["--files-from=-", "--from0", "--ignore-missing-args"]
+        if self.bwlimit_kib is not None:
+            args.append(f"--bwlimit={self.bwlimit_kib}")
+        if self.stop_at is not None:
+            args.append(f"--stop-at={self.stop_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M')}")
+        if self.route.rsh:
+            args += ["-e", " ".join(self.route.rsh)]
+        else:
+            args.append("--mkpath")  # a folder on this host: made if missing (a remote one is the sync role's)
+        args += [f"--include={p}" for p in self.include]
+        args += [f"--exclude={p}" for p in (*self.exclude, RSYNC_TEMP_PATTERN)]
+        return [*args, self.source.rstrip("/") + "/", self.route.destination(self.destination)]
+
+    def stdin(self) -> bytes | None:
+        return None if self.files is None else b"\0".join(p.encode(errors="surrogateescape") for p in self.files)
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of rsync's itemized output (`%i|%l|%b|%M|%n`)."""
+
+    flags: str  # rsync's itemize string, e.g. `<f+++++++++`, `*deleting`
+    path: str
+    size: int
+    wire_bytes: int  # what went over the wire for it
+    mtime: datetime | None
+
+    @property
+    def sent(self) -> bool:
+        """A regular file whose content was sent (new or changed)."""
+        return self.flags[:2] in ("<f", ">f")
+
+    @property
+    def deleted(self) -> bool:
+        return self.flags.startswith("*deleting")
+
+    @property
+    def new(self) -> bool:
+        return self.sent and self.flags[2:3] == "+"
+
+    @property
+    def content_differs(self) -> bool:
+        """Sent because its content differs while size and time agree (a checksum run's find: corruption)."""
+        return self.sent and not self.new and self.flags[2] == "c" and self.flags[3] != "s" and self.flags[4] != "t"
+
+
+_STAT_NAMES = {
+    "Number of files": "files",
+    "Number of created files": "created",
+    "Number of deleted files": "deleted",
+    "Number of regular files transferred": "transferred",
+    "Total file size": "total_size",
+    "Total transferred file size": "transferred_size",
+    "Literal data": "literal",
+    "Matched data": "matched",
+    "Total bytes sent": "bytes_sent",
+    "Total bytes received": "bytes_received",
+}
+_STAT_LINE = re.compile(r"^([A-Za-z ]+): ([0-9,]+)(?: bytes)?(?: \(reg: ([0-9,]+))?")
+_ESCAPE = re.compile(r"\\#([0-7]{3})")
+_SKIPPED_DELETES = re.compile(r"Deletions stopped due to --max-delete limit \(([0-9,]+) skipped\)")
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _unescape(name: str) -> str:
+    """rsync prints each unprintable byte of a name as `\\#ooo` (octal)."""
+    if "\\#" not in name:
+        return name
+    out, last = bytearray(), 0
+    for match in _ESCAPE.finditer(name):
+        out += name[last:match.start()].encode() + bytes([int(match[1], 8)])
+        last = match.end()
+    out += name[last:].encode()
+    return out.decode("utf-8", errors="surrogateescape")
+
+
+def _mtime(text: str) -> datetime | None:
+    try:  # %M, printed in UTC (the command runs with TZ=UTC)
+        return datetime.strptime(text, "%Y/%m/%d-%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def parse_items(stdout: str) -> list[Item]:
+    items = []
+    for line in stdout.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) != 5 or not parts[0] or parts[0][0] not in "<>ch.*":
+            continue
+        flags, size, wire, mtime, name = parts
+        try:
+            items.append(Item(flags.strip(), _unescape(name), int(size or 0), int(wire or 0), _mtime(mtime)))
+        except ValueError:
+            continue
+    return items
+
+
+def parse_stats(stdout: str) -> dict[str, int]:
+    stats: dict[str, int] = {}
+    for line in stdout.splitlines():
+        match = _STAT_LINE.match(line.strip())
+        if match and match[1] in _STAT_NAMES:
+            key = _STAT_NAMES[match[1]]
+            stats[key] = _number(match[2])
+            if key == "files":
+                stats["regular_files"] = _number(match[3]) if match[3] else 0
+    return stats
+
+
+@dataclass
+class TransferReport:
+    """What one rsync run did."""
+
+    plan: TransferPlan
+    returncode: int
+    items: list[Item]
+    stats: dict[str, int]
+    stderr: str
+    seconds: float = 0.0
+    started: datetime | None = None
+
+    @property
+    def sent(self) -> list[Item]:
+        return [i for i in self.items if i.sent]
+
+    @property
+    def deleted(self) -> list[str]:
+        return [i.path for i in self.items if i.deleted]
+
+    @property
+    def files_sent(self) -> int:
+        return len(self.sent)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes that went over the wire to the destination (file data, the file list, checksums)."""
+        return self.stats.get("bytes_sent", 0)
+
+    @property
+    def literal_bytes(self) -> int:
+        """File data sent as is: what a resumed file still needed (the rest matched its partial copy)."""
+        return self.stats.get("literal", 0)
+
+    @property
+    def source_files(self) -> int:
+        """Regular files in the source (after the filters), as rsync counted them."""
+        return self.stats.get("regular_files", 0)
+
+    @property
+    def skipped(self) -> int:
+        """Regular files left alone because the destination already had them."""
+        return max(0, self.source_files - self.stats.get("transferred", 0)) if self.plan.files is None else \
+            max(0, len(self.plan.files) - self.files_sent)
+
+    @property
+    def deletions_held_back(self) -> int:
+        """Deletions rsync skipped because of --max-delete (all of them with --max-delete=0)."""
+        match = _SKIPPED_DELETES.search(self.stderr)
+        return _number(match[1]) if match else 0
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped at `stop_at` (a bandwidth window closed): the next run resumes."""
+        return self.returncode == 30 and "run-time limit exceeded" in self.stderr
+
+    @property
+    def vanished(self) -> bool:
+        """Some source files disappeared while rsync read the tree (a live source): not an error."""
+        return self.returncode == VANISHED
+
+    def __add__(self, other: TransferReport) -> TransferReport:
+        """Two runs of one transfer (one stopped at a window's end, one resuming): their sums."""
+        stats = {k: self.stats.get(k, 0) + other.stats.get(k, 0)
+                 for k in {*self.stats, *other.stats} if k not in ("files", "regular_files", "total_size")}
+        for key in ("files", "regular_files", "total_size"):
+            stats[key] = other.stats.get(key, self.stats.get(key, 0))
+        return TransferReport(other.plan, other.returncode, [*self.items, *other.items], stats,
+                              (self.stderr + other.stderr)[-20_000:], self.seconds + other.seconds, self.started)
+
+
+def _failure(report: TransferReport, host: str) -> TransferFailed:
+    code, stderr = report.returncode, report.stderr.strip()
+    last = " ".join(line for line in stderr.splitlines()[-4:] if line.strip())[-500:]
+    if "Another instance of rrsync is already accessing" in stderr:
+        return TransferFailed(f"a transfer from {host} into the same folder is still running or ending",
+                              "it is tried again shortly", returncode=code, stderr=stderr, transient=True)
+    if "has been disabled on this server" in stderr or "rrsync error" in stderr:
+        return TransferFailed(f"the destination refused the transfer from {host}: {last}",
+                              "the sync account's restriction (rrsync) forbids this: re-run the sync role, or check "
+                              "that a copy job is not asked to delete", returncode=code, stderr=stderr)
+    if "Host key verification failed" in stderr:
+        return TransferFailed(f"{host} does not know the destination's host key: {last}",
+                              "re-run the sync role: it installs the destination's key from the operator's "
+                              "known_hosts", returncode=code, stderr=stderr)
+    if "Permission denied" in stderr and "publickey" in stderr:
+        return TransferFailed(f"the destination refused {host}'s sync key: {last}",
+                              "re-run the sync role on the destination (it authorises the key)", returncode=code,
+                              stderr=stderr)
+    if code in _TRANSIENT:
+        return TransferFailed(f"rsync on {host}: {_TRANSIENT[code]} (exit {code}): {last}",
+                              "it is tried again; check the link between the hosts if it persists", returncode=code,
+                              stderr=stderr, transient=True)
+    return TransferFailed(f"rsync on {host} failed (exit {code}): {last}",
+                          "see rsync's message; fix the source or destination folder", returncode=code, stderr=stderr)
+
+
+def run(runner: Runner, plan: TransferPlan, *, timeout: float | None = None,
+        accept: Sequence[int] = ()) -> TransferReport:
+    """Run `plan` on `runner`'s host. Exit codes 0 and 24 (files vanished from a live source), a stop at
+    `stop_at`, and the codes in `accept` (25 when deletions were held back on purpose) return a report; any other
+    failure raises TransferFailed."""
+    script = f'TZ=UTC rsync "$@"; echo "{EXIT_MARK}$?"'
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    done = runner.run(["sh", "-c", script, "rsync", *plan.argv()], stdin=plan.stdin(), timeout=timeout)
+    stdout = done.text
+    code = done.returncode
+    mark = stdout.rfind(EXIT_MARK)
+    if mark >= 0:
+        code = int(stdout[mark + len(EXIT_MARK):].split()[0])
+        stdout = stdout[:mark]
+    elif code == 0:
+        code = -1  # the shell printed no exit code: it died
+    report = TransferReport(plan, code, parse_items(stdout), parse_stats(stdout), done.stderr,
+                            time.monotonic() - clock, started)
+    if code in (0, VANISHED, *accept) or report.stopped_early:
+        return report
+    if code == 127 or "rsync: not found" in done.stderr or "rsync: command not found" in done.stderr:
+        raise TransferFailed(f"rsync is not installed on {runner.name}", "install rsync there (the sync role does)",
+                             returncode=code, stderr=done.stderr)
+    raise _failure(report, runner.name)
+
+
+def with_files(plan: TransferPlan, files: Sequence[str]) -> TransferPlan:
+    return replace(plan, files=tuple(files))

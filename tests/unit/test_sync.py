@@ -1,0 +1,399 @@
+"""Sync jobs end to end on this machine: the flows with the local transport (every host is this machine, every
+folder a folder under the test's own), real rsync, real inotify watchers, one Prefect test server."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+from prometheus_client.parser import text_string_to_metric_families
+
+from flows.sync import sync, sync_check, sync_watch
+from primespark.context import FleetContext
+from primespark.data import sync as core
+from primespark.data.layout import links
+from primespark.fleet import load_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"retries": 1, "retry_delay_seconds": 0.2}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("state")
+    path.chmod(0o700)
+    old = os.environ.get("SPARK_STATE_DIR")
+    os.environ["SPARK_STATE_DIR"] = str(path)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield path
+    if old is None:
+        del os.environ["SPARK_STATE_DIR"]
+    else:
+        os.environ["SPARK_STATE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def own_state(state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's links start with no state (the state directory is per test; the Prefect server is shared)."""
+    mine = tmp_path / "state"
+    mine.mkdir(mode=0o700)
+    monkeypatch.setenv("SPARK_STATE_DIR", str(mine))
+    return mine
+
+
+def make_fleet(root: Path, **jobs: dict[str, Any]) -> str:
+    """The lab fleet with sync jobs of the test's own, over folders under `root`."""
+    data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
+    data["sync"] = {"jobs": jobs}
+    path = root / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    load_fleet(str(path))  # fails here, with its location, if the jobs are wrong
+    return str(path)
+
+
+def fill(folder: Path, count: int, prefix: str = "r") -> list[Path]:
+    made = []
+    for i in range(count):
+        path = folder / "readings" / f"{prefix}{i:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"i": i, "prefix": prefix}))
+        made.append(path)
+    return made
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".~tmp~" not in p.parts}
+
+
+def artifact(key: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return str(sorted(found, key=lambda a: a.created)[-1].data)
+
+
+def metrics(path: Path) -> dict[str, float]:
+    return {f"{s.name}": s.value for family in text_string_to_metric_families(path.read_text())
+            for s in family.samples}
+
+
+def run(flow: Any, *args: Any, **kwargs: Any) -> Any:
+    return flow(*args, transport="local", return_state=True, **FAST, **kwargs)
+
+
+@pytest.fixture
+def copy_job(tmp_path: Path) -> tuple[str, Path, Path]:
+    source = tmp_path / "hot"
+    source.mkdir()
+    fleet = make_fleet(tmp_path, **{"hot-to-nas": {"source": f"pi-1:{source}",
+                                                   "destination": f"nas-1:{tmp_path}/warm/{{host}}",
+                                                   "exclude": ["*.tmp"], "continuous": True}})
+    return fleet, source, tmp_path / "warm" / "pi-1"
+
+
+@pytest.fixture
+def mirror_job(tmp_path: Path) -> tuple[str, Path, Path]:
+    source = tmp_path / "warm"
+    source.mkdir()
+    fleet = make_fleet(tmp_path, **{"to-cloud": {"source": f"nas-1:{source}",
+                                                 "destination": f"analytics-1:{tmp_path}/cloud",
+                                                 "mode": "mirror", "max_delete": 3}})
+    return fleet, source, tmp_path / "cloud"
+
+
+def test_a_copy_pass_sends_verifies_records_and_reports(state: Path, tmp_path: Path,
+                                                        copy_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = copy_job
+    fill(source, 12)
+    (source / "big.bin").write_bytes(os.urandom(300_000))
+    (source / "draft.tmp").write_text("excluded")
+    prom = tmp_path / "prom"
+    result = run(sync, "hot-to-nas", fleet, textfile=str(prom)).result()
+    [link] = result["links"]
+    assert link["status"] == "succeeded" and link["files_sent"] == 13 and link["verified"] == 13
+    assert link["differing"] == 0 and link["bytes_sent"] > 300_000 and link["source_files"] == 13
+    assert tree(destination) == {k: v for k, v in tree(source).items() if not k.endswith(".tmp")}
+    again = run(sync, "hot-to-nas", fleet, textfile=str(prom)).result()["links"][0]
+    assert again["files_sent"] == 0 and again["skipped"] == 13
+    ctx = FleetContext.load(fleet, "local")
+    saved = core.load_state(ctx, links(ctx.fleet, "hot-to-nas")[0])
+    assert saved.last_status == "succeeded" and saved.source_files == 13 and saved.last_success
+    figures = metrics(prom / "primespark_sync_hot-to-nas_pi-1.prom")
+    assert figures["primespark_sync_success"] == 1 and figures["primespark_sync_refused_passes"] == 0
+    assert figures["primespark_sync_last_success_timestamp_seconds"] == pytest.approx(saved.last_success)
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=(prom / "primespark_sync_hot-to-nas_pi-1.prom")
+                               .read_bytes(), capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    report = artifact("sync-hot-to-nas")
+    assert "| pi-1 → nas-1 | full | succeeded | 0 |" in report
+
+
+def test_a_mirror_deletes_what_its_source_lost_within_max_delete(state: Path, tmp_path: Path,
+                                                                 mirror_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = mirror_job
+    files = fill(source, 8)
+    run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom")).result()
+    for path in files[:3]:
+        path.unlink()
+    [link] = run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom")).result()["links"]
+    assert link["deleted"] == 3 and sorted(link["deletions"]) == [f"readings/r{i:03d}.json" for i in range(3)]
+    assert tree(destination) == tree(source)
+
+
+def test_a_mirror_over_max_delete_deletes_nothing_and_publishes_the_list(state: Path, tmp_path: Path,
+                                                                         mirror_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = mirror_job
+    files = fill(source, 10)
+    prom = tmp_path / "prom"
+    run(sync, "to-cloud", fleet, textfile=str(prom)).result()
+    before = tree(destination)
+    for path in files[:6]:  # max_delete is 3
+        path.unlink()
+    outcome = run(sync, "to-cloud", fleet, textfile=str(prom))
+    assert outcome.is_failed()
+    reason = str(outcome.result(raise_on_failure=False))
+    assert "would delete 6 files" in reason and "max_delete (3)" in reason and "nothing was deleted" in reason
+    assert tree(destination) == before
+    held = artifact("sync-to-cloud-held-deletions")
+    assert all(f"`readings/r{i:03d}.json`" in held for i in range(6)) and "r006" not in held
+    figures = metrics(prom / "primespark_sync_to-cloud_nas-1.prom")
+    assert figures["primespark_sync_success"] == 0 and figures["primespark_sync_refused_passes"] == 1
+
+
+def test_a_mirror_whose_source_was_replaced_by_an_empty_folder_refuses(state: Path, tmp_path: Path,
+                                                                       mirror_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = mirror_job
+    fill(source, 2)  # fewer than max_delete: only the empty-source guard can stop it
+    run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom")).result()
+    before = tree(destination)
+    source.rename(tmp_path / "warm-moved-away")  # as an unmounted volume looks: the folder is there, empty
+    source.mkdir()
+    outcome = run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom"))
+    assert outcome.is_failed()
+    reason = str(outcome.result(raise_on_failure=False))
+    assert "is empty, where the last pass saw 2 files" in reason and "--accept-empty-source" in reason
+    assert tree(destination) == before
+    source.rmdir()
+    missing = str(run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom")).result(raise_on_failure=False))
+    assert f"the source nas-1:{source} is missing" in missing
+    assert tree(destination) == before
+    source.mkdir()
+    accepted = run(sync, "to-cloud", fleet, accept_empty_source=True, textfile=str(tmp_path / "prom")).result()
+    # max_delete counts what rsync deletes: the two files and their folder
+    assert sorted(accepted["links"][0]["deletions"]) == ["readings/", "readings/r000.json", "readings/r001.json"]
+    assert tree(destination) == {}
+
+
+def test_a_source_no_longer_mounted_is_refused(state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = copy_job
+    fill(source, 3)
+    run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    saved = core.load_state(ctx, link)
+    saved.mount = True  # what the last pass saw when the source was a mounted volume
+    core.save_state(ctx, link, saved)
+    fill(source, 1, prefix="new")
+    outcome = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom"))
+    assert "looks unmounted" in str(outcome.result(raise_on_failure=False))
+    assert not (destination / "readings" / "new000.json").exists()
+
+
+def test_a_dry_run_shows_what_would_change_and_changes_nothing(state: Path, tmp_path: Path,
+                                                               mirror_job: tuple[str, Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from primespark.cli.app import app
+
+    fleet, source, destination = mirror_job
+    files = fill(source, 4)
+    run(sync, "to-cloud", fleet, textfile=str(tmp_path / "prom")).result()
+    files[0].unlink()
+    fill(source, 1, prefix="new")
+    before = tree(destination)
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "to-cloud")
+    saved = json.loads(core.state_file(ctx, link).read_text())
+    out = CliRunner().invoke(app, ["sync", "run", "to-cloud", "--env", fleet, "--transport", "local", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "would delete 1" in out.output and "- readings/r000.json" in out.output
+    assert "would send 1" in out.output and "+ readings/new000.json" in out.output
+    assert tree(destination) == before
+    assert json.loads(core.state_file(ctx, link).read_text()) == saved, "a dry run changed the link's state"
+
+
+def test_bandwidth_windows_and_quiet_hours() -> None:
+    fleet = load_fleet("homelab")  # Europe/Berlin; pi-1's quiet hours are 23:00-06:30
+    assert fleet.sync is not None
+    mirror = fleet.sync.jobs["warm-to-cloud"]  # {"07:00": "2M", "23:00": "off"}
+    noon = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)  # 12:00 in Berlin (summer time)
+    window = core.window_at(fleet, mirror, "nas-1", noon)
+    assert window.rate == "2M" and window.bwlimit_kib == 2048 and window.until is not None
+    assert window.until.isoformat() == "2026-06-01T23:00:00+02:00"
+    early = core.window_at(fleet, mirror, "nas-1", datetime(2026, 6, 1, 3, 0, tzinfo=UTC))  # 05:00: the night's
+    assert early.rate == "off" and early.until is not None and early.until.hour == 7
+    copy = fleet.sync.jobs["hot-to-nas"]  # no timetable, paused in the Pi's quiet hours
+    quiet = core.window_at(fleet, copy, "pi-1", datetime(2026, 6, 1, 22, 0, tzinfo=UTC))  # midnight in Berlin
+    assert quiet.paused and quiet.until is not None and quiet.until.isoformat() == "2026-06-02T06:30:00+02:00"
+    day = core.window_at(fleet, copy, "pi-1", noon)
+    assert not day.paused and day.until is not None and day.until.hour == 23
+
+
+def test_a_paused_window_sends_nothing_and_says_until_when(state: Path, tmp_path: Path) -> None:
+    source = tmp_path / "hot"
+    fill(source, 2)
+    fleet = make_fleet(tmp_path, **{"paused": {"source": f"pi-1:{source}", "destination": f"nas-1:{tmp_path}/out",
+                                               "bandwidth": {"00:00": "pause", "12:00": "pause"}}})
+    [link] = run(sync, "paused", fleet, textfile=str(tmp_path / "prom")).result()["links"]
+    assert link["status"] == "paused" and "paused until" in link["reason"] and link["files_sent"] == 0
+    assert not (tmp_path / "out" / "readings").exists()
+
+
+def _watchers(source: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-c" in argv and str(source).encode() in argv and any(b"inotify" in a for a in argv):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_for(condition: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.1)
+
+
+def test_continuous_sync_is_quick_quiet_when_idle_and_survives_a_dead_watcher(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = copy_job
+    fill(source, 5, prefix="before")  # made while nothing watched: the first full pass finds them
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    outcome: dict[str, Any] = {}
+    context = contextvars.copy_context()
+    watcher = threading.Thread(target=lambda: context.run(lambda: outcome.update(result=sync_watch(
+        "hot-to-nas", fleet, "local", duration_seconds=45, quiet_seconds=0.5, max_wait_seconds=2,
+        textfile=str(tmp_path / "prom"), **FAST))))
+    watcher.start()
+    try:
+        _wait_for(lambda: len(tree(destination)) == 5, 30, "the first full pass")
+        written: dict[str, float] = {}
+        for i in range(20):
+            path = source / "stream" / f"s{i:02d}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps({"i": i}))
+            written[f"stream/s{i:02d}.json"] = time.time()
+            time.sleep(0.1)
+        arrived: dict[str, float] = {}
+
+        def all_arrived() -> bool:
+            for name in written:
+                if name not in arrived and (destination / name).exists():
+                    arrived[name] = time.time()
+            return len(arrived) == len(written)
+
+        _wait_for(all_arrived, 20, "the 20 streamed files")
+        lags = sorted(arrived[n] - written[n] for n in written)
+        assert lags[-1] < 10, lags
+        assert tree(destination) == tree(source)
+        # a quiet source makes no passes (once the pass that carried the last files has recorded itself)
+        delivered = max(arrived.values())
+        _wait_for(lambda: (core.load_state(ctx, link).last_run or 0) >= delivered, 15,
+                  "the pass that carried the last files, recorded")
+        last = core.load_state(ctx, link).last_run
+        time.sleep(4)
+        assert core.load_state(ctx, link).last_run == last, "a pass ran while the source was quiet"
+        # the watcher dies (as when the source host restarts); what changes meanwhile still arrives
+        [pid] = _watchers(source)
+        os.kill(pid, signal.SIGKILL)
+        (source / "while-down.json").write_text("written while nothing watched")
+        _wait_for(lambda: (destination / "while-down.json").exists(), 30, "the change made while the watcher was down")
+        _wait_for(lambda: len(_watchers(source)) == 1, 10, "a new watcher")
+    finally:
+        watcher.join(timeout=120)
+    assert outcome["result"]["full_passes"] >= 2 and outcome["result"]["failed"] == 0, outcome
+    assert not _watchers(source), "a watcher outlived its flow"
+
+
+def test_the_full_check_finds_a_differing_copy_and_repairs_it(state: Path, tmp_path: Path,
+                                                              copy_job: tuple[str, Path, Path]) -> None:
+    fleet, source, destination = copy_job
+    (source / "model.bin").write_bytes(os.urandom(100_000))
+    fill(source, 3)
+    run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
+    copy = destination / "model.bin"
+    stat = copy.stat()
+    data = bytearray(copy.read_bytes())
+    data[500] ^= 0x01
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    quick = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"][0]
+    assert quick["files_sent"] == 0, "size and time agree: a quick pass cannot see it"
+    [found] = run(sync_check, "hot-to-nas", fleet, repair=True, textfile=str(tmp_path / "prom")).result()["links"]
+    assert found["differing"] == ["model.bin"] and found["missing"] == [] and found["matched"] == 3
+    assert copy.read_bytes() == (source / "model.bin").read_bytes()
+    assert "model.bin" in artifact("sync-check-hot-to-nas")
+
+
+def test_status_shows_pending_files_and_the_oldest_change(state: Path, tmp_path: Path,
+                                                          copy_job: tuple[str, Path, Path]) -> None:
+    fleet, source, _ = copy_job
+    fill(source, 2)
+    run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
+    late = fill(source, 3, prefix="late")
+    old = time.time() - 120
+    os.utime(late[0], (old, old))
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    row = core.status_of(ctx, link)
+    assert row.pending_files == 3 and row.last_status == "succeeded"
+    assert row.lag_seconds is not None and 119 < row.lag_seconds < 180
+
+
+def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
+    from primespark.mesh.service import plan_and_save
+
+    ctx = FleetContext.load("lab", "ssh")
+    known = ctx.state_dir / "ssh" / "known_hosts"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text("nas-1,172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest\n"
+                     "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n")
+    pi = core.host_material("lab", "pi-1")
+    assert str(pi["private_key"]).startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert pi["known_hosts"] == ["172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest"]
+    with pytest.raises(core.UserError, match="no saved plan"):  # nas-1 pushes to the cloud over the mesh
+        core.host_material("lab", "nas-1")
+    plan = plan_and_save(ctx.fleet, "fleet", ctx.state_dir, ctx.secrets).plan
+    nas = core.host_material("lab", "nas-1")
+    overlay = plan.state().address_of("analytics-1")
+    assert nas["known_hosts"] == [f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest"]
+    assert set(nas["public_keys"]) == {"pi-1", "pi-2", "pi-3"}  # type: ignore[arg-type]
+    assert nas["public_keys"]["pi-1"] == core.client_key(ctx, "pi-1")[1]  # type: ignore[index]
+    assert core.host_material("lab", "pi-1")["private_key"] == pi["private_key"], "the key was made again"
+    assert core.host_material("lab", "analytics-1") == {
+        "private_key": None, "known_hosts": [], "public_keys": {"nas-1": core.client_key(ctx, "nas-1")[1]}}

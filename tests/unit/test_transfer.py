@@ -1,0 +1,178 @@
+"""The transfer engine (primespark.data.transfer): real rsync, through rrsync as the sync accounts run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from rrsync_testing import forced_route
+
+from primespark.data import transfer
+from primespark.data.transfer import TransferFailed, TransferPlan
+from primespark.hosts import LocalRunner
+
+RUNNER = LocalRunner("pi-1")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    source, destination = tmp_path / "source", tmp_path / "destination"
+    (source / "readings" / "2026").mkdir(parents=True)
+    destination.mkdir()
+    for i in range(5):
+        (source / "readings" / "2026" / f"r{i}.json").write_text(f'{{"value": {i}}}\n')
+    (source / "blob.bin").write_bytes(os.urandom(200_000))
+    (source / "name with spaces and ünïcode.txt").write_text("odd names travel too\n")
+    (source / "draft.tmp").write_text("excluded")
+    return source, destination
+
+
+def test_a_copy_sends_what_is_new_then_nothing(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, destination = folders
+    plan = TransferPlan(str(source), "/", forced_route(tmp_path, destination, "-wo", "-no-del"), exclude=("*.tmp",))
+    first = transfer.run(RUNNER, plan)
+    assert first.files_sent == 7 and first.source_files == 7 and first.skipped == 0
+    assert first.bytes_sent > 200_000 and first.literal_bytes >= 200_000
+    assert "name with spaces and ünïcode.txt" in {i.path for i in first.sent}
+    expected = {k: v for k, v in tree(source).items() if not k.endswith(".tmp")}
+    assert tree(destination) == expected
+    again = transfer.run(RUNNER, plan)
+    assert again.files_sent == 0 and again.skipped == 7 and again.bytes_sent < 2_000
+    # what the watcher reports: only those paths are looked at; one that vanished meanwhile is no error
+    (source / "readings" / "2026" / "r1.json").write_text('{"value": 100}\n')
+    listed = transfer.run(RUNNER, transfer.with_files(plan, ["readings/2026/r1.json", "gone.json"]))
+    assert [i.path for i in listed.sent] == ["readings/2026/r1.json"]
+    assert (destination / "readings" / "2026" / "r1.json").read_text() == '{"value": 100}\n'
+
+
+def test_a_copy_account_refuses_to_delete(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, destination = folders
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    transfer.run(RUNNER, TransferPlan(str(source), "/", route))
+    (source / "blob.bin").unlink()
+    with pytest.raises(TransferFailed) as refused:
+        transfer.run(RUNNER, TransferPlan(str(source), "/", route, delete=True, max_delete=0))
+    assert "refused" in refused.value.message and not refused.value.transient
+    assert (destination / "blob.bin").exists()
+
+
+def test_a_mirror_counts_deletions_before_making_any(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, destination = folders
+    route = forced_route(tmp_path, destination, "-wo")
+    transfer.run(RUNNER, TransferPlan(str(source), "/", route))
+    for i in range(3):
+        (source / "readings" / "2026" / f"r{i}.json").unlink()
+    counted = transfer.run(RUNNER, TransferPlan(str(source), "/", route, delete=True, max_delete=0),
+                           accept=(transfer.MAX_DELETE_REACHED,))
+    assert counted.deletions_held_back == 3 and counted.deleted == []
+    assert len(list((destination / "readings" / "2026").iterdir())) == 5
+    listing = transfer.run(RUNNER, TransferPlan(str(source), "/", route, delete=True, deletions_only=True,
+                                                dry_run=True))
+    assert sorted(listing.deleted) == [f"readings/2026/r{i}.json" for i in range(3)]
+    assert len(list((destination / "readings" / "2026").iterdir())) == 5
+    done = transfer.run(RUNNER, TransferPlan(str(source), "/", route, delete=True, deletions_only=True,
+                                             max_delete=3))
+    assert sorted(done.deleted) == sorted(listing.deleted) and done.files_sent == 0
+    assert sorted(p.name for p in (destination / "readings" / "2026").iterdir()) == ["r3.json", "r4.json"]
+
+
+def test_a_killed_transfer_leaves_no_partial_file_and_resumes(tmp_path: Path) -> None:
+    source, destination = tmp_path / "source", tmp_path / "destination"
+    source.mkdir()
+    destination.mkdir()
+    big = source / "weights.bin"
+    big.write_bytes(os.urandom(12 * 1024 * 1024))
+    plan = TransferPlan(str(source), "/", forced_route(tmp_path, destination, "-wo", "-no-del"), bwlimit_kib=3072)
+    rsync = subprocess.Popen(["rsync", *plan.argv()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = destination / transfer.PARTIAL_DIR / "weights.bin"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(p.stat().st_size > 3 << 20 for p in destination.glob(".weights*")):
+        time.sleep(0.05)
+    os.kill(rsync.pid, signal.SIGKILL)
+    rsync.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not partial.exists():
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10  # the receiver ends on its own once its sender is gone (and rrsync's lock)
+    while time.monotonic() < deadline and any(str(destination) in cmdline for cmdline in _commands("rrsync")):
+        time.sleep(0.05)
+    assert not (destination / "weights.bin").exists(), "a partial file under its final name"
+    assert partial.exists(), f"the partial file was not kept: {list(destination.rglob('*'))}"
+    had = partial.stat().st_size
+    assert 0 < had < big.stat().st_size
+    resumed = transfer.run(RUNNER, TransferPlan(str(source), "/", plan.route))
+    assert (destination / "weights.bin").read_bytes() == big.read_bytes()
+    assert not partial.exists()
+    # only what was missing went as data; the rest matched the partial copy
+    assert resumed.literal_bytes <= big.stat().st_size - had + 256 * 1024, (resumed.stats, had)
+    assert resumed.stats["matched"] >= had - 256 * 1024
+
+
+def _commands(name: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if name in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_the_bandwidth_limit_holds(tmp_path: Path) -> None:
+    source, destination = tmp_path / "source", tmp_path / "destination"
+    source.mkdir()
+    destination.mkdir()
+    (source / "frames.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    plan = TransferPlan(str(source), "/", forced_route(tmp_path, destination, "-wo", "-no-del"),
+                        bwlimit_kib=transfer.rate_kib("1M"))
+    done = transfer.run(RUNNER, plan)
+    rate = done.literal_bytes / done.seconds
+    assert 0.8 * 1024 * 1024 <= rate <= 1.2 * 1024 * 1024, f"{rate / 1024:.0f} KiB/s over {done.seconds:.2f} s"
+
+
+def test_verification_finds_a_copy_whose_content_differs(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, destination = folders
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    sent = transfer.run(RUNNER, TransferPlan(str(source), "/", route)).sent
+    copy = destination / "blob.bin"
+    stat = copy.stat()
+    data = bytearray(copy.read_bytes())
+    data[1000] ^= 0xFF  # one flipped byte, same size and time: invisible to rsync's quick check
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (source / "readings" / "2026" / "r0.json").write_text('{"value": "changed since"}\n')
+    check = transfer.run(RUNNER, TransferPlan(str(source), "/", route, checksum=True, dry_run=True,
+                                              files=tuple(i.path for i in sent)))
+    assert [i.path for i in check.sent if i.content_differs] == ["blob.bin"]
+    assert [i.path for i in check.sent if not i.content_differs] == ["readings/2026/r0.json"]
+    assert copy.read_bytes() == bytes(data), "a dry run changed the destination"
+
+
+def test_rates_and_the_command_line() -> None:
+    assert transfer.rate_kib("2M") == 2048 and transfer.rate_kib("500K") == 500 and transfer.rate_kib("500") == 500
+    assert transfer.rate_kib("1.5G") == 1536 * 1024 and transfer.rate_kib("off") is None
+    with pytest.raises(ValueError):
+        transfer.rate_kib("pause")
+    argv = TransferPlan("/srv/hot", "/", transfer.ssh_route("sync-job", "10.99.0.3", 2222, "/k", "/kh")).argv()
+    assert "--delay-updates" in argv and "--fsync" in argv and "--inplace" not in argv and "--partial" not in argv
+    assert argv[-2:] == ["/srv/hot/", "sync-job@10.99.0.3:/"]
+    assert "ssh -p 2222 -i /k -o IdentitiesOnly=yes" in argv[argv.index("-e") + 1]
+
+
+def test_a_destination_that_does_not_answer_is_a_transient_failure(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, _ = folders
+    refused = "echo 'ssh: connect: Connection refused' >&2; exit 255"
+    route = transfer.Route("sync-test@destination", ("sh", "-c", refused))
+    with pytest.raises(TransferFailed) as failed:
+        transfer.run(RUNNER, TransferPlan(str(source), "/", route))
+    assert failed.value.transient and failed.value.returncode in (12, 255), failed.value
