@@ -25,7 +25,7 @@ from primespark.data.layout import Link
 from primespark.data.transfer import Item, TransferReport
 from primespark.data.watch import Batch, Watches
 from primespark.errors import StepFailed, UserError
-from primespark.monitoring.metrics import publish, sync_metrics
+from primespark.monitoring.metrics import Textfile, publish, sync_metrics
 from primespark.orchestration.locks import hold, sync_lock
 from primespark.orchestration.retries import retrying, transient
 
@@ -116,14 +116,19 @@ def link_pass(ctx: FleetContext, link: Link, *, kind: str, options: dict[str, An
 def _publish_link(ctx: FleetContext, link: Link, result: core.PassResult, found: core.Probe | None,
                   textfile: str | None) -> None:
     state = core.record(ctx, link, result, found)
-    metrics = sync_metrics(
+    _publish_metrics(ctx, link, textfile, sync_metrics(
         link.job, link.source, success=result.status == "succeeded",
         finished=result.finished, last_success=state.last_success, lag_seconds=state.lag_seconds,
         sent_bytes=result.bytes_sent, sent_files=result.files_sent, deleted_files=result.deleted,
         differing_files=result.differing, errors_total=state.errors_total, refusals_total=state.refusals_total,
         check_finished=state.last_check,
-        check_bad_files=None if state.check_differing is None else state.check_differing + (state.check_missing or 0))
-    try:  # on the source host, whose node exporter serves them; a host that cannot take them is a warning
+        check_bad_files=None if state.check_differing is None else state.check_differing + (state.check_missing or 0)))
+
+
+def _publish_metrics(ctx: FleetContext, link: Link, textfile: str | None, metrics: Textfile) -> None:
+    """On the source host, whose node exporter serves them; a host that cannot take them is a warning (the pass's
+    own outcome stands, and a host gone quiet raises its own alert)."""
+    try:
         publish(ctx.hosts, ctx.fleet, link.source, f"sync_{link.job}_{link.source}", metrics, textfile)
     except StepFailed as exc:
         get_run_logger().warning("sync metrics of %s from %s not published: %s", link.job, link.source, exc)
@@ -207,12 +212,12 @@ def sync_check(
             if repair and (result.missing or result.differing):
                 resend.with_options(**options)(ctx, link, [*result.missing, *result.differing])
         state = core.record_check(ctx, link, result)
-        write_sync_metrics(
-            textfile_dir(ctx.fleet, textfile), link.job, link.source, success=state.last_status == "succeeded",
+        _publish_metrics(ctx, link, textfile, sync_metrics(
+            link.job, link.source, success=state.last_status == "succeeded",
             finished=state.last_run or time.time(), last_success=state.last_success, lag_seconds=state.lag_seconds,
             sent_bytes=state.bytes_sent, sent_files=state.files_sent, deleted_files=state.deleted,
             differing_files=state.differing, errors_total=state.errors_total, refusals_total=state.refusals_total,
-            check_finished=state.last_check, check_bad_files=len(result.missing) + len(result.differing))
+            check_finished=state.last_check, check_bad_files=len(result.missing) + len(result.differing)))
         return result
 
     results = [f.result() for f in _in_threads(one, selected)]
