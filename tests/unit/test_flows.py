@@ -65,6 +65,7 @@ def make_fleet(root: Path, plans: tuple[str, ...] = ("pi-1",), rpo_hours: float 
     secrets in a local store, or in the Vault `secrets` names (the lab's own OpenBao runs only under `lab up`)."""
     data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
     data["secrets"] = secrets or {"backend": "local"}
+    data.pop("orchestration")  # runs here, recorded by this module's Prefect test server (not a fleet server)
     backup_spec = data["backup"]
     if data["secrets"]["backend"] == "local":
         for name, repository in backup_spec["repositories"].items():

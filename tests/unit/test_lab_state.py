@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from primespark.errors import UserError
@@ -80,13 +81,18 @@ def test_lab_env_prints_vault_addr_and_the_token_only_when_asked(tmp_path, monke
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
     get_settings.cache_clear()  # the CLI's lab reads the cached settings: make them see this state dir
     request.addfinalizer(get_settings.cache_clear)
-    fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
-    plain = CliRunner().invoke(app, ["lab", "env", "--env", "lab"])
+    # Without an orchestration section: the Prefect auth string (in the lab's OpenBao) is not the subject.
+    data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
+    del data["orchestration"]
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(data))
+    fleet = load_fleet(str(path))
+    plain = CliRunner().invoke(app, ["lab", "env", "--env", str(path)])
     assert plain.exit_code == 0, plain.output
     assert f"export VAULT_ADDR=http://127.0.0.1:{fleet.lab.openbao_port}" in plain.stdout.splitlines()
     assert "VAULT_TOKEN" not in plain.stdout
     credentials_file(tmp_path).parent.mkdir(mode=0o700)
     credentials_file(tmp_path).write_text(json.dumps({"unseal_key": "k", "root_token": "s.root-of-the-lab"}))
-    asked = CliRunner().invoke(app, ["lab", "env", "--env", "lab", "--vault-token"])
+    asked = CliRunner().invoke(app, ["lab", "env", "--env", str(path), "--vault-token"])
     assert asked.exit_code == 0 and "export VAULT_TOKEN=s.root-of-the-lab" in asked.stdout.splitlines()
     assert not any(line.endswith("=k") for line in asked.stdout.splitlines()), "never the unseal key"

@@ -78,13 +78,16 @@ def test_a_bad_state_dir_is_one_line_not_a_traceback(tmp_path: Path, where: str,
 
 
 def test_mesh_render_into_a_shared_folder_writes_into_a_folder_of_its_own(tmp_path: Path) -> None:
+    from lab_fleets import lab_fleet
+
     state = tmp_path / "state"
-    planned = spark("mesh", "plan", "--env", "lab", state=str(state), cwd=tmp_path)
+    lab = lab_fleet(tmp_path, {"backend": "local"})  # its keys in a local store: the lab's OpenBao is not up here
+    planned = spark("mesh", "plan", "--env", lab, state=str(state), cwd=tmp_path)
     assert planned.returncode == 0, planned.stderr
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
-    done = spark("mesh", "render", "--env", "lab", "--out", str(shared), state=str(state), cwd=tmp_path)
+    done = spark("mesh", "render", "--env", lab, "--out", str(shared), state=str(state), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert mode(shared) == 0o1777, "the shared folder's mode was changed"
     [folder] = list(shared.iterdir())
@@ -94,7 +97,7 @@ def test_mesh_render_into_a_shared_folder_writes_into_a_folder_of_its_own(tmp_pa
     assert configs and all(mode(c) == 0o600 for c in configs)
 
     (tmp_path / "a-file").write_text("x")
-    onto_file = spark("mesh", "render", "--env", "lab", "--out", str(tmp_path / "a-file"), state=str(state),
+    onto_file = spark("mesh", "render", "--env", lab, "--out", str(tmp_path / "a-file"), state=str(state),
                       cwd=tmp_path)
     assert onto_file.returncode == 1 and "is a file, not a folder" in onto_file.stderr, onto_file.stderr
     assert "Traceback" not in onto_file.stderr

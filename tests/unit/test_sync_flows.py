@@ -376,24 +376,27 @@ def test_status_shows_pending_files_and_the_oldest_change(state: Path, tmp_path:
 
 
 def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
+    from lab_fleets import lab_fleet
+
     from primespark.mesh.service import plan_and_save
 
-    ctx = FleetContext.load("lab", "ssh")
+    lab = lab_fleet(tmp_path, {"backend": "local"})  # the lab's OpenBao runs only under `spark lab up`
+    ctx = FleetContext.load(lab, "ssh")
     known = ctx.state_dir / "ssh" / "known_hosts"
     known.parent.mkdir(parents=True, exist_ok=True)
     known.write_text("nas-1,172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest\n"
                      "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n")
-    pi = core.host_material("lab", "pi-1")
+    pi = core.host_material(lab, "pi-1")
     assert str(pi["private_key"]).startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert pi["known_hosts"] == ["172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest"]
     with pytest.raises(core.UserError, match="no saved plan"):  # nas-1 pushes to the cloud over the mesh
-        core.host_material("lab", "nas-1")
+        core.host_material(lab, "nas-1")
     plan = plan_and_save(ctx.fleet, "fleet", ctx.state_dir, ctx.secrets).plan
-    nas = core.host_material("lab", "nas-1")
+    nas = core.host_material(lab, "nas-1")
     overlay = plan.state().address_of("analytics-1")
     assert nas["known_hosts"] == [f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest"]
     assert set(nas["public_keys"]) == {"pi-1", "pi-2", "pi-3"}  # type: ignore[arg-type]
     assert nas["public_keys"]["pi-1"] == core.client_key(ctx, "pi-1")[1]  # type: ignore[index]
-    assert core.host_material("lab", "pi-1")["private_key"] == pi["private_key"], "the key was made again"
-    assert core.host_material("lab", "analytics-1") == {
+    assert core.host_material(lab, "pi-1")["private_key"] == pi["private_key"], "the key was made again"
+    assert core.host_material(lab, "analytics-1") == {
         "private_key": None, "known_hosts": [], "public_keys": {"nas-1": core.client_key(ctx, "nas-1")[1]}}

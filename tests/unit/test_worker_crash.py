@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_fleets import lab_fleet
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from test_flows_deploy import free_port, start_server, wait_healthy
 
@@ -56,7 +57,7 @@ def until(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
 @pytest.fixture
 def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
-    ctx = FleetContext.load("lab")
+    ctx = FleetContext.load(lab_fleet(tmp_path, {"backend": "local"}))  # the lab's OpenBao runs only under lab up
     auth = auth_string(ctx)
     port = free_port()
     home = tmp_path / "server"

@@ -16,25 +16,31 @@ from primespark.errors import UserError
 HEALTH_TIMEOUT = 5.0
 
 
-def fleet_api(ctx: FleetContext) -> tuple[str, str]:
-    """(API URL, auth string) of the fleet's server."""
-    from primespark.orchestration.material import api_url, auth_string
+def server_url(ctx: FleetContext) -> tuple[str, str]:
+    """The fleet's server as this machine reaches it, and where that address came from."""
+    from primespark.orchestration.material import api_url
 
-    return ctx.settings.prefect_api_url or api_url(ctx), auth_string(ctx)
+    if ctx.settings.prefect_api_url:
+        return ctx.settings.prefect_api_url.rstrip("/"), "PREFECT_API_URL in the environment"
+    return api_url(ctx), "the fleet's orchestration.server"
 
 
-def check(url: str, auth: str | None, timeout: float = HEALTH_TIMEOUT) -> None:
-    """The server answers and takes the auth string, or a UserError saying which address did not."""
+def check_health(url: str, source: str, fix: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """The server at `url` answers /health, or one UserError naming the address, where it came from, and how to
+    start it (not forty lines of connection traceback from inside the first run)."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as reply:  # noqa: S310 (the fleet's server)
             reply.read()
+            return
+    except urllib.error.HTTPError as exc:
+        problem = f"it answered HTTP {exc.code}"
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise UserError(f"the Prefect server at {url} does not answer ({reason})",
-                        "start it (site.yml's prefect_server play; `spark lab up` + site.yml in the lab) or fix "
-                        "PREFECT_API_URL") from None
-    if auth is None:
-        return
+        problem = str(getattr(exc, "reason", None) or exc)
+    raise UserError(f"the Prefect server at {url} (from {source}) is unreachable: {problem}", fix)
+
+
+def check_auth(url: str, auth: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """The server takes the API auth string, or a UserError saying it refused it."""
     request = urllib.request.Request(f"{url}/admin/version",  # noqa: S310
                                      headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
     try:
@@ -48,14 +54,20 @@ def check(url: str, auth: str | None, timeout: float = HEALTH_TIMEOUT) -> None:
         raise UserError(f"the Prefect server at {url} answered {exc.code} to /admin/version",
                         "see the server's log") from None
     except OSError as exc:
-        raise UserError(f"the Prefect server at {url} does not answer ({getattr(exc, 'reason', exc)})",
+        raise UserError(f"the Prefect server at {url} is unreachable: {getattr(exc, 'reason', exc)}",
                         "start it, or fix PREFECT_API_URL") from None
 
 
 def use_fleet_prefect(ctx: FleetContext) -> str:
-    """Point this process's Prefect client at the fleet's server (checked first); the URL used."""
-    url, auth = fleet_api(ctx)
-    check(url, auth)
+    """Point this process's Prefect client at the fleet's server (checked first: reachable, then the auth string,
+    which is read from the secret store only once the server answers); the URL used."""
+    from primespark.orchestration.material import auth_string
+
+    url, source = server_url(ctx)
+    lab = f"`spark lab up --env {ctx.env}` and site.yml start the lab's" if ctx.fleet.lab is not None else "start it"
+    check_health(url, source, f"{lab} (site.yml's prefect_server play), or fix PREFECT_API_URL")
+    auth = auth_string(ctx)
+    check_auth(url, auth)
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_API_AUTH_STRING"] = auth
     refresh_prefect_settings()

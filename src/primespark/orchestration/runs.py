@@ -77,25 +77,18 @@ def use_lab_prefect(fleet: Fleet) -> None:
 
 
 def require_prefect(fleet: Fleet) -> None:
-    """The Prefect server that runs will report to answers, or a clear error saying where it was looked for (not
-    forty lines of connection traceback from inside the first run). No server configured: Prefect starts a
-    throwaway one for the run itself."""
+    """The Prefect server that runs will report to answers, or a clear error saying where it was looked for. No
+    server configured: Prefect starts a throwaway one for the run itself."""
     from prefect.settings import PREFECT_API_URL
+
+    from primespark.orchestration.api import check_health
 
     url = PREFECT_API_URL.value()
     if not url:
         return
     source = "PREFECT_API_URL in the environment" if "PREFECT_API_URL" in os.environ else "the Prefect profile"
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as reply:  # noqa: S310 (the operator's URL)
-            if reply.status == 200:
-                return
-            problem = f"it answered HTTP {reply.status}"
-    except OSError as exc:
-        problem = str(getattr(exc, "reason", None) or exc)
-    lab = (f"start the lab's with `spark lab up --env {fleet.name}`, or " if fleet.lab is not None else "start it, or ")
-    raise UserError(f"the Prefect server at {url} (from {source}) is unreachable: {problem}",
-                    f"{lab}unset PREFECT_API_URL to run with a throwaway local server")
+    lab = f"start the lab's with `spark lab up --env {fleet.name}`" if fleet.lab is not None else "start it"
+    check_health(url.rstrip("/"), source, f"{lab}, or unset PREFECT_API_URL to run with a throwaway local server")
 
 
 def record_runs(ctx: FleetContext) -> str:
