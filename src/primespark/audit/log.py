@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primespark.audit.chain import ChainFile
-from primespark.audit.checkpoints import HmacSigner, Signer, TransitSigner, append_checkpoint, last_count, \
-    transit_key_name
+from primespark.audit.checkpoints import (
+    HmacSigner,
+    Signer,
+    TransitSigner,
+    append_checkpoint,
+    last_count,
+    transit_key_name,
+)
 from primespark.audit.redact import Redactor
 from primespark.errors import UserError
 
