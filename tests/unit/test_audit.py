@@ -338,6 +338,22 @@ def test_the_cli_hook_writes_one_record_per_changing_command(fleet: str, tmp_pat
                                           state=state).stdout
 
 
+def test_a_chain_cut_inside_its_last_record_stops_a_destructive_operation(fleet: str) -> None:
+    from primespark.audit.log import AuditUnavailable
+
+    ctx = FleetContext.load(fleet, "local")
+    log = audit_log(ctx)
+    op = Operation("spark mesh rotate", ctx.env, ["pi-1"], {"host": "pi-1"}, "ops@here")
+    with operation(lambda: log, op, destructive=True, warn=pytest.fail):
+        pass
+    with log.chain.open("r+b") as handle:
+        handle.truncate(log.chain.stat().st_size - 90)  # a crash in the middle of writing a record
+    ran = []
+    with pytest.raises(AuditUnavailable, match="cannot be continued"), operation(lambda: log, op, True, pytest.fail):
+        ran.append(op)
+    assert not ran
+
+
 def test_every_audited_path_is_a_command() -> None:
     for path in AUDITED:
         found = resolve([*path, "--env", "lab"])

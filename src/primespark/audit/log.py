@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from primespark.audit.chain import ChainFile
+from primespark.audit.chain import ChainBroken, ChainFile
 from primespark.audit.checkpoints import (
     HmacSigner,
     Signer,
@@ -84,7 +84,14 @@ class AuditLog:
         chain = ChainFile(self.chain)
         try:
             chain.open()
+            chain.head()  # a chain whose last line is not a record cannot be continued
+        except ChainBroken as exc:
+            chain.close()
+            raise AuditUnavailable(f"the audit log {self.chain} cannot be continued: {exc}",
+                                   f"`spark audit verify` says what happened; move {self.chain.name} aside (keep it) "
+                                   "and the next record starts a new chain") from None
         except OSError as exc:
+            chain.close()
             raise AuditUnavailable(f"the audit log {self.chain} cannot be written: {exc.strerror or exc}",
                                    f"make {self.folder} a writable folder of the user running spark") from None
         return Pending(self, operation, chain, time.monotonic(), now_iso())
