@@ -166,15 +166,15 @@ def read_checkpoints(chain: Path) -> list[Checkpoint]:
 
 
 def last_count(chain: Path) -> int:
-    """The record count of the chain's last checkpoint (0: none yet)."""
-    path = checkpoints_path(chain)
-    if not path.exists():
-        return 0
-    with path.open("rb") as handle:
-        last = b""
-        for raw in handle:
-            last = raw or last
+    """The record count of the chain's last checkpoint (0: none yet); reads the file's tail only."""
     try:
-        return int(json.loads(last)["count"]) if last.strip() else 0
+        with checkpoints_path(chain).open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 4096))
+            tail = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(json.loads(tail)["count"]) if tail.strip() else 0
     except (ValueError, KeyError, TypeError):
         return 0
