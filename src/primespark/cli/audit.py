@@ -102,6 +102,10 @@ def _targets(rule: Audited, params: dict[str, Any], all_hosts: list[str]) -> lis
 @contextmanager
 def audited_command(args: list[str]) -> Iterator[None]:
     """The CLI's one audit hook: a command of `AUDITED` runs as one audited operation; others just run."""
+    words = tuple(a for a in args if not a.startswith("-"))
+    if words[:1] not in AUDITED and words[:2] not in AUDITED:  # groups take no options: a cheap first look
+        yield
+        return
     found = resolve(args)
     rule = AUDITED.get(found[0]) if found else None
     if found is None or rule is None or not rule.applies(found[1]):
