@@ -383,3 +383,21 @@ def test_the_flow_hook_records_each_run_and_refuses_a_destructive_one(fleet: str
         sync("hot-to-nas", env=fleet, accept_empty_source=True)
     assert sync("hot-to-nas", env=fleet, accept_empty_source=True, dry_run=True) == "done"  # a dry run deletes nothing
     assert calls == ["hot-to-nas", "hot-to-nas"]
+
+
+@pytest.mark.slow
+def test_a_prefect_flow_run_records_its_run_id(fleet: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.probe import probe
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        state = probe("edge", env=fleet, transport="local", reach=False, return_state=True)
+    assert state.is_completed(), state
+    ctx = FleetContext.load(fleet, "local")
+    (record,) = records(ctx.state_dir / "audit" / "log.jsonl")
+    assert record["operation"] == "flow probe" and record["outcome"] == "succeeded"
+    assert record["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert record["parameters"] == {"site": "edge", "env": fleet, "transport": "local", "reach": False}
+    assert "nas-1" in record["hosts"] and record["deployment"] is None

@@ -99,16 +99,17 @@ class TransitSigner:
         import hvac.exceptions
 
         encoded = base64.b64encode(payload).decode()
-        try:
-            reply = self.client.secrets.transit.verify_signed_data(
-                name=self.key, hash_input=encoded, signature=signature, mount_point=self.mount)
-        except hvac.exceptions.InvalidRequest:  # not a signature of this key's form at all
-            return False
-        except Exception:
-            self._call("verifying a checkpoint", lambda: self.client.secrets.transit.verify_signed_data(
-                name=self.key, hash_input=encoded, signature=signature, mount_point=self.mount))
-            return False
-        return bool(reply["data"]["valid"])
+        transit = self.client.secrets.transit
+
+        def check() -> Any:
+            try:
+                return transit.verify_signed_data(name=self.key, hash_input=encoded, signature=signature,
+                                                  mount_point=self.mount)
+            except hvac.exceptions.InvalidRequest:  # not a signature of this key's form at all
+                return None
+
+        reply = self._call("verifying a checkpoint", check)
+        return reply is not None and bool(reply["data"]["valid"])
 
 
 @dataclass(frozen=True)

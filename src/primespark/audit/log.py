@@ -181,6 +181,7 @@ def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool
             warn(f"{op.name}: its audit record was not written: {exc}")
         for line in log.warnings:
             warn(line)
+        log.warnings.clear()
 
 
 # Built from a fleet context ------------------------------------------------------------------------------------
@@ -199,8 +200,9 @@ def audit_key(ctx: FleetContext) -> bytes:
     return ensure_reference(KEY_REFERENCE, ctx.secrets, lambda: pysecrets.token_hex(32)).encode()
 
 
-def signer_for(ctx: FleetContext, key: Callable[[], bytes]) -> Signer:
-    """Transit with the fleet's secrets in Vault (its store's own login), else the HMAC of the local store."""
+def signer_for(ctx: FleetContext, key: Callable[[], bytes], make: bool = True) -> Signer:
+    """Transit with the fleet's secrets in Vault (its store's own login), else the HMAC of the local store.
+    `make`: enable the engine and make the key when missing (the writer; a verifier only reads)."""
     from primespark.fleet.model import SecretBackend
     from primespark.secrets import ReadOnlyStore, VaultSecretStore
 
@@ -209,7 +211,7 @@ def signer_for(ctx: FleetContext, key: Callable[[], bytes]) -> Signer:
         inner = store.store if isinstance(store, ReadOnlyStore) else store
         assert isinstance(inner, VaultSecretStore)
         signer = TransitSigner(inner.client, transit_key_name(ctx.fleet.name))
-        if not isinstance(store, ReadOnlyStore):
+        if make and not isinstance(store, ReadOnlyStore):
             signer.ensure_key()
         return signer
     return HmacSigner(key())

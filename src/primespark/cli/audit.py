@@ -166,7 +166,7 @@ def verify(env: EnvOption = "lab") -> None:
         return
     signer: Signer | None = None
     if any(read_checkpoints(c) for c in chains):
-        signer = signer_for(ctx, lambda: audit_key(ctx))
+        signer = signer_for(ctx, lambda: audit_key(ctx), make=False)
     table = Table(title=f"audit chains of {ctx.env} in {folder}")
     for column in ("chain", "records", "checkpoints", "signed with", "verdict"):
         table.add_column(column, overflow="fold")
