@@ -401,3 +401,46 @@ def test_a_prefect_flow_run_records_its_run_id(fleet: str, monkeypatch: pytest.M
     assert record["flow_run_id"] == str(state.state_details.flow_run_id)
     assert record["parameters"] == {"site": "edge", "env": fleet, "transport": "local", "reach": False}
     assert "nas-1" in record["hosts"] and record["deployment"] is None
+
+
+class HomePerHost:
+    """Each host of the fleet a folder of this machine, where its copies go (SPARK_AUDIT_COPIES)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def runner(self, host: str) -> Any:
+        from primespark.hosts import LocalRunner
+
+        (self.root / host).mkdir(parents=True, exist_ok=True)
+        return LocalRunner(host, prefix=["env", f"SPARK_AUDIT_COPIES={self.root / host}"])
+
+
+def test_checkpoints_copied_off_the_machine_catch_them_cut_or_edited_here(fleet: str, chain: Path,
+                                                                          tmp_path: Path) -> None:
+    from primespark.audit.offsite import compare, fetch, offsite_hosts, ship
+    from primespark.errors import UserError
+
+    ctx = FleetContext.load(fleet, "local")
+    hosts = HomePerHost(tmp_path / "hosts")
+    targets = offsite_hosts(ctx.fleet)
+    assert targets == ["nas-1", "ops-1"]  # the NAS (the primary repository's host) and the cloud worker
+    points = chain.with_name("log.checkpoints.jsonl")
+    here = points.read_bytes()
+    assert [ship(hosts, h, "lab", here) for h in targets] == [len(here)] * 2
+    assert [ship(hosts, h, "lab", here) for h in targets] == [0, 0]  # nothing new: nothing added
+    copy = tmp_path / "hosts" / "nas-1" / "lab"
+    assert next(copy.rglob("log.checkpoints.jsonl")).stat().st_mode & 0o777 == 0o600
+
+    # root here cuts the chain and its last checkpoint together: the local verify cannot tell, the copies can
+    rewrite(chain, lambda ls: ls[:9_990])
+    rewrite(points, lambda ls: ls[:9])
+    assert verify_cli(fleet)[0] == 0
+    difference = compare("nas-1", points.read_bytes(), fetch(hosts, "nas-1", "lab"))
+    assert difference is not None and "the copy on nas-1 holds 10 checkpoints, this machine 9" in difference.message
+    with pytest.raises(UserError, match="not the ones already copied to nas-1"):
+        ship(hosts, "nas-1", "lab", points.read_bytes())
+
+    rewrite(points, lambda ls: [*ls[:4], ls[4].replace(b'"count": 5000', b'"count": 5001'), *ls[5:9]])
+    difference = compare("ops-1", points.read_bytes(), fetch(hosts, "ops-1", "lab"))
+    assert difference is not None and difference.message.startswith("checkpoint 5 differs from its copy on ops-1")

@@ -59,6 +59,7 @@ AUDITED: dict[tuple[str, ...], Audited] = {
     ("sync", "run"): Audited(hosts=("source",), unless="dry_run", destructive="accept_empty_source"),
     ("sync", "check"): Audited(only_if="repair"),
     ("sync", "watch"): Audited(),
+    ("audit", "ship"): Audited(),
 }
 
 
@@ -150,7 +151,43 @@ def _chains(folder: Path) -> list[Path]:
 
 
 @app.command()
-def verify(env: EnvOption = "lab") -> None:
+def ship(env: EnvOption = "lab") -> None:
+    """Copy this machine's checkpoints to the NAS and the sites' workers (over SSH): each copy only grows, and
+    one that is not a prefix of the checkpoints here is refused (one was edited or cut here)."""
+    from primespark.audit.checkpoints import checkpoints_path
+    from primespark.audit.offsite import offsite_hosts
+    from primespark.audit.offsite import ship as copy_to
+    from primespark.context import FleetContext
+
+    ctx = FleetContext.load(env)
+    path = checkpoints_path(ctx.state_dir / "audit" / "log.jsonl")
+    targets = offsite_hosts(ctx.fleet)
+    if not targets:
+        raise UserError(f"the fleet {ctx.fleet.name!r} has no NAS repository and no worker to copy checkpoints to",
+                        "add a backup repository or an orchestration worker")
+    data = path.read_bytes() if path.exists() else b""
+    for host in targets:
+        console.print(f"{host}: {copy_to(ctx.hosts, host, ctx.fleet.name, data)} bytes added")
+
+
+def _offsite_problems(ctx: Any) -> list[str]:
+    from primespark.audit.checkpoints import checkpoints_path
+    from primespark.audit.offsite import compare, fetch, offsite_hosts
+
+    here_path = checkpoints_path(ctx.state_dir / "audit" / "log.jsonl")
+    here = here_path.read_bytes() if here_path.exists() else b""
+    found = []
+    for host in offsite_hosts(ctx.fleet):
+        difference = compare(host, here, fetch(ctx.hosts, host, ctx.fleet.name))
+        if difference is not None:
+            found.append(f"{here_path}: {difference.message}")
+    return found
+
+
+@app.command()
+def verify(env: EnvOption = "lab", offsite: Annotated[bool, typer.Option(
+        "--offsite", help="Also compare this machine's checkpoints with their copies on other hosts (SSH).")] = False,
+           ) -> None:
     """Check every chain and every checkpoint; name the first bad record (edited, inserted, reordered, deleted)
     or a truncated tail. Exit 1 when anything is wrong."""
     from primespark.audit.checkpoints import Signer, read_checkpoints
@@ -162,8 +199,9 @@ def verify(env: EnvOption = "lab") -> None:
     folder = ctx.state_dir / "audit"
     chains = _chains(folder)
     if not chains:
-        console.print(f"no audit log in {folder} yet: nothing to verify")
-        return
+        console.print(f"no audit log in {folder}" + ("" if offsite else " yet: nothing to verify"))
+        if not offsite:
+            return
     signer: Signer | None = None
     if any(read_checkpoints(c) for c in chains):
         signer = signer_for(ctx, lambda: audit_key(ctx), make=False)
@@ -179,6 +217,8 @@ def verify(env: EnvOption = "lab") -> None:
         if report.problem is not None:
             bad.append(f"{chain}: {report.problem.message}")
     console.print(table)
+    if offsite:
+        bad += _offsite_problems(FleetContext.load(env))
     for line in bad:
         err_console.print(f"[red]bad[/red] {line}", highlight=False)
     if bad:
