@@ -55,7 +55,7 @@ class Redactor:
         if self._key is None and self.problem is None:
             try:
                 self._key = self._get_key()
-            except Exception as exc:
+            except Exception as exc:  # any store failure: the value is redacted, the record still written
                 self.problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if self._key is None:
             return UNAVAILABLE

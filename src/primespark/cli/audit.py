@@ -85,7 +85,7 @@ def resolve(args: list[str]) -> tuple[tuple[str, ...], dict[str, Any]] | None:
             path.append(name)
             ctx = sub.make_context(name, remaining, parent=ctx, resilient_parsing=True)
         params = dict(ctx.params)
-    except Exception:
+    except Exception:  # what does not parse here, the command itself refuses with its usage
         return None
     return tuple(path), params
 
@@ -113,15 +113,13 @@ def audited_command(args: list[str]) -> Iterator[None]:
         yield
         return
     path, params = found
-    from primespark.audit.log import Operation, audit_log, operation, operator
+    from primespark.audit.log import AuditLog, AuditUnavailable, Operation, audit_log, operation, operator
     from primespark.context import FleetContext
 
     env = str(params["old_env"] if params.get("old_env") is not None else params.get("env", "lab"))
-    from primespark.audit.log import AuditLog, AuditUnavailable
-
     try:
         ctx: FleetContext | None = FleetContext.load(env, "local")
-    except Exception:
+    except Exception:  # a fleet that does not load: the command says why itself
         ctx = None
 
     def open_log() -> AuditLog:

@@ -91,13 +91,13 @@ def audited(targets: Targets | None = None, destructive: Callable[[dict[str, Any
             params = dict(bound.arguments)
             try:
                 ctx: FleetContext | None = FleetContext.load(str(params.get("env", "lab")), "local")
-            except Exception:
+            except Exception:  # the flow loads the same fleet first thing, and fails saying why
                 ctx = None
             if ctx is None:
                 return fn(*args, **kwargs)
             try:
                 hosts = targets(ctx, params) if targets else []
-            except Exception:
+            except Exception:  # an unknown host or job: the flow refuses it with its own error
                 hosts = []
             run_id, deployment = _runtime()
             op = Operation(f"flow {name}", ctx.env, hosts, params, _actor(ctx), deployment, run_id)
