@@ -17,6 +17,8 @@ from primespark.backup.session import BackupRun
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed, UserError
 from primespark.monitoring.metrics import Textfile, backup_metrics, publish
+from primespark.orchestration import auditing
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.failures import RunFailed, expected
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying, transient
@@ -60,6 +62,7 @@ def backup_report(result: dict[str, Any]) -> str:
 
 
 @flow(name="backup", flow_run_name="backup-{host}", log_prints=True)
+@audited(auditing.host)
 def backup(
     host: str,
     env: str = "lab",

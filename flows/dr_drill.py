@@ -17,6 +17,8 @@ from primespark.backup.session import RestoreRun
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed
 from primespark.monitoring import metrics
+from primespark.orchestration import auditing
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.failures import RunFailed
 from primespark.orchestration.locks import drill_lock, hold, repository_lock
 
@@ -68,6 +70,7 @@ def publish(ctx: FleetContext, report: drills.DrillReport, textfile: str | None)
 
 
 @flow(name="dr-drill", flow_run_name="dr-drill-{host}", log_prints=True)
+@audited(auditing.host)
 def dr_drill(
     host: str,
     env: str = "lab",

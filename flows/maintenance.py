@@ -16,6 +16,8 @@ from primespark.backup.repositories import backup_of, clients_of, offsite_of
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed, UserError
 from primespark.monitoring.metrics import check_metrics, publish
+from primespark.orchestration import auditing
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.failures import RunFailed
 from primespark.orchestration.locks import hold, repository_lock
 from primespark.orchestration.retries import retrying
@@ -45,6 +47,7 @@ def failure_reasons(repository: str, outcomes: list[jobs.MaintenanceOutcome], co
 
 
 @flow(name="maintenance", flow_run_name="maintenance-{repository}", log_prints=True)
+@audited(auditing.repository_clients)
 def maintenance(
     repository: str,
     env: str = "lab",

@@ -14,10 +14,13 @@ from prefect.artifacts import create_markdown_artifact
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed
 from primespark.hosts import on_each, shell
+from primespark.orchestration import auditing
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.placement import site_hosts
 
 
 @flow(name="probe", flow_run_name="probe-{site}", log_prints=True)
+@audited(auditing.site)
 def probe(site: str, env: str = "lab", transport: Transport = "ssh", reach: bool = True) -> dict[str, Any]:
     """`reach`: also log in to each host of the site (`sudo -n true`); without it, only say where it runs."""
     ctx = FleetContext.load(env, transport)

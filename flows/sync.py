@@ -26,6 +26,8 @@ from primespark.data.transfer import Item, TransferReport
 from primespark.data.watch import Batch, Watches
 from primespark.errors import StepFailed, UserError
 from primespark.monitoring.metrics import Textfile, publish, sync_metrics
+from primespark.orchestration import auditing
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.locks import hold, sync_lock
 from primespark.orchestration.retries import retrying, transient
 
@@ -152,6 +154,7 @@ def _in_threads(fn: Any, items: list[Any]) -> list[Future[Any]]:
 
 
 @flow(name="sync", flow_run_name="sync-{job}", log_prints=True)
+@audited(auditing.sync_links, destructive=auditing.mirror_past_guard)
 def sync(
     job: str,
     env: str = "lab",
@@ -191,6 +194,7 @@ def sync(
 
 
 @flow(name="sync-check", flow_run_name="sync-check-{job}", log_prints=True)
+@audited(auditing.sync_links)
 def sync_check(
     job: str,
     env: str = "lab",
@@ -227,6 +231,7 @@ def sync_check(
 
 
 @flow(name="sync-watch", flow_run_name="sync-watch-{job}", log_prints=True)
+@audited(auditing.sync_links)
 def sync_watch(
     job: str,
     env: str = "lab",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lab_fleets import lab_fleet
 
 from primespark.fleet import load_fleet
 from primespark.preflight import inventory_for
@@ -68,7 +69,8 @@ def dead_url() -> str:
 @pytest.mark.parametrize("command", [["backup", "now"], ["drill", "run"]])
 def test_a_dead_prefect_server_is_named_with_how_to_start_the_labs(tmp_path: Path, command: list[str]) -> None:
     url = dead_url()
-    done = spark(*command, "pi-1", "--env", "lab", "--transport", "local", state=tmp_path / "state",
+    fleet = lab_fleet(tmp_path, {"backend": "local"})  # the lab's own OpenBao runs only under `spark lab up`
+    done = spark(*command, "pi-1", "--env", fleet, "--transport", "local", state=tmp_path / "state",
                  extra_env={"PREFECT_API_URL": url})
     one_clean_error(done, f"the Prefect server at {url}", "PREFECT_API_URL in the environment", "is unreachable",
                     "spark lab up")

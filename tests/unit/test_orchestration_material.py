@@ -48,13 +48,13 @@ def lab_state(lab_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_the_edge_worker_holds_the_edge_password_only_and_reaches_the_server_over_the_mesh(lab_state, lab_env) -> None:  # type: ignore[no-untyped-def]
     edge = worker_material(lab_env, "nas-1")
     assert edge["site"] == "edge" and edge["pool"] == "spark-edge"
-    assert [s["key"] for s in edge["secrets"]] == ["restic/nas-primary"]
+    assert [s["key"] for s in edge["secrets"]] == ["audit/hmac-key", "restic/nas-primary"]
     address = edge["api_url"].removeprefix("http://").split(":")[0]
     assert IPv4Address(address) in IPv4Network("10.99.0.0/24") and edge["api_url"].endswith(":4200/api")
     hosts = {line.split()[0] for line in edge["known_hosts"]}
     assert hosts == {"172.30.1.11", "172.30.1.12", "172.30.1.13", "172.30.1.20"}
     cloud = worker_material(lab_env, "ops-1")
-    assert [s["key"] for s in cloud["secrets"]] == ["restic/offsite"]
+    assert [s["key"] for s in cloud["secrets"]] == ["audit/hmac-key", "restic/offsite"]
     assert cloud["api_url"] == "http://172.30.2.14:4200/api"  # the server's own site: its LAN address
     assert edge["auth_string"] == cloud["auth_string"] and edge["auth_string"].startswith("spark:")
 

@@ -80,3 +80,22 @@ def test_a_local_store_has_no_approles(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="is not Vault"):
         ensure_worker_access(FleetContext.load(lab_fleet(tmp_path, {"backend": "local"})), "edge")
+
+
+def test_a_worker_keeps_its_own_audit_chain_with_the_fleets_key_and_transit_checkpoints(
+        controller: FleetContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from primespark.audit.checkpoints import read_checkpoints
+    from primespark.audit.log import Operation, audit_key, audit_log, operation
+    from primespark.audit.verify import verify_chain
+
+    worker = as_worker("edge", ensure_worker_access(controller, "edge"), tmp_path, monkeypatch)
+    assert audit_key(worker) == audit_key(controller)  # its policy reads the key; its store could not make one
+    log = audit_log(worker)
+    log.checkpoint_every = 1
+    op = Operation("flow backup", worker.env, ["pi-1"], {"host": "pi-1", "password": "x" * 20}, "worker:edge@nas-1")
+    with operation(lambda: log, op, destructive=False, warn=pytest.fail):
+        pass
+    assert log.folder == tmp_path / "edge" / "audit"  # under the worker's own state directory
+    (point,) = read_checkpoints(log.chain)
+    assert point.signer == "transit:transit/primespark-audit-lab" and point.signature.startswith("vault:v1:")
+    assert verify_chain(log.chain, log._signer).ok

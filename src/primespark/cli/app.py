@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from primespark.cli import audit as audit_commands
 from primespark.cli import backup as backup_commands
 from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
@@ -39,11 +40,14 @@ app.add_typer(flows_commands.app, name="flows")
 app.add_typer(sync_commands.app, name="sync")
 plan_commands.register(app)
 monitoring_commands.register(app)
+app.add_typer(audit_commands.app, name="audit")
 
 
 def main() -> None:
     try:
-        app()
+        # The one audit hook of commands: those in cli/audit.py's AUDITED table each append one record.
+        with audit_commands.audited_command(sys.argv[1:]):
+            app()
     except FleetError as exc:
         typer.echo(f"error: {exc.summary()}", err=True)
         sys.exit(1)

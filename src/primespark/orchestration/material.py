@@ -166,6 +166,10 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         from primespark.backup.repositories import password
 
         passwords[reference] = password(ctx, name, create=True)
+    # the audit log's HMAC key: a worker's records HMAC secrets as the controller's do (its store only reads)
+    from primespark.audit.log import KEY_REFERENCE, audit_key
+
+    passwords[KEY_REFERENCE] = audit_key(ctx).decode()
     vault = None
     if ctx.fleet.secrets.backend is SecretBackend.vault:  # the worker logs in with an AppRole of its own
         from primespark.orchestration.vault import ensure_worker_access

@@ -38,14 +38,21 @@ def secret_paths(ctx: FleetContext, site: str) -> list[tuple[str, str]]:
         else:
             spec = ctx.fleet.secrets
             paths.append((spec.mount, f"{spec.prefix}/{ctx.env}/{ref.path}"))
+    from primespark.audit.log import KEY_REFERENCE  # its audit records HMAC secrets with the fleet's key
+
+    spec = ctx.fleet.secrets
+    paths.append((spec.mount, f"{spec.prefix}/{ctx.env}/{Reference.parse(KEY_REFERENCE).path}"))
     return sorted(set(paths))
 
 
 def worker_policy(ctx: FleetContext, site: str, root: Path | None = None) -> str:
     folder = root or ctx.settings.root / "policies" / "vault"
+    from primespark.audit.checkpoints import transit_key_name
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder),  # noqa: S701 HCL, not HTML
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.get_template("worker.hcl.j2").render(fleet=ctx.fleet.name, site=site, paths=secret_paths(ctx, site))
+    return env.get_template("worker.hcl.j2").render(fleet=ctx.fleet.name, site=site, paths=secret_paths(ctx, site),
+                                                    audit_key=transit_key_name(ctx.fleet.name))
 
 
 def _vault_of(ctx: FleetContext) -> VaultSecretStore:
@@ -75,6 +82,11 @@ def ensure_worker_access(ctx: FleetContext, site: str) -> dict[str, str]:
     client = store.client
     role = role_name(ctx.fleet.name, site)
     secret_id = ensure_reference(secret_id_reference(site), store, lambda: pysecrets.token_hex(18))
+    from primespark.audit.checkpoints import TransitSigner, transit_key_name
+    from primespark.audit.log import audit_key
+
+    audit_key(ctx)  # made here if it is not yet: the worker's policy reads it, its store cannot make it
+    TransitSigner(client, transit_key_name(ctx.fleet.name)).ensure_key()  # its checkpoints' signing key
     try:
         client.sys.create_or_update_acl_policy(name=role, policy=worker_policy(ctx, site))
         if "approle/" not in client.sys.list_auth_methods():
