@@ -207,12 +207,16 @@ def sync_check(
             if repair and (result.missing or result.differing):
                 resend.with_options(**options)(ctx, link, [*result.missing, *result.differing])
         state = core.record_check(ctx, link, result)
-        write_sync_metrics(
-            textfile_dir(ctx.fleet, textfile), link.job, link.source, success=state.last_status == "succeeded",
+        metrics = sync_metrics(
+            link.job, link.source, success=state.last_status == "succeeded",
             finished=state.last_run or time.time(), last_success=state.last_success, lag_seconds=state.lag_seconds,
             sent_bytes=state.bytes_sent, sent_files=state.files_sent, deleted_files=state.deleted,
             differing_files=state.differing, errors_total=state.errors_total, refusals_total=state.refusals_total,
             check_finished=state.last_check, check_bad_files=len(result.missing) + len(result.differing))
+        try:  # beside the passes' own figures, on the source host
+            publish(ctx.hosts, ctx.fleet, link.source, f"sync_{link.job}_{link.source}", metrics, textfile)
+        except StepFailed as exc:
+            get_run_logger().warning("sync metrics of %s from %s not published: %s", link.job, link.source, exc)
         return result
 
     results = [f.result() for f in _in_threads(one, selected)]

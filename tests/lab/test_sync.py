@@ -179,7 +179,7 @@ def test_continuous_copy_then_mirror_carry_200_files_within_30_s(lab, synced):
         writers = {pi: lab_popen(lab, pi, ["python3", "-c", WRITER, "/srv/hot/sync-test", str(n), "60", pi[-1]])
                    for pi, n in per_pi.items()}
         written = {}
-        for pi, writer in writers.items():
+        for writer in writers.values():
             out, err = writer.communicate(timeout=120)
             assert writer.returncode == 0, err
             written.update({json.loads(line)["name"]: json.loads(line)["t"] for line in out.splitlines()})

@@ -587,3 +587,70 @@ def rebuild(ctx: FleetContext) -> int:
     rows = [r for r in rows if (r[0], r[1]) not in still_there]
     catalog_side(ctx, "replace_all", rows=rows)
     return len(rows)
+
+
+# --- a pass: what the flow runs, reports and publishes -------------------------------------------------------------
+
+
+def move_or_resume(ctx: FleetContext, batch: Batch) -> BatchResult:
+    """One batch; tried again after a failure mid-way, its journal is replayed instead (so a retry neither
+    repeats a finished step nor leaves a half-done one)."""
+    if journal_path(ctx, batch.source_host, batch.dest_host).exists():
+        return replay(ctx, batch.source_host, batch.dest_host) or BatchResult(batch.source_host, batch.dest_host)
+    return move_batch(ctx, batch)
+
+
+@dataclass
+class HostAfter:
+    tier: str
+    host: str
+    capacity: int
+    used: int
+    oldest_age: float | None  # seconds since the least recently used file left was used (upper tier only)
+
+    @property
+    def ratio(self) -> float:
+        return self.used / self.capacity if self.capacity else 0.0
+
+
+def usage_after(ctx: FleetContext, plan: TierPlan, now: float | None = None) -> list[HostAfter]:
+    """Each host of both tiers after the pass: bytes used; on the upper tier, the oldest file's age too."""
+    from primespark.data.tiers import capacity_bytes
+
+    out = []
+    now = now or time.time()
+    for tier in (plan.tier, plan.to):
+        if tier is None:
+            continue
+        upper = tier is plan.tier
+        for host in [h for h in plan.usage if h in ctx.fleet.tiers[tier].hosts]:
+            found, _ = scan_host(ctx, tier, host, listed=upper)
+            oldest = min((f.last_used(found.atime_kept) for f in found.files), default=None)
+            out.append(HostAfter(tier.value, host, capacity_bytes(ctx.fleet.tiers[tier]), found.used,
+                                 None if oldest is None else max(0.0, now - oldest)))
+    return out
+
+
+def render_pass(plan: TierPlan, results: list[BatchResult], after: list[HostAfter]) -> str:
+    """The report artifact of a pass: files and bytes moved per host, what stayed and why, usage before and
+    after."""
+    to = plan.to.value if plan.to else "—"
+    lines = [f"# tier {plan.tier.value} → {to}", "", "| source | to | moved | bytes | already there | replayed | "
+             "stayed |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        stayed = ", ".join(f"{k}: {v}" for k, v in sorted(r.abandoned.items())) or "—"
+        lines.append(f"| {r.source_host} | {r.dest_host} | {r.moved} | {r.bytes} | {r.already_there} | "
+                     f"{r.replayed} | {stayed} |")
+    lines += ["", "| host | tier | used before | used after | capacity | oldest file (days) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for a in after:
+        before = plan.usage.get(a.host)
+        first = f"{before.before} ({before.ratio(before.before):.0%})" if before else "—"
+        oldest = "—" if a.oldest_age is None else f"{a.oldest_age / 86400:.1f}"
+        lines.append(f"| {a.host} | {a.tier} | {first} | {a.used} ({a.ratio:.0%}) | {a.capacity} | {oldest} |")
+    counts = plan.skipped_by_reason()
+    if counts:
+        lines += ["", "## stayed, and why", *(f"- {reason}: {n}" for reason, n in sorted(counts.items()))]
+        lines += [f"  - {s.host}:`{s.path}`: {s.reason}" for s in plan.skipped[:50]]
+        lines += [f"  - {w.host}:`{w.path}`: {w.reason}" for w in plan.waiting[:50]]
+    return "\n".join(lines) + "\n"

@@ -270,6 +270,8 @@ class Tier(Strict):
     min_age_minutes: int = Field(
         default=15, ge=0, le=DAY_MINUTES, description="A file modified this recently never moves (it may be "
         "being written by a process that closes and reopens it).")
+    schedule: Cron | None = Field(
+        default=None, description="Passes from this tier down to the next on this schedule (none: on demand).")
     catalog: AbsPath | None = Field(
         default=None, description="The migration catalog (SQLite), on the tier's first host; only the warm tier "
         "holds it, inside its path (backed up with it). Default: <path>/.spark-tier/catalog.sqlite.")
