@@ -195,6 +195,7 @@ class Entry:
     hash: str | None = None
     step: str = "planned"
     note: str = ""
+    atime_ns: int = 0  # the source's last access, given to the copy when it is placed
 
 
 @dataclass
@@ -333,7 +334,8 @@ def _place(ctx: FleetContext, batch: Batch) -> None:
     if not todo:
         return
     rows = side(ctx.hosts.runner(batch.dest_host), "place",
-                {"entries": [{"staging": e.staging, "final": e.final} for e in todo]})["entries"]
+                {"entries": [{"staging": e.staging, "final": e.final, "atime_ns": e.atime_ns,
+                              "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
     for entry, row in zip(todo, rows, strict=True):
         if row == "placed":
             entry.step = "placed"
@@ -471,7 +473,7 @@ def batches(ctx: FleetContext, plan: TierPlan, algorithm: str) -> Iterator[Batch
             origin_host, origin_path = origin_of(ctx.fleet, source, path)
             batch.entries.append(Entry("move", path, move.path, f"{batch.staging_root}/{move.path}",
                                        f"{dest_root}/{move.path}", origin_host, origin_path, plan.to.value,
-                                       move.size, move.mtime_ns))
+                                       move.size, move.mtime_ns, atime_ns=move.atime_ns))
             size += move.size
             if len(batch.entries) >= BATCH_FILES or size >= BATCH_BYTES:
                 yield batch

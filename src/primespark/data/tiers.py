@@ -117,6 +117,7 @@ class Candidate:
     mtime_ns: int
     reason: str
     destination: str = ""  # the receiving host of the next tier
+    atime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Candi
     for used_at, info in eligible:
         if spec.max_age_days is not None and now - used_at > spec.max_age_days * DAY:
             moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns,
-                                   f"older than {spec.max_age_days} days (last used {_age(now - used_at)} ago)"))
+                                   f"older than {spec.max_age_days} days (last used {_age(now - used_at)} ago)",
+                                   atime_ns=info.atime_ns))
         else:
             remaining.append((used_at, info))
     left = scan.used - sum(c.size for c in moves)
@@ -214,7 +216,8 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Candi
         for used_at, info in remaining:
             if left <= spec.low_watermark * capacity:
                 break
-            moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns, why))
+            moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns, why,
+                                   atime_ns=info.atime_ns))
             left -= info.size
         if left > spec.low_watermark * capacity:
             skipped += [Skipped(scan.host, i.path, i.size, r) for i, r in held
@@ -245,17 +248,17 @@ def plan_boundary(tiers: dict[TierName, Tier], tier: TierName, scans: list[HostS
         for move in moves:
             fits = [u for u in room.values() if u.after + move.size <= lower_spec.high_watermark * u.capacity]
             if not fits:
-                fullest = min(room.values(), key=lambda u: u.after)
+                roomiest = min(room.values(), key=lambda u: u.after)
                 plan.waiting.append(Candidate(
                     move.host, move.path, move.size, move.last_used, move.mtime_ns,
-                    f"waits: {fullest.host} would go above its high watermark "
-                    f"({fullest.ratio(fullest.after + move.size):.0%} > {lower_spec.high_watermark:.0%})"))
+                    f"waits: {roomiest.host} would go above its high watermark "
+                    f"({roomiest.ratio(roomiest.after + move.size):.0%} > {lower_spec.high_watermark:.0%})"))
                 continue
             target = min(fits, key=lambda u: (u.ratio(u.after), u.host))
             target.after += move.size
             plan.usage[scan.host].after -= move.size
             plan.moves.append(Candidate(move.host, move.path, move.size, move.last_used, move.mtime_ns,
-                                        move.reason, target.host))
+                                        move.reason, target.host, move.atime_ns))
     return plan
 
 

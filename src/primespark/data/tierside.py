@@ -47,7 +47,11 @@ CHUNK = 1 << 20
 def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
     """`algorithm:hex`, size and mtime_ns of `path`; None if it is gone or changed while being read."""
     try:
-        with open(path, "rb") as handle:
+        try:  # reading for a hash is not a use: leave the access time alone where we may (owner, or root)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)
+        with open(fd, "rb") as handle:
             before = os.fstat(handle.fileno())
             digest = HASHES[algorithm]()
             while True:
@@ -204,6 +208,8 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
         folder = os.path.dirname(final)
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(staging):
+            if entry.get("atime_ns"):  # the file's last use travels with it (the lower tier's policy reads it)
+                os.utime(staging, ns=(entry["atime_ns"], entry["mtime_ns"]))
             os.replace(staging, final)
             touched.add(folder)
             out.append("placed")
