@@ -408,6 +408,10 @@ def finish(ctx: FleetContext, batch: Batch, journal: Path) -> None:
         _undo(ctx, batch)
     save(journal, batch)
     side(ctx.hosts.runner(batch.dest_host), "remove", {"staging_roots": [batch.staging_root], "all": True})
+    stayed = [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns, "atime_ns": e.atime_ns}
+              for e in batch.at("abandoned") if e.atime_ns]
+    if stayed:
+        side(ctx.hosts.runner(batch.source_host), "restore_times", {"entries": stayed})
     journal.unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ Operations:
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
   the whole file or nothing.
 - `delete`: each source file removed if it is still what was copied (size and mtime_ns); else left.
+- `restore_times`: files that stay (an abandoned move) get back the access time rsync's read changed.
 - `remove`: files removed (staged copies of a replayed batch, an abandoned copy); empty staging folders too.
 - `catalog`: the migration catalog (SQLite, WAL), opened where the fleet keeps it.
 """
@@ -241,6 +242,21 @@ def delete(spec: dict[str, Any]) -> dict[str, Any]:
     return {"entries": out}
 
 
+def restore_times(spec: dict[str, Any]) -> dict[str, Any]:
+    """Give files that stay (an abandoned move) back the access time they had before rsync read them, so that a
+    failed move does not make them look used; a file that changed meanwhile is left alone."""
+    restored = 0
+    for entry in spec["entries"]:
+        try:
+            st = os.stat(entry["path"])
+        except FileNotFoundError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (entry["size"], entry["mtime_ns"]) and entry["atime_ns"]:
+            os.utime(entry["path"], ns=(entry["atime_ns"], entry["mtime_ns"]))
+            restored += 1
+    return {"restored": restored}
+
+
 def remove(spec: dict[str, Any]) -> dict[str, Any]:
     removed = 0
     for path in spec.get("paths", []):
@@ -379,7 +395,7 @@ def catalog(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 OPS = {"scan": scan, "hash": hash_op, "check": check, "place": place, "delete": delete, "remove": remove,
-       "catalog": catalog}
+       "restore_times": restore_times, "catalog": catalog}
 
 
 def main() -> None:
