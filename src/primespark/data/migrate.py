@@ -2,8 +2,9 @@
 
 The move, per file (in batches: one call per step for many files):
   hash the source → journal `planned` → copy to a temporary name below the destination folder
-  (`.spark-tier-incoming/`, through the transfer engine: rsync with --fsync) → `copied` → flush and hash the
-  copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
+  (`.spark-tier-incoming/`, through the transfer engine's rsync) → `copied` → flush the batch's copies to
+  disk (one syncfs of the destination's filesystem: an fsync per small file costs a journal commit each) and hash
+  each copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
   commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it is still what was
   copied → `done`.
 A file is deleted from its tier only after its verified copy has its final name and the catalog says so; until
@@ -48,7 +49,7 @@ from primespark.secrets import atomic_write
 SOURCE = Path(tierside.__file__).read_text()
 STAGING = tierside.STAGING
 CATALOG_DEFAULT = ".spark-tier/catalog.sqlite"
-BATCH_FILES = 2000
+BATCH_FILES = 10_000
 BATCH_BYTES = 4 * 1024**3
 ORDER = ("planned", "copied", "verified", "placed", "committed", "undoing", "done", "abandoned")
 FINISHED = ("done", "abandoned")
@@ -296,7 +297,7 @@ def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: boo
     if not entries:
         return
     rows = side(ctx.hosts.runner(batch.dest_host), "check", {
-        "algorithm": batch.algorithm,
+        "algorithm": batch.algorithm, "staging_root": batch.staging_root,
         "entries": [{"staging": e.staging, "final": e.final, "size": e.size} for e in entries]})["entries"]
     stale = []
     for entry, row in zip(entries, rows, strict=True):
@@ -322,8 +323,9 @@ def _copy(ctx: FleetContext, batch: Batch) -> None:
     route, destination = route_to(ctx, batch.source_host, batch.dest_host, batch.staging_root)
     # a trailing slash: a folder even when it does not exist yet and one file is sent (rsync would name the
     # file after it)
+    # no fsync per file: the check flushes the whole batch with one syncfs before it hashes the copies
     plan = TransferPlan(batch.source_root, destination.rstrip("/") + "/", route,
-                        files=tuple(e.rel for e in todo), fsync=True)
+                        files=tuple(e.rel for e in todo), fsync=False)
     transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
     for entry in todo:
         entry.step = "copied"
