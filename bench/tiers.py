@@ -89,6 +89,8 @@ def fleet_file(root: Path) -> str:
                      "warm": {"hosts": ["nas-1"], "path": f"{root}/warm", "capacity_gb": 1000, "max_age_days": 90},
                      "cold": {"hosts": ["ops-1"], "path": f"{root}/cold", "capacity_gb": 1000}}
     data["backup"]["plans"] = {}
+    for tier in ("warm", "cold"):
+        (root / tier).mkdir(exist_ok=True)
     path = root / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)

@@ -22,6 +22,7 @@ import yaml
 from primespark.context import FleetContext
 from primespark.data import migrate
 from primespark.data.tiers import FileInfo, HostScan, plan_boundary, render_plan
+from primespark.errors import UserError
 from primespark.fleet import load_fleet
 from primespark.fleet.model import Tier, TierName
 
@@ -124,6 +125,8 @@ def make_fleet(root: Path, hot: dict[str, Any] | None = None, warm: dict[str, An
         "cold": {"hosts": ["ops-1"], "path": f"{root}/cold", "capacity_gb": 1},
     }
     data["backup"]["plans"] = {}
+    for tier in ("hot", "warm", "cold"):
+        (root / tier).mkdir(exist_ok=True)
     path = root / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
     load_fleet(str(path))  # fails here, with its location, if the tiers are wrong
@@ -196,6 +199,15 @@ def test_a_full_hot_tier_ends_at_or_below_its_low_watermark_and_pinned_open_and_
         assert row["size"] == (warm / rel).stat().st_size
     assert not temporaries(root)
     assert not migrate.backlog(ctx)
+
+
+def test_a_missing_lower_tier_folder_moves_nothing(tiers: tuple[FleetContext, Path]) -> None:
+    ctx, root = tiers
+    put(root / "hot" / "a.bin", 1000, 30)
+    (root / "warm").rmdir()  # the NAS's disk not mounted: its mount point gone, or empty
+    with pytest.raises(UserError, match=r"warm tier's folder .* is missing on nas-1"):
+        migrate.plan_pass(ctx, TierName.hot)
+    assert (root / "hot" / "a.bin").exists()
 
 
 # --- kills: SIGKILL of the process running the move, at each step, then replay -------------------------------------

@@ -148,7 +148,7 @@ def scan_host(ctx: FleetContext, tier: TierName, host: str, listed: bool = True)
     opened = set(out["open"])
     files = tuple(FileInfo(p, size, mtime, atime, p in opened) for p, size, mtime, atime in out["files"])
     return HostScan(host, tier, spec.path, files, int(out["used"]), frozenset(out["markers"]),
-                    bool(out["atime_kept"])), list(out["hashes"])
+                    bool(out["atime_kept"]), bool(out["exists"])), list(out["hashes"])
 
 
 def plan_pass(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None, now: float | None = None
@@ -172,6 +172,10 @@ def plan_pass(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None,
     if plan.to is not None:
         for host in tiers[plan.to].hosts:
             found, hashes = scan_host(ctx, plan.to, host, listed=False)
+            if not found.exists:  # fail closed: files moved into an unmounted mount point would hide there
+                raise UserError(f"the {plan.to.value} tier's folder {found.root} is missing on {host} (its disk not "
+                                "mounted?): nothing was moved", "mount it, or create it if the tier is new "
+                                "(the nas role does)")
             below[host] = found.used
             algorithms &= set(hashes)
         plan = plan_boundary(tiers, tier, scans, below, now or time.time())

@@ -106,6 +106,7 @@ class HostScan:
     used: int
     markers: frozenset[str] = frozenset()
     atime_kept: bool = False
+    exists: bool = True  # the tier's folder is there (a missing one on a lower tier: its disk is not mounted)
 
 
 @dataclass(frozen=True)
