@@ -34,6 +34,7 @@ PAUSE = "/var/lib/primespark/lab-generator/paused"
 HOT, WARM = "/srv/hot", f"/srv/warm/{PI}"
 TEST_DIR = "tiertest"
 CAPACITY_GB = 0.05  # 50 MB: high 70 % = 35 MB
+HOLDER_PID = "/tmp/tiertest-holder.pid"
 
 
 def variant(tmp_path: Path) -> str:
@@ -68,7 +69,8 @@ def hot_tier(lab: Any, configured: Any, tmp_path: Path) -> Iterator[str]:
     try:
         yield variant(tmp_path)
     finally:
-        lab.exec(PI, f"pkill -f 'tiertest-holder' ; rm -f {PAUSE}; rm -rf {HOT}/{TEST_DIR}")
+        lab.exec(PI, f"kill $(cat {HOLDER_PID} 2>/dev/null) 2>/dev/null; rm -f {HOLDER_PID} {PAUSE}; "
+                     f"rm -rf {HOT}/{TEST_DIR}")
         lab.exec("nas-1", f"rm -rf {WARM}/{TEST_DIR}")
 
 
@@ -89,17 +91,24 @@ def test_a_full_hot_tier_drains_to_its_low_watermark_and_every_moved_file_is_equ
     write(lab, "keep/raw.bin", 1_000_000, 60)
     lab.exec(PI, f"touch {HOT}/{TEST_DIR}/keep/.spark-pin")
     write(lab, "logs/open.bin", 1_000_000, 60)
+    # a writer on the Pi holds the file open (its pid noted, so that the fixture ends it: killing `docker exec`
+    # here would leave it running in the container)
     holder = subprocess.Popen(["docker", "exec", lab.container(PI), "sh", "-c",
-                               f"exec 3>>{HOT}/{TEST_DIR}/logs/open.bin; exec -a tiertest-holder sleep 600"])
+                               f"echo $$ > {HOLDER_PID}; exec 3>>{HOT}/{TEST_DIR}/logs/open.bin; exec sleep 600"])
     capacity = int(CAPACITY_GB * 1000**3)
     assert hot_used(lab) > 0.7 * capacity
     before = sha_tree(lab, PI, f"{HOT}/{TEST_DIR}")
     try:
-        time.sleep(1)  # the holder's `exec 3>>` has run (the file is open for writing from here on)
+        deadline = time.monotonic() + 30  # the holder has the file open for writing from here on
+        while lab.exec(PI, f"ls -l /proc/$(cat {HOLDER_PID} 2>/dev/null || echo 0)/fd 2>/dev/null | "
+                           "grep -q open.bin").returncode != 0:
+            assert time.monotonic() < deadline, "the holder never opened the file"
+            time.sleep(0.2)
         fleet = hot_tier
         result = tier("hot", fleet, "ssh", hosts=[PI], **FAST)
     finally:
-        holder.kill()
+        lab.exec(PI, f"kill $(cat {HOLDER_PID}) 2>/dev/null")
+        holder.wait(timeout=30)
     print(json.dumps(result["results"]), json.dumps(result["skipped"]))
     used = hot_used(lab)
     print(f"{PI} hot tier: {used} bytes of {capacity} after the pass")
