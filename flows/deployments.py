@@ -11,6 +11,7 @@ Per sync job (the source's site runs it): `sync-<job>` (a full pass; on the job'
 `sync-check-<job>` (the full checksum compare, on its check_schedule) and, for a continuous job,
 `sync-watch-<job>` (no schedule: one long run that watches the sources; `spark sync watch` runs the same flow in
 the foreground).
+Per tier boundary: `tier-<tier>-<next>` (a migration pass; on the upper tier's schedule, if it has one).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
 from flows.probe import probe
 from flows.sync import sync, sync_check, sync_watch
+from flows.tiers import tier
 from primespark.fleet import Fleet
 from primespark.orchestration.placement import Planned, planned_deployments
 
 FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance,
-                                    "probe": probe, "sync": sync, "sync-check": sync_check, "sync-watch": sync_watch}
+                                    "probe": probe, "sync": sync, "sync-check": sync_check, "sync-watch": sync_watch,
+                                    "tier": tier}
 OWNER_TAG = "primespark"
 
 

@@ -35,6 +35,7 @@ from primespark.backup import jobs, repositories
 from primespark.backup.repositories import Location, folders_on, restic_for
 from primespark.context import FleetContext
 from primespark.fleet import load_fleet
+from primespark.fleet.model import TierName
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -284,7 +285,9 @@ def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
     sync = {f"{kind}-{job}" for kind in ("sync", "sync-check", "sync-watch") for job in ("hot-to-nas", "warm-to-cloud")}
     assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
                                 "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite", "probe-edge",
-                                "probe-cloud", *sync}
+                                "probe-cloud", *sync, "tier-hot-warm", "tier-warm-cold"}
+    assert deployments["tier-hot-warm"].schedules[0].schedule.cron == fleet.tiers[TierName.hot].schedule  # type: ignore[union-attr]
+    assert not deployments["tier-warm-cold"].schedules  # the lab's warm tier has no schedule: on demand
     assert fleet.sync is not None
     # continuous jobs: one long watch run each, no schedule; the full compare on the job's check schedule
     assert not deployments["sync-watch-hot-to-nas"].schedules and not deployments["sync-hot-to-nas"].schedules

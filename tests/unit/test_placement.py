@@ -20,9 +20,11 @@ def test_the_lab_runs_edge_flows_on_the_edge_pool_and_offsite_maintenance_in_the
         "backup-pi-1": "spark-edge", "backup-pi-2": "spark-edge", "backup-nas-1": "spark-edge",
         "dr-drill-pi-1": "spark-edge", "dr-drill-pi-2": "spark-edge", "dr-drill-nas-1": "spark-edge",
         "maintenance-nas-primary": "spark-edge", "maintenance-offsite": "spark-cloud",
-        # sync jobs run where their sources are: every Pi's hot tier and the NAS are at the edge
+        # sync jobs and tier passes run where their sources are: the Pis' hot tier and the NAS, at the edge
         **{f"{kind}-{job}": "spark-edge" for kind in ("sync", "sync-check", "sync-watch")
-           for job in ("hot-to-nas", "warm-to-cloud")}}
+           for job in ("hot-to-nas", "warm-to-cloud")},
+        # tier passes run where their source hosts are: the Pis' hot tier and the NAS's warm tier, on the edge
+        "tier-hot-warm": "spark-edge", "tier-warm-cold": "spark-edge"}
     assert pools(fleet) == {"spark-edge": "edge", "spark-cloud": "cloud"}
 
 

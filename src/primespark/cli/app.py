@@ -18,6 +18,7 @@ from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
 from primespark.cli import secrets as secrets_commands
 from primespark.cli import sync as sync_commands
+from primespark.cli import tier as tier_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -38,6 +39,7 @@ app.add_typer(drill_commands.app, name="drill")
 app.add_typer(secrets_commands.app, name="secrets")
 app.add_typer(flows_commands.app, name="flows")
 app.add_typer(sync_commands.app, name="sync")
+app.add_typer(tier_commands.app, name="tier")
 plan_commands.register(app)
 monitoring_commands.register(app)
 app.add_typer(audit_commands.app, name="audit")

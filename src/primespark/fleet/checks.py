@@ -231,6 +231,24 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
                          f"{tier.max_age_days} days is not more than the {prev_name} tier's {prev_age}",
                          "age thresholds must grow from hot to warm to cold", "tier-order")
         previous = (tier_name.value, tier.max_age_days)
+        yield from _tier_catalog(tier_name, tier.catalog, tier.path)
+
+
+def _tier_catalog(tier_name: TierName, catalog: str | None, tier_path: str) -> Iterator[Problem]:
+    """The migration catalog lives in the warm tier (backed up with it, and on the host every move passes)."""
+    from primespark.data.layout import inside
+
+    if catalog is None:
+        return
+    where = ("tiers", tier_name.value, "catalog")
+    if tier_name is not TierName.warm:
+        yield _p(where, f"the catalog is kept by the warm tier, not the {tier_name.value} tier",
+                 "move `catalog:` to tiers.warm (or drop it: its default is <warm path>/.spark-tier/catalog.sqlite)",
+                 "tier-catalog-not-warm")
+    elif not inside(catalog, tier_path) or catalog.rstrip("/") == tier_path.rstrip("/"):
+        yield _p(where, f"the catalog {catalog} is outside the warm tier's path {tier_path}, so the warm tier's "
+                 "backup would not hold it", f"put it below {tier_path} (e.g. {tier_path.rstrip('/')}/.spark-tier/"
+                 "catalog.sqlite)", "tier-catalog-outside")
 
 
 def _backup(fleet: Fleet) -> Iterator[Problem]:

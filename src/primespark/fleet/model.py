@@ -249,14 +249,32 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
 
 
+PIN_MARKER_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+DAY_MINUTES = 24 * 60
+
+
 class Tier(Strict):
     hosts: list[Name] = Field(min_length=1)
     path: AbsPath
-    capacity_gb: int = Field(ge=1, le=MAX_GB)
+    # A fraction of a GB is allowed (a small test fleet's tier); the guard and preflight read it as GB.
+    capacity_gb: int | float = Field(gt=0, le=MAX_GB)
     max_age_days: int | None = Field(
         default=None, ge=1, le=CENTURY_DAYS, description="Data older than this moves down a tier.")
     low_watermark: Fraction = 0.70
     high_watermark: Fraction = 0.85
+    pinned: list[Annotated[str, StringConstraints(min_length=1, pattern=r"^[^/\x00][^\x00]*$")]] = Field(
+        default_factory=list, description="Globs (relative to the tier's path, `**` for any depth) of files that "
+        "never move down.")
+    pin_marker: Annotated[str, StringConstraints(pattern=PIN_MARKER_PATTERN)] = Field(
+        default=".spark-pin", description="A file of this name in a folder keeps the folder (and below) here.")
+    min_age_minutes: int = Field(
+        default=15, ge=0, le=DAY_MINUTES, description="A file modified this recently never moves (it may be "
+        "being written by a process that closes and reopens it).")
+    schedule: Cron | None = Field(
+        default=None, description="Passes from this tier down to the next on this schedule (none: on demand).")
+    catalog: AbsPath | None = Field(
+        default=None, description="The migration catalog (SQLite), on the tier's first host; only the warm tier "
+        "holds it, inside its path (backed up with it). Default: <path>/.spark-tier/catalog.sqlite.")
 
     @model_validator(mode="after")
     def _watermarks(self) -> Tier:

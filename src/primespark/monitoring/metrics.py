@@ -150,6 +150,25 @@ SYNC_CHECK_LAST_RUN = Metric("primespark_sync_check_last_run_timestamp_seconds",
 SYNC_CHECK_BAD_FILES = Metric("primespark_sync_check_bad_files",
                               "Files the last full compare found missing or differing at the destination", _SYNC)
 
+# --- tier migration (flows/tiers.py): one file per boundary and upper-tier host, on that host -------------------
+_TIER = ("tier", "host")
+_BOUNDARY = ("boundary", "source")  # boundary: hot-warm or warm-cold; source: the upper tier's host
+TIER_USED_BYTES = Metric("primespark_tier_used_bytes", "Bytes in the host's tier folder after the last pass", _TIER)
+TIER_USAGE = Metric("primespark_tier_usage_ratio", "The host's tier folder over the tier's capacity_gb", _TIER)
+TIER_OLDEST_AGE = Metric("primespark_tier_oldest_file_age_seconds",
+                         "Time since the least recently used file left in the host's tier folder was used", _TIER)
+TIER_MOVED_FILES = Metric("primespark_tier_moved_files", "Files the last pass moved down from the host", _BOUNDARY)
+TIER_MOVED_BYTES = Metric("primespark_tier_moved_bytes", "Bytes the last pass moved down from the host", _BOUNDARY)
+TIER_SKIPPED_FILES = Metric("primespark_tier_skipped_files",
+                            "Files that would have moved and stayed (pinned, open, fresh, or waiting for room below)",
+                            _BOUNDARY)
+TIER_SUCCESS = Metric("primespark_tier_success", "1 if the last pass from the host succeeded", _BOUNDARY)
+TIER_LAST_SUCCESS = Metric("primespark_tier_last_success_timestamp_seconds",
+                           "When a pass from the host last succeeded", _BOUNDARY)
+TIER_JOURNAL_BACKLOG = Metric("primespark_tier_journal_backlog_files",
+                              "Files of the host's move journal not finished (a killed pass; the next one replays it)",
+                              _BOUNDARY)
+
 REGISTRY: dict[str, Metric] = {m.name: m for m in globals().copy().values() if isinstance(m, Metric)}
 # Labels Prometheus adds to every scraped series (primespark.monitoring.scrape sets them per target).
 TARGET_LABELS = ("job", "instance", "host", "site", "kind")
@@ -339,4 +358,37 @@ def sync_metrics(
     out.set(SYNC_REFUSALS, refusals_total, **labels)
     out.set(SYNC_CHECK_LAST_RUN, check_finished, **labels)
     out.set(SYNC_CHECK_BAD_FILES, check_bad_files, **labels)
+    return out
+
+
+@dataclass(frozen=True)
+class TierHostFigures:
+    """One upper-tier host after a pass, and the hosts of both tiers' usage."""
+
+    boundary: str
+    source: str
+    success: bool
+    finished: float
+    last_success: float | None
+    moved_files: int
+    moved_bytes: int
+    skipped_files: int
+    journal_backlog: int
+    usage: tuple[tuple[str, str, int, float, float | None], ...]  # (tier, host, used bytes, ratio, oldest age)
+
+
+def tier_metrics(figures: TierHostFigures) -> Textfile:
+    out = Textfile(TIER_USED_BYTES, TIER_USAGE, TIER_OLDEST_AGE, TIER_MOVED_FILES, TIER_MOVED_BYTES,
+                   TIER_SKIPPED_FILES, TIER_SUCCESS, TIER_LAST_SUCCESS, TIER_JOURNAL_BACKLOG)
+    labels = {"boundary": figures.boundary, "source": figures.source}
+    out.set(TIER_SUCCESS, 1.0 if figures.success else 0.0, **labels)
+    out.set(TIER_LAST_SUCCESS, figures.last_success, **labels)
+    out.set(TIER_MOVED_FILES, figures.moved_files, **labels)
+    out.set(TIER_MOVED_BYTES, figures.moved_bytes, **labels)
+    out.set(TIER_SKIPPED_FILES, figures.skipped_files, **labels)
+    out.set(TIER_JOURNAL_BACKLOG, figures.journal_backlog, **labels)
+    for tier, host, used, ratio, oldest in figures.usage:
+        out.set(TIER_USED_BYTES, used, tier=tier, host=host)
+        out.set(TIER_USAGE, ratio, tier=tier, host=host)
+        out.set(TIER_OLDEST_AGE, oldest, tier=tier, host=host)
     return out

@@ -36,6 +36,12 @@ def sync_lock(job: str, source: str) -> str:
     return f"sync-{job}-{source}"
 
 
+def tier_lock(host: str) -> str:
+    """One tier-migration writer per tier host: a pass from it or into it, a recall, a rebuild (they all
+    write its tier folder, and the staging folders there are the writer's own)."""
+    return f"tier-{host}"
+
+
 def ensure_locks(names: list[str]) -> None:
     """One slot per name (created, or reset to 1)."""
     with get_client(sync_client=True) as client:

@@ -7,6 +7,8 @@ and the docs all ask this module, so they cannot disagree about what runs where 
 - `dr-drill-<host>`: restic restores on the drill's scratch host.
 - `sync-<job>`, `sync-check-<job>`, `sync-watch-<job>` (continuous jobs): rsync runs on the job's source hosts
   (it reaches the destination itself, over the LAN or the mesh), so the sources' site runs them.
+- `tier-<tier>-<next tier>` (`-<site>` when the upper tier's hosts span sites): a tier migration pass over one
+  boundary; rsync and the scans run on the upper tier's hosts, so their site runs it (on the tier's schedule).
 - `maintenance-<repository>`: forget, prune and check of every client's repository, opened on the repository's
   own host (as the client's backup account, no SFTP); for a primary, also the catch-up copy to its offsite
   copies from the client hosts, when they are all in the repository's site.
@@ -19,6 +21,7 @@ so an edge worker never holds a cloud repository's password.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from primespark.fleet.errors import Path
@@ -26,7 +29,8 @@ from primespark.fleet.model import Fleet
 from primespark.orchestration.naming import deployment, work_pool
 
 # The pool's queues, most urgent first: a backup never waits behind a drill on a busy worker.
-QUEUES = {"backup": 1, "sync": 2, "sync-watch": 3, "maintenance": 4, "sync-check": 5, "dr-drill": 6, "probe": 7}
+QUEUES = {"backup": 1, "sync": 2, "sync-watch": 3, "maintenance": 4, "tier": 5, "sync-check": 6, "dr-drill": 7,
+          "probe": 8}
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,35 @@ def syncs(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     return out
 
 
+def tiers(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """Per tier boundary (a tier with a lower one): a pass, on the pool of the site holding its source hosts."""
+    from primespark.fleet.model import TIER_ORDER
+
+    present = [t for t in TIER_ORDER if t in fleet.tiers]
+    out = []
+    for upper, lower in pairwise(present):
+        spec = fleet.tiers[upper]
+        hosts = [h for h in spec.hosts if h in fleet.hosts]
+        sites = list(dict.fromkeys(fleet.hosts[h].site for h in hosts))
+        for site in sites:
+            mine = tuple(h for h in hosts if fleet.hosts[h].site == site)
+            boundary = f"{upper.value}-{lower.value}"
+            name = deployment("tier", boundary if len(sites) == 1 else f"{boundary}-{site}")
+            parameters: dict[str, Any] = {"tier": upper.value, "env": env, "transport": transport}
+            if len(sites) > 1:
+                parameters["hosts"] = list(mine)
+            out.append(Planned(name, "tier", parameters, spec.schedule, mine, (), ("tiers", upper.value, "hosts"),
+                               f"tier migration {upper.value} → {lower.value} from {', '.join(mine)}",
+                               ("tier", boundary)))
+    return out
+
+
 def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """Every deployment of the fleet, in a stable order. Entries naming hosts or repositories the fleet lacks
     are left out (the fleet's own checks report those)."""
     spec = fleet.backup
-    out: list[Planned] = [*probes(fleet, env, transport), *syncs(fleet, env, transport)]
+    out: list[Planned] = [*probes(fleet, env, transport), *syncs(fleet, env, transport),
+                          *tiers(fleet, env, transport)]
     if spec is None:
         return out
     scratch = spec.drill.scratch_host

@@ -1,0 +1,668 @@
+"""Tier migration: the scans, the journaled move of each file, recall, and the catalog that says where files are.
+
+The move, per file (in batches: one call per step for many files):
+  hash the source → journal `planned` → copy to a temporary name below the destination folder
+  (`.spark-tier-incoming/`, through the transfer engine's rsync) → `copied` → flush the batch's copies to
+  disk (one syncfs of the destination's filesystem: an fsync per small file costs a journal commit each) and hash
+  each copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
+  commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it is still what was
+  copied → `done`.
+A file is deleted from its tier only after its verified copy has its final name and the catalog says so; until
+then it stays where it was. No name shows a partial file: copies are written below the staging folder (rsync
+writes each under a temporary name of its own there too) and renamed whole.
+
+The journal is a JSON file in the state directory of whoever runs the pass (a site's worker, or the operator's
+`spark tier run`), rewritten atomically (temporary file, fsync, rename) after each step of a batch. Why there and
+not on the source host: the steps span two hosts and the catalog, and the controller is the one process that
+sees all three; its state directory takes an atomic write without a round trip. Replay does not trust the journal
+alone either: it looks at the hosts (is the staged copy whole and equal? is the final name there?), so a pass
+started elsewhere after a crash (whose controller has no journal) still converges: the one writer per tier host
+(the flow's lock) lets it remove whatever a dead pass left below the staging folder, and a file whose copy was
+placed but never committed is moved again (its copy is found equal and committed, not sent again).
+
+Replay (at the start of every pass over a pair of hosts, and of `recall`): an entry `planned` or `copied` whose
+staged copy is whole and equal goes on as verified, one whose final name already holds the equal copy (a sync
+job's) as placed, else its temporary is removed and the file stays where it was (the next pass moves it);
+`verified` is placed, committed, deleted; `placed` committed and deleted; `committed` deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from primespark.context import FleetContext
+from primespark.data import tierside, transfer
+from primespark.data.layout import inside, links, tier_of
+from primespark.data.tiers import FileInfo, HostScan, TierPlan, plan_boundary
+from primespark.data.transfer import Route, TransferPlan
+from primespark.errors import StepFailed, UserError
+from primespark.fleet.model import TIER_ORDER, Fleet, TierName
+from primespark.hosts import Runner
+from primespark.secrets import atomic_write
+
+SOURCE = Path(tierside.__file__).read_text()
+STAGING = tierside.STAGING
+CATALOG_DEFAULT = ".spark-tier/catalog.sqlite"
+BATCH_FILES = 10_000
+BATCH_BYTES = 4 * 1024**3
+ORDER = ("planned", "copied", "verified", "placed", "committed", "undoing", "done", "abandoned")
+FINISHED = ("done", "abandoned")
+
+
+class TierStepFailed(StepFailed):
+    """A host-side step of tier migration failed; `transient` when the host did not answer."""
+
+    def __init__(self, message: str, fix: str = "", *, returncode: int | None = None, stderr: str = "",
+                 transient: bool = False) -> None:
+        super().__init__(message, fix, returncode=returncode, stderr=stderr)
+        self.transient = transient
+
+
+def side(runner: Runner, op: str, spec: dict[str, Any], timeout: float = 6 * 3600) -> dict[str, Any]:
+    """Run one tier-side operation on `runner`'s host."""
+    done = runner.run([runner.python, "-c", SOURCE, op], stdin=json.dumps(spec).encode(), timeout=timeout)
+    try:
+        out = json.loads(done.text)
+    except ValueError:
+        out = None
+    if done.returncode != 0 or not isinstance(out, dict):
+        last = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise TierStepFailed(f"tier {op} on {runner.name} failed (exit {done.returncode}): {last[0][:300]}",
+                             "check the host's tier folder (is it there, writable, mounted?)",
+                             returncode=done.returncode, stderr=done.stderr, transient=done.returncode == 255)
+    return out
+
+
+# --- where things are --------------------------------------------------------------------------------------------
+
+
+def tier_names(fleet: Fleet) -> list[TierName]:
+    return [t for t in TIER_ORDER if t in fleet.tiers]
+
+
+def catalog_place(fleet: Fleet) -> tuple[str, str]:
+    """The catalog's host and path: on the warm tier's first host, where the fleet says (or its default)."""
+    warm = fleet.tiers.get(TierName.warm)
+    if warm is None:
+        raise UserError(f"fleet {fleet.name} has no warm tier, which keeps the migration catalog",
+                        "add tiers.warm to the fleet")
+    return warm.hosts[0], warm.catalog or f"{warm.path.rstrip('/')}/{CATALOG_DEFAULT}"
+
+
+def destination_root(fleet: Fleet, to: TierName, source_host: str, source_tier: TierName) -> str:
+    """Where the next tier keeps a host's tier folder: `<tier path>/<source host>` (the sync jobs' layout)."""
+    return f"{fleet.tiers[to].path.rstrip('/')}/{source_host}"
+
+
+def origin_of(fleet: Fleet, host: str, path: str) -> tuple[str, str]:
+    """The original host and path of a file at `host:path`, read back from the layout: a lower tier keeps
+    another host's data in `<tier path>/<that host>/<path below that host's tier>`."""
+    tier = tier_of(fleet, host, path)
+    if tier is None or tier is TierName.hot:
+        return host, path
+    root = fleet.tiers[tier].path.rstrip("/")
+    first, _, rest = posixpath.relpath(path, root).partition("/")
+    upper = [t for t in TIER_ORDER[:TIER_ORDER.index(tier)] if t in fleet.tiers]
+    for name in upper:
+        if first in fleet.tiers[name].hosts and rest:
+            return origin_of(fleet, first, f"{fleet.tiers[name].path.rstrip('/')}/{rest}")
+    return host, path
+
+
+def route_to(ctx: FleetContext, source: str, destination: str, folder: str) -> tuple[Route, str]:
+    """How `source` pushes into `folder` on `destination`: the transfer engine's local route (the local transport,
+    or one host), else a sync job's account on the destination whose folder holds it."""
+    if ctx.transport == "local" or source == destination:
+        return transfer.local_route(), folder
+    from primespark.data.sync import CLIENT_KEY, KNOWN_HOSTS, account_for, address_of, client_dir
+
+    for link in links(ctx.fleet):
+        if link.source == source and link.destination == destination and inside(folder, link.destination_path):
+            below = posixpath.relpath(folder, link.destination_path)
+            keys = client_dir(ctx.fleet)
+            route = transfer.ssh_route(account_for(link.job), address_of(ctx, link),
+                                       ctx.fleet.hosts[destination].ssh.port, f"{keys}/{CLIENT_KEY}",
+                                       f"{keys}/{KNOWN_HOSTS}")
+            return route, "/" if below == "." else f"/{below}"
+    raise UserError(f"no sync job carries {source}'s data to {destination}:{folder}, and tier migration moves "
+                    "files through a sync job's account", f"add a sync job from {source} into {folder} (or a folder "
+                    "above it) on {destination}, and run the sync role")
+
+
+# --- scans -------------------------------------------------------------------------------------------------------
+
+
+def scan_host(ctx: FleetContext, tier: TierName, host: str, listed: bool = True) -> tuple[HostScan, list[str]]:
+    """A tier host's folder (its files, or with `listed=False` only its usage) and the hashes the host has."""
+    spec = ctx.fleet.tiers[tier]
+    catalog_host, catalog_path = catalog_place(ctx.fleet) if TierName.warm in ctx.fleet.tiers else ("", "")
+    out = side(ctx.hosts.runner(host), "scan", {
+        "root": spec.path, "marker": spec.pin_marker, "files": listed,
+        "skip": [catalog_path] if host == catalog_host else []})
+    opened = set(out["open"])
+    files = tuple(FileInfo(p, size, mtime, atime, p in opened) for p, size, mtime, atime in out["files"])
+    return HostScan(host, tier, spec.path, files, int(out["used"]), frozenset(out["markers"]),
+                    bool(out["atime_kept"]), bool(out["exists"])), list(out["hashes"])
+
+
+def plan_pass(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None, now: float | None = None
+              ) -> tuple[TierPlan, str]:
+    """The plan of a pass from `tier` (its hosts, or `hosts`), and the hash both ends have."""
+    tiers = ctx.fleet.tiers
+    if tier not in tiers:
+        raise UserError(f"fleet {ctx.fleet.name} has no {tier.value} tier", "see `tiers:` in the fleet file")
+    chosen = hosts or list(tiers[tier].hosts)
+    unknown = [h for h in chosen if h not in tiers[tier].hosts]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} is not a host of the {tier.value} tier",
+                        f"use one of: {', '.join(tiers[tier].hosts)}")
+    scans, algorithms = [], {"sha256", "xxh3_128"}
+    for host in chosen:
+        found, hashes = scan_host(ctx, tier, host)
+        scans.append(found)
+        algorithms &= set(hashes)
+    below: dict[str, int] = {}
+    plan = plan_boundary(tiers, tier, scans, {}, now or time.time())
+    if plan.to is not None:
+        for host in tiers[plan.to].hosts:
+            found, hashes = scan_host(ctx, plan.to, host, listed=False)
+            if not found.exists:  # fail closed: files moved into an unmounted mount point would hide there
+                raise UserError(f"the {plan.to.value} tier's folder {found.root} is missing on {host} (its disk not "
+                                "mounted?): nothing was moved", "mount it, or create it if the tier is new "
+                                "(the nas role does)")
+            below[host] = found.used
+            algorithms &= set(hashes)
+        plan = plan_boundary(tiers, tier, scans, below, now or time.time())
+    return plan, "xxh3_128" if "xxh3_128" in algorithms else "sha256"
+
+
+# --- the journal -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    action: str  # move (down a tier) or recall (back to its original place)
+    source: str  # the file's path on the source host
+    rel: str  # its path below the batch's source folder (and below the staging and destination folders)
+    staging: str
+    final: str
+    origin_host: str
+    origin_path: str
+    to_tier: str
+    size: int
+    mtime_ns: int
+    hash: str | None = None
+    step: str = "planned"
+    note: str = ""
+    atime_ns: int = 0  # the source's last access, given to the copy when it is placed
+
+
+@dataclass
+class Batch:
+    source_host: str
+    dest_host: str
+    source_root: str
+    dest_root: str
+    algorithm: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def staging_root(self) -> str:
+        return f"{self.dest_root.rstrip('/')}/{STAGING}"
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for e in self.entries if e.step not in FINISHED)
+
+    def at(self, *steps: str) -> list[Entry]:
+        return [e for e in self.entries if e.step in steps]
+
+
+def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
+    return ctx.state_dir / "tiers" / "journal" / f"{source}--{dest}.json"
+
+
+def save(path: Path, batch: Batch) -> None:
+    atomic_write(path, json.dumps(asdict(batch)), 0o600)
+
+
+def load(path: Path) -> Batch | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the tier journal {path} cannot be read: {exc}",
+                        "move it aside: the next pass then removes the copies it named below the staging folder, "
+                        "and moves their files again") from exc
+    entries = [Entry(**e) for e in data.pop("entries")]
+    return Batch(**data, entries=entries)
+
+
+def backlog(ctx: FleetContext) -> dict[str, int]:
+    """Entries not finished in each journal (`source--dest`): what a replay has to do."""
+    folder = ctx.state_dir / "tiers" / "journal"
+    out = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        batch = load(path)
+        out[path.stem] = batch.pending if batch else 0
+    return out
+
+
+# --- the steps ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    source_host: str
+    dest_host: str
+    moved: int = 0
+    bytes: int = 0
+    already_there: int = 0  # the destination held an equal copy (a sync job's): committed, not sent again
+    abandoned: dict[str, int] = field(default_factory=dict)  # why files stayed where they were
+    replayed: int = 0
+
+    def add(self, other: BatchResult) -> None:
+        self.moved += other.moved
+        self.bytes += other.bytes
+        self.already_there += other.already_there
+        self.replayed += other.replayed
+        for k, v in other.abandoned.items():
+            self.abandoned[k] = self.abandoned.get(k, 0) + v
+
+
+def _abandon(entry: Entry, why: str) -> None:
+    entry.step, entry.note = "abandoned", why
+
+
+def _hash_sources(ctx: FleetContext, batch: Batch) -> None:
+    found = side(ctx.hosts.runner(batch.source_host), "hash",
+                 {"paths": [e.source for e in batch.entries], "algorithm": batch.algorithm})["hashes"]
+    for entry in batch.entries:
+        got = found.get(entry.source)
+        if got is None:
+            _abandon(entry, "vanished or changed while read")
+        elif (got[1], got[2]) != (entry.size, entry.mtime_ns):
+            _abandon(entry, "changed since the scan")
+        else:
+            entry.hash = got[0]
+
+
+def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: bool) -> None:
+    """Each entry's staged copy (flushed, hashed) and final name against the source's hash: verified, placed (an
+    equal copy has the final name already), or (after a copy, or in a replay) abandoned with its temporary
+    removed."""
+    if not entries:
+        return
+    rows = side(ctx.hosts.runner(batch.dest_host), "check", {
+        "algorithm": batch.algorithm, "staging_root": batch.staging_root,
+        "entries": [{"staging": e.staging, "final": e.final, "size": e.size} for e in entries]})["entries"]
+    stale = []
+    for entry, row in zip(entries, rows, strict=True):
+        if row["staging"] == entry.hash:
+            entry.step = "verified"
+        elif row["final"] == entry.hash:
+            entry.step = "placed"
+            entry.note = "already there"
+            if row["staging"] is not None:
+                stale.append(entry.staging)
+        elif entry.step == "copied" or replaying:
+            if row["staging"] is not None:
+                stale.append(entry.staging)
+            _abandon(entry, "interrupted copy (removed)" if replaying else "copy differs from the source")
+    if stale:
+        side(ctx.hosts.runner(batch.dest_host), "remove", {"paths": stale})
+
+
+def _copy(ctx: FleetContext, batch: Batch) -> None:
+    todo = batch.at("planned")
+    if not todo:
+        return
+    route, destination = route_to(ctx, batch.source_host, batch.dest_host, batch.staging_root)
+    # a trailing slash: a folder even when it does not exist yet and one file is sent (rsync would name the
+    # file after it)
+    # no fsync per file: the check flushes the whole batch with one syncfs before it hashes the copies
+    plan = TransferPlan(batch.source_root, destination.rstrip("/") + "/", route,
+                        files=tuple(e.rel for e in todo), fsync=False)
+    transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
+    for entry in todo:
+        entry.step = "copied"
+
+
+def _place(ctx: FleetContext, batch: Batch) -> None:
+    todo = batch.at("verified")
+    if not todo:
+        return
+    rows = side(ctx.hosts.runner(batch.dest_host), "place",
+                {"entries": [{"staging": e.staging, "final": e.final, "atime_ns": e.atime_ns,
+                              "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
+    for entry, row in zip(todo, rows, strict=True):
+        if row == "placed":
+            entry.step = "placed"
+        else:
+            _abandon(entry, "its verified copy vanished before it was placed")
+
+
+def catalog_side(ctx: FleetContext, op: str, **spec: Any) -> dict[str, Any]:
+    host, path = catalog_place(ctx.fleet)
+    return side(ctx.hosts.runner(host), "catalog", {"db": path, "op": op, **spec}, timeout=600)
+
+
+def _row(batch: Batch, entry: Entry, now: float) -> list[Any]:
+    return [entry.origin_host, entry.origin_path, entry.to_tier, batch.dest_host, entry.final, entry.size,
+            entry.hash, now]
+
+
+def _commit(ctx: FleetContext, batch: Batch) -> None:
+    todo = batch.at("placed")
+    if not todo:
+        return
+    now = time.time()
+    moves = [_row(batch, e, now) for e in todo if e.action == "move"]
+    recalls = [[e.origin_host, e.origin_path] for e in todo if e.action == "recall"]
+    if moves:
+        catalog_side(ctx, "commit", rows=moves)
+    if recalls:
+        catalog_side(ctx, "drop", keys=recalls)
+    for entry in todo:
+        entry.step = "committed"
+
+
+def _delete(ctx: FleetContext, batch: Batch) -> list[Entry]:
+    """Delete each committed source that is still what was copied; those that changed meanwhile are undone."""
+    todo = batch.at("committed")
+    if not todo:
+        return []
+    rows = side(ctx.hosts.runner(batch.source_host), "delete",
+                {"entries": [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
+    changed = []
+    for entry, row in zip(todo, rows, strict=True):
+        if row == "changed" and entry.action == "move":
+            entry.step, entry.note = "undoing", "changed while it moved: stays, its copy removed"
+            changed.append(entry)
+        else:
+            entry.step = "done"
+            if row == "changed":
+                entry.note = "recalled; the lower tier's copy had changed and stays"
+    return changed
+
+
+def _undo(ctx: FleetContext, batch: Batch) -> None:
+    """A source that changed while it moved keeps its place: its catalog entry goes, then its copy."""
+    todo = batch.at("undoing")
+    if not todo:
+        return
+    catalog_side(ctx, "drop", keys=[[e.origin_host, e.origin_path] for e in todo])
+    side(ctx.hosts.runner(batch.dest_host), "remove", {"paths": [e.final for e in todo]})
+    for entry in todo:
+        _abandon(entry, entry.note or "changed while it moved")
+
+
+def finish(ctx: FleetContext, batch: Batch, journal: Path) -> None:
+    """The steps after verification, each followed by the journal: place, commit, delete (undo what changed)."""
+    for step in (_place, _commit):
+        step(ctx, batch)
+        save(journal, batch)
+    if _delete(ctx, batch):
+        save(journal, batch)
+        _undo(ctx, batch)
+    save(journal, batch)
+    side(ctx.hosts.runner(batch.dest_host), "remove", {"staging_roots": [batch.staging_root], "all": True})
+    stayed = [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns, "atime_ns": e.atime_ns}
+              for e in batch.at("abandoned") if e.atime_ns]
+    if stayed:
+        side(ctx.hosts.runner(batch.source_host), "restore_times", {"entries": stayed})
+    journal.unlink(missing_ok=True)
+
+
+def _result(batch: Batch, replayed: bool = False) -> BatchResult:
+    result = BatchResult(batch.source_host, batch.dest_host)
+    for entry in batch.entries:
+        if entry.step == "done":
+            result.moved += 1
+            result.bytes += entry.size
+            result.already_there += int(entry.note == "already there")
+        elif entry.step == "abandoned":
+            key = entry.note or "abandoned"
+            result.abandoned[key] = result.abandoned.get(key, 0) + 1
+    if replayed:
+        result.replayed = len(batch.entries)
+    return result
+
+
+def replay(ctx: FleetContext, source: str, dest: str) -> BatchResult | None:
+    """Finish what a killed pass between `source` and `dest` left (see the module's doc)."""
+    journal = journal_path(ctx, source, dest)
+    batch = load(journal)
+    if batch is None:
+        return None
+    _check(ctx, batch, batch.at("planned", "copied"), replaying=True)
+    save(journal, batch)
+    finish(ctx, batch, journal)
+    return _result(batch, replayed=True)
+
+
+def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
+    """One batch through every step (the journal of its two hosts must be empty: replay it first)."""
+    journal = journal_path(ctx, batch.source_host, batch.dest_host)
+    if journal.exists():
+        raise UserError(f"the tier journal {journal} is not finished", "replay it first (every pass does)")
+    _hash_sources(ctx, batch)
+    batch.entries = [e for e in batch.entries if e.step != "abandoned"] + \
+        [e for e in batch.entries if e.step == "abandoned"]
+    save(journal, batch)
+    _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
+    save(journal, batch)
+    _copy(ctx, batch)
+    save(journal, batch)
+    _check(ctx, batch, batch.at("copied"), replaying=False)
+    save(journal, batch)
+    finish(ctx, batch, journal)
+    return _result(batch)
+
+
+def batches(ctx: FleetContext, plan: TierPlan, algorithm: str) -> Iterator[Batch]:
+    """The plan's moves grouped by source and receiving host, at most BATCH_FILES files or BATCH_BYTES each."""
+    assert plan.to is not None
+    root = ctx.fleet.tiers[plan.tier].path.rstrip("/")
+    pairs: dict[tuple[str, str], list[Any]] = {}
+    for move in plan.moves:
+        pairs.setdefault((move.host, move.destination), []).append(move)
+    for (source, dest), moves in pairs.items():
+        dest_root = destination_root(ctx.fleet, plan.to, source, plan.tier)
+        batch = Batch(source, dest, root, dest_root, algorithm)
+        size = 0
+        for move in moves:
+            path = f"{root}/{move.path}"
+            origin_host, origin_path = origin_of(ctx.fleet, source, path)
+            batch.entries.append(Entry("move", path, move.path, f"{batch.staging_root}/{move.path}",
+                                       f"{dest_root}/{move.path}", origin_host, origin_path, plan.to.value,
+                                       move.size, move.mtime_ns, atime_ns=move.atime_ns))
+            size += move.size
+            if len(batch.entries) >= BATCH_FILES or size >= BATCH_BYTES:
+                yield batch
+                batch, size = Batch(source, dest, root, dest_root, algorithm), 0
+        if batch.entries:
+            yield batch
+
+
+def run_plan(ctx: FleetContext, plan: TierPlan, algorithm: str,
+             step: Callable[[Batch], BatchResult] | None = None) -> list[BatchResult]:
+    """Replay each pair's journal, then move the plan's batches (`step` runs one batch: a flow's task)."""
+    if plan.to is None:
+        return []
+    out: dict[tuple[str, str], BatchResult] = {}
+    pairs = {(m.host, m.destination) for m in plan.moves}
+    pairs |= {(h, d) for h in plan.usage if h in ctx.fleet.tiers[plan.tier].hosts
+              for d in ctx.fleet.tiers[plan.to].hosts}
+    for source, dest in sorted(pairs):
+        replayed = replay(ctx, source, dest)
+        if replayed is not None:
+            out.setdefault((source, dest), BatchResult(source, dest)).add(replayed)
+    for batch in batches(ctx, plan, algorithm):
+        done = (step or (lambda b: move_batch(ctx, b)))(batch)
+        out.setdefault((batch.source_host, batch.dest_host), BatchResult(batch.source_host, batch.dest_host)).add(done)
+    return list(out.values())
+
+
+# --- recall, the catalog's questions, rebuild -------------------------------------------------------------------
+
+
+def parse_place(text: str) -> tuple[str | None, str]:
+    """`HOST:PATH` or `PATH`."""
+    host, sep, path = text.partition(":")
+    if sep and path.startswith("/"):
+        return host, path
+    if text.startswith("/"):
+        return None, text
+    raise UserError(f"{text!r} is not a path", "give an absolute path, or HOST:/PATH")
+
+
+def where(ctx: FleetContext, text: str) -> list[dict[str, Any]]:
+    host, path = parse_place(text)
+    rows = catalog_side(ctx, "where", path=path, host=host)["rows"]
+    return [dict(zip(tierside.COLUMNS, row, strict=True)) for row in rows]
+
+
+def ls(ctx: FleetContext, text: str) -> list[dict[str, Any]]:
+    host, _, folder = text.partition(":")
+    if host not in ctx.fleet.hosts:
+        raise UserError(f"no host named {host!r} in fleet {ctx.fleet.name}", "write HOST or HOST:/FOLDER")
+    rows = catalog_side(ctx, "ls", host=host, folder=folder)["rows"]
+    return [dict(zip(tierside.COLUMNS, row, strict=True)) for row in rows]
+
+
+def recall(ctx: FleetContext, text: str) -> BatchResult:
+    """Bring a moved file back to its original place, through the same journaled protocol."""
+    found = where(ctx, text)
+    if not found:
+        raise UserError(f"{text} is not in the catalog: it never moved (or was recalled already)",
+                        "`spark tier ls HOST:/FOLDER` lists what moved")
+    if len(found) > 1:
+        raise UserError(f"{text} names files of several hosts: " + ", ".join(r["origin_host"] for r in found),
+                        "write HOST:/PATH")
+    row = found[0]
+    holder, origin = row["host"], row["origin_host"]
+    replay(ctx, holder, origin)
+    scan = side(ctx.hosts.runner(holder), "hash", {"paths": [row["path"]], "algorithm": row["hash"].split(":")[0]})
+    got = scan["hashes"][row["path"]]
+    if got is None:
+        raise UserError(f"the catalog says {row['origin_path']} is at {holder}:{row['path']}, and it is not there",
+                        f"run `spark tier rebuild --env {ctx.env}`")
+    if got[0] != row["hash"]:
+        raise UserError(f"{holder}:{row['path']} differs from what the catalog recorded ({row['hash']})",
+                        "restore it from the warm tier's backup")
+    source_root, rel = posixpath.split(row["path"])
+    dest_root = posixpath.dirname(row["origin_path"])
+    batch = Batch(holder, origin, source_root, dest_root, row["hash"].split(":")[0])
+    batch.entries.append(Entry("recall", row["path"], rel, f"{batch.staging_root}/{rel}", row["origin_path"],
+                               origin, row["origin_path"], TierName.hot.value, got[1], got[2]))
+    return move_batch(ctx, batch)
+
+
+def rebuild(ctx: FleetContext) -> int:
+    """The catalog again, from the lower tiers' contents (the layout names each file's original host and path):
+    every file there that came from another host's tier and is no longer at its original place gets its entry,
+    with its size and hash (`moved_at` becomes the rebuild's time). A file still at its original place is a sync
+    job's copy, not a moved file."""
+    rows: list[list[Any]] = []
+    now = time.time()
+    catalog_host, catalog_path = catalog_place(ctx.fleet)
+    tiers = tier_names(ctx.fleet)
+    for tier in tiers[1:]:
+        spec = ctx.fleet.tiers[tier]
+        for host in spec.hosts:
+            skip = [catalog_path] if host == catalog_host else []
+            runner = ctx.hosts.runner(host)
+            hashes = side(runner, "scan", {"root": spec.path, "files": False, "skip": skip})["hashes"]
+            out = side(runner, "scan", {"root": spec.path, "marker": "", "files": True, "skip": skip,
+                                        "hash": "xxh3_128" if "xxh3_128" in hashes else "sha256"})
+            for rel, size, _mtime_ns, _atime_ns, digest in out["files"]:
+                path = f"{spec.path.rstrip('/')}/{rel}"
+                origin_host, origin_path = origin_of(ctx.fleet, host, path)
+                if (origin_host, origin_path) != (host, path) and digest is not None:
+                    rows.append([origin_host, origin_path, tier.value, host, path, size, digest, now])
+    still_there: set[tuple[str, str]] = set()
+    for origin_host in sorted({r[0] for r in rows}):
+        origin_tier = tier_of(ctx.fleet, origin_host, next(r[1] for r in rows if r[0] == origin_host))
+        if origin_tier is None:
+            continue
+        root = ctx.fleet.tiers[origin_tier].path.rstrip("/")
+        out = side(ctx.hosts.runner(origin_host), "scan", {"root": root, "files": True, "marker": ""})
+        still_there |= {(origin_host, f"{root}/{f[0]}") for f in out["files"]}
+    rows = [r for r in rows if (r[0], r[1]) not in still_there]
+    catalog_side(ctx, "replace_all", rows=rows)
+    return len(rows)
+
+
+# --- a pass: what the flow runs, reports and publishes -------------------------------------------------------------
+
+
+def move_or_resume(ctx: FleetContext, batch: Batch) -> BatchResult:
+    """One batch; tried again after a failure mid-way, its journal is replayed instead (so a retry neither
+    repeats a finished step nor leaves a half-done one)."""
+    if journal_path(ctx, batch.source_host, batch.dest_host).exists():
+        return replay(ctx, batch.source_host, batch.dest_host) or BatchResult(batch.source_host, batch.dest_host)
+    return move_batch(ctx, batch)
+
+
+@dataclass
+class HostAfter:
+    tier: str
+    host: str
+    capacity: int
+    used: int
+    oldest_age: float | None  # seconds since the least recently used file left was used (upper tier only)
+
+    @property
+    def ratio(self) -> float:
+        return self.used / self.capacity if self.capacity else 0.0
+
+
+def usage_after(ctx: FleetContext, plan: TierPlan, now: float | None = None) -> list[HostAfter]:
+    """Each host of both tiers after the pass: bytes used; on the upper tier, the oldest file's age too."""
+    from primespark.data.tiers import capacity_bytes
+
+    out = []
+    now = now or time.time()
+    for tier in (plan.tier, plan.to):
+        if tier is None:
+            continue
+        upper = tier is plan.tier
+        for host in [h for h in plan.usage if h in ctx.fleet.tiers[tier].hosts]:
+            found, _ = scan_host(ctx, tier, host, listed=upper)
+            oldest = min((f.last_used(found.atime_kept) for f in found.files), default=None)
+            out.append(HostAfter(tier.value, host, capacity_bytes(ctx.fleet.tiers[tier]), found.used,
+                                 None if oldest is None else max(0.0, now - oldest)))
+    return out
+
+
+def render_pass(plan: TierPlan, results: list[BatchResult], after: list[HostAfter]) -> str:
+    """The report artifact of a pass: files and bytes moved per host, what stayed and why, usage before and
+    after."""
+    to = plan.to.value if plan.to else "—"
+    lines = [f"# tier {plan.tier.value} → {to}", "", "| source | to | moved | bytes | already there | replayed | "
+             "stayed |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        stayed = ", ".join(f"{k}: {v}" for k, v in sorted(r.abandoned.items())) or "—"
+        lines.append(f"| {r.source_host} | {r.dest_host} | {r.moved} | {r.bytes} | {r.already_there} | "
+                     f"{r.replayed} | {stayed} |")
+    lines += ["", "| host | tier | used before | used after | capacity | oldest file (days) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for a in after:
+        before = plan.usage.get(a.host)
+        first = f"{before.before} ({before.ratio(before.before):.0%})" if before else "—"
+        oldest = "—" if a.oldest_age is None else f"{a.oldest_age / 86400:.1f}"
+        lines.append(f"| {a.host} | {a.tier} | {first} | {a.used} ({a.ratio:.0%}) | {a.capacity} | {oldest} |")
+    counts = plan.skipped_by_reason()
+    if counts:
+        lines += ["", "## stayed, and why", *(f"- {reason}: {n}" for reason, n in sorted(counts.items()))]
+        lines += [f"  - {s.host}:`{s.path}`: {s.reason}" for s in plan.skipped[:50]]
+        lines += [f"  - {w.host}:`{w.path}`: {w.reason}" for w in plan.waiting[:50]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,416 @@
+"""What runs on a tier host during tier migration: scans, hashes, the steps of a move, and the catalog.
+
+Shipped as source and run with the host's own `python3 -c` (standard library, plus python3-xxhash where the host
+has it, as `backup/hostside.py`): one call per step of a batch of files, a JSON request on stdin, one JSON
+object out. `python3 -c SOURCE OP`.
+
+Operations:
+- `scan`: every regular file below a tier's folder (size, mtime, atime), which of them a process holds open for
+  writing (/proc/*/fd and fdinfo's flags: every process's when run as root), the folders holding the pin marker,
+  whether the filesystem keeps access times (not mounted `noatime`), the bytes used, the hashes this host has.
+  Skipped: the migration's own folders (`.spark-tier*`), rsync's partial folders, and the catalog's files.
+- `hash`: content hashes of some files (with their size and mtime_ns, read around the hash: a file that changed
+  while it was read has none).
+- `check`: a batch at the destination: the staged copies flushed to disk (one syncfs), each hashed, each final
+  name hashed.
+- `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
+  the whole file or nothing.
+- `delete`: each source file removed if it is still what was copied (size and mtime_ns); else left.
+- `restore_times`: files that stay (an abandoned move) get back the access time rsync's read changed.
+- `remove`: files removed (staged copies of a replayed batch, an abandoned copy); empty staging folders too.
+- `catalog`: the migration catalog (SQLite, WAL), opened where the fleet keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import sys
+import time
+from typing import Any
+
+xxhash: Any
+try:
+    import xxhash
+except ImportError:  # a host without python3-xxhash hashes with sha256, slower
+    xxhash = None
+
+HASHES: dict[str, Any] = {"sha256": hashlib.sha256, **({"xxh3_128": xxhash.xxh3_128} if xxhash else {})}
+STAGING = ".spark-tier-incoming"  # below a destination folder: copies not yet verified and placed
+OWN_PREFIX = ".spark-tier"  # the migration's own folders (staging, the catalog's folder): never scanned
+SKIP_DIRS = (".~tmp~",)  # rsync's partial folder (--delay-updates)
+CHUNK = 1 << 20
+
+
+def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
+    """`algorithm:hex`, size and mtime_ns of `path`; None if it is gone or changed while being read."""
+    try:
+        try:  # reading for a hash is not a use: leave the access time alone where we may (owner, or root)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)
+        with open(fd, "rb") as handle:
+            before = os.fstat(handle.fileno())
+            digest = HASHES[algorithm]()
+            while True:
+                block = handle.read(CHUNK)
+                if not block:
+                    break
+                digest.update(block)
+            after = os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return None
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return None
+    return f"{algorithm}:{digest.hexdigest()}", after.st_size, after.st_mtime_ns
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_for_writing(root: str) -> set[str]:
+    """Paths below `root` that some process holds open for writing (what /proc lets this user see)."""
+    prefix = root.rstrip("/") + "/"
+    found: set[str] = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if not target.startswith(prefix):
+                continue
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next((int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0)
+            except (OSError, ValueError):
+                flags = os.O_WRONLY  # it is open and we cannot tell how: take it as being written
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                found.add(target[len(prefix):])
+    return found
+
+
+def _atime_kept(root: str) -> bool:
+    """Whether the filesystem holding `root` updates access times (not mounted noatime)."""
+    best, options = "", ""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) >= 4:
+                    point = parts[1].replace("\\040", " ")
+                    if (root == point or root.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                        best, options = point, parts[3]
+    except OSError:
+        return False
+    return "noatime" not in options.split(",")
+
+
+def scan(spec: dict[str, Any]) -> dict[str, Any]:
+    root = spec["root"].rstrip("/") or "/"
+    marker = spec.get("marker", "")
+    skip_paths = set(spec.get("skip", []))
+    algorithm = spec.get("hash")
+    listed = spec.get("files", True)
+    files: list[list[Any]] = []
+    markers: list[str] = []
+    used = 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(OWN_PREFIX) and d not in SKIP_DIRS)
+        rel_dir = os.path.relpath(folder, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        if marker and marker in names:
+            markers.append(rel_dir.rstrip("/"))
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if path in skip_paths or any(path.startswith(p + "-") for p in skip_paths):
+                continue  # the catalog and its -wal/-shm files
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            used += st.st_size
+            if listed:
+                row: list[Any] = [rel_dir + name, st.st_size, st.st_mtime_ns, st.st_atime_ns]
+                if algorithm:
+                    found = hash_file(path, algorithm)
+                    row.append(found[0] if found else None)
+                files.append(row)
+    return {"root": root, "exists": os.path.isdir(root), "files": files, "used": used, "markers": markers,
+            "open": sorted(_open_for_writing(root)) if listed else [], "atime_kept": _atime_kept(root),
+            "hashes": sorted(HASHES), "now": time.time()}
+
+
+def hash_op(spec: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for path in spec["paths"]:
+        found = hash_file(path, spec["algorithm"])
+        out[path] = list(found) if found else None
+    return {"hashes": out}
+
+
+def _flush_filesystem(path: str) -> None:
+    """Everything written to the filesystem holding `path` reaches the disk: one syncfs(2) for a whole batch of
+    copies (one journal commit, where an fsync per small file costs one each); os.sync() where libc lacks it."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def check(spec: dict[str, Any]) -> dict[str, Any]:
+    """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
+    each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
+    out = []
+    algorithm = spec["algorithm"]
+    staging_root = spec.get("staging_root")
+    if staging_root and os.path.isdir(staging_root):
+        _flush_filesystem(staging_root)
+    for entry in spec["entries"]:
+        row: dict[str, Any] = {"staging": None, "final": None}
+        for key in ("staging", "final"):
+            path = entry[key]
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            if size != entry["size"]:
+                row[key] = "size:" + str(size)
+                continue
+            found = hash_file(path, algorithm)
+            row[key] = found[0] if found else None
+        out.append(row)
+    return {"entries": out}
+
+
+def place(spec: dict[str, Any]) -> dict[str, Any]:
+    """Rename each staged copy to its final name; one already placed (no staged copy, the final there) is done."""
+    out = []
+    touched: set[str] = set()
+    for entry in spec["entries"]:
+        staging, final = entry["staging"], entry["final"]
+        folder = os.path.dirname(final)
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(staging):
+            if entry.get("atime_ns"):  # the file's last use travels with it (the lower tier's policy reads it)
+                os.utime(staging, ns=(entry["atime_ns"], entry["mtime_ns"]))
+            os.replace(staging, final)
+            touched.add(folder)
+            out.append("placed")
+        else:
+            out.append("placed" if os.path.exists(final) else "missing")
+    for folder in touched:
+        _fsync_dir(folder)
+    return {"entries": out}
+
+
+def delete(spec: dict[str, Any]) -> dict[str, Any]:
+    out = []
+    touched: set[str] = set()
+    for entry in spec["entries"]:
+        path = entry["path"]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            out.append("missing")
+            continue
+        if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            out.append("changed")
+            continue
+        os.unlink(path)
+        touched.add(os.path.dirname(path))
+        out.append("deleted")
+    for folder in touched:
+        _fsync_dir(folder)
+    return {"entries": out}
+
+
+def restore_times(spec: dict[str, Any]) -> dict[str, Any]:
+    """Give files that stay (an abandoned move) back the access time they had before rsync read them, so that a
+    failed move does not make them look used; a file that changed meanwhile is left alone."""
+    restored = 0
+    for entry in spec["entries"]:
+        try:
+            st = os.stat(entry["path"])
+        except FileNotFoundError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (entry["size"], entry["mtime_ns"]) and entry["atime_ns"]:
+            os.utime(entry["path"], ns=(entry["atime_ns"], entry["mtime_ns"]))
+            restored += 1
+    return {"restored": restored}
+
+
+def remove(spec: dict[str, Any]) -> dict[str, Any]:
+    removed = 0
+    for path in spec.get("paths", []):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    for root in spec.get("staging_roots", []):  # what a killed copy left: rsync's partial files, empty folders
+        if not os.path.isdir(root):
+            continue
+        for folder, dirs, names in os.walk(root, topdown=False):
+            for name in names:
+                if spec.get("all"):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+            for name in dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(folder, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+    return {"removed": removed}
+
+
+# --- the catalog ------------------------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    origin_host TEXT NOT NULL, origin_path TEXT NOT NULL,
+    tier TEXT NOT NULL, host TEXT NOT NULL, path TEXT NOT NULL,
+    size INTEGER NOT NULL, hash TEXT NOT NULL, moved_at REAL NOT NULL,
+    PRIMARY KEY (origin_host, origin_path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_by_path ON files (origin_path);
+CREATE INDEX IF NOT EXISTS files_by_place ON files (host, path);
+"""
+COLUMNS = ("origin_host", "origin_path", "tier", "host", "path", "size", "hash", "moved_at")
+SELECT = "SELECT origin_host, origin_path, tier, host, path, size, hash, moved_at FROM files"
+INSERT = ("INSERT OR REPLACE INTO files (origin_host, origin_path, tier, host, path, size, hash, moved_at) "
+          "VALUES (?,?,?,?,?,?,?,?)")
+
+
+class Catalog:
+    """Original host and path → where the file is now. WAL, and synchronous=FULL: a commit that returned is on
+    disk before the source is deleted."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def commit(self, rows: list[list[Any]]) -> int:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(INSERT,
+                                [tuple(r) for r in rows])
+        return len(rows)
+
+    def drop(self, keys: list[list[str]]) -> int:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("DELETE FROM files WHERE origin_host = ? AND origin_path = ?",
+                                [tuple(k) for k in keys])
+        return len(keys)
+
+    def where(self, path: str, host: str | None = None) -> list[list[Any]]:
+        """Entries of an original path (on `host`, or any), or of a file's present place."""
+        if host is not None:
+            rows = self.db.execute(SELECT + " WHERE origin_host = ? AND origin_path = ?",
+                                   (host, path)).fetchall()
+            rows += self.db.execute(SELECT + " WHERE host = ? AND path = ?", (host, path)).fetchall()
+        else:
+            rows = self.db.execute(SELECT + " WHERE origin_path = ?", (path,)).fetchall()
+        return [list(r) for r in dict.fromkeys(rows)]
+
+    def ls(self, host: str, folder: str = "", limit: int = 100_000) -> list[list[Any]]:
+        """Entries whose original place is on `host`, below `folder` (a range scan of the primary key)."""
+        args: tuple[str | int, ...]
+        if not folder or folder == "/":
+            query, args = SELECT + " WHERE origin_host = ? ORDER BY origin_path LIMIT ?", \
+                (host, limit)
+        else:
+            low = folder.rstrip("/") + "/"
+            high = folder.rstrip("/") + "0"  # the character after "/"
+            query = (SELECT + " WHERE origin_host = ? AND origin_path >= ? AND origin_path < ? "
+                     "ORDER BY origin_path LIMIT ?")
+            args = (host, low, high, limit)
+        return [list(r) for r in self.db.execute(query, args).fetchall()]
+
+    def all(self) -> list[list[Any]]:
+        return [list(r) for r in self.db.execute(SELECT + " ORDER BY origin_host, origin_path")]
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM files").fetchone()[0])
+
+    def replace_all(self, rows: list[list[Any]]) -> int:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM files")
+            self.db.executemany(INSERT,
+                                [tuple(r) for r in rows])
+        return len(rows)
+
+
+def catalog(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["op"] != "commit" and spec["op"] != "replace_all" and not os.path.exists(spec["db"]):
+        if spec["op"] in ("where", "ls", "all"):
+            return {"rows": [], "missing": True}
+        if spec["op"] == "count":
+            return {"count": 0, "missing": True}
+    book = Catalog(spec["db"])
+    try:
+        op = spec["op"]
+        if op == "commit":
+            return {"count": book.commit(spec["rows"])}
+        if op == "drop":
+            return {"count": book.drop(spec["keys"])}
+        if op == "where":
+            return {"rows": book.where(spec["path"], spec.get("host"))}
+        if op == "ls":
+            return {"rows": book.ls(spec["host"], spec.get("folder", ""))}
+        if op == "all":
+            return {"rows": book.all()}
+        if op == "count":
+            return {"count": book.count()}
+        if op == "replace_all":
+            return {"count": book.replace_all(spec["rows"])}
+        raise ValueError(f"unknown catalog operation {op!r}")
+    finally:
+        book.close()
+
+
+OPS = {"scan": scan, "hash": hash_op, "check": check, "place": place, "delete": delete, "remove": remove,
+       "restore_times": restore_times, "catalog": catalog}
+
+
+def main() -> None:
+    op = sys.argv[1]
+    spec = json.loads(sys.stdin.read() or "{}")
+    json.dump(OPS[op](spec), sys.stdout, separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""Tier migration on this machine: the local transport (every host a folder here), real rsync through the transfer
+engine, the real host-side script and SQLite catalog; the plan's policy on its own; moves killed with SIGKILL at
+each step and replayed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from primespark.context import FleetContext
+from primespark.data import migrate
+from primespark.data.tiers import FileInfo, HostScan, plan_boundary, render_plan
+from primespark.errors import UserError
+from primespark.fleet import load_fleet
+from primespark.fleet.model import Tier, TierName
+
+ROOT = Path(__file__).resolve().parents[2]
+MINI = ROOT / "tests" / "fixtures" / "fleet" / "valid" / "mini-full.yaml"
+DAY = 86400
+NOW = 1_800_000_000.0
+
+
+# --- the plan on its own -----------------------------------------------------------------------------------------
+
+
+def _tiers(**hot: Any) -> dict[TierName, Tier]:
+    return {TierName.hot: Tier(hosts=["pi-1"], path="/srv/hot", capacity_gb=0.001, max_age_days=7,
+                               low_watermark=0.5, high_watermark=0.8, pinned=["config/**", "**/*.lock"],
+                               min_age_minutes=10, **hot),
+            TierName.warm: Tier(hosts=["nas-1"], path="/srv/warm", capacity_gb=0.01, max_age_days=90)}
+
+
+def _file(path: str, size: int, age_days: float, *, atime_age_days: float | None = None,
+          open_for_writing: bool = False) -> FileInfo:
+    mtime = NOW - age_days * DAY
+    atime = NOW - (atime_age_days if atime_age_days is not None else age_days) * DAY
+    return FileInfo(path, size, int(mtime * 1e9), int(atime * 1e9), open_for_writing)
+
+
+def test_the_plan_says_why_each_file_moves_or_stays() -> None:
+    files = (
+        _file("data/old.bin", 1000, 10),
+        _file("data/read-lately.bin", 1000, 10, atime_age_days=1),  # old, but read yesterday (atime kept)
+        _file("config/app.conf", 1000, 30),
+        _file("logs/app.lock", 1000, 30),
+        _file("keep/raw.bin", 1000, 30),
+        _file("keep/deeper/raw.bin", 1000, 30),
+        _file("data/open.bin", 1000, 30, open_for_writing=True),
+        _file("data/fresh.bin", 1000, 5 / (24 * 60)),  # written five minutes ago
+    )
+    scan = HostScan("pi-1", TierName.hot, "/srv/hot", files, 8000, frozenset({"keep"}), atime_kept=True)
+    plan = plan_boundary(_tiers(), TierName.hot, [scan], {"nas-1": 0}, NOW)
+    assert [(m.path, m.destination) for m in plan.moves] == [("data/old.bin", "nas-1")]
+    assert plan.moves[0].reason == "older than 7 days (last used 10.0 days ago)"
+    kept = {s.path: s.reason for s in plan.skipped}
+    assert kept == {"config/app.conf": "pinned: matches 'config/**'", "logs/app.lock": "pinned: matches '**/*.lock'",
+                    "keep/raw.bin": "pinned: .spark-pin in keep/", "keep/deeper/raw.bin": "pinned: .spark-pin in keep/",
+                    "data/open.bin": "open for writing"}
+    # the fresh file is young, so it would not have moved anyway: not listed; below the watermark nothing else moves
+    assert "data/read-lately.bin" not in kept
+    # without access times (noatime), the file read yesterday is as old as its modification
+    plain = plan_boundary(_tiers(), TierName.hot, [HostScan("pi-1", TierName.hot, "/srv/hot", files, 8000,
+                                                            frozenset({"keep"}), atime_kept=False)],
+                          {"nas-1": 0}, NOW)
+    assert [m.path for m in plain.moves] == ["data/old.bin", "data/read-lately.bin"]
+
+
+def test_above_the_high_watermark_the_oldest_move_until_the_low_one_and_the_plan_is_deterministic() -> None:
+    files = [_file(f"d/{i:02d}.bin", 100_000, 1 + i / 10) for i in range(9)]  # 900 kB of 1 MB: above 80 %
+    files.append(_file("d/pinned.lock", 50_000, 30))
+    scan = HostScan("pi-1", TierName.hot, "/srv/hot", tuple(files), 950_000)
+    plan = plan_boundary(_tiers(), TierName.hot, [scan], {"nas-1": 0}, NOW)
+    moved = [m.path for m in plan.moves]
+    assert moved == ["d/08.bin", "d/07.bin", "d/06.bin", "d/05.bin", "d/04.bin"]  # oldest first
+    assert all("above its high watermark (95% > 80%)" in m.reason for m in plan.moves)
+    assert plan.usage["pi-1"].after == 450_000 <= 0.5 * 1_000_000
+    # old enough to move by age, and pinned: it stays, and the plan says why
+    assert {s.path: s.reason for s in plan.skipped} == {"d/pinned.lock": "pinned: matches '**/*.lock'"}
+    shuffled = HostScan("pi-1", TierName.hot, "/srv/hot", tuple(reversed(files)), 950_000)
+    assert render_plan(plan_boundary(_tiers(), TierName.hot, [shuffled], {"nas-1": 0}, NOW)) == render_plan(plan)
+
+
+def test_a_move_that_would_fill_the_next_tier_above_its_high_watermark_waits_and_says_so() -> None:
+    files = (_file("a.bin", 2_000_000, 10), _file("b.bin", 1_000_000, 9))
+    scan = HostScan("pi-1", TierName.hot, "/srv/hot", files, 3_000_000)
+    plan = plan_boundary(_tiers(), TierName.hot, [scan], {"nas-1": 6_600_000}, NOW)  # warm: 10 MB, high 85 %
+    assert [m.path for m in plan.moves] == ["b.bin"]
+    [waiting] = plan.waiting
+    assert waiting.path == "a.bin"
+    assert waiting.reason == "waits: nas-1 would go above its high watermark (86% > 85%)"
+    assert plan.usage["nas-1"].after == 7_600_000
+
+
+# --- on real files -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("SPARK_STATE_DIR", str(path))
+    return path
+
+
+def make_fleet(root: Path, hot: dict[str, Any] | None = None, warm: dict[str, Any] | None = None) -> str:
+    """The mini fleet with its tiers in folders under `root`: one Pi's hot tier, the NAS's warm, ops-1's cold."""
+    data = yaml.safe_load(MINI.read_text())
+    data["tiers"] = {
+        "hot": {"hosts": ["pi-1"], "path": f"{root}/hot", "capacity_gb": 0.001, "max_age_days": 7,
+                "low_watermark": 0.5, "high_watermark": 0.8, "pinned": ["config/**"], "min_age_minutes": 10,
+                **(hot or {})},
+        "warm": {"hosts": ["nas-1"], "path": f"{root}/warm", "capacity_gb": 1, "max_age_days": 90, **(warm or {})},
+        "cold": {"hosts": ["ops-1"], "path": f"{root}/cold", "capacity_gb": 1},
+    }
+    data["backup"]["plans"] = {}
+    for tier in ("hot", "warm", "cold"):
+        (root / tier).mkdir(exist_ok=True)
+    path = root / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    load_fleet(str(path))  # fails here, with its location, if the tiers are wrong
+    return str(path)
+
+
+def put(path: Path, size: int, age_days: float, seed: int | None = None) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = random.Random(seed if seed is not None else str(path)).randbytes(size)
+    path.write_bytes(content)
+    when = time.time() - age_days * DAY
+    os.utime(path, (when, when))
+    return content
+
+
+def quietly(path: Path) -> bytes:
+    """A file's content, read without making it look used (its access time is the policy's input)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    with open(fd, "rb") as handle:
+        return handle.read()
+
+
+def temporaries(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if migrate.STAGING in p.parts or ".~tmp~" in p.parts]
+
+
+@pytest.fixture
+def tiers(tmp_path: Path, state: Path) -> tuple[FleetContext, Path]:
+    fleet = make_fleet(tmp_path)
+    return FleetContext.load(fleet, "local"), tmp_path
+
+
+def one_pass(ctx: FleetContext, tier: TierName = TierName.hot) -> list[migrate.BatchResult]:
+    plan, algorithm = migrate.plan_pass(ctx, tier)
+    return migrate.run_plan(ctx, plan, algorithm)
+
+
+def test_a_full_hot_tier_ends_at_or_below_its_low_watermark_and_pinned_open_and_fresh_files_stay(
+        tiers: tuple[FleetContext, Path]) -> None:
+    ctx, root = tiers
+    hot, warm = root / "hot", root / "warm" / "pi-1"
+    old = {f"readings/old-{i}.bin": put(hot / f"readings/old-{i}.bin", 50_000, 10 + i) for i in range(8)}
+    recent = {f"readings/new-{i}.bin": put(hot / f"readings/new-{i}.bin", 50_000, 1 + i / 10) for i in range(10)}
+    stays = {"config/site.conf": put(hot / "config/site.conf", 50_000, 30),
+             "raw/keep.bin": put(hot / "raw/keep.bin", 50_000, 30),
+             "logs/open.bin": put(hot / "logs/open.bin", 50_000, 30),
+             "incoming/fresh.bin": put(hot / "incoming/fresh.bin", 50_000, 0)}
+    (hot / "raw" / ".spark-pin").touch()
+    capacity = 1_000_000
+    assert sum(len(c) for c in [*old.values(), *recent.values(), *stays.values()]) > 0.8 * capacity
+    with open(hot / "logs/open.bin", "ab") as writer:  # a writer holds it open
+        when = time.time() - 30 * DAY
+        os.utime(hot / "logs/open.bin", (when, when))
+        results = one_pass(ctx)
+        assert writer.writable()
+    [result] = results
+    used = sum(p.stat().st_size for p in hot.rglob("*") if p.is_file())
+    assert used <= 0.5 * capacity, f"{used} bytes left on hot"
+    for rel, content in stays.items():
+        assert (hot / rel).read_bytes() == content, f"{rel} moved"
+        assert not (warm / rel).exists()
+    for rel, content in old.items():
+        assert not (hot / rel).exists(), f"{rel} (older than max_age_days) stayed"
+        assert (warm / rel).read_bytes() == content
+    moved = [rel for rel in [*old, *recent] if (warm / rel).exists()]
+    assert result.moved == len(moved) and len(moved) > len(old)  # the watermark moved some recent ones too
+    for rel in moved:
+        [row] = migrate.where(ctx, f"pi-1:{hot / rel}")
+        assert (row["tier"], row["host"], row["path"]) == ("warm", "nas-1", str(warm / rel))
+        assert row["size"] == (warm / rel).stat().st_size
+    assert not temporaries(root)
+    assert not migrate.backlog(ctx)
+
+
+def test_a_missing_lower_tier_folder_moves_nothing(tiers: tuple[FleetContext, Path]) -> None:
+    ctx, root = tiers
+    put(root / "hot" / "a.bin", 1000, 30)
+    (root / "warm").rmdir()  # the NAS's disk not mounted: its mount point gone, or empty
+    with pytest.raises(UserError, match=r"warm tier's folder .* is missing on nas-1"):
+        migrate.plan_pass(ctx, TierName.hot)
+    assert (root / "hot" / "a.bin").exists()
+
+
+# --- kills: SIGKILL of the process running the move, at each step, then replay -------------------------------------
+
+MOVER = """
+import sys
+from primespark.context import FleetContext
+from primespark.data import migrate
+from primespark.fleet.model import TierName
+ctx = FleetContext.load(sys.argv[1], "local")
+plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
+migrate.run_plan(ctx, plan, algorithm)
+"""
+STEPS = ("planned", "copied", "verified", "placed", "committed")
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid → (ppid, session)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(name)] = (int(fields[1]), int(fields[3]))
+    return out
+
+
+def kill_tree(root: int) -> None:
+    """The mover and everything it started (their own sessions included), frozen first so nothing new starts,
+    then killed: as if the machine running the pass had died there."""
+    seen: set[int] = set()
+    while True:
+        table = _processes()
+        sessions = {table[p][1] for p in seen | {root} if p in table}
+        tree = {root} | {p for p, (parent, sid) in table.items() if parent in seen | {root} or sid in sessions}
+        new = tree - seen
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        seen |= new
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _journal_steps(path: Path) -> set[str]:
+    try:
+        return {e["step"] for e in json.loads(path.read_text())["entries"]}
+    except (OSError, ValueError):
+        return set()
+
+
+def _least_step(path: Path) -> str | None:
+    """The step the whole batch has reached (its least advanced unfinished entry's)."""
+    steps = [s for s in _journal_steps(path) if s not in migrate.FINISHED]
+    return min(steps, key=migrate.ORDER.index) if steps else None
+
+
+def run_and_kill(fleet: str, journal: Path, at_step: str | None, after: float | None) -> str | None:
+    """Start a pass in a process of its own; kill it once its journal shows `at_step` (or after `after` seconds).
+    The steps the journal showed when it died, or None if the pass ended first."""
+    mover = subprocess.Popen([sys.executable, "-c", MOVER, fleet], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    started = time.monotonic()
+    try:
+        while mover.poll() is None and time.monotonic() < deadline:
+            if (at_step is not None and _least_step(journal) == at_step) or \
+                    (after is not None and time.monotonic() - started >= after):
+                kill_tree(mover.pid)
+                mover.wait(timeout=30)
+                return ",".join(sorted(_journal_steps(journal))) or "before the journal"
+            time.sleep(0.001)
+        assert mover.poll() is not None, "the pass did not end within 120 s"
+        assert mover.returncode == 0, mover.stderr.read().decode() if mover.stderr else ""
+        return None
+    finally:
+        if mover.poll() is None:
+            kill_tree(mover.pid)
+        mover.wait(timeout=30)
+        if mover.stderr:
+            mover.stderr.close()
+
+
+def exactly_once(ctx: FleetContext, root: Path, originals: dict[str, bytes], synced: frozenset[str] = frozenset()
+                 ) -> dict[str, int]:
+    """Every file on one tier only, equal, with one catalog entry where it is below hot and none on hot; no
+    temporaries, no unfinished journal. (A file still on hot may also have its sync job's copy on warm, as it had
+    before the pass: `synced`.)"""
+    hot, warm = root / "hot", root / "warm" / "pi-1"
+    entries = {row["origin_path"]: row for row in migrate.ls(ctx, "pi-1")}
+    where = {"hot": 0, "warm": 0}
+    for rel, content in originals.items():
+        places = [p for p in (hot / rel, warm / rel) if p.exists()]
+        if rel in synced and len(places) == 2:
+            assert quietly(warm / rel) == content
+            places = [hot / rel]
+        assert len(places) == 1, f"{rel} is at {places}"
+        assert quietly(places[0]) == content, f"{rel} differs at {places[0]}"
+        if places[0] == warm / rel:
+            assert entries[str(hot / rel)]["path"] == str(warm / rel)
+            where["warm"] += 1
+        else:
+            assert str(hot / rel) not in entries, f"{rel} is on hot and in the catalog"
+            where["hot"] += 1
+    assert set(entries) <= {str(hot / rel) for rel in originals}
+    assert not temporaries(root), temporaries(root)
+    assert not any(migrate.backlog(ctx).values())
+    return where
+
+
+@pytest.mark.slow
+def test_a_move_killed_at_any_step_and_replayed_leaves_every_file_exactly_once(tmp_path: Path, state: Path) -> None:
+    points: list[tuple[str | None, float | None]] = [(step, None) for step in STEPS] * 2
+    points += [(None, delay) for delay in random.Random(17).sample([0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1, 2.4], 6)]
+    observed = []
+    for i, (step, delay) in enumerate(points):
+        root = tmp_path / f"run{i}"
+        root.mkdir()
+        fleet = make_fleet(root, hot={"capacity_gb": 1})  # only age moves: every file is old
+        ctx = FleetContext.load(fleet, "local")
+        originals = {f"d{j % 3}/f{j:02d}.bin": put(root / "hot" / f"d{j % 3}/f{j:02d}.bin", 400_000, 10, seed=j)
+                     for j in range(24)}
+        # some already synced to the warm tier (a sync job's copy): checked and committed, not sent again
+        synced = frozenset(f"d{j % 3}/f{j:02d}.bin" for j in range(0, 24, 5))
+        for rel in synced:
+            put(root / "warm" / "pi-1" / rel, 400_000, 10, seed=int(rel[-6:-4]))
+        journal = migrate.journal_path(ctx, "pi-1", "nas-1")
+        seen = run_and_kill(fleet, journal, step, delay)
+        observed.append(seen)
+        left = journal.exists()
+        replayed = migrate.replay(ctx, "pi-1", "nas-1")
+        assert (replayed is not None) == left and not journal.exists()
+        counts = exactly_once(ctx, root, originals, synced)
+        one_pass(ctx)  # a final pass moves what the killed one left
+        assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}, counts
+    print("kills at:", observed)
+    killed = [s for s in observed if s is not None]
+    assert len(killed) >= len(points) - 2, observed  # (a kill may miss a pass that was quicker than a step)
+    assert len(set(killed)) >= 4, f"the kills fell on too few steps: {observed}"
+
+
+# --- the catalog, recall, two boundaries ---------------------------------------------------------------------------
+
+
+def _entries(ctx: FleetContext) -> list[tuple[Any, ...]]:
+    rows = [*migrate.ls(ctx, "pi-1"), *migrate.ls(ctx, "nas-1")]
+    return sorted((r["origin_host"], r["origin_path"], r["tier"], r["host"], r["path"], r["size"], r["hash"])
+                  for r in rows)
+
+
+def test_the_catalog_lost_is_rebuilt_from_the_tiers_with_every_entry(tmp_path: Path, state: Path) -> None:
+    fleet = make_fleet(tmp_path, hot={"capacity_gb": 1})
+    ctx = FleetContext.load(fleet, "local")
+    hot = tmp_path / "hot"
+    for i in range(30):
+        put(hot / f"cam/{i:02d}.jpg", 20_000 + i, 120 if i < 10 else 10)  # ten old enough for cold too
+    put(hot / "cam/today.jpg", 1000, 0)
+    one_pass(ctx, TierName.hot)
+    one_pass(ctx, TierName.warm)
+    before = _entries(ctx)
+    assert len(before) == 30
+    assert sum(1 for e in before if e[2] == "cold") == 10
+    assert {e[0] for e in before} == {"pi-1"}  # cold entries still name the Pi and its path
+    (_, catalog) = migrate.catalog_place(ctx.fleet)
+    for suffix in ("", "-wal", "-shm"):
+        Path(catalog + suffix).unlink(missing_ok=True)
+    assert _entries(ctx) == []
+    assert migrate.rebuild(ctx) == 30
+    assert _entries(ctx) == before
+
+
+def test_recall_brings_a_moved_file_back_equal(tiers: tuple[FleetContext, Path]) -> None:
+    ctx, root = tiers
+    hot = root / "hot"
+    content = put(hot / "frames/0001.raw", 300_000, 20)
+    one_pass(ctx)
+    assert not (hot / "frames/0001.raw").exists()
+    [row] = migrate.where(ctx, str(hot / "frames/0001.raw"))
+    result = migrate.recall(ctx, str(hot / "frames/0001.raw"))
+    assert result.moved == 1
+    assert (hot / "frames/0001.raw").read_bytes() == content
+    assert not Path(row["path"]).exists()
+    assert migrate.where(ctx, str(hot / "frames/0001.raw")) == []
+    assert not temporaries(root)
+
+
+def test_a_file_changed_while_it_moved_stays_and_its_copy_goes(tiers: tuple[FleetContext, Path]) -> None:
+    ctx, root = tiers
+    hot = root / "hot"
+    put(hot / "a.bin", 10_000, 20)
+    plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
+    [batch] = list(migrate.batches(ctx, plan, algorithm))
+    migrate._hash_sources(ctx, batch)
+    migrate._copy(ctx, batch)
+    migrate._check(ctx, batch, batch.at("copied"), replaying=False)
+    journal = migrate.journal_path(ctx, batch.source_host, batch.dest_host)
+    migrate.save(journal, batch)
+    with open(hot / "a.bin", "ab") as more:  # a writer appends after the copy was verified
+        more.write(b"later")
+    migrate.finish(ctx, batch, journal)
+    assert (hot / "a.bin").read_bytes().endswith(b"later")
+    assert not (root / "warm" / "pi-1" / "a.bin").exists()
+    assert migrate.where(ctx, str(hot / "a.bin")) == []
+    assert batch.entries[0].note.startswith("changed while it moved")
+
+
+# --- the flow and the CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
+        prefect: None, tiers: tuple[FleetContext, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flows.tiers import tier
+    from primespark.cli.app import main
+
+    def spark(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["spark", *args, "--env", fleet, "--transport", "local"])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code in (0, None), capsys.readouterr().err
+
+    ctx, root = tiers
+    hot = root / "hot"
+    contents = {i: put(hot / f"r/{i}.bin", 100_000, 9 + i) for i in range(5)}
+    put(hot / "config/keep.conf", 1000, 50)
+    fleet = str(root / "fleet.yaml")
+    textfile = root / "prom"
+    result = tier("hot", fleet, "local", textfile=str(textfile), retries=0, retry_delay_seconds=0.1)
+    [moved] = result["results"]
+    assert (moved["moved"], moved["bytes"]) == (5, 500_000)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tier-hot-warm"])))
+    report = str(sorted(found, key=lambda a: a.created)[-1].data)
+    assert "| pi-1 | nas-1 | 5 | 500000 |" in report, report
+    assert "pinned: matches 'config/**'" in report
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families((textfile / "primespark_tier_hot-warm_pi-1.prom")
+                                                             .read_text()) for s in family.samples}
+    assert samples[("primespark_tier_moved_files", (("boundary", "hot-warm"), ("source", "pi-1")))] == 5
+    assert samples[("primespark_tier_success", (("boundary", "hot-warm"), ("source", "pi-1")))] == 1
+    assert samples[("primespark_tier_used_bytes", (("host", "pi-1"), ("tier", "hot")))] == 1000
+    assert samples[("primespark_tier_journal_backlog_files", (("boundary", "hot-warm"), ("source", "pi-1")))] == 0
+    # the CLI: where, ls, rebuild after the catalog is lost, recall
+    capsys.readouterr()
+    spark("tier", "where", str(hot / "r/3.bin"), "--json")
+    spark("tier", "ls", f"pi-1:{hot}/r", "--json")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[0])[0]["path"] == str(root / "warm" / "pi-1" / "r/3.bin")
+    assert len(json.loads(out[1])) == 5
+    before = _entries(ctx)
+    Path(migrate.catalog_place(ctx.fleet)[1]).unlink()
+    spark("tier", "rebuild")
+    assert _entries(ctx) == before
+    spark("tier", "recall", str(hot / "r/2.bin"))
+    assert (hot / "r/2.bin").read_bytes() == contents[2]
