@@ -156,13 +156,12 @@ def delivered(received: list[dict[str, Any]], status: str, alert: str, host: str
 
 
 def run_backup(lab) -> Any:
-    """One backup of pi-1 (no offsite copy), in this process, reported to the lab's Prefect server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """One backup of pi-1 (no offsite copy), in this process, reported to the lab's Prefect server (the
+    `lab_flows` fixture points this process at it, with its API auth string)."""
     from flows.backup import backup
     from primespark.orchestration.runs import in_process_runs
 
-    with temporary_settings(updates={PREFECT_API_URL: lab.prefect_api_url}), in_process_runs():
+    with in_process_runs():
         return backup("pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)
 
 
@@ -174,7 +173,7 @@ def test_spark_status_lists_every_host_and_exits_zero_when_healthy(lab, monitore
     assert "no alerts firing" in done.stdout
 
 
-def test_a_backup_cut_off_from_the_nas_alerts_through_alertmanager_and_resolves(lab, monitored):
+def test_a_backup_cut_off_from_the_nas_alerts_through_alertmanager_and_resolves(lab, monitored, lab_flows):
     nas = lab.fleet.hosts["nas-1"]
     receiver = lab.fleet.monitoring.receivers["controller"].url
     assert receiver is not None

@@ -198,11 +198,9 @@ def test_backup_account_is_sftp_only_and_chrooted(lab, configured, tmp_path):
     lab.exec(nas, f"rm -f {account['chroot']}{account['path']}/probe")
 
 
-def test_lab_data_gives_backups_and_drills_files_to_verify(lab, configured):
+def test_lab_data_gives_backups_and_drills_files_to_verify(lab, configured, lab_flows):
     """site.yml's lab-only role filled every plan's paths once (the second run above changed nothing): a few
     hundred files of mixed sizes, which a backup saves and a drill compares one by one."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.backup import backup
     from flows.dr_drill import dr_drill
 
@@ -212,7 +210,7 @@ def test_lab_data_gives_backups_and_drills_files_to_verify(lab, configured):
             sizes = lab.exec(host, f"find {path} -type f -printf '%s\\n'").stdout.split()
             assert len(sizes) >= 200, (host, path, len(sizes))
             assert len(set(sizes)) >= 100 and "0" in sizes and max(map(int, sizes)) > 100_000, (host, path)
-    with temporary_settings(updates={PREFECT_API_URL: lab.prefect_api_url}):
-        done = backup("pi-2", "lab", "ssh", offsite=False, retries=2, retry_delay_seconds=1.0)
-        row = dr_drill("pi-2", "lab", "ssh")
+    # lab_flows: runs reported to the lab's Prefect server on ops-1, with its API auth string
+    done = backup("pi-2", "lab", "ssh", offsite=False, retries=2, retry_delay_seconds=1.0)
+    row = dr_drill("pi-2", "lab", "ssh")
     assert done["manifest_files"] >= 200 and row["result"] == "pass" and row["files"] >= 200, (done, row)
