@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from primespark.playbook import run_ansible
 
@@ -83,7 +82,7 @@ def count_files(lab: Any, host: str, root: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def synced(lab, tmp_path_factory):
+def synced(lab, lab_flows, tmp_path_factory):
     fleet = lab.fleet
     plays = [
         {"name": "mesh between the NAS and the cloud", "hosts": "nas-1,analytics-1", "become": True,
@@ -100,21 +99,21 @@ def synced(lab, tmp_path_factory):
     again = run_ansible(Path(f"inventory/{fleet.name}.fleet.yml"), playbook=str(book), root=REPO,
                         limit=",".join([*PIS, "nas-1", "analytics-1"]))
     assert again.rc == 0 and again.changed_tasks == [], again.changed_tasks
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{fleet.lab.prefect_port}/api"}):
-        # a slot held by a run killed in an earlier session would block every pass: this session owns the lab
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-        from prefect.exceptions import ObjectNotFound
+    # lab_flows: this process reports to the lab's Prefect server on ops-1 (with its auth string). A slot held
+    # by a run killed in an earlier session would block every pass: this session owns the lab.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
 
-        from primespark.data.layout import links
-        from primespark.orchestration.locks import sync_lock
+    from primespark.data.layout import links
+    from primespark.orchestration.locks import sync_lock
 
-        with get_client(sync_client=True) as client:
-            for link in links(fleet):
-                with contextlib.suppress(ObjectNotFound):
-                    client.update_global_concurrency_limit(sync_lock(link.job, link.source),
-                                                           GlobalConcurrencyLimitUpdate(active_slots=0))
-        yield fleet
+    with get_client(sync_client=True) as client:
+        for link in links(fleet):
+            with contextlib.suppress(ObjectNotFound):
+                client.update_global_concurrency_limit(sync_lock(link.job, link.source),
+                                                       GlobalConcurrencyLimitUpdate(active_slots=0))
+    yield fleet
 
 
 def test_the_generator_writes_readings_and_blobs_on_every_pi(lab, synced):

@@ -155,8 +155,8 @@ def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
 def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool,
               warn: Callable[[str], None]) -> Iterator[None]:
     """Run the body as one audited operation. A log that cannot be opened stops a destructive operation
-    before it starts (AuditUnavailable) and is a warning for any other; a record that cannot be appended at
-    the end is a warning (the operation has happened: refusing now would only hide it)."""
+    before it starts (AuditUnavailable) and is a warning for any other, once it has run; a record that cannot be
+    appended at the end is a warning (the operation has happened: refusing now would only hide it)."""
     try:
         log = open_log()
         pending = log.begin(op)
@@ -164,8 +164,16 @@ def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool
         if destructive:
             raise AuditUnavailable(f"refusing `{op.name}`: its audit record cannot be written ({exc.message})",
                                    exc.fix or "fix the audit log, then run again") from None
-        warn(f"{op.name}: no audit record will be written: {exc.message}")
-        yield
+        message = f"{op.name}: no audit record was written: {exc.message}"
+        try:
+            yield
+        except UserError:
+            raise  # the command says why it failed itself, often for the same reason (its state directory)
+        except SystemExit as done:  # how a CLI command ends
+            if done.code in (0, None):
+                warn(message)
+            raise
+        warn(message)
         return
     failure: BaseException | None = None
     try:
