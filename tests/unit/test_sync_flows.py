@@ -387,7 +387,9 @@ def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
     known.write_text("nas-1,172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest\n"
                      "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n")
     pi = core.host_material(lab, "pi-1")
-    assert str(pi["private_key"]).startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    from cryptography.hazmat.primitives import serialization
+
+    serialization.load_ssh_private_key(str(pi["private_key"]).encode(), password=None)  # a usable OpenSSH key
     assert pi["known_hosts"] == ["172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest"]
     with pytest.raises(core.UserError, match="no saved plan"):  # nas-1 pushes to the cloud over the mesh
         core.host_material(lab, "nas-1")
