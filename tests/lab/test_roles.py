@@ -172,7 +172,8 @@ def test_backup_account_is_sftp_only_and_chrooted(lab, configured, tmp_path):
     client = account["client"]
     # The restic role gives each client its account's key; without it, authorise a key made here.
     key_path = f"{lab.fleet.backup.client_dir}/{account['user']}.key"
-    if lab.exec(client, f"test -s {key_path}").returncode != 0:
+    replaced = lab.exec(client, f"test -s {key_path}").returncode != 0
+    if replaced:
         key = tmp_path / "backup_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         keys = {"nas_backup_authorized_keys": {client: [key.with_suffix(".pub").read_text().strip()]}}
@@ -181,7 +182,16 @@ def test_backup_account_is_sftp_only_and_chrooted(lab, configured, tmp_path):
         key_path = "/root/backup_key"
         subprocess.run(["docker", "cp", str(key), f"{lab.container(client)}:{key_path}"], check=True)
         lab.exec(client, f"chmod 600 {key_path}")
+    try:
+        check_backup_account(lab, nas, client, account, key_path)
+    finally:
+        if replaced:  # the NAS gets every client's own key back (from the secret store), for the tests after this
+            restored = playbook(lab, "site.yml", limit=nas)
+            assert restored.rc == 0, "\n".join(restored.failed_tasks)
 
+
+def check_backup_account(lab, nas: str, client: str, account: dict[str, Any], key_path: str) -> None:
+    """SFTP only, chrooted to the account's folder, files owned by the account, no shell."""
     address = str(lab.fleet.hosts[nas].address)
     opts = (f"-i {key_path} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
             "-o ConnectTimeout=5")
