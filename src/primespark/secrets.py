@@ -608,3 +608,20 @@ class ReadOnlyStore:
 
     def delete(self, key: str) -> None:
         self._refuse()
+
+
+def ssh_key_pair(reference: str, store: SecretStore, comment: str) -> tuple[str, str]:
+    """An Ed25519 SSH key pair kept at `reference` (private OpenSSH PEM), made once (create-only, so concurrent
+    first uses agree); the private PEM and the public line with `comment`. Restic clients, sync sources and
+    workers each get theirs here."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def new() -> str:
+        return Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+
+    pem = ensure_reference(reference, store, new)
+    private = serialization.load_ssh_private_key(pem.encode(), password=None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return pem, f"{public.decode()} {comment}"

@@ -17,16 +17,13 @@ import secrets as pysecrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet import Fleet
 from primespark.fleet.model import Backup
 from primespark.hosts import Completed, Runner
 from primespark.restic import ResticClient, StaleLockReport
-from primespark.secrets import SecretNotFound, ensure_reference, read_reference
+from primespark.secrets import SecretNotFound, ensure_reference, read_reference, ssh_key_pair
 
 # Where a backup keeps its manifest on the host (0700, root; one file, this run's), the last manifest per
 # repository (its cache: unchanged files keep their hash), and where drills restore.
@@ -175,18 +172,9 @@ def password(ctx: FleetContext, repository: str, create: bool = False) -> str:
                         "and its password") from None
 
 
-def _new_client_key() -> str:
-    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                     serialization.NoEncryption())
-    return pem.decode()
-
-
 def client_key(ctx: FleetContext, client: str) -> tuple[str, str]:
     """The client's SFTP key pair (private OpenSSH PEM, public line), made once into the secret store."""
-    pem = ensure_reference(f"local:{client_key_secret(client)}", ctx.secrets, _new_client_key)
-    private = serialization.load_ssh_private_key(pem.encode(), password=None)
-    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return pem, f"{public.decode()} {account_for(client)}@{ctx.fleet.name}"
+    return ssh_key_pair(f"local:{client_key_secret(client)}", ctx.secrets, f"{account_for(client)}@{ctx.fleet.name}")
 
 
 def held_here(ctx: FleetContext, repository: str) -> bool:

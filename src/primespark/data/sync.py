@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from primespark.context import FleetContext
 from primespark.data import transfer
 from primespark.data.layout import Link, links
@@ -37,7 +34,7 @@ from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, SyncJob, SyncMode
 from primespark.hosts import SshFiles
-from primespark.secrets import atomic_write, ensure_reference
+from primespark.secrets import atomic_write, ssh_key_pair
 
 CLIENT_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
@@ -657,18 +654,9 @@ def status_of(ctx: FleetContext, link: Link, now: float | None = None) -> LinkSt
 # --- what the sync role installs -------------------------------------------------------------------------------
 
 
-def _new_key() -> str:
-    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                     serialization.NoEncryption())
-    return pem.decode()
-
-
 def client_key(ctx: FleetContext, host: str) -> tuple[str, str]:
     """The source host's sync key pair (private OpenSSH PEM, public line), made once into the secret store."""
-    pem = ensure_reference(f"local:{key_secret(host)}", ctx.secrets, _new_key)
-    private = serialization.load_ssh_private_key(pem.encode(), password=None)
-    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return pem, f"{public.decode()} sync-{host}@{ctx.fleet.name}"
+    return ssh_key_pair(f"local:{key_secret(host)}", ctx.secrets, f"sync-{host}@{ctx.fleet.name}")
 
 
 def known_host_keys(files: SshFiles, names: list[str]) -> list[str]:

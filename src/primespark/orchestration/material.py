@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet.loader import resolve
@@ -24,7 +21,7 @@ from primespark.fleet.model import Fleet, Orchestration, SecretBackend, VaultAut
 from primespark.hosts import SshFiles
 from primespark.orchestration.naming import work_pool
 from primespark.orchestration.placement import site_hosts, worker_repositories
-from primespark.secrets import ensure_reference, read_reference
+from primespark.secrets import ensure_reference, read_reference, ssh_key_pair
 
 # Where things live on the hosts (the roles' defaults say the same; tests/unit/test_orchestration_roles.py checks).
 WORKER_HOME = "/var/lib/primespark/worker"
@@ -107,18 +104,9 @@ def worker_key_reference(site: str) -> str:
     return f"local:orchestration/workers/{site}/ssh-key"
 
 
-def _new_key() -> str:
-    key = Ed25519PrivateKey.generate()
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                             serialization.NoEncryption()).decode()
-
-
 def worker_key(ctx: FleetContext, site: str) -> WorkerKey:
     """The SSH key of `site`'s worker: made once in the secret store, never the controller's own."""
-    pem = ensure_reference(worker_key_reference(site), ctx.secrets, _new_key)
-    private = serialization.load_ssh_private_key(pem.encode(), password=None)
-    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return WorkerKey(pem, f"{public.decode()} spark-worker-{site}@{ctx.fleet.name}")
+    return WorkerKey(*ssh_key_pair(worker_key_reference(site), ctx.secrets, f"spark-worker-{site}@{ctx.fleet.name}"))
 
 
 def worker_site(fleet: Fleet, host: str) -> str:
