@@ -225,15 +225,28 @@ def size(value: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _data_bytes(fleet: Fleet, task: TaskSpec, facts: Facts) -> dict[str, int]:
-    """Bytes of the task's data on each host, from the facts (a host whose facts are unavailable counts none)."""
-    held: dict[str, int] = {}
+def _data_bytes(fleet: Fleet, task: TaskSpec, facts: Facts) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes of the task's data on each host, and on each host's site besides what the host holds itself, from the
+    facts (a host whose facts are unavailable counts none). A copy counts once: a site holding a reference on two
+    hosts (a Pi's file and its tier copy on the NAS) holds its bytes once."""
+    local: dict[str, int] = {}
+    site_extra: dict[str, int] = {}
     for ref in task.data:
+        on_host: dict[str, int] = {}
         for host, path in data_places(fleet, ref):
             found = facts.get(host)
-            if isinstance(found, HostFacts):
-                held[host] = held.get(host, 0) + found.data_bytes.get(path, 0)
-    return held
+            if isinstance(found, HostFacts) and (count := found.data_bytes.get(path, 0)):
+                on_host[host] = on_host.get(host, 0) + count
+        best_on_site: dict[str, int] = {}
+        for host, count in on_host.items():
+            site = fleet.hosts[host].site
+            best_on_site[site] = max(best_on_site.get(site, 0), count)
+            local[host] = local.get(host, 0) + count
+        for name, host_spec in fleet.hosts.items():
+            extra = best_on_site.get(host_spec.site, 0) - on_host.get(name, 0)
+            if extra > 0:
+                site_extra[name] = site_extra.get(name, 0) + extra
+    return local, site_extra
 
 
 @dataclass(frozen=True)
@@ -273,12 +286,9 @@ def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], 
     are read in the fleet's. Deterministic: equal inputs give equal decisions (ties go to the host's name)."""
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime (quiet hours are in the fleet's time zone)")
-    local = now.astimezone(ZoneInfo(fleet.timezone)).time()
+    clock = now.astimezone(ZoneInfo(fleet.timezone)).time()
     loads = _loads(placed)
-    held = _data_bytes(fleet, task, facts) if task.data else {}
-    by_site: dict[str, int] = {}
-    for holder, count in held.items():
-        by_site[fleet.hosts[holder].site] = by_site.get(fleet.hosts[holder].site, 0) + count
+    local, on_site = _data_bytes(fleet, task, facts) if task.data else ({}, {})
     excluded: list[Candidate] = []
     ranked: list[tuple[_Ranked, str]] = []
     for host_name in candidate_hosts(fleet):
@@ -288,14 +298,13 @@ def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], 
         if isinstance(found, Unavailable):
             reasons.append(f"facts unavailable: {found.reason}")
         elif not reasons:
-            reasons = _live_exclusions(fleet, host_name, found, loads.get(host_name, _Load()), task, local)
+            reasons = _live_exclusions(fleet, host_name, found, loads.get(host_name, _Load()), task, clock)
         if reasons:
             excluded.append(Candidate(host_name, "excluded", "; ".join(reasons)))
             continue
         assert isinstance(found, HostFacts)
-        local_bytes = held.get(host_name, 0)
-        ranked.append((_rank(fleet, host_name, found, loads.get(host_name, _Load()), task, local_bytes,
-                             by_site.get(host.site, 0) - local_bytes), host_name))
+        ranked.append((_rank(fleet, host_name, found, loads.get(host_name, _Load()), task, local.get(host_name, 0),
+                             on_site.get(host_name, 0)), host_name))
     ranked.sort(key=lambda r: r[0].key)
     chosen = ranked[0][1] if ranked else None
     eligible = [Candidate(h, "chosen" if h == chosen else "eligible", r.reason) for r, h in ranked]
