@@ -295,8 +295,10 @@ def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], 
         host = fleet.hosts[host_name]
         reasons = static_exclusions(host, task)
         found = facts.get(host_name, Unavailable("none given"))
+        # a host the fleet already rules out needs no live facts (they are not read for it)
         if isinstance(found, Unavailable):
-            reasons.append(f"facts unavailable: {found.reason}")
+            if not reasons:
+                reasons.append(f"facts unavailable: {found.reason}")
         elif not reasons:
             reasons = _live_exclusions(fleet, host_name, found, loads.get(host_name, _Load()), task, clock)
         if reasons:
