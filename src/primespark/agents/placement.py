@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time
+from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -151,6 +152,7 @@ def static_exclusions(host: Host, task: TaskSpec) -> list[str]:
     return reasons
 
 
+@lru_cache(maxsize=1024)  # a fleet has a few distinct windows; parsing them per host per decision adds up
 def _parse_hhmm(value: str) -> time:
     return time.fromisoformat(value)
 
