@@ -53,7 +53,9 @@ Facts = Mapping[str, HostFacts | Unavailable]
 
 @dataclass(frozen=True)
 class Placed:
-    """A task already placed on a host (queued to start there, or running): its share is taken off the facts."""
+    """A task placed on a host that its facts do not show yet (placed and not started, or started within the last
+    minute, before node_load1 holds it): its share is taken off the facts. A task running for longer is in the load
+    already; counting it here too would count it twice."""
 
     host: str
     cpus: float
