@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from primespark.agents.placement import Decision, Facts, NoEligibleHost, Placed, place
-from primespark.cli.backup import TransportOption, transport_of
+from primespark.cli.backup import transport_of
 from primespark.cli.common import EnvOption, console, fleet_for
 from primespark.errors import UserError
 from primespark.fleet.errors import Problem
@@ -37,6 +37,8 @@ FactsOption = Annotated[Path | None, typer.Option(
     "--facts", help="Host facts from this YAML file instead of the hosts' node exporters (docs/agents.md).",
     show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the decision as one JSON line.")]
+TransportOption = Annotated[str, typer.Option(
+    help="ssh: the facts are read on the hosts; local: every host is this machine (tests).")]
 
 
 class _OneTask(Strict):
