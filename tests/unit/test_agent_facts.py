@@ -46,6 +46,9 @@ node_memory_MemAvailable_bytes 2.68435456e+09
 # HELP node_memory_MemTotal_bytes Memory information field MemTotal_bytes.
 # TYPE node_memory_MemTotal_bytes gauge
 node_memory_MemTotal_bytes 4.124237824e+09
+# HELP node_time_seconds System time in seconds since epoch (1970).
+# TYPE node_time_seconds gauge
+node_time_seconds 1.7644896423e+09
 # HELP node_textfile_scrape_error 1 if there was an error opening or reading a file, 0 otherwise
 # TYPE node_textfile_scrape_error gauge
 node_textfile_scrape_error 0
@@ -114,6 +117,16 @@ def test_missing_metrics_make_the_host_unavailable_not_guessed() -> None:
     assert isinstance(facts_from_metrics(fleet_on(), "pi-2", "node_load1{ 1"), Unavailable)
 
 
+def test_a_stale_ups_reading_makes_the_host_unavailable() -> None:
+    stale = SAMPLE.replace("node_time_seconds 1.7644896423e+09", "node_time_seconds 1.7644906e+09")
+    found = facts_from_metrics(fleet_on(), "pi-1", stale)
+    assert found == Unavailable("its UPS reading is 17 min old (spark-ups-guard reads it every minute; is its cron "
+                                "running?)")
+    no_clock = "\n".join(line for line in SAMPLE.splitlines() if "node_time_seconds" not in line)
+    found = facts_from_metrics(fleet_on(), "pi-1", no_clock)
+    assert isinstance(found, Unavailable) and "age of its UPS reading is unknown" in found.reason
+
+
 def test_the_hosts_read_are_those_not_ruled_out_and_those_holding_its_data() -> None:
     task = TaskSpec(command="x", arch=["aarch64"], data=["pi-1:/srv/hot/readings"])
     assert hosts_to_read(fleet_on(), task) == {"pi-1": ["/srv/hot/readings"], "pi-2": [],
@@ -152,6 +165,7 @@ def test_reading_a_host_through_its_runner(exporter: int, tmp_path: Path) -> Non
     assert isinstance(found, HostFacts), found
     assert found.data_bytes == {str(tmp_path / "readings"): 1234, str(tmp_path / "none"): 0}
     assert found.on_mains is False and found.battery_percent == 42.0
+    assert not found.drained and not found.paused  # this machine has no /run/spark markers
 
 
 def test_an_exporter_that_does_not_answer_makes_the_host_unavailable(exporter: int) -> None:

@@ -131,6 +131,12 @@ SCENARIOS: dict[str, Scenario] = {
     "the UPS guard's low-battery signal": Scenario(
         PI_TASK, "pi-2", ["pi-1: excluded, battery low (the UPS guard's signal)"],
         facts={"pi-1": {"battery_low": True, "on_mains": None, "cpus_free": 4.0}}),
+    "the host's pause marker outside its quiet hours (the UPS guard's)": Scenario(
+        PI_TASK, "pi-1", ["pi-2: excluded, the host pauses agent tasks (/run/spark/quiet), outside its quiet hours"],
+        facts={"pi-2": {"paused": True}}),
+    "the pause marker of quiet hours, for a task allowed in them": Scenario(
+        {**PI_TASK, "power": {"run_in_quiet_hours": True}}, "pi-1", ["pi-1: chosen, 4.0 CPUs free"],
+        facts={"pi-1": {"cpus_free": 4.0, "paused": True}}, now=datetime(2026, 11, 30, 22, 30, tzinfo=UTC)),
     "a drained host": Scenario(
         PI_TASK, "pi-1", ["pi-2: excluded, drained", "pi-1: chosen, 2.1 CPUs free"], facts={"pi-2": {"drained": True}}),
     "the site's worker is not ready": Scenario(

@@ -26,6 +26,10 @@ from primespark.monitoring import metrics as m
 
 # `spark host drain HOST` is to write this marker (not built yet: today nothing writes it, so no host is drained).
 DRAIN_MARKER = "/run/spark/drain"
+# spark-power (quiet hours) and spark-ups-guard (low power, before a halt) write it: agent tasks pause.
+QUIET_MARKER = "/run/spark/quiet"
+# spark-ups-guard reads the UPS every minute (roles/edge: edge_ups_check_schedule); a reading this old is stale.
+POWER_STALE_SECONDS = 300
 _MIB = 1024 * 1024
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -56,13 +60,21 @@ def _power(fleet: Fleet, host: str, samples: Samples) -> tuple[bool | None, floa
     if _one(samples, m.POWER_CHECK_TIME) is None:
         return (f"its ups_signal is {signal} but its metrics hold no {m.POWER_CHECK_TIME.name} "
                 "(spark-ups-guard has not run)")
+    checked, clock = _one(samples, m.POWER_CHECK_TIME) or 0.0, _one(samples, m.NODE_TIME)
+    if clock is None:
+        return f"its metrics hold no {m.NODE_TIME.name}, so the age of its UPS reading is unknown"
+    if clock - checked > POWER_STALE_SECONDS:
+        return (f"its UPS reading is {(clock - checked) / 60:.0f} min old (spark-ups-guard reads it every minute; "
+                "is its cron running?)")
     on_battery = _one(samples, m.POWER_ON_BATTERY)
     return (None if on_battery is None else not on_battery, _one(samples, m.POWER_BATTERY_CHARGE),
             bool(_one(samples, m.POWER_BATTERY_LOW)))
 
 
-def facts_from_metrics(fleet: Fleet, host: str, text: str, *, drained: bool = False, worker_ready: bool = True,
-                       data_bytes: Mapping[str, int] | None = None) -> HostFacts | Unavailable:
+def facts_from_metrics(
+    fleet: Fleet, host: str, text: str, *, drained: bool = False, paused: bool = False, worker_ready: bool = True,
+    data_bytes: Mapping[str, int] | None = None,
+) -> HostFacts | Unavailable:
     """A host's facts from its node exporter's metrics text."""
     try:
         samples = parse_metrics(text)
@@ -82,7 +94,7 @@ def facts_from_metrics(fleet: Fleet, host: str, text: str, *, drained: bool = Fa
     on_mains, charge, low = power
     return HostFacts(cpus_free=max(0.0, min(cpus, spec.cpus) - load),
                      memory_free_mb=min(int(available // _MIB), spec.memory_mb), on_mains=on_mains,
-                     battery_percent=charge, battery_low=low, drained=drained, worker_ready=worker_ready,
+                     battery_percent=charge, battery_low=low, drained=drained, paused=paused, worker_ready=worker_ready,
                      data_bytes=dict(data_bytes or {}))
 
 
@@ -91,7 +103,8 @@ def facts_from_metrics(fleet: Fleet, host: str, text: str, *, drained: bool = Fa
 _HOST_SCRIPT = r"""
 import json, os, sys, urllib.request
 args = json.loads(sys.argv[1])
-out = {"drained": os.path.exists(args["drain"]), "bytes": {}, "metrics": None, "error": ""}
+out = {"drained": os.path.exists(args["drain"]), "paused": os.path.exists(args["quiet"]), "bytes": {},
+       "metrics": None, "error": ""}
 try:
     with urllib.request.urlopen(f"http://127.0.0.1:{args['port']}/metrics", timeout=10) as page:
         out["metrics"] = page.read().decode()
@@ -116,7 +129,8 @@ def read_host(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str], 
               timeout: float = 60) -> HostFacts | Unavailable:
     """One host's facts, read on the host through the fleet's way of reaching it (primespark.hosts)."""
     runner = hosts.runner(host)
-    request = {"port": fleet.monitoring.node_exporter_port, "drain": DRAIN_MARKER, "paths": sorted(set(paths))}
+    request = {"port": fleet.monitoring.node_exporter_port, "drain": DRAIN_MARKER, "quiet": QUIET_MARKER,
+               "paths": sorted(set(paths))}
     try:
         done = runner.run([runner.python, "-c", _HOST_SCRIPT, json.dumps(request)], timeout=timeout)
     except StepFailed as exc:
@@ -129,8 +143,8 @@ def read_host(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str], 
         return Unavailable(f"reading them gave no answer: {done.text.strip()[:200]}")
     if found["metrics"] is None:
         return Unavailable(found["error"])
-    return facts_from_metrics(fleet, host, found["metrics"], drained=found["drained"], worker_ready=worker_ready,
-                              data_bytes=found["bytes"])
+    return facts_from_metrics(fleet, host, found["metrics"], drained=found["drained"], paused=found["paused"],
+                              worker_ready=worker_ready, data_bytes=found["bytes"])
 
 
 def hosts_to_read(fleet: Fleet, task: TaskSpec) -> dict[str, list[str]]:
@@ -175,6 +189,7 @@ class _FileHost(BaseModel):
     battery_percent: float | None = Field(default=None, ge=0, le=100)
     battery_low: bool = False
     drained: bool = False
+    paused: bool = False
     worker_ready: bool = True
     data_bytes: dict[str, int] = Field(default_factory=dict)
     unavailable: str | None = Field(default=None, description="Why the host's facts are not known (it is excluded).")

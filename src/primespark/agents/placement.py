@@ -37,6 +37,7 @@ class HostFacts:
     battery_percent: float | None = None  # the UPS battery's charge, where the UPS reports it
     battery_low: bool = False  # the UPS guard's low-battery verdict (at or below shutdown_battery_percent)
     drained: bool = False  # takes no new tasks
+    paused: bool = False  # the host's /run/spark/quiet marker: spark-power (quiet hours) or spark-ups-guard (low power)
     worker_ready: bool = True  # the work pool of the host's site has a worker online
     data_bytes: Mapping[str, int] = field(default_factory=dict)  # path on this host → bytes under it
 
@@ -207,8 +208,12 @@ def _live_exclusions(fleet: Fleet, name: str, facts: HostFacts, load: _Load, tas
         reasons.append("drained")
     if not facts.worker_ready:
         reasons.append(f"the {host.site} site's worker is not ready")
-    if not task.power.run_in_quiet_hours and (until := quiet_until(host, local)) is not None:
+    until = quiet_until(host, local)
+    if not task.power.run_in_quiet_hours and until is not None:
         reasons.append(f"quiet hours until {until}")
+    elif facts.paused and until is None:
+        # the marker outside the fleet's quiet hours: spark-ups-guard pauses the host before a halt
+        reasons.append("the host pauses agent tasks (/run/spark/quiet), outside its quiet hours")
     reasons += _power_exclusions(host, facts, task)
     cpus, memory = facts.cpus_free - load.cpus, facts.memory_free_mb - load.memory_mb
     if cpus < task.cpus:
