@@ -49,8 +49,8 @@ class _OneTask(Strict):
 
 def load_spec(path: Path, fleet: Fleet) -> TaskSpec:
     """A task spec file, validated as a template of `fleet` would be; every problem located in the file."""
-    from primespark.fleet.checks import _tasks
-    from primespark.fleet.loader import _from_validation, line_of, parse_yaml
+    from primespark.fleet.checks import task_problems
+    from primespark.fleet.loader import line_of, parse_yaml, problems_of_validation
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -63,10 +63,10 @@ def load_spec(path: Path, fleet: Fleet) -> TaskSpec:
     try:
         spec = _OneTask.model_validate({"tasks": {"spec": data}}).tasks["spec"]
     except ValidationError as exc:
-        problems = _from_validation(exc, str(path), nested)
+        problems = problems_of_validation(exc, str(path), nested)
     else:
         problems = [p.located(str(path), line_of(nested, p.path))
-                    for p in _tasks(fleet.model_copy(update={"tasks": {"spec": spec}}))]
+                    for p in task_problems(fleet.model_copy(update={"tasks": {"spec": spec}}))]
     if problems:
         # one block per problem, as `spark validate` prints them, located in the spec file
         raise UserError("\n".join(str(Problem(p.path[len(prefix):], p.message, p.fix, p.code, p.file, p.line))

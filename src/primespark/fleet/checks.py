@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
     for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _sync, _secrets,
-                 _monitoring, _orchestration, _tasks):
+                 _monitoring, _orchestration, task_problems):
         problems.extend(rule(fleet))
     return problems
 
@@ -519,7 +519,7 @@ def _sync(fleet: Fleet) -> Iterator[Problem]:
             written.append(link)
 
 
-def _tasks(fleet: Fleet) -> Iterator[Problem]:
+def task_problems(fleet: Fleet) -> Iterator[Problem]:
     """A task template names hosts that exist, reads data the fleet places somewhere, and fits some host: one
     that no host can ever run would wait in the queue forever."""
     from primespark.agents.placement import data_places, static_exclusions
