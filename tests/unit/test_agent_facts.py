@@ -185,3 +185,21 @@ def test_a_facts_file_with_a_bad_field_is_one_located_error(tmp_path: Path) -> N
     assert facts["pi-2"] == Unavailable("powered off")
     assert facts["nas-1"] == Unavailable(f"not in {good}")
     assert isinstance(facts["pi-1"], HostFacts) and placed[0].host == "pi-1"
+
+
+def test_a_sites_worker_readiness_from_its_pool() -> None:
+    from primespark.agents.facts import pool_readiness
+
+    assert pool_readiness(fleet_on(), {}) == {"edge": True}  # no orchestration: no worker stands in between
+    orchestrated = load_text(FLEET % 9100 + "orchestration: {server: nas-1, workers: {edge: nas-1}}\n")
+    assert pool_readiness(orchestrated, {"spark-edge": True}) == {"edge": True}
+    assert pool_readiness(orchestrated, {}) == {"edge": False}
+
+
+def test_an_unknown_worker_state_makes_every_needed_host_unavailable() -> None:
+    from primespark.agents.facts import read_facts
+
+    task = TaskSpec(command="x", arch=["aarch64"])  # nas-1 is ruled out by the fleet: not read at all
+    found = read_facts(LocalHosts(), fleet_on(1), task, "the Prefect server at http://ops-1:4200 is unreachable")
+    assert found == {h: Unavailable("its site's worker state is unknown: the Prefect server at http://ops-1:4200 is "
+                                    "unreachable") for h in ("pi-1", "pi-2")}

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from primespark.agents.placement import (
     Decision,
@@ -259,3 +261,41 @@ def test_where_copies_of_data_are_kept(fleet: Fleet) -> None:
                                                            ("nas-1", "/srv/warm/pi-1/readings")]
     assert data_places(fleet, "/srv/hot/config") == [("pi-1", "/srv/hot/config"), ("pi-2", "/srv/hot/config")]
     assert data_places(fleet, "/opt/models") == []
+
+
+# --- properties over random facts: what any decision must hold ---------------------------------------------------
+
+HOSTS = ("pi-1", "pi-2", "nas-1", "ops-1", "kvm-1")
+host_facts = st.builds(
+    HostFacts, cpus_free=st.floats(0, 4), memory_free_mb=st.integers(0, 8192),
+    on_mains=st.sampled_from([True, False, None]),
+    battery_percent=st.one_of(st.none(), st.floats(0, 100)), battery_low=st.booleans(), drained=st.booleans(),
+    paused=st.booleans(), worker_ready=st.booleans(),
+    data_bytes=st.dictionaries(st.sampled_from(["/srv/hot/readings", "/srv/warm/pi-1/readings"]),
+                               st.integers(0, 10**10), max_size=2))
+facts_maps = st.dictionaries(st.sampled_from(HOSTS), st.one_of(host_facts, st.just(Unavailable("unreachable"))))
+placements = st.lists(st.builds(Placed, st.sampled_from(HOSTS), st.floats(0.1, 2), st.integers(0, 2048)), max_size=6)
+moments = st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1), timezones=st.just(UTC))
+tasks = st.builds(dict, command=st.just("x"), cpus=st.sampled_from([0.5, 1, 2]),
+                  memory_mb=st.sampled_from([128, 2048, 5000]), data=st.just(["pi-1:/srv/hot/readings"]),
+                  arch=st.sampled_from([[], ["aarch64"], ["x86_64"]]), prefer_edge=st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(facts=facts_maps, placed=placements, now=moments, task=tasks, seed=st.randoms())
+def test_any_decision_holds_its_constraints_and_ignores_input_order(
+        fleet: Fleet, facts: dict[str, HostFacts | Unavailable], placed: list[Placed], now: datetime,
+        task: dict[str, Any], seed: Any) -> None:
+    spec = TaskSpec.model_validate(task)
+    decision = place(fleet, spec, facts, placed, now, "t")
+    assert sorted(c.host for c in decision.candidates) == sorted(fleet.hosts)  # one verdict per host
+    assert [c.verdict for c in decision.candidates].count("chosen") == (decision.host is not None)
+    if decision.host is not None:
+        found = facts[decision.host]
+        assert isinstance(found, HostFacts) and not found.drained and found.worker_ready and not found.battery_low
+        taken = sum(p.cpus for p in placed if p.host == decision.host)
+        assert found.cpus_free - taken >= spec.cpus
+        assert not spec.arch or fleet.hosts[decision.host].arch in spec.arch
+    shuffled_facts = dict(seed.sample(list(facts.items()), len(facts)))
+    shuffled_placed = seed.sample(placed, len(placed))
+    assert place(fleet, spec, shuffled_facts, shuffled_placed, now, "t").host == decision.host

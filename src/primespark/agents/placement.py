@@ -194,7 +194,8 @@ class _Load:
 
 def _loads(placed: Iterable[Placed]) -> dict[str, _Load]:
     loads: dict[str, _Load] = {}
-    for p in placed:
+    # summed in one order whatever the queue's: float sums in another order could differ in the last bit
+    for p in sorted(placed, key=lambda p: (p.host, p.cpus, p.memory_mb)):
         had = loads.get(p.host, _Load())
         loads[p.host] = _Load(had.cpus + p.cpus, had.memory_mb + p.memory_mb, had.tasks + 1)
     return loads
