@@ -43,7 +43,8 @@ hosts:
           vm: {kvm_host: kvm-1, image: debian-12}}
 tiers:
   hot: {hosts: [pi-1, pi-2], path: /srv/hot, capacity_gb: 50, max_age_days: 7}
-  warm: {hosts: [nas-1], path: /srv/warm, capacity_gb: 4000}
+  warm: {hosts: [nas-1], path: /srv/warm, capacity_gb: 4000, max_age_days: 90}
+  cold: {hosts: [ops-1], path: /srv/cold, capacity_gb: 400}
 """ % ("a" * 64)
 
 GB12 = 1_200_000_000
@@ -258,7 +259,12 @@ def test_quiet_hours_window(fleet: Fleet, window: tuple[str, str], now: str, unt
 
 def test_where_copies_of_data_are_kept(fleet: Fleet) -> None:
     assert data_places(fleet, "pi-1:/srv/hot/readings") == [("pi-1", "/srv/hot/readings"),
-                                                           ("nas-1", "/srv/warm/pi-1/readings")]
+                                                           ("nas-1", "/srv/warm/pi-1/readings"),
+                                                           ("ops-1", "/srv/cold/nas-1/pi-1/readings")]
+    # the layout as tier migration reads it back
+    from primespark.data.migrate import origin_of
+
+    assert origin_of(fleet, "ops-1", "/srv/cold/nas-1/pi-1/readings") == ("pi-1", "/srv/hot/readings")
     assert data_places(fleet, "/srv/hot/config") == [("pi-1", "/srv/hot/config"), ("pi-2", "/srv/hot/config")]
     assert data_places(fleet, "/opt/models") == []
 

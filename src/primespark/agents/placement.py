@@ -123,10 +123,15 @@ def data_places(fleet: Fleet, ref: str) -> list[tuple[str, str]]:
         return []
     places = [(host, path)]
     own = tier_of(fleet, host, path)
-    if own is not None:  # tier migration (and sync jobs into a tier) keep it at <tier path>/<host>/<path> below
+    if own is not None:
+        # tier migration (and sync jobs into a tier) keep it at <tier path>/<host>/<path below its tier>, one tier
+        # down at a time: the cold tier keeps the warm host's copy (<cold>/nas-1/pi-1/...), as migrate.origin_of reads
+        upper = [(host, path)]
         for lower in TIER_ORDER[TIER_ORDER.index(own) + 1:]:
             if lower in fleet.tiers:
-                places += [(h, tier_folder(fleet, lower, host, path)) for h in fleet.tiers[lower].hosts]
+                upper = [(h, tier_folder(fleet, lower, u_host, u_path))
+                         for u_host, u_path in upper for h in fleet.tiers[lower].hosts]
+                places += upper
     for link in links(fleet):  # a sync job's copy outside the tiers
         if link.source == host and _inside(path, link.source_path):
             below = path[len(link.source_path.rstrip("/")):]
