@@ -18,6 +18,7 @@ from primespark.cli import plan as plan_commands
 from primespark.cli import preflight as preflight_commands
 from primespark.cli import secrets as secrets_commands
 from primespark.cli import sync as sync_commands
+from primespark.cli import task as task_commands
 from primespark.cli import tier as tier_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
@@ -40,6 +41,7 @@ app.add_typer(secrets_commands.app, name="secrets")
 app.add_typer(flows_commands.app, name="flows")
 app.add_typer(sync_commands.app, name="sync")
 app.add_typer(tier_commands.app, name="tier")
+app.add_typer(task_commands.app, name="task")
 plan_commands.register(app)
 monitoring_commands.register(app)
 app.add_typer(audit_commands.app, name="audit")

@@ -15,9 +15,11 @@ from primespark.fleet.errors import Path, Problem
 from primespark.fleet.model import (
     TIER_ORDER,
     Fleet,
+    Host,
     HostKind,
     SecretBackend,
     ServiceKind,
+    TaskSpec,
     TierName,
     Topology,
     VaultAuth,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 def cross_check(fleet: Fleet) -> list[Problem]:
     problems: list[Problem] = []
     for rule in (_sites, _addresses, _vms, _kvm_capacity, _services, _meshes, _tiers, _backup, _sync, _secrets,
-                 _monitoring, _orchestration):
+                 _monitoring, _orchestration, task_problems):
         problems.extend(rule(fleet))
     return problems
 
@@ -515,3 +517,58 @@ def _sync(fleet: Fleet) -> Iterator[Problem]:
                              "give each job a destination of its own: two writers undo each other's work",
                              "sync-destination-conflict")
             written.append(link)
+
+
+def task_problems(fleet: Fleet) -> Iterator[Problem]:
+    """A task template names hosts that exist, reads data the fleet places somewhere, and fits some host: one
+    that no host can ever run would wait in the queue forever."""
+    from primespark.agents.placement import data_places, static_exclusions
+
+    for name, task in fleet.tasks.items():
+        base = ("tasks", name)
+        for i, ref in enumerate(task.data):
+            host, _, path = ref.rpartition(":")
+            if host and host not in fleet.hosts:
+                yield _p((*base, "data", i), f"no host named {host!r}", f"use one of: {', '.join(fleet.hosts)}",
+                         "unknown-host")
+            elif not host and not data_places(fleet, ref):
+                tiers = ", ".join(f"{t.value} {spec.path}" for t, spec in fleet.tiers.items()) or "none"
+                yield _p((*base, "data", i), f"{path} is in no tier, so no host is known to hold it",
+                         f"write `HOST:{path}`, or a path below a tier's path (tiers: {tiers})", "task-data-unplaced")
+        runners = {n: h for n, h in fleet.hosts.items() if h.kind is not HostKind.kvm_host}
+        own = [f for f in (_task_arch(name, task, runners), _task_labels(name, task, runners),
+                           _task_image(name, task, runners)) if f is not None]
+        yield from own
+        if own:
+            continue
+        fits = {n: static_exclusions(h, task) for n, h in runners.items()}
+        if runners and all(fits.values()):
+            shown = "; ".join(f"{n}: {', '.join(r)}" for n, r in list(fits.items())[:5])
+            more = f" and {len(fits) - 5} more" if len(fits) > 5 else ""
+            yield _p(base, f"no host can ever run it: {shown}{more}",
+                     "ask for less (cpus, memory_mb) or fewer constraints (arch, labels)", "task-unplaceable")
+
+
+def _task_arch(name: str, task: TaskSpec, runners: dict[str, Host]) -> Problem | None:
+    have = sorted({h.arch.value for h in runners.values()})
+    if task.arch and not any(h.arch in task.arch for h in runners.values()):
+        return _p(("tasks", name, "arch"), f"no host is {' or '.join(a.value for a in task.arch)}",
+                  f"the fleet's hosts are {', '.join(have)}", "task-arch")
+    return None
+
+
+def _task_labels(name: str, task: TaskSpec, runners: dict[str, Host]) -> Problem | None:
+    for key, value in sorted(task.labels.items()):
+        if not any(h.labels.get(key) == value for h in runners.values()):
+            seen = sorted({f"{key}={h.labels[key]}" for h in runners.values() if key in h.labels})
+            return _p(("tasks", name, "labels", key), f"no host has the label {key}={value}",
+                      f"use a label hosts carry ({', '.join(seen) or f'none has {key}'}), or label a host",
+                      "unknown-label")
+    return None
+
+
+def _task_image(name: str, task: TaskSpec, runners: dict[str, Host]) -> Problem | None:
+    if task.image is not None and not any(h.container_runtime for h in runners.values()):
+        return _p(("tasks", name, "image"), "no host has a container runtime to run the image",
+                  "set `container_runtime: true` on the hosts that run it, or drop `image:`", "task-image")
+    return None

@@ -212,7 +212,7 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def _from_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Problem]:
+def problems_of_validation(exc: ValidationError, file: str, lines: LineMap) -> list[Problem]:
     problems = []
     for error in exc.errors(include_url=False):
         path: Path = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
@@ -234,7 +234,7 @@ def validate_data(data: Any, file: str, lines: LineMap | None = None, skip: froz
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as exc:
-        raise FleetError(sort_problems(_from_validation(exc, file, lines))) from None
+        raise FleetError(sort_problems(problems_of_validation(exc, file, lines))) from None
     problems = [p.located(file, line_of(lines, p.path)) for p in cross_check(fleet) if p.code not in skip]
     if problems:
         raise FleetError(sort_problems(problems))

@@ -740,6 +740,50 @@ class Orchestration(Strict):
         default_factory=dict, description="Per deployment (e.g. backup-pi-1): another pool, or paused.")
 
 
+# --- agent tasks (primespark.agents): templates of AI and compute jobs, placed by capacity, power and data -------
+
+# Where a task's data is: `host:/path` (that host's copy, and the copies sync and tier migration keep below it), or
+# `/path` in a tier (on every host of that tier).
+DATA_REF_PATTERN = r"^([a-z][a-z0-9-]{0,30}[a-z0-9]:)?/[^\x00\s]*$"
+DataRef = Annotated[str, StringConstraints(pattern=DATA_REF_PATTERN)]
+
+
+def _one_or_more(value: object) -> object:
+    """`arch: aarch64` stands for `arch: [aarch64]`."""
+    return [value] if isinstance(value, str) else value
+
+
+class TaskPower(Strict):
+    run_in_quiet_hours: bool = Field(
+        default=False, description="May start on a Pi during its power.quiet_hours (default: never).")
+    min_battery_percent: int = Field(
+        default=50, ge=1, le=100, description="On a host running on battery, start only above this charge (and "
+        "never at or below the host's shutdown_battery_percent).")
+
+
+class TaskSpec(Strict):
+    """One agent task: what it runs, what it needs, what it reads, how it may use power."""
+
+    command: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\x00]*\S[^\x00]*$")] = Field(
+        description="A shell command line, run on the chosen host (inside `image` where one is given).")
+    image: ContainerImage | None = Field(
+        default=None, description="A pinned container image: only hosts with container_runtime take the task.")
+    cpus: float = Field(default=1.0, gt=0, le=512, description="CPUs the task keeps busy (fractions allowed).")
+    memory_mb: int = Field(default=256, ge=1, le=4_194_304, description="Memory the task needs (MiB).")
+    arch: Annotated[list[Arch], BeforeValidator(_one_or_more)] = Field(
+        default_factory=list, description="Architectures it runs on (one or a list); empty: any.")
+    labels: dict[Name, str] = Field(default_factory=dict, description="Host labels the host must carry, all of "
+                                    "them with these values.")
+    data: list[DataRef] = Field(default_factory=list, description="What it reads: `host:/path` or a tier path "
+                                "`/srv/hot/...`; placement prefers hosts (then sites) that hold it.")
+    priority: int = Field(default=50, ge=0, le=100, description="Higher runs first when the queue is ordered.")
+    timeout_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60, description="How long one attempt may run.")
+    retries: int = Field(default=0, ge=0, le=10, description="Attempts after a failed one.")
+    power: TaskPower = TaskPower()
+    prefer_edge: bool = Field(default=True, description="Other things equal, an edge host over a cloud one.")
+
+
+
 class Fleet(Strict):
     name: Name
     domain: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")] = "fleet.internal"
@@ -757,6 +801,8 @@ class Fleet(Strict):
     orchestration: Orchestration | None = Field(
         default=None, description="The Prefect server and one worker per site; without it flows run where `spark` "
         "runs.")
+    tasks: dict[Name, TaskSpec] = Field(
+        default_factory=dict, description="Named agent task templates (`spark task plan --template NAME`).")
     operators: dict[UserName, Operator] = Field(
         default_factory=dict, description="People who log in to every managed host, besides its SSH user."
     )

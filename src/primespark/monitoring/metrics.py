@@ -111,6 +111,8 @@ NODE_LOAD1 = Metric("node_load1", "1-minute load average", (), NODE_EXPORTER)
 NODE_MEM_AVAILABLE = Metric("node_memory_MemAvailable_bytes", "Memory available for new work", (), NODE_EXPORTER)
 NODE_MEM_TOTAL = Metric("node_memory_MemTotal_bytes", "Total memory", (), NODE_EXPORTER)
 NODE_BOOT_TIME = Metric("node_boot_time_seconds", "When the host booted", (), NODE_EXPORTER)
+NODE_TIME = Metric("node_time_seconds", "The host's clock (agent placement: how old a textfile reading is)", (),
+                   NODE_EXPORTER)
 NODE_NET_RECEIVE = Metric("node_network_receive_bytes_total", "Bytes received per interface", ("device",),
                           NODE_EXPORTER)
 NODE_NET_TRANSMIT = Metric("node_network_transmit_bytes_total", "Bytes sent per interface", ("device",),

@@ -1,0 +1,187 @@
+"""`spark task plan`: where an agent task would run now and why, per host of the fleet; nothing is run.
+
+Running tasks (`spark task run|ls|cancel`) is not built yet: docs/agents.md says what is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+from zoneinfo import ZoneInfo
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from primespark.agents.placement import Decision, Facts, NoEligibleHost, Placed, place
+from primespark.cli.backup import transport_of
+from primespark.cli.common import EnvOption, console, fleet_for
+from primespark.errors import UserError
+from primespark.fleet.errors import Problem
+from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
+
+if TYPE_CHECKING:
+    from primespark.context import FleetContext
+
+app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data).",
+                  no_args_is_help=True)
+
+SpecArg = Annotated[Path | None, typer.Argument(
+    help="A task spec file (YAML: command, cpus, memory_mb, arch, labels, data, power, …).", show_default=False)]
+TemplateOption = Annotated[str | None, typer.Option(
+    "--template", "-t", help="A task template of the fleet (its `tasks:` section), instead of SPEC.",
+    show_default=False)]
+FactsOption = Annotated[Path | None, typer.Option(
+    "--facts", help="Host facts from this YAML file instead of the hosts' node exporters (docs/agents.md).",
+    show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the decision as one JSON line.")]
+TransportOption = Annotated[str, typer.Option(
+    help="ssh: the facts are read on the hosts; local: every host is this machine (tests).")]
+
+
+class _OneTask(Strict):
+    """A spec file checked as the fleet checks a template: its errors name the same fields and fixes."""
+
+    tasks: dict[Name, TaskSpec]
+
+
+def load_spec(path: Path, fleet: Fleet) -> TaskSpec:
+    """A task spec file, validated as a template of `fleet` would be; every problem located in the file."""
+    from primespark.fleet.checks import task_problems
+    from primespark.fleet.loader import line_of, parse_yaml, problems_of_validation
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the task spec: {exc.strerror}", "name a YAML task spec file") from None
+    data, lines = parse_yaml(text, str(path))
+    # the spec's fields sit at tasks.<name> of a fleet: the loader's fixes (e.g. "did you mean") then apply as is
+    prefix = ("tasks", "spec")
+    nested = {(*prefix, *where): line for where, line in lines.items()}
+    try:
+        spec = _OneTask.model_validate({"tasks": {"spec": data}}).tasks["spec"]
+    except ValidationError as exc:
+        problems = problems_of_validation(exc, str(path), nested)
+    else:
+        problems = [p.located(str(path), line_of(nested, p.path))
+                    for p in task_problems(fleet.model_copy(update={"tasks": {"spec": spec}}))]
+    if problems:
+        # one block per problem, as `spark validate` prints them, located in the spec file
+        raise UserError("\n".join(str(Problem(p.path[len(prefix):], p.message, p.fix, p.code, p.file, p.line))
+                                  for p in problems))
+    return spec
+
+
+def _chosen_task(fleet: Fleet, env: str, spec: Path | None, template: str | None) -> tuple[str, str, TaskSpec]:
+    """(name, where it is written, the task)."""
+    from primespark.fleet.loader import resolve
+
+    if (spec is None) == (template is None):
+        raise UserError("name one task: a SPEC file or --template NAME",
+                        f"templates of {fleet.name}: {', '.join(fleet.tasks) or 'none (add a tasks: section)'}")
+    if template is not None:
+        if template not in fleet.tasks:
+            raise UserError(f"fleet {fleet.name} has no task template named {template!r}",
+                            f"use one of: {', '.join(fleet.tasks) or 'none (add a tasks: section to the fleet file)'}")
+        return template, f"{resolve(env)}: tasks.{template}", fleet.tasks[template]
+    assert spec is not None
+    return spec.stem, str(spec), load_spec(spec, fleet)
+
+
+def ready_pools(ctx: FleetContext) -> dict[str, bool] | str:
+    """Each work pool's readiness on the fleet's Prefect server (READY: a worker is online), or why it is not
+    known."""
+    from primespark.orchestration.placement import pools
+
+    if ctx.fleet.orchestration is None:
+        return {}
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        from primespark.orchestration.api import use_fleet_prefect
+
+        use_fleet_prefect(ctx)
+        ready = {}
+        with get_client(sync_client=True) as client:
+            for pool in pools(ctx.fleet):
+                try:
+                    found = client.read_work_pool(pool)
+                except ObjectNotFound:
+                    ready[pool] = False
+                    continue
+                ready[pool] = found.status is not None and found.status.value == "READY"
+        return ready
+    except UserError as exc:
+        return exc.message
+    except Exception as exc:  # the server answered badly (HTTP, auth): the plan says why instead of stopping
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _live_facts(env: str, transport: str, task: TaskSpec) -> tuple[Facts, str]:
+    from primespark.agents.facts import pool_readiness, read_facts
+    from primespark.context import FleetContext
+
+    ctx = FleetContext.load(env, transport_of(transport))
+    pools = ready_pools(ctx)
+    ready = pools if isinstance(pools, str) else pool_readiness(ctx.fleet, pools)
+    return read_facts(ctx.hosts, ctx.fleet, task, ready), "read now from the hosts' node exporters"
+
+
+def render(decision: Decision, fleet: Fleet, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("host", "site", "verdict", "why"):
+        table.add_column(column, overflow="fold")
+    styles = {"chosen": "bold green", "eligible": "", "excluded": "dim"}
+    for candidate in decision.candidates:
+        table.add_row(candidate.host, fleet.hosts[candidate.host].site, candidate.verdict, candidate.reason,
+                      style=styles[candidate.verdict])
+    return table
+
+
+@app.command("plan")
+def plan(
+    spec: SpecArg = None,
+    template: TemplateOption = None,
+    env: EnvOption = "lab",
+    facts_file: FactsOption = None,
+    transport: TransportOption = "ssh",
+    as_json: JsonOption = False,
+) -> None:
+    """Where the task would run now, and why, for every host of the fleet; nothing is run.
+
+    Hard constraints exclude a host (architecture, labels, free CPU and memory minus what is placed, its site's
+    worker, quiet hours, battery, drained); the rest are ranked by the task's data on the host, then on its site,
+    then fewest tasks placed, the edge, free CPUs. A host whose facts cannot be read is excluded, and says why.
+    Exits 1 when no host can run the task now."""
+    fleet = fleet_for(env)
+    name, where, task = _chosen_task(fleet, env, spec, template)
+    placed: list[Placed] = []
+    now = datetime.now(UTC)
+    if facts_file is not None:
+        from primespark.agents.facts import load_facts_file
+
+        given = load_facts_file(facts_file)
+        facts, placed = given.facts(fleet, str(facts_file))
+        now = given.now if given.now is not None else now
+        if now.tzinfo is None:
+            raise UserError(f"{facts_file}: now: {now.isoformat()} has no time zone",
+                            "write it with its offset, e.g. 2026-11-30T22:30:00Z")
+        source = f"from {facts_file}"
+    else:
+        facts, source = _live_facts(env, transport, task)
+    decision = place(fleet, task, facts, placed, now, name)
+    if as_json:
+        typer.echo(json.dumps({"task": name, "host": decision.host, "at": now.isoformat(), "facts": source,
+                               "candidates": [c.__dict__ for c in decision.candidates]}))
+    else:
+        console.print(render(decision, fleet, f"task {name} in {fleet.name} at "
+                             f"{now.astimezone(ZoneInfo(fleet.timezone)).strftime('%Y-%m-%d %H:%M %Z')} "
+                             f"(facts {source})"))
+    if decision.host is None:
+        raise NoEligibleHost(where, decision)
+    if not as_json:
+        console.print(f"[bold green]{name} would run on {decision.host}[/bold green] (nothing was run)")
+
