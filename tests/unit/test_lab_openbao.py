@@ -208,3 +208,21 @@ def test_lab_up_moves_a_leftover_local_store_into_openbao_and_sets_conflicts_asi
         assert lab._move_local_secrets(said.append) == [], "nothing more to move"
     finally:
         lab.openbao.stop()
+
+
+def test_the_lab_gets_the_fleet_ca_once_and_keeps_it_across_restarts(bao: LabOpenBao) -> None:
+    """`spark lab up`'s PKI step (LabOpenBao.ensure_pki, the plan and apply `spark up` uses): the CA is made on the
+    first run, a second run changes nothing, and a restarted, unsealed server still has the same CA."""
+    from primespark.pki import ca_certificate, mount_of
+
+    fleet = load_fleet(str(REPO / "inventory" / "lab.yaml"))
+    bao.ensure_ready()
+    first = bao.ensure_pki(fleet)
+    assert first.ca_generated and set(first.roles) == set(fleet.hosts)
+    ca = ca_certificate(bao.root_client(), mount_of(fleet.name))
+    assert "BEGIN CERTIFICATE" in ca
+    assert not bao.ensure_pki(fleet).changed
+    bao.stop()
+    bao.ensure_ready()
+    assert not bao.ensure_pki(fleet).changed, "a restart keeps the CA and the roles"
+    assert ca_certificate(bao.root_client(), mount_of(fleet.name)) == ca
