@@ -360,26 +360,46 @@ class Renewal:
     renew_at: datetime
 
 
+def renewal_reason(current: x509.Certificate | None, tls: HostTls, now: datetime, force: bool = False) -> str | None:
+    """Why a new certificate is needed now, or None: none yet, forced, names or addresses changed, or due."""
+    if current is None:
+        return "no certificate yet"
+    if force:
+        return "forced"
+    if not covers(current, tls):
+        return "its names or addresses changed"
+    if renew_due(current, now):
+        return "two thirds of its life are over"
+    return None
+
+
 def renew(client: Any, plan: PkiPlan, host: str, files: TlsFiles, now: datetime | None = None,
-          force: bool = False) -> Renewal:
+          force: bool = False, dry_run: bool = False) -> Renewal:
     """Issue a new certificate for `host` into `files` when due (two thirds of its life), when it no longer covers
-    the host's names and addresses, or when there is none; else leave it."""
+    the host's names and addresses, or when there is none; else leave it. `dry_run` only says which."""
     now = now or datetime.now(UTC)
     current = files.load()
-    if current is None:
-        reason = "no certificate yet"
-    elif force:
-        reason = "forced"
-    elif not covers(current, plan.hosts[host]):
-        reason = "its names or addresses changed"
-    elif renew_due(current, now):
-        reason = "two thirds of its life are over"
-    else:
-        return Renewal(host, False, "not due", current.not_valid_after_utc, renew_at(current))
+    reason = renewal_reason(current, plan.hosts[host], now, force)
+    if reason is None or dry_run:
+        until = current.not_valid_after_utc if current is not None else now
+        due = renew_at(current) if current is not None else now
+        return Renewal(host, False, reason or "not due", until, due)
     files.write(issue(client, plan, host))
     fresh = files.load()
     assert fresh is not None  # just written
     return Renewal(host, True, reason, fresh.not_valid_after_utc, renew_at(fresh))
+
+
+def served_plan(client: Any, fleet_name: str, host: str) -> PkiPlan:
+    """A plan of one host as the server holds it: its PKI role's names, addresses and lifetime (the host's policy
+    may read its own role). A host renews from this, not from a fleet file and mesh plan of its own, so it asks
+    for exactly what the deployer's last apply allowed."""
+    mount = mount_of(fleet_name)
+    role = client.secrets.pki.read_role(host, mount_point=mount)["data"]
+    names = sorted(role["allowed_domains"], key=lambda n: (n != host, n))  # the host's name first: the CN
+    addresses = tuple(str(c).removesuffix("/32") for c in role.get("allowed_ip_sans_cidr") or [])
+    tls = HostTls(host, host, tuple(names), addresses, policy_name(fleet_name, host), "")
+    return PkiPlan(fleet_name, mount, "", max(1, int(role["max_ttl"]) // 3600), {host: tls})
 
 
 def lifetime(cert: x509.Certificate) -> timedelta:

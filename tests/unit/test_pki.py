@@ -248,3 +248,56 @@ def test_the_deployer_policy_is_enough_to_apply(lab: Fleet, fresh_vault: DevServ
     assert not apply_pki(deployer, plan).changed
     with pytest.raises(hvac.exceptions.Forbidden):  # it certifies no one itself
         issue(deployer, plan, "pi-1")
+
+
+def test_a_host_renews_with_its_own_token_through_the_command(lab: Fleet, fresh_vault: DevServer, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`spark tls renew`: with only pi-1's TLS policy, it asks for exactly what pi-1's role on the server allows,
+    writes the files and the expiry metrics, keeps a certificate that is not due, and is refused for pi-2."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from primespark.cli.app import app
+    from primespark.errors import UserError
+    from primespark.monitoring import metrics as m
+    from primespark.pki import served_plan
+
+    plan = pki_plan(lab, overlays(lab))
+    apply_pki(fresh_vault.client(), plan)
+    host = login(fresh_vault, plan, "pi-1")
+    served = served_plan(host, "lab", "pi-1")
+    assert served.hosts["pi-1"].names == plan.hosts["pi-1"].names
+    assert served.hosts["pi-1"].addresses == plan.hosts["pi-1"].addresses and served.lifetime_hours == 24
+    with pytest.raises(hvac.exceptions.Forbidden):  # its own role only
+        served_plan(host, "lab", "pi-2")
+
+    data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
+    data["secrets"] = {"backend": "vault", "address": fresh_vault.address, "auth": "token"}
+    fleet_file = tmp_path / "lab.yaml"
+    fleet_file.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("VAULT_TOKEN", host.token)
+    get_settings.cache_clear()
+    folder, metrics = tmp_path / "tls", tmp_path / "textfile"
+    args = ["tls", "renew", "--env", str(fleet_file), "--host", "pi-1", "--dir", str(folder),
+            "--textfile-dir", str(metrics)]
+    try:
+        first = CliRunner().invoke(app, args)
+        assert first.exit_code == 0, first.output
+        assert "pi-1: renewed (no certificate yet)" in first.output and "PRIVATE" not in first.output
+        cert = TlsFiles(folder).load()
+        assert cert is not None and covers(cert, plan.hosts["pi-1"])
+        from prometheus_client.parser import text_string_to_metric_families
+
+        prom = (metrics / "primespark_tls_pi-1.prom").read_text()
+        samples = {s.name: s for f in text_string_to_metric_families(prom) for s in f.samples}
+        assert samples[m.TLS_NOT_AFTER.name].value == cert.not_valid_after_utc.timestamp()
+        assert samples[m.TLS_NOT_BEFORE.name].value == cert.not_valid_before_utc.timestamp()
+        assert samples[m.TLS_NOT_AFTER.name].labels == {"certificate": str(folder / "cert.pem")}
+        again = CliRunner().invoke(app, args)
+        assert again.exit_code == 0 and "pi-1: kept (not due)" in again.output
+        other = CliRunner().invoke(app, [*args[:5], "pi-2", *args[6:]])
+        assert other.exit_code != 0 and isinstance(other.exception, UserError)
+        assert "refused" in str(other.exception)
+    finally:
+        get_settings.cache_clear()
