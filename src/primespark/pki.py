@@ -95,18 +95,32 @@ def host_addresses(fleet: Fleet, host: str, overlays: Mapping[str, Mapping[str, 
     return tuple(dict.fromkeys([str(fleet.hosts[host].address), *mesh]))
 
 
-def tls_policy(fleet: Fleet, host: str, root: Path | None = None) -> str:
+def issue_params(names: tuple[str, ...], addresses: tuple[str, ...]) -> dict[str, str]:
+    """What a host's issue request sends besides the lifetime: the first name as the CN, the others and the
+    addresses as comma lists (the form the host's policy allows, value for value)."""
+    return {"common_name": names[0], "alt_names": ",".join(names[1:]), "ip_sans": ",".join(addresses)}
+
+
+def tls_policy(fleet: Fleet, host: str, names: tuple[str, ...], addresses: tuple[str, ...],
+               root: Path | None = None) -> str:
     from primespark.cloud.vault_spec import _hcl_templates, policies_dir
 
+    sent = issue_params(names, addresses)
+    # ACL parameter values match whole strings: the full lists as sent, or any one name or address of them.
+    alt = list(dict.fromkeys([sent["alt_names"], *names]))
+    ips = list(dict.fromkeys([sent["ip_sans"], *addresses]))
     template = _hcl_templates(root or policies_dir()).get_template("tls-host.hcl.j2")
-    return template.render(fleet=fleet.name, host=host, mount=mount_of(fleet.name), role=host)
+    return template.render(fleet=fleet.name, host=host, mount=mount_of(fleet.name), role=host, names=list(names),
+                           alt_names=alt, ip_sans=ips)
 
 
 def pki_plan(fleet: Fleet, overlays: Mapping[str, Mapping[str, IPv4Address]], root: Path | None = None) -> PkiPlan:
     """The fleet's PKI as data. `overlays`: each mesh's addresses (`mesh_overlays`, or the Pulumi mesh component's)."""
-    hosts = {host: HostTls(host, host, host_names(fleet, host), host_addresses(fleet, host, overlays),
-                           policy_name(fleet.name, host), tls_policy(fleet, host, root))
-             for host in sorted(fleet.hosts)}
+    hosts = {}
+    for host in sorted(fleet.hosts):
+        names, addresses = host_names(fleet, host), host_addresses(fleet, host, overlays)
+        hosts[host] = HostTls(host, host, names, addresses, policy_name(fleet.name, host),
+                              tls_policy(fleet, host, names, addresses, root))
     return PkiPlan(fleet.name, mount_of(fleet.name), f"Prime Spark {fleet.name} fleet CA",
                    fleet.tls.lifetime_hours, hosts)
 
@@ -282,10 +296,8 @@ def issue(client: Any, plan: PkiPlan, host: str) -> Issued:
     """A certificate for every name and address of `host`, for the fleet's lifetime, from its own PKI role (a token
     with only the host's policy suffices)."""
     tls = plan.hosts[host]
-    extra = {"alt_names": ",".join(tls.names[1:]), "ip_sans": ",".join(tls.addresses),
-             "ttl": f"{plan.lifetime_hours}h", "exclude_cn_from_sans": False}
-    data = client.secrets.pki.generate_certificate(tls.role, common_name=tls.names[0], extra_params=extra,
-                                                   mount_point=plan.mount)["data"]
+    params = {**issue_params(tls.names, tls.addresses), "ttl": f"{plan.lifetime_hours}h"}
+    data = client.write_data(f"{plan.mount}/issue/{tls.role}", data=params)["data"]
     return Issued(data["certificate"], data["private_key"], data["issuing_ca"], data["serial_number"])
 
 
