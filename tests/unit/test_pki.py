@@ -294,6 +294,9 @@ def test_a_host_renews_with_its_own_token_through_the_command(lab: Fleet, fresh_
     args = ["tls", "renew", "--env", str(fleet_file), "--host", "pi-1", "--dir", str(folder),
             "--textfile-dir", str(metrics)]
     try:
+        dry = CliRunner().invoke(app, [*args, "--dry-run"])
+        assert dry.exit_code == 0 and "pi-1: would renew (no certificate yet)" in dry.output, dry.output
+        assert not folder.exists() and not metrics.exists(), "a dry run writes nothing"
         first = CliRunner().invoke(app, args)
         assert first.exit_code == 0, first.output
         assert "pi-1: renewed (no certificate yet)" in first.output and "PRIVATE" not in first.output
