@@ -180,12 +180,21 @@ def _same(wanted: Mapping[str, Any], found: Mapping[str, Any]) -> bool:
 
 
 def _ensure_mount(client: Any, plan: PkiPlan, done: PkiApplied) -> None:
+    import hvac.exceptions
+
     found = client.sys.list_mounted_secrets_engines()["data"].get(f"{plan.mount}/")
     if found is None:
-        client.sys.enable_secrets_engine("pki", path=plan.mount, description=plan.ca_common_name,
-                                         config={"max_lease_ttl": f"{CA_TTL_HOURS}h"})
-        done.mount_enabled = True
-    elif found.get("type") != "pki":
+        try:
+            client.sys.enable_secrets_engine("pki", path=plan.mount, description=plan.ca_common_name,
+                                             config={"max_lease_ttl": f"{CA_TTL_HOURS}h"})
+            done.mount_enabled = True
+            return
+        except hvac.exceptions.InvalidRequest as exc:
+            if "already in use" not in str(exc):
+                raise
+        # Another apply enabled it a moment ago: judge what it made.
+        found = client.sys.list_mounted_secrets_engines()["data"].get(f"{plan.mount}/") or {}
+    if found.get("type") != "pki":
         raise UserError(f"Vault has a {found.get('type')} engine at {plan.mount}/, not the fleet's PKI engine",
                         f"move it away: the fleet CA lives at {plan.mount}/")
 
@@ -250,14 +259,27 @@ def _remove_leftovers(client: Any, plan: PkiPlan, done: PkiApplied) -> None:
 
 def apply_pki(client: Any, plan: PkiPlan) -> PkiApplied:
     """Make the server hold `plan`: the mount, the CA (made once), each host's role, policy and AppRole; what the
-    plan no longer has goes. Writes only what differs, so a second run changes nothing."""
+    plan no longer has goes. Writes only what differs, so a second run changes nothing; two at once make one CA."""
+    import hvac.exceptions
+
     done = PkiApplied()
     _ensure_mount(client, plan, done)
     _ensure_ca(client, plan, done)
     if "approle/" not in client.sys.list_auth_methods()["data"]:
-        client.sys.enable_auth_method(method_type="approle")
+        try:
+            client.sys.enable_auth_method(method_type="approle")
+        except hvac.exceptions.InvalidRequest as exc:
+            if "already in use" not in str(exc):  # else another apply enabled it a moment ago
+                raise
     for tls in plan.hosts.values():
-        _ensure_host(client, plan, tls, done)
+        for attempt in range(5):
+            try:
+                _ensure_host(client, plan, tls, done)
+                break
+            except hvac.exceptions.InternalServerError as exc:
+                # OpenBao refuses one of two writes of the same thing at once; each step is idempotent: again.
+                if "transaction commit failed" not in str(exc) or attempt == 4:
+                    raise
     _remove_leftovers(client, plan, done)
     return done
 

@@ -316,3 +316,15 @@ def test_a_host_renews_with_its_own_token_through_the_command(lab: Fleet, fresh_
         assert "refused" in str(other.exception)
     finally:
         get_settings.cache_clear()
+
+
+def test_two_applies_at_once_make_one_ca(lab: Fleet, fresh_vault: DevServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = pki_plan(lab, overlays(lab))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = list(pool.map(lambda _: apply_pki(fresh_vault.client(), plan), range(4)))
+    client = fresh_vault.client()
+    assert len(client.list(f"{plan.mount}/issuers")["data"]["keys"]) == 1
+    assert sum(d.ca_generated for d in done) == 1 and sum(d.mount_enabled for d in done) == 1
+    assert not apply_pki(client, plan).changed
