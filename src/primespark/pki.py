@@ -103,13 +103,13 @@ def issue_params(names: tuple[str, ...], addresses: tuple[str, ...]) -> dict[str
 
 def tls_policy(fleet: Fleet, host: str, names: tuple[str, ...], addresses: tuple[str, ...],
                root: Path | None = None) -> str:
-    from primespark.cloud.vault_spec import _hcl_templates, policies_dir
+    from primespark.cloud.vault_spec import hcl_templates, policies_dir
 
     sent = issue_params(names, addresses)
     # ACL parameter values match whole strings: the full lists as sent, or any one name or address of them.
     alt = list(dict.fromkeys([sent["alt_names"], *names]))
     ips = list(dict.fromkeys([sent["ip_sans"], *addresses]))
-    template = _hcl_templates(root or policies_dir()).get_template("tls-host.hcl.j2")
+    template = hcl_templates(root or policies_dir()).get_template("tls-host.hcl.j2")
     return template.render(fleet=fleet.name, host=host, mount=mount_of(fleet.name), role=host, names=list(names),
                            alt_names=alt, ip_sans=ips)
 
