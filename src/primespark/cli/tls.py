@@ -42,8 +42,8 @@ def renew(
 ) -> None:
     """Issue HOST's certificate when it has none, when two thirds of its life are over, or when it no longer names
     the host's addresses; else leave it. Asks for exactly the names, addresses and lifetime of the host's PKI role
-    on the server. Writes the certificate's expiry metrics for node exporter either way. Meant for a timer on the
-    host (not built yet): the exit status is 0 when the certificate is good."""
+    on the server. Writes the certificate's expiry metrics for node exporter, renewed or kept (not on a dry run).
+    Meant for a timer on the host (not built yet): the exit status is 0 when the certificate is good."""
     from primespark.context import FleetContext
     from primespark.monitoring.metrics import certificate_metrics, textfile_path
     from primespark.pki import TlsFiles, served_plan
