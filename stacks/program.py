@@ -19,6 +19,7 @@ from primespark.mesh.service import Planned
 from primespark.monitoring.files import monitoring_files
 from primespark.settings import get_settings
 from stacks.kvm import KvmHost, VirtualMachine
+from stacks.pki import FleetPki
 from stacks.services import ServiceStack
 from stacks.vault import VaultSecrets
 from stacks.wireguard_mesh import WireGuardMesh
@@ -78,6 +79,8 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
     after_vault = pulumi.ResourceOptions(depends_on=[vault_secrets] if vault_secrets else [])
     service_endpoints = endpoints(fleet)
     meshes = {name: WireGuardMesh(fleet, name, (mesh_plans or {}).get(name)) for name in sorted(fleet.meshes)}
+    # The fleet CA beside VaultSecrets: every host's certificate names its LAN and mesh addresses.
+    pki = FleetPki(fleet, {name: mesh.overlay for name, mesh in meshes.items()}) if config.manage_vault else None
     # One set of monitoring files for the whole fleet (Prometheus scrapes the edge at its overlay addresses).
     monitoring = (monitoring_files(fleet, {name: mesh.overlay for name, mesh in meshes.items()})
                   if any(s.kind is ServiceKind.prometheus for s in fleet.services.values()) else None)
@@ -107,6 +110,8 @@ def build(fleet: Fleet, config: CloudConfig, mesh_plans: dict[str, Planned] | No
         "vault": {"address": config.vault_address, "mount": config.vault_mount,
                   "roles": vault_secrets.roles if vault_secrets else []},
     }
+    if pki is not None:
+        outputs["tls"] = {"mount": pki.plan.mount, "lifetime_hours": pki.plan.lifetime_hours, "roles": pki.roles}
     if meshes:
         # Public keys, overlay addresses and endpoints only; the private keys stay secrets of the component.
         outputs["mesh"] = {name: {"public_keys": m.public_keys, "addresses": m.addresses, "endpoints": m.endpoints}

@@ -208,3 +208,32 @@ def test_lab_up_moves_a_leftover_local_store_into_openbao_and_sets_conflicts_asi
         assert lab._move_local_secrets(said.append) == [], "nothing more to move"
     finally:
         lab.openbao.stop()
+
+
+def test_lab_up_gives_the_lab_the_fleet_ca_once_and_keeps_it_across_restarts(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`spark lab up`'s PKI step (`Lab._pki_up`: LabOpenBao.ensure_pki, the plan and apply `spark up` uses): the CA
+    is made on the first run, a second run changes nothing, and a restarted, unsealed server has the same CA."""
+    from primespark.lab import Lab
+    from primespark.pki import ca_certificate, mount_of
+
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    lab = Lab(load_fleet(lab_fleet_on(tmp_path, _free_port_pair())), settings_for("lab"))
+    assert lab.openbao is not None
+    lab.openbao.spec = OpenBaoSpec(lab.openbao.spec.port, (IPv4Address("127.0.0.1"),), lab.openbao.spec.mounts)
+    try:
+        lab.openbao.ensure_ready()
+        said: list[str] = []
+        first = lab._pki_up(said.append)
+        assert first.ca_generated and set(first.roles) == set(lab.fleet.hosts)
+        assert any("generated the fleet CA" in line for line in said), said
+        ca = ca_certificate(lab.openbao.root_client(), mount_of(lab.fleet.name))
+        assert "BEGIN CERTIFICATE" in ca
+        said.clear()
+        assert not lab._pki_up(said.append).changed and said == [], "a second run changes and says nothing"
+        lab.openbao.stop()
+        lab.openbao.ensure_ready()
+        assert not lab._pki_up(said.append).changed, "a restart keeps the CA and the roles"
+        assert ca_certificate(lab.openbao.root_client(), mount_of(lab.fleet.name)) == ca
+    finally:
+        lab.openbao.stop()

@@ -101,6 +101,11 @@ def late(threshold: float | None) -> str:
     return f"{int(threshold // 3600) + 1}h"
 
 
+CERT = {"certificate": "/etc/primespark/tls/cert.pem", **NODE}
+# A 24-hour certificate from time 0 (5-minute samples), and one renewed at two thirds of its life (16 h).
+KEPT = [series(m.TLS_NOT_BEFORE, "0x300", **CERT), series(m.TLS_NOT_AFTER, "86400x300", **CERT)]
+RENEWED = [series(m.TLS_NOT_BEFORE, "0x192 57600x108", **CERT), series(m.TLS_NOT_AFTER, "86400x192 144000x108", **CERT)]
+
 CASES: list[Case] = [
     Case("HostDown", "a host silent past the hold", [series(m.UP, "1 1 0x10", **NODE)], ["10m"], [NODE]),
     Case("HostDown", "a missed scrape or two", [series(m.UP, "1 0 0 1x10", **NODE)], ["2m", "10m"]),
@@ -175,6 +180,10 @@ CASES: list[Case] = [
     Case("UpsOnBattery", "a flicker", [series(m.POWER_ON_BATTERY, "0 1 0x5", signal="nut", **NODE)], ["2m", "5m"]),
     Case("UpsBatteryLow", "at the shutdown threshold", [series(m.POWER_BATTERY_LOW, "0 1x3", signal="gpio", **NODE)],
          ["1m"], [{"signal": "gpio", **NODE}]),
+    Case("CertificateExpiry", "not renewed: under a sixth (4 h) of its life left", KEPT, ["20h15m", "23h"], [CERT],
+         interval="5m"),
+    Case("CertificateExpiry", "not renewed yet, but 5 h left", KEPT, ["19h"], interval="5m"),
+    Case("CertificateExpiry", "renewed at two thirds of its life", RENEWED, ["20h15m", "24h"], interval="5m"),
     Case("UpsBatteryLow", "charged", [series(m.POWER_BATTERY_LOW, "0x5", signal="gpio", **NODE)], ["4m"]),
 ]
 

@@ -20,6 +20,7 @@ from primespark.cli import secrets as secrets_commands
 from primespark.cli import sync as sync_commands
 from primespark.cli import task as task_commands
 from primespark.cli import tier as tier_commands
+from primespark.cli import tls as tls_commands
 from primespark.errors import UserError
 from primespark.fleet import FleetError
 from primespark.secrets import SecretError
@@ -45,6 +46,7 @@ app.add_typer(task_commands.app, name="task")
 plan_commands.register(app)
 monitoring_commands.register(app)
 app.add_typer(audit_commands.app, name="audit")
+app.add_typer(tls_commands.app, name="tls")
 
 
 def main() -> None:

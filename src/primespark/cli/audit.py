@@ -60,6 +60,7 @@ AUDITED: dict[tuple[str, ...], Audited] = {
     ("sync", "check"): Audited(only_if="repair"),
     ("sync", "watch"): Audited(),
     ("audit", "ship"): Audited(),
+    ("tls", "renew"): Audited(hosts=("host",), unless="dry_run"),
 }
 
 

@@ -20,8 +20,8 @@ from primespark.cloud.vault_spec import (
     vault_spec,
 )
 
-__all__ = ["TYPE_TOKEN", "VaultSecretsProvider", "generate_values", "host_policy", "issue_secret_id",
-           "policies_dir", "vault_spec"]
+__all__ = ["PKI_TYPE_TOKEN", "TYPE_TOKEN", "FleetPkiProvider", "VaultSecretsProvider", "generate_values",
+           "host_policy", "issue_secret_id", "policies_dir", "vault_spec"]
 
 TYPE_TOKEN = "pulumi-python:dynamic/vault:Secrets"
 
@@ -73,3 +73,37 @@ class VaultSecretsProvider(ResourceProvider):
 
 def _spec(props: dict[str, Any]) -> dict[str, Any]:
     return {"mount": props["mount"], "secrets": props["secrets"], "roles": props["roles"]}
+
+
+PKI_TYPE_TOKEN = "pulumi-python:dynamic/vault:Pki"
+
+
+class FleetPkiProvider(ResourceProvider):
+    """The fleet CA (primespark.pki) in the Vault of VAULT_ADDR: the plan's mount, CA (made once, never rotated by
+    an update), hosts' PKI roles, policies and AppRoles. The same `apply_pki` as `spark lab up`."""
+
+    def __init__(self, client_factory: Any = None) -> None:
+        self.client_factory = client_factory
+
+    def _apply(self, props: dict[str, Any]) -> dict[str, Any]:
+        from primespark.pki import PkiPlan, apply_pki, ca_certificate
+
+        client = (self.client_factory or _client)()
+        plan = PkiPlan.from_props(props["plan"])
+        apply_pki(client, plan)
+        return {**props, "ca": ca_certificate(client, plan.mount)}  # the CA certificate: public
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        return CreateResult(id_=f"primespark-pki-{props['fleet']}", outs=self._apply(props))
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        moved = olds.get("fleet") != news.get("fleet")
+        return DiffResult(changes=moved or olds.get("plan") != news.get("plan"), replaces=["fleet"] if moved else [])
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        return UpdateResult(outs=self._apply(news))
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        from primespark.pki import PkiPlan, delete_pki
+
+        delete_pki((self.client_factory or _client)(), PkiPlan.from_props(props["plan"]))

@@ -28,13 +28,14 @@ def policies_dir() -> Path:
 
 
 @lru_cache(maxsize=4)
-def _hcl_templates(root: Path) -> jinja2.Environment:
+def hcl_templates(root: Path) -> jinja2.Environment:
+    """The policy templates of `root` (policies/vault): the service hosts' here, the TLS hosts' in primespark.pki."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(root),  # noqa: S701 HCL, not HTML
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def host_policy(fleet: Fleet, host: str, mount: str, root: Path | None = None) -> str:
-    env = _hcl_templates(root or policies_dir())
+    env = hcl_templates(root or policies_dir())
     paths = [secret_path(fleet, name) for name in readable_services(fleet, host)]
     return env.get_template("host.hcl.j2").render(fleet=fleet.name, host=host, mount=mount, paths=paths)
 

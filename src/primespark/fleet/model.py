@@ -688,6 +688,15 @@ class Secrets(Strict):
         "is not set.")
 
 
+class Tls(Strict):
+    """The fleet's certificate authority (primespark.pki): one certificate per host for its names and its LAN
+    and mesh addresses, issued by the PKI engine of the fleet's Vault/OpenBao."""
+
+    lifetime_hours: int = Field(
+        default=24, ge=1, le=8_760, description="How long a host's certificate is valid (≤ a year); it is renewed "
+        "at two thirds of its life, so short lifetimes need no revocation.")
+
+
 DEPLOYMENT_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
 DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
 
@@ -798,6 +807,7 @@ class Fleet(Strict):
     services: dict[Name, Service] = Field(default_factory=dict)
     lab: Lab | None = None
     secrets: Secrets = Secrets()
+    tls: Tls = Field(default_factory=Tls, description="Host certificates from the fleet CA (primespark.pki).")
     orchestration: Orchestration | None = Field(
         default=None, description="The Prefect server and one worker per site; without it flows run where `spark` "
         "runs.")

@@ -26,6 +26,7 @@ from primespark.lab.openbao import LabOpenBao, Readiness
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
 from primespark.lab.topology import ContainerSpec, LabPlan, plan_lab
+from primespark.pki import PkiApplied
 from primespark.secrets import LocalSecretStore, Migrated, atomic_write, migrate, vault_store
 from primespark.settings import Settings, get_settings
 
@@ -44,12 +45,14 @@ class UpResult:
     openbao: Readiness | None = None  # None: the fleet keeps no secrets in the lab's OpenBao
     openbao_url: str = ""
     secrets_moved: list[Migrated] = field(default_factory=list)  # the local store's entries moved into OpenBao
+    pki: PkiApplied | None = None  # the fleet CA and the hosts' PKI roles in the lab's OpenBao
     seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
         return (self.image_built or self.networks_created > 0 or self.prefect_started
                 or (self.openbao is not None and self.openbao.changed) or bool(self.secrets_moved)
+                or (self.pki is not None and self.pki.changed)
                 or any(v != "kept" for v in self.containers.values()))
 
 
@@ -160,6 +163,7 @@ class Lab:
             # After the hosts: it listens on their bridges, and takes no CPU from their first start (sshd's keys).
             result.openbao = self._openbao_up(report)
             result.openbao_url = self.openbao.address
+            result.pki = self._pki_up(report)
             result.secrets_moved = self._move_local_secrets(report)
         if built:
             for old in prune_old_images(keep=tag):
@@ -189,6 +193,17 @@ class Lab:
         with self.openbao.explained():
             apply_spec(self.openbao.root_client(), vault_spec(self.fleet, self.fleet.secrets.mount))
         return ready
+
+    def _pki_up(self, report: Report) -> PkiApplied:
+        """The fleet CA and each host's PKI role, policy and AppRole, from the same plan `spark up` applies."""
+        assert self.openbao is not None
+        done = self.openbao.ensure_pki(self.fleet)
+        if done.ca_generated:
+            report("generated the fleet CA in the lab's OpenBao (it stays: later runs never rotate it)")
+        if done.roles or done.removed:
+            report(f"updated the TLS roles of {len(done.roles)} host(s) in the lab's OpenBao"
+                   + (f", removed {len(done.removed)} left over" if done.removed else ""))
+        return done
 
     def _move_local_secrets(self, report: Report) -> list[Migrated]:
         """Secrets a local store still holds (kept there before the lab used OpenBao) move into OpenBao: each

@@ -24,6 +24,7 @@ from typing import Any
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
 from primespark.lab.topology import OpenBaoSpec
+from primespark.pki import PkiApplied
 from primespark.secrets import SecretError, atomic_write
 from primespark.vault_server import health_status, spawn_bao
 
@@ -203,6 +204,15 @@ class LabOpenBao:
             result.mounts_enabled = self._ensure_mounts(client, deadline)
         result.seconds = time.monotonic() - started
         return result
+
+    def ensure_pki(self, fleet: Fleet) -> PkiApplied:
+        """The fleet CA with its hosts' PKI roles, policies and AppRoles (primespark.pki), as `spark up` puts them
+        into production's Vault: the same plan and apply. Idempotent, and the CA made on the first run stays (its
+        data is on disk with the rest; a restart keeps it)."""
+        from primespark.pki import apply_pki, mesh_overlays, pki_plan
+
+        with self.explained():
+            return apply_pki(self.root_client(), pki_plan(fleet, mesh_overlays(fleet, self.state_dir)))
 
     def _initialise(self, client: Any) -> None:
         answer = client.sys.initialize(secret_shares=1, secret_threshold=1)

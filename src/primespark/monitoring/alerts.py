@@ -8,7 +8,7 @@ predict_linear's false positives: a filesystem alert needs low free space AND a 
 mount, held for an hour, so a write burst that is cleaned up within the hour never fires.
 
 Not built here, for want of a metric (each arrives with its issue): worker/pool readiness (the workers issue),
-agent task failures (tasks), sync lag and refusals (sync), certificate expiry (trust). See NOT_YET.
+agent task failures (tasks), sync lag and refusals (sync). See NOT_YET.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ NOT_YET: dict[str, str] = {
     "AgentTaskFailures": "no metric yet: agent tasks arrive with the tasks issue",
     "SyncLagHigh": "no metric yet: sync arrives with the sync issue",
     "SyncRefused": "no metric yet: sync arrives with the sync issue",
-    "CertificateExpiry": "no metric yet: certificates arrive with the trust issue",
 }
 
 
@@ -223,10 +222,23 @@ def _power_alerts(fleet: Fleet) -> list[Alert]:
     ]
 
 
+def _tls_alerts() -> list[Alert]:
+    """Every host has a certificate from the fleet CA (primespark.pki), renewed at two thirds of its life: one with
+    under a sixth left has missed its renewal for half the time that was left (4 h of a 24 h certificate)."""
+    not_after, not_before = selector(m.TLS_NOT_AFTER), selector(m.TLS_NOT_BEFORE)
+    return [Alert("CertificateExpiry", Severity.critical, "10m",
+                  (f"({not_after} - time()) < ({not_after} - {not_before}) / 6",),
+                  "{{ $labels.host }}'s certificate {{ $labels.certificate }} has under a sixth of its life left",
+                  "It was due for renewal at two thirds of its life (`spark tls renew`) and is still not renewed; "
+                  "services on the host fail their TLS handshakes when it expires.",
+                  selector(m.TLS_LIFE_LEFT), NODES, "percentunit", 1 / 6)]
+
+
 def fleet_alerts(fleet: Fleet) -> list[Alert]:
-    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, UPSes)."""
+    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, UPSes; every fleet has hosts
+    and their certificates)."""
     return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
-            *_power_alerts(fleet)]
+            *_power_alerts(fleet), *_tls_alerts()]
 
 
 def _all_names() -> frozenset[str]:
@@ -280,6 +292,8 @@ def recording_rules() -> list[dict[str, Any]]:
         {"record": m.DRILL_AGE.name, "expr": f"time() - {selector(m.DRILL_LAST_RUN)}"},
         {"record": m.CHECK_AGE.name, "expr": f"time() - {selector(m.CHECK_LAST_RUN)}"},
         {"record": m.FS_FREE.name, "expr": f"{avail} / {size}"},
+        {"record": m.TLS_LIFE_LEFT.name, "expr": f"({selector(m.TLS_NOT_AFTER)} - time()) / "
+                                                 f"({selector(m.TLS_NOT_AFTER)} - {selector(m.TLS_NOT_BEFORE)})"},
     ]
 
 

@@ -77,6 +77,7 @@ _SIGNAL_TITLES = {
     "ResticCheckFailed": "restic check", "ResticCheckOverdue": "Time since check", "MeshPairDown": "Pairs reachable",
     "MeshHandshakeStale": "Handshake age", "FilesystemFillingUp": "Filesystem free space", "ClockSkew": "Clock offset",
     "TierAboveHighWatermark": "Tier fill", "UpsOnBattery": "On battery", "UpsBatteryLow": "Battery low",
+    "CertificateExpiry": "Certificate life left",
 }
 
 

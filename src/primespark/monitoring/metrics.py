@@ -171,6 +171,16 @@ TIER_JOURNAL_BACKLOG = Metric("primespark_tier_journal_backlog_files",
                               "Files of the host's move journal not finished (a killed pass; the next one replays it)",
                               _BOUNDARY)
 
+# --- TLS (primespark.pki): one file per certificate, on its host, written by `spark tls renew` ------------------
+_CERT = ("certificate",)  # the certificate's file on the host; the host is the scrape target's label
+TLS_NOT_AFTER = Metric("primespark_tls_certificate_not_after_timestamp_seconds", "When the certificate expires",
+                       _CERT)
+TLS_NOT_BEFORE = Metric("primespark_tls_certificate_not_before_timestamp_seconds",
+                        "When the certificate became valid", _CERT)
+TLS_LIFE_LEFT = Metric("primespark:tls_certificate_life_left_ratio",
+                       "The part of the certificate's life left, now (renewal is due below one third)", _CERT,
+                       RECORDING)
+
 REGISTRY: dict[str, Metric] = {m.name: m for m in globals().copy().values() if isinstance(m, Metric)}
 # Labels Prometheus adds to every scraped series (primespark.monitoring.scrape sets them per target).
 TARGET_LABELS = ("job", "instance", "host", "site", "kind")
@@ -208,6 +218,14 @@ class Textfile:
         write_to_textfile(str(path), self.registry)
         path.chmod(0o644)
         return path
+
+
+def certificate_metrics(certificate: str, not_before: float, not_after: float) -> Textfile:
+    """A certificate's validity (`certificate`: its file on the host): the expiry alert and its panel read it."""
+    out = Textfile()
+    out.set(TLS_NOT_BEFORE, not_before, certificate=certificate)
+    out.set(TLS_NOT_AFTER, not_after, certificate=certificate)
+    return out
 
 
 def textfile_path(directory: Path, name: str) -> Path:

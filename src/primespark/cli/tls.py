@@ -1,0 +1,75 @@
+"""`spark tls renew --env ENV --host HOST`: a host's certificate from the fleet CA, renewed when due (docs/tls.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from primespark.cli.common import console
+from primespark.errors import UserError
+
+app = typer.Typer(help="The fleet's TLS: host certificates from the fleet CA (docs/tls.md).", no_args_is_help=True)
+
+DEFAULT_FOLDER = Path("/etc/primespark/tls")
+
+
+def vault_client(ctx: Any) -> Any:
+    """The hvac client of the environment's Vault store: on a host, its AppRole login (SPARK_VAULT_ROLE_ID and
+    SPARK_VAULT_SECRET_ID_FILE, as a worker's); on the controller, the deployer's token or the lab's."""
+    from primespark.secrets import ReadOnlyStore, VaultSecretStore
+
+    store = ctx.secrets
+    inner = store.store if isinstance(store, ReadOnlyStore) else store
+    if not isinstance(inner, VaultSecretStore):
+        raise UserError(f"the {ctx.env} fleet keeps its secrets in the local store: its CA lives in Vault/OpenBao",
+                        "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
+    return inner.client
+
+
+@app.command("renew")
+def renew(
+    host: Annotated[str, typer.Option("--host", help="The host whose certificate this is (this machine).")],
+    env: Annotated[str, typer.Option("--env", "-e", help="The environment (fleet) of the host.")] = "lab",
+    folder: Annotated[Path, typer.Option("--dir", help="Where cert.pem, key.pem (0600) and ca.pem live.")]
+    = DEFAULT_FOLDER,
+    textfile_dir: Annotated[Path | None, typer.Option(
+        "--textfile-dir", help="Where node exporter reads metrics (default: the fleet's monitoring.textfile_dir, "
+        "if it exists here).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Issue a new certificate even when not due.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say whether it is due; change nothing.")] = False,
+) -> None:
+    """Issue HOST's certificate when it has none, when two thirds of its life are over, or when it no longer names
+    the host's addresses; else leave it. Asks for exactly the names, addresses and lifetime of the host's PKI role
+    on the server. Writes the certificate's expiry metrics for node exporter, renewed or kept (not on a dry run).
+    Meant for a timer on the host (not built yet): the exit status is 0 when the certificate is good."""
+    from primespark.context import FleetContext
+    from primespark.monitoring.metrics import certificate_metrics, textfile_path
+    from primespark.pki import TlsFiles, served_plan
+    from primespark.pki import renew as run_renewal
+
+    ctx = FleetContext.load(env)
+    if host not in ctx.fleet.hosts:
+        raise UserError(f"fleet {ctx.fleet.name} has no host {host!r}", f"use one of: {', '.join(ctx.fleet.hosts)}")
+    files = TlsFiles(folder)
+    client = vault_client(ctx)
+    import hvac.exceptions
+
+    try:
+        plan = served_plan(client, ctx.fleet.name, host)
+        done = run_renewal(client, plan, host, files, force=force, dry_run=dry_run)
+    except hvac.exceptions.Forbidden:
+        raise UserError(f"Vault refused {host}'s certificate: this token's policies do not allow its PKI role",
+                        f"log in with {host}'s TLS AppRole (primespark-{ctx.fleet.name}-tls.{host})") from None
+    except hvac.exceptions.InvalidPath:
+        raise UserError(f"the fleet CA has no PKI role for {host}",
+                        f"apply the fleet: `spark up` (or `spark lab up --env {env}`)") from None
+    verb = "renewed" if done.renewed else ("would renew" if dry_run and done.reason != "not due" else "kept")
+    console.print(f"{host}: {verb} ({done.reason}); valid until {done.not_after:%Y-%m-%d %H:%M} UTC, due for "
+                  f"renewal from {done.renew_at:%Y-%m-%d %H:%M} UTC")
+    current = files.load()
+    metrics_dir = textfile_dir or Path(ctx.fleet.monitoring.textfile_dir)
+    if current is not None and not dry_run and (textfile_dir is not None or metrics_dir.is_dir()):
+        certificate_metrics(str(files.cert), current.not_valid_before_utc.timestamp(),
+                            current.not_valid_after_utc.timestamp()).write(textfile_path(metrics_dir, "tls_" + host))
