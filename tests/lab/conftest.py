@@ -28,6 +28,7 @@ from primespark.playbook import RunResult, run_ansible
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's tools, wherever the venv is
+GENERATOR_PAUSE = "/var/lib/primespark/lab-generator/paused"  # roles/lab_generator's pause file
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Runs inside a lab host: try TCP connections in parallel, print which ones opened.
@@ -93,6 +94,20 @@ class LabHandle:
         done = self.exec(host, ["python3", "-c", PROBE, json.dumps(targets), str(timeout)])
         assert done.returncode == 0, done.stderr
         return dict(zip(targets, json.loads(done.stdout), strict=True))
+
+    @contextlib.contextmanager
+    def generator_paused(self, *hosts: str) -> Iterator[None]:
+        """The lab_generator (which site.yml starts on every Pi) still on `hosts`: the pause file, then its write
+        lock, so that a write in flight has ended before the test looks. Resumed at the end, also on failure."""
+        try:
+            for host in hosts:
+                done = self.exec(host, f"mkdir -p $(dirname {GENERATOR_PAUSE}) && touch {GENERATOR_PAUSE} && "
+                                       f"flock {GENERATOR_PAUSE}.lock true")
+                assert done.returncode == 0, done.stderr
+            yield
+        finally:
+            for host in hosts:
+                self.exec(host, f"rm -f {GENERATOR_PAUSE}")
 
     def ansible(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Ansible from the repo's venv with the repo's ansible.cfg and the lab inventory."""
