@@ -135,6 +135,12 @@ def _docker_or_skip(lab: Lab) -> None:
     pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `rebuilds_lab` first (the lab down and up again, a container removed by hand): run later, they
+    would wipe what the session's fixtures (`prefect`, `configured`) had installed for the tests after them."""
+    items.sort(key=lambda item: item.get_closest_marker("rebuilds_lab") is None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
     """Wait for the lab lock before the first lab test starts, not inside it: another run's lab may hold the lock

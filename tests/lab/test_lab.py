@@ -95,6 +95,12 @@ def test_edge_host_reaches_cloud_wan_addresses_through_the_nat_router(lab):
         "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
         f"s.bind(('0.0.0.0', {LISTEN_PORT})); s.listen(); s.settimeout(20); c, a = s.accept(); print(a[0])"
     )
+    # once site.yml has run (an earlier test module), the hardening role's firewall drops this port: open it for
+    # the check, and close it after
+    if lab.exec(cloud, "nft list table inet spark_filter").returncode == 0:
+        done = lab.exec(cloud, ["nft", "insert", "rule", "inet", "spark_filter", "input", "tcp", "dport",
+                                str(LISTEN_PORT), "accept", "comment", '"nat-check"'])
+        assert done.returncode == 0, done.stderr
     server = subprocess.Popen(["docker", "exec", lab.container(cloud), "python3", "-c", listener],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -105,6 +111,9 @@ def test_edge_host_reaches_cloud_wan_addresses_through_the_nat_router(lab):
         seen, _ = server.communicate(timeout=20)
     finally:
         server.kill()
+        handles = lab.exec(cloud, "nft -a list chain inet spark_filter input 2>/dev/null | grep nat-check")
+        for line in handles.stdout.splitlines():
+            lab.exec(cloud, f"nft delete rule inet spark_filter input handle {line.rsplit(' ', 1)[1]}")
     site = lab.fleet.sites[lab.fleet.hosts[edge].site]
     assert seen.strip() == str(site.public_address)
     assert seen.strip() != str(lab.fleet.hosts[edge].address)
@@ -142,6 +151,7 @@ def test_cli_up_again_changes_nothing_and_status_shows_every_host_reachable(lab,
     assert f"OpenBao http://127.0.0.1:{lab.fleet.lab.openbao_port} (unsealed)" in status.stdout
 
 
+@pytest.mark.rebuilds_lab
 def test_up_recovers_a_container_removed_by_hand_and_changes_nothing_else(lab):
     victim = edge_hosts(lab)[-1]
     subprocess.run(["docker", "rm", "-f", lab.container(victim)], check=True, capture_output=True)
@@ -171,6 +181,7 @@ def test_fails_on_purpose(lab):
 """
 
 
+@pytest.mark.rebuilds_lab
 def test_down_leaves_docker_as_before_also_after_a_failing_test_and_up_brings_the_lab_back(lab, tmp_path):
     lab.lab.down()
     assert lab.docker_state() == lab.baseline
