@@ -214,6 +214,17 @@ def configured(lab: LabHandle) -> RunResult:
     return run
 
 
+@pytest.fixture(scope="session")
+def deployed(lab: LabHandle, prefect: PrefectApi, configured: RunResult) -> subprocess.CompletedProcess[str]:
+    """site.yml's server and workers (the session's `configured`), then the fleet's deployments on their pools,
+    once per session: `spark flows deploy` as an operator runs it (the CLI finds the server itself)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([str(BIN / "spark"), "flows", "deploy", "--env", lab.fleet.name], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 @pytest.fixture(scope="module")
 def lab_flows(lab: LabHandle, prefect: PrefectApi) -> Iterator[None]:
     """Flows run here report to the lab's Prefect server on its fleet host (the `prefect` fixture), with no

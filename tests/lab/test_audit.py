@@ -19,7 +19,6 @@ import pytest
 from primespark.audit.chain import records
 from primespark.audit.verify import verify_chain
 from primespark.orchestration.material import WORKER_HOME
-from primespark.playbook import run_ansible
 
 pytestmark = pytest.mark.lab
 
@@ -34,12 +33,9 @@ def spark(*args: str, timeout: float = 600, extra: dict[str, str] | None = None)
 
 
 @pytest.fixture(scope="module")
-def workers(lab: Any, prefect: Any) -> None:
-    """site.yml (server and workers, with the audit key), then the fleet's deployments on the pools."""
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", root=REPO)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    done = spark("flows", "deploy", "--env", lab.fleet.name)
-    assert done.returncode == 0, done.stdout + done.stderr
+def workers(deployed: Any) -> None:
+    """site.yml (server and workers, with the audit key), then the fleet's deployments on the pools: the
+    session's."""
 
 
 def worker_chain(lab: Any, host: str, into: Path) -> Path:
