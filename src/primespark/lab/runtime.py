@@ -116,7 +116,7 @@ class LabRuntime:
         if spec.host:
             labels[HOST_LABEL] = spec.host
         host_config = api.create_host_config(
-            network_mode=primary, init=True, cap_add=["NET_ADMIN", "NET_RAW"],
+            network_mode=primary, init=True, cap_add=list(spec.capabilities),
             devices=["/dev/net/tun:/dev/net/tun:rwm"], sysctls=spec.sysctls or None,
             tmpfs={"/run": "exec"},  # a fresh /run on each start, as after a boot
         )

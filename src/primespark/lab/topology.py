@@ -42,13 +42,17 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    # NET_ADMIN, NET_RAW: routes, nftables and WireGuard. AUDIT_CONTROL: cron's PAM session sets each job's login
+    # uid; a cron that Ansible started over SSH carries that session's login uid, and changing a set one needs
+    # this capability (on a real host systemd starts cron with none set): without it every cron job fails unseen.
+    capabilities: tuple[str, ...] = ("NET_ADMIN", "NET_RAW", "AUDIT_CONTROL")
 
     def spec_hash(self, image: str) -> str:
         return _hash({
             "image": image, "hostname": self.hostname, "role": self.role,
             "addresses": {k: str(v) for k, v in self.addresses.items()},
             "gateway": str(self.default_gateway), "env": self.environment, "sysctls": self.sysctls,
-            "aliases": list(self.aliases),
+            "aliases": list(self.aliases), "capabilities": list(self.capabilities),
         })
 
 
