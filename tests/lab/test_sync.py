@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import re
 import statistics
 import threading
 import time
@@ -26,7 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.lab
 FAST = {"retries": 1, "retry_delay_seconds": 1.0}
 PIS = ("pi-1", "pi-2", "pi-3")
-PAUSE = "/var/lib/primespark/lab-generator/paused"
 SYNC_KEY = "-i /etc/primespark/sync/id_ed25519 -o IdentitiesOnly=yes -o BatchMode=yes " \
            "-o UserKnownHostsFile=/etc/primespark/sync/known_hosts -o StrictHostKeyChecking=yes"
 
@@ -82,7 +82,8 @@ def count_files(lab: Any, host: str, root: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def synced(lab, lab_flows, tmp_path_factory):
+def synced(lab, lab_flows, configured, tmp_path_factory):
+    """The sync plays on top of site.yml (`configured`: the hosts' tiers exist, a watcher needs its folder)."""
     fleet = lab.fleet
     plays = [
         {"name": "mesh between the NAS and the cloud", "hosts": "nas-1,analytics-1", "become": True,
@@ -227,13 +228,10 @@ def _in_thread(fn):  # type: ignore[no-untyped-def]
     return thread, outcome
 
 
-@pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "
-                   "(2026-11-30 run), not yet diagnosed: see the issue 16 note")
 def test_a_killed_run_leaves_no_partial_file_and_the_next_sends_only_the_rest(lab, synced):
     from flows.sync import sync
 
-    lab.exec("pi-1", f"touch {PAUSE}")
-    try:
+    with lab.generator_paused("pi-1"):
         sync("hot-to-nas", "lab", "ssh", source="pi-1", **FAST)  # caught up: only the big file is new below
         size = 64 * 1024 * 1024
         assert lab.exec("pi-1", f"mkdir -p /srv/hot/big && head -c {size} /dev/urandom > /srv/hot/big/weights.bin"
@@ -266,12 +264,8 @@ def test_a_killed_run_leaves_no_partial_file_and_the_next_sends_only_the_rest(la
         assert link["files_sent"] == 1 and link["bytes_sent"] <= size
         assert link["literal_bytes"] <= size - had + 1024 * 1024
         assert sha_tree(lab, "nas-1", "/srv/warm/pi-1/big") == sha_tree(lab, "pi-1", "/srv/hot/big")
-    finally:
-        lab.exec("pi-1", f"rm -f {PAUSE}")
 
 
-@pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "
-                   "(2026-11-30 run), not yet diagnosed: see the issue 16 note")
 def test_a_mirror_whose_source_was_swapped_for_an_empty_folder_deletes_nothing(lab, synced):
     from flows.sync import sync
 
@@ -308,7 +302,9 @@ def test_a_mirror_deletion_over_max_delete_deletes_nothing_and_publishes_the_lis
         state = sync("warm-to-cloud", "lab", "ssh", return_state=True, **FAST)
         assert state.is_failed()
         reason = str(state.result(raise_on_failure=False))
-        assert f"would delete 61 files at analytics-1, more than its max_delete ({limit})" in reason, reason
+        # rsync's count: the 60 files, and the folder too in some versions
+        held = re.search(rf"would delete (\d+) files at analytics-1, more than its max_delete \({limit}\)", reason)
+        assert held and int(held[1]) in (60, 61), reason
         assert count_files(lab, "analytics-1", "/srv/datasets/edge/pi-3/held") == 60, "something was deleted"
         with get_client(sync_client=True) as client:
             found = client.read_artifacts(artifact_filter=ArtifactFilter(

@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.lab
 FAST = {"retries": 1, "retry_delay_seconds": 1.0}
 PI = "pi-2"
-PAUSE = "/var/lib/primespark/lab-generator/paused"
 HOT, WARM = "/srv/hot", f"/srv/warm/{PI}"
 TEST_DIR = "tiertest"
 CAPACITY_GB = 0.05  # 50 MB: high 70 % = 35 MB
@@ -81,14 +80,13 @@ def write(lab: Any, rel: str, size: int, age_days: float) -> None:
 @pytest.fixture
 def hot_tier(lab: Any, configured: Any, tmp_path: Path) -> Iterator[str]:
     """pi-2's generator paused and its hot tier emptied of earlier test data; the variant fleet."""
-    lab.exec(PI, f"mkdir -p $(dirname {PAUSE}) && touch {PAUSE}")
     lab.exec(PI, f"rm -rf {HOT}/{TEST_DIR}")
     lab.exec("nas-1", f"rm -rf {WARM}/{TEST_DIR}")
     try:
-        yield variant(tmp_path)
+        with lab.generator_paused(PI):
+            yield variant(tmp_path)
     finally:
-        lab.exec(PI, f"kill $(cat {HOLDER_PID} 2>/dev/null) 2>/dev/null; rm -f {HOLDER_PID} {PAUSE}; "
-                     f"rm -rf {HOT}/{TEST_DIR}")
+        lab.exec(PI, f"kill $(cat {HOLDER_PID} 2>/dev/null) 2>/dev/null; rm -f {HOLDER_PID}; rm -rf {HOT}/{TEST_DIR}")
         lab.exec("nas-1", f"rm -rf {WARM}/{TEST_DIR}")
 
 
@@ -97,10 +95,6 @@ def hot_used(lab: Any) -> int:
     return sum(int(x) for x in done.stdout.split())
 
 
-@pytest.mark.xfail(run=False, reason="known defect (issue 17 note): the lab's data generator keeps writing fresh "
-                   "files into every Pi's hot tier, which may not move yet, so one pass cannot reach the low "
-                   "watermark (the 2026-11-30 lab run ended at 635 MB over a 25 MB target); the test must pause the "
-                   "generator or the plan count fresh files against the watermark")
 def test_a_full_hot_tier_drains_to_its_low_watermark_and_every_moved_file_is_equal_and_found(
         lab: Any, lab_flows: None, hot_tier: str) -> None:
     from flows.tiers import tier
