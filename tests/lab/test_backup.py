@@ -2,7 +2,7 @@
 on ops-1, flows run in this process and reported to the lab's Prefect server on ops-1.
 
 Set-up: the `restic` role on the backup clients and the drill's scratch host, the `nas` role on nas-1 (its
-accounts and authorised keys from the restic play, as site.yml does). The `nas` role makes accounts only on
+accounts, and every client's authorised key from the secret store, as site.yml does). The `nas` role makes accounts only on
 the primary repository's host, so the fixture applies the same role to ops-1 with the offsite accounts
 (`backup-<client>` in `<offsite path>/<client>`) in play vars — the offsite account set-up is this fixture's.
 """
@@ -57,15 +57,17 @@ def backups(lab, lab_flows, tmp_path_factory):
     offsite = spec.repositories[offsite_name]
     offsite_accounts = [{"client": c, "nas": offsite.host, "repository": offsite_name, "user": f"backup-{c}",
                          "chroot": f"{offsite.path}/{c}", "path": "/repo"} for c in spec.plans]
-    keys = ("{{ dict(groups['all'] | map('extract', hostvars) | selectattr('restic_public_keys', 'defined')"
-            " | map(attribute='inventory_hostname') | zip(groups['all'] | map('extract', hostvars)"
-            " | selectattr('restic_public_keys', 'defined') | map(attribute='restic_public_keys'))) }}")
+    # each client's public key from the secret store, as site.yml's NAS play takes them: a key list made from
+    # this play's facts would leave out the clients it does not run on (pi-2) and lock their backups out
+    keys = [{"name": "Each client's public backup key, from the secret store", "ansible.builtin.set_fact": {
+        "nas_backup_authorized_keys": "{{ nas_backup_authorized_keys | default({}) | combine({item.client: "
+                                      "lookup('spark_backup_material', item.client, env=spark_fleet).public_keys}) }}"},
+             "loop": "{{ spark_backup_accounts }}", "loop_control": {"label": "{{ item.client }}"}}]
     plays = [
         {"name": "restic clients", "hosts": ",".join(clients), "become": True, "roles": ["restic"]},
-        {"name": "NAS", "hosts": "nas-1", "become": True, "vars": {"nas_backup_authorized_keys": keys},
-         "roles": ["nas"]},
-        {"name": "offsite accounts (fixture)", "hosts": offsite.host, "become": True,
-         "vars": {"nas_backup_authorized_keys": keys, "spark_backup_accounts": offsite_accounts,
+        {"name": "NAS", "hosts": "nas-1", "become": True, "pre_tasks": keys, "roles": ["nas"]},
+        {"name": "offsite accounts (fixture)", "hosts": offsite.host, "become": True, "pre_tasks": keys,
+         "vars": {"spark_backup_accounts": offsite_accounts,
                   "spark_restic_repositories": [{"name": offsite_name, "path": offsite.path}]},
          "roles": ["nas"]},
     ]
