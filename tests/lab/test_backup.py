@@ -2,9 +2,10 @@
 on ops-1, flows run in this process and reported to the lab's Prefect server on ops-1.
 
 Set-up: the `restic` role on the backup clients and the drill's scratch host, the `nas` role on nas-1 (its
-accounts, and every client's authorised key from the secret store, as site.yml does). The `nas` role makes accounts only on
-the primary repository's host, so the fixture applies the same role to ops-1 with the offsite accounts
-(`backup-<client>` in `<offsite path>/<client>`) in play vars — the offsite account set-up is this fixture's.
+accounts, and every client's authorised key from the secret store, as site.yml does). The `nas` role makes
+accounts only on the primary repository's host, so the fixture applies the same role to ops-1 with the offsite
+accounts (`backup-<client>` in `<offsite path>/<client>`) in play vars — the offsite account set-up is this
+fixture's.
 """
 
 from __future__ import annotations
