@@ -117,8 +117,6 @@ def synced(lab, lab_flows, configured, tmp_path_factory):
     yield fleet
 
 
-@pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "
-                   "(2026-11-30 run), not yet diagnosed: see the issue 16 note")
 def test_the_generator_writes_readings_and_blobs_on_every_pi(lab, synced):
     deadline = time.monotonic() + 150  # cron starts it at the next minute
     counts: dict[str, int] = {}
@@ -156,8 +154,6 @@ def _links_synced_since(lab, since: float) -> bool:
     return all((core.load_state(ctx, link).last_success or 0) > since for link in links(ctx.fleet))
 
 
-@pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "
-                   "(2026-11-30 run), not yet diagnosed: see the issue 16 note")
 def test_continuous_copy_then_mirror_carry_200_files_within_30_s(lab, synced):
     from flows.sync import sync_watch
 
@@ -284,8 +280,6 @@ def test_a_mirror_whose_source_was_swapped_for_an_empty_folder_deletes_nothing(l
         lab.exec("nas-1", "rmdir /srv/warm && mv /srv/warm-away /srv/warm")
 
 
-@pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "
-                   "(2026-11-30 run), not yet diagnosed: see the issue 16 note")
 def test_a_mirror_deletion_over_max_delete_deletes_nothing_and_publishes_the_list(lab, synced):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
