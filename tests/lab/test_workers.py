@@ -20,6 +20,7 @@ from uuid import UUID
 
 import pytest
 
+from primespark.orchestration.submit import worker_of
 from primespark.playbook import RunResult, run_ansible
 
 pytestmark = pytest.mark.lab
@@ -146,7 +147,7 @@ def test_an_edge_backup_triggered_through_the_api_runs_on_the_edge_worker(lab, w
     before = snapshots_of("pi-1")
     run = finish(trigger("backup/backup-pi-1"))
     assert run.state.is_completed(), run.state
-    assert run.work_pool_name == "spark-edge" and run.infrastructure_pid.startswith("nas-1:"), run
+    assert run.work_pool_name == "spark-edge" and worker_of(run) == "nas-1", run
     assert len(snapshots_of("pi-1")) == len(before) + 1
 
 
@@ -157,7 +158,7 @@ def test_a_cloud_deployment_runs_on_the_cloud_worker(lab, workers):
         assert finish(trigger(f"backup/backup-{host}")).state.is_completed()
     run = finish(trigger("maintenance/maintenance-offsite"))
     assert run.state.is_completed(), run.state
-    assert run.work_pool_name == "spark-cloud" and run.infrastructure_pid.startswith("ops-1:"), run
+    assert run.work_pool_name == "spark-cloud" and worker_of(run) == "ops-1", run
 
 
 @pytest.mark.xfail(run=False, reason="fails on the lab since sync, workers, monitoring and OpenBao were merged "

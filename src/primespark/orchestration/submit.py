@@ -20,7 +20,7 @@ class WorkerRun:
     flow_run_id: UUID
     flow_run_name: str
     pool: str | None
-    worker_host: str | None  # from the run's infrastructure pid (`<host>:<pid>`)
+    worker_host: str | None  # the worker that took it (`worker_of`)
     state: str
     message: str
 
@@ -50,6 +50,16 @@ def submit(flow: str, deployment: str, parameters: dict[str, Any] | None = None)
     return run_deployment(f"{flow}/{deployment}", parameters=parameters or {}, timeout=0, as_subflow=False)
 
 
+WORKER_LABEL = "prefect.worker.name"  # the label a Prefect worker gives each run it takes
+
+
+def worker_of(run: Any) -> str | None:
+    """The worker that took a flow run: its name, which is its host's (the prefect_worker role names it so).
+    Prefect 3's process worker records only a pid as the run's infrastructure pid, not the host."""
+    name = (run.labels or {}).get(WORKER_LABEL)
+    return str(name) if name else None
+
+
 def follow(flow_run_id: UUID, deployment: str, said: Callable[[str], None] = lambda _: None,
            timeout: float | None = None) -> WorkerRun:
     """Wait for the run's end (polling the API), saying when a worker takes it."""
@@ -60,7 +70,7 @@ def follow(flow_run_id: UUID, deployment: str, said: Callable[[str], None] = lam
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            host = run.infrastructure_pid.rsplit(":", 1)[0] if run.infrastructure_pid else None
+            host = worker_of(run)
             if host and not announced:
                 said(f"{run.name} runs on the worker at {host} (pool {run.work_pool_name})")
                 announced = True
