@@ -137,8 +137,10 @@ def _docker_or_skip(lab: Lab) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `rebuilds_lab` first (the lab down and up again, a container removed by hand): run later, they
-    would wipe what the session's fixtures (`prefect`, `configured`) had installed for the tests after them."""
-    items.sort(key=lambda item: item.get_closest_marker("rebuilds_lab") is None)
+    would wipe what the session's fixtures (`prefect`, `configured`) had installed for the tests after them. Then
+    those marked `bare_lab` (a role's first run on hosts that never had it), before anything runs site.yml."""
+    items.sort(key=lambda item: (item.get_closest_marker("rebuilds_lab") is None,
+                                 item.get_closest_marker("bare_lab") is None))
 
 
 @pytest.hookimpl(hookwrapper=True)

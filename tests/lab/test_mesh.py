@@ -23,7 +23,7 @@ from primespark.mesh.plan import load_state
 from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS
 from primespark.playbook import RunResult, run_ansible
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.bare_lab]  # the role's first run: no host has the mesh yet
 PING_SECONDS = 40
 
 REPO = Path(__file__).resolve().parents[2]
