@@ -1,0 +1,204 @@
+"""Agent tasks run on this machine standing in for the fleet's hosts (`LocalHosts`, as the tier and sync tests):
+the real host-side script, real processes, a hot tier in the test's folder. Every wait polls for its condition."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from primespark.agents import execute, taskside
+from primespark.errors import StepFailed, UserError
+from primespark.fleet import Fleet, load_fleet
+from primespark.fleet.model import TaskSpec
+from primespark.hosts import LocalHosts
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "fleet" / "valid" / "agent-tasks.yaml"
+
+
+def make_fleet(root: Path, tasks: dict[str, Any] | None = None) -> str:
+    """The agent-tasks fixture with its hot tier (pi-1, pi-2) in `root/hot` and the test's own templates."""
+    data = yaml.safe_load(FIXTURE.read_text())
+    data["tiers"]["hot"]["path"] = str(root / "hot")
+    del data["backup"]  # its plans name /srv/hot, which is no tier folder here
+    data["tasks"] = tasks or {}
+    (root / "hot").mkdir(exist_ok=True)
+    path = root / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has: only its parent's wait is left)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return load_fleet(make_fleet(tmp_path))
+
+
+def tasks_root(tmp_path: Path) -> Path:
+    return tmp_path / "hot" / "tasks"
+
+
+class Background:
+    """`run_task` in a thread, for what happens while it runs."""
+
+    def __init__(self, fleet: Fleet, task_id: str, task: TaskSpec, **kwargs: Any) -> None:
+        self.result: execute.TaskResult | None = None
+        self.error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self.result = execute.run_task(LocalHosts(), fleet, "pi-1", task_id, task, **kwargs)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the run did not end"
+
+
+def test_results_live_in_the_hot_tier_or_the_fallback_folder(fleet: Fleet, tmp_path: Path) -> None:
+    assert execute.results_root(fleet, "pi-1") == f"{tmp_path}/hot/tasks"
+    assert execute.results_root(fleet, "core-1") == execute.FALLBACK_ROOT == "/var/lib/primespark/tasks"
+    with pytest.raises(UserError, match="not a plain name"):
+        execute.check_task_id("../etc")
+    made = execute.new_task_id("Summarise Readings")
+    assert made.startswith("summarise-readings-") and execute.TASK_ID.match(made)
+
+
+def test_a_task_runs_and_its_result_is_committed_once(fleet: Fleet, tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    task = TaskSpec(command=f'echo ran >> {marker}; echo hello; echo 42 > "$SPARK_TASK_OUTPUT/answer"',
+                    cpus=0.5, memory_mb=64)
+    result = execute.run_task(LocalHosts(), fleet, "pi-1", "t-1", task)
+    root = tasks_root(tmp_path)
+    assert (result.status, result.returncode, result.existing) == ("succeeded", 0, False)
+    assert result.path == str(root / "t-1")
+    assert (root / "t-1" / "out" / "answer").read_text() == "42\n"
+    assert (root / "t-1" / "stdout.log").read_text() == "hello\n" == result.stdout_tail
+    assert not (root / ".staging" / "t-1").exists()
+    # limits are either enforced, and how, or not, and why: never silently left out
+    assert result.limits.startswith(("enforced by ", "not enforced: ")) and len(result.limits) > 20
+    # a rerun of the id runs nothing and reports the committed result
+    again = execute.run_task(LocalHosts(), fleet, "pi-1", "t-1", task)
+    assert again.existing and again.status == "succeeded" and again.path == result.path
+    assert again.started == result.started
+    assert marker.read_text() == "ran\n"
+    assert sorted(p.name for p in root.iterdir()) == [".staging", "t-1"]
+
+
+def test_a_failing_command_gives_its_exit_code_and_stderr_tail_and_commits_nothing(fleet: Fleet,
+                                                                                  tmp_path: Path) -> None:
+    task = TaskSpec(command="echo first line >&2; echo the real cause >&2; exit 3")
+    result = execute.run_task(LocalHosts(), fleet, "pi-1", "t-fail", task)
+    assert (result.status, result.returncode) == ("failed", 3)
+    assert "the real cause" in result.stderr_tail
+    assert not (tasks_root(tmp_path) / "t-fail").exists()
+    assert result.path == str(tasks_root(tmp_path) / ".staging" / "t-fail")
+    error = execute.failure(result)
+    assert error.returncode == 3 and "exited 3" in error.message and "the real cause" in error.message
+
+
+def test_a_task_past_its_timeout_is_killed_with_its_whole_process_group(fleet: Fleet, tmp_path: Path) -> None:
+    # a child in the group, and one that left it (setsid): both end with the task
+    task = TaskSpec(command='sleep 300 & echo $! > "$SPARK_TASK_OUTPUT/child"; '
+                            'setsid sleep 300 & echo $! > "$SPARK_TASK_OUTPUT/escaped"; '
+                            'trap "" TERM; sleep 300')
+    started = time.monotonic()
+    result = execute.run_task(LocalHosts(), fleet, "pi-1", "t-slow", task, grace_seconds=0.5, timeout_seconds=1)
+    assert result.status == "timed-out"
+    assert time.monotonic() - started < 30
+    out = tasks_root(tmp_path) / ".staging" / "t-slow" / "out"
+    pids = [int((out / name).read_text()) for name in ("child", "escaped")]
+    assert not [p for p in pids if alive(p)], "a process of the task outlived its timeout"
+    assert not alive(result.pid)
+    assert not (tasks_root(tmp_path) / "t-slow").exists()
+
+
+def test_a_run_killed_mid_task_leaves_only_staging_and_the_rerun_commits_exactly_one_result(
+        fleet: Fleet, tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.touch()
+    # the first run waits while `hold` exists; the rerun (hold gone) finishes
+    task = TaskSpec(command=f'echo $$ > "$SPARK_TASK_OUTPUT/pid"; while [ -e {hold} ]; do sleep 0.05; done; '
+                            f'echo done > "$SPARK_TASK_OUTPUT/done"')
+    staging = tasks_root(tmp_path) / ".staging" / "t-kill"
+    first = Background(fleet, "t-kill", task)
+    until(lambda: (staging / "run.json").exists() and (staging / "out" / "pid").exists(), "the task started")
+    record = yaml.safe_load((staging / "run.json").read_text())
+    assert record["host"] == "pi-1" and record["pid"] > 0
+    os.kill(record["monitor_pid"], signal.SIGKILL)  # the host-side runner dies, as on a worker or SSH loss
+    first.join()
+    assert isinstance(first.error, StepFailed) and first.result is None
+    assert staging.is_dir() and not (tasks_root(tmp_path) / "t-kill").exists()
+    orphan = int((staging / "out" / "pid").read_text())
+    assert alive(orphan)  # left running by the killed runner: the rerun must end it
+    hold.unlink()
+    again = execute.run_task(LocalHosts(), fleet, "pi-1", "t-kill", task)
+    assert again.status == "succeeded" and not again.existing
+    assert not alive(orphan)
+    committed = [p.name for p in tasks_root(tmp_path).iterdir() if p.name != ".staging"]
+    assert committed == ["t-kill"]
+    assert (tasks_root(tmp_path) / "t-kill" / "out" / "done").read_text() == "done\n"
+    assert not staging.exists()
+
+
+def test_cancel_stops_the_task_on_its_host_and_an_unknown_id_is_a_located_error(fleet: Fleet,
+                                                                                tmp_path: Path) -> None:
+    task = TaskSpec(command='sleep 300 & echo $! > "$SPARK_TASK_OUTPUT/child"; wait')
+    staging = tasks_root(tmp_path) / ".staging" / "t-cancel"
+    running = Background(fleet, "t-cancel", task, grace_seconds=2)
+    until(lambda: (staging / "out" / "child").exists() and (staging / "run.json").exists(), "the task started")
+    child = int((staging / "out" / "child").read_text())
+    [cancelled] = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml", grace_seconds=2)
+    assert (cancelled.host, cancelled.found) == ("pi-1", "running")
+    running.join()
+    assert running.result is not None and running.result.status == "cancelled"
+    assert not alive(child)
+    assert not (tasks_root(tmp_path) / "t-cancel").exists()
+    # asked again: it is known, and no longer running
+    [again] = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml")
+    assert again.found == "stopped"
+    with pytest.raises(UserError, match=r"^fleet.yaml: no host knows task t-none \(asked: core-1, nas-1, ops-1, "
+                                        r"pi-1, pi-2\)"):
+        execute.cancel_task(LocalHosts(), fleet, "t-none", "fleet.yaml")
+
+
+def test_a_second_run_of_a_running_id_is_refused_as_busy(fleet: Fleet, tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.touch()
+    task = TaskSpec(command=f"while [ -e {hold} ]; do sleep 0.05; done")
+    staging = tasks_root(tmp_path) / ".staging" / "t-busy"
+    first = Background(fleet, "t-busy", task)
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    with pytest.raises(execute.TaskBusy, match="running on pi-1 already"):
+        execute.run_task(LocalHosts(), fleet, "pi-1", "t-busy", task)
+    hold.unlink()
+    first.join()
+    assert first.result is not None and first.result.status == "succeeded"
+    assert taskside.STAGING == ".staging"
