@@ -13,27 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from agent_fleets import agent_fleet
 
 from primespark.agents import execute, taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.fleet.model import TaskSpec
 from primespark.hosts import LocalHosts
-
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "fixtures" / "fleet" / "valid" / "agent-tasks.yaml"
-
-
-def make_fleet(root: Path, tasks: dict[str, Any] | None = None) -> str:
-    """The agent-tasks fixture with its hot tier (pi-1, pi-2) in `root/hot` and the test's own templates."""
-    data = yaml.safe_load(FIXTURE.read_text())
-    data["tiers"]["hot"]["path"] = str(root / "hot")
-    del data["backup"]  # its plans name /srv/hot, which is no tier folder here
-    data["tasks"] = tasks or {}
-    (root / "hot").mkdir(exist_ok=True)
-    path = root / "fleet.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -54,7 +40,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Fleet:
-    return load_fleet(make_fleet(tmp_path))
+    return load_fleet(agent_fleet(tmp_path))
 
 
 def tasks_root(tmp_path: Path) -> Path:

@@ -128,25 +128,42 @@ def failure(result: TaskResult) -> TaskRunFailed:
 
 
 @dataclass(frozen=True)
-class Cancelled:
+class Found:
+    """What a host knows of a task id: its committed result, or a run left in staging (running or not)."""
+
     task_id: str
     host: str
     found: Literal["running", "stopped", "committed"]
     path: str
     pid: int | None
+    result: TaskResult | None = None  # the committed result
+
+
+def _ask_every_host(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, grace_seconds: float) -> list[Found]:
+    check_task_id(task_id)
+    # every host that could have run a task: its run record and result live in its own task folder
+    candidates = [h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host]
+    answers = on_each(candidates, lambda h: _side(hosts, h, op, {
+        "task_id": task_id, "host": h, "root": results_root(fleet, h), "grace": grace_seconds}, 120 + grace_seconds))
+    fields = TaskResult.__dataclass_fields__
+    return [Found(task_id, h, a["found"], a["path"], a.get("pid"),
+                  TaskResult(**{k: v for k, v in {**a["result"], "path": a["path"], "existing": True}.items()
+                                if k in fields}) if "result" in a else None)
+            for h, a in sorted(answers.items()) if a["found"] is not None]
+
+
+def find_task(hosts: HostAccess, fleet: Fleet, task_id: str) -> list[Found]:
+    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed)."""
+    return _ask_every_host(hosts, fleet, task_id, "find", taskside.GRACE_SECONDS)
 
 
 def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
-                grace_seconds: float = taskside.GRACE_SECONDS) -> list[Cancelled]:
-    """Stop task `task_id` wherever it runs: every host that could run a task is asked (its run record lives in
-    its host's task folder). `where` locates the error when no host knows the id."""
-    check_task_id(task_id)
-    candidates = [h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host]
-    answers = on_each(candidates, lambda h: _side(hosts, h, "cancel", {
-        "task_id": task_id, "host": h, "root": results_root(fleet, h), "grace": grace_seconds}, 120 + grace_seconds))
-    found = [Cancelled(task_id, h, a["found"], a["path"], a.get("pid")) for h, a in answers.items()
-             if a["found"] is not None]
+                grace_seconds: float = taskside.GRACE_SECONDS) -> list[Found]:
+    """Stop task `task_id` wherever it runs (SIGTERM to its processes, SIGKILL after `grace_seconds`); what each
+    host that knows the id said. `where` locates the error when no host knows it."""
+    found = _ask_every_host(hosts, fleet, task_id, "cancel", grace_seconds)
     if not found:
-        raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(sorted(candidates))})",
+        asked = sorted(h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host)
+        raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(asked)})",
                         "check the id: `spark task run` prints it")
     return found

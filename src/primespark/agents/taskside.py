@@ -11,6 +11,7 @@ Operations:
   is renamed to `<root>/<task-id>/` and flushed with its parent: a result is there whole or not at all. A failed,
   timed-out or cancelled run leaves its staging folder for inspection; the next run of the id replaces it, after
   ending whatever a killed run left behind. One run per task id at a time on a host (a lock file).
+- `find`: the task's committed result here, or its staging folder and whether its processes still run.
 - `cancel`: the task's processes on this host stopped (SIGTERM to their groups, SIGKILL after a grace).
 
 Limits: `systemd-run --scope -p CPUQuota= -p MemoryMax=` when systemd is PID 1 and this runs as root; else a
@@ -229,27 +230,39 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
             "stderr_tail": _tail(os.path.join(path, "stderr.log"))}
 
 
-def cancel(req: dict[str, Any]) -> dict[str, Any]:
+def find(req: dict[str, Any]) -> dict[str, Any]:
+    """The task's committed result on this host, or whether a run of it is left in staging (and still running)."""
     task_id, host, root = req["task_id"], req["host"], req["root"]
     final = os.path.join(root, task_id)
-    staging = os.path.join(root, STAGING, task_id)
-    if os.path.exists(os.path.join(final, "result.json")):
-        return {"found": "committed", "path": final}
     try:
-        with open(os.path.join(staging, "run.json"), encoding="utf-8") as handle:
+        with open(os.path.join(final, "result.json"), encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, ValueError):
+        result = None
+    if result is not None and result.get("host") == host:
+        return {"found": "committed", "path": final, "result": result}
+    try:
+        with open(os.path.join(root, STAGING, task_id, "run.json"), encoding="utf-8") as handle:
             record = json.load(handle)
     except (OSError, ValueError):
         return {"found": None}
     if record.get("host") != host:  # another host's run (hosts that share this folder, as in tests)
         return {"found": None}
-    if not _marked(task_id, host):
-        return {"found": "stopped", "path": staging, "pid": record["pid"]}
-    with open(os.path.join(staging, "cancelled"), "w", encoding="utf-8") as handle:
+    return {"found": "running" if _marked(task_id, host) else "stopped", "path": os.path.join(root, STAGING, task_id),
+            "pid": record["pid"]}
+
+
+def cancel(req: dict[str, Any]) -> dict[str, Any]:
+    found = find(req)
+    if found["found"] != "running":
+        return {k: v for k, v in found.items() if k != "result"}
+    # the monitor reads this marker when the command ends: the result says cancelled, not failed
+    with open(os.path.join(found["path"], "cancelled"), "w", encoding="utf-8") as handle:
         handle.write(str(time.time()))
-    stopped = _stop(task_id, host, None, None, float(req.get("grace", GRACE_SECONDS)))
-    return {"found": "running", "path": staging, "pid": record["pid"], "stopped": stopped}
+    stopped = _stop(req["task_id"], req["host"], None, None, float(req.get("grace", GRACE_SECONDS)))
+    return {**found, "stopped": stopped}
 
 
 if __name__ == "__main__":
-    operation = {"run": run, "cancel": cancel}[sys.argv[1]]
+    operation = {"run": run, "find": find, "cancel": cancel}[sys.argv[1]]
     print(json.dumps(operation(json.loads(sys.stdin.read()))))

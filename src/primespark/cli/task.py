@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import typer
@@ -21,9 +21,6 @@ from primespark.cli.common import EnvOption, console, fleet_for
 from primespark.errors import UserError
 from primespark.fleet.errors import Problem
 from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
-
-if TYPE_CHECKING:
-    from primespark.context import FleetContext
 
 app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data).",
                   no_args_is_help=True)
@@ -90,44 +87,11 @@ def _chosen_task(fleet: Fleet, env: str, spec: Path | None, template: str | None
     return spec.stem, str(spec), load_spec(spec, fleet)
 
 
-def ready_pools(ctx: FleetContext) -> dict[str, bool] | str:
-    """Each work pool's readiness on the fleet's Prefect server (READY: a worker is online), or why it is not
-    known."""
-    from primespark.orchestration.placement import pools
-
-    if ctx.fleet.orchestration is None:
-        return {}
-    try:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-
-        from primespark.orchestration.api import use_fleet_prefect
-
-        use_fleet_prefect(ctx)
-        ready = {}
-        with get_client(sync_client=True) as client:
-            for pool in pools(ctx.fleet):
-                try:
-                    found = client.read_work_pool(pool)
-                except ObjectNotFound:
-                    ready[pool] = False
-                    continue
-                ready[pool] = found.status is not None and found.status.value == "READY"
-        return ready
-    except UserError as exc:
-        return exc.message
-    except Exception as exc:  # the server answered badly (HTTP, auth): the plan says why instead of stopping
-        return f"{type(exc).__name__}: {exc}"
-
-
 def _live_facts(env: str, transport: str, task: TaskSpec) -> tuple[Facts, str]:
-    from primespark.agents.facts import pool_readiness, read_facts
+    from primespark.agents.facts import live_facts
     from primespark.context import FleetContext
 
-    ctx = FleetContext.load(env, transport_of(transport))
-    pools = ready_pools(ctx)
-    ready = pools if isinstance(pools, str) else pool_readiness(ctx.fleet, pools)
-    return read_facts(ctx.hosts, ctx.fleet, task, ready), "read now from the hosts' node exporters"
+    return live_facts(FleetContext.load(env, transport_of(transport)), task)
 
 
 def render(decision: Decision, fleet: Fleet, title: str) -> Table:

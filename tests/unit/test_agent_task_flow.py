@@ -1,0 +1,107 @@
+"""The `agent-task` flow on this machine: the local transport (every host is this machine, the hot tier a folder of
+the test's), host facts from a facts file (no node exporter here), one Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from agent_fleets import agent_fleet
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.agent_task import agent_task, artifact_key
+from primespark.fleet.model import TaskSpec
+
+pytestmark = pytest.mark.slow
+HOSTS = ("core-1", "kvm-1", "nas-1", "ops-1", "pi-1", "pi-2")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    state = tmp_path_factory.mktemp("state")
+    state.chmod(0o700)
+    old = os.environ.get("SPARK_STATE_DIR")
+    os.environ["SPARK_STATE_DIR"] = str(state)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    if old is None:
+        del os.environ["SPARK_STATE_DIR"]
+    else:
+        os.environ["SPARK_STATE_DIR"] = old
+
+
+def facts_file(root: Path) -> str:
+    """pi-1 and pi-2 can take tasks (pi-1 has more free); pi-1's quiet hours (23:00-06:00) are not now."""
+    path = root / "facts.yaml"
+    up = {"memory_free_mb": 3000, "on_mains": True, "worker_ready": True}
+    path.write_text(yaml.safe_dump({
+        "now": "2026-11-30T12:00:00Z",
+        "hosts": {"pi-1": {**up, "cpus_free": 3.0}, "pi-2": {**up, "cpus_free": 2.0},
+                  "nas-1": {"unavailable": "cannot reach nas-1 over SSH"}}}))
+    return str(path)
+
+
+def artifact(key: str) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return sorted(found, key=lambda a: a.created)[-1].data
+
+
+def test_a_template_is_placed_run_and_committed_and_a_rerun_of_its_id_runs_nothing(
+        server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path, {"count": {"command": f'echo ran >> {runs}; echo counted > "$SPARK_TASK_OUTPUT/n"',
+                                            "cpus": 0.5, "memory_mb": 64}})
+    facts = facts_file(tmp_path)
+    state = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts,
+                       return_state=True)
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-1", "succeeded", 1)
+    assert result["path"] == str(tmp_path / "hot" / "tasks" / "count-1")
+    assert "3.0 CPUs free" in result["why"]
+    assert (tmp_path / "hot" / "tasks" / "count-1" / "out" / "n").read_text() == "counted\n"
+    rows = json.loads(artifact(f"{artifact_key('count-1')}-placement"))
+    verdicts = {r["host"]: (r["verdict"], r["why"]) for r in rows}
+    assert set(verdicts) == set(HOSTS)
+    assert verdicts["pi-1"][0] == "chosen" and verdicts["pi-2"][0] == "eligible"
+    assert verdicts["nas-1"] == ("excluded", "facts unavailable: cannot reach nas-1 over SSH")
+    assert verdicts["kvm-1"] == ("excluded", "a KVM host runs VMs, not tasks")
+    assert "succeeded" in artifact(f"{artifact_key('count-1')}-result")
+    again = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts)
+    assert again["existing"] and again["attempts"] == 0 and again["path"] == result["path"]
+    assert runs.read_text() == "ran\n"
+
+
+def test_a_failing_inline_task_is_placed_again_per_its_retries_and_fails_with_its_exit_code(
+        server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path)
+    spec = TaskSpec(command=f"echo try >> {runs}; echo no model file >&2; exit 7", retries=1, memory_mb=64)
+    state = agent_task(spec=spec, name="embed", task_id="embed-1", env=fleet, transport="local",
+                       facts_file=facts_file(tmp_path), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert error.returncode == 7
+    assert "exited 7" in error.message and "no model file" in error.message
+    assert runs.read_text() == "try\ntry\n"  # the spec's one retry, placed again
+    assert not (tmp_path / "hot" / "tasks" / "embed-1").exists()
+    assert "failed" in artifact(f"{artifact_key('embed-1')}-result")
+
+
+def test_an_inline_spec_no_host_can_run_is_refused_with_its_reason(server: None, tmp_path: Path) -> None:
+    fleet = agent_fleet(tmp_path)
+    spec = TaskSpec(command="true", memory_mb=100_000)
+    state = agent_task(spec=spec, name="huge", task_id="huge-1", env=fleet, transport="local",
+                       facts_file=facts_file(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "inline task huge" in str(state.result(raise_on_failure=False))
