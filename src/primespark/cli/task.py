@@ -1,6 +1,7 @@
-"""`spark task plan`: where an agent task would run now and why, per host of the fleet; nothing is run.
+"""`spark task plan|run|cancel`: where an agent task would run now and why (per host of the fleet), running it
+there (the `agent-task` flow, in this process), and stopping it on its host.
 
-Running tasks (`spark task run|ls|cancel`) is not built yet: docs/agents.md says what is.
+`spark task ls` is not built yet: docs/agents.md says what is.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from primespark.errors import UserError
 from primespark.fleet.errors import Problem
 from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
 
-app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data).",
+app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data), run "
+                  "one there, cancel one.",
                   no_args_is_help=True)
 
 SpecArg = Annotated[Path | None, typer.Argument(
@@ -149,3 +151,66 @@ def plan(
     if not as_json:
         console.print(f"[bold green]{name} would run on {decision.host}[/bold green] (nothing was run)")
 
+
+
+@app.command("run")
+def run(
+    spec: SpecArg = None,
+    template: TemplateOption = None,
+    env: EnvOption = "lab",
+    task_id: Annotated[str | None, typer.Option(
+        "--id", help="The task's id (its result folder). Default: a fresh one. An id whose result is committed "
+        "runs nothing and prints that result.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, as `spark task plan`: nothing runs.")] = False,
+    facts_file: FactsOption = None,
+    transport: TransportOption = "ssh",
+    as_json: JsonOption = False,
+) -> None:
+    """Run the task on the host placement chooses now (the `agent-task` flow, in this process), and print where it
+    ran, why, and its result folder. A failed attempt is placed again on fresh facts while the spec's `retries`
+    last. The id is printed first: `spark task cancel ID` stops it."""
+    if dry_run:
+        plan(spec, template, env, facts_file, transport, as_json)
+        return
+    from flows.agent_task import agent_task
+    from primespark.agents.execute import check_task_id, new_task_id
+    from primespark.orchestration.runs import run_here, use_lab_prefect
+
+    fleet = fleet_for(env)
+    name, _, task = _chosen_task(fleet, env, spec, template)
+    task_id = check_task_id(task_id) if task_id else new_task_id(name)
+    if not as_json:
+        console.print(f"task id: {task_id} (stop it: spark task cancel {task_id} --env {env})")
+    use_lab_prefect(fleet)
+    result = run_here(agent_task, template=template, spec=None if template else task, name=name, task_id=task_id,
+                      env=env, transport=transport_of(transport),
+                      facts_file=None if facts_file is None else str(facts_file))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    if result["existing"]:
+        console.print(f"[bold green]{task_id} was committed earlier on {result['host']}[/bold green]: nothing ran")
+    else:
+        console.print(f"[bold green]{task_id} ran on {result['host']}[/bold green] (attempt {result['attempts']}): "
+                      f"{result['why']}")
+    console.print(f"result: {result['host']}:{result['path']}")
+    console.print(f"limits: {result['limits']}")
+
+
+@app.command("cancel")
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task's id, as `spark task run` printed it.")],
+    env: EnvOption = "lab",
+    transport: TransportOption = "ssh",
+) -> None:
+    """Stop a running task on its host: SIGTERM to its processes (the whole process group, and any that left
+    it), SIGKILL 10 s later. Every host that runs tasks is asked: its run record is in its task folder."""
+    from primespark.agents.execute import cancel_task
+    from primespark.context import FleetContext
+    from primespark.fleet.loader import resolve
+
+    ctx = FleetContext.load(env, transport_of(transport))
+    for found in cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env))):
+        what = {"running": f"stopped (pid {found.pid})", "stopped": "was not running (its attempt had ended)",
+                "committed": "had finished: its result is committed"}[found.found]
+        console.print(f"{task_id} on {found.host}: {what}; its folder: {found.host}:{found.path}")
