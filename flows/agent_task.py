@@ -53,7 +53,12 @@ def facts_step(ctx: FleetContext, spec: TaskSpec, facts_file: str | None) -> tup
 
 @task(name="agent-task-run", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def run_step(ctx: FleetContext, host: str, task_id: str, spec: TaskSpec) -> execute.TaskResult:
-    return execute.run_task(ctx.hosts, ctx.fleet, host, task_id, spec)
+    logger = get_run_logger()
+
+    def log(stream: str, line: str) -> None:  # each line of the command's output as it comes
+        (logger.info if stream == "stdout" else logger.warning)("%s %s: %s", host, stream, line)
+
+    return execute.run_task(ctx.hosts, ctx.fleet, host, task_id, spec, on_output=log)
 
 
 def artifact_key(task_id: str) -> str:
@@ -77,15 +82,6 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
              f"- committed earlier: {'yes, nothing ran now' if result.existing else 'no'}"]
     create_markdown_artifact("\n".join(lines), key=f"{artifact_key(result.task_id)}-result",
                              description=f"task {result.task_id}: its result")
-
-
-def _log_output(result: execute.TaskResult) -> None:
-    """The command's output, collected on the host and logged when it ended (not streamed while it runs)."""
-    logger = get_run_logger()
-    for line in result.stdout_tail.splitlines():
-        logger.info("%s stdout: %s", result.host, line)
-    for line in result.stderr_tail.splitlines():
-        logger.warning("%s stderr: %s", result.host, line)
 
 
 def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSpec | None,
@@ -156,7 +152,6 @@ def agent_task(
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
             result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)
-            _log_output(result)
             _result_artifact(result, why)
             if result.status == "succeeded":
                 return {**asdict(result), "why": why, "attempts": attempt}

@@ -188,3 +188,22 @@ def test_a_second_run_of_a_running_id_is_refused_as_busy(fleet: Fleet, tmp_path:
     first.join()
     assert first.result is not None and first.result.status == "succeeded"
     assert taskside.STAGING == ".staging"
+
+
+def test_output_is_streamed_line_by_line_while_the_command_runs(fleet: Fleet, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    # the command goes on only once the test has seen its first line: collected-at-the-end output would never
+    # let it, and the run would time out
+    task = TaskSpec(command=f"echo first; echo warned >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo second")
+    seen: list[tuple[str, str]] = []
+
+    def on_output(stream: str, line: str) -> None:
+        seen.append((stream, line))
+        if line == "first":
+            go.touch()
+
+    result = execute.run_task(LocalHosts(), fleet, "pi-1", "t-stream", task, timeout_seconds=20,
+                              on_output=on_output)
+    assert result.status == "succeeded"
+    assert [line for stream, line in seen if stream == "stdout"] == ["first", "second"]
+    assert ("stderr", "warned") in seen

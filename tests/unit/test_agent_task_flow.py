@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.agent_task import agent_task, artifact_key
+from primespark.agents.execute import TaskRunFailed
 from primespark.fleet.model import TaskSpec
 
 pytestmark = pytest.mark.slow
@@ -54,13 +55,26 @@ def artifact(key: str) -> Any:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     assert found, f"no artifact {key!r}"
-    return sorted(found, key=lambda a: a.created)[-1].data
+    return max(found, key=lambda a: str(a.created)).data
+
+
+def flow_logs(state: Any) -> str:
+    """What the run logged to the Prefect API (what the UI shows), flushed first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        run_id = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=run_id))
+    return "\n".join(log.message for log in logs)
 
 
 def test_a_template_is_placed_run_and_committed_and_a_rerun_of_its_id_runs_nothing(
         server: None, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    fleet = agent_fleet(tmp_path, {"count": {"command": f'echo ran >> {runs}; echo counted > "$SPARK_TASK_OUTPUT/n"',
+    fleet = agent_fleet(tmp_path, {"count": {"command": f'echo ran >> {runs}; echo counted > "$SPARK_TASK_OUTPUT/n"; '
+                                                        'echo hello from the task',
                                             "cpus": 0.5, "memory_mb": 64}})
     facts = facts_file(tmp_path)
     state = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts,
@@ -77,6 +91,7 @@ def test_a_template_is_placed_run_and_committed_and_a_rerun_of_its_id_runs_nothi
     assert verdicts["nas-1"] == ("excluded", "facts unavailable: cannot reach nas-1 over SSH")
     assert verdicts["kvm-1"] == ("excluded", "a KVM host runs VMs, not tasks")
     assert "succeeded" in artifact(f"{artifact_key('count-1')}-result")
+    assert "pi-1 stdout: hello from the task" in flow_logs(state)
     again = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts)
     assert again["existing"] and again["attempts"] == 0 and again["path"] == result["path"]
     assert runs.read_text() == "ran\n"
@@ -91,6 +106,7 @@ def test_a_failing_inline_task_is_placed_again_per_its_retries_and_fails_with_it
                        facts_file=facts_file(tmp_path), return_state=True)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
+    assert isinstance(error, TaskRunFailed)
     assert error.returncode == 7
     assert "exited 7" in error.message and "no model file" in error.message
     assert runs.read_text() == "try\ntry\n"  # the spec's one retry, placed again

@@ -4,9 +4,9 @@ The host-side half is `taskside.py` (shipped as source, standard library only): 
 timeout and the commit-once rule on the host itself, so a controller or worker that dies mid-run leaves a
 staging folder and nothing committed. This module builds its requests and reads its answers.
 
-Output is collected, not streamed: the host-side script writes the command's stdout and stderr to files in the
-task's folder and sends back their last 64 KiB when the command ends (the flow logs them then). The `Runner`
-protocol returns a command's output when it ends; streaming needs a streaming runner, not built.
+Output is streamed: the command writes to files in the task's folder, the host-side script follows them and
+sends each line as it comes (through `primespark.hosts.stream`), and `run_task` passes it to `on_output`; the
+last 64 KiB of each stream also come back with the result.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Literal
 from primespark.agents import taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import Fleet, HostKind, TaskSpec, TierName
-from primespark.hosts import HostAccess, on_each
+from primespark.hosts import HostAccess, on_each, stream
 
 SOURCE = Path(taskside.__file__).read_text()
 # Where a host without a hot tier keeps task results (a host with one: `<hot tier>/tasks`, so sync carries them).
@@ -83,11 +84,36 @@ def new_task_id(name: str, now: datetime | None = None) -> str:
     return check_task_id(f"{base[:100]}-{stamp}-{secrets.token_hex(2)}")
 
 
-def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    runner = hosts.runner(host)
-    done = runner.run([runner.python, "-c", SOURCE, op], stdin=json.dumps(request).encode(), timeout=timeout)
+OnOutput = Callable[[str, str], None]  # (stream: stdout or stderr, the line)
+
+
+def _output_line(line: str) -> tuple[str, str] | None:
+    """(stream, line) of a line of the command's output, as the host-side script sends it; None for its answer."""
     try:
-        answer: dict[str, Any] = json.loads(done.text.strip().splitlines()[-1])
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(message, dict) and set(message) == {"stream", "line"}:
+        return str(message["stream"]), str(message["line"])
+    return None
+
+
+def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeout: float,
+          on_output: OnOutput | None = None) -> dict[str, Any]:
+    runner = hosts.runner(host)
+
+    def on_line(line: str) -> None:
+        message = _output_line(line)
+        if message is not None and on_output is not None:
+            on_output(*message)
+
+    done = stream(runner, [runner.python, "-c", SOURCE, op], on_line=on_line, stdin=json.dumps(request).encode(),
+                  timeout=timeout)
+    try:
+        last = done.text.strip().splitlines()[-1]
+        answer: dict[str, Any] = json.loads(last)
+        if _output_line(last) is not None:  # the script ended before its answer (killed)
+            raise IndexError
     except (json.JSONDecodeError, IndexError):
         raise StepFailed(f"{host}: the task's host-side script gave no answer (exit {done.returncode}): "
                          f"{(done.stderr or done.text).strip()[-400:]}",
@@ -97,10 +123,12 @@ def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeou
 
 
 def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: TaskSpec,
-             grace_seconds: float = taskside.GRACE_SECONDS, timeout_seconds: float | None = None) -> TaskResult:
+             grace_seconds: float = taskside.GRACE_SECONDS, timeout_seconds: float | None = None,
+             on_output: OnOutput | None = None) -> TaskResult:
     """Run `task` on `host` as `task_id` (or find its committed result): the result of that attempt, whatever its
     status; `TaskBusy` when another run of the id is under way there. `timeout_seconds` replaces the task's
-    `timeout_minutes` (tests: a spec counts in minutes)."""
+    `timeout_minutes` (tests: a spec counts in minutes). `on_output(stream, line)` gets each line of the
+    command's output as it comes."""
     if task.image is not None:
         raise UserError(f"task {task_id}: running a container image is not built yet",
                         "give the task a command instead of an image (docs/agents.md)")
@@ -108,7 +136,7 @@ def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: Tas
     timeout = task.timeout_minutes * 60 if timeout_seconds is None else timeout_seconds
     request = {"task_id": task_id, "host": host, "root": results_root(fleet, host), "command": task.command,
                "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds}
-    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS)
+    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output)
     if answer["status"] == "busy":
         raise TaskBusy(f"task {task_id} is running on {host} already ({answer['path']})",
                        f"wait for it, or stop it: spark task cancel {task_id}")

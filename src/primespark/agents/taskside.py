@@ -2,15 +2,16 @@
 committed once.
 
 Shipped as source and run with the host's own `python3 -c SOURCE OP` (standard library only, as
-`data/tierside.py`): a JSON request on stdin, one JSON object out.
+`data/tierside.py`): a JSON request on stdin, one JSON object out (the last line).
 
 Operations:
 - `run`: the task's command, unless its result is already committed (then that result, and nothing runs).
   It works in `<root>/.staging/<task-id>/` (`out/` is the command's working folder and `$SPARK_TASK_OUTPUT`;
-  `stdout.log` and `stderr.log` hold its output; `run.json` the host and pid, for `cancel`). On exit 0 the folder
-  is renamed to `<root>/<task-id>/` and flushed with its parent: a result is there whole or not at all. A failed,
-  timed-out or cancelled run leaves its staging folder for inspection; the next run of the id replaces it, after
-  ending whatever a killed run left behind. One run per task id at a time on a host (a lock file).
+  `stdout.log` and `stderr.log` hold its output; `run.json` the host and pid, for `cancel`). While it runs, each
+  line of its output is sent back as a JSON line `{"stream": ..., "line": ...}`; the answer is the last line.
+  On exit 0 the folder is renamed to `<root>/<task-id>/` and flushed with its parent: a result is there whole or
+  not at all. A failed, timed-out or cancelled run leaves its staging folder for inspection; the next run of the
+  id replaces it, after ending whatever a killed run left behind. One run per task id at a time on a host (a lock file).
 - `find`: the task's committed result here, or its staging folder and whether its processes still run.
 - `cancel`: the task's processes on this host stopped (SIGTERM to their groups, SIGKILL after a grace).
 
@@ -37,6 +38,8 @@ from typing import Any
 STAGING = ".staging"
 GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL
 TAIL_BYTES = 64 * 1024  # of each stream, sent back to the flow (the whole output stays in the result folder)
+POLL_SECONDS = 0.1  # how often the output files are read while the command runs
+STREAM_LINES = 10_000  # lines sent to the controller per run (all of them stay in the task's folder)
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "primespark-tasks"
 
@@ -163,6 +166,51 @@ def _flush_tree(folder: str) -> None:
     _fsync_path(folder)
 
 
+class _Follow:
+    """The command's output files followed as they grow: each whole line is sent to this script's stdout as one
+    JSON line (the controller logs it as it comes). The command writes to files, not to this script: if this
+    script or its SSH session dies, the command's output still lands, and a lost controller ends the sending
+    only, not the run."""
+
+    def __init__(self, staging: str) -> None:
+        self.files = {name: open(os.path.join(staging, f"{name}.log"), "rb")  # noqa: SIM115 - closed in close()
+                      for name in ("stdout", "stderr")}
+        self.partial = dict.fromkeys(self.files, b"")
+        self.sent = 0
+        self.open = True
+
+    def _emit(self, stream: str, line: bytes) -> None:
+        if not self.open:
+            return
+        if self.sent == STREAM_LINES:
+            message = {"stream": "stderr", "line": f"(more output than {STREAM_LINES} lines: the rest is in the "
+                       "task's folder only)"}
+        elif self.sent > STREAM_LINES:
+            return
+        else:
+            message = {"stream": stream, "line": line.decode(errors="replace")}
+        self.sent += 1
+        try:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the controller is gone: the run goes on, its output in the files
+            self.open = False
+
+    def pump(self, final: bool) -> None:
+        for name, handle in self.files.items():
+            lines = (self.partial[name] + handle.read()).split(b"\n")
+            self.partial[name] = lines.pop()
+            if final and self.partial[name]:
+                lines.append(self.partial[name])
+                self.partial[name] = b""
+            for line in lines:
+                self._emit(name, line)
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
 def run(req: dict[str, Any]) -> dict[str, Any]:
     task_id, host, root = req["task_id"], req["host"], req["root"]
     final = os.path.join(root, task_id)
@@ -201,12 +249,21 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
                                                      "monitor_pid": os.getpid(), "started": started,
                                                      "limits": limits})
     timed_out = False
-    try:
-        returncode = proc.wait(timeout=float(req["timeout"]))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _stop(task_id, host, proc.pid, cgroup, float(req.get("grace", GRACE_SECONDS)))
-        returncode = proc.wait()
+    out_stream = _Follow(staging)
+    deadline = time.monotonic() + float(req["timeout"])
+    while True:
+        returncode = proc.poll()
+        out_stream.pump(final=returncode is not None)
+        if returncode is not None:
+            break
+        if time.monotonic() >= deadline:
+            timed_out = True
+            _stop(task_id, host, proc.pid, cgroup, float(req.get("grace", GRACE_SECONDS)))
+            returncode = proc.wait()
+            out_stream.pump(final=True)
+            break
+        time.sleep(POLL_SECONDS)
+    out_stream.close()
     # what the command left running in the background ends with it: a task's processes never outlive its result
     _stop(task_id, host, proc.pid, cgroup, 1.0)
     if cgroup is not None:
