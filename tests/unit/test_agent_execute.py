@@ -50,13 +50,13 @@ def tasks_root(tmp_path: Path) -> Path:
 class Background:
     """`run_task` in a thread, for what happens while it runs."""
 
-    def __init__(self, fleet: Fleet, task_id: str, task: TaskSpec, **kwargs: Any) -> None:
+    def __init__(self, fleet: Fleet, host: str, task_id: str, task: TaskSpec, **kwargs: Any) -> None:
         self.result: execute.TaskResult | None = None
         self.error: BaseException | None = None
 
         def work() -> None:
             try:
-                self.result = execute.run_task(LocalHosts(), fleet, "pi-1", task_id, task, **kwargs)
+                self.result = execute.run_task(LocalHosts(), fleet, host, task_id, task, **kwargs)
             except BaseException as exc:
                 self.error = exc
 
@@ -134,7 +134,7 @@ def test_a_run_killed_mid_task_leaves_only_staging_and_the_rerun_commits_exactly
     task = TaskSpec(command=f'echo $$ > "$SPARK_TASK_OUTPUT/pid"; while [ -e {hold} ]; do sleep 0.05; done; '
                             f'echo done > "$SPARK_TASK_OUTPUT/done"')
     staging = tasks_root(tmp_path) / ".staging" / "t-kill"
-    first = Background(fleet, "t-kill", task)
+    first = Background(fleet, "pi-1", "t-kill", task)
     until(lambda: (staging / "run.json").exists() and (staging / "out" / "pid").exists(), "the task started")
     record = yaml.safe_load((staging / "run.json").read_text())
     assert record["host"] == "pi-1" and record["pid"] > 0
@@ -158,7 +158,7 @@ def test_cancel_stops_the_task_on_its_host_and_an_unknown_id_is_a_located_error(
                                                                                 tmp_path: Path) -> None:
     task = TaskSpec(command='sleep 300 & echo $! > "$SPARK_TASK_OUTPUT/child"; wait')
     staging = tasks_root(tmp_path) / ".staging" / "t-cancel"
-    running = Background(fleet, "t-cancel", task, grace_seconds=2)
+    running = Background(fleet, "pi-1", "t-cancel", task, grace_seconds=2)
     until(lambda: (staging / "out" / "child").exists() and (staging / "run.json").exists(), "the task started")
     child = int((staging / "out" / "child").read_text())
     [cancelled] = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml", grace_seconds=2)
@@ -180,7 +180,7 @@ def test_a_second_run_of_a_running_id_is_refused_as_busy(fleet: Fleet, tmp_path:
     hold.touch()
     task = TaskSpec(command=f"while [ -e {hold} ]; do sleep 0.05; done")
     staging = tasks_root(tmp_path) / ".staging" / "t-busy"
-    first = Background(fleet, "t-busy", task)
+    first = Background(fleet, "pi-1", "t-busy", task)
     until(lambda: (staging / "run.json").exists(), "the task started")
     with pytest.raises(execute.TaskBusy, match="running on pi-1 already"):
         execute.run_task(LocalHosts(), fleet, "pi-1", "t-busy", task)
@@ -207,3 +207,42 @@ def test_output_is_streamed_line_by_line_while_the_command_runs(fleet: Fleet, tm
     assert result.status == "succeeded"
     assert [line for stream, line in seen if stream == "stdout"] == ["first", "second"]
     assert ("stderr", "warned") in seen
+
+
+def test_limits_use_systemd_run_then_cgroup_v2_then_say_why_not(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice of how limits are applied (what this machine has decides which path the runs above take; this
+    checks each path's request, not the kernel's enforcement)."""
+    monkeypatch.setattr(taskside, "SYSTEMD_BOOTED", str(tmp_path / "no-systemd"))
+    monkeypatch.setattr(taskside, "CGROUP_ROOT", str(tmp_path / "no-cgroup2"))
+    prefix, group, how = taskside._limits("t-1", 0.5, 128)
+    assert (prefix, group) == ([], None)
+    assert how == f"not enforced: systemd is not PID 1; no cgroup v2 at {tmp_path}/no-cgroup2"
+    # cgroup v2: a folder of the task's own under primespark-tasks, its controllers on, cpu.max and memory.max set
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    (root / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(taskside, "CGROUP_ROOT", str(root))
+    prefix, group, how = taskside._limits("t-1", 0.5, 128)
+    assert prefix == [] and group == str(root / "primespark-tasks" / "t-1")
+    assert (root / "primespark-tasks" / "t-1" / "cpu.max").read_text() == "50000 100000"
+    assert (root / "primespark-tasks" / "t-1" / "memory.max").read_text() == str(128 * 1024 * 1024)
+    assert (root / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert how.startswith(f"enforced by cgroup v2 {group}: cpu.max 50000/100000, memory.max 128M")
+    # systemd as PID 1, as root: a transient scope with CPUQuota and MemoryMax
+    booted = tmp_path / "systemd"
+    booted.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemd-run").write_text("#!/bin/sh\n")
+    (bin_dir / "systemd-run").chmod(0o755)
+    monkeypatch.setattr(taskside, "SYSTEMD_BOOTED", str(booted))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    prefix, group, how = taskside._limits("t-1", 1.5, 512)
+    assert prefix[:4] == ["systemd-run", "--scope", "--quiet", "--collect"] and group is None
+    assert prefix[-5:] == ["-p", "CPUQuota=150%", "-p", "MemoryMax=512M", "--"]
+    assert how == "enforced by systemd-run --scope: CPUQuota=150%, MemoryMax=512M"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert taskside._limits("t-2", 1, 64)[2].startswith("enforced by cgroup v2")  # not root: no system scope

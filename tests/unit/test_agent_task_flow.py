@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,14 @@ import yaml
 from agent_fleets import agent_fleet
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
+from test_agent_execute import Background, alive, until
 
 from flows.agent_task import agent_task, artifact_key
+from primespark.agents import execute
 from primespark.agents.execute import TaskRunFailed
+from primespark.fleet import load_fleet
 from primespark.fleet.model import TaskSpec
+from primespark.hosts import LocalHosts
 
 pytestmark = pytest.mark.slow
 HOSTS = ("core-1", "kvm-1", "nas-1", "ops-1", "pi-1", "pi-2")
@@ -121,3 +127,48 @@ def test_an_inline_spec_no_host_can_run_is_refused_with_its_reason(server: None,
                        facts_file=facts_file(tmp_path), return_state=True)
     assert state.is_failed()
     assert "inline task huge" in str(state.result(raise_on_failure=False))
+
+
+def only_pi1(root: Path) -> str:
+    path = root / "pi-1-only.yaml"
+    path.write_text(yaml.safe_dump({"now": "2026-11-30T12:00:00Z", "hosts": {
+        "pi-1": {"cpus_free": 3.0, "memory_free_mb": 3000}}}))
+    return str(path)
+
+
+def test_a_killed_attempt_still_running_on_another_host_is_stopped_before_the_task_runs_again(
+        server: None, tmp_path: Path) -> None:
+    fleet_file = agent_fleet(tmp_path)
+    fleet = load_fleet(fleet_file)
+    staging = tmp_path / "hot" / "tasks" / ".staging" / "left-1"
+    first = Background(fleet, "pi-2", "left-1", TaskSpec(command='echo $$ > "$SPARK_TASK_OUTPUT/pid"; sleep 300'))
+    until(lambda: (staging / "run.json").exists() and (staging / "out" / "pid").exists(), "the first attempt ran")
+    os.kill(json.loads((staging / "run.json").read_text())["monitor_pid"], signal.SIGKILL)
+    first.join()
+    orphan = int((staging / "out" / "pid").read_text())
+    assert alive(orphan)
+    state = agent_task(spec=TaskSpec(command="echo again"), name="left", task_id="left-1", env=fleet_file,
+                       transport="local", facts_file=only_pi1(tmp_path), return_state=True)
+    result = state.result()
+    assert (result["host"], result["status"]) == ("pi-1", "succeeded")
+    assert not alive(orphan), "the killed attempt's command ran on beside the new one"
+    assert "a killed attempt still runs on pi-2" in flow_logs(state)
+
+
+def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet_file = agent_fleet(tmp_path)
+    staging = tmp_path / "hot" / "tasks" / ".staging" / "stop-1"
+    spec = TaskSpec(command=f"echo try >> {runs}; sleep 300", retries=2)
+    states: list[Any] = []
+    thread = threading.Thread(target=lambda: states.append(agent_task(
+        spec=spec, name="stop", task_id="stop-1", env=fleet_file, transport="local",
+        facts_file=only_pi1(tmp_path), return_state=True)), daemon=True)
+    thread.start()
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    [found] = execute.cancel_task(LocalHosts(), load_fleet(fleet_file), "stop-1", fleet_file, grace_seconds=2)
+    assert found.found == "running"
+    thread.join(60)
+    [state] = states
+    assert state.is_failed() and "was cancelled" in str(state.result(raise_on_failure=False))
+    assert runs.read_text() == "try\n"

@@ -40,6 +40,7 @@ GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL
 TAIL_BYTES = 64 * 1024  # of each stream, sent back to the flow (the whole output stays in the result folder)
 POLL_SECONDS = 0.1  # how often the output files are read while the command runs
 STREAM_LINES = 10_000  # lines sent to the controller per run (all of them stay in the task's folder)
+SYSTEMD_BOOTED = "/run/systemd/system"  # present when systemd is PID 1 (sd_booted(3))
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "primespark-tasks"
 
@@ -116,7 +117,7 @@ def _stop(task_id: str, host: str, group: int | None, cgroup: str | None, grace:
 def _limits(task_id: str, cpus: float, memory_mb: int) -> tuple[list[str], str | None, str]:
     """(argv prefix, cgroup folder, what is enforced and how, or why not)."""
     quota = max(1, round(cpus * 100))
-    if os.path.isdir("/run/systemd/system") and shutil.which("systemd-run"):
+    if os.path.isdir(SYSTEMD_BOOTED) and shutil.which("systemd-run"):
         if os.geteuid() == 0:
             unit = f"spark-task-{task_id}-{os.getpid()}"
             return (["systemd-run", "--scope", "--quiet", "--collect", f"--unit={unit}", "-p", f"CPUQuota={quota}%",
@@ -124,7 +125,7 @@ def _limits(task_id: str, cpus: float, memory_mb: int) -> tuple[list[str], str |
                     f"enforced by systemd-run --scope: CPUQuota={quota}%, MemoryMax={memory_mb}M")
         systemd = "systemd is PID 1, but a system scope needs root"
     else:
-        systemd = "systemd is not PID 1" if not os.path.isdir("/run/systemd/system") else "no systemd-run"
+        systemd = "systemd is not PID 1" if not os.path.isdir(SYSTEMD_BOOTED) else "no systemd-run"
     if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
         return [], None, f"not enforced: {systemd}; no cgroup v2 at {CGROUP_ROOT}"
     parent = os.path.join(CGROUP_ROOT, CGROUP_PARENT)
