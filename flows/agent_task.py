@@ -141,7 +141,7 @@ def agent_task(
             # a killed attempt's command, still running there: it ends before the task runs anywhere again
             logger.warning("task %s: a killed attempt still runs on %s (pid %s); stopping it", task_id, left.host,
                            left.pid)
-            execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)
+            execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)  # every host: find_task reached them all
         failed: execute.TaskRunFailed | None = None
         for attempt in range(1, chosen.retries + 2):
             facts, placed, now, source = facts_step.with_options(**options)(ctx, chosen, facts_file)

@@ -19,7 +19,7 @@ from primespark.agents import execute, taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.fleet.model import TaskSpec
-from primespark.hosts import LocalHosts
+from primespark.hosts import HostUnreachable, LocalHosts, LocalRunner, Runner
 
 
 def until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -161,14 +161,15 @@ def test_cancel_stops_the_task_on_its_host_and_an_unknown_id_is_a_located_error(
     running = Background(fleet, "pi-1", "t-cancel", task, grace_seconds=2)
     until(lambda: (staging / "out" / "child").exists() and (staging / "run.json").exists(), "the task started")
     child = int((staging / "out" / "child").read_text())
-    [cancelled] = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml", grace_seconds=2)
+    [cancelled], unasked = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml", grace_seconds=2)
+    assert unasked == {}
     assert (cancelled.host, cancelled.found) == ("pi-1", "running")
     running.join()
     assert running.result is not None and running.result.status == "cancelled"
     assert not alive(child)
     assert not (tasks_root(tmp_path) / "t-cancel").exists()
     # asked again: it is known, and no longer running
-    [again] = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml")
+    [again], _ = execute.cancel_task(LocalHosts(), fleet, "t-cancel", "fleet.yaml")
     assert again.found == "stopped"
     with pytest.raises(UserError, match=r"^fleet.yaml: no host knows task t-none \(asked: core-1, nas-1, ops-1, "
                                         r"pi-1, pi-2\)"):
@@ -246,3 +247,41 @@ def test_limits_use_systemd_run_then_cgroup_v2_then_say_why_not(tmp_path: Path,
     assert how == "enforced by systemd-run --scope: CPUQuota=150%, MemoryMax=512M"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert taskside._limits("t-2", 1, 64)[2].startswith("enforced by cgroup v2")  # not root: no system scope
+
+
+class _Down:
+    """A host that does not answer, as SshRunner reports it."""
+
+    remote = True
+    python = "python3"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, argv: Any, *, env: Any = None, stdin: bytes | None = None, timeout: float | None = None) -> Any:
+        raise HostUnreachable(f"cannot reach {self.name} (spark@{self.name}:22) over SSH: Connection refused")
+
+    def pid_alive(self, pid: int) -> bool:
+        raise AssertionError("not asked")
+
+
+class _NasDown:
+    def runner(self, host: str) -> Runner:
+        return _Down(host) if host == "nas-1" else LocalRunner(host)
+
+
+def test_a_host_down_fails_the_lookup_closed_but_not_a_cancel_elsewhere(fleet: Fleet, tmp_path: Path) -> None:
+    with pytest.raises(HostUnreachable, match="cannot reach nas-1"):  # a result there would go unseen
+        execute.find_task(_NasDown(), fleet, "t-x")
+    with pytest.raises(UserError, match=r"no host knows task t-x \(asked: core-1, ops-1, pi-1, pi-2; could not "
+                                        r"ask: nas-1: cannot reach nas-1"):
+        execute.cancel_task(_NasDown(), fleet, "t-x", "fleet.yaml")
+    hold = tmp_path / "hold"
+    hold.touch()
+    staging = tasks_root(tmp_path) / ".staging" / "t-x"
+    running = Background(fleet, "pi-1", "t-x", TaskSpec(command=f"while [ -e {hold} ]; do sleep 0.05; done"))
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    [found], unasked = execute.cancel_task(_NasDown(), fleet, "t-x", "fleet.yaml", grace_seconds=2)
+    assert (found.host, found.found) == ("pi-1", "running") and list(unasked) == ["nas-1"]
+    running.join()
+    assert running.result is not None and running.result.status == "cancelled"

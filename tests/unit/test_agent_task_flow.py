@@ -166,7 +166,7 @@ def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp
         facts_file=only_pi1(tmp_path), return_state=True)), daemon=True)
     thread.start()
     until(lambda: (staging / "run.json").exists(), "the task started")
-    [found] = execute.cancel_task(LocalHosts(), load_fleet(fleet_file), "stop-1", fleet_file, grace_seconds=2)
+    [found], _ = execute.cancel_task(LocalHosts(), load_fleet(fleet_file), "stop-1", fleet_file, grace_seconds=2)
     assert found.found == "running"
     thread.join(60)
     [state] = states

@@ -167,31 +167,51 @@ class Found:
     result: TaskResult | None = None  # the committed result
 
 
-def _ask_every_host(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, grace_seconds: float) -> list[Found]:
-    check_task_id(task_id)
-    # every host that could have run a task: its run record and result live in its own task folder
-    candidates = [h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host]
-    answers = on_each(candidates, lambda h: _side(hosts, h, op, {
-        "task_id": task_id, "host": h, "root": results_root(fleet, h), "grace": grace_seconds}, 120 + grace_seconds))
+def _task_hosts(fleet: Fleet) -> list[str]:
+    """Every host that could have run a task: its run record and result live in its own task folder."""
+    return sorted(h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host)
+
+
+def _ask(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, host: str, grace_seconds: float) -> Found | None:
+    answer = _side(hosts, host, op, {"task_id": task_id, "host": host, "root": results_root(fleet, host),
+                                     "grace": grace_seconds}, 120 + grace_seconds)
+    if answer["found"] is None:
+        return None
     fields = TaskResult.__dataclass_fields__
-    return [Found(task_id, h, a["found"], a["path"], a.get("pid"),
-                  TaskResult(**{k: v for k, v in {**a["result"], "path": a["path"], "existing": True}.items()
-                                if k in fields}) if "result" in a else None)
-            for h, a in sorted(answers.items()) if a["found"] is not None]
+    result = (TaskResult(**{k: v for k, v in {**answer["result"], "path": answer["path"], "existing": True}.items()
+                            if k in fields}) if "result" in answer else None)
+    return Found(task_id, host, answer["found"], answer["path"], answer.get("pid"), result)
 
 
 def find_task(hosts: HostAccess, fleet: Fleet, task_id: str) -> list[Found]:
-    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed)."""
-    return _ask_every_host(hosts, fleet, task_id, "find", taskside.GRACE_SECONDS)
+    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed). A host that
+    cannot be asked fails it (the first such error): a result committed there would go unseen, and the task would
+    run twice."""
+    check_task_id(task_id)
+    answers = on_each(_task_hosts(fleet), lambda h: _ask(hosts, fleet, task_id, "find", h, taskside.GRACE_SECONDS))
+    return [found for _, found in sorted(answers.items()) if found is not None]
 
 
 def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
-                grace_seconds: float = taskside.GRACE_SECONDS) -> list[Found]:
-    """Stop task `task_id` wherever it runs (SIGTERM to its processes, SIGKILL after `grace_seconds`); what each
-    host that knows the id said. `where` locates the error when no host knows it."""
-    found = _ask_every_host(hosts, fleet, task_id, "cancel", grace_seconds)
+                grace_seconds: float = taskside.GRACE_SECONDS) -> tuple[list[Found], dict[str, str]]:
+    """Stop task `task_id` wherever it runs (SIGTERM to its processes, SIGKILL after `grace_seconds`): what each
+    host that knows the id said, and the hosts that could not be asked (why). `where` locates the error when no
+    host knows it."""
+    check_task_id(task_id)
+
+    def ask(host: str) -> Found | str | None:
+        try:
+            return _ask(hosts, fleet, task_id, "cancel", host, grace_seconds)
+        except StepFailed as exc:  # a host down must not keep the task from being stopped where it runs
+            return exc.message.splitlines()[0]
+
+    answers = on_each(_task_hosts(fleet), ask)
+    found = [a for _, a in sorted(answers.items()) if isinstance(a, Found)]
+    unasked = {h: a for h, a in sorted(answers.items()) if isinstance(a, str)}
     if not found:
-        asked = sorted(h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host)
-        raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(asked)})",
-                        "check the id: `spark task run` prints it")
-    return found
+        asked = [h for h in _task_hosts(fleet) if h not in unasked]
+        missed = f"; could not ask: {'; '.join(f'{h}: {why}' for h, why in unasked.items())}" if unasked else ""
+        raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(asked)}{missed})",
+                        "check the id: `spark task run` prints it" + (
+                            "; or ask again once those hosts answer" if unasked else ""))
+    return found, unasked

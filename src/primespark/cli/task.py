@@ -210,7 +210,10 @@ def cancel(
     from primespark.fleet.loader import resolve
 
     ctx = FleetContext.load(env, transport_of(transport))
-    for found in cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env))):
+    found_on, unasked = cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env)))
+    for host, why in unasked.items():
+        console.print(f"[yellow]{host} could not be asked[/yellow]: {why}")
+    for found in found_on:
         what = {"running": f"stopped (pid {found.pid})", "stopped": "was not running (its attempt had ended)",
                 "committed": "had finished: its result is committed"}[found.found]
         console.print(f"{task_id} on {found.host}: {what}; its folder: {found.host}:{found.path}")

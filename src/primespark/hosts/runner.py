@@ -163,9 +163,14 @@ class SshRunner:
         proc = subprocess.Popen(self.argv(argv, names, timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         # past the host's own `timeout` and the grace, ssh itself is ended (the host's `timeout` normally was first)
-        returncode, stdout, stderr_bytes, expired = _pump(
-            proc, secrets + (stdin or b""), on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS,
-            proc.kill)
+        try:
+            returncode, stdout, stderr_bytes, expired = _pump(
+                proc, secrets + (stdin or b""), on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS,
+                proc.kill)
+        except BaseException:  # interrupted: no ssh is left behind (as subprocess.run in `run`)
+            proc.kill()
+            proc.wait()
+            raise
         if expired or (timeout is not None and returncode in TIMED_OUT and time.monotonic() - started >= timeout):
             raise timed_out(argv, self.name, timeout)
         stderr = stderr_bytes.decode(errors="replace")
