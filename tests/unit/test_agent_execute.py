@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from primespark.agents import execute, taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.fleet.model import TaskSpec
-from primespark.hosts import HostUnreachable, LocalHosts, LocalRunner, Runner
+from primespark.hosts import Connection, HostUnreachable, LocalHosts, LocalRunner, Runner, SshRunner, stream
 
 
 def until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -285,3 +286,47 @@ def test_a_host_down_fails_the_lookup_closed_but_not_a_cancel_elsewhere(fleet: F
     assert (found.host, found.found) == ("pi-1", "running") and list(unasked) == ["nas-1"]
     running.join()
     assert running.result is not None and running.result.status == "cancelled"
+
+
+class _FakeSsh:
+    """SshRunner with `ssh` on PATH replaced by a script that runs the remote command line here: the SSH runner's
+    own command line (the host's `timeout`, stdin framing) and its streaming, without a network."""
+
+    def runner(self, host: str) -> Runner:
+        return SshRunner(Connection(host, "192.0.2.11", "root"))
+
+
+def test_output_streams_through_the_ssh_runner_and_a_runner_without_streaming_gets_it_at_the_end(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor last; do :; done\nexec sh -c "$last"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    go = tmp_path / "go"
+    task = TaskSpec(command=f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second")
+    seen: list[str] = []
+
+    def on_output(stream: str, line: str) -> None:
+        seen.append(line)
+        if line == "first":
+            go.touch()
+
+    result = execute.run_task(_FakeSsh(), fleet, "pi-1", "t-ssh", task, timeout_seconds=20, on_output=on_output)
+    assert result.status == "succeeded" and seen == ["first", "second"]
+    # a runner with `run` only (no `stream`): the lines come when the command has ended, all of them
+    lines: list[str] = []
+    done = stream(_RunOnly(), ["sh", "-c", "echo a; echo b"], on_line=lines.append)
+    assert done.returncode == 0 and lines == ["a", "b"]
+
+
+class _RunOnly:
+    remote = False
+    python = sys.executable
+    name = "pi-1"
+
+    def run(self, argv: Any, *, env: Any = None, stdin: bytes | None = None, timeout: float | None = None) -> Any:
+        return LocalRunner("pi-1").run(argv, env=env, stdin=stdin, timeout=timeout)
+
+    def pid_alive(self, pid: int) -> bool:
+        return alive(pid)
