@@ -172,3 +172,15 @@ def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp
     [state] = states
     assert state.is_failed() and "was cancelled" in str(state.result(raise_on_failure=False))
     assert runs.read_text() == "try\n"
+
+
+def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(agent_task).model_dump()
+    assert list(schema["properties"])[:4] == ["template", "spec", "name", "task_id"]
+    fields = schema["definitions"]["TaskSpec"]["properties"]
+    assert {"command", "cpus", "memory_mb", "arch", "labels", "data", "timeout_minutes", "retries", "power"} <= set(
+        fields)
+    assert fields["cpus"]["type"] == "number" and fields["retries"]["maximum"] == 10
+    assert schema["properties"]["transport"]["enum"] == ["ssh", "local"]
