@@ -108,7 +108,36 @@ def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSp
     return label, f"inline task {label}", spec
 
 
-@flow(name="agent-task", flow_run_name="agent-task-{task_id}", log_prints=True)
+def default_task_id(template: str | None, name: str | None, run_id: object) -> str:
+    """A run's task id when none is given: from its name and the flow run's id, so that the cancellation hook
+    (which has only the run's parameters and id) finds the same one."""
+    label = template or name or "inline"
+    base = re.sub(r"[^a-z0-9._-]", "-", label.lower()).strip("-._") or "task"
+    return execute.check_task_id(f"{base[:100]}-{str(run_id)[:8]}")
+
+
+def stop_on_host(flow: Any, flow_run: Any, state: Any) -> None:
+    """Cancellation hook: a run cancelled (from the UI) stops its task's processes on their host, as
+    `spark task cancel` does. Prefect calls it where it runs the flow and sees the cancellation (a worker or
+    runner serving a deployment): `agent-task` has no deployment yet, so a UI cancel of a run started by
+    `spark task run` does not reach it."""
+    from primespark.fleet.loader import resolve
+
+    parameters = dict(flow_run.parameters or {})
+    task_id = parameters.get("task_id") or default_task_id(parameters.get("template"), parameters.get("name"),
+                                                           flow_run.id)
+    env = str(parameters.get("env", "lab"))
+    ctx = FleetContext.load(env, parameters.get("transport", "ssh"))
+    try:
+        found, unasked = execute.cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env)))
+    except UserError as exc:  # not started on any host yet: nothing to stop
+        print(f"task {task_id}: nothing to stop: {exc.message}")
+        return
+    for one in found:
+        print(f"task {task_id} on {one.host}: {one.found} (pid {one.pid}); {len(unasked)} host(s) not asked")
+
+
+@flow(name="agent-task", flow_run_name="agent-task-{task_id}", log_prints=True, on_cancellation=[stop_on_host])
 def agent_task(
     template: str | None = None,
     spec: TaskSpec | None = None,
@@ -120,12 +149,15 @@ def agent_task(
     retry_delay_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Run one agent task: a `template` of the fleet (its `tasks:`) or an inline `spec` (named `name`), as
-    `task_id` (default: a fresh one; give an earlier id to rerun: a committed result is reported, not run again).
-    `facts_file` takes the hosts' facts from a YAML file instead of their node exporters (docs/agents.md)."""
+    `task_id` (default: from the name and the flow run's id; give an earlier id to rerun: a committed result is
+    reported, not run again). `facts_file` takes the hosts' facts from a YAML file instead of their node
+    exporters (docs/agents.md)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     label, where, chosen = resolve_task(ctx, env, template, spec, name)
-    task_id = execute.check_task_id(task_id) if task_id else execute.new_task_id(label)
+    from prefect.runtime import flow_run
+
+    task_id = execute.check_task_id(task_id) if task_id else default_task_id(template, name, flow_run.id)
     # a host left unreachable is retried by Prefect; a failed command is an attempt of the spec's own
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):

@@ -184,3 +184,26 @@ def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task
         fields)
     assert fields["cpus"]["type"] == "number" and fields["retries"]["maximum"] == 10
     assert schema["properties"]["transport"]["enum"] == ["ssh", "local"]
+
+
+def test_the_cancellation_hook_stops_the_task_of_the_cancelled_run(tmp_path: Path) -> None:
+    """Called as Prefect calls it on a cancelled run (the run's parameters and id); its firing from a worker on a
+    UI cancel is not tested here (the flow has no deployment)."""
+    from types import SimpleNamespace
+
+    from flows.agent_task import default_task_id, stop_on_host
+
+    fleet_file = agent_fleet(tmp_path)
+    run_id = "5f0c2a9e-1111-2222-3333-444455556666"
+    task_id = default_task_id(None, "embed", run_id)
+    assert task_id == "embed-5f0c2a9e"
+    staging = tmp_path / "hot" / "tasks" / ".staging" / task_id
+    running = Background(load_fleet(fleet_file), "pi-1", task_id, TaskSpec(command="sleep 300"), grace_seconds=1)
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    stop_on_host(None, SimpleNamespace(id=run_id, parameters={"spec": {"command": "sleep 300"}, "name": "embed",
+                                                              "env": fleet_file, "transport": "local"}), None)
+    running.join()
+    assert running.result is not None and running.result.status == "cancelled"
+    # a run cancelled before its task started anywhere: nothing to stop, and no error
+    stop_on_host(None, SimpleNamespace(id=run_id.replace("5f", "6f"), parameters={
+        "template": "x", "env": fleet_file, "transport": "local"}), None)
