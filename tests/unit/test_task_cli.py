@@ -116,3 +116,40 @@ def test_live_facts_that_cannot_be_read_are_said_per_host(tmp_path: Path, monkey
     assert code == 1
     assert out.count("facts unavailable: node exporter on port 1 did not answer") == 3  # core-1, nas-1, ops-1
     assert "no host can run it now" in err
+
+
+def test_run_dry_run_plans_only_and_cancel_of_an_unknown_id_is_a_located_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = spark(monkeypatch, capsys, "task", "run", "--env", str(FLEET), "--template", "summarise-readings",
+                         "--facts", facts(tmp_path, "2026-11-30T10:00:00Z"), "--dry-run")
+    assert code == 0 and "summarise-readings would run on pi-1 (nothing was run)" in out
+    from agent_fleets import agent_fleet
+
+    fleet = agent_fleet(tmp_path)
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    code, out, err = spark(monkeypatch, capsys, "task", "cancel", "t-unknown", "--env", fleet, "--transport", "local")
+    assert code == 1
+    assert f"{fleet}: no host knows task t-unknown (asked: core-1, nas-1, ops-1, pi-1, pi-2)" in out + err
+
+
+@pytest.mark.slow
+def test_run_runs_the_task_and_says_where_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from agent_fleets import agent_fleet
+
+    fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hello", "memory_mb": 64}})
+    (tmp_path / "state").mkdir(mode=0o700)
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    facts_path = tmp_path / "up.yaml"
+    facts_path.write_text("now: 2026-11-30T12:00:00Z\nhosts:\n  pi-2: {cpus_free: 2.0, memory_free_mb: 3000}\n")
+    from prefect.testing.utilities import prefect_test_harness
+
+    # a server of the test's own, stopped before capsys closes its streams (a run's temporary server would log
+    # its stop at exit, into a closed stream)
+    with prefect_test_harness(server_startup_timeout=120):
+        code, out, err = spark(monkeypatch, capsys, "task", "run", "--env", fleet, "--template", "hello", "--id",
+                               "h-1", "--transport", "local", "--facts", str(facts_path))
+    assert code == 0, out + err
+    assert "h-1 ran on pi-2 (attempt 1): " in out and "2.0 CPUs free" in out
+    assert f"result: pi-2:{tmp_path}/hot/tasks/h-1" in out
+    assert (tmp_path / "hot" / "tasks" / "h-1" / "stdout.log").read_text() == "hello\n"

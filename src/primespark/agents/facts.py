@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,9 @@ from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import Fleet, TaskSpec
 from primespark.hosts import HostAccess, on_each
 from primespark.monitoring import metrics as m
+
+if TYPE_CHECKING:
+    from primespark.context import FleetContext
 
 # `spark host drain HOST` is to write this marker (not built yet: today nothing writes it, so no host is drained).
 DRAIN_MARKER = "/run/spark/drain"
@@ -253,3 +256,43 @@ def facts_summary(facts: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[host] = {**found.__dict__, "data_bytes": dict(found.data_bytes)}
     return out
+
+
+# --- live: the work pools from the Prefect server, the rest from the hosts -----------------------------------------
+
+def ready_pools(ctx: FleetContext, connect: bool = True) -> dict[str, bool] | str:
+    """Each work pool's readiness on the fleet's Prefect server (READY: a worker is online), or why it is not
+    known. `connect=False` in a flow run: its process talks to the fleet's server already."""
+    from primespark.orchestration.placement import pools
+
+    if ctx.fleet.orchestration is None:
+        return {}
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        from primespark.orchestration.api import use_fleet_prefect
+
+        if connect:
+            use_fleet_prefect(ctx)
+        ready = {}
+        with get_client(sync_client=True) as client:
+            for pool in pools(ctx.fleet):
+                try:
+                    found = client.read_work_pool(pool)
+                except ObjectNotFound:
+                    ready[pool] = False
+                    continue
+                ready[pool] = found.status is not None and found.status.value == "READY"
+        return ready
+    except UserError as exc:
+        return exc.message
+    except Exception as exc:  # the server answered badly (HTTP, auth): the plan says why instead of stopping
+        return f"{type(exc).__name__}: {exc}"
+
+
+def live_facts(ctx: FleetContext, task: TaskSpec, connect: bool = True) -> tuple[Facts, str]:
+    """Every needed host's facts read now (`spark task plan`, the `agent-task` flow), and where they came from."""
+    pools = ready_pools(ctx, connect)
+    ready = pools if isinstance(pools, str) else pool_readiness(ctx.fleet, pools)
+    return read_facts(ctx.hosts, ctx.fleet, task, ready), "read now from the hosts' node exporters"

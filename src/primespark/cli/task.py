@@ -1,6 +1,7 @@
-"""`spark task plan`: where an agent task would run now and why, per host of the fleet; nothing is run.
+"""`spark task plan|run|cancel`: where an agent task would run now and why (per host of the fleet), running it
+there (the `agent-task` flow, in this process), and stopping it on its host.
 
-Running tasks (`spark task run|ls|cancel`) is not built yet: docs/agents.md says what is.
+`spark task ls` is not built yet: docs/agents.md says what is.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import typer
@@ -22,10 +23,8 @@ from primespark.errors import UserError
 from primespark.fleet.errors import Problem
 from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
 
-if TYPE_CHECKING:
-    from primespark.context import FleetContext
-
-app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data).",
+app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data), run "
+                  "one there, cancel one.",
                   no_args_is_help=True)
 
 SpecArg = Annotated[Path | None, typer.Argument(
@@ -90,44 +89,11 @@ def _chosen_task(fleet: Fleet, env: str, spec: Path | None, template: str | None
     return spec.stem, str(spec), load_spec(spec, fleet)
 
 
-def ready_pools(ctx: FleetContext) -> dict[str, bool] | str:
-    """Each work pool's readiness on the fleet's Prefect server (READY: a worker is online), or why it is not
-    known."""
-    from primespark.orchestration.placement import pools
-
-    if ctx.fleet.orchestration is None:
-        return {}
-    try:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-
-        from primespark.orchestration.api import use_fleet_prefect
-
-        use_fleet_prefect(ctx)
-        ready = {}
-        with get_client(sync_client=True) as client:
-            for pool in pools(ctx.fleet):
-                try:
-                    found = client.read_work_pool(pool)
-                except ObjectNotFound:
-                    ready[pool] = False
-                    continue
-                ready[pool] = found.status is not None and found.status.value == "READY"
-        return ready
-    except UserError as exc:
-        return exc.message
-    except Exception as exc:  # the server answered badly (HTTP, auth): the plan says why instead of stopping
-        return f"{type(exc).__name__}: {exc}"
-
-
 def _live_facts(env: str, transport: str, task: TaskSpec) -> tuple[Facts, str]:
-    from primespark.agents.facts import pool_readiness, read_facts
+    from primespark.agents.facts import live_facts
     from primespark.context import FleetContext
 
-    ctx = FleetContext.load(env, transport_of(transport))
-    pools = ready_pools(ctx)
-    ready = pools if isinstance(pools, str) else pool_readiness(ctx.fleet, pools)
-    return read_facts(ctx.hosts, ctx.fleet, task, ready), "read now from the hosts' node exporters"
+    return live_facts(FleetContext.load(env, transport_of(transport)), task)
 
 
 def render(decision: Decision, fleet: Fleet, title: str) -> Table:
@@ -185,3 +151,69 @@ def plan(
     if not as_json:
         console.print(f"[bold green]{name} would run on {decision.host}[/bold green] (nothing was run)")
 
+
+
+@app.command("run")
+def run(
+    spec: SpecArg = None,
+    template: TemplateOption = None,
+    env: EnvOption = "lab",
+    task_id: Annotated[str | None, typer.Option(
+        "--id", help="The task's id (its result folder). Default: a fresh one. An id whose result is committed "
+        "runs nothing and prints that result.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, as `spark task plan`: nothing runs.")] = False,
+    facts_file: FactsOption = None,
+    transport: TransportOption = "ssh",
+    as_json: JsonOption = False,
+) -> None:
+    """Run the task on the host placement chooses now (the `agent-task` flow, in this process), and print where it
+    ran, why, and its result folder. A failed attempt is placed again on fresh facts while the spec's `retries`
+    last. The id is printed first: `spark task cancel ID` stops it."""
+    if dry_run:
+        plan(spec, template, env, facts_file, transport, as_json)
+        return
+    from flows.agent_task import agent_task
+    from primespark.agents.execute import check_task_id, new_task_id
+    from primespark.orchestration.runs import run_here, use_lab_prefect
+
+    fleet = fleet_for(env)
+    name, _, task = _chosen_task(fleet, env, spec, template)
+    task_id = check_task_id(task_id) if task_id else new_task_id(name)
+    if not as_json:
+        console.print(f"task id: {task_id} (stop it: spark task cancel {task_id} --env {env})")
+    use_lab_prefect(fleet)
+    result = run_here(agent_task, template=template, spec=None if template else task, name=name, task_id=task_id,
+                      env=env, transport=transport_of(transport),
+                      facts_file=None if facts_file is None else str(facts_file))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    if result["existing"]:
+        console.print(f"[bold green]{task_id} was committed earlier on {result['host']}[/bold green]: nothing ran")
+    else:
+        console.print(f"[bold green]{task_id} ran on {result['host']}[/bold green] (attempt {result['attempts']}): "
+                      f"{result['why']}")
+    console.print(f"result: {result['host']}:{result['path']}")
+    console.print(f"limits: {result['limits']}")
+
+
+@app.command("cancel")
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task's id, as `spark task run` printed it.")],
+    env: EnvOption = "lab",
+    transport: TransportOption = "ssh",
+) -> None:
+    """Stop a running task on its host: SIGTERM to its processes (the whole process group, and any that left
+    it), SIGKILL 10 s later. Every host that runs tasks is asked: its run record is in its task folder."""
+    from primespark.agents.execute import cancel_task
+    from primespark.context import FleetContext
+    from primespark.fleet.loader import resolve
+
+    ctx = FleetContext.load(env, transport_of(transport))
+    found_on, unasked = cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env)))
+    for host, why in unasked.items():
+        console.print(f"[yellow]{host} could not be asked[/yellow]: {why}")
+    for found in found_on:
+        what = {"running": f"stopped (pid {found.pid})", "stopped": "was not running (its attempt had ended)",
+                "committed": "had finished: its result is committed"}[found.found]
+        console.print(f"{task_id} on {found.host}: {what}; its folder: {found.host}:{found.path}")

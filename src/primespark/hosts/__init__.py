@@ -18,12 +18,13 @@ from primespark.hosts.runner import (
     on_each,
     run_on,
     shell,
+    stream,
 )
 
 __all__ = [
     "CommandFailed", "CommandNotFound", "CommandTimeout", "Completed", "Connection", "HostAccess",
     "HostUnreachable", "LocalHosts", "LocalRunner", "Runner", "SshFiles", "SshHosts", "SshRunner", "connection",
-    "on_each", "run_on", "shell",
+    "on_each", "run_on", "shell", "stream",
 ]
 
 

@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,45 @@ class SshRunner:
             raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}: {stderr.strip()}")
         return Completed(tuple(argv), proc.returncode, proc.stdout, stderr)
 
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        on_line: Callable[[str], None],
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Completed:
+        """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
+        env = dict(env or {})
+        for key, value in env.items():
+            if not _ENV_NAME.match(key) or "\n" in value:
+                raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
+        names = sorted(env)
+        secrets = b"".join(env[key].encode() + b"\n" for key in names)
+        started = time.monotonic()
+        proc = subprocess.Popen(self.argv(argv, names, timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        # past the host's own `timeout` and the grace, ssh itself is ended (the host's `timeout` normally was first)
+        try:
+            returncode, stdout, stderr_bytes, expired = _pump(
+                proc, secrets + (stdin or b""), on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS,
+                proc.kill)
+        except BaseException:  # interrupted: no ssh is left behind (as subprocess.run in `run`)
+            proc.kill()
+            proc.wait()
+            raise
+        if expired or (timeout is not None and returncode in TIMED_OUT and time.monotonic() - started >= timeout):
+            raise timed_out(argv, self.name, timeout)
+        stderr = stderr_bytes.decode(errors="replace")
+        if returncode == 255 and not stdout:
+            raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
+                                  f"SSH: {stderr.strip()}", "check that the host is up and reachable",
+                                  returncode=255, stderr=stderr)
+        if returncode == 127 and "not found" in stderr:
+            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}: {stderr.strip()}")
+        return Completed(tuple(argv), returncode, stdout, stderr)
+
     def pid_alive(self, pid: int) -> bool:
         return _pid_alive(self, pid)
 
@@ -185,8 +225,98 @@ class LocalRunner:
                 raise
         return Completed(tuple(argv), proc.returncode, stdout, stderr.decode(errors="replace"))
 
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        on_line: Callable[[str], None],
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Completed:
+        """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        try:
+            proc = subprocess.Popen([*self.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**base, **(env or {})}, start_new_session=True)
+        except FileNotFoundError:
+            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}") from None
+
+        def end_group() -> None:  # its whole session goes, as in `run`
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        try:
+            returncode, stdout, stderr, expired = _pump(proc, stdin or b"", on_line, timeout, end_group)
+        except BaseException:  # interrupted: nothing of the command may run on
+            end_group()
+            raise
+        if expired:
+            raise timed_out(argv, self.name, timeout)
+        return Completed(tuple(argv), returncode, stdout, stderr.decode(errors="replace"))
+
     def pid_alive(self, pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}") if not self.prefix else _pid_alive(self, pid)
+
+
+def _pump(proc: subprocess.Popen[bytes], data: bytes, on_line: Callable[[str], None], timeout: float | None,
+          end: Callable[[], None]) -> tuple[int, bytes, bytes, bool]:
+    """Feed `data` to the command, pass each stdout line to `on_line` as it comes, collect stderr; `end` it past
+    `timeout`. (returncode, stdout, stderr, whether it timed out.)"""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    errors: list[bytes] = []
+    expired = threading.Event()
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
+            proc.stdin.write(data)
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        errors.append(proc.stderr.read())
+
+    def expire() -> None:
+        expired.set()
+        end()
+
+    helpers = [threading.Thread(target=feed, daemon=True), threading.Thread(target=collect, daemon=True)]
+    for helper in helpers:
+        helper.start()
+    timer = threading.Timer(timeout, expire) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    lines: list[bytes] = []
+    try:
+        with proc.stdout:
+            for raw in proc.stdout:
+                lines.append(raw)
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+        returncode = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    for helper in helpers:
+        helper.join()
+    with contextlib.suppress(Exception):
+        proc.stderr.close()
+    return returncode, b"".join(lines), b"".join(errors), expired.is_set()
+
+
+def stream(runner: Runner, argv: Sequence[str], *, on_line: Callable[[str], None],
+           env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+           timeout: float | None = None) -> Completed:
+    """`runner.run`, with each line of the command's stdout passed to `on_line` as it arrives, where the runner
+    can (SshRunner, LocalRunner); through any other runner the lines are passed when the command has ended."""
+    method = getattr(runner, "stream", None)
+    if method is not None:
+        done: Completed = method(argv, on_line=on_line, env=env, stdin=stdin, timeout=timeout)
+        return done
+    done = runner.run(argv, env=env, stdin=stdin, timeout=timeout)
+    for line in done.text.splitlines():
+        on_line(line)
+    return done
 
 
 def timed_out(argv: Sequence[str], host: str, timeout: float | None) -> CommandTimeout:

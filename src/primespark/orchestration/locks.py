@@ -42,6 +42,12 @@ def tier_lock(host: str) -> str:
     return f"tier-{host}"
 
 
+def agent_task_lock(task_id: str) -> str:
+    """One run of an agent task id at a time: a flow retry and a `spark task run` of the same id never race to
+    run the command twice (the host-side lock and the commit-once rename keep it so on the host, too)."""
+    return f"agent-task-{task_id}"
+
+
 def ensure_locks(names: list[str]) -> None:
     """One slot per name (created, or reset to 1)."""
     with get_client(sync_client=True) as client:

@@ -1,0 +1,217 @@
+"""Running a placed agent task on its host, through the fleet's way of reaching hosts (`primespark.hosts`).
+
+The host-side half is `taskside.py` (shipped as source, standard library only): it applies the limits, the
+timeout and the commit-once rule on the host itself, so a controller or worker that dies mid-run leaves a
+staging folder and nothing committed. This module builds its requests and reads its answers.
+
+Output is streamed: the command writes to files in the task's folder, the host-side script follows them and
+sends each line as it comes (through `primespark.hosts.stream`), and `run_task` passes it to `on_output`; the
+last 64 KiB of each stream also come back with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from primespark.agents import taskside
+from primespark.errors import StepFailed, UserError
+from primespark.fleet.model import Fleet, HostKind, TaskSpec, TierName
+from primespark.hosts import HostAccess, on_each, stream
+
+SOURCE = Path(taskside.__file__).read_text()
+# Where a host without a hot tier keeps task results (a host with one: `<hot tier>/tasks`, so sync carries them).
+FALLBACK_ROOT = "/var/lib/primespark/tasks"
+TASK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+# The runner waits this much longer than the task's timeout: the host-side script ends the command itself first.
+RUNNER_GRACE_SECONDS = 120
+
+Status = Literal["succeeded", "failed", "timed-out", "cancelled"]
+
+
+class TaskRunFailed(StepFailed):
+    """The command ran and did not succeed (exit status, timeout, cancel): the attempt failed."""
+
+
+class TaskBusy(StepFailed):
+    """Another run of the same task id holds the host's lock: worth trying again later."""
+
+    transient = True
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task_id: str
+    host: str
+    status: Status
+    returncode: int
+    path: str  # the committed folder (succeeded), or the staging folder left for inspection
+    limits: str  # what was enforced and how, or "not enforced: <why>"
+    existing: bool  # the result was committed by an earlier run; nothing ran now
+    started: float
+    finished: float
+    pid: int  # the command's process (and group) on the host
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+
+def results_root(fleet: Fleet, host: str) -> str:
+    """The folder holding a host's task results: `<hot tier>/tasks` on a hot-tier host, else FALLBACK_ROOT."""
+    hot = fleet.tiers.get(TierName.hot)
+    if hot is not None and host in hot.hosts:
+        return f"{hot.path.rstrip('/')}/tasks"
+    return FALLBACK_ROOT
+
+
+def check_task_id(task_id: str) -> str:
+    if not TASK_ID.match(task_id):
+        raise UserError(f"task id {task_id!r} is not a plain name",
+                        "use lower-case letters, digits, '.', '_' and '-' (at most 128), starting with a letter "
+                        "or digit: it names the task's result folder")
+    return task_id
+
+
+def new_task_id(name: str, now: datetime | None = None) -> str:
+    """`<name>-<UTC time>-<4 hex>`: a fresh id per submission (pass an id again to rerun idempotently)."""
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dt%H%M%S")
+    base = re.sub(r"[^a-z0-9._-]", "-", name.lower()).strip("-._") or "task"
+    return check_task_id(f"{base[:100]}-{stamp}-{secrets.token_hex(2)}")
+
+
+OnOutput = Callable[[str, str], None]  # (stream: stdout or stderr, the line)
+
+
+def _output_line(line: str) -> tuple[str, str] | None:
+    """(stream, line) of a line of the command's output, as the host-side script sends it; None for its answer."""
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(message, dict) and set(message) == {"stream", "line"}:
+        return str(message["stream"]), str(message["line"])
+    return None
+
+
+def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeout: float,
+          on_output: OnOutput | None = None) -> dict[str, Any]:
+    runner = hosts.runner(host)
+
+    def on_line(line: str) -> None:
+        message = _output_line(line)
+        if message is not None and on_output is not None:
+            on_output(*message)
+
+    done = stream(runner, [runner.python, "-c", SOURCE, op], on_line=on_line, stdin=json.dumps(request).encode(),
+                  timeout=timeout)
+    try:
+        last = done.text.strip().splitlines()[-1]
+        answer: dict[str, Any] = json.loads(last)
+        if _output_line(last) is not None:  # the script ended before its answer (killed)
+            raise IndexError
+    except (json.JSONDecodeError, IndexError):
+        raise StepFailed(f"{host}: the task's host-side script gave no answer (exit {done.returncode}): "
+                         f"{(done.stderr or done.text).strip()[-400:]}",
+                         "check that python3 runs on the host and that its task folder is writable",
+                         returncode=done.returncode, stderr=done.stderr) from None
+    return answer
+
+
+def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: TaskSpec,
+             grace_seconds: float = taskside.GRACE_SECONDS, timeout_seconds: float | None = None,
+             on_output: OnOutput | None = None) -> TaskResult:
+    """Run `task` on `host` as `task_id` (or find its committed result): the result of that attempt, whatever its
+    status; `TaskBusy` when another run of the id is under way there. `timeout_seconds` replaces the task's
+    `timeout_minutes` (tests: a spec counts in minutes). `on_output(stream, line)` gets each line of the
+    command's output as it comes."""
+    if task.image is not None:
+        raise UserError(f"task {task_id}: running a container image is not built yet",
+                        "give the task a command instead of an image (docs/agents.md)")
+    check_task_id(task_id)
+    timeout = task.timeout_minutes * 60 if timeout_seconds is None else timeout_seconds
+    request = {"task_id": task_id, "host": host, "root": results_root(fleet, host), "command": task.command,
+               "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds}
+    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output)
+    if answer["status"] == "busy":
+        raise TaskBusy(f"task {task_id} is running on {host} already ({answer['path']})",
+                       f"wait for it, or stop it: spark task cancel {task_id}")
+    fields = TaskResult.__dataclass_fields__
+    return TaskResult(**{k: v for k, v in answer.items() if k in fields})
+
+
+def failure(result: TaskResult) -> TaskRunFailed:
+    """The error of an attempt that did not succeed: its status, exit code and the tail of its stderr."""
+    tail = "\n".join(result.stderr_tail.rstrip().splitlines()[-20:])
+    what = {"failed": f"exited {result.returncode}", "timed-out": "ran past its timeout and was stopped",
+            "cancelled": "was cancelled", "succeeded": "succeeded"}[result.status]
+    return TaskRunFailed(f"task {result.task_id} on {result.host} {what} (exit {result.returncode}); its folder: "
+                         f"{result.path}" + (f"\nstderr (last lines):\n{tail}" if tail else ""),
+                         "see stdout.log and stderr.log in its folder; run it again with the same id to retry",
+                         returncode=result.returncode, stderr=result.stderr_tail)
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a host knows of a task id: its committed result, or a run left in staging (running or not)."""
+
+    task_id: str
+    host: str
+    found: Literal["running", "stopped", "committed"]
+    path: str
+    pid: int | None
+    result: TaskResult | None = None  # the committed result
+
+
+def _task_hosts(fleet: Fleet) -> list[str]:
+    """Every host that could have run a task: its run record and result live in its own task folder."""
+    return sorted(h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host)
+
+
+def _ask(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, host: str, grace_seconds: float) -> Found | None:
+    answer = _side(hosts, host, op, {"task_id": task_id, "host": host, "root": results_root(fleet, host),
+                                     "grace": grace_seconds}, 120 + grace_seconds)
+    if answer["found"] is None:
+        return None
+    fields = TaskResult.__dataclass_fields__
+    result = (TaskResult(**{k: v for k, v in {**answer["result"], "path": answer["path"], "existing": True}.items()
+                            if k in fields}) if "result" in answer else None)
+    return Found(task_id, host, answer["found"], answer["path"], answer.get("pid"), result)
+
+
+def find_task(hosts: HostAccess, fleet: Fleet, task_id: str) -> list[Found]:
+    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed). A host that
+    cannot be asked fails it (the first such error): a result committed there would go unseen, and the task would
+    run twice."""
+    check_task_id(task_id)
+    answers = on_each(_task_hosts(fleet), lambda h: _ask(hosts, fleet, task_id, "find", h, taskside.GRACE_SECONDS))
+    return [found for _, found in sorted(answers.items()) if found is not None]
+
+
+def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
+                grace_seconds: float = taskside.GRACE_SECONDS) -> tuple[list[Found], dict[str, str]]:
+    """Stop task `task_id` wherever it runs (SIGTERM to its processes, SIGKILL after `grace_seconds`): what each
+    host that knows the id said, and the hosts that could not be asked (why). `where` locates the error when no
+    host knows it."""
+    check_task_id(task_id)
+
+    def ask(host: str) -> Found | str | None:
+        try:
+            return _ask(hosts, fleet, task_id, "cancel", host, grace_seconds)
+        except StepFailed as exc:  # a host down must not keep the task from being stopped where it runs
+            return exc.message.splitlines()[0]
+
+    answers = on_each(_task_hosts(fleet), ask)
+    found = [a for _, a in sorted(answers.items()) if isinstance(a, Found)]
+    unasked = {h: a for h, a in sorted(answers.items()) if isinstance(a, str)}
+    if not found:
+        asked = [h for h in _task_hosts(fleet) if h not in unasked]
+        missed = f"; could not ask: {'; '.join(f'{h}: {why}' for h, why in unasked.items())}" if unasked else ""
+        raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(asked)}{missed})",
+                        "check the id: `spark task run` prints it" + (
+                            "; or ask again once those hosts answer" if unasked else ""))
+    return found, unasked

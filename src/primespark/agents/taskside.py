@@ -1,0 +1,326 @@
+"""What runs on the chosen host for an agent task: the command under resource limits, its timeout, its result
+committed once.
+
+Shipped as source and run with the host's own `python3 -c SOURCE OP` (standard library only, as
+`data/tierside.py`): a JSON request on stdin, one JSON object out (the last line).
+
+Operations:
+- `run`: the task's command, unless its result is already committed (then that result, and nothing runs).
+  It works in `<root>/.staging/<task-id>/` (`out/` is the command's working folder and `$SPARK_TASK_OUTPUT`;
+  `stdout.log` and `stderr.log` hold its output; `run.json` the host and pid, for `cancel`). While it runs, each
+  line of its output is sent back as a JSON line `{"stream": ..., "line": ...}`; the answer is the last line.
+  On exit 0 the folder is renamed to `<root>/<task-id>/` and flushed with its parent: a result is there whole or
+  not at all. A failed, timed-out or cancelled run leaves its staging folder for inspection; the next run of the
+  id replaces it, after ending whatever a killed run left behind. One run per task id at a time on a host (a lock file).
+- `find`: the task's committed result here, or its staging folder and whether its processes still run.
+- `cancel`: the task's processes on this host stopped (SIGTERM to their groups, SIGKILL after a grace).
+
+Limits: `systemd-run --scope -p CPUQuota= -p MemoryMax=` when systemd is PID 1 and this runs as root; else a
+cgroup v2 group of its own under /sys/fs/cgroup/primespark-tasks when that is writable; else none, and the
+result says "not enforced: <why>". The command and every process it starts carry SPARK_TASK_ID and
+SPARK_TASK_HOST in their environment: that is how a later run or a cancel finds them, even those that left the
+process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+STAGING = ".staging"
+GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL
+TAIL_BYTES = 64 * 1024  # of each stream, sent back to the flow (the whole output stays in the result folder)
+POLL_SECONDS = 0.1  # how often the output files are read while the command runs
+STREAM_LINES = 10_000  # lines sent to the controller per run (all of them stay in the task's folder)
+SYSTEMD_BOOTED = "/run/systemd/system"  # present when systemd is PID 1 (sd_booted(3))
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_PARENT = "primespark-tasks"
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _marked(task_id: str, host: str) -> list[int]:
+    """Processes of this task on this host: they carry its id and host in their environment."""
+    wanted = {f"SPARK_TASK_ID={task_id}".encode(), f"SPARK_TASK_HOST={host}".encode()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                env = set(handle.read().split(b"\0"))
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if wanted <= env and state != b"Z":  # a zombie has ended already; only its parent can reap it
+            found.append(int(entry))
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgid(pid), sig)
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def _stop(task_id: str, host: str, group: int | None, cgroup: str | None, grace: float) -> list[int]:
+    """End the task's processes: its process group and every marked process, SIGTERM then SIGKILL."""
+    pids = _marked(task_id, host)
+    stopped = list(pids)
+    if group is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGTERM)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _marked(task_id, host) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    if cgroup is not None and os.path.exists(os.path.join(cgroup, "cgroup.kill")):
+        with contextlib.suppress(OSError), open(os.path.join(cgroup, "cgroup.kill"), "w") as handle:
+            handle.write("1")
+    left = _marked(task_id, host)
+    _signal_all(left, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _marked(task_id, host) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(set(stopped) | set(left))
+
+
+def _limits(task_id: str, cpus: float, memory_mb: int) -> tuple[list[str], str | None, str]:
+    """(argv prefix, cgroup folder, what is enforced and how, or why not)."""
+    quota = max(1, round(cpus * 100))
+    if os.path.isdir(SYSTEMD_BOOTED) and shutil.which("systemd-run"):
+        if os.geteuid() == 0:
+            unit = f"spark-task-{task_id}-{os.getpid()}"
+            return (["systemd-run", "--scope", "--quiet", "--collect", f"--unit={unit}", "-p", f"CPUQuota={quota}%",
+                     "-p", f"MemoryMax={memory_mb}M", "--"], None,
+                    f"enforced by systemd-run --scope: CPUQuota={quota}%, MemoryMax={memory_mb}M")
+        systemd = "systemd is PID 1, but a system scope needs root"
+    else:
+        systemd = "systemd is not PID 1" if not os.path.isdir(SYSTEMD_BOOTED) else "no systemd-run"
+    if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        return [], None, f"not enforced: {systemd}; no cgroup v2 at {CGROUP_ROOT}"
+    parent = os.path.join(CGROUP_ROOT, CGROUP_PARENT)
+    group = os.path.join(parent, task_id)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for folder in (CGROUP_ROOT, parent):  # the controllers must be on for the children of each
+            with open(os.path.join(folder, "cgroup.subtree_control"), "w") as handle:
+                handle.write("+cpu +memory")
+        if os.path.isdir(group):
+            os.rmdir(group)
+        os.mkdir(group)
+        with open(os.path.join(group, "cpu.max"), "w") as handle:
+            handle.write(f"{quota * 1000} 100000")
+        with open(os.path.join(group, "memory.max"), "w") as handle:
+            handle.write(str(memory_mb * 1024 * 1024))
+    except OSError as exc:
+        return [], None, (f"not enforced: {systemd}; cgroup v2 at {CGROUP_ROOT} is not writable here "
+                          f"({exc.strerror})")
+    return [], group, f"enforced by cgroup v2 {group}: cpu.max {quota * 1000}/100000, memory.max {memory_mb}M"
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - TAIL_BYTES))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _flush_tree(folder: str) -> None:
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                _fsync_path(os.path.join(root, name))
+        for name in dirs:
+            _fsync_path(os.path.join(root, name))
+    _fsync_path(folder)
+
+
+class _Follow:
+    """The command's output files followed as they grow: each whole line is sent to this script's stdout as one
+    JSON line (the controller logs it as it comes). The command writes to files, not to this script: if this
+    script or its SSH session dies, the command's output still lands, and a lost controller ends the sending
+    only, not the run."""
+
+    def __init__(self, staging: str) -> None:
+        self.files = {name: open(os.path.join(staging, f"{name}.log"), "rb")  # noqa: SIM115 - closed in close()
+                      for name in ("stdout", "stderr")}
+        self.partial = dict.fromkeys(self.files, b"")
+        self.sent = 0
+        self.open = True
+
+    def _emit(self, stream: str, line: bytes) -> None:
+        if not self.open:
+            return
+        if self.sent == STREAM_LINES:
+            message = {"stream": "stderr", "line": f"(more output than {STREAM_LINES} lines: the rest is in the "
+                       "task's folder only)"}
+        elif self.sent > STREAM_LINES:
+            return
+        else:
+            message = {"stream": stream, "line": line.decode(errors="replace")}
+        self.sent += 1
+        try:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the controller is gone: the run goes on, its output in the files
+            self.open = False
+
+    def pump(self, final: bool) -> None:
+        for name, handle in self.files.items():
+            lines = (self.partial[name] + handle.read()).split(b"\n")
+            self.partial[name] = lines.pop()
+            if final and self.partial[name]:
+                lines.append(self.partial[name])
+                self.partial[name] = b""
+            for line in lines:
+                self._emit(name, line)
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
+def run(req: dict[str, Any]) -> dict[str, Any]:
+    task_id, host, root = req["task_id"], req["host"], req["root"]
+    final = os.path.join(root, task_id)
+    staging_root = os.path.join(root, STAGING)
+    staging = os.path.join(staging_root, task_id)
+    os.makedirs(staging_root, exist_ok=True)
+    lock = open(os.path.join(staging_root, task_id + ".lock"), "a")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return {"status": "busy", "path": staging}
+    if os.path.exists(os.path.join(final, "result.json")):
+        with open(os.path.join(final, "result.json"), encoding="utf-8") as handle:
+            return {**json.load(handle), "existing": True, "path": final}
+    if os.path.exists(staging):  # a failed or killed run's: end what it left running, then start afresh
+        _stop(task_id, host, None, None, GRACE_SECONDS)
+        shutil.rmtree(staging)
+    out = os.path.join(staging, "out")
+    os.makedirs(out)
+    prefix, cgroup, limits = _limits(task_id, float(req["cpus"]), int(req["memory_mb"]))
+
+    def join_cgroup() -> None:  # in the child, before exec: it and all it starts are in the group
+        if cgroup is not None:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as handle:
+                handle.write("0")
+
+    env = {**os.environ, "SPARK_TASK_ID": task_id, "SPARK_TASK_HOST": host, "SPARK_TASK_OUTPUT": out}
+    started = time.time()
+    with open(os.path.join(staging, "stdout.log"), "wb") as stdout, \
+            open(os.path.join(staging, "stderr.log"), "wb") as stderr:
+        # a session of its own: the timeout and a cancel end its whole process group, not this script
+        proc = subprocess.Popen([*prefix, "sh", "-c", req["command"]], cwd=out, stdin=subprocess.DEVNULL,
+                                stdout=stdout, stderr=stderr, env=env, start_new_session=True,
+                                preexec_fn=join_cgroup if cgroup is not None else None)
+    _write_json(os.path.join(staging, "run.json"), {"task_id": task_id, "host": host, "pid": proc.pid,
+                                                     "monitor_pid": os.getpid(), "started": started,
+                                                     "limits": limits})
+    timed_out = False
+    out_stream = _Follow(staging)
+    deadline = time.monotonic() + float(req["timeout"])
+    while True:
+        returncode = proc.poll()
+        out_stream.pump(final=returncode is not None)
+        if returncode is not None:
+            break
+        if time.monotonic() >= deadline:
+            timed_out = True
+            _stop(task_id, host, proc.pid, cgroup, float(req.get("grace", GRACE_SECONDS)))
+            returncode = proc.wait()
+            out_stream.pump(final=True)
+            break
+        time.sleep(POLL_SECONDS)
+    out_stream.close()
+    # what the command left running in the background ends with it: a task's processes never outlive its result
+    _stop(task_id, host, proc.pid, cgroup, 1.0)
+    if cgroup is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(cgroup)
+    cancelled = os.path.exists(os.path.join(staging, "cancelled"))
+    status = ("timed-out" if timed_out else "cancelled" if cancelled
+              else "succeeded" if returncode == 0 else "failed")
+    result = {"task_id": task_id, "host": host, "status": status, "returncode": returncode, "started": started,
+              "finished": time.time(), "limits": limits, "pid": proc.pid}
+    _write_json(os.path.join(staging, "result.json"), result)
+    path = staging
+    if status == "succeeded":
+        _flush_tree(staging)
+        os.rename(staging, final)  # the commit: the result is there whole, or not at all
+        _fsync_path(root)
+        _fsync_path(staging_root)
+        path = final
+    return {**result, "existing": False, "path": path,
+            "stdout_tail": _tail(os.path.join(path, "stdout.log")),
+            "stderr_tail": _tail(os.path.join(path, "stderr.log"))}
+
+
+def find(req: dict[str, Any]) -> dict[str, Any]:
+    """The task's committed result on this host, or whether a run of it is left in staging (and still running)."""
+    task_id, host, root = req["task_id"], req["host"], req["root"]
+    final = os.path.join(root, task_id)
+    try:
+        with open(os.path.join(final, "result.json"), encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, ValueError):
+        result = None
+    if result is not None and result.get("host") == host:
+        return {"found": "committed", "path": final, "result": result}
+    try:
+        with open(os.path.join(root, STAGING, task_id, "run.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return {"found": None}
+    if record.get("host") != host:  # another host's run (hosts that share this folder, as in tests)
+        return {"found": None}
+    return {"found": "running" if _marked(task_id, host) else "stopped", "path": os.path.join(root, STAGING, task_id),
+            "pid": record["pid"]}
+
+
+def cancel(req: dict[str, Any]) -> dict[str, Any]:
+    found = find(req)
+    if found["found"] != "running":
+        return {k: v for k, v in found.items() if k != "result"}
+    # the monitor reads this marker when the command ends: the result says cancelled, not failed
+    with open(os.path.join(found["path"], "cancelled"), "w", encoding="utf-8") as handle:
+        handle.write(str(time.time()))
+    stopped = _stop(req["task_id"], req["host"], None, None, float(req.get("grace", GRACE_SECONDS)))
+    return {**found, "stopped": stopped}
+
+
+if __name__ == "__main__":
+    operation = {"run": run, "find": find, "cancel": cancel}[sys.argv[1]]
+    print(json.dumps(operation(json.loads(sys.stdin.read()))))

@@ -1,0 +1,209 @@
+"""The `agent-task` flow on this machine: the local transport (every host is this machine, the hot tier a folder of
+the test's), host facts from a facts file (no node exporter here), one Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from agent_fleets import agent_fleet
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+from test_agent_execute import Background, alive, until
+
+from flows.agent_task import agent_task, artifact_key
+from primespark.agents import execute
+from primespark.agents.execute import TaskRunFailed
+from primespark.fleet import load_fleet
+from primespark.fleet.model import TaskSpec
+from primespark.hosts import LocalHosts
+
+pytestmark = pytest.mark.slow
+HOSTS = ("core-1", "kvm-1", "nas-1", "ops-1", "pi-1", "pi-2")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    state = tmp_path_factory.mktemp("state")
+    state.chmod(0o700)
+    old = os.environ.get("SPARK_STATE_DIR")
+    os.environ["SPARK_STATE_DIR"] = str(state)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    if old is None:
+        del os.environ["SPARK_STATE_DIR"]
+    else:
+        os.environ["SPARK_STATE_DIR"] = old
+
+
+def facts_file(root: Path) -> str:
+    """pi-1 and pi-2 can take tasks (pi-1 has more free); pi-1's quiet hours (23:00-06:00) are not now."""
+    path = root / "facts.yaml"
+    up = {"memory_free_mb": 3000, "on_mains": True, "worker_ready": True}
+    path.write_text(yaml.safe_dump({
+        "now": "2026-11-30T12:00:00Z",
+        "hosts": {"pi-1": {**up, "cpus_free": 3.0}, "pi-2": {**up, "cpus_free": 2.0},
+                  "nas-1": {"unavailable": "cannot reach nas-1 over SSH"}}}))
+    return str(path)
+
+
+def artifact(key: str) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return max(found, key=lambda a: str(a.created)).data
+
+
+def flow_logs(state: Any) -> str:
+    """What the run logged to the Prefect API (what the UI shows), flushed first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        run_id = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=run_id))
+    return "\n".join(log.message for log in logs)
+
+
+def test_a_template_is_placed_run_and_committed_and_a_rerun_of_its_id_runs_nothing(
+        server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path, {"count": {"command": f'echo ran >> {runs}; echo counted > "$SPARK_TASK_OUTPUT/n"; '
+                                                        'echo hello from the task',
+                                            "cpus": 0.5, "memory_mb": 64}})
+    facts = facts_file(tmp_path)
+    state = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts,
+                       return_state=True)
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-1", "succeeded", 1)
+    assert result["path"] == str(tmp_path / "hot" / "tasks" / "count-1")
+    assert "3.0 CPUs free" in result["why"]
+    assert (tmp_path / "hot" / "tasks" / "count-1" / "out" / "n").read_text() == "counted\n"
+    rows = json.loads(artifact(f"{artifact_key('count-1')}-placement"))
+    verdicts = {r["host"]: (r["verdict"], r["why"]) for r in rows}
+    assert set(verdicts) == set(HOSTS)
+    assert verdicts["pi-1"][0] == "chosen" and verdicts["pi-2"][0] == "eligible"
+    assert verdicts["nas-1"] == ("excluded", "facts unavailable: cannot reach nas-1 over SSH")
+    assert verdicts["kvm-1"] == ("excluded", "a KVM host runs VMs, not tasks")
+    assert "succeeded" in artifact(f"{artifact_key('count-1')}-result")
+    assert "pi-1 stdout: hello from the task" in flow_logs(state)
+    again = agent_task(template="count", task_id="count-1", env=fleet, transport="local", facts_file=facts)
+    assert again["existing"] and again["attempts"] == 0 and again["path"] == result["path"]
+    assert runs.read_text() == "ran\n"
+
+
+def test_a_failing_inline_task_is_placed_again_per_its_retries_and_fails_with_its_exit_code(
+        server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path)
+    spec = TaskSpec(command=f"echo try >> {runs}; echo no model file >&2; exit 7", retries=1, memory_mb=64)
+    state = agent_task(spec=spec, name="embed", task_id="embed-1", env=fleet, transport="local",
+                       facts_file=facts_file(tmp_path), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, TaskRunFailed)
+    assert error.returncode == 7
+    assert "exited 7" in error.message and "no model file" in error.message
+    assert runs.read_text() == "try\ntry\n"  # the spec's one retry, placed again
+    assert not (tmp_path / "hot" / "tasks" / "embed-1").exists()
+    assert "failed" in artifact(f"{artifact_key('embed-1')}-result")
+
+
+def test_an_inline_spec_no_host_can_run_is_refused_with_its_reason(server: None, tmp_path: Path) -> None:
+    fleet = agent_fleet(tmp_path)
+    spec = TaskSpec(command="true", memory_mb=100_000)
+    state = agent_task(spec=spec, name="huge", task_id="huge-1", env=fleet, transport="local",
+                       facts_file=facts_file(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "inline task huge" in str(state.result(raise_on_failure=False))
+
+
+def only_pi1(root: Path) -> str:
+    path = root / "pi-1-only.yaml"
+    path.write_text(yaml.safe_dump({"now": "2026-11-30T12:00:00Z", "hosts": {
+        "pi-1": {"cpus_free": 3.0, "memory_free_mb": 3000}}}))
+    return str(path)
+
+
+def test_a_killed_attempt_still_running_on_another_host_is_stopped_before_the_task_runs_again(
+        server: None, tmp_path: Path) -> None:
+    fleet_file = agent_fleet(tmp_path)
+    fleet = load_fleet(fleet_file)
+    staging = tmp_path / "hot" / "tasks" / ".staging" / "left-1"
+    first = Background(fleet, "pi-2", "left-1", TaskSpec(command='echo $$ > "$SPARK_TASK_OUTPUT/pid"; sleep 300'))
+    until(lambda: (staging / "run.json").exists() and (staging / "out" / "pid").exists(), "the first attempt ran")
+    os.kill(json.loads((staging / "run.json").read_text())["monitor_pid"], signal.SIGKILL)
+    first.join()
+    orphan = int((staging / "out" / "pid").read_text())
+    assert alive(orphan)
+    state = agent_task(spec=TaskSpec(command="echo again"), name="left", task_id="left-1", env=fleet_file,
+                       transport="local", facts_file=only_pi1(tmp_path), return_state=True)
+    result = state.result()
+    assert (result["host"], result["status"]) == ("pi-1", "succeeded")
+    assert not alive(orphan), "the killed attempt's command ran on beside the new one"
+    assert "a killed attempt still runs on pi-2" in flow_logs(state)
+
+
+def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fleet_file = agent_fleet(tmp_path)
+    staging = tmp_path / "hot" / "tasks" / ".staging" / "stop-1"
+    spec = TaskSpec(command=f"echo try >> {runs}; sleep 300", retries=2)
+    states: list[Any] = []
+    thread = threading.Thread(target=lambda: states.append(agent_task(
+        spec=spec, name="stop", task_id="stop-1", env=fleet_file, transport="local",
+        facts_file=only_pi1(tmp_path), return_state=True)), daemon=True)
+    thread.start()
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    [found], _ = execute.cancel_task(LocalHosts(), load_fleet(fleet_file), "stop-1", fleet_file, grace_seconds=2)
+    assert found.found == "running"
+    thread.join(60)
+    [state] = states
+    assert state.is_failed() and "was cancelled" in str(state.result(raise_on_failure=False))
+    assert runs.read_text() == "try\n"
+
+
+def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(agent_task).model_dump()
+    assert list(schema["properties"])[:4] == ["template", "spec", "name", "task_id"]
+    fields = schema["definitions"]["TaskSpec"]["properties"]
+    assert {"command", "cpus", "memory_mb", "arch", "labels", "data", "timeout_minutes", "retries", "power"} <= set(
+        fields)
+    assert fields["cpus"]["type"] == "number" and fields["retries"]["maximum"] == 10
+    assert schema["properties"]["transport"]["enum"] == ["ssh", "local"]
+
+
+def test_the_cancellation_hook_stops_the_task_of_the_cancelled_run(tmp_path: Path) -> None:
+    """Called as Prefect calls it on a cancelled run (the run's parameters and id); its firing from a worker on a
+    UI cancel is not tested here (the flow has no deployment)."""
+    from types import SimpleNamespace
+
+    from flows.agent_task import default_task_id, stop_on_host
+
+    fleet_file = agent_fleet(tmp_path)
+    run_id = "5f0c2a9e-1111-2222-3333-444455556666"
+    task_id = default_task_id(None, "embed", run_id)
+    assert task_id == "embed-5f0c2a9e"
+    staging = tmp_path / "hot" / "tasks" / ".staging" / task_id
+    running = Background(load_fleet(fleet_file), "pi-1", task_id, TaskSpec(command="sleep 300"), grace_seconds=1)
+    until(lambda: (staging / "run.json").exists(), "the task started")
+    stop_on_host(None, SimpleNamespace(id=run_id, parameters={"spec": {"command": "sleep 300"}, "name": "embed",
+                                                              "env": fleet_file, "transport": "local"}), None)
+    running.join()
+    assert running.result is not None and running.result.status == "cancelled"
+    # a run cancelled before its task started anywhere: nothing to stop, and no error
+    stop_on_host(None, SimpleNamespace(id=run_id.replace("5f", "6f"), parameters={
+        "template": "x", "env": fleet_file, "transport": "local"}), None)
