@@ -370,7 +370,9 @@ def test_status_is_zero_on_a_healthy_fleet_and_names_the_critical_alert(promethe
         'primespark_backup_success{host="pi-1",repository="nas-primary"} 1.0',
         'primespark_backup_success{host="pi-1",repository="nas-primary"} 0.0')
     del exporter.bodies["pi-2"]  # its exporter stops answering
-    failing = until(lambda: (s := gather(LAB, api)) and any(a.name == "BackupFailed" for a in s.alerts) and s)
+    # both changes reach Prometheus at their own next scrape: wait for both (CI once saw the alert first)
+    failing = until(lambda: (s := gather(LAB, api)) and any(a.name == "BackupFailed" for a in s.alerts)
+                    and s.hosts.get("pi-2") == 0 and s)
     assert failing.exit_code == 2
     assert [(a.name, a.host, a.severity) for a in failing.alerts if a.name == "BackupFailed"] == [
         ("BackupFailed", "pi-1", "critical")]
