@@ -27,7 +27,7 @@ from primespark.lab.topology import plan_lab
 from primespark.mesh.plan import allocate
 from primespark.monitoring import metrics as m
 from primespark.monitoring.alertmanager import alertmanager_config, receiver_secrets, secret_files
-from primespark.monitoring.alerts import ALERT_NAMES, RUNBOOK_DIR, fleet_alerts, rule_groups
+from primespark.monitoring.alerts import ALERT_NAMES, PANEL_NOT_YET, RUNBOOK_DIR, fleet_alerts, rule_groups
 from primespark.monitoring.dashboards import REACT_PANELS, dashboards, panel_queries
 from primespark.monitoring.files import ALERTMANAGER_YML, dump_yaml, monitoring_files, write_files
 from primespark.monitoring.paths import SECRETS_DIR
@@ -202,6 +202,9 @@ def test_every_alert_has_a_panel_showing_its_signal(fleet: Fleet) -> None:
             for target in panel["targets"]:
                 shown.setdefault(target["expr"], []).append(panel["description"])
     for alert in fleet_alerts(fleet):
+        if alert.name in PANEL_NOT_YET:  # its rule ships; its signal has no publisher yet (a reason is given)
+            assert alert.signal not in shown and PANEL_NOT_YET[alert.name]
+            continue
         assert alert.signal in shown, f"no panel plots {alert.name}'s signal"
         assert any(alert.name in d for d in shown[alert.signal])
 

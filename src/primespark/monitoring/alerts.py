@@ -56,6 +56,14 @@ NOT_YET: dict[str, str] = {
 }
 
 
+# Alerts whose rule ships but whose dashboard panel waits: no host publishes their signal yet, so the panel would
+# plot nothing in any fleet. Name → why, and what brings it.
+PANEL_NOT_YET: dict[str, str] = {
+    "CertificateExpiry": "no host renews its certificate on a timer yet (docs/tls.md, not built): the metrics come "
+                         "only from `spark tls renew --textfile-dir` where someone runs it",
+}
+
+
 def schedule_gap_seconds(cron: str, horizon_days: int = 400, limit: int = 2000) -> float:
     """The longest time between two consecutive runs of a cron schedule (over a year, or `limit` runs)."""
     from croniter import croniter

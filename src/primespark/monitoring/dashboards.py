@@ -29,7 +29,7 @@ from grafana_foundation_sdk.models.dashboard import (
 
 from primespark.fleet.model import Fleet
 from primespark.monitoring import metrics as m
-from primespark.monitoring.alerts import BACKUPS, MESH, NODES, OVERVIEW, Alert, fleet_alerts
+from primespark.monitoring.alerts import BACKUPS, MESH, NODES, OVERVIEW, PANEL_NOT_YET, Alert, fleet_alerts
 from primespark.monitoring.files import DATASOURCE_UID
 from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB
@@ -56,7 +56,7 @@ class PanelSpec:
 def _signal_panels(alerts: list[Alert], board: str) -> list[PanelSpec]:
     """One panel per distinct signal of the board's alerts (the three filesystem alerts share one)."""
     panels: dict[str, PanelSpec] = {}
-    for alert in (a for a in alerts if a.dashboard == board):
+    for alert in (a for a in alerts if a.dashboard == board and a.name not in PANEL_NOT_YET):
         spec = panels.get(alert.signal)
         if spec is None:
             binary = alert.signal.startswith(("up", m.BACKUP_SUCCESS.name, m.DRILL_SUCCESS.name,
