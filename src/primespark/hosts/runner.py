@@ -112,6 +112,32 @@ class SshRunner:
             remote = "sudo -n " + remote
         return [*self.connection.ssh_argv(), remote]
 
+    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None, stdin: bytes | None,
+                 timeout: float | None) -> tuple[list[str], bytes]:
+        """The ssh command line and what goes to its stdin: the environment's values (one line each), then `stdin`."""
+        env = dict(env or {})
+        for key, value in env.items():
+            if not _ENV_NAME.match(key) or "\n" in value:
+                raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
+        names = sorted(env)
+        secrets = b"".join(env[key].encode() + b"\n" for key in names)
+        return self.argv(argv, names, timeout), secrets + (stdin or b"")
+
+    def _outcome(self, argv: Sequence[str], returncode: int, stdout: bytes, stderr_bytes: bytes,
+                 timeout: float | None, elapsed: float) -> Completed:
+        """The command's result, or the error that says what went wrong: the host's `timeout` ended it, ssh could
+        not reach the host, the command is not installed there."""
+        if timeout is not None and returncode in TIMED_OUT and elapsed >= timeout:
+            raise timed_out(argv, self.name, timeout)
+        stderr = stderr_bytes.decode(errors="replace")
+        if returncode == 255 and not stdout:
+            raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
+                                  f"SSH: {stderr.strip()}", "check that the host is up and reachable",
+                                  returncode=255, stderr=stderr)
+        if returncode == 127 and "not found" in stderr:
+            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}: {stderr.strip()}")
+        return Completed(tuple(argv), returncode, stdout, stderr)
+
     def run(
         self,
         argv: Sequence[str],
@@ -120,28 +146,14 @@ class SshRunner:
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> Completed:
-        env = dict(env or {})
-        for key, value in env.items():
-            if not _ENV_NAME.match(key) or "\n" in value:
-                raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
-        names = sorted(env)
-        secrets = b"".join(env[key].encode() + b"\n" for key in names)
+        command, given = self._command(argv, env, stdin, timeout)
         started = time.monotonic()
         try:
-            proc = subprocess.run(self.argv(argv, names, timeout), input=secrets + (stdin or b""), capture_output=True,
+            proc = subprocess.run(command, input=given, capture_output=True,
                                   timeout=None if timeout is None else timeout + SSH_GRACE_SECONDS, check=False)
         except subprocess.TimeoutExpired:
             raise timed_out(argv, self.name, timeout) from None
-        if timeout is not None and proc.returncode in TIMED_OUT and time.monotonic() - started >= timeout:
-            raise timed_out(argv, self.name, timeout)
-        stderr = proc.stderr.decode(errors="replace")
-        if proc.returncode == 255 and not proc.stdout:
-            raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
-                                  f"SSH: {stderr.strip()}", "check that the host is up and reachable",
-                                  returncode=255, stderr=stderr)
-        if proc.returncode == 127 and "not found" in stderr:
-            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}: {stderr.strip()}")
-        return Completed(tuple(argv), proc.returncode, proc.stdout, stderr)
+        return self._outcome(argv, proc.returncode, proc.stdout, proc.stderr, timeout, time.monotonic() - started)
 
     def stream(
         self,
@@ -153,34 +165,20 @@ class SshRunner:
         timeout: float | None = None,
     ) -> Completed:
         """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
-        env = dict(env or {})
-        for key, value in env.items():
-            if not _ENV_NAME.match(key) or "\n" in value:
-                raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
-        names = sorted(env)
-        secrets = b"".join(env[key].encode() + b"\n" for key in names)
+        command, given = self._command(argv, env, stdin, timeout)
         started = time.monotonic()
-        proc = subprocess.Popen(self.argv(argv, names, timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # past the host's own `timeout` and the grace, ssh itself is ended (the host's `timeout` normally was first)
         try:
             returncode, stdout, stderr_bytes, expired = _pump(
-                proc, secrets + (stdin or b""), on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS,
-                proc.kill)
+                proc, given, on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS, proc.kill)
         except BaseException:  # interrupted: no ssh is left behind (as subprocess.run in `run`)
             proc.kill()
             proc.wait()
             raise
-        if expired or (timeout is not None and returncode in TIMED_OUT and time.monotonic() - started >= timeout):
+        if expired:
             raise timed_out(argv, self.name, timeout)
-        stderr = stderr_bytes.decode(errors="replace")
-        if returncode == 255 and not stdout:
-            raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
-                                  f"SSH: {stderr.strip()}", "check that the host is up and reachable",
-                                  returncode=255, stderr=stderr)
-        if returncode == 127 and "not found" in stderr:
-            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}: {stderr.strip()}")
-        return Completed(tuple(argv), returncode, stdout, stderr)
+        return self._outcome(argv, returncode, stdout, stderr_bytes, timeout, time.monotonic() - started)
 
     def pid_alive(self, pid: int) -> bool:
         return _pid_alive(self, pid)
