@@ -196,6 +196,16 @@ class LocalRunner:
         # this interpreter, not whatever `python3` a shim on PATH starts (in a namespace: the host's own)
         self.python = "python3" if prefix else sys.executable
 
+    def _start(self, argv: Sequence[str], env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+        """The command in a session of its own: on a timeout its whole process group goes (restic started by a
+        host-side session included), as coreutils `timeout` does on a host."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        try:
+            return subprocess.Popen([*self.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**base, **(env or {})}, start_new_session=True)
+        except FileNotFoundError:
+            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}") from None
+
     def run(
         self,
         argv: Sequence[str],
@@ -204,14 +214,7 @@ class LocalRunner:
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> Completed:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
-        try:
-            # a session of its own: on a timeout its whole process group goes (restic started by a host-side
-            # session included), as coreutils `timeout` does on a host
-            proc = subprocess.Popen([*self.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env={**base, **(env or {})}, start_new_session=True)
-        except FileNotFoundError:
-            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}") from None
+        proc = self._start(argv, env)
         with proc:
             try:
                 stdout, stderr = proc.communicate(stdin if stdin is not None else b"", timeout=timeout)
@@ -233,12 +236,7 @@ class LocalRunner:
         timeout: float | None = None,
     ) -> Completed:
         """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
-        try:
-            proc = subprocess.Popen([*self.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env={**base, **(env or {})}, start_new_session=True)
-        except FileNotFoundError:
-            raise CommandNotFound(f"{argv[0]!r} is not installed on {self.name}") from None
+        proc = self._start(argv, env)
 
         def end_group() -> None:  # its whole session goes, as in `run`
             with contextlib.suppress(ProcessLookupError):
