@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from primespark.backup import jobs
 from primespark.backup.repositories import offsite_of, plan_of
@@ -32,9 +33,9 @@ class BackupFailed(RunFailed):
 # the server recording that task's own start (on SQLite that cost up to 2 s a lock).
 @task(name="restic-backup", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def restic_backup(ctx: FleetContext, host: str, time_override: datetime | None,
-                  clear_stale_locks_first: bool, accept_shrink: bool) -> jobs.HostBackup:
+                  clear_stale_locks_first: bool, accept_shrink: bool, run_id: str | None) -> jobs.HostBackup:
     return jobs.backup_host(ctx, host, time_override=time_override, clear_stale_locks_first=clear_stale_locks_first,
-                            accept_shrink=accept_shrink)
+                            accept_shrink=accept_shrink, run_id=run_id)
 
 
 @task(name="store-manifest", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -86,10 +87,16 @@ def backup(
     jobs.save_state(ctx, host, {**state, "last_status": "running"})
     started = time.time()
     options = retrying(retries, retry_delay_seconds)
+    # the flow run's id tags its snapshot: a run rescheduled after its worker died, or a task retried after
+    # restic saved, finds the snapshot it already made instead of backing up twice
+    run_id = str(flow_run.id).replace("-", "") if flow_run.id else None
     try:
         with hold(repository_lock(plan.repository)):
-            done = restic_backup.with_options(**options)(ctx, host, snapshot_time, unfinished, accept_shrink)
+            done = restic_backup.with_options(**options)(ctx, host, snapshot_time, unfinished, accept_shrink, run_id)
             run = done.run
+            if run.earlier_attempt:
+                logger.info("snapshot %s was saved by an earlier attempt of this run (its worker was lost before "
+                            "the run ended): kept, not made twice", run.summary.snapshot_id)
             for problem in run.cache_problems:
                 logger.warning("%s", problem)
             if run.missing_paths:
@@ -134,7 +141,7 @@ def backup(
         "hashed_files": run.hashed_now, "changed_during_backup": len(run.changed_during_backup),
         "copied_to": copied, "duration_seconds": round(finished - started, 2),
         "write_window": [done.started, done.finished], "created_repository": done.created_repository,
-        "stale_locks_removed": done.stale_locks_removed,
+        "stale_locks_removed": done.stale_locks_removed, "earlier_attempt": run.earlier_attempt,
     }
     create_markdown_artifact(backup_report(result), key=f"backup-{host}", description=f"last backup of {host}")
     return result

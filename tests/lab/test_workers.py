@@ -224,10 +224,6 @@ def backup_killed_midway(lab, kill: Callable[[], None], bring_back: Callable[[],
     print(f"Crashed {crashed:.0f} s after the kill")
 
 
-@pytest.mark.xfail(strict=False, reason="seen once (2026-11-30): two new snapshots, not one, after the rescheduled "
-                   "run: a kill that lands after restic wrote its snapshot and before the flow ended makes the rerun "
-                   "back up again; backups are not idempotent per flow run yet (issue 15 note). Passed in the last "
-                   "lab run.")
 def test_worker_killed_with_kill_9_mid_backup(lab, workers):
     def kill() -> None:
         pid = worker_pid(lab)

@@ -480,6 +480,48 @@ def test_a_manifest_that_cannot_go_inside_its_snapshot_goes_beside_it_and_leaves
     assert run_drill(ctx, "pi-1").passed
 
 
+def test_a_run_backs_up_once_whatever_its_attempts(state: Path, tmp_path: Path) -> None:
+    """A worker killed after restic saved the snapshot and before the run ended: the rescheduled run (the same
+    flow run id) keeps that snapshot and makes no second one; an earlier attempt whose manifest cannot be read
+    is forgotten and the backup made again. The flow tags its snapshot with its flow run's id."""
+    from primespark.backup.manifest import run_of
+
+    fleet = make_fleet(tmp_path)
+    state_of = run(backup, "pi-1", fleet, offsite=False, **FAST)
+    result = state_of.result()
+    ctx = FleetContext.load(fleet, "local")
+    client = restic_for(ctx, "nas-primary", "pi-1")
+    (saved,) = client.snapshots(tags=["primespark-backup"])
+    assert run_of(saved) == str(state_of.state_details.flow_run_id).replace("-", "")
+    assert saved.id.startswith(result["snapshot"]) and result["earlier_attempt"] is False
+
+    (tmp_path / "src" / "pi-1" / "later.txt").write_text("written after the first attempt\n")
+    first = jobs.backup_host(ctx, "pi-1", run_id="a" * 32)  # the attempt whose run never recorded its end
+    again = jobs.backup_host(ctx, "pi-1", run_id="a" * 32)  # the rescheduled run
+    assert again.run.earlier_attempt and not first.run.earlier_attempt
+    assert again.run.summary.snapshot_id == first.run.summary.snapshot_id
+    assert again.run.files == first.run.files == 4 and again.run.manifest_embedded
+    backed_up = [p for p in (tmp_path / "src" / "pi-1").rglob("*") if p.is_file() and p.suffix != ".tmp"]
+    # the host's bytes (restic's own total counts the manifest file inside the snapshot too)
+    assert again.run.summary.total_bytes_processed == sum(p.stat().st_size for p in backed_up)
+    assert len(client.snapshots(tags=["primespark-backup"])) == 2, "the rescheduled run backed up twice"
+
+    # an earlier attempt without a readable manifest is no backup to keep: forgotten, made again
+    blocked = Path(folders_on(ctx, "pi-1").manifest_dir("nas-primary"))
+    shutil.rmtree(blocked)
+    blocked.write_text("not a folder")  # the manifest goes apart; its snapshot is then forgotten by hand
+    try:
+        partial = jobs.backup_host(ctx, "pi-1", run_id="b" * 32)
+    finally:
+        blocked.unlink()
+    assert partial.run.separate_manifest
+    client.forget_ids([partial.run.separate_manifest])
+    redone = jobs.backup_host(ctx, "pi-1", run_id="b" * 32)
+    assert not redone.run.earlier_attempt and redone.run.summary.snapshot_id != partial.run.summary.snapshot_id
+    runs = [run_of(s) for s in client.snapshots(tags=["primespark-backup"])]
+    assert runs.count("b" * 32) == 1 and len(runs) == 3, runs
+
+
 # --- fail closed, never start over silently, always report (#13) -----------------------------------------------
 
 

@@ -195,6 +195,29 @@ def test_stale_lock_of_a_killed_backup_is_removed_but_a_live_one_is_kept(repo: R
     repo.check()
 
 
+
+def test_a_rerun_waits_for_the_earlier_attempts_live_writer(repo: ResticClient) -> None:
+    """A backup's rerun waits until the writer its dead worker left running is gone (then its snapshot decides),
+    and fails, naming the host, when the writer outlives the wait."""
+    import threading
+
+    from primespark.backup.jobs import wait_for_writers
+    from primespark.errors import StepFailed
+
+    proc = hold_lock(repo)
+    (lock,) = repo.locks()
+    with pytest.raises(StepFailed, match="an earlier backup of pi-2 still writes into its repository after 0 s"):
+        wait_for_writers(repo, [lock.id], "pi-2", 0)
+    waited = threading.Thread(target=wait_for_writers, args=(repo, [lock.id], "pi-2", 120))
+    waited.start()
+    assert waited.is_alive()
+    assert proc.stdin is not None
+    proc.stdin.write(b"the last bytes of the earlier attempt\n")
+    proc.stdin.close()  # the writer saves its snapshot and lets go of its lock
+    assert proc.wait(timeout=60) == 0
+    waited.join(timeout=60)
+    assert not waited.is_alive() and repo.locks() == [] and len(repo.snapshots()) == 1
+
 def test_lock_of_an_unknown_host_is_left_alone(repo: ResticClient) -> None:
     proc = hold_lock(repo)
     try:

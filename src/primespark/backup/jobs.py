@@ -116,26 +116,33 @@ def shrink_problem(files: int, previous: int | None, max_shrink: float) -> str |
 
 def backup_host(
     ctx: FleetContext, host: str, time_override: datetime | None = None, clear_stale_locks_first: bool = False,
-    accept_shrink: bool = False,
+    accept_shrink: bool = False, run_id: str | None = None,
 ) -> HostBackup:
     """One restic backup of the host's plan with its manifest, in one session on the host. `clear_stale_locks_first`
     (after a run that did not finish) costs restic starts.
 
     An empty backup is not a success: a plan path that is not there, a snapshot without files, or one whose file
     count fell by more than `backup.max_shrink` against the last accepted backup fails with the reason (the
-    snapshot is forgotten again, so drills and retention keep to the last good one), unless `accept_shrink`."""
+    snapshot is forgotten again, so drills and retention keep to the last good one), unless `accept_shrink`.
+    With a `run_id` (the flow run's), a snapshot an earlier attempt of that run saved is kept, not made twice."""
     plan = plan_of(ctx, host)
     restic = restic_for(ctx, plan.repository, host, create=True)
     folders = folders_on(ctx, host)
     last = load_state(ctx, host)
     removed = []
     if clear_stale_locks_first and open_repository(ctx, plan.repository, host, create=False) is not None:
-        removed = [lock.id[:8] for lock in clear_stale_locks(ctx, plan.repository, host).removed]
+        report = clear_stale_locks(ctx, plan.repository, host)
+        removed = [lock.id[:8] for lock in report.removed]
+        if run_id and report.kept_alive:
+            # the flow holds the repository's lock: a live writer is the earlier attempt's restic, left running
+            # when its worker died; its snapshot decides whether this attempt backs up at all
+            wait_for_writers(restic, [lock.id for lock in report.kept_alive], host,
+                             long_step(ctx, last.get("size_bytes")))
     started = time.time()
     done = with_repository_fixes(ctx, plan.repository, host, lambda: backup_with_manifest(
         restic, plan.paths, host=host, excludes=plan.excludes, time=time_override,
         cache=folders.cache_file(plan.repository), manifest_dir=folders.manifest_dir(plan.repository),
-        accept_missing=accept_shrink, timeout=long_step(ctx, last.get("size_bytes"))))
+        accept_missing=accept_shrink, timeout=long_step(ctx, last.get("size_bytes")), run_id=run_id))
     run = done.value
     assert run is not None
     problem = shrink_problem(run.files, last.get("files"), backup_of(ctx.fleet).max_shrink)
@@ -145,6 +152,19 @@ def backup_host(
                             "was forgotten again", f"check the host's data and that its volumes are mounted; "
                             f"{ACCEPT_HINT}")
     return HostBackup(run, started, time.time(), done.created, removed + done.stale_locks_removed)
+
+
+WRITER_POLL_SECONDS = 2.0
+
+
+def wait_for_writers(restic: ResticClient, lock_ids: list[str], host: str, timeout: float) -> None:
+    """Until the locks `lock_ids` (live writers) are gone from the repository, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while set(lock_ids) & {lock.id for lock in restic.locks()}:
+        if time.monotonic() > deadline:
+            raise StepFailed(f"an earlier backup of {host} still writes into its repository after {timeout:.0f} s",
+                             f"see what restic runs on {host} (ps -C restic); the next run waits for it again")
+        time.sleep(WRITER_POLL_SECONDS)
 
 
 def store_pending_manifest(ctx: FleetContext, host: str, run: BackupRun) -> str | None:

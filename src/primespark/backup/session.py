@@ -78,6 +78,7 @@ class BackupRun:
     embed_problem: str | None = None  # why the manifest folder could not be used
     missing_paths: list[str] = field(default_factory=list)  # plan paths not there (the run accepted it)
     cache_problems: list[str] = field(default_factory=list)  # the manifest cache could not be written: warnings
+    earlier_attempt: bool = False  # saved by an earlier attempt of the same run, kept rather than made twice
 
     @property
     def separate_manifest(self) -> str | None:
@@ -88,11 +89,14 @@ class BackupRun:
 def backup_with_manifest(
     client: ResticClient, paths: list[str], *, host: str, excludes: list[str] | None = None,
     time: datetime | None = None, cache: str | None = None, manifest_dir: str | None = None,
-    accept_missing: bool = False, timeout: float | None = None,
+    accept_missing: bool = False, timeout: float | None = None, run_id: str | None = None,
 ) -> BackupRun:
     """restic backup of `paths` with its content manifest, in one session on the client's host. A path that
-    is not there refuses the backup (`BackupRefused`) unless `accept_missing`; `timeout` ends the session."""
-    run_id = new_run_id()
+    is not there refuses the backup (`BackupRefused`) unless `accept_missing`; `timeout` ends the session.
+    `run_id` (a flow run's id) makes the backup once per run: a snapshot an earlier attempt saved is returned."""
+    if run_id and (earlier := earlier_attempt(client, host, run_id, manifest_dir)) is not None:
+        return earlier
+    run_id = run_id or new_run_id()
     tags = [BACKUP_TAG, run_tag(run_id)]
     data = client.command(*client.backup_args(paths, excludes=excludes or [], tags=tags, host=host, time=time,
                                               verbose=True))
@@ -130,6 +134,31 @@ def backup_with_manifest(
             done.manifest_error = client.scrub(str(stored.get("stderr", ""))).strip()[-300:]
     client.backup_result(returncode, stderr, summary)  # exit 3 raises BackupIncomplete, after the manifest is stored
     return done
+
+
+def earlier_attempt(client: ResticClient, host: str, run_id: str, manifest_dir: str | None) -> BackupRun | None:
+    """The snapshot an earlier attempt of run `run_id` saved: a worker killed after restic saved it and before
+    the run ended leaves it, and the rescheduled run must not back up twice. Its counts come from its manifest;
+    one whose manifest cannot be read is forgotten (with its run's other snapshots) and the backup made again."""
+    tagged = client.snapshots(host=host, tags=[run_tag(run_id)])
+    data = [s for s in tagged if BACKUP_TAG in s.tags]
+    if not data:
+        return None
+    snapshot, apart = data[-1], [s for s in tagged if MANIFEST_TAG in s.tags]
+    # short ids, as restic's backup summary gives them
+    sources = ([(snapshot.short_id, f"{manifest_dir.rstrip('/')}/{MANIFEST_FILE}", True)] if manifest_dir else []) + \
+        [(s.short_id, f"/{MANIFEST_FILE}", False) for s in apart[-1:]]
+    for source, path, embedded in sources:
+        try:
+            files = hostside.entries(json.loads(client.dump(source, path))["files"])
+        except (ResticError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        size = sum(entry.size for entry in files.values() if entry is not None)
+        summary = BackupSummary(snapshot_id=snapshot.short_id, total_files_processed=len(files) + embedded,
+                                total_bytes_processed=size)
+        return BackupRun(summary, run_id, len(files), 0, [], source, manifest_embedded=embedded, earlier_attempt=True)
+    client.forget_ids([s.id for s in tagged])
+    return None
 
 
 # --- drill ------------------------------------------------------------------------------------------------
