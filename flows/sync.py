@@ -119,7 +119,7 @@ def _publish_link(ctx: FleetContext, link: Link, result: core.PassResult, found:
                   textfile: str | None) -> None:
     state = core.record(ctx, link, result, found)
     _publish_metrics(ctx, link, textfile, sync_metrics(
-        link.job, link.source, success=result.status == "succeeded",
+        link.job, link.source, success=state.succeeded,
         finished=result.finished, last_success=state.last_success, lag_seconds=state.lag_seconds,
         sent_bytes=result.bytes_sent, sent_files=result.files_sent, deleted_files=result.deleted,
         differing_files=result.differing, errors_total=state.errors_total, refusals_total=state.refusals_total,
@@ -217,7 +217,7 @@ def sync_check(
                 resend.with_options(**options)(ctx, link, [*result.missing, *result.differing])
         state = core.record_check(ctx, link, result)
         _publish_metrics(ctx, link, textfile, sync_metrics(
-            link.job, link.source, success=state.last_status == "succeeded",
+            link.job, link.source, success=state.succeeded,
             finished=state.last_run or time.time(), last_success=state.last_success, lag_seconds=state.lag_seconds,
             sent_bytes=state.bytes_sent, sent_files=state.files_sent, deleted_files=state.deleted,
             differing_files=state.differing, errors_total=state.errors_total, refusals_total=state.refusals_total,

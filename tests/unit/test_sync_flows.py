@@ -269,6 +269,28 @@ def test_a_paused_window_sends_nothing_and_says_until_when(state: Path, tmp_path
     assert not (tmp_path / "out" / "readings").exists()
 
 
+def test_a_pause_neither_fails_the_link_in_its_metrics_nor_clears_a_failure(state: Path, tmp_path: Path) -> None:
+    """primespark_sync_success is the last pass that ran: SyncRefused must not fire every night of quiet hours."""
+    source = tmp_path / "hot"
+    fill(source, 2)
+    fleet = make_fleet(tmp_path, **{"paused": {"source": f"pi-1:{source}", "destination": f"nas-1:{tmp_path}/out",
+                                               "bandwidth": {"00:00": "pause", "12:00": "pause"}}})
+    prom = tmp_path / "prom"
+    success = prom / "primespark_sync_paused_pi-1.prom"
+    [done] = run(sync, "paused", fleet, textfile=str(prom), bwlimit="off").result()["links"]  # past the window
+    assert done["status"] == "succeeded" and metrics(success)["primespark_sync_success"] == 1
+    [link] = run(sync, "paused", fleet, textfile=str(prom)).result()["links"]
+    assert link["status"] == "paused" and metrics(success)["primespark_sync_success"] == 1
+    run(sync_check, "paused", fleet, textfile=str(prom)).result()  # the compare republishes the link's figures
+    assert metrics(success)["primespark_sync_success"] == 1
+    shutil.rmtree(source)  # refused (a missing source); the pauses after it keep it so
+    assert run(sync, "paused", fleet, textfile=str(prom), bwlimit="off").is_failed()
+    assert metrics(success)["primespark_sync_success"] == 0
+    fill(source, 2)
+    assert run(sync, "paused", fleet, textfile=str(prom)).result()["links"][0]["status"] == "paused"
+    assert metrics(success)["primespark_sync_success"] == 0
+
+
 def _watchers(source: Path) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

@@ -214,6 +214,7 @@ def window_at(fleet: Fleet, job: SyncJob, source_host: str, now: datetime) -> Wi
 @dataclass
 class LinkState:
     last_status: str = "never"  # succeeded, failed, refused, paused
+    last_outcome: str | None = None  # of the last pass that ran (succeeded, failed, refused): a pause leaves it
     last_run: float | None = None
     last_success: float | None = None
     source_files: int | None = None  # regular files in the source at the last full pass
@@ -230,6 +231,12 @@ class LinkState:
     last_check: float | None = None
     check_differing: int | None = None
     check_missing: int | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """The last pass that ran succeeded: what `primespark_sync_success` says. A paused pass ran nothing, so a
+        pause (quiet hours, a `pause` window) neither fails the link nor clears its failure."""
+        return (self.last_outcome or self.last_status) == "succeeded"
 
 
 def state_file(ctx: FleetContext, link: Link) -> Path:
@@ -533,6 +540,8 @@ def record(ctx: FleetContext, link: Link, result: PassResult, found: Probe | Non
     state.last_run = result.finished
     state.last_status = result.status
     state.reason = result.reason
+    if result.status != "paused":
+        state.last_outcome = result.status
     if result.status == "succeeded":
         state.last_success = result.finished
         state.files_sent, state.bytes_sent, state.deleted = result.files_sent, result.bytes_sent, result.deleted

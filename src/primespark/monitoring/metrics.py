@@ -131,7 +131,9 @@ FS_FREE = Metric("primespark:filesystem_free_ratio", "Free space over size, per 
 # --- sync (flows/sync.py): one file per link, a job's source host --------------------------------------------
 # `sync_job`, not `job`: Prometheus gives every scraped series a `job` label of its own
 _SYNC = ("sync_job", "source")
-SYNC_SUCCESS = Metric("primespark_sync_success", "1 if the link's last pass succeeded (0: failed or refused)", _SYNC)
+SYNC_SUCCESS = Metric("primespark_sync_success",
+                      "1 if the link's last pass that ran succeeded (0: failed or refused; a paused pass leaves it)",
+                      _SYNC)
 SYNC_LAST_RUN = Metric("primespark_sync_last_run_timestamp_seconds", "When the link's last pass ended", _SYNC)
 SYNC_LAST_SUCCESS = Metric("primespark_sync_last_success_timestamp_seconds", "When a pass of the link last succeeded",
                            _SYNC)
