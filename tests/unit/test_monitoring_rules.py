@@ -22,7 +22,7 @@ import yaml
 from primespark.fleet import load_fleet
 from primespark.mesh.plan import allocate
 from primespark.monitoring import metrics as m
-from primespark.monitoring.alerts import fleet_alerts, rule_groups, runbook_url
+from primespark.monitoring.alerts import fleet_alerts, rule_groups, runbook_url, sync_limits
 from primespark.monitoring.files import RULES_YML, dump_yaml, monitoring_files, write_files
 from primespark.monitoring.paths import RULES_FILE
 from primespark.monitoring.promql import selector
@@ -106,6 +106,29 @@ CERT = {"certificate": "/etc/primespark/tls/cert.pem", **NODE}
 KEPT = [series(m.TLS_NOT_BEFORE, "0x300", **CERT), series(m.TLS_NOT_AFTER, "86400x300", **CERT)]
 RENEWED = [series(m.TLS_NOT_BEFORE, "0x192 57600x108", **CERT), series(m.TLS_NOT_AFTER, "86400x192 144000x108", **CERT)]
 
+# Sync metrics are on the link's source host, labelled with the job and the source (flows/sync.py).
+MIRROR = {"sync_job": "warm-to-cloud", "source": "nas-1", "job": "node", "instance": "nas-1", "host": "nas-1",
+          "site": "edge", "kind": "nas"}
+HOT = {"sync_job": "hot-to-nas", "source": "pi-1", **NODE}
+MODELS = {"sync_job": "models-to-edge", "source": "analytics-1", "job": "node", "instance": "analytics-1",
+          "host": "analytics-1", "site": "cloud", "kind": "vm"}
+LIMITS = {(x.job, x.source): x for x in sync_limits(FLEET)}
+MIRROR_LAG = LIMITS["warm-to-cloud", "nas-1"].lag  # continuous, no pause: the watcher restart budget
+HOT_LAG = LIMITS["hot-to-nas", "pi-1"].lag  # continuous, paused in pi-1's quiet hours: the budget plus 7.5 h
+MODELS_AGE = LIMITS["models-to-edge", "analytics-1"].age  # every 30 minutes
+NEVER = max(x.longest for x in LIMITS.values())
+assert MIRROR_LAG and HOT_LAG and MODELS_AGE and HOT_LAG > MIRROR_LAG + 7 * 3600
+
+
+def _links_fresh(skip: str | None, steps: int) -> list[dict[str, str]]:
+    """Every link with a limit but `skip` (a job) publishing a success at each 5-minute sample."""
+    return [series(m.SYNC_LAST_SUCCESS, f"0+300x{steps}", sync_job=job, source=source) for job, source in LIMITS
+            if job != skip]
+
+
+# A pass every 30 minutes (5-minute samples, each holding the time of the latest success), for 6 hours.
+HALF_HOURLY = " ".join(f"{k * 1800}x5" for k in range(12))
+
 CASES: list[Case] = [
     Case("HostDown", "a host silent past the hold", [series(m.UP, "1 1 0x10", **NODE)], ["10m"], [NODE]),
     Case("HostDown", "a missed scrape or two", [series(m.UP, "1 0 0 1x10", **NODE)], ["2m", "10m"]),
@@ -175,6 +198,26 @@ CASES: list[Case] = [
     Case("TierAboveHighWatermark", "the warm tier at 82%: under its own watermark (85%)",
          [series(m.STORAGE_USAGE, "0.82x30", name="tier-warm", path="/srv/warm", **{**NODE, "host": "nas-1"})],
          ["20m"]),
+    Case("SyncRefused", "a mirror refused by every retry", [series(m.SYNC_SUCCESS, "1 1 0x10", **MIRROR)], ["10m"],
+         [MIRROR]),
+    Case("SyncRefused", "a failed pass that the watcher's retry repairs",
+         [series(m.SYNC_SUCCESS, "1 0 0 1x10", **MIRROR)], ["2m", "10m"]),
+    Case("SyncLagHigh", "a continuous mirror minutes behind", [series(m.SYNC_LAG, f"{MIRROR_LAG + 180:.0f}x30",
+                                                                       **MIRROR)], ["20m"], [MIRROR]),
+    Case("SyncLagHigh", "a continuous mirror seconds behind", [series(m.SYNC_LAG, "20x30", **MIRROR)], ["20m"]),
+    Case("SyncLagHigh", "a Pi's first pass after its quiet hours",
+         [series(m.SYNC_LAG, f"{HOT_LAG - 600:.0f}x30", **HOT)], ["20m"]),
+    Case("SyncLagHigh", "a Pi's lag beyond its quiet hours", [series(m.SYNC_LAG, f"{HOT_LAG + 300:.0f}x30", **HOT)],
+         ["20m"], [HOT]),
+    Case("SyncLagHigh", "a scheduled job with no success since its schedule's gap",
+         [series(m.SYNC_LAST_SUCCESS, "0x40", **MODELS)], [late(MODELS_AGE)], [MODELS], interval="5m"),
+    Case("SyncLagHigh", "a scheduled job passing every 30 minutes",
+         [series(m.SYNC_LAST_SUCCESS, HALF_HOURLY, **MODELS)], ["3h", "5h"], interval="5m"),
+    Case("SyncLagHigh", "a link that never published a success", _links_fresh("models-to-edge", 120),
+         [f"{int(NEVER // 3600) + 1}h"], [{"sync_job": "models-to-edge", "source": "analytics-1",
+                                            "condition": "no-data"}], interval="5m"),
+    Case("SyncLagHigh", "every link publishing its successes", _links_fresh(None, 120), [f"{int(NEVER // 3600) + 1}h"],
+         interval="5m"),
     Case("UpsOnBattery", "mains out", [series(m.POWER_ON_BATTERY, "0 1x5", signal="nut", **NODE)], ["4m"],
          [{"signal": "nut", **NODE}]),
     Case("UpsOnBattery", "a flicker", [series(m.POWER_ON_BATTERY, "0 1 0x5", signal="nut", **NODE)], ["2m", "5m"]),
@@ -238,6 +281,41 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
     silent = {c.alert for c in CASES if not c.firing}
     assert not generated - firing, f"no firing case: {sorted(generated - firing)}"
     assert not generated - silent, f"no silent case: {sorted(generated - silent)}"
+
+
+def test_sync_limits_follow_each_links_mode_schedule_and_pauses() -> None:
+    """A continuous link may lag by what a watcher restart explains, a scheduled one miss its schedule's gap plus a
+    quarter (at least an hour); both plus their longest pause, merged across midnight and across the timetable's
+    and the quiet hours' windows. A job run on demand has no limit."""
+    from primespark.data.sync import longest_pause_seconds
+    from primespark.fleet import load_text
+    from primespark.monitoring.alerts import overdue_seconds, watch_restart_seconds
+    from primespark.orchestration.placement import WATCH_RESTART_SECONDS
+
+    restart = watch_restart_seconds(FLEET)
+    assert restart == 2 * (2 * 30 + WATCH_RESTART_SECONDS)  # the homelab's heartbeat is Prefect's 30 s
+    assert {k: (x.lag, x.age) for k, x in LIMITS.items()} == {
+        **{("hot-to-nas", pi): (restart + 7.5 * 3600, None) for pi in ("pi-1", "pi-2", "pi-3", "pi-4")},
+        ("warm-to-cloud", "nas-1"): (restart, None), ("models-to-edge", "analytics-1"): (None, 5400.0)}
+    assert overdue_seconds("*/30 * * * *") == 5400.0
+    data = yaml.safe_load((REPO / "inventory" / "homelab.yaml").read_text())
+    data["orchestration"]["heartbeat_seconds"] = 120
+    jobs = data["sync"]["jobs"]
+    jobs["warm-to-cloud"]["bandwidth"] = {"01:00": "pause", "03:00": "2M", "22:00": "pause"}  # 22:00 to 03:00
+    jobs["hot-to-nas"]["bandwidth"] = {"06:00": "pause", "08:00": "off"}  # 23:00 (quiet) to 08:00
+    jobs["models-to-edge"] = {**jobs["models-to-edge"], "schedule": "0 3 * * *", "bandwidth": {"00:00": "pause",
+                                                                                              "04:00": "off"}}
+    jobs["on-demand"] = {"source": "analytics-1:/srv/scratch", "destination": "nas-1:/srv/scratch"}
+    fleet = load_text(yaml.safe_dump(data))
+    limits = {(x.job, x.source): x for x in sync_limits(fleet)}
+    restart = 2 * (2 * 120 + WATCH_RESTART_SECONDS)
+    assert limits["warm-to-cloud", "nas-1"].lag == restart + 5 * 3600
+    assert limits["hot-to-nas", "pi-1"].lag == restart + 9 * 3600
+    assert limits["models-to-edge", "analytics-1"].age == overdue_seconds("0 3 * * *") + 4 * 3600
+    assert ("on-demand", "analytics-1") not in limits
+    assert fleet.sync is not None
+    every_hour = fleet.sync.jobs["warm-to-cloud"].model_copy(update={"bandwidth": {"06:00": "pause"}})
+    assert longest_pause_seconds(fleet, every_hour, "nas-1") == 24 * 3600
 
 
 def test_the_burst_and_the_fill_are_what_they_claim() -> None:

@@ -208,6 +208,25 @@ def window_at(fleet: Fleet, job: SyncJob, source_host: str, now: datetime) -> Wi
     return Window(rate, until, reason)
 
 
+def longest_pause_seconds(fleet: Fleet, job: SyncJob, source_host: str) -> float:
+    """The longest stretch of a day in which the link transfers nothing (its timetable's `pause` windows and, if
+    the job says so, its source's quiet hours), midnight crossed: what its lag alert allows beyond its mode's own
+    limit. `window_at` judges each stretch between the times where the rate can change."""
+    power = fleet.hosts[source_host].power
+    quiet = power.quiet_hours if job.pause_in_quiet_hours and power is not None and power.quiet_hours else ()
+    edges = sorted({0, *(_minutes(t) for t in (*job.bandwidth, *quiet))})
+    day = datetime(2025, 1, 15, tzinfo=ZoneInfo(fleet.timezone))  # no clock change on that day in any zone
+    stretches = [(end - start, window_at(fleet, job, source_host, day + timedelta(minutes=start)).paused)
+                 for start, end in zip(edges, [*edges[1:], 24 * 60], strict=True)]
+    if all(paused for _, paused in stretches):
+        return 24 * 3600.0
+    longest = run = 0
+    for minutes, paused in stretches + stretches:  # twice round: a window from 23:00 to 06:30 is one stretch
+        run = run + minutes if paused else 0
+        longest = max(longest, run)
+    return longest * 60.0
+
+
 # --- the link's state (the state directory of whoever runs the flow: a worker, or the operator's machine) -------
 
 

@@ -1,14 +1,14 @@
 """The fleet's alert and recording rules, derived from its targets: RPO, drill and check schedules, tier
-watermarks, mesh keepalives. One `Alert` per alert name holds its rule expressions, how long the condition must
-hold (`for:`; the fleet's `monitoring.alert_for` overrides it), its severity, summary, runbook and the signal its
-dashboard panel plots — the rules, the dashboards and `spark status` all read them from here.
+watermarks, mesh keepalives, sync modes and pauses. One `Alert` per alert name holds its rule expressions, how long
+the condition must hold (`for:`; the fleet's `monitoring.alert_for` overrides it), its severity, summary, runbook
+and the signal its dashboard panel plots — the rules, the dashboards and `spark status` all read them from here.
 
 Alerts follow the node-exporter mixin where it has one (filesystem, clock) — including its answer to
 predict_linear's false positives: a filesystem alert needs low free space AND a predicted fill AND a writable
 mount, held for an hour, so a write burst that is cleaned up within the hour never fires.
 
 Not built here, for want of a metric (each arrives with its issue): worker/pool readiness (the workers issue),
-agent task failures (tasks), sync lag and refusals (sync). See NOT_YET.
+agent task failures (tasks). See NOT_YET.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from primespark.fleet.model import Fleet, Severity
+from primespark.fleet.model import Fleet, Orchestration, Severity
 from primespark.mesh.health import STALE_HANDSHAKE_SECONDS
 from primespark.monitoring import metrics as m
 from primespark.monitoring.promql import duration, selector
 from primespark.monitoring.scrape import NODE_JOB
+from primespark.orchestration.placement import WATCH_RESTART_SECONDS
 
 RUNBOOK_DIR = "docs/runbooks"
 
 # Dashboards (primespark.monitoring.dashboards builds them; every alert names the one holding its panel).
-OVERVIEW, MESH, BACKUPS, NODES = "overview", "mesh", "backups", "nodes"
+OVERVIEW, MESH, BACKUPS, NODES, SYNC = "overview", "mesh", "backups", "nodes", "sync"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,6 @@ class Alert:
 NOT_YET: dict[str, str] = {
     "WorkerPoolNotReady": "no metric yet: Prefect work pools and workers arrive with the workers issue",
     "AgentTaskFailures": "no metric yet: agent tasks arrive with the tasks issue",
-    "SyncLagHigh": "no metric yet: sync arrives with the sync issue",
-    "SyncRefused": "no metric yet: sync arrives with the sync issue",
 }
 
 
@@ -214,6 +213,106 @@ def _tier_alerts(fleet: Fleet) -> list[Alert]:
                   min(spec.high_watermark for spec in fleet.tiers.values()))]
 
 
+@dataclass(frozen=True)
+class SyncLimit:
+    """How far one link may fall behind before SyncLagHigh: the lag of its last pass (a continuous job) and the
+    time since its last successful pass (a scheduled one); None where its mode sets none."""
+
+    job: str
+    source: str
+    lag: float | None
+    age: float | None
+
+    @property
+    def longest(self) -> float:
+        return max(x for x in (self.lag, self.age) if x is not None)
+
+
+def watch_restart_seconds(fleet: Fleet) -> float:
+    """A continuous link's own lag limit: a watcher that died is seen dead after two heartbeats (the crash
+    automation), started again by the watch schedule, and its full pass delivers what changed meanwhile — given as
+    long again. A larger lag is more than a restart the fleet handles."""
+    heartbeat = (fleet.orchestration.heartbeat_seconds if fleet.orchestration is not None
+                 else Orchestration.model_fields["heartbeat_seconds"].default)
+    return 2.0 * (2 * heartbeat + WATCH_RESTART_SECONDS)
+
+
+def sync_limits(fleet: Fleet) -> list[SyncLimit]:
+    """Every link that has something to be late for (a continuous job, a schedule), with its limits: its mode's own
+    plus the longest pause of its timetable and quiet hours, in which it is allowed to fall behind."""
+    from primespark.data.layout import links
+    from primespark.data.sync import longest_pause_seconds
+
+    if fleet.sync is None:
+        return []
+    out = []
+    for link in links(fleet):
+        job = fleet.sync.jobs[link.job]
+        if not job.continuous and job.schedule is None:
+            continue  # run on demand only
+        pause = longest_pause_seconds(fleet, job, link.source)
+        out.append(SyncLimit(link.job, link.source, watch_restart_seconds(fleet) + pause if job.continuous else None,
+                             overdue_seconds(job.schedule) + pause if job.schedule else None))
+    return out
+
+
+def _per_limit(limits: list[SyncLimit], which: str) -> list[tuple[str, list[str], float]]:
+    """(job, sources, limit) for links of one job sharing a limit: one PromQL line each, not one per Pi."""
+    groups: dict[tuple[str, float], list[str]] = {}
+    for limit in limits:
+        value = getattr(limit, which)
+        if value is not None:
+            groups.setdefault((limit.job, value), []).append(limit.source)
+    return [(job, sources, value) for (job, value), sources in groups.items()]
+
+
+def _links(metric: m.Metric, job: str, sources: list[str]) -> str:
+    return selector(metric, sync_job=job, source=sources[0] if len(sources) == 1 else ("=~", "|".join(sources)))
+
+
+def _limits_text(groups: list[tuple[str, list[str], float]], single: dict[str, int]) -> str:
+    return ", ".join(f"{job}{'' if len(sources) == single[job] else ' from ' + ', '.join(sources)} "
+                     f"{duration(value)}" for job, sources, value in groups)
+
+
+def _sync_alerts(fleet: Fleet) -> list[Alert]:
+    if fleet.sync is None:
+        return []
+    success = selector(m.SYNC_SUCCESS)
+    alerts = [Alert(
+        "SyncRefused", Severity.warning, "5m", (f"{success} == 0",),
+        "sync {{ $labels.sync_job }} from {{ $labels.source }}: the last pass failed or was refused",
+        "The link's last pass failed after its retries, or its guards refused it (a missing, unmounted or emptied "
+        "source; more deletions than max_delete) and it changed nothing at the destination; a pass paused by its "
+        "window does not count. The report artifact sync-{{ $labels.sync_job }} says which and why.",
+        success, SYNC)]
+    limits = sync_limits(fleet)
+    if not limits:
+        return alerts
+    lags, ages = _per_limit(limits, "lag"), _per_limit(limits, "age")
+    condition = "\nor ".join([*(f"{_links(m.SYNC_LAG, job, sources)} > {value:.0f}" for job, sources, value in lags),
+                              *(f"time() - {_links(m.SYNC_LAST_SUCCESS, job, sources)} > {value:.0f}"
+                                for job, sources, value in ages)])
+    # a link that never published a success (never ran, or never succeeded) fires after its fleet's longest limit
+    never = "\nor ".join(f"absent({selector(m.SYNC_LAST_SUCCESS, sync_job=x.job, source=x.source)})" for x in limits)
+    count = {job: sum(x.job == job for x in limits) for job in {x.job for x in limits}}
+    text = []
+    if lags:
+        text.append(f"Continuous links: the last pass's lag over {duration(watch_restart_seconds(fleet))} (a dead "
+                    "watcher is seen after two heartbeats and started again by the watch schedule; its full pass is "
+                    f"given as long again) plus the link's longest pause window; limits: {_limits_text(lags, count)}.")
+    if ages:
+        text.append("Scheduled links: no successful pass for the schedule's longest gap plus a quarter (at least 1 h) "
+                    f"plus the link's longest pause window; limits: {_limits_text(ages, count)}.")
+    alerts.append(Alert(
+        "SyncLagHigh", Severity.warning, "10m", _and_missing(condition, never),
+        "sync {{ $labels.sync_job }} from {{ $labels.source }} is behind: changes arrive later than its mode allows",
+        " ".join(text) + " A link that never published a successful pass fires after the longest limit.",
+        selector(m.SYNC_LAG), SYNC, "s", min((value for _, _, value in lags), default=None),
+        slow_hold=duration(max(x.longest for x in limits))))
+    return alerts
+
+
 def _power_alerts(fleet: Fleet) -> list[Alert]:
     if not any(h.power is not None and h.power.ups_signal != "none" for h in fleet.hosts.values()):
         return []
@@ -243,10 +342,10 @@ def _tls_alerts() -> list[Alert]:
 
 
 def fleet_alerts(fleet: Fleet) -> list[Alert]:
-    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, UPSes; every fleet has hosts
-    and their certificates)."""
+    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, sync jobs, UPSes; every fleet
+    has hosts and their certificates)."""
     return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
-            *_power_alerts(fleet), *_tls_alerts()]
+            *_sync_alerts(fleet), *_power_alerts(fleet), *_tls_alerts()]
 
 
 def _all_names() -> frozenset[str]:
@@ -267,6 +366,7 @@ hosts:
   nas-1: {kind: nas, site: site, cpus: 1, memory_mb: 512, disk_gb: 8, address: 10.0.0.11}
 meshes: {mesh: {overlay: 10.9.0.0/24}}
 tiers: {hot: {hosts: [pi-1], path: /srv/hot, capacity_gb: 1}}
+sync: {jobs: {job: {source: "pi-1:/srv/hot", destination: "nas-1:/srv/warm/{host}", continuous: true}}}
 backup:
   repositories: {repo: {host: nas-1, path: /srv/repo, password: "local:repo"}}
   plans: {pi-1: {repository: repo, paths: [/srv/hot]}}
@@ -300,6 +400,7 @@ def recording_rules() -> list[dict[str, Any]]:
         {"record": m.DRILL_AGE.name, "expr": f"time() - {selector(m.DRILL_LAST_RUN)}"},
         {"record": m.CHECK_AGE.name, "expr": f"time() - {selector(m.CHECK_LAST_RUN)}"},
         {"record": m.FS_FREE.name, "expr": f"{avail} / {size}"},
+        {"record": m.SYNC_SUCCESS_AGE.name, "expr": f"time() - {selector(m.SYNC_LAST_SUCCESS)}"},
         {"record": m.TLS_LIFE_LEFT.name, "expr": f"({selector(m.TLS_NOT_AFTER)} - time()) / "
                                                  f"({selector(m.TLS_NOT_AFTER)} - {selector(m.TLS_NOT_BEFORE)})"},
     ]

@@ -3,8 +3,8 @@ version the compose stack runs; grafanalib never got the time-series panel and e
 Grafana 11 no longer draws). Only React panels: time series and stat.
 
 Every alert of the fleet (primespark.monitoring.alerts) gets a panel that plots its signal, on the dashboard the
-alert names; the panel's description says which alerts it shows. Panels whose metric no one writes yet (sync,
-agent tasks, workers) are not drawn: they arrive with their issues.
+alert names; the panel's description says which alerts it shows. Panels whose metric no one writes yet (agent
+tasks, workers) are not drawn: they arrive with their issues.
 """
 
 from __future__ import annotations
@@ -29,13 +29,23 @@ from grafana_foundation_sdk.models.dashboard import (
 
 from primespark.fleet.model import Fleet
 from primespark.monitoring import metrics as m
-from primespark.monitoring.alerts import BACKUPS, MESH, NODES, OVERVIEW, PANEL_NOT_YET, Alert, fleet_alerts
+from primespark.monitoring.alerts import (
+    BACKUPS,
+    MESH,
+    NODES,
+    OVERVIEW,
+    PANEL_NOT_YET,
+    SYNC,
+    Alert,
+    fleet_alerts,
+    sync_limits,
+)
 from primespark.monitoring.files import DATASOURCE_UID
 from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
-TITLES = {OVERVIEW: "Fleet overview", MESH: "Mesh", BACKUPS: "Backups and drills", NODES: "Nodes"}
+TITLES = {OVERVIEW: "Fleet overview", MESH: "Mesh", BACKUPS: "Backups and drills", NODES: "Nodes", SYNC: "Sync"}
 REACT_PANELS = frozenset({"timeseries", "stat", "row"})  # what this module draws; none of them Angular
 
 
@@ -60,7 +70,8 @@ def _signal_panels(alerts: list[Alert], board: str) -> list[PanelSpec]:
         spec = panels.get(alert.signal)
         if spec is None:
             binary = alert.signal.startswith(("up", m.BACKUP_SUCCESS.name, m.DRILL_SUCCESS.name,
-                                              m.CHECK_SUCCESS.name, m.MESH_PAIR_UP.name, "spark_power_"))
+                                              m.CHECK_SUCCESS.name, m.MESH_PAIR_UP.name, m.SYNC_SUCCESS.name,
+                                              "spark_power_"))
             spec = PanelSpec(_signal_title(alert), [(alert.signal, _legend(alert.signal))],
                              kind="stat" if binary else "timeseries", unit=alert.unit, threshold=alert.threshold,
                              up_down=binary)
@@ -77,7 +88,7 @@ _SIGNAL_TITLES = {
     "ResticCheckFailed": "restic check", "ResticCheckOverdue": "Time since check", "MeshPairDown": "Pairs reachable",
     "MeshHandshakeStale": "Handshake age", "FilesystemFillingUp": "Filesystem free space", "ClockSkew": "Clock offset",
     "TierAboveHighWatermark": "Tier fill", "UpsOnBattery": "On battery", "UpsBatteryLow": "Battery low",
-    "CertificateExpiry": "Certificate life left",
+    "CertificateExpiry": "Certificate life left", "SyncRefused": "Last pass", "SyncLagHigh": "Lag of the last pass",
 }
 
 
@@ -86,6 +97,8 @@ def _signal_title(alert: Alert) -> str:
 
 
 def _legend(expr: str) -> str:
+    if expr.startswith(("primespark_sync_", "primespark:sync_")):
+        return "{{sync_job}}/{{source}}"
     if expr.startswith(m.MESH_PAIR_UP.name) or expr.startswith(m.MESH_HANDSHAKE_AGE.name):
         return "{{source}} → {{target}}"
     if expr.startswith(m.CHECK_SUCCESS.name):
@@ -113,6 +126,10 @@ def _extra_panels(fleet: Fleet, board: str) -> list[PanelSpec]:
             overview.append(PanelSpec("Mesh pairs not reachable",
                                       [(f"count({selector(m.MESH_PAIR_UP)} == 0) or vector(0)", "pairs down")],
                                       kind="stat", threshold=1))
+        if fleet.sync is not None:
+            overview.append(PanelSpec("Sync links failing",
+                                      [(f"count({selector(m.SYNC_SUCCESS)} == 0) or vector(0)", "links")],
+                                      kind="stat", threshold=1))
         if fleet.tiers:
             overview.append(PanelSpec("Tier fill", [(selector(m.STORAGE_USAGE, name=("=~", "tier-.*")),
                                                      "{{host}} {{name}}")], kind="stat", unit="percentunit",
@@ -127,6 +144,17 @@ def _extra_panels(fleet: Fleet, board: str) -> list[PanelSpec]:
             PanelSpec("Drill RTO", [(selector(m.DRILL_RTO), "{{host}}")], unit="s",
                       threshold=targets.rto_minutes * 60),
             PanelSpec("Drill RPO", [(selector(m.DRILL_RPO), "{{host}}")], unit="s", threshold=targets.rpo_hours * 3600),
+        ]
+    if board == SYNC and fleet.sync is not None:
+        ages = [x.age for x in sync_limits(fleet) if x.age is not None]
+        links = "{{sync_job}}/{{source}}"
+        return [
+            # scheduled links: SyncLagHigh reads this one
+            PanelSpec("Time since last successful pass", [(selector(m.SYNC_SUCCESS_AGE), links)], unit="s",
+                      threshold=min(ages, default=None), alerts=["SyncLagHigh"] if ages else []),
+            PanelSpec("Sent by the last pass", [(selector(m.SYNC_SENT_BYTES), links)], unit="bytes"),
+            PanelSpec("Passes failed and refused", [(selector(m.SYNC_ERRORS), f"failed {links}"),
+                                                    (selector(m.SYNC_REFUSALS), f"refused {links}")]),
         ]
     if board == MESH:
         return [PanelSpec("Round trip over the overlay", [(selector(m.MESH_PAIR_RTT), "{{source}} → {{target}}")],
@@ -207,7 +235,7 @@ def _board(fleet: Fleet, uid: str, panels: list[PanelSpec]) -> dict[str, Any]:
 
 
 def dashboards(fleet: Fleet) -> dict[str, dict[str, Any]]:
-    """Dashboard key (overview, mesh, backups, nodes) → the dashboard's JSON model; only those with panels."""
+    """Dashboard key (overview, mesh, backups, nodes, sync) → the dashboard's JSON model; only those with panels."""
     return {uid: _board(fleet, uid, panels) for uid, panels in panel_specs(fleet).items()}
 
 

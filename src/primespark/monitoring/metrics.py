@@ -153,6 +153,8 @@ SYNC_CHECK_LAST_RUN = Metric("primespark_sync_check_last_run_timestamp_seconds",
                              "When the link's full checksum compare last ran", _SYNC)
 SYNC_CHECK_BAD_FILES = Metric("primespark_sync_check_bad_files",
                               "Files the last full compare found missing or differing at the destination", _SYNC)
+SYNC_SUCCESS_AGE = Metric("primespark:sync_last_success_age_seconds", "Time since a pass of the link last succeeded, "
+                          "now (a recording rule)", _SYNC, RECORDING)
 
 # --- tier migration (flows/tiers.py): one file per boundary and upper-tier host, on that host -------------------
 _TIER = ("tier", "host")
