@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from primespark.agents.execute import HOT_TIER_STAGING, results_root
+from primespark.agents.taskside import STAGING as TASK_STAGING
 from primespark.context import FleetContext
 from primespark.data import migrate
 from primespark.data.tiers import FileInfo, HostScan, plan_boundary, render_plan
@@ -101,6 +103,22 @@ def test_a_move_that_would_fill_the_next_tier_above_its_high_watermark_waits_and
     assert waiting.path == "a.bin"
     assert waiting.reason == "waits: nas-1 would go above its high watermark (86% > 85%)"
     assert plan.usage["nas-1"].after == 7_600_000
+
+
+def test_an_agent_tasks_staging_folder_never_moves_its_committed_result_may() -> None:
+    """A task writes into its staging folder on the hot tier and commits it by a rename: files aged down from there
+    would be missing from its result. Above the high watermark too, and on the hot tier only."""
+    staging = f"{HOT_TIER_STAGING}/t-1"
+    files = (_file(f"{staging}/out/part-0.bin", 300_000, 10), _file(f"{staging}/stdout.log", 300_000, 10),
+             _file("tasks/t-0/out/result.bin", 300_000, 10), _file("data/new.bin", 50_000, 1))
+    scan = HostScan("pi-1", TierName.hot, "/srv/hot", files, 950_000)  # above 80 %: the watermark moves old first
+    plan = plan_boundary(_tiers(), TierName.hot, [scan], {"nas-1": 0}, NOW)
+    assert [m.path for m in plan.moves] == ["tasks/t-0/out/result.bin", "data/new.bin"]
+    assert {s.path: s.reason for s in plan.skipped} == {f"{staging}/out/part-0.bin": "an agent task's staging folder",
+                                                        f"{staging}/stdout.log": "an agent task's staging folder"}
+    warm = HostScan("nas-1", TierName.warm, "/srv/warm", (_file(f"{staging}/x.bin", 1000, 100),), 1000)
+    cold = {**_tiers(), TierName.cold: Tier(hosts=["ops-1"], path="/srv/cold", capacity_gb=1)}
+    assert [m.path for m in plan_boundary(cold, TierName.warm, [warm], {"ops-1": 0}, NOW).moves] == [f"{staging}/x.bin"]
 
 
 # --- on real files -------------------------------------------------------------------------------------------------
@@ -201,6 +219,22 @@ def test_a_full_hot_tier_ends_at_or_below_its_low_watermark_and_pinned_open_and_
     assert not migrate.backlog(ctx)
 
 
+def test_a_pass_leaves_a_running_tasks_staging_folder_on_the_hot_tier(tiers: tuple[FleetContext, Path]) -> None:
+    """Where the agents write (`results_root`, its staging folder), an old file stays; the committed result moves."""
+    ctx, root = tiers
+    tasks = Path(results_root(ctx.fleet, "pi-1"))
+    assert tasks.parent == root / "hot"
+    staging = {f"{TASK_STAGING}/t-1/out/part-{i}.bin": put(tasks / TASK_STAGING / f"t-1/out/part-{i}.bin", 1000, 30)
+               for i in range(3)}
+    committed = put(tasks / "t-0" / "out" / "result.bin", 1000, 30)
+    [result] = one_pass(ctx)
+    for rel, content in staging.items():
+        assert (tasks / rel).read_bytes() == content, f"{rel} moved while its task may still write there"
+    assert not (root / "warm" / "pi-1" / tasks.name / TASK_STAGING).exists()
+    assert (root / "warm" / "pi-1" / tasks.name / "t-0" / "out" / "result.bin").read_bytes() == committed
+    assert result.moved == 1
+
+
 def test_a_missing_lower_tier_folder_moves_nothing(tiers: tuple[FleetContext, Path]) -> None:
     ctx, root = tiers
     put(root / "hot" / "a.bin", 1000, 30)
@@ -214,6 +248,8 @@ def test_a_missing_lower_tier_folder_moves_nothing(tiers: tuple[FleetContext, Pa
 
 MOVER = """
 import sys
+from primespark.agents.execute import HOT_TIER_STAGING, results_root
+from primespark.agents.taskside import STAGING as TASK_STAGING
 from primespark.context import FleetContext
 from primespark.data import migrate
 from primespark.fleet.model import TierName

@@ -28,6 +28,9 @@ from primespark.hosts import HostAccess, on_each, stream
 SOURCE = Path(taskside.__file__).read_text()
 # Where a host without a hot tier keeps task results (a host with one: `<hot tier>/tasks`, so sync carries them).
 FALLBACK_ROOT = "/var/lib/primespark/tasks"
+RESULTS_FOLDER = "tasks"  # below the hot tier's folder
+# Below the hot tier's folder: runs still writing, or left for inspection. Tier migration never moves them.
+HOT_TIER_STAGING = f"{RESULTS_FOLDER}/{taskside.STAGING}"
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 # The runner waits this much longer than the task's timeout: the host-side script ends the command itself first.
 RUNNER_GRACE_SECONDS = 120
@@ -65,7 +68,7 @@ def results_root(fleet: Fleet, host: str) -> str:
     """The folder holding a host's task results: `<hot tier>/tasks` on a hot-tier host, else FALLBACK_ROOT."""
     hot = fleet.tiers.get(TierName.hot)
     if hot is not None and host in hot.hosts:
-        return f"{hot.path.rstrip('/')}/tasks"
+        return f"{hot.path.rstrip('/')}/{RESULTS_FOLDER}"
     return FALLBACK_ROOT
 
 

@@ -6,7 +6,9 @@ The policy, per host of the upper tier (from the fleet's `tiers:`):
 - when the host's tier folder is above its `high_watermark` (bytes in the folder over `capacity_gb`), the
   oldest-used files move too, until it would be at or below its `low_watermark`;
 - never: a file some process holds open for writing, one modified in the last `min_age_minutes`, one matching
-  a `pinned` glob, one in (or below) a folder holding the `pin_marker` file;
+  a `pinned` glob, one in (or below) a folder holding the `pin_marker` file, one in an agent task's staging
+  folder on the hot tier (`agents.execute.HOT_TIER_STAGING`: the task may still write there, and commits it by a
+  rename);
 - the next tier's capacity is respected: a move that would take the receiving host above its high watermark
   waits, and says so.
 The order is deterministic: oldest first, then by path.
@@ -18,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from primespark.agents.execute import HOT_TIER_STAGING
 from primespark.fleet.model import TIER_ORDER, Tier, TierName
 
 DAY = 86400.0
@@ -173,7 +176,11 @@ def _age(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def _why_not(info: FileInfo, spec: Tier, markers: frozenset[str], now: float) -> str | None:
+def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str], now: float) -> str | None:
+    # a task writes files there and closes them while it runs (neither open nor fresh for long), then renames the
+    # folder: moved away, its files would be missing from its result
+    if tier is TierName.hot and info.path.startswith(HOT_TIER_STAGING + "/"):
+        return "an agent task's staging folder"
     if info.open_for_writing:
         return "open for writing"
     if now - info.mtime < spec.min_age_minutes * 60:
@@ -193,7 +200,7 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Candi
     eligible: list[tuple[float, FileInfo]] = []
     held: list[tuple[FileInfo, str]] = []
     for info in scan.files:
-        reason = _why_not(info, spec, scan.markers, now)
+        reason = _why_not(info, scan.tier, spec, scan.markers, now)
         if reason is None:
             eligible.append((info.last_used(scan.atime_kept), info))
         else:
