@@ -289,8 +289,7 @@ def test_sync_limits_follow_each_links_mode_schedule_and_pauses() -> None:
     and the quiet hours' windows. A job run on demand has no limit."""
     from primespark.data.sync import longest_pause_seconds
     from primespark.fleet import load_text
-    from primespark.monitoring.alerts import overdue_seconds, watch_restart_seconds
-    from primespark.orchestration.placement import WATCH_RESTART_SECONDS
+    from primespark.monitoring.alerts import WATCH_RESTART_SECONDS, overdue_seconds, watch_restart_seconds
 
     restart = watch_restart_seconds(FLEET)
     assert restart == 2 * (2 * 30 + WATCH_RESTART_SECONDS)  # the homelab's heartbeat is Prefect's 30 s

@@ -22,9 +22,11 @@ from primespark.mesh.health import STALE_HANDSHAKE_SECONDS
 from primespark.monitoring import metrics as m
 from primespark.monitoring.promql import duration, selector
 from primespark.monitoring.scrape import NODE_JOB
-from primespark.orchestration.placement import WATCH_RESTART_SECONDS
 
 RUNBOOK_DIR = "docs/runbooks"
+# How long a Crashed watch run takes to run again: the crash automation schedules it again at once, its worker
+# polls, the flow starts its watchers. An allowance, not a measurement (about 1 min on the lab).
+WATCH_RESTART_SECONDS = 300.0
 
 # Dashboards (primespark.monitoring.dashboards builds them; every alert names the one holding its panel).
 OVERVIEW, MESH, BACKUPS, NODES, SYNC = "overview", "mesh", "backups", "nodes", "sync"
@@ -229,9 +231,9 @@ class SyncLimit:
 
 
 def watch_restart_seconds(fleet: Fleet) -> float:
-    """A continuous link's own lag limit: a watcher that died is seen dead after two heartbeats (the crash
-    automation), started again by the watch schedule, and its full pass delivers what changed meanwhile — given as
-    long again. A larger lag is more than a restart the fleet handles."""
+    """A continuous link's own lag limit: a watcher that died is marked Crashed after two heartbeats and
+    scheduled again by the crash automation (within its deployment's crash retries), and its full pass delivers
+    what changed meanwhile — given as long again. A larger lag is more than a restart the fleet handles."""
     heartbeat = (fleet.orchestration.heartbeat_seconds if fleet.orchestration is not None
                  else Orchestration.model_fields["heartbeat_seconds"].default)
     return 2.0 * (2 * heartbeat + WATCH_RESTART_SECONDS)
@@ -299,8 +301,9 @@ def _sync_alerts(fleet: Fleet) -> list[Alert]:
     text = []
     if lags:
         text.append(f"Continuous links: the last pass's lag over {duration(watch_restart_seconds(fleet))} (a dead "
-                    "watcher is seen after two heartbeats and started again by the watch schedule; its full pass is "
-                    f"given as long again) plus the link's longest pause window; limits: {_limits_text(lags, count)}.")
+                    "watcher is seen after two heartbeats and scheduled again by the crash automation; its full pass "
+                    "is given as long again) plus the link's longest pause window; limits: "
+                    f"{_limits_text(lags, count)}.")
     if ages:
         text.append("Scheduled links: no successful pass for the schedule's longest gap plus a quarter (at least 1 h) "
                     f"plus the link's longest pause window; limits: {_limits_text(ages, count)}.")
