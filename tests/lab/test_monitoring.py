@@ -68,8 +68,10 @@ def spark(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def monitored(lab, configured) -> str:
-    """site.yml on the whole lab (the session's `configured`), then the main job of `make lab`; Prometheus' URL."""
-    for step in (["backup", "now"], ["drill", "run"], ["backup", "maintain"], ["mesh", "check", "--publish"]):
+    """site.yml on the whole lab (the session's `configured`), then the main job of `make lab` (LAB_FLOWS, here from
+    the controller); Prometheus' URL."""
+    for step in (["backup", "now"], ["drill", "run"], ["backup", "maintain"], ["sync", "run"],
+                 ["mesh", "check", "--publish"]):
         done = spark(*step, "--env", lab.fleet.name)
         assert done.returncode == 0, f"{' '.join(step)}: {done.stdout[-3000:]}{done.stderr[-2000:]}"
     # The usage guard runs from cron every 5 minutes; run it once now on every host (what cron runs), so its
