@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from primespark.errors import StepFailed
 from primespark.restic import ResticClient, ResticError
@@ -59,33 +58,54 @@ def _locked(state_dir: Path) -> Iterator[None]:
         yield
 
 
-def _read(state_dir: Path) -> dict[str, Any]:
-    path = records_path(state_dir)
-    if not path.is_file():
-        return {}
+UNREADABLE_FIX = ("restore the file from a backup, or remove it to adopt the repositories as they are now (each is "
+                  "then recorded again on its next use)")
+
+
+def parse(text: str, origin: str, fix: str = UNREADABLE_FIX) -> dict[str, Record]:
+    """Records from their JSON text (`origin` names the file, for the error). Anything else fails: read as empty, the
+    next backup would re-create missing repositories, and the guard must not fail open."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except ValueError:
-        # Read as empty, the next backup would re-create missing repositories: the guard must not fail open.
-        raise StepFailed(f"the repository records {path} cannot be read (not JSON)",
-                         "restore the file from a backup, or remove it to adopt the repositories as they are "
-                         "now (each is then recorded again on its next use)") from None
-    return dict(data) if isinstance(data, dict) else {}
+        raise StepFailed(f"the repository records {origin} cannot be read (not JSON)", fix) from None
+    names = {f.name for f in fields(Record)}
+    if not isinstance(data, dict) or not all(
+            isinstance(v, dict) and set(v) == names and all(isinstance(x, str) for x in v.values())
+            for v in data.values()):
+        raise StepFailed(f"the repository records {origin} cannot be read (not a map of records)", fix)
+    return {str(k): Record(**v) for k, v in data.items()}
 
 
-def load(state_dir: Path) -> dict[str, Record]:
-    return {k: Record(**v) for k, v in _read(state_dir).items()}
+def dumps(found: Mapping[str, Record]) -> str:
+    """The records file's text: one form wherever it is written (a delivery that changes nothing is seen as such)."""
+    return json.dumps({k: asdict(r) for k, r in found.items()}, indent=1, sort_keys=True)
 
 
-def find(state_dir: Path, repository: str, client: str) -> Record | None:
-    return load(state_dir).get(key(repository, client))
+def load(state_dir: Path, fix: str = UNREADABLE_FIX) -> dict[str, Record]:
+    path = records_path(state_dir)
+    return parse(path.read_text(), str(path), fix) if path.is_file() else {}
+
+
+def find(state_dir: Path, repository: str, client: str, fix: str = UNREADABLE_FIX) -> Record | None:
+    return load(state_dir, fix).get(key(repository, client))
+
+
+def _write(state_dir: Path, found: Mapping[str, Record]) -> None:
+    atomic_write(records_path(state_dir), dumps(found), 0o600)
 
 
 def save(state_dir: Path, record: Record) -> None:
     with _locked(state_dir):
-        data = _read(state_dir)
-        data[key(record.repository, record.client)] = asdict(record)
-        atomic_write(records_path(state_dir), json.dumps(data, indent=1, sort_keys=True), 0o600)
+        found = load(state_dir)
+        found[key(record.repository, record.client)] = record
+        _write(state_dir, found)
+
+
+def select(state_dir: Path, pairs: Iterable[tuple[str, str]]) -> dict[str, Record]:
+    """The records of the (repository, client) pairs that are recorded."""
+    found = load(state_dir)
+    return {k: found[k] for k in sorted({key(r, c) for r, c in pairs}) if k in found}
 
 
 def forget(state_dir: Path, repository: str | None = None, client: str | None = None) -> list[str]:
@@ -94,12 +114,12 @@ def forget(state_dir: Path, repository: str | None = None, client: str | None = 
     if not records_path(state_dir).is_file():
         return []
     with _locked(state_dir):
-        data = _read(state_dir)
-        dropped = [k for k, v in data.items() if (repository is None or v.get("repository") == repository)
-                   and (client is None or v.get("client") == client)]
+        found = load(state_dir)
+        dropped = [k for k, v in found.items() if (repository is None or v.repository == repository)
+                   and (client is None or v.client == client)]
         for k in dropped:
-            del data[k]
-        atomic_write(records_path(state_dir), json.dumps(data, indent=1, sort_keys=True), 0o600)
+            del found[k]
+        _write(state_dir, found)
     return dropped
 
 
