@@ -7,15 +7,18 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lab_fleets import lab_fleet
 
+from primespark.backup import records
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.lab.ssh import known_host_names, operator_key
 from primespark.mesh.service import plan_and_save
 from primespark.orchestration.material import (
+    WORKER_HOME,
     authorized_worker_keys,
     server_material,
     worker_material,
@@ -107,3 +110,30 @@ def test_a_workers_store_reads_and_never_writes(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SecretError, match="read-only"):
         ensure_reference("local:restic/offsite", store, lambda: "made-up")
     assert not (tmp_path / "secrets" / "restic" / "offsite").exists()
+
+
+def test_each_worker_gets_the_records_of_its_own_sites_repositories_only(lab_state, lab_env) -> None:  # type: ignore[no-untyped-def]
+    """A worker opens only the repositories the controller recorded: the edge worker those of the edge's backups,
+    drills and maintenance (their offsite copies included), the cloud worker the offsite copies it maintains."""
+    clients = ("pi-1", "pi-2", "nas-1")
+    for repository, client in [*((r, c) for r in ("nas-primary", "offsite") for c in clients), ("gone", "pi-9")]:
+        records.save(lab_state.state_dir, records.Record(repository, client, f"/srv/{repository}/{client}/repo",
+                                                         f"id-{repository}-{client}", records.now(), "initialised"))
+    edge = records.parse(worker_material(lab_env, "nas-1")["repository_records"], "edge")
+    cloud = records.parse(worker_material(lab_env, "ops-1")["repository_records"], "cloud")
+    assert sorted(edge) == [f"{r}/{c}" for r in ("nas-primary", "offsite") for c in sorted(clients)]
+    assert sorted(cloud) == [f"offsite/{c}" for c in sorted(clients)]
+    assert cloud["offsite/pi-1"].id == "id-offsite-pi-1"  # the controller's record, as it is
+
+
+def test_the_role_installs_the_records_where_deploy_writes_them() -> None:
+    """`spark flows deploy` writes a worker's records at WORKER_HOME/state over SSH: the role's default home and
+    file; a role run leaves the file deploy keeps up to date alone, and it is private (0600)."""
+    role = Path(__file__).resolve().parents[2] / "roles" / "prefect_worker"
+    assert yaml.safe_load((role / "defaults" / "main.yml").read_text())["prefect_worker_home"] == WORKER_HOME
+    tasks = yaml.safe_load((role / "tasks" / "main.yml").read_text())
+    (task,) = [t["ansible.builtin.copy"] for t in tasks if str(t.get("ansible.builtin.copy", {}).get("dest", ""))
+               .endswith(records.RECORDS_FILE)]
+    assert task["dest"] == "{{ prefect_worker_home }}/state/" + records.RECORDS_FILE
+    assert task["content"] == "{{ prefect_worker_material.repository_records }}"
+    assert task["mode"] == "0600" and task["force"] is False

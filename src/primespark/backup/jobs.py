@@ -34,15 +34,23 @@ from primespark.secrets import atomic_write
 T = TypeVar("T")
 
 
+def records_delivered_by(ctx: FleetContext) -> str | None:
+    """On a site's worker (the role sets SPARK_WORKER_SITE): the command that delivers its records from the
+    controller. A worker makes no repository: one it has no record of is refused (`records`)."""
+    return f"spark flows deploy --env {ctx.env}" if ctx.settings.worker_site is not None else None
+
+
 def open_repository(ctx: FleetContext, repository: str, client: str, *, create: bool,
                     via: str | None = None, restic: ResticClient | None = None) -> records.Opened | None:
     """`client`'s repository in `repository`, checked against this environment's record of it (see `records`):
-    made only on its first use (`create`), never again once recorded; None when it was never made. `restic`:
-    opened another way than from `via` (a worker's, on the repository's own host)."""
+    made only on its first use (`create`) from the controller, never again once recorded, never on a worker; None
+    when it was never made. `restic`: opened another way than from `via` (a worker's, on the repository's own
+    host)."""
     restic = restic or restic_for(ctx, repository, client, via=via, create=create)
     return records.open_repository(ctx.state_dir, restic, repository, client, create=create,
                                    where=repository_folder(ctx, repository, client),
-                                   start_over=start_over_command(ctx, repository, client))
+                                   start_over=start_over_command(ctx, repository, client),
+                                   delivered=records_delivered_by(ctx))
 
 
 def start_over(ctx: FleetContext, repository: str, clients: list[str]) -> dict[str, records.Opened]:

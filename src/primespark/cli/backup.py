@@ -104,6 +104,9 @@ def init(
         what = "made a new, empty repository" if opened.created else "kept the repository that is there"
         console.print(f"{repository}/{name}: {what} at {url} ({repository_folder(ctx, repository, name)}), "
                       f"id {opened.id[:8]}: recorded")
+    if ctx.fleet.orchestration is not None and ctx.fleet.orchestration.workers:
+        # a worker opens only what its records name, and refuses the old record's repository as replaced
+        console.print(f"the workers get the new records with `spark flows deploy --env {ctx.env}`")
 
 
 @app.command("maintain")

@@ -31,22 +31,34 @@ def wheelhouse(
 @app.command()
 def deploy(env: EnvOption = "lab") -> None:
     """Make the fleet's Prefect server match the fleet: work pools and queues per site, every deployment on its
-    site's pool with the fleet's schedules, the automations for runs whose worker died (idempotent)."""
+    site's pool with the fleet's schedules, the automations for runs whose worker died (idempotent).
+
+    First, the workers get what they open: every backup plan's repository and its offsite copies are opened from
+    here (made on their first use, and recorded), and each worker gets this machine's records of its site's. A
+    worker never makes a repository: one it has no record of is refused there."""
+    from primespark.errors import StepFailed
     from primespark.orchestration.api import use_fleet_prefect
+    from primespark.orchestration.deploy import DeployReport, prepare_workers
     from primespark.orchestration.deploy import deploy as apply
     from primespark.orchestration.material import orchestration_of
 
     ctx = FleetContext.load(env)
     orchestration_of(ctx.fleet)
     url = use_fleet_prefect(ctx)
-    report = apply(ctx)
-    for verdict, colour in (("created", "green"), ("updated", "yellow"), ("removed", "red")):
+    report = DeployReport()
+    problems = prepare_workers(ctx, report)
+    apply(ctx, report)
+    for verdict, colour in (("created", "green"), ("updated", "yellow"), ("removed", "red"), ("skipped", "yellow")):
         for what in getattr(report, verdict):
             console.print(f"  [{colour}]{verdict}[/{colour}] {what}")
     summary = (f"{len(report.created)} created, {len(report.updated)} updated, {len(report.removed)} removed, "
                f"{len(report.unchanged)} unchanged" if report.changed else
                f"nothing changed ({len(report.unchanged)} objects as the fleet says)")
     console.print(f"[bold]{ctx.env}[/bold] on {url.removesuffix('/api')}: {summary}")
+    if problems:  # the deployments are there; the workers refuse these repositories until they are fixed
+        raise StepFailed(f"{len(problems)} repositories could not be opened, their deployments fail on the "
+                         "workers:\n" + "\n".join(f"  - {p}" for p in problems),
+                         f"fix each as it says, then `spark flows deploy --env {ctx.env}` again")
 
 
 @app.command()

@@ -11,18 +11,29 @@ to match the fleet (idempotent: a second run changes nothing; what the fleet los
   deployment's concurrency slot; its repository lock's lease runs out on its own), and a Crashed run is
   scheduled again while its run count is within the deployment's `crash-retries:N` tag.
 - One global concurrency limit per repository (the writer locks), so they show in the UI before first use.
+
+Before any of that (`prepare_workers`), the workers get what they open: a worker makes no restic repository (a
+worker set up while the NAS volume was not mounted would make an empty one), so deploy is the deliberate act that
+does. It adopts the records a worker kept from before, opens every client repository of the backup plans and
+their offsite copies from here — made on first use and recorded, as `spark backup now` does — and writes each
+worker's records file (its site's records only, 0600, atomically; only when it changed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from primespark.backup import records
 from primespark.context import FleetContext
-from primespark.orchestration.placement import QUEUES, planned_deployments, pools
+from primespark.errors import UserError
+from primespark.hosts import CommandFailed
+from primespark.hosts.runner import run_on
+from primespark.orchestration.placement import QUEUES, client_repositories, planned_deployments, pools
 
 AUTOMATION_PREFIX = "spark"
 TERMINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
@@ -35,6 +46,7 @@ class DeployReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # left for another time, with the reason
 
     @property
     def changed(self) -> bool:
@@ -223,11 +235,128 @@ def ensure_locks(client: Any, ctx: FleetContext, report: DeployReport) -> None:
             report.add("created", f"lock {lock}")
 
 
-def deploy(ctx: FleetContext) -> DeployReport:
+# --- the workers' repository records --------------------------------------------------------------------------
+
+
+def worker_records_file(ctx: FleetContext, host: str) -> str:
+    from primespark.orchestration.material import worker_state_dir
+
+    return f"{worker_state_dir(ctx, host)}/{records.RECORDS_FILE}"
+
+
+def read_worker_records(ctx: FleetContext, host: str) -> str | None:
+    """The worker's records file on `host` as it is, None when it has none."""
+    path = shlex.quote(worker_records_file(ctx, host))
+    head, _, text = run_on(ctx.hosts, host, f"if [ -f {path} ]; then echo present; cat {path}; else echo absent; fi"
+                           ).partition("\n")
+    return text if head == "present" else None
+
+
+NO_WORKER = 3  # the exit status of the write when the host has no worker's state directory
+
+
+def write_worker_records(ctx: FleetContext, host: str, text: str) -> bool:
+    """Replace the worker's records file on `host` (0600, root; renamed into place: a flow run reading it sees the
+    old or the new one). False when no worker is installed there yet (its role installs the records with it)."""
+    path = worker_records_file(ctx, host)
+    folder = shlex.quote(path.rsplit("/", 1)[0])
+    script = (f"set -e; [ -d {folder} ] || exit {NO_WORKER}; t=$(mktemp {folder}/.records.XXXXXX); "
+              f'cat > "$t"; chmod 600 "$t"; mv -f "$t" {shlex.quote(path)}')
+    try:
+        run_on(ctx.hosts, host, script, stdin=text)
+    except CommandFailed as exc:
+        if exc.returncode == NO_WORKER:
+            return False
+        raise
+    return True
+
+
+def adopt_worker_records(ctx: FleetContext, report: DeployReport) -> dict[str, str | None]:
+    """Records a worker made itself (before workers got the controller's, a worker made repositories on their first
+    use) are adopted here first: the step after must not make again, from here, a repository a worker made while
+    its volume is not mounted. A file that cannot be read stops the deploy. Each worker host's file as it was."""
+    spec = ctx.fleet.orchestration
+    assert spec is not None
+    wanted = {records.key(r, c) for r, c in client_repositories(ctx.fleet)}
+    present: dict[str, str | None] = {}
+    for worker in dict.fromkeys(w.host for w in spec.workers.values()):
+        text = present[worker] = read_worker_records(ctx, worker)
+        if text is None:
+            continue
+        theirs = records.parse(text, f"{worker_records_file(ctx, worker)} on {worker}",
+                               f"restore it on {worker}, or remove it there if this machine's records "
+                               f"({records.records_path(ctx.state_dir)}) name its repositories; then deploy again")
+        for added in records.adopt(ctx.state_dir, {k: r for k, r in theirs.items() if k in wanted}):
+            report.add("created", f"record of repository {added} (kept by {worker}'s worker)")
+    return present
+
+
+def ensure_repositories(ctx: FleetContext, report: DeployReport) -> list[str]:
+    """Every client repository the fleet's deployments open (each plan's repository and its offsite copies),
+    opened from here and checked against the records: made on its first use and recorded (the workers make
+    none). What could not be opened (a repository missing or replaced, a host unreachable) is returned, one line
+    each with its fix; the others go on."""
+    from primespark.backup.jobs import open_repository
+    from primespark.hosts.runner import on_each
+
+    pairs = {records.key(r, c): (r, c) for r, c in client_repositories(ctx.fleet)}
+
+    def open_one(name: str) -> tuple[str, str]:  # (verdict, what), or ("problem", why)
+        repository, client = pairs[name]
+        before = records.find(ctx.state_dir, repository, client)
+        try:
+            opened = open_repository(ctx, repository, client, create=True)
+        except UserError as exc:
+            return "problem", f"{name}: {exc}"
+        assert opened is not None  # create=True
+        if opened.created:
+            return "created", f"repository {name} (initialised, id {opened.id[:8]})"
+        if before is None:
+            return "created", f"record of repository {name} (found there, id {opened.id[:8]})"
+        return "unchanged", f"repository {name}"
+
+    problems = []
+    for verdict, what in on_each(pairs, open_one).values():  # in the pairs' order, whichever finished first
+        if verdict == "problem":
+            problems.append(what)
+        else:
+            report.add(verdict, what)
+    return problems
+
+
+def deliver_worker_records(ctx: FleetContext, report: DeployReport, present: dict[str, str | None]) -> None:
+    """Each worker's records file, written where it differs from `present` (what the worker holds)."""
+    from primespark.orchestration.material import worker_records
+
+    spec = ctx.fleet.orchestration
+    assert spec is not None
+    for site, worker in spec.workers.items():
+        text = worker_records(ctx, site)
+        what = f"repository records of {worker.host}'s worker ({site})"
+        if present.get(worker.host) == text:
+            report.add("unchanged", what)
+        elif write_worker_records(ctx, worker.host, text):
+            report.add("created" if present.get(worker.host) is None else "updated", what)
+        else:
+            report.skipped.append(f"{what}: no worker installed there yet (site.yml's prefect_worker play installs "
+                                  "it with them)")
+
+
+def prepare_workers(ctx: FleetContext, report: DeployReport) -> list[str]:
+    """Before the deployments: adopt the workers' own records, open (first use: make) every repository from here,
+    deliver each worker its site's records. Returns the repositories that could not be opened (see
+    `ensure_repositories`): their deployments fail on the workers, closed, until fixed."""
+    present = adopt_worker_records(ctx, report)
+    problems = ensure_repositories(ctx, report)
+    deliver_worker_records(ctx, report, present)
+    return problems
+
+
+def deploy(ctx: FleetContext, report: DeployReport | None = None) -> DeployReport:
     """Make the server match the fleet. The caller has pointed Prefect at the server (`api.use_fleet_prefect`)."""
     from prefect.client.orchestration import get_client
 
-    report = DeployReport()
+    report = report if report is not None else DeployReport()
     with get_client(sync_client=True) as client:
         ensure_pools(client, ctx, report)
         ensure_locks(client, ctx, report)

@@ -2,8 +2,10 @@
 
 A worker holds only what its site needs (docs/workers.md): its own SSH key (one per worker, made in the secret
 store, authorised for the fleet user on its site's hosts), the known host keys of those hosts, the passwords of
-the repositories its pool's deployments open (`placement.worker_repositories`), the API's auth string. The
-controller's own key is never part of it.
+the repositories its pool's deployments open (`placement.worker_repositories`), the API's auth string, and the
+controller's records of the client repositories those deployments open (`placement.worker_client_repositories`):
+a worker makes no repository, so it opens only those (`backup/records.py`). The controller's own key is never
+part of it.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from primespark.backup import records
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet.loader import resolve
 from primespark.fleet.model import Fleet, Orchestration, SecretBackend, VaultAuth
 from primespark.hosts import SshFiles
 from primespark.orchestration.naming import work_pool
-from primespark.orchestration.placement import site_hosts, worker_repositories
+from primespark.orchestration.placement import site_hosts, worker_client_repositories, worker_repositories
 from primespark.secrets import ensure_reference, read_reference, ssh_key_pair
 
 # Where things live on the hosts (the roles' defaults say the same; tests/unit/test_orchestration_roles.py checks).
@@ -138,6 +141,20 @@ def known_hosts(files: SshFiles, fleet: Fleet, hosts: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+def worker_state_dir(ctx: FleetContext, host: str) -> str:
+    """The worker's state directory on `host` (the role's `prefect_worker_home`/state). With the local transport
+    (tests) every host is this machine: a folder per worker host under the state directory."""
+    if ctx.transport == "local":
+        return str(ctx.state_dir / "workers" / host / "state")
+    return f"{WORKER_HOME}/state"
+
+
+def worker_records(ctx: FleetContext, site: str) -> str:
+    """The worker's records file: this environment's records of the client repositories its site's deployments open
+    (its own site's only), as `records` writes them."""
+    return records.dumps(records.select(ctx.state_dir, worker_client_repositories(ctx.fleet, site)))
+
+
 def worker_material(env: str, host: str) -> dict[str, Any]:
     """Everything the prefect_worker role installs on `host` (private: the tasks using it set no_log)."""
     ctx = FleetContext.load(env, "ssh")
@@ -183,6 +200,8 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         "secrets": [] if vault else [{"reference": ref, "key": ref.removeprefix("local:"), "value": value}
                                      for ref, value in sorted(passwords.items())],
         "repositories": repositories,
+        # installed when the worker has none yet; `spark flows deploy` keeps them up to date
+        "repository_records": worker_records(ctx, site),
         "home": WORKER_HOME,
         "env": ctx.env,
         "fleet_file": str(resolve(env)),

@@ -15,7 +15,8 @@ and the docs all ask this module, so they cannot disagree about what runs where 
 
 A deployment opens repositories with passwords from its worker's secret store (`repositories`), except the
 target of an offsite copy: that password is read on the client host, from the file the restic role put there,
-so an edge worker never holds a cloud repository's password.
+so an edge worker never holds a cloud repository's password. The client repositories it opens, offsite copies
+included (`opens`), are those whose records its worker gets from the controller (`backup/records.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Planned:
     origin: Path  # the fleet entry it comes from, for located errors
     description: str
     tags: tuple[str, ...] = field(default=())
+    # the (repository, client) pairs it opens, offsite copies included: their records go to its worker
+    opens: tuple[tuple[str, str], ...] = field(default=())
 
     def site(self, fleet: Fleet) -> str:
         """The site of the hosts it touches (the first host's, when they span sites: a fleet check says so)."""
@@ -148,15 +151,17 @@ def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[
         if host not in fleet.hosts or plan.repository not in spec.repositories:
             continue
         common = {"host": host, "env": env, "transport": transport}
+        # the backup copies its snapshot offsite; a drill may restore from a copy (its `repository`)
+        copies = tuple((r, host) for r in (plan.repository, *_copies(fleet, plan.repository)))
         out.append(Planned(
             deployment("backup", host), "backup", common, plan.schedule, (host,), (plan.repository,),
             ("backup", "plans", host), f"restic backup of {host} ({', '.join(plan.paths)}) into {plan.repository}",
-            ("backup", host, plan.repository)))
+            ("backup", host, plan.repository), copies))
         if scratch in fleet.hosts:
             out.append(Planned(
                 deployment("dr-drill", host), "dr-drill", common, spec.drill.schedule, (scratch,),
                 (plan.repository,), ("backup", "drill", "scratch_host"),
-                f"restore {host}'s newest snapshot on {scratch}, verify, report", ("drill", host)))
+                f"restore {host}'s newest snapshot on {scratch}, verify, report", ("drill", host), copies))
     for name, repo in spec.repositories.items():
         if repo.host not in fleet.hosts:
             continue
@@ -165,13 +170,15 @@ def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[
         # the catch-up copy runs on the clients: only where the repository's worker reaches them all
         catch_up = bool(_copies(fleet, name)) and all(fleet.hosts[c].site == site for c in clients)
         hosts = (repo.host, *(c for c in clients if catch_up and c != repo.host))
+        opened = [name, *(_copies(fleet, name) if catch_up else [])]
         out.append(Planned(
             deployment("maintenance", name), "maintenance",
             {"repository": name, "env": env, "transport": transport, "offsite": catch_up, "check_copies": False,
              "on_store": True},
             spec.check.schedule, hosts, (name,), ("backup", "repositories", name, "host"),
             f"forget/prune, check --read-data-subset {spec.check.read_data_subset} on {repo.host}"
-            + (", catch up the offsite copies" if catch_up else ""), ("maintenance", name)))
+            + (", catch up the offsite copies" if catch_up else ""), ("maintenance", name),
+            tuple((r, c) for r in opened for c in clients)))
     return out
 
 
@@ -186,6 +193,19 @@ def worker_repositories(fleet: Fleet, site: str) -> list[str]:
     pool = work_pool(site)
     found = [r for d in planned_deployments(fleet, fleet.name) if d.pool(fleet) == pool for r in d.repositories]
     return sorted(set(found))
+
+
+def client_repositories(fleet: Fleet) -> list[tuple[str, str]]:
+    """Every (repository, client) pair the fleet's deployments open: each plan's repository and its offsite
+    copies, per client (what `spark flows deploy` initialises and records)."""
+    return sorted({pair for d in planned_deployments(fleet, fleet.name) for pair in d.opens})
+
+
+def worker_client_repositories(fleet: Fleet, site: str) -> list[tuple[str, str]]:
+    """The (repository, client) pairs the deployments on `site`'s pool open: the records its worker holds."""
+    pool = work_pool(site)
+    return sorted({pair for d in planned_deployments(fleet, fleet.name) if d.pool(fleet) == pool
+                   for pair in d.opens})
 
 
 def site_hosts(fleet: Fleet, site: str) -> list[str]:
