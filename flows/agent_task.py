@@ -20,10 +20,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from primespark.agents import execute
+from primespark.agents.execute import default_task_id
 from primespark.agents.placement import Decision, Facts, NoEligibleHost, Placed, place
 from primespark.context import FleetContext, Transport
 from primespark.errors import UserError
 from primespark.fleet.model import TaskSpec
+from primespark.orchestration.agent_runs import HOST_LABEL, TASK_ID_LABEL, label_run
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
 
@@ -108,14 +110,6 @@ def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSp
     return label, f"inline task {label}", spec
 
 
-def default_task_id(template: str | None, name: str | None, run_id: object) -> str:
-    """A run's task id when none is given: from its name and the flow run's id, so that the cancellation hook
-    (which has only the run's parameters and id) finds the same one."""
-    label = template or name or "inline"
-    base = re.sub(r"[^a-z0-9._-]", "-", label.lower()).strip("-._") or "task"
-    return execute.check_task_id(f"{base[:100]}-{str(run_id)[:8]}")
-
-
 def stop_on_host(flow: Any, flow_run: Any, state: Any) -> None:
     """Cancellation hook: a run cancelled (from the UI) stops its task's processes on their host, as
     `spark task cancel` does. Prefect calls it where it runs the flow and sees the cancellation (a worker or
@@ -158,6 +152,7 @@ def agent_task(
     from prefect.runtime import flow_run
 
     task_id = execute.check_task_id(task_id) if task_id else default_task_id(template, name, flow_run.id)
+    label_run({TASK_ID_LABEL: task_id})  # `spark task ls` reads the id and the host from the run's labels
     # a host left unreachable is retried by Prefect; a failed command is an attempt of the spec's own
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):
@@ -166,6 +161,7 @@ def agent_task(
         if committed:
             result = committed[0].result
             assert result is not None
+            label_run({HOST_LABEL: result.host})
             logger.info("task %s: committed earlier on %s (%s): nothing runs", task_id, result.host, result.path)
             _result_artifact(result, "committed earlier")
             return {**asdict(result), "why": "committed earlier", "attempts": 0}
@@ -182,6 +178,7 @@ def agent_task(
             if decision.host is None:
                 raise NoEligibleHost(where, decision)
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
+            label_run({HOST_LABEL: decision.host})
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
             result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)
             _result_artifact(result, why)

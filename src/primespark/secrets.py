@@ -204,11 +204,8 @@ class VaultSecretStore:
             raise SecretNotFound(f"no secret at {where} in Vault {self.addr}") from None
         except hvac.exceptions.Forbidden:
             raise self._denied(doing, where) from None
-        except hvac.exceptions.VaultDown as exc:
-            answer = f"Vault at {self.addr} answered {_errors(exc)!r} while {doing} {where}"
-            if "sealed" in _errors(exc).lower():
-                raise SecretStoreSealed(f"secret store sealed: {answer}", self.hints.sealed) from None
-            raise SecretStoreUnreachable(f"secret store unavailable: {answer}", self.hints.unreachable) from None
+        except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
+            raise self.unavailable(exc, doing, where) from None
         except hvac.exceptions.InvalidRequest as exc:
             if "upgrading" in _errors(exc).lower():  # a KV engine enabled a moment ago: it serves shortly
                 raise SecretStoreUnreachable(f"secret store unavailable: Vault at {self.addr} answered "
@@ -218,9 +215,19 @@ class VaultSecretStore:
         except hvac.exceptions.VaultError as exc:
             raise SecretError(f"Vault at {self.addr} refused {doing} {where}: {_errors(exc)}",
                               "check the path and the mount (`bao secrets list`)") from None
-        except requests.exceptions.RequestException as exc:
-            raise SecretStoreUnreachable(f"secret store unreachable: no answer from Vault at {self.addr} while "
-                                         f"{doing} {where} ({type(exc).__name__})", self.hints.unreachable) from None
+
+    def unavailable(self, exc: Exception, doing: str, where: str) -> SecretError:
+        """The error for a server that is sealed, cannot serve now (hvac's VaultDown), or did not answer (a
+        requests error): for callers that use `client` directly (the PKI), worded as the store's own calls."""
+        import hvac.exceptions
+
+        if isinstance(exc, hvac.exceptions.VaultDown):
+            answer = f"Vault at {self.addr} answered {_errors(exc)!r} while {doing} {where}"
+            if "sealed" in _errors(exc).lower():
+                return SecretStoreSealed(f"secret store sealed: {answer}", self.hints.sealed)
+            return SecretStoreUnreachable(f"secret store unavailable: {answer}", self.hints.unreachable)
+        return SecretStoreUnreachable(f"secret store unreachable: no answer from Vault at {self.addr} while {doing} "
+                                      f"{where} ({type(exc).__name__})", self.hints.unreachable)
 
     def _denied(self, doing: str, where: str) -> SecretError:
         """A 403 is either a token Vault no longer honours or a policy that lacks the path: ask which."""

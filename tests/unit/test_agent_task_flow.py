@@ -174,6 +174,34 @@ def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp
     assert runs.read_text() == "try\n"
 
 
+def test_ls_lists_the_environments_runs_newest_first_with_their_host_and_state(
+        server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`spark task ls` on the test server: this test's runs only (the module's other tests ran in fleets of their
+    own), the host from the run's labels, `--state` read by the server."""
+    from test_task_cli import spark
+
+    fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hello", "memory_mb": 64}})
+    facts = facts_file(tmp_path)
+    assert agent_task(template="hello", task_id="ls-ok", env=fleet, transport="local", facts_file=facts)["host"] \
+        == "pi-1"
+    failed = agent_task(spec=TaskSpec(command="exit 3", memory_mb=64), name="bad", task_id="ls-bad", env=fleet,
+                        transport="local", facts_file=facts, return_state=True)
+    assert failed.is_failed()
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the harness's server, as a Prefect profile would say
+
+    code, out, err = spark(monkeypatch, capsys, "task", "ls", "--env", fleet)
+    assert code == 0, out + err
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]
+    assert [[cell.strip() for cell in row[:4]] for row in rows] == [
+        ["ls-bad", "bad (inline)", "Failed", "pi-1"], ["ls-ok", "hello", "Completed", "pi-1"]], out
+    assert all(row[4].strip().endswith("UTC") and row[5].strip().endswith(" s") for row in rows), out
+
+    code, out, _ = spark(monkeypatch, capsys, "task", "ls", "--env", fleet, "--state", "failed")
+    assert code == 0 and "ls-bad" in out and "ls-ok" not in out
+    code, out, _ = spark(monkeypatch, capsys, "task", "ls", "--env", fleet, "--state", "running")
+    assert code == 0 and "no agent-task runs (running) of" in out
+
+
 def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task() -> None:
     from prefect.utilities.callables import parameter_schema
 

@@ -4,6 +4,7 @@ in the file; transit-signed checkpoints; destructive commands refusing without a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -233,6 +234,36 @@ def test_no_secret_value_reaches_the_file(fleet: str, vault: DevServer) -> None:
     assert record["parameters"]["password"].startswith("hmac-sha256:")
     assert record["parameters"]["password"] == record["parameters"]["options"]["notes"]  # same value, same HMAC
     assert record["outcome"] == "failed" and "hmac-sha256:" in record["error"]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeded", "failed"])
+def test_values_redacted_without_a_key_are_recorded_and_warned_of_only_when_nothing_else_is_said(
+        fleet: str, fails: bool) -> None:
+    """Fail closed: no key, no value written (the record is, saying why). An operation that failed says why itself:
+    a warning before its error would bury it."""
+    from primespark.audit.log import AuditLog
+    from primespark.audit.redact import UNAVAILABLE, Redactor
+    from primespark.errors import UserError
+    from primespark.secrets import SecretStoreUnreachable
+
+    ctx = FleetContext.load(fleet, "local")
+
+    def no_key() -> bytes:
+        raise SecretStoreUnreachable("secret store unreachable: no answer from Vault at http://127.0.0.1:1")
+
+    log = AuditLog(ctx.state_dir / "audit", Redactor(no_key), lambda: HmacSigner(no_key()))
+    op = Operation("spark tls renew", ctx.env, ["pi-1"], {"host": "pi-1", "folder": "/etc/tls"}, "ops@here")
+    warned: list[str] = []
+    with pytest.raises(UserError) if fails else contextlib.nullcontext(), \
+            operation(lambda: log, op, destructive=False, warn=warned.append):
+        if fails:
+            raise SecretStoreUnreachable("no answer from Vault while renewing pi-1's certificate")
+    (record,) = records(log.chain)
+    assert record["parameters"] == {"host": "pi-1", "folder": UNAVAILABLE}
+    assert record["hmac_key"] == "unavailable: SecretStoreUnreachable: secret store unreachable: no answer from " \
+                                 "Vault at http://127.0.0.1:1"
+    assert record["outcome"] == ("failed" if fails else "succeeded")
+    assert warned == ([] if fails else [f"audit: secret values redacted without an HMAC: {record['hmac_key'][13:]}"])
 
 
 # Checkpoints signed by Vault's transit engine ------------------------------------------------------------------

@@ -77,6 +77,40 @@ def test_a_dead_prefect_server_is_named_with_how_to_start_the_labs(tmp_path: Pat
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
 
 
+@pytest.mark.parametrize("auth", ["lab", "token"])
+def test_tls_renew_with_the_secret_store_unreachable_is_its_one_error(tmp_path: Path, auth: str) -> None:
+    """The lab's OpenBao (or a Vault at an address) not answering: the command's one located error, no audit
+    warning before it, no traceback; its audit record is written all the same, its values redacted, saying why."""
+    from primespark.audit.chain import records
+
+    address = dead_url().removesuffix("/api")
+    state = tmp_path / "state"
+    if auth == "lab":  # the lab's OpenBao was set up (its token is here) and is not running now
+        fleet = lab_fleet(tmp_path, {"backend": "vault", "auth": "lab"})
+        data = yaml.safe_load(Path(fleet).read_text())
+        data["lab"]["openbao_port"] = int(address.rsplit(":", 1)[1])
+        Path(fleet).write_text(yaml.safe_dump(data))
+        (state / "openbao").mkdir(parents=True, mode=0o700)
+        state.chmod(0o700)
+        (state / "openbao" / "init.json").write_text(json.dumps({"root_token": "s.labrootlabrootlabroot12"}))
+        fix = "spark lab up --env lab"
+    else:
+        fleet = lab_fleet(tmp_path, {"backend": "vault", "address": address, "auth": "token"})
+        fix = "check the address and that the server runs"
+    done = spark("tls", "renew", "--env", fleet, "--host", "pi-1", "--dir", str(tmp_path / "tls"), state=state,
+                 extra_env={"VAULT_TOKEN": "s.notarealtokennotarealtoken"})
+    one_clean_error(done, fix)
+    error, fix_line = done.stderr.splitlines()  # exactly the one error and its fix
+    assert error == (f"error: secret store unreachable: no answer from Vault at {address} while renewing pi-1's "
+                     "certificate (ConnectionError)")
+    assert fix_line.startswith("    fix: ") and done.stdout == ""
+    (record,) = records(state / "audit" / "log.jsonl")
+    assert record["operation"] == "spark tls renew" and record["outcome"] == "failed"
+    assert "renewing pi-1's certificate" in record["error"]
+    assert record["parameters"]["folder"] == "redacted (no audit key)"  # fail closed: no key, no value
+    assert record["hmac_key"].startswith("unavailable: SecretStoreUnreachable: ")
+
+
 def test_destroy_without_a_terminal_needs_yes(tmp_path: Path) -> None:
     done = spark("destroy", "--env", "lab", state=tmp_path / "state")
     one_clean_error(done, "refusing without --yes", "every resource of the lab stack", "--yes")

@@ -153,3 +153,22 @@ def test_run_runs_the_task_and_says_where_and_why(tmp_path: Path, monkeypatch: p
     assert "h-1 ran on pi-2 (attempt 1): " in out and "2.0 CPUs free" in out
     assert f"result: pi-2:{tmp_path}/hot/tasks/h-1" in out
     assert (tmp_path / "hot" / "tasks" / "h-1" / "stdout.log").read_text() == "hello\n"
+
+
+def test_ls_with_the_server_down_is_one_line_naming_the_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    code, out, err = spark(monkeypatch, capsys, "task", "ls", "--env", str(FLEET))
+    assert code == 1 and out == ""
+    error, fix = err.splitlines()
+    assert error.startswith(f"error: the Prefect server at {url} (from PREFECT_API_URL in the environment) is "
+                            "unreachable: "), err
+    assert fix.startswith("    fix: ") and "PREFECT_API_URL" in fix
+    code, _, err = spark(monkeypatch, capsys, "task", "ls", "--env", str(FLEET), "--state", "done")
+    assert code == 1 and "--state 'done' is not a state" in err and "completed" in err
+

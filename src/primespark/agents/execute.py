@@ -87,6 +87,14 @@ def new_task_id(name: str, now: datetime | None = None) -> str:
     return check_task_id(f"{base[:100]}-{stamp}-{secrets.token_hex(2)}")
 
 
+def default_task_id(template: str | None, name: str | None, run_id: object) -> str:
+    """An `agent-task` run's task id when none is given: from its name and the flow run's id, so that the
+    cancellation hook and `spark task ls` (which have only the run's parameters and id) find the same one."""
+    label = template or name or "inline"
+    base = re.sub(r"[^a-z0-9._-]", "-", label.lower()).strip("-._") or "task"
+    return check_task_id(f"{base[:100]}-{str(run_id)[:8]}")
+
+
 OnOutput = Callable[[str, str], None]  # (stream: stdout or stderr, the line)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +28,13 @@ from primespark.monitoring import metrics as m
 if TYPE_CHECKING:
     from primespark.context import FleetContext
 
-# `spark host drain HOST` is to write this marker (not built yet: today nothing writes it, so no host is drained).
+# `spark host drain HOST` writes it (JSON: who, when, why; agents/drain.py) and `spark host undrain HOST` removes
+# it: placement keeps new tasks off the host. /run is a tmpfs: a reboot undrains the host.
 DRAIN_MARKER = "/run/spark/drain"
 # spark-power (quiet hours) and spark-ups-guard (low power, before a halt) write it: agent tasks pause.
 QUIET_MARKER = "/run/spark/quiet"
+# On a host, this variable moves both markers into its folder: the tests' hosts are folders of one machine.
+MARKER_DIR_VARIABLE = "SPARK_RUN_DIR"
 # spark-ups-guard reads the UPS every minute (roles/edge: edge_ups_check_schedule); a reading this old is stale.
 POWER_STALE_SECONDS = 300
 _MIB = 1024 * 1024
@@ -101,13 +105,23 @@ def facts_from_metrics(
                      data_bytes=dict(data_bytes or {}))
 
 
-# Runs on the host with its own Python (standard library only): the exporter's page, the drain marker, and the bytes
-# under each data path (apparent sizes, as the tiers count them; a path that is not there holds 0).
+# Runs on the host with its own Python (standard library only): the exporter's page, the markers (the drain marker's
+# note too), and the bytes under each data path (apparent sizes, as the tiers count them; a path that is not there
+# holds 0).
 _HOST_SCRIPT = r"""
 import json, os, sys, urllib.request
 args = json.loads(sys.argv[1])
-out = {"drained": os.path.exists(args["drain"]), "paused": os.path.exists(args["quiet"]), "bytes": {},
-       "metrics": None, "error": ""}
+def marker(path):
+    moved = os.environ.get(args["moved_by"])
+    return os.path.join(moved, os.path.basename(path)) if moved else path
+note = None
+try:
+    with open(marker(args["drain"]), encoding="utf-8") as handle:
+        note = handle.read(4096)
+except OSError:
+    pass
+out = {"drained": os.path.exists(marker(args["drain"])), "paused": os.path.exists(marker(args["quiet"])),
+       "note": note, "bytes": {}, "metrics": None, "error": ""}
 try:
     with urllib.request.urlopen(f"http://127.0.0.1:{args['port']}/metrics", timeout=10) as page:
         out["metrics"] = page.read().decode()
@@ -128,12 +142,52 @@ print(json.dumps(out))
 """
 
 
-def read_host(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str], worker_ready: bool,
-              timeout: float = 60) -> HostFacts | Unavailable:
-    """One host's facts, read on the host through the fleet's way of reaching it (primespark.hosts)."""
+@dataclass(frozen=True)
+class DrainNote:
+    """Who drained a host, when and why, as the marker says (`spark host drain`); empty where it does not say
+    (a marker made by hand)."""
+
+    by: str = ""
+    at: str = ""
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, text: str | None) -> DrainNote:
+        try:
+            data = json.loads(text or "")
+        except ValueError:
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        return cls(*(str(data.get(key) or "") for key in ("by", "at", "reason")))
+
+    def __str__(self) -> str:
+        if not (self.by or self.at):
+            return f"its marker {DRAIN_MARKER} says nothing of who or why (made by hand?)"
+        said = f"since {self.at or 'an unknown time'} by {self.by or 'someone unknown'}"
+        return f"{said}: {self.reason}" if self.reason else said
+
+
+@dataclass(frozen=True)
+class HostReading:
+    """What the host-side script found, before placement's judgement: the markers, node exporter's page (or why
+    there is none) and the bytes under each path asked for."""
+
+    drained: bool
+    paused: bool
+    drain: DrainNote | None  # the drain marker's note, when the host is drained
+    metrics: str | None
+    error: str
+    data_bytes: dict[str, int]
+
+
+def read_reading(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str] = (),
+                 timeout: float = 60) -> HostReading | Unavailable:
+    """What one host holds now, read on the host through the fleet's way of reaching it (primespark.hosts); the
+    host unavailable, with why, when it cannot be read."""
     runner = hosts.runner(host)
     request = {"port": fleet.monitoring.node_exporter_port, "drain": DRAIN_MARKER, "quiet": QUIET_MARKER,
-               "paths": sorted(set(paths))}
+               "moved_by": MARKER_DIR_VARIABLE, "paths": sorted(set(paths))}
     try:
         done = runner.run([runner.python, "-c", _HOST_SCRIPT, json.dumps(request)], timeout=timeout)
     except StepFailed as exc:
@@ -144,10 +198,26 @@ def read_host(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str], 
         found = json.loads(done.text)
     except json.JSONDecodeError:
         return Unavailable(f"reading them gave no answer: {done.text.strip()[:200]}")
-    if found["metrics"] is None:
-        return Unavailable(found["error"])
-    return facts_from_metrics(fleet, host, found["metrics"], drained=found["drained"], paused=found["paused"],
-                              worker_ready=worker_ready, data_bytes=found["bytes"])
+    return HostReading(bool(found["drained"]), bool(found["paused"]),
+                       DrainNote.parse(found["note"]) if found["drained"] else None, found["metrics"],
+                       str(found["error"]), {str(k): int(v) for k, v in found["bytes"].items()})
+
+
+def facts_of(fleet: Fleet, host: str, reading: HostReading | Unavailable,
+             worker_ready: bool) -> HostFacts | Unavailable:
+    """Placement's facts of a host from what was read there."""
+    if isinstance(reading, Unavailable):
+        return reading
+    if reading.metrics is None:
+        return Unavailable(reading.error)
+    return facts_from_metrics(fleet, host, reading.metrics, drained=reading.drained, paused=reading.paused,
+                              worker_ready=worker_ready, data_bytes=reading.data_bytes)
+
+
+def read_host(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str], worker_ready: bool,
+              timeout: float = 60) -> HostFacts | Unavailable:
+    """One host's facts, read on the host through the fleet's way of reaching it (primespark.hosts)."""
+    return facts_of(fleet, host, read_reading(hosts, fleet, host, paths, timeout), worker_ready)
 
 
 def hosts_to_read(fleet: Fleet, task: TaskSpec) -> dict[str, list[str]]:

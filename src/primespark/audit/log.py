@@ -119,7 +119,8 @@ class Pending:
     started: float
     time: str
 
-    def finish(self, outcome: str, error: str | None = None) -> None:
+    def finish(self, outcome: str, error: str | None = None) -> str | None:
+        """Append the record; why its values were redacted without an HMAC (the key could not be read), if so."""
         op = self.operation
         redactor = self.log.redactor
         body: dict[str, Any] = {
@@ -132,11 +133,11 @@ class Pending:
             body["error"] = redactor.text(error)[:2000]
         if redactor.problem:
             body["hmac_key"] = f"unavailable: {redactor.problem}"
-            self.log.warnings.append(f"audit: secret values redacted without an HMAC: {redactor.problem}")
         try:
             self.log.write(self.chain, body)
         finally:
             self.chain.close()
+        return redactor.problem
 
 
 def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
@@ -156,7 +157,9 @@ def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool
               warn: Callable[[str], None]) -> Iterator[None]:
     """Run the body as one audited operation. A log that cannot be opened stops a destructive operation
     before it starts (AuditUnavailable) and is a warning for any other, once it has run; a record that cannot be
-    appended at the end is a warning (the operation has happened: refusing now would only hide it)."""
+    appended at the end is a warning (the operation has happened: refusing now would only hide it). Values
+    redacted without an HMAC (its key unreadable) are a warning when the operation succeeded; a failed one
+    reports its own error, and the record says why (`hmac_key`)."""
     try:
         log = open_log()
         pending = log.begin(op)
@@ -183,12 +186,19 @@ def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool
         raise
     finally:
         outcome, error = outcome_of(failure)
+        unhashed: str | None = None
         try:
-            pending.finish(outcome, error)
+            unhashed = pending.finish(outcome, error)
         except (OSError, UserError) as exc:
             warn(f"{op.name}: its audit record was not written: {exc}")
-        for line in log.warnings:
-            warn(line)
+        # A failed operation says why itself, often for the same reason (the secret store down): a warning printed
+        # before that one error would bury it. The record is written all the same, redacted, saying why; a
+        # checkpoint not signed is signed with a later record (its warning comes then, if it fails again).
+        if outcome == "succeeded":
+            if unhashed:
+                warn(f"audit: secret values redacted without an HMAC: {unhashed}")
+            for line in log.warnings:
+                warn(line)
         log.warnings.clear()
 
 

@@ -19,7 +19,7 @@ PLAIN = frozenset({
     "dry_run", "check", "repair", "offsite", "retries", "retry_delay_seconds", "accept_shrink",
     "accept_empty_source", "bwlimit", "duration", "duration_seconds", "textfile", "snapshot_time", "yes", "to",
     "remove_local", "on_worker", "out", "publish", "reach", "as_json", "no_ssh", "since", "operation", "command",
-    "arch", "python", "glibc", "interval_seconds", "max_passes", "threads",
+    "arch", "python", "glibc", "interval_seconds", "max_passes", "threads", "reason",
 })
 
 _SECRET_SHAPES = re.compile(

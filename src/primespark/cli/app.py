@@ -11,6 +11,7 @@ from primespark.cli import backup as backup_commands
 from primespark.cli import drill as drill_commands
 from primespark.cli import fleet as fleet_commands
 from primespark.cli import flows as flows_commands
+from primespark.cli import host as host_commands
 from primespark.cli import lab as lab_commands
 from primespark.cli import mesh as mesh_commands
 from primespark.cli import monitoring as monitoring_commands
@@ -43,6 +44,7 @@ app.add_typer(flows_commands.app, name="flows")
 app.add_typer(sync_commands.app, name="sync")
 app.add_typer(tier_commands.app, name="tier")
 app.add_typer(task_commands.app, name="task")
+app.add_typer(host_commands.app, name="host")
 plan_commands.register(app)
 monitoring_commands.register(app)
 app.add_typer(audit_commands.app, name="audit")

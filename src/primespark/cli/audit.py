@@ -61,6 +61,8 @@ AUDITED: dict[tuple[str, ...], Audited] = {
     ("sync", "watch"): Audited(),
     ("audit", "ship"): Audited(),
     ("tls", "renew"): Audited(hosts=("host",), unless="dry_run"),
+    ("host", "drain"): Audited(hosts=("host",)),
+    ("host", "undrain"): Audited(hosts=("host",)),
 }
 
 

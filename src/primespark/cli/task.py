@@ -1,13 +1,11 @@
-"""`spark task plan|run|cancel`: where an agent task would run now and why (per host of the fleet), running it
-there (the `agent-task` flow, in this process), and stopping it on its host.
-
-`spark task ls` is not built yet: docs/agents.md says what is.
+"""`spark task plan|run|cancel|ls`: where an agent task would run now and why (per host of the fleet), running it
+there (the `agent-task` flow, in this process), stopping it on its host, and the runs the Prefect API knows.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo
@@ -24,7 +22,7 @@ from primespark.fleet.errors import Problem
 from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
 
 app = typer.Typer(help="Agent tasks: where one would run and why (placement by capacity, power and data), run "
-                  "one there, cancel one.",
+                  "one there, cancel one, list the runs.",
                   no_args_is_help=True)
 
 SpecArg = Annotated[Path | None, typer.Argument(
@@ -217,3 +215,53 @@ def cancel(
         what = {"running": f"stopped (pid {found.pid})", "stopped": "was not running (its attempt had ended)",
                 "committed": "had finished: its result is committed"}[found.found]
         console.print(f"{task_id} on {found.host}: {what}; its folder: {found.host}:{found.path}")
+
+
+def _duration(value: timedelta | None) -> str:
+    if value is None:
+        return "-"
+    seconds = value.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+@app.command("ls")
+def ls(
+    env: EnvOption = "lab",
+    state: Annotated[list[str] | None, typer.Option(
+        "--state", help="Only runs in this state (repeatable): scheduled, pending, running, completed, failed, "
+        "cancelled, crashed, paused, cancelling.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs, the newest.", min=1)] = 50,
+) -> None:
+    """The agent-task runs of the environment, newest first: task id, template, state, the host it ran on,
+    when it started and how long it took.
+
+    Read from the Prefect API `spark task run` records them on: PREFECT_API_URL, else the lab's server, else the
+    local Prefect database. A server that does not answer is one error naming the address tried."""
+    from primespark.orchestration.agent_runs import STATES, agent_runs, task_runs_api
+
+    states = [s.strip().lower() for s in state or []]
+    unknown = [s for s in states if s not in STATES]
+    if unknown:
+        raise UserError(f"--state {unknown[0]!r} is not a state of a Prefect run", f"use one of: {', '.join(STATES)}")
+    fleet = fleet_for(env)
+    where = task_runs_api(fleet)
+    runs = agent_runs(env, states, limit)
+    which = f" ({', '.join(states)})" if states else ""
+    if not runs:
+        console.print(f"no agent-task runs{which} of {env} on {where.removesuffix('/api')}", highlight=False)
+        return
+    zone = ZoneInfo(fleet.timezone)
+    table = Table(title=f"agent-task runs{which} of {env} on {where.removesuffix('/api')}, newest first")
+    for column in ("task id", "template", "state", "host", "started", "duration"):
+        table.add_column(column, overflow="fold")
+    colours = {"Completed": "green", "Failed": "red", "Crashed": "red", "Running": "yellow"}
+    for run in runs:
+        colour = colours.get(run.state, "")
+        table.add_row(run.task_id, run.template, f"[{colour}]{run.state}[/{colour}]" if colour else run.state,
+                      run.host or "-",
+                      run.started.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") if run.started else "-",
+                      _duration(run.duration))
+    console.print(table)

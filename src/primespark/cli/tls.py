@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from primespark.cli.common import console
 from primespark.errors import UserError
 
+if TYPE_CHECKING:
+    from primespark.secrets import VaultSecretStore
+
 app = typer.Typer(help="The fleet's TLS: host certificates from the fleet CA (docs/tls.md).", no_args_is_help=True)
 
 DEFAULT_FOLDER = Path("/etc/primespark/tls")
 
 
-def vault_client(ctx: Any) -> Any:
-    """The hvac client of the environment's Vault store: on a host, its AppRole login (SPARK_VAULT_ROLE_ID and
-    SPARK_VAULT_SECRET_ID_FILE, as a worker's); on the controller, the deployer's token or the lab's."""
+def vault_store(ctx: Any) -> VaultSecretStore:
+    """The environment's Vault store, whose hvac client asks for the certificate: on a host, its AppRole login
+    (SPARK_VAULT_ROLE_ID and SPARK_VAULT_SECRET_ID_FILE, as a worker's); on the controller, the deployer's token
+    or the lab's."""
     from primespark.secrets import ReadOnlyStore, VaultSecretStore
 
     store = ctx.secrets
@@ -25,7 +29,7 @@ def vault_client(ctx: Any) -> Any:
     if not isinstance(inner, VaultSecretStore):
         raise UserError(f"the {ctx.env} fleet keeps its secrets in the local store: its CA lives in Vault/OpenBao",
                         "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
-    return inner.client
+    return inner
 
 
 @app.command("renew")
@@ -53,8 +57,10 @@ def renew(
     if host not in ctx.fleet.hosts:
         raise UserError(f"fleet {ctx.fleet.name} has no host {host!r}", f"use one of: {', '.join(ctx.fleet.hosts)}")
     files = TlsFiles(folder)
-    client = vault_client(ctx)
+    store = vault_store(ctx)
+    client = store.client
     import hvac.exceptions
+    import requests
 
     try:
         plan = served_plan(client, ctx.fleet.name, host)
@@ -65,6 +71,8 @@ def renew(
     except hvac.exceptions.InvalidPath:
         raise UserError(f"the fleet CA has no PKI role for {host}",
                         f"apply the fleet: `spark up` (or `spark lab up --env {env}`)") from None
+    except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:  # down, sealed: one line
+        raise store.unavailable(exc, "renewing", f"{host}'s certificate") from None
     verb = "renewed" if done.renewed else ("would renew" if dry_run and done.reason != "not due" else "kept")
     console.print(f"{host}: {verb} ({done.reason}); valid until {done.not_after:%Y-%m-%d %H:%M} UTC, due for "
                   f"renewal from {done.renew_at:%Y-%m-%d %H:%M} UTC")

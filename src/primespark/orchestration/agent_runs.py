@@ -1,0 +1,128 @@
+"""The `agent-task` runs a Prefect API knows (`spark task ls`): each run's task id, template, state, the host it
+ran on, when it started and how long it took.
+
+The flow labels its own run (`label_run`): the task id once it is known, the host each time an attempt is placed
+(or where an earlier run committed the result). A run made before the labels existed shows its id from its
+parameters and no host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from primespark.fleet import Fleet
+
+FLOW = "agent-task"
+TASK_ID_LABEL = "primespark.task.id"
+HOST_LABEL = "primespark.task.host"
+STATES = ("scheduled", "pending", "running", "completed", "failed", "cancelled", "crashed", "paused", "cancelling")
+_PAGE = 200  # runs read per request while filtering by environment
+
+
+def label_run(labels: dict[str, str]) -> None:
+    """Set labels on the flow run this is called in (merged with those it has)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(UUID(str(flow_run.id)), dict(labels))
+
+
+def task_runs_api(fleet: Fleet) -> str:
+    """Point this process at the API `spark task run` records its runs on, checked first (one UserError naming the
+    address tried): PREFECT_API_URL in the environment, else the lab's server, else a Prefect profile's; where
+    none is set, the local Prefect database (a run started there went to a throwaway server on it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from primespark.orchestration.api import check_health, refresh_prefect_settings
+
+    start = f"start the lab's with `spark lab up --env {fleet.name}`" if fleet.lab is not None else "start it"
+    if "PREFECT_API_URL" in os.environ:
+        url, source = os.environ["PREFECT_API_URL"].rstrip("/"), "PREFECT_API_URL in the environment"
+    elif fleet.lab is not None:  # as use_lab_prefect, but a server that does not answer is said, not skipped
+        url, source = f"http://127.0.0.1:{fleet.lab.prefect_port}/api", "the lab's prefect_port"
+    elif PREFECT_API_URL.value():
+        url, source = str(PREFECT_API_URL.value()).rstrip("/"), "the Prefect profile"
+    else:
+        return "the local Prefect database (no server set)"
+    lab = source == "the lab's prefect_port"
+    check_health(url, source, f"{start}, or {'set PREFECT_API_URL to another' if lab else 'fix PREFECT_API_URL'}")
+    if source != "the Prefect profile":  # Prefect read its settings when it was imported: tell it
+        os.environ["PREFECT_API_URL"] = url
+        refresh_prefect_settings()
+    return url
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    task_id: str
+    template: str  # the fleet's template, or `<name> (inline)`
+    state: str  # the state's name, as the Prefect UI shows it
+    host: str | None
+    started: datetime | None
+    duration: timedelta | None
+    flow_run: str  # the flow run's name
+
+
+def _same_env(given: object, env: str) -> bool:
+    """Whether a run's `env` parameter names the fleet file `env` names (`lab` and `inventory/lab.yaml` agree)."""
+    from primespark.fleet.loader import resolve
+
+    if not isinstance(given, str) or not given:
+        return env == "lab"  # the flow's default
+    return given == env or resolve(given).resolve() == resolve(env).resolve()
+
+
+def _of(run: Any, now: datetime) -> AgentRun:
+    from primespark.agents.execute import default_task_id
+
+    parameters, labels = dict(run.parameters or {}), dict(run.labels or {})
+    template, name = parameters.get("template"), parameters.get("name")
+    task_id = labels.get(TASK_ID_LABEL) or parameters.get("task_id")
+    if not task_id:
+        try:
+            task_id = default_task_id(template, name, run.id)
+        except ValueError:
+            task_id = "-"
+    started = run.start_time
+    duration = None if started is None else (run.end_time or now) - started
+    return AgentRun(str(task_id), str(template) if template else f"{name or 'inline'} (inline)",
+                    (run.state.name if run.state is not None else None) or "unknown",
+                    str(labels[HOST_LABEL]) if labels.get(HOST_LABEL) else None, started, duration, str(run.name))
+
+
+def agent_runs(env: str, states: Sequence[str] = (), limit: int = 50) -> list[AgentRun]:
+    """The newest `limit` runs of `agent-task` for the environment `env` (its `env` parameter), newest first; only
+    those in `states` (state types, lower case) when given."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    wanted = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType(s.upper()) for s in states]))) if states else None
+    found: list[AgentRun] = []
+    now = datetime.now(UTC)
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while len(found) < limit:
+            page = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
+                                         flow_run_filter=wanted, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                         limit=_PAGE, offset=offset)
+            found += [_of(run, now) for run in page if _same_env((run.parameters or {}).get("env"), env)]
+            if len(page) < _PAGE:
+                break
+            offset += _PAGE
+    return found[:limit]
