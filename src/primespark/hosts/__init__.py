@@ -11,7 +11,9 @@ from primespark.hosts.runner import (
     CommandTimeout,
     Completed,
     HostAccess,
+    HostLost,
     HostUnreachable,
+    Liveness,
     LocalRunner,
     Runner,
     SshRunner,
@@ -22,9 +24,9 @@ from primespark.hosts.runner import (
 )
 
 __all__ = [
-    "CommandFailed", "CommandNotFound", "CommandTimeout", "Completed", "Connection", "HostAccess",
-    "HostUnreachable", "LocalHosts", "LocalRunner", "Runner", "SshFiles", "SshHosts", "SshRunner", "connection",
-    "on_each", "run_on", "shell", "stream",
+    "CommandFailed", "CommandNotFound", "CommandTimeout", "Completed", "Connection", "HostAccess", "HostLost",
+    "HostUnreachable", "Liveness", "LocalHosts", "LocalRunner", "Runner", "SshFiles", "SshHosts", "SshRunner",
+    "connection", "on_each", "run_on", "shell", "stream",
 ]
 
 

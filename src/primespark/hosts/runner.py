@@ -39,6 +39,19 @@ class CommandTimeout(StepFailed):
     transient = True
 
 
+class HostLost(StepFailed):
+    """The host stopped answering while a command ran on it: nothing came back for a while and a fresh connection
+    got no answer either. Distinct from the command failing, timing out or being cancelled: what the command did
+    there, and whether it goes on, is unknown. Not retried on the same host (the caller may place the work
+    elsewhere)."""
+
+    def __init__(self, host: str, message: str, fix: str, *, last_seen: float, detected: float) -> None:
+        super().__init__(message, fix)
+        self.host = host
+        self.last_seen = last_seen  # wall-clock time of the last line the command sent
+        self.detected = detected  # wall-clock time the host was found lost
+
+
 class CommandNotFound(StepFailed):
     pass
 
@@ -90,6 +103,32 @@ KILL_AFTER_SECONDS = 30
 # The controller waits this much longer than the host's own `timeout`, which normally ends the command first.
 SSH_GRACE_SECONDS = KILL_AFTER_SECONDS + 30
 TIMED_OUT = (124, 137)  # coreutils `timeout`: the command timed out (137: it had to be killed)
+WATCH_STEP_SECONDS = 0.25  # how often a watched stream checks how long its host has been silent
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How the host of a long streamed command is watched. The command sends a line at least every `heartbeat`
+    seconds (the agent tasks' host-side script does, output or not); after `silent_after` seconds without one, the
+    host is probed over a fresh connection (`true`, given `probe_timeout` seconds). No answer: the host is lost
+    and the stream ends with `HostLost`. An answer: the command is slow, not lost; it is probed again after
+    another `silent_after` seconds of silence."""
+
+    heartbeat: float = 5.0
+    silent_after: float = 15.0
+    probe_timeout: float = 10.0
+
+    @property
+    def within(self) -> float:
+        """The longest from the host going silent to `HostLost`."""
+        return self.heartbeat + self.silent_after + self.probe_timeout + WATCH_STEP_SECONDS
+
+
+def host_lost(host: str, where: str, last_seen: float, why: str) -> HostLost:
+    detected = time.time()
+    return HostLost(host, f"{host} ({where}) was lost mid-command: nothing from it for {detected - last_seen:.0f} s "
+                    f"and {why}", "check the host's power, network and sshd; what ran there may go on, and is "
+                    "stopped by the next run of the same work", last_seen=last_seen, detected=detected)
 
 
 class SshRunner:
@@ -163,22 +202,44 @@ class SshRunner:
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        liveness: Liveness | None = None,
     ) -> Completed:
-        """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
+        """`run`, with each line of the command's stdout passed to `on_line` as it arrives. With `liveness`, a
+        host that goes silent and does not answer a probe ends it with `HostLost` (ssh's own keepalive, 3 of 10 s,
+        ends a dead session too: exit 255, then the same probe)."""
         command, given = self._command(argv, env, stdin, timeout)
         started = time.monotonic()
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # past the host's own `timeout` and the grace, ssh itself is ended (the host's `timeout` normally was first)
         try:
-            returncode, stdout, stderr_bytes, expired = _pump(
-                proc, given, on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS, proc.kill)
+            pumped = _pump(proc, given, on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS, proc.kill,
+                           liveness, self.probe)
         except BaseException:  # interrupted: no ssh is left behind (as subprocess.run in `run`)
             proc.kill()
             proc.wait()
             raise
-        if expired:
+        where = f"{self.connection.login}:{self.connection.port}"
+        if pumped.lost is not None:
+            raise host_lost(self.name, where, pumped.last_seen, pumped.lost)
+        if pumped.expired:
             raise timed_out(argv, self.name, timeout)
-        return self._outcome(argv, returncode, stdout, stderr_bytes, timeout, time.monotonic() - started)
+        # 255: ssh lost its session (or the remote command was killed by a signal, the host up): a probe tells
+        if pumped.returncode == 255 and pumped.stdout and liveness is not None \
+                and not self.probe(liveness.probe_timeout):
+            raise host_lost(self.name, where, pumped.last_seen, "its SSH session ended and a new connection got no "
+                            f"answer within {liveness.probe_timeout:.0f} s")
+        return self._outcome(argv, pumped.returncode, pumped.stdout, pumped.stderr, timeout,
+                             time.monotonic() - started)
+
+    def probe(self, timeout: float) -> bool:
+        """Whether the host answers a fresh SSH connection within `timeout` (running `true`). Any exit but ssh's
+        own 255 is an answer."""
+        argv = [*self.connection.ssh_argv(connect_timeout=max(1, round(timeout))), "true"]
+        try:
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                                  check=False).returncode != 255
+        except subprocess.TimeoutExpired:  # connected, and then nothing (sshd frozen): no answer
+            return False
 
     def pid_alive(self, pid: int) -> bool:
         return _pid_alive(self, pid)
@@ -234,8 +295,11 @@ class LocalRunner:
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        liveness: Liveness | None = None,
     ) -> Completed:
-        """`run`, with each line of the command's stdout passed to `on_line` as it arrives."""
+        """`run`, with each line of the command's stdout passed to `on_line` as it arrives; with `liveness`, a
+        host that goes silent and fails its probe ends it with `HostLost` (this machine never does; a `prefix`
+        standing in for a way to another host may)."""
         proc = self._start(argv, env)
 
         def end_group() -> None:  # its whole session goes, as in `run`
@@ -243,25 +307,95 @@ class LocalRunner:
                 os.killpg(proc.pid, signal.SIGKILL)
 
         try:
-            returncode, stdout, stderr, expired = _pump(proc, stdin or b"", on_line, timeout, end_group)
+            pumped = _pump(proc, stdin or b"", on_line, timeout, end_group, liveness, self.probe)
         except BaseException:  # interrupted: nothing of the command may run on
             end_group()
             raise
-        if expired:
+        if pumped.lost is not None:
+            assert liveness is not None
+            raise host_lost(self.name, "local", pumped.last_seen, pumped.lost)
+        if pumped.expired:
             raise timed_out(argv, self.name, timeout)
-        return Completed(tuple(argv), returncode, stdout, stderr.decode(errors="replace"))
+        return Completed(tuple(argv), pumped.returncode, pumped.stdout, pumped.stderr.decode(errors="replace"))
+
+    def probe(self, timeout: float) -> bool:
+        """This machine always answers; through a `prefix` (a namespace, a stand-in host) `true` must run within
+        `timeout`."""
+        if not self.prefix:
+            return True
+        proc = subprocess.Popen([*self.prefix, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return proc.wait(timeout) == 0
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
 
     def pid_alive(self, pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}") if not self.prefix else _pid_alive(self, pid)
 
 
+@dataclass(frozen=True)
+class _Pumped:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    expired: bool  # ended past its timeout
+    lost: str | None  # ended because its host was lost: why
+    last_seen: float  # wall-clock time of its last line (or of its start)
+
+
+class _Watch:
+    """A stream's host watched (with `liveness`): silent for `silent_after` and no answer to `probe`, the stream is
+    ended (`end`) and `lost` says why."""
+
+    def __init__(self, liveness: Liveness | None, probe: Callable[[float], bool] | None,
+                 end: Callable[[], None]) -> None:
+        self.liveness = liveness
+        self.probe = probe
+        self.end = end
+        self.finished = threading.Event()
+        self.verdict = threading.Lock()  # lost, or finished: one of them, never both
+        self.heard = time.monotonic()
+        self.heard_at = time.time()
+        self.lost: str | None = None
+
+    def line(self) -> None:
+        self.heard, self.heard_at = time.monotonic(), time.time()
+
+    def finish(self) -> None:
+        with self.verdict:
+            self.finished.set()
+
+    def run(self) -> None:
+        liveness, probe = self.liveness, self.probe
+        assert liveness is not None and probe is not None
+        while not self.finished.wait(WATCH_STEP_SECONDS):
+            if time.monotonic() - self.heard < liveness.silent_after:
+                continue
+            asked = time.monotonic()
+            if probe(liveness.probe_timeout) or self.heard > asked:
+                self.heard = max(self.heard, time.monotonic())  # slow, not lost: ask again after as much silence
+                continue
+            with self.verdict:
+                if self.finished.is_set():
+                    return
+                self.lost = f"a new connection got no answer within {liveness.probe_timeout:.0f} s"
+            self.end()
+            return
+
+
 def _pump(proc: subprocess.Popen[bytes], data: bytes, on_line: Callable[[str], None], timeout: float | None,
-          end: Callable[[], None]) -> tuple[int, bytes, bytes, bool]:
+          end: Callable[[], None], liveness: Liveness | None = None,
+          probe: Callable[[float], bool] | None = None) -> _Pumped:
     """Feed `data` to the command, pass each stdout line to `on_line` as it comes, collect stderr; `end` it past
-    `timeout`. (returncode, stdout, stderr, whether it timed out.)"""
+    `timeout`, or when, with `liveness`, nothing came for `liveness.silent_after` seconds and `probe` fails."""
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     errors: list[bytes] = []
     expired = threading.Event()
+    watch = _Watch(liveness, probe, end)
 
     def feed() -> None:
         assert proc.stdin is not None
@@ -277,6 +411,8 @@ def _pump(proc: subprocess.Popen[bytes], data: bytes, on_line: Callable[[str], N
         end()
 
     helpers = [threading.Thread(target=feed, daemon=True), threading.Thread(target=collect, daemon=True)]
+    if liveness is not None and probe is not None:
+        helpers.append(threading.Thread(target=watch.run, daemon=True))
     for helper in helpers:
         helper.start()
     timer = threading.Timer(timeout, expire) if timeout is not None else None
@@ -287,27 +423,31 @@ def _pump(proc: subprocess.Popen[bytes], data: bytes, on_line: Callable[[str], N
     try:
         with proc.stdout:
             for raw in proc.stdout:
+                watch.line()
                 lines.append(raw)
                 on_line(raw.decode(errors="replace").rstrip("\n"))
+        watch.finish()
         returncode = proc.wait()
     finally:
+        watch.finished.set()
         if timer is not None:
             timer.cancel()
     for helper in helpers:
         helper.join()
     with contextlib.suppress(Exception):
         proc.stderr.close()
-    return returncode, b"".join(lines), b"".join(errors), expired.is_set()
+    return _Pumped(returncode, b"".join(lines), b"".join(errors), expired.is_set(), watch.lost, watch.heard_at)
 
 
 def stream(runner: Runner, argv: Sequence[str], *, on_line: Callable[[str], None],
            env: Mapping[str, str] | None = None, stdin: bytes | None = None,
-           timeout: float | None = None) -> Completed:
+           timeout: float | None = None, liveness: Liveness | None = None) -> Completed:
     """`runner.run`, with each line of the command's stdout passed to `on_line` as it arrives, where the runner
-    can (SshRunner, LocalRunner); through any other runner the lines are passed when the command has ended."""
+    can (SshRunner, LocalRunner), its host watched per `liveness` (`HostLost`); through any other runner the lines
+    are passed when the command has ended, and the host is not watched."""
     method = getattr(runner, "stream", None)
     if method is not None:
-        done: Completed = method(argv, on_line=on_line, env=env, stdin=stdin, timeout=timeout)
+        done: Completed = method(argv, on_line=on_line, env=env, stdin=stdin, timeout=timeout, liveness=liveness)
         return done
     done = runner.run(argv, env=env, stdin=stdin, timeout=timeout)
     for line in done.text.splitlines():
