@@ -15,12 +15,23 @@ from typing import Any
 import pytest
 import yaml
 from agent_fleets import agent_fleet
+from lost_hosts import FAST, FolderHosts
 
 from primespark.agents import execute, taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet import Fleet, load_fleet
 from primespark.fleet.model import TaskSpec
-from primespark.hosts import Connection, HostUnreachable, LocalHosts, LocalRunner, Runner, SshRunner, stream
+from primespark.hosts import (
+    CommandTimeout,
+    Connection,
+    HostLost,
+    HostUnreachable,
+    LocalHosts,
+    LocalRunner,
+    Runner,
+    SshRunner,
+    stream,
+)
 
 
 def until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -330,3 +341,56 @@ class _RunOnly:
 
     def pid_alive(self, pid: int) -> bool:
         return alive(pid)
+
+
+def test_a_host_lost_mid_task_is_lost_within_the_budget_and_its_late_finish_commits_nothing(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """The host drops off mid-task (the stand-in stops passing anything back and answers no probe), while the task
+    goes on there: the run ends with HostLost (not a failure, a timeout or a cancel) within the liveness budget, and
+    when the task finishes later nothing is committed until a controller asks; a later run of the id commits it."""
+    hosts = FolderHosts(tmp_path / "hosts")
+    release = tmp_path / "release"
+    task = TaskSpec(command=f'echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo late > '
+                            f'"$SPARK_TASK_OUTPUT/who"')
+    cut: list[float] = []
+
+    def on_output(stream: str, line: str) -> None:
+        if line == "started":
+            hosts.cut("pi-1")
+            cut.append(time.monotonic())
+
+    with pytest.raises(HostLost) as lost:
+        execute.run_task(hosts, fleet, "pi-1", "t-lost", task, timeout_seconds=120, on_output=on_output,
+                         liveness=FAST)
+    assert time.monotonic() - cut[0] <= FAST.within + 2
+    assert lost.value.host == "pi-1" and "was lost mid-command" in lost.value.message
+    assert not isinstance(lost.value, execute.TaskRunFailed | CommandTimeout)
+    root = hosts.tasks("pi-1")
+    staging = root / ".staging" / "t-lost"
+    assert (staging / "run.json").exists() and not (staging / "result.json").exists()  # it still runs there
+    release.touch()
+    until(lambda: (staging / "result.json").exists(), "the task finished on the lost host")
+    until(lambda: not list(_locked(root / ".staging")), "its host-side script ended")
+    assert not (root / "t-lost").exists(), "the lost host committed a result nobody asked for"
+    hosts.restore("pi-1")
+    [found] = execute.find_task(hosts, fleet, "t-lost")
+    assert (found.host, found.found) == ("pi-1", "finished")
+    assert found.result is not None and found.result.status == "succeeded"
+    # asked again, the host's finished run is its result: committed now, nothing runs again
+    again = execute.run_task(hosts, fleet, "pi-1", "t-lost", task, liveness=FAST)
+    assert (again.status, again.existing, again.path) == ("succeeded", True, str(root / "t-lost"))
+    assert (root / "t-lost" / "out" / "who").read_text() == "late\n" and not staging.exists()
+
+
+def _locked(folder: Path) -> list[str]:
+    """Lock files of `folder` some process holds."""
+    import fcntl
+
+    held = []
+    for lock in folder.glob("*.lock"):
+        with lock.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(lock.name)
+    return held

@@ -6,7 +6,13 @@ staging folder and nothing committed. This module builds its requests and reads 
 
 Output is streamed: the command writes to files in the task's folder, the host-side script follows them and
 sends each line as it comes (through `primespark.hosts.stream`), and `run_task` passes it to `on_output`; the
-last 64 KiB of each stream also come back with the result.
+last 64 KiB of each stream also come back with the result. The script sends a heartbeat when it has nothing else
+to say, so a host that goes silent and does not answer a probe ends the run with `HostLost` (`LIVENESS`).
+
+A run that succeeds is committed by a second call (`commit`), made only once its answer is in: a host lost
+mid-task, whose run goes on and finishes after the task was placed elsewhere, is never asked to, and so never
+commits a second result. Its finished run stays in staging until a later run of the id discards it (or, when no
+host committed the id, commits it).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Literal
 from primespark.agents import taskside
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import Fleet, HostKind, TaskSpec, TierName
-from primespark.hosts import HostAccess, on_each, stream
+from primespark.hosts import HostAccess, Liveness, on_each, stream
 
 SOURCE = Path(taskside.__file__).read_text()
 # Where a host without a hot tier keeps task results (a host with one: `<hot tier>/tasks`, so sync carries them).
@@ -34,6 +40,10 @@ HOT_TIER_STAGING = f"{RESULTS_FOLDER}/{taskside.STAGING}"
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 # The runner waits this much longer than the task's timeout: the host-side script ends the command itself first.
 RUNNER_GRACE_SECONDS = 120
+# How a running task's host is watched: heartbeat from the host-side script, silence before a probe, the probe's
+# time: a host that goes silent is found lost within LIVENESS.within (31 s), well inside the 60 s promised.
+LIVENESS = Liveness(heartbeat=taskside.HEARTBEAT_SECONDS, silent_after=15.0, probe_timeout=10.0)
+COMMIT_TRIES = 3  # a commit whose answer did not come is asked again (it is idempotent) this many times in all
 
 Status = Literal["succeeded", "failed", "timed-out", "cancelled"]
 
@@ -46,6 +56,11 @@ class TaskBusy(StepFailed):
     """Another run of the same task id holds the host's lock: worth trying again later."""
 
     transient = True
+
+
+class CommitUncertain(StepFailed):
+    """The task finished on its host, and whether its commit there happened is unknown (the host stopped
+    answering). Not retried, nor placed elsewhere: that could commit a second result."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +124,17 @@ def _output_line(line: str) -> tuple[str, str] | None:
     return None
 
 
+def _is_answer(line: str) -> bool:
+    """The host-side script's answer, not a line of output or a heartbeat."""
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and set(message) not in ({"stream", "line"}, {"alive"})
+
+
 def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeout: float,
-          on_output: OnOutput | None = None) -> dict[str, Any]:
+          on_output: OnOutput | None = None, liveness: Liveness | None = None) -> dict[str, Any]:
     runner = hosts.runner(host)
 
     def on_line(line: str) -> None:
@@ -119,12 +143,12 @@ def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeou
             on_output(*message)
 
     done = stream(runner, [runner.python, "-c", SOURCE, op], on_line=on_line, stdin=json.dumps(request).encode(),
-                  timeout=timeout)
+                  timeout=timeout, liveness=liveness)
     try:
         last = done.text.strip().splitlines()[-1]
-        answer: dict[str, Any] = json.loads(last)
-        if _output_line(last) is not None:  # the script ended before its answer (killed)
+        if not _is_answer(last):  # the script ended before its answer (killed)
             raise IndexError
+        answer: dict[str, Any] = json.loads(last)
     except (json.JSONDecodeError, IndexError):
         raise StepFailed(f"{host}: the task's host-side script gave no answer (exit {done.returncode}): "
                          f"{(done.stderr or done.text).strip()[-400:]}",
@@ -133,26 +157,76 @@ def _side(hosts: HostAccess, host: str, op: str, request: dict[str, Any], timeou
     return answer
 
 
+def _result(answer: dict[str, Any], **update: Any) -> TaskResult:
+    fields = TaskResult.__dataclass_fields__
+    return TaskResult(**{k: v for k, v in {**answer, **update}.items() if k in fields})
+
+
 def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: TaskSpec,
              grace_seconds: float = taskside.GRACE_SECONDS, timeout_seconds: float | None = None,
-             on_output: OnOutput | None = None) -> TaskResult:
+             on_output: OnOutput | None = None, liveness: Liveness | None = None) -> TaskResult:
     """Run `task` on `host` as `task_id` (or find its committed result): the result of that attempt, whatever its
-    status; `TaskBusy` when another run of the id is under way there. `timeout_seconds` replaces the task's
-    `timeout_minutes` (tests: a spec counts in minutes). `on_output(stream, line)` gets each line of the
-    command's output as it comes."""
+    status, committed when it succeeded; `TaskBusy` when another run of the id is under way there; `HostLost`
+    when the host went silent mid-task (nothing is committed then: see the module's docstring). `timeout_seconds`
+    replaces the task's `timeout_minutes` (tests: a spec counts in minutes). `on_output(stream, line)` gets each
+    line of the command's output as it comes. `liveness`: how the host is watched (default `LIVENESS`)."""
     if task.image is not None:
         raise UserError(f"task {task_id}: running a container image is not built yet",
                         "give the task a command instead of an image (docs/agents.md)")
     check_task_id(task_id)
+    watch = liveness or LIVENESS
     timeout = task.timeout_minutes * 60 if timeout_seconds is None else timeout_seconds
     request = {"task_id": task_id, "host": host, "root": results_root(fleet, host), "command": task.command,
-               "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds}
-    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output)
+               "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds,
+               "heartbeat": watch.heartbeat}
+    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output, watch)
     if answer["status"] == "busy":
         raise TaskBusy(f"task {task_id} is running on {host} already ({answer['path']})",
                        f"wait for it, or stop it: spark task cancel {task_id}")
-    fields = TaskResult.__dataclass_fields__
-    return TaskResult(**{k: v for k, v in answer.items() if k in fields})
+    if answer["status"] != "succeeded" or answer.get("committed", True):
+        return _result(answer)
+    return _result(_commit(hosts, fleet, host, task_id), existing=answer["existing"])
+
+
+def _commit(hosts: HostAccess, fleet: Fleet, host: str, task_id: str) -> dict[str, Any]:
+    """The finished run on `host` committed there: its answer. A commit whose answer does not come is asked again
+    (it is idempotent); one still unanswered is `CommitUncertain`, never a reason to run the task elsewhere."""
+    request = {"task_id": task_id, "host": host, "root": results_root(fleet, host)}
+    why = ""
+    for _ in range(COMMIT_TRIES):
+        try:
+            answer = _side(hosts, host, "commit", request, 120)
+        except StepFailed as exc:  # unreachable, timed out, no answer: the rename may or may not have happened
+            why = exc.message.splitlines()[0]
+            continue
+        if answer["status"] == "busy":
+            raise TaskBusy(f"task {task_id} on {host} finished, and another run of it holds its lock there",
+                           f"run it again with the same id: its finished result is committed then ({task_id})")
+        if answer["status"] == "missing":
+            raise StepFailed(f"task {task_id} on {host}: no finished run to commit in {answer['path']}",
+                             "run it again with the same id")
+        return answer
+    raise CommitUncertain(f"task {task_id} finished on {host}, and whether its result was committed there is "
+                          f"unknown: {why}",
+                          f"once {host} answers, run it again with the same id (--id {task_id}): a committed "
+                          "result is reported, a finished one committed, and nothing runs twice")
+
+
+def commit_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str) -> TaskResult:
+    """A run of `task_id` that finished on `host` and was never committed, committed now (`existing`: it was
+    committed already)."""
+    check_task_id(task_id)
+    return _result(_commit(hosts, fleet, host, task_id))
+
+
+def discard_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str) -> str | None:
+    """The staging folder of a finished or stopped run of `task_id` on `host` removed (its result is committed on
+    another host): its path, or None when there was none to remove (or it runs)."""
+    check_task_id(task_id)
+    answer = _side(hosts, host, "discard", {"task_id": task_id, "host": host, "root": results_root(fleet, host)},
+                   120)
+    discarded = answer.get("discarded")
+    return str(discarded) if discarded else None
 
 
 def failure(result: TaskResult) -> TaskRunFailed:
@@ -172,10 +246,10 @@ class Found:
 
     task_id: str
     host: str
-    found: Literal["running", "stopped", "committed"]
+    found: Literal["running", "stopped", "finished", "committed"]
     path: str
     pid: int | None
-    result: TaskResult | None = None  # the committed result
+    result: TaskResult | None = None  # the committed result, or the finished one not committed yet
 
 
 def _task_hosts(fleet: Fleet) -> list[str]:
@@ -188,9 +262,7 @@ def _ask(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, host: str, grac
                                      "grace": grace_seconds}, 120 + grace_seconds)
     if answer["found"] is None:
         return None
-    fields = TaskResult.__dataclass_fields__
-    result = (TaskResult(**{k: v for k, v in {**answer["result"], "path": answer["path"], "existing": True}.items()
-                            if k in fields}) if "result" in answer else None)
+    result = _result(answer["result"], path=answer["path"], existing=True) if "result" in answer else None
     return Found(task_id, host, answer["found"], answer["path"], answer.get("pid"), result)
 
 

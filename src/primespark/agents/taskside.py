@@ -5,14 +5,20 @@ Shipped as source and run with the host's own `python3 -c SOURCE OP` (standard l
 `data/tierside.py`): a JSON request on stdin, one JSON object out (the last line).
 
 Operations:
-- `run`: the task's command, unless its result is already committed (then that result, and nothing runs).
-  It works in `<root>/.staging/<task-id>/` (`out/` is the command's working folder and `$SPARK_TASK_OUTPUT`;
-  `stdout.log` and `stderr.log` hold its output; `run.json` the host and pid, for `cancel`). While it runs, each
-  line of its output is sent back as a JSON line `{"stream": ..., "line": ...}`; the answer is the last line.
-  On exit 0 the folder is renamed to `<root>/<task-id>/` and flushed with its parent: a result is there whole or
-  not at all. A failed, timed-out or cancelled run leaves its staging folder for inspection; the next run of the
-  id replaces it, after ending whatever a killed run left behind. One run per task id at a time on a host (a lock file).
-- `find`: the task's committed result here, or its staging folder and whether its processes still run.
+- `run`: the task's command, unless its result is already committed or finished here (then that result, and
+  nothing runs). It works in `<root>/.staging/<task-id>/` (`out/` is the command's working folder and
+  `$SPARK_TASK_OUTPUT`; `stdout.log` and `stderr.log` hold its output; `run.json` the host and pid, for `cancel`).
+  While it runs, each line of its output is sent back as a JSON line `{"stream": ..., "line": ...}`, and
+  `{"alive": <time>}` when nothing else went for `heartbeat` seconds (the controller's sign that the host is
+  there); the answer is the last line. On exit 0 the run is *finished*: `result.json` says succeeded, and the
+  folder stays in staging until the controller commits it. A failed, timed-out or cancelled run leaves its staging
+  folder for inspection; the next run of the id replaces it, after ending whatever a killed run left behind. One
+  run per task id at a time on a host (a lock file).
+- `commit`: a finished run's folder renamed to `<root>/<task-id>/` and flushed with its parent: a result is there
+  whole or not at all. Only the controller asks for it, once it has the run's answer: a host that was lost
+  mid-task, and whose task went on to finish while the task was run elsewhere, never commits a second result.
+- `discard`: a finished (or stopped) run's staging folder removed (its result was committed elsewhere).
+- `find`: the task's committed result here, or its staging folder: running, finished or stopped.
 - `cancel`: the task's processes on this host stopped (SIGTERM to their groups, SIGKILL after a grace).
 
 Limits: `systemd-run --scope -p CPUQuota= -p MemoryMax=` when systemd is PID 1 and this runs as root; else a
@@ -40,6 +46,7 @@ GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL
 TAIL_BYTES = 64 * 1024  # of each stream, sent back to the flow (the whole output stays in the result folder)
 POLL_SECONDS = 0.1  # how often the output files are read while the command runs
 STREAM_LINES = 10_000  # lines sent to the controller per run (all of them stay in the task's folder)
+HEARTBEAT_SECONDS = 5.0  # at least this often a line goes to the controller, output or not (hosts.Liveness)
 SYSTEMD_BOOTED = "/run/systemd/system"  # present when systemd is PID 1 (sd_booted(3))
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "primespark-tasks"
@@ -167,22 +174,44 @@ def _flush_tree(folder: str) -> None:
     _fsync_path(folder)
 
 
+class _Channel:
+    """This script's stdout to the controller, one JSON line per message; a heartbeat when nothing else went for
+    `heartbeat` seconds. If the controller is gone (its SSH session closed), sending stops and the run goes on."""
+
+    def __init__(self, heartbeat: float) -> None:
+        self.heartbeat = heartbeat
+        self.last = 0.0
+        self.open = True
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.open:
+            return
+        try:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the controller is gone: the run goes on, its output in the files
+            self.open = False
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        if time.monotonic() - self.last >= self.heartbeat:
+            self.send({"alive": time.time()})
+
+
 class _Follow:
     """The command's output files followed as they grow: each whole line is sent to this script's stdout as one
     JSON line (the controller logs it as it comes). The command writes to files, not to this script: if this
     script or its SSH session dies, the command's output still lands, and a lost controller ends the sending
     only, not the run."""
 
-    def __init__(self, staging: str) -> None:
+    def __init__(self, staging: str, channel: _Channel) -> None:
         self.files = {name: open(os.path.join(staging, f"{name}.log"), "rb")  # noqa: SIM115 - closed in close()
                       for name in ("stdout", "stderr")}
         self.partial = dict.fromkeys(self.files, b"")
         self.sent = 0
-        self.open = True
+        self.channel = channel
 
     def _emit(self, stream: str, line: bytes) -> None:
-        if not self.open:
-            return
         if self.sent == STREAM_LINES:
             message = {"stream": "stderr", "line": f"(more output than {STREAM_LINES} lines: the rest is in the "
                        "task's folder only)"}
@@ -191,11 +220,7 @@ class _Follow:
         else:
             message = {"stream": stream, "line": line.decode(errors="replace")}
         self.sent += 1
-        try:
-            sys.stdout.write(json.dumps(message) + "\n")
-            sys.stdout.flush()
-        except OSError:  # the controller is gone: the run goes on, its output in the files
-            self.open = False
+        self.channel.send(message)
 
     def pump(self, final: bool) -> None:
         for name, handle in self.files.items():
@@ -206,10 +231,52 @@ class _Follow:
                 self.partial[name] = b""
             for line in lines:
                 self._emit(name, line)
+        self.channel.beat()
 
     def close(self) -> None:
         for handle in self.files.values():
             handle.close()
+
+
+def _lock(staging_root: str, task_id: str, wait: float = 0.0) -> Any:
+    """The task id's lock on this host (held until this script ends), or None if another run holds it for
+    longer than `wait` seconds."""
+    os.makedirs(staging_root, exist_ok=True)
+    lock = open(os.path.join(staging_root, task_id + ".lock"), "a")  # noqa: SIM115 - held for the whole run
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock.close()
+                return None
+            time.sleep(0.05)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _finished(staging: str, host: str) -> dict[str, Any] | None:
+    """The result of this host's run that succeeded and is not committed yet, if its staging folder holds one."""
+    record = _read_json(os.path.join(staging, "run.json"))
+    result = _read_json(os.path.join(staging, "result.json"))
+    if record is None or result is None or record.get("host") != host or result.get("host") != host:
+        return None
+    return result if result.get("status") == "succeeded" else None
+
+
+def _with_tails(result: dict[str, Any], path: str, existing: bool, committed: bool) -> dict[str, Any]:
+    return {**result, "existing": existing, "committed": committed, "path": path,
+            "stdout_tail": _tail(os.path.join(path, "stdout.log")),
+            "stderr_tail": _tail(os.path.join(path, "stderr.log"))}
 
 
 def run(req: dict[str, Any]) -> dict[str, Any]:
@@ -217,15 +284,17 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     final = os.path.join(root, task_id)
     staging_root = os.path.join(root, STAGING)
     staging = os.path.join(staging_root, task_id)
-    os.makedirs(staging_root, exist_ok=True)
-    lock = open(os.path.join(staging_root, task_id + ".lock"), "a")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    channel = _Channel(float(req.get("heartbeat", HEARTBEAT_SECONDS)))
+    lock = _lock(staging_root, task_id)
+    if lock is None:
         return {"status": "busy", "path": staging}
-    if os.path.exists(os.path.join(final, "result.json")):
-        with open(os.path.join(final, "result.json"), encoding="utf-8") as handle:
-            return {**json.load(handle), "existing": True, "path": final}
+    channel.beat()  # started: from here on the controller hears from this host at least every heartbeat
+    committed = _read_json(os.path.join(final, "result.json"))
+    if committed is not None:
+        return {**committed, "existing": True, "committed": True, "path": final}
+    finished = _finished(staging, host)
+    if finished is not None:  # an earlier run's that finished and was never committed: its result, not a rerun
+        return _with_tails(finished, staging, existing=True, committed=False)
     if os.path.exists(staging):  # a failed or killed run's: end what it left running, then start afresh
         _stop(task_id, host, None, None, GRACE_SECONDS)
         shutil.rmtree(staging)
@@ -250,7 +319,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
                                                      "monitor_pid": os.getpid(), "started": started,
                                                      "limits": limits})
     timed_out = False
-    out_stream = _Follow(staging)
+    out_stream = _Follow(staging, channel)
     deadline = time.monotonic() + float(req["timeout"])
     while True:
         returncode = proc.poll()
@@ -275,17 +344,48 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
               else "succeeded" if returncode == 0 else "failed")
     result = {"task_id": task_id, "host": host, "status": status, "returncode": returncode, "started": started,
               "finished": time.time(), "limits": limits, "pid": proc.pid}
+    # finished, not committed: only the controller commits, once it has this answer (`commit`)
     _write_json(os.path.join(staging, "result.json"), result)
-    path = staging
-    if status == "succeeded":
-        _flush_tree(staging)
-        os.rename(staging, final)  # the commit: the result is there whole, or not at all
-        _fsync_path(root)
-        _fsync_path(staging_root)
-        path = final
-    return {**result, "existing": False, "path": path,
-            "stdout_tail": _tail(os.path.join(path, "stdout.log")),
-            "stderr_tail": _tail(os.path.join(path, "stderr.log"))}
+    del lock  # held to here
+    return _with_tails(result, staging, existing=False, committed=False)
+
+
+def commit(req: dict[str, Any]) -> dict[str, Any]:
+    """The finished run's folder renamed into place: the result is there whole, or not at all. A result committed
+    here already is returned as it is; a run that is not finished (or another host's) is `missing`."""
+    task_id, host, root = req["task_id"], req["host"], req["root"]
+    final = os.path.join(root, task_id)
+    staging_root = os.path.join(root, STAGING)
+    staging = os.path.join(staging_root, task_id)
+    lock = _lock(staging_root, task_id, float(req.get("wait", 10.0)))  # the run that finished may still be ending
+    if lock is None:
+        return {"status": "busy", "path": staging}
+    committed = _read_json(os.path.join(final, "result.json"))
+    if committed is not None:
+        return _with_tails(committed, final, existing=True, committed=True)
+    finished = _finished(staging, host)
+    if finished is None:
+        return {"status": "missing", "path": staging}
+    _flush_tree(staging)
+    os.rename(staging, final)  # the commit
+    _fsync_path(root)
+    _fsync_path(staging_root)
+    del lock
+    return _with_tails(finished, final, existing=False, committed=True)
+
+
+def discard(req: dict[str, Any]) -> dict[str, Any]:
+    """A finished or stopped run's staging folder removed: its result was committed on another host."""
+    staging_root = os.path.join(req["root"], STAGING)
+    lock = _lock(staging_root, req["task_id"])
+    if lock is None:
+        return {"discarded": None, "found": "running"}
+    found = find(req)
+    if found["found"] not in ("finished", "stopped"):
+        return {"discarded": None, "found": found["found"]}
+    shutil.rmtree(found["path"])
+    del lock
+    return {"discarded": found["path"], "found": found["found"]}
 
 
 def find(req: dict[str, Any]) -> dict[str, Any]:
@@ -306,8 +406,13 @@ def find(req: dict[str, Any]) -> dict[str, Any]:
         return {"found": None}
     if record.get("host") != host:  # another host's run (hosts that share this folder, as in tests)
         return {"found": None}
-    return {"found": "running" if _marked(task_id, host) else "stopped", "path": os.path.join(root, STAGING, task_id),
-            "pid": record["pid"]}
+    staging = os.path.join(root, STAGING, task_id)
+    if _marked(task_id, host):
+        return {"found": "running", "path": staging, "pid": record["pid"]}
+    finished = _finished(staging, host)
+    if finished is not None:  # succeeded and never committed (its controller lost it, or was lost)
+        return {"found": "finished", "path": staging, "pid": record["pid"], "result": finished}
+    return {"found": "stopped", "path": staging, "pid": record["pid"]}
 
 
 def cancel(req: dict[str, Any]) -> dict[str, Any]:
@@ -322,5 +427,7 @@ def cancel(req: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    operation = {"run": run, "find": find, "cancel": cancel}[sys.argv[1]]
-    print(json.dumps(operation(json.loads(sys.stdin.read()))))
+    operation = {"run": run, "commit": commit, "discard": discard, "find": find, "cancel": cancel}[sys.argv[1]]
+    answer = operation(json.loads(sys.stdin.read()))
+    with contextlib.suppress(OSError):  # nobody to tell (the controller gone): what was done stays done
+        print(json.dumps(answer), flush=True)
