@@ -4,16 +4,22 @@ Steps: what the hosts know of the task id (a committed result ends the run there
 facts → the placement (pure; its table, every candidate with its reason, is an artifact of each attempt) → the
 run on the chosen host (`primespark.agents.execute`: limits, timeout, result committed once) → the result
 artifact. An attempt that fails with the spec's `retries` left is placed again on fresh facts (the host may have
-filled up or entered its quiet hours meanwhile). One run per task id at a time: a lock named after it.
+filled up or entered its quiet hours meanwhile). An attempt whose host was lost mid-task (`HostLost`: silent, and
+no answer to a probe) is no failure of the task: the host is kept off for the rest of the run ("lost mid-task at
+HH:MM:SS" in the next decision table) and the task placed again elsewhere; when no host can take it, the run waits
+for one (placing it again every `requeue_poll_seconds`, up to the spec's timeout), saying why. One run per task id
+at a time: a lock named after it; one result per task id: a run is committed only once its answer is in.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,10 +27,11 @@ from prefect.cache_policies import NO_CACHE
 
 from primespark.agents import execute
 from primespark.agents.execute import default_task_id
-from primespark.agents.placement import Decision, Facts, NoEligibleHost, Placed, place
+from primespark.agents.placement import Decision, Facts, NoEligibleHost, NoEligibleHostInTime, Placed, place
 from primespark.context import FleetContext, Transport
-from primespark.errors import UserError
+from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import TaskSpec
+from primespark.hosts import HostLost, HostUnreachable
 from primespark.orchestration.agent_runs import HOST_LABEL, TASK_ID_LABEL, label_run
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
@@ -69,21 +76,85 @@ def artifact_key(task_id: str) -> str:
 
 
 def _decision_artifact(ctx: FleetContext, decision: Decision, task_id: str, attempt: int, source: str,
-                       now: datetime) -> None:
+                       now: datetime, shown: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """The decision table, published unless it is the one `shown` last (a run waiting for a host places the task
+    again every few seconds: one artifact per change, not per try)."""
     rows = [{"host": c.host, "site": ctx.fleet.hosts[c.host].site, "verdict": c.verdict, "why": c.reason}
             for c in decision.candidates]
-    create_table_artifact(rows, key=f"{artifact_key(task_id)}-placement",
-                          description=f"task {decision.task} ({task_id}), attempt {attempt}, at {now.isoformat()}: "
-                          f"where it runs and why (facts {source})")
+    if rows != shown:
+        create_table_artifact(rows, key=f"{artifact_key(task_id)}-placement",
+                              description=f"task {decision.task} ({task_id}), attempt {attempt}, at "
+                              f"{now.isoformat()}: where it runs and why (facts {source})")
+    return rows
 
 
 def _result_artifact(result: execute.TaskResult, why: str) -> None:
     lines = [f"# task {result.task_id}: {result.status}", "",
              f"- host: {result.host} ({why})", f"- exit status: {result.returncode}",
              f"- folder: `{result.path}`", f"- limits: {result.limits}",
-             f"- committed earlier: {'yes, nothing ran now' if result.existing else 'no'}"]
+             f"- ran earlier: {'yes, nothing ran now' if result.existing else 'no'}"]
     create_markdown_artifact("\n".join(lines), key=f"{artifact_key(result.task_id)}-result",
                              description=f"task {result.task_id}: its result")
+
+
+def _place_or_wait(ctx: FleetContext, spec: TaskSpec, label: str, where: str, task_id: str, attempt: int,
+                   facts_file: str | None, kept_off: dict[str, str], options: dict[str, Any], wait_seconds: float,
+                   poll_seconds: float) -> Decision:
+    """The decision of this attempt, published. No host can take the task: at once `NoEligibleHost`, unless a host
+    was lost in this run; then the task waits for one, placed again on fresh facts every `poll_seconds` for up to
+    `wait_seconds` (each wait logged with every host's reason), and `NoEligibleHostInTime` after."""
+    logger = get_run_logger()
+    shown: list[dict[str, str]] | None = None
+    deadline: float | None = None
+    while True:
+        facts, placed, now, source = facts_step.with_options(**options)(ctx, spec, facts_file)
+        decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off)
+        shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
+        if decision.host is not None:
+            return decision
+        if not kept_off:
+            raise NoEligibleHost(where, decision)
+        deadline = deadline if deadline is not None else time.monotonic() + wait_seconds
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NoEligibleHostInTime(where, decision, wait_seconds, task_id)
+        logger.warning("task %s: no host can run it now; waiting for one (placed again every %.0f s, for %.0f s "
+                       "more): %s", task_id, poll_seconds, left, "; ".join(decision.reasons()))
+        time.sleep(min(poll_seconds, left))
+
+
+def _settle(ctx: FleetContext, task_id: str, known: list[execute.Found]) -> tuple[execute.TaskResult, str] | None:
+    """What earlier runs of the id left decides this one: a committed result is reported; else a run that finished
+    and was never committed (its host, or its controller, was lost before the commit) is committed now. Other
+    finished runs are discarded: one result per id. None: the task is to run."""
+    logger = get_run_logger()
+    committed = [f for f in known if f.found == "committed" and f.result is not None]
+    finished = sorted((f for f in known if f.found == "finished" and f.result is not None),
+                      key=lambda f: (f.result.finished if f.result else 0, f.host))
+    if committed:
+        result, why = committed[0].result, "committed earlier"
+    elif finished:
+        keep = finished.pop(0)
+        result = execute.commit_task(ctx.hosts, ctx.fleet, keep.host, task_id)
+        why = "finished earlier, never committed (its host or its controller was lost): committed now"
+    else:
+        return None
+    assert result is not None
+    for extra in finished:  # a lost host's run that finished after the task ran elsewhere
+        try:
+            gone = execute.discard_task(ctx.hosts, ctx.fleet, extra.host, task_id)
+        except StepFailed as exc:
+            logger.warning("task %s: could not discard the uncommitted run on %s: %s", task_id, extra.host,
+                           exc.message.splitlines()[0])
+            continue
+        logger.info("task %s: a run on %s finished and was never committed (%s); discarded: the result is on %s",
+                    task_id, extra.host, gone, result.host)
+    return result, why
+
+
+def _lost_at(ctx: FleetContext, when: float) -> str:
+    """HH:MM:SS in the fleet's time zone, as quiet hours are read."""
+    return datetime.fromtimestamp(when, ZoneInfo(ctx.fleet.timezone)).strftime("%H:%M:%S")
 
 
 def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSpec | None,
@@ -141,11 +212,14 @@ def agent_task(
     transport: Transport = "ssh",
     facts_file: str | None = None,
     retry_delay_seconds: float = 10.0,
+    requeue_poll_seconds: float = 30.0,
+    requeue_wait_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Run one agent task: a `template` of the fleet (its `tasks:`) or an inline `spec` (named `name`), as
     `task_id` (default: from the name and the flow run's id; give an earlier id to rerun: a committed result is
     reported, not run again). `facts_file` takes the hosts' facts from a YAML file instead of their node
-    exporters (docs/agents.md)."""
+    exporters (docs/agents.md). A task whose host was lost waits for another host at most `requeue_wait_seconds`
+    (default: its timeout), placed again every `requeue_poll_seconds`."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     label, where, chosen = resolve_task(ctx, env, template, spec, name)
@@ -157,37 +231,49 @@ def agent_task(
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):
         known = find_step.with_options(**options)(ctx, task_id)
-        committed = [f for f in known if f.result is not None]
-        if committed:
-            result = committed[0].result
-            assert result is not None
+        settled = _settle(ctx, task_id, known)
+        if settled is not None:
+            result, why = settled
             label_run({HOST_LABEL: result.host})
-            logger.info("task %s: committed earlier on %s (%s): nothing runs", task_id, result.host, result.path)
-            _result_artifact(result, "committed earlier")
-            return {**asdict(result), "why": "committed earlier", "attempts": 0}
+            logger.info("task %s: %s on %s (%s): nothing runs", task_id, why, result.host, result.path)
+            _result_artifact(result, why)
+            return {**asdict(result), "why": why, "attempts": 0, "kept_off": {}}
         for left in (f for f in known if f.found == "running"):
             # a killed attempt's command, still running there: it ends before the task runs anywhere again
             logger.warning("task %s: a killed attempt still runs on %s (pid %s); stopping it", task_id, left.host,
                            left.pid)
             execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)  # every host: find_task reached them all
         failed: execute.TaskRunFailed | None = None
-        for attempt in range(1, chosen.retries + 2):
-            facts, placed, now, source = facts_step.with_options(**options)(ctx, chosen, facts_file)
-            decision = place(ctx.fleet, chosen, facts, placed, now, label)
-            _decision_artifact(ctx, decision, task_id, attempt, source, now)
-            if decision.host is None:
-                raise NoEligibleHost(where, decision)
+        kept_off: dict[str, str] = {}  # hosts lost in this run, and why: never placed on again by it
+        failures = attempt = 0
+        wait = requeue_wait_seconds if requeue_wait_seconds is not None else chosen.timeout_minutes * 60
+        while failures <= chosen.retries:
+            attempt += 1
+            decision = _place_or_wait(ctx, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
+                                      wait, requeue_poll_seconds)
+            assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
             label_run({HOST_LABEL: decision.host})
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
-            result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)
+            try:
+                result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)
+            except (HostLost, HostUnreachable) as exc:
+                # not the task failing: its host went away. What ran there commits nothing (no answer, no commit)
+                at = _lost_at(ctx, exc.detected if isinstance(exc, HostLost) else time.time())
+                kept_off[decision.host] = (f"lost mid-task at {at}" if isinstance(exc, HostLost)
+                                           else f"unreachable when the task was to start at {at}")
+                logger.warning("task %s, attempt %d: %s %s (%s); placing it on another host on fresh facts (not one "
+                               "of its retries)", task_id, attempt, decision.host, kept_off[decision.host],
+                               exc.message.splitlines()[0])
+                continue
             _result_artifact(result, why)
             if result.status == "succeeded":
-                return {**asdict(result), "why": why, "attempts": attempt}
+                return {**asdict(result), "why": why, "attempts": attempt, "kept_off": kept_off}
             failed = execute.failure(result)
             if result.status == "cancelled":
                 break  # cancelled by hand: not tried again
-            if attempt <= chosen.retries:
+            failures += 1
+            if failures <= chosen.retries:
                 logger.warning("task %s, attempt %d failed: %s; placing it again on fresh facts", task_id, attempt,
                                failed.message.splitlines()[0])
         assert failed is not None

@@ -238,6 +238,19 @@ def test_equal_inputs_give_equal_decisions_whatever_their_order(fleet: Fleet) ->
     assert again == first
 
 
+def test_a_host_kept_off_by_the_run_is_excluded_with_its_reason_whatever_its_facts(fleet: Fleet) -> None:
+    task = TaskSpec.model_validate(PI_TASK)
+    assert place(fleet, task, base_facts(), [], DAY).host == "pi-2"
+    decision = place(fleet, task, base_facts(), [], DAY, keep_off={"pi-2": "lost mid-task at 10:59:58"})
+    assert decision.host == "pi-1"
+    assert "pi-2: excluded, lost mid-task at 10:59:58" in decision.reasons()
+    # a host the fleet rules out keeps the fleet's reason; one not kept off is placed as before
+    decision = place(fleet, task, base_facts(), [], DAY, keep_off={"pi-1": "lost", "pi-2": "lost", "ops-1": "lost"})
+    assert decision.host is None
+    assert "ops-1: excluded, architecture x86_64, the task needs aarch64" in decision.reasons()
+    assert "pi-1: excluded, lost" in decision.reasons()
+
+
 def test_a_naive_now_is_refused(fleet: Fleet) -> None:
     with pytest.raises(ValueError, match="aware"):
         place(fleet, TaskSpec(command="x"), base_facts(), [], datetime(2026, 11, 30, 10, 0), "x")

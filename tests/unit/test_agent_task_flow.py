@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,13 +15,15 @@ from typing import Any
 import pytest
 import yaml
 from agent_fleets import agent_fleet
+from lost_hosts import FAST, FolderHosts
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
-from test_agent_execute import Background, alive, until
+from test_agent_execute import Background, _locked, alive, until
 
 from flows.agent_task import agent_task, artifact_key
 from primespark.agents import execute
 from primespark.agents.execute import TaskRunFailed
+from primespark.agents.placement import NoEligibleHostInTime
 from primespark.fleet import load_fleet
 from primespark.fleet.model import TaskSpec
 from primespark.hosts import LocalHosts
@@ -235,3 +238,116 @@ def test_the_cancellation_hook_stops_the_task_of_the_cancelled_run(tmp_path: Pat
     # a run cancelled before its task started anywhere: nothing to stop, and no error
     stop_on_host(None, SimpleNamespace(id=run_id.replace("5f", "6f"), parameters={
         "template": "x", "env": fleet_file, "transport": "local"}), None)
+
+
+@pytest.fixture
+def lossy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FolderHosts]:
+    """Hosts that can drop off (each in a folder of its own), watched on the scaled-down liveness budget; a task
+    left waiting on a lost host is released at the end."""
+    hosts = FolderHosts(tmp_path / "hosts")
+    monkeypatch.setattr("primespark.context.LocalHosts", lambda: hosts)
+    monkeypatch.setattr(execute, "LIVENESS", FAST)
+    yield hosts
+    (tmp_path / "release").touch()
+
+
+def waits_on_pi1(tmp_path: Path, **fields: Any) -> TaskSpec:
+    """A task that notes each host it starts on and, on pi-1, runs until the file `release` exists."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    return TaskSpec(command=f'echo "$SPARK_TASK_HOST" >> {runs}; echo started; if [ "$SPARK_TASK_HOST" = pi-1 ]; '
+                            f'then while [ ! -e {release} ]; do sleep 0.05; done; fi; '
+                            f'echo "$SPARK_TASK_HOST" > "$SPARK_TASK_OUTPUT/who"', memory_mb=64, **fields)
+
+
+def in_background(**parameters: Any) -> tuple[threading.Thread, list[Any]]:
+    states: list[Any] = []
+    thread = threading.Thread(target=lambda: states.append(agent_task(**parameters, return_state=True)), daemon=True)
+    thread.start()
+    return thread, states
+
+
+def test_a_host_lost_mid_task_is_kept_off_and_the_task_runs_once_elsewhere_even_when_the_lost_one_finishes(
+        server: None, tmp_path: Path, lossy: FolderHosts) -> None:
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    fleet = agent_fleet(tmp_path)
+    spec = waits_on_pi1(tmp_path, retries=0)  # a lost host is no failure: no retry is needed to run elsewhere
+    parameters = {"spec": spec, "name": "lost", "task_id": "lost-1", "env": fleet, "transport": "local",
+                  "facts_file": facts_file(tmp_path)}
+    thread, states = in_background(**parameters)
+    until(lambda: runs.exists() and runs.read_text() == "pi-1\n", "the task started on pi-1")
+    lossy.cut("pi-1")  # pi-1 drops off the network, the task still running there
+    thread.join(120)
+    [state] = states
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-2", "succeeded", 2)
+    lost = result["kept_off"]["pi-1"]
+    assert re.fullmatch(r"lost mid-task at \d\d:\d\d:\d\d", lost), lost
+    # the second attempt's decision table names the lost host with its reason
+    rows = json.loads(artifact(f"{artifact_key('lost-1')}-placement"))
+    verdicts = {r["host"]: (r["verdict"], r["why"]) for r in rows}
+    assert verdicts["pi-1"] == ("excluded", lost) and verdicts["pi-2"][0] == "chosen"
+    logs = flow_logs(state)
+    assert f"attempt 1: pi-1 {lost}" in logs and "not one of its retries" in logs
+    assert (lossy.tasks("pi-2") / "lost-1" / "out" / "who").read_text() == "pi-2\n"
+    # pi-1's run went on; it finishes late and commits nothing (no controller asks it to)
+    release.touch()
+    staging = lossy.tasks("pi-1") / ".staging" / "lost-1"
+    until(lambda: (staging / "result.json").exists() and not _locked(staging.parent), "pi-1's run finished late")
+    assert (staging / "out" / "who").read_text() == "pi-1\n"
+    assert not (lossy.tasks("pi-1") / "lost-1").exists()
+    # pi-1 back: a rerun of the id reports pi-2's result and discards pi-1's finished run: one result, two runs
+    lossy.restore("pi-1")
+    again = agent_task(**parameters)
+    assert (again["host"], again["existing"], again["attempts"]) == ("pi-2", True, 0)
+    assert [h for h in HOSTS if (lossy.tasks(h) / "lost-1").exists()] == ["pi-2"]
+    assert not staging.exists()
+    assert runs.read_text() == "pi-1\npi-2\n"
+
+
+def test_a_lost_host_and_no_other_eligible_waits_for_one_then_fails_naming_every_reason(
+        server: None, tmp_path: Path, lossy: FolderHosts) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path)
+    thread, states = in_background(spec=waits_on_pi1(tmp_path), name="alone", task_id="alone-1", env=fleet,
+                                   transport="local", facts_file=only_pi1(tmp_path), requeue_poll_seconds=1,
+                                   requeue_wait_seconds=3)
+    until(lambda: runs.exists(), "the task started on pi-1")
+    lossy.cut("pi-1")
+    thread.join(120)
+    [state] = states
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, NoEligibleHostInTime), error
+    assert "no host could run it again within 3 s of waiting" in error.message
+    assert re.search(r"pi-1: excluded, lost mid-task at \d\d:\d\d:\d\d", error.message)
+    assert "pi-2: excluded, facts unavailable" in error.message and "--id alone-1" in error.fix
+    logs = flow_logs(state)
+    assert "task alone-1: no host can run it now; waiting for one (placed again every 1 s" in logs
+    assert runs.read_text() == "pi-1\n"
+
+
+def test_a_task_waiting_after_a_host_loss_runs_once_a_host_is_eligible(
+        server: None, tmp_path: Path, lossy: FolderHosts) -> None:
+    runs = tmp_path / "runs"
+    fleet = agent_fleet(tmp_path)
+    facts = only_pi1(tmp_path)
+    thread, states = in_background(spec=waits_on_pi1(tmp_path), name="later", task_id="later-1", env=fleet,
+                                   transport="local", facts_file=facts, requeue_poll_seconds=1,
+                                   requeue_wait_seconds=60)
+
+    def waiting() -> bool:
+        try:
+            rows = json.loads(artifact(f"{artifact_key('later-1')}-placement"))
+        except AssertionError:  # none published yet
+            return False
+        return any(r["host"] == "pi-1" and r["why"].startswith("lost mid-task") for r in rows)
+
+    until(lambda: runs.exists(), "the task started on pi-1")
+    lossy.cut("pi-1")
+    until(waiting, "the run waits for a host", seconds=60)
+    Path(facts).write_text(Path(facts_file(tmp_path)).read_text())  # pi-2 can take tasks now
+    thread.join(120)
+    [state] = states
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-2", "succeeded", 2)
+    assert runs.read_text() == "pi-1\npi-2\n"

@@ -71,7 +71,7 @@ class TaskResult:
     returncode: int
     path: str  # the committed folder (succeeded), or the staging folder left for inspection
     limits: str  # what was enforced and how, or "not enforced: <why>"
-    existing: bool  # the result was committed by an earlier run; nothing ran now
+    existing: bool  # the result is an earlier run's (committed, or finished and committed now); nothing ran now
     started: float
     finished: float
     pid: int  # the command's process (and group) on the host

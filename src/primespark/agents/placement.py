@@ -100,6 +100,19 @@ class NoEligibleHost(UserError):
         self.decision = decision
 
 
+class NoEligibleHostInTime(NoEligibleHost):
+    """A task placed again after its host was lost, and no host could take it within the wait: the message says
+    how long it waited and names each candidate's reason at the end."""
+
+    def __init__(self, where: str, decision: Decision, waited: float, task_id: str) -> None:
+        listed = "; ".join(decision.reasons()) or "the fleet has no host that runs tasks"
+        UserError.__init__(self, f"{where}: no host could run it again within {waited:.0f} s of waiting: {listed}",
+                           "bring the lost host back or make another host eligible (quiet hours end, capacity frees "
+                           f"up, undrain one), then run it again with the same id (--id {task_id}): a run the lost "
+                           "host finished meanwhile is committed then, not run twice")
+        self.decision = decision
+
+
 # --- data: where copies of what a task reads are kept -------------------------------------------------------------
 
 def _inside(path: str, folder: str) -> bool:
@@ -296,9 +309,10 @@ def candidate_hosts(fleet: Fleet) -> list[str]:
 
 
 def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], now: datetime,
-          name: str = "task") -> Decision:
+          name: str = "task", keep_off: Mapping[str, str] | None = None) -> Decision:
     """The host `task` runs on, and why, for every host of the fleet. `now` must carry its time zone; quiet hours
-    are read in the fleet's. Deterministic: equal inputs give equal decisions (ties go to the host's name)."""
+    are read in the fleet's. `keep_off`: hosts the caller keeps off, and why (a host lost mid-task in this run),
+    whatever their facts say. Deterministic: equal inputs give equal decisions (ties go to the host's name)."""
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime (quiet hours are in the fleet's time zone)")
     clock = now.astimezone(ZoneInfo(fleet.timezone)).time()
@@ -309,6 +323,8 @@ def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], 
     for host_name in candidate_hosts(fleet):
         host = fleet.hosts[host_name]
         reasons = static_exclusions(host, task)
+        if not reasons and keep_off and host_name in keep_off:
+            reasons.append(keep_off[host_name])  # its facts are not asked: they may well say it is fine
         found = facts.get(host_name, Unavailable("none given"))
         # a host the fleet already rules out needs no live facts (they are not read for it)
         if isinstance(found, Unavailable):

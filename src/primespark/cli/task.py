@@ -187,8 +187,10 @@ def run(
         typer.echo(json.dumps(result))
         return
     if result["existing"]:
-        console.print(f"[bold green]{task_id} was committed earlier on {result['host']}[/bold green]: nothing ran")
+        console.print(f"[bold green]{task_id} on {result['host']}[/bold green]: {result['why']}; nothing ran")
     else:
+        for host, why in result.get("kept_off", {}).items():
+            console.print(f"[yellow]{host}: {why}[/yellow]; the task was placed again elsewhere")
         console.print(f"[bold green]{task_id} ran on {result['host']}[/bold green] (attempt {result['attempts']}): "
                       f"{result['why']}")
     console.print(f"result: {result['host']}:{result['path']}")

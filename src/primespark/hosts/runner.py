@@ -45,7 +45,9 @@ class HostLost(StepFailed):
     there, and whether it goes on, is unknown. Not retried on the same host (the caller may place the work
     elsewhere)."""
 
-    def __init__(self, host: str, message: str, fix: str, *, last_seen: float, detected: float) -> None:
+    # keywords with defaults: an exception is rebuilt from its message alone when unpickled (its fields then)
+    def __init__(self, message: str, fix: str = "", *, host: str = "", last_seen: float = 0.0,
+                 detected: float = 0.0) -> None:
         super().__init__(message, fix)
         self.host = host
         self.last_seen = last_seen  # wall-clock time of the last line the command sent
@@ -126,9 +128,9 @@ class Liveness:
 
 def host_lost(host: str, where: str, last_seen: float, why: str) -> HostLost:
     detected = time.time()
-    return HostLost(host, f"{host} ({where}) was lost mid-command: nothing from it for {detected - last_seen:.0f} s "
-                    f"and {why}", "check the host's power, network and sshd; what ran there may go on, and is "
-                    "stopped by the next run of the same work", last_seen=last_seen, detected=detected)
+    return HostLost(f"{host} ({where}) was lost mid-command: nothing from it for {detected - last_seen:.0f} s and "
+                    f"{why}", "check the host's power, network and sshd; what ran there may go on, and is stopped by "
+                    "the next run of the same work", host=host, last_seen=last_seen, detected=detected)
 
 
 class SshRunner:
