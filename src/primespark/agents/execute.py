@@ -41,7 +41,7 @@ TASK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 # The runner waits this much longer than the task's timeout: the host-side script ends the command itself first.
 RUNNER_GRACE_SECONDS = 120
 # How a running task's host is watched: heartbeat from the host-side script, silence before a probe, the probe's
-# time: a host that goes silent is found lost within LIVENESS.within (31 s), well inside the 60 s promised.
+# time: a host that goes silent is found lost within LIVENESS.within (about 30 s), inside the 60 s promised.
 LIVENESS = Liveness(heartbeat=taskside.HEARTBEAT_SECONDS, silent_after=15.0, probe_timeout=10.0)
 COMMIT_TRIES = 3  # a commit whose answer did not come is asked again (it is idempotent) this many times in all
 
