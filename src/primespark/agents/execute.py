@@ -34,8 +34,13 @@ HOT_TIER_STAGING = f"{RESULTS_FOLDER}/{taskside.STAGING}"
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 # The runner waits this much longer than the task's timeout: the host-side script ends the command itself first.
 RUNNER_GRACE_SECONDS = 120
+# A task that pauses for quiet hours (power.on_power_loss: pause) may wait this much longer: its timeout counts
+# running time only, and quiet hours last less than a day.
+PAUSE_ALLOWANCE_SECONDS = 24 * 3600
 
-Status = Literal["succeeded", "failed", "timed-out", "cancelled"]
+# power-stopped: the host's power script stopped it at the start of quiet hours or on a low battery (not a failure:
+# the flow places it again, without using a retry)
+Status = Literal["succeeded", "failed", "timed-out", "cancelled", "power-stopped"]
 
 
 class TaskRunFailed(StepFailed):
@@ -62,6 +67,7 @@ class TaskResult:
     pid: int  # the command's process (and group) on the host
     stdout_tail: str = ""
     stderr_tail: str = ""
+    stopped_by: str = ""  # power-stopped: which power script and why ("spark-power: quiet hours")
 
 
 def results_root(fleet: Fleet, host: str) -> str:
@@ -146,8 +152,12 @@ def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: Tas
     check_task_id(task_id)
     timeout = task.timeout_minutes * 60 if timeout_seconds is None else timeout_seconds
     request = {"task_id": task_id, "host": host, "root": results_root(fleet, host), "command": task.command,
-               "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds}
-    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output)
+               "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds,
+               "power": task.power.model_dump(mode="json")}
+    waits = timeout + grace_seconds + RUNNER_GRACE_SECONDS
+    if task.power.on_power_loss == "pause":
+        waits += PAUSE_ALLOWANCE_SECONDS
+    answer = _side(hosts, host, "run", request, waits, on_output)
     if answer["status"] == "busy":
         raise TaskBusy(f"task {task_id} is running on {host} already ({answer['path']})",
                        f"wait for it, or stop it: spark task cancel {task_id}")
@@ -159,7 +169,8 @@ def failure(result: TaskResult) -> TaskRunFailed:
     """The error of an attempt that did not succeed: its status, exit code and the tail of its stderr."""
     tail = "\n".join(result.stderr_tail.rstrip().splitlines()[-20:])
     what = {"failed": f"exited {result.returncode}", "timed-out": "ran past its timeout and was stopped",
-            "cancelled": "was cancelled", "succeeded": "succeeded"}[result.status]
+            "cancelled": "was cancelled", "succeeded": "succeeded",
+            "power-stopped": f"was stopped by {result.stopped_by or 'its power script'}"}[result.status]
     return TaskRunFailed(f"task {result.task_id} on {result.host} {what} (exit {result.returncode}); its folder: "
                          f"{result.path}" + (f"\nstderr (last lines):\n{tail}" if tail else ""),
                          "see stdout.log and stderr.log in its folder; run it again with the same id to retry",
