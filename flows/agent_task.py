@@ -4,7 +4,9 @@ Steps: what the hosts know of the task id (a committed result ends the run there
 facts → the placement (pure; its table, every candidate with its reason, is an artifact of each attempt) → the
 run on the chosen host (`primespark.agents.execute`: limits, timeout, result committed once) → the result
 artifact. An attempt that fails with the spec's `retries` left is placed again on fresh facts (the host may have
-filled up or entered its quiet hours meanwhile). One run per task id at a time: a lock named after it.
+filled up or entered its quiet hours meanwhile). An attempt the host's power script stopped (quiet hours began, or
+the battery ran low: `power-stopped`) is placed again the same way without using a retry: the host drained itself,
+so fresh facts keep it off. One run per task id at a time: a lock named after it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from primespark.fleet.model import TaskSpec
 from primespark.orchestration.agent_runs import HOST_LABEL, TASK_ID_LABEL, label_run
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
+
+# Re-placements after a power stop, at most: each one is on a host that was eligible then; a fleet whose hosts keep
+# going quiet under the task ends the run rather than loop.
+MAX_POWER_REQUEUES = 10
 
 
 @task(name="agent-task-find", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -82,6 +88,8 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
              f"- host: {result.host} ({why})", f"- exit status: {result.returncode}",
              f"- folder: `{result.path}`", f"- limits: {result.limits}",
              f"- committed earlier: {'yes, nothing ran now' if result.existing else 'no'}"]
+    if result.stopped_by:
+        lines.append(f"- stopped by: {result.stopped_by} (placed again on fresh facts)")
     create_markdown_artifact("\n".join(lines), key=f"{artifact_key(result.task_id)}-result",
                              description=f"task {result.task_id}: its result")
 
@@ -171,7 +179,9 @@ def agent_task(
                            left.pid)
             execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)  # every host: find_task reached them all
         failed: execute.TaskRunFailed | None = None
-        for attempt in range(1, chosen.retries + 2):
+        attempt, failures, requeued = 0, 0, 0
+        while failures <= chosen.retries:
+            attempt += 1
             facts, placed, now, source = facts_step.with_options(**options)(ctx, chosen, facts_file)
             decision = place(ctx.fleet, chosen, facts, placed, now, label)
             _decision_artifact(ctx, decision, task_id, attempt, source, now)
@@ -187,7 +197,16 @@ def agent_task(
             failed = execute.failure(result)
             if result.status == "cancelled":
                 break  # cancelled by hand: not tried again
-            if attempt <= chosen.retries:
+            if result.status == "power-stopped":  # not the task's fault: placed again, its retries kept
+                requeued += 1
+                if requeued > MAX_POWER_REQUEUES:
+                    logger.error("task %s: stopped for power %d times; not placed again", task_id, requeued)
+                    break
+                logger.warning("task %s, attempt %d: %s; placing it again on fresh facts (retries kept)", task_id,
+                               attempt, failed.message.splitlines()[0])
+                continue
+            failures += 1
+            if failures <= chosen.retries:
                 logger.warning("task %s, attempt %d failed: %s; placing it again on fresh facts", task_id, attempt,
                                failed.message.splitlines()[0])
         assert failed is not None

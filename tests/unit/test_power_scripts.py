@@ -45,6 +45,10 @@ def run_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
+    return power_profile(tmp_path)
+
+
+def power_profile(tmp_path: Path) -> Path:
     """A Pi's power profile as the edge role writes it (power.json.j2), in the test's folders; halt: marker."""
     (tmp_path / "gpio").write_text("0\n")
     path = tmp_path / "power.json"
