@@ -7,8 +7,10 @@ artifact. An attempt that fails with the spec's `retries` left is placed again o
 filled up or entered its quiet hours meanwhile). An attempt whose host was lost mid-task (`HostLost`: silent, and
 no answer to a probe) is no failure of the task: the host is kept off for the rest of the run ("lost mid-task at
 HH:MM:SS" in the next decision table) and the task placed again elsewhere; when no host can take it, the run waits
-for one (placing it again every `requeue_poll_seconds`, up to the spec's timeout), saying why. One run per task id
-at a time: a lock named after it; one result per task id: a run is committed only once its answer is in.
+for one (placing it again every `requeue_poll_seconds`, up to the spec's timeout), saying why. An attempt the
+host's power script stopped (quiet hours began, or the battery ran low: `power-stopped`) is placed again the same
+way without using a retry: the host drained itself. One run per task id at a time: a lock named after it; one
+result per task id: a run is committed only once its answer is in.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from primespark.hosts import HostLost, HostUnreachable
 from primespark.orchestration.agent_runs import HOST_LABEL, TASK_ID_LABEL, label_run
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
+
+# Re-placements after a power stop, at most: each one is on a host that was eligible then; a fleet whose hosts keep
+# going quiet under the task ends the run rather than loop.
+MAX_POWER_REQUEUES = 10
 
 
 @task(name="agent-task-find", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -93,6 +99,8 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
              f"- host: {result.host} ({why})", f"- exit status: {result.returncode}",
              f"- folder: `{result.path}`", f"- limits: {result.limits}",
              f"- ran earlier: {'yes, nothing ran now' if result.existing else 'no'}"]
+    if result.stopped_by:
+        lines.append(f"- stopped by: {result.stopped_by} (placed again on fresh facts)")
     create_markdown_artifact("\n".join(lines), key=f"{artifact_key(result.task_id)}-result",
                              description=f"task {result.task_id}: its result")
 
@@ -245,7 +253,7 @@ def agent_task(
             execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)  # every host: find_task reached them all
         failed: execute.TaskRunFailed | None = None
         kept_off: dict[str, str] = {}  # hosts lost in this run, and why: never placed on again by it
-        failures = attempt = 0
+        failures = attempt = requeued = 0
         wait = requeue_wait_seconds if requeue_wait_seconds is not None else chosen.timeout_minutes * 60
         while failures <= chosen.retries:
             attempt += 1
@@ -272,6 +280,14 @@ def agent_task(
             failed = execute.failure(result)
             if result.status == "cancelled":
                 break  # cancelled by hand: not tried again
+            if result.status == "power-stopped":  # not the task's fault: placed again, its retries kept
+                requeued += 1
+                if requeued > MAX_POWER_REQUEUES:
+                    logger.error("task %s: stopped for power %d times; not placed again", task_id, requeued)
+                    break
+                logger.warning("task %s, attempt %d: %s; placing it again on fresh facts (retries kept)", task_id,
+                               attempt, failed.message.splitlines()[0])
+                continue
             failures += 1
             if failures <= chosen.retries:
                 logger.warning("task %s, attempt %d failed: %s; placing it again on fresh facts", task_id, attempt,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from primespark.agents.execute import results_root
 from primespark.data.layout import links
 from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
@@ -53,6 +54,8 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_labels": dict(host.labels),
         "spark_power": power.model_dump(mode="json") if power else None,
         "spark_container_runtime": host.container_runtime,
+        # where agent tasks keep their results here: the edge role's power scripts find the running ones below it
+        "spark_task_root": results_root(fleet, name),
         "spark_timezone": fleet.timezone,
         "spark_services": [{"name": s, "kind": svc.kind.value, "port": svc.port}
                            for s, svc in fleet.services_on(name).items()],

@@ -3,6 +3,7 @@ the real host-side script, real processes, a hot tier in the test's folder. Ever
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -108,6 +109,24 @@ def test_a_task_runs_and_its_result_is_committed_once(fleet: Fleet, tmp_path: Pa
     assert again.started == result.started
     assert marker.read_text() == "ran\n"
     assert sorted(p.name for p in root.iterdir()) == [".staging", "t-1"]
+
+
+def test_a_running_task_has_a_record_beside_its_staging_folder_for_the_power_scripts(fleet: Fleet,
+                                                                                     tmp_path: Path) -> None:
+    record = tasks_root(tmp_path) / ".staging" / ("t-rec" + taskside.RUNNING_SUFFIX)
+    go = tmp_path / "go"
+    task = TaskSpec(command=f"while [ ! -e {go} ]; do sleep 0.05; done; exit 4",
+                    power={"run_in_quiet_hours": True, "on_power_loss": "pause"})
+    run = Background(fleet, "pi-1", "t-rec", task)
+    until(record.exists, "the record is written")
+    data = json.loads(record.read_text())
+    assert data["task_id"] == "t-rec" and data["host"] == "pi-1" and data["pgid"] == data["pid"]
+    assert data["staging"] == str(tasks_root(tmp_path) / ".staging" / "t-rec") and alive(data["monitor_pid"])
+    assert data["power"] == {"run_in_quiet_hours": True, "min_battery_percent": 50, "on_power_loss": "pause"}
+    go.touch()
+    run.join()
+    assert run.result is not None and run.result.status == "failed"
+    assert not record.exists(), "the record outlived its run"
 
 
 def test_a_failing_command_gives_its_exit_code_and_stderr_tail_and_commits_nothing(fleet: Fleet,

@@ -19,6 +19,7 @@ from lost_hosts import FAST, FolderHosts
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 from test_agent_execute import Background, _locked, alive, until
+from test_power_scripts import GUARD, power_profile, script
 
 from flows.agent_task import agent_task, artifact_key
 from primespark.agents import execute
@@ -175,6 +176,41 @@ def test_a_cancelled_task_fails_its_run_and_is_not_tried_again(server: None, tmp
     [state] = states
     assert state.is_failed() and "was cancelled" in str(state.result(raise_on_failure=False))
     assert runs.read_text() == "try\n"
+
+
+def test_a_task_stopped_for_power_is_placed_again_on_fresh_facts_without_using_a_retry(
+        server: None, tmp_path: Path) -> None:
+    """spark-ups-guard stops the task on pi-1 (a low battery) and drains pi-1: the next placement reads pi-1 drained
+    (the facts file stands for the live reading of its marker) and runs the task on pi-2; retries 0 is enough."""
+    hosts = tmp_path / "hosts"
+    fleet_file = agent_fleet(tmp_path)
+    facts = facts_file(tmp_path)
+    record = tmp_path / "hot" / "tasks" / ".staging" / "power-1.running.json"
+    spec = TaskSpec(command=f'echo "$SPARK_TASK_HOST" >> {hosts}; if [ "$SPARK_TASK_HOST" = pi-1 ]; then sleep 300; fi',
+                    retries=0)
+    states: list[Any] = []
+    thread = threading.Thread(target=lambda: states.append(agent_task(
+        spec=spec, name="power", task_id="power-1", env=fleet_file, transport="local", facts_file=facts,
+        return_state=True)), daemon=True)
+    thread.start()
+    until(lambda: record.exists() and hosts.exists(), "the task started on pi-1")
+    assert json.loads(record.read_text())["host"] == "pi-1"
+    given = yaml.safe_load(Path(facts).read_text())
+    given["hosts"]["pi-1"]["drained"] = True  # what the drain marker the guard writes makes of pi-1's facts
+    Path(facts).write_text(yaml.safe_dump(given))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    guard = script(GUARD, run_dir, "--config", str(power_profile(tmp_path)), "--battery", "5", "--grace", "2")
+    assert guard.returncode == 2, guard.stdout + guard.stderr
+    thread.join(120)
+    [state] = states
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-2", "succeeded", 2)
+    assert hosts.read_text() == "pi-1\npi-2\n"
+    logs = flow_logs(state)
+    assert "was stopped by spark-ups-guard: battery 5%" in logs and "(retries kept)" in logs
+    rows = json.loads(artifact(f"{artifact_key('power-1')}-placement"))
+    assert {r["host"]: r["verdict"] for r in rows}["pi-1"] == "excluded"
 
 
 def test_ls_lists_the_environments_runs_newest_first_with_their_host_and_state(

@@ -144,6 +144,22 @@ def test_drain_and_undrain_are_idempotent_and_each_is_audited(
     assert found[0]["parameters"]["reason"] == "kernel update"  # the why is read in the log, not HMAC'd
 
 
+def test_an_operators_drain_replaces_a_power_scripts_and_so_outlasts_its_quiet_hours(
+        fleet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "hosts" / "pi-1" / "drain"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"by": "spark-power", "at": "2026-11-30T23:00:00Z", "reason": "quiet hours"}))
+    code, out, err = host(monkeypatch, capsys, fleet, "drain", "pi-1", "--reason", "disk swap")
+    assert code == 0, out + err
+    note = json.loads(marker.read_text())
+    assert note["reason"] == "disk swap" and note["by"] != "spark-power"
+    assert "replaces the drain since 2026-11-30T23:00:00Z by spark-power: quiet hours" in " ".join(out.split())
+    assert sorted(p.name for p in marker.parent.iterdir()) == ["drain"]  # no temporary file left
+    # an operator's drain is never replaced, by anyone
+    code, out, _ = host(monkeypatch, capsys, fleet, "drain", "pi-1", "--reason", "another")
+    assert code == 0 and "already drained" in out and json.loads(marker.read_text()) == note
+
+
 @pytest.mark.parametrize("command", [["drain", "pi-9", "--reason", "x"], ["undrain", "pi-9"]])
 def test_an_unknown_host_names_the_fleet_file_and_its_hosts(
         fleet: str, command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

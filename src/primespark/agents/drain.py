@@ -3,7 +3,9 @@ fleet's way of reaching it (`primespark.hosts`). Placement keeps new agent tasks
 running there go on.
 
 The marker holds a note (JSON: who, when, why). It is made create-only (a temporary file linked into place), so
-two drains at once leave one whole note, the first one's; the other is told the host was drained already.
+two drains at once leave one whole note, the first one's; the other is told the host was drained already. The one
+exception: a drain the edge role's power scripts made (quiet hours, a low battery), which they remove themselves
+when it is over, is replaced by an operator's, so that the operator's outlasts it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from primespark.hosts import HostAccess
 
 # Drain and undrain wait this long for the host; ssh's own ConnectTimeout (10 s) ends an unreachable one first.
 TIMEOUT_SECONDS = 60
+# The `by` of the drains roles/edge/files/spark-power and spark-ups-guard make; spark-power removes its own when
+# quiet hours end. An operator's drain replaces theirs (a whole file renamed over it: there whole or not at all).
+POWER_SCRIPTS = ("spark-power", "spark-ups-guard")
 
 # Runs on the host with its own Python (standard library only): a JSON request in argv, one JSON answer out.
 _HOST_SCRIPT = r"""
@@ -32,6 +37,12 @@ def note():
             return handle.read(4096)
     except FileNotFoundError:
         return None
+def by(text):
+    try:
+        return json.loads(text or "").get("by")
+    except (ValueError, AttributeError):
+        return None
+replaced = None
 if args["op"] == "drain":
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o755, exist_ok=True)
@@ -47,14 +58,19 @@ if args["op"] == "drain":
             made = True
         except FileExistsError:
             made = False
+            was = note()
+            if by(was) in args["power_scripts"]:  # theirs ends by itself: the operator's replaces it
+                os.rename(tmp, path)
+                made, replaced = True, was
     finally:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     dirfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
-    print(json.dumps({"changed": made, "note": note()}))
+    print(json.dumps({"changed": made, "note": note(), "replaced": replaced}))
 else:
     was = note()
     try:
@@ -74,6 +90,7 @@ class Drain:
     host: str
     changed: bool
     note: DrainNote | None
+    replaced: DrainNote | None = None  # drain: a power script's drain this one replaced
 
 
 def check_host(fleet: Fleet, fleet_file: str, host: str) -> None:
@@ -91,7 +108,7 @@ def note_now(by: str, reason: str, now: datetime | None = None) -> DrainNote:
     return DrainNote(by, (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z"), reason)
 
 
-def _on_host(hosts: HostAccess, host: str, request: dict[str, str], doing: str) -> Drain:
+def _on_host(hosts: HostAccess, host: str, request: dict[str, object], doing: str) -> Drain:
     runner = hosts.runner(host)
     request = {**request, "marker": DRAIN_MARKER, "moved_by": MARKER_DIR_VARIABLE}
     try:
@@ -107,14 +124,15 @@ def _on_host(hosts: HostAccess, host: str, request: dict[str, str], doing: str) 
         said = (done.stderr.strip().splitlines() or done.text.strip().splitlines() or ["no answer"])[-1]
         raise UserError(f"{host}: not {doing}: {DRAIN_MARKER} could not be changed there (exit {done.returncode}): "
                         f"{said[:300]}", "the fleet's SSH user needs sudo on the host (or to be root)")
-    note = answer.get("note")
-    return Drain(host, bool(answer.get("changed")), None if note is None else DrainNote.parse(note))
+    note, replaced = answer.get("note"), answer.get("replaced")
+    return Drain(host, bool(answer.get("changed")), None if note is None else DrainNote.parse(note),
+                 None if replaced is None else DrainNote.parse(replaced))
 
 
 def drain(hosts: HostAccess, host: str, note: DrainNote) -> Drain:
     """Write the drain marker with `note` on `host`, unless one is there (then it is kept, and returned)."""
     text = json.dumps({"by": note.by, "at": note.at, "reason": note.reason}, sort_keys=True) + "\n"
-    return _on_host(hosts, host, {"op": "drain", "note": text}, "drained")
+    return _on_host(hosts, host, {"op": "drain", "note": text, "power_scripts": list(POWER_SCRIPTS)}, "drained")
 
 
 def undrain(hosts: HostAccess, host: str) -> Drain:

@@ -44,8 +44,13 @@ RUNNER_GRACE_SECONDS = 120
 # time: a host that goes silent is found lost within LIVENESS.within (about 30 s), inside the 60 s promised.
 LIVENESS = Liveness(heartbeat=taskside.HEARTBEAT_SECONDS, silent_after=15.0, probe_timeout=10.0)
 COMMIT_TRIES = 3  # a commit whose answer did not come is asked again (it is idempotent) this many times in all
+# A task that pauses for quiet hours (power.on_power_loss: pause) may wait this much longer: its timeout counts
+# running time only, and quiet hours last less than a day.
+PAUSE_ALLOWANCE_SECONDS = 24 * 3600
 
-Status = Literal["succeeded", "failed", "timed-out", "cancelled"]
+# power-stopped: the host's power script stopped it at the start of quiet hours or on a low battery (not a failure:
+# the flow places it again, without using a retry)
+Status = Literal["succeeded", "failed", "timed-out", "cancelled", "power-stopped"]
 
 
 class TaskRunFailed(StepFailed):
@@ -77,6 +82,7 @@ class TaskResult:
     pid: int  # the command's process (and group) on the host
     stdout_tail: str = ""
     stderr_tail: str = ""
+    stopped_by: str = ""  # power-stopped: which power script and why ("spark-power: quiet hours")
 
 
 def results_root(fleet: Fleet, host: str) -> str:
@@ -178,8 +184,11 @@ def run_task(hosts: HostAccess, fleet: Fleet, host: str, task_id: str, task: Tas
     timeout = task.timeout_minutes * 60 if timeout_seconds is None else timeout_seconds
     request = {"task_id": task_id, "host": host, "root": results_root(fleet, host), "command": task.command,
                "cpus": task.cpus, "memory_mb": task.memory_mb, "timeout": timeout, "grace": grace_seconds,
-               "heartbeat": watch.heartbeat}
-    answer = _side(hosts, host, "run", request, timeout + grace_seconds + RUNNER_GRACE_SECONDS, on_output, watch)
+               "heartbeat": watch.heartbeat, "power": task.power.model_dump(mode="json")}
+    waits = timeout + grace_seconds + RUNNER_GRACE_SECONDS
+    if task.power.on_power_loss == "pause":
+        waits += PAUSE_ALLOWANCE_SECONDS
+    answer = _side(hosts, host, "run", request, waits, on_output, watch)
     if answer["status"] == "busy":
         raise TaskBusy(f"task {task_id} is running on {host} already ({answer['path']})",
                        f"wait for it, or stop it: spark task cancel {task_id}")
@@ -233,7 +242,8 @@ def failure(result: TaskResult) -> TaskRunFailed:
     """The error of an attempt that did not succeed: its status, exit code and the tail of its stderr."""
     tail = "\n".join(result.stderr_tail.rstrip().splitlines()[-20:])
     what = {"failed": f"exited {result.returncode}", "timed-out": "ran past its timeout and was stopped",
-            "cancelled": "was cancelled", "succeeded": "succeeded"}[result.status]
+            "cancelled": "was cancelled", "succeeded": "succeeded",
+            "power-stopped": f"was stopped by {result.stopped_by or 'its power script'}"}[result.status]
     return TaskRunFailed(f"task {result.task_id} on {result.host} {what} (exit {result.returncode}); its folder: "
                          f"{result.path}" + (f"\nstderr (last lines):\n{tail}" if tail else ""),
                          "see stdout.log and stderr.log in its folder; run it again with the same id to retry",

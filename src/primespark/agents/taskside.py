@@ -13,7 +13,11 @@ Operations:
   there); the answer is the last line. On exit 0 the run is *finished*: `result.json` says succeeded, and the
   folder stays in staging until the controller commits it. A failed, timed-out or cancelled run leaves its staging
   folder for inspection; the next run of the id replaces it, after ending whatever a killed run left behind. One
-  run per task id at a time on a host (a lock file).
+  run per task id at a time on a host (a lock file). While it runs, `<root>/.staging/<task-id>.running.json`
+  (beside the staging folder) says which processes are the task's and its power policy: the edge role's power
+  scripts (spark-power, spark-ups-guard) read it to requeue or pause the task at the start of quiet hours or on a
+  low battery. A run stopped by them (the file `power-stopped` in its staging folder says why) ends
+  `power-stopped`, not failed; time spent paused (SIGSTOP) does not count toward the timeout.
 - `commit`: a finished run's folder renamed to `<root>/<task-id>/` and flushed with its parent: a result is there
   whole or not at all. Only the controller asks for it, once it has the run's answer: a host that was lost
   mid-task, and whose task went on to finish while the task was run elsewhere, never commits a second result.
@@ -50,6 +54,8 @@ HEARTBEAT_SECONDS = 5.0  # at least this often a line goes to the controller, ou
 SYSTEMD_BOOTED = "/run/systemd/system"  # present when systemd is PID 1 (sd_booted(3))
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "primespark-tasks"
+RUNNING_SUFFIX = ".running.json"  # `<id>.running.json` beside the staging folder, while the run is under way
+POWER_STOPPED = "power-stopped"  # in the staging folder: a power script stopped the run (JSON: by, at, reason)
 
 
 def _fsync_path(path: str) -> None:
@@ -119,6 +125,27 @@ def _stop(task_id: str, host: str, group: int | None, cgroup: str | None, grace:
     while _marked(task_id, host) and time.monotonic() < deadline:
         time.sleep(0.05)
     return sorted(set(stopped) | set(left))
+
+
+def _paused(pid: int) -> bool:
+    """Whether the process is stopped by a signal (SIGSTOP: a power script paused the task)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"T"
+    except (OSError, IndexError):
+        return False
+
+
+def _power_stop(staging: str) -> str | None:
+    """Who stopped the run for power and why ("spark-power: quiet hours"), or None when no power script did."""
+    try:
+        with open(os.path.join(staging, POWER_STOPPED), encoding="utf-8") as handle:
+            note = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "a power script"
+    return f"{note.get('by') or 'a power script'}: {note.get('reason') or 'no reason given'}"
 
 
 def _limits(task_id: str, cpus: float, memory_mb: int) -> tuple[list[str], str | None, str]:
@@ -315,18 +342,38 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         proc = subprocess.Popen([*prefix, "sh", "-c", req["command"]], cwd=out, stdin=subprocess.DEVNULL,
                                 stdout=stdout, stderr=stderr, env=env, start_new_session=True,
                                 preexec_fn=join_cgroup if cgroup is not None else None)
-    _write_json(os.path.join(staging, "run.json"), {"task_id": task_id, "host": host, "pid": proc.pid,
-                                                     "monitor_pid": os.getpid(), "started": started,
-                                                     "limits": limits})
+    record = {"task_id": task_id, "host": host, "pid": proc.pid, "monitor_pid": os.getpid(), "started": started,
+              "limits": limits}
+    _write_json(os.path.join(staging, "run.json"), record)
+    # for the power scripts: the process group (a session of its own: pgid = pid) and what the spec allows
+    running = os.path.join(staging_root, task_id + RUNNING_SUFFIX)
+    _write_json(running, {**record, "pgid": proc.pid, "staging": staging, "power": dict(req.get("power") or {})})
+    try:
+        return _monitor(req, proc, staging, cgroup, limits, started, channel)
+    finally:  # the lock (held by this frame) goes after
+        with contextlib.suppress(FileNotFoundError):  # the power scripts wait for it to go: the result is written
+            os.unlink(running)
+
+
+def _monitor(req: dict[str, Any], proc: subprocess.Popen[bytes], staging: str, cgroup: str | None, limits: str,
+             started: float, channel: _Channel) -> dict[str, Any]:
+    """Follow the running command to its end, then write its result: finished, not committed (only the controller
+    commits, once it has this answer: `commit`)."""
+    task_id, host = req["task_id"], req["host"]
     timed_out = False
     out_stream = _Follow(staging, channel)
     deadline = time.monotonic() + float(req["timeout"])
+    last = time.monotonic()
     while True:
         returncode = proc.poll()
         out_stream.pump(final=returncode is not None)
         if returncode is not None:
             break
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if _paused(proc.pid):  # paused for quiet hours: that time is not the task's
+            deadline += now - last
+        last = now
+        if now >= deadline:
             timed_out = True
             _stop(task_id, host, proc.pid, cgroup, float(req.get("grace", GRACE_SECONDS)))
             returncode = proc.wait()
@@ -340,13 +387,13 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             os.rmdir(cgroup)
     cancelled = os.path.exists(os.path.join(staging, "cancelled"))
-    status = ("timed-out" if timed_out else "cancelled" if cancelled
+    power_stop = _power_stop(staging)
+    # stopped for power: whatever it exited with, it did not finish here (a SIGTERM handler may exit 0)
+    status = ("timed-out" if timed_out else "cancelled" if cancelled else "power-stopped" if power_stop
               else "succeeded" if returncode == 0 else "failed")
     result = {"task_id": task_id, "host": host, "status": status, "returncode": returncode, "started": started,
-              "finished": time.time(), "limits": limits, "pid": proc.pid}
-    # finished, not committed: only the controller commits, once it has this answer (`commit`)
+              "finished": time.time(), "limits": limits, "pid": proc.pid, "stopped_by": power_stop or ""}
     _write_json(os.path.join(staging, "result.json"), result)
-    del lock  # held to here
     return _with_tails(result, staging, existing=False, committed=False)
 
 

@@ -37,8 +37,9 @@ def drain(
     """Keep new agent tasks off HOST (tasks running there go on).
 
     Writes HOST's drain marker, /run/spark/drain, with who, when and --reason; placement then excludes the host
-    ("drained"). Draining a drained host changes nothing and says since when. A reboot clears the marker (/run is
-    a tmpfs)."""
+    ("drained"). Draining a drained host changes nothing and says since when, unless the edge role's power
+    scripts drained it (quiet hours, a low battery): this drain replaces theirs, and outlasts it. A reboot clears
+    the marker (/run is a tmpfs)."""
     from primespark.agents.drain import check_host, note_now
     from primespark.agents.drain import drain as drain_on
     from primespark.audit.log import operator
@@ -54,6 +55,9 @@ def drain(
     if done.changed:
         console.print(f"[bold]{host}: drained[/bold] {note}. No new agent task is placed on it; tasks running there "
                       f"go on. Undo: spark host undrain {host} --env {env}", highlight=False)
+        if done.replaced is not None:
+            console.print(f"It replaces the drain {escape(str(done.replaced))}, which would have ended by itself; "
+                          "this one stays until undrained.", highlight=False)
     else:
         console.print(f"{host}: already drained {note}; nothing changed (undrain it first to give another reason)",
                       highlight=False)

@@ -768,6 +768,10 @@ class TaskPower(Strict):
     min_battery_percent: int = Field(
         default=50, ge=1, le=100, description="On a host running on battery, start only above this charge (and "
         "never at or below the host's shutdown_battery_percent).")
+    on_power_loss: Literal["requeue", "pause"] = Field(
+        default="requeue", description="When quiet hours start or the battery runs low on its host while it runs and "
+        "it may not run then: `requeue` stops it (placed again elsewhere, its retries kept), `pause` stops its "
+        "processes (SIGSTOP) until quiet hours end (a low-battery halt requeues it all the same).")
 
 
 class TaskSpec(Strict):

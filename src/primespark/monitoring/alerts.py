@@ -327,7 +327,7 @@ def _power_alerts(fleet: Fleet) -> list[Alert]:
         Alert("UpsBatteryLow", Severity.critical, "0s", (f"{selector(m.POWER_BATTERY_LOW)} == 1",),
               "{{ $labels.host }}'s battery is low: it is shutting down",
               "The battery is at or below power.shutdown_battery_percent (or the low-battery line is set); "
-              "spark-ups-guard pauses agent tasks and halts the host.",
+              "spark-ups-guard drains the host, stops its agent tasks (their flows place them elsewhere) and halts it.",
               selector(m.POWER_BATTERY_LOW), NODES),
     ]
 
