@@ -366,8 +366,9 @@ class ResticClient:
 
     # reading ---------------------------------------------------------------------------------------------
 
-    def snapshots(self, *, host: str | None = None, tags: Sequence[str] = ()) -> list[Snapshot]:
-        args = ["snapshots"]
+    def snapshots(self, *, host: str | None = None, tags: Sequence[str] = (), no_lock: bool = False) -> list[Snapshot]:
+        """`no_lock`: a read that takes no lock of its own (the caller holds the repository's writer lock)."""
+        args = ["--no-lock", "snapshots"] if no_lock else ["snapshots"]
         if host:
             args += ["--host", host]
         for tag in tags:

@@ -140,7 +140,8 @@ def earlier_attempt(client: ResticClient, host: str, run_id: str, manifest_dir: 
     """The snapshot an earlier attempt of run `run_id` saved: a worker killed after restic saved it and before
     the run ended leaves it, and the rescheduled run must not back up twice. Its counts come from its manifest;
     one whose manifest cannot be read is forgotten (with its run's other snapshots) and the backup made again."""
-    tagged = client.snapshots(host=host, tags=[run_tag(run_id)])
+    # a listing with no lock of its own: the flow holds the repository's writer lock already
+    tagged = client.snapshots(host=host, tags=[run_tag(run_id)], no_lock=True)
     data = [s for s in tagged if BACKUP_TAG in s.tags]
     if not data:
         return None
