@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_fleets import node_exporter
 
 from primespark.agents.facts import facts_from_metrics, hosts_to_read, load_facts_file, parse_metrics, read_host
 from primespark.agents.placement import HostFacts, Unavailable
@@ -137,22 +136,8 @@ def test_the_hosts_read_are_those_not_ruled_out_and_those_holding_its_data() -> 
 def exporter() -> Iterator[int]:
     """A stand-in node exporter on this machine, serving the sample."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = SAMPLE.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
+    with node_exporter(SAMPLE) as port:
+        yield port
 
 
 def test_reading_a_host_through_its_runner(exporter: int, tmp_path: Path) -> None:

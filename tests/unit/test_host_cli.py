@@ -3,17 +3,15 @@ SPARK_RUN_DIR), and a stand-in node exporter, so that `spark task plan` reads li
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from agent_fleets import agent_fleet
+from agent_fleets import agent_fleet, node_exporter
 from test_task_cli import spark
 
 from primespark.audit.chain import records
@@ -52,22 +50,8 @@ class HostsInFolders:
 def exporter() -> Iterator[int]:
     """A stand-in node exporter on this machine: 4 CPUs, a load of 0.5, 3 GB available."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = METRICS.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
+    with node_exporter(METRICS) as port:
+        yield port
 
 
 @pytest.fixture
