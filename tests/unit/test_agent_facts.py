@@ -107,6 +107,14 @@ def test_a_host_never_offers_more_than_the_fleet_gives_it() -> None:
     assert facts.on_mains is True  # no UPS signal: mains is its only supply
 
 
+def test_a_lab_host_counts_its_share_of_the_machines_load() -> None:
+    # The lab's three hosts are containers of one machine, whose load (1.9) each exporter reads: pi-2 (2 CPUs)
+    # has 2 - 1.9 / 3 free there, not the 0.1 a host with the whole load would offer.
+    lab = load_text(FLEET % 9100 + "lab: {wan: 198.51.100.0/24}\n")
+    facts = facts_from_metrics(lab, "pi-2", SAMPLE)
+    assert isinstance(facts, HostFacts) and facts.cpus_free == pytest.approx(2 - 1.9 / 3)
+
+
 def test_missing_metrics_make_the_host_unavailable_not_guessed() -> None:
     no_load = "\n".join(line for line in SAMPLE.splitlines() if "node_load1" not in line)
     assert facts_from_metrics(fleet_on(), "pi-2", no_load) == Unavailable("its metrics hold no node_load1")

@@ -4,7 +4,8 @@ it from a file (`spark task plan --facts FILE`, the tests).
 
 Free CPU is the CPUs minus the 1-minute load (`node_load1`): `node_cpu_seconds_total` only counts time spent, and
 a rate of it needs two scrapes. Both the CPU count and available memory are capped at what the fleet gives the
-host, so a container or VM that sees its machine's CPUs does not offer them all. A host whose facts cannot be read
+host, so a container or VM that sees its machine's CPUs does not offer them all; in the lab, whose hosts share one
+machine's kernel, a host's load is its share of the machine's. A host whose facts cannot be read
 is `Unavailable`, with why: placement excludes it rather than guess.
 """
 
@@ -99,6 +100,10 @@ def facts_from_metrics(
     if isinstance(power, str):
         return Unavailable(power)
     on_mains, charge, low = power
+    if fleet.lab is not None:
+        # The lab's hosts are containers of one machine: each node exporter reads the machine's load (one kernel),
+        # so a host's share of it is the load over the lab's hosts, not all of it.
+        load /= len(fleet.hosts)
     return HostFacts(cpus_free=max(0.0, min(cpus, spec.cpus) - load),
                      memory_free_mb=min(int(available // _MIB), spec.memory_mb), on_mains=on_mains,
                      battery_percent=charge, battery_low=low, drained=drained, paused=paused, worker_ready=worker_ready,
