@@ -111,9 +111,9 @@ def run(
         except ValueError:
             raise UserError(f"--bwlimit {bwlimit!r} is not a rate", "write e.g. 2M, 500K or off") from None
     from flows.sync import sync
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     for name in jobs:
         result = run_here(sync, name, env, transport, source=source, dry_run=dry_run, bwlimit=bwlimit,
                           accept_empty_source=accept_empty_source)
@@ -165,9 +165,9 @@ def check(
     ctx = FleetContext.load(env, transport_of(transport))
     core.job_of(ctx.fleet, job)
     from flows.sync import sync_check
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     result = run_here(sync_check, job, env, transport, repair=repair)
     table = Table(title=f"sync check {job}")
     for column in ("link", "files", "matched", "missing", "differing", "stale", "extra"):
@@ -193,8 +193,8 @@ def watch(
     ctx = FleetContext.load(env, transport_of(transport))
     core.job_of(ctx.fleet, job)
     from flows.sync import sync_watch
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     result = run_here(sync_watch, job, env, transport, duration_seconds=duration)
     console.print(result)

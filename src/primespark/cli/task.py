@@ -172,14 +172,15 @@ def run(
         return
     from flows.agent_task import agent_task
     from primespark.agents.execute import check_task_id, new_task_id
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.context import FleetContext
+    from primespark.orchestration.runs import record_runs, run_here
 
     fleet = fleet_for(env)
     name, _, task = _chosen_task(fleet, env, spec, template)
     task_id = check_task_id(task_id) if task_id else new_task_id(name)
     if not as_json:
         console.print(f"task id: {task_id} (stop it: spark task cancel {task_id} --env {env})")
-    use_lab_prefect(fleet)
+    record_runs(FleetContext.load(env, transport_of(transport)))
     result = run_here(agent_task, template=template, spec=None if template else task, name=name, task_id=task_id,
                       env=env, transport=transport_of(transport),
                       facts_file=None if facts_file is None else str(facts_file))
@@ -248,8 +249,10 @@ def ls(
     unknown = [s for s in states if s not in STATES]
     if unknown:
         raise UserError(f"--state {unknown[0]!r} is not a state of a Prefect run", f"use one of: {', '.join(STATES)}")
+    from primespark.context import FleetContext
+
     fleet = fleet_for(env)
-    where = task_runs_api(fleet)
+    where = task_runs_api(FleetContext.load(env))
     runs = agent_runs(env, states, limit)
     which = f" ({', '.join(states)})" if states else ""
     if not runs:

@@ -96,9 +96,9 @@ def run(
     ctx = FleetContext.load(env, transport_of(transport))
     name = _tier(ctx, tier)
     from flows.tiers import tier as tier_flow
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     result = run_here(tier_flow, name.value, env, transport, hosts=host or None)
     if as_json:
         typer.echo(json.dumps(result))
@@ -164,9 +164,9 @@ def recall(
         raise UserError(f"{path} is not in the catalog: it never moved (or was recalled already)",
                         "`spark tier ls HOST:/FOLDER` lists what moved")
     from flows.tiers import tier_recall
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     result = run_here(tier_recall, path, env, transport)
     if result["moved"] != 1:
         raise UserError(f"{path} was not recalled: {result['abandoned']}", "run it again; the file is where it was")
@@ -182,8 +182,8 @@ def rebuild(
     ctx = FleetContext.load(env, transport_of(transport))
     migrate.catalog_place(ctx.fleet)
     from flows.tiers import tier_rebuild
-    from primespark.orchestration.runs import run_here, use_lab_prefect
+    from primespark.orchestration.runs import record_runs, run_here
 
-    use_lab_prefect(ctx.fleet)
+    record_runs(ctx)
     result = run_here(tier_rebuild, env, transport)
     console.print(f"the catalog holds {result['entries']} entries")

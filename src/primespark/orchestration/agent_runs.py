@@ -8,13 +8,12 @@ parameters and no host.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from primespark.fleet import Fleet
+from primespark.context import FleetContext
 
 FLOW = "agent-task"
 TASK_ID_LABEL = "primespark.task.id"
@@ -34,29 +33,14 @@ def label_run(labels: dict[str, str]) -> None:
         client.update_flow_run_labels(UUID(str(flow_run.id)), dict(labels))
 
 
-def task_runs_api(fleet: Fleet) -> str:
-    """Point this process at the API `spark task run` records its runs on, checked first (one UserError naming the
-    address tried): PREFECT_API_URL in the environment, else the lab's server, else a Prefect profile's; where
-    none is set, the local Prefect database (a run started there went to a throwaway server on it)."""
-    from prefect.settings import PREFECT_API_URL
+def task_runs_api(ctx: FleetContext) -> str:
+    """Point this process at the API `spark task run` records its runs on (`runs.record_runs`: the fleet's
+    server; one UserError naming the address tried when it does not answer); where none is set, the local Prefect
+    database (a run started there went to a throwaway server on it)."""
+    from primespark.orchestration.runs import record_runs
 
-    from primespark.orchestration.api import check_health, refresh_prefect_settings
-
-    start = f"start the lab's with `spark lab up --env {fleet.name}`" if fleet.lab is not None else "start it"
-    if "PREFECT_API_URL" in os.environ:
-        url, source = os.environ["PREFECT_API_URL"].rstrip("/"), "PREFECT_API_URL in the environment"
-    elif fleet.lab is not None:  # as use_lab_prefect, but a server that does not answer is said, not skipped
-        url, source = f"http://127.0.0.1:{fleet.lab.prefect_port}/api", "the lab's prefect_port"
-    elif PREFECT_API_URL.value():
-        url, source = str(PREFECT_API_URL.value()).rstrip("/"), "the Prefect profile"
-    else:
-        return "the local Prefect database (no server set)"
-    lab = source == "the lab's prefect_port"
-    check_health(url, source, f"{start}, or {'set PREFECT_API_URL to another' if lab else 'fix PREFECT_API_URL'}")
-    if source != "the Prefect profile":  # Prefect read its settings when it was imported: tell it
-        os.environ["PREFECT_API_URL"] = url
-        refresh_prefect_settings()
-    return url
+    where = record_runs(ctx)
+    return where if where.startswith("http") else "the local Prefect database (no server set)"
 
 
 @dataclass(frozen=True)

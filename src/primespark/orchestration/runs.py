@@ -81,14 +81,17 @@ def require_prefect(fleet: Fleet) -> None:
     server configured: Prefect starts a throwaway one for the run itself."""
     from prefect.settings import PREFECT_API_URL
 
-    from primespark.orchestration.api import check_health
+    from primespark.orchestration.api import check_health, refresh_prefect_settings
 
-    url = PREFECT_API_URL.value()
+    # The environment first: Prefect read its settings when it was imported, perhaps before the variable was set.
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if not url:
         return
     source = "PREFECT_API_URL in the environment" if "PREFECT_API_URL" in os.environ else "the Prefect profile"
     lab = f"start the lab's with `spark lab up --env {fleet.name}`" if fleet.lab is not None else "start it"
     check_health(url.rstrip("/"), source, f"{lab}, or unset PREFECT_API_URL to run with a throwaway local server")
+    if "PREFECT_API_URL" in os.environ:
+        refresh_prefect_settings()
 
 
 def record_runs(ctx: FleetContext) -> str:
