@@ -19,6 +19,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from lab_cli import spark, until
 
 from primespark.orchestration.submit import worker_of
 from primespark.playbook import RunResult, run_ansible
@@ -26,7 +27,6 @@ from primespark.playbook import RunResult, run_ansible
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
 WORKER_HOME = "/var/lib/primespark/worker"
 WORKER_ENV = "/etc/primespark/spark-prefect-worker.env"
 SUPERVISOR_PID = "/run/primespark/spark-prefect-worker.pid"
@@ -37,21 +37,6 @@ def playbook(lab, book: str, limit: str | None = None) -> RunResult:
     run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=book, limit=limit, root=REPO)
     assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
     return run
-
-
-def spark(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # the CLI finds the server itself
-    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
-def until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
