@@ -57,6 +57,7 @@ LAB_LOCK := $(SPARK) lab locked --
 LAB_FLOWS := $(SPARK) flows deploy --env $(ENV) && $(SPARK) backup now --env $(ENV) --on-worker \
 	&& $(SPARK) drill run --env $(ENV) --on-worker && $(SPARK) backup maintain --env $(ENV) \
 	&& $(SPARK) sync run --env $(ENV) && $(SPARK) sync status --env $(ENV) \
+	&& $(SPARK) tier run --env $(ENV) && $(SPARK) task run --template count-readings --env $(ENV) \
 	&& $(SPARK) mesh check --env $(ENV) --publish
 
 lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run the flows once, say what to look at next
