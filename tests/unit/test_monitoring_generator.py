@@ -195,7 +195,7 @@ def test_every_alert_has_a_runbook_that_says_what_to_check_and_do() -> None:
 @pytest.mark.parametrize("fleet", [LAB, HOMELAB], ids=["lab", "homelab"])
 def test_every_alert_has_a_panel_showing_its_signal(fleet: Fleet) -> None:
     boards = dashboards(fleet)
-    assert set(boards) == {"overview", "mesh", "backups", "nodes", "sync"}
+    assert set(boards) == {"overview", "mesh", "backups", "nodes", "sync", "agents"}
     shown = {}
     for board in boards.values():
         for panel in board["panels"]:
