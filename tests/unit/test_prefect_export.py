@@ -150,3 +150,35 @@ def test_a_server_it_cannot_read_is_one_line_and_the_old_file_stays(server: tupl
     assert auth not in done.stderr
     assert (old.read_bytes(), old.stat().st_mtime_ns) == before
     assert [p.name for p in tmp_path.iterdir()] == [old.name]
+
+
+def test_the_roles_cron_command_reads_the_auth_string_from_the_env_file_and_exports(server: tuple[str, str],
+                                                                                    tmp_path: Path) -> None:
+    """The prefect_server role's command (its cron line and its run at install), rendered as Ansible renders it,
+    against the env file the role writes: the auth string reaches the export and appears in neither."""
+    import jinja2
+    import yaml
+
+    url, auth = server
+    role = Path(__file__).resolve().parents[2] / "roles" / "prefect_server"
+    facts = next(t for t in yaml.safe_load((role / "tasks" / "main.yml").read_text())
+                 if "prefect_server_export_command" in t.get("ansible.builtin.set_fact", {}))
+    host, port = url.removeprefix("http://").removesuffix("/api").split(":")
+    settings = {"addresses": [host], "port": int(port), "auth_string": auth, "database_url": None,
+                "pools": ["spark-edge"], "templates": ["summarise"]}
+    variables = {"prefect_server_settings": settings, "prefect_server_config_dir": str(tmp_path),
+                 "prefect_server_service": "spark-prefect-server", "prefect_server_home": str(tmp_path / "home"),
+                 "prefect_server_venv": str(Path(sys.executable).parent.parent), "ansible_managed": "test",
+                 "prefect_server_textfile_dir": str(tmp_path / "textfile"), "prefect_server_export_timeout": 5}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    (tmp_path / "spark-prefect-server.env").write_text(
+        env.from_string((role / "templates" / "prefect-server.env.j2").read_text()).render(variables))
+    command = env.from_string(facts["ansible.builtin.set_fact"]["prefect_server_export_command"]).render(variables)
+    assert auth not in command
+    (tmp_path / "textfile").mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run(["/bin/sh", "-c", command], env=clean, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = samples(m.textfile_path(tmp_path / "textfile", NAME).read_text())
+    assert found[f'{m.WORK_POOL_READY.name}{{pool="spark-edge"}}'] == 1.0
+    assert found[f'{m.AGENT_TASK_FAILED.name}{{template="summarise"}}'] == 2.0
