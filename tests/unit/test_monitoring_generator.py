@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import re
 import shutil
 import socket
@@ -195,7 +196,7 @@ def test_every_alert_has_a_runbook_that_says_what_to_check_and_do() -> None:
 @pytest.mark.parametrize("fleet", [LAB, HOMELAB], ids=["lab", "homelab"])
 def test_every_alert_has_a_panel_showing_its_signal(fleet: Fleet) -> None:
     boards = dashboards(fleet)
-    assert set(boards) == {"overview", "mesh", "backups", "nodes", "sync"}
+    assert set(boards) == {"overview", "mesh", "backups", "nodes", "sync", "agents"}
     shown = {}
     for board in boards.values():
         for panel in board["panels"]:
@@ -399,3 +400,59 @@ def test_publish_through_the_flows_keeps_working_with_a_local_folder(tmp_path: P
                         m.drill_metrics("pi-1", passed=True, finished=1.0, rto_seconds=1.0, rpo_seconds=1.0,
                                         rto_target_seconds=900, rpo_target_seconds=93600), str(tmp_path))
     assert written == str(tmp_path / "primespark_drill_pi-1.prom")
+
+
+def orchestration_body(at: float) -> str:
+    """The Prefect export's file on the server's host: spark-cloud ready, spark-edge not (no worker); one inline
+    run running, two runs of summarise failed in the window."""
+    from primespark.monitoring.prefect_export import INLINE, Export
+
+    return Export(ready={"spark-cloud": True, "spark-edge": False}, workers={"spark-cloud": 1, "spark-edge": 0},
+                  failed={"summarise": 2, INLINE: 0}, running={"summarise": 0, INLINE: 1}, at=at).textfile().text()
+
+
+def test_status_shows_sync_lag_work_pools_and_agent_tasks_and_never_a_stale_pool_as_ready(
+        prometheus: tuple[str, Exporter]) -> None:
+    from primespark.data.layout import links
+    from primespark.monitoring.prefect_export import INLINE
+
+    url, exporter = prometheus
+    now = time.time()
+    bodies = healthy_bodies(LAB, now)
+    for link in links(LAB):
+        bodies[link.source] += m.sync_metrics(
+            link.job, link.source, success=link.source != "pi-2", finished=now, last_success=now - 60,
+            lag_seconds=42.0, sent_bytes=1, sent_files=1, deleted_files=0, differing_files=0, errors_total=0,
+            refusals_total=0).text()
+    server = LAB.orchestration.server.host  # type: ignore[union-attr]
+    bodies[server] += orchestration_body(now)
+    exporter.bodies = bodies
+    api = PrometheusApi(url, timeout=5)
+    found = until(lambda: (s := gather(LAB, api)) and s.export_fresh and all(
+        v["since"] == v["since"] for v in s.sync.values()) and s)
+    assert set(found.sync) == {(x.job, x.source) for x in links(LAB)}
+    assert {k: (v["success"], v["lag"]) for k, v in found.sync.items()} == {
+        (x.job, x.source): (0.0 if x.source == "pi-2" else 1.0, 42.0) for x in links(LAB)}
+    assert all(50 <= v["since"] <= 600 for v in found.sync.values())
+    assert found.pools == {"spark-cloud": {"ready": 1.0, "workers": 1.0},
+                           "spark-edge": {"ready": 0.0, "workers": 0.0}}
+    assert found.tasks_running == {"summarise": 0.0, INLINE: 1.0}
+    assert found.tasks_failed == {"summarise": 2.0, INLINE: 0.0}
+    done = subprocess.run([str(SPARK), "status", "--env", "lab", "--prometheus", url], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "hot-to-nas" in done.stdout and "42 s" in done.stdout
+    row = {pool: next(line for line in done.stdout.splitlines() if pool in line) for pool in found.pools}
+    assert "NOT READY" in row["spark-edge"] and "READY" in row["spark-cloud"] and "NOT" not in row["spark-cloud"]
+    assert "agent tasks: 1 running, 2 failed or crashed in the last 1.0 h (summarise 2)" in done.stdout
+
+    # the export stops (its last file says ready): past the alert's limit the pools are unknown, not ready
+    exporter.bodies[server] = exporter.bodies[server].replace(orchestration_body(now), orchestration_body(now - 3600))
+    stale = until(lambda: (s := gather(LAB, api)) and s.export_age is not None and s.export_age > 3000 and s)
+    assert not stale.export_fresh
+    assert all(v["ready"] != v["ready"] for v in stale.pools.values())  # nan: unknown
+    assert not stale.tasks_running and not stale.tasks_failed
+    done = subprocess.run([str(SPARK), "status", "--env", "lab", "--prometheus", url], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "NO CURRENT DATA" in done.stdout and "READY" not in done.stdout.replace("NOT READY", "")
+    assert "agent tasks: unknown" in done.stdout

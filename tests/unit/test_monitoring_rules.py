@@ -129,6 +129,13 @@ def _links_fresh(skip: str | None, steps: int) -> list[dict[str, str]]:
 # A pass every 30 minutes (5-minute samples, each holding the time of the latest success), for 6 hours.
 HALF_HOURLY = " ".join(f"{k * 1800}x5" for k in range(12))
 
+# The Prefect export's file, on the server's host (ops-1): its pools, agent-task runs and its own time, written every
+# minute (1-minute samples, each export's time its sample's own).
+SERVER = {"job": "node", "instance": "ops-1", "host": "ops-1", "site": "cloud", "kind": "vm"}
+EDGE_POOL, CLOUD_POOL = {"pool": "spark-edge", **SERVER}, {"pool": "spark-cloud", **SERVER}
+EXPORTING = series(m.PREFECT_EXPORT_TIME, "0+60x40", **SERVER)
+SUMMARISE = {"template": "summarise", **SERVER}
+
 CASES: list[Case] = [
     Case("HostDown", "a host silent past the hold", [series(m.UP, "1 1 0x10", **NODE)], ["10m"], [NODE]),
     Case("HostDown", "a missed scrape or two", [series(m.UP, "1 0 0 1x10", **NODE)], ["2m", "10m"]),
@@ -228,6 +235,28 @@ CASES: list[Case] = [
     Case("CertificateExpiry", "not renewed yet, but 5 h left", KEPT, ["19h"], interval="5m"),
     Case("CertificateExpiry", "renewed at two thirds of its life", RENEWED, ["20h15m", "24h"], interval="5m"),
     Case("UpsBatteryLow", "charged", [series(m.POWER_BATTERY_LOW, "0x5", signal="gpio", **NODE)], ["4m"]),
+    Case("WorkerPoolNotReady", "the edge pool's worker gone (or the pool paused) for minutes",
+         [series(m.WORK_POOL_READY, "1 0x20", **EDGE_POOL), series(m.WORK_POOL_READY, "1x20", **CLOUD_POOL), EXPORTING],
+         ["10m"], [EDGE_POOL]),
+    Case("WorkerPoolNotReady", "a worker restarting: not ready for two minutes",
+         [series(m.WORK_POOL_READY, "1 0 0 1x20", **EDGE_POOL), series(m.WORK_POOL_READY, "1x20", **CLOUD_POOL),
+          EXPORTING], ["3m", "10m"]),
+    Case("WorkerPoolNotReady", "the export stopped at 5 min: its last figures say ready, and go stale",
+         [series(m.WORK_POOL_READY, "1x30", **EDGE_POOL), series(m.WORK_POOL_READY, "1x30", **CLOUD_POOL),
+          series(m.PREFECT_EXPORT_TIME, "0+60x5 300x25", **SERVER)], ["20m"],
+         [{**CLOUD_POOL, "condition": "no-data"}, {**EDGE_POOL, "condition": "no-data"}]),
+    Case("WorkerPoolNotReady", "the export missed 7 runs (a server restart), stale for under the hold, then caught up",
+         [series(m.WORK_POOL_READY, "1x30", **EDGE_POOL), series(m.WORK_POOL_READY, "1x30", **CLOUD_POOL),
+          series(m.PREFECT_EXPORT_TIME, "0+60x5 300x6 780+60x20", **SERVER)], ["12m", "20m"]),
+    Case("WorkerPoolNotReady", "a pool of the fleet the export never wrote",
+         [series(m.WORK_POOL_READY, "1x20", **CLOUD_POOL), EXPORTING], ["10m"],
+         [{"pool": "spark-edge", "condition": "no-data"}]),
+    Case("AgentTaskFailures", "a run failed in the last hour", [series(m.AGENT_TASK_FAILED, "0 1x10", **SUMMARISE)],
+         ["5m"], [SUMMARISE]),
+    Case("AgentTaskFailures", "no run failed in the last hour", [series(m.AGENT_TASK_FAILED, "0x10", **SUMMARISE)],
+         ["5m"]),
+    Case("AgentTaskFailures", "the failure left the window", [series(m.AGENT_TASK_FAILED, "1x3 0x10", **SUMMARISE)],
+         ["8m"]),
 ]
 
 

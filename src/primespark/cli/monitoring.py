@@ -35,8 +35,8 @@ def render(
 
 @app.command()
 def alerts(env: EnvOption = "lab") -> None:
-    """The alerts the fleet gets: severity, how long each must hold, its runbook; and those not built yet."""
-    from primespark.monitoring.alerts import NOT_YET, fleet_alerts, runbook_url
+    """The alerts the fleet gets: severity, how long each must hold, its runbook."""
+    from primespark.monitoring.alerts import fleet_alerts, runbook_url
 
     fleet = fleet_for(env)
     table = Table(title=f"fleet {fleet.name}: alerts")
@@ -46,8 +46,6 @@ def alerts(env: EnvOption = "lab") -> None:
         table.add_row(alert.name, alert.severity.value, alert.held(fleet), alert.summary,
                       runbook_url(fleet, alert.name))
     console.print(table)
-    for name, why in NOT_YET.items():
-        console.print(f"[dim]{name}: {why}[/dim]")
 
 
 @app.command()

@@ -7,8 +7,8 @@ Alerts follow the node-exporter mixin where it has one (filesystem, clock) — i
 predict_linear's false positives: a filesystem alert needs low free space AND a predicted fill AND a writable
 mount, held for an hour, so a write burst that is cleaned up within the hour never fires.
 
-Not built here, for want of a metric (each arrives with its issue): worker/pool readiness (the workers issue),
-agent task failures (tasks). See NOT_YET.
+Work pools and agent tasks have no metric of Prefect's own: primespark.monitoring.prefect_export publishes them from
+the Prefect server's host every minute, with its timestamp, so an export that stopped is seen as missing data.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ RUNBOOK_DIR = "docs/runbooks"
 WATCH_RESTART_SECONDS = 300.0
 
 # Dashboards (primespark.monitoring.dashboards builds them; every alert names the one holding its panel).
-OVERVIEW, MESH, BACKUPS, NODES, SYNC = "overview", "mesh", "backups", "nodes", "sync"
+OVERVIEW, MESH, BACKUPS, NODES, SYNC, AGENTS = "overview", "mesh", "backups", "nodes", "sync", "agents"
+# The Prefect export runs every minute (roles/prefect_server's cron file): older than this, it has stopped.
+EXPORT_STALE_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,6 @@ class Alert:
 
     def held(self, fleet: Fleet) -> str:
         return fleet.monitoring.alert_for.get(self.name, self.hold)
-
-
-# Alerts the issue asks for that need a metric nobody writes yet: name → which issue brings it.
-NOT_YET: dict[str, str] = {
-    "WorkerPoolNotReady": "no metric yet: Prefect work pools and workers arrive with the workers issue",
-    "AgentTaskFailures": "no metric yet: agent tasks arrive with the tasks issue",
-}
 
 
 # Alerts whose rule ships but whose dashboard panel waits: no host publishes their signal yet, so the panel would
@@ -344,11 +339,43 @@ def _tls_alerts() -> list[Alert]:
                   selector(m.TLS_LIFE_LEFT), NODES, "percentunit", 1 / 6)]
 
 
+def _orchestration_alerts(fleet: Fleet) -> list[Alert]:
+    """A fleet with a Prefect server: its work pools (one per site with a worker) and its agent-task runs."""
+    if fleet.orchestration is None:
+        return []
+    from primespark.orchestration.naming import work_pool
+
+    alerts = []
+    pools = sorted(work_pool(site) for site in fleet.orchestration.workers)
+    if pools:
+        ready = selector(m.WORK_POOL_READY, pool=pools[0] if len(pools) == 1 else ("=~", "|".join(pools)))
+        # an export that stopped leaves its last figures in place: each pool then fires as no-data, as does a pool
+        # the export never wrote (the export not installed, or the pool not on the server)
+        fresh = f"time() - {selector(m.PREFECT_EXPORT_TIME)} <= {EXPORT_STALE_SECONDS}"
+        missing = "\nor ".join(f"absent({selector(m.WORK_POOL_READY, pool=p)})" for p in pools)
+        alerts.append(Alert(
+            "WorkerPoolNotReady", Severity.warning, "5m",
+            (f"{ready} == 0", f"{ready} unless on (instance) ({fresh})", missing),
+            "work pool {{ $labels.pool }} is not ready: no flow of its site starts",
+            "The pool has no worker online, or it is paused (PAUSED is not ready either), or the Prefect export "
+            f"({m.PREFECT_EXPORT}, every minute on the server's host) has not read it for {EXPORT_STALE_SECONDS} s: "
+            "scheduled backups, drills, sync passes and agent tasks of the site wait.",
+            ready, AGENTS, slow_hold="5m"))
+    failed = selector(m.AGENT_TASK_FAILED)
+    alerts.append(Alert(
+        "AgentTaskFailures", Severity.warning, "1m", (f"{failed} > 0",),
+        "agent tasks of {{ $labels.template }} failed or crashed in the last hour",
+        "Runs of the agent-task flow for {{ $labels.template }} (`(inline)`: an inline spec) ended Failed or "
+        f"Crashed in the last {duration(m.AGENT_FAILURE_WINDOW_SECONDS)} (after their retries); "
+        "`spark task ls --state failed` lists them.", failed, AGENTS))
+    return alerts
+
+
 def fleet_alerts(fleet: Fleet) -> list[Alert]:
-    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, sync jobs, UPSes; every fleet
-    has hosts and their certificates)."""
+    """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, sync jobs, UPSes, a Prefect
+    server and its pools; every fleet has hosts and their certificates)."""
     return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
-            *_sync_alerts(fleet), *_power_alerts(fleet), *_tls_alerts()]
+            *_sync_alerts(fleet), *_power_alerts(fleet), *_orchestration_alerts(fleet), *_tls_alerts()]
 
 
 def _all_names() -> frozenset[str]:
@@ -370,6 +397,7 @@ hosts:
 meshes: {mesh: {overlay: 10.9.0.0/24}}
 tiers: {hot: {hosts: [pi-1], path: /srv/hot, capacity_gb: 1}}
 sync: {jobs: {job: {source: "pi-1:/srv/hot", destination: "nas-1:/srv/warm/{host}", continuous: true}}}
+orchestration: {server: nas-1, workers: {site: nas-1}}
 backup:
   repositories: {repo: {host: nas-1, path: /srv/repo, password: "local:repo"}}
   plans: {pi-1: {repository: repo, paths: [/srv/hot]}}

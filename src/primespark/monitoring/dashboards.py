@@ -3,8 +3,8 @@ version the compose stack runs; grafanalib never got the time-series panel and e
 Grafana 11 no longer draws). Only React panels: time series and stat.
 
 Every alert of the fleet (primespark.monitoring.alerts) gets a panel that plots its signal, on the dashboard the
-alert names; the panel's description says which alerts it shows. Panels whose metric no one writes yet (agent
-tasks, workers) are not drawn: they arrive with their issues.
+alert names; the panel's description says which alerts it shows. Panels whose metric no one writes yet
+(alerts.PANEL_NOT_YET) are not drawn.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from grafana_foundation_sdk.models.dashboard import (
 from primespark.fleet.model import Fleet
 from primespark.monitoring import metrics as m
 from primespark.monitoring.alerts import (
+    AGENTS,
     BACKUPS,
+    EXPORT_STALE_SECONDS,
     MESH,
     NODES,
     OVERVIEW,
@@ -45,7 +47,8 @@ from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
-TITLES = {OVERVIEW: "Fleet overview", MESH: "Mesh", BACKUPS: "Backups and drills", NODES: "Nodes", SYNC: "Sync"}
+TITLES = {OVERVIEW: "Fleet overview", MESH: "Mesh", BACKUPS: "Backups and drills", NODES: "Nodes", SYNC: "Sync",
+          AGENTS: "Agent tasks and work pools"}
 REACT_PANELS = frozenset({"timeseries", "stat", "row"})  # what this module draws; none of them Angular
 
 
@@ -71,7 +74,7 @@ def _signal_panels(alerts: list[Alert], board: str) -> list[PanelSpec]:
         if spec is None:
             binary = alert.signal.startswith(("up", m.BACKUP_SUCCESS.name, m.DRILL_SUCCESS.name,
                                               m.CHECK_SUCCESS.name, m.MESH_PAIR_UP.name, m.SYNC_SUCCESS.name,
-                                              "spark_power_"))
+                                              m.WORK_POOL_READY.name, "spark_power_"))
             spec = PanelSpec(_signal_title(alert), [(alert.signal, _legend(alert.signal))],
                              kind="stat" if binary else "timeseries", unit=alert.unit, threshold=alert.threshold,
                              up_down=binary)
@@ -89,6 +92,7 @@ _SIGNAL_TITLES = {
     "MeshHandshakeStale": "Handshake age", "FilesystemFillingUp": "Filesystem free space", "ClockSkew": "Clock offset",
     "TierAboveHighWatermark": "Tier fill", "UpsOnBattery": "On battery", "UpsBatteryLow": "Battery low",
     "CertificateExpiry": "Certificate life left", "SyncRefused": "Last pass", "SyncLagHigh": "Lag of the last pass",
+    "WorkerPoolNotReady": "Work pools ready", "AgentTaskFailures": "Agent tasks failed or crashed (last hour)",
 }
 
 
@@ -97,6 +101,8 @@ def _signal_title(alert: Alert) -> str:
 
 
 def _legend(expr: str) -> str:
+    if expr.startswith(("primespark_work_pool_", "primespark_agent_task_")):
+        return "{{template}}" if "agent_task" in expr else "{{pool}}"
     if expr.startswith(("primespark_sync_", "primespark:sync_")):
         return "{{sync_job}}/{{source}}"
     if expr.startswith(m.MESH_PAIR_UP.name) or expr.startswith(m.MESH_HANDSHAKE_AGE.name):
@@ -130,6 +136,13 @@ def _extra_panels(fleet: Fleet, board: str) -> list[PanelSpec]:
             overview.append(PanelSpec("Sync links failing",
                                       [(f"count({selector(m.SYNC_SUCCESS)} == 0) or vector(0)", "links")],
                                       kind="stat", threshold=1))
+        if fleet.orchestration is not None:
+            overview.append(PanelSpec("Agent tasks running",
+                                      [(f"sum({selector(m.AGENT_TASK_RUNNING)}) or vector(0)", "running")],
+                                      kind="stat"))
+            overview.append(PanelSpec("Agent tasks failed (last hour)",
+                                      [(f"sum({selector(m.AGENT_TASK_FAILED)}) or vector(0)", "failed")],
+                                      kind="stat", threshold=1))
         if fleet.tiers:
             overview.append(PanelSpec("Tier fill", [(selector(m.STORAGE_USAGE, name=("=~", "tier-.*")),
                                                      "{{host}} {{name}}")], kind="stat", unit="percentunit",
@@ -155,6 +168,14 @@ def _extra_panels(fleet: Fleet, board: str) -> list[PanelSpec]:
             PanelSpec("Sent by the last pass", [(selector(m.SYNC_SENT_BYTES), links)], unit="bytes"),
             PanelSpec("Passes failed and refused", [(selector(m.SYNC_ERRORS), f"failed {links}"),
                                                     (selector(m.SYNC_REFUSALS), f"refused {links}")]),
+        ]
+    if board == AGENTS and fleet.orchestration is not None:
+        return [
+            PanelSpec("Workers online", [(selector(m.WORK_POOL_WORKERS), "{{pool}}")], kind="stat"),
+            PanelSpec("Agent tasks running", [(selector(m.AGENT_TASK_RUNNING), "{{template}}")]),
+            # the export's own age: old figures above are from an export that stopped (WorkerPoolNotReady no-data)
+            PanelSpec("Age of the Prefect export", [(f"time() - {selector(m.PREFECT_EXPORT_TIME)}", "{{host}}")],
+                      kind="stat", unit="s", threshold=EXPORT_STALE_SECONDS, alerts=["WorkerPoolNotReady"]),
         ]
     if board == MESH:
         return [PanelSpec("Round trip over the overlay", [(selector(m.MESH_PAIR_RTT), "{{source}} → {{target}}")],
@@ -197,6 +218,8 @@ def _states(expr: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """(text, colour) for 1 and for 0 of a yes/no signal."""
     if expr.startswith(m.UP.name):
         return ("UP", "green"), ("DOWN", "red")
+    if expr.startswith(m.WORK_POOL_READY.name):
+        return ("READY", "green"), ("NOT READY", "red")
     if expr.startswith(m.POWER_ON_BATTERY.name) or expr.startswith(m.POWER_BATTERY_LOW.name):
         return ("YES", "red"), ("no", "green")
     return ("OK", "green"), ("FAILED", "red")
@@ -235,7 +258,8 @@ def _board(fleet: Fleet, uid: str, panels: list[PanelSpec]) -> dict[str, Any]:
 
 
 def dashboards(fleet: Fleet) -> dict[str, dict[str, Any]]:
-    """Dashboard key (overview, mesh, backups, nodes, sync) → the dashboard's JSON model; only those with panels."""
+    """Dashboard key (overview, mesh, backups, nodes, sync, agents) → the dashboard's JSON model; only those with
+    panels."""
     return {uid: _board(fleet, uid, panels) for uid, panels in panel_specs(fleet).items()}
 
 

@@ -24,6 +24,7 @@ from primespark.hosts import CommandFailed, HostAccess
 
 # Who writes a metric: the flows here, a role's script, node exporter, Prometheus itself, a recording rule.
 FLOWS = "flows"
+PREFECT_EXPORT = "primespark.monitoring.prefect_export"  # on the Prefect server's host, every minute (cron)
 USAGE_GUARD = "roles/common/files/spark-usage-guard"
 UPS_GUARD = "roles/edge/files/spark-ups-guard"
 NODE_EXPORTER = "node_exporter"
@@ -185,6 +186,23 @@ TLS_LIFE_LEFT = Metric("primespark:tls_certificate_life_left_ratio",
                        "The part of the certificate's life left, now (renewal is due below one third)", _CERT,
                        RECORDING)
 
+# --- work pools and agent tasks (primespark.monitoring.prefect_export, on the Prefect server's host) --------------
+# Prefect's own /metrics has only HTTP counters: the export reads pools, workers and agent-task runs from its API.
+AGENT_FAILURE_WINDOW_SECONDS = 3600  # agent-task runs that ended Failed or Crashed this recently count
+WORK_POOL_READY = Metric("primespark_work_pool_ready",
+                         "1 if the work pool is READY (a worker online, not paused); 0 if NOT_READY, PAUSED or absent",
+                         ("pool",), PREFECT_EXPORT)
+WORK_POOL_WORKERS = Metric("primespark_work_pool_workers_online", "Workers of the pool the server sees online",
+                           ("pool",), PREFECT_EXPORT)
+AGENT_TASK_FAILED = Metric("primespark_agent_task_failed_runs",
+                           "agent-task runs that ended Failed or Crashed in the last hour, per template "
+                           "(`(inline)`: an inline spec)", ("template",), PREFECT_EXPORT)
+AGENT_TASK_RUNNING = Metric("primespark_agent_task_running_runs", "agent-task runs running now, per template",
+                            ("template",), PREFECT_EXPORT)
+PREFECT_EXPORT_TIME = Metric("primespark_prefect_export_timestamp_seconds",
+                             "When the export last read the Prefect server (it writes nothing when it cannot)", (),
+                             PREFECT_EXPORT)
+
 REGISTRY: dict[str, Metric] = {m.name: m for m in globals().copy().values() if isinstance(m, Metric)}
 # Labels Prometheus adds to every scraped series (primespark.monitoring.scrape sets them per target).
 TARGET_LABELS = ("job", "instance", "host", "site", "kind")
@@ -202,7 +220,7 @@ class Textfile:
     def _gauge(self, metric: Metric) -> Gauge:
         if REGISTRY.get(metric.name) is not metric:
             raise KeyError(f"{metric.name} is not in the metric registry (primespark.monitoring.metrics)")
-        if metric.source != FLOWS:
+        if metric.source not in (FLOWS, PREFECT_EXPORT):  # the writers in this package; the rest write their own
             raise KeyError(f"{metric.name} is written by {metric.source}, not by the flows")
         if metric.name not in self.gauges:
             self.gauges[metric.name] = Gauge(metric.name, metric.help, list(metric.labels), registry=self.registry)
@@ -212,7 +230,7 @@ class Textfile:
         """One sample; a value of None writes none (a figure not known yet)."""
         gauge = self._gauge(metric)
         if value is not None:
-            gauge.labels(**labels).set(value)
+            (gauge.labels(**labels) if metric.labels else gauge).set(value)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

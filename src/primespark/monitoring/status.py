@@ -1,6 +1,7 @@
 """`spark status`: the fleet at a glance, from Prometheus' HTTP API — hosts up, mesh pairs, the last backup and
-drill of every host against the RPO, tier fill, and the alerts firing. What it reads is what the alerts read
-(the same registry, the same recording rules), so the terminal and the pager cannot disagree."""
+drill of every host against the RPO, sync lag per link, tier fill, work pools, agent tasks running and failed, and
+the alerts firing. What it reads is what the alerts read (the same registry, the same recording rules, the same
+staleness limit of the Prefect export), so the terminal and the pager cannot disagree."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind, Severity
 from primespark.monitoring import metrics as m
+from primespark.monitoring.alerts import EXPORT_STALE_SECONDS
 from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB, monitored_hosts
 
@@ -83,8 +85,20 @@ class FleetStatus:
     backups: dict[str, dict[str, float]] = field(default_factory=dict)  # host → success, age
     drills: dict[str, dict[str, float]] = field(default_factory=dict)  # host → success, age
     tiers: list[tuple[str, str, float]] = field(default_factory=list)  # host, tier, fill
+    # (job, source) → success of the last pass, its lag, time since the last success (nan: no data)
+    sync: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    # pool → ready, workers online; nan for both where the export is missing or stale (never "ready" then)
+    pools: dict[str, dict[str, float]] = field(default_factory=dict)
+    export_age: float | None = None  # seconds since the Prefect export read the server; None: no Prefect server
+    tasks_running: dict[str, float] = field(default_factory=dict)  # template → runs running now
+    tasks_failed: dict[str, float] = field(default_factory=dict)  # template → failed or crashed in the window
     alerts: list[FiringAlert] = field(default_factory=list)
     rpo_seconds: float | None = None
+
+    @property
+    def export_fresh(self) -> bool:
+        return self.export_age is not None and not math.isnan(self.export_age) and \
+            self.export_age <= EXPORT_STALE_SECONDS
 
     @property
     def exit_code(self) -> int:
@@ -123,6 +137,8 @@ def gather(fleet: Fleet, api: PrometheusApi) -> FleetStatus:
     for s in api.query(selector(m.STORAGE_USAGE, name=("=~", "tier-.*"))):
         status.tiers.append((s.labels.get("host", ""), s.labels.get("name", "").removeprefix("tier-"), s.value))
     status.tiers.sort()
+    _sync(fleet, api, status)
+    _orchestration(fleet, api, status)
     for alert in api.alerts():
         if alert.get("state") != "firing":
             continue
@@ -131,6 +147,45 @@ def gather(fleet: Fleet, api: PrometheusApi) -> FleetStatus:
                                          labels.get("host", "-"), notes.get("summary", "")))
     status.alerts.sort(key=lambda a: ({"critical": 0, "warning": 1}.get(a.severity, 2), a.name, a.host))
     return status
+
+
+def _by_link(samples: list[Sample]) -> dict[tuple[str, str], float]:
+    return {(s.labels.get("sync_job", ""), s.labels.get("source", "")): s.value for s in samples}
+
+
+def _sync(fleet: Fleet, api: PrometheusApi, status: FleetStatus) -> None:
+    """Every link of the fleet's sync jobs, those that never published included (no data)."""
+    from primespark.data.layout import links
+
+    found = links(fleet)
+    if not found:
+        return
+    success, lag = _by_link(api.query(selector(m.SYNC_SUCCESS))), _by_link(api.query(selector(m.SYNC_LAG)))
+    since = _by_link(api.query(selector(m.SYNC_SUCCESS_AGE)))
+    for link in found:
+        key = (link.job, link.source)
+        status.sync[key] = {"success": success.get(key, math.nan), "lag": lag.get(key, math.nan),
+                            "since": since.get(key, math.nan)}
+
+
+def _orchestration(fleet: Fleet, api: PrometheusApi, status: FleetStatus) -> None:
+    """The fleet's work pools and agent-task runs, as the Prefect export last wrote them. An export older than the
+    alert's limit (or none) shows its pools as unknown, never as ready."""
+    if fleet.orchestration is None:
+        return
+    from primespark.orchestration.naming import work_pool
+
+    ages = [s.value for s in api.query(f"time() - {selector(m.PREFECT_EXPORT_TIME)}")]
+    status.export_age = min(ages) if ages else math.nan
+    ready, workers = _by(api.query(selector(m.WORK_POOL_READY)), "pool"), _by(
+        api.query(selector(m.WORK_POOL_WORKERS)), "pool")
+    fresh = status.export_fresh
+    for pool in sorted(work_pool(site) for site in fleet.orchestration.workers):
+        status.pools[pool] = {"ready": ready.get(pool, math.nan) if fresh else math.nan,
+                              "workers": workers.get(pool, math.nan) if fresh else math.nan}
+    if fresh:
+        status.tasks_running = _by(api.query(selector(m.AGENT_TASK_RUNNING)), "template")
+        status.tasks_failed = _by(api.query(selector(m.AGENT_TASK_FAILED)), "template")
 
 
 def human_age(seconds: float) -> str:
@@ -152,11 +207,14 @@ def render(status: FleetStatus, fleet: Fleet) -> list[Any]:
         out.append(_backups(status))
     if status.pairs:
         out.append(_mesh(status))
+    if status.sync:
+        out.append(_sync_table(status, fleet))
     if status.tiers:
         out.append(_tiers(status, fleet))
+    if status.export_age is not None:
+        out += [_pools(status), _tasks(status)]
     out.append(_alerts(status) if status.alerts else Text("no alerts firing", "green"))
-    out.append(Text(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}; sync lag and agent tasks have no metrics yet",
-                    "dim"))
+    out.append(Text(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}", "dim"))
     return out
 
 
@@ -207,6 +265,53 @@ def _mesh(status: FleetStatus) -> Any:
     for name, source, target, _, age in down:
         table.add_row(name, source, target, Text("no", "bold red"), "-" if age is None else human_age(age))
     return table
+
+
+def _sync_table(status: FleetStatus, fleet: Fleet) -> Any:
+    from rich.text import Text
+
+    from primespark.monitoring.alerts import sync_limits
+
+    limits = {(x.job, x.source): x for x in sync_limits(fleet)}
+    table = _table("sync", "job", "from", "last pass", "lag", "since last success", "limit")
+    for (job, source), figures in status.sync.items():
+        limit = limits.get((job, source))
+        lag, since = figures["lag"], figures["since"]
+        late = limit is not None and (
+            (limit.lag is not None and not math.isnan(lag) and lag > limit.lag)
+            or (limit.age is not None and (math.isnan(since) or since > limit.age)))
+        colour = "red" if late else "yellow" if math.isnan(since) else ""  # never published: not healthy
+        table.add_row(job, source, _verdict(figures["success"]),
+                      Text("no data" if math.isnan(lag) else human_age(lag), colour), Text(human_age(since), colour),
+                      "-" if limit is None else human_age(limit.longest))
+    return table
+
+
+def _pools(status: FleetStatus) -> Any:
+    from rich.text import Text
+
+    age = status.export_age if status.export_age is not None else math.nan
+    title = (f"work pools (as read {human_age(age)} ago)" if status.export_fresh else
+             f"work pools: NO CURRENT DATA (the Prefect export last ran {human_age(age)} ago)")
+    table = _table(title, "pool", "status", "workers online")
+    for pool, figures in status.pools.items():
+        ready, workers = figures["ready"], figures["workers"]
+        state = (Text("unknown", "yellow") if math.isnan(ready) else Text("READY", "green") if ready == 1
+                 else Text("NOT READY", "bold red"))
+        table.add_row(pool, state, "-" if math.isnan(workers) else f"{workers:.0f}")
+    return table
+
+
+def _tasks(status: FleetStatus) -> Any:
+    from rich.text import Text
+
+    if not status.export_fresh:
+        return Text("agent tasks: unknown (no current Prefect export)", "yellow")
+    window = human_age(m.AGENT_FAILURE_WINDOW_SECONDS)
+    running, failed = sum(status.tasks_running.values()), sum(status.tasks_failed.values())
+    named = ", ".join(f"{t} {n:.0f}" for t, n in sorted(status.tasks_failed.items()) if n)
+    return Text(f"agent tasks: {running:.0f} running, {failed:.0f} failed or crashed in the last {window}"
+                + (f" ({named})" if named else ""), "bold red" if failed else "green")
 
 
 def _tiers(status: FleetStatus, fleet: Fleet) -> Any:

@@ -93,8 +93,10 @@ def server_material(env: str, host: str) -> dict[str, Any]:
     if spec.server.host != host:
         raise UserError(f"{host} is not the fleet's Prefect server ({spec.server.host})", "apply the role there")
     database = read_reference(spec.server.database, ctx.secrets) if spec.server.database else None
+    # what the Prefect export (primespark.monitoring.prefect_export) writes a figure for, 0 or not
     return {"addresses": server_addresses(ctx), "port": spec.server.port, "auth_string": auth_string(ctx),
-            "database_url": database, "home": SERVER_HOME}
+            "database_url": database, "home": SERVER_HOME,
+            "pools": sorted(work_pool(site) for site in spec.workers), "templates": sorted(ctx.fleet.tasks)}
 
 
 @dataclass(frozen=True)
