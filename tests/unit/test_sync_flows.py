@@ -148,6 +148,26 @@ def test_a_copy_pass_sends_verifies_records_and_reports(state: Path, tmp_path: P
     assert "| pi-1 → nas-1 | full | succeeded | 0 |" in report
 
 
+def test_agent_tasks_staging_on_a_hot_tier_is_never_sent_even_by_a_job_including_everything(
+        state: Path, tmp_path: Path) -> None:
+    source = tmp_path / "hot"
+    fleet = make_fleet(tmp_path, **{"hot-to-nas": {"source": f"pi-1:{source}", "include": ["*"],
+                                                   "destination": f"nas-1:{tmp_path}/warm/{{host}}"}})
+    data = yaml.safe_load(Path(fleet).read_text())
+    data["tiers"]["hot"]["path"] = str(source)  # pi-1's hot tier is the job's source
+    Path(fleet).write_text(yaml.safe_dump(data))
+    fill(source, 3)
+    (source / "tasks" / ".staging" / "t-2" / "out").mkdir(parents=True)
+    (source / "tasks" / ".staging" / "t-2" / "out" / "half.bin").write_bytes(b"still being written")
+    (source / "tasks" / "t-1" / "out").mkdir(parents=True)
+    (source / "tasks" / "t-1" / "out" / "result.json").write_text("{}")
+    result = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
+    assert result["links"][0]["status"] == "succeeded", result
+    sent = tree(tmp_path / "warm" / "pi-1")
+    assert "tasks/t-1/out/result.json" in sent and len([k for k in sent if k.startswith("readings/")]) == 3
+    assert not any(".staging" in k for k in sent), sorted(sent)
+
+
 def test_a_mirror_deletes_what_its_source_lost_within_max_delete(state: Path, tmp_path: Path,
                                                                  mirror_job: tuple[str, Path, Path]) -> None:
     fleet, source, destination = mirror_job

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from primespark.agents.execute import HOT_TIER_STAGING
 from primespark.context import FleetContext
 from primespark.data import transfer
 from primespark.data.layout import Link, links
 from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet, SyncJob, SyncMode
+from primespark.fleet.model import Fleet, SyncJob, SyncMode, TierName
 from primespark.hosts import SshFiles
 from primespark.secrets import atomic_write, ssh_key_pair
 
@@ -140,12 +141,25 @@ def route_for(ctx: FleetContext, link: Link) -> tuple[Route, str]:
                               f"{folder}/{KNOWN_HOSTS}"), "/"
 
 
+def held_back(fleet: Fleet, link: Link) -> tuple[str, ...]:
+    """What no job sends from the link's source: agent tasks' staging folder on a hot-tier host (a task may still
+    write there; its host commits the result by a rename into `tasks/`, which is then sent), as a pattern anchored
+    at the transfer's root."""
+    hot = fleet.tiers.get(TierName.hot)
+    if hot is None or link.source not in hot.hosts:
+        return ()
+    staging = f"{hot.path.rstrip('/')}/{HOT_TIER_STAGING}"
+    root = link.source_path.rstrip("/")
+    return (f"{staging.removeprefix(root)}/",) if staging.startswith(root + "/") else ()
+
+
 def plan_for(ctx: FleetContext, link: Link, **options: Any) -> TransferPlan:
     """A transfer of the link with its job's filters; `options` are TransferPlan fields."""
     spec = job_of(ctx.fleet, link.job)
     route, destination = route_for(ctx, link)
     return TransferPlan(link.source_path, destination, route, include=tuple(spec.include),
-                        exclude=tuple(spec.exclude), fsync=spec.fsync, **options)
+                        exclude=tuple(spec.exclude), held_back=held_back(ctx.fleet, link), fsync=spec.fsync,
+                        **options)
 
 
 # --- bandwidth windows -----------------------------------------------------------------------------------------

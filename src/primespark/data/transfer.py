@@ -133,6 +133,7 @@ class TransferPlan:
     files: tuple[str, ...] | None = None  # only these paths below the source; None: the whole tree
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    held_back: tuple[str, ...] = ()  # excluded before the job's includes can match (folders nobody may sync)
     bwlimit_kib: int | None = None
     stop_at: datetime | None = None  # stop gracefully then (a bandwidth window's end); the next run resumes
     checksum: bool = False  # compare content (XXH3-128) rather than size and time
@@ -165,6 +166,7 @@ class TransferPlan:
             args += ["-e", " ".join(self.route.rsh)]
         else:
             args.append("--mkpath")  # a folder on this host: made if missing (a remote one is the sync role's)
+        args += [f"--exclude={p}" for p in self.held_back]  # rsync's first matching rule wins
         args += [f"--include={p}" for p in self.include]
         args += [f"--exclude={p}" for p in (*self.exclude, RSYNC_TEMP_PATTERN)]
         return [*args, self.source.rstrip("/") + "/", self.route.destination(self.destination)]
