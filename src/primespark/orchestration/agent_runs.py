@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from primespark.context import FleetContext
+if TYPE_CHECKING:  # the Prefect export imports this module every minute: only what it needs
+    from primespark.context import FleetContext
 
 FLOW = "agent-task"
 TASK_ID_LABEL = "primespark.task.id"
