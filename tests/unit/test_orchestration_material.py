@@ -78,7 +78,8 @@ def test_the_server_listens_on_its_lan_and_mesh_addresses(lab_state, lab_env) ->
     lan, mesh = server["addresses"]
     assert lan == "172.30.2.14" and mesh in [str(a) for a in IPv4Network("10.99.0.0/24")]
     assert server["port"] == 4200 and server["database_url"] is None
-    assert server["pools"] == ["spark-cloud", "spark-edge"] and server["templates"] == []  # the export's subjects
+    # the export's subjects: the pools, and inventory/lab.yaml's agent-task templates
+    assert server["pools"] == ["spark-cloud", "spark-edge"] and server["templates"] == ["count-readings"]
 
 
 def test_a_host_without_a_worker_or_a_missing_host_key_is_a_clear_error(lab_state, lab_env) -> None:  # type: ignore[no-untyped-def]
