@@ -61,6 +61,7 @@ def make_fleet(root: Path, **jobs: dict[str, Any]) -> str:
     """The lab fleet with sync jobs of the test's own, over folders under `root`."""
     data = yaml.safe_load((ROOT / "inventory" / "lab.yaml").read_text())
     data["sync"] = {"jobs": jobs}
+    del data["orchestration"]  # the commands record runs on the test's Prefect server, not the lab's on ops-1
     path = root / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
     load_fleet(str(path))  # fails here, with its location, if the jobs are wrong
