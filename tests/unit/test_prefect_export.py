@@ -131,21 +131,48 @@ def test_without_pools_named_every_pool_on_the_server_is_written(server: tuple[s
         f'{m.WORK_POOL_READY.name}{{pool="spark-edge"}}', f'{m.WORK_POOL_READY.name}{{pool="spark-cloud"}}'}
 
 
-@pytest.mark.parametrize("case", ["down", "wrong auth", "no address"])
+@pytest.fixture
+def not_prefect() -> Iterator[str]:
+    """A loopback HTTP server answering every request with JSON that is not the Prefect API's shape."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def _json(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"[1, 2]")
+
+        do_GET = do_POST = _json
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/api"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("case", ["down", "wrong auth", "no address", "not the API"])
 def test_a_server_it_cannot_read_is_one_line_and_the_old_file_stays(server: tuple[str, str], tmp_path: Path,
-                                                                    case: str) -> None:
+                                                                    not_prefect: str, case: str) -> None:
     url, auth = server
     old = m.textfile_path(tmp_path, NAME)
     old.write_bytes(b"# an earlier export\nprimespark_prefect_export_timestamp_seconds 1.0\n")
     before = (old.read_bytes(), old.stat().st_mtime_ns)
     env = {"down": {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "PREFECT_API_AUTH_STRING": auth},
            "wrong auth": {"PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": "spark:wrong"},
-           "no address": {"PREFECT_API_AUTH_STRING": auth}}[case]
+           "no address": {"PREFECT_API_AUTH_STRING": auth},
+           "not the API": {"PREFECT_API_URL": not_prefect, "PREFECT_API_AUTH_STRING": auth}}[case]
     done = run_export(tmp_path, env, "--pool", "spark-edge")
     assert done.returncode == 1 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     said = {"down": "is unreachable", "wrong auth": "refused the API auth string (401)",
-            "no address": "PREFECT_API_URL is not set"}[case]
+            "no address": "PREFECT_API_URL is not set", "not the API": "not the Prefect API's"}[case]
     assert said in done.stderr
     assert auth not in done.stderr
     assert (old.read_bytes(), old.stat().st_mtime_ns) == before

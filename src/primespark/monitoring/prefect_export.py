@@ -144,7 +144,11 @@ def export(textfile_dir: Path, pools: list[str], templates: list[str], timeout: 
     if not textfile_dir.is_dir():
         raise UserError(f"{textfile_dir} is not a folder", "give the node exporter's textfile directory "
                         "(the monitoring_agent role makes it)")
-    found = read(Api(url, os.environ.get("PREFECT_API_AUTH_STRING") or None, timeout), pools, templates)
+    try:
+        found = read(Api(url, os.environ.get("PREFECT_API_AUTH_STRING") or None, timeout), pools, templates)
+    except (AttributeError, KeyError, TypeError) as exc:  # JSON, but not the shape Prefect's API answers with
+        raise UserError(f"the server at {url} answered in a shape that is not the Prefect API's ({exc!r})",
+                        "check that PREFECT_API_URL is the fleet's Prefect API (…/api)") from None
     return found.textfile().write(m.textfile_path(textfile_dir, NAME))
 
 
