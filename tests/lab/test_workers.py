@@ -129,16 +129,17 @@ def test_both_pools_are_ready_with_one_worker_each(lab, workers):
 def test_an_edge_backup_triggered_through_the_api_runs_on_the_edge_worker(lab, workers):
     before = snapshots_of("pi-1")
     run = finish(trigger("backup/backup-pi-1"))
-    assert run.state.is_completed(), run.state
+    assert run.state.is_completed(), run.state.message
     assert run.work_pool_name == "spark-edge" and worker_of(run) == "nas-1", run
     assert len(snapshots_of("pi-1")) == len(before) + 1
 
 
 def test_a_cloud_deployment_runs_on_the_cloud_worker(lab, workers):
     for host in lab.fleet.backup.plans:  # every client's repository exists (and is copied offsite) first
-        assert finish(trigger(f"backup/backup-{host}")).state.is_completed()
+        state = finish(trigger(f"backup/backup-{host}")).state
+        assert state.is_completed(), state.message  # the whole reason: pytest cuts a state's repr short
     run = finish(trigger("maintenance/maintenance-offsite"))
-    assert run.state.is_completed(), run.state
+    assert run.state.is_completed(), run.state.message
     assert run.work_pool_name == "spark-cloud" and worker_of(run) == "ops-1", run
 
 
@@ -203,7 +204,7 @@ def backup_killed_midway(lab, kill: Callable[[], None], bring_back: Callable[[],
     assert time.monotonic() - killed <= TWO_MINUTES
     bring_back()
     run = finish(run_id, timeout=900)
-    assert run.state.is_completed(), run.state
+    assert run.state.is_completed(), run.state.message
     assert run.run_count == 2 and state_types(run_id).count("COMPLETED") == 1
     assert len(snapshots_of(host)) == len(before) + 1, "exactly one new snapshot from the rescheduled run"
     print(f"Crashed {crashed:.0f} s after the kill")
