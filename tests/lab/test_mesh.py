@@ -122,7 +122,7 @@ def test_rotation_under_a_continuous_ping(lab, mesh):
                                  timeout=300, cwd=REPO)
         rotation_ended = time.monotonic() - started
     finally:
-        sent, received, gap = ping.stop()
+        sent, received, gap, _, _ = ping.stop()
     assert rotation_ended < PING_SECONDS - 2, "the ping ended before the rotation did; raise PING_SECONDS"
     print(f"rotation: longest silence {gap:.2f} s, {sent - received} of {sent} pings lost")
     assert rotated.returncode == 0, rotated.stdout[-3000:] + rotated.stderr[-2000:]

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import NamedTuple
 
 from primespark.errors import UserError
 from primespark.hosts import LocalRunner, Runner, shell
@@ -148,8 +149,8 @@ class ContinuousPing:
         until = f" -w {deadline}" if deadline else ""
         return f"exec ping -D -n -i {interval} -W 1{until} {address}"
 
-    def stop(self) -> tuple[int, int, float]:
-        """(sent, received, longest gap in seconds between two consecutive replies)."""
+    def stop(self) -> PingResult:
+        """What ping saw; the echoes still in flight when it was stopped count as sent, not as lost."""
         if self.deadline is None:
             self.proc.send_signal(signal.SIGINT)
         try:
@@ -157,12 +158,22 @@ class ContinuousPing:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-        stamps = [float(line[1:line.index("]")]) for line in out.splitlines()
-                  if line.startswith("[") and "bytes from" in line]
+        replies = [line for line in out.splitlines() if line.startswith("[") and "bytes from" in line]
+        stamps = [float(line[1:line.index("]")]) for line in replies]
+        answered = {int(line.split("icmp_seq=")[1].split()[0]) for line in replies if "icmp_seq=" in line}
         sent = received = 0
         for line in out.splitlines():
             if "packets transmitted" in line:
                 parts = line.split()
                 sent, received = int(parts[0]), int(parts[3])
         gap = max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
-        return sent, received, gap
+        last = max(answered, default=0)
+        return PingResult(sent, received, gap, lost=last - len(answered), unanswered_at_end=sent - last)
+
+
+class PingResult(NamedTuple):
+    sent: int
+    received: int
+    gap: float  # longest silence in seconds between two consecutive replies
+    lost: int  # echoes without a reply although a later one had one: a real outage
+    unanswered_at_end: int  # the last echoes, unanswered when ping stopped (in flight, or the tunnel is down)
