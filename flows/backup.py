@@ -127,7 +127,8 @@ def backup(
     summary = run.summary
     when = snapshot_time.timestamp() if snapshot_time else done.started
     jobs.save_state(ctx, host, {"last_status": "succeeded", "last_success": finished, "snapshot_time": when,
-                                "size_bytes": summary.total_bytes_processed, "files": run.files})
+                                "size_bytes": summary.total_bytes_processed, "files": run.files,
+                                "tiered_out": run.tiered_out})
     publish_metrics(ctx, host, backup_metrics(
         host, plan.repository, success=True, finished=finished, duration_seconds=finished - started,
         last_success=finished, snapshot_time=when, size_bytes=summary.total_bytes_processed,

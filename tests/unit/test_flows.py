@@ -34,6 +34,7 @@ from flows.maintenance import maintenance
 from primespark.backup import jobs, repositories
 from primespark.backup.repositories import Location, folders_on, restic_for
 from primespark.context import FleetContext
+from primespark.data import tierside
 from primespark.fleet import load_fleet
 from primespark.fleet.model import TierName
 
@@ -633,6 +634,29 @@ def test_an_empty_or_shrunk_backup_fails_unless_expected(state: Path, tmp_path: 
     assert drill.is_failed()
     assert "nothing to verify" in str(drill.result(raise_on_failure=False))
     assert "DR drill FAILED" in artifact_markdown("drill-report-pi-1")
+
+
+def test_files_tier_migration_moved_away_do_not_count_as_a_shrink_files_gone_otherwise_do(
+        state: Path, tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path)
+    src = tmp_path / "src" / "pi-1"
+    for i in range(10):
+        (src / f"old-{i}.bin").write_text(f"old {i}\n")
+    tierside.count_moved_out(str(src), 2)  # the plan's path is a tier folder, as the lab's /srv/hot
+    prom = str(tmp_path / "prom")
+    assert run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST).result()["manifest_files"] == 14
+    assert jobs.load_state(FleetContext.load(fleet, "local"), "pi-1")["tiered_out"] == 2
+
+    for i in range(10):  # 14 files → 4, as a tier pass does it: the ledger counts them
+        (src / f"old-{i}.bin").unlink()
+    tierside.count_moved_out(str(src), 10)
+    assert run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST).result()["manifest_files"] == 4
+
+    for name in ("notes.txt", "blob.bin", "app/state.db"):  # gone by hand: the ledger does not cover them
+        (src / name).unlink()
+    shrunk = run(backup, "pi-1", fleet, offsite=False, textfile=prom, **FAST)
+    assert shrunk.is_failed()
+    assert "file count fell from 4 to 1 (75% fewer)" in str(shrunk.result(raise_on_failure=False))
 
 
 def test_a_plan_path_that_is_not_there_is_left_out_when_expected(state: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ except ImportError:  # a host without python3-xxhash still backs up and drills, 
     xxhash = None
 
 MANIFEST_FILE = "primespark-manifest.json"
+TIER_LEDGER = ".spark-tier/moved-out.json"  # data/tierside.py's LEDGER: files tier migration moved out of a tier
 FORMAT = 3  # 3: the manifest names its hash; 2 (sha256, unnamed) is still read
 READABLE_FORMATS = (2, 3)
 # XXH3-128 runs at ~12 GB/s on a core here, sha256 (SHA-NI) at ~1.3 GB/s, and a backup has no core to spare.
@@ -437,6 +438,32 @@ def write_cache(path: str | None, body: bytes, problems: list[str]) -> None:
             problems.append(problem)
 
 
+def tiered_out(paths: list[str]) -> int | None:
+    """How many files tier migration has moved out (ever) of the tier folders holding `paths`: each path's own
+    ledger or its nearest parent's, each ledger counted once. None where no path lies in a tier's folder.
+    A ledger above a path counts files moved from beside it too: a fall that size passes the shrink check."""
+    ledgers = set()
+    for path in paths:
+        folder = os.path.abspath(path)
+        while True:
+            if os.path.isfile(os.path.join(folder, TIER_LEDGER)):
+                ledgers.add(os.path.join(folder, TIER_LEDGER))
+                break
+            if folder == os.path.dirname(folder):
+                break
+            folder = os.path.dirname(folder)
+    if not ledgers:
+        return None
+    total = 0
+    for ledger in ledgers:
+        try:
+            with open(ledger, encoding="utf-8") as handle:
+                total += int(json.load(handle).get("files", 0))
+        except (OSError, ValueError, AttributeError):
+            return None  # unreadable: no discount, the stricter check
+    return total
+
+
 def backup(spec: dict[str, Any]) -> dict[str, Any]:
     paths = list(spec["paths"])
     # A plan path that is not there (a volume that did not mount) would make an empty or shrunk snapshot that
@@ -482,7 +509,7 @@ def backup(spec: dict[str, Any]) -> dict[str, Any]:
                               "files": len(files),
                               "changed_during_backup": sorted(p for p, h in files.items() if h is None),
                               "hashed_now": hashed, "embedded": embedded, "embed_problem": problem,
-                              "missing": missing, "cache_problems": cache_problems}
+                              "missing": missing, "cache_problems": cache_problems, "tiered_out": tiered_out(paths)}
     snapshot = (saved.summary or {}).get("snapshot_id")
     if embedded or not spec.get("manifest") or returncode not in (0, 3) or not snapshot:
         return result

@@ -112,14 +112,26 @@ class HostBackup:
     stale_locks_removed: list[str] = field(default_factory=list)
 
 
-def shrink_problem(files: int, previous: int | None, max_shrink: float) -> str | None:
-    """Why a snapshot of `files` files (the last accepted one had `previous`) does not look like the host's data."""
+def shrink_problem(files: int, previous: int | None, max_shrink: float, tiered: int = 0) -> str | None:
+    """Why a snapshot of `files` files (the last accepted one had `previous`, and tier migration has moved
+    `tiered` files out of its paths since) does not look like the host's data."""
     if files == 0:
         return "the snapshot holds no files (the plan's paths are empty)"
-    if previous and files < previous * (1 - max_shrink):
-        return (f"its file count fell from {previous} to {files} ({1 - files / previous:.0%} fewer), more than "
-                f"backup.max_shrink ({max_shrink:.0%}) allows")
+    expected = (previous or 0) - tiered  # what moved to a lower tier did not vanish: the catalog has it
+    if previous and files < expected * (1 - max_shrink):
+        moved = f", after the {tiered} that tier migration moved to a lower tier" if tiered else ""
+        return (f"its file count fell from {previous} to {files}{moved} ({1 - files / expected:.0%} fewer), more "
+                f"than backup.max_shrink ({max_shrink:.0%}) allows")
     return None
+
+
+def tiered_since(run: BackupRun, last: dict[str, Any]) -> int:
+    """Files tier migration moved out of the plan's paths since the last accepted backup (0 when either count is
+    unknown: a backup from before the ledger, or no tier folder)."""
+    before = last.get("tiered_out")
+    if run.tiered_out is None or before is None:
+        return 0
+    return max(0, run.tiered_out - int(before))
 
 
 def backup_host(
@@ -153,7 +165,7 @@ def backup_host(
         accept_missing=accept_shrink, timeout=long_step(ctx, last.get("size_bytes")), run_id=run_id))
     run = done.value
     assert run is not None
-    problem = shrink_problem(run.files, last.get("files"), backup_of(ctx.fleet).max_shrink)
+    problem = shrink_problem(run.files, last.get("files"), backup_of(ctx.fleet).max_shrink, tiered_since(run, last))
     if problem and not accept_shrink:
         restic.forget_ids([i for i in (run.summary.snapshot_id, run.separate_manifest) if i])
         raise BackupRefused(f"backup of {host} refused: {problem}; its snapshot {(run.summary.snapshot_id or '')[:8]} "

@@ -79,6 +79,7 @@ class BackupRun:
     missing_paths: list[str] = field(default_factory=list)  # plan paths not there (the run accepted it)
     cache_problems: list[str] = field(default_factory=list)  # the manifest cache could not be written: warnings
     earlier_attempt: bool = False  # saved by an earlier attempt of the same run, kept rather than made twice
+    tiered_out: int | None = None  # files tier migration ever moved out of the paths' tier folders (its ledgers)
 
     @property
     def separate_manifest(self) -> str | None:
@@ -123,7 +124,8 @@ def backup_with_manifest(
     summary = BackupSummary.model_validate(out["summary"])
     done = BackupRun(summary, run_id, out["files"], out["hashed_now"], out["changed_during_backup"], None,
                      manifest_embedded=bool(out.get("embedded")), embed_problem=out.get("embed_problem"),
-                     missing_paths=list(out.get("missing") or []), cache_problems=list(out.get("cache_problems") or []))
+                     missing_paths=list(out.get("missing") or []), cache_problems=list(out.get("cache_problems") or []),
+                     tiered_out=out.get("tiered_out"))
     if done.manifest_embedded:
         done.manifest_snapshot = summary.snapshot_id
     else:

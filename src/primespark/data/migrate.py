@@ -380,7 +380,9 @@ def _delete(ctx: FleetContext, batch: Batch) -> list[Entry]:
     if not todo:
         return []
     rows = side(ctx.hosts.runner(batch.source_host), "delete",
-                {"entries": [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
+                # a pass's source root is its tier's folder, whose ledger the backups read (a recall's is not)
+                {"root": batch.source_root if todo[0].action == "move" else None,
+                 "entries": [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
     changed = []
     for entry, row in zip(todo, rows, strict=True):
         if row == "changed" and entry.action == "move":

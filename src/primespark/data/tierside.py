@@ -15,7 +15,9 @@ Operations:
   name hashed.
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
   the whole file or nothing.
-- `delete`: each source file removed if it is still what was copied (size and mtime_ns); else left.
+- `delete`: each source file removed if it is still what was copied (size and mtime_ns); else left. The tier
+  folder's ledger (`.spark-tier/moved-out.json`) counts the files removed, for the backup of that folder: a fall
+  in its file count that tier migration made is not a vanished volume (`backup/hostside.py` reads it).
 - `restore_times`: files that stay (an abandoned move) get back the access time rsync's read changed.
 - `remove`: files removed (staged copies of a replayed batch, an abandoned copy); empty staging folders too.
 - `catalog`: the migration catalog (SQLite, WAL), opened where the fleet keeps it.
@@ -42,6 +44,7 @@ except ImportError:  # a host without python3-xxhash hashes with sha256, slower
 HASHES: dict[str, Any] = {"sha256": hashlib.sha256, **({"xxh3_128": xxhash.xxh3_128} if xxhash else {})}
 STAGING = ".spark-tier-incoming"  # below a destination folder: copies not yet verified and placed
 OWN_PREFIX = ".spark-tier"  # the migration's own folders (staging, the catalog's folder): never scanned
+LEDGER = ".spark-tier/moved-out.json"  # below a tier's folder: how many files migration moved out, ever
 SKIP_DIRS = (".~tmp~",)  # rsync's partial folder (--delay-updates)
 CHUNK = 1 << 20
 
@@ -247,7 +250,29 @@ def delete(spec: dict[str, Any]) -> dict[str, Any]:
         out.append("deleted")
     for folder in touched:
         _fsync_dir(folder)
+    if spec.get("root") and out.count("deleted"):
+        count_moved_out(spec["root"], out.count("deleted"))
     return {"entries": out}
+
+
+def count_moved_out(root: str, files: int) -> None:
+    """Adds `files` to the tier folder's ledger, atomically (temporary, fsync, rename). Written after the deletes
+    are flushed: a crash between the two undercounts, so a backup's shrink check stays the stricter one."""
+    path = os.path.join(root, LEDGER)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            ledger = json.load(handle)
+    except (FileNotFoundError, ValueError):
+        ledger = {"files": 0}
+    ledger = {"files": int(ledger.get("files", 0)) + files, "updated": time.time()}
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(ledger, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(os.path.dirname(path))
 
 
 def restore_times(spec: dict[str, Any]) -> dict[str, Any]:
