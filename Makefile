@@ -71,6 +71,7 @@ lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run
 	echo; echo "The lab is up. Look next at:"; \
 	echo "  Prefect UI          $${PREFECT_API_URL%/api}   (its password: PREFECT_API_AUTH_STRING in \`$(SPARK) lab env\`)"; \
 	echo "  pools and workers   $(SPARK) flows status --env $(ENV)"; \
+	echo "  continuous sync     $(SPARK) sync status --env $(ENV)   (the sync-watch runs in the UI)"; \
 	$(SPARK) monitoring urls --env $(ENV) | sed 's/^/  /'; \
 	echo "  the fleet at a view $(SPARK) status --env $(ENV)"; \
 	echo "  hosts               $(SPARK) lab status"; \

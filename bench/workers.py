@@ -60,7 +60,7 @@ def ensure_lab() -> None:
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     for argv in ([SPARK, "lab", "up", "--env", "lab"],
                  [str(ROOT / ".venv" / "bin" / "ansible-playbook"), "-i", "inventory/lab.fleet.yml", "site.yml"],
-                 [SPARK, "flows", "deploy", "--env", "lab"]):
+                 [SPARK, "flows", "deploy", "--no-watch", "--env", "lab"]):  # the pool's runs: the bench's only
         subprocess.run(argv, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     use_fleet_prefect(FleetContext.load("lab"))
 

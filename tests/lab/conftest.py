@@ -219,10 +219,11 @@ def configured(lab: LabHandle) -> RunResult:
 @pytest.fixture(scope="session")
 def deployed(lab: LabHandle, prefect: PrefectApi, configured: RunResult) -> subprocess.CompletedProcess[str]:
     """site.yml's server and workers (the session's `configured`), then the fleet's deployments on their pools,
-    once per session: `spark flows deploy` as an operator runs it (the CLI finds the server itself)."""
+    once per session: `spark flows deploy` as an operator runs it (the CLI finds the server itself), without the
+    continuous jobs' watch runs: the tests that need a still source or their own pass start what they need."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    done = subprocess.run([str(BIN / "spark"), "flows", "deploy", "--env", lab.fleet.name], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
+    done = subprocess.run([str(BIN / "spark"), "flows", "deploy", "--no-watch", "--env", lab.fleet.name],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

@@ -43,7 +43,7 @@ def playbook(lab, book: str, limit: str | None = None) -> RunResult:
 def workers(lab, prefect) -> Any:
     """site.yml (server, worker keys, workers), then the fleet's deployments on the pools."""
     playbook(lab, "site.yml")
-    done = spark("flows", "deploy", "--env", lab.fleet.name)
+    done = spark("flows", "deploy", "--no-watch", "--env", lab.fleet.name)  # no long runs on the workers
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -104,7 +104,7 @@ def snapshots_of(host: str) -> list[str]:
 
 def test_deploy_twice_the_second_changes_nothing(lab, workers):
     assert "created" in workers.stdout or "nothing changed" in workers.stdout
-    again = spark("flows", "deploy", "--env", lab.fleet.name)
+    again = spark("flows", "deploy", "--no-watch", "--env", lab.fleet.name)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing changed" in again.stdout, again.stdout
 

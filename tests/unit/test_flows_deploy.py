@@ -128,9 +128,12 @@ def test_deploy_makes_pools_queues_deployments_automations_then_changes_nothing(
     assert {"work pool spark-edge", "work pool spark-cloud", "queue spark-edge/backup", "lock restic-offsite",
             "deployment backup-pi-1", "deployment maintenance-offsite"} <= set(first.created), first
     assert sum(w.startswith("automation") for w in first.created) == 2
+    continuous = sorted(f"sync-watch-{job}" for job, spec in ctx.fleet.sync.jobs.items() if spec.continuous)
+    assert continuous and sorted(w.split()[3] for w in first.started) == continuous, first.started
     second = deploy(ctx)
-    assert not second.changed, second
-    assert len(second.unchanged) == len(first.created) + len(first.updated) + len(first.unchanged)
+    assert not second.changed, second  # the watch runs have not ended (queued: no worker here): none started again
+    assert len(second.unchanged) == (len(first.created) + len(first.updated) + len(first.unchanged)
+                                     + len(first.started))
     with get_client(sync_client=True) as client:
         edge = client.read_deployment_by_name("backup/backup-pi-1")
         cloud = client.read_deployment_by_name("maintenance/maintenance-offsite")
@@ -151,6 +154,26 @@ def test_deploy_makes_pools_queues_deployments_automations_then_changes_nothing(
     again = next(a for a in automations if "reschedule" in a.name)
     assert again.trigger.match.get("prefect.run-count") == ["1"]  # type: ignore[union-attr]
     assert again.actions[0].state.value == "SCHEDULED" and again.actions[0].name == "AwaitingRetry"
+
+
+def test_a_watch_run_that_ended_is_started_again_and_no_watch_starts_none(lab: str, server: Server) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.states import Cancelled
+
+    ctx = FleetContext.load(lab)
+    deploy(ctx)
+    with get_client(sync_client=True) as client:
+        [watch] = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["sync-watch-hot-to-nas"])))
+        client.set_flow_run_state(watch.id, Cancelled(), force=True)  # cancelled from the UI
+    assert deploy(ctx, start_watches=False).started == []
+    report = deploy(ctx)
+    assert [w.split()[3] for w in report.started] == ["sync-watch-hot-to-nas"], report
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["sync-watch-hot-to-nas"])))
+    assert sorted(r.state_type.value for r in runs) == ["CANCELLED", "SCHEDULED"]
 
 
 def test_a_plan_the_fleet_lost_loses_its_deployments(lab: str, server: Server, tmp_path: Path) -> None:

@@ -29,9 +29,14 @@ def wheelhouse(
 
 
 @app.command()
-def deploy(env: EnvOption = "lab") -> None:
+def deploy(
+    env: EnvOption = "lab",
+    watch: Annotated[bool, typer.Option(help="start a watch run of each continuous sync job that has none "
+                                             "(--no-watch: deploy only; start them later from the UI)")] = True,
+) -> None:
     """Make the fleet's Prefect server match the fleet: work pools and queues per site, every deployment on its
-    site's pool with the fleet's schedules, the automations for runs whose worker died (idempotent).
+    site's pool with the fleet's schedules, the automations for runs whose worker died, a running watch per
+    continuous sync job (idempotent).
 
     First, the workers get what they open: every backup plan's repository and its offsite copies are opened from
     here (made on their first use, and recorded), and each worker gets this machine's records of its site's. A
@@ -47,12 +52,13 @@ def deploy(env: EnvOption = "lab") -> None:
     url = use_fleet_prefect(ctx)
     report = DeployReport()
     problems = prepare_workers(ctx, report)
-    apply(ctx, report)
-    for verdict, colour in (("created", "green"), ("updated", "yellow"), ("removed", "red"), ("skipped", "yellow")):
+    apply(ctx, report, start_watches=watch)
+    for verdict, colour in (("created", "green"), ("updated", "yellow"), ("removed", "red"), ("skipped", "yellow"),
+                            ("started", "green")):
         for what in getattr(report, verdict):
             console.print(f"  [{colour}]{verdict}[/{colour}] {what}")
     summary = (f"{len(report.created)} created, {len(report.updated)} updated, {len(report.removed)} removed, "
-               f"{len(report.unchanged)} unchanged" if report.changed else
+               f"{len(report.started)} watch runs started, {len(report.unchanged)} unchanged" if report.changed else
                f"nothing changed ({len(report.unchanged)} objects as the fleet says)")
     console.print(f"[bold]{ctx.env}[/bold] on {url.removesuffix('/api')}: {summary}")
     if problems:  # the deployments are there; the workers refuse these repositories until they are fixed

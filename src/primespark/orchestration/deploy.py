@@ -11,6 +11,8 @@ to match the fleet (idempotent: a second run changes nothing; what the fleet los
   deployment's concurrency slot; its repository lock's lease runs out on its own), and a Crashed run is
   scheduled again while its run count is within the deployment's `crash-retries:N` tag.
 - One global concurrency limit per repository (the writer locks), so they show in the UI before first use.
+- A run of each continuous sync job's `sync-watch-<job>`, unless one has not ended (`--no-watch`: none). A
+  running watch keeps the parameters it started with: after changing the job, cancel its run and deploy again.
 
 Before any of that (`prepare_workers`), the workers get what they open: a worker makes no restic repository (a
 worker set up while the NAS volume was not mounted would make an empty one), so deploy is the deliberate act that
@@ -47,10 +49,11 @@ class DeployReport:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # left for another time, with the reason
+    started: list[str] = field(default_factory=list)  # continuous sync jobs' watch runs
 
     @property
     def changed(self) -> bool:
-        return bool(self.created or self.updated or self.removed)
+        return bool(self.created or self.updated or self.removed or self.started)
 
     def add(self, verdict: str, what: str) -> None:
         getattr(self, verdict).append(what)
@@ -352,7 +355,39 @@ def prepare_workers(ctx: FleetContext, report: DeployReport) -> list[str]:
     return problems
 
 
-def deploy(ctx: FleetContext, report: DeployReport | None = None) -> DeployReport:
+# A watch run that has not ended: Scheduled (AwaitingRetry after a crash too), Pending, Running, Paused, Cancelling.
+UNFINISHED = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+
+
+def ensure_watch_runs(client: Any, ctx: FleetContext, report: DeployReport) -> None:
+    """One run of each continuous sync job's `sync-watch-<job>` deployment: started unless one has not ended yet
+    (queued while its worker is away, or rescheduled after a crash: the automations' AwaitingRetry). A continuous
+    job is continuous from its first deploy on, not once someone presses Run."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    for planned in planned_deployments(ctx.fleet, ctx.env):
+        if planned.flow != "sync-watch":
+            continue
+        found = client.read_deployment_by_name(f"{planned.flow}/{planned.name}")
+        running = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType(t) for t in UNFINISHED]))), limit=1)
+        if running:
+            report.add("unchanged", f"watch run {running[0].name} ({running[0].state_type.value.lower()})")
+        else:
+            run = client.create_flow_run_from_deployment(found.id)
+            report.add("started", f"watch run of {planned.name} ({run.name})")
+
+
+def deploy(ctx: FleetContext, report: DeployReport | None = None, start_watches: bool = True) -> DeployReport:
     """Make the server match the fleet. The caller has pointed Prefect at the server (`api.use_fleet_prefect`)."""
     from prefect.client.orchestration import get_client
 
@@ -362,6 +397,8 @@ def deploy(ctx: FleetContext, report: DeployReport | None = None) -> DeployRepor
         ensure_locks(client, ctx, report)
         ensure_deployments(client, ctx, report)
         ensure_automations(client, ctx, report)
+        if start_watches:
+            ensure_watch_runs(client, ctx, report)
     return report
 
 
