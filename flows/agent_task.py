@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 
 from primespark.agents import execute
 from primespark.agents.execute import default_task_id
@@ -48,9 +49,11 @@ def find_step(ctx: FleetContext, task_id: str) -> list[execute.Found]:
     return execute.find_task(ctx.hosts, ctx.fleet, task_id)
 
 
+FactsRead = tuple[Facts, list[Placed], datetime, str]
+
+
 @task(name="agent-task-facts", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def facts_step(ctx: FleetContext, spec: TaskSpec, facts_file: str | None) -> tuple[Facts, list[Placed], datetime,
-                                                                                     str]:
+def facts_step(ctx: FleetContext, spec: TaskSpec, facts_file: str | None) -> FactsRead:
     """The hosts' facts now (or from a facts file, as `spark task plan --facts`), what is placed, the time."""
     from primespark.agents.facts import live_facts, load_facts_file
 
@@ -107,7 +110,7 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
 
 def _place_or_wait(ctx: FleetContext, spec: TaskSpec, label: str, where: str, task_id: str, attempt: int,
                    facts_file: str | None, kept_off: dict[str, str], options: dict[str, Any], wait_seconds: float,
-                   poll_seconds: float) -> Decision:
+                   poll_seconds: float, prefetched: PrefectFuture[FactsRead] | None = None) -> Decision:
     """The decision of this attempt, published. No host can take the task: at once `NoEligibleHost`, unless a host
     was lost in this run; then the task waits for one, placed again on fresh facts every `poll_seconds` for up to
     `wait_seconds` (each wait logged with every host's reason), and `NoEligibleHostInTime` after."""
@@ -115,7 +118,11 @@ def _place_or_wait(ctx: FleetContext, spec: TaskSpec, label: str, where: str, ta
     shown: list[dict[str, str]] | None = None
     deadline: float | None = None
     while True:
-        facts, placed, now, source = facts_step.with_options(**options)(ctx, spec, facts_file)
+        if prefetched is not None:  # read while the earlier runs were looked for
+            facts, placed, now, source = prefetched.result()
+            prefetched = None
+        else:
+            facts, placed, now, source = facts_step.with_options(**options)(ctx, spec, facts_file)
         decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off)
         shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
         if decision.host is not None:
@@ -238,8 +245,15 @@ def agent_task(
     # a host left unreachable is retried by Prefect; a failed command is an attempt of the spec's own
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):
-        known = find_step.with_options(**options)(ctx, task_id)
+        # the earlier runs of the id and the hosts' facts at once: two reads of the fleet, neither needs the other
+        looked_for = find_step.with_options(**options).submit(ctx, task_id)
+        facts_read = facts_step.with_options(**options).submit(ctx, chosen, facts_file)
+        known = looked_for.result()
         settled = _settle(ctx, task_id, known)
+        prefetched: PrefectFuture[FactsRead] | None = facts_read
+        if settled is not None or any(f.found == "running" for f in known):
+            facts_read.wait()  # not used: nothing runs, or a killed attempt's load was in those facts
+            prefetched = None
         if settled is not None:
             result, why = settled
             label_run({HOST_LABEL: result.host})
@@ -258,7 +272,8 @@ def agent_task(
         while failures <= chosen.retries:
             attempt += 1
             decision = _place_or_wait(ctx, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
-                                      wait, requeue_poll_seconds)
+                                      wait, requeue_poll_seconds, prefetched)
+            prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
             label_run({HOST_LABEL: decision.host})
