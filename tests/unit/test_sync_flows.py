@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flows.sync import sync, sync_check, sync_watch
 from primespark.context import FleetContext
 from primespark.data import sync as core
+from primespark.data import tierside
 from primespark.data.layout import links
 from primespark.fleet import load_fleet
 
@@ -162,11 +163,13 @@ def test_agent_tasks_staging_on_a_hot_tier_is_never_sent_even_by_a_job_including
     (source / "tasks" / ".staging" / "t-2" / "out" / "half.bin").write_bytes(b"still being written")
     (source / "tasks" / "t-1" / "out").mkdir(parents=True)
     (source / "tasks" / "t-1" / "out" / "result.json").write_text("{}")
+    tierside.count_moved_out(str(source), 5)  # the hot tier's ledger: its own backups' record, not data
     result = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
     assert result["links"][0]["status"] == "succeeded", result
     sent = tree(tmp_path / "warm" / "pi-1")
     assert "tasks/t-1/out/result.json" in sent and len([k for k in sent if k.startswith("readings/")]) == 3
     assert not any(".staging" in k for k in sent), sorted(sent)
+    assert not any(".spark-tier" in k for k in sent), sorted(sent)
 
 
 def test_a_mirror_deletes_what_its_source_lost_within_max_delete(state: Path, tmp_path: Path,

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 
 from primespark.agents.execute import HOT_TIER_STAGING
 from primespark.context import FleetContext
-from primespark.data import transfer
+from primespark.data import tierside, transfer
 from primespark.data.layout import Link, links
 from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
@@ -142,15 +142,21 @@ def route_for(ctx: FleetContext, link: Link) -> tuple[Route, str]:
 
 
 def held_back(fleet: Fleet, link: Link) -> tuple[str, ...]:
-    """What no job sends from the link's source: agent tasks' staging folder on a hot-tier host (a task may still
-    write there; its host commits the result by a rename into `tasks/`, which is then sent), as a pattern anchored
-    at the transfer's root."""
-    hot = fleet.tiers.get(TierName.hot)
-    if hot is None or link.source not in hot.hosts:
-        return ()
-    staging = f"{hot.path.rstrip('/')}/{HOT_TIER_STAGING}"
+    """What no job sends from the link's source, as patterns anchored at the transfer's root: agent tasks' staging
+    folder on a hot-tier host (a task may still write there; its host commits the result by a rename into
+    `tasks/`, which is then sent), and a tier folder's ledger of files moved out (that folder's own record, for
+    its own backups: a copy elsewhere would count for nothing)."""
     root = link.source_path.rstrip("/")
-    return (f"{staging.removeprefix(root)}/",) if staging.startswith(root + "/") else ()
+    held = []
+    for name, tier in fleet.tiers.items():
+        if link.source not in tier.hosts:
+            continue
+        own = [tierside.LEDGER] + ([f"{HOT_TIER_STAGING}/"] if name is TierName.hot else [])
+        for rel in own:
+            path = f"{tier.path.rstrip('/')}/{rel}"
+            if path.startswith(root + "/"):
+                held.append(path.removeprefix(root))
+    return tuple(held)
 
 
 def plan_for(ctx: FleetContext, link: Link, **options: Any) -> TransferPlan:
