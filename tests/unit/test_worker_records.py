@@ -18,7 +18,7 @@ from primespark.backup import jobs, records
 from primespark.backup.records import RepositoryMissing, RepositoryNotRecorded
 from primespark.backup.repositories import password
 from primespark.context import FleetContext
-from primespark.errors import StepFailed
+from primespark.errors import StepFailed, UserError
 from primespark.orchestration.deploy import DeployReport, prepare_workers, worker_records_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,3 +174,30 @@ def test_deploy_keeps_the_records_a_worker_made_itself_and_never_makes_its_repos
     assert not (tmp_path / "nas" / "pi-1").exists(), "deploy made an empty repository in the missing one's place"
     assert records.load(controller.state_dir)["nas-primary/pi-1"] == made["nas-primary/pi-1"]
     assert records.load(state)["nas-primary/pi-1"] == made["nas-primary/pi-1"]
+
+
+def test_deploy_gives_each_worker_the_mesh_plans_so_a_cross_site_sync_finds_its_destination(
+        controller: FleetContext, fleet: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from primespark.data.layout import links
+    from primespark.data.sync import address_of
+    from primespark.mesh.plan import plan_mesh, save_state
+
+    state = install_worker(controller, "nas-1", ["nas-primary"])
+    install_worker(controller, "ops-1", ["offsite"])
+    members = controller.fleet.mesh_members("fleet")
+    plan = plan_mesh(controller.fleet, "fleet", {m: f"key-of-{m}" for m in members})
+    save_state(controller.state_dir, plan.state())
+    [link] = links(controller.fleet, "warm-to-cloud")  # nas-1 (edge) → analytics-1 (cloud), over the mesh
+    worker = as_worker(fleet, "edge", state, monkeypatch)
+    with pytest.raises(UserError, match="has no saved plan"):  # what the edge worker said before deploy gave it
+        address_of(worker, link)
+
+    monkeypatch.setenv("SPARK_STATE_DIR", str(controller.state_dir))
+    report = DeployReport()
+    prepare_workers(controller, report)
+    assert {"mesh plan fleet of nas-1's worker", "mesh plan fleet of ops-1's worker"} <= set(report.created), report
+    assert oct((state / "mesh" / "fleet.json").stat().st_mode & 0o777) == "0o600"
+    assert address_of(as_worker(fleet, "edge", state, monkeypatch), link) == str(plan.state().address_of("analytics-1"))
+    again = DeployReport()
+    prepare_workers(controller, again)
+    assert "mesh plan fleet of nas-1's worker" in again.unchanged and not again.changed, again

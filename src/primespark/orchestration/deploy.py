@@ -18,7 +18,8 @@ Before any of that (`prepare_workers`), the workers get what they open: a worker
 worker set up while the NAS volume was not mounted would make an empty one), so deploy is the deliberate act that
 does. It adopts the records a worker kept from before, opens every client repository of the backup plans and
 their offsite copies from here — made on first use and recorded, as `spark backup now` does — and writes each
-worker's records file (its site's records only, 0600, atomically; only when it changed).
+worker's records file (its site's records only, 0600, atomically; only when it changed), and the saved mesh
+plans (the addresses a cross-site flow dials).
 """
 
 from __future__ import annotations
@@ -247,24 +248,34 @@ def worker_records_file(ctx: FleetContext, host: str) -> str:
     return f"{worker_state_dir(ctx, host)}/{records.RECORDS_FILE}"
 
 
-def read_worker_records(ctx: FleetContext, host: str) -> str | None:
-    """The worker's records file on `host` as it is, None when it has none."""
-    path = shlex.quote(worker_records_file(ctx, host))
+def read_worker_file(ctx: FleetContext, host: str, relative: str) -> str | None:
+    """A file of the worker's state directory on `host` as it is, None when there is none."""
+    from primespark.orchestration.material import worker_state_dir
+
+    path = shlex.quote(f"{worker_state_dir(ctx, host)}/{relative}")
     head, _, text = run_on(ctx.hosts, host, f"if [ -f {path} ]; then echo present; cat {path}; else echo absent; fi"
                            ).partition("\n")
     return text if head == "present" else None
 
 
+def read_worker_records(ctx: FleetContext, host: str) -> str | None:
+    """The worker's records file on `host` as it is, None when it has none."""
+    return read_worker_file(ctx, host, records.RECORDS_FILE)
+
+
 NO_WORKER = 3  # the exit status of the write when the host has no worker's state directory
 
 
-def write_worker_records(ctx: FleetContext, host: str, text: str) -> bool:
-    """Replace the worker's records file on `host` (0600, root; renamed into place: a flow run reading it sees the
-    old or the new one). False when no worker is installed there yet (its role installs the records with it)."""
-    path = worker_records_file(ctx, host)
+def write_worker_file(ctx: FleetContext, host: str, relative: str, text: str) -> bool:
+    """Replace a file of the worker's state directory on `host` (0600, root; renamed into place: a flow run reading
+    it sees the old or the new one). False when no worker is installed there yet (its role makes the directory)."""
+    from primespark.orchestration.material import worker_state_dir
+
+    state = worker_state_dir(ctx, host)
+    path = f"{state}/{relative}"
     folder = shlex.quote(path.rsplit("/", 1)[0])
-    script = (f"set -e; [ -d {folder} ] || exit {NO_WORKER}; t=$(mktemp {folder}/.records.XXXXXX); "
-              f'cat > "$t"; chmod 600 "$t"; mv -f "$t" {shlex.quote(path)}')
+    script = (f"set -e; [ -d {shlex.quote(state)} ] || exit {NO_WORKER}; mkdir -p -m 700 {folder}; "
+              f't=$(mktemp {folder}/.spark.XXXXXX); cat > "$t"; chmod 600 "$t"; mv -f "$t" {shlex.quote(path)}')
     try:
         run_on(ctx.hosts, host, script, stdin=text)
     except CommandFailed as exc:
@@ -272,6 +283,11 @@ def write_worker_records(ctx: FleetContext, host: str, text: str) -> bool:
             return False
         raise
     return True
+
+
+def write_worker_records(ctx: FleetContext, host: str, text: str) -> bool:
+    """Replace the worker's records file on `host` (see `write_worker_file`)."""
+    return write_worker_file(ctx, host, records.RECORDS_FILE, text)
 
 
 def adopt_worker_records(ctx: FleetContext, report: DeployReport) -> dict[str, str | None]:
@@ -345,13 +361,38 @@ def deliver_worker_records(ctx: FleetContext, report: DeployReport, present: dic
                                   "it with them)")
 
 
+def deliver_mesh_plans(ctx: FleetContext, report: DeployReport) -> None:
+    """Each worker gets this machine's saved plan of every mesh (addresses and public keys, no secret): a flow that
+    crosses sites (a sync job from the edge to the cloud) reaches the other end at its mesh address, which only
+    the plan holds. After `spark mesh plan` adds or removes a host, deploy again."""
+    from primespark.mesh.plan import state_path
+
+    spec = ctx.fleet.orchestration
+    assert spec is not None
+    for mesh in ctx.fleet.meshes:
+        try:
+            text = state_path(ctx.state_dir, mesh).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue  # not planned yet: the cross-site flows say so on the worker, with the fix
+        for worker in dict.fromkeys(w.host for w in spec.workers.values()):
+            relative, what = f"mesh/{mesh}.json", f"mesh plan {mesh} of {worker}'s worker"
+            present = read_worker_file(ctx, worker, relative)
+            if present == text:
+                report.add("unchanged", what)
+            elif write_worker_file(ctx, worker, relative, text):
+                report.add("created" if present is None else "updated", what)
+            else:
+                report.skipped.append(f"{what}: no worker installed there yet")
+
+
 def prepare_workers(ctx: FleetContext, report: DeployReport) -> list[str]:
     """Before the deployments: adopt the workers' own records, open (first use: make) every repository from here,
-    deliver each worker its site's records. Returns the repositories that could not be opened (see
-    `ensure_repositories`): their deployments fail on the workers, closed, until fixed."""
+    deliver each worker its site's records and the mesh plans. Returns the repositories that could not be opened
+    (see `ensure_repositories`): their deployments fail on the workers, closed, until fixed."""
     present = adopt_worker_records(ctx, report)
     problems = ensure_repositories(ctx, report)
     deliver_worker_records(ctx, report, present)
+    deliver_mesh_plans(ctx, report)
     return problems
 
 
