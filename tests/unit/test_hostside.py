@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,46 @@ def test_a_file_written_after_its_hash_and_before_restic_read_it_is_counted_not_
     run = restore_and_compare(client, "pi-1", str(tmp_path / "restored"), manifest_dir=str(folder))
     assert run.comparison is not None and run.comparison.ok, run
     assert run.comparison.changed_during_backup == [str(late)] and run.comparison.matched == 1
+
+
+def test_a_session_whose_controller_goes_ends_its_restic_and_saves_no_snapshot(tmp_path: Path) -> None:
+    """The controller's end of the session's stdout closed (its SSH session gone: a worker killed mid-backup):
+    the session interrupts restic, which saves no snapshot, and exits with CONTROLLER_GONE, no restic left behind.
+    restic is slowed to 1 KiB/s so that it is still writing its first pack when the controller goes. (Its lock is
+    not checked: a throttled restic on a loaded machine sometimes outlives the grace and is killed, lock and all —
+    a lock restic itself finds stale, its process gone from the same host.)"""
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(1 << 20))
+    client = ResticClient(str(tmp_path / "repo"), PASSWORD)
+    client.init()
+    data = [*client.command("--limit-upload", "1"),
+            *client.backup_args([str(source)], tags=["primespark-backup"], host="pi-1", verbose=True)]
+    session = subprocess.Popen([sys.executable, hostside.__file__, "backup"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, env={**os.environ, **client.environment()})
+    assert session.stdin is not None and session.stdout is not None
+    session.stdin.write(json.dumps({"data": data, "host": "pi-1", "run": "0003", "cache": None,
+                                    "manifest_dir": None, "paths": [str(source)], "excludes": []}).encode())
+    session.stdin.close()
+    packs, repository = tmp_path / "repo" / "data", str(tmp_path / "repo")
+    deadline = time.monotonic() + 60
+    # restic writes its first pack (its lock taken and registered long before: a SIGINT in the instant between
+    # restic writing its lock file and registering it leaves the file behind, restic's own race)
+    while not any(path.is_file() for path in packs.rglob("*")):
+        assert session.poll() is None and time.monotonic() < deadline, "restic never started writing"
+        time.sleep(0.05)
+    session.stdout.close()
+    assert session.wait(timeout=60) == hostside.CONTROLLER_GONE
+    assert client.snapshots() == []
+    assert not [pid for pid in processes_naming(repository) if pid != os.getpid()], "restic left running"
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

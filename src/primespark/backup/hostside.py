@@ -28,6 +28,8 @@ import multiprocessing
 import os
 import posixpath
 import re
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -183,8 +185,56 @@ class Drain(threading.Thread):
         return self.data.decode(errors="replace")
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # the restic processes of this session, ended if the controller goes
+CONTROLLER_GONE = 75  # this session's exit code when its controller went away and it ended its restic
+END_GRACE_SECONDS = 30.0  # restic, interrupted, removes its lock and exits; past this it is killed
+ANSWER = threading.Lock()  # the session ends once: by its answer, or (held to the exit) by its controller's loss
+
+
 def start(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    STARTED.append(proc)
+    return proc
+
+
+def end_started(grace: float = END_GRACE_SECONDS) -> None:
+    """SIGINT to every restic this session started (restic saves no snapshot, removes its lock), SIGKILL to any
+    still there after `grace`."""
+    running = [proc for proc in STARTED if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGINT)
+    for proc in running:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def watch_controller(out_fd: int, on_gone: Any) -> threading.Thread | None:
+    """Call `on_gone` once the reader of `out_fd` (a pipe or socket: the controller's SSH session, or its own
+    pipe) has closed it. Without a pty, sshd ends no process when its client dies: a worker killed mid-backup
+    would leave this session and its restic running on the host, saving a snapshot beside the rescheduled run's
+    and writing while the repository's lock is free. None where `out_fd` is a file or a terminal (no reader to lose)."""
+    mode = os.fstat(out_fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return None
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(out_fd, 0)  # no event asked: only POLLERR (a pipe's reader closed) or POLLHUP (a socket's)
+        while not poller.poll():
+            pass
+        on_gone()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def controller_gone() -> None:
+    ANSWER.acquire()  # the phase, its restic interrupted, must not go on to answer (or to store a manifest)
+    end_started()
+    os._exit(CONTROLLER_GONE)
 
 
 def json_lines(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
@@ -577,12 +627,14 @@ def drill(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.load(sys.stdin)
+    watch_controller(sys.stdout.fileno(), controller_gone)
     phases = {"backup": backup, "drill": drill}
     try:
         out = phases[sys.argv[1]](spec)
     except FileNotFoundError as exc:  # restic itself is missing: said as such, not as a traceback
         out = {"not_installed": exc.filename}
-    json.dump(out, sys.stdout)
+    with ANSWER:
+        json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":
