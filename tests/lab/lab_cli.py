@@ -14,19 +14,30 @@ REPO = Path(__file__).resolve().parents[2]
 SPARK = str(REPO / ".venv" / "bin" / "spark")
 
 
-def spark(*args: str, timeout: float = 600, columns: int | None = None) -> subprocess.CompletedProcess[str]:
-    """`spark ARGS` from the repo; `columns`: the width its tables are drawn to (rich folds cells to fit)."""
+def spark(*args: str, timeout: float = 600, columns: int | None = None,
+          extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`spark ARGS` from the repo; `columns`: the width its tables are drawn to (rich folds cells to fit); `extra`:
+    environment variables added."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # the CLI finds the server itself
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**env, **(extra or {})}, cwd=REPO)
 
 
-def until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+def until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0,
+          tolerate: tuple[type[Exception], ...] = ()) -> Any:
+    """Poll `predicate` until it returns something true, or fail naming `what` and its last value; `tolerate`:
+    errors that mean "not yet" (a service still starting)."""
     deadline = time.monotonic() + timeout
+    value: Any = None
     while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
+        try:
+            value = predicate()
+        except tolerate as exc:
+            value = exc
+        else:
+            if value:
+                return value
         time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+    raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {value!r})")

@@ -8,28 +8,18 @@ the NAS and the workers; a worker's own checkpoints are not copied yet.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_cli import spark
 
 from primespark.audit.chain import records
 from primespark.audit.verify import verify_chain
 from primespark.orchestration.material import WORKER_HOME
 
 pytestmark = pytest.mark.lab
-
-REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
-
-
-def spark(*args: str, timeout: float = 600, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # the CLI finds the server itself
-    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, env={**env, **(extra or {})},
-                          cwd=REPO)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_cli import REPO, spark, until
 
 from primespark.inventory import managed_hosts
 from primespark.mesh.plan import load_state
@@ -29,8 +29,6 @@ from primespark.playbook import run_ansible
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
 FAST = {"retries": 1, "retry_delay_seconds": 1.0}
 PLAYBOOK = """\
 - name: Monitoring servers only
@@ -49,30 +47,13 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     return list(body["data"]["result"])
 
 
-def until(what: str, condition: Callable[[], Any], seconds: float, every: float = 2.0) -> Any:
-    """Poll `condition` until it returns something true, or fail naming `what`."""
-    deadline = time.monotonic() + seconds
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            last = condition()
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {seconds:.0f} s (last: {last!r})")
-
-
-def spark(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SPARK, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
 @pytest.fixture(scope="module")
 def monitored(lab, configured) -> str:
     """site.yml on the whole lab (the session's `configured`), then the main job of `make lab` (LAB_FLOWS, here from
     the controller); Prometheus' URL."""
     for step in (["backup", "now"], ["drill", "run"], ["backup", "maintain"], ["sync", "run"],
                  ["mesh", "check", "--publish"]):
-        done = spark(*step, "--env", lab.fleet.name)
+        done = spark(*step, "--env", lab.fleet.name, timeout=900)
         assert done.returncode == 0, f"{' '.join(step)}: {done.stdout[-3000:]}{done.stderr[-2000:]}"
     # The usage guard runs from cron every 5 minutes; run it once now on every host (what cron runs), so its
     # figures are there without waiting for the clock, and a guard that fails says why here.
@@ -101,7 +82,7 @@ def test_prometheus_scrapes_every_node_exporter_the_edge_over_the_mesh(lab, moni
         node = {t["labels"]["host"]: t for t in active if t["labels"]["job"] == "node"}
         return node if node and all(t["health"] == "up" for t in node.values()) else None
 
-    targets = until("every node exporter target up", node_targets, 120)
+    targets = until("every node exporter target up", node_targets, 120, every=2, tolerate=(OSError, ValueError))
     assert set(targets) == set(managed_hosts(lab.fleet))
     for host, target in targets.items():
         address = urllib.parse.urlparse(target["scrapeUrl"]).hostname
