@@ -147,7 +147,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
     """Wait for the lab lock before the first lab test starts, not inside it: another run's lab may hold the lock
     for longer than a test's timeout. The `lab` fixture then finds it held by this process."""
-    wanted = any(item.get_closest_marker("lab") for item in session.items)
+    wanted = not session.config.option.collectonly and any(item.get_closest_marker("lab") for item in session.items)
     with lab_lock() if wanted else contextlib.nullcontext():
         yield
 
