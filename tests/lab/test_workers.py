@@ -194,6 +194,10 @@ def backup_killed_midway(lab, kill: Callable[[], None], bring_back: Callable[[],
           and lock_slots(repository) == 1, 300)
     killed = time.monotonic()
     kill()
+    # the host-side session saw its controller go and interrupted restic (hostside.watch_controller): none is left
+    # writing on the host, unsupervised, to save a snapshot beside the rescheduled run's
+    until(f"no restic left on {host}", lambda: lab.exec(host, "! grep -qsx restic /proc/[0-9]*/comm").returncode == 0,
+          60)
     until("Crashed", lambda: "CRASHED" in state_types(run_id), TWO_MINUTES)
     crashed = time.monotonic() - killed
     with client() as api:
