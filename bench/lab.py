@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def main() -> None:
         reruns = [timed(lab.up)[0] for _ in range(RERUNS)]
         bao = openbao_figures(lab)
         ping, done = timed(lambda: subprocess.run(
-            [str(REPO / ".venv/bin/ansible"), "all", "-i", "inventory/lab.fleet.yml", "-m", "ping"],
+            [str(Path(sys.executable).parent / "ansible"), "all", "-i", "inventory/lab.fleet.yml", "-m", "ping"],
             cwd=REPO, capture_output=True, text=True))
         pinged = done.stdout.count("SUCCESS")  # type: ignore[attr-defined]
         if not was_up:

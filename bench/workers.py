@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SPARK = str(ROOT / ".venv" / "bin" / "spark")
+BIN = Path(sys.executable).parent  # the venv running the bench
+SPARK = str(BIN / "spark")
 WORKER_HOST = "nas-1"
 ENV_FILE = "/etc/primespark/spark-prefect-worker.env"
 COMMAND_FILE = "/etc/primespark/spark-prefect-worker.command"
@@ -57,9 +58,9 @@ def ensure_lab() -> None:
         return
     except UserError as exc:
         print(f"the lab's Prefect server does not answer ({exc.message}): bringing the lab up", flush=True)
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     for argv in ([SPARK, "lab", "up", "--env", "lab"],
-                 [str(ROOT / ".venv" / "bin" / "ansible-playbook"), "-i", "inventory/lab.fleet.yml", "site.yml"],
+                 [str(BIN / "ansible-playbook"), "-i", "inventory/lab.fleet.yml", "site.yml"],
                  [SPARK, "flows", "deploy", "--no-watch", "--env", "lab"]):  # the pool's runs: the bench's only
         subprocess.run(argv, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     use_fleet_prefect(FleetContext.load("lab"))

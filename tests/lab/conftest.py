@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lab_cli import SPARK
 
 from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
@@ -192,8 +193,7 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
     from primespark.orchestration.material import auth_string
     from primespark.playbook import run_ansible
 
-    spark = str(REPO / ".venv" / "bin" / "spark")
-    planned = subprocess.run([spark, "mesh", "plan", "--env", lab.fleet.name], capture_output=True, text=True,
+    planned = subprocess.run([SPARK, "mesh", "plan", "--env", lab.fleet.name], capture_output=True, text=True,
                              timeout=120)
     assert planned.returncode == 0, planned.stderr
     assert lab.fleet.orchestration is not None

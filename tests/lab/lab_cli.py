@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
+BIN = Path(sys.executable).parent  # the venv running the tests: its `spark`, `ansible-playbook`
+SPARK = str(BIN / "spark")
 
 
 def spark(*args: str, timeout: float = 600, columns: int | None = None,

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lab_cli import SPARK
 
 from primespark.cloud.catalog import readable_services, secret_path
 from primespark.cloud.services import role_name
@@ -24,8 +25,6 @@ from primespark.mesh.keys import public_key_of
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[2]
-SPARK = str(REPO / ".venv" / "bin" / "spark")
 FAST = {"retries": 2, "retry_delay_seconds": 1.0}
 PREFIX = "primespark/lab"  # secrets.prefix and the environment
 
