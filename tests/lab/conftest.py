@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lab_cli import SPARK
 
 from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
@@ -29,6 +28,8 @@ from primespark.playbook import RunResult, run_ansible
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's tools, wherever the venv is
+# lab_cli.SPARK, not imported from there: test_lab loads this file alone, from another rootdir
+SPARK = str(BIN / "spark")
 GENERATOR_PAUSE = "/var/lib/primespark/lab-generator/paused"  # roles/lab_generator's pause file
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
