@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from primespark.audit.chain import GENESIS, encode, lines, records
 from primespark.audit.checkpoints import HmacSigner, TransitSigner, append_checkpoint, read_checkpoints
 from primespark.audit.log import Operation, audit_key, audit_log, operation
+from primespark.audit.redact import Redactor
 from primespark.audit.verify import verify_chain
 from primespark.cli.app import app
 from primespark.cli.audit import AUDITED, resolve
@@ -475,3 +476,11 @@ def test_checkpoints_copied_off_the_machine_catch_them_cut_or_edited_here(fleet:
     rewrite(points, lambda ls: [*ls[:4], ls[4].replace(b'"count": 5000', b'"count": 5001'), *ls[5:9]])
     difference = compare("ops-1", points.read_bytes(), fetch(hosts, "ops-1", "lab"))
     assert difference is not None and difference.message.startswith("checkpoint 5 differs from its copy on ops-1")
+
+
+@pytest.mark.parametrize("first", ["+", "/", "A", "9"])
+def test_a_wireguard_key_in_free_text_is_redacted_whatever_its_first_character(first: str) -> None:
+    """A base64 key may begin with + or / (one key in 32): no word boundary stands before it after a space."""
+    key = first + "+Obyw9kF30RzPwxFNZquZEOECGnjzx/CKXkWf6V3u30="[1:]  # the key that leaked in a CI run
+    text = Redactor(lambda: b"k" * 32).text(f"failed with {key} (and {key})")
+    assert key not in text and text.count("hmac-sha256:") == 2, text

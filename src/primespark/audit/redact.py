@@ -31,7 +31,8 @@ _SECRET_SHAPES = re.compile(
 # In free text (error messages): the same shapes, replaced where they stand.
 _SECRET_SPANS = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
-    r"|\b[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="
+    # not \b: a key may begin with + or /, which no word boundary precedes after a space
+    r"|(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="
     r"|\b(?:hv[sbr]|s|b|r)\.[A-Za-z0-9_-]{20,}"
     r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)", re.S)
 
