@@ -14,8 +14,9 @@ of each, the order alternating by round. Target: ours at most 1.1x plain, both t
 Then the continuous lag: the `sync-watch` flow runs the job while pi-1 writes `--lag-files` files evenly over
 `--lag-seconds`; nas-1 notes when each appears (a listing every 0.2 s). Target: p95 at most 30 s.
 
-Holds the lab lock; brings the lab up if needed (and down again after), applies the sync role to pi-1 and nas-1,
-pauses the lab data generator on pi-1 while it runs, and removes its files at the end.
+Holds the lab lock; brings the lab up if needed (and down again after, also when a step fails), applies site.yml
+when the lab's Prefect server does not answer (a lab `make lab` did not configure), pauses the lab data generator
+on pi-1 while it runs, and removes its files at the end.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from primespark.context import FleetContext
 from primespark.data import sync as core
 from primespark.data.layout import links
+from primespark.errors import UserError
 from primespark.fleet import load_fleet
 from primespark.lab import Lab
 from primespark.lab.lock import lab_lock
+from primespark.orchestration.api import use_fleet_prefect
 from primespark.playbook import run_ansible
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,70 +165,75 @@ def main() -> None:
     load_before = os.getloadavg()
     with lab_lock():
         was_up = any(h.state == "running" for h in the_lab.status(check_ssh=False).hosts)
-        the_lab.up()
-        container = {h: the_lab.plan().container(h).name for h in ("pi-1", "nas-1")}
-        book = REPO / ".bench-sync.yml"
-        book.write_text(yaml.safe_dump([{"name": "sync transport", "hosts": "pi-1,nas-1", "become": True,
-                                         "roles": ["sync"]}]))
         try:
-            applied = run_ansible(Path("inventory/lab.fleet.yml"), playbook=str(book), root=REPO, limit="pi-1,nas-1")
+            measure(the_lab, args)
         finally:
-            book.unlink()
-        if applied.rc != 0:
-            raise SystemExit("the sync role failed: " + "\n".join(applied.failed_tasks))
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{fleet.lab.prefect_port}/api"
-        ctx = FleetContext.load("lab", "ssh")
-        [link] = [lk for lk in links(ctx.fleet, "hot-to-nas") if lk.source == "pi-1"]
-        sh(ctx, "pi-1", f"mkdir -p {os.path.dirname(PAUSE)} && touch {PAUSE}")
-        try:
-            made = time.perf_counter()
-            sh(ctx, "pi-1", "rm -rf /srv/hot/bench /srv/hot/bench-lag")
-            subprocess.run(["docker", "exec", container["pi-1"], "python3", "-c", DATASET, "/srv/hot/bench",
-                            str(args.small), str(args.large_gib)], check=True)
-            files = sh(ctx, "pi-1", "find /srv/hot -type f | wc -l").strip()
-            size = sh(ctx, "pi-1", "du -sb /srv/hot | cut -f1").strip()
-            print(f"dataset on pi-1: {files} files, {int(size) / 2**30:.2f} GiB in /srv/hot "
-                  f"(made in {time.perf_counter() - made:.0f} s, not counted)")
-            rows: dict[str, list[float]] = {"plain first": [], "plain again": [], "ours first": [], "ours again": []}
-            detail: list[dict[str, Any]] = []
-            for round_no in range(args.rounds):
-                order = ("plain", "ours") if round_no % 2 == 0 else ("ours", "plain")
-                for who in order:
-                    clear(ctx, link)
-                    os.sync()
-                    if who == "plain":
-                        rows["plain first"].append(plain(ctx, link))
-                        rows["plain again"].append(plain(ctx, link))
-                    else:
-                        seconds, first = ours("lab")
-                        rows["ours first"].append(seconds)
-                        again_seconds, again = ours("lab")
-                        rows["ours again"].append(again_seconds)
-                        detail += [first, again]
-            print(f"\n{'':<28}{'plain rsync -a':>16}{'spark sync run':>16}{'ratio':>9}   target <= 1.1x")
-            for step in ("first", "again"):
-                p, o = statistics.median(rows[f"plain {step}"]), statistics.median(rows[f"ours {step}"])
-                label = "first sync" if step == "first" else "no-change re-sync"
-                print(f"{label:<28}{p:>15.1f}s{o:>15.1f}s{o / p:>8.2f}x   {'met' if o / p <= 1.1 else 'missed'}")
-            for d in detail:
-                print(f"  ours, {d['files_sent']} files sent ({d['bytes_sent'] / 2**30:.2f} GiB): rsync "
-                      f"{d['transfer_seconds']:.1f} s of {d['finished'] - d['started']:.1f} s in the flow; "
-                      f"{d['verified']} verified")
-            sh(ctx, "pi-1", "rm -rf /srv/hot/bench")
-            clear(ctx, link)
-            lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds)
-            if lags:
-                q = statistics.quantiles(lags, n=100)
-                print(f"\ncontinuous lag, pi-1 to nas-1, {len(lags)} files over {args.lag_seconds:.0f} s: "
-                      f"p50 {q[49]:.1f} s, p90 {q[89]:.1f} s, p95 {q[94]:.1f} s, p99 {q[98]:.1f} s, "
-                      f"max {max(lags):.1f} s   target p95 <= 30 s: {'met' if q[94] <= 30 else 'missed'}")
-        finally:
-            sh(ctx, "pi-1", f"rm -rf /srv/hot/bench /srv/hot/bench-lag; rm -f {PAUSE}")
-            clear(ctx, link)
             if not was_up:
                 the_lab.down()
     load = " ".join(f"{x:.2f}" for x in load_before), " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{os.cpu_count()} CPUs, load average {load[0]} before, {load[1]} after")
+
+
+def measure(the_lab: Lab, args: argparse.Namespace) -> None:
+    """Everything between the lab coming up and going down again (also when a step fails)."""
+    the_lab.up()
+    container = {h: the_lab.plan().container(h).name for h in ("pi-1", "nas-1")}
+    try:
+        use_fleet_prefect(FleetContext.load("lab"))
+    except UserError as exc:  # a lab `make lab` did not configure: what it does before its flows
+        print(f"the lab's Prefect server does not answer ({exc.message}): applying site.yml", flush=True)
+        applied = run_ansible(Path("inventory/lab.fleet.yml"), playbook="site.yml", root=REPO)
+        if applied.rc != 0:
+            raise SystemExit("site.yml failed: " + "\n".join(applied.failed_tasks)) from exc
+        use_fleet_prefect(FleetContext.load("lab"))
+    ctx = FleetContext.load("lab", "ssh")
+    [link] = [lk for lk in links(ctx.fleet, "hot-to-nas") if lk.source == "pi-1"]
+    sh(ctx, "pi-1", f"mkdir -p {os.path.dirname(PAUSE)} && touch {PAUSE}")
+    try:
+        made = time.perf_counter()
+        sh(ctx, "pi-1", "rm -rf /srv/hot/bench /srv/hot/bench-lag")
+        subprocess.run(["docker", "exec", container["pi-1"], "python3", "-c", DATASET, "/srv/hot/bench",
+                        str(args.small), str(args.large_gib)], check=True)
+        files = sh(ctx, "pi-1", "find /srv/hot -type f | wc -l").strip()
+        size = sh(ctx, "pi-1", "du -sb /srv/hot | cut -f1").strip()
+        print(f"dataset on pi-1: {files} files, {int(size) / 2**30:.2f} GiB in /srv/hot "
+              f"(made in {time.perf_counter() - made:.0f} s, not counted)")
+        rows: dict[str, list[float]] = {"plain first": [], "plain again": [], "ours first": [], "ours again": []}
+        detail: list[dict[str, Any]] = []
+        for round_no in range(args.rounds):
+            order = ("plain", "ours") if round_no % 2 == 0 else ("ours", "plain")
+            for who in order:
+                clear(ctx, link)
+                os.sync()
+                if who == "plain":
+                    rows["plain first"].append(plain(ctx, link))
+                    rows["plain again"].append(plain(ctx, link))
+                else:
+                    seconds, first = ours("lab")
+                    rows["ours first"].append(seconds)
+                    again_seconds, again = ours("lab")
+                    rows["ours again"].append(again_seconds)
+                    detail += [first, again]
+        print(f"\n{'':<28}{'plain rsync -a':>16}{'spark sync run':>16}{'ratio':>9}   target <= 1.1x")
+        for step in ("first", "again"):
+            p, o = statistics.median(rows[f"plain {step}"]), statistics.median(rows[f"ours {step}"])
+            label = "first sync" if step == "first" else "no-change re-sync"
+            print(f"{label:<28}{p:>15.1f}s{o:>15.1f}s{o / p:>8.2f}x   {'met' if o / p <= 1.1 else 'missed'}")
+        for d in detail:
+            print(f"  ours, {d['files_sent']} files sent ({d['bytes_sent'] / 2**30:.2f} GiB): rsync "
+                  f"{d['transfer_seconds']:.1f} s of {d['finished'] - d['started']:.1f} s in the flow; "
+                  f"{d['verified']} verified")
+        sh(ctx, "pi-1", "rm -rf /srv/hot/bench")
+        clear(ctx, link)
+        lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds)
+        if lags:
+            q = statistics.quantiles(lags, n=100)
+            print(f"\ncontinuous lag, pi-1 to nas-1, {len(lags)} files over {args.lag_seconds:.0f} s: "
+                  f"p50 {q[49]:.1f} s, p90 {q[89]:.1f} s, p95 {q[94]:.1f} s, p99 {q[98]:.1f} s, "
+                  f"max {max(lags):.1f} s   target p95 <= 30 s: {'met' if q[94] <= 30 else 'missed'}")
+    finally:
+        sh(ctx, "pi-1", f"rm -rf /srv/hot/bench /srv/hot/bench-lag; rm -f {PAUSE}")
+        clear(ctx, link)
 
 
 if __name__ == "__main__":
