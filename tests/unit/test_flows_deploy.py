@@ -232,3 +232,47 @@ def test_status_and_on_worker_talk_to_the_fleets_server_and_refuse_a_pool_withou
     done = spark("backup", "now", "pi-1", "--env", lab, "--on-worker", env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "work pool spark-edge has no worker online (NOT_READY)" in done.stderr.splitlines()[0]
+
+
+def test_a_worker_starts_each_run_as_one_engine_found_on_the_roles_path(lab: str, server: Server, state: Path,
+                                                                        tmp_path: Path) -> None:
+    """The deployments name the engine's command: the process worker starts it at once, looked up on the PATH
+    the prefect_worker role gives it, instead of Prefect's workspace supervisor (another interpreter importing
+    Prefect first, which runs the engine by its own absolute path). The worker's venv `python` notes each start."""
+    import jinja2
+    from prefect.client.orchestration import get_client
+
+    deploy(FleetContext.load(lab), start_watches=False)
+    venv, starts = tmp_path / "venv", tmp_path / "python-starts"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$*" >> {starts}\nexec {sys.executable} "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    material = {"api_url": server.url, "auth_string": server.auth, "poll_seconds": 1, "heartbeat_seconds": 30,
+                "vault": None, "site": "edge"}
+    role_env = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
+        (REPO / "roles" / "prefect_worker" / "templates" / "prefect-worker.env.j2").read_text()).render(
+        prefect_worker_material=material, prefect_worker_venv=str(venv), prefect_worker_home=str(tmp_path / "home"),
+        prefect_worker_heartbeat_seconds=15, ansible_managed="test")
+    [path] = [line.removeprefix("PATH=") for line in role_env.splitlines() if line.startswith("PATH=")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SPARK_"))}
+    env.update(PREFECT_API_URL=server.url, PREFECT_API_AUTH_STRING=server.auth, PREFECT_HOME=str(tmp_path / "home"),
+               PREFECT_WORKER_QUERY_SECONDS="1", SPARK_STATE_DIR=str(state), PATH=path)
+    with open(tmp_path / "worker.log", "ab") as output:  # the probe queue only: earlier watch runs stay queued
+        worker = subprocess.Popen(
+            [str(SPARK.with_name("prefect")), "worker", "start", "--pool", "spark-edge", "--work-queue", "probe",
+             "--type", "process", "--name", "engine-test"], env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("probe/probe-edge")
+            run = client.create_flow_run_from_deployment(deployment.id, parameters={"reach": False})
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final():  # type: ignore[union-attr]
+                time.sleep(0.5)
+            state_now = client.read_flow_run(run.id).state
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
+    log = (tmp_path / "worker.log").read_text()[-3000:]
+    assert state_now is not None and state_now.is_completed(), (state_now, log)
+    assert starts.read_text().splitlines() == ["-m prefect.engine"], log
