@@ -28,6 +28,7 @@ from primespark.errors import StepFailed, UserError
 from primespark.monitoring.metrics import Textfile, publish, sync_metrics
 from primespark.orchestration import auditing
 from primespark.orchestration.auditing import audited
+from primespark.orchestration.inputs import as_is
 from primespark.orchestration.locks import hold, sync_lock
 from primespark.orchestration.retries import retrying, transient
 
@@ -70,12 +71,12 @@ def check(ctx: FleetContext, link: Link) -> core.CheckResult:
 
 def _verified(ctx: FleetContext, link: Link, report: TransferReport, options: dict[str, Any]) -> core.Verification:
     """Verify what was sent; what differs is sent again by content, then must verify."""
-    verification = verify.with_options(**options)(ctx, link, report.sent)
+    verification = verify.with_options(**options)(ctx, link, as_is(report.sent))
     if verification.differing:
         get_run_logger().warning("%s: %d file(s) differ after the transfer: sending them again by content",
                                  link.name, len(verification.differing))
-        again_sent = resend.with_options(**options)(ctx, link, verification.differing)
-        again = verify.with_options(**options)(ctx, link, again_sent.sent)
+        again_sent = resend.with_options(**options)(ctx, link, as_is(verification.differing))
+        again = verify.with_options(**options)(ctx, link, as_is(again_sent.sent))
         if again.differing:
             raise core.VerificationFailed(link, again.differing)
         verification.changed_since += again.changed_since
@@ -92,10 +93,10 @@ def link_pass(ctx: FleetContext, link: Link, *, kind: str, options: dict[str, An
     try:
         with hold(sync_lock(link.job, link.source)):
             found = probe_source.with_options(**options)(ctx, link)
-            report = transfer.with_options(**options)(ctx, link, found, files, dry_run, bwlimit, accept_empty)
+            report = transfer.with_options(**options)(ctx, link, found, as_is(files), dry_run, bwlimit, accept_empty)
             if dry_run:
                 return core.pass_result(link, "dry-run", started, report)
-            deleted = delete.with_options(**options)(ctx, link, report, accept_empty) if files is None else None
+            deleted = delete.with_options(**options)(ctx, link, as_is(report), accept_empty) if files is None else None
             verification = _verified(ctx, link, report, options)
         result = core.pass_result(link, kind, started, report, deleted, verification, changed_at)
     except core.SyncRefused as refusal:
@@ -214,7 +215,7 @@ def sync_check(
         with hold(sync_lock(link.job, link.source)):
             result = check.with_options(**options)(ctx, link)
             if repair and (result.missing or result.differing):
-                resend.with_options(**options)(ctx, link, [*result.missing, *result.differing])
+                resend.with_options(**options)(ctx, link, as_is([*result.missing, *result.differing]))
         state = core.record_check(ctx, link, result)
         _publish_metrics(ctx, link, textfile, sync_metrics(
             link.job, link.source, success=state.succeeded,

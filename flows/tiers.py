@@ -23,6 +23,7 @@ from primespark.data.tiers import TierPlan, next_tier, render_plan
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import TierName
 from primespark.monitoring.metrics import TierHostFigures, publish, tier_metrics
+from primespark.orchestration.inputs import as_is
 from primespark.orchestration.locks import hold, tier_lock
 from primespark.orchestration.retries import retrying, transient
 
@@ -114,10 +115,10 @@ def tier(
         error: Exception | None = None
         try:
             results = migrate.run_plan(ctx, plan, algorithm,
-                                       step=lambda batch: move_task.with_options(**options)(ctx, batch))
+                                       step=lambda batch: move_task.with_options(**options)(ctx, as_is(batch)))
         except Exception as exc:  # reported and published, then raised
             error = exc
-        after = usage_task.with_options(**options)(ctx, plan)
+        after = usage_task.with_options(**options)(ctx, as_is(plan))
     create_markdown_artifact(migrate.render_pass(plan, results, after), key=key, description=f"tier {key}")
     _publish(ctx, plan, results, after, error is None, textfile)
     if error is not None:

@@ -448,3 +448,42 @@ def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
     assert core.host_material(lab, "pi-1")["private_key"] == pi["private_key"], "the key was made again"
     assert core.host_material(lab, "analytics-1") == {
         "private_key": None, "known_hosts": [], "public_keys": {"nas-1": core.client_key(ctx, "nas-1")[1]}}
+
+
+def test_a_large_argument_passed_as_is_reaches_its_task_unwalked(state: Path) -> None:
+    """A pass hands its tasks the transfer report (100,000 files in the benchmark): Prefect walks every element
+    of a task's arguments first (seconds per task at that size), except what `as_is` marks; the task still gets
+    the value itself, not Prefect's wrapper."""
+    from dataclasses import dataclass
+
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from primespark.orchestration.inputs import as_is
+
+    read: list[int] = []
+
+    @dataclass
+    class Sent:
+        size: int
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "size":
+                read.append(1)
+            return object.__getattribute__(self, name)
+
+    @task(cache_policy=NO_CACHE)
+    def count(sent: list[Sent]) -> str:
+        return type(sent).__name__
+
+    @flow
+    def two_passes() -> tuple[str, int, str, int]:
+        sent = [Sent(n) for n in range(100)]
+        walked = count(sent)
+        visits = len(read)
+        unwalked = count(as_is(sent))
+        return walked, visits, unwalked, len(read) - visits
+
+    walked, visits, unwalked, more = two_passes()
+    assert walked == unwalked == "list"
+    assert visits >= 100 and more == 0, (visits, more)  # the first call walked each element; as_is none
