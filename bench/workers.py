@@ -8,7 +8,7 @@ A lab where `make lab` ran is used as it is; otherwise the benchmark brings it u
   the worker" (its Running state, set by the flow's own process on nas-1), both as the server records them;
   also to Pending (the worker took it). Median of `--runs` runs of `probe-edge` (without its SSH round), with
   Prefect's default worker polling (PREFECT_WORKER_QUERY_SECONDS=10) and with the fleet's setting
-  (orchestration.poll_seconds, 2 s), side by side. Target: ≤ 3 s with the fleet's setting.
+  (orchestration.poll_seconds, 1 s), side by side. Target: ≤ 3 s with the fleet's setting.
 - Idle cost: CPU (over `--idle-seconds` with no run) and resident memory of the worker process, and of its
   supervisor (the lab has no systemd). A Pi has 4-8 GB.
 """

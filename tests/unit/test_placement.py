@@ -63,7 +63,7 @@ def test_shorthand_and_mapping_forms_of_server_and_workers_agree() -> None:
     long = load_text(text.replace("  server: ops-1", "  server: {host: ops-1, port: 4200}")
                      .replace("    edge: nas-1", "    edge: {host: nas-1, limit: 4}"))
     assert short.orchestration == long.orchestration
-    assert short.orchestration is not None and short.orchestration.poll_seconds == 2
+    assert short.orchestration is not None and short.orchestration.poll_seconds == 1
     assert short.orchestration.heartbeat_seconds == 30
 
 

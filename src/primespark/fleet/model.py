@@ -738,7 +738,8 @@ class Orchestration(Strict):
         description="The Prefect API's basic-auth string (`user:password`), made on first use: the server, "
         "its workers and the CLI use it.")
     poll_seconds: float = Field(
-        default=2, ge=0.5, le=60, description="How often a worker asks for runs to start (Prefect's default: 10).")
+        default=1, ge=0.5, le=60, description="How often a worker asks for runs to start (Prefect's default: 10): "
+        "one small query per worker each time; a run waits half of it on average before its worker takes it.")
     heartbeat_seconds: int = Field(
         default=30, ge=30, le=3600, description="Flow-run heartbeats of worker runs; a run silent for two "
         "intervals is marked Crashed.")
