@@ -84,11 +84,15 @@ lab-down: venv  ## remove the lab's containers and networks, stop its Prefect se
 
 # Unit and lab tests run as two pytest processes: Prefect keeps process-wide client services (concurrency
 # slots), and a lab run's services must not leak into the unit tests' own throwaway Prefect server.
-test: setup  ## run every test (unit, then lab end-to-end); stops a dockerd that `make` started
-	@status=0; \
+# A Docker daemon that answered before the run (yours, or one an earlier `make lab` started) keeps running: its
+# containers are not the tests' to stop.
+test:  ## run every test (unit, then lab end-to-end); stops the dockerd it started, if it started one
+	@docker_was_up=0; docker info >/dev/null 2>&1 && docker_was_up=1; \
+	$(MAKE) --no-print-directory setup || exit $$?; \
+	status=0; \
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/pytest -m lab $(PYTEST_ARGS) || status=$$?; \
-	$(MAKE) --no-print-directory docker-stop; exit $$status
+	[ $$docker_was_up = 1 ] || $(MAKE) --no-print-directory docker-stop; exit $$status
 
 docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon started otherwise is left alone)
 	@if [ -f $(DOCKERD_PIDFILE) ]; then \
