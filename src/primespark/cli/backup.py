@@ -15,7 +15,8 @@ from primespark.errors import UserError
 app = typer.Typer(help="Backups with restic: run one now (schedules run as Prefect deployments).",
                   no_args_is_help=True)
 
-TransportOption = Annotated[str, typer.Option(help="ssh: restic runs on the hosts; local: on this machine.")]
+TransportOption = Annotated[str, typer.Option(
+    help="ssh: the commands (restic, rsync) run on the hosts over SSH; local: on this machine.")]
 
 
 def transport_of(transport: str) -> Transport:
