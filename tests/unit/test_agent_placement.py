@@ -177,6 +177,9 @@ SCENARIOS: dict[str, Scenario] = {
     "ties go to the host's name": Scenario(
         PI_TASK, "pi-1", ["pi-1: chosen, 2.5 CPUs free", "pi-2: eligible, 2.5 CPUs free"],
         facts={"pi-1": {"cpus_free": 2.5}}),
+    "CPUs free differing below the tenth shown are a tie": Scenario(
+        PI_TASK, "pi-1", ["pi-1: chosen, 2.5 CPUs free", "pi-2: eligible, 2.5 CPUs free"],
+        facts={"pi-1": {"cpus_free": 2.46}, "pi-2": {"cpus_free": 2.54}}),
     "labels required": Scenario(
         {"command": "x", "labels": {"role": "agent"}}, "pi-2", ["nas-1: excluded, no label role=agent"]),
     "an image needs a container runtime": Scenario(

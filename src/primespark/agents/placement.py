@@ -7,7 +7,8 @@ rest, best first:
 2. bytes of it on the host's site (a LAN transfer, not a WAN one),
 3. spread: fewest tasks already placed on the host,
 4. the edge over the cloud, when the task prefers it (`prefer_edge`),
-5. most CPUs free after what is already placed there,
+5. most CPUs free after what is already placed there, to the tenth the reasons show: a 1-minute load read a
+   second apart differs in its last digits, and that noise must not move a task from one host to the next,
 6. the host's name, so that equal inputs always give the same host.
 
 Nothing here reads a clock, a host or a file: the caller passes `now` and the facts (`primespark.agents.facts`
@@ -298,7 +299,7 @@ def _rank(fleet: Fleet, name: str, facts: HostFacts, load: _Load, task: TaskSpec
     if load.tasks:
         parts.append(f"{load.tasks} task{'s' if load.tasks != 1 else ''} placed there")
     parts.append(f"{cpus:.1f} CPUs free")
-    key = (-local_bytes, -site_bytes, load.tasks, 0 if (edge or not task.prefer_edge) else 1, -round(cpus, 3), name)
+    key = (-local_bytes, -site_bytes, load.tasks, 0 if (edge or not task.prefer_edge) else 1, -round(cpus, 1), name)
     return _Ranked(key, ", ".join(parts))
 
 
