@@ -35,7 +35,14 @@ from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import TaskSpec
 from primespark.hosts import HostLost, HostUnreachable
-from primespark.orchestration.agent_runs import HOST_LABEL, TASK_ID_LABEL, label_run
+from primespark.orchestration.agent_runs import (
+    HOST_LABEL,
+    TASK_ID_LABEL,
+    label_run,
+    placed_note,
+    placement_labels,
+    recently_placed,
+)
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
 
@@ -53,14 +60,18 @@ FactsRead = tuple[Facts, list[Placed], datetime, str]
 
 
 @task(name="agent-task-facts", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def facts_step(ctx: FleetContext, spec: TaskSpec, facts_file: str | None) -> FactsRead:
-    """The hosts' facts now (or from a facts file, as `spark task plan --facts`), what is placed, the time."""
+def facts_step(ctx: FleetContext, env: str, spec: TaskSpec, facts_file: str | None) -> FactsRead:
+    """The hosts' facts now (or from a facts file, as `spark task plan --facts`), what is placed, the time. Live:
+    the tasks of the fleet placed within the last minute by other runs, whose load the facts do not show yet."""
+    from prefect.runtime import flow_run
+
     from primespark.agents.facts import live_facts, load_facts_file
 
     now = datetime.now(UTC)
     if facts_file is None:
+        placed = recently_placed(env, now.timestamp(), exclude=str(flow_run.id) if flow_run.id else None)
         facts, source = live_facts(ctx, spec, connect=False)  # this run talks to the fleet's server already
-        return facts, [], now, source
+        return facts, placed, now, source + placed_note(placed)
     given = load_facts_file(Path(facts_file))
     facts, placed = given.facts(ctx.fleet, facts_file)
     if given.now is not None and given.now.tzinfo is None:
@@ -108,7 +119,7 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
                              description=f"task {result.task_id}: its result")
 
 
-def _place_or_wait(ctx: FleetContext, spec: TaskSpec, label: str, where: str, task_id: str, attempt: int,
+def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, where: str, task_id: str, attempt: int,
                    facts_file: str | None, kept_off: dict[str, str], options: dict[str, Any], wait_seconds: float,
                    poll_seconds: float, prefetched: PrefectFuture[FactsRead] | None = None) -> Decision:
     """The decision of this attempt, published. No host can take the task: at once `NoEligibleHost`, unless a host
@@ -122,7 +133,7 @@ def _place_or_wait(ctx: FleetContext, spec: TaskSpec, label: str, where: str, ta
             facts, placed, now, source = prefetched.result()
             prefetched = None
         else:
-            facts, placed, now, source = facts_step.with_options(**options)(ctx, spec, facts_file)
+            facts, placed, now, source = facts_step.with_options(**options)(ctx, env, spec, facts_file)
         decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off)
         shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
         if decision.host is not None:
@@ -247,7 +258,7 @@ def agent_task(
     with hold(agent_task_lock(task_id)):
         # the earlier runs of the id and the hosts' facts at once: two reads of the fleet, neither needs the other
         looked_for = find_step.with_options(**options).submit(ctx, task_id)
-        facts_read = facts_step.with_options(**options).submit(ctx, chosen, facts_file)
+        facts_read = facts_step.with_options(**options).submit(ctx, env, chosen, facts_file)
         known = looked_for.result()
         settled = _settle(ctx, task_id, known)
         prefetched: PrefectFuture[FactsRead] | None = facts_read
@@ -271,12 +282,12 @@ def agent_task(
         wait = requeue_wait_seconds if requeue_wait_seconds is not None else chosen.timeout_minutes * 60
         while failures <= chosen.retries:
             attempt += 1
-            decision = _place_or_wait(ctx, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
+            decision = _place_or_wait(ctx, env, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
                                       wait, requeue_poll_seconds, prefetched)
             prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
-            label_run({HOST_LABEL: decision.host})
+            label_run(placement_labels(decision.host, chosen.cpus, chosen.memory_mb, time.time()))
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
             try:
                 result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)

@@ -241,6 +241,46 @@ def test_ls_lists_the_environments_runs_newest_first_with_their_host_and_state(
     assert code == 0 and "no agent-task runs (running) of" in out
 
 
+def test_the_queue_is_the_fleets_runs_placed_within_the_last_minute_and_still_running(
+        server: None, tmp_path: Path) -> None:
+    """What live placement takes off the hosts' facts (their node_load1 does not hold these tasks yet): read from
+    the runs' labels on the server, as the flow writes them when it places an attempt."""
+    import time
+    from uuid import UUID
+
+    from prefect import flow
+    from prefect.states import Completed, Running
+
+    from primespark.agents.placement import Placed
+    from primespark.orchestration.agent_runs import FLOW, TASK_ID_LABEL, placement_labels, recently_placed
+
+    (tmp_path / "other").mkdir()
+    fleet, other = agent_fleet(tmp_path), agent_fleet(tmp_path / "other")
+
+    @flow(name=FLOW)
+    def fake(env: str = "lab") -> None:
+        pass
+
+    now = time.time()
+
+    def made(env: str, labels: dict[str, str], *states: Any) -> str:
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run(fake, parameters={"env": env})
+            client.update_flow_run_labels(UUID(str(run.id)), labels)
+            for state in states:
+                client.set_flow_run_state(run.id, state, force=True)
+        return str(run.id)
+
+    made(fleet, placement_labels("pi-1", 0.5, 256, now - 5), Running())
+    mine = made(fleet, placement_labels("pi-2", 1, 64, now - 1), Running())  # the run asking
+    made(fleet, placement_labels("pi-2", 2, 64, now - 90), Running())  # its load is in node_load1 by now
+    made(fleet, placement_labels("pi-1", 2, 64, now - 5), Running(), Completed())  # ended
+    made(other, placement_labels("pi-1", 2, 64, now - 5), Running())  # another fleet's
+    made(fleet, {TASK_ID_LABEL: "not-placed-yet"}, Running())
+    assert recently_placed(fleet, now, exclude=mine) == [Placed("pi-1", 0.5, 256)]
+    assert set(recently_placed(fleet, now)) == {Placed("pi-1", 0.5, 256), Placed("pi-2", 1.0, 64)}
+
+
 def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task() -> None:
     from prefect.utilities.callables import parameter_schema
 

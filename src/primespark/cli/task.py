@@ -136,6 +136,15 @@ def plan(
         source = f"from {facts_file}"
     else:
         facts, source = _live_facts(env, transport, task)
+        if fleet.orchestration is not None:  # live_facts pointed this process at the fleet's server
+            from primespark.orchestration.agent_runs import placed_note, recently_placed
+
+            try:
+                placed = recently_placed(env, now.timestamp())
+            except Exception as exc:  # the server's trouble is in the workers' verdicts already; say it once more
+                source += f"; the tasks placed within the last minute unknown ({type(exc).__name__})"
+            else:
+                source += placed_note(placed)
     decision = place(fleet, task, facts, placed, now, name)
     if as_json:
         typer.echo(json.dumps({"task": name, "host": decision.host, "at": now.isoformat(), "facts": source,

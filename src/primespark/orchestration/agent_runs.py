@@ -2,8 +2,12 @@
 ran on, when it started and how long it took.
 
 The flow labels its own run (`label_run`): the task id once it is known, the host each time an attempt is placed
-(or where an earlier run committed the result). A run made before the labels existed shows its id from its
-parameters and no host.
+(or where an earlier run committed the result), with the task's CPUs and memory and when it was placed. A run made
+before the labels existed shows its id from its parameters and no host.
+
+The same labels are the queue placement reads (`recently_placed`): runs placed within the last minute, whose load
+their hosts' node_load1 does not hold yet, so that tasks submitted together spread instead of all taking the host
+that looked freest a moment before.
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the Prefect export imports this module every minute: only what it needs
+    from primespark.agents.placement import Placed
     from primespark.context import FleetContext
 
 FLOW = "agent-task"
 TASK_ID_LABEL = "primespark.task.id"
 HOST_LABEL = "primespark.task.host"
+CPUS_LABEL = "primespark.task.cpus"
+MEMORY_LABEL = "primespark.task.memory_mb"
+PLACED_AT_LABEL = "primespark.task.placed_at"  # seconds since the epoch
+# node_load1 is a 1-minute average: a task placed longer ago is in its host's load (counting it too would count it
+# twice); one placed since is not yet.
+RECENT_SECONDS = 60.0
 STATES = ("scheduled", "pending", "running", "completed", "failed", "cancelled", "crashed", "paused", "cancelling")
 _PAGE = 200  # runs read per request while filtering by environment
 
@@ -32,6 +43,57 @@ def label_run(labels: dict[str, str]) -> None:
 
     with get_client(sync_client=True) as client:
         client.update_flow_run_labels(UUID(str(flow_run.id)), dict(labels))
+
+
+def placement_labels(host: str, cpus: float, memory_mb: int, at: float) -> dict[str, str]:
+    """The labels of a run whose attempt was just placed on `host`: what `spark task ls` shows and the queue reads."""
+    return {HOST_LABEL: host, CPUS_LABEL: repr(float(cpus)), MEMORY_LABEL: str(int(memory_mb)),
+            PLACED_AT_LABEL: f"{at:.3f}"}
+
+
+def _placed_of(run: Any, env: str, since: float) -> Placed | None:
+    """The share a running run's placement takes off its host, if it was placed for `env` after `since`."""
+    from primespark.agents.placement import Placed
+
+    labels = dict(run.labels or {})
+    try:
+        at, host = float(labels[PLACED_AT_LABEL]), str(labels[HOST_LABEL])
+        cpus, memory = float(labels[CPUS_LABEL]), int(labels[MEMORY_LABEL])
+    except (KeyError, ValueError):  # not placed yet (or by a run older than these labels)
+        return None
+    if at < since or not _same_env((run.parameters or {}).get("env"), env):
+        return None
+    return Placed(host, cpus, memory)
+
+
+def recently_placed(env: str, now: float, exclude: str | None = None,
+                    within: float = RECENT_SECONDS) -> list[Placed]:
+    """The tasks of `env` placed within `within` seconds before `now` whose runs are still running (the flow's own
+    run, `exclude`, aside): each one's host, CPUs and memory, for placement to take off that host's facts."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                            id=FlowRunFilterId(not_any_=[UUID(exclude)]) if exclude else None)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
+                                     flow_run_filter=running, limit=_PAGE)
+    return [placed for run in runs if (placed := _placed_of(run, env, now - within)) is not None]
+
+
+def placed_note(placed: Sequence[Placed]) -> str:
+    """What a decision's facts source adds for the tasks placed within the last minute."""
+    return f"; {len(placed)} task{'s' if len(placed) != 1 else ''} placed within the last minute" if placed else ""
 
 
 def task_runs_api(ctx: FleetContext) -> str:
