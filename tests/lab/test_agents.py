@@ -9,10 +9,14 @@ import os
 import secrets
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from lab_cli import REPO, SPARK, spark, until
 
 from primespark.agents.execute import results_root
@@ -177,3 +181,97 @@ def test_a_task_whose_host_stops_is_requeued_within_60_s_and_runs_once(agents, t
     assert rerun["existing"] is True and (rerun["host"], rerun["path"]) == (result["host"], result["path"]), rerun
     assert lab.exec("pi-2", f"test -e {pi2_root}/{task_id}").returncode != 0
 
+
+QUICK_TASK = """
+command: 'sleep 3; hostname > "$SPARK_TASK_OUTPUT/ran-on"'
+cpus: 0.1
+memory_mb: 32
+timeout_minutes: 5
+"""
+# pi-1's own readings (the lab generator writes them on every Pi): placement prefers pi-1 for it, when it may.
+PI1_DATA_TASK = """
+command: 'hostname > "$SPARK_TASK_OUTPUT/ran-on"'
+cpus: 0.1
+memory_mb: 32
+data: ["pi-1:/srv/hot/lab-data"]
+timeout_minutes: 5
+"""
+POWER_PROFILE = "/etc/spark/power.json"  # the edge role's, read by spark-power
+
+
+def with_quiet_hours(tmp_path: Path, name: str, window: tuple[str, str]) -> tuple[Path, str]:
+    """The lab fleet with pi-1's quiet hours set to `window`, as a file for `--env`, and pi-1's power profile with
+    the same window (a file on pi-1): what the edge role would write from that fleet."""
+    fleet = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
+    fleet["hosts"]["pi-1"]["power"]["quiet_hours"] = list(window)
+    path = tmp_path / name / "lab.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return path, json.dumps({"quiet_hours": list(window)})
+
+
+def set_quiet_hours_on_pi1(lab, window_json: str) -> str:
+    """spark-power's run at a boundary of quiet hours (its cron job), with pi-1's profile given `window_json`."""
+    profile = "/run/spark-power-test.json"
+    done = lab.exec("pi-1", f"python3 -c 'import json,sys; p=json.load(open(\"{POWER_PROFILE}\")); "
+                    f"p.update(json.loads(sys.argv[1])); json.dump(p, open(\"{profile}\", \"w\"))' '{window_json}' "
+                    f"&& /usr/local/sbin/spark-power auto --config {profile}; rc=$?; rm -f {profile}; exit $rc")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def placement_rows(task_id: str) -> list[dict[str, str]]:
+    """The newest placement table the run published (the `prefect` fixture points this process at the lab)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.agent_task import artifact_key
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{artifact_key(task_id)}-placement"])))
+    assert found, f"no placement artifact for {task_id}"
+    newest = max(found, key=lambda a: a.created or 0)
+    data = json.loads(newest.data) if isinstance(newest.data, str) else newest.data
+    return list(data)
+
+
+def test_a_pi_in_quiet_hours_takes_no_task_and_takes_them_again_after(agents, tmp_path: Path) -> None:
+    lab = agents
+    now = datetime.now(ZoneInfo(lab.fleet.timezone))
+    hhmm = lambda hours: (now + timedelta(hours=hours)).strftime("%H:%M")  # noqa: E731
+    quiet_fleet, quiet_profile = with_quiet_hours(tmp_path, "quiet", (hhmm(-1), hhmm(1)))
+    ended_fleet, ended_profile = with_quiet_hours(tmp_path, "ended", (hhmm(-3), hhmm(-2)))
+    quick, pi1_data = tmp_path / "quick.yaml", tmp_path / "pi1-data.yaml"
+    quick.write_text(QUICK_TASK)
+    pi1_data.write_text(PI1_DATA_TASK)
+    ids = [f"quiet-{i:02d}-{secrets.token_hex(2)}" for i in range(20)]
+
+    def submit(task_id: str, spec: Path, fleet: Path) -> dict[str, Any]:
+        done = spark("task", "run", str(spec), "--id", task_id, "--env", str(fleet), "--json", timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    said = set_quiet_hours_on_pi1(lab, quiet_profile)
+    try:
+        assert "quiet hours: started" in said, said
+        # 20 tasks, five submitted at a time (each `spark task run` is a Prefect flow in its own process)
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            results = list(pool.map(lambda task_id: submit(task_id, quick, quiet_fleet), ids))
+        hosts = [r["host"] for r in results]
+        print("20 tasks in pi-1's quiet hours ran on:", {h: hosts.count(h) for h in sorted(set(hosts))})
+        assert all(r["status"] == "succeeded" for r in results), results
+        assert "pi-1" not in hosts and len(set(hosts)) >= 2, hosts  # spread over the hosts that may take them
+        for result in results:
+            rows = {row["host"]: row for row in placement_rows(result["task_id"])}
+            assert rows["pi-1"]["verdict"] == "excluded", rows["pi-1"]
+            assert f"quiet hours until {hhmm(1)}" in rows["pi-1"]["why"], rows["pi-1"]
+            assert rows[result["host"]]["verdict"] == "chosen", rows
+        # even the task whose data is on pi-1 goes elsewhere
+        elsewhere = submit(f"quiet-data-{secrets.token_hex(2)}", pi1_data, quiet_fleet)
+        assert elsewhere["host"] != "pi-1", elsewhere
+    finally:
+        said = set_quiet_hours_on_pi1(lab, ended_profile)
+    assert "quiet hours: ended" in said and "undrained" in said, said
+    back = submit(f"after-quiet-{secrets.token_hex(2)}", pi1_data, ended_fleet)
+    assert back["host"] == "pi-1" and "of its data local" in back["why"], back
