@@ -137,3 +137,21 @@ def test_preflight_takes_a_fleet_file_path(tmp_path: Path) -> None:
     hostvars = json.loads(listed.stdout)["_meta"]["hostvars"]
     assert "elsewhere" in json.dumps(hostvars["pi-1"]["spark_fleet"]) and "nas-1" in hostvars
     assert not inventory.exists(), "the temporary inventory was left behind"
+
+
+def test_every_commands_usage_line_names_only_what_it_takes() -> None:
+    """The old positional environment is hidden: no usage line shows it (Typer printed it as an empty `[]`)."""
+    import typer
+
+    from primespark.cli.app import app
+
+    def usages(command: object, path: tuple[str, ...]):  # type: ignore[no-untyped-def]
+        context = typer.Context(command, info_name=" ".join(path))  # type: ignore[arg-type]
+        yield path, command.get_usage(context)  # type: ignore[attr-defined]
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from usages(sub, (*path, name))
+
+    found = dict(usages(typer.main.get_command(app), ("spark",)))
+    assert ("spark", "mesh", "plan") in found and ("spark", "validate") in found
+    bad = {" ".join(path): usage for path, usage in found.items() if "[]" in usage}
+    assert not bad, bad

@@ -8,10 +8,11 @@ some commands still works for this release, with a note.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from primespark.fleet import Fleet, load_fleet
 
@@ -22,8 +23,19 @@ err_console = Console(stderr=True)
 EnvOption = Annotated[str, typer.Option(
     "--env", "-e", envvar="SPARK_ENV",
     help="The environment: lab, homelab (inventory/<env>.yaml) or a path to a fleet file.")]
-# `spark validate lab`: the spelling before --env, accepted for one more release.
+# `spark validate lab`: the spelling before --env, accepted for one more release. Its commands use `Command`.
 OldEnvArg = Annotated[str | None, typer.Argument(hidden=True, show_default=False, metavar="")]
+
+
+class Command(TyperCommand):
+    """Typer's command, its usage line without hidden arguments (Typer 0.29 prints `OldEnvArg` there as `[]`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # Any: the Context of Typer's own copy of click
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not getattr(param, "hidden", False):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
 
 def env_of(env: str, old_positional: str | None) -> str:

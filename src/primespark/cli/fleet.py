@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, fleet_for
+from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.fleet.loader import resolve
 from primespark.inventory import build_inventory
 
@@ -79,6 +79,6 @@ def inventory(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(validate)
-    app.command()(show)
-    app.command()(inventory)
+    app.command(cls=Command)(validate)
+    app.command(cls=Command)(show)
+    app.command(cls=Command)(inventory)

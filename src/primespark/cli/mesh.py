@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, err_console
+from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, err_console
 from primespark.context import FleetContext
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
@@ -37,7 +37,7 @@ def _context(env: str, old_env: str | None = None) -> FleetContext:
     return FleetContext.load(env_of(env, old_env))
 
 
-@app.command()
+@app.command(cls=Command)
 def plan(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None) -> None:
     """Plan the mesh: stable addresses, keys for new hosts, peers; save it and print what changed."""
     ctx = _context(env, old_env)
@@ -58,7 +58,7 @@ def plan(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None
             err_console.print(f"[yellow]warning[/yellow]: {warning}")
 
 
-@app.command()
+@app.command(cls=Command)
 def show(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None) -> None:
     """Show the saved plan: each host's overlay address, endpoint, NAT, peers and public key."""
     ctx = _context(env, old_env)
@@ -85,7 +85,7 @@ def show(old_env: OldEnvArg = None, env: EnvOption = "lab", mesh: MeshOpt = None
                 f"{a} ({h})" for a, h in planned.previous.retired.items()))
 
 
-@app.command()
+@app.command(cls=Command)
 def render(
     old_env: OldEnvArg = None,
     env: EnvOption = "lab",
@@ -126,7 +126,7 @@ def rotate(
                       f"(was {report.old_public_key}); {len(report.peers)} peer(s) updated")
 
 
-@app.command()
+@app.command(cls=Command)
 def check(
     old_env: OldEnvArg = None,
     env: EnvOption = "lab",

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, fleet_for
+from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.context import FleetContext
 from primespark.errors import UserError
 
@@ -81,5 +81,5 @@ def status(
 
 
 def register(root: typer.Typer) -> None:
-    root.command("status")(status)
+    root.command("status", cls=Command)(status)
     root.add_typer(app, name="monitoring")

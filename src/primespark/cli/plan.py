@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 from rich.tree import Tree
 
-from primespark.cli.common import EnvOption, OldEnvArg, console, env_of
+from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of
 from primespark.errors import UserError
 
 if TYPE_CHECKING:  # the Pulumi SDK loads only when a cloud command runs
@@ -149,4 +149,4 @@ def destroy(
 
 def register(app: typer.Typer) -> None:
     for command in (plan, preview, up, destroy):
-        app.command()(command)
+        app.command(cls=Command)(command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from primespark.cli.common import EnvOption, OldEnvArg, console, env_of, fleet_for
+from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.preflight import Limits, Status, preflight
 
 STYLE = {Status.ok: "green", Status.warn: "yellow", Status.fail: "bold red"}
@@ -39,4 +39,4 @@ def preflight_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="preflight")(preflight_command)
+    app.command(name="preflight", cls=Command)(preflight_command)
