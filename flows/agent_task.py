@@ -33,8 +33,9 @@ from primespark.agents.execute import default_task_id
 from primespark.agents.placement import Decision, Facts, NoEligibleHost, NoEligibleHostInTime, Placed, place
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed, UserError
-from primespark.fleet.model import TaskSpec
+from primespark.fleet.model import Fleet, TaskSpec
 from primespark.hosts import HostLost, HostUnreachable
+from primespark.orchestration import auditing
 from primespark.orchestration.agent_runs import (
     HOST_LABEL,
     TASK_ID_LABEL,
@@ -43,6 +44,7 @@ from primespark.orchestration.agent_runs import (
     placement_labels,
     recently_placed,
 )
+from primespark.orchestration.auditing import audited
 from primespark.orchestration.locks import agent_task_lock, hold
 from primespark.orchestration.retries import retrying, transient
 
@@ -60,7 +62,8 @@ FactsRead = tuple[Facts, list[Placed], datetime, str]
 
 
 @task(name="agent-task-facts", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def facts_step(ctx: FleetContext, env: str, spec: TaskSpec, facts_file: str | None) -> FactsRead:
+def facts_step(ctx: FleetContext, env: str, spec: TaskSpec, facts_file: str | None,
+               site: str | None = None) -> FactsRead:
     """The hosts' facts now (or from a facts file, as `spark task plan --facts`), what is placed, the time. Live:
     the tasks of the fleet placed within the last minute by other runs, whose load the facts do not show yet."""
     from prefect.runtime import flow_run
@@ -70,7 +73,8 @@ def facts_step(ctx: FleetContext, env: str, spec: TaskSpec, facts_file: str | No
     now = datetime.now(UTC)
     if facts_file is None:
         placed = recently_placed(env, now.timestamp(), exclude=str(flow_run.id) if flow_run.id else None)
-        facts, source = live_facts(ctx, spec, connect=False)  # this run talks to the fleet's server already
+        # this run talks to the fleet's server already
+        facts, source = live_facts(ctx, spec, connect=False, within=site_scope(ctx.fleet, site)[0])
         return facts, placed, now, source + placed_note(placed)
     given = load_facts_file(Path(facts_file))
     facts, placed = given.facts(ctx.fleet, facts_file)
@@ -121,7 +125,8 @@ def _result_artifact(result: execute.TaskResult, why: str) -> None:
 
 def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, where: str, task_id: str, attempt: int,
                    facts_file: str | None, kept_off: dict[str, str], options: dict[str, Any], wait_seconds: float,
-                   poll_seconds: float, prefetched: PrefectFuture[FactsRead] | None = None) -> Decision:
+                   poll_seconds: float, prefetched: PrefectFuture[FactsRead] | None = None,
+                   site: str | None = None) -> Decision:
     """The decision of this attempt, published. No host can take the task: at once `NoEligibleHost`, unless a host
     was lost in this run; then the task waits for one, placed again on fresh facts every `poll_seconds` for up to
     `wait_seconds` (each wait logged with every host's reason), and `NoEligibleHostInTime` after."""
@@ -133,8 +138,8 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
             facts, placed, now, source = prefetched.result()
             prefetched = None
         else:
-            facts, placed, now, source = facts_step.with_options(**options)(ctx, env, spec, facts_file)
-        decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off)
+            facts, placed, now, source = facts_step.with_options(**options)(ctx, env, spec, facts_file, site)
+        decision = place(ctx.fleet, spec, facts, placed, now, label, {**site_scope(ctx.fleet, site)[1], **kept_off})
         shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
         if decision.host is not None:
             return decision
@@ -183,6 +188,20 @@ def _lost_at(ctx: FleetContext, when: float) -> str:
     return datetime.fromtimestamp(when, ZoneInfo(ctx.fleet.timezone)).strftime("%H:%M:%S")
 
 
+def site_scope(fleet: Fleet, site: str | None) -> tuple[set[str] | None, dict[str, str]]:
+    """A site's run (`site`, its deployment's): the hosts it may place on, those its worker reaches over SSH, and
+    why every other host is kept off. None and no reasons: every host (a run from the controller)."""
+    from primespark.orchestration.placement import site_hosts
+
+    if site is None:
+        return None, {}
+    if site not in fleet.sites:
+        raise UserError(f"fleet {fleet.name} has no site {site!r}", f"use one of: {', '.join(fleet.sites)}")
+    reach = set(site_hosts(fleet, site))
+    return reach, {h: f"not reached by site {site}'s worker (this run places on its hosts)" for h in fleet.hosts
+                   if h not in reach}
+
+
 def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSpec | None,
                  name: str | None) -> tuple[str, str, TaskSpec]:
     """(name, where it is written, the task): a template of the fleet, or an inline spec checked as one."""
@@ -210,8 +229,8 @@ def resolve_task(ctx: FleetContext, env: str, template: str | None, spec: TaskSp
 def stop_on_host(flow: Any, flow_run: Any, state: Any) -> None:
     """Cancellation hook: a run cancelled (from the UI) stops its task's processes on their host, as
     `spark task cancel` does. Prefect calls it where it runs the flow and sees the cancellation (a worker or
-    runner serving a deployment): `agent-task` has no deployment yet, so a UI cancel of a run started by
-    `spark task run` does not reach it."""
+    runner serving a deployment): a run of an `agent-task-<site>` deployment, on its site's worker. A UI cancel of
+    a run started by `spark task run` in its own process does not reach it (`spark task cancel` does)."""
     from primespark.fleet.loader import resolve
 
     parameters = dict(flow_run.parameters or {})
@@ -229,6 +248,7 @@ def stop_on_host(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 @flow(name="agent-task", flow_run_name="agent-task-{task_id}", log_prints=True, on_cancellation=[stop_on_host])
+@audited(auditing.site)  # a site's run: its hosts; a run from the controller: the host it ran on is in its result
 def agent_task(
     template: str | None = None,
     spec: TaskSpec | None = None,
@@ -240,15 +260,18 @@ def agent_task(
     retry_delay_seconds: float = 10.0,
     requeue_poll_seconds: float = 30.0,
     requeue_wait_seconds: float | None = None,
+    site: str | None = None,
 ) -> dict[str, Any]:
     """Run one agent task: a `template` of the fleet (its `tasks:`) or an inline `spec` (named `name`), as
     `task_id` (default: from the name and the flow run's id; give an earlier id to rerun: a committed result is
     reported, not run again). `facts_file` takes the hosts' facts from a YAML file instead of their node
     exporters (docs/agents.md). A task whose host was lost waits for another host at most `requeue_wait_seconds`
-    (default: its timeout), placed again every `requeue_poll_seconds`."""
+    (default: its timeout), placed again every `requeue_poll_seconds`. `site`: placed among that site's hosts only
+    (its `agent-task-<site>` deployment's worker reaches those)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     label, where, chosen = resolve_task(ctx, env, template, spec, name)
+    site_scope(ctx.fleet, site)  # an unknown site stops the run here
     from prefect.runtime import flow_run
 
     task_id = execute.check_task_id(task_id) if task_id else default_task_id(template, name, flow_run.id)
@@ -258,7 +281,7 @@ def agent_task(
     with hold(agent_task_lock(task_id)):
         # the earlier runs of the id and the hosts' facts at once: two reads of the fleet, neither needs the other
         looked_for = find_step.with_options(**options).submit(ctx, task_id)
-        facts_read = facts_step.with_options(**options).submit(ctx, env, chosen, facts_file)
+        facts_read = facts_step.with_options(**options).submit(ctx, env, chosen, facts_file, site)
         known = looked_for.result()
         settled = _settle(ctx, task_id, known)
         prefetched: PrefectFuture[FactsRead] | None = facts_read
@@ -283,7 +306,7 @@ def agent_task(
         while failures <= chosen.retries:
             attempt += 1
             decision = _place_or_wait(ctx, env, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
-                                      wait, requeue_poll_seconds, prefetched)
+                                      wait, requeue_poll_seconds, prefetched, site)
             prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")

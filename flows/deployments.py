@@ -24,6 +24,7 @@ from prefect import Flow
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.agent_task import agent_task
 from flows.backup import backup
 from flows.dr_drill import dr_drill
 from flows.maintenance import maintenance
@@ -33,9 +34,9 @@ from flows.tiers import tier
 from primespark.fleet import Fleet
 from primespark.orchestration.placement import Planned, planned_deployments
 
-FLOWS: dict[str, Flow[Any, Any]] = {"backup": backup, "dr-drill": dr_drill, "maintenance": maintenance,
-                                    "probe": probe, "sync": sync, "sync-check": sync_check, "sync-watch": sync_watch,
-                                    "tier": tier}
+FLOWS: dict[str, Flow[Any, Any]] = {"agent-task": agent_task, "backup": backup, "dr-drill": dr_drill,
+                                    "maintenance": maintenance, "probe": probe, "sync": sync,
+                                    "sync-check": sync_check, "sync-watch": sync_watch, "tier": tier}
 OWNER_TAG = "primespark"
 # What a worker starts per run: Prefect's engine, found on the PATH the prefect_worker role gives the worker (its
 # venv's bin first). Without a command, Prefect 3.9's process worker starts a workspace supervisor that imports
@@ -85,7 +86,7 @@ def build_deployments(fleet: Fleet, env: str, transport: str = "ssh", on_pools: 
         schedules = [Cron(planned.schedule, timezone=fleet.timezone)] if planned.schedule else []
         spec: dict[str, Any] = {
             "name": planned.name, "schedules": schedules,
-            "parameters": planned.parameters, "tags": tags, "concurrency_limit": 1,
+            "parameters": planned.parameters, "tags": tags, "concurrency_limit": planned.concurrency_limit,
             "description": planned.description, "paused": planned.paused(fleet)}
         if on_pools:
             spec.update(work_pool_name=planned.pool(fleet), work_queue_name=planned.flow,

@@ -275,3 +275,16 @@ def test_a_pi_in_quiet_hours_takes_no_task_and_takes_them_again_after(agents, tm
     assert "quiet hours: ended" in said and "undrained" in said, said
     back = submit(f"after-quiet-{secrets.token_hex(2)}", pi1_data, ended_fleet)
     assert back["host"] == "pi-1" and "of its data local" in back["why"], back
+
+
+def test_a_task_submitted_to_its_sites_deployment_runs_on_that_sites_worker(agents) -> None:
+    """`spark task run --on-worker`, as the UI's Run button: the run of `agent-task-edge` (the site of the task's
+    data) is taken by the edge worker on nas-1 and places the task among the edge's hosts."""
+    lab = agents
+    done = spark("task", "run", "--template", TEMPLATE, "--env", "lab", "--on-worker", "--json", columns=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    edge = {h for h, spec in lab.fleet.hosts.items() if spec.site == "edge"}
+    assert result["site"] == "edge" and result["state"] == "Completed" and result["host"] in edge, result
+    taken = [line for line in done.stdout.splitlines() if f"agent-task-{result['task_id']}" in line and " on " in line]
+    assert taken and "on nas-1" in taken[-1], done.stdout  # the edge worker's host (orchestration.workers)

@@ -133,6 +133,31 @@ def test_an_inline_spec_no_host_can_run_is_refused_with_its_reason(server: None,
     assert "inline task huge" in str(state.result(raise_on_failure=False))
 
 
+def test_a_sites_run_places_among_the_sites_hosts_only_and_says_why_of_the_others(server: None,
+                                                                                   tmp_path: Path) -> None:
+    """`agent-task-<site>` runs on that site's worker, whose key reaches the site's hosts only: on the edge pi-2,
+    though ops-1 has more free, which is kept off with the reason; on the cloud a cloud host, though the task prefers
+    the edge; an unknown site stops the run."""
+    fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hello", "memory_mb": 64}})
+    facts = tmp_path / "facts.yaml"
+    up = {"memory_free_mb": 3000}
+    facts.write_text(yaml.safe_dump({"now": "2026-11-30T12:00:00Z", "hosts": {
+        "pi-2": {**up, "cpus_free": 1.0}, "ops-1": {**up, "cpus_free": 3.5}, "core-1": {**up, "cpus_free": 3.5}}}))
+    done = agent_task(template="hello", task_id="site-1", env=fleet, transport="local", facts_file=str(facts),
+                      site="edge")
+    assert done["host"] == "pi-2", done
+    rows = {row["host"]: row for row in json.loads(artifact(f"{artifact_key('site-1')}-placement"))}
+    assert rows["ops-1"]["verdict"] == "excluded", rows["ops-1"]
+    assert rows["ops-1"]["why"] == "not reached by site edge's worker (this run places on its hosts)", rows
+    cloud = agent_task(template="hello", task_id="site-2", env=fleet, transport="local", facts_file=str(facts),
+                       site="cloud")
+    assert cloud["host"] == "core-1", cloud  # the edge preferred, but not the cloud worker's to reach
+
+    wrong = agent_task(template="hello", task_id="site-3", env=fleet, transport="local", facts_file=str(facts),
+                       site="moon", return_state=True)
+    assert wrong.is_failed() and "has no site 'moon'" in str(wrong.result(raise_on_failure=False))
+
+
 def only_pi1(root: Path) -> str:
     path = root / "pi-1-only.yaml"
     path.write_text(yaml.safe_dump({"now": "2026-11-30T12:00:00Z", "hosts": {

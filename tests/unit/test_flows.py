@@ -286,7 +286,8 @@ def test_deployments_carry_the_fleet_schedules(state: Path) -> None:
     sync = {f"{kind}-{job}" for kind in ("sync", "sync-check", "sync-watch") for job in ("hot-to-nas", "warm-to-cloud")}
     assert set(deployments) == {"backup-pi-1", "backup-pi-2", "backup-nas-1", "dr-drill-pi-1", "dr-drill-pi-2",
                                 "dr-drill-nas-1", "maintenance-nas-primary", "maintenance-offsite", "probe-edge",
-                                "probe-cloud", *sync, "tier-hot-warm", "tier-warm-cold"}
+                                "probe-cloud", *sync, "tier-hot-warm", "tier-warm-cold", "agent-task-edge",
+                                "agent-task-cloud"}
     assert deployments["tier-hot-warm"].schedules[0].schedule.cron == fleet.tiers[TierName.hot].schedule  # type: ignore[union-attr]
     assert not deployments["tier-warm-cold"].schedules  # the lab's warm tier has no schedule: on demand
     assert fleet.sync is not None

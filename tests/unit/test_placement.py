@@ -17,6 +17,8 @@ def test_the_lab_runs_edge_flows_on_the_edge_pool_and_offsite_maintenance_in_the
     placed = {d.name: d.pool(fleet) for d in planned_deployments(fleet, "lab")}
     assert placed == {
         "probe-edge": "spark-edge", "probe-cloud": "spark-cloud",
+        # agent tasks placed among a site's hosts, on that site's worker (the UI's form, spark task run --on-worker)
+        "agent-task-edge": "spark-edge", "agent-task-cloud": "spark-cloud",
         "backup-pi-1": "spark-edge", "backup-pi-2": "spark-edge", "backup-nas-1": "spark-edge",
         "dr-drill-pi-1": "spark-edge", "dr-drill-pi-2": "spark-edge", "dr-drill-nas-1": "spark-edge",
         "maintenance-nas-primary": "spark-edge", "maintenance-offsite": "spark-cloud",

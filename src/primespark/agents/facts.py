@@ -12,7 +12,7 @@ is `Unavailable`, with why: placement excludes it rather than guess.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -245,11 +245,12 @@ def pool_readiness(fleet: Fleet, ready_pools: Mapping[str, bool]) -> dict[str, b
     return {site: ready_pools.get(work_pool(site), False) for site in fleet.sites}
 
 
-def read_facts(hosts: HostAccess, fleet: Fleet, task: TaskSpec, ready: Mapping[str, bool] | str) -> dict[
-        str, HostFacts | Unavailable]:
-    """Every needed host's facts, read in parallel; `ready` is each site's worker readiness, or why it is unknown
-    (then every host is unavailable: a task is never placed where no worker may be listening)."""
-    wanted = hosts_to_read(fleet, task)
+def read_facts(hosts: HostAccess, fleet: Fleet, task: TaskSpec, ready: Mapping[str, bool] | str,
+               within: Collection[str] | None = None) -> dict[str, HostFacts | Unavailable]:
+    """Every needed host's facts (of those `within`, when given), read in parallel; `ready` is each site's worker
+    readiness, or why it is unknown (then every host is unavailable: a task is never placed where no worker may be
+    listening)."""
+    wanted = {h: paths for h, paths in hosts_to_read(fleet, task).items() if within is None or h in within}
     if isinstance(ready, str):
         return {host: Unavailable(f"its site's worker state is unknown: {ready}") for host in wanted}
     return on_each(wanted, lambda host: read_host(hosts, fleet, host, wanted[host], ready.get(
@@ -366,8 +367,10 @@ def ready_pools(ctx: FleetContext, connect: bool = True) -> dict[str, bool] | st
         return f"{type(exc).__name__}: {exc}"
 
 
-def live_facts(ctx: FleetContext, task: TaskSpec, connect: bool = True) -> tuple[Facts, str]:
-    """Every needed host's facts read now (`spark task plan`, the `agent-task` flow), and where they came from."""
+def live_facts(ctx: FleetContext, task: TaskSpec, connect: bool = True,
+               within: Collection[str] | None = None) -> tuple[Facts, str]:
+    """Every needed host's facts read now (`spark task plan`, the `agent-task` flow), and where they came from;
+    `within`: only those hosts (a worker's run reaches its own site's)."""
     pools = ready_pools(ctx, connect)
     ready = pools if isinstance(pools, str) else pool_readiness(ctx.fleet, pools)
-    return read_facts(ctx.hosts, ctx.fleet, task, ready), "read now from the hosts' node exporters"
+    return read_facts(ctx.hosts, ctx.fleet, task, ready, within), "read now from the hosts' node exporters"

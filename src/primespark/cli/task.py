@@ -172,6 +172,12 @@ def run(
     facts_file: FactsOption = None,
     transport: TransportOption = "ssh",
     as_json: JsonOption = False,
+    on_worker: Annotated[bool, typer.Option(
+        "--on-worker", help="Submit it to a site's `agent-task-SITE` deployment and wait for the run of that site's "
+        "worker (placed among the site's hosts), instead of running the flow here.")] = False,
+    site: Annotated[str | None, typer.Option(
+        "--site", help="With --on-worker: the site. Default: the site holding the task's data.",
+        show_default=False)] = None,
 ) -> None:
     """Run the task on the host placement chooses now (the `agent-task` flow, in this process), and print where it
     ran, why, and its result folder. A failed attempt is placed again on fresh facts while the spec's `retries`
@@ -179,6 +185,11 @@ def run(
     if dry_run:
         plan(spec, template, env, facts_file, transport, as_json)
         return
+    if on_worker:
+        _run_on_worker(env, spec, template, task_id, site, as_json)
+        return
+    if site is not None:
+        raise UserError("--site places a task among a site's hosts on that site's worker", "add --on-worker")
     from flows.agent_task import agent_task
     from primespark.agents.execute import check_task_id, new_task_id
     from primespark.context import FleetContext
@@ -279,3 +290,48 @@ def ls(
                       run.started.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") if run.started else "-",
                       _duration(run.duration))
     console.print(table)
+
+
+def _data_site(fleet: Fleet, task: TaskSpec) -> str | None:
+    """The site holding the task's first data reference (where its own host, or its tier's first host, is)."""
+    from primespark.agents.placement import data_places
+
+    for ref in task.data:
+        for host, _ in data_places(fleet, ref):
+            if host in fleet.hosts:
+                return fleet.hosts[host].site
+    return None
+
+
+def _run_on_worker(env: str, spec: Path | None, template: str | None, task_id: str | None, site: str | None,
+                   as_json: bool) -> None:
+    """`spark task run --on-worker`: the `agent-task-SITE` deployment's run, as the UI's Run button makes it."""
+    from primespark.agents.execute import check_task_id, new_task_id
+    from primespark.cli.flows import on_workers
+    from primespark.context import FleetContext
+    from primespark.orchestration.agent_runs import agent_runs
+    from primespark.orchestration.placement import pools
+
+    ctx = FleetContext.load(env)
+    name, _, task = _chosen_task(ctx.fleet, env, spec, template)
+    with_workers = sorted(pools(ctx.fleet).values())
+    site = site or _data_site(ctx.fleet, task)
+    if site is None or site not in with_workers:
+        why = "name one with --site" if site is None else f"{site} has none"
+        raise UserError(f"no site's worker to run it on: {why}",
+                        f"sites with a worker: {', '.join(with_workers) or 'none (the fleet has no orchestration)'}")
+    task_id = check_task_id(task_id) if task_id else new_task_id(name)
+    parameters: dict[str, object] = {"task_id": task_id}
+    if template is not None:
+        parameters["template"] = template
+    else:
+        parameters.update(spec=task.model_dump(mode="json", exclude_unset=True), name=name)
+    if not as_json:
+        console.print(f"task id: {task_id} (stop it: spark task cancel {task_id} --env {env})")
+    on_workers(ctx, "agent-task", [site], parameters)
+    found = next((r for r in agent_runs(env, limit=200) if r.task_id == task_id), None)
+    if as_json:
+        typer.echo(json.dumps({"task_id": task_id, "site": site, "host": found.host if found else None,
+                               "state": found.state if found else None}))
+    elif found is not None:
+        console.print(f"[bold green]{task_id} on {found.host}[/bold green]: {found.state} (`spark task ls`)")

@@ -9,6 +9,8 @@ and the docs all ask this module, so they cannot disagree about what runs where 
   (it reaches the destination itself, over the LAN or the mesh), so the sources' site runs them.
 - `tier-<tier>-<next tier>` (`-<site>` when the upper tier's hosts span sites): a tier migration pass over one
   boundary; rsync and the scans run on the upper tier's hosts, so their site runs it (on the tier's schedule).
+- `agent-task-<site>`: an agent task (a template, or a spec typed into the UI's form) placed on the site's hosts,
+  which its worker reaches; on demand.
 - `maintenance-<repository>`: forget, prune and check of every client's repository, opened on the repository's
   own host (as the client's backup account, no SFTP); for a primary, also the catch-up copy to its offsite
   copies from the client hosts, when they are all in the repository's site.
@@ -31,7 +33,7 @@ from primespark.orchestration.naming import deployment, work_pool
 
 # The pool's queues, most urgent first: a backup never waits behind a drill on a busy worker.
 QUEUES = {"backup": 1, "sync": 2, "sync-watch": 3, "maintenance": 4, "tier": 5, "sync-check": 6, "dr-drill": 7,
-          "probe": 8}
+          "probe": 8, "agent-task": 9}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Planned:
     tags: tuple[str, ...] = field(default=())
     # the (repository, client) pairs it opens, offsite copies included: their records go to its worker
     opens: tuple[tuple[str, str], ...] = field(default=())
+    # runs at once: one, but for agent tasks (each its own task; the worker's limit bounds them)
+    concurrency_limit: int | None = 1
 
     def site(self, fleet: Fleet) -> str:
         """The site of the hosts it touches (the first host's, when they span sites: a fleet check says so)."""
@@ -89,6 +93,22 @@ def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
             out.append(Planned(deployment("probe", site), "probe", {"site": site, "env": env, "transport": transport},
                                None, hosts, (), ("orchestration", "workers", site),
                                f"where site {site}'s flows run, and which of its hosts they reach", ("probe",)))
+    return out
+
+
+def agent_tasks(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
+    """`agent-task-<site>` for each site with a worker: on demand (the UI's form, `spark task run --on-worker`),
+    an agent task placed among the site's hosts. A worker's key reaches its own site's hosts only."""
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
+    out = []
+    for site in workers:
+        hosts = tuple(site_hosts(fleet, site))
+        if hosts:
+            out.append(Planned(deployment("agent-task", site), "agent-task",
+                               {"site": site, "env": env, "transport": transport}, None, hosts, (),
+                               ("orchestration", "workers", site),
+                               f"an agent task (a template of the fleet's tasks, or a spec) on site {site}'s hosts",
+                               ("agent-task",), concurrency_limit=None))
     return out
 
 
@@ -143,7 +163,7 @@ def planned_deployments(fleet: Fleet, env: str, transport: str = "ssh") -> list[
     are left out (the fleet's own checks report those)."""
     spec = fleet.backup
     out: list[Planned] = [*probes(fleet, env, transport), *syncs(fleet, env, transport),
-                          *tiers(fleet, env, transport)]
+                          *tiers(fleet, env, transport), *agent_tasks(fleet, env, transport)]
     if spec is None:
         return out
     scratch = spec.drill.scratch_host
