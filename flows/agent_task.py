@@ -54,8 +54,8 @@ MAX_POWER_REQUEUES = 10
 
 
 @task(name="agent-task-find", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def find_step(ctx: FleetContext, task_id: str) -> list[execute.Found]:
-    return execute.find_task(ctx.hosts, ctx.fleet, task_id)
+def find_step(ctx: FleetContext, task_id: str, site: str | None = None) -> list[execute.Found]:
+    return execute.find_task(ctx.hosts, ctx.fleet, task_id, site_scope(ctx.fleet, site)[0])
 
 
 FactsRead = tuple[Facts, list[Placed], datetime, str]
@@ -239,7 +239,9 @@ def stop_on_host(flow: Any, flow_run: Any, state: Any) -> None:
     env = str(parameters.get("env", "lab"))
     ctx = FleetContext.load(env, parameters.get("transport", "ssh"))
     try:
-        found, unasked = execute.cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env)))
+        site = parameters.get("site")  # a site's run: the hosts its worker reaches
+        found, unasked = execute.cancel_task(ctx.hosts, ctx.fleet, task_id, str(resolve(env)),
+                                             within=site_scope(ctx.fleet, str(site) if site else None)[0])
     except UserError as exc:  # not started on any host yet: nothing to stop
         print(f"task {task_id}: nothing to stop: {exc.message}")
         return
@@ -280,7 +282,7 @@ def agent_task(
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):
         # the earlier runs of the id and the hosts' facts at once: two reads of the fleet, neither needs the other
-        looked_for = find_step.with_options(**options).submit(ctx, task_id)
+        looked_for = find_step.with_options(**options).submit(ctx, task_id, site)
         facts_read = facts_step.with_options(**options).submit(ctx, env, chosen, facts_file, site)
         known = looked_for.result()
         settled = _settle(ctx, task_id, known)
@@ -298,7 +300,8 @@ def agent_task(
             # a killed attempt's command, still running there: it ends before the task runs anywhere again
             logger.warning("task %s: a killed attempt still runs on %s (pid %s); stopping it", task_id, left.host,
                            left.pid)
-            execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where)  # every host: find_task reached them all
+            # every host find_task reached
+            execute.cancel_task(ctx.hosts, ctx.fleet, task_id, where, within=site_scope(ctx.fleet, site)[0])
         failed: execute.TaskRunFailed | None = None
         kept_off: dict[str, str] = {}  # hosts lost in this run, and why: never placed on again by it
         failures = attempt = requeued = 0

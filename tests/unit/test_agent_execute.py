@@ -318,6 +318,22 @@ def test_a_host_down_fails_the_lookup_closed_but_not_a_cancel_elsewhere(fleet: F
     assert running.result is not None and running.result.status == "cancelled"
 
 
+class _CloudDown:
+    """A site worker's view: the cloud's hosts do not answer it (its key is authorised on the edge only)."""
+
+    def runner(self, host: str) -> Runner:
+        return _Down(host) if host in ("core-1", "ops-1") else LocalRunner(host)
+
+
+def test_a_sites_lookup_and_cancel_ask_the_hosts_its_worker_reaches_only(fleet: Fleet) -> None:
+    edge = {"pi-1", "pi-2", "nas-1"}
+    with pytest.raises(HostUnreachable, match="cannot reach core-1"):  # every host: the cloud's fail it
+        execute.find_task(_CloudDown(), fleet, "t-y")
+    assert execute.find_task(_CloudDown(), fleet, "t-y", within=edge) == []
+    with pytest.raises(UserError, match=r"no host knows task t-y \(asked: nas-1, pi-1, pi-2\)"):
+        execute.cancel_task(_CloudDown(), fleet, "t-y", "fleet.yaml", within=edge)
+
+
 class _FakeSsh:
     """SshRunner with `ssh` on PATH replaced by a script that runs the remote command line here: the SSH runner's
     own command line (the host's `timeout`, stdin framing) and its streaming, without a network."""

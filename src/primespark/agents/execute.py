@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,9 +262,11 @@ class Found:
     result: TaskResult | None = None  # the committed result, or the finished one not committed yet
 
 
-def _task_hosts(fleet: Fleet) -> list[str]:
-    """Every host that could have run a task: its run record and result live in its own task folder."""
-    return sorted(h for h, spec in fleet.hosts.items() if spec.kind is not HostKind.kvm_host)
+def _task_hosts(fleet: Fleet, within: Collection[str] | None = None) -> list[str]:
+    """Every host that could have run a task (of those `within`: a site's run asks the hosts its worker reaches):
+    its run record and result live in its own task folder."""
+    return sorted(h for h, spec in fleet.hosts.items()
+                  if spec.kind is not HostKind.kvm_host and (within is None or h in within))
 
 
 def _ask(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, host: str, grace_seconds: float) -> Found | None:
@@ -276,17 +278,19 @@ def _ask(hosts: HostAccess, fleet: Fleet, task_id: str, op: str, host: str, grac
     return Found(task_id, host, answer["found"], answer["path"], answer.get("pid"), result)
 
 
-def find_task(hosts: HostAccess, fleet: Fleet, task_id: str) -> list[Found]:
-    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed). A host that
-    cannot be asked fails it (the first such error): a result committed there would go unseen, and the task would
-    run twice."""
+def find_task(hosts: HostAccess, fleet: Fleet, task_id: str, within: Collection[str] | None = None) -> list[Found]:
+    """Every host's knowledge of `task_id` (none: never run, or its staging folder was removed); `within`: those
+    hosts only. A host that cannot be asked fails it (the first such error): a result committed there would go
+    unseen, and the task would run twice."""
     check_task_id(task_id)
-    answers = on_each(_task_hosts(fleet), lambda h: _ask(hosts, fleet, task_id, "find", h, taskside.GRACE_SECONDS))
+    answers = on_each(_task_hosts(fleet, within),
+                      lambda h: _ask(hosts, fleet, task_id, "find", h, taskside.GRACE_SECONDS))
     return [found for _, found in sorted(answers.items()) if found is not None]
 
 
 def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
-                grace_seconds: float = taskside.GRACE_SECONDS) -> tuple[list[Found], dict[str, str]]:
+                grace_seconds: float = taskside.GRACE_SECONDS,
+                within: Collection[str] | None = None) -> tuple[list[Found], dict[str, str]]:
     """Stop task `task_id` wherever it runs (SIGTERM to its processes, SIGKILL after `grace_seconds`): what each
     host that knows the id said, and the hosts that could not be asked (why). `where` locates the error when no
     host knows it."""
@@ -298,11 +302,11 @@ def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
         except StepFailed as exc:  # a host down must not keep the task from being stopped where it runs
             return exc.message.splitlines()[0]
 
-    answers = on_each(_task_hosts(fleet), ask)
+    answers = on_each(_task_hosts(fleet, within), ask)
     found = [a for _, a in sorted(answers.items()) if isinstance(a, Found)]
     unasked = {h: a for h, a in sorted(answers.items()) if isinstance(a, str)}
     if not found:
-        asked = [h for h in _task_hosts(fleet) if h not in unasked]
+        asked = [h for h in _task_hosts(fleet, within) if h not in unasked]
         missed = f"; could not ask: {'; '.join(f'{h}: {why}' for h, why in unasked.items())}" if unasked else ""
         raise UserError(f"{where}: no host knows task {task_id} (asked: {', '.join(asked)}{missed})",
                         "check the id: `spark task run` prints it" + (
