@@ -82,34 +82,29 @@ def _clients(fleet: Fleet, repository: str) -> list[str]:
     return [h for h, p in fleet.backup.plans.items() if p.repository == primary]
 
 
+def _worker_sites(fleet: Fleet) -> list[tuple[str, tuple[str, ...]]]:
+    """Each site with a worker and any host, with the hosts its worker reaches."""
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
+    return [(site, hosts) for site in workers if (hosts := tuple(site_hosts(fleet, site)))]
+
+
 def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """`probe-<site>` for each site with a worker: run on demand, it says where the site's flows run and which
     of its hosts they reach."""
-    workers = fleet.orchestration.workers if fleet.orchestration else {}
-    out = []
-    for site in workers:
-        hosts = tuple(site_hosts(fleet, site))
-        if hosts:
-            out.append(Planned(deployment("probe", site), "probe", {"site": site, "env": env, "transport": transport},
-                               None, hosts, (), ("orchestration", "workers", site),
-                               f"where site {site}'s flows run, and which of its hosts they reach", ("probe",)))
-    return out
+    return [Planned(deployment("probe", site), "probe", {"site": site, "env": env, "transport": transport},
+                    None, hosts, (), ("orchestration", "workers", site),
+                    f"where site {site}'s flows run, and which of its hosts they reach", ("probe",))
+            for site, hosts in _worker_sites(fleet)]
 
 
 def agent_tasks(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """`agent-task-<site>` for each site with a worker: on demand (the UI's form, `spark task run --on-worker`),
     an agent task placed among the site's hosts. A worker's key reaches its own site's hosts only."""
-    workers = fleet.orchestration.workers if fleet.orchestration else {}
-    out = []
-    for site in workers:
-        hosts = tuple(site_hosts(fleet, site))
-        if hosts:
-            out.append(Planned(deployment("agent-task", site), "agent-task",
-                               {"site": site, "env": env, "transport": transport}, None, hosts, (),
-                               ("orchestration", "workers", site),
-                               f"an agent task (a template of the fleet's tasks, or a spec) on site {site}'s hosts",
-                               ("agent-task",), concurrency_limit=None))
-    return out
+    return [Planned(deployment("agent-task", site), "agent-task", {"site": site, "env": env, "transport": transport},
+                    None, hosts, (), ("orchestration", "workers", site),
+                    f"an agent task (a template of the fleet's tasks, or a spec) on site {site}'s hosts",
+                    ("agent-task",), concurrency_limit=None)
+            for site, hosts in _worker_sites(fleet)]
 
 
 def syncs(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
