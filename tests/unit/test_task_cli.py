@@ -105,6 +105,21 @@ def test_naming_the_task_wrongly_says_how(args: tuple[str, ...], said: str, monk
     assert code == 1 and said in err and "summarise-readings" in err
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("--site", "edge"), "--site places a task among a site's hosts on that site's worker"),
+    (("--on-worker", "--site", "moon"), "no site's worker to run it on: fleet lab has no site 'moon'"),
+])
+def test_a_run_on_a_worker_named_wrongly_says_how(args: tuple[str, ...], said: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything is submitted (no server is asked), with the sites that have a worker."""
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path / "state"))
+    code, _, err = spark(monkeypatch, capsys, "task", "run", "--template", "count-readings", "--env", "lab", *args)
+    assert code == 1 and said in err, err
+    if "--on-worker" in args:
+        assert "sites with a worker: cloud, edge" in err, err
+
+
 def test_live_facts_that_cannot_be_read_are_said_per_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     fleet = tmp_path / "mini.yaml"

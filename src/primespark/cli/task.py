@@ -317,7 +317,8 @@ def _run_on_worker(env: str, spec: Path | None, template: str | None, task_id: s
     with_workers = sorted(pools(ctx.fleet).values())
     site = site or _data_site(ctx.fleet, task)
     if site is None or site not in with_workers:
-        why = "name one with --site" if site is None else f"{site} has none"
+        why = ("name one with --site" if site is None else f"site {site} has none" if site in ctx.fleet.sites
+               else f"fleet {ctx.fleet.name} has no site {site!r}")
         raise UserError(f"no site's worker to run it on: {why}",
                         f"sites with a worker: {', '.join(with_workers) or 'none (the fleet has no orchestration)'}")
     task_id = check_task_id(task_id) if task_id else new_task_id(name)
