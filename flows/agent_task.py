@@ -94,6 +94,13 @@ def run_step(ctx: FleetContext, host: str, task_id: str, spec: TaskSpec) -> exec
     return execute.run_task(ctx.hosts, ctx.fleet, host, task_id, spec, on_output=log)
 
 
+def _label(logger: Any, task_id: str, labels: dict[str, str]) -> None:
+    missed = label_run(labels)
+    if missed is not None:
+        logger.warning("task %s: its run's labels %s are not set (%s): `spark task ls` and the tasks placed in the "
+                       "next minute do not see them; the task goes on", task_id, ", ".join(sorted(labels)), missed)
+
+
 def artifact_key(task_id: str) -> str:
     """Artifact keys take lower-case letters, digits and dashes."""
     return "agent-task-" + re.sub(r"[^a-z0-9-]", "-", task_id)
@@ -277,7 +284,7 @@ def agent_task(
     from prefect.runtime import flow_run
 
     task_id = execute.check_task_id(task_id) if task_id else default_task_id(template, name, flow_run.id)
-    label_run({TASK_ID_LABEL: task_id})  # `spark task ls` reads the id and the host from the run's labels
+    _label(logger, task_id, {TASK_ID_LABEL: task_id})  # `spark task ls` reads the id and the host from the labels
     # a host left unreachable is retried by Prefect; a failed command is an attempt of the spec's own
     options = retrying(2, retry_delay_seconds)
     with hold(agent_task_lock(task_id)):
@@ -292,7 +299,7 @@ def agent_task(
             prefetched = None
         if settled is not None:
             result, why = settled
-            label_run({HOST_LABEL: result.host})
+            _label(logger, task_id, {HOST_LABEL: result.host})
             logger.info("task %s: %s on %s (%s): nothing runs", task_id, why, result.host, result.path)
             _result_artifact(result, why)
             return {**asdict(result), "why": why, "attempts": 0, "kept_off": {}}
@@ -313,7 +320,7 @@ def agent_task(
             prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
-            label_run(placement_labels(decision.host, chosen.cpus, chosen.memory_mb, time.time()))
+            _label(logger, task_id, placement_labels(decision.host, chosen.cpus, chosen.memory_mb, time.time()))
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
             try:
                 result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)

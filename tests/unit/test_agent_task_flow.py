@@ -107,6 +107,31 @@ def test_a_template_is_placed_run_and_committed_and_a_rerun_of_its_id_runs_nothi
     assert runs.read_text() == "ran\n"
 
 
+def test_a_run_whose_labels_the_server_refuses_still_runs_its_task_and_says_so(
+        server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect's server on SQLite answers the labels request 503 under concurrent writes (seen in CI with five
+    tasks submitted at once): the labels are bookkeeping, so the task runs and the run warns."""
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    def busy(self: Any, flow_run_id: Any, labels: dict[str, Any]) -> None:
+        request = httpx.Request("PATCH", f"http://prefect.invalid/api/flow_runs/{flow_run_id}/labels")
+        response = httpx.Response(503, json={"exception_message": "Service Unavailable"}, request=request)
+        raise PrefectHTTPStatusError.from_httpx_error(httpx.HTTPStatusError(
+            "Server error '503 Service Unavailable'", request=request, response=response))
+
+    monkeypatch.setattr(SyncPrefectClient, "update_flow_run_labels", busy)
+    fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hi", "cpus": 0.5, "memory_mb": 64}})
+    state = agent_task(template="hello", task_id="unlabelled-1", env=fleet, transport="local",
+                       facts_file=facts_file(tmp_path), return_state=True)
+    assert state.is_completed(), state
+    assert state.result()["status"] == "succeeded"
+    logs = flow_logs(state)
+    assert "labels primespark.task.cpus, primespark.task.host" in logs
+    assert "503 Service Unavailable" in logs and "the task goes on" in logs
+
+
 def test_a_failing_inline_task_is_placed_again_per_its_retries_and_fails_with_its_exit_code(
         server: None, tmp_path: Path) -> None:
     runs = tmp_path / "runs"

@@ -34,15 +34,23 @@ STATES = ("scheduled", "pending", "running", "completed", "failed", "cancelled",
 _PAGE = 200  # runs read per request while filtering by environment
 
 
-def label_run(labels: dict[str, str]) -> None:
-    """Set labels on the flow run this is called in (merged with those it has)."""
+def label_run(labels: dict[str, str]) -> str | None:
+    """Set labels on the flow run this is called in (merged with those it has); None when they are set, else why
+    not. A label is bookkeeping (`spark task ls`, the spread of tasks placed together), not the task: the run goes
+    on without it. Prefect's server on SQLite answers this request (a read, then a write, in one deferred
+    transaction) 503 while other writes keep landing, and its client gives up after five retries."""
     from uuid import UUID
 
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    with get_client(sync_client=True) as client:
-        client.update_flow_run_labels(UUID(str(flow_run.id)), dict(labels))
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(UUID(str(flow_run.id)), dict(labels))
+    except httpx.HTTPError as exc:  # an error status (PrefectHTTPStatusError is one) or no answer
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def placement_labels(host: str, cpus: float, memory_mb: int, at: float) -> dict[str, str]:
