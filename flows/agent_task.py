@@ -6,8 +6,11 @@ run on the chosen host (`primespark.agents.execute`: limits, timeout, result com
 artifact. An attempt that fails with the spec's `retries` left is placed again on fresh facts (the host may have
 filled up or entered its quiet hours meanwhile). An attempt whose host was lost mid-task (`HostLost`: silent, and
 no answer to a probe) is no failure of the task: the host is kept off for the rest of the run ("lost mid-task at
-HH:MM:SS" in the next decision table) and the task placed again elsewhere; when no host can take it, the run waits
-for one (placing it again every `requeue_poll_seconds`, up to the spec's timeout), saying why. An attempt the
+HH:MM:SS" in the next decision table) and the task placed again elsewhere. When no host can take the task now but
+one may later (every exclusion is one that passes: quiet hours, battery, drained, busy, facts unreadable, pool not
+ready), the run waits for one, placing it again every `poll_seconds` up to `wait_seconds` (default: the spec's
+timeout) and saying why each time; when none ever can (architecture, labels, size: the fleet alone says so, or the
+hosts are kept off), it fails at once. An attempt the
 host's power script stopped (quiet hours began, or the battery ran low: `power-stopped`) is placed again the same
 way without using a retry: the host drained itself. One run per task id at a time: a lock named after it; one
 result per task id: a run is committed only once its answer is in.
@@ -30,7 +33,15 @@ from prefect.futures import PrefectFuture
 
 from primespark.agents import execute
 from primespark.agents.execute import default_task_id
-from primespark.agents.placement import Decision, Facts, NoEligibleHost, NoEligibleHostInTime, Placed, place
+from primespark.agents.placement import (
+    Decision,
+    Facts,
+    NoEligibleHost,
+    NoEligibleHostInTime,
+    Placed,
+    may_take_later,
+    place,
+)
 from primespark.context import FleetContext, Transport
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import Fleet, TaskSpec
@@ -134,9 +145,10 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
                    facts_file: str | None, kept_off: dict[str, str], options: dict[str, Any], wait_seconds: float,
                    poll_seconds: float, prefetched: PrefectFuture[FactsRead] | None = None,
                    site: str | None = None) -> Decision:
-    """The decision of this attempt, published. No host can take the task: at once `NoEligibleHost`, unless a host
-    was lost in this run; then the task waits for one, placed again on fresh facts every `poll_seconds` for up to
-    `wait_seconds` (each wait logged with every host's reason), and `NoEligibleHostInTime` after."""
+    """The decision of this attempt, published. No host can take the task now: while one may later (`may_take_later`)
+    the task waits for one, placed again on fresh facts every `poll_seconds` for up to `wait_seconds` (each wait
+    logged with every host's reason), and `NoEligibleHostInTime` after; when none ever can, or `wait_seconds` is 0,
+    `NoEligibleHost` at once."""
     logger = get_run_logger()
     shown: list[dict[str, str]] | None = None
     deadline: float | None = None
@@ -146,16 +158,17 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
             prefetched = None
         else:
             facts, placed, now, source = facts_step.with_options(**options)(ctx, env, spec, facts_file, site)
-        decision = place(ctx.fleet, spec, facts, placed, now, label, {**site_scope(ctx.fleet, site)[1], **kept_off})
+        kept_off_by = {**site_scope(ctx.fleet, site)[1], **kept_off}
+        decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off_by)
         shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
         if decision.host is not None:
             return decision
-        if not kept_off:
+        if wait_seconds <= 0 or not may_take_later(ctx.fleet, spec, kept_off_by):
             raise NoEligibleHost(where, decision)
         deadline = deadline if deadline is not None else time.monotonic() + wait_seconds
         left = deadline - time.monotonic()
         if left <= 0:
-            raise NoEligibleHostInTime(where, decision, wait_seconds, task_id)
+            raise NoEligibleHostInTime(where, decision, wait_seconds, task_id, again=bool(kept_off))
         logger.warning("task %s: no host can run it now; waiting for one (placed again every %.0f s, for %.0f s "
                        "more): %s", task_id, poll_seconds, left, "; ".join(decision.reasons()))
         time.sleep(min(poll_seconds, left))
@@ -267,16 +280,17 @@ def agent_task(
     transport: Transport = "ssh",
     facts_file: str | None = None,
     retry_delay_seconds: float = 10.0,
-    requeue_poll_seconds: float = 30.0,
-    requeue_wait_seconds: float | None = None,
+    poll_seconds: float = 30.0,
+    wait_seconds: float | None = None,
     site: str | None = None,
 ) -> dict[str, Any]:
     """Run one agent task: a `template` of the fleet (its `tasks:`) or an inline `spec` (named `name`), as
     `task_id` (default: from the name and the flow run's id; give an earlier id to rerun: a committed result is
     reported, not run again). `facts_file` takes the hosts' facts from a YAML file instead of their node
-    exporters (docs/agents.md). A task whose host was lost waits for another host at most `requeue_wait_seconds`
-    (default: its timeout), placed again every `requeue_poll_seconds`. `site`: placed among that site's hosts only
-    (its `agent-task-<site>` deployment's worker reaches those)."""
+    exporters (docs/agents.md). A task no host can take now (or after its host was lost) waits for one at most
+    `wait_seconds` (default: its timeout; 0: fail at once), placed again every `poll_seconds`; one no host can ever
+    take fails at once. `site`: placed among that site's hosts only (its `agent-task-<site>` deployment's worker
+    reaches those)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     label, where, chosen = resolve_task(ctx, env, template, spec, name)
@@ -312,11 +326,11 @@ def agent_task(
         failed: execute.TaskRunFailed | None = None
         kept_off: dict[str, str] = {}  # hosts lost in this run, and why: never placed on again by it
         failures = attempt = requeued = 0
-        wait = requeue_wait_seconds if requeue_wait_seconds is not None else chosen.timeout_minutes * 60
+        wait = wait_seconds if wait_seconds is not None else chosen.timeout_minutes * 60
         while failures <= chosen.retries:
             attempt += 1
             decision = _place_or_wait(ctx, env, chosen, label, where, task_id, attempt, facts_file, kept_off, options,
-                                      wait, requeue_poll_seconds, prefetched, site)
+                                      wait, poll_seconds, prefetched, site)
             prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")

@@ -17,11 +17,12 @@ from primespark.agents.placement import (
     Placed,
     Unavailable,
     data_places,
+    may_take_later,
     place,
     quiet_until,
 )
 from primespark.fleet import load_text
-from primespark.fleet.model import Fleet, TaskSpec
+from primespark.fleet.model import Arch, Fleet, TaskSpec
 
 # Berlin, so that a test passing in UTC by accident fails: 22:30 UTC is 23:30 there (in pi-1's quiet hours).
 FLEET = """
@@ -252,6 +253,19 @@ def test_a_host_kept_off_by_the_run_is_excluded_with_its_reason_whatever_its_fac
     assert decision.host is None
     assert "ops-1: excluded, architecture x86_64, the task needs aarch64" in decision.reasons()
     assert "pi-1: excluded, lost" in decision.reasons()
+
+
+def test_hosts_that_may_take_a_task_later_are_those_only_live_facts_keep_off(fleet: Fleet) -> None:
+    """Quiet hours, a drain, a full host pass; a KVM host, an architecture, a label, a size beyond the host's own do
+    not; nor does a host the run keeps off."""
+    anywhere = TaskSpec(command="true", memory_mb=64)
+    assert may_take_later(fleet, anywhere) == sorted(h for h in fleet.hosts if h != "kvm-1")
+    assert may_take_later(fleet, anywhere, {"pi-1": "lost mid-task at 12:00:00"}) == sorted(
+        h for h in fleet.hosts if h not in ("kvm-1", "pi-1"))
+    assert may_take_later(fleet, TaskSpec(command="true", memory_mb=10**6)) == []
+    arm = TaskSpec(command="true", arch=[Arch.aarch64])
+    assert may_take_later(fleet, arm) == sorted(h for h, spec in fleet.hosts.items()
+                                                if spec.arch is Arch.aarch64 and h != "kvm-1")
 
 
 def test_a_naive_now_is_refused(fleet: Fleet) -> None:

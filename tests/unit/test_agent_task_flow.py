@@ -24,7 +24,7 @@ from test_power_scripts import GUARD, power_profile, script
 from flows.agent_task import agent_task, artifact_key
 from primespark.agents import execute
 from primespark.agents.execute import TaskRunFailed
-from primespark.agents.placement import NoEligibleHostInTime
+from primespark.agents.placement import NoEligibleHost, NoEligibleHostInTime
 from primespark.fleet import load_fleet
 from primespark.fleet.model import TaskSpec
 from primespark.hosts import LocalHosts
@@ -156,6 +156,58 @@ def test_an_inline_spec_no_host_can_run_is_refused_with_its_reason(server: None,
                        facts_file=facts_file(tmp_path), return_state=True)
     assert state.is_failed()
     assert "inline task huge" in str(state.result(raise_on_failure=False))
+
+
+def busy_facts(root: Path) -> Path:
+    """pi-1 and pi-2 up with too few CPUs free for a task of 0.5; the other hosts' facts unread: no host can take
+    it now, every one of them may later."""
+    path = root / "busy.yaml"
+    path.write_text(yaml.safe_dump({"now": "2026-11-30T12:00:00Z", "hosts": {
+        host: {"cpus_free": 0.2, "memory_free_mb": 3000} for host in ("pi-1", "pi-2")}}))
+    return path
+
+
+def test_a_task_no_host_can_take_now_waits_for_one_and_runs_once_one_frees_up(server: None, tmp_path: Path) -> None:
+    fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hi", "cpus": 0.5, "memory_mb": 64}})
+    facts = busy_facts(tmp_path)
+    thread, states = in_background(template="hello", task_id="queued-1", env=fleet, transport="local",
+                                   facts_file=str(facts), poll_seconds=1, wait_seconds=120)
+
+    def waiting() -> bool:
+        try:
+            rows = json.loads(artifact(f"{artifact_key('queued-1')}-placement"))
+        except AssertionError:  # none published yet
+            return False
+        return all(r["verdict"] == "excluded" for r in rows)
+
+    until(waiting, "the run waits for a host", seconds=60)
+    facts.write_text(Path(facts_file(tmp_path)).read_text())  # pi-1 has 3 CPUs free now
+    thread.join(120)
+    [state] = states
+    result = state.result()
+    assert (result["host"], result["status"], result["attempts"]) == ("pi-1", "succeeded", 1)
+    logs = flow_logs(state)
+    assert "task queued-1: no host can run it now; waiting for one (placed again every 1 s" in logs
+    assert "pi-1: excluded, 0.2 CPUs free, the task needs 0.5" in logs
+
+
+def test_a_task_no_host_can_ever_take_or_told_not_to_wait_fails_at_once(server: None, tmp_path: Path) -> None:
+    fleet = agent_fleet(tmp_path)
+    facts = str(busy_facts(tmp_path))
+    told = agent_task(spec=TaskSpec(command="true", cpus=0.5, memory_mb=64), name="now", task_id="now-1", env=fleet,
+                      transport="local", facts_file=facts, wait_seconds=0, return_state=True)
+    error = told.result(raise_on_failure=False)
+    assert type(error) is NoEligibleHost and "pi-1: excluded, 0.2 CPUs free" in error.message, error
+    # a Pi's task on the cloud's worker: the cloud's hosts are x86_64, the edge's out of the worker's reach, so
+    # waiting cannot help, however long it may wait (a spec no host of the fleet can run is refused before this)
+    never = agent_task(spec=TaskSpec(command="true", memory_mb=64, arch=["aarch64"]), name="arm", task_id="arm-1",
+                       env=fleet, transport="local", facts_file=facts, wait_seconds=600, site="cloud",
+                       return_state=True)
+    error = never.result(raise_on_failure=False)
+    assert type(error) is NoEligibleHost, error
+    assert "core-1: excluded, architecture x86_64, the task needs aarch64" in error.message
+    assert "pi-1: excluded, not reached by site cloud's worker" in error.message
+    assert "waiting for one" not in flow_logs(told) + flow_logs(never)
 
 
 def test_a_sites_run_places_among_the_sites_hosts_only_and_says_why_of_the_others(server: None,
@@ -435,8 +487,8 @@ def test_a_lost_host_and_no_other_eligible_waits_for_one_then_fails_naming_every
     runs = tmp_path / "runs"
     fleet = agent_fleet(tmp_path)
     thread, states = in_background(spec=waits_on_pi1(tmp_path), name="alone", task_id="alone-1", env=fleet,
-                                   transport="local", facts_file=only_pi1(tmp_path), requeue_poll_seconds=1,
-                                   requeue_wait_seconds=3)
+                                   transport="local", facts_file=only_pi1(tmp_path), poll_seconds=1,
+                                   wait_seconds=3)
     until(lambda: runs.exists(), "the task started on pi-1")
     lossy.cut("pi-1")
     thread.join(120)
@@ -458,8 +510,8 @@ def test_a_task_waiting_after_a_host_loss_runs_once_a_host_is_eligible(
     fleet = agent_fleet(tmp_path)
     facts = only_pi1(tmp_path)
     thread, states = in_background(spec=waits_on_pi1(tmp_path), name="later", task_id="later-1", env=fleet,
-                                   transport="local", facts_file=facts, requeue_poll_seconds=1,
-                                   requeue_wait_seconds=60)
+                                   transport="local", facts_file=facts, poll_seconds=1,
+                                   wait_seconds=60)
 
     def waiting() -> bool:
         try:

@@ -164,6 +164,11 @@ def test_run_runs_the_task_and_says_where_and_why(tmp_path: Path, monkeypatch: p
     with prefect_test_harness(server_startup_timeout=120):
         code, out, err = spark(monkeypatch, capsys, "task", "run", "--env", fleet, "--template", "hello", "--id",
                                "h-1", "--transport", "local", "--facts", str(facts_path))
+        busy = tmp_path / "busy.yaml"  # pi-2 may take it later (memory frees up): --wait 0 says so at once
+        busy.write_text("now: 2026-11-30T12:00:00Z\nhosts:\n  pi-2: {cpus_free: 2.0, memory_free_mb: 10}\n")
+        told = spark(monkeypatch, capsys, "task", "run", "--env", fleet, "--template", "hello", "--id", "h-2",
+                     "--transport", "local", "--facts", str(busy), "--wait", "0")
+    assert told[0] == 1 and "no host can run it now: " in told[2] and "pi-2: excluded, 10 MiB free" in told[2], told
     assert code == 0, out + err
     assert "h-1 ran on pi-2 (attempt 1): " in out and "2.0 CPUs free" in out
     assert f"result: pi-2:{tmp_path}/hot/tasks/h-1" in out

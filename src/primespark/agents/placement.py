@@ -102,15 +102,20 @@ class NoEligibleHost(UserError):
 
 
 class NoEligibleHostInTime(NoEligibleHost):
-    """A task placed again after its host was lost, and no host could take it within the wait: the message says
-    how long it waited and names each candidate's reason at the end."""
+    """No host could take the task within the wait (`again`: it was placed again after its host was lost): the
+    message says how long it waited and names each candidate's reason at the end."""
 
-    def __init__(self, where: str, decision: Decision, waited: float, task_id: str) -> None:
+    def __init__(self, where: str, decision: Decision, waited: float, task_id: str, again: bool = False) -> None:
         listed = "; ".join(decision.reasons()) or "the fleet has no host that runs tasks"
-        UserError.__init__(self, f"{where}: no host could run it again within {waited:.0f} s of waiting: {listed}",
-                           "bring the lost host back or make another host eligible (quiet hours end, capacity frees "
-                           f"up, undrain one), then run it again with the same id (--id {task_id}): a run the lost "
-                           "host finished meanwhile is committed then, not run twice")
+        if again:
+            fix = ("bring the lost host back or make another host eligible (quiet hours end, capacity frees up, "
+                   f"undrain one), then run it again with the same id (--id {task_id}): a run the lost host finished "
+                   "meanwhile is committed then, not run twice")
+        else:
+            fix = ("make a host eligible (quiet hours end, capacity frees up, undrain one) and run it again, or give "
+                   "it longer to wait (--wait SECONDS; the flow's wait_seconds)")
+        UserError.__init__(self, f"{where}: no host could run it{' again' if again else ''} within {waited:.0f} s of "
+                           f"waiting: {listed}", fix)
         self.decision = decision
 
 
@@ -172,6 +177,14 @@ def static_exclusions(host: Host, task: TaskSpec) -> list[str]:
     if task.memory_mb > host.memory_mb:
         reasons.append(f"{host.memory_mb} MiB of memory in all, the task needs {task.memory_mb}")
     return reasons
+
+
+def may_take_later(fleet: Fleet, task: TaskSpec, keep_off: Mapping[str, str] | None = None) -> list[str]:
+    """The hosts that may take the task later though none can now: every exclusion of theirs can pass (quiet hours,
+    battery, drained, busy, facts unreadable, pool not ready), none is the fleet's own (`static_exclusions`), and
+    the caller does not keep them off. Empty: waiting cannot help."""
+    return [name for name in candidate_hosts(fleet)
+            if name not in (keep_off or {}) and not static_exclusions(fleet.hosts[name], task)]
 
 
 @lru_cache(maxsize=1024)  # a fleet has a few distinct windows; parsing them per host per decision adds up

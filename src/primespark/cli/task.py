@@ -178,15 +178,20 @@ def run(
     site: Annotated[str | None, typer.Option(
         "--site", help="With --on-worker: the site. Default: the site holding the task's data.",
         show_default=False)] = None,
+    wait: Annotated[float | None, typer.Option(
+        "--wait", min=0, metavar="SECONDS", help="When no host can take it now but one may later (quiet hours, "
+        "drained, busy, …): wait for one this long, placing it again every 30 s. Default: the task's timeout; 0: "
+        "fail at once. A task no host can ever take fails at once.", show_default=False)] = None,
 ) -> None:
-    """Run the task on the host placement chooses now (the `agent-task` flow, in this process), and print where it
-    ran, why, and its result folder. A failed attempt is placed again on fresh facts while the spec's `retries`
-    last. The id is printed first: `spark task cancel ID` stops it."""
+    """Run the task on the host placement chooses (the `agent-task` flow, in this process), and print where it
+    ran, why, and its result folder. No host can take it now: it waits for one (--wait). A failed attempt is placed
+    again on fresh facts while the spec's `retries` last. The id is printed first: `spark task cancel ID` stops
+    it."""
     if dry_run:
         plan(spec, template, env, facts_file, transport, as_json)
         return
     if on_worker:
-        _run_on_worker(env, spec, template, task_id, site, as_json)
+        _run_on_worker(env, spec, template, task_id, site, as_json, wait)
         return
     if site is not None:
         raise UserError("--site places a task among a site's hosts on that site's worker", "add --on-worker")
@@ -203,7 +208,7 @@ def run(
     record_runs(FleetContext.load(env, transport_of(transport)))
     result = run_here(agent_task, template=template, spec=None if template else task, name=name, task_id=task_id,
                       env=env, transport=transport_of(transport),
-                      facts_file=None if facts_file is None else str(facts_file))
+                      facts_file=None if facts_file is None else str(facts_file), wait_seconds=wait)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -304,7 +309,7 @@ def _data_site(fleet: Fleet, task: TaskSpec) -> str | None:
 
 
 def _run_on_worker(env: str, spec: Path | None, template: str | None, task_id: str | None, site: str | None,
-                   as_json: bool) -> None:
+                   as_json: bool, wait: float | None = None) -> None:
     """`spark task run --on-worker`: the `agent-task-SITE` deployment's run, as the UI's Run button makes it."""
     from primespark.agents.execute import check_task_id, new_task_id
     from primespark.cli.flows import on_workers
@@ -323,6 +328,8 @@ def _run_on_worker(env: str, spec: Path | None, template: str | None, task_id: s
                         f"sites with a worker: {', '.join(with_workers) or 'none (the fleet has no orchestration)'}")
     task_id = check_task_id(task_id) if task_id else new_task_id(name)
     parameters: dict[str, object] = {"task_id": task_id}
+    if wait is not None:
+        parameters["wait_seconds"] = wait
     if template is not None:
         parameters["template"] = template
     else:
