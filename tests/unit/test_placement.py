@@ -30,6 +30,20 @@ def test_the_lab_runs_edge_flows_on_the_edge_pool_and_offsite_maintenance_in_the
     assert pools(fleet) == {"spark-edge": "edge", "spark-cloud": "cloud"}
 
 
+def test_agent_tasks_leave_a_slot_of_their_sites_worker_to_the_other_flows() -> None:
+    """A run may wait long for a host: at most the worker's limit less one at once (but one with a limit of one),
+    so backups always find a slot; every other deployment runs one at a time."""
+    fleet = load_fleet("lab")
+    limits = {d.name: d.concurrency_limit for d in planned_deployments(fleet, "lab")}
+    assert fleet.orchestration is not None
+    for site, worker in fleet.orchestration.workers.items():
+        assert worker.limit == 4 and limits.pop(f"agent-task-{site}") == 3  # the default limit
+    assert set(limits.values()) == {1}
+    one = fleet.model_copy(update={"orchestration": fleet.orchestration.model_copy(update={"workers": {
+        site: worker.model_copy(update={"limit": 1}) for site, worker in fleet.orchestration.workers.items()}})})
+    assert {d.concurrency_limit for d in planned_deployments(one, "lab") if d.flow == "agent-task"} == {1}
+
+
 def test_each_worker_holds_the_passwords_of_its_own_sites_repositories_only() -> None:
     fleet = load_fleet("lab")
     assert worker_repositories(fleet, "edge") == ["nas-primary"]

@@ -51,7 +51,7 @@ class Planned:
     tags: tuple[str, ...] = field(default=())
     # the (repository, client) pairs it opens, offsite copies included: their records go to its worker
     opens: tuple[tuple[str, str], ...] = field(default=())
-    # runs at once: one, but for agent tasks (each its own task; the worker's limit bounds them)
+    # runs at once: one, but for agent tasks (each its own task; `agent_tasks` says how many)
     concurrency_limit: int | None = 1
 
     def site(self, fleet: Fleet) -> str:
@@ -99,11 +99,14 @@ def probes(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
 
 def agent_tasks(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]:
     """`agent-task-<site>` for each site with a worker: on demand (the UI's form, `spark task run --on-worker`),
-    an agent task placed among the site's hosts. A worker's key reaches its own site's hosts only."""
+    an agent task placed among the site's hosts. A worker's key reaches its own site's hosts only. At most one
+    run fewer than the worker's limit at once (the others wait in Prefect's queue, AwaitingConcurrencySlot): a run
+    may wait long for a host (quiet hours), and the site's backups, syncs and drills always find a slot."""
+    assert fleet.orchestration is not None  # _worker_sites is empty without one
     return [Planned(deployment("agent-task", site), "agent-task", {"site": site, "env": env, "transport": transport},
                     None, hosts, (), ("orchestration", "workers", site),
                     f"an agent task (a template of the fleet's tasks, or a spec) on site {site}'s hosts",
-                    ("agent-task",), concurrency_limit=None)
+                    ("agent-task",), concurrency_limit=max(1, fleet.orchestration.workers[site].limit - 1))
             for site, hosts in _worker_sites(fleet)]
 
 
