@@ -54,6 +54,7 @@ from primespark.orchestration.agent_runs import (
     placed_note,
     placement_labels,
     recently_placed,
+    waiting_label,
 )
 from primespark.orchestration.auditing import audited
 from primespark.orchestration.locks import agent_task_lock, hold
@@ -151,6 +152,8 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
     `NoEligibleHost` at once."""
     logger = get_run_logger()
     shown: list[dict[str, str]] | None = None
+    published: list[dict[str, str]] | None = None  # the reasons the run's waiting label says
+    since: str | None = None
     deadline: float | None = None
     while True:
         if prefetched is not None:  # read while the earlier runs were looked for
@@ -171,6 +174,10 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
             raise NoEligibleHostInTime(where, decision, wait_seconds, task_id, again=bool(kept_off))
         logger.warning("task %s: no host can run it now; waiting for one (placed again every %.0f s, for %.0f s "
                        "more): %s", task_id, poll_seconds, left, "; ".join(decision.reasons()))
+        if shown != published:  # the reasons changed: `spark task ls` says them
+            since = since or _hhmmss(ctx, time.time())
+            _label(logger, task_id, waiting_label(since, [(c.host, c.reason) for c in decision.candidates]))
+            published = shown
         time.sleep(min(poll_seconds, left))
 
 
@@ -203,7 +210,7 @@ def _settle(ctx: FleetContext, task_id: str, known: list[execute.Found]) -> tupl
     return result, why
 
 
-def _lost_at(ctx: FleetContext, when: float) -> str:
+def _hhmmss(ctx: FleetContext, when: float) -> str:
     """HH:MM:SS in the fleet's time zone, as quiet hours are read."""
     return datetime.fromtimestamp(when, ZoneInfo(ctx.fleet.timezone)).strftime("%H:%M:%S")
 
@@ -340,7 +347,7 @@ def agent_task(
                 result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)
             except (HostLost, HostUnreachable) as exc:
                 # not the task failing: its host went away. What ran there commits nothing (no answer, no commit)
-                at = _lost_at(ctx, exc.detected if isinstance(exc, HostLost) else time.time())
+                at = _hhmmss(ctx, exc.detected if isinstance(exc, HostLost) else time.time())
                 kept_off[decision.host] = (f"lost mid-task at {at}" if isinstance(exc, HostLost)
                                            else f"unreachable when the task was to start at {at}")
                 logger.warning("task %s, attempt %d: %s %s (%s); placing it on another host on fresh facts (not one "

@@ -28,6 +28,7 @@ from primespark.agents.placement import NoEligibleHost, NoEligibleHostInTime
 from primespark.fleet import load_fleet
 from primespark.fleet.model import TaskSpec
 from primespark.hosts import LocalHosts
+from primespark.orchestration.agent_runs import AgentRun, agent_runs
 
 pytestmark = pytest.mark.slow
 HOSTS = ("core-1", "kvm-1", "nas-1", "ops-1", "pi-1", "pi-2")
@@ -167,7 +168,10 @@ def busy_facts(root: Path) -> Path:
     return path
 
 
-def test_a_task_no_host_can_take_now_waits_for_one_and_runs_once_one_frees_up(server: None, tmp_path: Path) -> None:
+def test_a_task_no_host_can_take_now_waits_for_one_and_runs_once_one_frees_up(
+        server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_task_cli import spark
+
     fleet = agent_fleet(tmp_path, {"hello": {"command": "echo hi", "cpus": 0.5, "memory_mb": 64}})
     facts = busy_facts(tmp_path)
     thread, states = in_background(template="hello", task_id="queued-1", env=fleet, transport="local",
@@ -180,12 +184,31 @@ def test_a_task_no_host_can_take_now_waits_for_one_and_runs_once_one_frees_up(se
             return False
         return all(r["verdict"] == "excluded" for r in rows)
 
-    until(waiting, "the run waits for a host", seconds=60)
-    facts.write_text(Path(facts_file(tmp_path)).read_text())  # pi-1 has 3 CPUs free now
-    thread.join(120)
+    def listed() -> AgentRun | None:
+        return next((r for r in agent_runs(fleet) if r.task_id == "queued-1"), None)
+
+    try:
+        until(waiting, "the run waits for a host", seconds=60)
+        # `spark task ls` says why it waits (the label follows the artifact)
+        until(lambda: (run := listed()) is not None and run.waiting is not None, "the run's waiting label", 30)
+        run = listed()
+        assert run is not None and run.waiting is not None and run.host is None
+        assert re.match(r"since \d\d:\d\d:\d\d: ", run.waiting), run.waiting
+        assert "pi-1, pi-2: 0.2 CPUs free, the task needs 0.5" in run.waiting, run.waiting
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the harness's server, as a Prefect profile would say
+        code, out, err = spark(monkeypatch, capsys, "task", "ls", "--env", fleet)
+        assert code == 0, out + err
+        header = next(line for line in out.splitlines() if "task id" in line)
+        row = next(line for line in out.splitlines() if line.startswith("│ queued-1"))
+        assert header.split("┃")[-2].strip() == "waiting" and row.split("│")[-2].strip().startswith("since "), out
+    finally:  # the run ends whatever the checks above said
+        facts.write_text(Path(facts_file(tmp_path)).read_text())  # pi-1 has 3 CPUs free now
+        thread.join(120)
     [state] = states
     result = state.result()
     assert (result["host"], result["status"], result["attempts"]) == ("pi-1", "succeeded", 1)
+    run = listed()
+    assert run is not None and (run.host, run.state, run.waiting) == ("pi-1", "Completed", None)
     logs = flow_logs(state)
     assert "task queued-1: no host can run it now; waiting for one (placed again every 1 s" in logs
     assert "pi-1: excluded, 0.2 CPUs free, the task needs 0.5" in logs

@@ -264,7 +264,7 @@ def ls(
     limit: Annotated[int, typer.Option(help="At most this many runs, the newest.", min=1)] = 50,
 ) -> None:
     """The agent-task runs of the environment, newest first: task id, template, state, the host it ran on,
-    when it started and how long it took.
+    when it started and how long it took; a run waiting for a host, since when and why.
 
     Read from the Prefect API `spark task run` records them on: PREFECT_API_URL, else the lab's server, else the
     local Prefect database. A server that does not answer is one error naming the address tried."""
@@ -285,7 +285,8 @@ def ls(
         return
     zone = ZoneInfo(fleet.timezone)
     table = Table(title=f"agent-task runs{which} of {env} on {where.removesuffix('/api')}, newest first")
-    for column in ("task id", "template", "state", "host", "started", "duration"):
+    waiting = any(run.waiting for run in runs)
+    for column in ("task id", "template", "state", "host", "started", "duration", *(["waiting"] if waiting else [])):
         table.add_column(column, overflow="fold")
     colours = {"Completed": "green", "Failed": "red", "Crashed": "red", "Running": "yellow"}
     for run in runs:
@@ -293,7 +294,7 @@ def ls(
         table.add_row(run.task_id, run.template, f"[{colour}]{run.state}[/{colour}]" if colour else run.state,
                       run.host or "-",
                       run.started.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") if run.started else "-",
-                      _duration(run.duration))
+                      _duration(run.duration), *([run.waiting or ""] if waiting else []))
     console.print(table)
 
 

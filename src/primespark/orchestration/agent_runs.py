@@ -5,6 +5,8 @@ The flow labels its own run (`label_run`): the task id once it is known, the hos
 (or where an earlier run committed the result), with the task's CPUs and memory and when it was placed. A run made
 before the labels existed shows its id from its parameters and no host.
 
+While no host can take the task, the run says why in one more label (`waiting`), cleared when it is placed.
+
 The same labels are the queue placement reads (`recently_placed`): runs placed within the last minute, whose load
 their hosts' node_load1 does not hold yet, so that tasks submitted together spread instead of all taking the host
 that looked freest a moment before.
@@ -27,6 +29,8 @@ HOST_LABEL = "primespark.task.host"
 CPUS_LABEL = "primespark.task.cpus"
 MEMORY_LABEL = "primespark.task.memory_mb"
 PLACED_AT_LABEL = "primespark.task.placed_at"  # seconds since the epoch
+WAITING_LABEL = "primespark.task.waiting"  # since when and why no host can take it; "" once placed
+WAITING_CHARS = 400  # a label is for a glance: the decision table artifact has every host's reason
 # node_load1 is a 1-minute average: a task placed longer ago is in its host's load (counting it too would count it
 # twice); one placed since is not yet.
 RECENT_SECONDS = 60.0
@@ -56,7 +60,17 @@ def label_run(labels: dict[str, str]) -> str | None:
 def placement_labels(host: str, cpus: float, memory_mb: int, at: float) -> dict[str, str]:
     """The labels of a run whose attempt was just placed on `host`: what `spark task ls` shows and the queue reads."""
     return {HOST_LABEL: host, CPUS_LABEL: repr(float(cpus)), MEMORY_LABEL: str(int(memory_mb)),
-            PLACED_AT_LABEL: f"{at:.3f}"}
+            PLACED_AT_LABEL: f"{at:.3f}", WAITING_LABEL: ""}
+
+
+def waiting_label(since: str, excluded: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The label of a run waiting for a host since `since` (HH:MM:SS): each reason once with its hosts (`excluded`:
+    host, reason), cut short."""
+    hosts: dict[str, list[str]] = {}
+    for host, reason in excluded:
+        hosts.setdefault(reason, []).append(host)
+    text = f"since {since}: " + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in hosts.items())
+    return {WAITING_LABEL: text if len(text) <= WAITING_CHARS else text[:WAITING_CHARS - 1] + "…"}
 
 
 def _placed_of(run: Any, env: str, since: float) -> Placed | None:
@@ -123,6 +137,7 @@ class AgentRun:
     started: datetime | None
     duration: timedelta | None
     flow_run: str  # the flow run's name
+    waiting: str | None = None  # a running run no host can take yet: since when and why
 
 
 def _same_env(given: object, env: str) -> bool:
@@ -147,9 +162,11 @@ def _of(run: Any, now: datetime) -> AgentRun:
             task_id = "-"
     started = run.start_time
     duration = None if started is None else (run.end_time or now) - started
-    return AgentRun(str(task_id), str(template) if template else f"{name or 'inline'} (inline)",
-                    (run.state.name if run.state is not None else None) or "unknown",
-                    str(labels[HOST_LABEL]) if labels.get(HOST_LABEL) else None, started, duration, str(run.name))
+    state = (run.state.name if run.state is not None else None) or "unknown"
+    waiting = str(labels.get(WAITING_LABEL) or "") if state == "Running" else ""
+    return AgentRun(str(task_id), str(template) if template else f"{name or 'inline'} (inline)", state,
+                    str(labels[HOST_LABEL]) if labels.get(HOST_LABEL) else None, started, duration, str(run.name),
+                    waiting or None)
 
 
 def agent_runs(env: str, states: Sequence[str] = (), limit: int = 50) -> list[AgentRun]:
