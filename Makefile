@@ -53,11 +53,12 @@ LAB_LOCK := $(SPARK) lab locked --
 # The main job's operations: create the deployments on the sites' work pools (site.yml installed the workers), back
 # up every host with a plan (and copy offsite) and drill every one on the workers, then maintain and check the
 # repositories, a pass of every sync job (the Pis' hot tiers to the NAS, the NAS to the cloud) and where each link
-# stands, and check the mesh: each writes its metrics onto the hosts, where Prometheus scrapes them.
+# stands, an agent task (a minute at most to wait for a host), and check the mesh: each writes its metrics onto the
+# hosts, where Prometheus scrapes them.
 LAB_FLOWS := $(SPARK) flows deploy --env $(ENV) && $(SPARK) backup now --env $(ENV) --on-worker \
 	&& $(SPARK) drill run --env $(ENV) --on-worker && $(SPARK) backup maintain --env $(ENV) \
 	&& $(SPARK) sync run --env $(ENV) && $(SPARK) sync status --env $(ENV) \
-	&& $(SPARK) tier run --env $(ENV) && $(SPARK) task run --template count-readings --env $(ENV) \
+	&& $(SPARK) tier run --env $(ENV) && $(SPARK) task run --template count-readings --env $(ENV) --wait 60 \
 	&& $(SPARK) mesh check --env $(ENV) --publish
 
 lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run the flows once, say what to look at next
