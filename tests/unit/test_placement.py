@@ -42,6 +42,9 @@ def test_agent_tasks_leave_a_slot_of_their_sites_worker_to_the_other_flows() -> 
     one = fleet.model_copy(update={"orchestration": fleet.orchestration.model_copy(update={"workers": {
         site: worker.model_copy(update={"limit": 1}) for site, worker in fleet.orchestration.workers.items()}})})
     assert {d.concurrency_limit for d in planned_deployments(one, "lab") if d.flow == "agent-task"} == {1}
+    # a fleet without orchestration (flows served from a laptop) has no worker, so no agent-task deployment
+    laptop = fleet.model_copy(update={"orchestration": None})
+    assert not [d for d in planned_deployments(laptop, "lab") if d.flow in ("agent-task", "probe")]
 
 
 def test_each_worker_holds_the_passwords_of_its_own_sites_repositories_only() -> None:

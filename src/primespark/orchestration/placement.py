@@ -102,11 +102,11 @@ def agent_tasks(fleet: Fleet, env: str, transport: str = "ssh") -> list[Planned]
     an agent task placed among the site's hosts. A worker's key reaches its own site's hosts only. At most one
     run fewer than the worker's limit at once (the others wait in Prefect's queue, AwaitingConcurrencySlot): a run
     may wait long for a host (quiet hours), and the site's backups, syncs and drills always find a slot."""
-    assert fleet.orchestration is not None  # _worker_sites is empty without one
+    workers = fleet.orchestration.workers if fleet.orchestration else {}
     return [Planned(deployment("agent-task", site), "agent-task", {"site": site, "env": env, "transport": transport},
                     None, hosts, (), ("orchestration", "workers", site),
                     f"an agent task (a template of the fleet's tasks, or a spec) on site {site}'s hosts",
-                    ("agent-task",), concurrency_limit=max(1, fleet.orchestration.workers[site].limit - 1))
+                    ("agent-task",), concurrency_limit=max(1, workers[site].limit - 1))
             for site, hosts in _worker_sites(fleet)]
 
 
