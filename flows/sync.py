@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -29,7 +30,7 @@ from primespark.monitoring.metrics import Textfile, publish, sync_metrics
 from primespark.orchestration import auditing
 from primespark.orchestration.auditing import audited
 from primespark.orchestration.inputs import as_is
-from primespark.orchestration.locks import hold, sync_lock
+from primespark.orchestration.locks import BurstHolder, hold, sync_lock
 from primespark.orchestration.retries import retrying, transient
 
 
@@ -85,13 +86,13 @@ def _verified(ctx: FleetContext, link: Link, report: TransferReport, options: di
 
 def link_pass(ctx: FleetContext, link: Link, *, kind: str, options: dict[str, Any], files: list[str] | None = None,
               changed_at: dict[str, float] | None = None, dry_run: bool = False, bwlimit: str | None = None,
-              accept_empty: bool = False, textfile: str | None = None) -> core.PassResult:
-    """One pass over one link, holding its lock; recorded (state, metrics) unless it is a dry run. A failure is
-    recorded and raised; a refusal or a pause is recorded and returned."""
+              accept_empty: bool = False, textfile: str | None = None, locked: bool = False) -> core.PassResult:
+    """One pass over one link, holding its lock (`locked`: the caller holds it); recorded (state, metrics) unless
+    it is a dry run. A failure is recorded and raised; a refusal or a pause is recorded and returned."""
     started = time.time()
     found = None
     try:
-        with hold(sync_lock(link.job, link.source)):
+        with nullcontext() if locked else hold(sync_lock(link.job, link.source)):
             found = probe_source.with_options(**options)(ctx, link)
             report = transfer.with_options(**options)(ctx, link, found, as_is(files), dry_run, bwlimit, accept_empty)
             if dry_run:
@@ -246,7 +247,8 @@ def sync_watch(
 ) -> dict[str, Any]:
     """Keep `job` in sync continuously: a watcher on each source host, a full pass when it starts (and whenever
     it restarts), then a pass of the changed files once they are due. Runs until cancelled, or for
-    `duration_seconds`. A quiet source makes no passes; each pass that moved something publishes its report."""
+    `duration_seconds`. A quiet source makes no passes; each pass that moved something publishes its report.
+    A link's lock is kept across a burst of passes (`BurstHolder`)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     selected = core.links_of(ctx.fleet, job)
@@ -256,13 +258,14 @@ def sync_watch(
     logger.info("watching %s", ", ".join(f"{n} ({'ready' if ok else 'not ready'})" for n, ok in ready.items()))
     totals = {"passes": 0, "full_passes": 0, "files_sent": 0, "bytes_sent": 0, "refused": 0, "failed": 0}
     deadline = None if duration_seconds is None else time.monotonic() + duration_seconds
-    pool = ThreadPoolExecutor(max_workers=len(selected))
+    # one thread per link, holding the link's lock across a burst of passes (a take per pass could stall)
+    passers = {link.name: BurstHolder(sync_lock(link.job, link.source), label=link.name) for link in selected}
     running: dict[str, tuple[Future[core.PassResult], Batch]] = {}
 
     def run_batch(link: Link, batch: Batch) -> core.PassResult:
         result = link_pass(ctx, link, kind="full" if batch.full else "changes", options=options,
                            files=None if batch.full else sorted(batch.changed), changed_at=batch.changed,
-                           textfile=textfile)
+                           textfile=textfile, locked=True)
         if result.files_sent or result.deleted or result.status != "succeeded":
             publish_report(job, [result])
         return result
@@ -276,12 +279,12 @@ def sync_watch(
                     watches.links[name].passed(batch, ok)
             for watch, batch in watches.due(set(running)):
                 logger.info("%s: %s pass (%s)", watch.link.name, "full" if batch.full else "changes", batch.why)
-                running[watch.link.name] = (pool.submit(contextvars.copy_context().run, run_batch, watch.link, batch),
-                                            batch)
+                running[watch.link.name] = (passers[watch.link.name].submit(run_batch, watch.link, batch), batch)
             watches.wait(0.25)
     finally:
         watches.stop()
-        pool.shutdown(wait=True)
+        for passer in passers.values():
+            passer.close()
         for future, batch in running.values():
             _tally(totals, future, batch, logger)
     return {"job": job, **totals}

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from primespark.data import sync as core
 from primespark.data import tierside
 from primespark.data.layout import links
 from primespark.fleet import load_fleet
+from primespark.orchestration.locks import BURST_IDLE_SECONDS, BurstHolder, ensure_locks, hold, sync_lock, wanted
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"retries": 1, "retry_delay_seconds": 0.2}
@@ -327,6 +329,73 @@ def _watchers(source: Path) -> list[int]:
     return pids
 
 
+def _slots(lock: str) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(lock).active_slots
+
+
+def test_a_burst_holds_its_lock_across_its_work_and_gives_it_up_when_idle_held_long_or_failed(state: Path) -> None:
+    lock = f"burst-test-{uuid.uuid4().hex[:8]}"
+    ensure_locks([lock])
+    holder = BurstHolder(lock, idle_seconds=1.0, max_hold_seconds=60)
+    try:
+        assert [holder.submit(_slots, lock).result(timeout=60) for _ in range(3)] == [1, 1, 1]
+        assert holder.takes == 1, "back-to-back work took the lock more than once"
+        _wait_for(lambda: _slots(lock) == 0, 15, "the lock given up once idle")
+        assert holder.submit(_slots, lock).result(timeout=60) == 1 and holder.takes == 2
+
+        def fail() -> None:
+            raise RuntimeError("a failed pass")
+
+        with pytest.raises(RuntimeError, match="a failed pass"):
+            holder.submit(fail).result(timeout=60)
+        _wait_for(lambda: _slots(lock) == 0, 15, "the lock given up after a failure")
+        assert holder.submit(_slots, lock).result(timeout=60) == 1 and holder.takes == 3
+    finally:
+        holder.close()
+    assert _slots(lock) == 0, "close() left the lock held"
+    every_time = BurstHolder(lock, idle_seconds=60, max_hold_seconds=0)  # held "too long" at once: taken per item
+    try:
+        assert [every_time.submit(_slots, lock).result(timeout=60) for _ in range(3)] == [1, 1, 1]
+        assert every_time.takes == 3
+    finally:
+        every_time.close()
+
+
+def test_a_burst_hands_its_lock_to_a_run_waiting_for_it(state: Path) -> None:
+    lock = f"burst-test-{uuid.uuid4().hex[:8]}"
+    ensure_locks([lock])
+    holder = BurstHolder(lock, idle_seconds=600, max_hold_seconds=600)  # only a waiting run makes it let go
+    stop = threading.Event()
+
+    def feed() -> None:  # back-to-back work, as a busy link's passes
+        while not stop.is_set():
+            holder.submit(time.sleep, 0.3).result(timeout=120)
+
+    feeder = threading.Thread(target=feed)
+    try:
+        holder.submit(time.sleep, 0).result(timeout=60)
+        feeder.start()
+        took = threading.Event()
+        waiter = threading.Thread(target=lambda: _hold_and_set(lock, took))
+        waiter.start()
+        waiter.join(timeout=90)
+        assert took.is_set(), "a run waiting for the lock did not get it from a busy burst in 90 s"
+        assert holder.handovers >= 1
+        _wait_for(lambda: holder.takes >= 2, 60, "the burst taking its lock again after the waiting run")
+        assert not wanted(lock)
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join(timeout=120)
+        holder.close()
+
+
+def _hold_and_set(lock: str, took: threading.Event) -> None:
+    with hold(lock):
+        took.set()
+
+
 def _wait_for(condition: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -371,9 +440,14 @@ def test_continuous_sync_is_quick_quiet_when_idle_and_survives_a_dead_watcher(
         delivered = max(arrived.values())
         _wait_for(lambda: (core.load_state(ctx, link).last_run or 0) >= delivered, 15,
                   "the pass that carried the last files, recorded")
+        # the link's lock outlives the pass (kept for the next one; a pass taking its own gives it up before it
+        # records itself), and is given up once the link has been idle BURST_IDLE_SECONDS
+        assert _slots(sync_lock("hot-to-nas", "pi-1")) == 1, "the burst's lock was not kept across passes"
         last = core.load_state(ctx, link).last_run
         time.sleep(4)
         assert core.load_state(ctx, link).last_run == last, "a pass ran while the source was quiet"
+        _wait_for(lambda: _slots(sync_lock("hot-to-nas", "pi-1")) == 0, BURST_IDLE_SECONDS + 10,
+                  "the lock given up by an idle link")
         # the watcher dies (as when the source host restarts); what changes meanwhile still arrives
         [pid] = _watchers(source)
         os.kill(pid, signal.SIGKILL)
