@@ -384,6 +384,15 @@ def test_a_burst_hands_its_lock_to_a_run_waiting_for_it(state: Path) -> None:
         assert holder.handovers >= 1
         _wait_for(lambda: holder.takes >= 2, 60, "the burst taking its lock again after the waiting run")
         assert not wanted(lock)
+        stop.set()
+        feeder.join(timeout=120)
+        _wait_for(lambda: _slots(lock) == 1, 30, "the burst holding its lock between items")  # idle: 600 s
+        again = threading.Event()
+        waiter = threading.Thread(target=lambda: _hold_and_set(lock, again))
+        waiter.start()
+        waiter.join(timeout=60)
+        assert again.is_set(), "a run waiting for the lock did not get it from an idle burst in 60 s"
+        assert holder.handovers >= 2
     finally:
         stop.set()
         if feeder.is_alive():

@@ -152,7 +152,7 @@ BURST_MAX_HOLD_SECONDS = 60.0
 # A burst that let its lock go to a waiting run takes it again once no run waits (the waiter took it, or gave up:
 # its want lapses with its lease), and after this at the latest.
 HANDOVER_WAIT_SECONDS = 2 * LOCK_LEASE_SECONDS
-HANDOVER_POLL_SECONDS = 0.5
+HANDOVER_POLL_SECONDS = 1.0
 
 
 class BurstHolder:
@@ -188,14 +188,18 @@ class BurstHolder:
 
     def _loop(self) -> None:
         held: ExitStack | None = None
-        since = 0.0
+        since = last = 0.0
         try:
             while True:
-                try:
-                    item = self._items.get(timeout=self.idle_seconds if held is not None else None)
-                except queue.Empty:  # idle: others may take the locks now
-                    _give_up(held)
-                    held = None
+                try:  # while held, a look every HANDOVER_POLL_SECONDS: idle long enough, or another run waits?
+                    item = self._items.get(timeout=HANDOVER_POLL_SECONDS if held is not None else None)
+                except queue.Empty:
+                    if time.monotonic() - last >= self.idle_seconds:
+                        _give_up(held)
+                        held = None
+                    elif self._wanted():
+                        self._hand_over(held)
+                        held = None
                     continue
                 if item is None:
                     return
@@ -216,15 +220,20 @@ class BurstHolder:
                     future.set_exception(exc)
                     _give_up(held)  # ... and the next item takes the locks afresh
                     held = None
+                last = time.monotonic()
                 if held is not None and self._wanted():  # another run waits: its turn before our next item
-                    _give_up(held)
+                    self._hand_over(held)
                     held = None
-                    self.handovers += 1
-                    deadline = time.monotonic() + HANDOVER_WAIT_SECONDS
-                    while self._wanted() and time.monotonic() < deadline:
-                        time.sleep(HANDOVER_POLL_SECONDS)
         finally:
             _give_up(held)
+
+    def _hand_over(self, held: ExitStack | None) -> None:
+        """Let go, and wait until the run that wanted the locks has them (or gave up) before taking them again."""
+        _give_up(held)
+        self.handovers += 1
+        deadline = time.monotonic() + HANDOVER_WAIT_SECONDS
+        while self._wanted() and time.monotonic() < deadline:
+            time.sleep(HANDOVER_POLL_SECONDS)
 
     def _wanted(self) -> bool:
         try:
