@@ -376,22 +376,14 @@ def test_a_burst_hands_its_lock_to_a_run_waiting_for_it(state: Path) -> None:
     try:
         holder.submit(time.sleep, 0).result(timeout=60)
         feeder.start()
-        took = threading.Event()
-        waiter = threading.Thread(target=lambda: _hold_and_set(lock, took))
-        waiter.start()
-        waiter.join(timeout=90)
-        assert took.is_set(), "a run waiting for the lock did not get it from a busy burst in 90 s"
+        assert _gets_within(lock, 90), "a run waiting for the lock did not get it from a busy burst in 90 s"
         assert holder.handovers >= 1
         _wait_for(lambda: holder.takes >= 2, 60, "the burst taking its lock again after the waiting run")
         assert not wanted(lock)
         stop.set()
         feeder.join(timeout=120)
         _wait_for(lambda: _slots(lock) == 1, 30, "the burst holding its lock between items")  # idle: 600 s
-        again = threading.Event()
-        waiter = threading.Thread(target=lambda: _hold_and_set(lock, again))
-        waiter.start()
-        waiter.join(timeout=60)
-        assert again.is_set(), "a run waiting for the lock did not get it from an idle burst in 60 s"
+        assert _gets_within(lock, 60), "a run waiting for the lock did not get it from an idle burst in 60 s"
         assert holder.handovers >= 2
     finally:
         stop.set()
@@ -400,9 +392,17 @@ def test_a_burst_hands_its_lock_to_a_run_waiting_for_it(state: Path) -> None:
         holder.close()
 
 
-def _hold_and_set(lock: str, took: threading.Event) -> None:
-    with hold(lock):
-        took.set()
+def _gets_within(lock: str, seconds: float) -> bool:
+    """Whether `hold(lock)` in another thread gets it within `seconds` (a daemon: one still waiting ends with
+    pytest)."""
+    took = threading.Event()
+
+    def take() -> None:
+        with hold(lock):
+            took.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    return took.wait(seconds)
 
 
 def _wait_for(condition: Any, seconds: float, what: str) -> None:
