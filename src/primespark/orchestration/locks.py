@@ -145,8 +145,8 @@ def wanted(name: str) -> bool:
             return False
 
 
-# A burst's lock is given up once its work has paused this long, or has been held this long (then taken again, so
-# that a scheduled or hand-started run of the same thing gets its turn between two of the burst's steps).
+# A burst's lock is given up once its work has paused this long, or has been held this long (then taken again: a
+# backstop, should a waiting run's want not be seen; a want seen hands the lock over at once).
 BURST_IDLE_SECONDS = 10.0
 BURST_MAX_HOLD_SECONDS = 60.0
 # A burst that let its lock go to a waiting run takes it again once no run waits (the waiter took it, or gave up:
