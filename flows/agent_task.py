@@ -2,6 +2,7 @@
 
 Steps: what the hosts know of the task id (a committed result ends the run there: nothing runs twice) → the hosts'
 facts → the placement (pure; its table, every candidate with its reason, is an artifact of each attempt) → the
+claim of the chosen host (under its lock: does it still take the task with the tasks placed meanwhile?) → the
 run on the chosen host (`primespark.agents.execute`: limits, timeout, result committed once) → the result
 artifact. An attempt that fails with the spec's `retries` left is placed again on fresh facts (the host may have
 filled up or entered its quiet hours meanwhile). An attempt whose host was lost mid-task (`HostLost`: silent, and
@@ -39,6 +40,7 @@ from primespark.agents.placement import (
     NoEligibleHost,
     NoEligibleHostInTime,
     Placed,
+    fits_after,
     may_take_later,
     place,
 )
@@ -57,7 +59,7 @@ from primespark.orchestration.agent_runs import (
     waiting_label,
 )
 from primespark.orchestration.auditing import audited
-from primespark.orchestration.locks import agent_task_lock, hold
+from primespark.orchestration.locks import agent_task_lock, hold, placement_lock
 from primespark.orchestration.retries import retrying, transient
 
 # Re-placements after a power stop, at most: each one is on a host that was eligible then; a fleet whose hosts keep
@@ -113,6 +115,31 @@ def _label(logger: Any, task_id: str, labels: dict[str, str]) -> None:
                        "next minute do not see them; the task goes on", task_id, ", ".join(sorted(labels)), missed)
 
 
+def _claim(ctx: FleetContext, env: str, spec: TaskSpec, label: str, task_id: str, facts: Facts, now: datetime,
+           decision: Decision, keep_off: dict[str, str]) -> list[Placed] | None:
+    """Claim the host `decision` chose: under the host's lock, read the tasks placed by now (two runs that read them
+    at the same instant each decided without the other) and, if the host still takes this one, write the run's
+    placement labels: None. Else the tasks placed by now, to place again with. (When they cannot be read, the
+    decision stands, with a warning: the labels are bookkeeping, as in `_label`.)"""
+    import httpx
+    from prefect.runtime import flow_run
+
+    host = decision.host
+    assert host is not None
+    logger = get_run_logger()
+    with hold(placement_lock(host)):
+        try:
+            placed = recently_placed(env, time.time(), exclude=str(flow_run.id))
+        except httpx.HTTPError as exc:
+            logger.warning("task %s: the tasks placed meanwhile are not read (%s); placed on %s as decided", task_id,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__, host)
+            placed = []
+        if fits_after(ctx.fleet, spec, facts, placed, now, host, label, keep_off) is not None:
+            return placed
+        _label(logger, task_id, placement_labels(host, spec.cpus, spec.memory_mb, time.time()))
+    return None
+
+
 def artifact_key(task_id: str) -> str:
     """Artifact keys take lower-case letters, digits and dashes."""
     return "agent-task-" + re.sub(r"[^a-z0-9-]", "-", task_id)
@@ -155,8 +182,12 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
     published: list[dict[str, str]] | None = None  # the reasons the run's waiting label says
     since: str | None = None
     deadline: float | None = None
+    again: FactsRead | None = None  # the same facts, with the tasks placed meanwhile
     while True:
-        if prefetched is not None:  # read while the earlier runs were looked for
+        if again is not None:
+            facts, placed, now, source = again
+            again = None
+        elif prefetched is not None:  # read while the earlier runs were looked for
             facts, placed, now, source = prefetched.result()
             prefetched = None
         else:
@@ -165,7 +196,16 @@ def _place_or_wait(ctx: FleetContext, env: str, spec: TaskSpec, label: str, wher
         decision = place(ctx.fleet, spec, facts, placed, now, label, kept_off_by)
         shown = _decision_artifact(ctx, decision, task_id, attempt, source, now, shown)
         if decision.host is not None:
-            return decision
+            if facts_file is not None:  # a facts file's placement stands on the file alone (`spark task plan`)
+                _label(logger, task_id, placement_labels(decision.host, spec.cpus, spec.memory_mb, time.time()))
+                return decision
+            meanwhile = _claim(ctx, env, spec, label, task_id, facts, now, decision, kept_off_by)
+            if meanwhile is None:
+                return decision
+            logger.info("task %s: %s was taken meanwhile by tasks placed at the same moment; placing it again with "
+                        "them", task_id, decision.host)
+            again = facts, meanwhile, now, f"{source}; placed again with the tasks placed meanwhile"
+            continue
         if wait_seconds <= 0 or not may_take_later(ctx.fleet, spec, kept_off_by):
             raise NoEligibleHost(where, decision)
         deadline = deadline if deadline is not None else time.monotonic() + wait_seconds
@@ -341,7 +381,6 @@ def agent_task(
             prefetched = None
             assert decision.host is not None
             why = next(c.reason for c in decision.candidates if c.verdict == "chosen")
-            _label(logger, task_id, placement_labels(decision.host, chosen.cpus, chosen.memory_mb, time.time()))
             logger.info("task %s, attempt %d: on %s: %s", task_id, attempt, decision.host, why)
             try:
                 result = run_step.with_options(**options)(ctx, decision.host, task_id, chosen)

@@ -3,6 +3,7 @@ the test's), host facts from a facts file (no node exporter here), one Prefect t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -404,6 +405,46 @@ def test_the_queue_is_the_fleets_runs_placed_within_the_last_minute_and_still_ru
     made(fleet, {TASK_ID_LABEL: "not-placed-yet"}, Running())
     assert recently_placed(fleet, now, exclude=mine) == [Placed("pi-1", 0.5, 256)]
     assert set(recently_placed(fleet, now)) == {Placed("pi-1", 0.5, 256), Placed("pi-2", 1.0, 64)}
+
+
+def test_two_tasks_placed_at_the_same_instant_do_not_both_take_a_host_that_fits_one(
+        server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs read the tasks placed (none) before either has written its own, so both decide on pi-1, the
+    freest, which has room for one: the claim, under pi-1's lock, sends the second to pi-2."""
+    import primespark.agents.facts as facts_module
+
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    facts_path = tmp_path / "live.yaml"
+    up = {"memory_free_mb": 3000, "on_mains": True, "worker_ready": True}
+    facts_path.write_text(yaml.safe_dump({"hosts": {"pi-1": {**up, "cpus_free": 1.5}, "pi-2": {**up, "cpus_free": 1.2},
+                                                    "nas-1": {"unavailable": "not in this test"}}}))
+    both_read = threading.Barrier(2, timeout=60)
+    reads: list[str] = []
+
+    def live_facts(ctx: Any, spec: TaskSpec, connect: bool = True, within: Any = None) -> tuple[Any, str]:
+        reads.append(threading.current_thread().name)
+        if len(reads) <= 2:  # each run's first read waits for the other's: neither has placed anything yet
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait()
+        return facts_module.load_facts_file(facts_path).facts(ctx.fleet, str(facts_path))[0], "the test's"
+
+    monkeypatch.setattr(facts_module, "live_facts", live_facts)
+    fleet = agent_fleet(tmp_path)
+    spec = TaskSpec(command=f'echo "$SPARK_TASK_HOST" >> {runs}; while [ ! -e {release} ]; do sleep 0.05; done',
+                    cpus=1, memory_mb=64, power={"run_in_quiet_hours": True})  # (whatever the hour)
+    started = [in_background(spec=spec, name="one-cpu", task_id=f"same-instant-{i}", env=fleet, transport="local",
+                             poll_seconds=1, wait_seconds=60) for i in (1, 2)]
+    try:
+        until(lambda: runs.exists() and len(runs.read_text().split()) == 2, "both tasks started", seconds=120)
+    finally:  # the runs end whatever the check said
+        release.touch()
+        for thread, _ in started:
+            thread.join(120)
+    assert sorted(runs.read_text().split()) == ["pi-1", "pi-2"], runs.read_text()
+    states = [state for _, got in started for state in got]
+    assert [s.result()["status"] for s in states] == ["succeeded", "succeeded"]
+    logs = [flow_logs(state) for state in states]
+    assert sum("pi-1 was taken meanwhile by tasks placed at the same moment" in log for log in logs) == 1, logs
 
 
 def test_the_flow_parameters_give_the_prefect_ui_a_typed_form_for_an_inline_task() -> None:

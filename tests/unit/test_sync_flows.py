@@ -334,6 +334,32 @@ def _slots(lock: str) -> int:
         return client.read_global_concurrency_limit_by_name(lock).active_slots
 
 
+def test_a_lock_made_by_another_run_at_the_same_moment_is_taken_not_an_error(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs taking a lock no one has used yet both make it: the second's create is refused (the first's landed
+    between its read and its create). Seen with two agent tasks claiming a host at once."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.exceptions import ObjectNotFound
+
+    lock = f"made-twice-{uuid.uuid4().hex[:8]}"
+    ensure_locks([lock])  # the other run's
+    read = SyncPrefectClient.read_global_concurrency_limit_by_name
+    misses = [lock]
+
+    def read_before_the_other_made_it(self: Any, name: str) -> Any:
+        if name in misses:
+            misses.remove(name)
+            raise ObjectNotFound(http_exc=Exception(f"{name} not found"))
+        return read(self, name)
+
+    monkeypatch.setattr(SyncPrefectClient, "read_global_concurrency_limit_by_name", read_before_the_other_made_it)
+    ensure_locks([lock])
+    assert not misses, "the race was not staged"
+    monkeypatch.undo()
+    with hold(lock):
+        assert _slots(lock) == 1
+
+
 def test_a_burst_holds_its_lock_across_its_work_and_gives_it_up_when_idle_held_long_or_failed(state: Path) -> None:
     lock = f"burst-test-{uuid.uuid4().hex[:8]}"
     ensure_locks([lock])

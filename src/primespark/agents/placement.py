@@ -356,3 +356,11 @@ def place(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], 
     chosen = ranked[0][1] if ranked else None
     eligible = [Candidate(h, "chosen" if h == chosen else "eligible", r.reason) for r, h in ranked]
     return Decision(name, chosen, (*eligible, *excluded))
+
+
+def fits_after(fleet: Fleet, task: TaskSpec, facts: Facts, placed: Iterable[Placed], now: datetime, host: str,
+               name: str = "task", keep_off: Mapping[str, str] | None = None) -> str | None:
+    """Whether `host`, chosen for `task` on `facts`, still takes it with `placed` (the tasks placed by now, those
+    placed since the decision included) taken off its facts: None if so, else why not."""
+    candidate = next(c for c in place(fleet, task, facts, placed, now, name, keep_off).candidates if c.host == host)
+    return candidate.reason if candidate.verdict == "excluded" else None

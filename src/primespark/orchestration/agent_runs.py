@@ -9,7 +9,9 @@ While no host can take the task, the run says why in one more label (`waiting`),
 
 The same labels are the queue placement reads (`recently_placed`): runs placed within the last minute, whose load
 their hosts' node_load1 does not hold yet, so that tasks submitted together spread instead of all taking the host
-that looked freest a moment before.
+that looked freest a moment before. The flow reads them once more under the chosen host's lock before it labels
+itself (`flows.agent_task._claim`), so two runs that read them at the same instant do not both take a host that
+has room for one.
 """
 
 from __future__ import annotations

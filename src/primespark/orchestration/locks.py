@@ -20,7 +20,7 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 # How long a run waits for a lock before it fails (a long backup or check may hold it that long), looking this often.
 LOCK_WAIT_SECONDS = 6 * 3600
@@ -58,11 +58,21 @@ def agent_task_lock(task_id: str) -> str:
     return f"agent-task-{task_id}"
 
 
+def placement_lock(host: str) -> str:
+    """One agent task claiming a host at a time: the check that the host still takes it, after the tasks placed
+    meanwhile, and the run's placement labels (which the next claim reads) are one step (held for a request or
+    two)."""
+    return f"place-{host}"
+
+
 def ensure_locks(names: list[str], slots: int = 1) -> None:
     """`slots` per name (created, or reset to that)."""
     with get_client(sync_client=True) as client:
         for name in names:
-            client.upsert_global_concurrency_limit_by_name(name, slots)
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, slots)
+            except ObjectAlreadyExists:  # another run made it between the upsert's read and its create
+                client.upsert_global_concurrency_limit_by_name(name, slots)
 
 
 def wanted_lock(name: str) -> str:
