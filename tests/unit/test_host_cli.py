@@ -169,3 +169,50 @@ def test_an_unreachable_host_is_one_line_saying_what_was_tried(
     assert code == 0
     row = next(line for line in out.splitlines() if "nas-1" in line)
     assert "no: cannot reach nas-1" in row and "unknown" in row
+
+
+def test_drain_wait_returns_once_the_hosts_tasks_have_ended_and_fails_naming_those_still_running(
+        fleet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    from test_agent_execute import until
+
+    from primespark.agents import execute
+    from primespark.fleet import load_fleet
+    from primespark.fleet.model import TaskSpec
+
+    hosts, loaded = HostsInFolders(tmp_path / "hosts"), load_fleet(fleet)
+    release = tmp_path / "release"
+    spec = TaskSpec(command=f"while [ ! -e {release} ]; do sleep 0.05; done", memory_mb=64)
+    results: list[execute.TaskResult] = []
+    task = threading.Thread(target=lambda: results.append(execute.run_task(hosts, loaded, "pi-1", "long-1", spec)),
+                            daemon=True)
+    task.start()
+    try:
+        until(lambda: execute.running_on(hosts, loaded, "pi-1") == ["long-1"], "the task runs on pi-1", 60)
+        assert execute.running_on(hosts, loaded, "pi-2") == [], "pi-2 shares the task folder here, not the task"
+
+        code, out, err = host(monkeypatch, capsys, fleet, "drain", "pi-1", "--reason", "disk swap", "--wait", "1")
+        assert code != 0, out + err
+        assert "pi-1: 1 agent task still running after 1 s: long-1; pi-1 stays drained" in out + err, out + err
+        assert "spark task cancel ID" in out + err
+        assert (tmp_path / "hosts" / "pi-1" / "drain").exists()
+
+        asked: list[list[str]] = []
+
+        def ends_after_first_look(*args: Any, **kwargs: Any) -> list[str]:
+            running = real(*args, **kwargs)
+            asked.append(running)
+            release.touch()  # the task ends after the drain saw it running
+            return running
+
+        real = execute.running_on
+        monkeypatch.setattr(execute, "running_on", ends_after_first_look)
+        code, out, err = host(monkeypatch, capsys, fleet, "drain", "pi-1", "--reason", "disk swap", "--wait", "60")
+        assert code == 0, out + err
+        assert asked[0] == ["long-1"] and asked[-1] == [], asked
+        assert "pi-1: already drained" in out and "pi-1: no agent task runs on it" in out
+    finally:
+        release.touch()
+        task.join(60)
+    assert results and results[0].status == "succeeded"

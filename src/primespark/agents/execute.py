@@ -288,6 +288,12 @@ def find_task(hosts: HostAccess, fleet: Fleet, task_id: str, within: Collection[
     return [found for _, found in sorted(answers.items()) if found is not None]
 
 
+def running_on(hosts: HostAccess, fleet: Fleet, host: str, timeout: float = 60) -> list[str]:
+    """The ids of the agent tasks running on `host` now, oldest first (a host that cannot be asked fails it)."""
+    answer = _side(hosts, host, "running", {"host": host, "root": results_root(fleet, host)}, timeout)
+    return [str(t["task_id"]) for t in answer["running"]]
+
+
 def cancel_task(hosts: HostAccess, fleet: Fleet, task_id: str, where: str,
                 grace_seconds: float = taskside.GRACE_SECONDS,
                 within: Collection[str] | None = None) -> tuple[list[Found], dict[str, str]]:

@@ -24,6 +24,8 @@ Operations:
 - `discard`: a finished (or stopped) run's staging folder removed (its result was committed elsewhere).
 - `find`: the task's committed result here, or its staging folder: running, finished or stopped.
 - `cancel`: the task's processes on this host stopped (SIGTERM to their groups, SIGKILL after a grace).
+- `running`: the tasks running on this host now (their `<id>.running.json`, and processes of theirs alive), for
+  `spark host drain --wait`.
 
 Limits: `systemd-run --scope -p CPUQuota= -p MemoryMax=` when systemd is PID 1 and this runs as root; else a
 cgroup v2 group of its own under /sys/fs/cgroup/primespark-tasks when that is writable; else none, and the
@@ -473,8 +475,27 @@ def cancel(req: dict[str, Any]) -> dict[str, Any]:
     return {**found, "stopped": stopped}
 
 
+def running(req: dict[str, Any]) -> dict[str, Any]:
+    """The ids of the tasks running on this host now, with when each started, oldest first."""
+    host, staging_root = req["host"], os.path.join(req["root"], STAGING)
+    try:
+        names = sorted(n for n in os.listdir(staging_root) if n.endswith(RUNNING_SUFFIX))
+    except FileNotFoundError:
+        return {"running": []}
+    tasks = []
+    for name in names:
+        record = _read_json(os.path.join(staging_root, name))
+        if record is None or record.get("host") != host:  # gone meanwhile, or another host's (a shared folder)
+            continue
+        task_id = str(record.get("task_id"))
+        if _marked(task_id, host):
+            tasks.append({"task_id": task_id, "started": record.get("started")})
+    return {"running": sorted(tasks, key=lambda t: (t["started"] or 0, t["task_id"]))}
+
+
 if __name__ == "__main__":
-    operation = {"run": run, "commit": commit, "discard": discard, "find": find, "cancel": cancel}[sys.argv[1]]
+    operation = {"run": run, "commit": commit, "discard": discard, "find": find, "cancel": cancel,
+                 "running": running}[sys.argv[1]]
     answer = operation(json.loads(sys.stdin.read()))
     with contextlib.suppress(OSError):  # nobody to tell (the controller gone): what was done stays done
         print(json.dumps(answer), flush=True)

@@ -3,8 +3,9 @@ and each host's state as placement reads it (reachable, drained, quiet)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from zoneinfo import ZoneInfo
 
 import typer
@@ -15,6 +16,9 @@ from primespark.cli.backup import transport_of
 from primespark.cli.common import EnvOption, console
 from primespark.errors import UserError
 
+if TYPE_CHECKING:
+    from primespark.context import FleetContext
+
 app = typer.Typer(help="Fleet hosts and agent tasks: drain a host (no new task is placed on it), undrain it, and "
                   "each host's state as placement reads it.", no_args_is_help=True)
 
@@ -23,6 +27,7 @@ TransportOption = Annotated[str, typer.Option(
     help="ssh: the marker is on the host; local: every host is this machine (tests).")]
 # How long `ls` waits for each host (in parallel); ssh gives up on an unreachable one after 10 s itself.
 LS_TIMEOUT_SECONDS = 30
+WAIT_POLL_SECONDS = 2.0  # how often `drain --wait` asks the host (one SSH connection each time)
 
 
 @app.command("drain")
@@ -31,6 +36,9 @@ def drain(
     reason: Annotated[str, typer.Option(
         "--reason", help="Why (kept on the host with who and when; `spark host ls` and the audit log show it).",
         show_default=False)],
+    wait: Annotated[int, typer.Option(
+        "--wait", min=0, metavar="SECONDS", help="Then wait up to SECONDS for the agent tasks running on HOST to end "
+        "(they are not stopped); fails, the host still drained, if some still run by then. 0: do not wait.")] = 0,
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
 ) -> None:
@@ -39,7 +47,8 @@ def drain(
     Writes HOST's drain marker, /run/spark/drain, with who, when and --reason; placement then excludes the host
     ("drained"). Draining a drained host changes nothing and says since when, unless the edge role's power
     scripts drained it (quiet hours, a low battery): this drain replaces theirs, and outlasts it. A reboot clears
-    the marker (/run is a tmpfs)."""
+    the marker (/run is a tmpfs). With --wait, it returns once no agent task runs on HOST: the host is free for
+    maintenance."""
     from primespark.agents.drain import check_host, note_now
     from primespark.agents.drain import drain as drain_on
     from primespark.audit.log import operator
@@ -61,6 +70,30 @@ def drain(
     else:
         console.print(f"{host}: already drained {note}; nothing changed (undrain it first to give another reason)",
                       highlight=False)
+    if wait:
+        _wait_for_tasks(ctx, host, wait, env)
+
+
+def _wait_for_tasks(ctx: FleetContext, host: str, seconds: int, env: str) -> None:
+    """Until no agent task runs on `host`, asked every WAIT_POLL_SECONDS; UserError when some still do after
+    `seconds` (or when the host cannot be asked: a host that does not answer is not known to be free)."""
+    from primespark.agents.execute import running_on
+
+    deadline = time.monotonic() + seconds
+    with console.status(f"{host}: looking for agent tasks running there") as status:
+        while True:
+            left = running_on(ctx.hosts, ctx.fleet, host)
+            if not left:
+                console.print(f"{host}: no agent task runs on it", highlight=False)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UserError(f"{host}: {len(left)} agent task{'s' if len(left) != 1 else ''} still running after "
+                                f"{seconds} s: {', '.join(left)}; {host} stays drained",
+                                f"wait longer (--wait), or stop them: spark task cancel ID --env {env}")
+            status.update(f"{host}: waiting for {len(left)} agent task{'s' if len(left) != 1 else ''} to end "
+                          f"({', '.join(left)}), {remaining:.0f} s left")
+            time.sleep(min(WAIT_POLL_SECONDS, remaining))
 
 
 @app.command("undrain")
