@@ -38,11 +38,12 @@ FLOWS: dict[str, Flow[Any, Any]] = {"agent-task": agent_task, "backup": backup, 
                                     "maintenance": maintenance, "probe": probe, "sync": sync,
                                     "sync-check": sync_check, "sync-watch": sync_watch, "tier": tier}
 OWNER_TAG = "primespark"
-# What a worker starts per run: Prefect's engine, found on the PATH the prefect_worker role gives the worker (its
-# venv's bin first). Without a command, Prefect 3.9's process worker starts a workspace supervisor that imports
-# Prefect, resolves pull steps (ours have none: the project is installed) and only then execs this same engine,
-# which imports Prefect again: about 2 s more per run on a Pi-sized host.
-ENGINE_COMMAND = "python -m prefect.engine"
+# What a worker starts per run: Prefect's engine, forked by the worker's warm server (primespark.orchestration.
+# warmstart: Prefect imported once, not per run), or started cold where there is none; `python` is found on the PATH
+# the prefect_worker role gives the worker (its venv's bin first). Without a command, Prefect 3.9's process worker
+# starts a workspace supervisor that imports Prefect, resolves pull steps (ours have none: the project is installed)
+# and only then execs the engine, which imports Prefect again: about 2 s more per run on a Pi-sized host.
+ENGINE_COMMAND = "python -m primespark.orchestration.warmstart run prefect.engine"
 
 
 def fleet_tag(env: str) -> str:

@@ -234,11 +234,13 @@ def test_status_and_on_worker_talk_to_the_fleets_server_and_refuse_a_pool_withou
     assert "work pool spark-edge has no worker online (NOT_READY)" in done.stderr.splitlines()[0]
 
 
-def test_a_worker_starts_each_run_as_one_engine_found_on_the_roles_path(lab: str, server: Server, state: Path,
-                                                                        tmp_path: Path) -> None:
-    """The deployments name the engine's command: the process worker starts it at once, looked up on the PATH
-    the prefect_worker role gives it, instead of Prefect's workspace supervisor (another interpreter importing
-    Prefect first, which runs the engine by its own absolute path). The worker's venv `python` notes each start."""
+def test_a_worker_starts_each_run_warm_through_the_roles_path(lab: str, server: Server, state: Path,
+                                                              tmp_path: Path) -> None:
+    """The deployments name their command: the process worker starts it at once, looked up on the PATH the
+    prefect_worker role gives it, instead of Prefect's workspace supervisor (another interpreter importing Prefect
+    first, which runs the engine by its own absolute path). The worker runs as the role starts it, under the
+    warmstart wrapper: the command's one interpreter hands the run to the warm server, which forks the engine
+    (tests/unit/test_warmstart.py: the cold fallback). The worker's venv `python` notes each start."""
     import jinja2
     from prefect.client.orchestration import get_client
 
@@ -259,10 +261,15 @@ def test_a_worker_starts_each_run_as_one_engine_found_on_the_roles_path(lab: str
                PREFECT_WORKER_QUERY_SECONDS="1", SPARK_STATE_DIR=str(state), PATH=path)
     with open(tmp_path / "worker.log", "ab") as output:  # the probe queue only: earlier watch runs stay queued
         worker = subprocess.Popen(
-            [str(SPARK.with_name("prefect")), "worker", "start", "--pool", "spark-edge", "--work-queue", "probe",
+            [sys.executable, "-m", "primespark.orchestration.warmstart", "worker", "--socket",
+             str(tmp_path / "run" / "warm.sock"), "--preload", "prefect.flow_engine", "--preload", "flows.*", "--",
+             str(SPARK.with_name("prefect")), "worker", "start", "--pool", "spark-edge", "--work-queue", "probe",
              "--type", "process", "--name", "engine-test"], env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
+        deadline = time.monotonic() + 120  # a run taken before the server has imported Prefect would start cold
+        while not (tmp_path / "run" / "warm.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("probe/probe-edge")
             run = client.create_flow_run_from_deployment(deployment.id, parameters={"reach": False})
@@ -275,4 +282,5 @@ def test_a_worker_starts_each_run_as_one_engine_found_on_the_roles_path(lab: str
         worker.wait(timeout=60)
     log = (tmp_path / "worker.log").read_text()[-3000:]
     assert state_now is not None and state_now.is_completed(), (state_now, log)
-    assert starts.read_text().splitlines() == ["-m prefect.engine"], log
+    assert starts.read_text().splitlines() == ["-m primespark.orchestration.warmstart run prefect.engine"], log
+    assert "warmstart: run " in log and " forked (prefect.engine)" in log and "cold" not in log, log

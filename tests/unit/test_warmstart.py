@@ -1,0 +1,194 @@
+"""Warm starts (primespark.orchestration.warmstart): a run forked by the warm server must look, to the worker
+that started its client, like `python -m MODULE` itself: its output on the client's streams, its exit status,
+the signals sent to the client, its environment and working directory; a client killed outright takes its run
+along; without a server the client starts the module cold. A small module stands in for Prefect's engine here
+(tests/unit/test_flows_deploy.py runs the real engine through a real worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TARGET = '''
+import os, signal, sys, time
+mode, arg = sys.argv[1], sys.argv[2]
+if mode == "echo":
+    print(os.environ.get("MARK"), os.getcwd(), os.getppid(), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    sys.exit(int(arg))
+if mode == "wait":  # note its pid and wait; on SIGTERM exit 3 (as Prefect's engine ends a cancelled run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+    open(arg, "w").write(str(os.getpid()))
+    time.sleep(120)
+if mode == "wait-default":  # SIGTERM ends it the default way
+    open(arg, "w").write(str(os.getpid()))
+    time.sleep(120)
+'''
+
+
+def until(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "warmtarget.py").write_text(TARGET)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "lib"), src]),
+            "SPARK_WARMSTART_SOCKET": str(tmp_path / "run" / "warm.sock")}
+
+
+@pytest.fixture
+def server(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    sock = tmp_path / "run" / "warm.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "primespark.orchestration.warmstart", "serve", "--socket",
+                             str(sock), "--module", "warmtarget"], env=env, stderr=subprocess.PIPE)
+    until("the server listens", sock.exists)
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(env: dict[str, str], *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "primespark.orchestration.warmstart", "run", "warmtarget",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)  # type: ignore[call-overload]
+
+
+def test_a_run_gets_the_clients_streams_environment_cwd_and_gives_back_its_status(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    done = client({**env, "MARK": "from-the-client"}, "echo", "7", cwd=work)
+    out, err = done.communicate(timeout=30)  # returns only once every writer of the pipes is gone
+    assert done.returncode == 7, err
+    mark, cwd, parent = out.split()
+    assert mark == "from-the-client" and cwd == str(work)
+    assert int(parent) == server.pid, "forked by the server: no interpreter of its own"
+    assert "to stderr" in err and "cold" not in err
+    assert oct((tmp_path / "run" / "warm.sock").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_signal_to_the_client_reaches_the_run_and_its_ending_is_the_clients(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    for mode, expected in (("wait", 3), ("wait-default", -signal.SIGTERM)):
+        noted = tmp_path / f"{mode}.pid"
+        proc = client(env, mode, str(noted))
+        until("the run started", lambda: noted.exists() and noted.read_text() != "")  # noqa: B023
+        run_pid = int(noted.read_text())
+        assert run_pid != proc.pid
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == expected, mode
+        until("the run ended", lambda: not alive(run_pid))  # noqa: B023
+
+
+def test_a_client_killed_outright_takes_its_run_along(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    noted = tmp_path / "run.pid"
+    proc = client(env, "wait", str(noted))
+    until("the run started", lambda: noted.exists() and noted.read_text() != "")
+    run_pid = int(noted.read_text())
+    proc.kill()
+    proc.communicate(timeout=30)
+    until("the run ended", lambda: not alive(run_pid))
+
+
+def test_a_stopped_server_ends_its_runs_and_removes_its_socket(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    noted = tmp_path / "run.pid"
+    proc = client(env, "wait-default", str(noted))
+    until("the run started", lambda: noted.exists() and noted.read_text() != "")
+    server.terminate()
+    assert server.wait(timeout=30) == 0
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert not alive(int(noted.read_text()))
+    assert not (tmp_path / "run" / "warm.sock").exists()
+
+
+def test_without_a_server_the_client_starts_the_module_cold(tmp_path: Path, env: dict[str, str]) -> None:
+    done = client({**env, "MARK": "cold"}, "echo", "5", cwd=tmp_path)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 5 and out.split()[0] == "cold"
+    assert int(out.split()[2]) == os.getpid(), "the client became the module (exec): its parent is this test"
+    assert f"no warm server at {env['SPARK_WARMSTART_SOCKET']}" in err and "starting warmtarget cold" in err
+    unset = {k: v for k, v in env.items() if k != "SPARK_WARMSTART_SOCKET"}
+    done = client(unset, "echo", "0")
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0 and "SPARK_WARMSTART_SOCKET is not set; starting warmtarget cold" in err
+
+
+def test_a_server_of_another_module_declines_and_the_client_starts_cold(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    (tmp_path / "lib" / "othertarget.py").write_text(TARGET)
+    done = subprocess.run([sys.executable, "-m", "primespark.orchestration.warmstart", "run", "othertarget", "echo",
+                           "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "declined: this server starts warmtarget, not othertarget" in done.stderr
+
+
+def test_the_worker_wrapper_becomes_the_worker_and_its_server_ends_with_it(tmp_path: Path,
+                                                                         env: dict[str, str]) -> None:
+    sock = tmp_path / "run" / "warm.sock"
+    # the "worker": waits for the server, starts one run through it, reports, and exits
+    worker = (f"import os, subprocess, sys, time\n"
+              f"while not os.path.exists({str(sock)!r}): time.sleep(0.02)\n"
+              "print('worker', os.getpid(), os.environ['SPARK_WARMSTART_SOCKET'], flush=True)\n"
+              "done = subprocess.run([sys.executable, '-m', 'primespark.orchestration.warmstart', 'run',"
+              " 'warmtarget', 'echo', '4'], capture_output=True, text=True)\n"
+              "print('run', done.returncode, done.stdout.split()[2], flush=True)\n")
+    unset = {k: v for k, v in env.items() if k != "SPARK_WARMSTART_SOCKET"}
+    proc = subprocess.Popen([sys.executable, "-m", "primespark.orchestration.warmstart", "worker", "--socket",
+                             str(sock), "--module", "warmtarget", "--", sys.executable, "-c", worker],
+                            env=unset, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    pid, socket_path = lines["worker"].split()
+    assert int(pid) == proc.pid, "the wrapper became the worker (exec): the service's main process"
+    assert socket_path == str(sock)
+    code, run_parent = lines["run"].split()
+    assert code == "4" and int(run_parent) != proc.pid, "the run was forked by the server"
+    until("the server ended with its worker", lambda: not sock.exists())
+    assert not alive(int(run_parent))
+
+
+def test_a_server_silent_after_taking_the_request_is_a_failed_run_never_a_second_start(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    """Once the request is sent, the server may have forked the run: only its explicit "no" allows a cold start."""
+    import socket
+
+    sock = tmp_path / "run" / "warm.sock"
+    sock.parent.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(sock))
+        listener.listen(1)
+        proc = client({**env, "MARK": "twice"}, "echo", "0")
+        conn, _ = listener.accept()
+        with conn:
+            _data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+            for fd in fds:
+                os.close(fd)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "twice" not in out, (out, err)
+    assert f"the warm server at {sock} did not start the run" in err and "cold" not in err
