@@ -277,6 +277,16 @@ def test_a_worker_starts_each_run_warm_through_the_roles_path(lab: str, server: 
             while time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final():  # type: ignore[union-attr]
                 time.sleep(0.5)
             state_now = client.read_flow_run(run.id).state
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+            # the forked run's logs reach the API (its log handler works in the fork, with the run's settings);
+            # they are sent in batches, the last as the run's process ends, after its final state
+            deadline = time.monotonic() + 60
+            logged: list[str] = []
+            while time.monotonic() < deadline and not any(m.startswith("Beginning flow run") for m in logged):
+                time.sleep(0.5)
+                logged = [entry.message for entry in client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=60)
@@ -284,3 +294,4 @@ def test_a_worker_starts_each_run_warm_through_the_roles_path(lab: str, server: 
     assert state_now is not None and state_now.is_completed(), (state_now, log)
     assert starts.read_text().splitlines() == ["-m primespark.orchestration.warmstart run prefect.engine"], log
     assert "warmstart: run " in log and " forked (prefect.engine)" in log and "cold" not in log, log
+    assert any(message.startswith("Beginning flow run") for message in logged), logged
