@@ -3,6 +3,10 @@ the state directory, and one `Runner` protocol with an SSH runner and a local ru
 
 from __future__ import annotations
 
+import dataclasses
+from functools import cached_property
+from pathlib import Path
+
 from primespark.fleet.model import Fleet
 from primespark.hosts.connection import Connection, SshFiles, connection
 from primespark.hosts.runner import (
@@ -31,14 +35,19 @@ __all__ = [
 
 
 class SshHosts:
-    """Every fleet host over SSH, with the environment's key and known_hosts."""
+    """Every fleet host over SSH, with the environment's key and known_hosts; commands that are not watched share
+    one connection per host (connection.SHARED_PERSIST_SECONDS)."""
 
     def __init__(self, fleet: Fleet, files: SshFiles) -> None:
         self.fleet = fleet
         self.files = files
 
+    @cached_property
+    def shared_dir(self) -> Path | None:
+        return self.files.shared_dir()
+
     def connection(self, host: str) -> Connection:
-        return connection(self.fleet, host, self.files)
+        return dataclasses.replace(connection(self.fleet, host, self.files), shared_dir=self.shared_dir)
 
     def runner(self, host: str) -> Runner:
         return SshRunner(self.connection(host))

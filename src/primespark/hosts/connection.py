@@ -7,6 +7,10 @@ program all take their SSH settings from here, so no two of them can disagree.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,14 @@ SERVER_ALIVE_INTERVAL = 10
 SERVER_ALIVE_COUNT_MAX = 3
 _KEEPALIVE = ["-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
               "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"]
+# Commands that are not watched share one connection per host (OpenSSH's ControlMaster, as Ansible does): a login
+# is a key exchange and an authentication (0.3 s on an idle 2-core machine, over a second for eight at once), a
+# command on a shared connection one round trip. The connection stays this long after its last command; a host that
+# dies under it is noticed by the keepalive above, or dropped at once when found lost (SshRunner.drop_shared).
+SHARED_PERSIST_SECONDS = 60
+_NOT_SHARED = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+# A unix socket's path has at most 107 bytes; ssh adds a 17-byte suffix while it creates one, %C is 40.
+_SHARED_DIR_MAX = 107 - 17 - 41
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,27 @@ class SshFiles:
     def known_hosts_if_present(self) -> Path | None:
         return self.known_hosts if self.known_hosts.is_file() else None
 
+    def shared_dir(self) -> Path | None:
+        """Where the sockets of this environment's shared connections live: a folder of this user's, 0700, in the
+        temporary folder (the state folder may be too deep for a socket's path), one per set of host keys (a host
+        re-created with a new key never gets a connection to its predecessor). None when it cannot be had safely
+        (someone else's folder, or too long a path): every command then logs in by itself."""
+        known = self.known_hosts_if_present()
+        digest = hashlib.sha256(known.read_bytes() if known is not None else b"").hexdigest()[:10]
+        top = Path(tempfile.gettempdir()) / f"spark-ssh-{os.geteuid()}"
+        folder = top / digest
+        if len(str(folder)) > _SHARED_DIR_MAX:
+            return None
+        try:
+            top.mkdir(mode=0o700, exist_ok=True)
+            found = os.lstat(top)
+            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o077:
+                return None
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+        return folder
+
     def public_keys(self) -> list[str]:
         """The operator's public key line, where there is one (authorised on hosts and VMs)."""
         return [self.public_key.read_text(encoding="utf-8").strip()] if self.public_key.is_file() else []
@@ -68,7 +101,8 @@ class SshFiles:
 
 @dataclass(frozen=True)
 class Connection:
-    """One host as SSH reaches it. `become`: commands run under `sudo -n` (the fleet user is not root)."""
+    """One host as SSH reaches it. `become`: commands run under `sudo -n` (the fleet user is not root).
+    `shared_dir`: where its shared connection's socket lives (SshFiles.shared_dir); None: none is shared."""
 
     name: str
     address: str
@@ -76,6 +110,7 @@ class Connection:
     port: int = 22
     key_file: Path | None = None
     known_hosts: Path | None = None
+    shared_dir: Path | None = None
 
     @property
     def become(self) -> bool:
@@ -85,9 +120,12 @@ class Connection:
     def login(self) -> str:
         return f"{self.user}@{self.address}"
 
-    def ssh_argv(self, *, batch: bool = True, connect_timeout: int = 10) -> list[str]:
-        """`ssh … user@address`, to which the remote command is appended."""
+    def ssh_argv(self, *, batch: bool = True, connect_timeout: int = 10, shared: bool = False) -> list[str]:
+        """`ssh … user@address`, to which the remote command is appended. `shared`: over the host's shared
+        connection (made by the first such command) where it has one; otherwise always a connection of its own,
+        whatever the user's ssh_config says (a probe must be a fresh connection)."""
         argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={connect_timeout}", *_QUIET, *_KEEPALIVE]
+        argv += self._shared_options() if shared and self.shared_dir is not None else _NOT_SHARED
         if batch:
             argv += _BATCH
         if self.key_file is not None:
@@ -95,6 +133,16 @@ class Connection:
         if self.known_hosts is not None:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
         return [*argv, self.login]
+
+    def _shared_options(self) -> list[str]:
+        return ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.shared_dir}/%C",
+                "-o", f"ControlPersist={SHARED_PERSIST_SECONDS}"]
+
+    def close_shared_argv(self) -> list[str] | None:
+        """`ssh -O exit …`: ends the host's shared connection (and every command on it); None: it has none."""
+        if self.shared_dir is None:
+            return None
+        return ["ssh", "-p", str(self.port), *_QUIET, *self._shared_options(), "-O", "exit", self.login]
 
 
 def connection(fleet: Fleet, name: str, files: SshFiles, *, require_files: bool = False) -> Connection:

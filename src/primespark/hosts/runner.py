@@ -27,6 +27,10 @@ from primespark.hosts.connection import Connection
 
 T = TypeVar("T")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# ssh's notice that a shared connection took no more sessions (sshd's MaxSessions) and that it connected by itself
+# instead: not the command's.
+_MUX_NOTICE = re.compile(r"^(mux_client_\w+: .*|ControlSocket .* already exists, disabling multiplexing)\r?\n",
+                         re.MULTILINE)
 
 
 class HostUnreachable(StepFailed):
@@ -141,20 +145,22 @@ class SshRunner:
         self.connection = connection
         self.name = connection.name
 
-    def argv(self, argv: Sequence[str], env_names: Sequence[str] = (), timeout: float | None = None) -> list[str]:
+    def argv(self, argv: Sequence[str], env_names: Sequence[str] = (), timeout: float | None = None,
+             shared: bool = False) -> list[str]:
         """The whole ssh command line: the remote command reads `env_names` from stdin, one line each. With a
         `timeout`, coreutils `timeout` on the host ends the command (and every process of its group) itself:
-        killing ssh here would leave restic running there, holding its lock."""
+        killing ssh here would leave restic running there, holding its lock. `shared`: over the host's shared
+        connection (Connection.ssh_argv)."""
         reads = "".join(f"IFS= read -r {key} && export {key} && " for key in env_names)
         remote = shlex.join(["sh", "-c", reads + "exec " + shlex.join(argv)]) if reads else shlex.join(argv)
         if timeout is not None:
             remote = f"timeout -s INT -k {KILL_AFTER_SECONDS} {max(1, round(timeout))} {remote}"
         if self.connection.become:
             remote = "sudo -n " + remote
-        return [*self.connection.ssh_argv(), remote]
+        return [*self.connection.ssh_argv(shared=shared), remote]
 
     def _command(self, argv: Sequence[str], env: Mapping[str, str] | None, stdin: bytes | None,
-                 timeout: float | None) -> tuple[list[str], bytes]:
+                 timeout: float | None, shared: bool) -> tuple[list[str], bytes]:
         """The ssh command line and what goes to its stdin: the environment's values (one line each), then `stdin`."""
         env = dict(env or {})
         for key, value in env.items():
@@ -162,7 +168,7 @@ class SshRunner:
                 raise ValueError(f"cannot pass {key} to {self.name}: names are A-Z_ and values one line")
         names = sorted(env)
         secrets = b"".join(env[key].encode() + b"\n" for key in names)
-        return self.argv(argv, names, timeout), secrets + (stdin or b"")
+        return self.argv(argv, names, timeout, shared), secrets + (stdin or b"")
 
     def _outcome(self, argv: Sequence[str], returncode: int, stdout: bytes, stderr_bytes: bytes,
                  timeout: float | None, elapsed: float) -> Completed:
@@ -170,7 +176,7 @@ class SshRunner:
         not reach the host, the command is not installed there."""
         if timeout is not None and returncode in TIMED_OUT and elapsed >= timeout:
             raise timed_out(argv, self.name, timeout)
-        stderr = stderr_bytes.decode(errors="replace")
+        stderr = _MUX_NOTICE.sub("", stderr_bytes.decode(errors="replace"))
         if returncode == 255 and not stdout:
             raise HostUnreachable(f"cannot reach {self.name} ({self.connection.login}:{self.connection.port}) over "
                                   f"SSH: {stderr.strip()}", "check that the host is up and reachable",
@@ -187,7 +193,7 @@ class SshRunner:
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> Completed:
-        command, given = self._command(argv, env, stdin, timeout)
+        command, given = self._command(argv, env, stdin, timeout, shared=True)
         started = time.monotonic()
         try:
             proc = subprocess.run(command, input=given, capture_output=True,
@@ -208,13 +214,20 @@ class SshRunner:
     ) -> Completed:
         """`run`, with each line of the command's stdout passed to `on_line` as it arrives. With `liveness`, a
         host that goes silent and does not answer a probe ends it with `HostLost` (ssh's own keepalive, 3 of 10 s,
-        ends a dead session too: exit 255, then the same probe)."""
-        command, given = self._command(argv, env, stdin, timeout)
+        ends a dead session too: exit 255, then the same probe; the probe has a connection of its own)."""
+        command, given = self._command(argv, env, stdin, timeout, shared=True)
         started = time.monotonic()
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def end() -> None:
+            """ssh ended, and with it the host's shared connection: its master holds the command's pipes too, and
+            they close (the stream ends) only when it does. Ended so, the host is lost or stuck."""
+            proc.kill()
+            self.drop_shared()
+
         # past the host's own `timeout` and the grace, ssh itself is ended (the host's `timeout` normally was first)
         try:
-            pumped = _pump(proc, given, on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS, proc.kill,
+            pumped = _pump(proc, given, on_line, None if timeout is None else timeout + SSH_GRACE_SECONDS, end,
                            liveness, self.probe)
         except BaseException:  # interrupted: no ssh is left behind (as subprocess.run in `run`)
             proc.kill()
@@ -228,6 +241,7 @@ class SshRunner:
         # 255: ssh lost its session (or the remote command was killed by a signal, the host up): a probe tells
         if pumped.returncode == 255 and pumped.stdout and liveness is not None \
                 and not self.probe(liveness.probe_timeout):
+            self.drop_shared()
             raise host_lost(self.name, where, pumped.last_seen, "its SSH session ended and a new connection got no "
                             f"answer within {liveness.probe_timeout:.0f} s")
         return self._outcome(argv, pumped.returncode, pumped.stdout, pumped.stderr, timeout,
@@ -242,6 +256,14 @@ class SshRunner:
                                   check=False).returncode != 255
         except subprocess.TimeoutExpired:  # connected, and then nothing (sshd frozen): no answer
             return False
+
+    def drop_shared(self) -> None:
+        """Ends the host's shared connection, if it has one: a host found lost would otherwise keep the next
+        commands waiting on a dead connection until its keepalive gives up (up to 40 s)."""
+        argv = self.connection.close_shared_argv()
+        if argv is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=5, check=False)
 
     def pid_alive(self, pid: int) -> bool:
         return _pid_alive(self, pid)

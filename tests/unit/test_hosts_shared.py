@@ -1,0 +1,118 @@
+"""Commands share one SSH connection per host (a liveness probe has its own); more at once than sshd takes on one
+connection fall back to connections of their own, unseen by the caller; a host found lost has its shared connection
+ended. Against a real sshd on loopback: `SSH_CONNECTION` on the host names the
+client's port, the same for every command on one connection."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sshd_testing import Sshd, loopback_sshd
+
+from primespark.hosts import HostLost, Liveness, SshFiles, SshRunner, stream
+
+FAST = Liveness(heartbeat=0.2, silent_after=1.0, probe_timeout=2.0)
+CLIENT_PORT = ["sh", "-c", 'echo "$SECRET ${SSH_CONNECTION#* }"']
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    # short: a socket's path has at most 107 bytes, and pytest's tmp_path can be deeper than that allows
+    folder = Path(tempfile.mkdtemp(prefix="ps-cm-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    with loopback_sshd(tmp_path / "sshd") as server:
+        yield server
+
+
+def _runner(sshd: Sshd, shared_dir: Path) -> SshRunner:
+    return SshRunner(dataclasses.replace(sshd.connection("pi-9"), shared_dir=shared_dir))
+
+
+def _client_port(runner: SshRunner, secret: str) -> str:
+    done = runner.run(CLIENT_PORT, env={"SECRET": secret}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    told, port = done.text.split()[:2]
+    assert told == secret  # the environment still travels on stdin over a shared connection
+    return port
+
+
+def _master_running(runner: SshRunner) -> bool:
+    argv = runner.connection.close_shared_argv()
+    assert argv is not None
+    check = [*argv[:-3], "-O", "check", argv[-1]]
+    return subprocess.run(check, capture_output=True, timeout=10, check=False).returncode == 0
+
+
+def test_commands_share_one_connection_per_host(sshd: Sshd, shared_dir: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    first = _client_port(runner, "s3cret-1")
+    assert _master_running(runner)
+    assert _client_port(runner, "s3cret-2") == first
+    # a new runner for the same host (the next step of a flow) finds the connection too
+    assert _client_port(_runner(sshd, shared_dir), "s3cret-3") == first
+    lines: list[str] = []
+    stream(runner, CLIENT_PORT, on_line=lines.append, env={"SECRET": "w"}, liveness=FAST)
+    assert lines[0].split()[:2] == ["w", first]  # a watched stream too
+    unshared = SshRunner(sshd.connection("pi-9"))  # no folder for sockets: every command logs in by itself
+    assert _client_port(unshared, "u") != first
+    assert [p.is_socket() for p in shared_dir.iterdir()] == [True]  # one connection, one socket
+
+
+def test_more_commands_at_once_than_sshd_takes_on_one_connection_still_run(sshd: Sshd, shared_dir: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    _client_port(runner, "s")
+    with ThreadPoolExecutor(14) as pool:  # sshd's MaxSessions is 10
+        done = list(pool.map(lambda i: runner.run(["sh", "-c", f"sleep 1; echo {i}"], timeout=30), range(14)))
+    assert [d.text.strip() for d in done] == [str(i) for i in range(14)]
+    assert [d.stderr for d in done] == [""] * 14  # ssh's notices of its fallback are not the command's
+
+
+def test_a_host_found_lost_has_its_shared_connection_ended(sshd: Sshd, shared_dir: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    _client_port(runner, "s")
+    assert _master_running(runner)
+    frozen: list[bool] = []
+
+    def on_line(line: str) -> None:
+        if not frozen:
+            sshd.freeze()
+            frozen.append(True)
+
+    with pytest.raises(HostLost):
+        stream(runner, ["sh", "-c", "while :; do echo tick; sleep 0.2; done"], on_line=on_line, timeout=60,
+               liveness=FAST)
+    # the next command would otherwise wait on the dead connection until its keepalive gives up
+    assert not _master_running(runner)
+
+
+def test_the_sockets_folder_is_this_users_and_per_set_of_host_keys(tmp_path: Path, shared_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    temp = shared_dir  # a short temporary folder
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(temp))
+    files = SshFiles(tmp_path / "ssh")
+    files.folder.mkdir()
+    files.known_hosts.write_text("[10.0.0.1]:22 ssh-ed25519 AAAAone\n")
+    first = files.shared_dir()
+    assert first is not None and first.parent == temp / f"spark-ssh-{os.geteuid()}"
+    assert first.stat().st_mode & 0o777 == 0o700 and first.parent.stat().st_mode & 0o777 == 0o700
+    files.known_hosts.write_text("[10.0.0.1]:22 ssh-ed25519 AAAAtwo\n")  # the host was re-created
+    second = files.shared_dir()
+    assert second is not None and second != first
+    first.parent.chmod(0o777)  # a folder others may write to: its sockets could be someone else's
+    assert files.shared_dir() is None
+    first.parent.chmod(0o700)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(temp / ("deep" * 20)))
+    assert files.shared_dir() is None  # a socket's path would be too long
