@@ -3,7 +3,7 @@
 A command run here (`spark backup now pi-1`) leaves one record of the command and one of its flow run in the
 controller's chain; a run on a worker (`spark flows probe SITE`) one record in that worker's own chain, with its
 site, deployment and flow-run id. Every chain verifies. `spark audit ship` copies the controller's checkpoints to
-the NAS and the workers; a worker's own checkpoints are not copied yet.
+the NAS and the workers, and each worker's own to the other hosts.
 """
 
 from __future__ import annotations
@@ -87,4 +87,19 @@ def test_the_controllers_checkpoints_are_copied_off_the_machine(lab: Any, worker
 
 
 def test_the_workers_checkpoints_are_copied_off_their_machines(lab: Any, workers: None) -> None:
-    pytest.skip("not built yet: a worker's checkpoints stay on its host (docs/audit.md, Not done yet)")
+    from primespark.audit.offsite import COPIES, offsite_hosts, worker_source
+
+    shipped = spark("audit", "ship", "--env", lab.fleet.name)
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    for worker in lab.fleet.orchestration.workers.values():
+        own = lab.exec(worker.host, ["sh", "-c", f"cat {WORKER_HOME}/state/audit/log.checkpoints.jsonl 2>/dev/null "
+                                                 "|| true"]).stdout
+        others = [h for h in offsite_hosts(lab.fleet) if h != worker.host]
+        assert others, f"{worker.host}'s checkpoints have no other host to go to"
+        for host in others:
+            copy = lab.exec(host, ["cat", f"{COPIES}/{lab.fleet.name}/{worker_source(worker.host)}/"
+                                          "log.checkpoints.jsonl"])
+            assert copy.returncode == 0 and copy.stdout == own, (worker.host, host, copy.stderr)
+        print(f"{worker.host}: {own.count(chr(10))} checkpoints, copied to {', '.join(others)}")
+    verified = spark("audit", "verify", "--env", lab.fleet.name, "--offsite")
+    assert verified.returncode == 0, verified.stdout + verified.stderr

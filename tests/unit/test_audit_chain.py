@@ -478,6 +478,38 @@ def test_checkpoints_copied_off_the_machine_catch_them_cut_or_edited_here(fleet:
     assert difference is not None and difference.message.startswith("checkpoint 5 differs from its copy on ops-1")
 
 
+def test_each_workers_checkpoints_are_relayed_to_the_other_hosts_and_an_edit_there_is_named(
+        fleet: str, chain: Path, tmp_path: Path) -> None:
+    from primespark.audit.offsite import relay_workers, worker_differences
+    from primespark.errors import UserError
+    from primespark.orchestration.material import worker_state_dir
+
+    ctx = FleetContext.load(fleet, "local")
+    hosts = HomePerHost(tmp_path / "hosts")
+    points = chain.with_name("log.checkpoints.jsonl").read_bytes().splitlines(keepends=True)
+    own = {"nas-1": b"".join(points[:4]), "ops-1": b"".join(points[4:7])}  # each worker's own file
+    for worker, data in own.items():
+        folder = Path(worker_state_dir(ctx, worker)) / "audit"
+        folder.mkdir(parents=True)
+        (folder / "log.checkpoints.jsonl").write_bytes(data)
+    # the edge worker's to the cloud worker, and the other way round: never only to its own machine
+    assert relay_workers(ctx, hosts) == [("nas-1", "ops-1", len(own["nas-1"])), ("ops-1", "nas-1", len(own["ops-1"]))]
+    relayed = tmp_path / "hosts" / "ops-1" / "lab" / "worker-nas-1" / "log.checkpoints.jsonl"
+    assert relayed.read_bytes() == own["nas-1"]
+    assert worker_differences(ctx, hosts) == []
+    assert [added for *_, added in relay_workers(ctx, hosts)] == [0, 0]
+
+    # root on nas-1 edits its worker's second checkpoint: the copy on ops-1 names it, and no new copy is taken
+    edited = Path(worker_state_dir(ctx, "nas-1")) / "audit" / "log.checkpoints.jsonl"
+    lines = own["nas-1"].splitlines(keepends=True)
+    edited.write_bytes(lines[0] + lines[1].replace(b'"count": 2000', b'"count": 2001') + b"".join(lines[2:]))
+    [difference] = worker_differences(ctx, hosts)
+    assert difference.host == "ops-1"
+    assert difference.message.startswith("nas-1's worker: checkpoint 2 differs from its copy on ops-1")
+    with pytest.raises(UserError, match="not the ones already copied to ops-1"):
+        relay_workers(ctx, hosts)
+
+
 @pytest.mark.parametrize("first", ["+", "/", "A", "9"])
 def test_a_wireguard_key_in_free_text_is_redacted_whatever_its_first_character(first: str) -> None:
     """A base64 key may begin with + or / (one key in 32): no word boundary stands before it after a space."""

@@ -153,10 +153,10 @@ def _chains(folder: Path) -> list[Path]:
 
 @app.command()
 def ship(env: EnvOption = "lab") -> None:
-    """Copy this machine's checkpoints to the NAS and the sites' workers (over SSH): each copy only grows, and
-    one that is not a prefix of the checkpoints here is refused (one was edited or cut here)."""
+    """Copy this machine's checkpoints to the NAS and the sites' workers, and each worker's to the others (over
+    SSH): each copy only grows, and one that is not a prefix of its original is refused (one was edited or cut)."""
     from primespark.audit.checkpoints import checkpoints_path
-    from primespark.audit.offsite import offsite_hosts
+    from primespark.audit.offsite import offsite_hosts, relay_workers
     from primespark.audit.offsite import ship as copy_to
     from primespark.context import FleetContext
 
@@ -169,11 +169,13 @@ def ship(env: EnvOption = "lab") -> None:
     data = path.read_bytes() if path.exists() else b""
     for host in targets:
         console.print(f"{host}: {copy_to(ctx.hosts, host, ctx.fleet.name, data)} bytes added")
+    for worker, host, added in relay_workers(ctx):
+        console.print(f"{host}: {added} bytes added of {worker}'s worker's checkpoints")
 
 
 def _offsite_problems(ctx: Any) -> list[str]:
     from primespark.audit.checkpoints import checkpoints_path
-    from primespark.audit.offsite import compare, fetch, offsite_hosts
+    from primespark.audit.offsite import compare, fetch, offsite_hosts, worker_differences
 
     here_path = checkpoints_path(ctx.state_dir / "audit" / "log.jsonl")
     here = here_path.read_bytes() if here_path.exists() else b""
@@ -182,12 +184,13 @@ def _offsite_problems(ctx: Any) -> list[str]:
         difference = compare(host, here, fetch(ctx.hosts, host, ctx.fleet.name))
         if difference is not None:
             found.append(f"{here_path}: {difference.message}")
-    return found
+    return found + [difference.message for difference in worker_differences(ctx)]
 
 
 @app.command()
 def verify(env: EnvOption = "lab", offsite: Annotated[bool, typer.Option(
-        "--offsite", help="Also compare this machine's checkpoints with their copies on other hosts (SSH).")] = False,
+        "--offsite", help="Also compare this machine's and each worker's checkpoints with their copies on other "
+                     "hosts (SSH).")] = False,
            ) -> None:
     """Check every chain and every checkpoint; name the first bad record (edited, inserted, reordered, deleted)
     or a truncated tail. Exit 1 when anything is wrong."""
