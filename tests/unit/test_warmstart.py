@@ -6,8 +6,10 @@ along; without a server the client starts the module cold. A small module stands
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +48,15 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to `pid` (once it is not, its handler runs before the process goes
+    on with what it was waiting for)."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    bit = 1 << (signum - 1)
+    return any(int(fields[name], 16) & bit for name in ("SigPnd", "ShdPnd"))
 
 
 @pytest.fixture
@@ -169,15 +180,13 @@ def test_the_worker_wrapper_becomes_the_worker_and_its_server_ends_with_it(tmp_p
     assert socket_path == str(sock)
     code, run_parent = lines["run"].split()
     assert code == "4" and int(run_parent) != proc.pid, "the run was forked by the server"
-    until("the server ended with its worker", lambda: not sock.exists())
-    assert not alive(int(run_parent))
+    # it removes its socket, then exits
+    until("the server ended with its worker", lambda: not sock.exists() and not alive(int(run_parent)))
 
 
 def test_a_server_silent_after_taking_the_request_is_a_failed_run_never_a_second_start(
         tmp_path: Path, env: dict[str, str]) -> None:
     """Once the request is sent, the server may have forked the run: only its explicit "no" allows a cold start."""
-    import socket
-
     sock = tmp_path / "run" / "warm.sock"
     sock.parent.mkdir()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
@@ -192,3 +201,49 @@ def test_a_server_silent_after_taking_the_request_is_a_failed_run_never_a_second
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "twice" not in out, (out, err)
     assert f"the warm server at {sock} did not start the run" in err and "cold" not in err
+
+
+def _fake_server(sock: Path) -> socket.socket:
+    sock.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(sock))
+    listener.listen(1)
+    return listener
+
+
+def _take_request(listener: socket.socket) -> socket.socket:
+    conn, _ = listener.accept()
+    _data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+    for fd in fds:
+        os.close(fd)
+    return conn
+
+
+def test_a_signal_before_the_run_is_forked_is_relayed_once_it_is(tmp_path: Path, env: dict[str, str]) -> None:
+    """A cancel that comes while the server is still forking: the run gets it, rather than the client dying by it
+    (which would SIGKILL the run on the server's side)."""
+    with _fake_server(tmp_path / "run" / "warm.sock") as listener:
+        proc = client(env, "echo", "0")
+        with _take_request(listener) as conn:
+            proc.send_signal(signal.SIGTERM)  # the server has the request, and has not answered yet
+            until("the client took the signal", lambda: not pending(proc.pid, signal.SIGTERM))
+            assert proc.poll() is None, "the client died by a signal it should have kept for the run"
+            conn.sendall(json.dumps({"pid": 4242}).encode())
+            relayed = json.loads(conn.recv(1 << 16))
+            assert relayed == {"signal": signal.SIGTERM}
+            conn.sendall(json.dumps({"status": -signal.SIGTERM}).encode())
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_a_signal_before_a_cold_start_ends_the_client_and_starts_nothing(tmp_path: Path,
+                                                                         env: dict[str, str]) -> None:
+    with _fake_server(tmp_path / "run" / "warm.sock") as listener:
+        proc = client({**env, "MARK": "started"}, "echo", "0")
+        with _take_request(listener) as conn:
+            proc.send_signal(signal.SIGTERM)
+            until("the client took the signal", lambda: not pending(proc.pid, signal.SIGTERM))
+            conn.sendall(json.dumps({"error": "this server runs another module"}).encode())
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and "started" not in out, (out, err)
+    assert "cold" not in err

@@ -73,16 +73,38 @@ def _send(conn: socket.socket, message: dict[str, object], fds: list[int] | None
 # --- the client: the deployments' command --------------------------------------------------------------------
 
 
-def _cold(module: str, argv: list[str], why: str) -> int:
+def _end_by(signum: int) -> None:
+    """End this process by `signum`, as the module itself would have ended on it."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _cold(module: str, argv: list[str], why: str, signalled: list[int] | None = None) -> int:
+    if signalled:  # stopped before anything ran (a cancel): nothing starts
+        _end_by(signalled[0])
     print(f"warmstart: {why}; starting {module} cold", file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])  # noqa: S606 (becomes the module)
     return 127  # not reached
 
 
 def run(module: str, argv: list[str]) -> int:
+    # Signals are taken from the start: one that comes before the run is forked is kept and relayed once it is (or,
+    # with no run to come, ends this process by it), never the default ending that would SIGKILL a forked run.
+    signalled: list[int] = []
+    forked: list[socket.socket] = []
+
+    def relay(signum: int, _frame: object) -> None:
+        if not forked:
+            signalled.append(signum)
+            return
+        with contextlib.suppress(OSError):
+            _send(forked[0], {"signal": signum})
+
+    for sig in RELAYED_SIGNALS:
+        signal.signal(sig, relay)
     path = os.environ.get(SOCKET_ENV)
     if not path:
-        return _cold(module, argv, f"{SOCKET_ENV} is not set")
+        return _cold(module, argv, f"{SOCKET_ENV} is not set", signalled)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.settimeout(5)
@@ -90,7 +112,7 @@ def run(module: str, argv: list[str]) -> int:
         _send(conn, {"module": module, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}, [0, 1, 2])
     except OSError as exc:  # the server has nothing (a packet is sent whole or not at all)
         conn.close()
-        return _cold(module, argv, f"no warm server at {path} ({exc})")
+        return _cold(module, argv, f"no warm server at {path} ({exc})", signalled)
     # From here the server may have forked the run: only its explicit "no" allows a cold start, never a silence
     # (that would run the flow twice); it answers at once, the timeout is for a server that hangs.
     try:
@@ -100,19 +122,16 @@ def run(module: str, argv: list[str]) -> int:
         answer = {"lost": str(exc)}
     if "error" in answer:
         conn.close()
-        return _cold(module, argv, f"the warm server at {path} declined: {answer['error']}")
+        return _cold(module, argv, f"the warm server at {path} declined: {answer['error']}", signalled)
     if "pid" not in answer:
         print(f"warmstart: the warm server at {path} did not start the run ({answer.get('lost', 'it went away')})",
               file=sys.stderr, flush=True)
         return 1
     conn.settimeout(None)
-
-    def relay(signum: int, _frame: object) -> None:
+    forked.append(conn)
+    for signum in signalled:  # those that came before the run was forked
         with contextlib.suppress(OSError):
             _send(conn, {"signal": signum})
-
-    for sig in RELAYED_SIGNALS:
-        signal.signal(sig, relay)
     message = conn.recv(MAX_MESSAGE)
     if not message:
         print(f"warmstart: the warm server at {path} went away; run {answer['pid']} ended with it",
@@ -120,8 +139,7 @@ def run(module: str, argv: list[str]) -> int:
         return 1
     status = int(json.loads(message)["status"])
     if status < 0:  # ended by a signal: end the same way, as `python -m MODULE` would have
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
+        _end_by(-status)
     return status
 
 
@@ -362,7 +380,8 @@ def start_worker(path: Path, module: str, preload: list[str], command: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m primespark.orchestration.warmstart",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     client = sub.add_parser("run", help="Start MODULE warm (the deployments' command), or cold without a server.")
     client.add_argument("module")
