@@ -52,6 +52,11 @@ class SshHosts:
     def runner(self, host: str) -> Runner:
         return SshRunner(self.connection(host))
 
+    def close_shared(self) -> None:
+        """End every host's shared connection (hosts about to go away: they would linger until their keepalive)."""
+        for host in self.fleet.hosts:
+            SshRunner(self.connection(host)).drop_shared()
+
 
 class LocalHosts:
     """Every host is this machine (tests and benchmarks of the flows)."""

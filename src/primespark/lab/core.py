@@ -18,7 +18,7 @@ import docker.errors
 from primespark.backup import records
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet
-from primespark.hosts import SshFiles
+from primespark.hosts import SshFiles, SshHosts
 from primespark.inventory import build_inventory
 from primespark.lab import ssh
 from primespark.lab.image import ImageBuilder, default_recipe_dir, image_exists, image_tag, prune_old_images
@@ -260,6 +260,7 @@ class Lab:
     def down(self, report: Report = lambda _: None) -> tuple[int, int, int]:
         client = docker_client()
         runtime = LabRuntime(client, LabPlan(self.fleet.name, [], []), "")
+        SshHosts(self.fleet, SshFiles.of(self.state_dir)).close_shared()  # before their hosts go
         removed = runtime.remove_all(report)
         if self.prefect.stop():
             report("stopped the Prefect server")
