@@ -155,7 +155,8 @@ def test_each_probe_reaches_its_sites_hosts_from_its_worker(lab, workers):
 
 def worker_pid(lab) -> int:
     supervisor = lab.exec("nas-1", f"cat {SUPERVISOR_PID}").stdout.strip()
-    found = lab.exec("nas-1", f"pgrep -P {supervisor}").stdout.split()
+    # its children: the worker, and the shared SSH connections its runs left (daemons, re-parented to it)
+    found = lab.exec("nas-1", f"pgrep -P {supervisor} -f 'prefect worker start'").stdout.split()
     assert len(found) == 1, found
     return int(found[0])
 

@@ -70,6 +70,47 @@ def test_kill_9_of_the_service_ends_the_run_it_started_and_the_supervisor(superv
     assert "ended 1 processes" in (run_dir / "log").read_text()
 
 
+DAEMONS = """
+import os, sys, time
+for _ in range(3):  # each daemonizes as ssh's ControlMaster does (fork, setsid, fork), lives briefly, exits
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(0.2)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def test_daemons_the_service_started_are_reaped_when_they_exit(tmp_path: Path) -> None:
+    noted = tmp_path / "service.pid"
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "primespark.orchestration.supervise", "--name", "spark-test-daemons",
+         "--run-dir", str(tmp_path), "--", sys.executable, "-c", DAEMONS, str(noted)], start_new_session=True)
+    try:
+        wait_for(lambda: noted.is_file() and noted.read_text() != "")
+
+        def children() -> list[str]:
+            found = []
+            for entry in Path("/proc").iterdir():
+                try:
+                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                if int(stat[1]) == supervisor.pid:
+                    found.append(stat[0])
+            return found
+
+        # the daemons were re-parented to the supervisor (a subreaper) and have exited: only the service is left
+        wait_for(lambda: len(children()) == 1 and "Z" not in children())
+    finally:
+        os.killpg(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(timeout=10)
+
+
 def test_stop_by_name_ends_the_service_and_what_it_started(supervised) -> None:  # type: ignore[no-untyped-def]
     supervisor, service, flow_run, _, run_dir = supervised
     status = [sys.executable, "-m", "primespark.orchestration.supervise", "--name", "spark-test-service",

@@ -102,7 +102,8 @@ def supervise(name: str, command: list[str], env: dict[str, str], log: Path | No
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    code = service.wait()
+    code = _wait_reaping(service.pid)
+    service.returncode = code  # reaped here: Popen must not wait for it again
     ended = end_orphans()
     if log:
         with open(log, "a") as handle:
@@ -111,6 +112,16 @@ def supervise(name: str, command: list[str], env: dict[str, str], log: Path | No
         if running(name, run_dir) == os.getpid():
             pid_file(name, run_dir).unlink()
     return code if code >= 0 else 128 - code
+
+
+def _wait_reaping(pid: int) -> int:
+    """Wait for the service (its exit code, negative for a signal, as Popen's), reaping meanwhile the orphans that
+    were re-parented here and have exited: a daemon the service started (an ssh ControlMaster ends 60 s after its
+    last command) would otherwise stay a zombie for the service's whole life, one more each time."""
+    while True:
+        found, status = os.waitpid(-1, 0)
+        if found == pid:
+            return os.waitstatus_to_exitcode(status)
 
 
 def _alive(pid: int) -> bool:
