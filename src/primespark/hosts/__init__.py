@@ -35,8 +35,8 @@ __all__ = [
 
 
 class SshHosts:
-    """Every fleet host over SSH, with the environment's key and known_hosts; commands that are not watched share
-    one connection per host (connection.SHARED_PERSIST_SECONDS)."""
+    """Every fleet host over SSH, with the environment's key and known_hosts; the runners' commands share one
+    connection per host (connection.SHARED_PERSIST_SECONDS)."""
 
     def __init__(self, fleet: Fleet, files: SshFiles) -> None:
         self.fleet = fleet

@@ -26,7 +26,7 @@ SERVER_ALIVE_INTERVAL = 10
 SERVER_ALIVE_COUNT_MAX = 3
 _KEEPALIVE = ["-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
               "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"]
-# Commands that are not watched share one connection per host (OpenSSH's ControlMaster, as Ansible does): a login
+# A runner's commands share one connection per host (OpenSSH's ControlMaster, as Ansible does): a login
 # is a key exchange and an authentication (0.3 s on an idle 2-core machine, over a second for eight at once), a
 # command on a shared connection one round trip. The connection stays this long after its last command; a host that
 # dies under it is noticed by the keepalive above, or dropped at once when found lost (SshRunner.drop_shared).
