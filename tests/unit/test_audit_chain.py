@@ -310,6 +310,34 @@ def test_transit_signed_checkpoints_and_a_tampered_one(fresh_vault: DevServer, t
     assert "checkpoint 2" in said and "does not verify with transit:transit/primespark-audit-lab" in said, said
 
 
+def test_two_writers_making_the_transit_key_at_once_both_succeed(fresh_vault: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of two writers that both saw no transit engine (the lab's two workers set up at once) finds it
+    enabled by the first: it goes on, with the first's key; an engine of another type there still fails."""
+    from primespark.errors import UserError
+
+    client = fresh_vault.client()
+    first = TransitSigner(client, "primespark-audit-race", mount="race")
+    client.sys.enable_secrets_engine("transit", path="race")  # the first writer is this far: no key yet
+    def listed_before_the_first_enabled_it(signer: TransitSigner) -> None:
+        real = signer.client.sys.list_mounted_secrets_engines
+        answers = iter([{"data": {}}])
+        monkeypatch.setattr(signer.client.sys, "list_mounted_secrets_engines", lambda: next(answers, None) or real())
+
+    second = TransitSigner(fresh_vault.client(), "primespark-audit-race", mount="race")
+    listed_before_the_first_enabled_it(second)
+    second.ensure_key()
+    signature = second.sign(b"payload")
+    first.ensure_key()  # and makes the key that the second made meanwhile: the same key
+    assert first.verify(b"payload", signature)
+
+    client.sys.enable_secrets_engine("kv", path="not-transit")
+    third = TransitSigner(fresh_vault.client(), "primespark-audit-race", mount="not-transit")
+    listed_before_the_first_enabled_it(third)
+    with pytest.raises(UserError, match="enabling the transit engine"):
+        third.ensure_key()
+
+
 # The hooks -----------------------------------------------------------------------------------------------------
 
 

@@ -85,9 +85,22 @@ class TransitSigner:
             pass
         mounts = self._call("listing engines for", lambda: self.client.sys.list_mounted_secrets_engines())
         if f"{self.mount}/" not in (mounts.get("data") or mounts):
-            self._call("enabling the transit engine for",
-                       lambda: self.client.sys.enable_secrets_engine("transit", path=self.mount))
-        self._call("creating", lambda: transit.create_key(name=self.key, key_type="ed25519", exportable=False))
+            self._call("enabling the transit engine for", self._enable_transit)
+        # creating a key that exists changes nothing: two writers at once both succeed with the first's key
+        self._call("creating", lambda: transit.create_key(name=self.key, key_type="ed25519", exportable=False,
+                                                                mount_point=self.mount))
+
+    def _enable_transit(self) -> None:
+        """Enable the engine, unless another writer did since the list (two workers' roles run at once)."""
+        import hvac.exceptions
+
+        try:
+            self.client.sys.enable_secrets_engine("transit", path=self.mount)
+        except hvac.exceptions.InvalidRequest as exc:
+            mounts = self.client.sys.list_mounted_secrets_engines()
+            found = (mounts.get("data") or mounts).get(f"{self.mount}/")
+            if "already in use" not in str(exc) or not found or found.get("type") != "transit":
+                raise
 
     def sign(self, payload: bytes) -> str:
         encoded = base64.b64encode(payload).decode()
