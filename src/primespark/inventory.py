@@ -9,7 +9,8 @@ import re
 from typing import Any
 
 from primespark.agents.execute import results_root
-from primespark.data.layout import links
+from primespark.data.layout import RECALL_JOB_PREFIX, transport_links
+from primespark.data.sync import client_dir
 from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
 from primespark.monitoring import paths as monitoring_paths
@@ -85,7 +86,7 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         # Sync jobs (primespark.data.sync): the accounts this host keeps as a destination, the links it pushes.
         "spark_sync_accounts": sync_accounts_on(fleet, name),
         "spark_sync_pushes": sync_pushes_from(fleet, name),
-        "spark_sync_client_dir": fleet.sync.client_dir if fleet.sync else "/etc/primespark/sync",
+        "spark_sync_client_dir": client_dir(fleet),
         # A lab fleet's hosts are containers made for it: lab-only roles (lab_data fills the backup paths, the
         # data generator writes into the hot tier) run there only.
         "spark_lab": fleet.lab is not None,
@@ -125,10 +126,10 @@ def sync_accounts_on(fleet: Fleet, name: str) -> list[dict[str, Any]]:
     """The sync accounts `name` keeps as a destination: one per job (`sync-<job>`), each source host's key
     restricted to its link's folder (the `sync` role)."""
     out: dict[str, dict[str, Any]] = {}
-    for link in links(fleet):
+    for link in transport_links(fleet):
         if link.destination == name and not link.local:
             account = out.setdefault(link.job, {"job": link.job, "user": f"sync-{link.job}", "mode": link.mode.value,
-                                                "roots": []})
+                                                "traverse": link.job.startswith(RECALL_JOB_PREFIX), "roots": []})
             account["roots"].append({"source": link.source, "path": link.destination_path})
     return list(out.values())
 
@@ -136,7 +137,8 @@ def sync_accounts_on(fleet: Fleet, name: str) -> list[dict[str, Any]]:
 def sync_pushes_from(fleet: Fleet, name: str) -> list[dict[str, str]]:
     """The links `name` pushes as a source host."""
     return [{"job": link.job, "source_path": link.source_path, "destination": link.destination,
-             "path": link.destination_path} for link in links(fleet) if link.source == name and not link.local]
+             "path": link.destination_path}
+            for link in transport_links(fleet) if link.source == name and not link.local]
 
 
 def management_networks(fleet: Fleet, name: str) -> list[str]:

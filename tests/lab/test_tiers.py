@@ -23,7 +23,6 @@ import yaml
 
 from primespark.context import FleetContext
 from primespark.data import migrate
-from primespark.errors import UserError
 from primespark.fleet.model import TierName
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,14 +150,11 @@ def test_recall_brings_a_moved_file_back_equal(lab: Any, lab_flows: None, hot_ti
     digest = sha_tree(lab, PI, f"{HOT}/{TEST_DIR}")["old/back.bin"]
     tier("hot", hot_tier, "ssh", hosts=[PI], **FAST)
     assert "old/back.bin" not in sha_tree(lab, PI, f"{HOT}/{TEST_DIR}")
-    try:
-        tier_recall(f"{PI}:{HOT}/{TEST_DIR}/old/back.bin", hot_tier, "ssh")
-    except UserError as exc:
-        if "no sync job carries" in exc.message:
-            pytest.skip("recall over SSH needs a route from nas-1 back to the Pi, which the lab's sync jobs (Pi → "
-                        f"NAS only) do not give: {exc.message}")
-        raise
+    # over SSH: nas-1 pushes through the hot tier's recall account on the Pi (`recall: true` in the lab fleet)
+    tier_recall(f"{PI}:{HOT}/{TEST_DIR}/old/back.bin", hot_tier, "ssh")
     assert sha_tree(lab, PI, f"{HOT}/{TEST_DIR}")["old/back.bin"] == digest
+    staged = lab.exec(PI, f"find {HOT}/.spark-tier-recall -type f")
+    assert staged.returncode == 0 and staged.stdout == "", f"left in the recall folder: {staged.stdout}{staged.stderr}"
 
 
 MOVER = """

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -161,11 +162,19 @@ def worker_pid(lab) -> int:
     return int(found[0])
 
 
-def fresh_data(lab, host: str, megabytes: int) -> None:
-    """New random data on the host: its backup then takes long enough to be killed in the middle."""
+@contextmanager
+def fresh_data(lab, host: str, megabytes: int) -> Iterator[None]:
+    """New random data on the host: its backup then takes long enough to be killed in the middle. Removed after,
+    with the copy the hot tier's sync job made on the NAS (the mirror to the cloud then drops its own): left there,
+    it would keep the sync jobs busy and fill the disks for the tests after."""
     root = lab.fleet.backup.plans[host].paths[0]
     done = lab.exec(host, f"mkdir -p {root} && head -c {megabytes}M /dev/urandom > {root}/large.bin", timeout=300)
     assert done.returncode == 0, done.stderr
+    try:
+        yield
+    finally:
+        lab.exec(host, f"rm -f {root}/large.bin")
+        lab.exec("nas-1", f"rm -f /srv/warm/{host}/large.bin")
 
 
 def lock_slots(repository: str) -> int:
@@ -188,7 +197,12 @@ def pool_status(pool: str) -> str:
 def backup_killed_midway(lab, kill: Callable[[], None], bring_back: Callable[[], None]) -> None:
     """A backup of pi-2 on the edge worker, the worker killed while restic writes; the Must-show checks."""
     host, repository = "pi-2", lab.fleet.backup.plans["pi-2"].repository
-    fresh_data(lab, host, 600)
+    with fresh_data(lab, host, 600):
+        _backup_killed_midway(lab, host, repository, kill, bring_back)
+
+
+def _backup_killed_midway(lab, host: str, repository: str, kill: Callable[[], None],
+                          bring_back: Callable[[], None]) -> None:
     before = snapshots_of(host)
     run_id = trigger(f"backup/backup-{host}")
     until("the backup holds its repository's lock", lambda: "RUNNING" in state_types(run_id)

@@ -54,3 +54,17 @@ def test_monitoring_and_time_come_from_the_fleet(hostvars: dict) -> None:
     assert pi["spark_tier_watermarks"] == {"hot": {"low": 0.7, "high": 0.85}}
     assert hostvars["pi-2"]["spark_power"]["governor"] == "ondemand"
     assert hostvars["core-1"]["spark_power"] is None
+
+
+def test_a_recall_tier_gets_one_account_its_lower_tiers_push_into(hostvars: dict) -> None:
+    """The lab's hot tier has `recall: true`: nas-1 (warm) and ops-1 (cold) may push a recalled file back into each
+    Pi's recall folder, through one write-only account that refuses deletions; nothing pushes the other way."""
+    recall = [a for a in hostvars["pi-1"]["spark_sync_accounts"] if a["job"] == "tier-recall-hot"]
+    assert recall == [{"job": "tier-recall-hot", "user": "sync-tier-recall-hot", "mode": "copy", "traverse": True,
+                       "roots": [{"source": "nas-1", "path": "/srv/hot/.spark-tier-recall"},
+                                 {"source": "ops-1", "path": "/srv/hot/.spark-tier-recall"}]}]
+    pushes = [p for p in hostvars["nas-1"]["spark_sync_pushes"] if p["job"] == "tier-recall-hot"]
+    assert [(p["destination"], p["source_path"], p["path"]) for p in pushes] == [
+        (pi, "/srv/warm", "/srv/hot/.spark-tier-recall") for pi in ("pi-1", "pi-2", "pi-3")]
+    assert not [a for a in hostvars["nas-1"]["spark_sync_accounts"] if a["job"].startswith("tier-recall")]
+    assert not [p for p in hostvars["pi-1"]["spark_sync_pushes"] if p["job"].startswith("tier-recall")]

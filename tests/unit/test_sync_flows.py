@@ -540,18 +540,24 @@ def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
     known = ctx.state_dir / "ssh" / "known_hosts"
     known.parent.mkdir(parents=True, exist_ok=True)
     known.write_text("nas-1,172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest\n"
-                     "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n")
+                     "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n"
+                     + "".join(f"pi-{n} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakePi{n}KeyForTheTest\n"
+                               for n in (1, 2, 3)))
     pi = core.host_material(lab, "pi-1")
     from cryptography.hazmat.primitives import serialization
 
     serialization.load_ssh_private_key(str(pi["private_key"]).encode(), password=None)  # a usable OpenSSH key
     assert pi["known_hosts"] == ["172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest"]
+    # the hot tier's `recall: true`: the warm and cold tiers' hosts push recalled files back
+    assert set(pi["public_keys"]) == {"nas-1", "ops-1"}  # type: ignore[arg-type]
     with pytest.raises(core.UserError, match="no saved plan"):  # nas-1 pushes to the cloud over the mesh
         core.host_material(lab, "nas-1")
     plan = plan_and_save(ctx.fleet, "fleet", ctx.state_dir, ctx.secrets).plan
     nas = core.host_material(lab, "nas-1")
     overlay = plan.state().address_of("analytics-1")
-    assert nas["known_hosts"] == [f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest"]
+    pis = {f"{ctx.fleet.hosts[f'pi-{n}'].address} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakePi{n}KeyForTheTest"
+           for n in (1, 2, 3)}
+    assert set(nas["known_hosts"]) == {f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest", *pis}
     assert set(nas["public_keys"]) == {"pi-1", "pi-2", "pi-3"}  # type: ignore[arg-type]
     assert nas["public_keys"]["pi-1"] == core.client_key(ctx, "pi-1")[1]  # type: ignore[index]
     assert core.host_material(lab, "pi-1")["private_key"] == pi["private_key"], "the key was made again"

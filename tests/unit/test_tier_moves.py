@@ -544,3 +544,25 @@ def test_the_backups_read_the_ledger_the_tier_pass_writes() -> None:
     from primespark.backup import hostside
 
     assert hostside.TIER_LEDGER == tierside.LEDGER  # two standalone host scripts, one file between them
+
+
+def test_a_recall_over_ssh_goes_through_the_recall_account_only_where_the_tier_allows_it(
+        tmp_path: Path, state: Path) -> None:
+    """The staged copy of a recall lands in the hot tier's recall folder: with `recall: true` the warm host pushes
+    there through the tier's write-only account; without it, the refusal says how to allow it. Sync jobs of the
+    hot tier never carry that folder."""
+    from primespark.data.sync import held_back, links
+
+    folder = f"{tmp_path}/hot/.spark-tier-recall/{migrate.STAGING}"
+    ctx = FleetContext.load(make_fleet(tmp_path, hot={"recall": True}), "ssh")
+    route, destination = migrate.route_to(ctx, "nas-1", "pi-1", folder)
+    assert destination == f"/{migrate.STAGING}"
+    assert route.target.startswith("sync-tier-recall-hot@")
+    assert links(ctx.fleet) == [link for link in links(ctx.fleet) if not link.job.startswith("tier-recall")]
+
+    ctx = FleetContext.load(make_fleet(tmp_path), "ssh")
+    with pytest.raises(UserError, match="set `recall: true` on tier hot"):
+        migrate.route_to(ctx, "nas-1", "pi-1", folder)
+    for link in links(ctx.fleet):
+        if link.source_path.startswith(f"{tmp_path}/hot"):
+            assert "/.spark-tier-recall/" in held_back(ctx.fleet, link)

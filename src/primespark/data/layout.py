@@ -67,6 +67,39 @@ def links(fleet: Fleet, job: str | None = None) -> list[Link]:
     return out
 
 
+RECALL_DIR = ".spark-tier-recall"  # below a tier's path: recalled copies arrive here, then are renamed into place
+RECALL_JOB_PREFIX = "tier-recall-"
+
+
+def recall_folder(fleet: Fleet, tier: TierName) -> str:
+    return f"{fleet.tiers[tier].path.rstrip('/')}/{RECALL_DIR}"
+
+
+def recall_links(fleet: Fleet) -> list[Link]:
+    """The routes a recall pushes through, for tiers with `recall: true`: from every host of a lower tier into
+    the recall folder of every host of the tier (one account per tier, `sync-tier-recall-<tier>`; a copy: rrsync
+    refuses deletions). Not sync jobs: nothing runs them but a recall."""
+    out = []
+    present = [t for t in TIER_ORDER if t in fleet.tiers]
+    for index, name in enumerate(present):
+        if not fleet.tiers[name].recall:
+            continue
+        for lower in present[index + 1:]:
+            lower_spec = fleet.tiers[lower]
+            for holder in lower_spec.hosts:
+                for host in fleet.tiers[name].hosts:
+                    if host != holder:
+                        out.append(Link(f"{RECALL_JOB_PREFIX}{name.value}", holder, lower_spec.path, host,
+                                        recall_folder(fleet, name), SyncMode.copy))
+    return out
+
+
+def transport_links(fleet: Fleet) -> list[Link]:
+    """Every route data is pushed through between hosts: the sync jobs' links, then the recall routes (the sync
+    role makes their accounts and keys alike)."""
+    return links(fleet) + recall_links(fleet)
+
+
 def tier_of(fleet: Fleet, host: str, path: str) -> TierName | None:
     """The tier whose folder holds `path` on `host`, if any."""
     for name in TIER_ORDER:

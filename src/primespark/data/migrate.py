@@ -38,7 +38,7 @@ from typing import Any
 
 from primespark.context import FleetContext
 from primespark.data import tierside, transfer
-from primespark.data.layout import inside, links, tier_of
+from primespark.data.layout import inside, recall_folder, tier_of, transport_links
 from primespark.data.tiers import FileInfo, HostScan, TierPlan, plan_boundary
 from primespark.data.transfer import Route, TransferPlan
 from primespark.errors import StepFailed, UserError
@@ -122,7 +122,7 @@ def route_to(ctx: FleetContext, source: str, destination: str, folder: str) -> t
         return transfer.local_route(), folder
     from primespark.data.sync import CLIENT_KEY, KNOWN_HOSTS, account_for, address_of, client_dir
 
-    for link in links(ctx.fleet):
+    for link in transport_links(ctx.fleet):
         if link.source == source and link.destination == destination and inside(folder, link.destination_path):
             below = posixpath.relpath(folder, link.destination_path)
             keys = client_dir(ctx.fleet)
@@ -130,9 +130,12 @@ def route_to(ctx: FleetContext, source: str, destination: str, folder: str) -> t
                                        ctx.fleet.hosts[destination].ssh.port, f"{keys}/{CLIENT_KEY}",
                                        f"{keys}/{KNOWN_HOSTS}")
             return route, "/" if below == "." else f"/{below}"
+    origin_tier = tier_of(ctx.fleet, destination, folder)
+    recall = (f"; to recall, set `recall: true` on tier {origin_tier.value} and run the sync role"
+              if origin_tier is not None and inside(folder, recall_folder(ctx.fleet, origin_tier)) else "")
     raise UserError(f"no sync job carries {source}'s data to {destination}:{folder}, and tier migration moves "
                     "files through a sync job's account", f"add a sync job from {source} into {folder} (or a folder "
-                    "above it) on {destination}, and run the sync role")
+                    f"above it) on {destination}, and run the sync role{recall}")
 
 
 # --- scans -------------------------------------------------------------------------------------------------------
@@ -561,7 +564,10 @@ def recall(ctx: FleetContext, text: str) -> BatchResult:
         raise UserError(f"{holder}:{row['path']} differs from what the catalog recorded ({row['hash']})",
                         "restore it from the warm tier's backup")
     source_root, rel = posixpath.split(row["path"])
-    dest_root = posixpath.dirname(row["origin_path"])
+    # staged in the tier's recall folder, the one place a lower tier's host may write (recall_links), then renamed
+    origin_tier = tier_of(ctx.fleet, origin, row["origin_path"])
+    dest_root = (recall_folder(ctx.fleet, origin_tier) if origin_tier is not None
+                 else posixpath.dirname(row["origin_path"]))
     batch = Batch(holder, origin, source_root, dest_root, row["hash"].split(":")[0])
     batch.entries.append(Entry("recall", row["path"], rel, f"{batch.staging_root}/{rel}", row["origin_path"],
                                origin, row["origin_path"], TierName.hot.value, got[1], got[2]))

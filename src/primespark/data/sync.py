@@ -30,10 +30,10 @@ from zoneinfo import ZoneInfo
 from primespark.agents.execute import HOT_TIER_STAGING
 from primespark.context import FleetContext
 from primespark.data import tierside, transfer
-from primespark.data.layout import Link, links
+from primespark.data.layout import RECALL_DIR, Link, links, transport_links
 from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet, SyncJob, SyncMode, TierName
+from primespark.fleet.model import Fleet, Sync, SyncJob, SyncMode, TierName
 from primespark.hosts import SshFiles
 from primespark.secrets import atomic_write, ssh_key_pair
 
@@ -126,8 +126,10 @@ def address_of(ctx: FleetContext, link: Link) -> str:
 
 
 def client_dir(fleet: Fleet) -> str:
-    assert fleet.sync is not None
-    return fleet.sync.client_dir.rstrip("/")
+    """Where a pushing host keeps its sync key: the fleet's `sync.client_dir`, or its default in a fleet whose only
+    pushes are recalls."""
+    folder = fleet.sync.client_dir if fleet.sync is not None else str(Sync.model_fields["client_dir"].default)
+    return folder.rstrip("/")
 
 
 def route_for(ctx: FleetContext, link: Link) -> tuple[Route, str]:
@@ -144,14 +146,15 @@ def route_for(ctx: FleetContext, link: Link) -> tuple[Route, str]:
 def held_back(fleet: Fleet, link: Link) -> tuple[str, ...]:
     """What no job sends from the link's source, as patterns anchored at the transfer's root: agent tasks' staging
     folder on a hot-tier host (a task may still write there; its host commits the result by a rename into
-    `tasks/`, which is then sent), and a tier folder's ledger of files moved out (that folder's own record, for
-    its own backups: a copy elsewhere would count for nothing)."""
+    `tasks/`, which is then sent), a tier folder's ledger of files moved out (that folder's own record, for
+    its own backups: a copy elsewhere would count for nothing), and its recall folder (copies on their way back,
+    renamed into place once verified: sent then)."""
     root = link.source_path.rstrip("/")
     held = []
     for name, tier in fleet.tiers.items():
         if link.source not in tier.hosts:
             continue
-        own = [tierside.LEDGER] + ([f"{HOT_TIER_STAGING}/"] if name is TierName.hot else [])
+        own = [tierside.LEDGER, f"{RECALL_DIR}/"] + ([f"{HOT_TIER_STAGING}/"] if name is TierName.hot else [])
         for rel in own:
             path = f"{tier.path.rstrip('/')}/{rel}"
             if path.startswith(root + "/"):
@@ -733,7 +736,7 @@ def host_material(env: str, host: str) -> dict[str, object]:
 
 
 def _host_material(ctx: FleetContext, host: str) -> dict[str, object]:
-    remote = [link for link in links(ctx.fleet) if not link.local]
+    remote = [link for link in transport_links(ctx.fleet) if not link.local]
     pushes = [link for link in remote if link.source == host]
     inbound = [link for link in remote if link.destination == host]
     files = SshFiles.of(ctx.state_dir)

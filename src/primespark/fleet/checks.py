@@ -234,6 +234,28 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
                          "age thresholds must grow from hot to warm to cold", "tier-order")
         previous = (tier_name.value, tier.max_age_days)
         yield from _tier_catalog(tier_name, tier.catalog, tier.path)
+    yield from _tier_recall(fleet)
+
+
+def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
+    """`recall: true` gives the lower tiers' hosts a route back: there must be a lower tier, and a way to reach."""
+    from primespark.data.layout import recall_links
+
+    present = [t for t in TIER_ORDER if t in fleet.tiers]
+    if present and fleet.tiers[present[-1]].recall:
+        yield _p(("tiers", present[-1].value, "recall"), f"nothing moves below the {present[-1].value} tier, so "
+                 "nothing comes back to it", f"remove recall from tiers.{present[-1].value}", "tier-recall")
+    reported: set[tuple[str, str]] = set()
+    for link in recall_links(fleet):
+        source, target = fleet.hosts.get(link.source), fleet.hosts.get(link.destination)
+        if source is None or target is None or source.site == target.site or (link.source, link.job) in reported:
+            continue
+        if not any(fleet.in_mesh(m, link.source) and fleet.in_mesh(m, link.destination) for m in fleet.meshes):
+            reported.add((link.source, link.job))
+            tier = link.job.removeprefix("tier-recall-")
+            yield _p(("tiers", tier, "recall"), f"{link.source} (site {source.site}) would push recalled files to "
+                     f"{link.destination} (site {target.site}), and no mesh holds both",
+                     "add both hosts to a mesh (`meshes:`), or remove recall", "tier-recall")
 
 
 def _tier_catalog(tier_name: TierName, catalog: str | None, tier_path: str) -> Iterator[Problem]:
@@ -480,7 +502,7 @@ def _sync_destination(fleet: Fleet, link: Link) -> Iterator[Problem]:
 
 def _sync(fleet: Fleet) -> Iterator[Problem]:
     # Imported here: the layout is built on the fleet model, and the fleet package loads before it.
-    from primespark.data.layout import HOST_PLACEHOLDER, links, overlap, source_hosts
+    from primespark.data.layout import HOST_PLACEHOLDER, RECALL_JOB_PREFIX, links, overlap, source_hosts
 
     if fleet.sync is None:
         return
@@ -488,6 +510,9 @@ def _sync(fleet: Fleet) -> Iterator[Problem]:
     reported: set[tuple[str, str]] = set()  # job pairs already said to share a destination
     for name, job in fleet.sync.jobs.items():
         base = ("sync", "jobs", name)
+        if name.startswith(RECALL_JOB_PREFIX):
+            yield _p(base, f"{RECALL_JOB_PREFIX}* names the accounts of tier recalls (`recall: true`)",
+                     "give the job another name", "sync-reserved-name")
         sources = source_hosts(fleet, job)
         if not sources:
             yield _p((*base, "source"), f"no host matches {job.source_pattern!r}",

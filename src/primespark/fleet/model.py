@@ -275,6 +275,10 @@ class Tier(Strict):
     catalog: AbsPath | None = Field(
         default=None, description="The migration catalog (SQLite), on the tier's first host; only the warm tier "
         "holds it, inside its path (backed up with it). Default: <path>/.spark-tier/catalog.sqlite.")
+    recall: bool = Field(
+        default=False, description="Files moved down from this tier can be recalled over SSH: the next tier's "
+        "hosts get a key into an account on this tier's hosts, confined by rrsync (write-only, no deletions) to "
+        "`<path>/.spark-tier-recall`, from where the recall renames each file into place.")
 
     @model_validator(mode="after")
     def _watermarks(self) -> Tier:
