@@ -513,6 +513,7 @@ def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
     result = tier("hot", fleet, "local", textfile=str(textfile), retries=0, retry_delay_seconds=0.1)
     [moved] = result["results"]
     assert (moved["moved"], moved["bytes"]) == (5, 500_000)
+    assert moved["example"] in {f"pi-1:{hot}/r/{i}.bin" for i in range(5)}
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tier-hot-warm"])))
     report = str(sorted(found, key=lambda a: a.created)[-1].data)
@@ -538,6 +539,12 @@ def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
     assert _entries(ctx) == before
     spark("tier", "recall", str(hot / "r/2.bin"))
     assert (hot / "r/2.bin").read_bytes() == contents[2]
+    # a pass from the command line shows where a file it moved went
+    put(hot / "r/old.bin", 100_000, 30)
+    capsys.readouterr()
+    spark("tier", "run")
+    shown = "".join(capsys.readouterr().out.split())  # the table's title, wrapped at the console's width
+    assert f"whereonemovedfileisnow(sparktierwherepi-1:{hot}/r/old.bin" in shown, shown
 
 
 def test_the_backups_read_the_ledger_the_tier_pass_writes() -> None:

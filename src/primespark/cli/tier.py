@@ -115,6 +115,9 @@ def run(
         console.print(f"{after['host']} ({after['tier']}): {after['used'] / after['capacity']:.0%} used")
     for reason, count in sorted(result["skipped"].items()):
         console.print(f"stayed: {reason}: {count}")
+    example = next((row["example"] for row in result["results"] if row.get("example")), "")
+    if example:
+        _rows(f"where one moved file is now (spark tier where {example} --env {env})", migrate.where(ctx, example))
 
 
 @app.command("where")

@@ -270,8 +270,10 @@ class BatchResult:
     already_there: int = 0  # the destination held an equal copy (a sync job's): committed, not sent again
     abandoned: dict[str, int] = field(default_factory=dict)  # why files stayed where they were
     replayed: int = 0
+    example: str = ""  # one moved file's original place (`host:path`), for `spark tier where`
 
     def add(self, other: BatchResult) -> None:
+        self.example = self.example or other.example
         self.moved += other.moved
         self.bytes += other.bytes
         self.already_there += other.already_there
@@ -430,6 +432,7 @@ def _result(batch: Batch, replayed: bool = False) -> BatchResult:
     result = BatchResult(batch.source_host, batch.dest_host)
     for entry in batch.entries:
         if entry.step == "done":
+            result.example = result.example or f"{entry.origin_host}:{entry.origin_path}"
             result.moved += 1
             result.bytes += entry.size
             result.already_there += int(entry.note == "already there")
