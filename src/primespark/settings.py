@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     vault_addr: str | None = Field(default=None, alias="VAULT_ADDR")
     vault_role_id: str | None = None
     vault_secret_id_file: Path | None = None
-    # The audit log signs a checkpoint of its chain every this many records (0: never; docs/audit.md).
+    # The audit log signs a checkpoint of its chain every this many records (0: never; docs/audit.md). Set, it
+    # overrides the fleet's `audit.checkpoint_every`.
     audit_checkpoint_every: int = Field(default=100, ge=0)
 
     @property

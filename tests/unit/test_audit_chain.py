@@ -203,6 +203,20 @@ def test_a_chain_written_by_the_log_checkpoints_and_verifies(fleet: str) -> None
     assert [line.seq for line in lines(log.chain)] == list(range(1, 11))
 
 
+def test_the_checkpoint_interval_is_the_fleets_unless_the_machine_sets_one(fleet: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from primespark.settings import get_settings
+
+    assert audit_log(FleetContext.load(fleet, "local")).checkpoint_every == 10, "the lab fleet's audit setting"
+    monkeypatch.setenv("SPARK_AUDIT_CHECKPOINT_EVERY", "7")
+    get_settings.cache_clear()
+    try:
+        assert audit_log(FleetContext.load(fleet, "local")).checkpoint_every == 7
+    finally:
+        monkeypatch.delenv("SPARK_AUDIT_CHECKPOINT_EVERY")
+        get_settings.cache_clear()
+
+
 # No secret in the file -----------------------------------------------------------------------------------------
 
 

@@ -240,5 +240,7 @@ def audit_log(ctx: FleetContext) -> AuditLog:
     from functools import cache
 
     key = cache(lambda: audit_key(ctx))
-    every = ctx.settings.audit_checkpoint_every
+    # the fleet's interval, the same on the controller and the workers; a machine's setting overrides it
+    explicit = "audit_checkpoint_every" in ctx.settings.model_fields_set
+    every = ctx.settings.audit_checkpoint_every if explicit else ctx.fleet.audit.checkpoint_every
     return AuditLog(ctx.state_dir / "audit", Redactor(key), lambda: signer_for(ctx, key), every)

@@ -701,6 +701,14 @@ class Tls(Strict):
         "at two thirds of its life, so short lifetimes need no revocation.")
 
 
+class Audit(Strict):
+    """The audit log (primespark.audit), on the controller and on every worker alike."""
+
+    checkpoint_every: int = Field(
+        default=100, ge=1, le=1_000_000, description="A signed checkpoint of the chain every this many records "
+        "(SPARK_AUDIT_CHECKPOINT_EVERY on a machine overrides it).")
+
+
 DEPLOYMENT_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
 DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
 
@@ -817,6 +825,7 @@ class Fleet(Strict):
     lab: Lab | None = None
     secrets: Secrets = Secrets()
     tls: Tls = Field(default_factory=Tls, description="Host certificates from the fleet CA (primespark.pki).")
+    audit: Audit = Field(default_factory=Audit, description="The audit log's checkpoints (primespark.audit).")
     orchestration: Orchestration | None = Field(
         default=None, description="The Prefect server and one worker per site; without it flows run where `spark` "
         "runs.")
