@@ -32,6 +32,18 @@ if mode == "wait":  # note its pid and wait; on SIGTERM exit 3 (as Prefect's eng
 if mode == "wait-default":  # SIGTERM ends it the default way
     open(arg, "w").write(str(os.getpid()))
     time.sleep(120)
+if mode == "count":  # note each SIGTERM and SIGUSR1; once told, take a while to finish (as the engine reports a crash)
+    def note(signum, _frame):
+        with open(arg, "a") as out:
+            out.write(signal.Signals(signum).name + "\\n")
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGUSR1, note)
+    open(arg + ".pid", "w").write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(arg + ".finish") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1)  # the report: a second SIGTERM would come in the middle of it
+    sys.exit(3)
 '''
 
 
@@ -135,6 +147,27 @@ def test_a_stopped_server_ends_its_runs_and_removes_its_socket(
     assert proc.returncode == -signal.SIGTERM
     assert not alive(int(noted.read_text()))
     assert not (tmp_path / "run" / "warm.sock").exists()
+
+
+def test_a_run_gets_sigterm_once_from_its_client_and_its_stopping_server(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    """The client relays SIGTERM, then the server stops (and ends its runs): the run gets one SIGTERM. Prefect's
+    engine reports the crash on the first; a second, in the middle of that report, would abort it."""
+    counted = tmp_path / "signals"
+    noted = tmp_path / "signals.pid"
+    proc = client(env, "count", str(counted))
+    until("the run started", lambda: noted.exists() and noted.read_text() != "")
+    proc.send_signal(signal.SIGTERM)
+    until("the run got the relayed SIGTERM", lambda: counted.exists() and "SIGTERM" in counted.read_text())
+    proc.send_signal(signal.SIGUSR1)
+    until("the run got SIGUSR1, still relayed", lambda: "SIGUSR1" in counted.read_text())
+    server.terminate()  # it ends its runs: SIGTERM (this one already had it), SIGKILL after the grace period
+    until("the server took its SIGTERM", lambda: not pending(server.pid, signal.SIGTERM))
+    (tmp_path / "signals.finish").touch()
+    assert server.wait(timeout=30) == 0
+    proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert counted.read_text().split() == ["SIGTERM", "SIGUSR1"]
 
 
 def test_without_a_server_the_client_starts_the_module_cold(tmp_path: Path, env: dict[str, str]) -> None:

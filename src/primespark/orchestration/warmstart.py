@@ -176,6 +176,7 @@ class Server:
         self.path, self.module = path, module
         self.pid = os.getpid()
         self.runs: dict[int, socket.socket] = {}  # run pid → its client's connection
+        self.terminated: set[int] = set()  # runs sent SIGTERM (relayed from the client, or by shutdown)
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
@@ -286,10 +287,15 @@ class Server:
             self._kill(pid, int(json.loads(message)["signal"]))
 
     def _kill(self, pid: int, sig: int) -> None:
+        if sig == signal.SIGTERM:  # once per run: Prefect's engine reports its crash on the first, a second aborts that
+            if pid in self.terminated:
+                return
+            self.terminated.add(pid)
         with contextlib.suppress(OSError):
             os.killpg(pid, sig)
 
     def _forget(self, pid: int) -> None:
+        self.terminated.discard(pid)  # the pid may be a later run's
         conn = self.runs.pop(pid, None)
         if conn is not None:
             self.selector.unregister(conn)
