@@ -170,6 +170,33 @@ def test_a_run_gets_sigterm_once_from_its_client_and_its_stopping_server(
     assert counted.read_text().split() == ["SIGTERM", "SIGUSR1"]
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_stopping_server_waits_for_its_runs_without_spinning(
+        tmp_path: Path, env: dict[str, str], server: subprocess.Popen[bytes]) -> None:
+    """While its runs report their end (the grace period), the stopping server sleeps in select(): its clients'
+    relays and the signal wake-ups are read, not left to wake it again at once."""
+    counted = tmp_path / "signals"
+    proc = client(env, "count", str(counted))
+    until("the run started", lambda: (tmp_path / "signals.pid").exists())
+    proc.send_signal(signal.SIGTERM)  # relayed while the server still serves
+    until("the run got the relayed SIGTERM", lambda: counted.exists() and "SIGTERM" in counted.read_text())
+    server.terminate()
+    until("the server took its SIGTERM", lambda: not pending(server.pid, signal.SIGTERM))
+    proc.send_signal(signal.SIGUSR1)  # a client message during the shutdown
+    until("the run got SIGUSR1 from the stopping server", lambda: "SIGUSR1" in counted.read_text())
+    before = cpu_seconds(server.pid)
+    time.sleep(1.0)  # the window measured: the run is still running, the server waits for it
+    used = cpu_seconds(server.pid) - before
+    (tmp_path / "signals.finish").touch()
+    assert server.wait(timeout=30) == 0
+    proc.communicate(timeout=30)
+    assert used < 0.3, f"the stopping server used {used:.2f} s of CPU in 1 s of waiting"
+
+
 def test_without_a_server_the_client_starts_the_module_cold(tmp_path: Path, env: dict[str, str]) -> None:
     done = client({**env, "MARK": "cold"}, "echo", "5", cwd=tmp_path)
     out, err = done.communicate(timeout=60)

@@ -316,15 +316,25 @@ class Server:
                 self._forget(pid)
 
     def shutdown(self) -> None:
-        """Runs end with their server, as with a worker: SIGTERM to each group, SIGKILL after the grace period."""
+        """Runs end with their server, as with a worker: SIGTERM to each group, SIGKILL after the grace period.
+        Meanwhile the wake-up pipe is drained and the clients' messages read (their relays, or their end): left
+        unread they would keep select() returning at once, a busy loop beside the runs' crash reports."""
+        self.selector.unregister(self.listener)
+        self.listener.close()  # no new runs: a client that comes now starts cold
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in list(self.runs):
                 self._kill(pid, sig)
             deadline = time.monotonic() + GRACE_SECONDS
             while self.runs and time.monotonic() < deadline:
                 self._reap()
-                if self.runs:
-                    self.selector.select(timeout=0.1)
+                if not self.runs:
+                    break
+                for key, _ in self.selector.select(timeout=0.1):
+                    if key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self.wake_r, 512)
+                    elif key.data in self.runs:
+                        self._from_client(key.data, key.fileobj)  # type: ignore[arg-type]
         if os.getpid() == self.pid:
             with contextlib.suppress(OSError):
                 self.path.unlink()
