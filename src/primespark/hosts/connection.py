@@ -19,7 +19,7 @@ from primespark.fleet.model import Fleet
 
 # ssh options shared by every connection: no prompt, host keys checked against our known_hosts, a dead
 # connection ended by ssh itself within 40 s (3 keepalives unanswered, 10 s apart, after 10 s of silence; a watched
-# stream, hosts.Liveness, notices a silent host sooner).
+# stream, hosts.Liveness, notices a silent host sooner; a shared connection has a shorter keepalive, below).
 _BATCH = ["-o", "BatchMode=yes"]
 _QUIET = ["-o", "LogLevel=ERROR"]
 SERVER_ALIVE_INTERVAL = 10
@@ -28,9 +28,15 @@ _KEEPALIVE = ["-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
               "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"]
 # A runner's commands share one connection per host (OpenSSH's ControlMaster, as Ansible does): a login
 # is a key exchange and an authentication (0.3 s on an idle 2-core machine, over a second for eight at once), a
-# command on a shared connection one round trip. The connection stays this long after its last command; a host that
-# dies under it is noticed by the keepalive above, or dropped at once when found lost (SshRunner.drop_shared).
+# command on a shared connection one round trip. The connection stays this long after its last command. A peer that
+# goes silent under it leaves new commands waiting on it until the host is found lost (SshRunner.drop_shared) or the
+# shared keepalive below ends it.
 SHARED_PERSIST_SECONDS = 60
+# 5 s x 3: a silent peer ends the shared connection in 20 s (measured; 40 at 10 x 3), outlasting a 15 s WireGuard stall
+SHARED_ALIVE_INTERVAL = 5
+SHARED_ALIVE_COUNT_MAX = 3
+_SHARED_KEEPALIVE = ["-o", f"ServerAliveInterval={SHARED_ALIVE_INTERVAL}",
+                     "-o", f"ServerAliveCountMax={SHARED_ALIVE_COUNT_MAX}"]
 _NOT_SHARED = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
 # A unix socket's path has at most 107 bytes; ssh adds a 17-byte suffix while it creates one, %C is 40.
 _SHARED_DIR_MAX = 107 - 17 - 41
@@ -124,8 +130,11 @@ class Connection:
         """`ssh … user@address`, to which the remote command is appended. `shared`: over the host's shared
         connection (made by the first such command) where it has one; otherwise always a connection of its own,
         whatever the user's ssh_config says (a probe must be a fresh connection)."""
-        argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={connect_timeout}", *_QUIET, *_KEEPALIVE]
-        argv += self._shared_options() if shared and self.shared_dir is not None else _NOT_SHARED
+        argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={connect_timeout}", *_QUIET]
+        if shared and self.shared_dir is not None:
+            argv += [*_SHARED_KEEPALIVE, *self._shared_options()]
+        else:
+            argv += [*_KEEPALIVE, *_NOT_SHARED]
         if batch:
             argv += _BATCH
         if self.key_file is not None:

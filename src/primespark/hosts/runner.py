@@ -213,8 +213,9 @@ class SshRunner:
         liveness: Liveness | None = None,
     ) -> Completed:
         """`run`, with each line of the command's stdout passed to `on_line` as it arrives. With `liveness`, a
-        host that goes silent and does not answer a probe ends it with `HostLost` (ssh's own keepalive, 3 of 10 s,
-        ends a dead session too: exit 255, then the same probe; the probe has a connection of its own)."""
+        host that goes silent and does not answer a probe ends it with `HostLost` (ssh's own keepalive, 3 of 5 s on
+        a shared connection, ends a dead session too: exit 255, then the same probe; the probe has a connection of
+        its own)."""
         command, given = self._command(argv, env, stdin, timeout, shared=True)
         started = time.monotonic()
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -259,7 +260,7 @@ class SshRunner:
 
     def drop_shared(self) -> None:
         """Ends the host's shared connection, if it has one: a host found lost would otherwise keep the next
-        commands waiting on a dead connection until its keepalive gives up (up to 40 s)."""
+        commands waiting on a dead connection until its keepalive gives up (up to 20 s)."""
         argv = self.connection.close_shared_argv()
         if argv is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
