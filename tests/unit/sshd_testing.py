@@ -1,7 +1,9 @@
 """A real OpenSSH server on loopback for runner tests: its own host key, client key and known_hosts in a folder of
 the test's, run in a mount namespace of its own (sshd as root needs /run/sshd, which this machine need not have,
 and the test must not make it). `freeze()` stops it and everything it started with SIGSTOP, as a host that hangs
-or drops off the network; `kill()` ends them all, as a stopped container."""
+or drops off the network; `freeze_connection(port)` only the processes serving the connection from that client
+port, as a connection whose peer went silent (the host froze or restarted) while new connections are answered;
+`kill()` ends them all, as a stopped container."""
 
 from __future__ import annotations
 
@@ -48,6 +50,19 @@ def _tree(root: int) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _socket_inode(server_port: int, client_port: int) -> str:
+    """The inode of sshd's end of the loopback TCP connection from `client_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == server_port and int(fields[2].split(":")[1], 16) == client_port:
+            return fields[9]
+    raise AssertionError(f"no connection from port {client_port} to sshd's {server_port}")
+
+
 class Sshd:
     def __init__(self, folder: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
         self.folder = folder
@@ -68,6 +83,22 @@ class Sshd:
 
     def thaw(self) -> None:
         self._signal(signal.SIGCONT)
+
+    def serving(self, client_port: int) -> list[int]:
+        """The processes serving the connection from `client_port`: the listener's child that holds its socket,
+        and everything below it."""
+        socket_link = f"socket:[{_socket_inode(self.port, client_port)}]"
+        for pid in _tree(self.proc.pid)[1:]:
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == socket_link for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    while _parent(pid) != self.proc.pid:
+                        pid = _parent(pid)
+                    return _tree(pid)
+        raise AssertionError(f"no sshd process serves the connection from port {client_port}")
+
+    def freeze_connection(self, client_port: int) -> None:
+        for pid in self.serving(client_port):
+            os.kill(pid, signal.SIGSTOP)
 
     def kill(self) -> None:
         pids = _tree(self.proc.pid)

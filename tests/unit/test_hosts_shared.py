@@ -1,7 +1,7 @@
 """Commands share one SSH connection per host (a liveness probe has its own); more at once than sshd takes on one
-connection fall back to connections of their own, unseen by the caller; a host found lost has its shared connection
-ended. Against a real sshd on loopback: `SSH_CONNECTION` on the host names the
-client's port, the same for every command on one connection."""
+connection fall back to connections of their own, unseen by the caller; a host found lost, or a shared connection
+that no longer answers once a command's timeout has passed, has its shared connection ended. Against a real sshd on
+loopback: `SSH_CONNECTION` on the host names the client's port, the same for every command on one connection."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 from sshd_testing import Sshd, loopback_sshd
 
-from primespark.hosts import HostLost, Liveness, SshFiles, SshRunner, stream
+from primespark.hosts import CommandTimeout, HostLost, Liveness, SshFiles, SshRunner, stream
+from primespark.hosts.runner import SHARED_CHECK_SECONDS
 
 FAST = Liveness(heartbeat=0.2, silent_after=1.0, probe_timeout=2.0)
 CLIENT_PORT = ["sh", "-c", 'echo "$SECRET ${SSH_CONNECTION#* }"']
@@ -96,6 +99,51 @@ def test_a_host_found_lost_has_its_shared_connection_ended(sshd: Sshd, shared_di
                liveness=FAST)
     # the next command would otherwise wait on the dead connection until its keepalive gives up
     assert not _master_running(runner)
+
+
+def test_a_silent_shared_connection_costs_one_timeout_and_the_next_command_connects_afresh(
+        sshd: Sshd, shared_dir: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    old = _client_port(runner, "s")
+    # the shared connection's peer goes silent (the host froze, or restarted): ssh takes new commands onto it and
+    # nothing comes back until its keepalive gives up; sshd still answers new connections (the host is back)
+    sshd.freeze_connection(int(old))
+    timeout = 2.0
+    failed: list[BaseException] = []
+
+    def command() -> None:
+        try:
+            runner.run(["true"], timeout=timeout)
+        except BaseException as exc:  # handed to the test's thread
+            failed.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=command, daemon=True)
+    worker.start()
+    worker.join(timeout + SHARED_CHECK_SECONDS + 3)
+    took = time.monotonic() - started
+    assert not worker.is_alive(), f"the command still waits on the silent connection after {took:.1f} s"
+    assert len(failed) == 1 and isinstance(failed[0], CommandTimeout), failed
+    assert took >= timeout
+    assert not _master_running(runner) and list(shared_dir.iterdir()) == []  # the dead connection was ended
+    started = time.monotonic()
+    fresh = _client_port(runner, "n")  # the old connection's peer is still silent
+    assert fresh != old and time.monotonic() - started < 5
+    sshd.thaw()
+    assert _client_port(runner, "t") == fresh  # and the new connection is the shared one
+
+
+def test_a_command_past_its_timeout_on_a_live_shared_connection_is_waited_for(sshd: Sshd, shared_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    old = _client_port(runner, "s")
+    cleaned = tmp_path / "cleaned-up"
+    # the host's `timeout` interrupts it after 1 s; it takes 2 s more to clean up (restic removing its lock)
+    script = f"trap 'sleep 2; touch {cleaned}; exit 3' INT; while :; do sleep 0.1; done"
+    with pytest.raises(CommandTimeout):
+        runner.run(["sh", "-c", script], timeout=1)
+    assert cleaned.exists()  # ssh was not ended before the command was
+    assert _master_running(runner) and _client_port(runner, "t") == old  # the connection answered: kept
 
 
 def test_the_sockets_folder_is_this_users_and_per_set_of_host_keys(tmp_path: Path, shared_dir: Path,

@@ -29,8 +29,8 @@ _KEEPALIVE = ["-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
 # A runner's commands share one connection per host (OpenSSH's ControlMaster, as Ansible does): a login
 # is a key exchange and an authentication (0.3 s on an idle 2-core machine, over a second for eight at once), a
 # command on a shared connection one round trip. The connection stays this long after its last command. A peer that
-# goes silent under it leaves new commands waiting on it until the host is found lost (SshRunner.drop_shared) or the
-# shared keepalive below ends it.
+# goes silent under it leaves new commands waiting on it: until a command's timeout (SshRunner.run then ends the
+# connection), until the host is found lost (SshRunner.drop_shared), or until the shared keepalive below ends it.
 SHARED_PERSIST_SECONDS = 60
 # 5 s x 3: a silent peer ends the shared connection in 20 s (measured; 40 at 10 x 3), outlasting a 15 s WireGuard stall
 SHARED_ALIVE_INTERVAL = 5

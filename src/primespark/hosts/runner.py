@@ -109,6 +109,9 @@ KILL_AFTER_SECONDS = 30
 # The controller waits this much longer than the host's own `timeout`, which normally ends the command first.
 SSH_GRACE_SECONDS = KILL_AFTER_SECONDS + 30
 TIMED_OUT = (124, 137)  # coreutils `timeout`: the command timed out (137: it had to be killed)
+# A command still running past its timeout: `true` over the same shared connection must come back within this
+# (0.14 s median on loopback, 2 cores), or the connection is taken for dead (its peer went silent) and ended.
+SHARED_CHECK_SECONDS = 5.0
 WATCH_STEP_SECONDS = 0.25  # how often a watched stream checks how long its host has been silent
 
 
@@ -193,14 +196,42 @@ class SshRunner:
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> Completed:
+        """The command over the host's shared connection. Past its `timeout` the host's `timeout` is ending it, and
+        ssh gets SSH_GRACE_SECONDS more; unless the shared connection does not answer (SHARED_CHECK_SECONDS): its
+        peer went silent and nothing on it will come back, so the command fails with `CommandTimeout` at once and
+        the connection is ended, the next command making a fresh one."""
         command, given = self._command(argv, env, stdin, timeout, shared=True)
         started = time.monotonic()
+        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as proc:
+            try:
+                stdout, stderr = self._finish(proc, given, argv, timeout, started)
+            except BaseException:  # timed out or interrupted: no ssh is left behind (as subprocess.run)
+                proc.kill()
+                proc.wait()
+                raise
+        return self._outcome(argv, proc.returncode, stdout, stderr, timeout, time.monotonic() - started)
+
+    def _finish(self, proc: subprocess.Popen[bytes], given: bytes, argv: Sequence[str], timeout: float | None,
+                started: float) -> tuple[bytes, bytes]:
+        """What `run`'s ssh wrote, once it has ended; CommandTimeout when it has not in time (see `run`)."""
+        if timeout is None:
+            return proc.communicate(given)
         try:
-            proc = subprocess.run(command, input=given, capture_output=True,
-                                  timeout=None if timeout is None else timeout + SSH_GRACE_SECONDS, check=False)
+            return proc.communicate(given, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.connection.shared_dir is not None and not self.shared_answers(SHARED_CHECK_SECONDS):
+            # ssh before its master: a command whose session had not opened yet would otherwise be sent again by
+            # ssh, past its timeout, over a connection of its own
+            proc.kill()
+            proc.wait()
+            self.drop_shared()
+            raise timed_out(argv, self.name, timeout)
+        try:
+            return proc.communicate(timeout=max(0.0, started + timeout + SSH_GRACE_SECONDS - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise timed_out(argv, self.name, timeout) from None
-        return self._outcome(argv, proc.returncode, proc.stdout, proc.stderr, timeout, time.monotonic() - started)
 
     def stream(
         self,
@@ -258,9 +289,21 @@ class SshRunner:
         except subprocess.TimeoutExpired:  # connected, and then nothing (sshd frozen): no answer
             return False
 
+    def shared_answers(self, timeout: float) -> bool:
+        """Whether `true` over the host's shared connection comes back within `timeout`: one whose peer went
+        silent takes new commands and answers none (until its keepalive ends it). Any exit but ssh's 255 is an
+        answer; with no shared connection there, `true` makes one."""
+        argv = [*self.connection.ssh_argv(shared=True), "true"]
+        try:
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                                  check=False).returncode != 255
+        except subprocess.TimeoutExpired:
+            return False
+
     def drop_shared(self) -> None:
-        """Ends the host's shared connection, if it has one: a host found lost would otherwise keep the next
-        commands waiting on a dead connection until its keepalive gives up (up to 20 s)."""
+        """Ends the host's shared connection, if it has one: a host found lost, or a connection that no longer
+        answers, would otherwise keep the next commands waiting on it until its keepalive gives up (up to 20 s).
+        Commands waiting on it whose session had not opened are then sent by ssh over a connection of its own."""
         argv = self.connection.close_shared_argv()
         if argv is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
