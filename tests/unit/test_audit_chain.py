@@ -207,7 +207,7 @@ def test_the_checkpoint_interval_is_the_fleets_unless_the_machine_sets_one(fleet
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from primespark.settings import get_settings
 
-    assert audit_log(FleetContext.load(fleet, "local")).checkpoint_every == 10, "the lab fleet's audit setting"
+    assert audit_log(FleetContext.load(fleet, "local")).checkpoint_every == 1, "the lab fleet's audit setting"
     monkeypatch.setenv("SPARK_AUDIT_CHECKPOINT_EVERY", "7")
     get_settings.cache_clear()
     try:
