@@ -217,6 +217,29 @@ def test_the_checkpoint_interval_is_the_fleets_unless_the_machine_sets_one(fleet
         get_settings.cache_clear()
 
 
+def test_a_checkpoint_the_signer_cannot_sign_is_a_warning_and_the_next_record_covers_it(fleet: str) -> None:
+    ctx = FleetContext.load(fleet, "local")
+    log = audit_log(ctx)
+    log.checkpoint_every = 1
+    working = log.signer
+
+    def down() -> Any:
+        raise OSError("Connection refused")
+
+    log.signer = down
+    warned: list[str] = []
+    with operation(lambda: log, Operation("lab down", ctx.env, [], {}, "ops@here"), False, warned.append):
+        pass
+    assert read_checkpoints(log.chain) == []
+    assert any("checkpoint of record 1 not signed (Connection refused)" in w and "will cover it" in w
+               for w in [*warned, *log.warnings]), (warned, log.warnings)
+    log.signer = working
+    with operation(lambda: log, Operation("lab up", ctx.env, [], {}, "ops@here"), False, pytest.fail):
+        pass
+    assert [p.count for p in read_checkpoints(log.chain)] == [2]
+    assert verify_chain(log.chain, HmacSigner(audit_key(ctx))).ok
+
+
 # No secret in the file -----------------------------------------------------------------------------------------
 
 
