@@ -239,7 +239,7 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
 
 def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
     """`recall: true` gives the lower tiers' hosts a route back: there must be a lower tier, and a way to reach."""
-    from primespark.data.layout import recall_links
+    from primespark.data.layout import RECALL_JOB_PREFIX, recall_links
 
     present = [t for t in TIER_ORDER if t in fleet.tiers]
     if present and fleet.tiers[present[-1]].recall:
@@ -252,7 +252,7 @@ def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
             continue
         if not any(fleet.in_mesh(m, link.source) and fleet.in_mesh(m, link.destination) for m in fleet.meshes):
             reported.add((link.source, link.job))
-            tier = link.job.removeprefix("tier-recall-")
+            tier = link.job.removeprefix(RECALL_JOB_PREFIX)
             yield _p(("tiers", tier, "recall"), f"{link.source} (site {source.site}) would push recalled files to "
                      f"{link.destination} (site {target.site}), and no mesh holds both",
                      "add both hosts to a mesh (`meshes:`), or remove recall", "tier-recall")

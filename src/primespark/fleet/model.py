@@ -276,7 +276,7 @@ class Tier(Strict):
         default=None, description="The migration catalog (SQLite), on the tier's first host; only the warm tier "
         "holds it, inside its path (backed up with it). Default: <path>/.spark-tier/catalog.sqlite.")
     recall: bool = Field(
-        default=False, description="Files moved down from this tier can be recalled over SSH: the next tier's "
+        default=False, description="Files moved down from this tier can be recalled over SSH: the lower tiers' "
         "hosts get a key into an account on this tier's hosts, confined by rrsync (write-only, no deletions) to "
         "`<path>/.spark-tier-recall`, from where the recall renames each file into place.")
 
