@@ -76,13 +76,16 @@ class TransitSigner:
         import hvac.exceptions
 
         transit = self.client.secrets.transit
-        try:
-            transit.read_key(name=self.key, mount_point=self.mount)
+
+        def exists() -> bool:
+            try:
+                transit.read_key(name=self.key, mount_point=self.mount)
+                return True
+            except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):
+                return False
+
+        if self._call("reading", exists):  # a sealed or absent Vault: its error, in our words
             return
-        except hvac.exceptions.InvalidPath:
-            pass
-        except hvac.exceptions.InvalidRequest:
-            pass
         mounts = self._call("listing engines for", lambda: self.client.sys.list_mounted_secrets_engines())
         if f"{self.mount}/" not in (mounts.get("data") or mounts):
             self._call("enabling the transit engine for", self._enable_transit)

@@ -107,7 +107,7 @@ class AuditLog:
             if self._signer is None:
                 self._signer = self.signer()
             append_checkpoint(self.chain, count, head, now_iso(), self._signer)
-        except (UserError, OSError) as exc:  # the record stands; the next record's checkpoint covers it
+        except Exception as exc:  # any signer's failure: the record stands; the next record's checkpoint covers it
             said = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             self.warnings.append(f"audit checkpoint of record {count} not signed ({said}); the next record's "
                                  "checkpoint will cover it")

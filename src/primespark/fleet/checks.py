@@ -255,7 +255,7 @@ def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
             tier = link.job.removeprefix(RECALL_JOB_PREFIX)
             yield _p(("tiers", tier, "recall"), f"{link.source} (site {source.site}) would push recalled files to "
                      f"{link.destination} (site {target.site}), and no mesh holds both",
-                     "add both hosts to a mesh (`meshes:`), or remove recall", "tier-recall")
+                     "add both hosts to a mesh (`meshes:`), or remove recall", "recall-no-route")
 
 
 def _tier_catalog(tier_name: TierName, catalog: str | None, tier_path: str) -> Iterator[Problem]:
