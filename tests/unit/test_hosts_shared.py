@@ -5,9 +5,11 @@ loopback: `SSH_CONNECTION` on the host names the client's port, the same for eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 from sshd_testing import Sshd, loopback_sshd
 
-from primespark.hosts import CommandTimeout, HostLost, Liveness, SshFiles, SshRunner, stream
+from primespark.hosts import CommandTimeout, HostLost, Liveness, SshFiles, SshRunner, ended_with_session, stream
 from primespark.hosts.runner import SHARED_CHECK_SECONDS
 
 FAST = Liveness(heartbeat=0.2, silent_after=1.0, probe_timeout=2.0)
@@ -144,6 +146,52 @@ def test_a_command_past_its_timeout_on_a_live_shared_connection_is_waited_for(ss
         runner.run(["sh", "-c", script], timeout=1)
     assert cleaned.exists()  # ssh was not ended before the command was
     assert _master_running(runner) and _client_port(runner, "t") == old  # the connection answered: kept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _killed_caller(runner: SshRunner, argv: list[str], pid_file: Path) -> int:
+    """The command started over the shared connection by a caller that is then killed (a worker's crash): the
+    remote shell's pid, once it has said it started."""
+    caller = subprocess.Popen(runner.argv(argv, shared=True), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              start_new_session=True)
+    assert caller.stdout is not None and caller.stdout.readline() == b"started\n"
+    os.killpg(caller.pid, signal.SIGKILL)
+    caller.wait()
+    return int(pid_file.read_text())
+
+
+def test_a_command_ended_with_its_session_stops_when_its_caller_is_killed(sshd: Sshd, shared_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    runner = _runner(sshd, shared_dir)
+    _client_port(runner, "s")
+    pids = {name: tmp_path / f"{name}.pid" for name in ("plain", "guarded")}
+    wrote = {name: tmp_path / f"{name}.wrote" for name in pids}
+
+    def writer(name: str) -> list[str]:  # silent for a while (rsync inside a big file), then it writes
+        return ["sh", "-c", f"echo $$ > {pids[name]}; echo started; sleep 30; touch {wrote[name]}"]
+
+    plain = _killed_caller(runner, writer("plain"), pids["plain"])
+    guarded = _killed_caller(runner, ended_with_session(runner, writer("guarded")), pids["guarded"])
+    deadline = time.monotonic() + 10
+    while _alive(guarded) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _alive(guarded), "the guarded command outlived its session"
+        # sshd gives a session without a terminal no hangup: the plain one goes on, and would write in 30 s
+        assert _alive(plain)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(plain, signal.SIGKILL)
+    assert not wrote["guarded"].exists()
+    done = runner.run(ended_with_session(runner, ["sh", "-c", "cat; exit 3"]), stdin=b"through", timeout=30)
+    assert (done.returncode, done.text) == (3, "through")  # stdin, stdout and the exit code pass the guard
 
 
 def test_the_sockets_folder_is_this_users_and_per_set_of_host_keys(tmp_path: Path, shared_dir: Path,

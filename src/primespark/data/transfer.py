@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from primespark.errors import StepFailed
-from primespark.hosts import Runner
+from primespark.hosts import Runner, ended_with_session
 
 # rsync's temporary files (`.name.XXXXXX`): a source that is itself a sync destination holds some while a
 # transfer into it runs; they are never synced, as a file being written is not.
@@ -378,7 +378,9 @@ def run(runner: Runner, plan: TransferPlan, *, timeout: float | None = None,
     script = f'TZ=UTC rsync "$@"; echo "{EXIT_MARK}$?"'
     started = datetime.now(UTC)
     clock = time.monotonic()
-    done = runner.run(["sh", "-c", script, "rsync", *plan.argv()], stdin=plan.stdin(), timeout=timeout)
+    # ended with its session: a killed caller must not leave rsync writing on the destination
+    done = runner.run(ended_with_session(runner, ["sh", "-c", script, "rsync", *plan.argv()]), stdin=plan.stdin(),
+                      timeout=timeout)
     stdout = done.text
     code = done.returncode
     mark = stdout.rfind(EXIT_MARK)

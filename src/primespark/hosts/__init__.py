@@ -21,6 +21,7 @@ from primespark.hosts.runner import (
     LocalRunner,
     Runner,
     SshRunner,
+    ended_with_session,
     on_each,
     run_on,
     shell,
@@ -30,7 +31,7 @@ from primespark.hosts.runner import (
 __all__ = [
     "CommandFailed", "CommandNotFound", "CommandTimeout", "Completed", "Connection", "HostAccess", "HostLost",
     "HostUnreachable", "Liveness", "LocalHosts", "LocalRunner", "Runner", "SshFiles", "SshHosts", "SshRunner",
-    "connection", "on_each", "run_on", "shell", "stream",
+    "connection", "ended_with_session", "on_each", "run_on", "shell", "stream",
 ]
 
 

@@ -523,6 +523,47 @@ def stream(runner: Runner, argv: Sequence[str], *, on_line: Callable[[str], None
     return done
 
 
+# Run on the host in front of a command: the command ends with the SSH session that started it. sshd gives a session
+# without a terminal no SIGHUP when its client goes (a killed worker, a cut network): it only closes the command's
+# pipes, and a command that writes nothing to them meanwhile (rsync in the middle of a file) would go on, writing
+# on another host after the next pass's replay had cleaned up there. The guard waits for its command or for its
+# stdout to have no reader (POLLERR/POLLHUP: the session is gone), then SIGINTs its process group (sshd makes
+# each session command a group; rsync and restic stop cleanly on SIGINT) and SIGKILLs it after a grace. A
+# SIGINT or SIGTERM to the guard (the host's `timeout` signals the whole group) only lets the command end first.
+SESSION_GUARD = """
+import os, select, signal, subprocess, sys
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)
+child = subprocess.Popen(sys.argv[1:])
+watch = select.poll()
+watch.register(1, 0)
+try:
+    watch.register(os.pidfd_open(child.pid), select.POLLIN)
+    wait = None
+except (AttributeError, OSError):
+    wait = 1000
+while child.poll() is None:
+    if any(fd == 1 for fd, _ in watch.poll(wait)):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.killpg(0, signal.SIGINT)
+        try:
+            child.wait(%d)
+        except subprocess.TimeoutExpired:
+            os.killpg(0, signal.SIGKILL)
+        sys.exit(255)
+sys.exit(child.returncode if child.returncode >= 0 else 128 - child.returncode)
+"""
+
+
+def ended_with_session(runner: Runner, argv: Sequence[str]) -> list[str]:
+    """`argv` for `runner`, ended on its host when the SSH session that runs it goes (SESSION_GUARD): for commands
+    that write somewhere other than back to us, which a killed caller must not leave writing. A local runner's
+    commands end with their caller's kill of their group already."""
+    if not runner.remote:
+        return list(argv)
+    return [runner.python, "-c", SESSION_GUARD % KILL_AFTER_SECONDS, *argv]
+
+
 def timed_out(argv: Sequence[str], host: str, timeout: float | None) -> CommandTimeout:
     return CommandTimeout(f"`{' '.join(argv[:3])}{' …' if len(argv) > 3 else ''}` on {host} did not finish within "
                           f"{timeout or 0:.0f} s and was stopped there",
