@@ -170,7 +170,7 @@ migrate.run_plan(ctx, plan, algorithm)
 
 def _kill_tree(root: int) -> None:
     """The mover and the ssh clients it started, frozen then killed (the commands on the hosts die with their
-    ssh sessions, or run on: the next replay must cope with either)."""
+    ssh sessions: a transfer's guard ends it, a host-side step may finish first; the next replay copes)."""
     seen: set[int] = set()
     while True:
         table = {}
@@ -220,6 +220,13 @@ def test_twenty_passes_killed_at_random_then_replayed_leave_every_file_exactly_o
         mover.wait(timeout=60)
         if cut:
             subprocess.run(["docker", "unpause", lab.container("nas-1")], check=True)
+        # the killed mover's rsync on the Pi ends with its SSH session (it would otherwise go on writing staged
+        # copies on nas-1 after the next replay had removed them)
+        mover_rsync = ["pgrep", "-f", f"rsync .*{migrate.STAGING}"]  # not the sync jobs'
+        deadline = time.monotonic() + 20
+        while lab.exec(PI, mover_rsync).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lab.exec(PI, mover_rsync).returncode == 1, f"the mover's rsync still runs on {PI} after its kill"
         outcomes.append(json.dumps(sorted({e.step for e in (migrate.load(
             migrate.journal_path(ctx, PI, "nas-1")) or migrate.Batch("", "", "", "", "")).entries})))
     migrate.replay(ctx, PI, "nas-1")
