@@ -83,8 +83,10 @@ def chain(fleet: str) -> Path:
 
 
 def verify_cli(fleet: str) -> tuple[int, str]:
+    """The exit code and what `spark audit verify` said, its lines unwrapped (a deep temporary folder's path
+    makes the console wrap a message anywhere)."""
     done = CliRunner().invoke(app, ["audit", "verify", "--env", fleet], env={"COLUMNS": "200"})
-    return done.exit_code, done.output
+    return done.exit_code, " ".join(done.output.split())
 
 
 def rewrite(path: Path, change: Any) -> None:
