@@ -1,5 +1,6 @@
 """Tier migration in the lab: a Pi's hot tier moved to the NAS's warm tier over the edge LAN, through the
-hot-to-nas sync job's rrsync-confined account, with the journaled move; the catalog on the NAS.
+hot-to-nas sync job's rrsync-confined account, with the journaled move; the catalog on the NAS. And the NAS's warm
+tier to ops-1's cold tier over the mesh, through the cold tier's own account (no sync job goes there).
 
 Each test writes a fleet variant (the lab fleet with a small hot tier on pi-2, so that a few tens of MB fill it
 above its high watermark) and works below /srv/hot/tiertest on pi-2, with pi-2's data generator paused.
@@ -155,6 +156,32 @@ def test_recall_brings_a_moved_file_back_equal(lab: Any, lab_flows: None, hot_ti
     assert sha_tree(lab, PI, f"{HOT}/{TEST_DIR}")["old/back.bin"] == digest
     staged = lab.exec(PI, f"find {HOT}/.spark-tier-recall -type f")
     assert staged.returncode == 0 and staged.stdout == "", f"left in the recall folder: {staged.stdout}{staged.stderr}"
+
+
+def test_a_warm_to_cold_pass_over_ssh_moves_an_old_file_to_the_cloud_equal_and_found(
+        lab: Any, lab_flows: None, hot_tier: str) -> None:
+    """No sync job carries nas-1's warm tier to ops-1: the pass pushes through the cold tier's own write-only
+    account there, across sites over the mesh."""
+    from flows.tiers import tier
+
+    old = f"{WARM}/{TEST_DIR}/cold/old.bin"  # older than the warm tier's 90 days
+    done = lab.exec("nas-1", f"mkdir -p $(dirname {old}) && head -c 700000 /dev/urandom > {old} && "
+                             f"touch -d '@{int(time.time() - 200 * 86400)}' {old}")
+    assert done.returncode == 0, done.stderr
+    digest = sha_tree(lab, "nas-1", f"{WARM}/{TEST_DIR}")["cold/old.bin"]
+    cold = f"/srv/cold/nas-1/{PI}/{TEST_DIR}"
+    try:
+        tier("warm", hot_tier, "ssh", hosts=["nas-1"], **FAST)
+        assert "cold/old.bin" not in sha_tree(lab, "nas-1", f"{WARM}/{TEST_DIR}")
+        assert sha_tree(lab, "ops-1", cold)["cold/old.bin"] == digest
+        rows = migrate.where(FleetContext.load(hot_tier, "ssh"), f"{PI}:{HOT}/{TEST_DIR}/cold/old.bin")
+        assert [(r["tier"], r["host"], r["path"]) for r in rows] == [("cold", "ops-1", f"{cold}/cold/old.bin")]
+        owner = lab.exec("ops-1", f"stat -c %U {cold}/cold/old.bin").stdout.strip()
+        assert owner == "sync-tier-move-cold", owner  # written through the pass's own account
+        staged = lab.exec("ops-1", f"find /srv/cold -path '*{migrate.STAGING}*' -type f")
+        assert staged.stdout == "", f"left staged: {staged.stdout}"
+    finally:
+        lab.exec("ops-1", f"rm -rf {cold}")
 
 
 MOVER = """

@@ -34,7 +34,8 @@ def lab_data() -> dict[str, Any]:
     return yaml.safe_load((get_settings().inventory_dir / "lab.yaml").read_text())
 
 
-PARTIAL_MESH = frozenset({"prometheus-unreachable", "server-unreachable", "sync-no-route", "recall-no-route"})
+PARTIAL_MESH = frozenset({"prometheus-unreachable", "server-unreachable", "sync-no-route", "recall-no-route",
+                          "tier-no-route"})
 
 
 def fleet_with(data: dict[str, Any], members: list[str] | None = None, **mesh: Any) -> Fleet:

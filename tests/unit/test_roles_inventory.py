@@ -68,3 +68,15 @@ def test_a_recall_tier_gets_one_account_its_lower_tiers_push_into(hostvars: dict
         (pi, "/srv/warm", "/srv/hot/.spark-tier-recall") for pi in ("pi-1", "pi-2", "pi-3")]
     assert not [a for a in hostvars["nas-1"]["spark_sync_accounts"] if a["job"].startswith("tier-recall")]
     assert not [p for p in hostvars["pi-1"]["spark_sync_pushes"] if p["job"].startswith("tier-recall")]
+
+
+def test_the_cold_tier_gets_the_account_a_warm_to_cold_pass_pushes_into(hostvars: dict) -> None:
+    """No sync job carries nas-1's warm tier to ops-1's cold tier: the pass's own write-only account there, confined
+    to nas-1's folder. Hot → warm goes through the hot-to-nas job's account: no second route into the NAS."""
+    moves = [a for a in hostvars["ops-1"]["spark_sync_accounts"] if a["job"].startswith("tier-move-")]
+    assert moves == [{"job": "tier-move-cold", "user": "sync-tier-move-cold", "mode": "copy", "traverse": False,
+                      "roots": [{"source": "nas-1", "path": "/srv/cold/nas-1"}]}]
+    pushes = [p for p in hostvars["nas-1"]["spark_sync_pushes"] if p["job"] == "tier-move-cold"]
+    assert pushes == [{"job": "tier-move-cold", "source_path": "/srv/warm", "destination": "ops-1",
+                       "path": "/srv/cold/nas-1"}]
+    assert not [a for a in hostvars["nas-1"]["spark_sync_accounts"] if a["job"].startswith("tier-move-")]

@@ -541,6 +541,7 @@ def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
     known.parent.mkdir(parents=True, exist_ok=True)
     known.write_text("nas-1,172.30.1.20 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNasKeyForTheTest\n"
                      "analytics-1,172.30.2.13,172.30.0.23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest\n"
+                     "ops-1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeColdTierKeyTest\n"
                      + "".join(f"pi-{n} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakePi{n}KeyForTheTest\n"
                                for n in (1, 2, 3)))
     pi = core.host_material(lab, "pi-1")
@@ -557,12 +558,15 @@ def test_key_material_for_the_sync_role(state: Path, tmp_path: Path) -> None:
     overlay = plan.state().address_of("analytics-1")
     pis = {f"{ctx.fleet.hosts[f'pi-{n}'].address} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakePi{n}KeyForTheTest"
            for n in (1, 2, 3)}
-    assert set(nas["known_hosts"]) == {f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest", *pis}
+    # and to ops-1's cold tier over the mesh, through the tier pass's own account (no sync job goes there)
+    cold = f"{plan.state().address_of('ops-1')} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeColdTierKeyTest"
+    assert set(nas["known_hosts"]) == {f"{overlay} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeCloudKeyTest", cold, *pis}
     assert set(nas["public_keys"]) == {"pi-1", "pi-2", "pi-3"}  # type: ignore[arg-type]
     assert nas["public_keys"]["pi-1"] == core.client_key(ctx, "pi-1")[1]  # type: ignore[index]
     assert core.host_material(lab, "pi-1")["private_key"] == pi["private_key"], "the key was made again"
     assert core.host_material(lab, "analytics-1") == {
         "private_key": None, "known_hosts": [], "public_keys": {"nas-1": core.client_key(ctx, "nas-1")[1]}}
+    assert core.host_material(lab, "ops-1")["public_keys"] == {"nas-1": core.client_key(ctx, "nas-1")[1]}
 
 
 def test_a_large_argument_passed_as_is_reaches_its_task_unwalked(state: Path) -> None:

@@ -553,6 +553,29 @@ def test_the_backups_read_the_ledger_the_tier_pass_writes() -> None:
     assert hostside.TIER_LEDGER == tierside.LEDGER  # two standalone host scripts, one file between them
 
 
+def test_a_pass_over_ssh_with_no_sync_job_there_pushes_through_the_lower_tiers_own_account(
+        tmp_path: Path, state: Path) -> None:
+    """Tier passes need no sync job: warm → cold goes through the cold tier's write-only account, confined to
+    the warm host's folder there; a sync job that writes into that folder is the route instead."""
+    staging = f"{tmp_path}/cold/nas-1/{migrate.STAGING}"
+    from primespark.mesh.service import plan_and_save
+
+    fleet = make_fleet(tmp_path)
+    ctx = FleetContext.load(fleet, "ssh")
+    overlay = plan_and_save(ctx.fleet, "fleet", ctx.state_dir, ctx.secrets).plan.state().address_of("ops-1")
+    route, destination = migrate.route_to(ctx, "nas-1", "ops-1", staging)
+    assert route.target == f"sync-tier-move-cold@{overlay}"  # across sites: over the mesh
+    assert destination == f"/{migrate.STAGING}"
+    data = yaml.safe_load(Path(fleet).read_text())
+    data["sync"] = {"jobs": {"warm-to-cold": {"source": f"nas-1:{tmp_path}/warm",
+                                              "destination": f"ops-1:{tmp_path}/cold/nas-1"}}}
+    Path(fleet).write_text(yaml.safe_dump(data))
+    ctx = FleetContext.load(fleet, "ssh")
+    route, destination = migrate.route_to(ctx, "nas-1", "ops-1", staging)
+    assert route.target == f"sync-warm-to-cold@{overlay}"
+    assert destination == f"/{migrate.STAGING}"
+
+
 def test_a_recall_over_ssh_goes_through_the_recall_account_only_where_the_tier_allows_it(
         tmp_path: Path, state: Path) -> None:
     """The staged copy of a recall lands in the hot tier's recall folder: with `recall: true` the warm host pushes

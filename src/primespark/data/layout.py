@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from itertools import pairwise
 from posixpath import relpath
 
 from primespark.fleet.model import TIER_ORDER, Fleet, SyncJob, SyncMode, TierName
@@ -94,10 +95,34 @@ def recall_links(fleet: Fleet) -> list[Link]:
     return out
 
 
+MOVE_JOB_PREFIX = "tier-move-"
+RESERVED_JOB_PREFIXES = (RECALL_JOB_PREFIX, MOVE_JOB_PREFIX)  # the tiers' own accounts: no sync job is named so
+
+
+def move_links(fleet: Fleet) -> list[Link]:
+    """The routes a tier pass pushes through where no sync job carries them: from every host of a tier into its
+    own folder (`<tier path>/<host>`) on every host of the next tier (one account per tier, `sync-tier-move-<tier>`;
+    a copy: rrsync refuses deletions). A sync job that already writes there (the lab's hot-to-nas) is the route."""
+    jobs = links(fleet)
+    present = [t for t in TIER_ORDER if t in fleet.tiers]
+    out = []
+    for upper, lower in pairwise(present):
+        lower_spec = fleet.tiers[lower]
+        for source in fleet.tiers[upper].hosts:
+            folder = f"{lower_spec.path.rstrip('/')}/{source}"
+            for holder in lower_spec.hosts:
+                if holder == source or any(j.source == source and j.destination == holder
+                                           and inside(folder, j.destination_path) for j in jobs):
+                    continue
+                out.append(Link(f"{MOVE_JOB_PREFIX}{lower.value}", source, fleet.tiers[upper].path, holder, folder,
+                                SyncMode.copy))
+    return out
+
+
 def transport_links(fleet: Fleet) -> list[Link]:
-    """Every route data is pushed through between hosts: the sync jobs' links, then the recall routes (the sync
-    role makes their accounts and keys alike)."""
-    return links(fleet) + recall_links(fleet)
+    """Every route data is pushed through between hosts: the sync jobs' links, then the tier moves' and recalls'
+    routes (the sync role makes their accounts and keys alike)."""
+    return links(fleet) + move_links(fleet) + recall_links(fleet)
 
 
 def tier_of(fleet: Fleet, host: str, path: str) -> TierName | None:

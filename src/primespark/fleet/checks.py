@@ -238,24 +238,32 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
 
 
 def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
-    """`recall: true` gives the lower tiers' hosts a route back: there must be a lower tier, and a way to reach."""
-    from primespark.data.layout import RECALL_JOB_PREFIX, recall_links
+    """`recall: true` gives the lower tiers' hosts a route back: there must be a lower tier, and a way to reach.
+    A tier pass's own routes (move_links) need a way across sites too."""
+    from primespark.data.layout import MOVE_JOB_PREFIX, RECALL_JOB_PREFIX, move_links, recall_links
 
     present = [t for t in TIER_ORDER if t in fleet.tiers]
     if present and fleet.tiers[present[-1]].recall:
         yield _p(("tiers", present[-1].value, "recall"), f"nothing moves below the {present[-1].value} tier, so "
                  "nothing comes back to it", f"remove recall from tiers.{present[-1].value}", "tier-recall")
     reported: set[tuple[str, str]] = set()
-    for link in recall_links(fleet):
+    for link in move_links(fleet) + recall_links(fleet):
         source, target = fleet.hosts.get(link.source), fleet.hosts.get(link.destination)
         if source is None or target is None or source.site == target.site or (link.source, link.job) in reported:
             continue
         if not any(fleet.in_mesh(m, link.source) and fleet.in_mesh(m, link.destination) for m in fleet.meshes):
             reported.add((link.source, link.job))
-            tier = link.job.removeprefix(RECALL_JOB_PREFIX)
-            yield _p(("tiers", tier, "recall"), f"{link.source} (site {source.site}) would push recalled files to "
-                     f"{link.destination} (site {target.site}), and no mesh holds both",
-                     "add both hosts to a mesh (`meshes:`), or remove recall", "recall-no-route")
+            if link.job.startswith(RECALL_JOB_PREFIX):
+                tier = link.job.removeprefix(RECALL_JOB_PREFIX)
+                yield _p(("tiers", tier, "recall"), f"{link.source} (site {source.site}) would push recalled files "
+                         f"to {link.destination} (site {target.site}), and no mesh holds both",
+                         "add both hosts to a mesh (`meshes:`), or remove recall", "recall-no-route")
+            else:
+                tier = link.job.removeprefix(MOVE_JOB_PREFIX)
+                yield _p(("tiers", tier, "hosts"), f"a tier pass would move {link.source}'s files (site "
+                         f"{source.site}) to {link.destination} (site {target.site}), and they share no mesh",
+                         "add both hosts to a mesh (`meshes:`), or a sync job that carries them there",
+                         "tier-no-route")
 
 
 def _tier_catalog(tier_name: TierName, catalog: str | None, tier_path: str) -> Iterator[Problem]:
@@ -502,7 +510,7 @@ def _sync_destination(fleet: Fleet, link: Link) -> Iterator[Problem]:
 
 def _sync(fleet: Fleet) -> Iterator[Problem]:
     # Imported here: the layout is built on the fleet model, and the fleet package loads before it.
-    from primespark.data.layout import HOST_PLACEHOLDER, RECALL_JOB_PREFIX, links, overlap, source_hosts
+    from primespark.data.layout import HOST_PLACEHOLDER, RESERVED_JOB_PREFIXES, links, overlap, source_hosts
 
     if fleet.sync is None:
         return
@@ -510,8 +518,9 @@ def _sync(fleet: Fleet) -> Iterator[Problem]:
     reported: set[tuple[str, str]] = set()  # job pairs already said to share a destination
     for name, job in fleet.sync.jobs.items():
         base = ("sync", "jobs", name)
-        if name.startswith(RECALL_JOB_PREFIX):
-            yield _p(base, f"{RECALL_JOB_PREFIX}* names the accounts of tier recalls (`recall: true`)",
+        reserved = next((prefix for prefix in RESERVED_JOB_PREFIXES if name.startswith(prefix)), None)
+        if reserved is not None:
+            yield _p(base, f"{reserved}* names the accounts of tier passes and recalls (sync-{reserved}<tier>)",
                      "give the job another name", "sync-reserved-name")
         sources = source_hosts(fleet, job)
         if not sources:
