@@ -557,9 +557,9 @@ def test_a_pass_over_ssh_with_no_sync_job_there_pushes_through_the_lower_tiers_o
         tmp_path: Path, state: Path) -> None:
     """Tier passes need no sync job: warm → cold goes through the cold tier's write-only account, confined to
     the warm host's folder there; a sync job that writes into that folder is the route instead."""
-    staging = f"{tmp_path}/cold/nas-1/{migrate.STAGING}"
     from primespark.mesh.service import plan_and_save
 
+    staging = f"{tmp_path}/cold/nas-1/{migrate.STAGING}"
     fleet = make_fleet(tmp_path)
     ctx = FleetContext.load(fleet, "ssh")
     overlay = plan_and_save(ctx.fleet, "fleet", ctx.state_dir, ctx.secrets).plan.state().address_of("ops-1")
