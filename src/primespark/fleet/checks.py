@@ -234,12 +234,12 @@ def _tiers(fleet: Fleet) -> Iterator[Problem]:
                          "age thresholds must grow from hot to warm to cold", "tier-order")
         previous = (tier_name.value, tier.max_age_days)
         yield from _tier_catalog(tier_name, tier.catalog, tier.path)
-    yield from _tier_recall(fleet)
+    yield from _tier_routes(fleet)
 
 
-def _tier_recall(fleet: Fleet) -> Iterator[Problem]:
-    """`recall: true` gives the lower tiers' hosts a route back: there must be a lower tier, and a way to reach.
-    A tier pass's own routes (move_links) need a way across sites too."""
+def _tier_routes(fleet: Fleet) -> Iterator[Problem]:
+    """The tiers' routes between hosts: a pass's own (move_links) and, with `recall: true`, the lower tiers' route
+    back (there must be a lower tier); each needs a way across sites."""
     from primespark.data.layout import MOVE_JOB_PREFIX, RECALL_JOB_PREFIX, move_links, recall_links
 
     present = [t for t in TIER_ORDER if t in fleet.tiers]
