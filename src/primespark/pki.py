@@ -34,6 +34,19 @@ CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: tw
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
 TOKEN = {"token_ttl": 900, "token_max_ttl": 3600, "secret_id_ttl": 0}  # a renewal takes seconds
 RENEW_AT = 2 / 3
+# Where a host keeps its certificate, key and the fleet CA (TlsFiles): not under /etc/primespark, which the worker
+# role keeps 0700. And the group of the service accounts that serve with them: several services under their own
+# users (Debian's prometheus, …) read one key, 0640.
+HOST_TLS_FOLDER = Path("/etc/ssl/primespark")
+TLS_GROUP = "primespark-tls"
+
+
+def serves_tls(fleet: Fleet) -> bool:
+    """Whether the fleet's endpoints serve TLS: its CA lives on the PKI engine of its Vault/OpenBao, so a fleet
+    with the local secret store has none, and its endpoints stay plain HTTP (docs/tls.md)."""
+    from primespark.fleet.model import SecretBackend
+
+    return fleet.secrets.backend is SecretBackend.vault
 
 
 def mount_of(fleet_name: str) -> str:
@@ -352,7 +365,8 @@ def covers(cert: x509.Certificate, tls: HostTls) -> bool:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """Where a host keeps its certificate: cert.pem and ca.pem 0644, key.pem 0600, in a 0755 folder."""
+    """Where a host keeps its certificate: cert.pem and ca.pem 0644, key.pem 0600, and served.pem 0600 (the key and
+    the certificate in one file, for servers), in a 0755 folder."""
 
     folder: Path
 
@@ -367,6 +381,13 @@ class TlsFiles:
     @property
     def ca(self) -> Path:
         return self.folder / "ca.pem"
+
+    @property
+    def served(self) -> Path:
+        """The key and its certificate in one file, which a server names as both (Go's key pair loader skips the
+        other block): one rename replaces both, so a server that reads them at each connection (node exporter) never
+        pairs a new key with the old certificate during a renewal."""
+        return self.folder / "served.pem"
 
     def load(self) -> x509.Certificate | None:
         from cryptography import x509
@@ -383,6 +404,7 @@ class TlsFiles:
 
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
         atomic_write(self.key, issued.private_key + "\n", 0o600)
+        atomic_write(self.served, issued.private_key + "\n" + issued.certificate + "\n", 0o600)
         atomic_write(self.ca, issued.ca + "\n", 0o644)
         atomic_write(self.cert, issued.certificate + "\n", 0o644)
 

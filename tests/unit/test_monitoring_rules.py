@@ -101,7 +101,7 @@ def late(threshold: float | None) -> str:
     return f"{int(threshold // 3600) + 1}h"
 
 
-CERT = {"certificate": "/etc/primespark/tls/cert.pem", **NODE}
+CERT = {"certificate": "/etc/ssl/primespark/cert.pem", **NODE}
 # A 24-hour certificate from time 0 (5-minute samples), and one renewed at two thirds of its life (16 h).
 KEPT = [series(m.TLS_NOT_BEFORE, "0x300", **CERT), series(m.TLS_NOT_AFTER, "86400x300", **CERT)]
 RENEWED = [series(m.TLS_NOT_BEFORE, "0x192 57600x108", **CERT), series(m.TLS_NOT_AFTER, "86400x192 144000x108", **CERT)]

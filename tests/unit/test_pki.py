@@ -8,6 +8,7 @@ Each test that applies gets a server of its own (`fresh_vault`): the mount, role
 
 from __future__ import annotations
 
+import ssl
 import stat
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, ip_address
@@ -233,7 +234,11 @@ def test_renew_writes_the_files_when_due_only(lab: Fleet, fresh_vault: DevServer
     files = TlsFiles(tmp_path / "tls")
     first = renew(host, plan, "nas-1", files)
     assert first.renewed and first.reason == "no certificate yet"
-    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.key.stat().st_mode) == stat.S_IMODE(files.served.stat().st_mode) == 0o600
+    # served.pem: the key and the certificate together, as a server loads them (one rename replaces both)
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(files.served, files.served)
+    assert files.served.read_text() == files.key.read_text() + files.cert.read_text()
     assert stat.S_IMODE(files.cert.stat().st_mode) == stat.S_IMODE(files.ca.stat().st_mode) == 0o644
     cert = files.load()
     assert cert is not None

@@ -9,13 +9,13 @@ import typer
 
 from primespark.cli.common import console
 from primespark.errors import UserError
+from primespark.pki import HOST_TLS_FOLDER
 
 if TYPE_CHECKING:
     from primespark.secrets import VaultSecretStore
 
 app = typer.Typer(help="The fleet's TLS: host certificates from the fleet CA (docs/tls.md).", no_args_is_help=True)
 
-DEFAULT_FOLDER = Path("/etc/primespark/tls")
 
 
 def vault_store(ctx: Any) -> VaultSecretStore:
@@ -37,7 +37,7 @@ def renew(
     host: Annotated[str, typer.Option("--host", help="The host whose certificate this is (this machine).")],
     env: Annotated[str, typer.Option("--env", "-e", help="The environment (fleet) of the host.")] = "lab",
     folder: Annotated[Path, typer.Option("--dir", help="Where cert.pem, key.pem (0600) and ca.pem live.")]
-    = DEFAULT_FOLDER,
+    = HOST_TLS_FOLDER,
     textfile_dir: Annotated[Path | None, typer.Option(
         "--textfile-dir", help="Where node exporter reads metrics (default: the fleet's monitoring.textfile_dir, "
         "if it exists here).")] = None,
