@@ -14,6 +14,7 @@ from primespark.data.sync import client_dir
 from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
 from primespark.monitoring import paths as monitoring_paths
+from primespark.pki import HOST_TLS_FOLDER, TLS_GROUP, serves_tls
 from primespark.settings import Settings, get_settings
 
 KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
@@ -72,6 +73,9 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_operators": [{"name": n, "keys": list(op.keys), "sudo": op.sudo}
                             for n, op in fleet.operators.items()],
         "spark_node_exporter_port": fleet.monitoring.node_exporter_port,
+        # The host's certificate from the fleet CA (the tls role) and the services that serve with it; None where
+        # the fleet has no CA (the local secret store): there they stay plain HTTP.
+        "spark_tls": ({"folder": str(HOST_TLS_FOLDER), "group": TLS_GROUP} if serves_tls(fleet) else None),
         "spark_textfile_dir": fleet.monitoring.textfile_dir,
         "spark_monitoring": monitoring_vars(fleet, name),
         # Lab containers share the machine's clock and have no way out: no time sources there.

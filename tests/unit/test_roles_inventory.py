@@ -49,6 +49,7 @@ def test_the_ssh_user_is_an_operator_with_the_environment_key(hostvars: dict) ->
 def test_monitoring_and_time_come_from_the_fleet(hostvars: dict) -> None:
     pi = hostvars["pi-1"]
     assert pi["spark_node_exporter_port"] == 9100
+    assert pi["spark_tls"] == {"folder": "/etc/ssl/primespark", "group": "primespark-tls"}, "the lab has a CA"
     assert pi["spark_textfile_dir"] == "/var/lib/prometheus/node-exporter"
     assert pi["spark_ntp_servers"] == [], "the lab shares the machine's clock"
     assert pi["spark_tier_watermarks"] == {"hot": {"low": 0.7, "high": 0.85}}
