@@ -6,9 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_fleets import node_exporter
+from agent_fleets import fleet_ca, node_exporter
 
-from primespark.agents.facts import facts_from_metrics, hosts_to_read, load_facts_file, parse_metrics, read_host
+from primespark.agents.facts import (
+    HostReading,
+    facts_from_metrics,
+    hosts_to_read,
+    load_facts_file,
+    parse_metrics,
+    read_host,
+    read_reading,
+)
 from primespark.agents.placement import HostFacts, Unavailable
 from primespark.errors import UserError
 from primespark.fleet import load_text
@@ -79,6 +87,10 @@ tiers:
   warm: {hosts: [nas-1], path: /srv/warm, capacity_gb: 4000}
 monitoring: {node_exporter_port: %d}
 """
+
+
+# the fleet's CA lives in Vault/OpenBao: its exporters serve TLS (the address is never reached here)
+VAULT = "secrets: {backend: vault, address: 'https://vault.invalid:8200'}\n"
 
 
 def fleet_on(port: int = 9100) -> Fleet:
@@ -164,6 +176,23 @@ def test_reading_a_host_through_its_runner(exporter: int, tmp_path: Path) -> Non
 def test_an_exporter_that_does_not_answer_makes_the_host_unavailable(exporter: int) -> None:
     found = read_host(LocalHosts(), fleet_on(1), "pi-2", [], worker_ready=True)
     assert isinstance(found, Unavailable) and "node exporter on port 1 did not answer" in found.reason
+
+
+def test_a_fleet_with_a_ca_reads_the_exporter_over_tls_verified_as_the_host(tmp_path: Path) -> None:
+    own, other = fleet_ca(tmp_path / "pi-1", "pi-1"), fleet_ca(tmp_path / "pi-2", "pi-2")
+    with node_exporter(SAMPLE, tls=own) as port:
+        fleet = load_text(FLEET % port + VAULT)
+        found = read_reading(LocalHosts(), fleet, "pi-1", tls_folder=own)
+        assert isinstance(found, HostReading) and found.metrics == SAMPLE, found
+        # the same exporter is not pi-2 (its name is not in the certificate), nor is another CA's certificate
+        as_other = read_reading(LocalHosts(), fleet, "pi-2", tls_folder=own)
+        assert isinstance(as_other, HostReading) and as_other.metrics is None
+        assert "did not answer" in as_other.error and "pi-2" in as_other.error, as_other.error
+        foreign = read_reading(LocalHosts(), fleet, "pi-1", tls_folder=other)
+        assert isinstance(foreign, HostReading) and "CERTIFICATE_VERIFY_FAILED" in foreign.error, foreign.error
+    with node_exporter(SAMPLE) as plain:  # a fleet with a CA never reads a plaintext exporter
+        found = read_reading(LocalHosts(), load_text(FLEET % plain + VAULT), "pi-1", tls_folder=own)
+        assert isinstance(found, HostReading) and found.metrics is None and "did not answer" in found.error
 
 
 def test_a_facts_file_with_a_bad_field_is_one_located_error(tmp_path: Path) -> None:

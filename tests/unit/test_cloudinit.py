@@ -86,6 +86,9 @@ def test_monitoring_containers_mount_the_generated_files():
     for relative, content in monitoring.items():
         assert written[f"/opt/primespark/monitoring/{relative}"] == content
     assert "/opt/primespark/monitoring/rules:/etc/prometheus/rules:ro" in compose["prometheus"]["volumes"]
+    # the fleet CA that verifies the node exporters, at the path prometheus.yml names; never a key
+    assert "/etc/ssl/primespark/ca.pem:/etc/ssl/primespark/ca.pem:ro" in compose["prometheus"]["volumes"]
+    assert not any("key.pem" in v for s in compose.values() for v in s.get("volumes", []))
     assert "--config.file=/etc/prometheus/alertmanager.yml" in compose["alertmanager"]["command"]
     assert any(v.endswith(":/etc/grafana/provisioning/dashboards:ro") for v in compose["grafana"]["volumes"])
     assert compose["prefect"]["environment"]["PREFECT_API_ENABLE_METRICS"] == "true"

@@ -64,6 +64,8 @@ def test_the_lab_scrapes_the_edge_over_the_mesh_and_the_cloud_on_its_lan() -> No
     config = prometheus_config(LAB, addresses)
     node = next(j for j in config["scrape_configs"] if j["job_name"] == "node")
     assert node["honor_labels"] is True
+    # the lab's CA is its OpenBao's: node exporters are scraped over TLS, verified against the fleet CA
+    assert node["scheme"] == "https" and node["tls_config"] == {"ca_file": "/etc/ssl/primespark/ca.pem"}
     targets = {c["labels"]["host"]: (c["targets"][0], c["labels"]) for c in node["static_configs"]}
     assert set(targets) == set(monitored_hosts(LAB)) and "kvm-1" not in targets  # the lab's KVM host is this machine
     port = LAB.monitoring.node_exporter_port
@@ -85,6 +87,12 @@ def test_production_scrapes_every_running_service_with_metrics() -> None:
     assert jobs["prefect"]["metrics_path"] == "/api/metrics"
     hosts = {c["labels"]["host"] for c in jobs["node"]["static_configs"]}
     assert "kvm-1" in hosts  # a real KVM host runs a node exporter too
+
+
+def test_a_fleet_without_a_ca_scrapes_plain_http() -> None:
+    fleet = load_fleet(REPO / "tests" / "fixtures" / "fleet" / "valid" / "mini-full.yaml")  # the local store
+    node = next(j for j in prometheus_config(fleet, overlays(fleet))["scrape_configs"] if j["job_name"] == "node")
+    assert "scheme" not in node and "tls_config" not in node
 
 
 def test_an_unplanned_mesh_is_a_clear_error() -> None:

@@ -25,6 +25,7 @@ from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import Fleet, TaskSpec
 from primespark.hosts import HostAccess, on_each
 from primespark.monitoring import metrics as m
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 
 if TYPE_CHECKING:
     from primespark.context import FleetContext
@@ -114,7 +115,7 @@ def facts_from_metrics(
 # note too), and the bytes under each data path (apparent sizes, as the tiers count them; a path that is not there
 # holds 0).
 _HOST_SCRIPT = r"""
-import json, os, sys, urllib.request
+import http.client, json, os, ssl, sys
 args = json.loads(sys.argv[1])
 def marker(path):
     moved = os.environ.get(args["moved_by"])
@@ -127,10 +128,23 @@ except OSError:
     pass
 out = {"drained": os.path.exists(marker(args["drain"])), "paused": os.path.exists(marker(args["quiet"])),
        "note": note, "bytes": {}, "metrics": None, "error": ""}
+class Verified(http.client.HTTPSConnection):
+    # on loopback, but verified as the host's name: its certificate names the host, not 127.0.0.1
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=args["tls"]["name"])
 try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{args['port']}/metrics", timeout=10) as page:
-        out["metrics"] = page.read().decode()
-except OSError as exc:
+    if args["tls"]:
+        context = ssl.create_default_context(cafile=args["tls"]["ca"])
+        connection = Verified("127.0.0.1", args["port"], timeout=10, context=context)
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", args["port"], timeout=10)
+    connection.request("GET", "/metrics")
+    page = connection.getresponse()
+    if page.status != 200:
+        raise OSError(f"HTTP {page.status} {page.reason}")
+    out["metrics"] = page.read().decode()
+except (OSError, http.client.HTTPException) as exc:
     out["error"] = f"node exporter on port {args['port']} did not answer: {exc}"
 for path in args["paths"]:
     total = 0
@@ -187,12 +201,14 @@ class HostReading:
 
 
 def read_reading(hosts: HostAccess, fleet: Fleet, host: str, paths: Iterable[str] = (),
-                 timeout: float = 60) -> HostReading | Unavailable:
+                 timeout: float = 60, tls_folder: Path = HOST_TLS_FOLDER) -> HostReading | Unavailable:
     """What one host holds now, read on the host through the fleet's way of reaching it (primespark.hosts); the
-    host unavailable, with why, when it cannot be read."""
+    host unavailable, with why, when it cannot be read. The exporter's page over TLS where the fleet has a CA,
+    verified against the fleet CA in `tls_folder` on the host."""
     runner = hosts.runner(host)
-    request = {"port": fleet.monitoring.node_exporter_port, "drain": DRAIN_MARKER, "quiet": QUIET_MARKER,
-               "moved_by": MARKER_DIR_VARIABLE, "paths": sorted(set(paths))}
+    tls = {"ca": str(tls_folder / "ca.pem"), "name": host} if serves_tls(fleet) else None
+    request = {"port": fleet.monitoring.node_exporter_port, "tls": tls, "drain": DRAIN_MARKER,
+               "quiet": QUIET_MARKER, "moved_by": MARKER_DIR_VARIABLE, "paths": sorted(set(paths))}
     try:
         done = runner.run([runner.python, "-c", _HOST_SCRIPT, json.dumps(request)], timeout=timeout)
     except StepFailed as exc:

@@ -18,6 +18,7 @@ from primespark.fleet.model import Fleet, ServiceKind
 from primespark.monitoring import files as mon
 from primespark.monitoring.paths import CONFIG_DIR, HOST_SECRETS_DIR
 from primespark.monitoring.paths import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 
 STACK_DIR = "/opt/primespark"
 COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
@@ -93,11 +94,13 @@ def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
 def _monitoring(fleet: Fleet, kind: ServiceKind) -> tuple[list[str], list[str]]:
     """The command and read-only mounts that give a monitoring container the generated files."""
     here = MONITORING_DIR
+    ca = HOST_TLS_FOLDER / "ca.pem"  # public; where prometheus.yml names it: node exporters are scraped over TLS
+    fleet_ca = [f"{ca}:{ca}:ro"] if serves_tls(fleet) else []
     if kind is ServiceKind.prometheus:
         return ([f"--config.file={CONFIG_DIR}/{mon.PROMETHEUS_YML}", "--storage.tsdb.path=/prometheus",
                  f"--storage.tsdb.retention.time={fleet.monitoring.retention}", "--web.enable-lifecycle"],
                 [f"{here}/{mon.PROMETHEUS_YML}:{CONFIG_DIR}/{mon.PROMETHEUS_YML}:ro",
-                 f"{here}/rules:{CONFIG_DIR}/rules:ro"])
+                 f"{here}/rules:{CONFIG_DIR}/rules:ro", *fleet_ca])
     if kind is ServiceKind.alertmanager:
         return ([f"--config.file={CONFIG_DIR}/{mon.ALERTMANAGER_YML}", "--storage.path=/alertmanager"],
                 [f"{here}/{mon.ALERTMANAGER_YML}:{CONFIG_DIR}/{mon.ALERTMANAGER_YML}:ro",

@@ -21,6 +21,7 @@ from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
 from primespark.inventory import managed_hosts
 from primespark.monitoring.paths import RULES_FILE
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 
 NODE_JOB = "node"
 
@@ -118,6 +119,9 @@ def prometheus_config(fleet: Fleet, overlays: Overlays) -> dict[str, Any]:
         entry: dict[str, Any] = {"job_name": job}
         if job == NODE_JOB:
             entry["honor_labels"] = True
+            if serves_tls(fleet):  # verified against the fleet CA, which the tls role puts on every host
+                entry["scheme"] = "https"
+                entry["tls_config"] = {"ca_file": str(HOST_TLS_FOLDER / "ca.pem")}
         if members[0].metrics_path != "/metrics":
             entry["metrics_path"] = members[0].metrics_path
         entry["static_configs"] = [{"targets": [t.address], "labels": t.labels(fleet)} for t in members]
