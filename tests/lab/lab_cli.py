@@ -43,3 +43,24 @@ def until(what: str, predicate: Callable[[], Any], timeout: float, every: float 
                 return value
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {value!r})")
+
+
+FLEET_CA = "/etc/ssl/primespark/ca.pem"  # on every host of a fleet with a CA (the tls role)
+# Runs inside a lab host: a TLS connection to ADDRESS:PORT verified against CA, and the peer's certificate.
+_PEER = ("import json, socket, ssl, sys; address, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]; "
+         "context = ssl.create_default_context(cafile=ca); "
+         "tls = context.wrap_socket(socket.create_connection((address, port), timeout=10), server_hostname=address); "
+         "print(json.dumps(tls.getpeercert()))")
+
+
+def served_certificate(run_on: Callable[[str, str], subprocess.CompletedProcess[str]], host: str, address: str,
+                       port: int) -> dict[str, Any]:
+    """The certificate served at ADDRESS:PORT as `host` sees it (run_on: the lab's exec), verified against the fleet
+    CA there (Python's getpeercert: subject, subjectAltName, serialNumber, …); AssertionError if it does not
+    verify."""
+    import json
+
+    peer = run_on(host, f"python3 -c '{_PEER}' {address} {port} {FLEET_CA}")
+    assert peer.returncode == 0, f"{host} -> {address}:{port}: {peer.stderr.strip()[-500:]}"
+    return dict(json.loads(peer.stdout))
+

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_cli import REPO, spark, until
+from lab_cli import REPO, served_certificate, spark, until
 
 from primespark.inventory import managed_hosts
 from primespark.mesh.plan import load_state
@@ -36,6 +36,14 @@ PLAYBOOK = """\
   become: true
   roles:
     - monitoring_server
+"""
+
+TLS_PLAYBOOK = """\
+- name: The hosts' certificates only
+  hosts: all
+  become: true
+  roles:
+    - tls
 """
 
 
@@ -72,7 +80,7 @@ def test_monitoring_role_second_run_changes_nothing(lab, monitored, tmp_path):
     assert all(c["changed"] == 0 for c in run.stats.values()), "\n".join(run.changed_tasks)
 
 
-def test_prometheus_scrapes_every_node_exporter_the_edge_over_the_mesh(lab, monitored):
+def test_prometheus_scrapes_every_node_exporter_over_tls_the_edge_over_the_mesh(lab, monitored):
     overlay = load_state(lab.state_dir, "fleet")
     assert overlay is not None
 
@@ -85,7 +93,9 @@ def test_prometheus_scrapes_every_node_exporter_the_edge_over_the_mesh(lab, moni
     targets = until("every node exporter target up", node_targets, 120, every=2, tolerate=(OSError, ValueError))
     assert set(targets) == set(managed_hosts(lab.fleet))
     for host, target in targets.items():
-        address = urllib.parse.urlparse(target["scrapeUrl"]).hostname
+        url = urllib.parse.urlparse(target["scrapeUrl"])
+        assert url.scheme == "https", f"{host} is scraped in plaintext"  # and up: verified against the fleet CA
+        address = url.hostname
         if lab.fleet.behind_nat(host):
             assert address == str(overlay.hosts[host].address), f"{host} is not scraped over the mesh"
         else:
@@ -177,3 +187,38 @@ def test_a_backup_cut_off_from_the_nas_alerts_through_alertmanager_and_resolves(
         until("BackupFailed for pi-1 resolved at the webhook",
               lambda: delivered(received, "resolved", "BackupFailed", "pi-1"), 180)
     assert until("spark status back to 0", lambda: spark("status", "--env", "lab", timeout=120).returncode == 0, 120)
+
+
+def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, monitored, tmp_path):
+    """pi-1's certificate and key replaced now (the tls role with tls_force, as for a key that may have leaked) while
+    Prometheus scrapes its exporter every interval: the exporter serves the new certificate without a restart, and
+    every scrape from before the rotation to three intervals after it succeeded."""
+    host, port = "pi-1", lab.fleet.monitoring.node_exporter_port
+    interval = float(lab.fleet.monitoring.scrape_interval.removesuffix("s"))
+    address = str(lab.fleet.hosts[host].address)
+    before = served_certificate(lab.exec, host, address, port)
+    started = time.time()
+    playbook = tmp_path / "tls.yml"
+    playbook.write_text(TLS_PLAYBOOK)
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), limit=host,
+                      extravars={"tls_force": True}, root=REPO)
+    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    rotated = time.time()
+    after = served_certificate(lab.exec, host, address, port)
+    assert after["serialNumber"] != before["serialNumber"], "the exporter still serves the old certificate"
+    selector = f'up{{job="node",host="{host}"}}'
+
+    def last_scrape() -> float | None:
+        found = query(monitored, f"timestamp({selector})")
+        return float(found[0]["value"][1]) if found and float(found[0]["value"][1]) > rotated + 3 * interval else None
+
+    until("three scrapes of pi-1 after the rotation", last_scrape, 60 + 5 * interval, every=interval)
+    window = int(time.time() - started) + 1
+    [worst] = query(monitored, f"min_over_time({selector}[{window}s])")
+    [count] = query(monitored, f"count_over_time({selector}[{window}s])")
+    scrapes = int(float(count["value"][1]))
+    print(f"rotation took {rotated - started:.1f} s; {scrapes} scrapes of {host} in {window} s, the worst up "
+          f"{worst['value'][1]}")
+    assert worst["value"][1] == "1", "a scrape failed during the rotation"
+    assert scrapes >= int(window / interval) - 1, f"{scrapes} scrapes in {window} s at {interval} s: some were lost"
+

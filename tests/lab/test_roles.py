@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_cli import FLEET_CA, served_certificate
 
 from primespark.fleet.model import HostKind
 from primespark.inventory import build_inventory, managed_hosts
@@ -144,11 +145,37 @@ def test_node_exporter_serves_textfile_metrics_to_another_host(lab, configured):
     assert lab.exec(target, f"echo 'spark_lab_probe 42' > {textfile}/spark_lab_probe.prom").returncode == 0
     guard = lab.exec(target, "/usr/local/sbin/spark-usage-guard /etc/spark/usage-guard.json")
     assert guard.returncode == 0, guard.stderr
-    url = f"http://{lab.fleet.hosts[target].address}:{lab.fleet.monitoring.node_exporter_port}/metrics"
-    metrics = lab.exec(scanner, f"curl -fsS --max-time 10 {url}").stdout
+    url = f"https://{lab.fleet.hosts[target].address}:{lab.fleet.monitoring.node_exporter_port}/metrics"
+    metrics = lab.exec(scanner, f"curl -fsS --max-time 10 --cacert {FLEET_CA} {url}").stdout
     assert "spark_lab_probe 42" in metrics
     hot = lab.fleet.tiers["hot"].path
     assert f'spark_storage_over_quota{{name="tier-hot",path="{hot}"}} 0' in metrics
+
+
+def test_every_node_exporter_serves_only_tls_with_its_own_certificate_from_the_fleet_ca(lab, configured):
+    """Each host's exporter, reached at its LAN address: its certificate verifies against the fleet CA (the one the
+    lab's OpenBao holds), names that host, and a plaintext request gets no metrics. The key is readable by the
+    serving accounts' group only, and only in served.pem."""
+    from primespark.cli.tls import vault_store
+    from primespark.context import FleetContext
+    from primespark.pki import ca_certificate, mount_of
+
+    fleet_ca = ca_certificate(vault_store(FleetContext.load(lab.fleet.name)).client, mount_of(lab.fleet.name))
+    assert "BEGIN CERTIFICATE" in fleet_ca
+    port = lab.fleet.monitoring.node_exporter_port
+    for host in managed_hosts(lab.fleet):
+        address = lab.fleet.hosts[host].address
+        assert lab.exec(host, f"cat {FLEET_CA}").stdout.strip() == fleet_ca.strip(), f"{host} holds the fleet CA"
+        found = served_certificate(lab.exec, host, str(address), port)
+        assert [["commonName", host]] in found["subject"], (host, found["subject"])
+        assert ["DNS", host] in found["subjectAltName"] and ["IP Address", str(address)] in found["subjectAltName"]
+        plain = lab.exec(host, f"curl -sS --max-time 10 http://{address}:{port}/metrics")
+        assert "node_load1" not in plain.stdout, f"{host} served metrics in plaintext"
+        assert "HTTP request to an HTTPS server" in plain.stdout, (host, plain.stdout, plain.stderr)
+        folder = FLEET_CA.rsplit("/", 1)[0]
+        key = lab.exec(host, f"stat -c '%U %G %a' {folder}/served.pem").stdout.strip()
+        assert key == "root primespark-tls 640", (host, key)
+        assert lab.exec(host, f"test -e {folder}/key.pem").returncode == 1, "the key only in served.pem"
 
 
 def test_pi_gets_its_power_profile_and_hot_tier(lab, configured):
