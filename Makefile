@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 # The unit tests run in this many processes (pytest-xdist): 13 min instead of 20 on a 2-core machine, as most of
 # their time is spent waiting on servers and subprocesses. The lab tests run in one: they share one lab.
 UNIT_JOBS ?= 2
+# The lab run ends with its slowest steps: where its half of the suite's time goes, in every CI log.
+LAB_DURATIONS := --durations=15
 
 # Debian packages the project uses; installed by `make setup`, never by hand.
 APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
@@ -95,7 +97,7 @@ test:  ## run every test (unit, then lab end-to-end); stops the dockerd it start
 	$(MAKE) --no-print-directory setup || exit $$?; \
 	status=0; \
 	$(BIN)/pytest -m 'not lab' -n $(UNIT_JOBS) $(PYTEST_ARGS) || status=$$?; \
-	$(BIN)/pytest -m lab $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/pytest -m lab $(LAB_DURATIONS) $(PYTEST_ARGS) || status=$$?; \
 	[ $$docker_was_up = 1 ] || $(MAKE) --no-print-directory docker-stop; exit $$status
 
 docker-stop:  ## stop the dockerd that `make docker` started, if any (a daemon started otherwise is left alone)
@@ -111,7 +113,7 @@ test-unit: venv  ## only the fast tests (no Docker)
 	$(BIN)/pytest -m 'not lab' -n $(UNIT_JOBS) $(PYTEST_ARGS)
 
 test-lab: setup  ## only the lab end-to-end tests
-	$(BIN)/pytest -m lab $(PYTEST_ARGS)
+	$(BIN)/pytest -m lab $(LAB_DURATIONS) $(PYTEST_ARGS)
 
 lint: apt venv  ## ruff (complexity limit included), mypy, and ansible-lint's production profile (offline)
 	$(BIN)/ruff check src tests bench stacks flows policies
