@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -175,7 +176,10 @@ def test_a_command_ended_with_its_session_stops_when_its_caller_is_killed(sshd: 
     wrote = {name: tmp_path / f"{name}.wrote" for name in pids}
 
     def writer(name: str) -> list[str]:  # silent for a while (rsync inside a big file), then it writes
-        return ["sh", "-c", f"echo $$ > {pids[name]}; echo started; sleep 30; touch {wrote[name]}"]
+        # Python, not `sh -c '…; sleep 30'`: a SIGINT that reaches dash between its echo and its fork of sleep is
+        # only noted, and sleep runs its 30 s; Python stops on SIGINT from its first line on, as rsync does
+        return [sys.executable, "-c", f"import os, time; open({str(pids[name])!r}, 'w').write(str(os.getpid())); "
+                f"print('started', flush=True); time.sleep(30); open({str(wrote[name])!r}, 'w')"]
 
     plain = _killed_caller(runner, writer("plain"), pids["plain"])
     guarded = _killed_caller(runner, ended_with_session(runner, writer("guarded")), pids["guarded"])
@@ -188,7 +192,7 @@ def test_a_command_ended_with_its_session_stops_when_its_caller_is_killed(sshd: 
         assert _alive(plain)
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(plain, signal.SIGKILL)
+            os.killpg(os.getpgid(plain), signal.SIGKILL)  # its session's group: sh too, if it did not exec
     assert not wrote["guarded"].exists()
     done = runner.run(ended_with_session(runner, ["sh", "-c", "cat; exit 3"]), stdin=b"through", timeout=30)
     assert (done.returncode, done.text) == (3, "through")  # stdin, stdout and the exit code pass the guard
