@@ -16,6 +16,7 @@ from the service AppRoles `primespark-<fleet>-<host>`: no host or fleet name has
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet
+from primespark.fleet.model import Fleet, ServiceKind
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -39,6 +40,8 @@ RENEW_AT = 2 / 3
 # users (Debian's prometheus, …) read one key, 0640.
 HOST_TLS_FOLDER = Path("/etc/ssl/primespark")
 TLS_GROUP = "primespark-tls"
+# The web configuration (`--web.config.file`) every Prometheus-family server on a host serves TLS with (the tls role).
+WEB_CONFIG = HOST_TLS_FOLDER / "web.yml"
 
 
 def serves_tls(fleet: Fleet) -> bool:
@@ -47,6 +50,28 @@ def serves_tls(fleet: Fleet) -> bool:
     from primespark.fleet.model import SecretBackend
 
     return fleet.secrets.backend is SecretBackend.vault
+
+
+def native_monitoring(fleet: Fleet) -> bool:
+    """Whether Prometheus and Alertmanager run from Debian's packages on their host (the monitoring_server role), as
+    in the lab, whose VMs have no compose stack; elsewhere the compose stack's containers run them."""
+    return fleet.lab is not None
+
+
+def service_serves_tls(fleet: Fleet, kind: ServiceKind) -> bool:
+    """Whether a service of this kind serves only TLS with its host's certificate: Debian's Prometheus and
+    Alertmanager do (their web config), in a fleet with a CA. The compose stack's containers do not yet
+    (docs/tls.md, Not built yet), so their clients keep plain HTTP there."""
+    return serves_tls(fleet) and native_monitoring(fleet) and kind in (ServiceKind.prometheus,
+                                                                        ServiceKind.alertmanager)
+
+
+def client_context(ca_pem: str) -> ssl.SSLContext:
+    """A client's TLS context that trusts the fleet CA only (not the system's), checks the name or address it
+    dialled against the certificate, and speaks TLS 1.2 at least: what every client of a fleet endpoint uses."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def mount_of(fleet_name: str) -> str:

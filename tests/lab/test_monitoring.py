@@ -10,21 +10,25 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import ssl
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lab_cli import REPO, served_certificate, spark, until
 
+from primespark.cli.tls import fleet_client_context
 from primespark.inventory import managed_hosts
 from primespark.mesh.plan import load_state
 from primespark.monitoring.dashboards import dashboards, panel_queries
-from primespark.monitoring.status import prometheus_url
+from primespark.monitoring.status import prometheus_url, service_url
 from primespark.playbook import run_ansible
 
 pytestmark = pytest.mark.lab
@@ -47,18 +51,28 @@ TLS_PLAYBOOK = """\
 """
 
 
-def query(url: str, expr: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}",
-                                timeout=10) as reply:
-        body = json.load(reply)
-    assert body["status"] == "success", body
-    return list(body["data"]["result"])
+@dataclass(frozen=True)
+class Prometheus:
+    """The lab's Prometheus as the controller reaches it: over https, verified against the fleet CA only."""
+
+    url: str
+    context: ssl.SSLContext
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10, context=self.context) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
+
+
+def query(prometheus: Prometheus, expr: str) -> list[dict[str, Any]]:
+    return list(prometheus.get(f"/api/v1/query?{urllib.parse.urlencode({'query': expr})}")["result"])
 
 
 @pytest.fixture(scope="module")
-def monitored(lab, configured) -> str:
+def monitored(lab, configured) -> Prometheus:
     """site.yml on the whole lab (the session's `configured`), then the main job of `make lab` (LAB_FLOWS, here from
-    the controller); Prometheus' URL."""
+    the controller); Prometheus, verified with the fleet CA read from the lab's OpenBao (as `spark status` does)."""
     for step in (["backup", "now"], ["drill", "run"], ["backup", "maintain"], ["sync", "run"],
                  ["mesh", "check", "--publish"]):
         done = spark(*step, "--env", lab.fleet.name, timeout=900)
@@ -68,7 +82,7 @@ def monitored(lab, configured) -> str:
     for host in managed_hosts(lab.fleet):
         guard = lab.exec(host, "/usr/local/sbin/spark-usage-guard /etc/spark/usage-guard.json")
         assert guard.returncode == 0, f"{host}: spark-usage-guard: {guard.stderr[-2000:]}"
-    return prometheus_url(lab.fleet)
+    return Prometheus(prometheus_url(lab.fleet), fleet_client_context(lab.fleet.name))
 
 
 def test_monitoring_role_second_run_changes_nothing(lab, monitored, tmp_path):
@@ -85,8 +99,7 @@ def test_prometheus_scrapes_every_node_exporter_over_tls_the_edge_over_the_mesh(
     assert overlay is not None
 
     def node_targets() -> dict[str, dict[str, Any]] | None:
-        with urllib.request.urlopen(f"{monitored}/api/v1/targets?state=active", timeout=10) as reply:
-            active = json.load(reply)["data"]["activeTargets"]
+        active = monitored.get("/api/v1/targets?state=active")["activeTargets"]
         node = {t["labels"]["host"]: t for t in active if t["labels"]["job"] == "node"}
         return node if node and all(t["health"] == "up" for t in node.values()) else None
 
@@ -102,6 +115,29 @@ def test_prometheus_scrapes_every_node_exporter_over_tls_the_edge_over_the_mesh(
             assert address == str(lab.fleet.hosts[host].address)
     services = {r["metric"]["job"]: r["value"][1] for r in query(monitored, 'up{job!="node"}')}
     assert services == {"prometheus": "1", "alertmanager": "1"}
+    for target in monitored.get("/api/v1/targets?state=active")["activeTargets"]:
+        assert target["scrapeUrl"].startswith("https://"), target["scrapeUrl"]
+    [manager] = monitored.get("/api/v1/alertmanagers")["activeAlertmanagers"]
+    assert manager["url"].startswith("https://"), "Prometheus sends alerts in plaintext"
+
+
+def test_prometheus_and_alertmanager_serve_only_tls_with_their_hosts_certificate(lab, monitored):
+    """Both answer the controller over https, verified against the fleet CA, with their host's certificate (its
+    name and LAN address); a plaintext request gets no answer but the TLS server's refusal."""
+    for name in ("prometheus", "alertmanager"):
+        service = lab.fleet.services[name]
+        address = str(lab.fleet.hosts[service.host].address)
+        found = served_certificate(lab.exec, service.host, address, service.port)
+        assert [["commonName", service.host]] in found["subject"], (name, found["subject"])
+        assert ["IP Address", address] in found["subjectAltName"], (name, found["subjectAltName"])
+        url = service_url(lab.fleet, service.host, service.port, service.kind)
+        assert url.startswith("https://")
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=10, context=monitored.context) as reply:
+            assert reply.status == 200, name
+        with pytest.raises(urllib.error.HTTPError) as plaintext:
+            urllib.request.urlopen(f"http://{address}:{service.port}/-/ready", timeout=10)
+        assert plaintext.value.code == 400, name
+        assert b"Client sent an HTTP request to an HTTPS server" in plaintext.value.read(), name
 
 
 def test_every_dashboard_query_returns_data_after_the_main_job(lab, monitored):
@@ -190,35 +226,46 @@ def test_a_backup_cut_off_from_the_nas_alerts_through_alertmanager_and_resolves(
 
 
 def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, monitored, tmp_path):
-    """pi-1's certificate and key replaced now (the tls role with tls_force, as for a key that may have leaked) while
-    Prometheus scrapes its exporter every interval: the exporter serves the new certificate without a restart, and
-    every scrape from before the rotation to three intervals after it succeeded."""
-    host, port = "pi-1", lab.fleet.monitoring.node_exporter_port
+    """pi-1's and ops-1's certificates and keys replaced now (the tls role with tls_force, as for a key that may have
+    leaked) while Prometheus scrapes every interval: pi-1's exporter (over the mesh), and on ops-1 the exporter,
+    Prometheus itself and Alertmanager. Each serves the new certificate without a restart, and every scrape from
+    before the rotation to three intervals after it succeeded."""
+    prometheus, alertmanager = lab.fleet.services["prometheus"], lab.fleet.services["alertmanager"]
+    rotated_hosts = ("pi-1", prometheus.host)
+    assert alertmanager.host == prometheus.host
+    port = lab.fleet.monitoring.node_exporter_port
+    served = {f'up{{job="node",host="{h}"}}': (h, port) for h in rotated_hosts}
+    served |= {f'up{{job="{name}"}}': (svc.host, svc.port)
+               for name, svc in (("prometheus", prometheus), ("alertmanager", alertmanager))}
     interval = float(lab.fleet.monitoring.scrape_interval.removesuffix("s"))
-    address = str(lab.fleet.hosts[host].address)
-    before = served_certificate(lab.exec, host, address, port)
+
+    def serials() -> dict[str, str]:
+        return {selector: served_certificate(lab.exec, host, str(lab.fleet.hosts[host].address), at)["serialNumber"]
+                for selector, (host, at) in served.items()}
+
+    before = serials()
     started = time.time()
     playbook = tmp_path / "tls.yml"
     playbook.write_text(TLS_PLAYBOOK)
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), limit=host,
-                      extravars={"tls_force": True}, root=REPO)
+    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook),
+                      limit=",".join(rotated_hosts), extravars={"tls_force": True}, root=REPO)
     assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
     rotated = time.time()
-    after = served_certificate(lab.exec, host, address, port)
-    assert after["serialNumber"] != before["serialNumber"], "the exporter still serves the old certificate"
-    selector = f'up{{job="node",host="{host}"}}'
+    after = serials()
+    kept = [selector for selector in served if after[selector] == before[selector]]
+    assert not kept, f"still the old certificate behind {kept}"
 
-    def last_scrape() -> float | None:
-        found = query(monitored, f"timestamp({selector})")
-        return float(found[0]["value"][1]) if found and float(found[0]["value"][1]) > rotated + 3 * interval else None
+    def last_scrapes() -> bool:
+        return all(found and float(found[0]["value"][1]) > rotated + 3 * interval
+                   for found in (query(monitored, f"timestamp({selector})") for selector in served))
 
-    until("three scrapes of pi-1 after the rotation", last_scrape, 60 + 5 * interval, every=interval)
+    until("three scrapes of each after the rotation", last_scrapes, 60 + 5 * interval, every=interval)
     window = int(time.time() - started) + 1
-    [worst] = query(monitored, f"min_over_time({selector}[{window}s])")
-    [count] = query(monitored, f"count_over_time({selector}[{window}s])")
-    scrapes = int(float(count["value"][1]))
-    print(f"rotation took {rotated - started:.1f} s; {scrapes} scrapes of {host} in {window} s, the worst up "
-          f"{worst['value'][1]}")
-    assert worst["value"][1] == "1", "a scrape failed during the rotation"
-    assert scrapes >= int(window / interval) - 1, f"{scrapes} scrapes in {window} s at {interval} s: some were lost"
-
+    print(f"rotation took {rotated - started:.1f} s")
+    for selector in served:
+        [worst] = query(monitored, f"min_over_time({selector}[{window}s])")
+        [count] = query(monitored, f"count_over_time({selector}[{window}s])")
+        scrapes = int(float(count["value"][1]))
+        print(f"{selector}: {scrapes} scrapes in {window} s, the worst up {worst['value'][1]}")
+        assert worst["value"][1] == "1", f"a scrape of {selector} failed during the rotation"
+        assert scrapes >= int(window / interval) - 1, f"{selector}: {scrapes} scrapes in {window} s at {interval} s"

@@ -49,7 +49,10 @@ def test_the_ssh_user_is_an_operator_with_the_environment_key(hostvars: dict) ->
 def test_monitoring_and_time_come_from_the_fleet(hostvars: dict) -> None:
     pi = hostvars["pi-1"]
     assert pi["spark_node_exporter_port"] == 9100
-    assert pi["spark_tls"] == {"folder": "/etc/ssl/primespark", "group": "primespark-tls"}, "the lab has a CA"
+    assert pi["spark_tls"] == {"folder": "/etc/ssl/primespark", "group": "primespark-tls",
+                               "web_config": "/etc/ssl/primespark/web.yml"}, "the lab has a CA"
+    # the lab's Prometheus and Alertmanager are Debian's, on ops-1: they serve only TLS too
+    assert hostvars["ops-1"]["spark_monitoring"]["tls"] is True
     assert pi["spark_textfile_dir"] == "/var/lib/prometheus/node-exporter"
     assert pi["spark_ntp_servers"] == [], "the lab shares the machine's clock"
     assert pi["spark_tier_watermarks"] == {"hot": {"low": 0.7, "high": 0.85}}

@@ -52,13 +52,14 @@ def alerts(env: EnvOption = "lab") -> None:
 def urls(env: EnvOption = "lab") -> None:
     """Where the fleet's monitoring answers (the services that run in this environment), one per line."""
     from primespark.monitoring.scrape import running_services
+    from primespark.monitoring.status import service_url
 
     fleet = fleet_for(env)
     titles = {"prometheus": "Prometheus", "alertmanager": "Alertmanager", "grafana": "Grafana", "prefect": "Prefect"}
     for name, kind in running_services(fleet).items():
         if kind.value in titles:
             svc = fleet.services[name]
-            typer.echo(f"{titles[kind.value]:<20}http://{fleet.hosts[svc.host].address}:{svc.port}")
+            typer.echo(f"{titles[kind.value]:<20}{service_url(fleet, svc.host, svc.port, kind)}")
 
 
 def status(
@@ -71,8 +72,15 @@ def status(
     Exit 2 while a critical alert fires, 1 while a warning does, 0 otherwise."""
     from primespark.monitoring.status import PrometheusApi, gather, prometheus_url, render
 
-    fleet = fleet_for(env_of(env, old_env))
-    api = PrometheusApi(prometheus or prometheus_url(fleet))
+    env = env_of(env, old_env)
+    fleet = fleet_for(env)
+    url = prometheus or prometheus_url(fleet)
+    context = None
+    if url.startswith("https:"):  # verified against the fleet CA only
+        from primespark.cli.tls import fleet_client_context
+
+        context = fleet_client_context(env)
+    api = PrometheusApi(url, context=context)
     found = gather(fleet, api)
     for part in render(found, fleet):
         console.print(part)

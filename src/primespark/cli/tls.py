@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,6 +31,29 @@ def vault_store(ctx: Any) -> VaultSecretStore:
         raise UserError(f"the {ctx.env} fleet keeps its secrets in the local store: its CA lives in Vault/OpenBao",
                         "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
     return inner
+
+
+def fleet_client_context(env: str) -> ssl.SSLContext:
+    """A TLS client context that trusts only the fleet CA of `env`, read from its Vault/OpenBao: how the controller
+    verifies the fleet's endpoints (Prometheus, Alertmanager). Fails closed: no store, no CA, no connection."""
+    import hvac.exceptions
+    import requests
+
+    from primespark.context import FleetContext
+    from primespark.pki import ca_certificate, client_context, mount_of
+
+    ctx = FleetContext.load(env)
+    store = vault_store(ctx)
+    try:
+        pem = ca_certificate(store.client, mount_of(ctx.fleet.name))
+    except hvac.exceptions.InvalidPath:
+        pem = ""
+    except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
+        raise store.unavailable(exc, "reading", "the fleet CA") from None
+    if not pem:
+        raise UserError(f"the {ctx.fleet.name} fleet has no CA yet, so its TLS endpoints cannot be verified",
+                        f"apply the fleet: `spark up` (or `spark lab up --env {env}`)")
+    return client_context(pem)
 
 
 @app.command("renew")

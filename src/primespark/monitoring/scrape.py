@@ -21,9 +21,12 @@ from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
 from primespark.inventory import managed_hosts
 from primespark.monitoring.paths import RULES_FILE
-from primespark.pki import HOST_TLS_FOLDER, serves_tls
+from primespark.pki import HOST_TLS_FOLDER, serves_tls, service_serves_tls
 
 NODE_JOB = "node"
+# How Prometheus reaches a target that serves TLS: verified against the fleet CA, which the tls role puts on every
+# host (and the compose stack mounts), at an address its certificate names; nothing skips verification.
+HTTPS: dict[str, Any] = {"scheme": "https", "tls_config": {"ca_file": str(HOST_TLS_FOLDER / "ca.pem")}}
 
 # mesh name → host → overlay address (the saved mesh plans)
 Overlays = Mapping[str, Mapping[str, IPv4Address]]
@@ -35,6 +38,7 @@ class Target:
     host: str
     address: str  # host:port as Prometheus dials it
     metrics_path: str = "/metrics"
+    tls: bool = False  # the target serves only TLS with its host's certificate from the fleet CA
 
     def labels(self, fleet: Fleet) -> dict[str, str]:
         host = fleet.hosts[self.host]
@@ -85,7 +89,7 @@ def address_from(fleet: Fleet, source: str, target: str, overlays: Overlays) -> 
 
 def targets(fleet: Fleet, prometheus_host: str, overlays: Overlays) -> list[Target]:
     port = fleet.monitoring.node_exporter_port
-    out = [Target(NODE_JOB, h, f"{address_from(fleet, prometheus_host, h, overlays)}:{port}")
+    out = [Target(NODE_JOB, h, f"{address_from(fleet, prometheus_host, h, overlays)}:{port}", tls=serves_tls(fleet))
            for h in monitored_hosts(fleet)]
     for name, kind in running_services(fleet).items():
         path = RECIPES[kind].metrics_path
@@ -93,7 +97,7 @@ def targets(fleet: Fleet, prometheus_host: str, overlays: Overlays) -> list[Targ
             continue
         svc = fleet.services[name]
         out.append(Target(name, svc.host, f"{address_from(fleet, prometheus_host, svc.host, overlays)}:{svc.port}",
-                          path))
+                          path, service_serves_tls(fleet, kind)))
     return out
 
 
@@ -119,9 +123,8 @@ def prometheus_config(fleet: Fleet, overlays: Overlays) -> dict[str, Any]:
         entry: dict[str, Any] = {"job_name": job}
         if job == NODE_JOB:
             entry["honor_labels"] = True
-            if serves_tls(fleet):  # verified against the fleet CA, which the tls role puts on every host
-                entry["scheme"] = "https"
-                entry["tls_config"] = {"ca_file": str(HOST_TLS_FOLDER / "ca.pem")}
+        if members[0].tls:
+            entry.update(HTTPS)
         if members[0].metrics_path != "/metrics":
             entry["metrics_path"] = members[0].metrics_path
         entry["static_configs"] = [{"targets": [t.address], "labels": t.labels(fleet)} for t in members]
@@ -132,6 +135,9 @@ def prometheus_config(fleet: Fleet, overlays: Overlays) -> dict[str, Any]:
         "rule_files": [RULES_FILE],
     }
     if managers := alertmanager_addresses(fleet, hosts[0], overlays):
-        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": managers}]}]}
+        alertmanagers: dict[str, Any] = {"static_configs": [{"targets": managers}]}
+        if service_serves_tls(fleet, ServiceKind.alertmanager):
+            alertmanagers.update(HTTPS)
+        config["alerting"] = {"alertmanagers": [alertmanagers]}
     config["scrape_configs"] = scrape_configs
     return config

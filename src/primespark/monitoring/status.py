@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +21,7 @@ from primespark.monitoring import metrics as m
 from primespark.monitoring.alerts import EXPORT_STALE_SECONDS
 from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB, monitored_hosts
+from primespark.pki import service_serves_tls
 
 
 @dataclass(frozen=True)
@@ -29,16 +31,19 @@ class Sample:
 
 
 class PrometheusApi:
-    """The few calls `spark status` needs, over HTTP (stdlib), each with a deadline."""
+    """The few calls `spark status` needs, over HTTP (stdlib), each with a deadline; over https, verified with
+    `context` (the fleet CA's: `primespark.pki.client_context`)."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, context: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.context = context
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         try:
-            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=self.timeout) as reply:  # noqa: S310
+            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=self.timeout,  # noqa: S310
+                                        context=self.context) as reply:
                 body = json.load(reply)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
@@ -66,7 +71,14 @@ def prometheus_url(fleet: Fleet) -> str:
     if service is None:
         raise UserError(f"fleet {fleet.name} places no prometheus service, so there is nothing to ask",
                         "add a service of kind prometheus to the fleet")
-    return f"http://{fleet.hosts[service.host].address}:{service.port}"
+    return service_url(fleet, service.host, service.port, service.kind)
+
+
+def service_url(fleet: Fleet, host: str, port: int, kind: ServiceKind) -> str:
+    """Where the controller reaches a fleet service: its host's LAN address, over https where it serves TLS (the
+    address is in its certificate)."""
+    scheme = "https" if service_serves_tls(fleet, kind) else "http"
+    return f"{scheme}://{fleet.hosts[host].address}:{port}"
 
 
 @dataclass(frozen=True)
