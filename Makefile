@@ -76,6 +76,9 @@ lab: setup  ## bring up the lab fleet, apply site.yml (monitoring included), run
 	@eval "$$($(SPARK) lab env --env $(ENV))"; \
 	echo; echo "The lab is up. Look next at:"; \
 	echo "  Prefect UI          $${PREFECT_API_URL%/api}   (its password: PREFECT_API_AUTH_STRING in \`$(SPARK) lab env\`)"; \
+	if [ -n "$${PREFECT_API_SSL_CERT_FILE:-}" ]; then \
+		echo "  the fleet CA        $$PREFECT_API_SSL_CERT_FILE   (the UI and Prometheus serve only TLS: trust it in your browser)"; \
+	fi; \
 	echo "  pools and workers   $(SPARK) flows status --env $(ENV)"; \
 	echo "  continuous sync     $(SPARK) sync status --env $(ENV)   (the sync-watch runs in the UI)"; \
 	$(SPARK) monitoring urls --env $(ENV) | sed 's/^/  /'; \

@@ -30,6 +30,8 @@ from primespark.fleet.model import Fleet, ServiceKind
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from primespark.secrets import VaultSecretStore
+
 CA_TTL_HOURS = 10 * 8_760  # the root outlives any fleet's hosts; rotating it is a deliberate act, not an apply
 CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: two applies never make two CAs
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
@@ -487,3 +489,59 @@ def served_plan(client: Any, fleet_name: str, host: str) -> PkiPlan:
 
 def lifetime(cert: x509.Certificate) -> timedelta:
     return cert.not_valid_after_utc - cert.not_valid_before_utc
+
+
+# --- the controller's copy of the fleet CA ---------------------------------------------------------------------
+
+# In the environment's state folder: the fleet CA as the controller's clients read it from a file (Prefect's client
+# takes a file: PREFECT_API_SSL_CERT_FILE). Public; refreshed from Vault/OpenBao whenever it is read there.
+CONTROLLER_CA = "fleet-ca.pem"
+
+
+def context_vault(ctx: Any) -> VaultSecretStore:
+    """The environment's Vault store, whose hvac client reads the CA and asks for certificates: on a host, its
+    AppRole login (SPARK_VAULT_ROLE_ID and SPARK_VAULT_SECRET_ID_FILE, as a worker's); on the controller, the
+    deployer's token or the lab's."""
+    from primespark.secrets import ReadOnlyStore, VaultSecretStore
+
+    store = ctx.secrets
+    inner = store.store if isinstance(store, ReadOnlyStore) else store
+    if not isinstance(inner, VaultSecretStore):
+        raise UserError(f"the {ctx.env} fleet keeps its secrets in the local store: its CA lives in Vault/OpenBao",
+                        "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
+    return inner
+
+
+def fleet_ca_pem(ctx: Any) -> str:
+    """The fleet CA's certificate, read from the environment's Vault/OpenBao. Fails closed: a store that does not
+    answer, or a fleet whose CA is not made yet, is one UserError saying so."""
+    import hvac.exceptions
+    import requests
+
+    store = context_vault(ctx)
+    try:
+        pem = ca_certificate(store.client, mount_of(ctx.fleet.name))
+    except hvac.exceptions.InvalidPath:
+        pem = ""
+    except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
+        raise store.unavailable(exc, "reading", "the fleet CA") from None
+    if not pem:
+        raise UserError(f"the {ctx.fleet.name} fleet has no CA yet, so its TLS endpoints cannot be verified",
+                        f"apply the fleet: `spark up` (or `spark lab up --env {ctx.env}`)")
+    return pem
+
+
+def save_fleet_ca(state_dir: Path, pem: str) -> Path:
+    """The controller's copy of the fleet CA (CONTROLLER_CA), rewritten only when it differs; its path."""
+    from primespark.secrets import atomic_write
+
+    path = state_dir / CONTROLLER_CA
+    if not path.is_file() or path.read_text() != pem:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, pem, mode=0o644)
+    return path
+
+
+def fleet_ca_file(ctx: Any) -> Path:
+    """The fleet CA read from the store now, saved in the state folder; its path."""
+    return save_fleet_ca(ctx.state_dir, fleet_ca_pem(ctx))

@@ -181,6 +181,12 @@ def lab() -> Iterator[LabHandle]:
 class PrefectApi:
     url: str
     auth: str
+    ca_file: Path | None  # the fleet CA that verifies it (the controller's copy), where it serves TLS
+
+    def env(self) -> dict[str, str]:
+        """For a child process that talks to it (spark reads the CA itself; Prefect's own CLI needs it named)."""
+        return {"PREFECT_API_URL": self.url, **({"PREFECT_API_SSL_CERT_FILE": str(self.ca_file)} if self.ca_file
+                                                 else {})}
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +194,12 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
     """The lab's Prefect server on its fleet host (ops-1), as site.yml's server play installs it: the mesh plan
     first (the server listens on its mesh address too), then spark_venv + prefect_server there. Prefect in this
     process points at it, with the API auth string, for the whole session."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_SSL_CERT_FILE,
+        PREFECT_API_URL,
+        temporary_settings,
+    )
 
     from primespark.context import FleetContext
     from primespark.orchestration.material import auth_string
@@ -201,11 +212,12 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
     server = lab.fleet.orchestration.server.host
     book = lab.state_dir / "prefect-server-play.yml"
     book.write_text(json.dumps([{"name": "Prefect server", "hosts": server, "become": True,
-                                 "roles": ["spark_venv", "prefect_server"]}]))
+                                 "roles": ["tls", "spark_venv", "prefect_server"]}]))
     run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(book), root=REPO, limit=server)
     assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    api = PrefectApi(lab.prefect_api_url, auth_string(FleetContext.load(lab.fleet.name)))
-    with temporary_settings(updates={PREFECT_API_URL: api.url, PREFECT_API_AUTH_STRING: api.auth}):
+    api = PrefectApi(lab.prefect_api_url, auth_string(FleetContext.load(lab.fleet.name)), lab.lab.fleet_ca_file)
+    with temporary_settings(updates={PREFECT_API_URL: api.url, PREFECT_API_AUTH_STRING: api.auth,
+                                     PREFECT_API_SSL_CERT_FILE: str(api.ca_file) if api.ca_file else None}):
         yield api
 
 

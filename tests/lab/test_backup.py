@@ -190,7 +190,7 @@ def test_nas_unreachable_mid_backup_then_next_backup_needs_no_unlock(lab, backup
     lab.exec("pi-1", f"rm -f {root}/bulk.bin")
 
 
-def test_a_repository_moved_aside_fails_the_backup_and_is_found_again_when_back(lab, backups):
+def test_a_repository_moved_aside_fails_the_backup_and_is_found_again_when_back(lab, backups, prefect):
     """The NAS folder of pi-1's repository moved aside, as an unmounted volume looks: the backup fails naming the
     repository and what to check, on the terminal in a line or two, and makes no repository there; moved back,
     the next backup succeeds and sees the old snapshots."""
@@ -214,7 +214,7 @@ def test_a_repository_moved_aside_fails_the_backup_and_is_found_again_when_back(
         assert "spark backup init nas-primary --client pi-1 --env lab" in reason, reason
         cli = subprocess.run([str(Path(sys.executable).parent / "spark"), "backup", "now", "pi-1", "--env", "lab"],
                              capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "PREFECT_API_URL": lab.prefect_api_url})
+                             env={**os.environ, **prefect.env()})
         assert cli.returncode == 1 and "is missing" in cli.stderr and "Traceback" not in cli.stdout + cli.stderr, \
             cli.stdout[-2000:] + cli.stderr[-2000:]
         assert lab.exec("nas-1", f"test -e {repo}/config").returncode != 0, "a new repository was made in its place"

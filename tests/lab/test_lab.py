@@ -57,13 +57,27 @@ def test_host_keys_are_made_per_container_not_baked_into_the_image(lab):
 
 
 def test_the_prefect_server_runs_on_its_fleet_host_with_sqlite_there_not_on_this_machine(lab, prefect):
+    """…and serves its API and UI only over TLS, with its host's certificate from the fleet CA: the controller's
+    copy of the CA (the one the lab's OpenBao holds) verifies it; a plaintext request gets nothing."""
+    import http.client
     import json
     import urllib.request
 
+    from lab_cli import served_certificate
+
+    from primespark.pki import client_context
+
     server = lab.fleet.orchestration.server
-    assert lab.prefect_api_url == f"http://{lab.fleet.hosts[server.host].address}:{server.port}/api"
-    with urllib.request.urlopen(f"{lab.prefect_api_url}/health", timeout=10) as reply:
+    address = str(lab.fleet.hosts[server.host].address)
+    assert lab.prefect_api_url == f"https://{address}:{server.port}/api"
+    assert prefect.ca_file is not None
+    context = client_context(prefect.ca_file.read_text())
+    with urllib.request.urlopen(f"{lab.prefect_api_url}/health", timeout=10, context=context) as reply:
         assert json.load(reply) is True
+    found = served_certificate(lab.exec, server.host, address, server.port)  # verified there by the host's CA copy
+    assert [["commonName", server.host]] in found["subject"] and ["IP Address", address] in found["subjectAltName"]
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://{address}:{server.port}/api/health", timeout=10).read()
     assert lab.exec(server.host, "ls /var/lib/primespark/prefect-server/*.db").returncode == 0
     assert lab.lab.prefect.pid() is None, "a Prefect server on the controller's loopback"
 

@@ -229,7 +229,7 @@ def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, mo
     """pi-1's and ops-1's certificates and keys replaced now (the tls role with tls_force, as for a key that may have
     leaked) while Prometheus scrapes every interval: pi-1's exporter (over the mesh), and on ops-1 the exporter,
     Prometheus itself and Alertmanager. Each serves the new certificate without a restart, and every scrape from
-    before the rotation to three intervals after it succeeded."""
+    before the rotation to three intervals after it succeeded. The Prefect API on ops-1 serves it too."""
     prometheus, alertmanager = lab.fleet.services["prometheus"], lab.fleet.services["alertmanager"]
     rotated_hosts = ("pi-1", prometheus.host)
     assert alertmanager.host == prometheus.host
@@ -243,7 +243,15 @@ def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, mo
         return {selector: served_certificate(lab.exec, host, str(lab.fleet.hosts[host].address), at)["serialNumber"]
                 for selector, (host, at) in served.items()}
 
+    orchestration = lab.fleet.orchestration
+    assert orchestration is not None and orchestration.server.host == prometheus.host
+    prefect_at = (str(lab.fleet.hosts[orchestration.server.host].address), orchestration.server.port)
+
+    def prefect_serial() -> str:
+        return str(served_certificate(lab.exec, orchestration.server.host, *prefect_at)["serialNumber"])
+
     before = serials()
+    prefect_before = prefect_serial()
     started = time.time()
     playbook = tmp_path / "tls.yml"
     playbook.write_text(TLS_PLAYBOOK)
@@ -254,6 +262,8 @@ def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, mo
     after = serials()
     kept = [selector for selector in served if after[selector] == before[selector]]
     assert not kept, f"still the old certificate behind {kept}"
+    # the Prefect server on ops-1 loads the new one into its live TLS context within seconds, without a restart
+    until("the Prefect API serving ops-1's new certificate", lambda: prefect_serial() != prefect_before, 30, every=1)
 
     def last_scrapes() -> bool:
         return all(found and float(found[0]["value"][1]) > rotated + 3 * interval

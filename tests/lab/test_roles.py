@@ -156,11 +156,10 @@ def test_every_node_exporter_serves_only_tls_with_its_own_certificate_from_the_f
     """Each host's exporter, reached at its LAN address: its certificate verifies against the fleet CA (the one the
     lab's OpenBao holds), names that host, and a plaintext request gets no metrics. The key is readable by the
     serving accounts' group only, and only in served.pem."""
-    from primespark.cli.tls import vault_store
     from primespark.context import FleetContext
-    from primespark.pki import ca_certificate, mount_of
+    from primespark.pki import fleet_ca_pem
 
-    fleet_ca = ca_certificate(vault_store(FleetContext.load(lab.fleet.name)).client, mount_of(lab.fleet.name))
+    fleet_ca = fleet_ca_pem(FleetContext.load(lab.fleet.name))
     assert "BEGIN CERTIFICATE" in fleet_ca
     port = lab.fleet.monitoring.node_exporter_port
     for host in managed_hosts(lab.fleet):

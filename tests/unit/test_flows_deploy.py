@@ -44,13 +44,16 @@ class Server:
     home: Path
 
 
-def start_server(home: Path, auth: str, port: int, binds: list[str]) -> subprocess.Popen[bytes]:
+def start_server(home: Path, auth: str, port: int, binds: list[str],
+                 tls: Path | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SPARK_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_API_URL="/api")
     argv = [sys.executable, "-m", "primespark.orchestration.serve_api", "--port", str(port)]
     for address in binds:
         argv += ["--bind", address]
+    if tls is not None:
+        argv += ["--tls", str(tls)]
     return subprocess.Popen(argv, env=env, stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -250,7 +253,7 @@ def test_a_worker_starts_each_run_warm_through_the_roles_path(lab: str, server: 
     (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$*" >> {starts}\nexec {sys.executable} "$@"\n')
     (venv / "bin" / "python").chmod(0o755)
     material = {"api_url": server.url, "auth_string": server.auth, "poll_seconds": 1, "heartbeat_seconds": 30,
-                "vault": None, "site": "edge"}
+                "vault": None, "site": "edge", "api_ca_file": None}
     role_env = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
         (REPO / "roles" / "prefect_worker" / "templates" / "prefect-worker.env.j2").read_text()).render(
         prefect_worker_material=material, prefect_worker_venv=str(venv), prefect_worker_home=str(tmp_path / "home"),

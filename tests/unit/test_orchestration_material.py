@@ -19,6 +19,7 @@ from primespark.lab.ssh import known_host_names, operator_key
 from primespark.mesh.service import plan_and_save
 from primespark.orchestration.material import (
     WORKER_HOME,
+    api_url,
     authorized_worker_keys,
     server_material,
     worker_material,
@@ -53,6 +54,7 @@ def test_the_edge_worker_holds_the_edge_password_only_and_reaches_the_server_ove
     assert edge["site"] == "edge" and edge["pool"] == "spark-edge"
     assert [s["key"] for s in edge["secrets"]] == ["audit/hmac-key", "restic/nas-primary"]
     address = edge["api_url"].removeprefix("http://").split(":")[0]
+    assert edge["api_ca_file"] is None  # the local store: no fleet CA, plain HTTP
     assert IPv4Address(address) in IPv4Network("10.99.0.0/24") and edge["api_url"].endswith(":4200/api")
     hosts = {line.split()[0] for line in edge["known_hosts"]}
     assert hosts == {"172.30.1.11", "172.30.1.12", "172.30.1.13", "172.30.1.20"}
@@ -80,6 +82,18 @@ def test_the_server_listens_on_its_lan_and_mesh_addresses(lab_state, lab_env) ->
     assert server["port"] == 4200 and server["database_url"] is None
     # the export's subjects: the pools, and inventory/lab.yaml's agent-task templates
     assert server["pools"] == ["spark-cloud", "spark-edge"] and server["templates"] == ["count-readings"]
+    # the local store: no fleet CA, so the API is plain HTTP and nothing names a CA
+    assert server["served"] is None and server["ca_file"] is None
+
+
+def test_with_a_fleet_ca_the_api_is_served_over_tls_and_its_clients_trust_that_ca(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARK_STATE_DIR", str(tmp_path))
+    with_ca = FleetContext.load(lab_fleet(tmp_path, {"backend": "vault", "address": "https://vault.invalid:8200"},
+                                          name="with-ca.yaml"))
+    assert api_url(with_ca) == "https://172.30.2.14:4200/api"  # ops-1's LAN address: in its certificate
+    without = FleetContext.load(lab_fleet(tmp_path, {"backend": "local"}, name="without-ca.yaml"))
+    assert api_url(without) == "http://172.30.2.14:4200/api"
 
 
 def test_a_host_without_a_worker_or_a_missing_host_key_is_a_clear_error(lab_state, lab_env) -> None:  # type: ignore[no-untyped-def]

@@ -188,11 +188,12 @@ def test_the_roles_cron_command_reads_the_auth_string_from_the_env_file_and_expo
 
     url, auth = server
     role = Path(__file__).resolve().parents[2] / "roles" / "prefect_server"
-    facts = next(t for t in yaml.safe_load((role / "tasks" / "main.yml").read_text())
-                 if "prefect_server_export_command" in t.get("ansible.builtin.set_fact", {}))
+    tasks = yaml.safe_load((role / "tasks" / "main.yml").read_text())
+    address = next(t for t in tasks if "prefect_server_api_url" in t.get("ansible.builtin.set_fact", {}))
+    facts = next(t for t in tasks if "prefect_server_export_command" in t.get("ansible.builtin.set_fact", {}))
     host, port = url.removeprefix("http://").removesuffix("/api").split(":")
     settings = {"addresses": [host], "port": int(port), "auth_string": auth, "database_url": None,
-                "pools": ["spark-edge"], "templates": ["summarise"]}
+                "pools": ["spark-edge"], "templates": ["summarise"], "served": None, "ca_file": None}
     variables = {"prefect_server_settings": settings, "prefect_server_config_dir": str(tmp_path),
                  "prefect_server_service": "spark-prefect-server", "prefect_server_home": str(tmp_path / "home"),
                  "prefect_server_venv": str(Path(sys.executable).parent.parent), "ansible_managed": "test",
@@ -200,6 +201,9 @@ def test_the_roles_cron_command_reads_the_auth_string_from_the_env_file_and_expo
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     (tmp_path / "spark-prefect-server.env").write_text(
         env.from_string((role / "templates" / "prefect-server.env.j2").read_text()).render(variables))
+    variables["prefect_server_api_url"] = env.from_string(
+        address["ansible.builtin.set_fact"]["prefect_server_api_url"]).render(variables)  # a fact the task before set
+    assert variables["prefect_server_api_url"] == url
     command = env.from_string(facts["ansible.builtin.set_fact"]["prefect_server_export_command"]).render(variables)
     assert auth not in command
     (tmp_path / "textfile").mkdir()

@@ -74,6 +74,8 @@ def test_worker_material_with_vault_carries_credentials_not_secret_files(
         for n, h in controller.fleet.hosts.items()))
     edge = worker_material(str(tmp_path / "lab.yaml"), "nas-1")
     assert edge["secrets"] == [] and edge["vault"]["role_id"] == "primespark-lab-worker-edge"
+    # a fleet in Vault has a CA: the worker reaches the API over TLS (the mesh), trusting the host's copy of the CA
+    assert edge["api_url"].startswith("https://10.99.0.") and edge["api_ca_file"] == "/etc/ssl/primespark/ca.pem"
 
 
 def test_a_local_store_has_no_approles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

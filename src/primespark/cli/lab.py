@@ -106,11 +106,13 @@ def env_(env: EnvOption = "lab",
          vault_token: Annotated[bool, typer.Option(
              "--vault-token", help="Also print VAULT_TOKEN: the lab's OpenBao root token (on stdout: mind where "
              "it goes).")] = False) -> None:
-    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL (and the API's auth string, for the
-    `prefect` CLI by hand), the state directory and, with the lab's OpenBao, VAULT_ADDR for your own `bao`
-    commands. spark itself needs none of them."""
+    """Shell lines for the lab (`eval "$(spark lab env)"`): PREFECT_API_URL (and the API's auth string and the
+    fleet CA that verifies it, for the `prefect` CLI by hand), the state directory and, with the lab's OpenBao,
+    VAULT_ADDR for your own `bao` commands. spark itself needs none of them."""
     lab = _lab(env)
     typer.echo(f"export PREFECT_API_URL={lab.prefect_url}/api")
+    if lab.prefect_url.startswith("https:") and lab.fleet_ca_file is not None:  # Prefect's client: that CA only
+        typer.echo(f"export PREFECT_API_SSL_CERT_FILE={lab.fleet_ca_file}")
     if lab.orchestrated:
         from primespark.context import FleetContext
         from primespark.orchestration.material import auth_string

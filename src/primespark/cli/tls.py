@@ -4,56 +4,24 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from primespark.cli.common import console
 from primespark.errors import UserError
-from primespark.pki import HOST_TLS_FOLDER
-
-if TYPE_CHECKING:
-    from primespark.secrets import VaultSecretStore
+from primespark.pki import HOST_TLS_FOLDER, context_vault
 
 app = typer.Typer(help="The fleet's TLS: host certificates from the fleet CA (docs/tls.md).", no_args_is_help=True)
-
-
-
-def vault_store(ctx: Any) -> VaultSecretStore:
-    """The environment's Vault store, whose hvac client asks for the certificate: on a host, its AppRole login
-    (SPARK_VAULT_ROLE_ID and SPARK_VAULT_SECRET_ID_FILE, as a worker's); on the controller, the deployer's token
-    or the lab's."""
-    from primespark.secrets import ReadOnlyStore, VaultSecretStore
-
-    store = ctx.secrets
-    inner = store.store if isinstance(store, ReadOnlyStore) else store
-    if not isinstance(inner, VaultSecretStore):
-        raise UserError(f"the {ctx.env} fleet keeps its secrets in the local store: its CA lives in Vault/OpenBao",
-                        "add `secrets: {backend: vault, address: https://<vault>:8200}` to the fleet file")
-    return inner
 
 
 def fleet_client_context(env: str) -> ssl.SSLContext:
     """A TLS client context that trusts only the fleet CA of `env`, read from its Vault/OpenBao: how the controller
     verifies the fleet's endpoints (Prometheus, Alertmanager). Fails closed: no store, no CA, no connection."""
-    import hvac.exceptions
-    import requests
-
     from primespark.context import FleetContext
-    from primespark.pki import ca_certificate, client_context, mount_of
+    from primespark.pki import client_context, fleet_ca_pem
 
-    ctx = FleetContext.load(env)
-    store = vault_store(ctx)
-    try:
-        pem = ca_certificate(store.client, mount_of(ctx.fleet.name))
-    except hvac.exceptions.InvalidPath:
-        pem = ""
-    except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
-        raise store.unavailable(exc, "reading", "the fleet CA") from None
-    if not pem:
-        raise UserError(f"the {ctx.fleet.name} fleet has no CA yet, so its TLS endpoints cannot be verified",
-                        f"apply the fleet: `spark up` (or `spark lab up --env {env}`)")
-    return client_context(pem)
+    return client_context(fleet_ca_pem(FleetContext.load(env)))
 
 
 @app.command("renew")
@@ -81,7 +49,7 @@ def renew(
     if host not in ctx.fleet.hosts:
         raise UserError(f"fleet {ctx.fleet.name} has no host {host!r}", f"use one of: {', '.join(ctx.fleet.hosts)}")
     files = TlsFiles(folder)
-    store = vault_store(ctx)
+    store = context_vault(ctx)
     client = store.client
     import hvac.exceptions
     import requests

@@ -26,7 +26,7 @@ from primespark.lab.openbao import LabOpenBao, Readiness
 from primespark.lab.prefect_server import PrefectServer
 from primespark.lab.runtime import LabRuntime, docker_client, ssh_banner, wait_for_ssh
 from primespark.lab.topology import ContainerSpec, LabPlan, plan_lab
-from primespark.pki import PkiApplied
+from primespark.pki import CONTROLLER_CA, PkiApplied, ca_certificate, mount_of, save_fleet_ca, serves_tls
 from primespark.secrets import LocalSecretStore, Migrated, atomic_write, migrate, vault_store
 from primespark.settings import Settings, get_settings
 
@@ -98,15 +98,29 @@ class Lab:
         spec = self.fleet.orchestration
         if spec is None:
             return self.prefect.url
-        return f"http://{self.fleet.hosts[spec.server.host].address}:{spec.server.port}"
+        scheme = "https" if serves_tls(self.fleet) else "http"
+        return f"{scheme}://{self.fleet.hosts[spec.server.host].address}:{spec.server.port}"
+
+    @property
+    def fleet_ca_file(self) -> Path | None:
+        """The fleet CA that verifies the lab's TLS endpoints (saved by `up` from its OpenBao); None without one."""
+        path = self.state_dir / CONTROLLER_CA
+        return path if serves_tls(self.fleet) and path.is_file() else None
 
     def prefect_healthy(self) -> bool:
         if not self.orchestrated:
             return self.prefect.healthy()
         import urllib.request
 
+        from primespark.pki import client_context
+
+        ca = self.fleet_ca_file
+        if self.prefect_url.startswith("https:") and ca is None:
+            return False  # no CA to verify it with: not known to be healthy
         try:
-            with urllib.request.urlopen(f"{self.prefect_url}/api/health", timeout=2) as reply:  # noqa: S310 (the lab)
+            context = client_context(ca.read_text()) if ca is not None else None
+            with urllib.request.urlopen(f"{self.prefect_url}/api/health", timeout=2,  # noqa: S310 (the lab)
+                                        context=context) as reply:
                 return bool(reply.status == 200)
         except OSError:
             return False
@@ -198,6 +212,8 @@ class Lab:
         """The fleet CA and each host's PKI role, policy and AppRole, from the same plan `spark up` applies."""
         assert self.openbao is not None
         done = self.openbao.ensure_pki(self.fleet)
+        # the controller's copy, for its clients of the lab's TLS endpoints (PREFECT_API_SSL_CERT_FILE, …)
+        save_fleet_ca(self.state_dir, ca_certificate(self.openbao.root_client(), mount_of(self.fleet.name)))
         if done.ca_generated:
             report("generated the fleet CA in the lab's OpenBao (it stays: later runs never rotate it)")
         if done.roles or done.removed:

@@ -30,6 +30,7 @@ from typing import Any
 from primespark.errors import UserError
 from primespark.monitoring import metrics as m
 from primespark.orchestration.agent_runs import FLOW
+from primespark.orchestration.api import api_context
 
 NAME = "prefect_export"  # the file: primespark_prefect_export.prom
 INLINE = "(inline)"  # the template label of a run of an inline spec
@@ -73,7 +74,8 @@ class Api:
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,  # noqa: S310
                                          headers=self.headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:  # noqa: S310 (the fleet's server)
+            with urllib.request.urlopen(request, timeout=self.timeout,  # noqa: S310 (the fleet's server)
+                                        context=api_context(self.url)) as reply:
                 return json.load(reply)
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and missing_ok:

@@ -1,14 +1,17 @@
 """Pointing this process at the fleet's Prefect server: its address as the controller reaches it (the server's LAN
-address, or PREFECT_API_URL when the operator set one, e.g. a tunnel) and the API's auth string from the secret
-store. A server that does not answer, or refuses the auth string, is one clear line naming the address tried."""
+address, or PREFECT_API_URL when the operator set one, e.g. a tunnel), the fleet CA its TLS is verified against,
+and the API's auth string from the secret store. A server that does not answer, or refuses the auth string, is one
+clear line naming the address tried."""
 
 from __future__ import annotations
 
 import base64
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from primespark.context import FleetContext
 from primespark.errors import UserError
@@ -25,11 +28,35 @@ def server_url(ctx: FleetContext) -> tuple[str, str]:
     return api_url(ctx), "the fleet's orchestration.server"
 
 
+def api_context(url: str) -> ssl.SSLContext | None:
+    """How this process verifies the Prefect API at `url`, as Prefect's own client does: over https, against the CA
+    file PREFECT_API_SSL_CERT_FILE names (the fleet CA: a worker's env file, or use_fleet_prefect) only, else the
+    system's CAs; plain http: nothing to verify."""
+    if not url.startswith("https:"):
+        return None
+    cafile = os.environ.get("PREFECT_API_SSL_CERT_FILE", "").strip()
+    if not cafile and "prefect.settings" in sys.modules:  # a Prefect profile or temporary_settings say it
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+        cafile = (PREFECT_API_SSL_CERT_FILE.value() or "").strip()
+    if not cafile:
+        return ssl.create_default_context()
+    from primespark.pki import client_context
+
+    try:
+        return client_context(Path(cafile).read_text())
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot read the CA that verifies the Prefect API ({cafile}, PREFECT_API_SSL_CERT_FILE): "
+                        f"{getattr(exc, 'strerror', None) or exc}",
+                        "on a host the tls role puts it there (site.yml); or fix PREFECT_API_SSL_CERT_FILE") from None
+
+
 def check_health(url: str, source: str, fix: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """The server at `url` answers /health, or one UserError naming the address, where it came from, and how to
     start it (not forty lines of connection traceback from inside the first run)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as reply:  # noqa: S310 (the fleet's server)
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout,  # noqa: S310 (the fleet's server)
+                                    context=api_context(url)) as reply:
             reply.read()
             return
     except urllib.error.HTTPError as exc:
@@ -44,7 +71,7 @@ def check_auth(url: str, auth: str, timeout: float = HEALTH_TIMEOUT) -> None:
     request = urllib.request.Request(f"{url}/admin/version",  # noqa: S310
                                      headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout, context=api_context(url)) as reply:  # noqa: S310
             reply.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
@@ -64,6 +91,11 @@ def use_fleet_prefect(ctx: FleetContext) -> str:
     from primespark.orchestration.material import auth_string
 
     url, source = server_url(ctx)
+    if url.startswith("https:") and not os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        from primespark.pki import fleet_ca_file
+
+        # Prefect's client (HTTP and websockets) trusts this file only; a worker's env file names the host's copy
+        os.environ["PREFECT_API_SSL_CERT_FILE"] = str(fleet_ca_file(ctx))
     lab = f"`spark lab up --env {ctx.env}` and site.yml start the lab's" if ctx.fleet.lab is not None else "start it"
     check_health(url, source, f"{lab} (site.yml's prefect_server play), or fix PREFECT_API_URL")
     auth = auth_string(ctx)

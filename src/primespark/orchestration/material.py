@@ -24,6 +24,7 @@ from primespark.fleet.model import Fleet, Orchestration, SecretBackend, VaultAut
 from primespark.hosts import SshFiles
 from primespark.orchestration.naming import work_pool
 from primespark.orchestration.placement import site_hosts, worker_client_repositories, worker_repositories
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 from primespark.secrets import ensure_reference, read_reference, ssh_key_pair
 
 # Where things live on the hosts (the roles' defaults say the same; tests/unit/test_orchestration_roles.py checks).
@@ -84,7 +85,7 @@ def api_url(ctx: FleetContext, from_host: str | None = None) -> str:
         if address is None:
             raise UserError(f"{from_host} shares no mesh with the Prefect server {server}",
                             "put both in one mesh (the fleet check says the same)")
-    return f"http://{address}:{spec.server.port}/api"
+    return f"{'https' if serves_tls(ctx.fleet) else 'http'}://{address}:{spec.server.port}/api"
 
 
 def server_material(env: str, host: str) -> dict[str, Any]:
@@ -94,7 +95,10 @@ def server_material(env: str, host: str) -> dict[str, Any]:
         raise UserError(f"{host} is not the fleet's Prefect server ({spec.server.host})", "apply the role there")
     database = read_reference(spec.server.database, ctx.secrets) if spec.server.database else None
     # what the Prefect export (primespark.monitoring.prefect_export) writes a figure for, 0 or not
+    # with a fleet CA the server serves only TLS, with the host's key and certificate from the tls role
+    served = str(HOST_TLS_FOLDER / "served.pem") if serves_tls(ctx.fleet) else None
     return {"addresses": server_addresses(ctx), "port": spec.server.port, "auth_string": auth_string(ctx),
+            "served": served, "ca_file": str(HOST_TLS_FOLDER / "ca.pem") if served else None,
             "database_url": database, "home": SERVER_HOME,
             "pools": sorted(work_pool(site) for site in spec.workers), "templates": sorted(ctx.fleet.tasks)}
 
@@ -193,6 +197,8 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         "name": f"{host}",
         "limit": spec.workers[site].limit,
         "api_url": api_url(ctx, host),
+        # the fleet CA the tls role put on the host: the worker and its runs trust it only, for the API over TLS
+        "api_ca_file": str(HOST_TLS_FOLDER / "ca.pem") if serves_tls(ctx.fleet) else None,
         "auth_string": auth_string(ctx),
         "poll_seconds": spec.poll_seconds,
         "heartbeat_seconds": spec.heartbeat_seconds,
