@@ -149,10 +149,10 @@ def test_backup_and_drill_use_openbao_and_sealed_it_fails_in_a_line_changing_not
                               text=True, timeout=300)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         error = done.stderr[done.stderr.index("error: "):].splitlines()
-        # The first secret the command reads is the Prefect API's auth string (the runs are recorded on the
-        # fleet's server): it stops there, in one line, before any backup step.
-        assert error[0].startswith(f"error: secret store sealed: Vault at {lab.lab.openbao.address} answered "
-                                   "'Vault is sealed' while reading secret/primespark/lab/"), error
+        # The first thing the command reads from the store is the fleet CA, which verifies the Prefect API (the
+        # runs are recorded on the fleet's server, over TLS): it stops there, in one line, before any backup step.
+        assert error[0] == (f"error: secret store sealed: Vault at {lab.lab.openbao.address} answered "
+                            "'Vault is sealed' while reading the fleet CA"), error
         assert error[1:] == ["    fix: run `spark lab up --env lab`: it starts the lab's OpenBao and unseals it"]
         # A run already under way (a flow, as a worker runs it) fails its backup step with the same reason.
         state = backup("pi-1", "lab", "ssh", offsite=False, return_state=True, **FAST)
