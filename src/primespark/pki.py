@@ -24,8 +24,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from primespark import tls_renewer
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
+from primespark.tls_renewer import CertInfo
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -36,7 +38,6 @@ CA_TTL_HOURS = 10 * 8_760  # the root outlives any fleet's hosts; rotating it is
 CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: two applies never make two CAs
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
 TOKEN = {"token_ttl": 900, "token_max_ttl": 3600, "secret_id_ttl": 0}  # a renewal takes seconds
-RENEW_AT = 2 / 3
 # Where a host keeps its certificate, key and the fleet CA (TlsFiles): not under /etc/primespark, which the worker
 # role keeps 0700. And the group of the service accounts that serve with them: several services under their own
 # users (Debian's prometheus, …) read one key, 0640.
@@ -365,29 +366,33 @@ def issue(client: Any, plan: PkiPlan, host: str) -> Issued:
     return Issued(data["certificate"], data["private_key"], data["issuing_ca"], data["serial_number"])
 
 
+def _info(cert: x509.Certificate) -> CertInfo:
+    """A certificate as the renewal rules judge it (primespark.tls_renewer, which the hosts run as well)."""
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = frozenset(sans.get_values_for_type(x509.DNSName))
+        addresses = frozenset(str(a) for a in sans.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        names = addresses = frozenset()
+    return CertInfo(cert.not_valid_before_utc, cert.not_valid_after_utc, names, addresses)
+
+
 def renew_due(cert: x509.Certificate, now: datetime) -> bool:
     """Due from two thirds of its life on (and when expired, or not yet valid: a clock or a CA that moved)."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now < start or now >= start + (end - start) * RENEW_AT
+    return tls_renewer.due(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
 
 
 def renew_at(cert: x509.Certificate) -> datetime:
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * RENEW_AT
+    return tls_renewer.renew_at(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
 def covers(cert: x509.Certificate, tls: HostTls) -> bool:
     """Whether the certificate names exactly the host's names and addresses (a host that got a new address needs
     a new one, whatever its age)."""
-    from cryptography import x509
-
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    names = set(sans.get_values_for_type(x509.DNSName))
-    addresses = {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
-    return names == set(tls.names) and addresses == set(tls.addresses)
+    info = _info(cert)
+    return info.names == set(tls.names) and info.addresses == set(tls.addresses)
 
 
 @dataclass(frozen=True)
@@ -447,15 +452,7 @@ class Renewal:
 
 def renewal_reason(current: x509.Certificate | None, tls: HostTls, now: datetime, force: bool = False) -> str | None:
     """Why a new certificate is needed now, or None: none yet, forced, names or addresses changed, or due."""
-    if current is None:
-        return "no certificate yet"
-    if force:
-        return "forced"
-    if not covers(current, tls):
-        return "its names or addresses changed"
-    if renew_due(current, now):
-        return "two thirds of its life are over"
-    return None
+    return tls_renewer.reason(None if current is None else _info(current), tls.names, tls.addresses, now, force)
 
 
 def renew(client: Any, plan: PkiPlan, host: str, files: TlsFiles, now: datetime | None = None,
@@ -545,3 +542,57 @@ def save_fleet_ca(state_dir: Path, pem: str) -> Path:
 def fleet_ca_file(ctx: Any) -> Path:
     """The fleet CA read from the store now, saved in the state folder; its path."""
     return save_fleet_ca(ctx.state_dir, fleet_ca_pem(ctx))
+
+
+# --- a host's own renewal (spark-tls-renew, primespark.tls_renewer) ----------------------------------------------
+
+# Where the tls role installs the host's renewal: its configuration (public), its AppRole secret-id (0600), the
+# renewer, and cron's schedule for it.
+RENEWER = Path("/usr/local/sbin/spark-tls-renew")
+RENEWER_CONFIG = Path(tls_renewer.CONFIG)
+RENEWER_SECRET_ID = Path("/etc/spark/tls-renew.secret-id")
+
+
+def renewer_secret_id_reference(host: str) -> str:
+    return f"local:tls/{host}/renewer-secret-id"
+
+
+def renewal_material(env: str, host: str) -> dict[str, Any]:
+    """What the tls role installs for `host` to renew its own certificate: the renewer's configuration and the
+    secret-id of the host's TLS AppRole (private: the tasks using it set no_log). The secret-id is made once in
+    the environment's store and registered with the AppRole, so a second run changes nothing."""
+    import secrets as pysecrets
+
+    import hvac.exceptions
+    import requests
+
+    from primespark.context import FleetContext
+    from primespark.fleet.model import VaultAuth
+    from primespark.orchestration.vault import registered_secret_id
+    from primespark.secrets import ensure_reference
+
+    ctx = FleetContext.load(env)
+    if host not in ctx.fleet.hosts:
+        raise UserError(f"fleet {ctx.fleet.name} has no host {host!r}", f"use one of: {', '.join(ctx.fleet.hosts)}")
+    store = context_vault(ctx)
+    client = store.client
+    approle = policy_name(ctx.fleet.name, host)
+    try:
+        secret_id = ensure_reference(renewer_secret_id_reference(host), store, lambda: pysecrets.token_hex(18))
+        if not registered_secret_id(client, approle, secret_id):
+            client.auth.approle.create_custom_secret_id(role_name=approle, secret_id=secret_id,
+                                                        metadata={"host": host, "fleet": ctx.fleet.name})
+    except hvac.exceptions.InvalidPath:
+        raise UserError(f"the fleet CA has no AppRole for {host}",
+                        f"apply the fleet: `spark up` (or `spark lab up --env {env}`)") from None
+    except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
+        raise store.unavailable(exc, "registering", f"{host}'s renewal secret-id") from None
+    address = store.addr
+    if ctx.fleet.secrets.auth is VaultAuth.lab:  # the lab's OpenBao: at the bridge of the host's LAN
+        from primespark.lab.openbao import address_for
+
+        address = address_for(ctx.fleet, host)
+    config = tls_renewer.Config(host=host, vault_addr=address, mount=mount_of(ctx.fleet.name), role_id=approle,
+                                secret_id_file=str(RENEWER_SECRET_ID), folder=str(HOST_TLS_FOLDER), group=TLS_GROUP,
+                                textfile_dir=ctx.fleet.monitoring.textfile_dir)
+    return {"config": asdict(config), "secret_id": secret_id, "script": tls_renewer.__file__}

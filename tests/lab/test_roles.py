@@ -177,6 +177,36 @@ def test_every_node_exporter_serves_only_tls_with_its_own_certificate_from_the_f
         assert lab.exec(host, f"test -e {folder}/key.pem").returncode == 1, "the key only in served.pem"
 
 
+def test_every_host_renews_its_own_certificate_on_a_timer(lab, configured):
+    """Each host has spark-tls-renew, run hourly by cron with its own TLS AppRole (its secret-id 0600): the command
+    cron runs keeps a certificate that is not due and writes its expiry metrics; forced, it renews, and the host's
+    exporter serves the new certificate at once, without a restart."""
+    import re
+
+    from primespark.monitoring import metrics as m
+
+    textfile = lab.fleet.monitoring.textfile_dir
+    port = lab.fleet.monitoring.node_exporter_port
+    for host in managed_hosts(lab.fleet):
+        cron = lab.exec(host, "cat /etc/cron.d/spark-tls-renew").stdout
+        hourly = re.search(r"^(\d+) \* \* \* \* root (/usr/local/sbin/spark-tls-renew) (>>.*)$", cron, re.M)
+        assert hourly and 0 <= int(hourly.group(1)) <= 59, (host, cron)
+        owner = lab.exec(host, "stat -c '%U %G %a' /etc/spark/tls-renew.secret-id").stdout.strip()
+        assert owner == "root root 600", (host, owner)
+        run = lab.exec(host, f"{hourly.group(2)}; echo rc=$?")  # as cron runs it, without its log redirection
+        assert f"{host}: kept (not due)" in run.stdout and "rc=0" in run.stdout, (host, run.stdout, run.stderr)
+        prom = lab.exec(host, f"cat {textfile}/primespark_tls_{host}.prom").stdout
+        assert f'{m.TLS_NOT_AFTER.name}{{certificate="/etc/ssl/primespark/cert.pem"}}' in prom, (host, prom)
+
+    address = str(lab.fleet.hosts["pi-2"].address)
+    before = served_certificate(lab.exec, "pi-2", address, port)
+    forced = lab.exec("pi-2", "/usr/local/sbin/spark-tls-renew --force")
+    assert forced.returncode == 0 and "pi-2: renewed (forced)" in forced.stdout, forced.stderr
+    after = served_certificate(lab.exec, "pi-2", address, port)
+    assert after["serialNumber"] != before["serialNumber"], "the exporter serves the new certificate"
+    assert ["DNS", "pi-2"] in after["subjectAltName"]
+
+
 def test_pi_gets_its_power_profile_and_hot_tier(lab, configured):
     status = lab.exec("pi-1", "/usr/local/sbin/spark-power status").stdout
     assert "no cpufreq" in status  # containers have no cpufreq: said, not failed

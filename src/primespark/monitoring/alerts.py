@@ -53,11 +53,9 @@ class Alert:
 
 
 # Alerts whose rule ships but whose dashboard panel waits: no host publishes their signal yet, so the panel would
-# plot nothing in any fleet. Name → why, and what brings it.
-PANEL_NOT_YET: dict[str, str] = {
-    "CertificateExpiry": "no host renews its certificate on a timer yet (docs/tls.md, not built): the metrics come "
-                         "only from `spark tls renew --textfile-dir` where someone runs it",
-}
+# plot nothing in any fleet. Name → why, and what brings it. (None today: the certificates' expiry metrics come
+# from each host's spark-tls-renew.)
+PANEL_NOT_YET: dict[str, str] = {}
 
 
 def schedule_gap_seconds(cron: str, horizon_days: int = 400, limit: int = 2000) -> float:
@@ -327,15 +325,20 @@ def _power_alerts(fleet: Fleet) -> list[Alert]:
     ]
 
 
-def _tls_alerts() -> list[Alert]:
-    """Every host has a certificate from the fleet CA (primespark.pki), renewed at two thirds of its life: one with
-    under a sixth left has missed its renewal for half the time that was left (4 h of a 24 h certificate)."""
+def _tls_alerts(fleet: Fleet) -> list[Alert]:
+    """Where the fleet has a CA, every host has a certificate from it (primespark.pki), renewed by the host at two
+    thirds of its life: one with under a sixth left has missed its renewal for half the time that was left (4 h of
+    a 24 h certificate). A fleet without a CA publishes no certificate metrics: no rule, no empty panel."""
+    from primespark.pki import serves_tls
+
+    if not serves_tls(fleet):
+        return []
     not_after, not_before = selector(m.TLS_NOT_AFTER), selector(m.TLS_NOT_BEFORE)
     return [Alert("CertificateExpiry", Severity.critical, "10m",
                   (f"({not_after} - time()) < ({not_after} - {not_before}) / 6",),
                   "{{ $labels.host }}'s certificate {{ $labels.certificate }} has under a sixth of its life left",
-                  "It was due for renewal at two thirds of its life (`spark tls renew`) and is still not renewed; "
-                  "services on the host fail their TLS handshakes when it expires.",
+                  "It was due for renewal at two thirds of its life (the host's hourly spark-tls-renew) and is still "
+                  "not renewed; services on the host fail their TLS handshakes when it expires.",
                   selector(m.TLS_LIFE_LEFT), NODES, "percentunit", 1 / 6)]
 
 
@@ -375,7 +378,7 @@ def fleet_alerts(fleet: Fleet) -> list[Alert]:
     """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, sync jobs, UPSes, a Prefect
     server and its pools; every fleet has hosts and their certificates)."""
     return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
-            *_sync_alerts(fleet), *_power_alerts(fleet), *_orchestration_alerts(fleet), *_tls_alerts()]
+            *_sync_alerts(fleet), *_power_alerts(fleet), *_orchestration_alerts(fleet), *_tls_alerts(fleet)]
 
 
 def _all_names() -> frozenset[str]:

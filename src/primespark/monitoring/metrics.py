@@ -176,7 +176,7 @@ TIER_JOURNAL_BACKLOG = Metric("primespark_tier_journal_backlog_files",
                               "Files of the host's move journal not finished (a killed pass; the next one replays it)",
                               _BOUNDARY)
 
-# --- TLS (primespark.pki): one file per certificate, on its host, written by `spark tls renew` ------------------
+# --- TLS (primespark.pki): one file per certificate, on its host, by spark-tls-renew (primespark.tls_renewer) --
 _CERT = ("certificate",)  # the certificate's file on the host; the host is the scrape target's label
 TLS_NOT_AFTER = Metric("primespark_tls_certificate_not_after_timestamp_seconds", "When the certificate expires",
                        _CERT)

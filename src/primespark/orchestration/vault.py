@@ -64,7 +64,7 @@ def _vault_of(ctx: FleetContext) -> VaultSecretStore:
     return store
 
 
-def _registered(client: Any, role: str, secret_id: str) -> bool:
+def registered_secret_id(client: Any, role: str, secret_id: str) -> bool:
     import hvac.exceptions
 
     try:
@@ -94,7 +94,7 @@ def ensure_worker_access(ctx: FleetContext, site: str) -> dict[str, str]:
         durations = {"token_ttl": "1h", "token_max_ttl": "4h", "secret_id_ttl": "0"}  # a token per flow run
         client.auth.approle.create_or_update_approle(role_name=role, token_policies=[role], **durations)
         client.auth.approle.update_role_id(role_name=role, role_id=role)
-        if not _registered(client, role, secret_id):
+        if not registered_secret_id(client, role, secret_id):
             client.auth.approle.create_custom_secret_id(role_name=role, secret_id=secret_id,
                                                         metadata={"site": site, "fleet": ctx.fleet.name})
     except hvac.exceptions.Forbidden:
