@@ -84,8 +84,27 @@ def follow(flow_run_id: UUID, deployment: str, said: Callable[[str], None] = lam
             time.sleep(POLL_SECONDS)
 
 
+# Prefect's worker ends a run Crashed with this message when it could not hand the run to its process (the API
+# answered 503 while its SQLite database was locked, prefect#18934): the flow never started, so running it again
+# repeats nothing.
+NOT_STARTED = "Failed to submit flow run to infrastructure"
+SUBMIT_ATTEMPTS = 3
+
+
+def never_started(run: WorkerRun) -> bool:
+    return run.state == "Crashed" and run.message.startswith(NOT_STARTED)
+
+
 def run_on_worker(flow: str, deployment: str, parameters: dict[str, Any] | None = None,
                   said: Callable[[str], None] = lambda _: None) -> WorkerRun:
-    flow_run = submit(flow, deployment, parameters)
-    said(f"submitted {flow_run.name} ({deployment}) to pool {flow_run.work_pool_name}")
-    return follow(flow_run.id, deployment, said)
+    """Submit the deployment's run and follow it to its end; a run the worker could not start is submitted again
+    (SUBMIT_ATTEMPTS in all), saying so. Any other end, failed or not, is the answer."""
+    attempt = 1
+    while True:
+        flow_run = submit(flow, deployment, parameters)
+        said(f"submitted {flow_run.name} ({deployment}) to pool {flow_run.work_pool_name}")
+        done = follow(flow_run.id, deployment, said)
+        if not never_started(done) or attempt == SUBMIT_ATTEMPTS:
+            return done
+        said(f"{done.flow_run_name} never started ({done.message[:200]}): submitting it again")
+        attempt += 1
