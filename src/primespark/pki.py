@@ -551,6 +551,20 @@ def fleet_ca_file(ctx: Any) -> Path:
 RENEWER = Path("/usr/local/sbin/spark-tls-renew")
 RENEWER_CONFIG = Path(tls_renewer.CONFIG)
 RENEWER_SECRET_ID = Path("/etc/spark/tls-renew.secret-id")
+# The CA a host verifies its Vault/OpenBao with, where it is not one the system trusts: the lab's OpenBao's
+# listener CA (primespark.lab.openbao). Written by the tls role; the renewer and the worker name it.
+HOST_VAULT_CA = HOST_TLS_FOLDER / "vault-ca.pem"
+
+
+def host_vault_ca(ctx: Any) -> str | None:
+    """The CA the hosts verify the environment's Vault/OpenBao with, when not the system's: the lab's listener CA."""
+    from primespark.fleet.model import VaultAuth
+
+    if ctx.fleet.secrets.auth is not VaultAuth.lab:
+        return None
+    from primespark.lab.openbao import listener_ca_pem
+
+    return listener_ca_pem(ctx.fleet, ctx.state_dir)
 
 
 def renewer_secret_id_reference(host: str) -> str:
@@ -588,11 +602,13 @@ def renewal_material(env: str, host: str) -> dict[str, Any]:
     except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:
         raise store.unavailable(exc, "registering", f"{host}'s renewal secret-id") from None
     address = store.addr
-    if ctx.fleet.secrets.auth is VaultAuth.lab:  # the lab's OpenBao: at the bridge of the host's LAN
+    if ctx.fleet.secrets.auth is VaultAuth.lab:  # the lab's OpenBao: at the bridge of the host's LAN, over TLS
         from primespark.lab.openbao import address_for
 
         address = address_for(ctx.fleet, host)
+    vault_ca = host_vault_ca(ctx)
     config = tls_renewer.Config(host=host, vault_addr=address, mount=mount_of(ctx.fleet.name), role_id=approle,
                                 secret_id_file=str(RENEWER_SECRET_ID), folder=str(HOST_TLS_FOLDER), group=TLS_GROUP,
-                                textfile_dir=ctx.fleet.monitoring.textfile_dir)
-    return {"config": asdict(config), "secret_id": secret_id, "script": tls_renewer.__file__}
+                                textfile_dir=ctx.fleet.monitoring.textfile_dir,
+                                vault_ca_file=str(HOST_VAULT_CA) if vault_ca else None)
+    return {"config": asdict(config), "secret_id": secret_id, "script": tls_renewer.__file__, "vault_ca": vault_ca}

@@ -20,6 +20,7 @@ from lab_cli import SPARK
 from primespark.cloud.catalog import readable_services, secret_path
 from primespark.cloud.services import role_name
 from primespark.cloud.vault_spec import issue_secret_id
+from primespark.lab.openbao import listener_ca_file
 from primespark.lab.topology import network_name
 from primespark.mesh.keys import public_key_of
 
@@ -30,14 +31,15 @@ PREFIX = "primespark/lab"  # secrets.prefix and the environment
 
 # Runs inside a lab host: AppRole login over HTTP (the secret-id on stdin), then a read of each path.
 APPROLE = """
-import json, sys, urllib.error, urllib.request
+import json, ssl, sys, urllib.error, urllib.request
 spec = json.load(sys.stdin)
+tls = ssl.create_default_context(cadata=spec["ca"])  # the lab's OpenBao listener CA only
 def call(path, body=None, token=None):
     req = urllib.request.Request(spec["address"] + "/v1/" + path, method="POST" if body else "GET",
                                  data=json.dumps(body).encode() if body else None,
                                  headers={"X-Vault-Token": token} if token else {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as reply:
+        with urllib.request.urlopen(req, timeout=10, context=tls) as reply:
             return reply.status, json.load(reply)
     except urllib.error.HTTPError as exc:
         return exc.code, None
@@ -115,8 +117,14 @@ def test_a_host_with_services_reads_its_own_secrets_over_its_lan_and_no_others(l
     own = [secret_path(fleet, name) for name in readable_services(fleet, "core-1")]
     other = secret_path(fleet, "grafana")
     assert other not in own
-    spec = {"address": bao.spec.address_on(cloud.gateway), "role_id": role_name(fleet, "core-1"), "mount": "secret",
-            "secret_id": issue_secret_id(client, fleet, "core-1"), "paths": [*own, other]}
+    address = bao.spec.address_on(cloud.gateway)
+    assert address.startswith("https://"), "hosts reach it only over TLS"
+    spec = {"address": address, "role_id": role_name(fleet, "core-1"), "mount": "secret",
+            "secret_id": issue_secret_id(client, fleet, "core-1"), "paths": [*own, other],
+            "ca": listener_ca_file(lab.state_dir).read_text()}
+    plain = lab.exec("core-1", f"curl -sS --max-time 10 http://{cloud.gateway}:{bao.spec.port}/v1/sys/health")
+    assert '"initialized"' not in plain.stdout, "OpenBao answered in plaintext on the bridge"
+    assert "HTTP request to an HTTPS server" in plain.stdout, (plain.stdout, plain.stderr)
     done = subprocess.run(["docker", "exec", "-i", lab.container("core-1"), "python3", "-c", APPROLE],
                           input=json.dumps(spec), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -237,3 +237,42 @@ def test_lab_up_gives_the_lab_the_fleet_ca_once_and_keeps_it_across_restarts(tmp
         assert ca_certificate(lab.openbao.root_client(), mount_of(lab.fleet.name)) == ca
     finally:
         lab.openbao.stop()
+
+
+def test_the_bridges_serve_only_tls_with_the_listener_ca_and_loopback_stays_plain(tmp_path: Path) -> None:
+    """The configuration and certificates `spark lab up` starts OpenBao with (the lab's test_secrets and every
+    worker and renewal on the lab reach it over TLS on the bridges)."""
+    from cryptography import x509
+
+    from primespark.lab.openbao import listener_ca_file
+
+    bridges = (IPv4Address("172.30.2.1"), IPv4Address("172.30.1.1"))
+    server = LabOpenBao(tmp_path, OpenBaoSpec(8200, (IPv4Address("127.0.0.1"), *bridges), ("secret",)))
+    assert server.ensure_listener_tls()
+    loopback, *on_bridges = [listener["tcp"] for listener in json.loads(server.config())["listener"]]
+    assert loopback == {"address": "127.0.0.1:8200", "cluster_address": "127.0.0.1:8201", "tls_disable": True}
+    assert [b["address"] for b in on_bridges] == ["172.30.2.1:8200", "172.30.1.1:8200"]
+    for listener in on_bridges:
+        assert "tls_disable" not in listener and listener["tls_min_version"] == "tls12"
+        assert listener["tls_cert_file"] == str(server.listener_cert)
+        assert listener["tls_key_file"] == str(server.listener_key)
+    assert server.spec.address_on(bridges[0]) == "https://172.30.2.1:8200"
+    assert server.spec.address_on(IPv4Address("127.0.0.1")) == "http://127.0.0.1:8200"
+
+    ca = x509.load_pem_x509_certificate(listener_ca_file(tmp_path).read_bytes())
+    cert = x509.load_pem_x509_certificate(server.listener_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(str(a) for a in sans.get_values_for_type(x509.IPAddress)) == ["172.30.1.1", "172.30.2.1"]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for secret in (server.listener_key, server.tls_dir / "ca-key.pem"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+    assert server.tls_dir.stat().st_mode & 0o777 == 0o700
+
+    assert not server.ensure_listener_tls(), "the same bridges: kept"
+    moved = LabOpenBao(tmp_path, OpenBaoSpec(8200, (IPv4Address("127.0.0.1"), IPv4Address("172.30.9.1")),
+                                             ("secret",)))
+    assert moved.ensure_listener_tls(), "a bridge moved: a new certificate"
+    again = x509.load_pem_x509_certificate(moved.listener_cert.read_bytes())
+    again.verify_directly_issued_by(x509.load_pem_x509_certificate(listener_ca_file(tmp_path).read_bytes()))
+    assert x509.load_pem_x509_certificate(listener_ca_file(tmp_path).read_bytes()) == ca, "the CA is made once"

@@ -5,7 +5,10 @@ Not dev mode: the data outlives the process, and a started server is sealed unti
 with the key kept at init. That key and the root token are the only secrets in the lab's state folder
 (`openbao/init.json`, 0600); the restic passwords, SFTP keys, mesh keys and service secrets are in OpenBao.
 OpenBao 2 has no `file` storage backend: integrated storage (raft, one node) keeps its files there instead.
-The lab speaks plain HTTP on loopback and on its own bridges; production's Vault uses TLS.
+On loopback it speaks plain HTTP (the controller's commands); on the lab's bridges, where hosts log in and receive
+their secrets and their certificates' keys, only TLS, with a certificate from a CA of the lab's own that
+`spark lab up` makes in the state folder (`openbao/tls/`): the listener's CA, not the fleet CA, which lives inside
+OpenBao and cannot certify the server it needs to start first. Production's Vault has its own TLS, as here.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +64,27 @@ def address_for(fleet: Fleet, host: str) -> str:
     if plan.openbao is None or gateway is None or gateway not in plan.openbao.listen:
         raise SecretError(f"the lab's OpenBao does not listen on {host}'s LAN",
                           "run services or a Prefect worker on that site (the lab then listens there)")
-    return f"http://{gateway}:{plan.openbao.port}"
+    return plan.openbao.address_on(gateway)
+
+
+# The listener's certificate: a year, made again at `spark lab up` when under a month is left or the bridges moved.
+LISTENER_DAYS = 365
+LISTENER_RENEW = timedelta(days=30)
+
+
+def listener_ca_file(state_dir: Path) -> Path:
+    """The CA of the lab's OpenBao listeners on the bridges (public): what hosts verify the server with."""
+    return state_dir / "openbao" / "tls" / "ca.pem"
+
+
+def listener_ca_pem(fleet: Fleet, state_dir: Path) -> str:
+    """The listeners' CA as hosts get it (the tls and prefect_worker roles); an error before `spark lab up`."""
+    path = listener_ca_file(state_dir)
+    try:
+        return path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise SecretError(f"the lab's OpenBao has no listener CA yet ({path})",
+                          f"run `spark lab up --env {fleet.name}`: it makes it and starts OpenBao with TLS") from None
 
 
 @dataclass
@@ -87,6 +112,9 @@ class LabOpenBao:
         self.log_file = self.home / "server.log"
         self.credentials_file = credentials_file(state_dir)
         self.pid_file = state_dir / "openbao.pid"
+        self.tls_dir = self.home / "tls"
+        self.listener_cert = self.tls_dir / "listener.pem"
+        self.listener_key = self.tls_dir / "listener-key.pem"
 
     @property
     def address(self) -> str:
@@ -97,13 +125,60 @@ class LabOpenBao:
         cluster listener on the next port), short raft timings (one node on one machine: no need to wait out a
         network's jitter before it leads)."""
         port = self.spec.port
-        listeners = [{"tcp": {"address": f"{ip}:{port}", "cluster_address": f"{ip}:{port + 1}", "tls_disable": True}}
+        listeners = [{"tcp": {"address": f"{ip}:{port}", "cluster_address": f"{ip}:{port + 1}", **self._tls(ip)}}
                      for ip in self.spec.listen]
         return json.dumps({
             "storage": {"raft": {"path": str(self.data_dir), "node_id": "lab", "performance_multiplier": 1}},
             "listener": listeners, "api_addr": self.address, "cluster_addr": f"http://127.0.0.1:{port + 1}",
             "ui": False, "log_level": "info",
         }, indent=2, sort_keys=True) + "\n"
+
+    def _tls(self, ip: IPv4Address) -> dict[str, Any]:
+        """Plain HTTP on loopback (this machine's commands); TLS 1.2 at least everywhere else."""
+        if ip.is_loopback:
+            return {"tls_disable": True}
+        return {"tls_cert_file": str(self.listener_cert), "tls_key_file": str(self.listener_key),
+                "tls_min_version": "tls12"}
+
+    # --- the listeners' certificate -------------------------------------------------------------------------
+    def ensure_listener_tls(self) -> bool:
+        """The CA (made once) and a certificate for every bridge address the server listens on, made again when
+        the addresses changed or under a month of it is left; True if a new certificate was written."""
+        from cryptography import x509
+
+        bridges = sorted(str(ip) for ip in self.spec.listen if not ip.is_loopback)
+        if not bridges:
+            return False
+        self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca_key, ca_cert = self._listener_ca()
+        try:
+            current = x509.load_pem_x509_certificate(self.listener_cert.read_bytes())
+            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            named = sorted(str(a) for a in sans.get_values_for_type(x509.IPAddress))
+            fresh = current.not_valid_after_utc - datetime.now(UTC) > LISTENER_RENEW
+            if named == bridges and fresh and current.issuer == ca_cert.subject and self.listener_key.is_file():
+                return False
+        except (FileNotFoundError, ValueError, x509.ExtensionNotFound):
+            pass
+        key, cert = _certificate("Prime Spark lab OpenBao", ca_key, ca_cert,
+                                 [IPv4Address(a) for a in bridges], LISTENER_DAYS, ca=False)
+        atomic_write(self.listener_key, key, mode=0o600)  # the key first: the pair is never new cert, old key
+        atomic_write(self.listener_cert, cert, mode=0o644)
+        return True
+
+    def _listener_ca(self) -> tuple[Any, Any]:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca_file, ca_key_file = listener_ca_file(self.state_dir), self.tls_dir / "ca-key.pem"
+        if ca_file.is_file() and ca_key_file.is_file():
+            return (serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None),
+                    x509.load_pem_x509_certificate(ca_file.read_bytes()))
+        key_pem, cert_pem = _certificate("Prime Spark lab OpenBao listener CA", None, None, [], 3650, ca=True)
+        atomic_write(ca_key_file, key_pem, mode=0o600)
+        atomic_write(ca_file, cert_pem, mode=0o644)
+        return (serialization.load_pem_private_key(key_pem.encode(), password=None),
+                x509.load_pem_x509_certificate(cert_pem.encode()))
 
     # --- the process ----------------------------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -135,9 +210,13 @@ class LabOpenBao:
     def start(self) -> bool:
         """Start it in the background unless ours runs with this configuration; True if started now. Started,
         it is sealed: `ensure_ready` unseals it."""
+        renewed = self.ensure_listener_tls()
         config = self.config()
         if self.pid() is not None:
             if self.config_file.is_file() and self.config_file.read_text() == config:
+                if renewed:  # same files, new certificate: the server loads it on SIGHUP, no restart, no seal
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid() or 0, signal.SIGHUP)
                 return False
             # It listens elsewhere now: start it afresh. (A bridge re-made with the same address needs nothing:
             # a listening socket outlives its address and answers again when the address is back.)
@@ -293,3 +372,33 @@ class LabOpenBao:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _certificate(name: str, issuer_key: Any, issuer: Any, addresses: list[IPv4Address], days: int,
+                 ca: bool) -> tuple[str, str]:
+    """A key (EC P-256) and its certificate: a self-signed CA (`issuer_key` None), or a server certificate for
+    `addresses` signed by it. PEM texts: the key's is a secret, written 0600 only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(subject if issuer is None else issuer.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+               .not_valid_after(now + timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                        critical=True)
+    else:
+        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(a) for a in addresses]),
+                                         critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    cert = builder.sign(key if issuer_key is None else issuer_key, hashes.SHA256())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()

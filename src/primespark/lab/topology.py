@@ -71,7 +71,8 @@ class OpenBaoSpec:
         return f"http://127.0.0.1:{self.port}"
 
     def address_on(self, listen: IPv4Address) -> str:
-        return f"http://{listen}:{self.port}"
+        """Plain HTTP on loopback; TLS on the lab's bridges (primespark.lab.openbao)."""
+        return f"{'http' if listen.is_loopback else 'https'}://{listen}:{self.port}"
 
 
 @dataclass(frozen=True)

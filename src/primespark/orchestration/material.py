@@ -24,7 +24,7 @@ from primespark.fleet.model import Fleet, Orchestration, SecretBackend, VaultAut
 from primespark.hosts import SshFiles
 from primespark.orchestration.naming import work_pool
 from primespark.orchestration.placement import site_hosts, worker_client_repositories, worker_repositories
-from primespark.pki import HOST_TLS_FOLDER, serves_tls
+from primespark.pki import HOST_TLS_FOLDER, HOST_VAULT_CA, serves_tls
 from primespark.secrets import ensure_reference, read_reference, ssh_key_pair
 
 # Where things live on the hosts (the roles' defaults say the same; tests/unit/test_orchestration_roles.py checks).
@@ -189,7 +189,8 @@ def worker_material(env: str, host: str) -> dict[str, Any]:
         if ctx.fleet.secrets.auth is VaultAuth.lab:  # the lab's OpenBao: at the bridge of the worker's LAN
             from primespark.lab.openbao import address_for
 
-            vault["addr"] = address_for(ctx.fleet, host)
+            vault["addr"] = address_for(ctx.fleet, host)  # over TLS, verified with the CA the tls role put there
+            vault["ca_file"] = str(HOST_VAULT_CA)
     return {
         "vault": vault,
         "site": site,
