@@ -331,6 +331,10 @@ def healthy_bodies(fleet: Fleet, now: float) -> dict[str, str]:
         bodies[host] += m.drill_metrics(host, passed=True, finished=now, rto_seconds=30, rpo_seconds=60,
                                         rto_target_seconds=900, rpo_target_seconds=93600).text()
     bodies["pi-1"] += m.mesh_metrics("fleet", [("pi-1", "core-1", True, 0.002, 20.0)], {"pi-1": True}, 0).text()
+    from primespark.pki import HOST_TLS_FOLDER
+
+    for host in monitored_hosts(fleet):  # what each host's spark-tls-renew publishes: an hour into 24 h
+        bodies[host] += m.certificate_metrics(str(HOST_TLS_FOLDER / "cert.pem"), now - 3600, now + 23 * 3600).text()
     return bodies
 
 
@@ -422,6 +426,8 @@ def test_status_is_zero_on_a_healthy_fleet_and_names_the_critical_alert(promethe
     for host in monitored_hosts(LAB):
         assert host in done.stdout
     assert "no alerts firing" in done.stdout
+    assert set(healthy.certificates or {}) == set(monitored_hosts(LAB)), "every host's certificate, from its metrics"
+    assert done.stdout.count("expires in 23.0 h") + done.stdout.count("expires in 22.9 h") == len(monitored_hosts(LAB))
 
     exporter.bodies["pi-1"] = exporter.bodies["pi-1"].replace(
         'primespark_backup_success{host="pi-1",repository="nas-primary"} 1.0',
@@ -438,6 +444,18 @@ def test_status_is_zero_on_a_healthy_fleet_and_names_the_critical_alert(promethe
                           timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "BackupFailed" in done.stdout and "the last backup of pi-1 into nas-primary failed" in done.stdout
+
+
+def test_the_hosts_table_says_when_a_certificate_is_due_or_expiring() -> None:
+    """Renewal is due at two thirds of the life (the hosts' spark-tls-renew), CertificateExpiry's line a sixth."""
+    from primespark.monitoring.status import certificate_state
+
+    start, life = 1_000_000.0, 24 * 3600.0
+    assert certificate_state(start, start + life, start + 3600) == ("expires in 23.0 h", "green")
+    assert certificate_state(start, start + life, start + life * 2 / 3) == ("renewal due, expires in 8.0 h", "yellow")
+    assert certificate_state(start, start + life, start + life - 3600)[1] == "bold red"
+    assert certificate_state(start, start + life, start + life - 3600)[0] == "expires in 1.0 h, not renewed"
+    assert certificate_state(start, start + life, start + life + 7200) == ("EXPIRED 2.0 h ago", "bold red")
 
 
 def test_status_without_prometheus_is_one_clear_line() -> None:

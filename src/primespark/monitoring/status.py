@@ -106,6 +106,8 @@ class FleetStatus:
     tasks_failed: dict[str, float] = field(default_factory=dict)  # template → failed or crashed in the window
     alerts: list[FiringAlert] = field(default_factory=list)
     rpo_seconds: float | None = None
+    # host → (not before, not after) of its certificate from the fleet CA; None where the fleet has no CA
+    certificates: dict[str, tuple[float, float]] | None = None
 
     @property
     def export_fresh(self) -> bool:
@@ -149,6 +151,7 @@ def gather(fleet: Fleet, api: PrometheusApi) -> FleetStatus:
     for s in api.query(selector(m.STORAGE_USAGE, name=("=~", "tier-.*"))):
         status.tiers.append((s.labels.get("host", ""), s.labels.get("name", "").removeprefix("tier-"), s.value))
     status.tiers.sort()
+    _certificates(fleet, api, status)
     _sync(fleet, api, status)
     _orchestration(fleet, api, status)
     for alert in api.alerts():
@@ -159,6 +162,33 @@ def gather(fleet: Fleet, api: PrometheusApi) -> FleetStatus:
                                          labels.get("host", "-"), notes.get("summary", "")))
     status.alerts.sort(key=lambda a: ({"critical": 0, "warning": 1}.get(a.severity, 2), a.name, a.host))
     return status
+
+
+def _certificates(fleet: Fleet, api: PrometheusApi, status: FleetStatus) -> None:
+    """Each host's certificate as its spark-tls-renew last published it (the host's own file, not another's)."""
+    from primespark.pki import HOST_TLS_FOLDER, serves_tls
+
+    if not serves_tls(fleet):
+        return
+    cert = str(HOST_TLS_FOLDER / "cert.pem")
+    after = _by(api.query(selector(m.TLS_NOT_AFTER, certificate=cert)), "host")
+    before = _by(api.query(selector(m.TLS_NOT_BEFORE, certificate=cert)), "host")
+    status.certificates = {h: (before[h], after[h]) for h in status.hosts if h in before and h in after}
+
+
+def certificate_state(not_before: float, not_after: float, now: float) -> tuple[str, str]:
+    """What the hosts table says of a certificate, and its colour: renewal is due at two thirds of its life
+    (primespark.tls_renewer), CertificateExpiry fires under a sixth left."""
+    from primespark.tls_renewer import RENEW_AT
+
+    life, left = not_after - not_before, not_after - now
+    if left <= 0:
+        return f"EXPIRED {human_age(-left)} ago", "bold red"
+    if life > 0 and left < life / 6:
+        return f"expires in {human_age(left)}, not renewed", "bold red"
+    if life > 0 and now >= not_before + life * RENEW_AT:
+        return f"renewal due, expires in {human_age(left)}", "yellow"
+    return f"expires in {human_age(left)}", "green"
 
 
 def _by_link(samples: list[Sample]) -> dict[tuple[str, str], float]:
@@ -242,12 +272,18 @@ def _table(title: str, *columns: str) -> Any:
 def _hosts(status: FleetStatus, fleet: Fleet) -> Any:
     from rich.text import Text
 
-    table = _table(f"fleet {status.fleet}: hosts", "host", "site", "kind", "node exporter")
+    columns = ("host", "site", "kind", "node exporter") + (("certificate",) if status.certificates is not None else ())
+    table = _table(f"fleet {status.fleet}: hosts", *columns)
+    now = time.time()
     for name, up in status.hosts.items():
         host = fleet.hosts[name]
         state = (Text("up", "green") if up == 1 else Text("DOWN", "bold red") if up == 0
                  else Text("not scraped", "yellow"))
-        table.add_row(name, host.site, host.kind.value, state)
+        cells = [name, host.site, host.kind.value, state]
+        if status.certificates is not None:
+            cert = status.certificates.get(name)
+            cells.append(Text(*certificate_state(*cert, now)) if cert else Text("no expiry metrics", "yellow"))
+        table.add_row(*cells)
     return table
 
 
