@@ -162,7 +162,7 @@ class LabOpenBao:
             pass
         key, cert = _certificate("Prime Spark lab OpenBao", ca_key, ca_cert,
                                  [IPv4Address(a) for a in bridges], LISTENER_DAYS, ca=False)
-        atomic_write(self.listener_key, key, mode=0o600)  # the key first: the pair is never new cert, old key
+        atomic_write(self.listener_key, key, mode=0o600)  # both in place before the server reads them (start, SIGHUP)
         atomic_write(self.listener_cert, cert, mode=0o644)
         return True
 

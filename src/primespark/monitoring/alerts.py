@@ -376,7 +376,7 @@ def _orchestration_alerts(fleet: Fleet) -> list[Alert]:
 
 def fleet_alerts(fleet: Fleet) -> list[Alert]:
     """The alerts this fleet gets: those whose subject it has (backups, meshes, tiers, sync jobs, UPSes, a Prefect
-    server and its pools; every fleet has hosts and their certificates)."""
+    server and its pools, a CA and its hosts' certificates; every fleet has hosts)."""
     return [*_host_alerts(), *_backup_alerts(fleet), *_mesh_alerts(fleet), *_tier_alerts(fleet),
             *_sync_alerts(fleet), *_power_alerts(fleet), *_orchestration_alerts(fleet), *_tls_alerts(fleet)]
 
