@@ -38,7 +38,7 @@ def test_every_secret_lookup_is_in_a_block_whose_rescue_says_why(role: str) -> N
         assert said == ["{{ ansible_failed_result.msg }}"], (role, rescue)
 
 
-@pytest.mark.parametrize("role", ["prefect_worker", "prefect_server"])
+@pytest.mark.parametrize("role", ["prefect_worker", "prefect_server", "tls"])
 def test_a_failing_lookup_shows_its_own_error(role: str, tmp_path: Path) -> None:
     """As `spark` and the lab tests run a playbook (run_ansible's failed tasks): the lookup's own words, not an
     empty message. In check mode, so that a lookup that did not fail would change nothing here."""
@@ -47,7 +47,9 @@ def test_a_failing_lookup_shows_its_own_error(role: str, tmp_path: Path) -> None
     book.write_text(yaml.safe_dump([{
         "hosts": "pi-1", "gather_facts": False, "check_mode": True,
         "vars": {"spark_fleet": str(missing), "spark_site": "edge", "ansible_user": "spark",
-                 "spark_textfile_dir": "/var/lib/node_exporter"},
+                 "spark_textfile_dir": "/var/lib/node_exporter",
+                 "spark_tls": {"folder": str(tmp_path / "tls"), "group": "root",
+                               "web_config": str(tmp_path / "web.yml")}},
         "roles": [role],
     }]))
     inventory = tmp_path / "hosts.ini"
@@ -56,4 +58,5 @@ def test_a_failing_lookup_shows_its_own_error(role: str, tmp_path: Path) -> None
                       env={"ANSIBLE_STRATEGY": "linear", "ANSIBLE_FACT_CACHING": "memory"})
     assert run.rc != 0, run.output
     said = [line for line in run.failed_tasks if "Say why it could not be read" in line]
-    assert said and f"spark_{role}: " in said[0] and f"{missing}: no such fleet file" in said[0], run.failed_tasks
+    plugin = {"tls": "spark_tls_renewal"}.get(role, f"spark_{role}")
+    assert said and f"{plugin}: " in said[0] and f"{missing}: no such fleet file" in said[0], run.failed_tasks

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.errors import AnsibleError
-from ansible.plugins.lookup import LookupBase
+from primespark.ansible_plugins.controller_lookup import ControllerLookup
 
 DOCUMENTATION = """
 name: spark_monitoring_secrets
@@ -20,14 +19,10 @@ options:
 """
 
 
-class LookupModule(LookupBase):
-    def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
-        self.set_options(var_options=variables, direct=kwargs)
-        try:
-            from primespark.monitoring.alertmanager import receiver_secrets
-        except ImportError as exc:
-            raise AnsibleError(f"spark_monitoring_secrets needs primespark on the controller: {exc}") from exc
-        try:
-            return [receiver_secrets(env) for env in terms]
-        except Exception as exc:  # a missing or unreadable secret, for Ansible to show
-            raise AnsibleError(f"spark_monitoring_secrets: {exc}") from exc
+class LookupModule(ControllerLookup):
+    name = "spark_monitoring_secrets"
+
+    def find(self, term: str) -> Any:
+        from primespark.monitoring.alertmanager import receiver_secrets
+
+        return receiver_secrets(term)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.errors import AnsibleError
-from ansible.plugins.lookup import LookupBase
+from primespark.ansible_plugins.controller_lookup import ControllerLookup
 
 DOCUMENTATION = """
 name: spark_prefect_server
@@ -20,14 +19,10 @@ options:
 """
 
 
-class LookupModule(LookupBase):
-    def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
-        self.set_options(var_options=variables, direct=kwargs)
-        try:
-            from primespark.orchestration.material import server_material
-        except ImportError as exc:
-            raise AnsibleError(f"spark_prefect_server needs primespark on the controller: {exc}") from exc
-        try:
-            return [server_material(self.get_option("env"), host) for host in terms]
-        except Exception as exc:  # an operator error (no orchestration section, no mesh plan) for Ansible to show
-            raise AnsibleError(f"spark_prefect_server: {exc}") from exc
+class LookupModule(ControllerLookup):
+    name = "spark_prefect_server"
+
+    def find(self, term: str) -> Any:
+        from primespark.orchestration.material import server_material
+
+        return server_material(self.get_option("env"), term)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.errors import AnsibleError
-from ansible.plugins.lookup import LookupBase
+from primespark.ansible_plugins.controller_lookup import ControllerLookup
 
 DOCUMENTATION = """
 name: spark_prefect_worker
@@ -25,15 +24,11 @@ options:
 """
 
 
-class LookupModule(LookupBase):
-    def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
-        self.set_options(var_options=variables, direct=kwargs)
-        try:
-            from primespark.orchestration.material import authorized_worker_keys, worker_material
-        except ImportError as exc:
-            raise AnsibleError(f"spark_prefect_worker needs primespark on the controller: {exc}") from exc
+class LookupModule(ControllerLookup):
+    name = "spark_prefect_worker"
+
+    def find(self, term: str) -> Any:
+        from primespark.orchestration.material import authorized_worker_keys, worker_material
+
         find = authorized_worker_keys if self.get_option("keys_only") else worker_material
-        try:
-            return [find(self.get_option("env"), host) for host in terms]
-        except Exception as exc:  # an operator error (no orchestration section, no known host key) for Ansible
-            raise AnsibleError(f"spark_prefect_worker: {exc}") from exc
+        return find(self.get_option("env"), term)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.errors import AnsibleError
-from ansible.plugins.lookup import LookupBase
+from primespark.ansible_plugins.controller_lookup import ControllerLookup
 
 DOCUMENTATION = """
 name: spark_sync_material
@@ -23,14 +22,10 @@ options:
 """
 
 
-class LookupModule(LookupBase):
-    def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
-        self.set_options(var_options=variables, direct=kwargs)
-        try:
-            from primespark.data.sync import host_material
-        except ImportError as exc:
-            raise AnsibleError(f"spark_sync_material needs primespark on the controller: {exc}") from exc
-        try:
-            return [host_material(self.get_option("env"), host) for host in terms]
-        except Exception as exc:  # an operator error (no mesh plan, an unknown host key) for Ansible to show
-            raise AnsibleError(f"spark_sync_material: {exc}") from exc
+class LookupModule(ControllerLookup):
+    name = "spark_sync_material"
+
+    def find(self, term: str) -> Any:
+        from primespark.data.sync import host_material
+
+        return host_material(self.get_option("env"), term)

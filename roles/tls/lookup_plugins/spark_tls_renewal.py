@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.errors import AnsibleError
-from ansible.plugins.lookup import LookupBase
+from primespark.ansible_plugins.controller_lookup import ControllerLookup
 
 DOCUMENTATION = """
 name: spark_tls_renewal
@@ -22,14 +21,10 @@ options:
 """
 
 
-class LookupModule(LookupBase):
-    def run(self, terms: list[str], variables: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
-        self.set_options(var_options=variables, direct=kwargs)
-        try:
-            from primespark.pki import renewal_material
-        except ImportError as exc:
-            raise AnsibleError(f"spark_tls_renewal needs primespark on the controller: {exc}") from exc
-        try:
-            return [renewal_material(self.get_option("env"), host) for host in terms]
-        except Exception as exc:  # an operator error (no CA yet, a store that does not answer) for Ansible
-            raise AnsibleError(f"spark_tls_renewal: {exc}") from exc
+class LookupModule(ControllerLookup):
+    name = "spark_tls_renewal"
+
+    def find(self, term: str) -> Any:
+        from primespark.pki import renewal_material
+
+        return renewal_material(self.get_option("env"), term)
