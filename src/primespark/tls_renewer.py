@@ -322,10 +322,14 @@ def metrics_text(certificate: str, info: CertInfo) -> str:
 
 
 def write_metrics(config: Config, info: CertInfo) -> None:
+    """Best effort: a metrics file that cannot be written is said on stderr, and never hides the run's own outcome."""
     if config.textfile_dir is None or not os.path.isdir(config.textfile_dir):
         return
     target = os.path.join(config.textfile_dir, f"primespark_tls_{config.host}.prom")
-    write_atomic(target, metrics_text(config.path("cert.pem"), info), 0o644)
+    try:
+        write_atomic(target, metrics_text(config.path("cert.pem"), info), 0o644)
+    except OSError as exc:
+        print(f"spark-tls-renew: warning: cannot write {target}: {exc.strerror}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -409,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(config, force=args.force, dry_run=args.dry_run)
     except RenewError as exc:
         print(f"{stamp} spark-tls-renew: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a folder or file it cannot write: the files it had not renamed yet stay as they were
+        print(f"{stamp} spark-tls-renew: error: {exc.filename or 'a file'}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"{stamp} {outcome.line(config.host, args.dry_run)}", flush=True)
     return 0

@@ -194,6 +194,16 @@ def test_it_fails_closed_and_leaves_the_files(applied: PkiPlan, fresh_vault: Dev
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".pem"} == before
     assert (tmp_path / "textfile" / "primespark_tls_pi-2.prom").is_file(), "the alert still sees the clock run down"
 
+    # a folder it cannot write (a file stands where it should be): one line, nothing renamed
+    data = json.loads(config_file.read_text())
+    (tmp_path / "not-a-folder").write_text("")
+    data["folder"] = str(tmp_path / "not-a-folder" / "tls")
+    blocked_config = tmp_path / "blocked.json"
+    blocked_config.write_text(json.dumps(data))
+    blocked = as_the_host_runs_it(blocked_config)
+    assert blocked.returncode == 1 and len(blocked.stderr.splitlines()) == 1 and "Traceback" not in blocked.stderr
+    assert "not-a-folder" in blocked.stderr and "Not a directory" in blocked.stderr, blocked.stderr
+
     missing = as_the_host_runs_it(tmp_path / "nowhere.json")
     assert missing.returncode == 1 and "nowhere.json: no such file: site.yml's tls role writes it" in missing.stderr
 
