@@ -292,7 +292,11 @@ def test_a_worker_starts_each_run_warm_through_the_roles_path(lab: str, server: 
                     log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
     finally:
         os.killpg(worker.pid, 15)
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # cleanup, not the behaviour under test: Prefect's worker once went on
+            os.killpg(worker.pid, 9)       # backing off after its SIGINT (CI, 2 cores); what it ran is asserted below
+            worker.wait(timeout=30)
     log = (tmp_path / "worker.log").read_text()[-3000:]
     assert state_now is not None and state_now.is_completed(), (state_now, log)
     assert starts.read_text().splitlines() == ["-m primespark.orchestration.warmstart run prefect.engine"], log
