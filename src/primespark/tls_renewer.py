@@ -255,11 +255,22 @@ class Config:
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
-            return cls(**data)
         except FileNotFoundError:
             raise RenewError(f"{path}: no such file: site.yml's tls role writes it") from None
-        except (ValueError, TypeError) as exc:
-            raise RenewError(f"{path}: not a renewal configuration ({exc}): run site.yml's tls role again") from None
+        except ValueError as exc:
+            raise RenewError(f"{path}: not JSON ({exc}): run site.yml's tls role again") from None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        known = data if isinstance(data, dict) else {}
+        missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in known]
+        unknown = sorted(set(known) - set(fields))
+        wrong = [name for name, value in known.items() if name in fields and not isinstance(value, str | None)]
+        if not isinstance(data, dict) or missing or unknown or wrong:
+            said = "; ".join(part for part in (
+                "not a JSON object" if not isinstance(data, dict) else "",
+                f"missing {', '.join(missing)}" if missing else "", f"unknown {', '.join(unknown)}" if unknown else "",
+                f"not text: {', '.join(wrong)}" if wrong else "") if part)
+            raise RenewError(f"{path}: not a renewal configuration ({said}): run site.yml's tls role again")
+        return cls(**known)
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)

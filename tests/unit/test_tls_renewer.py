@@ -204,6 +204,11 @@ def test_it_fails_closed_and_leaves_the_files(applied: PkiPlan, fresh_vault: Dev
     assert blocked.returncode == 1 and len(blocked.stderr.splitlines()) == 1 and "Traceback" not in blocked.stderr
     assert "not-a-folder" in blocked.stderr and "Not a directory" in blocked.stderr, blocked.stderr
 
+    (tmp_path / "bad.json").write_text(json.dumps({"host": 1, "colour": "red"}))
+    bad = as_the_host_runs_it(tmp_path / "bad.json")
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "missing vault_addr, mount, role_id, secret_id_file; unknown colour; not text: host" in bad.stderr
+
     missing = as_the_host_runs_it(tmp_path / "nowhere.json")
     assert missing.returncode == 1 and "nowhere.json: no such file: site.yml's tls role writes it" in missing.stderr
 
