@@ -17,7 +17,7 @@ LAB_DURATIONS := --durations=15
 # Debian packages the project uses; installed by `make setup`, never by hand.
 APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
 	debootstrap cloud-init cloud-image-utils prometheus prometheus-alertmanager iproute2 iptables nftables iputils-ping \
-	python3-venv ca-certificates curl jq
+	python3-venv ca-certificates curl jq postgresql
 
 .PHONY: setup apt venv docker docker-stop lab lab-down test test-unit test-lab lint bench clean help
 
@@ -31,6 +31,9 @@ apt:
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		export DEBIAN_FRONTEND=noninteractive; \
+		mkdir -p /etc/postgresql-common/createcluster.d; \
+		printf '%s\n' '# Prime Spark: no cluster at install; the tests start their own Postgres' \
+			'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/primespark.conf; \
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 

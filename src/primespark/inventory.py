@@ -14,7 +14,7 @@ from primespark.data.sync import client_dir
 from primespark.fleet.model import Fleet, HostKind, PowerProfile, ServiceKind
 from primespark.hosts import SshFiles
 from primespark.monitoring import paths as monitoring_paths
-from primespark.pki import HOST_TLS_FOLDER, TLS_GROUP, WEB_CONFIG, native_monitoring, serves_tls, service_serves_tls
+from primespark.pki import HOST_TLS_FOLDER, TLS_GID, TLS_GROUP, WEB_CONFIG, native_monitoring, serves_tls
 from primespark.settings import Settings, get_settings
 
 KIND_GROUPS = {HostKind.pi: "pis", HostKind.nas: "nas", HostKind.kvm_host: "kvm_hosts", HostKind.vm: "vms"}
@@ -75,8 +75,8 @@ def host_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "spark_node_exporter_port": fleet.monitoring.node_exporter_port,
         # The host's certificate from the fleet CA (the tls role) and the services that serve with it; None where
         # the fleet has no CA (the local secret store): there they stay plain HTTP.
-        "spark_tls": ({"folder": str(HOST_TLS_FOLDER), "group": TLS_GROUP, "web_config": str(WEB_CONFIG)}
-                      if serves_tls(fleet) else None),
+        "spark_tls": ({"folder": str(HOST_TLS_FOLDER), "group": TLS_GROUP, "gid": TLS_GID,
+                       "web_config": str(WEB_CONFIG)} if serves_tls(fleet) else None),
         "spark_textfile_dir": fleet.monitoring.textfile_dir,
         "spark_monitoring": monitoring_vars(fleet, name),
         # Lab containers share the machine's clock and have no way out: no time sources there.
@@ -122,7 +122,7 @@ def monitoring_vars(fleet: Fleet, name: str) -> dict[str, Any]:
         "alertmanager_port": ports.get(ServiceKind.alertmanager),
         "alertmanager_service": names.get(ServiceKind.alertmanager),
         # both serve only TLS with the host's certificate (the tls role's web config), where the fleet has a CA
-        "tls": service_serves_tls(fleet, ServiceKind.prometheus),
+        "tls": serves_tls(fleet) and native,
         "config_dir": monitoring_paths.CONFIG_DIR,
         "secrets_dir": monitoring_paths.SECRETS_DIR if native else monitoring_paths.HOST_SECRETS_DIR,
         "retention": fleet.monitoring.retention,

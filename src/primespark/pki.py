@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from primespark import tls_renewer
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet, ServiceKind
+from primespark.fleet.model import Fleet
 from primespark.tls_renewer import CertInfo
 
 if TYPE_CHECKING:
@@ -37,12 +37,17 @@ if TYPE_CHECKING:
 CA_TTL_HOURS = 10 * 8_760  # the root outlives any fleet's hosts; rotating it is a deliberate act, not an apply
 CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: two applies never make two CAs
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
+PRIVATE_KEY_FORMAT = "pkcs8"  # "BEGIN PRIVATE KEY": Kafka's PEM key store reads no other; every other server reads it
 TOKEN = {"token_ttl": 900, "token_max_ttl": 3600, "secret_id_ttl": 0}  # a renewal takes seconds
 # Where a host keeps its certificate, key and the fleet CA (TlsFiles): not under /etc/primespark, which the worker
 # role keeps 0700. And the group of the service accounts that serve with them: several services under their own
 # users (Debian's prometheus, …) read one key, 0640.
 HOST_TLS_FOLDER = Path("/etc/ssl/primespark")
 TLS_GROUP = "primespark-tls"
+# Its number, the same on every host: containers join it by number (compose `group_add`), and a number a host chose
+# itself would differ from the one in the compose file. Outside Debian's system (100-999) and dynamic (61184-65519)
+# ranges, and far above the first users' groups (1000…).
+TLS_GID = 8443
 # The web configuration (`--web.config.file`) every Prometheus-family server on a host serves TLS with (the tls role).
 WEB_CONFIG = HOST_TLS_FOLDER / "web.yml"
 
@@ -59,14 +64,6 @@ def native_monitoring(fleet: Fleet) -> bool:
     """Whether Prometheus and Alertmanager run from Debian's packages on their host (the monitoring_server role), as
     in the lab, whose VMs have no compose stack; elsewhere the compose stack's containers run them."""
     return fleet.lab is not None
-
-
-def service_serves_tls(fleet: Fleet, kind: ServiceKind) -> bool:
-    """Whether a service of this kind serves only TLS with its host's certificate: Debian's Prometheus and
-    Alertmanager do (their web config), in a fleet with a CA. The compose stack's containers do not yet
-    (docs/tls.md, Not built yet), so their clients keep plain HTTP there."""
-    return serves_tls(fleet) and native_monitoring(fleet) and kind in (ServiceKind.prometheus,
-                                                                        ServiceKind.alertmanager)
 
 
 def client_context(ca_pem: str) -> ssl.SSLContext:
@@ -139,7 +136,8 @@ def host_addresses(fleet: Fleet, host: str, overlays: Mapping[str, Mapping[str, 
 def issue_params(names: tuple[str, ...], addresses: tuple[str, ...]) -> dict[str, str]:
     """What a host's issue request sends besides the lifetime: the first name as the CN, the others and the
     addresses as comma lists (the form the host's policy allows, value for value)."""
-    return {"common_name": names[0], "alt_names": ",".join(names[1:]), "ip_sans": ",".join(addresses)}
+    return {"common_name": names[0], "alt_names": ",".join(names[1:]), "ip_sans": ",".join(addresses),
+            "private_key_format": PRIVATE_KEY_FORMAT}
 
 
 def tls_policy(fleet: Fleet, host: str, names: tuple[str, ...], addresses: tuple[str, ...],
@@ -580,6 +578,7 @@ def renewal_material(env: str, host: str) -> dict[str, Any]:
     import hvac.exceptions
     import requests
 
+    from primespark.cloud.service_tls import reload_commands
     from primespark.context import FleetContext
     from primespark.fleet.model import VaultAuth
     from primespark.orchestration.vault import registered_secret_id
@@ -610,5 +609,6 @@ def renewal_material(env: str, host: str) -> dict[str, Any]:
     config = tls_renewer.Config(host=host, vault_addr=address, mount=mount_of(ctx.fleet.name), role_id=approle,
                                 secret_id_file=str(RENEWER_SECRET_ID), folder=str(HOST_TLS_FOLDER), group=TLS_GROUP,
                                 textfile_dir=ctx.fleet.monitoring.textfile_dir,
-                                vault_ca_file=str(HOST_VAULT_CA) if vault_ca else None)
+                                vault_ca_file=str(HOST_VAULT_CA) if vault_ca else None,
+                                reload=tuple(tuple(c) for c in reload_commands(ctx.fleet, host)))
     return {"config": asdict(config), "secret_id": secret_id, "script": tls_renewer.__file__, "vault_ca": vault_ca}

@@ -12,8 +12,10 @@ apply left them), and issues a new certificate when there is none, when two thir
 longer names exactly the role's names and addresses, or with --force. The new files are written to temporary files,
 fsynced, checked (the key is the certificate's, the certificate names the host), then renamed: served.pem (key and
 certificate, 0640 root:<group>) first, then ca.pem and cert.pem, which the next run judges by; a run cut between
-them serves the new pair and renews early, never late. The servers re-read the files by themselves. Last, the
-certificate's validity goes to node exporter's textfile folder, renewed or not, for the expiry alert.
+them serves the new pair and renews early, never late. Most servers re-read the files by themselves; for those that
+do not (the compose stack's Postgres, Redis, Kafka, MLflow), the configuration lists a reload command each, run after a
+renewal. A reload that fails is tried again at every later run until it succeeds (a marker file), and fails the run.
+Last, the certificate's validity goes to node exporter's textfile folder, renewed or not, for the expiry alert.
 
 Fails closed: a store that does not answer, is sealed or refuses stops the run with one line on stderr and exit
 status 1, and leaves the files as they were (their expiry metrics are still written, so the alert sees the clock
@@ -44,6 +46,8 @@ CONFIG = "/etc/spark/tls-renew.json"
 RENEW_AT = 2 / 3  # step-ca's rule: renew at two thirds of a certificate's life
 TIMEOUT_SECONDS = 30.0  # every request to the store
 LOCK_WAIT_SECONDS = 120.0  # a run from cron and one from site.yml never write at once
+RELOAD_SECONDS = 60.0  # each reload command (a `docker-compose exec` included)
+RELOAD_PENDING = ".reload-pending"  # in the folder: a renewal whose reloads have not all succeeded yet
 # primespark.monitoring.metrics: TLS_NOT_BEFORE and TLS_NOT_AFTER (a unit test keeps the names equal)
 NOT_BEFORE = "primespark_tls_certificate_not_before_timestamp_seconds"
 NOT_AFTER = "primespark_tls_certificate_not_after_timestamp_seconds"
@@ -228,7 +232,8 @@ class Issued:
 
 def issue(store: Store, mount: str, host: str, role: Role) -> Issued:
     params = {"common_name": role.names[0], "alt_names": ",".join(role.names[1:]),
-              "ip_sans": ",".join(role.addresses), "ttl": f"{role.lifetime_seconds}s"}
+              "ip_sans": ",".join(role.addresses), "ttl": f"{role.lifetime_seconds}s",
+              "private_key_format": "pkcs8"}  # primespark.pki.PRIVATE_KEY_FORMAT: Kafka reads no other
     data = store.call("POST", f"{mount}/issue/{host}", params)["data"]
     return Issued(data["certificate"], data["private_key"], data["issuing_ca"])
 
@@ -249,6 +254,7 @@ class Config:
     group: str = "primespark-tls"
     textfile_dir: str | None = None
     vault_ca_file: str | None = None
+    reload: tuple[tuple[str, ...], ...] = ()  # argv each, run after a renewal (primespark.cloud.service_tls)
 
     @classmethod
     def read(cls, path: str) -> Config:
@@ -263,14 +269,19 @@ class Config:
         known = data if isinstance(data, dict) else {}
         missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in known]
         unknown = sorted(set(known) - set(fields))
-        wrong = [name for name, value in known.items() if name in fields and not isinstance(value, str | None)]
+        wrong = [name for name, value in known.items() if name in fields and name != "reload"
+                 and not isinstance(value, str | None)]
+        reload = known.get("reload", [])
+        if not (isinstance(reload, list) and all(isinstance(c, list) and c and all(isinstance(a, str) for a in c)
+                                                 for c in reload)):
+            wrong.append("reload (a list of commands, each a list of strings)")
         if not isinstance(data, dict) or missing or unknown or wrong:
             said = "; ".join(part for part in (
                 "not a JSON object" if not isinstance(data, dict) else "",
                 f"missing {', '.join(missing)}" if missing else "", f"unknown {', '.join(unknown)}" if unknown else "",
                 f"not text: {', '.join(wrong)}" if wrong else "") if part)
             raise RenewError(f"{path}: not a renewal configuration ({said}): run site.yml's tls role again")
-        return cls(**known)
+        return cls(**{**known, "reload": tuple(tuple(c) for c in reload)})
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -363,6 +374,31 @@ def locked(folder: str) -> Iterator[None]:
         os.close(fd)
 
 
+def run_reloads(config: Config) -> tuple[int, list[str]]:
+    """Run the reload commands while a renewal's are owed (the marker `run` writes before it installs a new
+    certificate). Returns how many ran and what failed (nothing: all done, and the marker is gone)."""
+    marker = config.path(RELOAD_PENDING)
+    if not os.path.exists(marker):
+        return 0, []
+    failed = []
+    for command in config.reload:
+        try:
+            done = subprocess.run(list(command), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=RELOAD_SECONDS, check=False)
+        except subprocess.TimeoutExpired:
+            failed.append(f"{command[0]} … timed out after {RELOAD_SECONDS:.0f} s")
+            continue
+        except OSError as exc:
+            failed.append(f"{command[0]}: {exc.strerror}")
+            continue
+        if done.returncode != 0:
+            last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
+            failed.append(f"`{' '.join(command)}` exited {done.returncode}: {last[0][:200]}")
+    if not failed:
+        os.unlink(marker)
+    return len(config.reload), failed
+
+
 # --- a run ---------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +407,7 @@ class Outcome:
     renewed: bool
     reason: str
     info: CertInfo | None
+    reloaded: int = 0  # reload commands run and succeeded
 
     def line(self, host: str, dry_run: bool) -> str:
         verb = "renewed" if self.renewed else ("would renew" if dry_run and self.reason != "not due" else "kept")
@@ -378,7 +415,8 @@ class Outcome:
             return f"{host}: {verb} ({self.reason})"
         until = self.info.not_after.strftime("%Y-%m-%d %H:%M")
         when = renew_at(self.info.not_before, self.info.not_after).strftime("%Y-%m-%d %H:%M")
-        return f"{host}: {verb} ({self.reason}); valid until {until} UTC, due for renewal from {when} UTC"
+        reloaded = f"; reloaded {self.reloaded} service(s)" if self.reloaded else ""
+        return f"{host}: {verb} ({self.reason}); valid until {until} UTC, due for renewal from {when} UTC{reloaded}"
 
 
 def run(config: Config, force: bool = False, dry_run: bool = False,
@@ -397,11 +435,18 @@ def run(config: Config, force: bool = False, dry_run: bool = False,
             store.login(config.role_id, secret_id)
             role = read_role(store, config.mount, config.host)
             why = reason(current, role.names, role.addresses, now, force)
-            if why is None or dry_run:
+            if dry_run:
                 return Outcome(False, why or "not due", current)
-            fresh = install(config, issue(store, config.mount, config.host, role), role)
-            current = fresh
-            return Outcome(True, why, fresh)
+            if why is not None:
+                issued = issue(store, config.mount, config.host, role)
+                if config.reload:  # before the files move: a run killed after them still owes the reloads
+                    write_atomic(config.path(RELOAD_PENDING), "", 0o600)
+                current = install(config, issued, role)
+            ran, failed = run_reloads(config)
+            if failed:
+                raise RenewError(f"{'renewed' if why else 'kept'} the certificate, but the servers that do not "
+                                 f"re-read it were not all reloaded (tried again at the next run): {'; '.join(failed)}")
+            return Outcome(why is not None, why or "not due", current, ran)
         finally:
             if current is not None and not dry_run:
                 write_metrics(config, current)

@@ -46,6 +46,13 @@ def until(what: str, predicate: Callable[[], Any], timeout: float, every: float 
 
 
 FLEET_CA = "/etc/ssl/primespark/ca.pem"  # on every host of a fleet with a CA (the tls role)
+TLS_PLAYBOOK = """\
+- name: The hosts' certificates only
+  hosts: all
+  become: true
+  roles:
+    - tls
+"""
 # Runs inside a lab host: a TLS connection to ADDRESS:PORT verified against CA, and the peer's certificate.
 _PEER = ("import json, socket, ssl, sys; address, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]; "
          "context = ssl.create_default_context(cafile=ca); "

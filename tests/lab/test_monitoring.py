@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_cli import REPO, served_certificate, spark, until
+from lab_cli import REPO, TLS_PLAYBOOK, served_certificate, spark, until
 
 from primespark.cli.tls import fleet_client_context
 from primespark.inventory import managed_hosts
@@ -40,14 +40,6 @@ PLAYBOOK = """\
   become: true
   roles:
     - monitoring_server
-"""
-
-TLS_PLAYBOOK = """\
-- name: The hosts' certificates only
-  hosts: all
-  become: true
-  roles:
-    - tls
 """
 
 
@@ -130,7 +122,7 @@ def test_prometheus_and_alertmanager_serve_only_tls_with_their_hosts_certificate
         found = served_certificate(lab.exec, service.host, address, service.port)
         assert [["commonName", service.host]] in found["subject"], (name, found["subject"])
         assert ["IP Address", address] in found["subjectAltName"], (name, found["subjectAltName"])
-        url = service_url(lab.fleet, service.host, service.port, service.kind)
+        url = service_url(lab.fleet, service.host, service.port)
         assert url.startswith("https://")
         with urllib.request.urlopen(f"{url}/-/ready", timeout=10, context=monitored.context) as reply:
             assert reply.status == 200, name

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_cli import FLEET_CA, served_certificate
+from lab_cli import FLEET_CA, TLS_PLAYBOOK, served_certificate
 
 from primespark.fleet.model import HostKind
 from primespark.inventory import build_inventory, managed_hosts
@@ -184,6 +184,7 @@ def test_every_host_renews_its_own_certificate_on_a_timer(lab, configured):
     import re
 
     from primespark.monitoring import metrics as m
+    from primespark.pki import TLS_GID
 
     textfile = lab.fleet.monitoring.textfile_dir
     port = lab.fleet.monitoring.node_exporter_port
@@ -193,6 +194,9 @@ def test_every_host_renews_its_own_certificate_on_a_timer(lab, configured):
         assert hourly and 0 <= int(hourly.group(1)) <= 59, (host, cron)
         owner = lab.exec(host, "stat -c '%U %G %a' /etc/spark/tls-renew.secret-id").stdout.strip()
         assert owner == "root root 600", (host, owner)
+        # the key's group has the fleet's number on every host: containers join it by number (compose group_add)
+        served = lab.exec(host, "stat -c '%U %g %a' /etc/ssl/primespark/served.pem").stdout.strip()
+        assert served == f"root {TLS_GID} 640", (host, served)
         run = lab.exec(host, f"{hourly.group(2)}; echo rc=$?")  # as cron runs it, without its log redirection
         assert f"{host}: kept (not due)" in run.stdout and "rc=0" in run.stdout, (host, run.stdout, run.stderr)
         prom = lab.exec(host, f"cat {textfile}/primespark_tls_{host}.prom").stdout
@@ -205,6 +209,27 @@ def test_every_host_renews_its_own_certificate_on_a_timer(lab, configured):
     after = served_certificate(lab.exec, "pi-2", address, port)
     assert after["serialNumber"] != before["serialNumber"], "the exporter serves the new certificate"
     assert ["DNS", "pi-2"] in after["subjectAltName"]
+
+
+def test_the_tls_role_refuses_a_key_group_with_another_number(lab, configured, tmp_path):
+    """Containers join primespark-tls by number, so a host whose group has another one is stopped with the fix, and
+    nothing of its certificate changes."""
+    from primespark.pki import TLS_GID
+
+    host = "pi-3"
+    before = lab.exec(host, "sha256sum /etc/ssl/primespark/served.pem").stdout
+    assert lab.exec(host, f"groupmod -g {TLS_GID + 1} primespark-tls").returncode == 0
+    try:
+        book = tmp_path / "tls.yml"
+        book.write_text(TLS_PLAYBOOK)
+        run = playbook(lab, str(book), limit=host)
+        assert run.rc != 0
+        message = run.output[-4000:]
+        assert f"primespark-tls has GID {TLS_GID + 1} on {host}, the fleet's is {TLS_GID}" in message, message
+        assert f"groupmod -g {TLS_GID} primespark-tls" in message
+        assert lab.exec(host, "sha256sum /etc/ssl/primespark/served.pem").stdout == before
+    finally:
+        lab.exec(host, f"groupmod -g {TLS_GID} primespark-tls")
 
 
 def test_pi_gets_its_power_profile_and_hot_tier(lab, configured):

@@ -66,9 +66,10 @@ def test_compose_on_each_vm_is_where_the_fleet_places_services():
         for svc_name, svc in fleet.services_on(name).items():
             [port] = compose["services"][svc_name]["ports"]
             assert port.startswith(f"{fleet.hosts[name].address}:{svc.port}:")
-    kafka = compose_for(fleet, "stream-1")["services"]["kafka"]["environment"]
-    assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
-    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{fleet.hosts['stream-1'].address}:9092"
+    stream = {n: s for _, n, s in seeds("homelab")}["stream-1"]
+    kafka = files_of(stream.user_data)["/opt/primespark/kafka/server.properties"]
+    assert "process.roles=broker,controller" in kafka  # KRaft, no ZooKeeper
+    assert f"advertised.listeners=SSL://{fleet.hosts['stream-1'].address}:9092," in kafka
     ops = {n: s for _, n, s in seeds("homelab")}["ops-1"]
     prometheus = yaml.safe_load(files_of(ops.user_data)["/opt/primespark/monitoring/prometheus.yml"])
     targets = {c["labels"]["host"]: c["targets"][0] for c in prometheus["scrape_configs"][0]["static_configs"]}
@@ -86,8 +87,9 @@ def test_monitoring_containers_mount_the_generated_files():
     for relative, content in monitoring.items():
         assert written[f"/opt/primespark/monitoring/{relative}"] == content
     assert "/opt/primespark/monitoring/rules:/etc/prometheus/rules:ro" in compose["prometheus"]["volumes"]
-    # the fleet CA that verifies the node exporters, at the path prometheus.yml names; never a key
-    assert "/etc/ssl/primespark/ca.pem:/etc/ssl/primespark/ca.pem:ro" in compose["prometheus"]["volumes"]
+    # the host's certificate folder (the fleet CA that verifies the node exporters, at the path prometheus.yml
+    # names), whole: the renewal replaces its files by rename
+    assert "/etc/ssl/primespark:/etc/ssl/primespark:ro" in compose["prometheus"]["volumes"]
     assert not any("key.pem" in v for s in compose.values() for v in s.get("volumes", []))
     assert "--config.file=/etc/prometheus/alertmanager.yml" in compose["alertmanager"]["command"]
     assert any(v.endswith(":/etc/grafana/provisioning/dashboards:ro") for v in compose["grafana"]["volumes"])

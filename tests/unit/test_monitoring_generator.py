@@ -30,7 +30,7 @@ from primespark.monitoring import metrics as m
 from primespark.monitoring.alertmanager import alertmanager_config, receiver_secrets, secret_files
 from primespark.monitoring.alerts import ALERT_NAMES, PANEL_NOT_YET, RUNBOOK_DIR, fleet_alerts, rule_groups
 from primespark.monitoring.dashboards import REACT_PANELS, dashboards, panel_queries
-from primespark.monitoring.files import ALERTMANAGER_YML, dump_yaml, monitoring_files, write_files
+from primespark.monitoring.files import ALERTMANAGER_YML, dump_yaml, grafana_datasource, monitoring_files, write_files
 from primespark.monitoring.paths import SECRETS_DIR
 from primespark.monitoring.scrape import Target, monitored_hosts, prometheus_config
 from primespark.monitoring.status import PrometheusApi, gather
@@ -92,16 +92,29 @@ def test_production_scrapes_every_running_service_with_metrics() -> None:
     assert jobs["prefect"]["metrics_path"] == "/api/metrics"
     hosts = {c["labels"]["host"] for c in jobs["node"]["static_configs"]}
     assert "kvm-1" in hosts  # a real KVM host runs a node exporter too
-    # the node exporters serve TLS (the tls role); the compose stack's containers do not yet (docs/tls.md)
-    assert jobs["node"]["scheme"] == "https"
-    assert all("scheme" not in jobs[job] for job in ("prometheus", "alertmanager", "grafana", "prefect"))
-    assert "scheme" not in config["alerting"]["alertmanagers"][0]
+    # the node exporters (the tls role) and the compose stack's containers (service_tls) serve only TLS: each is
+    # scraped over https, verified against the fleet CA, and so are alerts sent
+    https = {"scheme": "https", "tls_config": {"ca_file": "/etc/ssl/primespark/ca.pem"}}
+    for job in ("node", "prometheus", "alertmanager", "grafana", "prefect"):
+        assert {k: jobs[job][k] for k in https} == https, job
+    assert {k: config["alerting"]["alertmanagers"][0][k] for k in https} == https
 
 
 def test_a_fleet_without_a_ca_scrapes_plain_http() -> None:
     fleet = load_fleet(REPO / "tests" / "fixtures" / "fleet" / "valid" / "mini-full.yaml")  # the local store
     node = next(j for j in prometheus_config(fleet, overlays(fleet))["scrape_configs"] if j["job_name"] == "node")
     assert "scheme" not in node and "tls_config" not in node
+    source = grafana_datasource(fleet)["datasources"][0]
+    assert source["url"].startswith("http://") and "secureJsonData" not in source
+
+
+def test_grafana_reads_prometheus_over_tls_verified_by_the_fleet_ca() -> None:
+    [source] = grafana_datasource(HOMELAB)["datasources"]
+    prometheus = HOMELAB.services["prometheus"]
+    assert source["url"] == f"https://{HOMELAB.hosts[prometheus.host].address}:{prometheus.port}"
+    assert source["jsonData"]["tlsAuthWithCACert"] is True
+    # Grafana reads the CA file when it provisions (public; the container mounts the host's folder)
+    assert source["secureJsonData"] == {"tlsCACert": "$__file{/etc/ssl/primespark/ca.pem}"}
 
 
 def test_an_unplanned_mesh_is_a_clear_error() -> None:

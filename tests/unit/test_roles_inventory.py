@@ -49,7 +49,7 @@ def test_the_ssh_user_is_an_operator_with_the_environment_key(hostvars: dict) ->
 def test_monitoring_and_time_come_from_the_fleet(hostvars: dict) -> None:
     pi = hostvars["pi-1"]
     assert pi["spark_node_exporter_port"] == 9100
-    assert pi["spark_tls"] == {"folder": "/etc/ssl/primespark", "group": "primespark-tls",
+    assert pi["spark_tls"] == {"folder": "/etc/ssl/primespark", "group": "primespark-tls", "gid": 8443,
                                "web_config": "/etc/ssl/primespark/web.yml"}, "the lab has a CA"
     # the lab's Prometheus and Alertmanager are Debian's, on ops-1: they serve only TLS too
     assert hostvars["ops-1"]["spark_monitoring"]["tls"] is True

@@ -48,7 +48,7 @@ def test_a_failing_lookup_shows_its_own_error(role: str, tmp_path: Path) -> None
         "hosts": "pi-1", "gather_facts": False, "check_mode": True,
         "vars": {"spark_fleet": str(missing), "spark_site": "edge", "ansible_user": "spark",
                  "spark_textfile_dir": "/var/lib/node_exporter",
-                 "spark_tls": {"folder": str(tmp_path / "tls"), "group": "root",
+                 "spark_tls": {"folder": str(tmp_path / "tls"), "group": "root", "gid": 0,
                                "web_config": str(tmp_path / "web.yml")}},
         "roles": [role],
     }]))

@@ -122,6 +122,8 @@ def test_a_host_renews_its_own_certificate_when_due(applied: PkiPlan, fresh_vaul
     assert stat.S_IMODE((folder / "cert.pem").stat().st_mode) == stat.S_IMODE((folder / "ca.pem").stat().st_mode) \
         == 0o644
     assert not (folder / "key.pem").exists(), "the key is in served.pem only"
+    # PKCS#8, the one form every server reads (Kafka's PEM key store reads no other)
+    assert served.read_text().startswith("-----BEGIN PRIVATE KEY-----\n")
     server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_side.load_cert_chain(served, served)  # the key is the certificate's: a server can serve the pair
     client_side = ssl.create_default_context(cafile=str(folder / "ca.pem"))
@@ -223,3 +225,44 @@ def test_two_runs_at_once_take_turns(applied: PkiPlan, fresh_vault: DevServer, t
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
     lines = sorted(r.stdout.split(" ", 1)[1] for r in runs)
     assert lines[0].startswith("pi-1: kept (not due)") and lines[1].startswith("pi-1: renewed (no certificate yet)")
+
+
+def test_after_a_renewal_it_reloads_the_servers_that_do_not_re_read(applied: PkiPlan, fresh_vault: DevServer,
+                                                                     tmp_path: Path) -> None:
+    """The compose stack's Postgres, Redis, Kafka and MLflow take a renewed certificate only when told: the
+    renewer runs their reload commands after a renewal (not when it kept the certificate), and one that fails is
+    tried again at every run until it succeeds, failing each run meanwhile."""
+    config_file = host_config(fresh_vault, applied, "pi-1", tmp_path)
+    log = tmp_path / "reloads.log"
+    allowed = tmp_path / "reload-works"
+    data = json.loads(config_file.read_text())
+    second = f"test -e {allowed} || {{ echo 'not ready' >&2; exit 3; }}; echo second >> {log}"
+    data["reload"] = [["/bin/sh", "-c", f"echo first >> {log}"], ["/bin/sh", "-c", second]]
+    config_file.write_text(json.dumps(data))
+    folder = tmp_path / "tls"
+
+    failed = as_the_host_runs_it(config_file)
+    assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
+    assert "renewed the certificate, but the servers that do not re-read it were not all reloaded" in failed.stderr
+    assert "exited 3: not ready" in failed.stderr
+    serial = load(folder).serial_number  # the renewal itself is kept
+    assert log.read_text() == "first\n" and (folder / tls_renewer.RELOAD_PENDING).exists()
+
+    still = as_the_host_runs_it(config_file)  # not due, but the reload is still owed
+    assert still.returncode == 1 and "kept the certificate, but" in still.stderr
+    allowed.write_text("")
+    done = as_the_host_runs_it(config_file)
+    assert done.returncode == 0 and "pi-1: kept (not due)" in done.stdout and "reloaded 2 service(s)" in done.stdout
+    assert log.read_text() == "first\nfirst\nfirst\nsecond\n"
+    assert not (folder / tls_renewer.RELOAD_PENDING).exists() and load(folder).serial_number == serial
+
+    quiet = as_the_host_runs_it(config_file)
+    assert quiet.returncode == 0 and "reloaded" not in quiet.stdout and log.read_text().count("\n") == 4
+    forced = as_the_host_runs_it(config_file, "--force")
+    assert forced.returncode == 0 and "renewed (forced)" in forced.stdout and "reloaded 2 service(s)" in forced.stdout
+    assert log.read_text().endswith("first\nsecond\n") and log.read_text().count("\n") == 6
+
+    data["reload"] = [["ok"], "not a command"]
+    config_file.write_text(json.dumps(data))
+    bad = as_the_host_runs_it(config_file)
+    assert bad.returncode == 1 and "not text: reload (a list of commands, each a list of strings)" in bad.stderr

@@ -59,7 +59,7 @@ def urls(env: EnvOption = "lab") -> None:
     for name, kind in running_services(fleet).items():
         if kind.value in titles:
             svc = fleet.services[name]
-            typer.echo(f"{titles[kind.value]:<20}{service_url(fleet, svc.host, svc.port, kind)}")
+            typer.echo(f"{titles[kind.value]:<20}{service_url(fleet, svc.host, svc.port)}")
 
 
 def status(

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from primespark.cloud import service_tls
 from primespark.cloud.catalog import RECIPES, readable_services, secret_path
 from primespark.cloud.cloudinit import SECRET_ID_FILE, File, images_dir
 from primespark.errors import UserError
@@ -18,7 +19,7 @@ from primespark.fleet.model import Fleet, ServiceKind
 from primespark.monitoring import files as mon
 from primespark.monitoring.paths import CONFIG_DIR, HOST_SECRETS_DIR
 from primespark.monitoring.paths import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
-from primespark.pki import HOST_TLS_FOLDER, serves_tls
+from primespark.pki import TLS_GID, serves_tls
 
 STACK_DIR = "/opt/primespark"
 COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
@@ -48,10 +49,16 @@ def endpoints(fleet: Fleet) -> dict[str, dict[str, Any]]:
 
 
 def _url(fleet: Fleet, service: str) -> str:
+    """Where clients reach a service; with the fleet CA, the TLS form each client library knows, verified against
+    the CA file every container and host has (service_tls.CA)."""
     svc = fleet.services[service]
-    scheme = {ServiceKind.timescaledb: "postgres", ServiceKind.redis: "redis", ServiceKind.kafka: "kafka"}.get(
-        svc.kind, "http")
-    return f"{scheme}://{fleet.hosts[svc.host].address}:{svc.port}"
+    tls = serves_tls(fleet)
+    where = f"{fleet.hosts[svc.host].address}:{svc.port}"
+    if svc.kind is ServiceKind.timescaledb:
+        return f"postgres://{where}" + (f"/?sslmode=verify-full&sslrootcert={service_tls.CA}" if tls else "")
+    scheme = {ServiceKind.redis: ("redis", "rediss"), ServiceKind.kafka: ("kafka", "kafka+ssl")}.get(
+        svc.kind, ("http", "https"))
+    return f"{scheme[tls]}://{where}"
 
 
 def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
@@ -59,48 +66,62 @@ def _compose_service(fleet: Fleet, name: str) -> dict[str, Any]:
     recipe = RECIPES[svc.kind]
     address = fleet.hosts[svc.host].address
     inner = recipe.container_port or svc.port
+    tls = service_tls.served_tls(fleet, name)
     environment = dict(recipe.environment)
-    if svc.kind is ServiceKind.kafka:
+    if svc.kind is ServiceKind.kafka and tls is None:
         environment |= {"KAFKA_LISTENERS": f"PLAINTEXT://:{svc.port},CONTROLLER://:9093",
                         "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://{address}:{svc.port}"}
+    elif svc.kind is ServiceKind.kafka:  # its server.properties says it all (service_tls.kafka_properties)
+        environment = {}
     for other in recipe.consumes:
         for peer_name, peer in sorted(fleet.services.items()):
             if peer.kind is other:
                 environment[f"{other.value.upper()}_URL"] = _url(fleet, peer_name)
+    if svc.kind is ServiceKind.prefect:  # the browser reaches the API where the UI was served from
+        environment["PREFECT_UI_API_URL"] = f"{'https' if tls else 'http'}://{address}:{svc.port}/api"
     env_files = [f"{SECRETS_DIR}/{n}.env" for n in _secret_sources(fleet, name)]
     # Published on the LAN address only: Docker's DNAT bypasses the input firewall, so never on 0.0.0.0.
     image = svc.image or recipe.image  # the fleet loader refuses a service that has neither
     entry: dict[str, Any] = {"image": image, "restart": "unless-stopped",
-                             "ports": [f"{address}:{svc.port}:{inner}"]}
-    if environment:
-        entry["environment"] = environment
+                             "ports": [f"{address}:{svc.port}:{inner}"],
+                             "labels": {service_tls.KIND_LABEL: svc.kind.value}}
     if env_files:
         entry["env_file"] = env_files
-    if svc.kind is ServiceKind.prefect:  # the browser reaches the API where the UI was served from
-        environment["PREFECT_UI_API_URL"] = f"http://{address}:{svc.port}/api"
-        entry["environment"] = environment
     command, mounts = _monitoring(fleet, svc.kind)
-    if recipe.command or command:
-        entry["command"] = list(recipe.command or command)
+    command = list(recipe.command or command)
     volumes = [f"/srv/{name}/data:{recipe.data_dir}"] if recipe.data_dir else []
     volumes += mounts
-    if volumes:
-        entry["volumes"] = volumes
+    if tls is not None:
+        _add_tls(entry, svc.kind, tls, environment, command, volumes)
+    for key, value in (("environment", environment), ("command", command), ("volumes", volumes)):
+        if value:
+            entry[key] = value
     if recipe.healthcheck:
         entry["healthcheck"] = {"test": list(recipe.healthcheck), "interval": "30s", "retries": 5}
     return entry
 
 
+def _add_tls(entry: dict[str, Any], kind: ServiceKind, tls: service_tls.ServedTls, environment: dict[str, str],
+             command: list[str], volumes: list[str]) -> None:
+    """Merge how the service serves TLS into its compose entry (in place)."""
+    environment |= tls.environment
+    entry["group_add"] = [str(TLS_GID)]  # served.pem is 0640 root:primespark-tls, the same number everywhere
+    if tls.entrypoint:
+        entry["entrypoint"] = list(tls.entrypoint)
+    if tls.command:  # the Prometheus pair takes one flag more; the others a command of their own
+        command[:] = [*command, *tls.command] if kind in (ServiceKind.prometheus, ServiceKind.alertmanager) \
+            else list(tls.command)
+    volumes += tls.volumes
+
+
 def _monitoring(fleet: Fleet, kind: ServiceKind) -> tuple[list[str], list[str]]:
     """The command and read-only mounts that give a monitoring container the generated files."""
     here = MONITORING_DIR
-    ca = HOST_TLS_FOLDER / "ca.pem"  # public; where prometheus.yml names it: node exporters are scraped over TLS
-    fleet_ca = [f"{ca}:{ca}:ro"] if serves_tls(fleet) else []
     if kind is ServiceKind.prometheus:
         return ([f"--config.file={CONFIG_DIR}/{mon.PROMETHEUS_YML}", "--storage.tsdb.path=/prometheus",
                  f"--storage.tsdb.retention.time={fleet.monitoring.retention}", "--web.enable-lifecycle"],
                 [f"{here}/{mon.PROMETHEUS_YML}:{CONFIG_DIR}/{mon.PROMETHEUS_YML}:ro",
-                 f"{here}/rules:{CONFIG_DIR}/rules:ro", *fleet_ca])
+                 f"{here}/rules:{CONFIG_DIR}/rules:ro"])
     if kind is ServiceKind.alertmanager:
         return ([f"--config.file={CONFIG_DIR}/{mon.ALERTMANAGER_YML}", "--storage.path=/alertmanager"],
                 [f"{here}/{mon.ALERTMANAGER_YML}:{CONFIG_DIR}/{mon.ALERTMANAGER_YML}:ro",
@@ -162,6 +183,9 @@ def stack_files(fleet: Fleet, host: str, vault: VaultTarget, monitoring: Mapping
             f"ExecStop=/usr/bin/docker-compose -f {COMPOSE_FILE} down\n", "multi-user.target",
             after="docker.service primespark-secrets.service", wants="docker.service")),
     ]
+    for name in sorted(fleet.services_on(host)):
+        tls = service_tls.served_tls(fleet, name)
+        files += [File(path, content) for path, content in sorted((tls.files if tls else {}).items())]
     if any(s.kind in MONITORING_KINDS for s in fleet.services_on(host).values()):
         if monitoring is None:
             raise UserError(f"{host} runs monitoring services but no monitoring files were given",

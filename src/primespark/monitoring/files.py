@@ -19,6 +19,7 @@ from primespark.fleet.model import Fleet, ServiceKind
 from primespark.monitoring.alertmanager import alertmanager_config
 from primespark.monitoring.alerts import rule_groups
 from primespark.monitoring.scrape import Overlays, prometheus_config
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 
 PROMETHEUS_YML = "prometheus.yml"
 RULES_YML = "rules/primespark.rules.yml"
@@ -68,10 +69,15 @@ def grafana_datasource(fleet: Fleet) -> dict[str, Any]:
     if prometheus is None:
         raise UserError(f"fleet {fleet.name} places no prometheus service for Grafana to read",
                         "add a service of kind prometheus")
-    url = f"http://{fleet.hosts[prometheus.host].address}:{prometheus.port}"
-    return {"apiVersion": 1, "datasources": [{
+    tls = serves_tls(fleet)
+    url = f"{'https' if tls else 'http'}://{fleet.hosts[prometheus.host].address}:{prometheus.port}"
+    source: dict[str, Any] = {
         "name": "Prometheus", "uid": DATASOURCE_UID, "type": "prometheus", "access": "proxy", "url": url,
-        "isDefault": True, "editable": False, "jsonData": {"timeInterval": fleet.monitoring.scrape_interval}}]}
+        "isDefault": True, "editable": False, "jsonData": {"timeInterval": fleet.monitoring.scrape_interval}}
+    if tls:  # verified against the fleet CA only; Grafana reads the file when it provisions ($__file, public)
+        source["jsonData"]["tlsAuthWithCACert"] = True
+        source["secureJsonData"] = {"tlsCACert": f"$__file{{{HOST_TLS_FOLDER / 'ca.pem'}}}"}
+    return {"apiVersion": 1, "datasources": [source]}
 
 
 def grafana_dashboard_provider() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from primespark.errors import UserError
 from primespark.fleet.model import Fleet, ServiceKind
 from primespark.inventory import managed_hosts
 from primespark.monitoring.paths import RULES_FILE
-from primespark.pki import HOST_TLS_FOLDER, serves_tls, service_serves_tls
+from primespark.pki import HOST_TLS_FOLDER, serves_tls
 
 NODE_JOB = "node"
 # How Prometheus reaches a target that serves TLS: verified against the fleet CA, which the tls role puts on every
@@ -97,7 +97,7 @@ def targets(fleet: Fleet, prometheus_host: str, overlays: Overlays) -> list[Targ
             continue
         svc = fleet.services[name]
         out.append(Target(name, svc.host, f"{address_from(fleet, prometheus_host, svc.host, overlays)}:{svc.port}",
-                          path, service_serves_tls(fleet, kind)))
+                          path, serves_tls(fleet)))
     return out
 
 
@@ -136,7 +136,7 @@ def prometheus_config(fleet: Fleet, overlays: Overlays) -> dict[str, Any]:
     }
     if managers := alertmanager_addresses(fleet, hosts[0], overlays):
         alertmanagers: dict[str, Any] = {"static_configs": [{"targets": managers}]}
-        if service_serves_tls(fleet, ServiceKind.alertmanager):
+        if serves_tls(fleet):
             alertmanagers.update(HTTPS)
         config["alerting"] = {"alertmanagers": [alertmanagers]}
     config["scrape_configs"] = scrape_configs

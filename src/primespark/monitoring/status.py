@@ -21,7 +21,7 @@ from primespark.monitoring import metrics as m
 from primespark.monitoring.alerts import EXPORT_STALE_SECONDS
 from primespark.monitoring.promql import selector
 from primespark.monitoring.scrape import NODE_JOB, monitored_hosts
-from primespark.pki import service_serves_tls
+from primespark.pki import serves_tls
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ def prometheus_url(fleet: Fleet) -> str:
     if service is None:
         raise UserError(f"fleet {fleet.name} places no prometheus service, so there is nothing to ask",
                         "add a service of kind prometheus to the fleet")
-    return service_url(fleet, service.host, service.port, service.kind)
+    return service_url(fleet, service.host, service.port)
 
 
-def service_url(fleet: Fleet, host: str, port: int, kind: ServiceKind) -> str:
+def service_url(fleet: Fleet, host: str, port: int) -> str:
     """Where the controller reaches a fleet service: its host's LAN address, over https where it serves TLS (the
     address is in its certificate)."""
-    scheme = "https" if service_serves_tls(fleet, kind) else "http"
+    scheme = "https" if serves_tls(fleet) else "http"
     return f"{scheme}://{fleet.hosts[host].address}:{port}"
 
 
