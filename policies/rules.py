@@ -145,16 +145,31 @@ def no_plaintext_secrets(args: StackValidationArgs, report_violation: ReportViol
                     break
 
 
-def _compose_ports(user_data: str) -> Iterator[str]:
+def _written_files(user_data: str) -> dict[str, str]:
+    """Path -> content of the files a cloud-init user-data writes (write_files)."""
     try:
         document = yaml.load(user_data, Loader=_YAML) or {}  # noqa: S506 a safe loader (CSafeLoader or SafeLoader)
     except yaml.YAMLError:
-        return
-    for item in document.get("write_files") or []:
-        if str(item.get("path", "")).endswith("compose.yaml"):
-            compose = yaml.load(item.get("content") or "", Loader=_YAML) or {}  # noqa: S506 a safe loader (CSafeLoader or SafeLoader)
-            for service in (compose.get("services") or {}).values():
-                yield from (str(p) for p in service.get("ports") or [])
+        return {}
+    items = document.get("write_files") if isinstance(document, dict) else None
+    return {str(i.get("path", "")): str(i.get("content") or "") for i in items or [] if isinstance(i, dict)}
+
+
+def _compose_services(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for path, content in files.items():
+        if path.endswith("compose.yaml"):
+            try:
+                compose = yaml.load(content, Loader=_YAML) or {}  # noqa: S506 a safe loader (CSafeLoader or SafeLoader)
+            except yaml.YAMLError:
+                continue
+            found |= {str(n): s for n, s in (compose.get("services") or {}).items() if isinstance(s, dict)}
+    return found
+
+
+def _compose_ports(user_data: str) -> Iterator[str]:
+    for service in _compose_services(_written_files(user_data)).values():
+        yield from (str(p) for p in service.get("ports") or [])
 
 
 def public_exposure(args: StackValidationArgs, report_violation: ReportViolation) -> None:
@@ -175,6 +190,104 @@ def public_exposure(args: StackValidationArgs, report_violation: ReportViolation
                 if bind != lan_address:
                     report_violation(f"VM {vm.name} publishes container port {port!r} beyond its LAN address "
                                      f"{lan_address}: bind published ports to the LAN address", vm.urn)
+
+
+KIND_LABEL = "io.primespark.kind"  # primespark.cloud.service_tls.KIND_LABEL
+TLS_FOLDER = "/etc/ssl/primespark"
+LOOPBACK = ("127.0.0.1/32", "::1/128", "localhost", "127.0.0.1", "::1", "samehost")
+
+
+def _mounted(service: Mapping[str, Any], files: Mapping[str, str], inside: str) -> str | None:
+    """The content of the written file that the container sees at `inside`, if a volume mounts one there."""
+    for volume in service.get("volumes") or []:
+        parts = str(volume).split(":")
+        if len(parts) >= 2 and parts[1] == inside:
+            return files.get(parts[0])
+    return None
+
+
+def _flag(words: list[str], name: str) -> str | None:
+    """The value of `name` in a command: `-c name=value` (Postgres), `--name=value` or `--name value`."""
+    for i, word in enumerate(words):
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+def _postgres_plaintext(service: Mapping[str, Any], files: Mapping[str, str]) -> str | None:
+    words = [str(w) for w in service.get("command") or []]
+    if _flag(words, "ssl") != "on":
+        return "its command does not set ssl=on"
+    hba = _mounted(service, files, _flag(words, "hba_file") or "")
+    if hba is None:
+        return "its hba_file is not a file the seed writes and mounts"
+    for line in hba.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 4 or fields[0] not in ("host", "hostnossl"):
+            continue  # local (the socket), hostssl, and hostgssenc lines need no check
+        address = fields[3]
+        if fields[-1] != "reject" and address not in LOOPBACK:
+            return f"its pg_hba.conf admits plaintext from {address} ({fields[0]} without reject)"
+    return None
+
+
+def _kafka_plaintext(service: Mapping[str, Any], files: Mapping[str, str]) -> str | None:
+    words = " ".join(str(w) for w in service.get("command") or []).split()
+    config_path = next((w for w in words if w.endswith("server.properties")), "")
+    text = _mounted(service, files, config_path)
+    if text is None:
+        return "it does not start from a server.properties the seed writes and mounts"
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    protocols = dict(p.split(":", 1) for p in props.get("listener.security.protocol.map", "").split(",") if ":" in p)
+    for listener in filter(None, props.get("listeners", "").split(",")):
+        name, _, where = listener.partition("://")
+        host = where.rpartition(":")[0]
+        if host not in LOOPBACK and protocols.get(name, name) not in ("SSL", "SASL_SSL"):
+            return f"its listener {listener} is {protocols.get(name, name)}, not SSL"
+    return None
+
+
+def _plaintext_reason(kind: str, service: Mapping[str, Any], files: Mapping[str, str]) -> str | None:
+    """Why the service's published listener may answer plaintext, or None when it serves only TLS. Each kind is
+    judged by its own server's settings in the seed, not by what the generator meant."""
+    words = [str(w) for w in service.get("command") or []]
+    line = " ".join(words)
+    environment = service.get("environment") or {}
+    if kind == "timescaledb":
+        return _postgres_plaintext(service, files)
+    if kind == "kafka":
+        return _kafka_plaintext(service, files)
+    if kind == "redis":
+        return None if "--port 0" in line and "--tls-port" in line else "it does not set --port 0 and --tls-port"
+    if kind == "mlflow":
+        return None if "--certfile=" in line and "--keyfile=" in line else "its gunicorn has no --certfile/--keyfile"
+    if kind == "grafana":
+        return None if environment.get("GF_SERVER_PROTOCOL") in ("https", "h2") else "GF_SERVER_PROTOCOL is not https"
+    if kind in ("prometheus", "alertmanager"):
+        return None if any(w.startswith("--web.config.file=") for w in words) else "it has no --web.config.file"
+    if kind == "prefect":
+        return None if _flag(words, "--tls") else "its server has no --tls"
+    if kind == "api":
+        return None if environment.get("PRIMESPARK_TLS_CERT") else "PRIMESPARK_TLS_CERT (its TLS contract) is unset"
+    return f"it is of kind {kind or '(no io.primespark.kind label)'}, which this policy cannot judge"
+
+
+def no_plaintext_listeners(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    for disk in (r for r in args.resources if r.resource_type == CLOUD_INIT):
+        files = _written_files(str(disk.props.get("userData") or ""))
+        for name, service in sorted(_compose_services(files).items()):
+            if not service.get("ports"):
+                continue  # publishes nothing: reachable from its own compose network only
+            kind = str((service.get("labels") or {}).get(KIND_LABEL, ""))
+            why = _plaintext_reason(kind, service, files)
+            if why is None and not any(str(v).startswith(f"{TLS_FOLDER}:") for v in service.get("volumes") or []):
+                why = f"it does not mount the host's certificate folder {TLS_FOLDER}"
+            if why is not None:
+                report_violation(f"{disk.name}: service {name} may answer in plaintext beyond loopback: {why}. "
+                                 "Give the fleet its CA (secrets.backend: vault) so every service serves TLS "
+                                 "(docs/tls.md)", disk.urn)
 
 
 POLICIES = [
@@ -198,4 +311,9 @@ POLICIES = [
         name="public-exposure",
         description="Only WireGuard and SSH are reachable from public networks.",
         validate=public_exposure, enforcement_level=EnforcementLevel.MANDATORY),
+    StackValidationPolicy(
+        name="no-plaintext-listeners",
+        description="Every service a VM publishes serves only TLS with its host's certificate; plaintext stays on "
+        "loopback.",
+        validate=no_plaintext_listeners, enforcement_level=EnforcementLevel.MANDATORY),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pulumi_policy import (
@@ -133,6 +134,97 @@ def test_public_exposure():
         assert "beyond its LAN address" in published
 
 
+def _seeds(fleet, mutate=None) -> list[PolicyResource]:
+    """The seeds of the fleet's VMs with services, as the program renders them; `mutate(compose, files)` first
+    edits the compose services and written files of every seed (a fixture of a regression)."""
+    import yaml
+
+    from primespark.cloud.cloudinit import File, vm_seed
+    from primespark.cloud.services import VaultTarget, stack_files
+    from primespark.mesh.plan import allocate
+    from primespark.monitoring.files import monitoring_files
+
+    overlays = {m: allocate(fleet.mesh_members(m), fleet.meshes[m].overlay, None)[0] for m in fleet.meshes}
+    monitoring = monitoring_files(fleet, overlays)
+    out = []
+    for host in sorted({s.host for s in fleet.services.values()}):
+        files = {f.path: f for f in stack_files(fleet, host, VaultTarget("https://vault.example.org:8200"),
+                                                monitoring)}
+        if mutate is not None:
+            compose = yaml.safe_load(files["/opt/primespark/compose.yaml"].content)
+            texts = {path: f.content for path, f in files.items()}
+            mutate(compose["services"], texts)
+            texts["/opt/primespark/compose.yaml"] = yaml.safe_dump(compose)
+            files = {path: File(path, content) for path, content in texts.items()}
+        seed = vm_seed(fleet, host, files=list(files.values()), automation_keys=[])
+        vm = resource(rules.VM, host, {"address": str(fleet.hosts[host].address)})
+        out += [vm, resource(rules.CLOUD_INIT, f"{host}-seed", {"userData": seed.user_data}, vm)]
+    return out
+
+
+def _edit(service: str, change):
+    def mutate(services: dict, files: dict) -> None:
+        if service in services:
+            change(services[service], files)
+    return mutate
+
+
+def _drop_flag(flag: str):
+    def change(service: dict, _files: dict) -> None:
+        service["command"] = [w.replace(flag, "") if isinstance(w, str) else w for w in service["command"]]
+    return change
+
+
+PLAINTEXT_FIXTURES = {  # a regression of one service -> what the violation says of it
+    "postgres without ssl": (_edit("timescaledb", _drop_flag("ssl=on")), "timescaledb", "ssl=on"),
+    "postgres admitting plaintext": (
+        _edit("timescaledb", lambda s, f: f.update({"/opt/primespark/timescaledb/pg_hba.conf":
+                                                     "host all all 0.0.0.0/0 scram-sha-256\n"})),
+        "timescaledb", "admits plaintext from 0.0.0.0/0"),
+    "redis on its plain port": (_edit("redis", _drop_flag("--port 0")), "redis", "--port 0"),
+    "kafka with a plaintext listener": (
+        _edit("kafka", lambda s, f: f.update({"/opt/primespark/kafka/server.properties": f[
+            "/opt/primespark/kafka/server.properties"].replace("SSL:SSL", "SSL:PLAINTEXT")})),
+        "kafka", "is PLAINTEXT, not SSL"),
+    "mlflow without a certificate": (_edit("mlflow", _drop_flag("--certfile=")), "mlflow", "--certfile"),
+    "grafana over http": (_edit("grafana", lambda s, f: s["environment"].pop("GF_SERVER_PROTOCOL")), "grafana",
+                          "GF_SERVER_PROTOCOL"),
+    "prometheus without its web config": (_edit("prometheus", lambda s, f: s["command"].pop()), "prometheus",
+                                          "--web.config.file"),
+    "prefect without tls": (_edit("prefect", lambda s, f: s["command"].remove("--tls")), "prefect", "--tls"),
+    "api without its contract": (_edit("api", lambda s, f: s["environment"].pop("PRIMESPARK_TLS_CERT")), "api",
+                                 "PRIMESPARK_TLS_CERT"),
+    "no certificate folder": (_edit("alertmanager", lambda s, f: s["volumes"].pop()), "alertmanager",
+                              "certificate folder"),
+    "an unknown kind": (_edit("redis", lambda s, f: s.pop("labels")), "redis", "cannot judge"),
+}
+
+
+def test_no_plaintext_listeners_passes_the_fleets_seeds():
+    from primespark.fleet import load_fleet
+
+    assert check_stack(rules.no_plaintext_listeners, _seeds(load_fleet("homelab"))) == []
+
+
+@pytest.mark.parametrize("case", sorted(PLAINTEXT_FIXTURES))
+def test_no_plaintext_listeners_names_the_service_and_why(case):
+    from primespark.fleet import load_fleet
+
+    mutate, service, why = PLAINTEXT_FIXTURES[case]
+    [message] = check_stack(rules.no_plaintext_listeners, _seeds(load_fleet("homelab"), mutate))
+    assert f"service {service} may answer in plaintext" in message and why in message
+
+
+def test_a_fleet_without_a_ca_fails_no_plaintext_listeners():
+    from primespark.fleet import load_fleet
+
+    fleet = load_fleet(Path(__file__).parents[1] / "fixtures" / "fleet" / "valid" / "mini-full.yaml")
+    found = check_stack(rules.no_plaintext_listeners, _seeds(fleet))
+    assert {m.split(":")[1].strip() for m in found} == {f"service {n} may answer in plaintext beyond loopback"
+                                                         for n in fleet.services}
+    assert all("secrets.backend: vault" in m for m in found)
+
+
 @pytest.mark.parametrize("env", ["homelab", "lab"])
 def test_the_real_program_passes_every_policy(env, tmp_path, monkeypatch):
     from primespark.cloud.plan import plan
@@ -145,4 +237,4 @@ def test_the_real_program_passes_every_policy(env, tmp_path, monkeypatch):
     finally:
         get_settings.cache_clear()
     assert result.violations == []
-    assert len(rules.POLICIES) == 5
+    assert len(rules.POLICIES) == 6
