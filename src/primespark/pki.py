@@ -150,7 +150,7 @@ def tls_policy(fleet: Fleet, host: str, names: tuple[str, ...], addresses: tuple
     ips = list(dict.fromkeys([sent["ip_sans"], *addresses]))
     template = hcl_templates(root or policies_dir()).get_template("tls-host.hcl.j2")
     return template.render(fleet=fleet.name, host=host, mount=mount_of(fleet.name), role=host, names=list(names),
-                           alt_names=alt, ip_sans=ips)
+                           alt_names=alt, ip_sans=ips, policy=policy_name(fleet.name, host))
 
 
 def pki_plan(fleet: Fleet, overlays: Mapping[str, Mapping[str, IPv4Address]], root: Path | None = None) -> PkiPlan:
@@ -475,10 +475,14 @@ def served_plan(client: Any, fleet_name: str, host: str) -> PkiPlan:
     may read its own role). A host renews from this, not from a fleet file and mesh plan of its own, so it asks
     for exactly what the deployer's last apply allowed."""
     mount = mount_of(fleet_name)
+    policy = policy_name(fleet_name, host)
     role = client.secrets.pki.read_role(host, mount_point=mount)["data"]
     names = sorted(role["allowed_domains"], key=lambda n: (n != host, n))  # the host's name first: the CN
-    addresses = tuple(str(c).removesuffix("/32") for c in role.get("allowed_ip_sans_cidr") or [])
-    tls = HostTls(host, host, tuple(names), addresses, policy_name(fleet_name, host), "")
+    if "allowed_ip_sans_cidr" in role:  # OpenBao
+        addresses = tuple(str(c).removesuffix("/32") for c in role["allowed_ip_sans_cidr"] or [])
+    else:  # HashiCorp Vault: the role holds no addresses; the host's policy allows exactly the apply's
+        addresses = tls_renewer.policy_addresses(client.read(f"sys/policies/acl/{policy}")["data"]["policy"])
+    tls = HostTls(host, host, tuple(names), addresses, policy, "")
     return PkiPlan(fleet_name, mount, "", max(1, int(role["max_ttl"]) // 3600), {host: tls})
 
 

@@ -32,6 +32,7 @@ import fcntl
 import grp
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -214,10 +215,26 @@ class Role:
     lifetime_seconds: int
 
 
-def read_role(store: Store, mount: str, host: str) -> Role:
+def policy_addresses(policy: str) -> tuple[str, ...]:
+    """The IP addresses a host's TLS policy lets it ask for (the `ip_sans` values of its issue path, JSON lists as
+    primespark.pki renders them: the whole comma list, then each address)."""
+    found = re.search(r'"ip_sans"\s*=\s*(\[[^\]]*\])', policy)
+    if found is None:
+        raise RenewError("the host's TLS policy names no ip_sans: apply the fleet again (`spark up`)")
+    values = json.loads(found.group(1))
+    return tuple(dict.fromkeys(a for value in values for a in str(value).split(",") if a))
+
+
+def read_role(store: Store, mount: str, host: str, policy: str) -> Role:
+    """The host's names and lifetime from its PKI role; its addresses from the role where the server keeps them
+    there (OpenBao's allowed_ip_sans_cidr), else (HashiCorp Vault, whose roles have no such field) from the host's
+    own policy, which allows exactly the last apply's."""
     data = store.call("GET", f"{mount}/roles/{host}")["data"]
     names = tuple(sorted(data["allowed_domains"], key=lambda n: (n != host, n)))
-    addresses = tuple(str(c).removesuffix("/32") for c in data.get("allowed_ip_sans_cidr") or [])
+    if "allowed_ip_sans_cidr" in data:
+        addresses = tuple(str(c).removesuffix("/32") for c in data["allowed_ip_sans_cidr"] or [])
+    else:
+        addresses = policy_addresses(store.call("GET", f"sys/policies/acl/{policy}")["data"]["policy"])
     return Role(names, addresses, int(data["max_ttl"]))
 
 
@@ -433,7 +450,7 @@ def run(config: Config, force: bool = False, dry_run: bool = False,
                 raise RenewError(f"cannot read the TLS AppRole's secret-id {config.secret_id_file}: "
                                  f"{exc.strerror}") from None
             store.login(config.role_id, secret_id)
-            role = read_role(store, config.mount, config.host)
+            role = read_role(store, config.mount, config.host, config.role_id)  # the AppRole's name is the policy's
             why = reason(current, role.names, role.addresses, now, force)
             if dry_run:
                 return Outcome(False, why or "not due", current)

@@ -287,6 +287,20 @@ def test_a_host_renews_with_its_own_token_through_the_command(lab: Fleet, fresh_
     assert served.hosts["pi-1"].addresses == plan.hosts["pi-1"].addresses and served.lifetime_hours == 24
     with pytest.raises(hvac.exceptions.Forbidden):  # its own role only
         served_plan(host, "lab", "pi-2")
+    # on a HashiCorp Vault the role holds no addresses: they come from the host's own policy, which it may read
+    # (and no other host's)
+    plain_read_role = host.secrets.pki.read_role
+
+    def as_vault_answers(*args: object, **kwargs: object) -> dict:
+        answer = plain_read_role(*args, **kwargs)
+        answer["data"].pop("allowed_ip_sans_cidr")
+        return answer
+
+    monkeypatch.setattr(host.secrets.pki, "read_role", as_vault_answers)
+    assert served_plan(host, "lab", "pi-1").hosts["pi-1"].addresses == plan.hosts["pi-1"].addresses
+    with pytest.raises(hvac.exceptions.Forbidden):
+        host.read(f"sys/policies/acl/{plan.hosts['pi-2'].policy_name}")
+    monkeypatch.undo()
 
     data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
     data["secrets"] = {"backend": "vault", "address": fresh_vault.address, "auth": "token"}

@@ -266,3 +266,32 @@ def test_after_a_renewal_it_reloads_the_servers_that_do_not_re_read(applied: Pki
     config_file.write_text(json.dumps(data))
     bad = as_the_host_runs_it(config_file)
     assert bad.returncode == 1 and "not text: reload (a list of commands, each a list of strings)" in bad.stderr
+
+
+def test_on_a_vault_whose_roles_hold_no_addresses_it_asks_for_the_policy_s(
+        applied: PkiPlan, fresh_vault: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HashiCorp Vault's PKI roles have no allowed_ip_sans_cidr (OpenBao's do): there the renewer reads the
+    addresses from the host's own policy, which allows exactly the last apply's. The server here is OpenBao; its
+    role answers are stripped of the field, as Vault's look. The issue request still goes to the real server,
+    whose policy checks every value."""
+    plain_call = tls_renewer.Store.call
+
+    def as_vault_answers(self: tls_renewer.Store, method: str, path: str, *args: object, **kwargs: object) -> dict:
+        answer = plain_call(self, method, path, *args, **kwargs)  # type: ignore[arg-type]
+        if method == "GET" and "/roles/" in path:
+            answer["data"].pop("allowed_ip_sans_cidr")
+        return answer
+
+    monkeypatch.setattr(tls_renewer.Store, "call", as_vault_answers)
+    config = tls_renewer.Config.read(str(host_config(fresh_vault, applied, "nas-1", tmp_path)))
+    first = tls_renewer.run(config)
+    assert first.renewed, first
+    sans = load(tmp_path / "tls").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(a) for a in sans.get_values_for_type(x509.IPAddress)} == set(applied.hosts["nas-1"].addresses)
+    again = tls_renewer.run(config)
+    assert not again.renewed and again.reason == "not due", "the policy's addresses are the certificate's"
+
+    policy = fresh_vault.client().sys.read_acl_policy(applied.hosts["nas-1"].policy_name)["data"]["policy"]
+    assert tls_renewer.policy_addresses(policy) == applied.hosts["nas-1"].addresses
+    with pytest.raises(tls_renewer.RenewError, match="names no ip_sans"):
+        tls_renewer.policy_addresses('path "x" { capabilities = ["read"] }')
