@@ -23,7 +23,7 @@ from primespark.pki import HOST_TLS_FOLDER, WEB_CONFIG, serves_tls
 FOLDER = str(HOST_TLS_FOLDER)
 SERVED = f"{FOLDER}/served.pem"  # key and certificate in one file (docs/tls.md)
 CA = f"{FOLDER}/ca.pem"
-STACK_DIR = "/opt/primespark"
+STACK_DIR = "/opt/primespark"  # primespark.cloud.services takes these two from here
 COMPOSE = f"{STACK_DIR}/compose.yaml"
 DOCKER_COMPOSE = "/usr/bin/docker-compose"  # as primespark-stack.service runs it
 KIND_LABEL = "io.primespark.kind"  # tells the policy which kind of server a compose service runs

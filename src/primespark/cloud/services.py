@@ -21,8 +21,8 @@ from primespark.monitoring.paths import CONFIG_DIR, HOST_SECRETS_DIR
 from primespark.monitoring.paths import SECRETS_DIR as RECEIVER_SECRETS_MOUNT
 from primespark.pki import TLS_GID, serves_tls
 
-STACK_DIR = "/opt/primespark"
-COMPOSE_FILE = f"{STACK_DIR}/compose.yaml"
+STACK_DIR = service_tls.STACK_DIR
+COMPOSE_FILE = service_tls.COMPOSE  # where the reloads find it too
 SECRETS_DIR = "/etc/primespark/secrets"
 # The monitoring files (primespark.monitoring.files) under one folder, mounted read-only into the containers at
 # the paths the files name; receivers' secrets are files the monitoring_server role writes from the fleet's
