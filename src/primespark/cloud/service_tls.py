@@ -163,7 +163,10 @@ def serve_api_source() -> str:
 
 
 def reload_commands(fleet: Fleet, host: str) -> list[list[str]]:
-    """What `spark-tls-renew` runs on `host` after it renewed the certificate, one argv per service."""
+    """What `spark-tls-renew` runs on `host` after it renewed the certificate, one argv per service. None in a lab:
+    its VMs are containers without a compose stack (primespark.monitoring.scrape.running_services)."""
+    if fleet.lab is not None:
+        return []
     out = []
     for name in sorted(fleet.services_on(host)):
         tls = served_tls(fleet, name)
