@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 CA_TTL_HOURS = 10 * 8_760  # the root outlives any fleet's hosts; rotating it is a deliberate act, not an apply
 CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: two applies never make two CAs
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
-PRIVATE_KEY_FORMAT = "pkcs8"  # "BEGIN PRIVATE KEY": Kafka's PEM key store reads no other; every other server reads it
+PRIVATE_KEY_FORMAT = "pkcs8"  # PKCS#8 PEM: Kafka's PEM key store reads no other; every other server reads it
 TOKEN = {"token_ttl": 900, "token_max_ttl": 3600, "secret_id_ttl": 0}  # a renewal takes seconds
 # Where a host keeps its certificate, key and the fleet CA (TlsFiles): not under /etc/primespark, which the worker
 # role keeps 0700. And the group of the service accounts that serve with them: several services under their own

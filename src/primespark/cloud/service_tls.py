@@ -173,4 +173,3 @@ def reload_commands(fleet: Fleet, host: str) -> list[list[str]]:
         if tls is not None and tls.reload:
             out.append(list(tls.reload))
     return out
-
