@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 CA_TTL_HOURS = 10 * 8_760  # the root outlives any fleet's hosts; rotating it is a deliberate act, not an apply
 CA_ISSUER = "fleet-ca"  # a second root generated at once fails on this name: two applies never make two CAs
 KEY = {"key_type": "ec", "key_bits": 256}  # host keys: P-256, cheap on a Pi
-PRIVATE_KEY_FORMAT = "pkcs8"  # PKCS#8 PEM: Kafka's PEM key store reads no other; every other server reads it
 TOKEN = {"token_ttl": 900, "token_max_ttl": 3600, "secret_id_ttl": 0}  # a renewal takes seconds
 # Where a host keeps its certificate, key and the fleet CA (TlsFiles): not under /etc/primespark, which the worker
 # role keeps 0700. And the group of the service accounts that serve with them: several services under their own
@@ -137,7 +136,7 @@ def issue_params(names: tuple[str, ...], addresses: tuple[str, ...]) -> dict[str
     """What a host's issue request sends besides the lifetime: the first name as the CN, the others and the
     addresses as comma lists (the form the host's policy allows, value for value)."""
     return {"common_name": names[0], "alt_names": ",".join(names[1:]), "ip_sans": ",".join(addresses),
-            "private_key_format": PRIVATE_KEY_FORMAT}
+            "private_key_format": tls_renewer.PRIVATE_KEY_FORMAT}
 
 
 def tls_policy(fleet: Fleet, host: str, names: tuple[str, ...], addresses: tuple[str, ...],
@@ -476,14 +475,10 @@ def served_plan(client: Any, fleet_name: str, host: str) -> PkiPlan:
     for exactly what the deployer's last apply allowed."""
     mount = mount_of(fleet_name)
     policy = policy_name(fleet_name, host)
-    role = client.secrets.pki.read_role(host, mount_point=mount)["data"]
-    names = sorted(role["allowed_domains"], key=lambda n: (n != host, n))  # the host's name first: the CN
-    if "allowed_ip_sans_cidr" in role:  # OpenBao
-        addresses = tuple(str(c).removesuffix("/32") for c in role["allowed_ip_sans_cidr"] or [])
-    else:  # HashiCorp Vault: the role holds no addresses; the host's policy allows exactly the apply's
-        addresses = tls_renewer.policy_addresses(client.read(f"sys/policies/acl/{policy}")["data"]["policy"])
-    tls = HostTls(host, host, tuple(names), addresses, policy, "")
-    return PkiPlan(fleet_name, mount, "", max(1, int(role["max_ttl"]) // 3600), {host: tls})
+    role = tls_renewer.role_of(client.secrets.pki.read_role(host, mount_point=mount)["data"], host,
+                               lambda: client.read(f"sys/policies/acl/{policy}")["data"]["policy"])
+    tls = HostTls(host, host, role.names, role.addresses, policy, "")
+    return PkiPlan(fleet_name, mount, "", max(1, role.lifetime_seconds // 3600), {host: tls})
 
 
 def lifetime(cert: x509.Certificate) -> timedelta:

@@ -40,13 +40,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 CONFIG = "/etc/spark/tls-renew.json"
 RENEW_AT = 2 / 3  # step-ca's rule: renew at two thirds of a certificate's life
 TIMEOUT_SECONDS = 30.0  # every request to the store
 LOCK_WAIT_SECONDS = 120.0  # a run from cron and one from site.yml never write at once
+PRIVATE_KEY_FORMAT = "pkcs8"  # PKCS#8 PEM: Kafka's PEM key store reads no other; every other server reads it
 RELOAD_SECONDS = 60.0  # each reload command (a `docker-compose exec` included)
 RELOAD_PENDING = ".reload-pending"  # in the folder: a renewal whose reloads have not all succeeded yet
 # primespark.monitoring.metrics: TLS_NOT_BEFORE and TLS_NOT_AFTER (a unit test keeps the names equal)
@@ -225,17 +226,22 @@ def policy_addresses(policy: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(a for value in values for a in str(value).split(",") if a))
 
 
-def read_role(store: Store, mount: str, host: str, policy: str) -> Role:
-    """The host's names and lifetime from its PKI role; its addresses from the role where the server keeps them
-    there (OpenBao's allowed_ip_sans_cidr), else (HashiCorp Vault, whose roles have no such field) from the host's
-    own policy, which allows exactly the last apply's."""
-    data = store.call("GET", f"{mount}/roles/{host}")["data"]
-    names = tuple(sorted(data["allowed_domains"], key=lambda n: (n != host, n)))
+def role_of(data: dict[str, Any], host: str, policy_text: Callable[[], str]) -> Role:
+    """A host's PKI role as the server answered it (primespark.pki.served_plan reads it the same way): names and
+    lifetime from the role; addresses from the role where the server keeps them there (OpenBao's
+    allowed_ip_sans_cidr), else (HashiCorp Vault, whose roles have no such field) from the host's own policy, which
+    allows exactly the last apply's."""
+    names = tuple(sorted(data["allowed_domains"], key=lambda n: (n != host, n)))  # the host's name first: the CN
     if "allowed_ip_sans_cidr" in data:
         addresses = tuple(str(c).removesuffix("/32") for c in data["allowed_ip_sans_cidr"] or [])
     else:
-        addresses = policy_addresses(store.call("GET", f"sys/policies/acl/{policy}")["data"]["policy"])
+        addresses = policy_addresses(policy_text())
     return Role(names, addresses, int(data["max_ttl"]))
+
+
+def read_role(store: Store, mount: str, host: str, policy: str) -> Role:
+    return role_of(store.call("GET", f"{mount}/roles/{host}")["data"], host,
+                   lambda: store.call("GET", f"sys/policies/acl/{policy}")["data"]["policy"])
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -250,7 +256,7 @@ class Issued:
 def issue(store: Store, mount: str, host: str, role: Role) -> Issued:
     params = {"common_name": role.names[0], "alt_names": ",".join(role.names[1:]),
               "ip_sans": ",".join(role.addresses), "ttl": f"{role.lifetime_seconds}s",
-              "private_key_format": "pkcs8"}  # primespark.pki.PRIVATE_KEY_FORMAT: Kafka reads no other
+              "private_key_format": PRIVATE_KEY_FORMAT}
     data = store.call("POST", f"{mount}/issue/{host}", params)["data"]
     return Issued(data["certificate"], data["private_key"], data["issuing_ca"])
 
