@@ -315,6 +315,7 @@ def test_a_host_renews_with_its_own_token_through_the_command(lab: Fleet, fresh_
     try:
         dry = CliRunner().invoke(app, [*args, "--dry-run"])
         assert dry.exit_code == 0 and "pi-1: would renew (no certificate yet)" in dry.output, dry.output
+        assert "valid until" not in dry.output, "no certificate yet: no dates to give"
         assert not folder.exists() and not metrics.exists(), "a dry run writes nothing"
         first = CliRunner().invoke(app, args)
         assert first.exit_code == 0, first.output

@@ -66,9 +66,11 @@ def renew(
     except (hvac.exceptions.VaultDown, requests.exceptions.RequestException) as exc:  # down, sealed: one line
         raise store.unavailable(exc, "renewing", f"{host}'s certificate") from None
     verb = "renewed" if done.renewed else ("would renew" if dry_run and done.reason != "not due" else "kept")
-    console.print(f"{host}: {verb} ({done.reason}); valid until {done.not_after:%Y-%m-%d %H:%M} UTC, due for "
-                  f"renewal from {done.renew_at:%Y-%m-%d %H:%M} UTC")
     current = files.load()
+    # no certificate there (a dry run before the first): nothing is valid yet, so no dates to give
+    validity = "" if current is None else (f"; valid until {done.not_after:%Y-%m-%d %H:%M} UTC, due for renewal "
+                                           f"from {done.renew_at:%Y-%m-%d %H:%M} UTC")
+    console.print(f"{host}: {verb} ({done.reason}){validity}")
     metrics_dir = textfile_dir or Path(ctx.fleet.monitoring.textfile_dir)
     if current is not None and not dry_run and (textfile_dir is not None or metrics_dir.is_dir()):
         certificate_metrics(str(files.cert), current.not_valid_before_utc.timestamp(),
