@@ -18,6 +18,7 @@ from primespark.errors import UserError
 from primespark.lab.ssh import known_host_names, operator_key
 from primespark.mesh.service import plan_and_save
 from primespark.orchestration.material import (
+    LOCAL_POSTGRESQL_URL,
     WORKER_HOME,
     api_url,
     authorized_worker_keys,
@@ -79,7 +80,9 @@ def test_the_server_listens_on_its_lan_and_mesh_addresses(lab_state, lab_env) ->
     server = server_material(lab_env, "ops-1")
     lan, mesh = server["addresses"]
     assert lan == "172.30.2.14" and mesh in [str(a) for a in IPv4Network("10.99.0.0/24")]
-    assert server["port"] == 4200 and server["database_url"] is None
+    assert server["port"] == 4200
+    # inventory/lab.yaml keeps the database in PostgreSQL on ops-1, over its socket: no secret in the URL
+    assert server["postgresql"] and server["database_url"] == LOCAL_POSTGRESQL_URL
     # the export's subjects: the pools, and inventory/lab.yaml's agent-task templates
     assert server["pools"] == ["spark-cloud", "spark-edge"] and server["templates"] == ["count-readings"]
     # the local store: no fleet CA, so the API is plain HTTP and nothing names a CA

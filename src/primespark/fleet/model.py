@@ -724,6 +724,18 @@ class PrefectServer(Strict):
     database: SecretRef | None = Field(
         default=None, description="A reference to a PostgreSQL connection URL (postgresql+asyncpg://…) the server "
         "uses; default: SQLite on the server's host.")
+    postgresql: bool = Field(
+        default=False, description="Keep the server's database in Debian's PostgreSQL on the server's own host, "
+        "reached over its Unix socket with peer authentication (no port, no password). SQLite, the default, lets "
+        "one writer in at a time: under concurrent flow runs the API answers some requests 503, which Prefect's "
+        "client retries after 2, 4, 8 and 16 s.")
+
+    @model_validator(mode="after")
+    def _one_database(self) -> PrefectServer:
+        if self.postgresql and self.database is not None:
+            raise ValueError("`postgresql: true` runs the server's own database; `database` names another one: "
+                             "keep one of them")
+        return self
 
 
 class Worker(Strict):

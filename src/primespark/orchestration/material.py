@@ -30,6 +30,9 @@ from primespark.secrets import ensure_reference, read_reference, ssh_key_pair
 # Where things live on the hosts (the roles' defaults say the same; tests/unit/test_orchestration_roles.py checks).
 WORKER_HOME = "/var/lib/primespark/worker"
 SERVER_HOME = "/var/lib/primespark/prefect-server"
+# orchestration.server.postgresql: the prefect_server role's cluster on the server's host, over its Unix socket
+# (asyncpg takes the socket's folder as `host`); peer authentication maps the server's OS user (root) to `prefect`
+LOCAL_POSTGRESQL_URL = "postgresql+asyncpg://prefect@/prefect?host=/var/run/postgresql"
 AUTH_USER = "spark"
 
 
@@ -94,12 +97,14 @@ def server_material(env: str, host: str) -> dict[str, Any]:
     if spec.server.host != host:
         raise UserError(f"{host} is not the fleet's Prefect server ({spec.server.host})", "apply the role there")
     database = read_reference(spec.server.database, ctx.secrets) if spec.server.database else None
+    if spec.server.postgresql:
+        database = LOCAL_POSTGRESQL_URL
     # what the Prefect export (primespark.monitoring.prefect_export) writes a figure for, 0 or not
     # with a fleet CA the server serves only TLS, with the host's key and certificate from the tls role
     served = str(HOST_TLS_FOLDER / "served.pem") if serves_tls(ctx.fleet) else None
     return {"addresses": server_addresses(ctx), "port": spec.server.port, "auth_string": auth_string(ctx),
             "served": served, "ca_file": str(HOST_TLS_FOLDER / "ca.pem") if served else None,
-            "database_url": database, "home": SERVER_HOME,
+            "database_url": database, "postgresql": spec.server.postgresql, "home": SERVER_HOME,
             "pools": sorted(work_pool(site) for site in spec.workers), "templates": sorted(ctx.fleet.tasks)}
 
 
