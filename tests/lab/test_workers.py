@@ -144,6 +144,23 @@ def test_a_cloud_deployment_runs_on_the_cloud_worker(lab, workers):
     assert run.work_pool_name == "spark-cloud" and worker_of(run) == "ops-1", run
 
 
+def test_the_server_keeps_its_runs_in_postgresql_reached_over_its_socket_only(lab, workers):
+    from primespark.orchestration.material import LOCAL_POSTGRESQL_URL
+
+    server = lab.fleet.orchestration.server.host
+    assert lab.fleet.orchestration.server.postgresql  # inventory/lab.yaml
+    env = lab.exec(server, "sed -n 's/^PREFECT_SERVER_DATABASE_CONNECTION_URL=//p' "
+                           "/etc/primespark/spark-prefect-server.env")
+    assert env.stdout.strip() == LOCAL_POSTGRESQL_URL, env.stdout + env.stderr
+    with client() as api:
+        [latest] = api.read_flow_runs(limit=1)  # any run the API knows is a row of PostgreSQL's flow_run
+    row = lab.exec(server, "runuser -u postgres -- psql -XtAq prefect -c "
+                           f"\"SELECT count(*) FROM flow_run WHERE id = '{latest.id}'\"")
+    assert row.stdout.strip() == "1", row.stdout + row.stderr
+    listening = lab.exec(server, "ss -Hltnp")
+    assert listening.returncode == 0 and "postgres" not in listening.stdout, listening.stdout  # no TCP port
+
+
 def test_each_probe_reaches_its_sites_hosts_from_its_worker(lab, workers):
     for site in lab.fleet.orchestration.workers:
         done = spark("flows", "probe", site, "--env", lab.fleet.name)
