@@ -19,6 +19,10 @@ update-locale LANG=C.UTF-8
 ln -sf /usr/share/zoneinfo/UTC /etc/localtime
 echo UTC > /etc/timezone
 
+# No database cluster in the image (Debian's postgresql tries to make `main` at install, and cannot in the build's
+# chroot): a host's data is its own, and the prefect_server role makes the cluster where the fleet wants one.
+rm -rf /etc/postgresql/*/main /var/lib/postgresql/*/main
+
 # Each container gets its own identity at start.
 : > /etc/machine-id
 

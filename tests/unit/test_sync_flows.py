@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,15 @@ from primespark.data import sync as core
 from primespark.data import tierside
 from primespark.data.layout import links
 from primespark.fleet import load_fleet
-from primespark.orchestration.locks import BURST_IDLE_SECONDS, BurstHolder, ensure_locks, hold, sync_lock, wanted
+from primespark.orchestration.locks import (
+    BURST_IDLE_SECONDS,
+    SLOW_TAKE_SECONDS,
+    BurstHolder,
+    ensure_locks,
+    hold,
+    sync_lock,
+    wanted,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"retries": 1, "retry_delay_seconds": 0.2}
@@ -416,6 +425,24 @@ def test_a_burst_hands_its_lock_to_a_run_waiting_for_it(state: Path) -> None:
         if feeder.is_alive():
             feeder.join(timeout=120)
         holder.close()
+
+
+def test_a_burst_says_when_its_work_waited_long_for_the_lock(state: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lock = f"burst-test-{uuid.uuid4().hex[:8]}"
+    ensure_locks([lock])
+    holder = BurstHolder(lock, label="hot-to-nas/pi-1")
+    try:
+        with caplog.at_level(logging.WARNING, logger="primespark.orchestration.locks"):
+            with hold(lock):  # another run's pass, longer than a take may take unremarked
+                waiting = holder.submit(time.sleep, 0)
+                time.sleep(SLOW_TAKE_SECONDS + 1)
+            waiting.result(timeout=60)
+            quick = holder.submit(time.sleep, 0)  # held already: no take, nothing said
+            quick.result(timeout=60)
+    finally:
+        holder.close()
+    said = [r.getMessage() for r in caplog.records if "taking" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"hot-to-nas/pi-1: taking {lock} took "), said
 
 
 def _gets_within(lock: str, seconds: float) -> bool:

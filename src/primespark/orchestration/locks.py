@@ -163,6 +163,7 @@ BURST_MAX_HOLD_SECONDS = 60.0
 # its want lapses with its lease), and after this at the latest.
 HANDOVER_WAIT_SECONDS = 2 * LOCK_LEASE_SECONDS
 HANDOVER_POLL_SECONDS = 1.0
+SLOW_TAKE_SECONDS = 5.0
 
 
 class BurstHolder:
@@ -176,6 +177,7 @@ class BurstHolder:
     def __init__(self, *names: str, idle_seconds: float = BURST_IDLE_SECONDS,
                  max_hold_seconds: float = BURST_MAX_HOLD_SECONDS, label: str = "") -> None:
         self.names = names
+        self.label = label or ",".join(names)
         self.idle_seconds = idle_seconds
         self.max_hold_seconds = max_hold_seconds
         self.takes = 0  # how often the locks were taken (a burst each)
@@ -183,7 +185,7 @@ class BurstHolder:
         self._items: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None] = queue.Queue()
         context = contextvars.copy_context()  # the caller's, e.g. its Prefect flow run: items log to its run
         self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
-                                        name=f"burst {label or ','.join(names)}")
+                                        name=f"burst {self.label}")
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -222,9 +224,13 @@ class BurstHolder:
                         held = None
                     if held is None:
                         stack = ExitStack()
+                        asked = time.monotonic()
                         stack.enter_context(hold(*self.names))
                         held, since = stack, time.monotonic()
                         self.takes += 1
+                        if since - asked > SLOW_TAKE_SECONDS:  # the item waited: say for what
+                            logging.getLogger(__name__).warning("%s: taking %s took %.1f s", self.label,
+                                                                ", ".join(self.names), since - asked)
                     future.set_result(contextvars.copy_context().run(fn, *args))
                 except BaseException as exc:  # the item's failure is its caller's (a failed take too) ...
                     future.set_exception(exc)
