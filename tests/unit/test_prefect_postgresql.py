@@ -11,8 +11,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,13 +18,13 @@ import jinja2
 import pytest
 import sqlalchemy as sa
 import yaml
+from postgres_testing import BIN, POSTGRES, running, scratch_folder
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from primespark.orchestration.material import LOCAL_POSTGRESQL_URL
 
 ROLE = Path(__file__).resolve().parents[2] / "roles" / "prefect_server"
-POSTGRES = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
 SOCKET_DIR = "/var/run/postgresql"
 
 
@@ -44,41 +42,23 @@ def database_step() -> str:
 @pytest.fixture
 def cluster() -> Iterator[Path]:
     """A cluster started with the role's settings and authentication files; yields its socket's folder."""
-    if not POSTGRES:
-        pytest.skip("Debian's postgresql is not installed: `make setup` installs it")
-    if os.geteuid() != 0:
-        pytest.skip("peer authentication maps the server's OS user root: needs root")
-    work = Path(tempfile.mkdtemp(prefix="spark-prefect-pg-"))
-    work.chmod(0o755)
+    work = scratch_folder("peer authentication maps the server's OS user root: needs root")
     postgres_user = pwd.getpwnam("postgres")  # the package's account: the role's step runs its commands as it
     as_postgres = ["setpriv", f"--reuid={postgres_user.pw_uid}", f"--regid={postgres_user.pw_gid}",
                    "--clear-groups", "--"]
-    bin_dir = POSTGRES[-1].parent
-    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
-        (work / name).write_text(render(f"{name}.j2"))
-    os.chown(work, postgres_user.pw_uid, postgres_user.pw_gid)
-    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(work / "data"), "-U", "postgres"],
-                   check=True, capture_output=True, timeout=120, cwd="/")
-    # the role's drop-in, with the socket in this folder instead of the host's
-    with (work / "data" / "postgresql.conf").open("a") as conf:
-        conf.write(f"include '{work / 'postgresql.conf'}'\nunix_socket_directories = '{work}'\n"
-                   f"hba_file = '{work / 'pg_hba.conf'}'\nident_file = '{work / 'pg_ident.conf'}'\n")
-    server = subprocess.Popen([*as_postgres, str(POSTGRES[-1]), "-D", str(work / "data")], cwd="/",
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(bin_dir / "pg_isready"), "-h", str(work)], capture_output=True, timeout=10,
-                             check=False).returncode != 0:
-            assert server.poll() is None, server.stdout.read() if server.stdout else "postgres exited"
-            assert time.monotonic() < deadline, "postgres did not start within 60 s"
-            time.sleep(0.2)  # polling the condition (pg_isready), not waiting for time to pass
-        yield work
+        for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+            (work / name).write_text(render(f"{name}.j2"))
+        os.chown(work, postgres_user.pw_uid, postgres_user.pw_gid)
+        subprocess.run([*as_postgres, str(BIN / "initdb"), "-D", str(work / "data"), "-U", "postgres"],
+                       check=True, capture_output=True, timeout=120, cwd="/")
+        # the role's drop-in, with the socket in this folder instead of the host's
+        with (work / "data" / "postgresql.conf").open("a") as conf:
+            conf.write(f"include '{work / 'postgresql.conf'}'\nunix_socket_directories = '{work}'\n"
+                       f"hba_file = '{work / 'pg_hba.conf'}'\nident_file = '{work / 'pg_ident.conf'}'\n")
+        with running([*as_postgres, str(POSTGRES[-1]), "-D", str(work / "data")], ["-h", str(work)]):
+            yield work
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 

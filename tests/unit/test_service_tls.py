@@ -13,7 +13,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from postgres_testing import BIN, POSTGRES, running, scratch_folder
 
 from primespark.cloud import service_tls
 from primespark.cloud.services import VaultTarget, compose_for, endpoints, stack_files
@@ -139,7 +139,6 @@ def test_a_fleet_without_a_ca_keeps_its_services_plain() -> None:
 
 # --- a real Postgres ---------------------------------------------------------------------------------------------
 
-POSTGRES = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
 LISTEN = "127.0.0.2"  # not the 127.0.0.1 pg_hba.conf admits in plaintext: a client bound here is "beyond loopback"
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
@@ -206,12 +205,7 @@ def psql(port: int, sslmode: str, ca_file: Path, password_file: Path) -> subproc
 def as_postgres_user() -> Iterator[tuple[Path, list[str]]]:
     """A folder the unprivileged server user owns, and the prefix that runs a command as it, in the key's group by
     number (the container's group_add)."""
-    if not POSTGRES:
-        pytest.skip("Debian's postgresql is not installed: `make setup` installs it")
-    if os.geteuid() != 0:
-        pytest.skip("the key is root:8443 0640 as on a host, read by another user in that group: needs root")
-    work = Path(tempfile.mkdtemp(prefix="spark-pg-"))
-    work.chmod(0o755)
+    work = scratch_folder("the key is root:8443 0640 as on a host, read by another user in that group: needs root")
     nobody = pwd.getpwnam("nobody")
     prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", f"--groups={TLS_GID}", "--"]
     try:
@@ -222,7 +216,6 @@ def as_postgres_user() -> Iterator[tuple[Path, list[str]]]:
 
 def test_postgres_serves_only_tls_with_the_generated_settings(as_postgres_user: tuple[Path, list[str]]) -> None:
     work, as_user = as_postgres_user
-    bin_dir = POSTGRES[-1].parent
     certs = work / "ssl"
     certs.mkdir(mode=0o755)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -247,7 +240,7 @@ def test_postgres_serves_only_tls_with_the_generated_settings(as_postgres_user: 
     (work / "pw").write_text(password + "\n")
     for path in (work, work / "pw"):
         os.chown(path, pwd.getpwnam("nobody").pw_uid, -1)
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "spark", f"--pwfile={work / 'pw'}",
+    subprocess.run([*as_user, str(BIN / "initdb"), "-D", str(data), "-U", "spark", f"--pwfile={work / 'pw'}",
                     "--auth=scram-sha-256"], check=True, capture_output=True, timeout=120)
     (work / "pw").unlink()
     password_file = work / "pgpass"
@@ -257,17 +250,9 @@ def test_postgres_serves_only_tls_with_the_generated_settings(as_postgres_user: 
     with socket.socket() as probe:
         probe.bind((LISTEN, 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([*as_user, str(POSTGRES[-1]), "-D", str(data), "-c", f"listen_addresses={LISTEN}",
-                               "-c", f"port={port}", "-c", f"unix_socket_directories={work}", *settings],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(bin_dir / "pg_isready"), "-h", LISTEN, "-p", str(port)], capture_output=True,
-                             timeout=10, check=False).returncode != 0:
-            assert server.poll() is None, server.stdout.read() if server.stdout else "postgres exited"
-            assert time.monotonic() < deadline, "postgres did not start within 60 s"
-            time.sleep(0.2)  # polling the condition (pg_isready), not waiting for time to pass
-
+    command = [*as_user, str(POSTGRES[-1]), "-D", str(data), "-c", f"listen_addresses={LISTEN}",
+               "-c", f"port={port}", "-c", f"unix_socket_directories={work}", *settings]
+    with running(command, ["-h", LISTEN, "-p", str(port)]) as server:
         verified = psql(port, "verify-full", ca_file, password_file)
         assert verified.returncode == 0 and verified.stdout.strip() == "t", verified.stderr
         # beyond loopback: plaintext is refused by pg_hba.conf; over TLS the server asks for the password (SCRAM)
@@ -295,13 +280,6 @@ def test_postgres_serves_only_tls_with_the_generated_settings(as_postgres_user: 
             time.sleep(0.1)  # polling the served certificate
         assert server.poll() is None, "reloaded, not restarted"
         assert psql(port, "verify-full", ca_file, password_file).stdout.strip() == "t"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
 
 
 def test_every_service_kind_has_a_tls_way() -> None:
