@@ -124,6 +124,23 @@ def test_lost_credentials_are_a_clear_error_not_a_new_init(bao: LabOpenBao) -> N
     assert str(bao.data_dir) in caught.value.fix
 
 
+def test_a_server_that_ends_while_starting_is_named_with_how_it_ended(
+        bao: LabOpenBao, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server it started is asked for its exit status (not looked for in /proc, where a process can be
+    caught between states): the error says how it ended."""
+    import subprocess
+
+    from primespark.lab import openbao
+
+    def ends_at_once(args: list[str], *_: object, **__: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sh", "-c", "exit 3", *args], start_new_session=True)
+
+    monkeypatch.setattr(openbao, "spawn_bao", ends_at_once)
+    with pytest.raises(UserError, match=r"stopped before it could answer \(exit status 3\)") as caught:
+        bao.ensure_ready(timeout=30)
+    assert str(bao.log_file) in caught.value.fix
+
+
 def lab_fleet_on(tmp_path: Path, port: int) -> str:
     data = yaml.safe_load((REPO / "inventory" / "lab.yaml").read_text())
     data["lab"]["openbao_port"] = port

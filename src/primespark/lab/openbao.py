@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class LabOpenBao:
         self.tls_dir = self.home / "tls"
         self.listener_cert = self.tls_dir / "listener.pem"
         self.listener_key = self.tls_dir / "listener-key.pem"
+        self._started: subprocess.Popen[bytes] | None = None  # the server this object started, if it did
 
     @property
     def address(self) -> str:
@@ -183,10 +185,10 @@ class LabOpenBao:
     # --- the process ----------------------------------------------------------------------------------------
     def pid(self) -> int | None:
         """Our server, if it runs: the pid file's process, started with this lab's configuration file."""
+        pid = self.pid_number()
         try:
-            pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid is not None else b""
+        except OSError:
             return None
         return pid if f"-config={self.config_file}".encode() in cmdline else None
 
@@ -228,6 +230,7 @@ class LabOpenBao:
         atomic_write(self.config_file, config, mode=0o600)
         process = spawn_bao(["server", f"-config={self.config_file}"], self.home, self.log_file, new_session=True)
         atomic_write(self.pid_file, f"{process.pid}\n")
+        self._started = process
         return True
 
     def stop(self, timeout: float = 20) -> bool:
@@ -245,6 +248,7 @@ class LabOpenBao:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
+        self._started = None
         return True
 
     # --- init and unseal ------------------------------------------------------------------------------------
@@ -347,13 +351,31 @@ class LabOpenBao:
             status = health_status(self.address)
             if ready(status):
                 return
-            if self.pid() is None:
-                raise UserError(f"the lab's OpenBao stopped before it could {what}:\n{self.log_tail()}",
+            ended = self._ended()
+            if ended is not None:
+                raise UserError(f"the lab's OpenBao stopped before it could {what} ({ended}):\n{self.log_tail()}",
                                 fix=f"see {self.log_file}; `spark lab up` starts it again")
             if time.monotonic() > deadline:
                 raise UserError(f"the lab's OpenBao did not {what} on {self.address} in time (last answer: "
                                 f"{status}):\n{self.log_tail()}", fix=f"see {self.log_file}")
             time.sleep(0.05)
+
+    def _ended(self) -> str | None:
+        """How the server ended, or None while it runs. One this object started is asked directly (its exit
+        status); another is looked for by its pid file."""
+        started = self._started
+        if started is not None and started.pid == self.pid_number():
+            code = started.poll()
+            if code is None:
+                return None
+            return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return "no longer running" if self.pid() is None else None
+
+    def pid_number(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:
