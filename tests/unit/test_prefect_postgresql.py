@@ -92,7 +92,13 @@ def test_the_server_reaches_its_database_as_prefect_over_the_socket_and_migrates
         finally:
             await engine.dispose()
 
-    user, listen, superuser = asyncio.run(ask())
+    # a loop of its own, never installed: asyncio.run would leave the main thread without one, and Pulumi's mocks
+    # in a later test of this worker ask for it
+    loop = asyncio.new_event_loop()
+    try:
+        user, listen, superuser = loop.run_until_complete(ask())
+    finally:
+        loop.close()
     assert (user, listen, superuser) == ("prefect", "", False)
 
     # Prefect's own migrations, as the server runs them at its first start, with the URL the role writes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -95,6 +96,11 @@ def test_program_runs_twice_in_one_process():
     assert len(first.graph.resources) == len(third.graph.resources)
     assert {r.name for r in second.graph.of_type("libvirt:index/domain:Domain")} == set(
         load_fleet("lab").vms_on("kvm-1"))
+
+
+def test_a_plan_after_asyncio_run_in_the_same_thread():
+    asyncio.run(asyncio.sleep(0))  # leaves the main thread without an event loop, which Pulumi's runtime asks for
+    assert plan("lab").graph.outputs["fleet"] == "lab"
 
 
 def test_no_generated_secret_in_any_output_or_cloud_init_file():

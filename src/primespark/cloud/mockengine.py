@@ -6,6 +6,7 @@ run any number of times in one process (homelab, then lab, in one pytest session
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,10 @@ def run_program(program: Callable[[], Any], stack: str, config: dict[str, str] |
     if saved_trace is not None:
         pulumi_resource._get_stack_trace = lambda: source_pb2.StackTrace()
     try:
+        try:  # Pulumi's runtime asks for the thread's event loop; an asyncio.run before us leaves the thread none
+            asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            asyncio.set_event_loop(asyncio.new_event_loop())
         mocks.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=True, monitor=monitor)
         settings.ROOT.set(None)  # set_mocks made a root stack already; run_in_stack makes the real one
         pulumi.runtime.set_all_config({f"{PROJECT}:{k}": v for k, v in (config or {}).items()})
