@@ -56,7 +56,7 @@ def test_host_keys_are_made_per_container_not_baked_into_the_image(lab):
     assert lab.state_dir.stat().st_mode & 0o777 == 0o700
 
 
-def test_the_prefect_server_runs_on_its_fleet_host_with_sqlite_there_not_on_this_machine(lab, prefect):
+def test_the_prefect_server_runs_on_its_fleet_host_with_its_database_there_not_on_this_machine(lab, prefect):
     """…and serves its API and UI only over TLS, with its host's certificate from the fleet CA: the controller's
     copy of the CA (the one the lab's OpenBao holds) verifies it; a plaintext request gets nothing."""
     import http.client
@@ -78,7 +78,10 @@ def test_the_prefect_server_runs_on_its_fleet_host_with_sqlite_there_not_on_this
     assert [["commonName", server.host]] in found["subject"] and ["IP Address", address] in found["subjectAltName"]
     with pytest.raises((OSError, http.client.HTTPException)):
         urllib.request.urlopen(f"http://{address}:{server.port}/api/health", timeout=10).read()
-    assert lab.exec(server.host, "ls /var/lib/primespark/prefect-server/*.db").returncode == 0
+    # inventory/lab.yaml: PostgreSQL on the server's host (test_workers checks its rows), no SQLite file
+    assert server.postgresql
+    assert lab.exec(server.host, "ls /var/lib/primespark/prefect-server/*.db").returncode != 0
+    assert lab.exec(server.host, "pg_lsclusters --no-header").stdout.split()[3] == "online"
     assert lab.lab.prefect.pid() is None, "a Prefect server on the controller's loopback"
 
 
