@@ -183,6 +183,13 @@ class LabOpenBao:
                 x509.load_pem_x509_certificate(cert_pem.encode()))
 
     # --- the process ----------------------------------------------------------------------------------------
+    def pid_number(self) -> int | None:
+        """The pid file's number, whatever runs under it now."""
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def pid(self) -> int | None:
         """Our server, if it runs: the pid file's process, started with this lab's configuration file."""
         pid = self.pid_number()
@@ -370,12 +377,6 @@ class LabOpenBao:
                 return None
             return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         return "no longer running" if self.pid() is None else None
-
-    def pid_number(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:
