@@ -32,7 +32,7 @@ import json
 import posixpath
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,10 @@ def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
 
 
 def save(path: Path, batch: Batch) -> None:
-    atomic_write(path, json.dumps(asdict(batch)), 0o600)
+    # the entries' own dicts (their fields are plain values): `asdict` deep-copies each one, and took 0.2 s of a
+    # 10,000-entry batch's every save
+    data = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name != "entries"}
+    atomic_write(path, json.dumps({**data, "entries": [vars(e) for e in batch.entries]}), 0o600)
 
 
 def load(path: Path) -> Batch | None:
@@ -332,9 +335,11 @@ def _copy(ctx: FleetContext, batch: Batch) -> None:
     route, destination = route_to(ctx, batch.source_host, batch.dest_host, batch.staging_root)
     # a trailing slash: a folder even when it does not exist yet and one file is sent (rsync would name the
     # file after it)
-    # no fsync per file: the check flushes the whole batch with one syncfs before it hashes the copies
+    # no fsync per file: the check flushes the whole batch with one syncfs before it hashes the copies; no
+    # --delay-updates: the staging folder is the copies' waiting room already (rsync still writes each file under
+    # a temporary name there, and a replay removes whatever a killed copy left)
     plan = TransferPlan(batch.source_root, destination.rstrip("/") + "/", route,
-                        files=tuple(e.rel for e in todo), fsync=False)
+                        files=tuple(e.rel for e in todo), fsync=False, delay_updates=False)
     transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
     for entry in todo:
         entry.step = "copied"

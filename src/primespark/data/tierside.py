@@ -215,18 +215,24 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
     """Rename each staged copy to its final name; one already placed (no staged copy, the final there) is done."""
     out = []
     touched: set[str] = set()
+    made: set[str] = set()  # folders known to exist: one makedirs per folder, not per file
     for entry in spec["entries"]:
         staging, final = entry["staging"], entry["final"]
         folder = os.path.dirname(final)
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(staging):
+        if folder not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(folder)
+        try:
             if entry.get("atime_ns"):  # the file's last use travels with it (the lower tier's policy reads it)
                 os.utime(staging, ns=(entry["atime_ns"], entry["mtime_ns"]))
             os.replace(staging, final)
-            touched.add(folder)
-            out.append("placed")
-        else:
+        except FileNotFoundError:  # no staged copy: placed before (a replay), or gone
+            if os.path.exists(staging):
+                raise  # the copy is there and its folder is not: a real failure, not a finished entry
             out.append("placed" if os.path.exists(final) else "missing")
+            continue
+        touched.add(folder)
+        out.append("placed")
     for folder in touched:
         _fsync_dir(folder)
     return {"entries": out}
