@@ -165,6 +165,7 @@ def test_rates_and_the_command_line() -> None:
         transfer.rate_kib("pause")
     argv = TransferPlan("/srv/hot", "/", transfer.ssh_route("sync-job", "10.99.0.3", 2222, "/k", "/kh")).argv()
     assert "--delay-updates" in argv and "--fsync" in argv and "--inplace" not in argv and "--partial" not in argv
+    assert "--delay-updates" not in TransferPlan("/srv/hot", "/staging/", delay_updates=False).argv()
     assert argv[-2:] == ["/srv/hot/", "sync-job@10.99.0.3:/"]
     assert "ssh -p 2222 -i /k -o IdentitiesOnly=yes" in argv[argv.index("-e") + 1]
 
