@@ -617,3 +617,26 @@ def test_a_recall_over_ssh_goes_through_the_recall_account_only_where_the_tier_a
     for link in links(ctx.fleet):
         if link.source_path.startswith(f"{tmp_path}/hot"):
             assert "/.spark-tier-recall/" in held_back(ctx.fleet, link)
+
+
+def test_no_sync_job_sends_a_tier_pass_staging_folder(tmp_path: Path, state: Path) -> None:
+    """A mirror of the warm tier (the lab's warm-to-cloud) leaves the copies a tier pass is staging where they are:
+    sent once placed, never sent and then deleted as a batch (more than its max_delete); its watcher ignores them."""
+    from primespark.data import sync, watchside
+
+    path = Path(make_fleet(tmp_path))
+    data = yaml.safe_load(path.read_text())
+    data["sync"] = {"jobs": {"to-cloud": {"source": f"nas-1:{tmp_path}/warm", "mode": "mirror", "max_delete": 3,
+                                          "destination": f"ops-1:{tmp_path}/cloud"}}}
+    path.write_text(yaml.safe_dump(data))
+    ctx = FleetContext.load(str(path), "local")
+    [link] = sync.links_of(ctx.fleet, "to-cloud")
+    warm = tmp_path / "warm" / "pi-1"
+    staged = put(warm / migrate.STAGING / "d" / "f.bin", 1000, 30)
+    placed = put(warm / "d" / "g.bin", 1000, 30)
+    transfer.run(ctx.hosts.runner(link.source), sync.plan_for(ctx, link), timeout=60)
+    cloud = tmp_path / "cloud" / "pi-1"
+    assert (cloud / "d" / "g.bin").read_bytes() == placed
+    assert not (cloud / migrate.STAGING).exists(), "a staged, unverified copy was sent"
+    assert (warm / migrate.STAGING / "d" / "f.bin").read_bytes() == staged
+    assert watchside.IGNORED_NAME.match(migrate.STAGING)

@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 from primespark.agents.execute import HOT_TIER_STAGING
 from primespark.context import FleetContext
 from primespark.data import tierside, transfer
-from primespark.data.layout import RECALL_DIR, Link, links, transport_links
+from primespark.data.layout import RECALL_DIR, Link, links, overlap, transport_links
 from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
 from primespark.fleet.model import Fleet, Sync, SyncJob, SyncMode, TierName
@@ -147,19 +147,22 @@ def held_back(fleet: Fleet, link: Link) -> tuple[str, ...]:
     """What no job sends from the link's source, as patterns anchored at the transfer's root: agent tasks' staging
     folder on a hot-tier host (a task may still write there; its host commits the result by a rename into
     `tasks/`, which is then sent), a tier folder's ledger of files moved out (that folder's own record, for
-    its own backups: a copy elsewhere would count for nothing), and its recall folder (copies on their way back,
-    renamed into place once verified: sent then)."""
+    its own backups: a copy elsewhere would count for nothing), its recall folder (copies on their way back,
+    renamed into place once verified: sent then), and tier migration's staging folders, at any depth (copies not
+    yet verified: sent once placed; a mirror that sent them would then delete a whole batch at its destination)."""
     root = link.source_path.rstrip("/")
     held = []
     for name, tier in fleet.tiers.items():
         if link.source not in tier.hosts:
             continue
+        if overlap(link.source_path, tier.path):
+            held.append(f"{tierside.STAGING}/")  # unanchored: below `<tier path>/<host>/`, or the source itself
         own = [tierside.LEDGER, f"{RECALL_DIR}/"] + ([f"{HOT_TIER_STAGING}/"] if name is TierName.hot else [])
         for rel in own:
             path = f"{tier.path.rstrip('/')}/{rel}"
             if path.startswith(root + "/"):
                 held.append(path.removeprefix(root))
-    return tuple(held)
+    return tuple(dict.fromkeys(held))
 
 
 def plan_for(ctx: FleetContext, link: Link, **options: Any) -> TransferPlan:

@@ -45,7 +45,9 @@ MASK = (IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | I
         | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
 HEADER = struct.Struct("iIII")
 ALIVE_SECONDS = 5.0
-IGNORED_NAME = re.compile(r"^(\.~tmp~|\..+\.[A-Za-z0-9]{6})$")  # rsync: --delay-updates folder, temporary files
+# rsync's --delay-updates folder and temporary files; tier migration's staging folder (data/tierside.STAGING: its
+# copies are sent once placed, and no job sends the folder)
+IGNORED_NAME = re.compile(r"^(\.~tmp~|\.spark-tier-incoming|\..+\.[A-Za-z0-9]{6})$")
 
 
 def emit(event: dict[str, object]) -> None:
