@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--scratch", default=None, help="a folder on the disk to measure (default: $TMPDIR)")
     args = parser.parse_args()
+    if args.scratch is not None and not os.path.isdir(args.scratch):
+        parser.error(f"--scratch {args.scratch}: no such folder (make it, or mount the filesystem to measure there)")
     with tempfile.TemporaryDirectory(prefix="spark-bench-tiers-", dir=args.scratch) as scratch:
         root = Path(scratch)
         state = root / "state"
