@@ -86,14 +86,23 @@ class Tree:
         return True
 
     def add_tree(self, rel: str) -> list[str]:
-        """Watch `rel` and every folder below it; the files found there."""
-        files = []
-        for folder, dirs, names in os.walk(self.absolute(rel)):
-            dirs[:] = [d for d in dirs if not IGNORED_NAME.match(d)]
-            here = os.path.relpath(folder, self.root)
-            here = "" if here == "." else here
+        """Watch `rel` and every folder below it; the files found there. Each folder is watched before it is
+        listed: a file that lands in between is then listed, or its events arrive (listing first would miss a
+        file written and closed before the watch was set, as in a folder made and filled at once)."""
+        files: list[str] = []
+        folders = [rel]
+        while folders:
+            here = folders.pop()
             self.watch(here)
-            files += [os.path.join(here, n) if here else n for n in names if not IGNORED_NAME.match(n)]
+            try:
+                entries = list(os.scandir(self.absolute(here)))
+            except OSError:  # gone already: its deletion is reported by its parent's watch
+                continue
+            for entry in entries:
+                if IGNORED_NAME.match(entry.name):
+                    continue
+                path = os.path.join(here, entry.name) if here else entry.name
+                (folders if entry.is_dir(follow_symlinks=False) else files).append(path)
         return files
 
     def forget(self, prefix: str) -> None:

@@ -1,0 +1,62 @@
+"""The continuous sync's watcher (data/watchside.py) on this machine's inotify: what it reports of a folder made and
+filled at once, the race a lab test met (a Pi's writer made its folder and wrote the first file before the watch on
+the new folder was set: that file never reached the NAS)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from primespark.data import watchside
+
+
+def _tree_writing_before_each_watch(root: Path, writes: dict[str, str]) -> watchside.Tree:
+    """A tree whose watch on a folder named in `writes` is set only after a file was written and closed in it:
+    the moment between a new folder's creation and its watch, made to happen every time."""
+    tree = watchside.Tree(str(root))
+    real_add_watch = tree.add_watch
+
+    def add_watch_after_a_write(fd: int, path: bytes, mask: int) -> int:
+        folder = Path(os.fsdecode(path))
+        if folder.name in writes:
+            (folder / writes[folder.name]).write_bytes(b"written and closed before the watch")
+        return int(real_add_watch(fd, path, mask))
+
+    tree.add_watch = add_watch_after_a_write  # type: ignore[method-assign]
+    return tree
+
+
+def test_a_file_written_before_its_new_folders_watch_is_set_is_reported(tmp_path: Path) -> None:
+    tree = _tree_writing_before_each_watch(tmp_path, {"new": "first.bin", "deeper": "second.bin"})
+    tree.add_tree("")
+    (tmp_path / "new" / "deeper").mkdir(parents=True)
+
+    changed, deleted, gone = watchside.handle(tree, tree.events())
+
+    assert sorted(changed) == ["new/deeper/second.bin", "new/first.bin"]
+    assert not deleted and not gone
+    assert sorted(tree.paths.values()) == ["", "new", "new/deeper"]
+
+
+def test_a_file_written_after_the_new_folder_was_listed_arrives_as_its_own_event(tmp_path: Path) -> None:
+    tree = watchside.Tree(str(tmp_path))
+    tree.add_tree("")
+    (tmp_path / "new").mkdir()
+    assert watchside.handle(tree, tree.events())[0] == []
+
+    (tmp_path / "new" / "later.bin").write_bytes(b"after the listing")
+
+    assert watchside.handle(tree, tree.events())[0] == ["new/later.bin"]
+
+
+def test_the_first_listing_reports_files_and_symlinks_and_skips_rsync_temporaries(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "reading.json").write_text("{}")
+    (tmp_path / "a" / ".reading.json.Ab12Cd").write_text("rsync's temporary")
+    (tmp_path / "a" / ".~tmp~").mkdir()
+    (tmp_path / "a" / ".~tmp~" / "partial.bin").write_text("partial")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+
+    files = watchside.Tree(str(tmp_path)).add_tree("")
+
+    assert sorted(files) == ["a/b/reading.json", "link"]
