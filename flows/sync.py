@@ -241,19 +241,21 @@ def sync_watch(
     duration_seconds: float | None = None,
     quiet_seconds: float = 1.0,
     max_wait_seconds: float = 5.0,
+    rescan_seconds: float = 3600.0,
     retries: int = 2,
     retry_delay_seconds: float = 5.0,
     textfile: str | None = None,
 ) -> dict[str, Any]:
     """Keep `job` in sync continuously: a watcher on each source host, a full pass when it starts (and whenever
-    it restarts), then a pass of the changed files once they are due. Runs until cancelled, or for
-    `duration_seconds`. A quiet source makes no passes; each pass that moved something publishes its report.
+    it restarts, and every `rescan_seconds`), then a pass of the changed files once they are due. Runs until
+    cancelled, or for `duration_seconds`. A quiet source makes no passes between those full ones; each pass that
+    moved something publishes its report.
     A link's lock is kept across a burst of passes (`BurstHolder`)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
     selected = core.links_of(ctx.fleet, job)
     options = retrying(retries, retry_delay_seconds)
-    watches = Watches(ctx, selected, quiet_seconds, max_wait_seconds)
+    watches = Watches(ctx, selected, quiet_seconds, max_wait_seconds, rescan_seconds)
     ready = watches.start()
     logger.info("watching %s", ", ".join(f"{n} ({'ready' if ok else 'not ready'})" for n, ok in ready.items()))
     totals = {"passes": 0, "full_passes": 0, "files_sent": 0, "bytes_sent": 0, "refused": 0, "failed": 0}

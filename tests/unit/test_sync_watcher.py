@@ -5,6 +5,8 @@ the new folder was set: that file never reached the NAS)."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 from primespark.data import watchside
@@ -60,3 +62,22 @@ def test_the_first_listing_reports_files_and_symlinks_and_skips_rsync_temporarie
     files = watchside.Tree(str(tmp_path)).add_tree("")
 
     assert sorted(files) == ["a/b/reading.json", "link"]
+
+
+def test_a_watched_link_makes_a_full_pass_every_rescan_interval_and_none_between(tmp_path: Path) -> None:
+    from primespark.data.layout import Link
+    from primespark.data.watch import LinkWatch
+    from primespark.fleet.model import SyncMode
+
+    link = Link("hot-to-nas", "pi-1", "/srv/hot", "nas-1", "/srv/warm/pi-1", SyncMode.copy)
+    watch = LinkWatch(None, link, threading.Event())  # type: ignore[arg-type]  # no watcher is started here
+    watch.ready.set()
+    start = time.monotonic()
+
+    first = watch.due(start, 1.0, 5.0, rescan_seconds=600)
+    assert first is not None and first.full and "watcher starts" in first.why
+    assert watch.due(start + 599, 1.0, 5.0, rescan_seconds=600) is None  # a quiet source: no pass
+
+    periodic = watch.due(start + 600, 1.0, 5.0, rescan_seconds=600)
+    assert periodic is not None and periodic.full and "no full pass for 600 s" in periodic.why
+    assert watch.due(start + 1199, 1.0, 5.0, rescan_seconds=600) is None

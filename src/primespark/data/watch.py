@@ -3,7 +3,9 @@ the hosts layer) and the pending changes it reports, batched.
 
 `Watches` decides *when* a link needs a pass and *what kind*: a full pass when its watcher (re)starts — changes
 made while nothing watched are found by a full reconciliation, so a restart of the source host or of the
-worker loses nothing — and after an inotify overflow, a deletion in a mirror, or a failed pass; otherwise a
+worker loses nothing — after an inotify overflow, a deletion in a mirror, or a failed pass, and every
+`rescan_seconds` (an hour, as Syncthing's rescan: what no event told of, such as a change inotify cannot see on
+a network filesystem, arrives within that); otherwise a
 pass of only the changed files, once the source has been quiet for `quiet_seconds` or the oldest change has
 waited `max_wait_seconds`. A quiet source makes no passes at all. The flow (`flows/sync.py: sync_watch`) runs
 the passes, holding the link's lock; nothing here runs one.
@@ -27,6 +29,7 @@ from primespark.hosts import LocalRunner, SshRunner
 
 WATCHSIDE_SOURCE = (Path(__file__).parent / "watchside.py").read_text()
 MAX_CHANGED_PATHS = 20_000  # more changes than this in one batch: a full pass walks the tree faster
+RESCAN_SECONDS = 3600.0  # a full pass at least this often, even with no event
 RETRY_SECONDS = (5, 10, 20, 40, 60)  # a watcher that died, or a pass that failed, is tried again after these
 READY_TIMEOUT_SECONDS = 120
 
@@ -68,6 +71,7 @@ class LinkWatch:
         self.changed: dict[str, float] = {}
         self.first_change: float | None = None  # monotonic
         self.last_change: float | None = None
+        self.last_full = time.monotonic()  # when the last full pass was taken (the first is due at once anyway)
         self.full_why = "the watcher starts: a full pass reconciles what changed while nothing watched"
         self.not_before = 0.0  # monotonic: no pass or restart before this
         self.failures = 0
@@ -133,17 +137,22 @@ class LinkWatch:
 
     # --- batches ---
 
-    def due(self, now: float, quiet_seconds: float, max_wait_seconds: float) -> Batch | None:
+    def due(self, now: float, quiet_seconds: float, max_wait_seconds: float,
+            rescan_seconds: float = RESCAN_SECONDS) -> Batch | None:
         """The next pass if one is due now, taking what it covers (changes seen later go to the pass after)."""
         with self.lock:
             if now < self.not_before:
                 return None
+            if not self.full_why and now - self.last_full >= rescan_seconds:
+                self.full_why = f"no full pass for {rescan_seconds:.0f} s: one finds what no watch event told of"
             if self.full_why and (self.ready.is_set() or not self.alive()):
                 batch = Batch(True, self.full_why, dict(self.changed))
+                self.last_full = now
             elif self.changed and self.last_change is not None and self.first_change is not None and (
                     now - self.last_change >= quiet_seconds or now - self.first_change >= max_wait_seconds):
                 if len(self.changed) > MAX_CHANGED_PATHS:
                     batch = Batch(True, f"{len(self.changed)} changes at once", dict(self.changed))
+                    self.last_full = now
                 else:
                     batch = Batch(False, f"{len(self.changed)} changed", dict(self.changed))
             else:
@@ -184,11 +193,12 @@ class Watches:
     """Every link of a continuous job, watched."""
 
     def __init__(self, ctx: FleetContext, links: list[Link], quiet_seconds: float = 1.0,
-                 max_wait_seconds: float = 5.0) -> None:
+                 max_wait_seconds: float = 5.0, rescan_seconds: float = RESCAN_SECONDS) -> None:
         self.wake = threading.Event()
         self.links = {link.name: LinkWatch(ctx, link, self.wake) for link in links}
         self.quiet_seconds = quiet_seconds
         self.max_wait_seconds = max_wait_seconds
+        self.rescan_seconds = rescan_seconds
 
     def start(self, ready_timeout: float = READY_TIMEOUT_SECONDS) -> dict[str, bool]:
         """Start every watcher and wait (bounded) until each watches its tree or has died: which are ready."""
@@ -208,7 +218,7 @@ class Watches:
                 continue
             if not watch.alive():
                 watch.revive()
-            batch = watch.due(now, self.quiet_seconds, self.max_wait_seconds)
+            batch = watch.due(now, self.quiet_seconds, self.max_wait_seconds, self.rescan_seconds)
             if batch is not None:
                 out.append((watch, batch))
         return out
