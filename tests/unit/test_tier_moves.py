@@ -640,3 +640,19 @@ def test_no_sync_job_sends_a_tier_pass_staging_folder(tmp_path: Path, state: Pat
     assert not (cloud / migrate.STAGING).exists(), "a staged, unverified copy was sent"
     assert (warm / migrate.STAGING / "d" / "f.bin").read_bytes() == staged
     assert watchside.IGNORED_NAME.match(migrate.STAGING)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder another owner needs root (the tier pass runs as root)")
+def test_folders_the_place_step_makes_belong_to_the_account_that_wrote_the_copy(tmp_path: Path) -> None:
+    account = 65534  # nobody: the sync account a tier pass copies through
+    staging = tmp_path / "warm" / "pi-1" / migrate.STAGING / "media" / "2026" / "cam.jpg"
+    staging.parent.mkdir(parents=True)
+    staging.write_bytes(b"jpeg")
+    os.chown(staging, account, account)
+    final = tmp_path / "warm" / "pi-1" / "media" / "2026" / "cam.jpg"
+
+    done = tierside.place({"entries": [{"staging": str(staging), "final": str(final)}]})
+
+    assert done == {"entries": ["placed"]} and final.read_bytes() == b"jpeg"
+    assert [(p.stat().st_uid, p.stat().st_gid) for p in (final.parent, final.parent.parent)] == [(account, account)] * 2
+    assert (tmp_path / "warm" / "pi-1").stat().st_uid == 0, "a folder that was there changed owner"

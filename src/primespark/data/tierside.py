@@ -80,6 +80,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _make_folders(folder: str, like: str) -> None:
+    """Make `folder` and its missing parents, owned as `like` is (the staged copy: the account that writes this
+    tree). Made by root, a sync job sharing the tree could not write into them."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not missing:
+        return
+    owner = os.stat(like)  # FileNotFoundError: no staged copy (the caller tells placed from missing)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise  # a file has the folder's name: never chowned, never replaced
+            continue  # made meanwhile by another writer: left as it made it
+        if os.geteuid() == 0:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def _open_for_writing(root: str) -> set[str]:
     """Paths below `root` that some process holds open for writing (what /proc lets this user see)."""
     prefix = root.rstrip("/") + "/"
@@ -219,10 +240,10 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
     for entry in spec["entries"]:
         staging, final = entry["staging"], entry["final"]
         folder = os.path.dirname(final)
-        if folder not in made:
-            os.makedirs(folder, exist_ok=True)
-            made.add(folder)
         try:
+            if folder not in made:
+                _make_folders(folder, staging)
+                made.add(folder)
             if entry.get("atime_ns"):  # the file's last use travels with it (the lower tier's policy reads it)
                 os.utime(staging, ns=(entry["atime_ns"], entry["mtime_ns"]))
             os.replace(staging, final)
