@@ -182,3 +182,21 @@ def processes_naming(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_hashing_a_file_for_the_manifest_does_not_make_it_look_used(tmp_path: Path) -> None:
+    old = time.time() - 3 * 86400  # three days unused: the tier policy, which reads access times, would move it
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(b"probe")
+    os.utime(probe, (old, old))
+    probe.read_bytes()
+    if probe.stat().st_atime == pytest.approx(old, abs=1):
+        pytest.skip("this filesystem does not update access times on reads (mounted noatime)")
+    reading = tmp_path / "reading.bin"
+    reading.write_bytes(os.urandom(4096))
+    os.utime(reading, (old, old))
+
+    entry = hostside.digest(str(reading))
+
+    assert entry is not None and entry.size == 4096
+    assert reading.stat().st_atime == pytest.approx(old, abs=1), "the backup's hashing counted as a use"

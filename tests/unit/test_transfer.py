@@ -177,3 +177,32 @@ def test_a_destination_that_does_not_answer_is_a_transient_failure(tmp_path: Pat
     with pytest.raises(TransferFailed) as failed:
         transfer.run(RUNNER, TransferPlan(str(source), "/", route))
     assert failed.value.transient and failed.value.returncode in (12, 255), failed.value
+
+
+def _reads_update_access_times(folder: Path) -> bool:
+    """Whether a read of a file in `folder` moves its access time (relatime: when it is older than a day)."""
+    probe = folder / "atime-probe"
+    probe.write_bytes(b"probe")
+    os.utime(probe, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    before = probe.stat().st_atime_ns
+    probe.read_bytes()
+    moved = probe.stat().st_atime_ns != before
+    probe.unlink()
+    return moved
+
+
+def test_sending_and_comparing_a_file_do_not_make_it_look_used(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    source, destination = folders
+    if not _reads_update_access_times(source):
+        pytest.skip("this filesystem does not update access times on reads (mounted noatime)")
+    old = time.time() - 3 * 86400  # three days unused: the tier policy would move it
+    blob = source / "blob.bin"
+    os.utime(blob, (old, old))
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+
+    sent = transfer.run(RUNNER, TransferPlan(str(source), "/", route)).sent
+    transfer.run(RUNNER, TransferPlan(str(source), "/", route, checksum=True, dry_run=True,
+                                      files=tuple(i.path for i in sent)))
+
+    assert blob.stat().st_atime == pytest.approx(old, abs=1), "rsync's read counted as a use of the file"
+    assert "blob.bin" in {i.path for i in sent} and (destination / "blob.bin").read_bytes() == blob.read_bytes()

@@ -103,9 +103,14 @@ def hash_of(manifest: dict[str, Any]) -> str:
 
 def digest(path: str, algorithm: str = PREFERRED) -> Entry | None:
     """The entry of a regular file; None if it is not one or changed while being read."""
+    # O_NOFOLLOW: a symlink is not followed; O_NONBLOCK: a FIFO does not block the open; O_NOATIME: hashing is
+    # not a use (the tier policy ages files by access time; restic reads the same way), refused unless root or owner
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        # O_NOFOLLOW: a symlink is not followed; O_NONBLOCK: a FIFO does not block the open
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(path, flags)
     except OSError:
         return None
     try:

@@ -41,9 +41,12 @@ OUT_FORMAT = "%i|%l|%b|%M|%n"
 EXIT_MARK = "rsync-exit="
 CHECKSUM = "xxh128"
 # The flags of every transfer: recursive, symlinks as symlinks, permissions and times. No owners: the sync
-# account on the destination is not root; its own tree stays writable to it.
+# account on the destination is not root; its own tree stays writable to it. `--open-noatime`: reading a file
+# to send or compare it is not a use (the tier policy ages files by access time; a checksum compare would
+# otherwise make every file look used). It needs the reader to own the file or be root (else EPERM): the
+# sender runs as root, the receiver as the account that owns its tree.
 BASE_FLAGS = ("-rlpt", "--chmod=Du+rwx,Fu+rw", f"--checksum-choice={CHECKSUM}", f"--out-format={OUT_FORMAT}",
-              "--stats", "--no-motd")
+              "--stats", "--no-motd", "--open-noatime")
 IO_TIMEOUT_SECONDS = 120  # rsync's --timeout: a connection silent this long is dead
 
 # rsync's exit codes (rsync(1), EXIT VALUES)
