@@ -98,7 +98,17 @@ def test_restic_role_installs_keys_and_passwords_0600(lab, backups):
     assert modes["/etc/primespark/restic/nas-primary.password"] == "600"
 
 
-def test_backup_copy_drill_end_to_end(lab, backups):
+@pytest.fixture
+def pi_1_tier_still(lab_flows):
+    """pi-1's tier lock held: no scheduled tier pass moves a file out of its hot tier while the test compares
+    that tree before and after a backup and its drills."""
+    from primespark.orchestration.locks import hold, tier_lock
+
+    with hold(tier_lock("pi-1")):
+        yield
+
+
+def test_backup_copy_drill_end_to_end(lab, backups, pi_1_tier_still):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
