@@ -5,10 +5,10 @@ the hosts layer) and the pending changes it reports, batched.
 made while nothing watched are found by a full reconciliation, so a restart of the source host or of the
 worker loses nothing — after an inotify overflow, a deletion in a mirror, or a failed pass, and every
 `rescan_seconds` (an hour, as Syncthing's rescan: what no event told of, such as a change inotify cannot see on
-a network filesystem, arrives within that); otherwise a
-pass of only the changed files, once the source has been quiet for `quiet_seconds` or the oldest change has
-waited `max_wait_seconds`. A quiet source makes no passes at all. The flow (`flows/sync.py: sync_watch`) runs
-the passes, holding the link's lock; nothing here runs one.
+a network filesystem, arrives within that); otherwise a pass of only the changed files, once the source has
+been quiet for `quiet_seconds` or the oldest change has waited `max_wait_seconds`. A quiet source makes no
+passes but that periodic full one. The flow (`flows/sync.py: sync_watch`) runs the passes, holding the link's
+lock; nothing here runs one.
 """
 
 from __future__ import annotations
