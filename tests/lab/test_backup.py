@@ -39,13 +39,26 @@ ln -sf docs/readme.txt {root}/link
 echo scratch > {root}/junk.tmp
 """
 
-SHA_TREE = "cd {root} && find . -type f ! -name '*.tmp' -print0 | sort -z | xargs -0 sha256sum"
+# Regular files but *.tmp, each sha256 by "./path". Read with O_NOATIME: the test's reading is not a use (the tier
+# policy ages the lab's generated files by access time; a later test expects those dated back to still look old).
+SHA_TREE = """
+import hashlib, json, os, sys
+root, found = sys.argv[1], {}
+for folder, dirs, names in os.walk(root):
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".tmp") or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as handle:
+            found["./" + os.path.relpath(path, root)] = hashlib.file_digest(handle, "sha256").hexdigest()
+print(json.dumps(found))
+"""
 
 
 def sha_tree(lab, host: str, root: str) -> dict[str, str]:
-    done = lab.exec(host, SHA_TREE.format(root=root))
+    done = lab.exec(host, ["python3", "-c", SHA_TREE, root])
     assert done.returncode == 0, done.stderr
-    return {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in done.stdout.splitlines()}
+    return dict(json.loads(done.stdout))
 
 
 @pytest.fixture(scope="module")

@@ -95,12 +95,16 @@ def finish(run_id: UUID, timeout: float = 600) -> Any:
     return run
 
 
-def snapshots_of(host: str) -> list[str]:
+def snapshots_of(host: str, run_id: UUID | None = None) -> list[str]:
+    """The host's backup snapshots; with `run_id`, those of that flow run only (its run tag: a scheduled backup
+    of the host may save its own meanwhile)."""
+    from primespark.backup.manifest import run_of
     from primespark.backup.repositories import plan_of, restic_for
     from primespark.context import FleetContext
 
     ctx = FleetContext.load("lab", "ssh")
-    return [s.id for s in restic_for(ctx, plan_of(ctx, host).repository, host).snapshots(tags=["primespark-backup"])]
+    found = restic_for(ctx, plan_of(ctx, host).repository, host).snapshots(tags=["primespark-backup"])
+    return [s.id for s in found if run_id is None or run_of(s) == run_id.hex]
 
 
 def test_deploy_twice_the_second_changes_nothing(lab, workers):
@@ -128,11 +132,11 @@ def test_both_pools_are_ready_with_one_worker_each(lab, workers):
 
 
 def test_an_edge_backup_triggered_through_the_api_runs_on_the_edge_worker(lab, workers):
-    before = snapshots_of("pi-1")
-    run = finish(trigger("backup/backup-pi-1"))
+    run_id = trigger("backup/backup-pi-1")
+    run = finish(run_id)
     assert run.state.is_completed(), run.state.message
     assert run.work_pool_name == "spark-edge" and worker_of(run) == "nas-1", run
-    assert len(snapshots_of("pi-1")) == len(before) + 1
+    assert len(snapshots_of("pi-1", run_id)) == 1
 
 
 def test_a_cloud_deployment_runs_on_the_cloud_worker(lab, workers):
@@ -242,7 +246,8 @@ def _backup_killed_midway(lab, host: str, repository: str, kill: Callable[[], No
     run = finish(run_id, timeout=900)
     assert run.state.is_completed(), run.state.message
     assert run.run_count == 2 and state_types(run_id).count("COMPLETED") == 1
-    assert len(snapshots_of(host)) == len(before) + 1, "exactly one new snapshot from the rescheduled run"
+    assert len(snapshots_of(host)) >= len(before) + 1
+    assert len(snapshots_of(host, run_id)) == 1, "exactly one snapshot of the run: none from its killed attempt"
     print(f"Crashed {crashed:.0f} s after the kill")
 
 
