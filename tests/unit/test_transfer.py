@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 from rrsync_testing import forced_route
 
 from primespark.data import transfer
@@ -42,6 +43,9 @@ def test_a_copy_sends_what_is_new_then_nothing(tmp_path: Path, folders: tuple[Pa
     assert first.files_sent == 7 and first.source_files == 7 and first.skipped == 0
     assert first.bytes_sent > 200_000 and first.literal_bytes >= 200_000
     assert "name with spaces and ünïcode.txt" in {i.path for i in first.sent}
+    # each file's sum as the sender read it (the one its receiver checked the copy against): XXH3-128
+    assert {i.path: i.checksum for i in first.sent} == \
+        {i.path: xxhash.xxh3_128((source / i.path).read_bytes()).hexdigest() for i in first.sent}
     expected = {k: v for k, v in tree(source).items() if not k.endswith(".tmp")}
     assert tree(destination) == expected
     again = transfer.run(RUNNER, plan)

@@ -17,6 +17,9 @@ Safety that rsync gives, and how we ask for it:
   final name that a size-and-time check would take for a good copy).
 - Content is compared with XXH3-128 (`--checksum-choice=xxh128`, the backup manifests' hash) wherever a
   checksum is asked for: the after-run verification and the full check.
+- Every file sent is verified in flight: the receiver hashes what it writes and compares it with the sum the
+  sender took as it read the file (it sends the file again on a mismatch). The report keeps that sum per file
+  (`Item.checksum`): tier migration records it rather than reading each source a second time.
 
 The command runs as `sh -c 'rsync "$@"; echo rsync-exit=$?'` so that rsync's own exit code (255 when its ssh
 to the destination fails) is never taken for the runner's ssh to the source host failing.
@@ -37,9 +40,11 @@ from primespark.hosts import Runner, ended_with_session
 # transfer into it runs; they are never synced, as a file being written is not.
 RSYNC_TEMP_PATTERN = ".*.[A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9]"
 PARTIAL_DIR = ".~tmp~"  # what --delay-updates uses; rsync excludes it from transfers and deletions
-OUT_FORMAT = "%i|%l|%b|%M|%n"
+# %C: the file's XXH3-128 as the sender read it (the sum the receiver checks its copy against)
+OUT_FORMAT = "%i|%l|%b|%M|%C|%n"
 EXIT_MARK = "rsync-exit="
 CHECKSUM = "xxh128"
+CHECKSUM_AS = "xxh3_128"  # the same hash by the name python-xxhash and the hosts' hashers give it
 # The flags of every transfer: recursive, symlinks as symlinks, permissions and times. No owners: the sync
 # account on the destination is not root; its own tree stays writable to it. `--open-noatime`: reading a file
 # to send or compare it is not a use (the tier policy ages files by access time; a checksum compare would
@@ -189,13 +194,14 @@ class TransferPlan:
 
 @dataclass(frozen=True)
 class Item:
-    """One line of rsync's itemized output (`%i|%l|%b|%M|%n`)."""
+    """One line of rsync's itemized output (`%i|%l|%b|%M|%C|%n`)."""
 
     flags: str  # rsync's itemize string, e.g. `<f+++++++++`, `*deleting`
     path: str
     size: int
     wire_bytes: int  # what went over the wire for it
     mtime: datetime | None
+    checksum: str = ""  # a sent file's XXH3-128 (hex) as the sender read it; empty for anything else
 
     @property
     def sent(self) -> bool:
@@ -259,12 +265,13 @@ def _mtime(text: str) -> datetime | None:
 def parse_items(stdout: str) -> list[Item]:
     items = []
     for line in stdout.splitlines():
-        parts = line.split("|", 4)
-        if len(parts) != 5 or not parts[0] or parts[0][0] not in "<>ch.*":
+        parts = line.split("|", 5)
+        if len(parts) != 6 or not parts[0] or parts[0][0] not in "<>ch.*":
             continue
-        flags, size, wire, mtime, name = parts
+        flags, size, wire, mtime, checksum, name = parts
         try:
-            items.append(Item(flags.strip(), _unescape(name), int(size or 0), int(wire or 0), _mtime(mtime)))
+            items.append(Item(flags.strip(), _unescape(name), int(size or 0), int(wire or 0), _mtime(mtime),
+                              checksum.strip()))
         except ValueError:
             continue
     return items
