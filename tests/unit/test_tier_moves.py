@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 import yaml
 
 from primespark.agents.execute import HOT_TIER_STAGING, results_root
@@ -242,6 +243,63 @@ def test_the_copy_into_the_staging_folder_renames_each_file_once(tiers: tuple[Fl
     assert not temporaries(root)
 
 
+def test_a_move_reads_each_source_once_and_records_the_sum_rsync_took(tiers: tuple[FleetContext, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source's hash is the sum rsync took as it sent the file (its receiver checked the copy against it): no
+    second read of every source; the flushed copy is still hashed and compared with it."""
+    ctx, root = tiers
+    files = {f"d/f{i}.bin": put(root / "hot" / f"d/f{i}.bin", 3000 + i, 30) for i in range(4)}
+    ops: list[tuple[str, str]] = []
+    real_side = migrate.side
+
+    def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        ops.append((runner.name, op))
+        return real_side(runner, op, spec, timeout)
+
+    monkeypatch.setattr(migrate, "side", side)
+    [result] = one_pass(ctx)
+    assert result.moved == 4
+    assert ("pi-1", "hash") not in ops and ("nas-1", "check") in ops
+    for rel, content in files.items():
+        [row] = migrate.where(ctx, str(root / "hot" / rel))
+        assert row["hash"] == f"xxh3_128:{xxhash.xxh3_128(content).hexdigest()}"
+
+
+def test_the_journal_appends_what_changed_and_a_save_cut_short_counts_as_not_made(tmp_path: Path) -> None:
+    batch = migrate.Batch("pi-1", "nas-1", "/srv/hot", "/srv/warm/pi-1", "xxh3_128")
+    batch.entries = [migrate.Entry("move", f"/srv/hot/f{i}", f"f{i}", f"/s/f{i}", f"/w/f{i}", "pi-1", f"/srv/hot/f{i}",
+                                   "warm", 10, 1) for i in range(1000)]
+    journal = tmp_path / "pi-1--nas-1.json"
+    migrate.save(journal, batch)
+    first = journal.stat().st_size
+    batch.entries[7].step, batch.entries[7].hash = "copied", "xxh3_128:ab"
+    migrate.save(journal, batch)
+    migrate.save(journal, batch)  # nothing changed: nothing written
+    assert len(journal.read_text().splitlines()) == 2 and journal.stat().st_size - first < 100
+    loaded = migrate.load(journal)
+    assert loaded is not None and [(e.step, e.hash) for e in loaded.entries] == \
+        [(e.step, e.hash) for e in batch.entries]
+    batch.entries[8].step = "copied"
+    migrate.save(journal, batch)
+    with open(journal, "r+b") as cut:  # the last save's line torn by a crash
+        cut.truncate(journal.stat().st_size - 5)
+    loaded = migrate.load(journal)
+    assert loaded is not None and (loaded.entries[7].step, loaded.entries[8].step) == ("copied", "planned")
+    loaded.entries[9].step = "copied"  # a replay's save after the torn line: the batch written whole again
+    migrate.save(journal, loaded)
+    assert len(journal.read_text().splitlines()) == 1
+    again = migrate.load(journal)
+    assert again is not None and [e.step for e in again.entries[7:10]] == ["copied", "planned", "copied"]
+    assert again is not None
+    again.entries[10].step = "copied"
+    migrate.save(journal, again)
+    again.entries[11].step = "copied"
+    migrate.save(journal, again)
+    journal.write_text(journal.read_text().replace('{"set"', '{"set', 1))  # damage before the end: refused
+    with pytest.raises(UserError, match="cannot be read"):
+        migrate.load(journal)
+
+
 def test_a_pass_leaves_a_running_tasks_staging_folder_on_the_hot_tier(tiers: tuple[FleetContext, Path]) -> None:
     """Where the agents write (`results_root`, its staging folder), an old file stays; the committed result moves."""
     ctx, root = tiers
@@ -319,9 +377,10 @@ def kill_tree(root: int) -> None:
 
 def _journal_steps(path: Path) -> set[str]:
     try:
-        return {e["step"] for e in json.loads(path.read_text())["entries"]}
-    except (OSError, ValueError):
+        batch = migrate.load(path)
+    except UserError:  # caught mid-write
         return set()
+    return {e.step for e in batch.entries} if batch else set()
 
 
 def _least_step(path: Path) -> str | None:
@@ -482,7 +541,6 @@ def test_a_file_changed_while_it_moved_stays_and_its_copy_goes(tiers: tuple[Flee
     put(hot / "a.bin", 10_000, 20)
     plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
     [batch] = list(migrate.batches(ctx, plan, algorithm))
-    migrate._hash_sources(ctx, batch)
     migrate._copy(ctx, batch)
     migrate._check(ctx, batch, batch.at("copied"), replaying=False)
     journal = migrate.journal_path(ctx, batch.source_host, batch.dest_host)

@@ -1,18 +1,19 @@
 """Tier migration: the scans, the journaled move of each file, recall, and the catalog that says where files are.
 
 The move, per file (in batches: one call per step for many files):
-  hash the source → journal `planned` → copy to a temporary name below the destination folder
-  (`.spark-tier-incoming/`, through the transfer engine's rsync) → `copied` → flush the batch's copies to
-  disk (one syncfs of the destination's filesystem: an fsync per small file costs a journal commit each) and hash
-  each copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
+  journal `planned` → copy to a temporary name below the destination folder (`.spark-tier-incoming/`, through
+  the transfer engine's rsync, whose sum of each source as it read it is the source's hash) → `copied` → flush
+  the batch's copies to disk (one syncfs of the destination's filesystem: an fsync per small file costs a journal
+  commit each) and hash each copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
   commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it is still what was
   copied → `done`.
 A file is deleted from its tier only after its verified copy has its final name and the catalog says so; until
 then it stays where it was. No name shows a partial file: copies are written below the staging folder (rsync
 writes each under a temporary name of its own there too) and renamed whole.
 
-The journal is a JSON file in the state directory of whoever runs the pass (a site's worker, or the operator's
-`spark tier run`), rewritten atomically (temporary file, fsync, rename) after each step of a batch. Why there and
+The journal is a file in the state directory of whoever runs the pass (a site's worker, or the operator's
+`spark tier run`): the batch as JSON, written atomically (temporary file, fsync, rename), then a line appended
+(fsynced) after each step of the batch with what changed. Why there and
 not on the source host: the steps span two hosts and the catalog, and the controller is the one process that
 sees all three; its state directory takes an atomic write without a round trip. Replay does not trust the journal
 alone either: it looks at the hosts (is the staged copy whole and equal? is the final name there?), so a pass
@@ -29,7 +30,9 @@ job's) as placed, else its temporary is removed and the file stays where it was 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -39,7 +42,7 @@ from typing import Any
 from primespark.context import FleetContext
 from primespark.data import tierside, transfer
 from primespark.data.layout import inside, recall_folder, tier_of, transport_links
-from primespark.data.tiers import FileInfo, HostScan, TierPlan, plan_boundary
+from primespark.data.tiers import FileInfo, HostScan, TierPlan, next_tier, plan_boundary
 from primespark.data.transfer import Route, TransferPlan
 from primespark.errors import StepFailed, UserError
 from primespark.fleet.model import TIER_ORDER, Fleet, TierName
@@ -49,8 +52,9 @@ from primespark.secrets import atomic_write
 SOURCE = Path(tierside.__file__).read_text()
 STAGING = tierside.STAGING
 CATALOG_DEFAULT = ".spark-tier/catalog.sqlite"
-BATCH_FILES = 10_000
+BATCH_FILES = 200_000
 BATCH_BYTES = 4 * 1024**3
+WRITEBACK_SECONDS = 1.0  # while a copy runs, how often its destination is asked to write it to disk
 ORDER = ("planned", "copied", "verified", "placed", "committed", "undoing", "done", "abandoned")
 FINISHED = ("done", "abandoned")
 
@@ -171,17 +175,16 @@ def plan_pass(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None,
         scans.append(found)
         algorithms &= set(hashes)
     below: dict[str, int] = {}
-    plan = plan_boundary(tiers, tier, scans, {}, now or time.time())
-    if plan.to is not None:
-        for host in tiers[plan.to].hosts:
-            found, hashes = scan_host(ctx, plan.to, host, listed=False)
-            if not found.exists:  # fail closed: files moved into an unmounted mount point would hide there
-                raise UserError(f"the {plan.to.value} tier's folder {found.root} is missing on {host} (its disk not "
-                                "mounted?): nothing was moved", "mount it, or create it if the tier is new "
-                                "(the nas role does)")
-            below[host] = found.used
-            algorithms &= set(hashes)
-        plan = plan_boundary(tiers, tier, scans, below, now or time.time())
+    lower = next_tier(tier, list(tiers))
+    for below_tier, host in [(lower, h) for h in tiers[lower].hosts] if lower is not None else []:
+        found, hashes = scan_host(ctx, below_tier, host, listed=False)
+        if not found.exists:  # fail closed: files moved into an unmounted mount point would hide there
+            raise UserError(f"the {below_tier.value} tier's folder {found.root} is missing on {host} (its disk not "
+                            "mounted?): nothing was moved", "mount it, or create it if the tier is new "
+                            "(the nas role does)")
+        below[host] = found.used
+        algorithms &= set(hashes)
+    plan = plan_boundary(tiers, tier, scans, below, now or time.time())
     return plan, "xxh3_128" if "xxh3_128" in algorithms else "sha256"
 
 
@@ -214,6 +217,8 @@ class Batch:
     dest_root: str
     algorithm: str
     entries: list[Entry] = field(default_factory=list)
+    # each entry's (step, note, hash) as the journal on disk has them: a save appends only what changed
+    saved: list[tuple[str, str, str | None]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def staging_root(self) -> str:
@@ -231,24 +236,63 @@ def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
     return ctx.state_dir / "tiers" / "journal" / f"{source}--{dest}.json"
 
 
+def _marks(batch: Batch) -> list[tuple[str, str, str | None]]:
+    return [(e.step, e.note, e.hash) for e in batch.entries]
+
+
+def _whole(path: Path) -> bool:
+    """The journal is there and ends with a whole line (not with a save a crash cut short)."""
+    try:
+        with open(path, "rb") as journal:
+            journal.seek(-1, os.SEEK_END)
+            return journal.read(1) == b"\n"
+    except (FileNotFoundError, OSError):
+        return False
+
+
 def save(path: Path, batch: Batch) -> None:
-    # the entries' own dicts (their fields are plain values): `asdict` deep-copies each one, and took 0.2 s of a
-    # 10,000-entry batch's every save
-    data = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name != "entries"}
-    atomic_write(path, json.dumps({**data, "entries": [vars(e) for e in batch.entries]}), 0o600)
+    """The journal: the whole batch once (written atomically), then one line per save with the entries whose step,
+    note or hash changed (appended, fsynced). Rewriting a 100,000-entry batch after every step took longer than
+    some of the steps. After a save a crash cut short, the whole batch is written again."""
+    marks = _marks(batch)
+    if batch.saved is None or len(batch.saved) != len(marks) or not _whole(path):
+        data = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name not in ("entries", "saved")}
+        # the entries' own dicts (their fields are plain values): `asdict` deep-copies each one
+        atomic_write(path, json.dumps({**data, "entries": [vars(e) for e in batch.entries]}) + "\n", 0o600)
+    else:
+        changed = [[i, *mark] for i, (mark, old) in enumerate(zip(marks, batch.saved, strict=True)) if mark != old]
+        if not changed:
+            return
+        with open(path, "a", encoding="utf-8") as journal:
+            journal.write(json.dumps({"set": changed}) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+    batch.saved = marks
 
 
 def load(path: Path) -> Batch | None:
     try:
-        data = json.loads(path.read_text())
+        lines = path.read_text().splitlines()
+        data = json.loads(lines[0])
+        entries = [Entry(**e) for e in data.pop("entries")]
+        for number, line in enumerate(lines[1:], 2):
+            try:
+                update = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    break  # a save cut short by a crash: its step counts as not recorded (replay looks at the hosts)
+                raise
+            for index, step, note, digest in update["set"]:
+                entries[index].step, entries[index].note, entries[index].hash = step, note, digest
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise UserError(f"the tier journal {path} cannot be read: {exc}",
                         "move it aside: the next pass then removes the copies it named below the staging folder, "
                         "and moves their files again") from exc
-    entries = [Entry(**e) for e in data.pop("entries")]
-    return Batch(**data, entries=entries)
+    batch = Batch(**data, entries=entries)
+    batch.saved = _marks(batch)
+    return batch
 
 
 def backlog(ctx: FleetContext) -> dict[str, int]:
@@ -289,10 +333,14 @@ def _abandon(entry: Entry, why: str) -> None:
     entry.step, entry.note = "abandoned", why
 
 
-def _hash_sources(ctx: FleetContext, batch: Batch) -> None:
+def _hash_sources(ctx: FleetContext, batch: Batch, entries: list[Entry]) -> None:
+    """The hashes of `entries`' sources, read on the source host: for the files whose copy rsync did not report (a
+    final name that may hold the file already, a replayed copy, a host without XXH3)."""
+    if not entries:
+        return
     found = side(ctx.hosts.runner(batch.source_host), "hash",
-                 {"paths": [e.source for e in batch.entries], "algorithm": batch.algorithm})["hashes"]
-    for entry in batch.entries:
+                 {"paths": [e.source for e in entries], "algorithm": batch.algorithm})["hashes"]
+    for entry in entries:
         got = found.get(entry.source)
         if got is None:
             _abandon(entry, "vanished or changed while read")
@@ -302,20 +350,29 @@ def _hash_sources(ctx: FleetContext, batch: Batch) -> None:
             entry.hash = got[0]
 
 
+def _hashed(value: str | None) -> bool:
+    return value is not None and not value.startswith("size:")
+
+
 def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: bool) -> None:
     """Each entry's staged copy (flushed, hashed) and final name against the source's hash: verified, placed (an
     equal copy has the final name already), or (after a copy, or in a replay) abandoned with its temporary
-    removed."""
+    removed. A source is read only where its hash is missing and a copy of the right size is there to compare."""
     if not entries:
         return
     rows = side(ctx.hosts.runner(batch.dest_host), "check", {
         "algorithm": batch.algorithm, "staging_root": batch.staging_root,
         "entries": [{"staging": e.staging, "final": e.final, "size": e.size} for e in entries]})["entries"]
+    _hash_sources(ctx, batch, [e for e, row in zip(entries, rows, strict=True)
+                               if e.hash is None and (_hashed(row["staging"]) or _hashed(row["final"]))])
     stale = []
     for entry, row in zip(entries, rows, strict=True):
-        if row["staging"] == entry.hash:
+        if entry.step == "abandoned":  # its source changed or vanished: a staged copy is no good
+            if row["staging"] is not None:
+                stale.append(entry.staging)
+        elif entry.hash is not None and row["staging"] == entry.hash:
             entry.step = "verified"
-        elif row["final"] == entry.hash:
+        elif entry.hash is not None and row["final"] == entry.hash:
             entry.step = "placed"
             entry.note = "already there"
             if row["staging"] is not None:
@@ -326,6 +383,18 @@ def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: boo
             _abandon(entry, "interrupted copy (removed)" if replaying else "copy differs from the source")
     if stale:
         side(ctx.hosts.runner(batch.dest_host), "remove", {"paths": stale})
+
+
+def _write_back(runner: Runner, folder: str, copied: threading.Event) -> None:
+    """Until `copied`, have the destination's filesystem start writing what the copy wrote so far: the check's flush
+    then finds little left to wait for, where the kernel would otherwise hold a copy of gigabytes in memory until
+    that flush (its background writeback starts at a tenth of the memory). A hint only: a call that fails (the
+    staging folder not made yet) costs nothing but that overlap; the check's flush is what the protocol relies on."""
+    while not copied.wait(WRITEBACK_SECONDS):
+        try:
+            runner.run(["sync", "-f", folder], timeout=60)
+        except StepFailed:
+            continue
 
 
 def _copy(ctx: FleetContext, batch: Batch) -> None:
@@ -340,9 +409,22 @@ def _copy(ctx: FleetContext, batch: Batch) -> None:
     # a temporary name there, and a replay removes whatever a killed copy left)
     plan = TransferPlan(batch.source_root, destination.rstrip("/") + "/", route,
                         files=tuple(e.rel for e in todo), fsync=False, delay_updates=False)
-    transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
+    copied = threading.Event()
+    writeback = threading.Thread(target=_write_back, args=(ctx.hosts.runner(batch.dest_host), batch.staging_root,
+                                                           copied), daemon=True)
+    writeback.start()
+    try:
+        report = transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
+    finally:
+        copied.set()
+        writeback.join()
+    # the sum rsync took of each source as it read it (its receiver checked the copy against it): the source's hash,
+    # without reading it a second time; the check hashes the flushed copy and compares
+    sums = {item.path: item.checksum for item in report.sent if item.checksum} \
+        if batch.algorithm == transfer.CHECKSUM_AS else {}
     for entry in todo:
         entry.step = "copied"
+        entry.hash = f"{batch.algorithm}:{sums[entry.rel]}" if entry.rel in sums else None
 
 
 def _place(ctx: FleetContext, batch: Batch) -> None:
@@ -466,9 +548,6 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
     journal = journal_path(ctx, batch.source_host, batch.dest_host)
     if journal.exists():
         raise UserError(f"the tier journal {journal} is not finished", "replay it first (every pass does)")
-    _hash_sources(ctx, batch)
-    batch.entries = [e for e in batch.entries if e.step != "abandoned"] + \
-        [e for e in batch.entries if e.step == "abandoned"]
     save(journal, batch)
     _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
     save(journal, batch)

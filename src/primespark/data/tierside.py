@@ -32,6 +32,7 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from typing import Any
 
@@ -212,9 +213,21 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
     each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
     out = []
     algorithm = spec["algorithm"]
-    staging_root = spec.get("staging_root")
-    if staging_root and os.path.isdir(staging_root):
-        _flush_filesystem(staging_root)
+    staging_root: str = spec.get("staging_root") or ""
+    # the flush waits on the disk, the hashes read the page cache: both at once, and nothing is answered before the
+    # flush has returned (a copy's pages are the same whether read before or after their writeback)
+    failed: list[BaseException] = []
+
+    def flush_noting_failure() -> None:
+        try:
+            _flush_filesystem(staging_root)
+        except BaseException as exc:  # raised in the caller's thread once it joins
+            failed.append(exc)
+
+    flush = threading.Thread(target=flush_noting_failure, daemon=True) \
+        if os.path.isdir(staging_root) else None
+    if flush is not None:
+        flush.start()
     for entry in spec["entries"]:
         row: dict[str, Any] = {"staging": None, "final": None}
         for key in ("staging", "final"):
@@ -229,6 +242,10 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
             found = hash_file(path, algorithm)
             row[key] = found[0] if found else None
         out.append(row)
+    if flush is not None:
+        flush.join()
+        if failed:
+            raise failed[0]
     return {"entries": out}
 
 
@@ -461,7 +478,7 @@ OPS = {"scan": scan, "hash": hash_op, "check": check, "place": place, "delete": 
 def main() -> None:
     op = sys.argv[1]
     spec = json.loads(sys.stdin.read() or "{}")
-    json.dump(OPS[op](spec), sys.stdout, separators=(",", ":"))
+    sys.stdout.write(json.dumps(OPS[op](spec), separators=(",", ":")))  # one write: json.dump writes per token
 
 
 if __name__ == "__main__":
