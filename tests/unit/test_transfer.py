@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,18 @@ def test_rates_and_the_command_line() -> None:
     assert "--delay-updates" not in TransferPlan("/srv/hot", "/staging/", delay_updates=False).argv()
     assert argv[-2:] == ["/srv/hot/", "sync-job@10.99.0.3:/"]
     assert "ssh -p 2222 -i /k -o IdentitiesOnly=yes" in argv[argv.index("-e") + 1]
+
+
+def test_the_itemized_lines_are_read_field_by_field() -> None:
+    out = ("<f+++++++++|5120|5188|2026/12/04-10:54:42|9175a3e5927baafbb3ab883e43f40a27|cam/a|b.jpg\n"
+           "cd+++++++++|4096|0|2026/02/30-00:00:00|                                |cam/\n"
+           "*deleting  |0|0||                                |old.jpg\n")
+    sent, folder, deleted = transfer.parse_items(out)
+    assert (sent.path, sent.size, sent.wire_bytes, sent.checksum) == ("cam/a|b.jpg", 5120, 5188,
+                                                                      "9175a3e5927baafbb3ab883e43f40a27")
+    assert sent.mtime == datetime(2026, 12, 4, 10, 54, 42, tzinfo=UTC) and sent.sent and sent.new
+    assert folder.mtime is None and folder.checksum == "" and not folder.sent  # no such day: no time, no error
+    assert deleted.deleted and deleted.path == "old.jpg"
 
 
 def test_a_destination_that_does_not_answer_is_a_transient_failure(tmp_path: Path, folders: tuple[Path, Path]) -> None:

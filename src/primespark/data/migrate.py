@@ -4,9 +4,9 @@ The move, per file (in batches: one call per step for many files):
   journal `planned` → copy to a temporary name below the destination folder (`.spark-tier-incoming/`, through
   the transfer engine's rsync, whose sum of each source as it read it is the source's hash) → `copied` → flush
   the batch's copies to disk (one syncfs of the destination's filesystem: an fsync per small file costs a journal
-  commit each) and hash each copy, compare with the source's hash → `verified` → rename into place (the folder flushed) → `placed` →
-  commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it is still what was
-  copied → `done`.
+  commit each) and hash each copy, compare with the source's hash → `verified` → rename into place (the folder
+  flushed) → `placed` → commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it
+  is still what was copied → `done`.
 A file is deleted from its tier only after its verified copy has its final name and the catalog says so; until
 then it stays where it was. No name shows a partial file: copies are written below the staging folder (rsync
 writes each under a temporary name of its own there too) and renamed whole.

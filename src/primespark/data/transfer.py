@@ -256,8 +256,13 @@ def _unescape(name: str) -> str:
 
 
 def _mtime(text: str) -> datetime | None:
-    try:  # %M, printed in UTC (the command runs with TZ=UTC)
-        return datetime.strptime(text, "%Y/%m/%d-%H:%M:%S").replace(tzinfo=UTC)
+    """%M (`2026/12/04-10:54:42`), printed in UTC (the command runs with TZ=UTC). Read by position: strptime took
+    more than a second per 100,000 files, on the pass's critical path."""
+    try:
+        if len(text) != 19 or text[4] != "/" or text[7] != "/" or text[10] != "-" or text[13] != ":" or text[16] != ":":
+            return None
+        return datetime(int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
+                        int(text[17:19]), tzinfo=UTC)
     except ValueError:
         return None
 
