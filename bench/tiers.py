@@ -11,9 +11,10 @@ cache is warmed by reading it first. Both move the whole hot tier into the warm 
 - plain: `rsync -a --remove-source-files hot/ warm/pi-1/` (the anchor; no flush, no verification, no catalog);
 - plain+sync: the same, then `sync` (its copies on disk, as ours leaves them: what a crash right after needs);
 - ours: one tier pass with the local transport (`primespark.data.migrate`: the scans, the plan, then per batch:
-  hash the sources, copy to the staging folder through the transfer engine with --fsync, flush and hash the
-  copies, rename into place, commit the catalog (SQLite, synchronous=FULL), delete the sources, each step
-  journaled). Prefect's run and locks are not in the figure (`spark tier run` adds them: about a second).
+  copy to the staging folder through the transfer engine (rsync's sum of each file as it read it is the
+  source's hash), flush and hash the copies, rename into place, commit the catalog (SQLite, synchronous=FULL),
+  delete the sources, each step journaled). Prefect's run and locks are not in the figure (`spark tier run` adds
+  them: about a second).
 
 Target: ours at most 1.5x plain.
 
