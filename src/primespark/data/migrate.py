@@ -246,7 +246,7 @@ def _whole(path: Path) -> bool:
         with open(path, "rb") as journal:
             journal.seek(-1, os.SEEK_END)
             return journal.read(1) == b"\n"
-    except (FileNotFoundError, OSError):
+    except OSError:  # missing, or empty (a seek before its start)
         return False
 
 
