@@ -1,7 +1,7 @@
 """Sync flows: `sync` (one pass over every link of a job, or one link), `sync-watch` (a continuous job: watchers on
 the source hosts, a pass whenever changes are due) and `sync-check` (the full checksum compare).
 
-Each pass: probe → transfer → (a mirror's full pass) delete → verify, one task per core step of
+Each pass: probe → transfer → (a mirror's full pass) delete → verify → flush, one task per core step of
 `primespark.data.sync`, inside the link's lock; then the link's state, its metrics and the report artifact.
 A refused pass (a missing, unmounted or emptied source; more deletions than max_delete) changes nothing at the
 destination, says why, and publishes what it held back.
@@ -26,6 +26,7 @@ from primespark.data.layout import Link
 from primespark.data.transfer import Item, TransferReport
 from primespark.data.watch import Batch, Watches
 from primespark.errors import StepFailed, UserError
+from primespark.fleet.model import FsyncMode
 from primespark.monitoring.metrics import Textfile, publish, sync_metrics
 from primespark.orchestration import auditing
 from primespark.orchestration.auditing import audited
@@ -58,6 +59,11 @@ def delete(ctx: FleetContext, link: Link, transferred: TransferReport, accept_em
 @task(name="sync-verify", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def verify(ctx: FleetContext, link: Link, sent: list[Item]) -> core.Verification:
     return core.verify_link(ctx, link, sent)
+
+
+@task(name="sync-flush", cache_policy=NO_CACHE, retry_condition_fn=transient)
+def flush(ctx: FleetContext, link: Link, report: TransferReport | None, deleted: TransferReport | None) -> None:
+    core.flush_pass(ctx, link, report, deleted)
 
 
 @task(name="sync-resend", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -99,6 +105,7 @@ def link_pass(ctx: FleetContext, link: Link, *, kind: str, options: dict[str, An
                 return core.pass_result(link, "dry-run", started, report)
             deleted = delete.with_options(**options)(ctx, link, as_is(report), accept_empty) if files is None else None
             verification = _verified(ctx, link, report, options)
+            flush.with_options(**options)(ctx, link, as_is(report), as_is(deleted))
         result = core.pass_result(link, kind, started, report, deleted, verification, changed_at)
     except core.SyncRefused as refusal:
         result = core.refused_result(link, kind, started, refusal)
@@ -216,7 +223,10 @@ def sync_check(
         with hold(sync_lock(link.job, link.source)):
             result = check.with_options(**options)(ctx, link)
             if repair and (result.missing or result.differing):
-                resend.with_options(**options)(ctx, link, as_is([*result.missing, *result.differing]))
+                if core.job_of(ctx.fleet, job).fsync is FsyncMode.pass_:
+                    core.settle(ctx, link, core.load_state(ctx, link))
+                sent = resend.with_options(**options)(ctx, link, as_is([*result.missing, *result.differing]))
+                flush.with_options(**options)(ctx, link, as_is(sent), None)
         state = core.record_check(ctx, link, result)
         _publish_metrics(ctx, link, textfile, sync_metrics(
             link.job, link.source, success=state.succeeded,

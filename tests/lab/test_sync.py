@@ -138,6 +138,10 @@ def test_the_sync_accounts_are_confined_to_their_folders(lab, synced):
     delete = lab.exec("pi-1", f"mkdir -p /tmp/empty && rsync -a --delete -e 'ssh {SYNC_KEY}' /tmp/empty/ "
                               f"sync-hot-to-nas@{nas}:/")
     assert delete.returncode != 0 and "has been disabled on this server" in delete.stderr, delete.stderr
+    # the one other request the gate lets a key make: flush its folder's filesystem, answered with the boot id
+    flushed = lab.exec("pi-1", f"ssh {SYNC_KEY} sync-hot-to-nas@{nas} primespark-flush")
+    boot = lab.exec("nas-1", "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    assert flushed.returncode == 0 and boot and flushed.stdout.strip() == boot, flushed.stdout + flushed.stderr
     # and pi-1's key lands in pi-1's own folder, owned by the job's account
     lab.exec("pi-1", f"echo confined > /tmp/probe.txt && rsync -a -e 'ssh {SYNC_KEY}' /tmp/probe.txt "
                      f"sync-hot-to-nas@{nas}:/")

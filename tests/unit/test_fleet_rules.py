@@ -189,3 +189,14 @@ def test_max_shrink_is_a_fraction_with_a_default_of_one_half() -> None:
         found = problems_after("  drill: {scratch_host: pi-2}",
                                f"  drill: {{scratch_host: pi-2}}\n  max_shrink: {value}")
         assert (not found) == accepted, (value, found)
+
+
+def test_a_sync_jobs_fsync_takes_yamls_bare_off_and_the_earlier_booleans() -> None:
+    import yaml
+
+    from primespark.fleet.model import FsyncMode, SyncJob
+
+    job = "source: 'pi-1:/srv/hot'\ndestination: 'nas-1:/srv/warm/{host}'\n"
+    assert SyncJob.model_validate(yaml.safe_load(job)).fsync is FsyncMode.pass_
+    for written, mode in (("off", "off"), ("false", "off"), ("true", "file"), ("pass", "pass"), ("file", "file")):
+        assert SyncJob.model_validate(yaml.safe_load(f"{job}fsync: {written}\n")).fsync == mode, written

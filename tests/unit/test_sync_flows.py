@@ -27,9 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from flows.sync import sync, sync_check, sync_watch
 from primespark.context import FleetContext
 from primespark.data import sync as core
-from primespark.data import tierside
+from primespark.data import tierside, transfer
 from primespark.data.layout import links
 from primespark.fleet import load_fleet
+from primespark.hosts import LocalRunner
 from primespark.orchestration.locks import (
     BURST_IDLE_SECONDS,
     SLOW_TAKE_SECONDS,
@@ -540,6 +541,109 @@ def test_the_full_check_finds_a_differing_copy_and_repairs_it(state: Path, tmp_p
     assert found["differing"] == ["model.bin"] and found["missing"] == [] and found["matched"] == 3
     assert copy.read_bytes() == (source / "model.bin").read_bytes()
     assert "model.bin" in artifact("sync-check-hot-to-nas")
+
+
+def _commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every command the flows run on a host (the local transport's runner), in order."""
+    ran: list[list[str]] = []
+    real = LocalRunner.run
+
+    def recording(self: LocalRunner, argv: Any, **kwargs: Any) -> Any:
+        ran.append([str(a) for a in argv])
+        return real(self, argv, **kwargs)
+
+    monkeypatch.setattr(LocalRunner, "run", recording)
+    return ran
+
+
+def _boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, boot_id: str) -> Path:
+    """The destination's boot id, as a file the test can change (a restart of its kernel)."""
+    path = tmp_path / "boot_id"
+    path.write_text(boot_id + "\n")
+    monkeypatch.setattr(transfer, "BOOT_ID", str(path))
+    return path
+
+
+def test_a_pass_flushes_its_destination_once_not_each_file(state: Path, tmp_path: Path,
+                                                          copy_job: tuple[str, Path, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, source, destination = copy_job
+    fill(source, 20)
+    ran = _commands(monkeypatch)
+    [link] = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"]
+    assert link["status"] == "succeeded" and link["files_sent"] == 20
+    rsyncs = [i for i, argv in enumerate(ran) if "rsync" in " ".join(argv)]
+    flushes = [i for i, argv in enumerate(ran) if "flush-exit=" in " ".join(argv)]
+    assert rsyncs and all("--fsync" not in ran[i] for i in rsyncs), "no flush per file"
+    assert [ran[i][-2] for i in flushes] == [str(destination)] * 2, "one before the pass, one after its copies"
+    assert flushes[0] < rsyncs[0] and flushes[1] > rsyncs[0]
+    ctx = FleetContext.load(fleet, "local")
+    saved = core.load_state(ctx, links(ctx.fleet, "hot-to-nas")[0])
+    assert not saved.unflushed and saved.destination_boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    ran.clear()
+    again = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"][0]
+    assert again["files_sent"] == 0
+    assert len([argv for argv in ran if "flush-exit=" in " ".join(argv)]) == 1, \
+        "a pass that changed nothing flushes nothing after it"
+
+
+def test_copies_a_restarted_destination_may_have_lost_are_compared_by_content(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, source, destination = copy_job
+    boot = _boot(monkeypatch, tmp_path, "boot-1")
+    (source / "model.bin").write_bytes(os.urandom(100_000))
+    fill(source, 3)
+    run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+
+    def lose_a_copy() -> None:
+        """What a crash before write-back leaves: the right size and time, the content never written."""
+        copy = destination / "model.bin"
+        stat = copy.stat()
+        copy.write_bytes(bytes(stat.st_size))
+        os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        saved = core.load_state(ctx, link)
+        saved.unflushed = True  # the pass that wrote it died before its flush
+        core.save_state(ctx, link, saved)
+
+    lose_a_copy()
+    same_boot = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"][0]
+    assert same_boot["files_sent"] == 0, "the destination did not restart: its kernel held the copies, flushed now"
+    lose_a_copy()
+    boot.write_text("boot-2\n")  # the destination restarted before the copies were flushed
+    restarted = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"][0]
+    assert restarted["status"] == "succeeded" and restarted["sent"] == ["model.bin"]
+    assert tree(destination) == tree(source)
+    saved = core.load_state(ctx, link)
+    assert not saved.unflushed and not saved.recheck and saved.destination_boot == "boot-2"
+
+
+def test_a_destination_restarted_during_a_pass_fails_it_and_the_next_compares_everything(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, source, destination = copy_job
+    boot = _boot(monkeypatch, tmp_path, "boot-1")
+    fill(source, 5)
+    verify_link = core.verify_link
+
+    def restart_then_verify(*args: Any) -> core.Verification:
+        boot.write_text("boot-2\n")
+        return verify_link(*args)
+
+    monkeypatch.setattr(core, "verify_link", restart_then_verify)
+    failed = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom"))
+    assert failed.is_failed() and "restarted during the pass" in str(failed.message) + artifact("sync-hot-to-nas")
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    assert core.load_state(ctx, link).recheck
+    monkeypatch.setattr(core, "verify_link", verify_link)
+    lost = destination / "readings" / "r002.json"
+    stat = lost.stat()
+    lost.write_bytes(bytes(stat.st_size))
+    os.utime(lost, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    [again] = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"]
+    assert again["status"] == "succeeded" and again["sent"] == ["readings/r002.json"]
+    assert tree(destination) == tree(source) and not core.load_state(ctx, link).recheck
 
 
 def test_status_shows_pending_files_and_the_oldest_change(state: Path, tmp_path: Path,

@@ -133,6 +133,21 @@ def _commands(name: str) -> list[str]:
     return found
 
 
+def test_a_sync_key_may_flush_its_folder_and_run_nothing_else(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    _, destination = folders
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    boot = Path(transfer.BOOT_ID).read_text().strip()
+    assert transfer.flush(RUNNER, route, "/", timeout=60) == boot, "through the gate: syncfs, then the boot id"
+    assert transfer.flush(RUNNER, transfer.local_route(), str(destination), timeout=60) == boot
+    # the gate passes any other request to rrsync, which refuses it (the lab test tries a shell over real ssh)
+    other = RUNNER.run([*route.rsh, route.target, "cat /proc/sys/kernel/random/boot_id"], timeout=60)
+    assert other.returncode != 0 and boot not in other.text, other.text + other.stderr
+    # a local folder not made yet (the first transfer makes it): its parent's filesystem
+    assert transfer.flush(RUNNER, transfer.local_route(), str(tmp_path / "not" / "yet"), timeout=60) == boot
+    with pytest.raises(TransferFailed, match="cannot flush"):
+        transfer.flush(RUNNER, forced_route(tmp_path, tmp_path / "gone", "-wo"), "/", timeout=60)
+
+
 def test_the_bandwidth_limit_holds(tmp_path: Path) -> None:
     source, destination = tmp_path / "source", tmp_path / "destination"
     source.mkdir()

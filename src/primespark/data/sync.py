@@ -2,12 +2,13 @@
 
 A pass is: `probe` the source folder → `transfer` (guarded: a missing, unmounted or, for a mirror, emptied
 source transfers nothing and deletes nothing) → for a mirror's full pass, `delete` (at most `max_delete`, else
-nothing, and the list is published) → `verify` what was sent (size and XXH3-128 at both ends) → `record` the
-link's state. The flows (`flows/sync.py`) wrap each step in a task and hold the link's lock; nothing here takes
-a lock.
+nothing, and the list is published) → `verify` what was sent (size and XXH3-128 at both ends) → `flush` the
+destination's filesystem (a job's `fsync: pass`) → `record` the link's state. The flows (`flows/sync.py`) wrap
+each step in a task and hold the link's lock; nothing here takes a lock.
 
 Transport: the source host runs rsync and pushes through the job's account on the destination (`sync-<job>`,
-its forced command rrsync restricted to the link's folder; `-no-del` for a copy): on the same site to the
+its forced command rrsync restricted to the link's folder, behind the sync role's gate, which also lets the key
+flush that folder's filesystem; `-no-del` for a copy): on the same site to the
 destination's LAN address, across sites to its overlay address in the saved mesh plan. The key (one per source
 host) and the destination's host keys come from the secret store and the operator's known_hosts, installed by
 the `sync` role (`host_material`).
@@ -33,7 +34,7 @@ from primespark.data import tierside, transfer
 from primespark.data.layout import RECALL_DIR, Link, links, overlap, transport_links
 from primespark.data.transfer import Item, Route, TransferPlan, TransferReport
 from primespark.errors import UserError
-from primespark.fleet.model import Fleet, Sync, SyncJob, SyncMode, TierName
+from primespark.fleet.model import Fleet, FsyncMode, Sync, SyncJob, SyncMode, TierName
 from primespark.hosts import SshFiles
 from primespark.secrets import atomic_write, ssh_key_pair
 
@@ -170,8 +171,8 @@ def plan_for(ctx: FleetContext, link: Link, **options: Any) -> TransferPlan:
     spec = job_of(ctx.fleet, link.job)
     route, destination = route_for(ctx, link)
     return TransferPlan(link.source_path, destination, route, include=tuple(spec.include),
-                        exclude=tuple(spec.exclude), held_back=held_back(ctx.fleet, link), fsync=spec.fsync,
-                        **options)
+                        exclude=tuple(spec.exclude), held_back=held_back(ctx.fleet, link),
+                        fsync=spec.fsync is FsyncMode.file, **options)
 
 
 # --- bandwidth windows -----------------------------------------------------------------------------------------
@@ -276,6 +277,12 @@ class LinkState:
     last_check: float | None = None
     check_differing: int | None = None
     check_missing: int | None = None
+    # `fsync: pass`: a pass that may have copied is under way or died before its flush; the destination's boot id
+    # when it started (copies made under that boot are safe once flushed); every file to be compared by content
+    # (the destination restarted before a pass's copies were flushed)
+    unflushed: bool = False
+    destination_boot: str | None = None
+    recheck: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -371,8 +378,11 @@ def transfer_link(ctx: FleetContext, link: Link, found: Probe, *, files: list[st
     watcher). A mirror's full pass asks rsync to delete nothing yet (`--max-delete=0`): it counts what it would
     delete, and `delete_link` decides. A dry run lists what would change, deletions included. A bandwidth window
     that closes mid-transfer stops it there; it resumes at once in the next window (or raises SyncPaused)."""
-    guard(link, found, load_state(ctx, link), accept_empty)
+    state = load_state(ctx, link)
+    guard(link, found, state, accept_empty)
     spec = job_of(ctx.fleet, link.job)
+    if not dry_run and spec.fsync is FsyncMode.pass_ and settle(ctx, link, state):
+        files, checksum = None, True
     full_mirror = link.mode is SyncMode.mirror and files is None
     options: dict[str, Any] = {"dry_run": dry_run, "checksum": checksum,
                                "files": None if files is None else tuple(files)}
@@ -398,6 +408,57 @@ def transfer_link(ctx: FleetContext, link: Link, found: Probe, *, files: list[st
         report = done if report is None else report + done
         if not done.stopped_early:
             return report
+
+
+# --- durability: one flush per pass (`fsync: pass`) -------------------------------------------------------------
+
+def flush_destination(ctx: FleetContext, link: Link) -> str:
+    """Flush the filesystem that holds the link's destination folder (syncfs: one journal commit for everything a
+    pass wrote, where `--fsync` costs one per file) and return the destination's boot id. From the source host
+    through the job's account, whose gate runs this one request besides rrsync: the worker of the source's site
+    need not reach the destination as an administrator (a cloud VM, from the edge)."""
+    route, _ = route_for(ctx, link)
+    return transfer.flush(ctx.hosts.runner(link.source), route, link.destination_path,
+                          timeout=job_of(ctx.fleet, link.job).timeout_minutes * 60)
+
+
+def settle(ctx: FleetContext, link: Link, state: LinkState) -> bool:
+    """Before a pass that may copy: mark the link unflushed, and say whether this pass must compare every file by
+    content. A pass that copied and never flushed (killed, or its flush failed) left its copies to the
+    destination's kernel, which writes them back within seconds; the flush here makes sure. But if the
+    destination has started again since (another boot id), some may be lost: empty or partly written under their
+    final names with the right size and time, which rsync's quick check would take for good copies. The boot id
+    taken here is what the pass's own flush compares with."""
+    boot = flush_destination(ctx, link)
+    if state.unflushed and boot != state.destination_boot:
+        state.recheck = True
+    state.destination_boot = boot
+    state.unflushed = True
+    save_state(ctx, link, state)
+    return state.recheck
+
+
+def flush_pass(ctx: FleetContext, link: Link, report: TransferReport | None,
+               deleted: TransferReport | None = None) -> None:
+    """After a pass (`fsync: pass`): flush the destination, unless the pass changed nothing there, and clear the
+    link's marks. A boot id other than the one the pass started under means the destination restarted during
+    the pass: the pass fails, and the next one compares every file by content."""
+    if job_of(ctx.fleet, link.job).fsync is not FsyncMode.pass_:
+        return
+    state = load_state(ctx, link)
+    if (report is not None and report.sent) or (deleted is not None and deleted.deleted):
+        boot = flush_destination(ctx, link)
+        if boot != state.destination_boot:
+            state.recheck = True
+            save_state(ctx, link, state)
+            raise transfer.TransferFailed(
+                f"sync {link.name}: {link.destination} restarted during the pass, so its copies may not have "
+                "reached its disk", "nothing to do: the next pass compares every file by content and sends what "
+                "was lost")
+    state.unflushed = False
+    if report is not None and report.plan.checksum and report.plan.files is None:
+        state.recheck = False  # this pass compared every file by content, and its copies are on disk
+    save_state(ctx, link, state)
 
 
 # --- step 3: a mirror's deletions ------------------------------------------------------------------------------

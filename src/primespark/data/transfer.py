@@ -13,8 +13,10 @@ Safety that rsync gives, and how we ask for it:
   run uses it as the basis of a delta transfer, so it sends only what was missing. (`--partial-dir` does the
   same, but a hardened rrsync pins its directory as `/proc/self/fd/N`, where rsync cannot save a partial file;
   `--delay-updates` keeps the partial directory rsync's own, relative one.)
-- `--fsync`: the destination flushes each file before its rename (a crash never leaves an empty file under a
-  final name that a size-and-time check would take for a good copy).
+- On disk: `--fsync` flushes each file before its rename (a crash never leaves an empty file under a final name
+  that a size-and-time check would take for a good copy); `flush` instead flushes the destination's whole
+  filesystem once (syncfs), through the account's forced command where it is remote, and gives the
+  destination's boot id, by which a caller can tell a destination that restarted before its copies were on disk.
 - Content is compared with XXH3-128 (`--checksum-choice=xxh128`, the backup manifests' hash) wherever a
   checksum is asked for: the after-run verification and the full check.
 - Every file sent is verified in flight: the receiver hashes what it writes and compares it with the sum the
@@ -106,6 +108,35 @@ def ssh_route(account: str, address: str, port: int, key_file: str, known_hosts:
 
 def local_route() -> Route:
     return Route()
+
+
+# What a sync account's key may ask besides rsync (roles/sync/files/sync-gate): syncfs of its folder, then the
+# host's boot id. The gate reads the boot id from BOOT_ID too.
+FLUSH_REQUEST = "primespark-flush"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def flush(runner: Runner, route: Route, folder: str, *, timeout: float) -> str:
+    """Flush the filesystem that holds the destination `folder` to disk, from the host that runs rsync (`runner`)
+    the way rsync reaches it; return the destination's boot id (another one after every start of its kernel)."""
+    if route.remote:
+        request = [*route.rsh, route.target, FLUSH_REQUEST]
+    else:
+        # a local folder is made by the first transfer (--mkpath): until then its nearest parent's filesystem
+        request = ["sh", "-c", 'd=$1; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done; sync -f -- "$d" && '
+                   'cat -- "$2"', "sh", folder, BOOT_ID]
+    # as with rsync: its own exit code said apart from the runner's ssh to the source host failing (255 both)
+    done = runner.run(["sh", "-c", '"$@"; echo flush-exit=$?', "sh", *request], timeout=timeout)
+    lines = done.text.strip().splitlines()
+    code = int(lines[-1].removeprefix("flush-exit=")) if lines and lines[-1].startswith("flush-exit=") else None
+    if done.returncode != 0 or code != 0 or len(lines) != 2:
+        where = route.target or folder
+        raise TransferFailed(f"cannot flush {where} to disk: {(done.stderr or done.text).strip()[-300:]}",
+                             "check that the destination is up, and that the sync role installed its gate "
+                             "(an account that answers with rrsync's refusal predates it: run the role again)",
+                             returncode=code if code is not None else done.returncode, stderr=done.stderr,
+                             transient=code == 255)
+    return lines[0].strip()
 
 
 # --- bandwidth -------------------------------------------------------------------------------------------------

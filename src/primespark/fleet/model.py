@@ -538,6 +538,23 @@ class SyncMode(StrEnum):
     mirror = "mirror"  # deletes what the source no longer has (guarded: max_delete, a missing or empty source)
 
 
+class FsyncMode(StrEnum):
+    """When a sync's copies reach the destination's disk (docs/sync.md, "Durability")."""
+
+    file = "file"  # each file flushed before its rename (rsync's --fsync): one disk flush per file
+    pass_ = "pass"  # one flush of the destination's filesystem after the pass, before the pass counts as done
+    off = "off"  # whenever the destination's kernel writes back
+
+
+def _fsync_mode(value: object) -> object:
+    # YAML 1.1 reads `off` as false (and `on` as true); a boolean was this field's earlier type
+    if value is False:
+        return FsyncMode.off.value
+    if value is True:
+        return FsyncMode.file.value
+    return value
+
+
 # `sync-<job>` is the job's account on its destinations: a Unix name of at most 32 characters.
 SYNC_JOB_PATTERN = r"^[a-z][a-z0-9-]{0,25}[a-z0-9]$"
 SyncJobName = Annotated[str, StringConstraints(pattern=SYNC_JOB_PATTERN)]
@@ -616,7 +633,10 @@ class SyncJob(Strict):
     check_schedule: Cron | None = Field(
         default="30 4 * * *", description="A full checksum compare (XXH3-128) of source and destination.")
     timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="How long one pass may take.")
-    fsync: bool = Field(default=True, description="The destination flushes each file to disk before its rename.")
+    fsync: Annotated[FsyncMode, BeforeValidator(_fsync_mode)] = Field(
+        default=FsyncMode.pass_, description="When copies reach the destination's disk: `pass` (one flush of its "
+        "filesystem before the pass counts as done), `file` (each file before its rename: one flush per file), "
+        "`off`.")
 
     @model_validator(mode="after")
     def _mode_options(self) -> SyncJob:
