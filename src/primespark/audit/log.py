@@ -156,12 +156,14 @@ def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
 
 @contextmanager
 def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool,
-              warn: Callable[[str], None]) -> Iterator[None]:
+              warn: Callable[[str], None], stops_signer: bool = False) -> Iterator[None]:
     """Run the body as one audited operation. A log that cannot be opened stops a destructive operation
     before it starts (AuditUnavailable) and is a warning for any other, once it has run; a record that cannot be
     appended at the end is a warning (the operation has happened: refusing now would only hide it). Values
     redacted without an HMAC (its key unreadable) are a warning when the operation succeeded; a failed one
-    reports its own error, and the record says why (`hmac_key`)."""
+    reports its own error, and the record says why (`hmac_key`). `stops_signer`: the operation stops the
+    checkpoints' signer itself (`spark lab down`, the lab's OpenBao): a checkpoint it then cannot sign is left to
+    the next record without a warning."""
     try:
         log = open_log()
         pending = log.begin(op)
@@ -199,7 +201,7 @@ def operation(open_log: Callable[[], AuditLog], op: Operation, destructive: bool
         if outcome == "succeeded":
             if unhashed:
                 warn(f"audit: secret values redacted without an HMAC: {unhashed}")
-            for line in log.warnings:
+            for line in [] if stops_signer else log.warnings:
                 warn(line)
         log.warnings.clear()
 

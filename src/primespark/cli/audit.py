@@ -28,12 +28,13 @@ class Audited:
     """A command that changes something. `hosts`: the parameters naming its target hosts (ALL_HOSTS: the whole
     fleet; none given, or the parameter empty: the whole fleet too). `destructive`: True, or the name of a flag that
     makes it so; `unless`: a flag under which it changes nothing (a dry run); `only_if`: a flag without which it
-    changes nothing."""
+    changes nothing; `stops_signer`: it stops what signs the audit checkpoints (the lab's OpenBao)."""
 
     hosts: tuple[str, ...] = (ALL_HOSTS,)
     destructive: bool | str = False
     unless: str | None = None
     only_if: str | None = None
+    stops_signer: bool = False
 
     def applies(self, params: dict[str, Any]) -> bool:
         return not (self.unless and params.get(self.unless)) and not (self.only_if and not params.get(self.only_if))
@@ -47,7 +48,7 @@ AUDITED: dict[tuple[str, ...], Audited] = {
     ("up",): Audited(),
     ("destroy",): Audited(destructive=True),
     ("lab", "up"): Audited(),
-    ("lab", "down"): Audited(),
+    ("lab", "down"): Audited(stops_signer=True),
     ("mesh", "plan"): Audited(),
     ("mesh", "rotate"): Audited(hosts=("host",), destructive=True),
     ("backup", "now"): Audited(hosts=("host",)),
@@ -137,7 +138,8 @@ def audited_command(args: list[str]) -> Iterator[None]:
     hosts = _targets(rule, params, list(ctx.fleet.hosts) if ctx else [])
     op = Operation(f"spark {' '.join(path)}", ctx.env if ctx else env, hosts, params, operator())
     with operation(open_log, op, destructive,
-                   lambda line: err_console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)):
+                   lambda line: err_console.print(f"[yellow]warning[/yellow]: {line}", highlight=False),
+                   rule.stops_signer):
         yield
 
 
