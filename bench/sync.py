@@ -7,9 +7,10 @@ pi-1's hot tier. Both contenders copy pi-1's hot tier to its folder on nas-1 exa
 job does it: rsync runs on pi-1, reached over SSH from here, and pushes through the job's account on nas-1
 (its key, its known hosts, rrsync confining it to /srv/warm/pi-1). Plain is `rsync -a` with that ssh command;
 ours is the whole `spark sync run hot-to-nas --source pi-1` command (interpreter start, Prefect's run and the
-link's lock, the probe, rsync with --delay-updates and --fsync, the XXH3-128 verification of what was sent, the
-state, metrics and report). Each round clears the destination, then times a first sync and a no-change re-sync
-of each, the order alternating by round. Target: ours at most 1.1x plain, both times.
+link's lock, the probe, rsync with --delay-updates, the XXH3-128 verification of what was sent, the job's flushes
+of nas-1's filesystem before and after (its `fsync: pass`), the state, metrics and report). Each round clears
+the destination, then times a first sync and a no-change re-sync of each, the order alternating by round.
+Target: ours at most 1.1x plain, both times.
 
 Then the continuous lag: the `sync-watch` flow runs the job while pi-1 writes `--lag-files` files evenly over
 `--lag-seconds`; nas-1 notes when each appears (a listing every 0.2 s). Target: p95 at most 30 s.
