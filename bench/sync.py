@@ -7,7 +7,7 @@ pi-1's hot tier. Both contenders copy pi-1's hot tier to its folder on nas-1 exa
 job does it: rsync runs on pi-1, reached over SSH from here, and pushes through the job's account on nas-1
 (its key, its known hosts, rrsync confining it to /srv/warm/pi-1). Plain is `rsync -a` with that ssh command;
 ours is the whole `spark sync run hot-to-nas --source pi-1` command (interpreter start, Prefect's run and the
-link's lock, the probe, rsync with --delay-updates, the XXH3-128 verification of what was sent, the job's flushes
+link's lock, the probe, rsync (the files from 8 MiB with --delay-updates), the XXH3-128 verification of what was sent, the job's flushes
 of nas-1's filesystem before and after (its `fsync: pass`), the state, metrics and report). Each round clears
 the destination, then times a first sync and a no-change re-sync of each, the order alternating by round.
 Target: ours at most 1.1x plain, both times.

@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -119,6 +121,53 @@ def test_a_killed_transfer_leaves_no_partial_file_and_resumes(tmp_path: Path) ->
     # only what was missing went as data; the rest matched the partial copy
     assert resumed.literal_bytes <= big.stat().st_size - had + 256 * 1024, (resumed.stats, had)
     assert resumed.stats["matched"] >= had - 256 * 1024
+
+
+class RecordingRunner(LocalRunner):
+    """This machine, keeping each command's arguments and standard input."""
+
+    def __init__(self) -> None:
+        super().__init__("pi-1")
+        self.commands: list[tuple[list[str], bytes | None]] = []
+
+    def run(self, argv: Sequence[str], **options: Any) -> Any:
+        self.commands.append((list(argv), options.get("stdin")))
+        return super().run(argv, **options)
+
+
+def test_only_files_worth_resuming_wait_in_the_partial_folder(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    """--delay-updates (what lets a cut-off file resume) costs rsync a dozen opens per file: the small files go in a
+    run without it, which lists the large ones for a second run with it. One report for both; deletions once."""
+    source, destination = folders
+    big = source / "models" / "weights.bin"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(transfer.RESUMABLE_BYTES + 1))
+    (destination / "old.json").write_text("gone at the source")
+    runner = RecordingRunner()
+    plan = TransferPlan(str(source), "/", forced_route(tmp_path, destination, "-wo"), delete=True)
+    report = transfer.run(runner, plan)
+    assert tree(destination) == tree(source)
+    assert report.plan == plan and report.files_sent == 9 and report.source_files == 9 and report.skipped == 0
+    assert report.deleted == ["old.json"] and report.oversized == []
+    assert {i.path for i in report.sent if i.size > transfer.RESUMABLE_BYTES} == {"models/weights.bin"}
+    small_run, large_run = runner.commands
+    assert f"--max-size={transfer.RESUMABLE_BYTES - 1}" in small_run[0] and "--delay-updates" not in small_run[0]
+    assert "--delete-during" in small_run[0] and small_run[1] is None
+    assert "--delay-updates" in large_run[0] and "--delete-during" not in large_run[0]
+    assert large_run[1] == b"models/weights.bin"  # only what the first run left
+    # nothing changed: the second run still looks at the large file (and sends nothing)
+    again = transfer.run(runner, plan)
+    assert again.files_sent == 0 and again.skipped == 9 and len(runner.commands) == 4
+    # a dry run writes nothing: one run says it all
+    transfer.run(runner, TransferPlan(str(source), "/", plan.route, dry_run=True))
+    assert len(runner.commands) == 5 and "--max-size" not in " ".join(runner.commands[-1][0])
+
+
+def test_the_files_a_max_size_run_left_are_read_back() -> None:
+    out = ("big\\#012nl is over max-size\n"
+           "<f+++++++++|5|5|2026/12/04-10:54:42|9175a3e5927baafbb3ab883e43f40a27|x is over max-size\n"
+           "a/big one.bin is over max-size\n")
+    assert transfer.parse_oversized(out) == ["big\nnl", "a/big one.bin"]
 
 
 def _commands(name: str) -> list[str]:
