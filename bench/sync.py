@@ -7,13 +7,15 @@ pi-1's hot tier. Both contenders copy pi-1's hot tier to its folder on nas-1 exa
 job does it: rsync runs on pi-1, reached over SSH from here, and pushes through the job's account on nas-1
 (its key, its known hosts, rrsync confining it to /srv/warm/pi-1). Plain is `rsync -a` with that ssh command;
 ours is the whole `spark sync run hot-to-nas --source pi-1` command (interpreter start, Prefect's run and the
-link's lock, the probe, rsync (the files from 8 MiB with --delay-updates), the XXH3-128 verification of what was sent, the job's flushes
-of nas-1's filesystem before and after (its `fsync: pass`), the state, metrics and report). Each round clears
+link's lock, the probe, rsync (the files from 8 MiB in a second run, with --delay-updates), the XXH3-128
+verification of what was sent, the job's flushes of nas-1's filesystem before and after (its `fsync: pass`), the
+state, metrics and report), its time in the flow by step as the Prefect server recorded it. Each round clears
 the destination, then times a first sync and a no-change re-sync of each, the order alternating by round.
 Target: ours at most 1.1x plain, both times.
 
 Then the continuous lag: the `sync-watch` flow runs the job while pi-1 writes `--lag-files` files evenly over
 `--lag-seconds`; nas-1 notes when each appears (a listing every 0.2 s). Target: p95 at most 30 s.
+`--lag-files 0` leaves the lag out.
 
 Holds the lab lock; brings the lab up if needed (and down again after, also when a step fails), applies site.yml
 when the lab's Prefect server does not answer (a lab `make lab` did not configure), pauses the lab data generator
@@ -122,6 +124,24 @@ def ours(env: str) -> tuple[float, dict[str, Any]]:
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])["links"][0]
 
 
+def step_seconds(flow_run_name: str) -> str:
+    """The latest run of `flow_run_name` by step: each task's time summed over its runs (the link's steps run one
+    after another), from the Prefect server that recorded it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])),
+                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    steps: dict[str, float] = {}
+    for task in tasks:
+        name = task.name.rsplit("-", 1)[0]
+        steps[name] = steps.get(name, 0.0) + task.total_run_time.total_seconds()
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(steps.items(), key=lambda kv: -kv[1]))
+
+
 def clear(ctx: FleetContext, link: Any) -> None:
     sh(ctx, link.destination, f"find {link.destination_path} -mindepth 1 -delete")
 
@@ -211,8 +231,10 @@ def measure(the_lab: Lab, args: argparse.Namespace) -> None:
                     rows["plain again"].append(plain(ctx, link))
                 else:
                     seconds, first = ours("lab")
+                    first["steps"] = step_seconds("sync-hot-to-nas")
                     rows["ours first"].append(seconds)
                     again_seconds, again = ours("lab")
+                    again["steps"] = step_seconds("sync-hot-to-nas")
                     rows["ours again"].append(again_seconds)
                     detail += [first, again]
         print(f"\n{'':<28}{'plain rsync -a':>16}{'spark sync run':>16}{'ratio':>9}   target <= 1.1x")
@@ -223,10 +245,10 @@ def measure(the_lab: Lab, args: argparse.Namespace) -> None:
         for d in detail:
             print(f"  ours, {d['files_sent']} files sent ({d['bytes_sent'] / 2**30:.2f} GiB): rsync "
                   f"{d['transfer_seconds']:.1f} s of {d['finished'] - d['started']:.1f} s in the flow; "
-                  f"{d['verified']} verified")
+                  f"{d['verified']} verified; by step: {d['steps']}")
         sh(ctx, "pi-1", "rm -rf /srv/hot/bench")
         clear(ctx, link)
-        lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds)
+        lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds) if args.lag_files else []
         if lags:
             q = statistics.quantiles(lags, n=100)
             print(f"\ncontinuous lag, pi-1 to nas-1, {len(lags)} files over {args.lag_seconds:.0f} s: "
