@@ -410,21 +410,23 @@ class TransferReport:
 
     def __add__(self, other: TransferReport) -> TransferReport:
         """Two runs of one transfer (one stopped at a window's end, one resuming): their sums."""
-        stats = {k: self.stats.get(k, 0) + other.stats.get(k, 0)
-                 for k in {*self.stats, *other.stats} if k not in ("files", "regular_files", "total_size")}
-        for key in ("files", "regular_files", "total_size"):
-            stats[key] = other.stats.get(key, self.stats.get(key, 0))
-        return TransferReport(other.plan, other.returncode, [*self.items, *other.items], stats,
-                              (self.stderr + other.stderr)[-20_000:], self.seconds + other.seconds, self.started)
+        return self.joined(other, other.plan, tree=other, returncode=other.returncode)
 
     def with_resumable(self, large: TransferReport, plan: TransferPlan) -> TransferReport:
         """This run of the files under RESUMABLE_BYTES joined with `large`'s of those it left: one report of `plan`.
         The counts of the whole tree are this run's (it listed every file)."""
-        stats = {k: self.stats.get(k, 0) + large.stats.get(k, 0) for k in {*self.stats, *large.stats}}
-        for key in ("files", "regular_files", "total_size"):
-            stats[key] = self.stats.get(key, 0)
-        return TransferReport(plan, large.returncode or self.returncode, [*self.items, *large.items], stats,
-                              (self.stderr + large.stderr)[-20_000:], self.seconds + large.seconds, self.started)
+        return self.joined(large, plan, tree=self, returncode=large.returncode or self.returncode)
+
+    def joined(self, other: TransferReport, plan: TransferPlan, *, tree: TransferReport,
+               returncode: int) -> TransferReport:
+        """This run and `other` as one report of `plan`: what they did summed, the whole tree's counts `tree`'s."""
+        whole_tree = ("files", "regular_files", "total_size")
+        stats = {k: self.stats.get(k, 0) + other.stats.get(k, 0)
+                 for k in {*self.stats, *other.stats} if k not in whole_tree}
+        for key in whole_tree:
+            stats[key] = tree.stats.get(key, self.stats.get(key, 0))
+        return TransferReport(plan, returncode, [*self.items, *other.items], stats,
+                              (self.stderr + other.stderr)[-20_000:], self.seconds + other.seconds, self.started)
 
 
 def _failure(report: TransferReport, host: str) -> TransferFailed:
