@@ -295,9 +295,40 @@ def test_the_journal_appends_what_changed_and_a_save_cut_short_counts_as_not_mad
     migrate.save(journal, again)
     again.entries[11].step = "copied"
     migrate.save(journal, again)
-    journal.write_text(journal.read_text().replace('{"set"', '{"set', 1))  # damage before the end: refused
+    journal.write_text(journal.read_text().replace('{"steps"', '{"steps', 1))  # damage before the end: refused
     with pytest.raises(UserError, match="cannot be read"):
         migrate.load(journal)
+
+
+def test_a_step_that_moves_the_whole_batch_is_one_short_journal_line(tmp_path: Path) -> None:
+    batch = migrate.Batch("pi-1", "nas-1", "/srv/hot", "/srv/warm/pi-1", "xxh3_128")
+    batch.entries = [migrate.Entry("move", f"/srv/hot/f{i}", f"f{i}", f"/s/f{i}", f"/w/f{i}", "pi-1", f"/srv/hot/f{i}",
+                                   "warm", 10, 1) for i in range(10_000)]
+    journal = tmp_path / "pi-1--nas-1.json"
+    migrate.save(journal, batch)
+    for i, entry in enumerate(batch.entries):  # the copy: every entry's hash, one by one
+        entry.step, entry.hash = "copied", f"xxh3_128:{i:032x}"
+    migrate.save(journal, batch)
+    for entry in batch.entries:
+        entry.step = "verified"
+    batch.entries[5000].step, batch.entries[5000].note = "abandoned", "copy differs from the source"
+    before = journal.stat().st_size
+    migrate.save(journal, batch)
+    assert journal.stat().st_size - before < 200  # three runs, not 10,000 entries
+    loaded = migrate.load(journal)
+    assert loaded is not None
+    assert [(e.step, e.note, e.hash) for e in loaded.entries] == [(e.step, e.note, e.hash) for e in batch.entries]
+
+
+def test_a_journal_written_before_rows_still_replays(tmp_path: Path) -> None:
+    """A journal a killed pass of the previous version left (each entry a dict, every change listed) loads."""
+    entry = migrate.Entry("move", "/srv/hot/a", "a", "/s/a", "/w/a", "pi-1", "/srv/hot/a", "warm", 10, 1)
+    journal = tmp_path / "pi-1--nas-1.json"
+    head = {"source_host": "pi-1", "dest_host": "nas-1", "source_root": "/srv/hot", "dest_root": "/srv/warm/pi-1",
+            "algorithm": "xxh3_128", "entries": [vars(entry)]}
+    journal.write_text(json.dumps(head) + "\n" + json.dumps({"set": [[0, "copied", "", "xxh3_128:ab"]]}) + "\n")
+    loaded = migrate.load(journal)
+    assert loaded is not None and (loaded.entries[0].step, loaded.entries[0].hash) == ("copied", "xxh3_128:ab")
 
 
 def test_a_pass_leaves_a_running_tasks_staging_folder_on_the_hot_tier(tiers: tuple[FleetContext, Path]) -> None:
@@ -706,7 +737,8 @@ def test_folders_the_place_step_makes_belong_to_the_account_that_wrote_the_copy(
     staging = tmp_path / "warm" / "pi-1" / migrate.STAGING / "media" / "2026" / "cam.jpg"
     staging.parent.mkdir(parents=True)
     staging.write_bytes(b"jpeg")
-    os.chown(staging, account, account)
+    for made_by_rsync in (staging, staging.parent, staging.parent.parent):
+        os.chown(made_by_rsync, account, account)
     final = tmp_path / "warm" / "pi-1" / "media" / "2026" / "cam.jpg"
 
     done = tierside.place({"entries": [{"staging": str(staging), "final": str(final)}]})
@@ -714,3 +746,35 @@ def test_folders_the_place_step_makes_belong_to_the_account_that_wrote_the_copy(
     assert done == {"entries": ["placed"]} and final.read_bytes() == b"jpeg"
     assert [(p.stat().st_uid, p.stat().st_gid) for p in (final.parent, final.parent.parent)] == [(account, account)] * 2
     assert (tmp_path / "warm" / "pi-1").stat().st_uid == 0, "a folder that was there changed owner"
+
+
+def test_a_staged_folder_of_only_the_batchs_copies_is_placed_whole(tmp_path: Path) -> None:
+    """One rename for a folder whose final place is new; file by file where the folder holds anything else or its
+    final folder is there already. Each copy gets the source's access time either way."""
+    staging, warm = tmp_path / "warm" / "pi-1" / migrate.STAGING, tmp_path / "warm" / "pi-1"
+    entries = []
+    for folder in ("new", "mixed", "there"):
+        (staging / folder).mkdir(parents=True)
+        for name in ("a.dat", "b.dat"):
+            (staging / folder / name).write_bytes(name.encode())
+            entries.append({"staging": str(staging / folder / name), "final": str(warm / folder / name),
+                            "atime_ns": 1_000_000_000, "mtime_ns": 2_000_000_000})
+    (staging / "mixed" / ".c.dat.Ab12Cd").write_bytes(b"a temporary a killed copy left")
+    (warm / "there").mkdir()
+    (warm / "there" / "kept.dat").write_bytes(b"a sync job's")
+    new_folder = (staging / "new").stat().st_ino
+
+    done = tierside.place({"entries": entries})
+
+    assert done == {"entries": ["placed"] * 6}
+    assert (warm / "new").stat().st_ino == new_folder, "not renamed whole"
+    assert not (staging / "new").exists()
+    assert [p.name for p in (staging / "mixed").iterdir()] == [".c.dat.Ab12Cd"]
+    assert sorted(p.name for p in (warm / "there").iterdir()) == ["a.dat", "b.dat", "kept.dat"]
+    for folder in ("new", "mixed", "there"):
+        for name in ("a.dat", "b.dat"):
+            copy = (warm / folder / name).stat()
+            assert (warm / folder / name).read_bytes() == name.encode()
+            assert (copy.st_atime_ns, copy.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
+    again = tierside.place({"entries": entries})  # a replay: every copy is in place already
+    assert again == {"entries": ["placed"] * 6}
