@@ -185,10 +185,10 @@ def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str]
         return "open for writing"
     if now - info.mtime < spec.min_age_minutes * 60:
         return f"modified in the last {spec.min_age_minutes} minutes"
-    glob = pinned_by_glob(info.path, spec.pinned)
+    glob = pinned_by_glob(info.path, spec.pinned) if spec.pinned else None
     if glob is not None:
         return f"pinned: matches {glob!r}"
-    folder = pinned_by_marker(info.path, markers)
+    folder = pinned_by_marker(info.path, markers) if markers else None
     if folder is not None:
         return f"pinned: {spec.pin_marker} in {folder or '.'}/"
     return None

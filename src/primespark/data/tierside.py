@@ -14,7 +14,8 @@ Operations:
 - `check`: a batch at the destination: the staged copies flushed to disk (one syncfs), each hashed, each final
   name hashed.
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
-  the whole file or nothing.
+  the whole file or nothing. A staged folder holding only the batch's copies goes whole, where its final folder
+  is not there yet.
 - `delete`: each source file removed if it is still what was copied (size and mtime_ns); else left. The tier
   folder's ledger (`.spark-tier/moved-out.json`) counts the files removed, for the backup of that folder: a fall
   in its file count that tier migration made is not a vanished volume (`backup/hostside.py` reads it).
@@ -228,10 +229,16 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
         if os.path.isdir(staging_root) else None
     if flush is not None:
         flush.start()
+    folders: dict[str, bool] = {}  # whether each folder is there: a new tree's files are not asked for one by one
     for entry in spec["entries"]:
         row: dict[str, Any] = {"staging": None, "final": None}
         for key in ("staging", "final"):
             path = entry[key]
+            folder = os.path.dirname(path)
+            if folder not in folders:
+                folders[folder] = os.path.isdir(folder)
+            if not folders[folder]:
+                continue
             try:
                 size = os.stat(path).st_size
             except FileNotFoundError:
@@ -249,12 +256,47 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
     return {"entries": out}
 
 
+def _place_folder(staged: str, final: str, entries: list[dict[str, Any]]) -> bool:
+    """Rename the staged folder `staged` whole to `final` when it holds exactly `entries`' copies (nothing else: no
+    file of another batch, no temporary a killed copy left, no subfolder) and `final` is not there yet; a folder
+    of a hundred files is then one rename, not a hundred. False, and nothing renamed, when it does not qualify."""
+    if os.path.basename(staged) == STAGING or os.path.lexists(final):
+        return False
+    names = {os.path.basename(e["staging"]) for e in entries}
+    if len(names) != len(entries) or any(os.path.basename(e["final"]) not in names for e in entries):
+        return False
+    try:
+        if set(os.listdir(staged)) != names:
+            return False
+        for entry in entries:
+            if entry.get("atime_ns"):
+                os.utime(entry["staging"], ns=(entry["atime_ns"], entry["mtime_ns"]))
+        _make_folders(os.path.dirname(final), staged)
+        os.rename(staged, final)  # fails if `final` appeared meanwhile with files in it: then file by file
+    except OSError:
+        return False
+    return True
+
+
 def place(spec: dict[str, Any]) -> dict[str, Any]:
-    """Rename each staged copy to its final name; one already placed (no staged copy, the final there) is done."""
-    out = []
+    """Rename each staged copy to its final name; one already placed (no staged copy, the final there) is done.
+    A staged folder that holds only this batch's copies, whose final folder is not there yet, goes whole."""
+    entries = spec["entries"]
+    out: list[str | None] = [None] * len(entries)
     touched: set[str] = set()
     made: set[str] = set()  # folders known to exist: one makedirs per folder, not per file
-    for entry in spec["entries"]:
+    by_folder: dict[tuple[str, str], list[int]] = {}
+    for index, entry in enumerate(entries):
+        by_folder.setdefault((os.path.dirname(entry["staging"]), os.path.dirname(entry["final"])), []).append(index)
+    for (staged, final), indices in by_folder.items():
+        if _place_folder(staged, final, [entries[i] for i in indices]):
+            for index in indices:
+                out[index] = "placed"
+            touched.add(os.path.dirname(final))
+            made.add(final)
+    for index, entry in enumerate(entries):
+        if out[index] is not None:
+            continue
         staging, final = entry["staging"], entry["final"]
         folder = os.path.dirname(final)
         try:
@@ -267,10 +309,10 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
         except FileNotFoundError:  # no staged copy: placed before (a replay), or gone
             if os.path.exists(staging):
                 raise  # the copy is there and its folder is not: a real failure, not a finished entry
-            out.append("placed" if os.path.exists(final) else "missing")
+            out[index] = "placed" if os.path.exists(final) else "missing"
             continue
         touched.add(folder)
-        out.append("placed")
+        out[index] = "placed"
     for folder in touched:
         _fsync_dir(folder)
     return {"entries": out}
