@@ -778,3 +778,30 @@ def test_a_staged_folder_of_only_the_batchs_copies_is_placed_whole(tmp_path: Pat
             assert (copy.st_atime_ns, copy.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
     again = tierside.place({"entries": entries})  # a replay: every copy is in place already
     assert again == {"entries": ["placed"] * 6}
+
+
+def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are the same, in the same order, as one process gives; a failure of the child is a failure."""
+    staging = tmp_path / "warm" / "pi-1" / migrate.STAGING
+    staging.mkdir(parents=True)
+    entries = []
+    for i in range(8):
+        content = f"copy {i}".encode()
+        if i % 4 != 3:  # every fourth copy is missing
+            (staging / f"f{i}").write_bytes(content if i % 4 != 2 else content + b"!")  # every third: wrong size
+        entries.append({"staging": str(staging / f"f{i}"), "final": str(tmp_path / "warm" / "pi-1" / f"f{i}"),
+                        "size": len(content)})
+    spec = {"algorithm": "sha256", "staging_root": str(staging), "entries": entries}
+    one_process = tierside.check(spec)
+    monkeypatch.setattr(tierside, "PARALLEL_CHECK_ENTRIES", 4)
+    forked: list[int] = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forked.append(1) or real_fork())
+
+    assert tierside.check(spec) == one_process
+    assert forked == [1]
+    assert [row["staging"] is not None and row["staging"].startswith("sha256:") for row in one_process["entries"]] \
+        == [True, True, False, False] * 2
+    with pytest.raises(RuntimeError, match="second hashing process failed"):
+        tierside.check({**spec, "entries": [*entries[:7], {"staging": entries[7]["staging"]}]})  # no final: it fails

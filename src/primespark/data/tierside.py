@@ -35,6 +35,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 xxhash: Any
@@ -49,6 +50,7 @@ OWN_PREFIX = ".spark-tier"  # the migration's own folders (staging, the catalog'
 LEDGER = ".spark-tier/moved-out.json"  # below a tier's folder: how many files migration moved out, ever
 SKIP_DIRS = (".~tmp~",)  # rsync's partial folder (--delay-updates)
 CHUNK = 1 << 20
+PARALLEL_CHECK_ENTRIES = 2000  # a check of this many entries hashes them in two processes
 
 
 def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
@@ -209,28 +211,12 @@ def _flush_filesystem(path: str) -> None:
         os.close(fd)
 
 
-def check(spec: dict[str, Any]) -> dict[str, Any]:
-    """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
-    each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
+def _check_rows(entries: list[dict[str, Any]], algorithm: str) -> list[dict[str, Any]]:
+    """Each entry's staged copy and final name: its hash, `size:N` when its size is not the expected one (it cannot
+    match, so it is not read), or None when it is not there."""
     out = []
-    algorithm = spec["algorithm"]
-    staging_root: str = spec.get("staging_root") or ""
-    # the flush waits on the disk, the hashes read the page cache: both at once, and nothing is answered before the
-    # flush has returned (a copy's pages are the same whether read before or after their writeback)
-    failed: list[BaseException] = []
-
-    def flush_noting_failure() -> None:
-        try:
-            _flush_filesystem(staging_root)
-        except BaseException as exc:  # raised in the caller's thread once it joins
-            failed.append(exc)
-
-    flush = threading.Thread(target=flush_noting_failure, daemon=True) \
-        if os.path.isdir(staging_root) else None
-    if flush is not None:
-        flush.start()
     folders: dict[str, bool] = {}  # whether each folder is there: a new tree's files are not asked for one by one
-    for entry in spec["entries"]:
+    for entry in entries:
         row: dict[str, Any] = {"staging": None, "final": None}
         for key in ("staging", "final"):
             path = entry[key]
@@ -249,6 +235,64 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
             found = hash_file(path, algorithm)
             row[key] = found[0] if found else None
         out.append(row)
+    return out
+
+
+def _check_rows_in_child(entries: list[dict[str, Any]], algorithm: str) -> Callable[[], list[dict[str, Any]]]:
+    """`_check_rows` in a forked process (a second core hashes half the copies: most of a check of many small files
+    is this interpreter's own work per file); returns the call that waits for its rows."""
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its rows as JSON into the pipe, and nothing else of this process runs on
+        status = 1
+        try:
+            os.close(readable)
+            with open(writable, "wb") as pipe:
+                pipe.write(json.dumps(_check_rows(entries, algorithm)).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writable)
+
+    def rows() -> list[dict[str, Any]]:
+        with open(readable, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"the check's second hashing process failed (wait status {status})")
+        found: list[dict[str, Any]] = json.loads(data)
+        return found
+
+    return rows
+
+
+def check(spec: dict[str, Any]) -> dict[str, Any]:
+    """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
+    each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
+    algorithm = spec["algorithm"]
+    entries = spec["entries"]
+    staging_root: str = spec.get("staging_root") or ""
+    # many entries: the second half hashed by a child, forked before the flush's thread starts (a fork copies only
+    # the thread that calls it)
+    half = len(entries) // 2 if len(entries) >= PARALLEL_CHECK_ENTRIES and (os.cpu_count() or 1) > 1 else len(entries)
+    second_half = _check_rows_in_child(entries[half:], algorithm) if half < len(entries) else None
+    # the flush waits on the disk, the hashes read the page cache: both at once, and nothing is answered before the
+    # flush has returned (a copy's pages are the same whether read before or after their writeback)
+    failed: list[BaseException] = []
+
+    def flush_noting_failure() -> None:
+        try:
+            _flush_filesystem(staging_root)
+        except BaseException as exc:  # raised in the caller's thread once it joins
+            failed.append(exc)
+
+    flush = threading.Thread(target=flush_noting_failure, daemon=True) \
+        if os.path.isdir(staging_root) else None
+    if flush is not None:
+        flush.start()
+    out = _check_rows(entries[:half], algorithm)
+    if second_half is not None:
+        out += second_half()
     if flush is not None:
         flush.join()
         if failed:
