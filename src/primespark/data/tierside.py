@@ -12,7 +12,7 @@ Operations:
 - `hash`: content hashes of some files (with their size and mtime_ns, read around the hash: a file that changed
   while it was read has none).
 - `check`: a batch at the destination: the staged copies flushed to disk (one syncfs), each hashed, each final
-  name hashed.
+  name hashed (a large batch: half of it in a forked second process).
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
   the whole file or nothing. A staged folder holding only the batch's copies goes whole, where its final folder
   is not there yet.
