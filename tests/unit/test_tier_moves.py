@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,6 +367,8 @@ from primespark.context import FleetContext
 from primespark.data import migrate
 from primespark.fleet.model import TierName
 ctx = FleetContext.load(sys.argv[1], "local")
+if len(sys.argv) > 2:
+    migrate.CHUNK_FILES = int(sys.argv[2])
 plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
 migrate.run_plan(ctx, plan, algorithm)
 """
@@ -420,11 +423,13 @@ def _least_step(path: Path) -> str | None:
     return min(steps, key=migrate.ORDER.index) if steps else None
 
 
-def run_and_kill(fleet: str, journal: Path, at_step: str | None, after: float | None) -> tuple[str | None, float]:
+def run_and_kill(fleet: str, journal: Path, at_step: str | None, after: float | None, chunk_files: int | None = None
+                 ) -> tuple[str | None, float]:
     """Start a pass in a process of its own; kill it once its journal shows `at_step` (or `after` seconds after the
     journal appeared: the moving, not Python's start-up). The steps the journal showed when it died, or None if the
     pass ended first; and how long the journal was there."""
-    mover = subprocess.Popen([sys.executable, "-c", MOVER, fleet], start_new_session=True,
+    chunking = [] if chunk_files is None else [str(chunk_files)]
+    mover = subprocess.Popen([sys.executable, "-c", MOVER, fleet, *chunking], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     appeared: float | None = None
@@ -477,7 +482,9 @@ def exactly_once(ctx: FleetContext, root: Path, originals: dict[str, bytes], syn
 
 
 @pytest.mark.slow
-def test_a_move_killed_at_any_step_and_replayed_leaves_every_file_exactly_once(tmp_path: Path, state: Path) -> None:
+@pytest.mark.parametrize("chunk_files", [None, 8], ids=["one-chunk", "three-chunks-settled-while-the-next-copies"])
+def test_a_move_killed_at_any_step_and_replayed_leaves_every_file_exactly_once(tmp_path: Path, state: Path,
+                                                                             chunk_files: int | None) -> None:
     def setup(name: str) -> tuple[Path, str, FleetContext, dict[str, bytes], frozenset[str]]:
         root = tmp_path / name
         root.mkdir()
@@ -492,7 +499,7 @@ def test_a_move_killed_at_any_step_and_replayed_leaves_every_file_exactly_once(t
 
     # the kills at a time fall within the moving as this machine runs it (a loaded CI machine is slower)
     _, fleet, ctx, _, _ = setup("timed")
-    seen, moving = run_and_kill(fleet, migrate.journal_path(ctx, "pi-1", "nas-1"), None, None)
+    seen, moving = run_and_kill(fleet, migrate.journal_path(ctx, "pi-1", "nas-1"), None, None, chunk_files)
     assert seen is None and moving > 0
     points: list[tuple[str | None, float | None]] = [(step, None) for step in STEPS] * 2
     shares = random.Random(17).sample([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 6)
@@ -504,7 +511,8 @@ def test_a_move_killed_at_any_step_and_replayed_leaves_every_file_exactly_once(t
             root, fleet, ctx, originals, synced = setup(f"run{runs}")
             runs += 1
             journal = migrate.journal_path(ctx, "pi-1", "nas-1")
-            seen, _ = run_and_kill(fleet, journal, step, None if delay is None else delay / 2 ** attempt)
+            seen, _ = run_and_kill(fleet, journal, step, None if delay is None else delay / 2 ** attempt,
+                                   chunk_files)
             left = journal.exists()
             replayed = migrate.replay(ctx, "pi-1", "nas-1")
             assert (replayed is not None) == left and not journal.exists()
@@ -805,3 +813,43 @@ def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: P
         == [True, True, False, False] * 2
     with pytest.raises(RuntimeError, match="second hashing process failed"):
         tierside.check({**spec, "entries": [*entries[:7], {"staging": entries[7]["staging"]}]})  # no final: it fails
+
+
+def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
+        tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three folders of eight files, in chunks of eight: the first chunk's copies are placed while rsync copies the
+    second; a folder a later chunk writes below (`a` above `a/z`) is never renamed whole meanwhile."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    originals = {f"{folder}/f{j}.bin": put(root / "hot" / folder / f"f{j}.bin", 20_000, 10, seed=j)
+                 for folder in ("a", "a/z", "c") for j in range(8)}
+    monkeypatch.setattr(migrate, "CHUNK_FILES", 8)
+    copying, placed = threading.Event(), threading.Event()
+    place_during_copy: list[bool] = []
+    keeps: list[list[str]] = []
+    real_side, real_run = migrate.side, transfer.run
+
+    def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        if op == "place" and not keeps:  # the first chunk's: only once the second chunk's copy has begun
+            place_during_copy.append(copying.wait(timeout=30))
+            keeps.append(spec["keep"])
+            done = real_side(runner, op, spec, timeout)
+            placed.set()
+            return done
+        return real_side(runner, op, spec, timeout)
+
+    def run(runner: Any, plan: transfer.TransferPlan, **kwargs: Any) -> transfer.TransferReport:
+        if plan.files and plan.files[0].startswith("a/z/"):  # the second chunk's copy: held until that place
+            copying.set()
+            placed.wait(timeout=30)
+        return real_run(runner, plan, **kwargs)
+
+    monkeypatch.setattr(migrate, "side", side)
+    monkeypatch.setattr(migrate.transfer, "run", run)
+    [result] = one_pass(ctx)
+
+    assert result.moved == 24
+    assert place_during_copy == [True], "the first chunk was not placed while the second one was being copied"
+    staging = f"{root}/warm/pi-1/{migrate.STAGING}"
+    assert keeps[0] == [f"{staging}/a", f"{staging}/a/z", f"{staging}/c"]  # while a/z and c are still to be copied
+    assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}

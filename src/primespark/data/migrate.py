@@ -35,6 +35,7 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ STAGING = tierside.STAGING
 CATALOG_DEFAULT = ".spark-tier/catalog.sqlite"
 BATCH_FILES = 200_000
 BATCH_BYTES = 4 * 1024**3
+CHUNK_FILES = 25_000  # a batch is copied in chunks of about this many files or bytes (see move_batch)
+CHUNK_BYTES = 1024**3
 WRITEBACK_SECONDS = 1.0  # while a copy runs, how often its destination is asked to write it to disk
 ORDER = ("planned", "copied", "verified", "placed", "committed", "undoing", "done", "abandoned")
 FINISHED = ("done", "abandoned")
@@ -433,8 +436,13 @@ def _write_back(runner: Runner, folder: str, copied: threading.Event) -> None:
             continue
 
 
-def _copy(ctx: FleetContext, batch: Batch) -> None:
-    todo = batch.at("planned")
+def _of(batch: Batch, entries: list[Entry] | None, *steps: str) -> list[Entry]:
+    """The entries at `steps`: of `entries` (one chunk of the batch), or of the whole batch."""
+    return batch.at(*steps) if entries is None else [e for e in entries if e.step in steps]
+
+
+def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> None:
+    todo = _of(batch, entries, "planned")
     if not todo:
         return
     route, destination = route_to(ctx, batch.source_host, batch.dest_host, batch.staging_root)
@@ -463,12 +471,16 @@ def _copy(ctx: FleetContext, batch: Batch) -> None:
         entry.hash = f"{batch.algorithm}:{sums[entry.rel]}" if entry.rel in sums else None
 
 
-def _place(ctx: FleetContext, batch: Batch) -> None:
-    todo = batch.at("verified")
+def _place(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None, keep: frozenset[str] = frozenset()
+           ) -> None:
+    """Rename the verified copies into place; a staged folder in `keep` (a later chunk's copy writes below it) is
+    never renamed whole."""
+    todo = _of(batch, entries, "verified")
     if not todo:
         return
     rows = side(ctx.hosts.runner(batch.dest_host), "place",
-                {"entries": [{"staging": e.staging, "final": e.final, "atime_ns": e.atime_ns,
+                {"keep": sorted(keep),
+                 "entries": [{"staging": e.staging, "final": e.final, "atime_ns": e.atime_ns,
                               "mtime_ns": e.mtime_ns} for e in todo]})["entries"]
     for entry, row in zip(todo, rows, strict=True):
         if row == "placed":
@@ -487,8 +499,8 @@ def _row(batch: Batch, entry: Entry, now: float) -> list[Any]:
             entry.hash, now]
 
 
-def _commit(ctx: FleetContext, batch: Batch) -> None:
-    todo = batch.at("placed")
+def _commit(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> None:
+    todo = _of(batch, entries, "placed")
     if not todo:
         return
     now = time.time()
@@ -502,9 +514,9 @@ def _commit(ctx: FleetContext, batch: Batch) -> None:
         entry.step = "committed"
 
 
-def _delete(ctx: FleetContext, batch: Batch) -> list[Entry]:
+def _delete(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> list[Entry]:
     """Delete each committed source that is still what was copied; those that changed meanwhile are undone."""
-    todo = batch.at("committed")
+    todo = _of(batch, entries, "committed")
     if not todo:
         return []
     rows = side(ctx.hosts.runner(batch.source_host), "delete",
@@ -523,9 +535,9 @@ def _delete(ctx: FleetContext, batch: Batch) -> list[Entry]:
     return changed
 
 
-def _undo(ctx: FleetContext, batch: Batch) -> None:
+def _undo(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> None:
     """A source that changed while it moved keeps its place: its catalog entry goes, then its copy."""
-    todo = batch.at("undoing")
+    todo = _of(batch, entries, "undoing")
     if not todo:
         return
     catalog_side(ctx, "drop", keys=[[e.origin_host, e.origin_path] for e in todo])
@@ -579,19 +591,80 @@ def replay(ctx: FleetContext, source: str, dest: str) -> BatchResult | None:
     return _result(batch, replayed=True)
 
 
+def chunks(entries: list[Entry]) -> list[list[Entry]]:
+    """`entries` cut on folder boundaries (a folder's files all in one chunk, however many), in path order, each
+    chunk about CHUNK_FILES files or CHUNK_BYTES: the pieces a batch is copied in."""
+    by_folder: dict[str, list[Entry]] = {}
+    for entry in sorted(entries, key=lambda e: e.rel):
+        by_folder.setdefault(posixpath.dirname(entry.rel), []).append(entry)
+    out: list[list[Entry]] = []
+    current: list[Entry] = []
+    size = 0
+    for members in by_folder.values():
+        if current and (len(current) + len(members) > CHUNK_FILES or size >= CHUNK_BYTES):
+            out.append(current)
+            current, size = [], 0
+        current += members
+        size += sum(e.size for e in members)
+    return [*out, current] if current else out
+
+
+def _written_below(batch: Batch, later: list[list[Entry]]) -> frozenset[str]:
+    """The staged folders the later chunks' copies write in, and every folder above them up to the staging root."""
+    root = batch.staging_root.rstrip("/")
+    folders: set[str] = set()
+    for chunk in later:
+        for entry in chunk:
+            folder = posixpath.dirname(entry.staging)
+            while folder not in folders and len(folder) > len(root):
+                folders.add(folder)
+                folder = posixpath.dirname(folder)
+    return frozenset(folders)
+
+
 def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
-    """One batch through every step (the journal of its two hosts must be empty: replay it first)."""
+    """One batch through every step (the journal of its two hosts must be empty: replay it first).
+
+    The copy goes chunk by chunk (`chunks`); while rsync copies one chunk, the chunk before it is checked, placed,
+    committed and deleted in a second thread (rsync keeps about one core busy; those steps are mostly the other
+    core's work and the disk's). Each entry still takes every step in order; the journal's saves are serialized.
+    A folder a later chunk writes in is never renamed whole while that copy may be running."""
     journal = journal_path(ctx, batch.source_host, batch.dest_host)
     if journal.exists():
         raise UserError(f"the tier journal {journal} is not finished", "replay it first (every pass does)")
-    save(journal, batch)
+    saving = threading.Lock()
+
+    def record() -> None:
+        with saving:
+            save(journal, batch)
+
+    def settle(chunk: list[Entry], keep: frozenset[str]) -> None:
+        _check(ctx, batch, _of(batch, chunk, "copied"), replaying=False)
+        record()
+        _place(ctx, batch, chunk, keep)
+        record()
+        _commit(ctx, batch, chunk)
+        record()
+        if _delete(ctx, batch, chunk):
+            record()
+            _undo(ctx, batch, chunk)
+        record()
+
+    record()
     _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
-    save(journal, batch)
-    _copy(ctx, batch)
-    save(journal, batch)
-    _check(ctx, batch, batch.at("copied"), replaying=False)
-    save(journal, batch)
-    finish(ctx, batch, journal)
+    record()
+    pieces = chunks(batch.at("planned"))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-settle") as behind:
+        settling: Future[None] | None = None
+        for index, chunk in enumerate(pieces):
+            _copy(ctx, batch, chunk)
+            record()
+            if settling is not None:
+                settling.result()  # the chunk before: settled (or its failure raised here) before the next starts
+            settling = behind.submit(settle, chunk, _written_below(batch, pieces[index + 1:]))
+        if settling is not None:
+            settling.result()
+    finish(ctx, batch, journal)  # the entries a sync job had copied already, and the batch's end
     return _result(batch)
 
 

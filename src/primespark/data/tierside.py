@@ -332,8 +332,9 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
     by_folder: dict[tuple[str, str], list[int]] = {}
     for index, entry in enumerate(entries):
         by_folder.setdefault((os.path.dirname(entry["staging"]), os.path.dirname(entry["final"])), []).append(index)
+    keep = set(spec.get("keep", []))  # folders a copy still running may write in: never renamed whole
     for (staged, final), indices in by_folder.items():
-        if _place_folder(staged, final, [entries[i] for i in indices]):
+        if staged not in keep and _place_folder(staged, final, [entries[i] for i in indices]):
             for index in indices:
                 out[index] = "placed"
             touched.add(os.path.dirname(final))
