@@ -7,6 +7,7 @@ The move, per file (in batches: one call per step for many files):
   commit each) and hash each copy, compare with the source's hash → `verified` → rename into place (the folder
   flushed) → `placed` → commit the catalog entry (SQLite, synchronous) → `committed` → delete the source if it
   is still what was copied → `done`.
+The steps from the copy on go chunk by chunk, the chunk before settling while rsync copies the next (`move_batch`).
 A file is deleted from its tier only after its verified copy has its final name and the catalog says so; until
 then it stays where it was. No name shows a partial file: copies are written below the staging folder (rsync
 writes each under a temporary name of its own there too) and renamed whole.
