@@ -853,3 +853,12 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
     staging = f"{root}/warm/pi-1/{migrate.STAGING}"
     assert keeps[0] == [f"{staging}/a", f"{staging}/a/z", f"{staging}/c"]  # while a/z and c are still to be copied
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}
+
+
+def test_a_request_names_paths_below_their_roots_and_the_host_puts_them_back() -> None:
+    entries = [{"staging": "/w/pi-1/.in/a/f", "final": "/w/pi-1/a/f", "size": 1},
+               {"staging": "/w/pi-1/.in/b", "final": "/srv/hot/b", "size": 2}]  # a recall's final: not below
+    sent = migrate.below_roots([dict(e) for e in entries], staging="/w/pi-1/.in", final="/w/pi-1")
+    assert sent["roots"] == {"staging": "/w/pi-1/.in/"}
+    assert [e["staging"] for e in sent["entries"]] == ["a/f", "b"]
+    assert tierside.absolute(json.loads(json.dumps(sent))) == entries

@@ -76,6 +76,15 @@ def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
     return f"{algorithm}:{digest.hexdigest()}", after.st_size, after.st_mtime_ns
 
 
+def absolute(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request's entries with their paths whole again (`roots`: the prefix each path key was sent without)."""
+    entries: list[dict[str, Any]] = spec["entries"]
+    for key, prefix in spec.get("roots", {}).items():
+        for entry in entries:
+            entry[key] = prefix + entry[key]
+    return entries
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -270,7 +279,7 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
     """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
     each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
     algorithm = spec["algorithm"]
-    entries = spec["entries"]
+    entries = absolute(spec)
     staging_root: str = spec.get("staging_root") or ""
     # many entries: the second half hashed by a child, forked before the flush's thread starts (a fork copies only
     # the thread that calls it)
@@ -325,7 +334,7 @@ def _place_folder(staged: str, final: str, entries: list[dict[str, Any]]) -> boo
 def place(spec: dict[str, Any]) -> dict[str, Any]:
     """Rename each staged copy to its final name; one already placed (no staged copy, the final there) is done.
     A staged folder that holds only this batch's copies, whose final folder is not there yet, goes whole."""
-    entries = spec["entries"]
+    entries = absolute(spec)
     out: list[str | None] = [None] * len(entries)
     touched: set[str] = set()
     made: set[str] = set()  # folders known to exist: one makedirs per folder, not per file
@@ -366,7 +375,7 @@ def place(spec: dict[str, Any]) -> dict[str, Any]:
 def delete(spec: dict[str, Any]) -> dict[str, Any]:
     out = []
     touched: set[str] = set()
-    for entry in spec["entries"]:
+    for entry in absolute(spec):
         path = entry["path"]
         try:
             st = os.stat(path)
