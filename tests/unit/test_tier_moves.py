@@ -266,10 +266,15 @@ def test_a_move_reads_each_source_once_and_records_the_sum_rsync_took(tiers: tup
         assert row["hash"] == f"xxh3_128:{xxhash.xxh3_128(content).hexdigest()}"
 
 
-def test_the_journal_appends_what_changed_and_a_save_cut_short_counts_as_not_made(tmp_path: Path) -> None:
+def journal_batch(files: int) -> migrate.Batch:
     batch = migrate.Batch("pi-1", "nas-1", "/srv/hot", "/srv/warm/pi-1", "xxh3_128")
     batch.entries = [migrate.Entry("move", f"/srv/hot/f{i}", f"f{i}", f"/s/f{i}", f"/w/f{i}", "pi-1", f"/srv/hot/f{i}",
-                                   "warm", 10, 1) for i in range(1000)]
+                                   "warm", 10, 1) for i in range(files)]
+    return batch
+
+
+def test_the_journal_appends_what_changed_and_a_save_cut_short_counts_as_not_made(tmp_path: Path) -> None:
+    batch = journal_batch(1000)
     journal = tmp_path / "pi-1--nas-1.json"
     migrate.save(journal, batch)
     first = journal.stat().st_size
@@ -302,9 +307,7 @@ def test_the_journal_appends_what_changed_and_a_save_cut_short_counts_as_not_mad
 
 
 def test_a_step_that_moves_the_whole_batch_is_one_short_journal_line(tmp_path: Path) -> None:
-    batch = migrate.Batch("pi-1", "nas-1", "/srv/hot", "/srv/warm/pi-1", "xxh3_128")
-    batch.entries = [migrate.Entry("move", f"/srv/hot/f{i}", f"f{i}", f"/s/f{i}", f"/w/f{i}", "pi-1", f"/srv/hot/f{i}",
-                                   "warm", 10, 1) for i in range(10_000)]
+    batch = journal_batch(10_000)
     journal = tmp_path / "pi-1--nas-1.json"
     migrate.save(journal, batch)
     for i, entry in enumerate(batch.entries):  # the copy: every entry's hash, one by one
