@@ -666,6 +666,10 @@ def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
     spark("tier", "run")
     shown = "".join(capsys.readouterr().out.split())  # the table's title, wrapped at the console's width
     assert f"whereonemovedfileisnow(sparktierwherepi-1:{hot}/r/old.bin" in shown, shown
+    # and a pass that moves nothing (a scheduled one came first) shows the last file an earlier pass moved
+    spark("tier", "run")
+    shown = "".join(capsys.readouterr().out.split())
+    assert f"nothingmovedinthispass;thelastfileanearlieronemoved(sparktierwherepi-1:{hot}/r/old.bin" in shown, shown
 
 
 def test_the_backups_read_the_ledger_the_tier_pass_writes() -> None:

@@ -118,6 +118,12 @@ def run(
     example = next((row["example"] for row in result["results"] if row.get("example")), "")
     if example:
         _rows(f"where one moved file is now (spark tier where {example} --env {env})", migrate.where(ctx, example))
+        return
+    # nothing moved now (a scheduled pass may have just run): where the last file an earlier pass moved went
+    last = migrate.latest(ctx, host or list(ctx.fleet.tiers[name].hosts))
+    if last is not None:
+        _rows(f"nothing moved in this pass; the last file an earlier one moved (spark tier where "
+              f"{last['origin_host']}:{last['origin_path']} --env {env})", [last])
 
 
 @app.command("where")

@@ -759,6 +759,12 @@ def ls(ctx: FleetContext, text: str) -> list[dict[str, Any]]:
     return [dict(zip(tierside.COLUMNS, row, strict=True)) for row in rows]
 
 
+def latest(ctx: FleetContext, hosts: list[str]) -> dict[str, Any] | None:
+    """The catalog's last move from one of `hosts` (a pass that moved nothing can still show where files went)."""
+    rows = catalog_side(ctx, "latest", hosts=hosts)["rows"]
+    return dict(zip(tierside.COLUMNS, rows[0], strict=True)) if rows else None
+
+
 def recall(ctx: FleetContext, text: str) -> BatchResult:
     """Bring a moved file back to its original place, through the same journaled protocol."""
     found = where(ctx, text)

@@ -524,6 +524,12 @@ class Catalog:
             args = (host, low, high, limit)
         return [list(r) for r in self.db.execute(query, args).fetchall()]
 
+    def latest(self, hosts: list[str]) -> list[list[Any]]:
+        """The entry moved last whose original place is on one of `hosts` (none: an empty list)."""
+        marks = ",".join("?" * len(hosts))
+        return [list(r) for r in self.db.execute(
+            SELECT + f" WHERE origin_host IN ({marks}) ORDER BY moved_at DESC LIMIT 1", tuple(hosts))]
+
     def all(self) -> list[list[Any]]:
         return [list(r) for r in self.db.execute(SELECT + " ORDER BY origin_host, origin_path")]
 
@@ -541,7 +547,7 @@ class Catalog:
 
 def catalog(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["op"] != "commit" and spec["op"] != "replace_all" and not os.path.exists(spec["db"]):
-        if spec["op"] in ("where", "ls", "all"):
+        if spec["op"] in ("where", "ls", "all", "latest"):
             return {"rows": [], "missing": True}
         if spec["op"] == "count":
             return {"count": 0, "missing": True}
@@ -558,6 +564,8 @@ def catalog(spec: dict[str, Any]) -> dict[str, Any]:
             return {"rows": book.ls(spec["host"], spec.get("folder", ""))}
         if op == "all":
             return {"rows": book.all()}
+        if op == "latest":
+            return {"rows": book.latest(spec["hosts"])}
         if op == "count":
             return {"count": book.count()}
         if op == "replace_all":
