@@ -670,6 +670,14 @@ def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
     spark("tier", "run")
     shown = "".join(capsys.readouterr().out.split())
     assert f"nothingmovedinthispass;thelastfileanearlieronemoved(sparktierwherepi-1:{hot}/r/old.bin" in shown, shown
+    # a host that is not the tier's: told before any flow run starts
+    monkeypatch.setattr(sys, "argv", ["spark", "tier", "run", "--host", "nas-1", "--env", fleet, "--transport",
+                                      "local"])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    told = capsys.readouterr()
+    assert refused.value.code not in (0, None) and "nas-1 is not a host of the hot tier" in told.err, told
+    assert "Flow run" not in told.out + told.err
 
 
 def test_the_backups_read_the_ledger_the_tier_pass_writes() -> None:

@@ -95,6 +95,7 @@ def run(
     """A pass now, here: the plan's files moved one journaled step at a time (a killed pass is replayed first)."""
     ctx = FleetContext.load(env, transport_of(transport))
     name = _tier(ctx, tier)
+    chosen = migrate.pass_hosts(ctx, name, host)  # a wrong --host is told here, not from inside a flow run
     from flows.tiers import tier as tier_flow
     from primespark.orchestration.runs import record_runs, run_here
 
@@ -120,7 +121,7 @@ def run(
         _rows(f"where one moved file is now (spark tier where {example} --env {env})", migrate.where(ctx, example))
         return
     # nothing moved now (a scheduled pass may have just run): where the last file an earlier pass moved went
-    last = migrate.latest(ctx, host or list(ctx.fleet.tiers[name].hosts))
+    last = migrate.latest(ctx, chosen)
     if last is not None:
         _rows(f"nothing moved in this pass; the last file an earlier one moved (spark tier where "
               f"{last['origin_host']}:{last['origin_path']} --env {env})", [last])

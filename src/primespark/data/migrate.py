@@ -176,17 +176,23 @@ def scan_host(ctx: FleetContext, tier: TierName, host: str, listed: bool = True)
                     bool(out["atime_kept"]), bool(out["exists"])), list(out["hashes"])
 
 
+def pass_hosts(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None) -> list[str]:
+    """The hosts a pass from `tier` scans: `hosts`, each checked to be one of the tier's, or all of them."""
+    tiers = ctx.fleet.tiers
+    if tier not in tiers:
+        raise UserError(f"fleet {ctx.fleet.name} has no {tier.value} tier", "see `tiers:` in the fleet file")
+    unknown = [h for h in hosts or [] if h not in tiers[tier].hosts]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} is not a host of the {tier.value} tier",
+                        f"use one of: {', '.join(tiers[tier].hosts)}")
+    return hosts or list(tiers[tier].hosts)
+
+
 def plan_pass(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None, now: float | None = None
               ) -> tuple[TierPlan, str]:
     """The plan of a pass from `tier` (its hosts, or `hosts`), and the hash both ends have."""
     tiers = ctx.fleet.tiers
-    if tier not in tiers:
-        raise UserError(f"fleet {ctx.fleet.name} has no {tier.value} tier", "see `tiers:` in the fleet file")
-    chosen = hosts or list(tiers[tier].hosts)
-    unknown = [h for h in chosen if h not in tiers[tier].hosts]
-    if unknown:
-        raise UserError(f"{', '.join(unknown)} is not a host of the {tier.value} tier",
-                        f"use one of: {', '.join(tiers[tier].hosts)}")
+    chosen = pass_hosts(ctx, tier, hosts)
     scans, algorithms = [], {"sha256", "xxh3_128"}
     for host in chosen:
         found, hashes = scan_host(ctx, tier, host)
