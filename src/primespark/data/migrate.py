@@ -570,15 +570,24 @@ def _undo(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -
         _abandon(entry, entry.note or "changed while it moved")
 
 
+def _after_check(ctx: FleetContext, batch: Batch, record: Callable[[], None], entries: list[Entry] | None = None,
+                 keep: frozenset[str] = frozenset()) -> None:
+    """The steps after verification, each followed by `record` (the journal's save): place, commit, delete (undo
+    what changed); of `entries` (a chunk), or of the whole batch."""
+    _place(ctx, batch, entries, keep)
+    record()
+    _commit(ctx, batch, entries)
+    record()
+    if _delete(ctx, batch, entries):
+        record()
+        _undo(ctx, batch, entries)
+    record()
+
+
 def finish(ctx: FleetContext, batch: Batch, journal: Path) -> None:
-    """The steps after verification, each followed by the journal: place, commit, delete (undo what changed)."""
-    for step in (_place, _commit):
-        step(ctx, batch)
-        save(journal, batch)
-    if _delete(ctx, batch):
-        save(journal, batch)
-        _undo(ctx, batch)
-    save(journal, batch)
+    """What a batch has left after verification (`_after_check`), then its end: the staging folder emptied, the
+    access times of files that stayed given back, the journal removed."""
+    _after_check(ctx, batch, lambda: save(journal, batch))
     side(ctx.hosts.runner(batch.dest_host), "remove", {"staging_roots": [batch.staging_root], "all": True})
     stayed = [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns, "atime_ns": e.atime_ns}
               for e in batch.at("abandoned") if e.atime_ns]
@@ -664,14 +673,7 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
     def settle(chunk: list[Entry], keep: frozenset[str]) -> None:
         _check(ctx, batch, _of(batch, chunk, "copied"), replaying=False)
         record()
-        _place(ctx, batch, chunk, keep)
-        record()
-        _commit(ctx, batch, chunk)
-        record()
-        if _delete(ctx, batch, chunk):
-            record()
-            _undo(ctx, batch, chunk)
-        record()
+        _after_check(ctx, batch, record, chunk, keep)
 
     record()
     _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
