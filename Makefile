@@ -15,7 +15,7 @@ UNIT_JOBS ?= 2
 LAB_DURATIONS := --durations=15
 
 # Debian packages the project uses; installed by `make setup`, never by hand.
-APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync openssh-client openssh-server \
+APT_PACKAGES := docker.io wireguard-tools wireguard-go restic rsync python3-xxhash openssh-client openssh-server \
 	debootstrap cloud-init cloud-image-utils prometheus prometheus-alertmanager iproute2 iptables nftables iputils-ping \
 	python3-venv ca-certificates curl jq postgresql
 

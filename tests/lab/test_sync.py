@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 import yaml
 
 from primespark.playbook import run_ansible
@@ -138,13 +139,21 @@ def test_the_sync_accounts_are_confined_to_their_folders(lab, synced):
     delete = lab.exec("pi-1", f"mkdir -p /tmp/empty && rsync -a --delete -e 'ssh {SYNC_KEY}' /tmp/empty/ "
                               f"sync-hot-to-nas@{nas}:/")
     assert delete.returncode != 0 and "has been disabled on this server" in delete.stderr, delete.stderr
-    # the one other request the gate lets a key make: flush its folder's filesystem, answered with the boot id
+    # one of the two other requests the gate lets a key make: flush its folder's filesystem, answered with the boot id
     flushed = lab.exec("pi-1", f"ssh {SYNC_KEY} sync-hot-to-nas@{nas} primespark-flush")
     boot = lab.exec("nas-1", "cat /proc/sys/kernel/random/boot_id").stdout.strip()
     assert flushed.returncode == 0 and boot and flushed.stdout.strip() == boot, flushed.stdout + flushed.stderr
     # and pi-1's key lands in pi-1's own folder, owned by the job's account
     lab.exec("pi-1", f"echo confined > /tmp/probe.txt && rsync -a -e 'ssh {SYNC_KEY}' /tmp/probe.txt "
                      f"sync-hot-to-nas@{nas}:/")
+    # the verification's request: the copies' sizes and hashes as nas-1 reads them, only below the key's folder
+    hashed = lab.exec("pi-1", f"printf 'probe.txt\\0gone.txt\\0' | ssh {SYNC_KEY} sync-hot-to-nas@{nas} "
+                              "primespark-hash")
+    expected = xxhash.xxh3_128(b"confined\n").hexdigest()
+    assert hashed.returncode == 0 and hashed.stdout.splitlines() == [f"9 {expected}", "-"], \
+        hashed.stdout + hashed.stderr
+    outside = lab.exec("pi-1", f"printf '../pi-2/x' | ssh {SYNC_KEY} sync-hot-to-nas@{nas} primespark-hash")
+    assert outside.returncode != 0 and "not a file below the folder" in outside.stderr, outside.stderr
     owner = lab.exec("nas-1", "stat -c %U /srv/warm/pi-1/probe.txt && rm /srv/warm/pi-1/probe.txt")
     assert owner.stdout.strip() == "sync-hot-to-nas", owner.stdout + owner.stderr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,16 @@ def forced_route(tmp_path: Path, root: Path, *options: str) -> Route:
         script.write_text(FORCED.format(script=script.name, gate=GATE, rrsync=RRSYNC))
         script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return Route("sync-test@destination", (str(script), str(root), *options, "--"))
+
+
+def gate_without_xxhash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder that holds `forced_route`'s scripts, through a copy of the gate as it is on a destination without
+    python3-xxhash (its hasher's python3 sees no site packages); routes made after this call go through it."""
+    folder = tmp_path / "bare-gate"
+    folder.mkdir()
+    shutil.copy2(GATE, folder / "sync-gate")
+    hasher = (GATE.parent / "sync-hash").read_text()
+    (folder / "sync-hash").write_text(hasher.replace("#!/usr/bin/python3\n", "#!/usr/bin/python3 -S\n", 1))
+    (folder / "sync-hash").chmod(0o755)
+    monkeypatch.setattr(sys.modules[__name__], "GATE", folder / "sync-gate")
+    return folder

@@ -23,6 +23,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 from prometheus_client.parser import text_string_to_metric_families
+from rrsync_testing import forced_route, gate_without_xxhash
 
 from flows.sync import sync, sync_check, sync_watch
 from primespark.context import FleetContext
@@ -617,6 +618,41 @@ def test_copies_a_restarted_destination_may_have_lost_are_compared_by_content(
     assert tree(destination) == tree(source)
     saved = core.load_state(ctx, link)
     assert not saved.unflushed and not saved.recheck and saved.destination_boot == "boot-2"
+
+
+def test_the_verification_reads_each_copy_back_at_the_destination_once(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a sync account (the role's gate and rrsync, as sshd runs them): the copies are hashed where they are
+    and compared with the sums rsync took of the sources as it sent them; a destination that cannot hash them is
+    compared by rsync's checksum run, reading both ends."""
+    fleet, source, destination = copy_job
+    fill(source, 5)
+    (source / "model.bin").write_bytes(os.urandom(300_000))
+    destination.mkdir(parents=True)
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    monkeypatch.setattr(core, "route_for", lambda ctx, link: (route, "/"))
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    sent = core.transfer_link(ctx, link, core.probe(ctx, link)).sent
+    assert len(sent) == 6 and all(item.checksum for item in sent)
+    corrupt = destination / "model.bin"
+    stat = corrupt.stat()
+    data = bytearray(corrupt.read_bytes())
+    data[1234] ^= 0xFF  # same size and time: only its content tells
+    corrupt.write_bytes(bytes(data))
+    os.utime(corrupt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (destination / "readings" / "r001.json").unlink()
+    (source / "readings" / "r002.json").write_text('{"changed": "since it was sent"}')
+
+    read_back = core.verify_link(ctx, link, sent)
+
+    assert (read_back.checked, read_back.differing, read_back.changed_since) == \
+        (6, ["model.bin", "readings/r001.json"], []), "the copy of r002 is what was sent: it verifies"
+    bare = forced_route(gate_without_xxhash(tmp_path, monkeypatch), destination, "-wo", "-no-del")
+    monkeypatch.setattr(core, "route_for", lambda ctx, link: (bare, "/"))
+    by_rsync = core.verify_link(ctx, link, sent)
+    assert by_rsync.differing == ["model.bin"]
+    assert by_rsync.changed_since == ["readings/r001.json", "readings/r002.json"]
 
 
 def test_a_destination_restarted_during_a_pass_fails_it_and_the_next_compares_everything(

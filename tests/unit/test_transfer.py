@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import xxhash
-from rrsync_testing import forced_route
+from rrsync_testing import forced_route, gate_without_xxhash
 
 from primespark.data import transfer
 from primespark.data.transfer import TransferFailed, TransferPlan
@@ -195,6 +195,30 @@ def test_a_sync_key_may_flush_its_folder_and_run_nothing_else(tmp_path: Path, fo
     assert transfer.flush(RUNNER, transfer.local_route(), str(tmp_path / "not" / "yet"), timeout=60) == boot
     with pytest.raises(TransferFailed, match="cannot flush"):
         transfer.flush(RUNNER, forced_route(tmp_path, tmp_path / "gone", "-wo"), "/", timeout=60)
+
+
+def test_a_sync_key_may_hash_its_copies_and_nothing_outside_its_folder(
+        tmp_path: Path, folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    source, destination = folders
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    sent = sorted(transfer.run(RUNNER, TransferPlan(str(source), "/", route, exclude=("*.tmp",))).sent,
+                  key=lambda i: i.path)
+    (destination / "outside").symlink_to(source / "blob.bin")  # a link out of the folder is never followed
+    changed = b'{"value": "changed at the destination"}\n'
+    (destination / "readings" / "2026" / "r0.json").write_bytes(changed)
+    asked = [i.path for i in sent] + ["gone.json", "outside", "readings"]
+
+    copies = transfer.hash_copies(RUNNER, route, asked, timeout=60)
+
+    assert copies is not None
+    assert dict(zip(asked, copies, strict=True)) == {
+        **{i.path: (i.size, i.checksum) for i in sent if i.path != "readings/2026/r0.json"},
+        "readings/2026/r0.json": (len(changed), xxhash.xxh3_128(changed).hexdigest()),
+        "gone.json": None, "outside": None, "readings": None}
+    with pytest.raises(TransferFailed, match="cannot read back"):
+        transfer.hash_copies(RUNNER, route, ["readings/../../source/blob.bin"], timeout=60)
+    bare = forced_route(gate_without_xxhash(tmp_path, monkeypatch), destination, "-wo", "-no-del")
+    assert transfer.hash_copies(RUNNER, bare, asked, timeout=60) is None, "no hasher there: the caller uses rsync"
 
 
 def test_the_bandwidth_limit_holds(tmp_path: Path) -> None:

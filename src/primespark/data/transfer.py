@@ -22,7 +22,8 @@ Safety that rsync gives, and how we ask for it:
   filesystem once (syncfs), through the account's forced command where it is remote, and gives the
   destination's boot id, by which a caller can tell a destination that restarted before its copies were on disk.
 - Content is compared with XXH3-128 (`--checksum-choice=xxh128`, the backup manifests' hash) wherever a
-  checksum is asked for: the after-run verification and the full check.
+  checksum is asked for: the full check, and the after-run verification where the destination cannot hash its
+  copies itself (`hash_copies`, the account's other request: each copy read once, there).
 - Every file sent is verified in flight: the receiver hashes what it writes and compares it with the sum the
   sender took as it read the file (it sends the file again on a mismatch). The report keeps that sum per file
   (`Item.checksum`): tier migration records it rather than reading each source a second time.
@@ -119,8 +120,10 @@ def local_route() -> Route:
 
 
 # What a sync account's key may ask besides rsync (roles/sync/files/sync-gate): syncfs of its folder, then the
-# host's boot id. The gate reads the boot id from BOOT_ID too.
+# host's boot id (the gate reads the boot id from BOOT_ID too); the size and XXH3-128 of files below its folder.
 FLUSH_REQUEST = "primespark-flush"
+HASH_REQUEST = "primespark-hash"
+NO_HASHER = 3  # sync-hash's exit code on a host without python3-xxhash
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -145,6 +148,30 @@ def flush(runner: Runner, route: Route, folder: str, *, timeout: float) -> str:
                              returncode=code if code is not None else done.returncode, stderr=done.stderr,
                              transient=code == 255)
     return lines[0].strip()
+
+
+def hash_copies(runner: Runner, route: Route, paths: Sequence[str], *, timeout: float
+                ) -> list[tuple[int, str] | None] | None:
+    """The size and XXH3-128 of each of `paths` (below the route's folder) as the destination reads them, None for
+    one that is not there; None for all when the destination cannot hash them (no python3-xxhash there)."""
+    # as with flush: sync-hash's own exit code told apart from the runner's ssh to the source host failing
+    done = runner.run(["sh", "-c", '"$@"; echo hash-exit=$?', "sh", *route.rsh, route.target, HASH_REQUEST],
+                      stdin=b"\0".join(p.encode(errors="surrogateescape") for p in paths), timeout=timeout)
+    lines = done.text.splitlines()
+    code = int(lines[-1].removeprefix("hash-exit=")) if lines and lines[-1].startswith("hash-exit=") else None
+    if code == NO_HASHER:
+        return None
+    if done.returncode != 0 or code != 0 or len(lines) != len(paths) + 1:
+        raise TransferFailed(f"cannot read back the copies at {route.target}: "
+                             f"{(done.stderr or done.text).strip()[-300:]}",
+                             "check that the destination is up, and that the sync role installed its gate "
+                             "(sync-hash beside it)", returncode=code if code is not None else done.returncode,
+                             stderr=done.stderr, transient=code == 255)
+    found: list[tuple[int, str] | None] = []
+    for line in lines[:-1]:
+        size, _, digest = line.partition(" ")
+        found.append((int(size), digest) if digest else None)
+    return found
 
 
 # --- bandwidth -------------------------------------------------------------------------------------------------
