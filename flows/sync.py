@@ -62,8 +62,9 @@ def verify(ctx: FleetContext, link: Link, sent: list[Item]) -> core.Verification
 
 
 @task(name="sync-flush", cache_policy=NO_CACHE, retry_condition_fn=transient)
-def flush(ctx: FleetContext, link: Link, report: TransferReport | None, deleted: TransferReport | None) -> None:
-    core.flush_pass(ctx, link, report, deleted)
+def flush(ctx: FleetContext, link: Link, report: TransferReport | None, deleted: TransferReport | None,
+          flushed_boot: str | None = None) -> None:
+    core.flush_pass(ctx, link, report, deleted, flushed_boot)
 
 
 @task(name="sync-resend", cache_policy=NO_CACHE, retry_condition_fn=transient)
@@ -87,6 +88,7 @@ def _verified(ctx: FleetContext, link: Link, report: TransferReport, options: di
         if again.differing:
             raise core.VerificationFailed(link, again.differing)
         verification.changed_since += again.changed_since
+        verification.boot = again.boot  # the flush that covers the files sent again too (or none)
     return verification
 
 
@@ -105,7 +107,7 @@ def link_pass(ctx: FleetContext, link: Link, *, kind: str, options: dict[str, An
                 return core.pass_result(link, "dry-run", started, report)
             deleted = delete.with_options(**options)(ctx, link, as_is(report), accept_empty) if files is None else None
             verification = _verified(ctx, link, report, options)
-            flush.with_options(**options)(ctx, link, as_is(report), as_is(deleted))
+            flush.with_options(**options)(ctx, link, as_is(report), as_is(deleted), verification.boot)
         result = core.pass_result(link, kind, started, report, deleted, verification, changed_at)
     except core.SyncRefused as refusal:
         result = core.refused_result(link, kind, started, refusal)

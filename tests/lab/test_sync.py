@@ -152,6 +152,9 @@ def test_the_sync_accounts_are_confined_to_their_folders(lab, synced):
     expected = xxhash.xxh3_128(b"confined\n").hexdigest()
     assert hashed.returncode == 0 and hashed.stdout.splitlines() == [f"9 {expected}", "-"], \
         hashed.stdout + hashed.stderr
+    flushed_too = lab.exec("pi-1", f"printf 'probe.txt\\0' | ssh {SYNC_KEY} sync-hot-to-nas@{nas} "
+                                   "primespark-hash-flush")
+    assert flushed_too.stdout.splitlines() == [f"9 {expected}", boot], flushed_too.stdout + flushed_too.stderr
     outside = lab.exec("pi-1", f"printf '../pi-2/x' | ssh {SYNC_KEY} sync-hot-to-nas@{nas} primespark-hash")
     assert outside.returncode != 0 and "not a file below the folder" in outside.stderr, outside.stderr
     owner = lab.exec("nas-1", "stat -c %U /srv/warm/pi-1/probe.txt && rm /srv/warm/pi-1/probe.txt")

@@ -648,11 +648,36 @@ def test_the_verification_reads_each_copy_back_at_the_destination_once(
 
     assert (read_back.checked, read_back.differing, read_back.changed_since) == \
         (6, ["model.bin", "readings/r001.json"], []), "the copy of r002 is what was sent: it verifies"
+    assert read_back.boot == Path(transfer.BOOT_ID).read_text().strip(), "flushed while hashed (`fsync: pass`)"
     bare = forced_route(gate_without_xxhash(tmp_path, monkeypatch), destination, "-wo", "-no-del")
     monkeypatch.setattr(core, "route_for", lambda ctx, link: (bare, "/"))
     by_rsync = core.verify_link(ctx, link, sent)
-    assert by_rsync.differing == ["model.bin"]
+    assert by_rsync.differing == ["model.bin"] and by_rsync.boot is None, "nothing flushed: the flush step does it"
     assert by_rsync.changed_since == ["readings/r001.json", "readings/r002.json"]
+
+
+def test_a_pass_whose_verification_flushed_the_destination_does_not_flush_it_again(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, source, destination = copy_job
+    fill(source, 5)
+    destination.mkdir(parents=True)
+    route = forced_route(tmp_path, destination, "-wo", "-no-del")
+    monkeypatch.setattr(core, "route_for", lambda ctx, link: (route, "/"))
+    flushes: list[str] = []
+    flush_destination = core.flush_destination
+
+    def counted(ctx: FleetContext, link: Any) -> str:
+        flushes.append(link.name)
+        return flush_destination(ctx, link)
+
+    monkeypatch.setattr(core, "flush_destination", counted)
+    [done] = run(sync, "hot-to-nas", fleet, textfile=str(tmp_path / "prom")).result()["links"]
+    assert done["status"] == "succeeded" and done["verified"] == 5 and tree(destination) == tree(source)
+    assert len(flushes) == 1, "one flush before the pass (its boot id); the one after came with the verification"
+    ctx = FleetContext.load(fleet, "local")
+    [link] = links(ctx.fleet, "hot-to-nas")
+    saved = core.load_state(ctx, link)
+    assert not saved.unflushed and saved.destination_boot == Path(transfer.BOOT_ID).read_text().strip()
 
 
 def test_a_destination_restarted_during_a_pass_fails_it_and_the_next_compares_everything(

@@ -211,10 +211,13 @@ def test_a_sync_key_may_hash_its_copies_and_nothing_outside_its_folder(
     copies = transfer.hash_copies(RUNNER, route, asked, timeout=60)
 
     assert copies is not None
-    assert dict(zip(asked, copies, strict=True)) == {
+    assert dict(zip(asked, copies.copies, strict=True)) == {
         **{i.path: (i.size, i.checksum) for i in sent if i.path != "readings/2026/r0.json"},
         "readings/2026/r0.json": (len(changed), xxhash.xxh3_128(changed).hexdigest()),
         "gone.json": None, "outside": None, "readings": None}
+    flushed = transfer.hash_copies(RUNNER, route, asked, timeout=60, flush=True)
+    assert flushed is not None and flushed.copies == copies.copies
+    assert flushed.boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip() and copies.boot is None
     with pytest.raises(TransferFailed, match="cannot read back"):
         transfer.hash_copies(RUNNER, route, ["readings/../../source/blob.bin"], timeout=60)
     bare = forced_route(gate_without_xxhash(tmp_path, monkeypatch), destination, "-wo", "-no-del")

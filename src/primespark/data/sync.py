@@ -2,13 +2,14 @@
 
 A pass is: `probe` the source folder → `transfer` (guarded: a missing, unmounted or, for a mirror, emptied
 source transfers nothing and deletes nothing) → for a mirror's full pass, `delete` (at most `max_delete`, else
-nothing, and the list is published) → `verify` what was sent (size and XXH3-128 at both ends) → `flush` the
-destination's filesystem (a job's `fsync: pass`) → `record` the link's state. The flows (`flows/sync.py`) wrap
-each step in a task and hold the link's lock; nothing here takes a lock.
+nothing, and the list is published) → `verify` what was sent (each copy's size and XXH3-128, read back at the
+destination) → `flush` the destination's filesystem (a job's `fsync: pass`; done by the verification where it
+can) → `record` the link's state. The flows (`flows/sync.py`) wrap each step in a task and hold the link's lock;
+nothing here takes a lock.
 
 Transport: the source host runs rsync and pushes through the job's account on the destination (`sync-<job>`,
 its forced command rrsync restricted to the link's folder, behind the sync role's gate, which also lets the key
-flush that folder's filesystem; `-no-del` for a copy): on the same site to the
+flush that folder's filesystem and hash the files in it; `-no-del` for a copy): on the same site to the
 destination's LAN address, across sites to its overlay address in the saved mesh plan. The key (one per source
 host) and the destination's host keys come from the secret store and the operator's known_hosts, installed by
 the `sync` role (`host_material`).
@@ -439,15 +440,16 @@ def settle(ctx: FleetContext, link: Link, state: LinkState) -> bool:
 
 
 def flush_pass(ctx: FleetContext, link: Link, report: TransferReport | None,
-               deleted: TransferReport | None = None) -> None:
-    """After a pass (`fsync: pass`): flush the destination, unless the pass changed nothing there, and clear the
+               deleted: TransferReport | None = None, flushed_boot: str | None = None) -> None:
+    """After a pass (`fsync: pass`): flush the destination, unless the pass changed nothing there or its
+    verification flushed it after the pass's last write (`flushed_boot`, the boot id it gave), and clear the
     link's marks. A boot id other than the one the pass started under means the destination restarted during
     the pass: the pass fails, and the next one compares every file by content."""
     if job_of(ctx.fleet, link.job).fsync is not FsyncMode.pass_:
         return
     state = load_state(ctx, link)
     if (report is not None and report.sent) or (deleted is not None and deleted.deleted):
-        boot = flush_destination(ctx, link)
+        boot = flushed_boot or flush_destination(ctx, link)
         if boot != state.destination_boot:
             state.recheck = True
             save_state(ctx, link, state)
@@ -501,6 +503,7 @@ class Verification:
     bytes: int = 0
     differing: list[str] = field(default_factory=list)  # same size and time, other content: a bad copy
     changed_since: list[str] = field(default_factory=list)  # the source changed after it was sent
+    boot: str | None = None  # the destination's boot id once it had flushed what was verified (`fsync: pass`)
 
     @property
     def ok(self) -> bool:
@@ -518,11 +521,14 @@ def verify_link(ctx: FleetContext, link: Link, sent: list[Item]) -> Verification
     by_rsync = sorted(latest)
     if route.remote:
         summed = [path for path in by_rsync if latest[path].checksum]
-        copies = transfer.hash_copies(ctx.hosts.runner(link.source), route, summed,
-                                      timeout=job_of(ctx.fleet, link.job).timeout_minutes * 60) if summed else None
-        if copies is not None:
-            result.differing = [path for path, copy in zip(summed, copies, strict=True)
+        spec = job_of(ctx.fleet, link.job)
+        # `fsync: pass`: the destination flushes its filesystem while it hashes (the pass's flush, at no extra wait)
+        read = transfer.hash_copies(ctx.hosts.runner(link.source), route, summed, timeout=spec.timeout_minutes * 60,
+                                    flush=spec.fsync is FsyncMode.pass_) if summed else None
+        if read is not None:
+            result.differing = [path for path, copy in zip(summed, read.copies, strict=True)
                                 if copy != (latest[path].size, latest[path].checksum)]
+            result.boot = read.boot
             by_rsync = [path for path in by_rsync if not latest[path].checksum]
     if by_rsync:
         plan = plan_for(ctx, link, checksum=True, dry_run=True, files=tuple(by_rsync))

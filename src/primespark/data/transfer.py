@@ -123,6 +123,7 @@ def local_route() -> Route:
 # host's boot id (the gate reads the boot id from BOOT_ID too); the size and XXH3-128 of files below its folder.
 FLUSH_REQUEST = "primespark-flush"
 HASH_REQUEST = "primespark-hash"
+HASH_FLUSH_REQUEST = "primespark-hash-flush"  # both at once: the hashes read the page cache, the flush the disk
 NO_HASHER = 3  # sync-hash's exit code on a host without python3-xxhash
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -150,28 +151,40 @@ def flush(runner: Runner, route: Route, folder: str, *, timeout: float) -> str:
     return lines[0].strip()
 
 
-def hash_copies(runner: Runner, route: Route, paths: Sequence[str], *, timeout: float
-                ) -> list[tuple[int, str] | None] | None:
-    """The size and XXH3-128 of each of `paths` (below the route's folder) as the destination reads them, None for
-    one that is not there; None for all when the destination cannot hash them (no python3-xxhash there)."""
+@dataclass(frozen=True)
+class ReadBack:
+    """The copies as the destination read them: each one's size and XXH3-128, None where there is none; and its
+    boot id once it had flushed them to disk, when asked to."""
+
+    copies: list[tuple[int, str] | None]
+    boot: str | None = None
+
+
+def hash_copies(runner: Runner, route: Route, paths: Sequence[str], *, timeout: float, flush: bool = False
+                ) -> ReadBack | None:
+    """The size and XXH3-128 of each of `paths` (below the route's folder) as the destination reads them; with
+    `flush`, its filesystem flushed meanwhile and its boot id after. None when the destination cannot hash them
+    (no python3-xxhash there): nothing was flushed either."""
+    request = HASH_FLUSH_REQUEST if flush else HASH_REQUEST
     # as with flush: sync-hash's own exit code told apart from the runner's ssh to the source host failing
-    done = runner.run(["sh", "-c", '"$@"; echo hash-exit=$?', "sh", *route.rsh, route.target, HASH_REQUEST],
+    done = runner.run(["sh", "-c", '"$@"; echo hash-exit=$?', "sh", *route.rsh, route.target, request],
                       stdin=b"\0".join(p.encode(errors="surrogateescape") for p in paths), timeout=timeout)
     lines = done.text.splitlines()
     code = int(lines[-1].removeprefix("hash-exit=")) if lines and lines[-1].startswith("hash-exit=") else None
     if code == NO_HASHER:
         return None
-    if done.returncode != 0 or code != 0 or len(lines) != len(paths) + 1:
+    answers = len(paths) + int(flush)
+    if done.returncode != 0 or code != 0 or len(lines) != answers + 1:
         raise TransferFailed(f"cannot read back the copies at {route.target}: "
                              f"{(done.stderr or done.text).strip()[-300:]}",
                              "check that the destination is up, and that the sync role installed its gate "
                              "(sync-hash beside it)", returncode=code if code is not None else done.returncode,
                              stderr=done.stderr, transient=code == 255)
-    found: list[tuple[int, str] | None] = []
-    for line in lines[:-1]:
+    copies: list[tuple[int, str] | None] = []
+    for line in lines[:len(paths)]:
         size, _, digest = line.partition(" ")
-        found.append((int(size), digest) if digest else None)
-    return found
+        copies.append((int(size), digest) if digest else None)
+    return ReadBack(copies, lines[len(paths)].strip() if flush else None)
 
 
 # --- bandwidth -------------------------------------------------------------------------------------------------
