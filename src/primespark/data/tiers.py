@@ -176,7 +176,8 @@ def _age(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str], now: float) -> str | None:
+def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str], now: float,
+             globs: list[tuple[str, re.Pattern[str]]]) -> str | None:
     # a task writes files there and closes them while it runs (neither open nor fresh for long), then renames the
     # folder: moved away, its files would be missing from its result
     if tier is TierName.hot and info.path.startswith(HOT_TIER_STAGING + "/"):
@@ -185,37 +186,41 @@ def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str]
         return "open for writing"
     if now - info.mtime < spec.min_age_minutes * 60:
         return f"modified in the last {spec.min_age_minutes} minutes"
-    glob = pinned_by_glob(info.path, spec.pinned) if spec.pinned else None
-    if glob is not None:
-        return f"pinned: matches {glob!r}"
+    for glob, pattern in globs:
+        if pattern.match(info.path):
+            return f"pinned: matches {glob!r}"
     folder = pinned_by_marker(info.path, markers) if markers else None
     if folder is not None:
         return f"pinned: {spec.pin_marker} in {folder or '.'}/"
     return None
 
 
-def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Candidate], list[Skipped]]:
+# a move of one host's: the file, when it was last used, why it moves (the plan then picks its destination)
+Move = tuple[FileInfo, float, str]
+
+
+def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Move], list[Skipped]]:
     """One upper-tier host: its moves by age, then by watermark; and what stays though it would have moved."""
     capacity = capacity_bytes(spec)
+    globs = [(glob, _glob(glob)) for glob in spec.pinned]  # compiled once per host, not looked up per file
     eligible: list[tuple[float, FileInfo]] = []
     held: list[tuple[FileInfo, str]] = []
     for info in scan.files:
-        reason = _why_not(info, scan.tier, spec, scan.markers, now)
+        reason = _why_not(info, scan.tier, spec, scan.markers, now, globs)
         if reason is None:
             eligible.append((info.last_used(scan.atime_kept), info))
         else:
             held.append((info, reason))
     eligible.sort(key=lambda pair: (pair[0], pair[1].path))
-    moves: list[Candidate] = []
+    moves: list[Move] = []
     remaining = []
     for used_at, info in eligible:
         if spec.max_age_days is not None and now - used_at > spec.max_age_days * DAY:
-            moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns,
-                                   f"older than {spec.max_age_days} days (last used {_age(now - used_at)} ago)",
-                                   atime_ns=info.atime_ns))
+            moves.append((info, used_at,
+                          f"older than {spec.max_age_days} days (last used {_age(now - used_at)} ago)"))
         else:
             remaining.append((used_at, info))
-    left = scan.used - sum(c.size for c in moves)
+    left = scan.used - sum(info.size for info, _, _ in moves)
     skipped = [Skipped(scan.host, i.path, i.size, r) for i, r in held
                if spec.max_age_days is not None and now - i.last_used(scan.atime_kept) > spec.max_age_days * DAY]
     if scan.used > spec.high_watermark * capacity:
@@ -224,14 +229,26 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Candi
         for used_at, info in remaining:
             if left <= spec.low_watermark * capacity:
                 break
-            moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns, why,
-                                   atime_ns=info.atime_ns))
+            moves.append((info, used_at, why))
             left -= info.size
         if left > spec.low_watermark * capacity:
             skipped += [Skipped(scan.host, i.path, i.size, r) for i, r in held
                         if not (spec.max_age_days is not None
                                 and now - i.last_used(scan.atime_kept) > spec.max_age_days * DAY)]
     return moves, skipped
+
+
+def _roomiest_fit(room: list[HostUsage], size: int, high_watermark: float) -> HostUsage | None:
+    """The host with the most room (the lowest ratio, then by name) that stays at or below `high_watermark` with
+    `size` more; None if none does."""
+    best: HostUsage | None = None
+    best_key = (0.0, "")
+    for usage in room:
+        if usage.after + size <= high_watermark * usage.capacity:
+            key = (usage.ratio(usage.after), usage.host)
+            if best is None or key < best_key:
+                best, best_key = usage, key
+    return best
 
 
 def plan_boundary(tiers: dict[TierName, Tier], tier: TierName, scans: list[HostScan], below: dict[str, int],
@@ -250,23 +267,24 @@ def plan_boundary(tiers: dict[TierName, Tier], tier: TierName, scans: list[HostS
     room = {h: HostUsage(h, lower.value, capacity_bytes(lower_spec), below.get(h, 0), below.get(h, 0))
             for h in lower_spec.hosts}
     plan.usage.update(room)
+    receivers = list(room.values())
     for scan in sorted(scans, key=lambda s: s.host):
         moves, skipped = _host_candidates(scan, spec, now)
         plan.skipped += skipped
-        for move in moves:
-            fits = [u for u in room.values() if u.after + move.size <= lower_spec.high_watermark * u.capacity]
-            if not fits:
+        usage = plan.usage[scan.host]
+        for info, used_at, reason in moves:
+            target = _roomiest_fit(receivers, info.size, lower_spec.high_watermark)
+            if target is None:
                 roomiest = min(room.values(), key=lambda u: u.after)
                 plan.waiting.append(Candidate(
-                    move.host, move.path, move.size, move.last_used, move.mtime_ns,
+                    scan.host, info.path, info.size, used_at, info.mtime_ns,
                     f"waits: {roomiest.host} would go above its high watermark "
-                    f"({roomiest.ratio(roomiest.after + move.size):.0%} > {lower_spec.high_watermark:.0%})"))
+                    f"({roomiest.ratio(roomiest.after + info.size):.0%} > {lower_spec.high_watermark:.0%})"))
                 continue
-            target = min(fits, key=lambda u: (u.ratio(u.after), u.host))
-            target.after += move.size
-            plan.usage[scan.host].after -= move.size
-            plan.moves.append(Candidate(move.host, move.path, move.size, move.last_used, move.mtime_ns,
-                                        move.reason, target.host, move.atime_ns))
+            target.after += info.size
+            usage.after -= info.size
+            plan.moves.append(Candidate(scan.host, info.path, info.size, used_at, info.mtime_ns, reason, target.host,
+                                        info.atime_ns))
     return plan
 
 
