@@ -707,6 +707,7 @@ def test_a_pass_over_ssh_with_no_sync_job_there_pushes_through_the_lower_tiers_o
     route, destination = migrate.route_to(ctx, "nas-1", "ops-1", staging)
     assert route.target == f"sync-warm-to-cold@{overlay}"
     assert destination == f"/{migrate.STAGING}"
+    assert "ControlPath=/etc/primespark/sync/cm-%C" in route.rsh, "the pass's sessions to the account share one"
 
 
 def test_a_recall_over_ssh_goes_through_the_recall_account_only_where_the_tier_allows_it(

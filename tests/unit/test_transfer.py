@@ -264,6 +264,12 @@ def test_rates_and_the_command_line() -> None:
     assert "--delay-updates" not in TransferPlan("/srv/hot", "/staging/", delay_updates=False).argv()
     assert argv[-2:] == ["/srv/hot/", "sync-job@10.99.0.3:/"]
     assert "ssh -p 2222 -i /k -o IdentitiesOnly=yes" in argv[argv.index("-e") + 1]
+    assert "ControlPath" not in argv[argv.index("-e") + 1]
+    # a pass's sessions to one account share a connection, its socket beside the key (`%C`: 40 hex digits)
+    shared = transfer.ssh_route("sync-job", "10.99.0.3", 2222, "/k", "/kh", shared_dir="/etc/primespark/sync").rsh
+    assert "ControlPath=/etc/primespark/sync/cm-%C" in shared and "ControlMaster=auto" in shared
+    too_long = transfer.ssh_route("sync-job", "10.99.0.3", 2222, "/k", "/kh", shared_dir="/" + "d" * 70).rsh
+    assert not any(option.startswith("Control") for option in too_long), "a socket path over the limit: no sharing"
 
 
 def test_the_itemized_lines_are_read_field_by_field() -> None:

@@ -142,16 +142,13 @@ def route_to(ctx: FleetContext, source: str, destination: str, folder: str) -> t
     or one host), else a sync job's account on the destination whose folder holds it."""
     if ctx.transport == "local" or source == destination:
         return transfer.local_route(), folder
-    from primespark.data.sync import CLIENT_KEY, KNOWN_HOSTS, account_for, address_of, client_dir
+    from primespark.data.sync import route_for
 
     for link in transport_links(ctx.fleet):
         if link.source == source and link.destination == destination and inside(folder, link.destination_path):
             below = posixpath.relpath(folder, link.destination_path)
-            keys = client_dir(ctx.fleet)
-            route = transfer.ssh_route(account_for(link.job), address_of(ctx, link),
-                                       ctx.fleet.hosts[destination].ssh.port, f"{keys}/{CLIENT_KEY}",
-                                       f"{keys}/{KNOWN_HOSTS}")
-            return route, "/" if below == "." else f"/{below}"
+            route, root = route_for(ctx, link)  # the account's: `/` is its folder
+            return route, root if below == "." else f"/{below}"
     origin_tier = tier_of(ctx.fleet, destination, folder)
     recall = (f"; to recall, set `recall: true` on tier {origin_tier.value} and run the sync role"
               if origin_tier is not None and inside(folder, recall_folder(ctx.fleet, origin_tier)) else "")

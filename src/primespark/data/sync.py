@@ -142,7 +142,7 @@ def route_for(ctx: FleetContext, link: Link) -> tuple[Route, str]:
     port = ctx.fleet.hosts[link.destination].ssh.port
     folder = client_dir(ctx.fleet)
     return transfer.ssh_route(account_for(link.job), address_of(ctx, link), port, f"{folder}/{CLIENT_KEY}",
-                              f"{folder}/{KNOWN_HOSTS}"), "/"
+                              f"{folder}/{KNOWN_HOSTS}", shared_dir=folder), "/"
 
 
 def held_back(fleet: Fleet, link: Link) -> tuple[str, ...]:

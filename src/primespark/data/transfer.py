@@ -105,14 +105,25 @@ class Route:
         return path
 
 
+# A pass makes several sessions to one account in a row (the flush before, rsync's runs, the read-back): they share
+# one connection for a while (OpenSSH's ControlMaster, as the runners do), each a session of its own that the
+# account's forced command still governs. The socket lives in the key's own folder (root's, 0700).
+SHARED_PERSIST_SECONDS = 60
+_SOCKET_PATH_MAX = 100  # a unix socket's path (108 bytes on Linux, with room for ssh's temporary suffix)
+
+
 def ssh_route(account: str, address: str, port: int, key_file: str, known_hosts: str,
-              connect_timeout: int = 10) -> Route:
-    """To `account@address` with its own key and known hosts: keepalives notice a dead link within 30 s."""
-    rsh = ("ssh", "-p", str(port), "-i", key_file, "-o", "IdentitiesOnly=yes", "-o",
+              connect_timeout: int = 10, shared_dir: str | None = None) -> Route:
+    """To `account@address` with its own key and known hosts: keepalives notice a dead link within 30 s. With
+    `shared_dir`, successive sessions share one connection (`%C`: one per account, address and port)."""
+    rsh = ["ssh", "-p", str(port), "-i", key_file, "-o", "IdentitiesOnly=yes", "-o",
            f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
            "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
-           "-o", "LogLevel=ERROR")
-    return Route(f"{account}@{address}", rsh)
+           "-o", "LogLevel=ERROR"]
+    if shared_dir is not None and len(shared_dir) + len("/cm-") + 40 <= _SOCKET_PATH_MAX:  # %C: 40 hex digits
+        rsh += ["-o", "ControlMaster=auto", "-o", f"ControlPath={shared_dir}/cm-%C",
+                "-o", f"ControlPersist={SHARED_PERSIST_SECONDS}"]
+    return Route(f"{account}@{address}", tuple(rsh))
 
 
 def local_route() -> Route:
