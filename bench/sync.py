@@ -101,11 +101,15 @@ def sh(ctx: FleetContext, host: str, script: str, timeout: float = 3600) -> str:
 
 
 def plain(ctx: FleetContext, link: Any) -> float:
-    """`rsync -a` on pi-1 over the job's own route (the same ssh command, key, account and rrsync)."""
+    """`rsync -a` on pi-1 over the job's own route (the same ssh command, key, account and rrsync), each run its
+    own SSH connection as a plain rsync makes it (not the pass's shared one: `ssh_route`'s ControlMaster)."""
     route, destination = core.route_for(ctx, link)
+    following = (*route.rsh[1:], "")
+    rsh = [word for word, after in zip(route.rsh, following, strict=True)  # without the `-o Control…` pairs
+           if not word.startswith("Control") and not (word == "-o" and after.startswith("Control"))]
     runner = ctx.hosts.runner(link.source)
     start = time.perf_counter()
-    done = runner.run(["rsync", "-a", "-e", " ".join(route.rsh), link.source_path.rstrip("/") + "/",
+    done = runner.run(["rsync", "-a", "-e", " ".join(rsh), link.source_path.rstrip("/") + "/",
                        route.destination(destination)], timeout=7200)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
