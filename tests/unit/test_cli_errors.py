@@ -148,10 +148,37 @@ def test_every_commands_usage_line_names_only_what_it_takes() -> None:
     def usages(command: object, path: tuple[str, ...]):  # type: ignore[no-untyped-def]
         context = typer.Context(command, info_name=" ".join(path))  # type: ignore[arg-type]
         yield path, command.get_usage(context)  # type: ignore[attr-defined]
-        for name, sub in getattr(command, "commands", {}).items():
-            yield from usages(sub, (*path, name))
+        for name in getattr(command, "list_commands", lambda _: [])(context):  # groups load when asked for
+            yield from usages(command.get_command(context, name), (*path, name))  # type: ignore[attr-defined]
 
     found = dict(usages(typer.main.get_command(app), ("spark",)))
     assert ("spark", "mesh", "plan") in found and ("spark", "validate") in found
     bad = {" ".join(path): usage for path, usage in found.items() if "[]" in usage}
     assert not bad, bad
+
+
+def test_a_command_loads_its_own_group_and_no_other() -> None:
+    """`spark sync ...` must not pay for importing the lab's Docker client or Ansible's runner at every start;
+    `spark --help` still lists every group, and a mistyped one is still suggested."""
+    probe = """
+import sys
+from typer.testing import CliRunner
+from primespark.cli.app import app
+runner = CliRunner()
+sync_help = runner.invoke(app, ["sync", "run", "--help"])
+assert sync_help.exit_code == 0 and "--dry-run" in sync_help.output, sync_help.output
+print(sorted(m for m in ("docker", "ansible_runner", "primespark.cli.lab", "primespark.cli.backup",
+                         "primespark.inventory") if m in sys.modules))
+every = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+print(every.output)
+typo = runner.invoke(app, ["synk"], env={"COLUMNS": "200"})
+print(typo.output)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded, rest = done.stdout.split("\n", 1)
+    assert loaded == "[]", f"`spark sync run --help` imported {loaded}"
+    for group in ("lab", "mesh", "backup", "drill", "secrets", "flows", "sync", "tier", "task", "host",
+                  "monitoring", "audit", "tls", "validate", "preflight"):
+        assert f" {group} " in rest, f"`spark --help` does not list {group}"
+    assert "Did you mean 'sync'" in rest, rest

@@ -8,24 +8,12 @@ import typer
 from rich.table import Table
 
 from primespark.backup.repositories import backup_of, clients_of, location, repository_folder
-from primespark.cli.common import EnvOption, console
-from primespark.context import FleetContext, Transport
+from primespark.cli.common import EnvOption, TransportOption, console, transport_of
+from primespark.context import FleetContext
 from primespark.errors import UserError
 
 app = typer.Typer(help="Backups with restic: run one now (schedules run as Prefect deployments).",
                   no_args_is_help=True)
-
-TransportOption = Annotated[str, typer.Option(
-    help="ssh: the commands (restic, rsync) run on the hosts over SSH; local: on this machine.")]
-
-
-def transport_of(transport: str) -> Transport:
-    if transport == "ssh":
-        return "ssh"
-    if transport == "local":
-        return "local"
-    raise UserError(f"unknown transport {transport!r}", "use --transport ssh (hosts) or local (this machine)")
-
 
 def planned_hosts(ctx: FleetContext, host: str | None) -> list[str]:
     """HOST, or every host with a backup plan; a clear error for a host without one or a fleet without backups."""

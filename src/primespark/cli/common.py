@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
+from primespark.context import Transport
+from primespark.errors import UserError
 from primespark.fleet import Fleet, load_fleet
 
 # Piped output keeps whole table rows rather than wrapping at 80 columns.
@@ -25,6 +27,17 @@ EnvOption = Annotated[str, typer.Option(
     help="The environment: lab, homelab (inventory/<env>.yaml) or a path to a fleet file.")]
 # `spark validate lab`: the spelling before --env, accepted for one more release. Its commands use `Command`.
 OldEnvArg = Annotated[str | None, typer.Argument(hidden=True, show_default=False, metavar="")]
+
+TransportOption = Annotated[str, typer.Option(
+    help="ssh: the commands (restic, rsync) run on the hosts over SSH; local: on this machine.")]
+
+
+def transport_of(transport: str) -> Transport:
+    if transport == "ssh":
+        return "ssh"
+    if transport == "local":
+        return "local"
+    raise UserError(f"unknown transport {transport!r}", "use --transport ssh (hosts) or local (this machine)")
 
 
 class Command(TyperCommand):

@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from primespark.backup.drill import drill_source, load_history
-from primespark.cli.backup import OnWorkerOption, TransportOption, planned_hosts, transport_of
-from primespark.cli.common import EnvOption, console
+from primespark.cli.backup import OnWorkerOption, planned_hosts
+from primespark.cli.common import EnvOption, TransportOption, console, transport_of
 from primespark.context import FleetContext
 from primespark.errors import UserError
 

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, fleet_for
 from primespark.fleet.loader import resolve
-from primespark.inventory import build_inventory
 
 
 def validate(old_env: OldEnvArg = None, env: EnvOption = "lab") -> None:
@@ -69,6 +68,8 @@ def inventory(
     host: str | None = typer.Option(None, "--host", help="Print one host's variables (Ansible's --host)."),
 ) -> None:
     """Print the Ansible inventory derived from the fleet, as JSON (Ansible's --list format)."""
+    from primespark.inventory import build_inventory  # it imports each role's variables: only for this command
+
     fleet = fleet_for(env_of(env, old_env))
     data = build_inventory(fleet)
     if host is not None:

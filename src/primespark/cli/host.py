@@ -12,8 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from primespark.cli.backup import transport_of
-from primespark.cli.common import EnvOption, console
+from primespark.cli.common import EnvOption, console, transport_of
 from primespark.errors import UserError
 
 if TYPE_CHECKING:

@@ -6,9 +6,8 @@ import typer
 from rich.table import Table
 
 from primespark.cli.common import Command, EnvOption, OldEnvArg, console, env_of, fleet_for
-from primespark.preflight import Limits, Status, preflight
 
-STYLE = {Status.ok: "green", Status.warn: "yellow", Status.fail: "bold red"}
+STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}  # by the names of primespark.preflight.Status
 
 
 def preflight_command(
@@ -19,6 +18,8 @@ def preflight_command(
     timeout: float = typer.Option(5.0, help="Seconds to wait for each host's SSH port."),
 ) -> None:
     """Check networks, SSH reachability, Python, free disk and clock skew on every managed host."""
+    from primespark.preflight import Limits, Status, preflight  # it loads the inventory: only for this command
+
     env = env_of(env, old_env)
     fleet = fleet_for(env)
     findings = preflight(fleet, env, Limits(min_free_gb=min_free_gb, max_skew_seconds=max_skew,
@@ -29,7 +30,7 @@ def preflight_command(
     for finding in findings:
         detail = finding.message + (f"\n[dim]fix: {finding.fix}[/dim]" if finding.fix and
                                     finding.status is not Status.ok else "")
-        table.add_row(finding.host, finding.check, f"[{STYLE[finding.status]}]{finding.status.value}[/]", detail)
+        table.add_row(finding.host, finding.check, f"[{STYLE[finding.status.name]}]{finding.status.value}[/]", detail)
     console.print(table)
     failed = [f for f in findings if f.status is Status.fail]
     if failed:

@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from primespark.cli.backup import TransportOption, transport_of
-from primespark.cli.common import EnvOption, console
+from primespark.cli.common import EnvOption, TransportOption, console, transport_of
 from primespark.context import FleetContext
 from primespark.data import sync as core
 from primespark.data.layout import links

@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from primespark.agents.placement import Decision, Facts, NoEligibleHost, Placed, place
-from primespark.cli.backup import transport_of
-from primespark.cli.common import EnvOption, console, fleet_for
+from primespark.cli.common import EnvOption, console, fleet_for, transport_of
 from primespark.errors import UserError
 from primespark.fleet.errors import Problem
 from primespark.fleet.model import Fleet, Name, Strict, TaskSpec
