@@ -53,10 +53,15 @@ def mirror_past_guard(params: dict[str, Any]) -> bool:
 
 def _runtime() -> tuple[str | None, str | None]:
     """The flow run's id and its deployment's name (None when run here without one)."""
-    from prefect.runtime import deployment, flow_run
+    from prefect.context import FlowRunContext
+    from prefect.runtime import deployment
 
-    run_id = flow_run.id
-    return (str(run_id) if run_id else None), (str(deployment.name) if deployment.name else None)
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None:
+        return None, None
+    # The run in hand says whether it has a deployment: `deployment.name` alone reads the run from the server first.
+    return str(run.id), (str(deployment.name) if run.deployment_id is not None else None)
 
 
 def _actor(ctx: FleetContext) -> str:
