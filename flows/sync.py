@@ -47,8 +47,10 @@ def probe_source(ctx: FleetContext, link: Link) -> core.Probe:
 @task(name="sync-transfer", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def transfer(ctx: FleetContext, link: Link, found: core.Probe, files: list[str] | None, dry_run: bool,
              bwlimit: str | None, accept_empty: bool) -> TransferReport:
+    logger = get_run_logger()
     return core.transfer_link(ctx, link, found, files=files, dry_run=dry_run, bwlimit=bwlimit,
-                              accept_empty=accept_empty)
+                              accept_empty=accept_empty,
+                              progress=lambda so_far: logger.info("%s", core.progress_line(link, so_far)))
 
 
 @task(name="sync-delete", cache_policy=NO_CACHE, retry_condition_fn=transient)

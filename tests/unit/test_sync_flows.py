@@ -545,15 +545,20 @@ def test_the_full_check_finds_a_differing_copy_and_repairs_it(state: Path, tmp_p
 
 
 def _commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Every command the flows run on a host (the local transport's runner), in order."""
+    """Every command the flows run on a host (the local transport's runner), in order: run, or streamed (rsync)."""
     ran: list[list[str]] = []
-    real = LocalRunner.run
+    real_run, real_stream = LocalRunner.run, LocalRunner.stream
 
     def recording(self: LocalRunner, argv: Any, **kwargs: Any) -> Any:
         ran.append([str(a) for a in argv])
-        return real(self, argv, **kwargs)
+        return real_run(self, argv, **kwargs)
+
+    def recording_stream(self: LocalRunner, argv: Any, **kwargs: Any) -> Any:
+        ran.append([str(a) for a in argv])
+        return real_stream(self, argv, **kwargs)
 
     monkeypatch.setattr(LocalRunner, "run", recording)
+    monkeypatch.setattr(LocalRunner, "stream", recording_stream)
     return ran
 
 

@@ -134,6 +134,10 @@ class RecordingRunner(LocalRunner):
         self.commands.append((list(argv), options.get("stdin")))
         return super().run(argv, **options)
 
+    def stream(self, argv: Sequence[str], **options: Any) -> Any:  # how rsync runs: its lines read as they come
+        self.commands.append((list(argv), options.get("stdin")))
+        return super().stream(argv, **options)
+
 
 def test_only_files_worth_resuming_wait_in_the_partial_folder(tmp_path: Path, folders: tuple[Path, Path]) -> None:
     """--delay-updates (what lets a cut-off file resume) costs rsync a dozen opens per file: the small files go in a
@@ -161,6 +165,29 @@ def test_only_files_worth_resuming_wait_in_the_partial_folder(tmp_path: Path, fo
     # a dry run writes nothing: one run says it all
     transfer.run(runner, TransferPlan(str(source), "/", plan.route, dry_run=True))
     assert len(runner.commands) == 5 and "--max-size" not in " ".join(runner.commands[-1][0])
+
+
+def test_a_long_transfer_says_how_far_it_is(tmp_path: Path, folders: tuple[Path, Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each item read as rsync prints it: what was sent so far goes to `progress` (every PROGRESS_SECONDS; here
+    at every line), the second run's figures after the first's, and the last agrees with the report."""
+    source, destination = folders
+    big = source / "models" / "weights.bin"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(transfer.RESUMABLE_BYTES + 1))
+    monkeypatch.setattr(transfer, "PROGRESS_SECONDS", 0.0)
+    heard: list[transfer.Progress] = []
+    plan = TransferPlan(str(source), "/", forced_route(tmp_path, destination, "-wo"))
+    report = transfer.run(RecordingRunner(), plan, progress=heard.append)
+    assert report.files_sent == 9 and tree(destination) == tree(source)
+    counts = [p.files for p in heard]
+    assert counts == sorted(counts) and set(counts) - {0} == set(range(1, 10)), counts  # each file, as it went
+    assert heard[-1].files == report.files_sent and heard[-1].bytes == sum(i.size for i in report.sent)
+    assert heard[-1].bytes > transfer.RESUMABLE_BYTES, "the large file's run counts on from the first run's"
+    assert all(a.seconds <= b.seconds for a, b in zip(heard, heard[1:], strict=False))
+    heard.clear()
+    assert transfer.run(RecordingRunner(), plan, progress=heard.append).files_sent == 0
+    assert {p.files for p in heard} <= {0}, "nothing sent: nothing counted"
 
 
 def test_the_files_a_max_size_run_left_are_read_back() -> None:

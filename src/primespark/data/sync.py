@@ -22,6 +22,7 @@ import json
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock
@@ -374,11 +375,13 @@ def guard(link: Link, found: Probe, state: LinkState, accept_empty: bool = False
 
 def transfer_link(ctx: FleetContext, link: Link, found: Probe, *, files: list[str] | None = None,
                   dry_run: bool = False, bwlimit: str | None = None, accept_empty: bool = False,
-                  checksum: bool = False, now: datetime | None = None) -> TransferReport:
+                  checksum: bool = False, now: datetime | None = None,
+                  progress: Callable[[transfer.Progress], None] | None = None) -> TransferReport:
     """Send what the destination lacks: the whole tree, or only `files` (paths below the source, from the
     watcher). A mirror's full pass asks rsync to delete nothing yet (`--max-delete=0`): it counts what it would
     delete, and `delete_link` decides. A dry run lists what would change, deletions included. A bandwidth window
-    that closes mid-transfer stops it there; it resumes at once in the next window (or raises SyncPaused)."""
+    that closes mid-transfer stops it there; it resumes at once in the next window (or raises SyncPaused).
+    `progress` hears how far a long transfer is (`transfer.PROGRESS_SECONDS`)."""
     state = load_state(ctx, link)
     guard(link, found, state, accept_empty)
     spec = job_of(ctx.fleet, link.job)
@@ -405,7 +408,7 @@ def transfer_link(ctx: FleetContext, link: Link, found: Probe, *, files: list[st
             raise transfer.TransferFailed(f"sync {link.name} did not finish in {spec.timeout_minutes} minutes",
                                           "raise the job's timeout_minutes, or its bandwidth", transient=True)
         done = transfer.run(ctx.hosts.runner(link.source), plan, timeout=left + 60,
-                            accept=(transfer.MAX_DELETE_REACHED,) if full_mirror else ())
+                            accept=(transfer.MAX_DELETE_REACHED,) if full_mirror else (), progress=progress)
         report = done if report is None else report + done
         if not done.stopped_early:
             return report
@@ -693,6 +696,13 @@ def record_check(ctx: FleetContext, link: Link, result: CheckResult) -> LinkStat
 
 
 # --- reports (the flows publish them; the CLI prints the same) -----------------------------------------------
+
+
+def progress_line(link: Link, so_far: transfer.Progress) -> str:
+    """A long transfer's line in the run's log (the Prefect UI, the console of `spark sync run`)."""
+    rate = so_far.bytes / so_far.seconds if so_far.seconds > 0 else 0.0
+    return (f"{link.name}: {so_far.files} files, {_size(so_far.bytes)} sent in {so_far.seconds:.0f} s "
+            f"({_size(int(rate))}/s)")
 
 
 def _size(value: int) -> str:

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from primespark.errors import StepFailed
-from primespark.hosts import Runner, ended_with_session
+from primespark.hosts import Runner, ended_with_session, stream
 
 # rsync's temporary files (`.name.XXXXXX`): a source that is itself a sync destination holds some while a
 # transfer into it runs; they are never synced, as a file being written is not.
@@ -64,6 +64,7 @@ IO_TIMEOUT_SECONDS = 120  # rsync's --timeout: a connection silent this long is 
 # is sent again whole (at most this much again, per run cut off).
 RESUMABLE_BYTES = 8 * 1024 * 1024
 OVER_MAX_SIZE = " is over max-size"  # rsync's note (--info=skip1) for each file --max-size leaves to the next run
+PROGRESS_SECONDS = 10.0  # a transfer that runs longer says this often how far it is
 
 # rsync's exit codes (rsync(1), EXIT VALUES)
 PARTIAL_TRANSFER = 23
@@ -368,19 +369,62 @@ def _mtime(text: str) -> datetime | None:
         return None
 
 
+def parse_item(line: str) -> Item | None:
+    """One line of rsync's itemized output as an Item; None for any other line (its stats, notes)."""
+    parts = line.split("|", 5)
+    if len(parts) != 6 or not parts[0] or parts[0][0] not in "<>ch.*":
+        return None
+    flags, size, wire, mtime, checksum, name = parts
+    try:
+        return Item(flags.strip(), _unescape(name), int(size or 0), int(wire or 0), mtime, checksum.strip())
+    except ValueError:
+        return None
+
+
 def parse_items(stdout: str) -> list[Item]:
-    items = []
-    for line in stdout.splitlines():
-        parts = line.split("|", 5)
-        if len(parts) != 6 or not parts[0] or parts[0][0] not in "<>ch.*":
-            continue
-        flags, size, wire, mtime, checksum, name = parts
-        try:
-            items.append(Item(flags.strip(), _unescape(name), int(size or 0), int(wire or 0), mtime,
-                              checksum.strip()))
-        except ValueError:
-            continue
-    return items
+    return [item for line in stdout.splitlines() if (item := parse_item(line)) is not None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a transfer is: the files it has sent so far, their bytes, the seconds since it started."""
+
+    files: int
+    bytes: int
+    seconds: float
+
+
+class _Reading:
+    """rsync's lines as they come: each item parsed while rsync runs (100,000 took 0.4 s once it had ended), and
+    every PROGRESS_SECONDS the files and bytes the transfer has sent so far passed to `progress`."""
+
+    def __init__(self, progress: Callable[[Progress], None] | None) -> None:
+        self.items: list[Item] = []
+        self.progress, self.every = progress, PROGRESS_SECONDS
+        self.files = self.bytes = 0
+        self.started = time.monotonic()
+        self.due = self.started + self.every
+
+    def following(self) -> _Reading:
+        """The reading of the transfer's next run: its counts and its clock go on from this one's."""
+        after = _Reading(self.progress)
+        after.files, after.bytes, after.started, after.due = self.files, self.bytes, self.started, self.due
+        return after
+
+    def line(self, text: str) -> None:
+        item = parse_item(text)
+        if item is None:
+            return
+        self.items.append(item)
+        if item.sent:
+            self.files += 1
+            self.bytes += item.size
+        if self.progress is not None and time.monotonic() >= self.due:
+            self.due = time.monotonic() + self.every
+            self.progress(self.so_far())
+
+    def so_far(self) -> Progress:
+        return Progress(self.files, self.bytes, time.monotonic() - self.started)
 
 
 def parse_oversized(stdout: str) -> list[str]:
@@ -511,30 +555,34 @@ def _failure(report: TransferReport, host: str) -> TransferFailed:
 
 
 def run(runner: Runner, plan: TransferPlan, *, timeout: float | None = None,
-        accept: Sequence[int] = ()) -> TransferReport:
+        accept: Sequence[int] = (), progress: Callable[[Progress], None] | None = None) -> TransferReport:
     """Run `plan` on `runner`'s host. Exit codes 0 and 24 (files vanished from a live source), a stop at
     `stop_at`, and the codes in `accept` (25 when deletions were held back on purpose) return a report; any other
     failure raises TransferFailed. With `delay_updates`, in two rsync runs: the files under RESUMABLE_BYTES (and
-    the deletions), then the larger ones the first listed, with `--delay-updates`."""
+    the deletions), then the larger ones the first listed, with `--delay-updates`. `progress` hears how far it is
+    every PROGRESS_SECONDS."""
     if not plan.delay_updates or plan.dry_run or plan.deletions_only:  # nothing is written: one run says it all
-        return _run_once(runner, plan, timeout, accept)
+        return _run_once(runner, plan, timeout, accept, _Reading(progress))
     clock = time.monotonic()
-    small = _run_once(runner, replace(plan, delay_updates=False, max_size=RESUMABLE_BYTES - 1), timeout, accept)
+    reading = _Reading(progress)
+    small = _run_once(runner, replace(plan, delay_updates=False, max_size=RESUMABLE_BYTES - 1), timeout, accept,
+                      reading)
     if not small.oversized or small.stopped_early:
         return replace(small, plan=plan, oversized=[])
     left = None if timeout is None else max(1.0, timeout - (time.monotonic() - clock))
     large = _run_once(runner, replace(plan, files=tuple(small.oversized), delete=False, max_delete=None), left,
-                      accept)
+                      accept, reading.following())
     return small.with_resumable(large, plan)
 
 
-def _run_once(runner: Runner, plan: TransferPlan, timeout: float | None, accept: Sequence[int]) -> TransferReport:
+def _run_once(runner: Runner, plan: TransferPlan, timeout: float | None, accept: Sequence[int],
+              reading: _Reading) -> TransferReport:
     script = f'TZ=UTC rsync "$@"; echo "{EXIT_MARK}$?"'
     started = datetime.now(UTC)
     clock = time.monotonic()
     # ended with its session: a killed caller must not leave rsync writing on the destination
-    done = runner.run(ended_with_session(runner, ["sh", "-c", script, "rsync", *plan.argv()]), stdin=plan.stdin(),
-                      timeout=timeout)
+    done = stream(runner, ended_with_session(runner, ["sh", "-c", script, "rsync", *plan.argv()]),
+                  on_line=reading.line, stdin=plan.stdin(), timeout=timeout)
     stdout = done.text
     code = done.returncode
     mark = stdout.rfind(EXIT_MARK)
@@ -543,7 +591,7 @@ def _run_once(runner: Runner, plan: TransferPlan, timeout: float | None, accept:
         stdout = stdout[:mark]
     elif code == 0:
         code = -1  # the shell printed no exit code: it died
-    report = TransferReport(plan, code, parse_items(stdout), parse_stats(stdout), done.stderr,
+    report = TransferReport(plan, code, reading.items, parse_stats(stdout), done.stderr,
                             time.monotonic() - clock, started,
                             parse_oversized(stdout) if plan.max_size is not None else [])
     if code in (0, VANISHED, *accept) or report.stopped_early:
