@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -184,7 +185,7 @@ def test_a_long_transfer_says_how_far_it_is(tmp_path: Path, folders: tuple[Path,
     assert counts == sorted(counts) and set(counts) - {0} == set(range(1, 10)), counts  # each file, as it went
     assert heard[-1].files == report.files_sent and heard[-1].bytes == sum(i.size for i in report.sent)
     assert heard[-1].bytes > transfer.RESUMABLE_BYTES, "the large file's run counts on from the first run's"
-    assert all(a.seconds <= b.seconds for a, b in zip(heard, heard[1:], strict=False))
+    assert all(a.seconds <= b.seconds for a, b in itertools.pairwise(heard))
     heard.clear()
     assert transfer.run(RecordingRunner(), plan, progress=heard.append).files_sent == 0
     assert {p.files for p in heard} <= {0}, "nothing sent: nothing counted"
