@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ansible_runner
+
 from primespark.errors import UserError
 from primespark.hosts import SshFiles
 from primespark.settings import get_settings
@@ -81,8 +83,6 @@ def run_ansible(
             "private_data_dir": private, "project_dir": str(root), "inventory": str(root / inventory),
             "envvars": envvars, "extravars": extravars or {}, "quiet": True, "limit": limit,
         }
-        import ansible_runner  # here, not at the top: every `spark` command imports this module, few run Ansible
-
         start = time.monotonic()
         if playbook is not None:
             runner = ansible_runner.run(playbook=str(root / playbook), **kwargs)
