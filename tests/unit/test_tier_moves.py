@@ -324,6 +324,42 @@ def test_a_step_that_moves_the_whole_batch_is_one_short_journal_line(tmp_path: P
     assert [(e.step, e.note, e.hash) for e in loaded.entries] == [(e.step, e.note, e.hash) for e in batch.entries]
 
 
+def test_a_chunks_save_writes_its_own_entries_and_the_journal_loads_whole(tmp_path: Path) -> None:
+    """Two chunks of a batch saved by their own steps (the second one first, its entries in reverse order, as chunks
+    of another order than the plan's): each save compares only its chunk, and the journal loads as the batch is."""
+    batch = journal_batch(10_000)
+    journal = tmp_path / "pi-1--nas-1.json"
+    migrate.save(journal, batch)
+    first, second = batch.entries[:4000], batch.entries[4000:][::-1]
+    for i, entry in enumerate(second):
+        entry.step, entry.hash = "copied", f"xxh3_128:{i:032x}"
+    migrate.save(journal, batch, second)
+    for entry in second:
+        entry.step = "verified"
+    migrate.save(journal, batch, second)
+    for entry in first:
+        entry.step = "copied"
+    first[7].note = "a note"
+    migrate.save(journal, batch, first)
+    assert len(journal.read_text().splitlines()) == 4
+    loaded = migrate.load(journal)
+    assert loaded is not None
+    assert [(e.step, e.note, e.hash) for e in loaded.entries] == [(e.step, e.note, e.hash) for e in batch.entries]
+
+
+def test_chunks_of_smaller_files_are_copied_first_each_folder_whole() -> None:
+    """A folder of large files ahead of one of small files in path order: the small files' chunk comes first (their
+    settling then runs beside the large files' copy, and the pass ends on a chunk quick to settle)."""
+    def entry(rel: str, size: int) -> migrate.Entry:
+        return migrate.Entry("move", f"/srv/hot/{rel}", rel, f"/s/{rel}", f"/w/{rel}", "pi-1", f"/srv/hot/{rel}",
+                             "warm", size, 1)
+
+    large = [entry(f"a/l{i}", migrate.CHUNK_BYTES // 2) for i in range(3)]
+    small = [entry(f"b/f{i}", 1000) for i in range(10)]
+    pieces = migrate.chunks([*small[::-1], *large])
+    assert [[e.rel for e in chunk] for chunk in pieces] == [[e.rel for e in small], [e.rel for e in large]]
+
+
 def test_a_journal_written_before_rows_still_replays(tmp_path: Path) -> None:
     """A journal a killed pass of the previous version left (each entry a dict, every change listed) loads."""
     entry = migrate.Entry("move", "/srv/hot/a", "a", "/s/a", "/w/a", "pi-1", "/srv/hot/a", "warm", 10, 1)

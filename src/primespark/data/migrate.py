@@ -240,6 +240,7 @@ class Batch:
     entries: list[Entry] = field(default_factory=list)
     # each entry's (step, note, hash) as the journal on disk has them: a save appends only what changed
     saved: list[tuple[str, str, str | None]] | None = field(default=None, repr=False, compare=False)
+    _positions: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def staging_root(self) -> str:
@@ -251,6 +252,12 @@ class Batch:
 
     def at(self, *steps: str) -> list[Entry]:
         return [e for e in self.entries if e.step in steps]
+
+    def positions(self, entries: list[Entry]) -> list[int]:
+        """Where each of `entries` is in the batch."""
+        if len(self._positions) != len(self.entries):
+            self._positions = {id(entry): index for index, entry in enumerate(self.entries)}
+        return [self._positions[id(entry)] for entry in entries]
 
 
 def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
@@ -285,36 +292,43 @@ def _runs(indices: list[int]) -> list[list[int]]:
 ENTRY_FIELDS = [f.name for f in fields(Entry)]
 
 
-def save(path: Path, batch: Batch) -> None:
+def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     """The journal: the whole batch once (written atomically), then one line per save with the entries whose step,
     note or hash changed (appended, fsynced). Rewriting a 100,000-entry batch after every step took longer than
     some of the steps; so did naming each entry of a step that moved them all (a line now names runs of entries
-    that took the same step, and lists one by one only those whose hash changed). After a save a crash cut short,
-    the whole batch is written again."""
-    marks = _marks(batch)
-    if batch.saved is None or len(batch.saved) != len(marks) or not _whole(path):
-        data = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name not in ("entries", "saved")}
+    that took the same step, and lists one by one only those whose hash changed). `entries`: the only ones a step
+    changed (a chunk's), the others not compared. After a save a crash cut short, the whole batch is written again."""
+    if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
+        data = {f.name: getattr(batch, f.name) for f in fields(batch)
+                if f.name not in ("entries", "saved", "_positions")}
         # each entry as a row of its fields' values, named once in `columns`: half the size of a dict per entry
         rows = [[fields_of[name] for name in ENTRY_FIELDS] for fields_of in map(vars, batch.entries)]
         atomic_write(path, json.dumps({**data, "columns": ENTRY_FIELDS, "rows": rows}) + "\n", 0o600)
-    else:
-        hashed: list[list[Any]] = []
-        stepped: dict[tuple[str, str], list[int]] = {}
-        for i, (mark, old) in enumerate(zip(marks, batch.saved, strict=True)):
-            if mark == old:
-                continue
-            if mark[2] != old[2]:
-                hashed.append([i, *mark])
-            else:
-                stepped.setdefault((mark[0], mark[1]), []).append(i)
-        if not hashed and not stepped:
-            return
-        line = {"steps": [[step, note, _runs(indices)] for (step, note), indices in stepped.items()], "set": hashed}
-        with open(path, "a", encoding="utf-8") as journal:
-            journal.write(json.dumps(line) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-    batch.saved = marks
+        batch.saved = _marks(batch)
+        return
+    indices = range(len(batch.entries)) if entries is None else batch.positions(entries)
+    hashed: list[list[Any]] = []
+    stepped: dict[tuple[str, str], list[int]] = {}
+    changed: list[tuple[int, tuple[str, str, str | None]]] = []
+    for i in indices:
+        entry = batch.entries[i]
+        mark, old = (entry.step, entry.note, entry.hash), batch.saved[i]
+        if mark == old:
+            continue
+        changed.append((i, mark))
+        if mark[2] != old[2]:
+            hashed.append([i, *mark])
+        else:
+            stepped.setdefault((mark[0], mark[1]), []).append(i)
+    if not changed:
+        return
+    line = {"steps": [[step, note, _runs(sorted(runs))] for (step, note), runs in stepped.items()], "set": hashed}
+    with open(path, "a", encoding="utf-8") as journal:
+        journal.write(json.dumps(line) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+    for i, mark in changed:
+        batch.saved[i] = mark
 
 
 def load(path: Path) -> Batch | None:
@@ -567,24 +581,24 @@ def _undo(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -
         _abandon(entry, entry.note or "changed while it moved")
 
 
-def _after_check(ctx: FleetContext, batch: Batch, record: Callable[[], None], entries: list[Entry] | None = None,
-                 keep: frozenset[str] = frozenset()) -> None:
-    """The steps after verification, each followed by `record` (the journal's save): place, commit, delete (undo
-    what changed); of `entries` (a chunk), or of the whole batch."""
+def _after_check(ctx: FleetContext, batch: Batch, record: Callable[[list[Entry] | None], None],
+                 entries: list[Entry] | None = None, keep: frozenset[str] = frozenset()) -> None:
+    """The steps after verification, each followed by `record` (the journal's save of what it changed): place,
+    commit, delete (undo what changed); of `entries` (a chunk), or of the whole batch."""
     _place(ctx, batch, entries, keep)
-    record()
+    record(entries)
     _commit(ctx, batch, entries)
-    record()
+    record(entries)
     if _delete(ctx, batch, entries):
-        record()
+        record(entries)
         _undo(ctx, batch, entries)
-    record()
+    record(entries)
 
 
 def finish(ctx: FleetContext, batch: Batch, journal: Path) -> None:
     """What a batch has left after verification (`_after_check`), then its end: the staging folder emptied, the
     access times of files that stayed given back, the journal removed."""
-    _after_check(ctx, batch, lambda: save(journal, batch))
+    _after_check(ctx, batch, lambda entries: save(journal, batch, entries))
     side(ctx.hosts.runner(batch.dest_host), "remove", {"staging_roots": [batch.staging_root], "all": True})
     stayed = [{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns, "atime_ns": e.atime_ns}
               for e in batch.at("abandoned") if e.atime_ns]
@@ -623,7 +637,9 @@ def replay(ctx: FleetContext, source: str, dest: str) -> BatchResult | None:
 
 def chunks(entries: list[Entry]) -> list[list[Entry]]:
     """`entries` cut on folder boundaries (a folder's files all in one chunk, however many), in path order, each
-    chunk about CHUNK_FILES files or CHUNK_BYTES: the pieces a batch is copied in."""
+    chunk about CHUNK_FILES files or CHUNK_BYTES: the pieces a batch is copied in. Chunks of smaller files go
+    first: settling many small files takes longer than copying them, and large ones the other way round, so the
+    small files' settling runs beside the large files' copy, and the pass ends on a chunk quick to settle."""
     by_folder: dict[str, list[Entry]] = {}
     for entry in sorted(entries, key=lambda e: e.rel):
         by_folder.setdefault(posixpath.dirname(entry.rel), []).append(entry)
@@ -636,7 +652,8 @@ def chunks(entries: list[Entry]) -> list[list[Entry]]:
             current, size = [], 0
         current += members
         size += sum(e.size for e in members)
-    return [*out, current] if current else out
+    out = [*out, current] if current else out
+    return sorted(out, key=lambda chunk: sum(e.size for e in chunk) / len(chunk))  # stable: else path order
 
 
 def _written_in(batch: Batch, chunk: list[Entry]) -> set[str]:
@@ -663,13 +680,13 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
         raise UserError(f"the tier journal {journal} is not finished", "replay it first (every pass does)")
     saving = threading.Lock()
 
-    def record() -> None:
+    def record(entries: list[Entry] | None = None) -> None:
         with saving:
-            save(journal, batch)
+            save(journal, batch, entries)  # a chunk's step: only its entries compared with the journal
 
     def settle(chunk: list[Entry], keep: frozenset[str]) -> None:
         _check(ctx, batch, _of(batch, chunk, "copied"), replaying=False)
-        record()
+        record(chunk)
         _after_check(ctx, batch, record, chunk, keep)
 
     record()
@@ -681,7 +698,7 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
         settling: Future[None] | None = None
         for index, chunk in enumerate(pieces):
             _copy(ctx, batch, chunk)
-            record()
+            record(chunk)
             if settling is not None:
                 settling.result()  # the chunk before: settled (or its failure raised here) before the next starts
             settling = behind.submit(settle, chunk, frozenset().union(*written[index + 1:]))
@@ -701,13 +718,14 @@ def batches(ctx: FleetContext, plan: TierPlan, algorithm: str) -> Iterator[Batch
     for (source, dest), moves in pairs.items():
         dest_root = destination_root(ctx.fleet, plan.to, source, plan.tier)
         batch = Batch(source, dest, root, dest_root, algorithm)
+        staging_root = batch.staging_root
         size = 0
         for move in moves:
             path = f"{root}/{move.path}"
             # a hot tier's file is where it was made; a lower tier's layout names its origin
             origin_host, origin_path = (source, path) if plan.tier is TierName.hot else \
                 origin_of(ctx.fleet, source, path)
-            batch.entries.append(Entry("move", path, move.path, f"{batch.staging_root}/{move.path}",
+            batch.entries.append(Entry("move", path, move.path, f"{staging_root}/{move.path}",
                                        f"{dest_root}/{move.path}", origin_host, origin_path, plan.to.value,
                                        move.size, move.mtime_ns, atime_ns=move.atime_ns))
             size += move.size
