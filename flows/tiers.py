@@ -44,7 +44,7 @@ def replay_task(ctx: FleetContext, source: str, dest: str) -> migrate.BatchResul
 
 @task(name="tier-move", cache_policy=NO_CACHE, retry_condition_fn=transient)
 def move_task(ctx: FleetContext, batch: migrate.Batch) -> migrate.BatchResult:
-    return migrate.move_or_resume(ctx, batch)
+    return migrate.move_or_resume(ctx, batch, progress=get_run_logger().info)
 
 
 @task(name="tier-usage", cache_policy=NO_CACHE, retry_condition_fn=transient)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -905,6 +906,33 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
     staging = f"{root}/warm/pi-1/{migrate.STAGING}"
     assert keeps[0] == [f"{staging}/a", f"{staging}/a/z", f"{staging}/c"]  # while a/z and c are still to be copied
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}
+
+
+def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three chunks of eight files: a line after each chunk settles, counting on to the whole batch, and while each
+    chunk copies, the files and bytes sent so far (every line here: PROGRESS_SECONDS is 0)."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    for j in range(24):
+        put(root / "hot" / f"d{j % 3}/f{j:02d}.bin", 20_000, 10, seed=j)
+    monkeypatch.setattr(migrate, "CHUNK_FILES", 8)
+    monkeypatch.setattr(transfer, "PROGRESS_SECONDS", 0)
+    plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
+    [batch] = list(migrate.batches(ctx, plan, algorithm))
+    lines: list[str] = []
+    result = migrate.move_batch(ctx, batch, lines.append)
+
+    assert result.moved == 24
+    moved = [re.fullmatch(r"pi-1 → nas-1: (\d+) of 24 files moved \((.+) of 468\.8 KiB\) in \d+ s", line)
+             for line in lines if "moved" in line]
+    assert [(m.group(1), m.group(2)) for m in moved if m] == [("8", "156.2 KiB"), ("16", "312.5 KiB"),
+                                                              ("24", "468.8 KiB")], lines
+    copying = [re.fullmatch(r"pi-1 → nas-1: copying chunk (\d) of 3: (\d+) files, .+ sent in \d+ s \(.+/s\)", line)
+               for line in lines if "copying" in line]
+    assert all(copying), lines
+    counts = [(int(m.group(1)), int(m.group(2))) for m in copying if m]
+    assert counts == sorted(counts), lines  # chunk by chunk, each one counting up
+    assert [max(n for chunk, n in counts if chunk == k) for k in (1, 2, 3)] == [8, 8, 8], lines
 
 
 def test_a_request_names_paths_below_their_roots_and_the_host_puts_them_back() -> None:

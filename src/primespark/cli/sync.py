@@ -13,7 +13,7 @@ from primespark.cli.common import EnvOption, TransportOption, console, transport
 from primespark.context import FleetContext
 from primespark.data import sync as core
 from primespark.data.layout import links
-from primespark.data.transfer import rate_kib
+from primespark.data.transfer import human_size, rate_kib
 from primespark.errors import UserError
 from primespark.hosts import on_each
 
@@ -35,7 +35,7 @@ def _ago(when: float | None, now: float) -> str:
 
 
 def _size(value: int | None) -> str:
-    return "—" if value is None else core._size(value)
+    return "—" if value is None else human_size(value)
 
 
 @app.command("ls")
@@ -68,7 +68,7 @@ def _print_passes(result: dict[str, Any]) -> None:
     for row in result["links"]:
         lag = "—" if row["lag_max"] is None else f"{row['lag_max']:.1f} s"
         table.add_row(f"{row['source']} → {row['destination']}", row["kind"], row["status"], str(row["files_sent"]),
-                      core._size(row["bytes_sent"]), str(row["deleted"]), str(row["skipped"]), str(row["verified"]),
+                      human_size(row["bytes_sent"]), str(row["deleted"]), str(row["skipped"]), str(row["verified"]),
                       str(row["differing"]), lag)
     console.print(table)
     for row in result["links"]:

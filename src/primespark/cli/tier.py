@@ -12,8 +12,8 @@ from rich.table import Table
 from primespark.cli.common import EnvOption, TransportOption, console, transport_of
 from primespark.context import FleetContext
 from primespark.data import migrate
-from primespark.data.sync import _size
 from primespark.data.tiers import next_tier
+from primespark.data.transfer import human_size
 from primespark.errors import UserError
 from primespark.fleet.model import TierName
 
@@ -47,7 +47,7 @@ def _rows(title: str, rows: list[dict[str, Any]]) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(f"{row['origin_host']}:{row['origin_path']}", row["tier"], f"{row['host']}:{row['path']}",
-                      _size(row["size"]), row["hash"][:24] + "…", _when(row["moved_at"]))
+                      human_size(row["size"]), row["hash"][:24] + "…", _when(row["moved_at"]))
     console.print(table)
 
 
@@ -71,16 +71,17 @@ def plan(
     for column in ("host", "file", "size", "to", "why"):
         table.add_column(column, overflow="fold")
     for move in found.moves[:500]:
-        table.add_row(move.host, move.path, _size(move.size), move.destination, move.reason)
+        table.add_row(move.host, move.path, human_size(move.size), move.destination, move.reason)
     for wait in found.waiting[:200]:
-        table.add_row(wait.host, wait.path, _size(wait.size), "—", wait.reason, style="yellow")
+        table.add_row(wait.host, wait.path, human_size(wait.size), "—", wait.reason, style="yellow")
     for kept in found.skipped[:200]:
-        table.add_row(kept.host, kept.path, _size(kept.size), "stays", kept.reason, style="dim")
+        table.add_row(kept.host, kept.path, human_size(kept.size), "stays", kept.reason, style="dim")
     console.print(table)
     for usage in found.usage.values():
         console.print(f"{usage.host} ({usage.tier}): {usage.ratio(usage.before):.0%} used, "
                       f"{usage.ratio(usage.after):.0%} after the moves")
-    console.print(f"{len(found.moves)} files ({_size(found.bytes)}) would move, {len(found.waiting)} wait for room")
+    console.print(f"{len(found.moves)} files ({human_size(found.bytes)}) would move, "
+                  f"{len(found.waiting)} wait for room")
 
 
 @app.command("run")
@@ -107,7 +108,7 @@ def run(
     for column in ("source", "to", "moved", "bytes", "already there", "replayed", "stayed"):
         table.add_column(column)
     for row in result["results"]:
-        table.add_row(row["source_host"], row["dest_host"], str(row["moved"]), _size(row["bytes"]),
+        table.add_row(row["source_host"], row["dest_host"], str(row["moved"]), human_size(row["bytes"]),
                       str(row["already_there"]), str(row["replayed"]),
                       ", ".join(f"{k}: {v}" for k, v in row["abandoned"].items()) or "—")
     console.print(table)

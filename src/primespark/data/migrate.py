@@ -474,7 +474,8 @@ def _of(batch: Batch, entries: list[Entry] | None, *steps: str) -> list[Entry]:
     return batch.at(*steps) if entries is None else [e for e in entries if e.step in steps]
 
 
-def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> None:
+def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None,
+          progress: Callable[[transfer.Progress], None] | None = None) -> None:
     todo = _of(batch, entries, "planned")
     if not todo:
         return
@@ -491,7 +492,7 @@ def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -
                                                            copied), daemon=True)
     writeback.start()
     try:
-        report = transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600)
+        report = transfer.run(ctx.hosts.runner(batch.source_host), plan, timeout=6 * 3600, progress=progress)
     finally:
         copied.set()
         writeback.join()
@@ -668,8 +669,9 @@ def _written_in(batch: Batch, chunk: list[Entry]) -> set[str]:
     return folders
 
 
-def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
-    """One batch through every step (the journal of its two hosts must be empty: replay it first).
+def move_batch(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] | None = None) -> BatchResult:
+    """One batch through every step (the journal of its two hosts must be empty: replay it first). `progress` hears
+    how far it is: after each chunk, and every `transfer.PROGRESS_SECONDS` of a long copy.
 
     The copy goes chunk by chunk (`chunks`); while rsync copies one chunk, the chunk before it is checked, placed,
     committed and deleted in a second thread (rsync keeps about one core busy; those steps are mostly the other
@@ -679,6 +681,8 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
     if journal.exists():
         raise UserError(f"the tier journal {journal} is not finished", "replay it first (every pass does)")
     saving = threading.Lock()
+    pair, started = f"{batch.source_host} → {batch.dest_host}", time.monotonic()
+    moved = {"files": 0, "bytes": 0}  # by the chunks settled so far
 
     def record(entries: list[Entry] | None = None) -> None:
         with saving:
@@ -688,16 +692,29 @@ def move_batch(ctx: FleetContext, batch: Batch) -> BatchResult:
         _check(ctx, batch, _of(batch, chunk, "copied"), replaying=False)
         record(chunk)
         _after_check(ctx, batch, record, chunk, keep)
+        done = [e for e in chunk if e.step == "done"]
+        moved["files"] += len(done)
+        moved["bytes"] += sum(e.size for e in done)
+        if progress is not None:
+            progress(f"{pair}: {moved['files']} of {len(todo)} files moved ({transfer.human_size(moved['bytes'])} "
+                     f"of {transfer.human_size(todo_bytes)}) in {time.monotonic() - started:.0f} s")
+
+    def copying(index: int) -> Callable[[transfer.Progress], None] | None:
+        if progress is None:
+            return None
+        return lambda so_far: progress(f"{pair}: copying chunk {index + 1} of {len(pieces)}: {so_far.text}")
 
     record()
     _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
     record()
-    pieces = chunks(batch.at("planned"))
+    todo = batch.at("planned")  # to copy: those not already there
+    todo_bytes = sum(e.size for e in todo)
+    pieces = chunks(todo)
     written = [_written_in(batch, chunk) for chunk in pieces]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-settle") as behind:
         settling: Future[None] | None = None
         for index, chunk in enumerate(pieces):
-            _copy(ctx, batch, chunk)
+            _copy(ctx, batch, chunk, copying(index))
             record(chunk)
             if settling is not None:
                 settling.result()  # the chunk before: settled (or its failure raised here) before the next starts
@@ -857,12 +874,12 @@ def rebuild(ctx: FleetContext) -> int:
 # --- a pass: what the flow runs, reports and publishes -------------------------------------------------------------
 
 
-def move_or_resume(ctx: FleetContext, batch: Batch) -> BatchResult:
+def move_or_resume(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] | None = None) -> BatchResult:
     """One batch; tried again after a failure mid-way, its journal is replayed instead (so a retry neither
     repeats a finished step nor leaves a half-done one)."""
     if journal_path(ctx, batch.source_host, batch.dest_host).exists():
         return replay(ctx, batch.source_host, batch.dest_host) or BatchResult(batch.source_host, batch.dest_host)
-    return move_batch(ctx, batch)
+    return move_batch(ctx, batch, progress)
 
 
 @dataclass

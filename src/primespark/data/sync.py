@@ -700,18 +700,7 @@ def record_check(ctx: FleetContext, link: Link, result: CheckResult) -> LinkStat
 
 def progress_line(link: Link, so_far: transfer.Progress) -> str:
     """A long transfer's line in the run's log (the Prefect UI, the console of `spark sync run`)."""
-    rate = so_far.bytes / so_far.seconds if so_far.seconds > 0 else 0.0
-    return (f"{link.name}: {so_far.files} files, {_size(so_far.bytes)} sent in {so_far.seconds:.0f} s "
-            f"({_size(int(rate))}/s)")
-
-
-def _size(value: int) -> str:
-    amount = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if amount < 1024 or unit == "GiB":
-            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
-        amount /= 1024
-    raise AssertionError("unreachable")
+    return f"{link.name}: {so_far.text}"
 
 
 def _seconds(value: float | None) -> str:
@@ -726,7 +715,8 @@ def render_passes(job: str, results: list[PassResult]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r.source} → {r.destination} | {r.kind} | {r.status} | {r.files_sent} | "
-                     f"{_size(r.bytes_sent)} | {r.deleted} | {r.skipped} | {r.verified} | {r.differing} | "
+                     f"{transfer.human_size(r.bytes_sent)} | {r.deleted} | {r.skipped} | {r.verified} | "
+                     f"{r.differing} | "
                      f"{_seconds(r.lag_p50)} | {_seconds(r.lag_max)} | {r.finished - r.started:.1f} |")
     for r in results:
         if r.reason:

@@ -393,6 +393,21 @@ class Progress:
     bytes: int
     seconds: float
 
+    @property
+    def text(self) -> str:
+        rate = self.bytes / self.seconds if self.seconds > 0 else 0.0
+        return f"{self.files} files, {human_size(self.bytes)} sent in {self.seconds:.0f} s ({human_size(int(rate))}/s)"
+
+
+def human_size(value: int) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 KiB, 2.4 GiB."""
+    amount = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if amount < 1024 or unit == "GiB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    raise AssertionError("unreachable")
+
 
 class _Reading:
     """rsync's lines as they come: each item parsed while rsync runs (100,000 took 0.4 s once it had ended), and
