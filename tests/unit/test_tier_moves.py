@@ -675,7 +675,7 @@ def test_the_tier_flow_moves_reports_and_publishes_metrics_and_the_cli_answers(
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tier-hot-warm"])))
     report = str(sorted(found, key=lambda a: a.created)[-1].data)
-    assert "| pi-1 | nas-1 | 5 | 500000 |" in report, report
+    assert "| pi-1 | nas-1 | 5 | 488.3 KiB |" in report, report
     assert "pinned: matches 'config/**'" in report
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families((textfile / "primespark_tier_hot-warm_pi-1.prom")

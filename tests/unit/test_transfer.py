@@ -348,3 +348,9 @@ def test_sending_and_comparing_a_file_do_not_make_it_look_used(tmp_path: Path, f
 
     assert blob.stat().st_atime == pytest.approx(old, abs=1), "rsync's read counted as a use of the file"
     assert "blob.bin" in {i.path for i in sent} and (destination / "blob.bin").read_bytes() == blob.read_bytes()
+
+
+def test_sizes_read_as_a_person_reads_them() -> None:
+    assert [transfer.human_size(n) for n in (0, 512, 1536, 2_582_420_796, 8 * 10**12)] == \
+        ["0 B", "512 B", "1.5 KiB", "2.4 GiB", "7.3 TiB"]
+    assert transfer.Progress(3, 3 << 20, 2.0).text == "3 files, 3.0 MiB sent in 2 s (1.5 MiB/s)"

@@ -921,15 +921,17 @@ def render_pass(plan: TierPlan, results: list[BatchResult], after: list[HostAfte
              "stayed |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         stayed = ", ".join(f"{k}: {v}" for k, v in sorted(r.abandoned.items())) or "—"
-        lines.append(f"| {r.source_host} | {r.dest_host} | {r.moved} | {r.bytes} | {r.already_there} | "
+        lines.append(f"| {r.source_host} | {r.dest_host} | {r.moved} | {transfer.human_size(r.bytes)} | "
+                     f"{r.already_there} | "
                      f"{r.replayed} | {stayed} |")
     lines += ["", "| host | tier | used before | used after | capacity | oldest file (days) |",
               "| --- | --- | --- | --- | --- | --- |"]
     for a in after:
         before = plan.usage.get(a.host)
-        first = f"{before.before} ({before.ratio(before.before):.0%})" if before else "—"
+        first = f"{transfer.human_size(before.before)} ({before.ratio(before.before):.0%})" if before else "—"
         oldest = "—" if a.oldest_age is None else f"{a.oldest_age / 86400:.1f}"
-        lines.append(f"| {a.host} | {a.tier} | {first} | {a.used} ({a.ratio:.0%}) | {a.capacity} | {oldest} |")
+        lines.append(f"| {a.host} | {a.tier} | {first} | {transfer.human_size(a.used)} ({a.ratio:.0%}) | "
+                     f"{transfer.human_size(a.capacity)} | {oldest} |")
     counts = plan.skipped_by_reason()
     if counts:
         lines += ["", "## stayed, and why", *(f"- {reason}: {n}" for reason, n in sorted(counts.items()))]

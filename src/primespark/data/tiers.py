@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from primespark.agents.execute import HOT_TIER_STAGING
+from primespark.data.transfer import human_size
 from primespark.fleet.model import TIER_ORDER, Tier, TierName
 
 DAY = 86400.0
@@ -291,15 +292,16 @@ def plan_boundary(tiers: dict[TierName, Tier], tier: TierName, scans: list[HostS
 def render_plan(plan: TierPlan) -> str:
     """The plan as Markdown (the CLI's `plan` and the flow's report share it)."""
     lines = [f"# tier {plan.tier.value} → {plan.to.value if plan.to else '(none)'}", "",
-             f"{len(plan.moves)} files ({plan.bytes} bytes) to move, {len(plan.waiting)} waiting for room, "
+             f"{len(plan.moves)} files ({human_size(plan.bytes)}) to move, {len(plan.waiting)} waiting for room, "
              f"{len(plan.skipped)} kept", "", "| host | tier | used before | after the moves |",
              "| --- | --- | --- | --- |"]
     for u in plan.usage.values():
-        lines.append(f"| {u.host} | {u.tier} | {u.before} ({u.ratio(u.before):.0%}) | {u.after} "
-                     f"({u.ratio(u.after):.0%}) |")
+        lines.append(f"| {u.host} | {u.tier} | {human_size(u.before)} ({u.ratio(u.before):.0%}) | "
+                     f"{human_size(u.after)} ({u.ratio(u.after):.0%}) |")
     for title, rows in (("moves", plan.moves), ("waiting", plan.waiting)):
         if rows:
-            lines += ["", f"## {title}", *(f"- {c.host}:`{c.path}` ({c.size} B) → {c.destination or '—'}: {c.reason}"
+            lines += ["", f"## {title}", *(f"- {c.host}:`{c.path}` ({human_size(c.size)}) → {c.destination or '—'}: "
+                                           f"{c.reason}"
                                            for c in rows[:LIST_LIMIT])]
     if plan.skipped:
         lines += ["", "## kept", *(f"- {s.host}:`{s.path}`: {s.reason}" for s in plan.skipped[:LIST_LIMIT])]

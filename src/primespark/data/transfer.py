@@ -400,10 +400,10 @@ class Progress:
 
 
 def human_size(value: int) -> str:
-    """Bytes as a person reads them: 512 B, 1.5 KiB, 2.4 GiB."""
+    """Bytes as a person reads them: 512 B, 1.5 KiB, 2.4 GiB, 7.3 TiB."""
     amount = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if amount < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or unit == "TiB":
             return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
         amount /= 1024
     raise AssertionError("unreachable")
