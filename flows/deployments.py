@@ -56,9 +56,15 @@ def crash_retries_tag(retries: int) -> str:
     return f"crash-retries:{retries}"
 
 
+# A continuous sync job's watch run is meant to run for ever: after each crash (its worker or host restarted) a new
+# run of its deployment starts (the restarting automation), however many crashes it has had. Rescheduling the
+# crashed run itself, as for other deployments, stops after `crash_retries` crashes over the run's whole life.
+RESTART_TAG = "restart-on-crash"
+
+
 def crash_retries(fleet: Fleet, planned: Planned) -> int:
     spec = fleet.orchestration
-    if spec is None:
+    if spec is None or planned.flow == "sync-watch":  # restarted by a new run instead (RESTART_TAG)
         return 0
     placed = spec.deployments.get(planned.name)
     return placed.crash_retries if placed is not None and placed.crash_retries is not None else spec.crash_retries
@@ -84,6 +90,8 @@ def build_deployments(fleet: Fleet, env: str, transport: str = "ssh", on_pools: 
         tags = [*planned.tags, OWNER_TAG, fleet_tag(env)]
         if on_pools:
             tags.append(crash_retries_tag(crash_retries(fleet, planned)))
+            if planned.flow == "sync-watch":
+                tags.append(RESTART_TAG)
         schedules = [Cron(planned.schedule, timezone=fleet.timezone)] if planned.schedule else []
         spec: dict[str, Any] = {
             "name": planned.name, "schedules": schedules,

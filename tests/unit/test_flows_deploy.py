@@ -130,7 +130,7 @@ def test_deploy_makes_pools_queues_deployments_automations_then_changes_nothing(
     first = deploy(ctx)
     assert {"work pool spark-edge", "work pool spark-cloud", "queue spark-edge/backup", "lock restic-offsite",
             "deployment backup-pi-1", "deployment maintenance-offsite"} <= set(first.created), first
-    assert sum(w.startswith("automation") for w in first.created) == 2
+    assert sum(w.startswith("automation") for w in first.created) == 3
     continuous = sorted(f"sync-watch-{job}" for job, spec in ctx.fleet.sync.jobs.items() if spec.continuous)
     assert continuous and sorted(w.split()[3] for w in first.started) == continuous, first.started
     second = deploy(ctx)
@@ -157,6 +157,8 @@ def test_deploy_makes_pools_queues_deployments_automations_then_changes_nothing(
     again = next(a for a in automations if "reschedule" in a.name)
     assert again.trigger.match.get("prefect.run-count") == ["1"]  # type: ignore[union-attr]
     assert again.actions[0].state.value == "SCHEDULED" and again.actions[0].name == "AwaitingRetry"
+    restart = next(a for a in automations if "restart" in a.name)
+    assert restart.actions[0].type == "run-deployment" and restart.actions[0].source == "inferred"
 
 
 def test_a_watch_run_that_ended_is_started_again_and_no_watch_starts_none(lab: str, server: Server) -> None:
@@ -177,6 +179,41 @@ def test_a_watch_run_that_ended_is_started_again_and_no_watch_starts_none(lab: s
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
             name=DeploymentFilterName(any_=["sync-watch-hot-to-nas"])))
     assert sorted(r.state_type.value for r in runs) == ["CANCELLED", "SCHEDULED"]
+
+
+def test_a_crashed_watch_run_is_replaced_by_a_new_run_after_every_crash(lab: str, server: Server) -> None:
+    """A continuous job's watch is restarted however often its worker dies: each crashed run is followed by a new
+    run of its deployment (the restarting automation), not rescheduled within a retry count."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.states import Crashed
+
+    from primespark.orchestration.deploy import RESTART_AFTER_SECONDS
+
+    ctx = FleetContext.load(lab)
+    deploy(ctx)
+    by_name = DeploymentFilter(name=DeploymentFilterName(any_=["sync-watch-hot-to-nas"]))
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("sync-watch/sync-watch-hot-to-nas")
+        assert {"restart-on-crash", "crash-retries:0"} <= set(deployment.tags)  # never rescheduled in place
+        runs = client.read_flow_runs(deployment_filter=by_name)
+        seen = {r.id for r in runs}
+        [current] = [r for r in runs if r.state is not None and not r.state.is_final()]
+        for crash in range(3):  # more than any crash_retries
+            crashed_at = time.time()
+            client.set_flow_run_state(current.id, Crashed(message="its worker died"), force=True)
+            deadline = time.monotonic() + 60
+            while not (new := [r for r in client.read_flow_runs(deployment_filter=by_name) if r.id not in seen]):
+                assert time.monotonic() < deadline, f"no new watch run within 60 s of crash {crash + 1}"
+                time.sleep(0.5)
+            [current] = new
+            seen.add(current.id)
+            assert current.state is not None and current.state.is_scheduled()
+            assert current.expected_start_time is not None
+            assert current.expected_start_time.timestamp() >= crashed_at + RESTART_AFTER_SECONDS - 5
+        states = [client.read_flow_run(run).state for run in seen - {current.id}]
+    crashed = [s for s in states if s is not None and s.is_crashed()]
+    assert len(crashed) >= 3  # the crashed runs stay crashed: no run is both rescheduled and replaced
 
 
 def test_a_plan_the_fleet_lost_loses_its_deployments(lab: str, server: Server, tmp_path: Path) -> None:

@@ -416,7 +416,7 @@ def _placements(fleet: Fleet) -> Iterator[Problem]:
 
     assert fleet.orchestration is not None
     planned = planned_deployments(fleet, fleet.name)
-    known = {d.name for d in planned}
+    known = {d.name: d for d in planned}
     available = pools(fleet)
     for name, placed in fleet.orchestration.deployments.items():
         if name not in known:
@@ -425,6 +425,11 @@ def _placements(fleet: Fleet) -> Iterator[Problem]:
         elif placed.pool is not None and placed.pool not in available:
             yield _p(("orchestration", "deployments", name, "pool"), f"no work pool named {placed.pool!r}",
                      f"use one of: {', '.join(available) or 'none (add orchestration.workers)'}", "unknown-pool")
+        elif placed.crash_retries is not None and known[name].flow == "sync-watch":
+            yield _p(("orchestration", "deployments", name, "crash_retries"),
+                     f"{name} is a continuous job's watch: a new run replaces it after every crash, so "
+                     "crash_retries does not apply", "remove crash_retries from this deployment",
+                     "watch-crash-retries")
     for deployment in planned:
         if len(deployment.sites(fleet)) > 1:
             yield _p(deployment.origin, f"{deployment.name} runs commands on hosts of sites "

@@ -6,10 +6,11 @@ to match the fleet (idempotent: a second run changes nothing; what the fleet los
 - Every deployment of `placement.planned_deployments` on its pool, its flow named by module path (the workers
   have the project installed), with the fleet's schedules. Its version is a fingerprint of what we set, so an
   unchanged deployment is left alone.
-- Two automations per fleet, Prefect's own answer to runs whose worker died (PrefectHQ/prefect#16746): a run
-  of the fleet's deployments that sends no heartbeat for two intervals is marked Crashed (which ends its
-  deployment's concurrency slot; its repository lock's lease runs out on its own), and a Crashed run is
-  scheduled again while its run count is within the deployment's `crash-retries:N` tag.
+- Automations, Prefect's own answer to runs whose worker died (PrefectHQ/prefect#16746): a run of the fleet's
+  deployments that sends no heartbeat for two intervals is marked Crashed (which ends its deployment's
+  concurrency slot; its repository lock's lease runs out on its own), and a Crashed run is scheduled again while
+  its run count is within the deployment's `crash-retries:N` tag; a crashed watch run of a continuous sync job
+  (tagged `restart-on-crash`) is replaced by a new run of its deployment, after every crash.
 - One global concurrency limit per repository (the writer locks), so they show in the UI before first use.
 - A run of each continuous sync job's `sync-watch-<job>`, unless one has not ended (`--no-watch`: none). A
   running watch keeps the parameters it started with: after changing the job, cancel its run and deploy again.
@@ -39,6 +40,7 @@ from primespark.hosts.runner import run_on
 from primespark.orchestration.placement import QUEUES, client_repositories, planned_deployments, pools
 
 AUTOMATION_PREFIX = "spark"
+RESTART_AFTER_SECONDS = 30  # a crashed watch run's replacement starts this much later (a crash loop stays slow)
 TERMINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
                    "prefect.flow-run.Crashed")
 
@@ -153,10 +155,10 @@ def ensure_deployments(client: Any, ctx: FleetContext, report: DeployReport) -> 
 def automations(ctx: FleetContext) -> list[Any]:
     """The fleet's automations for runs whose worker died (what `ensure_automations` makes)."""
     from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.actions import ChangeFlowRunState, RunDeployment
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    from flows.deployments import build_deployments, crash_retries_tag, fleet_tag
+    from flows.deployments import RESTART_TAG, build_deployments, crash_retries_tag, fleet_tag
 
     spec = ctx.fleet.orchestration
     assert spec is not None
@@ -173,7 +175,8 @@ def automations(ctx: FleetContext) -> list[Any]:
             within=timedelta(seconds=silence)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {silence} s: its worker or its host died")])]
-    policies = sorted({tag.removeprefix("crash-retries:") for d in build_deployments(ctx.fleet, ctx.env)
+    deployments = build_deployments(ctx.fleet, ctx.env)
+    policies = sorted({tag.removeprefix("crash-retries:") for d in deployments
                        for tag in d.tags if tag.startswith("crash-retries:")}, key=int)
     for retries in (int(p) for p in policies if int(p) > 0):
         out.append(AutomationCore(
@@ -189,6 +192,18 @@ def automations(ctx: FleetContext) -> list[Any]:
                 posture=Posture.Reactive, threshold=1, within=timedelta(0)),
             actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry",
                                         message=f"rescheduled after a crash ({crash_retries_tag(retries)})")]))
+    if any(RESTART_TAG in d.tags for d in deployments):
+        out.append(AutomationCore(
+            name=f"{AUTOMATION_PREFIX} {ctx.env}: restart crashed watch runs",
+            description=f"A crashed run of a deployment tagged {RESTART_TAG} (a continuous sync job's watch) is "
+                        f"replaced by a new run of its deployment {RESTART_AFTER_SECONDS} s later, after every "
+                        "crash: a continuous job keeps running through any number of worker or host restarts.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Crashed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{RESTART_TAG}"},
+                posture=Posture.Reactive, threshold=1, within=timedelta(0)),
+            # the deployment's own parameters; later, so that a run that crashes at once does not loop at speed
+            actions=[RunDeployment(source="inferred", schedule_after=timedelta(seconds=RESTART_AFTER_SECONDS))]))
     return out
 
 
