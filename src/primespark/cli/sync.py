@@ -128,8 +128,9 @@ def status(
     env: EnvOption = "lab",
     transport: TransportOption = "ssh",
 ) -> None:
-    """Each link: its last success, how far the destination is behind (the oldest change not there yet) and what
-    is pending, from a dry run on the source host now."""
+    """Each link's last success, lag and pending changes (a dry run on the source host now).
+
+    The lag is how far the destination is behind: the age of the oldest change not there yet."""
     ctx = FleetContext.load(env, transport_of(transport))
     if job is not None:
         core.job_of(ctx.fleet, job)
