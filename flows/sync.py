@@ -33,6 +33,7 @@ from primespark.orchestration.auditing import audited
 from primespark.orchestration.inputs import as_is
 from primespark.orchestration.locks import BurstHolder, hold, sync_lock
 from primespark.orchestration.retries import retrying, transient
+from primespark.orchestration.runs import RunStillWanted
 
 
 class SyncFailed(UserError):
@@ -259,11 +260,14 @@ def sync_watch(
     retries: int = 2,
     retry_delay_seconds: float = 5.0,
     textfile: str | None = None,
+    state_check_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Keep `job` in sync continuously: a watcher on each source host, a full pass when it starts (and whenever
     it restarts, and every `rescan_seconds`), then a pass of the changed files once they are due. Runs until
     cancelled, or for `duration_seconds`. A quiet source makes no passes between those full ones; each pass that
-    moved something publishes its report.
+    moved something publishes its report. Every `state_check_seconds` it asks the server whether the run is still
+    wanted, and stops once it is cancelled or marked crashed (a replacement may be starting: never two at once);
+    the run then ends Cancelled.
     A link's lock is kept across a burst of passes (`BurstHolder`)."""
     logger = get_run_logger()
     ctx = FleetContext.load(env, transport)
@@ -277,6 +281,7 @@ def sync_watch(
     # one thread per link, holding the link's lock across a burst of passes (a take per pass could stall)
     passers = {link.name: BurstHolder(sync_lock(link.job, link.source), label=link.name) for link in selected}
     running: dict[str, tuple[Future[core.PassResult], Batch]] = {}
+    wanted = RunStillWanted(state_check_seconds)
 
     def run_batch(link: Link, batch: Batch) -> core.PassResult:
         result = link_pass(ctx, link, kind="full" if batch.full else "changes", options=options,
@@ -287,7 +292,7 @@ def sync_watch(
         return result
 
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while (deadline is None or time.monotonic() < deadline) and wanted.unwanted is None:
             for name, (future, batch) in list(running.items()):
                 if future.done():
                     del running[name]
@@ -298,12 +303,15 @@ def sync_watch(
                 running[watch.link.name] = (passers[watch.link.name].submit(run_batch, watch.link, batch), batch)
             watches.wait(0.25)
     finally:
+        wanted.close()
         watches.stop()
         for passer in passers.values():
             passer.close()
         for future, batch in running.values():
             _tally(totals, future, batch, logger)
-    return {"job": job, **totals}
+    if wanted.unwanted is not None:
+        logger.warning("the server holds this run %s: the watch stopped", wanted.unwanted)
+    return wanted.final_state({"job": job, **totals})  # a Cancelled state once the run was not wanted
 
 
 def _tally(totals: dict[str, int], future: Future[core.PassResult], batch: Batch, logger: Any) -> bool:

@@ -30,6 +30,7 @@ from primespark.context import FleetContext
 from primespark.data import sync as core
 from primespark.data import tierside, transfer
 from primespark.data.layout import links
+from primespark.errors import UserError
 from primespark.fleet import load_fleet
 from primespark.hosts import LocalRunner
 from primespark.orchestration.locks import (
@@ -41,6 +42,7 @@ from primespark.orchestration.locks import (
     sync_lock,
     wanted,
 )
+from primespark.orchestration.runs import run_here
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"retries": 1, "retry_delay_seconds": 0.2}
@@ -522,6 +524,49 @@ def test_continuous_sync_is_quick_quiet_when_idle_and_survives_a_dead_watcher(
         watcher.join(timeout=120)
     assert outcome["result"]["full_passes"] >= 2 and outcome["result"]["failed"] == 0, outcome
     assert not _watchers(source), "a watcher outlived its flow"
+
+
+@pytest.mark.parametrize("state_type", ["CANCELLING", "CRASHED"])
+def test_a_watch_stops_once_the_server_holds_its_run_cancelled_or_crashed(
+        state: Path, tmp_path: Path, copy_job: tuple[str, Path, Path], state_type: str) -> None:
+    """Cancelled from the UI (a run started here has no worker to stop it), or marked Crashed while its process
+    had lost touch with the server (a replacement may be starting): the watch ends itself, watchers and all."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import State
+
+    fleet, source, destination = copy_job
+    fill(source, 3)
+    outcome: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def watch() -> None:  # as `spark sync watch` runs it
+        try:
+            run_here(sync_watch, "hot-to-nas", fleet, "local", duration_seconds=120, state_check_seconds=0.5, **FAST)
+        except UserError as exc:
+            outcome["error"] = exc
+
+    watcher = threading.Thread(target=lambda: context.run(watch))
+    watcher.start()
+    try:
+        _wait_for(lambda: len(tree(destination)) == 3 and len(_watchers(source)) == 1, 30, "watching")
+        with get_client(sync_client=True) as client:
+            [run] = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter())
+                     if r.name == "sync-watch-hot-to-nas" and r.state is not None and r.state.is_running()]
+            client.set_flow_run_state(run.id, State(type=StateType(state_type)), force=True)
+            stopped_at = time.monotonic()
+        watcher.join(timeout=30)
+        assert not watcher.is_alive(), "the watch went on"
+        took = time.monotonic() - stopped_at
+    finally:
+        watcher.join(timeout=150)
+    assert took < 10, took  # far from the 120 s it was started for
+    assert not _watchers(source), "a watcher outlived its flow"
+    error = outcome["error"]  # the command's one line, not a traceback
+    assert error.message == f"the run was cancelled (stopped: the server held it {StateType(state_type).value.title()})"
+    with get_client(sync_client=True) as client:
+        [after] = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert after.state is not None and after.state.is_cancelled(), after.state  # not Completed, not Cancelling
 
 
 def test_the_full_check_finds_a_differing_copy_and_repairs_it(state: Path, tmp_path: Path,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +62,56 @@ def in_process_runs() -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
+class RunStillWanted:
+    """Whether the server still wants the flow run this thread runs, asked every `every` seconds in a thread of its
+    own (a slow server never holds up the run): no once it holds the run Cancelling (cancelled from the UI, which
+    a run started outside a worker would not otherwise hear of) or in a final state (Crashed by the heartbeat
+    automation while this process had lost touch with it, and a replacement may be starting). A server that does
+    not answer stops nothing. For runs meant to go on until stopped (a continuous job's watch)."""
+
+    def __init__(self, every: float) -> None:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        self.run_id = context.flow_run.id if context is not None and context.flow_run is not None else None
+        self.every = every
+        self.unwanted: str | None = None  # the state's name, once the run is not wanted
+        self._closed = threading.Event()
+        # in the run's context: the settings it was started with (the server's URL) are the ones asked
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._ask,),
+                                        name="run-still-wanted", daemon=True)
+        if self.run_id is not None:
+            self._thread.start()
+
+    def _ask(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import StateType
+
+        while not self._closed.wait(self.every):
+            try:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(self.run_id).state  # type: ignore[arg-type]
+            except Exception as exc:  # unreachable, refused, timed out: the run goes on, and it is asked again later
+                logging.getLogger(__name__).debug("could not ask the server about run %s: %s", self.run_id, exc)
+                continue
+            if state is not None and (state.is_final() or state.type == StateType.CANCELLING):
+                self.unwanted = state.name
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def final_state(self, result: Any) -> Any:
+        """What the flow returns: `result`, or once the run was not wanted a Cancelled state (the run ends
+        Cancelled: a run started here has no worker to mark it so, and a run the server marked Crashed must not
+        turn Completed behind its replacement)."""
+        if self.unwanted is None:
+            return result
+        from prefect.states import Cancelled
+
+        return Cancelled(message=f"stopped: the server held it {self.unwanted}", data=result)
+
+
 def use_lab_prefect(fleet: Fleet) -> None:
     """In the lab, runs go to the lab's Prefect server when it is up (so they show in its UI)."""
     if "PREFECT_API_URL" in os.environ or fleet.lab is None:
@@ -113,6 +165,9 @@ def run_here(flow: Any, *args: Any, **kwargs: Any) -> Any:
     fix, when it failed on one)."""
     with in_process_runs():
         state = flow(*args, return_state=True, **kwargs)
+    if state.is_cancelled():  # from the Prefect UI, say: the run's own message says what stopped
+        raise UserError(f"the run was cancelled ({state.message or 'no reason given'})",
+                        "see the run in the Prefect UI")
     if not state.is_completed():
         reason = state.result(raise_on_failure=False)
         if isinstance(reason, UserError):  # an expected failure: its own message and fix
