@@ -199,7 +199,7 @@ def test_a_crashed_watch_run_is_replaced_by_a_new_run_after_every_crash(lab: str
         runs = client.read_flow_runs(deployment_filter=by_name)
         seen = {r.id for r in runs}
         [current] = [r for r in runs if r.state is not None and not r.state.is_final()]
-        for crash in range(3):  # more than any crash_retries
+        for crash in range(3):  # more than the default crash_retries (1)
             crashed_at = time.time()
             client.set_flow_run_state(current.id, Crashed(message="its worker died"), force=True)
             deadline = time.monotonic() + 60
