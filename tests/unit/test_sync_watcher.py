@@ -72,7 +72,8 @@ def test_a_watched_link_makes_a_full_pass_every_rescan_interval_and_none_between
     link = Link("hot-to-nas", "pi-1", "/srv/hot", "nas-1", "/srv/warm/pi-1", SyncMode.copy)
     watch = LinkWatch(None, link, threading.Event())  # type: ignore[arg-type]  # no watcher is started here
     watch.ready.set()
-    start = time.monotonic()
+    # a whole number of seconds: (start + 600) - start is then exactly 600, as it may not be for a fraction
+    start = float(int(time.monotonic()))
 
     first = watch.due(start, 1.0, 5.0, rescan_seconds=600)
     assert first is not None and first.full and "watcher starts" in first.why
