@@ -308,18 +308,21 @@ def test_a_repository_has_an_id_of_its_own(tmp_path: Path, repo: ResticClient) -
     assert len(repo.config_id() or "") == 64
 
 
-def test_a_command_past_its_timeout_is_stopped_with_its_whole_process_group(tmp_path: Path) -> None:
+def test_a_command_past_its_timeout_is_stopped_with_its_whole_process_group(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A timed-out command's children go too (a host-side session's restic): nothing keeps running, holding a
     lock, after the step has failed. The background child here ignores SIGINT (as `&` makes it): it takes the
-    SIGKILL that follows."""
-    from primespark.hosts import CommandTimeout
-    from primespark.hosts.runner import KILL_AFTER_SECONDS
+    SIGKILL that follows, 2 s later here rather than the runner's 30 s."""
+    from primespark.hosts import CommandTimeout, runner
+
+    kill_after = 2
+    monkeypatch.setattr(runner, "KILL_AFTER_SECONDS", kill_after)
 
     pid_file = tmp_path / "child.pid"
     started = time.monotonic()
     with pytest.raises(CommandTimeout, match="did not finish within 1 s"):
         LocalRunner("pi-9").run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], timeout=1)
-    assert time.monotonic() - started < 1 + KILL_AFTER_SECONDS + 30
+    assert time.monotonic() - started < 1 + kill_after + 10  # the SIGKILL came after kill_after, not 30 s
     child = int(pid_file.read_text())
     deadline = time.monotonic() + 30
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
