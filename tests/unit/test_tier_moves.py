@@ -5,6 +5,7 @@ each step and replayed."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import random
@@ -920,9 +921,18 @@ def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch
     plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
     [batch] = list(migrate.batches(ctx, plan, algorithm))
     lines: list[str] = []
-    result = migrate.move_batch(ctx, batch, lines.append)
+    heard_in = contextvars.ContextVar("heard_in", default="a thread of its own")
+    heard_in.set("the caller's context")  # a flow run's: its Prefect settings and run are contextvars too
+    contexts: set[str] = set()
+
+    def hear(line: str) -> None:
+        lines.append(line)
+        contexts.add(heard_in.get())
+
+    result = migrate.move_batch(ctx, batch, hear)
 
     assert result.moved == 24
+    assert contexts == {"the caller's context"}  # the lines of chunks settled in the second thread too
     moved = [re.fullmatch(r"pi-1 → nas-1: (\d+) of 24 files moved \((.+) of 468\.8 KiB\) in \d+ s", line)
              for line in lines if "moved" in line]
     assert [(m.group(1), m.group(2)) for m in moved if m] == [("8", "156.2 KiB"), ("16", "312.5 KiB"),

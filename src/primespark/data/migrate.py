@@ -30,6 +30,7 @@ job's) as placed, else its temporary is removed and the file stays where it was 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import posixpath
@@ -718,7 +719,10 @@ def move_batch(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] 
             record(chunk)
             if settling is not None:
                 settling.result()  # the chunk before: settled (or its failure raised here) before the next starts
-            settling = behind.submit(settle, chunk, frozenset().union(*written[index + 1:]))
+            # in the caller's context (its flow run's settings and run): a bare thread's Prefect logger would
+            # otherwise send the progress lines to Prefect's default server, a temporary one started for them
+            settling = behind.submit(contextvars.copy_context().run, settle, chunk,
+                                     frozenset().union(*written[index + 1:]))
         if settling is not None:
             settling.result()
     finish(ctx, batch, journal)  # the entries a sync job had copied already, and the batch's end
