@@ -133,8 +133,12 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 LogLevel ERROR
 """)
-    # a private /run holding the privilege separation folder: the machine's /run is left as it is
-    script = f"mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && exec {SSHD} -D -e -f {config}"
+    # a private /run holding the privilege separation folder: the machine's /run is left as it is. Root's
+    # ~/.bashrc, which bash reads for a command over SSH, hidden: the machine's shell set-up (a pyenv that rehashes
+    # its shims, racing with itself in concurrent sessions) is not what the tests run
+    script = (f"mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd"
+              f" && {{ [ ! -e /root/.bashrc ] || mount --bind /dev/null /root/.bashrc; }}"
+              f" && exec {SSHD} -D -e -f {config}")
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=(folder / "sshd.log").open("wb"))
     server = Sshd(folder, port, proc)
