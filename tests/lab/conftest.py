@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +112,16 @@ class LabHandle:
             for host in hosts:
                 self.exec(host, f"rm -f {GENERATOR_PAUSE}")
 
+    def playbook(self, book: str | Path, limit: str | None = None, extravars: dict[str, Any] | None = None,
+                 check: bool = True) -> RunResult:
+        """A playbook (site.yml, or one a test wrote) through ansible-runner, with the repo's ansible.cfg and the lab
+        inventory. A failed run fails the test with its failed tasks, unless `check=False` (a run that should fail)."""
+        run = run_ansible(Path(f"inventory/{self.fleet.name}.fleet.yml"), playbook=str(book), limit=limit,
+                          extravars=extravars, root=REPO)
+        if check:
+            assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+        return run
+
     def ansible(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Ansible from the repo's venv with the repo's ansible.cfg and the lab inventory."""
         env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
@@ -203,7 +214,6 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
 
     from primespark.context import FleetContext
     from primespark.orchestration.material import auth_string
-    from primespark.playbook import run_ansible
 
     planned = subprocess.run([SPARK, "mesh", "plan", "--env", lab.fleet.name], capture_output=True, text=True,
                              timeout=120)
@@ -213,8 +223,7 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
     book = lab.state_dir / "prefect-server-play.yml"
     book.write_text(json.dumps([{"name": "Prefect server", "hosts": server, "become": True,
                                  "roles": ["tls", "spark_venv", "prefect_server"]}]))
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(book), root=REPO, limit=server)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    lab.playbook(book, limit=server)
     api = PrefectApi(lab.prefect_api_url, auth_string(FleetContext.load(lab.fleet.name)), lab.lab.fleet_ca_file)
     with temporary_settings(updates={PREFECT_API_URL: api.url, PREFECT_API_AUTH_STRING: api.auth,
                                      PREFECT_API_SSL_CERT_FILE: str(api.ca_file) if api.ca_file else None}):
@@ -224,9 +233,7 @@ def prefect(lab: LabHandle) -> Iterator[PrefectApi]:
 @pytest.fixture(scope="session")
 def configured(lab: LabHandle) -> RunResult:
     """site.yml applied to every lab host once per session (the roles' tests run it again themselves)."""
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", root=REPO)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    return run
+    return lab.playbook("site.yml")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from lab_cli import REPO, SPARK, spark, until
 
 from primespark.agents.execute import results_root
 from primespark.agents.taskside import RUNNING_SUFFIX, STAGING
-from primespark.playbook import run_ansible
 
 pytestmark = pytest.mark.lab
 
@@ -160,8 +159,7 @@ def test_a_task_whose_host_stops_is_requeued_within_60_s_and_runs_once(agents, t
         if running.poll() is None:
             running.kill()
         lab.lab.up()  # starts the stopped container; site.yml brings its mesh, exporter and power scripts back
-        back = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook="site.yml", limit="pi-2",
-                           root=REPO)
+        back = lab.playbook("site.yml", limit="pi-2", check=False)
     assert running.returncode == 0, out + err
     assert back.rc == 0, "\n".join(back.failed_tasks) or back.output[-3000:]
     result = json.loads(out.strip().splitlines()[-1])

@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from primespark.playbook import run_ansible
-
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.lab
@@ -87,9 +85,7 @@ def backups(lab, lab_flows, tmp_path_factory):
     ]
     book = tmp_path_factory.mktemp("play") / "backup.yml"
     book.write_text(yaml.safe_dump(plays, sort_keys=False))
-    run = run_ansible(Path(f"inventory/{fleet.name}.fleet.yml"), playbook=str(book), root=REPO,
-                      limit=",".join([*clients, offsite.host]))
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    lab.playbook(book, limit=",".join([*clients, offsite.host]))
     for host in ("pi-1", "nas-1"):
         root = spec.plans[host].paths[0]
         done = lab.exec(host, SOURCE_DATA.format(root=root, host=host))

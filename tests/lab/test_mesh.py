@@ -21,7 +21,6 @@ from primespark.inventory import managed_hosts
 from primespark.mesh.netns import ContinuousPing
 from primespark.mesh.plan import load_state
 from primespark.mesh.rotate import HANDSHAKE_INTERVAL_SECONDS
-from primespark.playbook import RunResult, run_ansible
 
 pytestmark = [pytest.mark.lab, pytest.mark.bare_lab]  # the role's first run: no host has the mesh yet
 PING_SECONDS = 40
@@ -37,19 +36,13 @@ PLAYBOOK = """\
 """
 
 
-def run_role(lab, playbook: Path) -> RunResult:
-    """The one-role playbook through ansible-runner, with the repo's ansible.cfg and the lab inventory."""
-    return run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), root=REPO)
-
-
 @pytest.fixture(scope="module")
 def mesh(lab, tmp_path_factory):
     playbook = tmp_path_factory.mktemp("mesh") / "mesh.yml"
     playbook.write_text(PLAYBOOK)
     members = [h for h in lab.fleet.hosts if lab.fleet.in_mesh("fleet", h) and h in managed_hosts(lab.fleet)]
     before = {h: lab.exec(h, "test -e /etc/wireguard/wg0.conf").returncode == 0 for h in members}
-    first = run_role(lab, playbook)
-    assert first.rc == 0, "\n".join(first.failed_tasks) or first.output[-4000:]
+    first = lab.playbook(playbook)
     state = load_state(lab.state_dir, "fleet")
     assert state is not None
     # this run is the one that copied the configs, private keys and all: none was there before it
@@ -64,8 +57,7 @@ def test_role_is_idempotent_and_writes_private_configs(lab, mesh):
                     for h in state.hosts]
     assert all(private_keys) and not [k for k in private_keys if k in first.output]
     assert "PrivateKey" not in first.output
-    second = run_role(lab, playbook)
-    assert second.rc == 0, "\n".join(second.failed_tasks) or second.output[-4000:]
+    second = lab.playbook(playbook)
     assert second.hosts == set(state.hosts)
     assert second.changed_tasks == [] and all(c["changed"] == 0 for c in second.stats.values())
     for host in state.hosts:

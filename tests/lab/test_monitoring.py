@@ -18,18 +18,16 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_cli import REPO, TLS_PLAYBOOK, served_certificate, spark, until
+from lab_cli import TLS_PLAYBOOK, served_certificate, spark, until
 
 from primespark.cli.tls import fleet_client_context
 from primespark.inventory import managed_hosts
 from primespark.mesh.plan import load_state
 from primespark.monitoring.dashboards import dashboards, panel_queries
 from primespark.monitoring.status import prometheus_url, service_url
-from primespark.playbook import run_ansible
 
 pytestmark = pytest.mark.lab
 
@@ -80,8 +78,7 @@ def monitored(lab, configured) -> Prometheus:
 def test_monitoring_role_second_run_changes_nothing(lab, monitored, tmp_path):
     playbook = tmp_path / "monitoring.yml"
     playbook.write_text(PLAYBOOK)
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook), root=REPO)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    run = lab.playbook(playbook)
     assert run.hosts == {lab.fleet.services["prometheus"].host}
     assert all(c["changed"] == 0 for c in run.stats.values()), "\n".join(run.changed_tasks)
 
@@ -247,9 +244,7 @@ def test_a_certificate_rotated_under_a_continuous_scrape_loses_no_scrape(lab, mo
     started = time.time()
     playbook = tmp_path / "tls.yml"
     playbook.write_text(TLS_PLAYBOOK)
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=str(playbook),
-                      limit=",".join(rotated_hosts), extravars={"tls_force": True}, root=REPO)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
+    lab.playbook(playbook, limit=",".join(rotated_hosts), extravars={"tls_force": True})
     rotated = time.time()
     after = serials()
     kept = [selector for selector in served if after[selector] == before[selector]]

@@ -22,8 +22,6 @@ import pytest
 import xxhash
 import yaml
 
-from primespark.playbook import run_ansible
-
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.lab
 FAST = {"retries": 1, "retry_delay_seconds": 1.0}
@@ -95,12 +93,9 @@ def synced(lab, lab_flows, configured, tmp_path_factory):
     ]
     book = tmp_path_factory.mktemp("play") / "sync.yml"
     book.write_text(yaml.safe_dump(plays, sort_keys=False))
-    run = run_ansible(Path(f"inventory/{fleet.name}.fleet.yml"), playbook=str(book), root=REPO,
-                      limit=",".join([*PIS, "nas-1", "analytics-1"]))
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    again = run_ansible(Path(f"inventory/{fleet.name}.fleet.yml"), playbook=str(book), root=REPO,
-                        limit=",".join([*PIS, "nas-1", "analytics-1"]))
-    assert again.rc == 0 and again.changed_tasks == [], again.changed_tasks
+    lab.playbook(book, limit=",".join([*PIS, "nas-1", "analytics-1"]))
+    again = lab.playbook(book, limit=",".join([*PIS, "nas-1", "analytics-1"]))
+    assert again.changed_tasks == [], again.changed_tasks
     # lab_flows: this process reports to the lab's Prefect server on ops-1 (with its auth string). A slot held
     # by a run killed in an earlier session would block every pass: this session owns the lab.
     from prefect.client.orchestration import get_client

@@ -23,7 +23,6 @@ import pytest
 from lab_cli import spark, until
 
 from primespark.orchestration.submit import worker_of
-from primespark.playbook import RunResult, run_ansible
 
 pytestmark = pytest.mark.lab
 
@@ -32,12 +31,6 @@ WORKER_HOME = "/var/lib/primespark/worker"
 WORKER_ENV = "/etc/primespark/spark-prefect-worker.env"
 SUPERVISOR_PID = "/run/primespark/spark-prefect-worker.pid"
 TWO_MINUTES = 120
-
-
-def playbook(lab, book: str, limit: str | None = None) -> RunResult:
-    run = run_ansible(Path(f"inventory/{lab.fleet.name}.fleet.yml"), playbook=book, limit=limit, root=REPO)
-    assert run.rc == 0, "\n".join(run.failed_tasks) or run.output[-3000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +248,7 @@ def test_worker_killed_with_kill_9_mid_backup(lab, workers):
         pid = worker_pid(lab)
         assert lab.exec("nas-1", f"kill -9 {pid}").returncode == 0
 
-    backup_killed_midway(lab, kill, lambda: playbook(lab, "site.yml", limit="nas-1"))
+    backup_killed_midway(lab, kill, lambda: lab.playbook("site.yml", limit="nas-1"))
 
 
 def test_worker_container_stopped_mid_backup(lab, workers):
@@ -264,7 +257,7 @@ def test_worker_container_stopped_mid_backup(lab, workers):
 
     def bring_back() -> None:
         lab.lab.up()  # starts the stopped container
-        playbook(lab, "site.yml", limit="nas-1")  # its mesh interface and its worker come back
+        lab.playbook("site.yml", limit="nas-1")  # its mesh interface and its worker come back
 
     backup_killed_midway(lab, kill, bring_back)
 
