@@ -893,7 +893,7 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
         return real_side(runner, op, spec, timeout)
 
     def run(runner: Any, plan: transfer.TransferPlan, **kwargs: Any) -> transfer.TransferReport:
-        if plan.files and plan.files[0].startswith("a/z/"):  # the second chunk's copy: held until that place
+        if plan.files and plan.files[0].startswith("a/z"):  # the second chunk's copy: held until that place
             copying.set()
             placed.wait(timeout=30)
         return real_run(runner, plan, **kwargs)
@@ -907,6 +907,38 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
     staging = f"{root}/warm/pi-1/{migrate.STAGING}"
     assert keeps[0] == [f"{staging}/a", f"{staging}/a/z", f"{staging}/c"]  # while a/z and c are still to be copied
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}
+
+
+def test_rsync_is_given_a_folder_whole_only_when_all_it_held_moves_and_a_file_new_since_the_scan_stays(
+        tiers: tuple[FleetContext, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, root = tiers
+    hot = root / "hot"
+    originals = {rel: put(hot / rel, 5_000, 20) for rel in (
+        "cam/day1/a.bin", "cam/day1/b.bin",  # all old, no subfolder: named whole
+        "cam/day2/a.bin",  # beside a fresh file that stays: file by file
+        "cam/day3/a.bin", "cam/day3/sub/b.bin")}  # day3 has a subfolder: file by file; sub is whole
+    originals["cam/day2/fresh.bin"] = put(hot / "cam/day2/fresh.bin", 5_000, 0)
+    (hot / "cam/day1/link").symlink_to("a.bin")  # a name that is no regular file: day1 is not whole any more
+    (hot / "cam/day4").mkdir()
+    originals["cam/day4/a.bin"] = put(hot / "cam/day4/a.bin", 5_000, 20)
+    names: list[tuple[str, ...]] = []
+    real_run = transfer.run
+
+    def run(runner: Any, plan: transfer.TransferPlan, **kwargs: Any) -> transfer.TransferReport:
+        names.append(plan.files or ())
+        (hot / "cam/day4/late.bin").write_bytes(b"written after the scan")  # in a folder named whole
+        return real_run(runner, plan, **kwargs)
+
+    monkeypatch.setattr(migrate.transfer, "run", run)
+    [result] = one_pass(ctx)
+
+    assert sorted(names[0]) == ["cam/day1/a.bin", "cam/day1/b.bin", "cam/day2/a.bin", "cam/day3/a.bin",
+                                "cam/day3/sub", "cam/day4"]
+    assert result.moved == 6
+    assert (hot / "cam/day4/late.bin").read_bytes() == b"written after the scan"  # copied, never placed: it stays
+    assert not (root / "warm" / "pi-1" / "cam/day4/late.bin").exists()
+    assert (hot / "cam/day1/link").is_symlink()
+    assert exactly_once(ctx, root, originals) == {"hot": 1, "warm": 6}
 
 
 def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -171,7 +171,7 @@ def scan_host(ctx: FleetContext, tier: TierName, host: str, listed: bool = True)
     opened = set(out["open"])
     files = tuple(FileInfo(p, size, mtime, atime, p in opened) for p, size, mtime, atime in out["files"])
     return HostScan(host, tier, spec.path, files, int(out["used"]), frozenset(out["markers"]),
-                    bool(out["atime_kept"]), bool(out["exists"])), list(out["hashes"])
+                    bool(out["atime_kept"]), bool(out["exists"]), dict(out.get("leaves", {}))), list(out["hashes"])
 
 
 def pass_hosts(ctx: FleetContext, tier: TierName, hosts: list[str] | None = None) -> list[str]:
@@ -241,6 +241,9 @@ class Batch:
     entries: list[Entry] = field(default_factory=list)
     # each entry's (step, note, hash) as the journal on disk has them: a save appends only what changed
     saved: list[tuple[str, str, str | None]] | None = field(default=None, repr=False, compare=False)
+    # the source's folders without subfolders and how many names each held when scanned (not journaled: only a
+    # copy reads it, and a replay copies nothing)
+    leaves: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     _positions: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -301,7 +304,7 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     changed (a chunk's), the others not compared. After a save a crash cut short, the whole batch is written again."""
     if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
         data = {f.name: getattr(batch, f.name) for f in fields(batch)
-                if f.name not in ("entries", "saved", "_positions")}
+                if f.name not in ("entries", "saved", "leaves", "_positions")}
         # each entry as a row of its fields' values, named once in `columns`: half the size of a dict per entry
         rows = [[fields_of[name] for name in ENTRY_FIELDS] for fields_of in map(vars, batch.entries)]
         atomic_write(path, json.dumps({**data, "columns": ENTRY_FIELDS, "rows": rows}) + "\n", 0o600)
@@ -475,6 +478,22 @@ def _of(batch: Batch, entries: list[Entry] | None, *steps: str) -> list[Entry]:
     return batch.at(*steps) if entries is None else [e for e in entries if e.step in steps]
 
 
+def transfer_names(batch: Batch, todo: list[Entry]) -> tuple[str, ...]:
+    """What rsync is told to copy for `todo`: a folder of the source whose every name (when scanned) is one of
+    `todo` and which has no subfolder, by its name (rsync then walks it, rather than reading a list of each file:
+    `--files-from` costs it a read per byte and more stats per file); every other file by its own. A name that
+    appeared in such a folder since the scan is copied too, but it is no entry: never placed (the staging folder
+    is emptied at the batch's end), and its source stays."""
+    in_folder: dict[str, int] = {}
+    for entry in todo:
+        folder = posixpath.dirname(entry.rel)
+        in_folder[folder] = in_folder.get(folder, 0) + 1
+    whole = {folder for folder, count in in_folder.items() if folder and batch.leaves.get(folder) == count}
+    if not whole:
+        return tuple(e.rel for e in todo)
+    return (*sorted(whole), *(e.rel for e in todo if posixpath.dirname(e.rel) not in whole))
+
+
 def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None,
           progress: Callable[[transfer.Progress], None] | None = None) -> None:
     todo = _of(batch, entries, "planned")
@@ -487,7 +506,7 @@ def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None,
     # --delay-updates: the staging folder is the copies' waiting room already (rsync still writes each file under
     # a temporary name there, and a replay removes whatever a killed copy left)
     plan = TransferPlan(batch.source_root, destination.rstrip("/") + "/", route,
-                        files=tuple(e.rel for e in todo), fsync=False, delay_updates=False)
+                        files=transfer_names(batch, todo), fsync=False, delay_updates=False)
     copied = threading.Event()
     writeback = threading.Thread(target=_write_back, args=(ctx.hosts.runner(batch.dest_host), batch.staging_root,
                                                            copied), daemon=True)
@@ -738,21 +757,22 @@ def batches(ctx: FleetContext, plan: TierPlan, algorithm: str) -> Iterator[Batch
         pairs.setdefault((move.host, move.destination), []).append(move)
     for (source, dest), moves in pairs.items():
         dest_root = destination_root(ctx.fleet, plan.to, source, plan.tier)
-        batch = Batch(source, dest, root, dest_root, algorithm)
+        leaves = plan.leaves.get(source, {})
+        batch = Batch(source, dest, root, dest_root, algorithm, leaves=leaves)
         staging_root = batch.staging_root
         size = 0
+        from_hot, to_tier = plan.tier is TierName.hot, plan.to.value  # once, not per file (an enum's lookup)
         for move in moves:
             path = f"{root}/{move.path}"
             # a hot tier's file is where it was made; a lower tier's layout names its origin
-            origin_host, origin_path = (source, path) if plan.tier is TierName.hot else \
-                origin_of(ctx.fleet, source, path)
+            origin_host, origin_path = (source, path) if from_hot else origin_of(ctx.fleet, source, path)
             batch.entries.append(Entry("move", path, move.path, f"{staging_root}/{move.path}",
-                                       f"{dest_root}/{move.path}", origin_host, origin_path, plan.to.value,
+                                       f"{dest_root}/{move.path}", origin_host, origin_path, to_tier,
                                        move.size, move.mtime_ns, atime_ns=move.atime_ns))
             size += move.size
             if len(batch.entries) >= BATCH_FILES or size >= BATCH_BYTES:
                 yield batch
-                batch, size = Batch(source, dest, root, dest_root, algorithm), 0
+                batch, size = Batch(source, dest, root, dest_root, algorithm, leaves=leaves), 0
         if batch.entries:
             yield batch
 

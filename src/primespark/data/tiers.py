@@ -111,6 +111,8 @@ class HostScan:
     markers: frozenset[str] = frozenset()
     atime_kept: bool = False
     exists: bool = True  # the tier's folder is there (a missing one on a lower tier: its disk is not mounted)
+    # folders (relative) without subfolders, each with how many names it held (any kind, skipped ones too)
+    leaves: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class TierPlan:
     waiting: list[Candidate] = field(default_factory=list)  # would fill the next tier above its high watermark
     skipped: list[Skipped] = field(default_factory=list)
     usage: dict[str, HostUsage] = field(default_factory=dict)  # every host of both tiers
+    leaves: dict[str, dict[str, int]] = field(default_factory=dict)  # each upper-tier host's scan's `leaves`
 
     @property
     def bytes(self) -> int:
@@ -177,11 +180,11 @@ def _age(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def _why_not(info: FileInfo, tier: TierName, spec: Tier, markers: frozenset[str], now: float,
+def _why_not(info: FileInfo, on_hot: bool, spec: Tier, markers: frozenset[str], now: float,
              globs: list[tuple[str, re.Pattern[str]]]) -> str | None:
     # a task writes files there and closes them while it runs (neither open nor fresh for long), then renames the
     # folder: moved away, its files would be missing from its result
-    if tier is TierName.hot and info.path.startswith(HOT_TIER_STAGING + "/"):
+    if on_hot and info.path.startswith(HOT_TIER_STAGING + "/"):
         return "an agent task's staging folder"
     if info.open_for_writing:
         return "open for writing"
@@ -204,10 +207,11 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Move]
     """One upper-tier host: its moves by age, then by watermark; and what stays though it would have moved."""
     capacity = capacity_bytes(spec)
     globs = [(glob, _glob(glob)) for glob in spec.pinned]  # compiled once per host, not looked up per file
+    on_hot = scan.tier is TierName.hot
     eligible: list[tuple[float, FileInfo]] = []
     held: list[tuple[FileInfo, str]] = []
     for info in scan.files:
-        reason = _why_not(info, scan.tier, spec, scan.markers, now, globs)
+        reason = _why_not(info, on_hot, spec, scan.markers, now, globs)
         if reason is None:
             eligible.append((info.last_used(scan.atime_kept), info))
         else:
@@ -262,6 +266,7 @@ def plan_boundary(tiers: dict[TierName, Tier], tier: TierName, scans: list[HostS
     spec = tiers[tier]
     for scan in scans:
         plan.usage[scan.host] = HostUsage(scan.host, tier.value, capacity_bytes(spec), scan.used, scan.used)
+        plan.leaves[scan.host] = scan.leaves
     if lower is None:
         return plan
     lower_spec = tiers[lower]

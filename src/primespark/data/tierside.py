@@ -7,6 +7,7 @@ object out. `python3 -c SOURCE OP`.
 Operations:
 - `scan`: every regular file below a tier's folder (size, mtime, atime), which of them a process holds open for
   writing (/proc/*/fd and fdinfo's flags: every process's when run as root), the folders holding the pin marker,
+  the folders without subfolders with how many names each holds (a move may name such a folder whole to rsync),
   whether the filesystem keeps access times (not mounted `noatime`), the bytes used, the hashes this host has.
   Skipped: the migration's own folders (`.spark-tier*`), rsync's partial folders, and the catalog's files.
 - `hash`: content hashes of some files (with their size and mtime_ns, read around the hash: a file that changed
@@ -168,11 +169,14 @@ def scan(spec: dict[str, Any]) -> dict[str, Any]:
     listed = spec.get("files", True)
     files: list[list[Any]] = []
     markers: list[str] = []
+    leaves: dict[str, int] = {}  # folders without subfolders (the tier's own root aside): how many names each holds
     used = 0
     for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(OWN_PREFIX) and d not in SKIP_DIRS)
         rel_dir = os.path.relpath(folder, root)
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        if listed and not dirs and rel_dir:
+            leaves[rel_dir.rstrip("/")] = len(names)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(OWN_PREFIX) and d not in SKIP_DIRS)
         if marker and marker in names:
             markers.append(rel_dir.rstrip("/"))
         for name in sorted(names):
@@ -193,6 +197,7 @@ def scan(spec: dict[str, Any]) -> dict[str, Any]:
                     row.append(found[0] if found else None)
                 files.append(row)
     return {"root": root, "exists": os.path.isdir(root), "files": files, "used": used, "markers": markers,
+            "leaves": leaves,
             "open": sorted(_open_for_writing(root)) if listed else [], "atime_kept": _atime_kept(root),
             "hashes": sorted(HASHES), "now": time.time()}
 
