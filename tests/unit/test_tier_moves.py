@@ -362,6 +362,37 @@ def test_chunks_of_smaller_files_are_copied_first_each_folder_whole() -> None:
     assert [[e.rel for e in chunk] for chunk in pieces] == [[e.rel for e in small], [e.rel for e in large]]
 
 
+def test_the_journal_writes_once_what_every_entry_shares_and_loads_each_entry_as_it_was(tmp_path: Path) -> None:
+    batch = journal_batch(1000)  # paths below no folder of the batch's but the source and its origin
+    journal = tmp_path / "pi-1--nas-1.json"
+    migrate.save(journal, batch)
+    head = json.loads(journal.read_text().splitlines()[0])
+    assert head["columns"] == ["rel", "staging", "final", "size", "mtime_ns", "atime_ns"]
+    assert head["below"] == {"source": "/srv/hot/", "origin_path": "/srv/hot/"}
+    assert head["same"] == {"action": "move", "origin_host": "pi-1", "to_tier": "warm", "hash": None,
+                            "step": "planned", "note": ""}
+    batch.entries[3].origin_path, batch.entries[4].note = "/srv/hot/elsewhere", "a note"  # no longer shared
+    batch.saved = None  # written whole again
+    migrate.save(journal, batch)
+    head = json.loads(journal.read_text().splitlines()[0])
+    assert "origin_path" in head["columns"] and "note" in head["columns"]
+    loaded = migrate.load(journal)
+    assert loaded is not None and loaded.entries == batch.entries
+
+
+def test_a_journal_of_rows_of_every_field_still_replays(tmp_path: Path) -> None:
+    """A journal a killed pass of the previous version left (a row of every field per entry) loads."""
+    batch = journal_batch(3)
+    journal = tmp_path / "pi-1--nas-1.json"
+    head = {"source_host": "pi-1", "dest_host": "nas-1", "source_root": "/srv/hot", "dest_root": "/srv/warm/pi-1",
+            "algorithm": "xxh3_128", "columns": migrate.ENTRY_FIELDS,
+            "rows": [[getattr(e, name) for name in migrate.ENTRY_FIELDS] for e in batch.entries]}
+    journal.write_text(json.dumps(head) + "\n" + json.dumps({"steps": [["copied", "", [[0, 2]]]], "set": []}) + "\n")
+    loaded = migrate.load(journal)
+    assert loaded is not None and [e.step for e in loaded.entries] == ["copied", "copied", "planned"]
+    assert [e.source for e in loaded.entries] == [e.source for e in batch.entries]
+
+
 def test_a_journal_written_before_rows_still_replays(tmp_path: Path) -> None:
     """A journal a killed pass of the previous version left (each entry a dict, every change listed) loads."""
     entry = migrate.Entry("move", "/srv/hot/a", "a", "/s/a", "/w/a", "pi-1", "/srv/hot/a", "warm", 10, 1)

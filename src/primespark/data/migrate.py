@@ -294,6 +294,35 @@ def _runs(indices: list[int]) -> list[list[int]]:
 
 
 ENTRY_FIELDS = [f.name for f in fields(Entry)]
+# an entry's paths, when each is a folder of its batch's (named here) + "/" + its `rel`: the folder written once
+BELOW = {"source": "source_root", "staging": "staging_root", "final": "dest_root", "origin_path": "source_root"}
+SHARED = ("action", "origin_host", "to_tier", "hash", "step", "note")  # often one value for the whole batch
+
+
+def _packed(batch: Batch) -> dict[str, Any]:
+    """The batch's entries as rows of the fields that differ between them, named once in `columns`; a field that
+    has one value in every entry is in `same`, a path that is a folder of the batch's (`BELOW`) + "/" + `rel` in
+    every entry is in `below` (with that folder + "/"). A pass's batch of 100,000 files: a fifth of the JSON, and
+    a third of the time to make and write it, of a row of every field per entry."""
+    entries = batch.entries
+    same = {name: getattr(entries[0], name) for name in SHARED if entries}
+    same = {name: value for name, value in same.items() if all(getattr(e, name) == value for e in entries)}
+    prefixes = {name: getattr(batch, root).rstrip("/") + "/" for name, root in BELOW.items()}
+    below = {name: prefix for name, prefix in prefixes.items()
+             if all(getattr(e, name) == prefix + e.rel for e in entries)}
+    columns = [name for name in ENTRY_FIELDS if name not in same and name not in below]
+    rows = [[fields_of[name] for name in columns] for fields_of in map(vars, entries)]
+    return {"columns": columns, "rows": rows, "same": same, "below": below}
+
+
+def _unpacked(data: dict[str, Any]) -> list[Entry]:
+    columns, same, below = data.pop("columns"), data.pop("same", {}), data.pop("below", {})
+    entries = []
+    for row in data.pop("rows"):
+        values = {**same, **dict(zip(columns, row, strict=True))}
+        values.update((name, prefix + values["rel"]) for name, prefix in below.items())
+        entries.append(Entry(**values))
+    return entries
 
 
 def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
@@ -305,9 +334,7 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
         data = {f.name: getattr(batch, f.name) for f in fields(batch)
                 if f.name not in ("entries", "saved", "leaves", "_positions")}
-        # each entry as a row of its fields' values, named once in `columns`: half the size of a dict per entry
-        rows = [[fields_of[name] for name in ENTRY_FIELDS] for fields_of in map(vars, batch.entries)]
-        atomic_write(path, json.dumps({**data, "columns": ENTRY_FIELDS, "rows": rows}) + "\n", 0o600)
+        atomic_write(path, json.dumps({**data, **_packed(batch)}) + "\n", 0o600)
         batch.saved = _marks(batch)
         return
     indices = range(len(batch.entries)) if entries is None else batch.positions(entries)
@@ -339,11 +366,8 @@ def load(path: Path) -> Batch | None:
     try:
         lines = path.read_text().splitlines()
         data = json.loads(lines[0])
-        if "rows" in data:
-            columns = data.pop("columns")
-            entries = [Entry(**dict(zip(columns, row, strict=True))) for row in data.pop("rows")]
-        else:  # a journal written before rows (each entry a dict)
-            entries = [Entry(**e) for e in data.pop("entries")]
+        # a journal written before rows has each entry as a dict
+        entries = _unpacked(data) if "rows" in data else [Entry(**e) for e in data.pop("entries")]
         for number, line in enumerate(lines[1:], 2):
             try:
                 update = json.loads(line)
