@@ -210,6 +210,7 @@ def main() -> None:
                 work.mkdir(exist_ok=True)
                 times[name].append(ours(seed, work, count) if name == "ours" else
                                    plain(seed, work, flush=name == "plain_sync"))
+                shutil.rmtree(work)  # one copy of the dataset beside the seed at a time (memory, on a RAM disk)
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
         p, ps, o = (statistics.median(times[k]) for k in ("plain", "plain_sync", "ours"))
         print(f"hot → warm, {count} files / {size / 2**20:.0f} MiB: plain rsync -a --remove-source-files {p:.1f} s; "
