@@ -940,6 +940,61 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 24}
 
 
+def test_copies_run_ahead_of_a_slow_settling_as_far_as_the_bound_and_a_failed_settling_stops_them(
+        tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five folders of eight files, in chunks of eight, at most two chunks copied and not settled: while the first
+    chunk's check is held, the second and third chunks are copied and the fourth is not; then the second chunk's
+    place fails: no chunk after the fourth is copied, the chunks copied meanwhile stay copied, and the replay
+    leaves every file exactly once."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    originals = {f"d{i}/f{j}.bin": put(root / "hot" / f"d{i}/f{j}.bin", 20_000, 10, seed=8 * i + j)
+                 for i in range(5) for j in range(8)}
+    monkeypatch.setattr(migrate, "CHUNK_FILES", 8)
+    monkeypatch.setattr(migrate, "UNSETTLED_CHUNKS", 2)
+    copied: list[str] = []  # the folder of each chunk whose copy started, in order
+    third_copying = threading.Event()
+    copied_while_held: list[list[str]] = []
+    checks = places = 0
+    real_side, real_run = migrate.side, transfer.run
+
+    def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        nonlocal checks, places
+        if op == "check" and copied:  # a chunk's check after its copy (the first check is for copies already there)
+            checks += 1
+            if checks == 1:  # the first chunk's: held until the third chunk's copy began
+                third_copying.wait(timeout=30)
+                copied_while_held.append(list(copied))
+        if op == "place":
+            places += 1
+            if places == 2:
+                raise migrate.TierStepFailed("the second chunk's place failed (a test)")
+        return real_side(runner, op, spec, timeout)
+
+    def run(runner: Any, plan: transfer.TransferPlan, **kwargs: Any) -> transfer.TransferReport:
+        copied.append(plan.files[0].split("/")[0] if plan.files else "")
+        if len(copied) == 3:
+            third_copying.set()
+        return real_run(runner, plan, **kwargs)
+
+    monkeypatch.setattr(migrate, "side", side)
+    monkeypatch.setattr(migrate.transfer, "run", run)
+    with pytest.raises(migrate.TierStepFailed, match="second chunk's place failed"):
+        one_pass(ctx)
+
+    assert copied_while_held == [["d0", "d1", "d2"]], "the copies waited for the first chunk's settling"
+    assert copied == ["d0", "d1", "d2", "d3"]  # the fourth after the first chunk settled; none after the failure
+    batch = migrate.load(migrate.journal_path(ctx, "pi-1", "nas-1"))
+    assert batch is not None
+    steps = {folder: {e.step for e in batch.entries if e.rel.startswith(folder + "/")}
+             for folder in ("d0", "d1", "d2", "d3", "d4")}
+    assert steps == {"d0": {"done"}, "d1": {"verified"}, "d2": {"copied"}, "d3": {"copied"}, "d4": {"planned"}}
+    monkeypatch.setattr(migrate, "side", real_side)
+    assert migrate.replay(ctx, "pi-1", "nas-1") is not None
+    one_pass(ctx)
+    assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 40}
+
+
 def test_rsync_is_given_a_folder_whole_only_when_all_it_held_moves_and_a_file_new_since_the_scan_stays(
         tiers: tuple[FleetContext, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     ctx, root = tiers

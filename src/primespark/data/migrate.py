@@ -59,6 +59,9 @@ BATCH_FILES = 200_000
 BATCH_BYTES = 4 * 1024**3
 CHUNK_FILES = 25_000  # a batch is copied in chunks of about this many files or bytes (see move_batch)
 CHUNK_BYTES = 1024**3
+# how far the copies may run ahead of their settling (see move_batch): at most this many chunks copied and not yet
+# settled when rsync starts the next one
+UNSETTLED_CHUNKS = 4
 WRITEBACK_SECONDS = 1.0  # while a copy runs, how often its destination is asked to write it to disk
 ORDER = ("planned", "copied", "verified", "placed", "committed", "undoing", "done", "abandoned")
 FINISHED = ("done", "abandoned")
@@ -713,13 +716,53 @@ def _written_in(batch: Batch, chunk: list[Entry]) -> set[str]:
     return folders
 
 
+def _copy_and_settle(pieces: list[list[Entry]], copy: Callable[[int, list[Entry]], None],
+                     settle: Callable[[list[Entry], frozenset[str]], None], keeps: list[frozenset[str]]) -> None:
+    """Each chunk copied in turn in this thread and settled in order in a second one, the copies at most
+    UNSETTLED_CHUNKS chunks ahead of the settling; `keeps`: each chunk's folders that later copies write in. A
+    failed settling stops the copies at the next chunk; after a failure in either thread, the chunks queued for
+    settling are left as they are (copied: the replay verifies them)."""
+    stopped = threading.Event()
+
+    def settle_unless_stopped(chunk: list[Entry], keep: frozenset[str]) -> None:
+        if stopped.is_set():
+            return
+        try:
+            settle(chunk, keep)
+        except BaseException:
+            stopped.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-settle") as behind:
+        settling: list[Future[None]] = []  # one per chunk copied
+        try:
+            for index, chunk in enumerate(pieces):
+                for future in settling:
+                    if future.done():
+                        future.result()  # a chunk's settling failed: raised here, before more is copied
+                if index > UNSETTLED_CHUNKS:
+                    settling[index - 1 - UNSETTLED_CHUNKS].result()
+                copy(index, chunk)
+                # in the caller's context (its flow run's settings and run): a bare thread's Prefect logger would
+                # otherwise send the progress lines to Prefect's default server, a temporary one started for them
+                settling.append(behind.submit(contextvars.copy_context().run, settle_unless_stopped, chunk,
+                                              keeps[index]))
+            for future in settling:
+                future.result()
+        except BaseException:
+            stopped.set()
+            raise
+
+
 def move_batch(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] | None = None) -> BatchResult:
     """One batch through every step (the journal of its two hosts must be empty: replay it first). `progress` hears
     how far it is: after each chunk, and every `transfer.PROGRESS_SECONDS` of a long copy.
 
-    The copy goes chunk by chunk (`chunks`); while rsync copies one chunk, the chunk before it is checked, placed,
-    committed and deleted in a second thread (rsync keeps about one core busy; those steps are mostly the other
-    core's work and the disk's). Each entry still takes every step in order; the journal's saves are serialized.
+    The copy goes chunk by chunk (`chunks`); while rsync copies one chunk, the chunks before it are checked,
+    placed, committed and deleted in a second thread, in order (`_copy_and_settle`; rsync keeps about one core
+    busy, those steps are mostly the other core's work and the disk's). Settling many small files takes longer than
+    copying them: the copies run ahead (their copies wait in the staging folder), and the settling catches up
+    beside the large files' copy. Each entry still takes every step in order; the journal's saves are serialized.
     A folder a later chunk writes in is never renamed whole while that copy may be running."""
     journal = journal_path(ctx, batch.source_host, batch.dest_host)
     if journal.exists():
@@ -755,19 +798,12 @@ def move_batch(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] 
     todo_bytes = sum(e.size for e in todo)
     pieces = chunks(todo)
     written = [_written_in(batch, chunk) for chunk in pieces]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-settle") as behind:
-        settling: Future[None] | None = None
-        for index, chunk in enumerate(pieces):
-            _copy(ctx, batch, chunk, copying(index))
-            record(chunk)
-            if settling is not None:
-                settling.result()  # the chunk before: settled (or its failure raised here) before the next starts
-            # in the caller's context (its flow run's settings and run): a bare thread's Prefect logger would
-            # otherwise send the progress lines to Prefect's default server, a temporary one started for them
-            settling = behind.submit(contextvars.copy_context().run, settle, chunk,
-                                     frozenset().union(*written[index + 1:]))
-        if settling is not None:
-            settling.result()
+
+    def copy(index: int, chunk: list[Entry]) -> None:
+        _copy(ctx, batch, chunk, copying(index))
+        record(chunk)
+
+    _copy_and_settle(pieces, copy, settle, [frozenset().union(*written[index + 1:]) for index in range(len(pieces))])
     finish(ctx, batch, journal)  # the entries a sync job had copied already, and the batch's end
     return _result(batch)
 
