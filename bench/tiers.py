@@ -3,6 +3,8 @@ and `spark tier where` lookups on a large catalog.
 
 Run: .venv/bin/python bench/tiers.py [--files 5000] [--mib 256] [--rounds 1] [--catalog 100000] [--lookups 2000]
      The issue's figures: --files 100000 --mib 2048 --catalog 1000000
+     --scratch DIR measures on DIR's filesystem: a journaled disk (where a durable move waits for the disk and
+     plain does not), or a RAM disk below /dev/shm (the moves' own cost, steady from run to run)
 
 The dataset (`--files` files of 0.5-8 KiB in folders of 100, plus `--mib` MiB of 16 MiB files, all dated ten
 days back) is made once in a scratch folder and hard-linked into a fresh hot tier for each contender, whose page
