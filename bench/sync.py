@@ -45,6 +45,7 @@ from primespark.fleet import load_fleet
 from primespark.lab import Lab
 from primespark.lab.lock import lab_lock
 from primespark.orchestration.api import use_fleet_prefect
+from primespark.orchestration.deploy import watches_stopped
 from primespark.playbook import run_ansible
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,60 +222,65 @@ def measure(the_lab: Lab, args: argparse.Namespace) -> None:
             raise SystemExit("site.yml failed: " + "\n".join(applied.failed_tasks)) from exc
         use_fleet_prefect(FleetContext.load("lab"))
     ctx = FleetContext.load("lab", "ssh")
-    [link] = [lk for lk in links(ctx.fleet, "hot-to-nas") if lk.source == "pi-1"]
-    sh(ctx, "pi-1", f"mkdir -p {os.path.dirname(PAUSE)} && touch {PAUSE}")
-    try:
-        made = time.perf_counter()
-        sh(ctx, "pi-1", "rm -rf /srv/hot/bench /srv/hot/bench-lag")
-        subprocess.run(["docker", "exec", container["pi-1"], "python3", "-c", DATASET, "/srv/hot/bench",
-                        str(args.small), str(args.large_gib)], check=True)
-        files = sh(ctx, "pi-1", "find /srv/hot -type f | wc -l").strip()
-        size = sh(ctx, "pi-1", "du -sb /srv/hot | cut -f1").strip()
-        print(f"dataset on pi-1: {files} files, {int(size) / 2**30:.2f} GiB in /srv/hot "
-              f"(made in {time.perf_counter() - made:.0f} s, not counted)")
-        rows: dict[str, list[float]] = {"plain first": [], "plain flushed": [], "plain again": [], "ours first": [],
-                                        "ours again": []}
-        detail: list[dict[str, Any]] = []
-        for round_no in range(args.rounds):
-            order = ("plain", "ours") if round_no % 2 == 0 else ("ours", "plain")
-            for who in order:
-                clear(ctx, link)
-                os.sync()
-                if who == "plain":
-                    rows["plain first"].append(plain(ctx, link))
-                    rows["plain flushed"].append(rows["plain first"][-1] + flush(ctx, link))
-                    rows["plain again"].append(plain(ctx, link))
-                else:
-                    seconds, first = ours("lab")
-                    first["steps"] = step_seconds("sync-hot-to-nas")
-                    rows["ours first"].append(seconds)
-                    again_seconds, again = ours("lab")
-                    again["steps"] = step_seconds("sync-hot-to-nas")
-                    rows["ours again"].append(again_seconds)
-                    detail += [first, again]
-        print(f"\n{'':<28}{'plain rsync -a':>16}{'spark sync run':>16}{'ratio':>9}   target <= 1.1x")
-        for step in ("first", "again"):
-            p, o = statistics.median(rows[f"plain {step}"]), statistics.median(rows[f"ours {step}"])
-            label = "first sync" if step == "first" else "no-change re-sync"
-            print(f"{label:<28}{p:>15.1f}s{o:>15.1f}s{o / p:>8.2f}x   {'met' if o / p <= 1.1 else 'missed'}")
-            if step == "first":  # beside a copy as durable as ours: plain's, then nas-1's filesystem flushed
-                f = statistics.median(rows["plain flushed"])
-                print(f"{'  plain then flushed':<28}{f:>15.1f}s{o:>15.1f}s{o / f:>8.2f}x")
-        for d in detail:
-            print(f"  ours, {d['files_sent']} files sent ({d['bytes_sent'] / 2**30:.2f} GiB): rsync "
-                  f"{d['transfer_seconds']:.1f} s of {d['finished'] - d['started']:.1f} s in the flow; "
-                  f"{d['verified']} verified; by step: {d['steps']}")
-        sh(ctx, "pi-1", "rm -rf /srv/hot/bench")
-        clear(ctx, link)
-        lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds) if args.lag_files else []
-        if lags:
-            q = statistics.quantiles(lags, n=100)
-            print(f"\ncontinuous lag, pi-1 to nas-1, {len(lags)} files over {args.lag_seconds:.0f} s: "
-                  f"p50 {q[49]:.1f} s, p90 {q[89]:.1f} s, p95 {q[94]:.1f} s, p99 {q[98]:.1f} s, "
-                  f"max {max(lags):.1f} s   target p95 <= 30 s: {'met' if q[94] <= 30 else 'missed'}")
-    finally:
-        sh(ctx, "pi-1", f"rm -rf /srv/hot/bench /srv/hot/bench-lag; rm -f {PAUSE}")
-        clear(ctx, link)
+    # The lab's own watches would sync the dataset and each copy of it meanwhile (pi-1 to nas-1, nas-1 to the
+    # cloud), on the same two cores, and hold the link's lock against `spark sync run`.
+    with watches_stopped(ctx) as stopped:
+        if stopped:
+            print(f"the lab's watch runs stopped while measuring: {', '.join(stopped)} (started again after)")
+        [link] = [lk for lk in links(ctx.fleet, "hot-to-nas") if lk.source == "pi-1"]
+        sh(ctx, "pi-1", f"mkdir -p {os.path.dirname(PAUSE)} && touch {PAUSE}")
+        try:
+            made = time.perf_counter()
+            sh(ctx, "pi-1", "rm -rf /srv/hot/bench /srv/hot/bench-lag")
+            subprocess.run(["docker", "exec", container["pi-1"], "python3", "-c", DATASET, "/srv/hot/bench",
+                            str(args.small), str(args.large_gib)], check=True)
+            files = sh(ctx, "pi-1", "find /srv/hot -type f | wc -l").strip()
+            size = sh(ctx, "pi-1", "du -sb /srv/hot | cut -f1").strip()
+            print(f"dataset on pi-1: {files} files, {int(size) / 2**30:.2f} GiB in /srv/hot "
+                  f"(made in {time.perf_counter() - made:.0f} s, not counted)")
+            rows: dict[str, list[float]] = {"plain first": [], "plain flushed": [], "plain again": [], "ours first": [],
+                                            "ours again": []}
+            detail: list[dict[str, Any]] = []
+            for round_no in range(args.rounds):
+                order = ("plain", "ours") if round_no % 2 == 0 else ("ours", "plain")
+                for who in order:
+                    clear(ctx, link)
+                    os.sync()
+                    if who == "plain":
+                        rows["plain first"].append(plain(ctx, link))
+                        rows["plain flushed"].append(rows["plain first"][-1] + flush(ctx, link))
+                        rows["plain again"].append(plain(ctx, link))
+                    else:
+                        seconds, first = ours("lab")
+                        first["steps"] = step_seconds("sync-hot-to-nas")
+                        rows["ours first"].append(seconds)
+                        again_seconds, again = ours("lab")
+                        again["steps"] = step_seconds("sync-hot-to-nas")
+                        rows["ours again"].append(again_seconds)
+                        detail += [first, again]
+            print(f"\n{'':<28}{'plain rsync -a':>16}{'spark sync run':>16}{'ratio':>9}   target <= 1.1x")
+            for step in ("first", "again"):
+                p, o = statistics.median(rows[f"plain {step}"]), statistics.median(rows[f"ours {step}"])
+                label = "first sync" if step == "first" else "no-change re-sync"
+                print(f"{label:<28}{p:>15.1f}s{o:>15.1f}s{o / p:>8.2f}x   {'met' if o / p <= 1.1 else 'missed'}")
+                if step == "first":  # beside a copy as durable as ours: plain's, then nas-1's filesystem flushed
+                    f = statistics.median(rows["plain flushed"])
+                    print(f"{'  plain then flushed':<28}{f:>15.1f}s{o:>15.1f}s{o / f:>8.2f}x")
+            for d in detail:
+                print(f"  ours, {d['files_sent']} files sent ({d['bytes_sent'] / 2**30:.2f} GiB): rsync "
+                      f"{d['transfer_seconds']:.1f} s of {d['finished'] - d['started']:.1f} s in the flow; "
+                      f"{d['verified']} verified; by step: {d['steps']}")
+            sh(ctx, "pi-1", "rm -rf /srv/hot/bench")
+            clear(ctx, link)
+            lags = lag(ctx, "lab", container, args.lag_files, args.lag_seconds) if args.lag_files else []
+            if lags:
+                q = statistics.quantiles(lags, n=100)
+                print(f"\ncontinuous lag, pi-1 to nas-1, {len(lags)} files over {args.lag_seconds:.0f} s: "
+                      f"p50 {q[49]:.1f} s, p90 {q[89]:.1f} s, p95 {q[94]:.1f} s, p99 {q[98]:.1f} s, "
+                      f"max {max(lags):.1f} s   target p95 <= 30 s: {'met' if q[94] <= 30 else 'missed'}")
+        finally:
+            sh(ctx, "pi-1", f"rm -rf /srv/hot/bench /srv/hot/bench-lag; rm -f {PAUSE}")
+            clear(ctx, link)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,72 @@ def test_a_crashed_watch_run_is_replaced_by_a_new_run_after_every_crash(lab: str
     assert len(crashed) >= 3  # the crashed runs stay crashed: no run is both rescheduled and replaced
 
 
+def test_stopped_watches_end_running_and_queued_runs_wait_for_them_and_start_again_after(lab: str,
+                                                                                         server: Server) -> None:
+    """A benchmark or a maintenance window has the links to itself: a running watch run is set Cancelling and
+    waited for until its worker ends it, a queued one is Cancelled, and after the body each stopped watch has a new
+    run. A run nobody ends (no worker) is named once the wait is over."""
+    import contextvars
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Running
+
+    from primespark.errors import UserError
+    from primespark.orchestration.deploy import stop_watch_runs, watches_stopped
+
+    ctx = FleetContext.load(lab)
+    deploy(ctx)
+    watches = sorted(f"sync-watch-{job}" for job, spec in ctx.fleet.sync.jobs.items() if spec.continuous)
+    by_name = DeploymentFilter(name=DeploymentFilterName(any_=watches))
+    unfinished = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
+
+    def open_runs(client: object) -> list:  # type: ignore[type-arg]
+        return [r for r in client.read_flow_runs(deployment_filter=by_name)  # type: ignore[attr-defined]
+                if r.state_type in unfinished]
+
+    with get_client(sync_client=True) as client:
+        before = open_runs(client)
+        assert sorted({r.deployment_id for r in before}) and len(before) == len(watches), before
+        taken = before[0]
+        client.set_flow_run_state(taken.id, Running(), force=True)  # a worker took it
+
+    cancelling_seen: list[str] = []
+    done = threading.Event()
+
+    def worker() -> None:  # what the run's worker does with a Cancelling run: stops it, marks it Cancelled
+        with get_client(sync_client=True) as client:
+            while not done.wait(0.2):
+                run = client.read_flow_run(taken.id)
+                if run.state_type == StateType.CANCELLING:
+                    cancelling_seen.append(run.name)
+                    client.set_flow_run_state(run.id, Cancelled(), force=True)
+                    return
+
+    # in this context: the test server's settings
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,), daemon=True)
+    thread.start()
+    try:
+        with watches_stopped(ctx) as stopped, get_client(sync_client=True) as client:
+            assert sorted(stopped) == watches
+            assert open_runs(client) == []
+            assert cancelling_seen == [taken.name]  # the running one went through Cancelling, to its worker
+    finally:
+        done.set()
+        thread.join(timeout=10)
+    with get_client(sync_client=True) as client:
+        after = open_runs(client)
+        assert len(after) == len(watches) and not {r.id for r in after} & {r.id for r in before}
+        assert all(r.state_type == StateType.SCHEDULED for r in after)
+        assert {client.read_flow_run(r.id).state_type for r in before} == {StateType.CANCELLED}
+        client.set_flow_run_state(after[0].id, Running(), force=True)  # taken by a worker that then went away
+        with pytest.raises(UserError, match=after[0].name):
+            stop_watch_runs(client, ctx, timeout=1)
+        client.set_flow_run_state(after[0].id, Cancelled(), force=True)
+
+
 def test_a_plan_the_fleet_lost_loses_its_deployments(lab: str, server: Server, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

@@ -28,6 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -415,10 +418,7 @@ def prepare_workers(ctx: FleetContext, report: DeployReport) -> list[str]:
 UNFINISHED = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
-def ensure_watch_runs(client: Any, ctx: FleetContext, report: DeployReport) -> None:
-    """One run of each continuous sync job's `sync-watch-<job>` deployment: started unless one has not ended yet
-    (queued while its worker is away, or rescheduled after a crash: the automations' AwaitingRetry). A continuous
-    job is continuous from its first deploy on, not once someone presses Run."""
+def _unfinished_runs(client: Any, deployment_id: Any, limit: int | None = None) -> list[Any]:
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
@@ -428,19 +428,76 @@ def ensure_watch_runs(client: Any, ctx: FleetContext, report: DeployReport) -> N
     )
     from prefect.client.schemas.objects import StateType
 
-    for planned in planned_deployments(ctx.fleet, ctx.env):
-        if planned.flow != "sync-watch":
-            continue
-        found = client.read_deployment_by_name(f"{planned.flow}/{planned.name}")
-        running = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType(t) for t in UNFINISHED]))), limit=1)
+    return list(client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType(t) for t in UNFINISHED]))), limit=limit))
+
+
+def _watch_deployments(client: Any, ctx: FleetContext) -> list[Any]:
+    """The continuous sync jobs' `sync-watch-<job>` deployments on the server."""
+    return [client.read_deployment_by_name(f"{p.flow}/{p.name}")
+            for p in planned_deployments(ctx.fleet, ctx.env) if p.flow == "sync-watch"]
+
+
+def ensure_watch_runs(client: Any, ctx: FleetContext, report: DeployReport) -> None:
+    """One run of each continuous sync job's `sync-watch-<job>` deployment: started unless one has not ended yet
+    (queued while its worker is away, or rescheduled after a crash: the automations' AwaitingRetry). A continuous
+    job is continuous from its first deploy on, not once someone presses Run."""
+    for deployment in _watch_deployments(client, ctx):
+        running = _unfinished_runs(client, deployment.id, limit=1)
         if running:
             report.add("unchanged", f"watch run {running[0].name} ({running[0].state_type.value.lower()})")
         else:
-            run = client.create_flow_run_from_deployment(found.id)
-            report.add("started", f"watch run of {planned.name} ({run.name})")
+            run = client.create_flow_run_from_deployment(deployment.id)
+            report.add("started", f"watch run of {deployment.name} ({run.name})")
+
+
+STOP_WATCHES_SECONDS = 120.0  # a worker kills a cancelled run's process within its polling interval
+
+
+def stop_watch_runs(client: Any, ctx: FleetContext, timeout: float = STOP_WATCHES_SECONDS) -> list[str]:
+    """End every run of the continuous jobs' watches that has not ended, and wait until none is left: one a worker
+    has taken is set Cancelling (the worker stops its process; the run sees it too, `RunStillWanted`), one still
+    queued is Cancelled. The names of the deployments whose runs were stopped. For work that must have the
+    fleet's links to itself: a benchmark, a maintenance window."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    stopped = []
+    for deployment in _watch_deployments(client, ctx):
+        runs = _unfinished_runs(client, deployment.id)
+        for run in runs:
+            if run.state_type in (StateType.PENDING, StateType.RUNNING, StateType.PAUSED):
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            elif run.state_type != StateType.CANCELLING:
+                client.set_flow_run_state(run.id, Cancelled(message="its watch was stopped"), force=True)
+        if runs:
+            stopped.append(deployment)
+    deadline = time.monotonic() + timeout
+    while left := [r.name for d in stopped for r in _unfinished_runs(client, d.id)]:
+        if time.monotonic() >= deadline:
+            raise UserError(f"the watch run(s) {', '.join(left)} did not stop within {timeout:.0f} s",
+                            "check that their worker is online (`spark flows status`); a run without one stays "
+                            "Cancelling until it is set Cancelled in the Prefect UI")
+        time.sleep(0.5)
+    return [d.name for d in stopped]
+
+
+@contextmanager
+def watches_stopped(ctx: FleetContext) -> Iterator[list[str]]:
+    """The continuous jobs' watch runs stopped (`stop_watch_runs`) for the body, and those stopped started again
+    after it, also when it fails. The caller has pointed Prefect at the server (`api.use_fleet_prefect`)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        stopped = stop_watch_runs(client, ctx)
+    try:
+        yield stopped
+    finally:
+        if stopped:
+            with get_client(sync_client=True) as client:
+                ensure_watch_runs(client, ctx, DeployReport())
 
 
 def deploy(ctx: FleetContext, report: DeployReport | None = None, start_watches: bool = True) -> DeployReport:
