@@ -19,8 +19,9 @@ Then the continuous lag: the `sync-watch` flow runs the job while pi-1 writes `-
 `--lag-files 0` leaves the lag out.
 
 Holds the lab lock; brings the lab up if needed (and down again after, also when a step fails), applies site.yml
-when the lab's Prefect server does not answer (a lab `make lab` did not configure), pauses the lab data generator
-on pi-1 while it runs, and removes its files at the end.
+when the lab's Prefect server does not answer (a lab `make lab` did not configure), stops the lab's watch runs
+(`make lab` starts one per continuous job; they would sync the dataset meanwhile) and starts them again after,
+pauses the lab data generator on pi-1 while it runs, and removes its files at the end.
 """
 
 from __future__ import annotations
