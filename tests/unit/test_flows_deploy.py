@@ -280,6 +280,10 @@ def test_stopped_watches_end_running_and_queued_runs_wait_for_them_and_start_aga
         with pytest.raises(UserError, match=after[0].name):
             stop_watch_runs(client, ctx, timeout=1)
         client.set_flow_run_state(after[0].id, Cancelled(), force=True)
+        # a watch not deployed yet (site.yml alone, before `spark flows deploy`) has nothing to stop
+        client.delete_deployment(client.read_deployment_by_name("sync-watch/sync-watch-hot-to-nas").id)
+        assert "sync-watch-hot-to-nas" not in stop_watch_runs(client, ctx, timeout=10)
+    deploy(ctx, start_watches=False)  # the deployment back, for the tests after this one
 
 
 def test_a_plan_the_fleet_lost_loses_its_deployments(lab: str, server: Server, tmp_path: Path) -> None:

@@ -435,9 +435,18 @@ def _unfinished_runs(client: Any, deployment_id: Any, limit: int | None = None) 
 
 
 def _watch_deployments(client: Any, ctx: FleetContext) -> list[Any]:
-    """The continuous sync jobs' `sync-watch-<job>` deployments on the server."""
-    return [client.read_deployment_by_name(f"{p.flow}/{p.name}")
-            for p in planned_deployments(ctx.fleet, ctx.env) if p.flow == "sync-watch"]
+    """The continuous sync jobs' `sync-watch-<job>` deployments on the server; one not deployed yet has no runs
+    (a lab configured by site.yml alone, before `spark flows deploy`)."""
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    for planned in planned_deployments(ctx.fleet, ctx.env):
+        if planned.flow == "sync-watch":
+            try:
+                found.append(client.read_deployment_by_name(f"{planned.flow}/{planned.name}"))
+            except ObjectNotFound:
+                continue
+    return found
 
 
 def ensure_watch_runs(client: Any, ctx: FleetContext, report: DeployReport) -> None:
