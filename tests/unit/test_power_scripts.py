@@ -5,6 +5,7 @@ at the test's folders instead of /run/spark and /etc/spark."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -221,6 +222,30 @@ def test_a_task_paused_past_its_timeout_does_not_time_out(
     go.touch()
     run.join()
     assert run.result is not None and run.result.status == "succeeded", run.result
+
+
+def test_one_auto_run_at_a_time_the_second_waits_for_the_first_and_gives_up_after_its_wait(
+        tmp_path: Path, run_dir: Path, config: Path) -> None:
+    """Cron's run at a boundary of quiet hours and an operator's (or the one at boot) never act beside each other:
+    the second decides on the markers the first left, and does nothing if the first outlasts its wait."""
+    out = tmp_path / "second.out"
+    with open(run_dir / "power.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a first run, still acting
+        busy = script(POWER, run_dir, "auto", "--config", str(config), "--at", "23:30", "--lock-wait", "0.3")
+        assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stdout + busy.stderr
+        assert "another spark-power auto still runs after 0.3 s" in busy.stderr, busy.stderr
+        assert "nothing was changed" in busy.stderr and not (run_dir / "quiet").exists()
+        with open(out, "w") as sink:
+            second = subprocess.Popen([sys.executable, str(POWER), "auto", "--config", str(config), "--at", "23:30"],
+                                      stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "SPARK_RUN_DIR": str(run_dir)})
+        try:
+            until(lambda: "waiting for it to end" in out.read_text(), "the second run waits for the first")
+            assert not (run_dir / "quiet").exists() and second.poll() is None
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            assert second.wait(timeout=60) == 0, out.read_text()
+    assert "quiet hours: started" in out.read_text() and (run_dir / "quiet").exists()
 
 
 def test_missing_profile_is_one_line_with_the_fix(tmp_path: Path, run_dir: Path) -> None:
