@@ -4,11 +4,13 @@ pool on the lab's Prefect server — runs it there and records the run on that s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -218,6 +220,22 @@ def set_quiet_hours_on_pi1(lab, window_json: str) -> str:
     return done.stdout
 
 
+@contextlib.contextmanager
+def power_cron_held(lab) -> Iterator[None]:
+    """pi-1's cron stopped while a test sets quiet hours of its own: cron's spark-power run at a boundary of the lab's
+    window (23:00, 06:00) would otherwise end or start quiet hours in the middle of it (at 06:00 it once ended them
+    before the test did). A run cron started already ends first: spark-power runs one `auto` at a time. After: cron
+    again, and the run it would have made at a boundary it missed, on pi-1's own profile."""
+    stopped = lab.exec("pi-1", "service cron stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    until("pi-1's cron stopped", lambda: lab.exec("pi-1", "pgrep -x cron").returncode == 1, timeout=30)
+    try:
+        yield
+    finally:
+        started = lab.exec("pi-1", "service cron start && /usr/local/sbin/spark-power auto >>/var/log/spark-power.log")
+        assert started.returncode == 0, started.stdout + started.stderr
+
+
 def placement_rows(task_id: str) -> list[dict[str, str]]:
     """The newest placement table the run published (the `prefect` fixture points this process at the lab)."""
     from prefect.client.orchestration import get_client
@@ -252,30 +270,31 @@ def test_a_pi_in_quiet_hours_takes_no_task_and_takes_them_again_after(agents, tm
 
     # pi-1's own window in the lab's fleet (23:00-06:00) may hold at this hour, its cron job having drained it
     # already: start from a pi-1 outside quiet hours
-    set_quiet_hours_on_pi1(lab, ended_profile)
-    said = set_quiet_hours_on_pi1(lab, quiet_profile)
-    try:
-        assert "quiet hours: started" in said, said
-        # 20 tasks, five submitted at a time (each `spark task run` is a Prefect flow in its own process)
-        with ThreadPoolExecutor(max_workers=5) as pool:
-            results = list(pool.map(lambda task_id: submit(task_id, quick, quiet_fleet), ids))
-        hosts = [r["host"] for r in results]
-        print("20 tasks in pi-1's quiet hours ran on:", {h: hosts.count(h) for h in sorted(set(hosts))})
-        assert all(r["status"] == "succeeded" for r in results), results
-        assert "pi-1" not in hosts and len(set(hosts)) >= 2, hosts  # spread over the hosts that may take them
-        for result in results:
-            rows = {row["host"]: row for row in placement_rows(result["task_id"])}
-            assert rows["pi-1"]["verdict"] == "excluded", rows["pi-1"]
-            assert f"quiet hours until {hhmm(1)}" in rows["pi-1"]["why"], rows["pi-1"]
-            assert rows[result["host"]]["verdict"] == "chosen", rows
-        # even the task whose data is on pi-1 goes elsewhere
-        elsewhere = submit(f"quiet-data-{secrets.token_hex(2)}", pi1_data, quiet_fleet)
-        assert elsewhere["host"] != "pi-1", elsewhere
-    finally:
-        said = set_quiet_hours_on_pi1(lab, ended_profile)
-    assert "quiet hours: ended" in said and "undrained" in said, said
-    back = submit(f"after-quiet-{secrets.token_hex(2)}", pi1_data, ended_fleet)
-    assert back["host"] == "pi-1" and "of its data local" in back["why"], back
+    with power_cron_held(lab):
+        set_quiet_hours_on_pi1(lab, ended_profile)
+        said = set_quiet_hours_on_pi1(lab, quiet_profile)
+        try:
+            assert "quiet hours: started" in said, said
+            # 20 tasks, five submitted at a time (each `spark task run` is a Prefect flow in its own process)
+            with ThreadPoolExecutor(max_workers=5) as pool:
+                results = list(pool.map(lambda task_id: submit(task_id, quick, quiet_fleet), ids))
+            hosts = [r["host"] for r in results]
+            print("20 tasks in pi-1's quiet hours ran on:", {h: hosts.count(h) for h in sorted(set(hosts))})
+            assert all(r["status"] == "succeeded" for r in results), results
+            assert "pi-1" not in hosts and len(set(hosts)) >= 2, hosts  # spread over the hosts that may take them
+            for result in results:
+                rows = {row["host"]: row for row in placement_rows(result["task_id"])}
+                assert rows["pi-1"]["verdict"] == "excluded", rows["pi-1"]
+                assert f"quiet hours until {hhmm(1)}" in rows["pi-1"]["why"], rows["pi-1"]
+                assert rows[result["host"]]["verdict"] == "chosen", rows
+            # even the task whose data is on pi-1 goes elsewhere
+            elsewhere = submit(f"quiet-data-{secrets.token_hex(2)}", pi1_data, quiet_fleet)
+            assert elsewhere["host"] != "pi-1", elsewhere
+        finally:
+            said = set_quiet_hours_on_pi1(lab, ended_profile)
+        assert "quiet hours: ended" in said and "undrained" in said, said
+        back = submit(f"after-quiet-{secrets.token_hex(2)}", pi1_data, ended_fleet)
+        assert back["host"] == "pi-1" and "of its data local" in back["why"], back
 
 
 def test_a_task_submitted_to_its_sites_deployment_runs_on_that_sites_worker(agents) -> None:
