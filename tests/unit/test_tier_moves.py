@@ -887,7 +887,7 @@ def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: P
                         "size": len(content)})
     spec = {"algorithm": "sha256", "staging_root": str(staging), "entries": entries}
     one_process = tierside.check(spec)
-    monkeypatch.setattr(tierside, "PARALLEL_CHECK_ENTRIES", 4)
+    monkeypatch.setattr(tierside, "PARALLEL_CHECK_BYTES", 4)
     forked: list[int] = []
     real_fork = os.fork
     monkeypatch.setattr(os, "fork", lambda: forked.append(1) or real_fork())
@@ -897,7 +897,17 @@ def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: P
     assert [row["staging"] is not None and row["staging"].startswith("sha256:") for row in one_process["entries"]] \
         == [True, True, False, False] * 2
     with pytest.raises(RuntimeError, match="second hashing process failed"):
-        tierside.check({**spec, "entries": [*entries[:7], {"staging": entries[7]["staging"]}]})  # no final: it fails
+        tierside.check({**spec, "entries": [*entries[:7], {k: entries[7][k] for k in ("staging", "size")}]})  # no final
+
+
+def test_a_check_is_cut_where_half_of_its_work_is_and_a_small_one_is_not_cut() -> None:
+    """Work by bytes and files: a few large copies are hashed in two processes like many small ones."""
+    mib = 1024**2
+    assert tierside._halfway([{"size": 64 * mib}] * 4) == 2
+    assert tierside._halfway([{"size": 1024 * mib}, *[{"size": 4096}] * 1000, {"size": 900 * mib}]) == 1
+    assert tierside._halfway([{"size": 4096}] * 2000) == 1000
+    assert tierside._halfway([{"size": 4096}] * 100) == 100  # 6.8 MB of work: one process
+    assert tierside._halfway([{"size": 512 * mib}]) == 1
 
 
 def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
@@ -915,9 +925,9 @@ def test_a_chunk_is_settled_while_the_next_one_copies_and_every_file_moves_once(
     real_side, real_run = migrate.side, transfer.run
 
     def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-        if op == "place" and not keeps:  # the first chunk's: only once the second chunk's copy has begun
+        if op == "check" and "place" in spec and not keeps:  # the first chunk's: once the second chunk's copy began
             place_during_copy.append(copying.wait(timeout=30))
-            keeps.append(spec["keep"])
+            keeps.append(spec["place"]["keep"])
             done = real_side(runner, op, spec, timeout)
             placed.set()
             return done
@@ -965,7 +975,7 @@ def test_copies_run_ahead_of_a_slow_settling_as_far_as_the_bound_and_a_failed_se
             if checks == 1:  # the first chunk's: held until the third chunk's copy began
                 third_copying.wait(timeout=30)
                 copied_while_held.append(list(copied))
-        if op == "place":
+        if op == "check" and "place" in spec:  # a chunk's check, which places what it verified
             places += 1
             if places == 2:
                 raise migrate.TierStepFailed("the second chunk's place failed (a test)")
@@ -988,11 +998,78 @@ def test_copies_run_ahead_of_a_slow_settling_as_far_as_the_bound_and_a_failed_se
     assert batch is not None
     steps = {folder: {e.step for e in batch.entries if e.rel.startswith(folder + "/")}
              for folder in ("d0", "d1", "d2", "d3", "d4")}
-    assert steps == {"d0": {"done"}, "d1": {"verified"}, "d2": {"copied"}, "d3": {"copied"}, "d4": {"planned"}}
+    assert steps == {"d0": {"done"}, "d1": {"copied"}, "d2": {"copied"}, "d3": {"copied"}, "d4": {"planned"}}
     monkeypatch.setattr(migrate, "side", real_side)
     assert migrate.replay(ctx, "pi-1", "nas-1") is not None
     one_pass(ctx)
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 40}
+
+
+def test_no_copy_is_looked_for_where_the_next_tier_has_no_folder_for_the_host_and_one_is_where_it_has(
+        tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before copying, a pass asks the destination which planned files it holds already (a sync job's copies); with
+    no folder for the host there, nothing can be, and the question is not asked of every file."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    for j in range(4):
+        put(root / "hot" / "d" / f"f{j}.bin", 20_000, 10, seed=j)
+    asked: list[str] = []  # the steps before the first copy
+    real_side, real_run = migrate.side, transfer.run
+    copying: list[bool] = []
+
+    def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        if not copying:
+            asked.append(op)
+        return real_side(runner, op, spec, timeout)
+
+    def run(runner: Any, plan: transfer.TransferPlan, **kwargs: Any) -> transfer.TransferReport:
+        copying.append(True)
+        return real_run(runner, plan, **kwargs)
+
+    monkeypatch.setattr(migrate, "side", side)
+    monkeypatch.setattr(migrate.transfer, "run", run)
+    assert not (root / "warm" / "pi-1").exists()
+    [result] = one_pass(ctx)
+    assert result.moved == 4 and asked == ["scan", "scan"]
+    for j in range(4, 8):
+        put(root / "hot" / "d" / f"f{j}.bin", 20_000, 10, seed=j)
+    asked.clear()
+    copying.clear()
+    [result] = one_pass(ctx)
+    assert result.moved == 4 and asked == ["scan", "scan", "check"]  # warm/pi-1 is there now
+
+
+def test_copies_placed_by_a_check_whose_answer_was_lost_are_found_placed_by_the_replay(
+        tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk's check verifies and places its copies on the destination; the pass stops before it hears so (the
+    journal still says copied). The replay finds each under its final name with the source's hash: placed, then
+    committed and its source deleted, counted as moved (not as a copy that was there already), every file once."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    originals = {f"d{i}/f{j}.bin": put(root / "hot" / f"d{i}/f{j}.bin", 20_000, 10, seed=8 * i + j)
+                 for i in range(2) for j in range(8)}
+    monkeypatch.setattr(migrate, "CHUNK_FILES", 8)
+    real_side = migrate.side
+
+    def side(runner: Any, op: str, spec: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        done = real_side(runner, op, spec, timeout)
+        if op == "check" and "place" in spec:
+            raise migrate.TierStepFailed("the pass stopped here (a test)")
+        return done
+
+    monkeypatch.setattr(migrate, "side", side)
+    with pytest.raises(migrate.TierStepFailed, match="stopped here"):
+        one_pass(ctx)
+    batch = migrate.load(migrate.journal_path(ctx, "pi-1", "nas-1"))
+    assert batch is not None
+    first = [e for e in batch.entries if e.rel.startswith("d0/")]
+    assert {e.step for e in first} == {"copied"}
+    assert all((root / "warm" / "pi-1" / e.rel).is_file() for e in first)  # placed, though the journal says copied
+    monkeypatch.setattr(migrate, "side", real_side)
+    replayed = migrate.replay(ctx, "pi-1", "nas-1")
+    assert replayed is not None and replayed.moved == 16 and replayed.already_there == 0  # d1 had been copied too
+    one_pass(ctx)
+    assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 16}
 
 
 def test_rsync_is_given_a_folder_whole_only_when_all_it_held_moves_and_a_file_new_since_the_scan_stays(

@@ -13,7 +13,7 @@ Operations:
 - `hash`: content hashes of some files (with their size and mtime_ns, read around the hash: a file that changed
   while it was read has none).
 - `check`: a batch at the destination: the staged copies flushed to disk (one syncfs), each hashed, each final
-  name hashed (a large batch: half of it in a forked second process).
+  name hashed (a large batch: half of its work in a forked second process).
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
   the whole file or nothing. A staged folder holding only the batch's copies goes whole, where its final folder
   is not there yet.
@@ -36,7 +36,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 xxhash: Any
@@ -51,7 +51,10 @@ OWN_PREFIX = ".spark-tier"  # the migration's own folders (staging, the catalog'
 LEDGER = ".spark-tier/moved-out.json"  # below a tier's folder: how many files migration moved out, ever
 SKIP_DIRS = (".~tmp~",)  # rsync's partial folder (--delay-updates)
 CHUNK = 1 << 20
-PARALLEL_CHECK_ENTRIES = 2000  # a check of this many entries hashes them in two processes
+# a check of this much work hashes it in two processes, each about half of it: a file's work is its bytes and, for
+# the interpreter's own work per file (most of a small file's), PER_FILE_BYTES
+PARALLEL_CHECK_BYTES = 128 * 1024**2
+PER_FILE_BYTES = 64 * 1024
 
 
 def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
@@ -161,6 +164,32 @@ def _atime_kept(root: str) -> bool:
     return "noatime" not in options.split(",")
 
 
+def _walk(root: str) -> Iterator[tuple[str, bool, list[os.DirEntry[str]]]]:
+    """Each folder from `root` down, as `os.walk` top-down would give it (depth first, in name order, not through
+    links, a folder it cannot read passed over): its path, whether it has a subfolder, and its other entries in name
+    order. The migration's own folders and rsync's partial ones are not entered. Its own walk because it keeps each
+    entry's path and type from the listing (os.walk's names cost a join and a stat each again: a third of a scan)."""
+    below = [root]
+    while below:
+        folder = below.pop()
+        try:
+            with os.scandir(folder) as listing:
+                found = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        subfolders: list[os.DirEntry[str]] = []
+        others: list[os.DirEntry[str]] = []
+        for entry in found:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            (subfolders if is_folder else others).append(entry)
+        yield folder, bool(subfolders), others
+        below.extend(entry.path for entry in reversed(subfolders) if not entry.is_symlink()
+                     and not entry.name.startswith(OWN_PREFIX) and entry.name not in SKIP_DIRS)
+
+
 def scan(spec: dict[str, Any]) -> dict[str, Any]:
     root = spec["root"].rstrip("/") or "/"
     marker = spec.get("marker", "")
@@ -171,27 +200,26 @@ def scan(spec: dict[str, Any]) -> dict[str, Any]:
     markers: list[str] = []
     leaves: dict[str, int] = {}  # folders without subfolders (the tier's own root aside): how many names each holds
     used = 0
-    for folder, dirs, names in os.walk(root):
+    for folder, has_subfolders, names in _walk(root):
         rel_dir = os.path.relpath(folder, root)
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        if listed and not dirs and rel_dir:
+        if listed and not has_subfolders and rel_dir:
             leaves[rel_dir.rstrip("/")] = len(names)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(OWN_PREFIX) and d not in SKIP_DIRS)
-        if marker and marker in names:
+        if marker and any(entry.name == marker for entry in names):
             markers.append(rel_dir.rstrip("/"))
-        for name in sorted(names):
-            path = os.path.join(folder, name)
-            if path in skip_paths or any(path.startswith(p + "-") for p in skip_paths):
+        for entry in names:
+            path = entry.path
+            if skip_paths and (path in skip_paths or any(path.startswith(p + "-") for p in skip_paths)):
                 continue  # the catalog and its -wal/-shm files
             try:
-                st = os.lstat(path)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             used += st.st_size
             if listed:
-                row: list[Any] = [rel_dir + name, st.st_size, st.st_mtime_ns, st.st_atime_ns]
+                row: list[Any] = [rel_dir + entry.name, st.st_size, st.st_mtime_ns, st.st_atime_ns]
                 if algorithm:
                     found = hash_file(path, algorithm)
                     row.append(found[0] if found else None)
@@ -279,15 +307,32 @@ def _check_rows_in_child(entries: list[dict[str, Any]], algorithm: str) -> Calla
     return rows
 
 
+def _halfway(entries: list[dict[str, Any]]) -> int:
+    """Where to cut `entries` so that each part holds about half the check's work; all of them (no second process)
+    when the whole is less than PARALLEL_CHECK_BYTES."""
+    weights = [entry["size"] + PER_FILE_BYTES for entry in entries]
+    total = sum(weights)
+    if total < PARALLEL_CHECK_BYTES or len(entries) < 2:
+        return len(entries)
+    so_far = 0
+    for index, weight in enumerate(weights):
+        if so_far + weight / 2 >= total / 2:
+            return max(1, index)
+        so_far += weight
+    return len(entries) - 1
+
+
 def check(spec: dict[str, Any]) -> dict[str, Any]:
     """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
-    each None if absent; a file whose size differs from the expected one is not read (it cannot match)."""
+    each None if absent; a file whose size differs from the expected one is not read (it cannot match). With
+    `place` ({"keep": folders}), each staged copy whose hash is the entry's `expect` is then placed as `place`
+    does (its row says whether: `placed`): the verification and the rename in one call, in that order."""
     algorithm = spec["algorithm"]
     entries = absolute(spec)
     staging_root: str = spec.get("staging_root") or ""
     # many entries: the second half hashed by a child, forked before the flush's thread starts (a fork copies only
     # the thread that calls it)
-    half = len(entries) // 2 if len(entries) >= PARALLEL_CHECK_ENTRIES and (os.cpu_count() or 1) > 1 else len(entries)
+    half = _halfway(entries) if (os.cpu_count() or 1) > 1 else len(entries)
     second_half = _check_rows_in_child(entries[half:], algorithm) if half < len(entries) else None
     # the flush waits on the disk, the hashes read the page cache: both at once, and nothing is answered before the
     # flush has returned (a copy's pages are the same whether read before or after their writeback)
@@ -310,6 +355,12 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
         flush.join()
         if failed:
             raise failed[0]
+    if "place" in spec:  # flushed, and each copy equal to the hash it was expected to have: renamed into place
+        equal = [i for i, (entry, row) in enumerate(zip(entries, out, strict=True))
+                 if entry.get("expect") and row["staging"] == entry["expect"]]
+        placed = place({"keep": spec["place"]["keep"], "entries": [entries[i] for i in equal]})["entries"]
+        for index, outcome in zip(equal, placed, strict=True):
+            out[index]["placed"] = outcome == "placed"
     return {"entries": out}
 
 
