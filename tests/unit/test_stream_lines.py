@@ -44,3 +44,12 @@ def test_a_streamed_command_gives_each_line_to_the_caller_and_its_whole_output_a
     assert done.returncode == 0
     assert seen == [f"line {i} " + "x" * (i % 50) for i in range(500)] + ["last, without a newline"]
     assert done.text == "\n".join(seen)
+
+
+def test_a_line_longer_than_a_read_comes_whole_and_an_empty_line_stays() -> None:
+    script = "import os; os.write(1, b'a' * 3_000_000); os.write(1, b'\\n\\nb\\n')"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    lines = [line for complete in _paced_lines(proc.stdout.fileno(), []) for line in complete]
+    proc.wait()
+    assert lines == [b"a" * 3_000_000, b"", b"b"]

@@ -519,16 +519,20 @@ READ_BYTES = 1 << 20
 def _paced_lines(fd: int, chunks: list[bytes]) -> Iterator[list[bytes]]:
     """The complete lines (without their newline) of what `fd` gives until its end, a read at a time; each read's
     bytes are appended to `chunks`. A last line without a newline comes last."""
-    pending = b""
+    pending: list[bytes] = []  # the start of a line still coming, in pieces: a long line is joined once
     while chunk := os.read(fd, READ_BYTES):
         chunks.append(chunk)
-        *complete, pending = (pending + chunk).split(b"\n")
-        if complete:
+        if b"\n" in chunk:
+            *complete, last = chunk.split(b"\n")
+            complete[0] = b"".join([*pending, complete[0]])
+            pending = [last] if last else []
             yield complete
+        else:
+            pending.append(chunk)
         if len(chunk) < PACE_BELOW_BYTES:
             time.sleep(PACE_SECONDS)
     if pending:
-        yield [pending]
+        yield [b"".join(pending)]
 
 
 def stream(runner: Runner, argv: Sequence[str], *, on_line: Callable[[str], None],
