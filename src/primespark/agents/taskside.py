@@ -129,13 +129,34 @@ def _stop(task_id: str, host: str, group: int | None, cgroup: str | None, grace:
     return sorted(set(stopped) | set(left))
 
 
+PROC = "/proc"
+
+
+def _stat(pid: int | str) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command's name: state, parent, process group, …"""
+    with open(f"{PROC}/{pid}/stat", "rb") as handle:
+        return handle.read().rsplit(b")", 1)[1].split()
+
+
 def _paused(pid: int) -> bool:
-    """Whether the process is stopped by a signal (SIGSTOP: a power script paused the task)."""
+    """Whether the task whose process group `pid` leads is stopped by a signal (SIGSTOP to the group: a power script
+    paused it). Its leader shows T; or, when the stop caught the shell between vfork and its child's exec (dash runs
+    each command so), the child is stopped and the shell waits on it in state D until both are continued: then a
+    member of the group is stopped and none runs or sleeps."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"T"
+        leader = _stat(pid)[0]
     except (OSError, IndexError):
         return False
+    if leader != b"D":
+        return leader == b"T"
+    states = set()
+    for entry in os.listdir(PROC):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = _stat(entry)
+                if int(fields[2]) == pid:
+                    states.add(fields[0])
+    return b"T" in states and states <= {b"T", b"D", b"Z"}
 
 
 def _power_stop(staging: str) -> str | None:
