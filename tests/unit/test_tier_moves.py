@@ -444,7 +444,9 @@ if len(sys.argv) > 2:
 plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
 migrate.run_plan(ctx, plan, algorithm)
 """
-STEPS = ("planned", "copied", "verified", "placed", "committed")
+# the steps a chunk's journal shows on its way (its check places what it verified: "verified" is seen only where a
+# copy's hash was not known before the check, so a kill waiting for it would mostly find the pass ended)
+STEPS = ("planned", "copied", "placed", "committed")
 
 
 def _processes() -> dict[int, tuple[int, int]]:
