@@ -270,15 +270,18 @@ class Batch:
         """Where each of `entries` is in the batch."""
         if len(self._positions) != len(self.entries):
             self._positions = {id(entry): index for index, entry in enumerate(self.entries)}
-        return [self._positions[id(entry)] for entry in entries]
+        return list(map(self._positions.__getitem__, map(id, entries)))
 
 
 def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
     return ctx.state_dir / "tiers" / "journal" / f"{source}--{dest}.json"
 
 
-def _marks(batch: Batch) -> list[tuple[str, str, str | None]]:
-    return [(e.step, e.note, e.hash) for e in batch.entries]
+_MARK = attrgetter("step", "note", "hash")  # an entry's (step, note, hash): what a save records of it
+
+
+def _marks(entries: list[Entry]) -> list[tuple[str, str, str | None]]:
+    return list(map(_MARK, entries))
 
 
 def _whole(path: Path) -> bool:
@@ -351,30 +354,31 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
         data = {f.name: getattr(batch, f.name) for f in fields(batch)
                 if f.name not in ("entries", "saved", "leaves", "_positions")}
         atomic_write(path, json.dumps({**data, **_packed(batch)}) + "\n", 0o600)
-        batch.saved = _marks(batch)
+        batch.saved = _marks(batch.entries)
         return
-    indices = range(len(batch.entries)) if entries is None else batch.positions(entries)
+    # the marks made and compared as whole columns; only the changed ones looked at one by one
+    if entries is None:
+        indices: range | list[int] = range(len(batch.entries))
+        marks, olds = _marks(batch.entries), batch.saved
+    else:
+        indices = batch.positions(entries)
+        marks, olds = _marks(entries), list(map(batch.saved.__getitem__, indices))
+    if marks == olds:
+        return
+    changed = [(i, mark, old) for i, mark, old in zip(indices, marks, olds, strict=True) if mark != old]
     hashed: list[list[Any]] = []
     stepped: dict[tuple[str, str], list[int]] = {}
-    changed: list[tuple[int, tuple[str, str, str | None]]] = []
-    for i in indices:
-        entry = batch.entries[i]
-        mark, old = (entry.step, entry.note, entry.hash), batch.saved[i]
-        if mark == old:
-            continue
-        changed.append((i, mark))
+    for i, mark, old in changed:
         if mark[2] != old[2]:
             hashed.append([i, *mark])
         else:
             stepped.setdefault((mark[0], mark[1]), []).append(i)
-    if not changed:
-        return
     line = {"steps": [[step, note, _runs(sorted(runs))] for (step, note), runs in stepped.items()], "set": hashed}
     with open(path, "a", encoding="utf-8") as journal:
         journal.write(json.dumps(line) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
-    for i, mark in changed:
+    for i, mark, _ in changed:
         batch.saved[i] = mark
 
 
@@ -406,7 +410,7 @@ def load(path: Path) -> Batch | None:
                         "move it aside: the next pass then removes the copies it named below the staging folder, "
                         "and moves their files again") from exc
     batch = Batch(**data, entries=entries)
-    batch.saved = _marks(batch)
+    batch.saved = _marks(batch.entries)
     return batch
 
 
