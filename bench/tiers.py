@@ -5,6 +5,7 @@ Run: .venv/bin/python bench/tiers.py [--files 5000] [--mib 256] [--rounds 1] [--
      The issue's figures: --files 100000 --mib 2048 --catalog 1000000
      --scratch DIR measures on DIR's filesystem: a journaled disk (where a durable move waits for the disk and
      plain does not), or a RAM disk below /dev/shm (the moves' own cost, steady from run to run)
+     --settle SECONDS (default 10): each contender starts once the machine is at rest (see `at_rest`)
 
 The dataset (`--files` files of 0.5-8 KiB in folders of 100, plus `--mib` MiB of 16 MiB files, all dated ten
 days back) is made once in a scratch folder and hard-linked into a fresh hot tier for each contender, whose page
@@ -99,13 +100,23 @@ def fleet_file(root: Path) -> str:
     return str(path)
 
 
-def plain(seed: Path, root: Path, flush: bool = False) -> float:
+def at_rest(settle: float) -> None:
+    """Nobody's dirty pages in the next contender's figure, and (after `settle` seconds) the memory the previous
+    contender's copy held given back where the machine does that: on a VM that reports freed pages to its host,
+    a contender that writes soon after the last one's copy was removed gets that memory cheaply, and one that
+    writes later (ours plans first) pays to fault it in again: 2 GiB copied in 2.5 s or in 4.5-4.9 s on the
+    same machine, depending on how long before the memory was freed. Both contenders wait alike."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(settle)
+
+
+def plain(seed: Path, root: Path, flush: bool = False, settle: float = 0.0) -> float:
     """`rsync -a --remove-source-files`; with `flush`, then `sync` (the copies on disk, as ours leaves them)."""
     hot, warm = root / "hot", root / "warm" / "pi-1"
     fresh_hot(seed, hot)
     shutil.rmtree(root / "warm", ignore_errors=True)
     warm.mkdir(parents=True)
-    subprocess.run(["sync"], check=True)  # nobody's dirty pages in this contender's figure
+    at_rest(settle)
     start = time.monotonic()
     subprocess.run(["rsync", "-a", "--remove-source-files", f"{hot}/", f"{warm}/"], check=True)
     if flush:
@@ -114,7 +125,7 @@ def plain(seed: Path, root: Path, flush: bool = False) -> float:
 
 
 
-def ours(seed: Path, root: Path, count: int) -> float:
+def ours(seed: Path, root: Path, count: int, settle: float = 0.0) -> float:
     from primespark.context import FleetContext
     from primespark.data import migrate
     from primespark.fleet.model import TierName
@@ -124,7 +135,7 @@ def ours(seed: Path, root: Path, count: int) -> float:
     shutil.rmtree(root / "warm", ignore_errors=True)
     (root / "warm").mkdir()
     ctx = FleetContext.load(fleet_file(root), "local")
-    subprocess.run(["sync"], check=True)
+    at_rest(settle)
     start = time.monotonic()
     plan, algorithm = migrate.plan_pass(ctx, TierName.hot)
     results = migrate.run_plan(ctx, plan, algorithm)
@@ -192,6 +203,9 @@ def main() -> None:
     parser.add_argument("--catalog", type=int, default=100_000)
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--scratch", default=None, help="a folder on the disk to measure (default: $TMPDIR)")
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="seconds each contender waits before it starts, once the last one's copy is removed "
+                             "(see `at_rest`; 0: no wait, figures then vary with how a VM's host takes memory back)")
     args = parser.parse_args()
     if args.scratch is not None and not os.path.isdir(args.scratch):
         parser.error(f"--scratch {args.scratch}: no such folder (make it, or mount the filesystem to measure there)")
@@ -210,8 +224,8 @@ def main() -> None:
             for name in order:
                 work = root / name
                 work.mkdir(exist_ok=True)
-                times[name].append(ours(seed, work, count) if name == "ours" else
-                                   plain(seed, work, flush=name == "plain_sync"))
+                times[name].append(ours(seed, work, count, args.settle) if name == "ours" else
+                                   plain(seed, work, flush=name == "plain_sync", settle=args.settle))
                 shutil.rmtree(work)  # one copy of the dataset beside the seed at a time (memory, on a RAM disk)
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
         p, ps, o = (statistics.median(times[k]) for k in ("plain", "plain_sync", "ours"))
