@@ -902,6 +902,31 @@ def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: P
         tierside.check({**spec, "entries": [*entries[:7], {k: entries[7][k] for k in ("staging", "size")}]})  # no final
 
 
+@pytest.mark.parametrize("size", [0, 1, 5000, tierside.CHUNK - 1, tierside.CHUNK, tierside.CHUNK + 1,
+                                  3 * tierside.CHUNK + 5])
+def test_a_file_of_any_size_hashes_as_the_hash_of_its_whole_content(tmp_path: Path, size: int) -> None:
+    # a small file is read in one read of its size, a large one through one buffer: both must see every byte once
+    content = random.Random(size).randbytes(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(content)
+    found = tierside.hash_file(str(path), "xxh3_128")
+    assert found == (f"xxh3_128:{xxhash.xxh3_128(content).hexdigest()}", size, path.stat().st_mtime_ns)
+    assert tierside.hash_file(str(path), "sha256", size) is not None
+    assert tierside.hash_file(str(path), "sha256", size + 1) == (f"size:{size}", size, path.stat().st_mtime_ns)
+
+
+def test_no_hash_for_what_is_not_a_file_and_a_fifo_does_not_hold_the_check(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open would wait for ever
+    (tmp_path / "folder").mkdir()
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.extend(
+        tierside.hash_file(str(tmp_path / name), "sha256", 0) for name in ("fifo", "folder", "absent")), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "hashing a FIFO blocked"
+    assert result == [None, None, None]
+
+
 def test_a_check_is_cut_where_half_of_its_work_is_and_a_small_one_is_not_cut() -> None:
     """Work by bytes and files: a few large copies are hashed in two processes like many small ones."""
     mib = 1024**2

@@ -57,20 +57,37 @@ PARALLEL_CHECK_BYTES = 128 * 1024**2
 PER_FILE_BYTES = 64 * 1024
 
 
-def hash_file(path: str, algorithm: str) -> tuple[str, int, int] | None:
-    """`algorithm:hex`, size and mtime_ns of `path`; None if it is gone or changed while being read."""
+def hash_file(path: str, algorithm: str, size: int | None = None) -> tuple[str, int, int] | None:
+    """`algorithm:hex`, size and mtime_ns of `path`; None if it is gone or changed while being read. With `size`, a
+    file of another size is not read: its hash is then `size:N` (it cannot match)."""
+    # non-blocking: something other than a file at the path (a FIFO) must not hold the open; it has no hash
+    flags = os.O_RDONLY | os.O_NONBLOCK
     try:
         try:  # reading for a hash is not a use: leave the access time alone where we may (owner, or root)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
         except PermissionError:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     try:  # os.read on the descriptor: a buffered file object doubled the cost of hashing a small file
         before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        if size is not None and before.st_size != size:
+            return f"size:{before.st_size}", before.st_size, before.st_mtime_ns
         digest = HASHES[algorithm]()
-        while block := os.read(fd, CHUNK):
-            digest.update(block)
+        # up to the size fstat gave, not on to an empty read (a file that grows or shrinks meanwhile has another size
+        # or time below, and no hash). A small file in one read of its size: `os.read(fd, CHUNK)` makes a 1 MiB
+        # buffer each time, which cost 14 µs a file against 3.5 µs (100,000 files: a second of a check's CPU);
+        # a large one through one buffer (16 MiB files: 0.15 s a GiB against 0.21 s)
+        left = before.st_size
+        if left <= CHUNK:
+            digest.update(os.read(fd, left))
+        else:
+            buffer = memoryview(bytearray(CHUNK))
+            while left > 0 and (got := os.readv(fd, [buffer])):
+                digest.update(buffer[:got])
+                left -= got
         after = os.fstat(fd)
     finally:
         os.close(fd)
@@ -266,14 +283,7 @@ def _check_rows(entries: list[dict[str, Any]], algorithm: str) -> list[dict[str,
                 folders[folder] = os.path.isdir(folder)
             if not folders[folder]:
                 continue
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                continue
-            if size != entry["size"]:
-                row[key] = "size:" + str(size)
-                continue
-            found = hash_file(path, algorithm)
+            found = hash_file(path, algorithm, entry["size"])  # opened once: no stat of the path before
             row[key] = found[0] if found else None
         out.append(row)
     return out
