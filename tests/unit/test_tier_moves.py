@@ -349,9 +349,11 @@ def test_a_chunks_save_writes_its_own_entries_and_the_journal_loads_whole(tmp_pa
     assert [(e.step, e.note, e.hash) for e in loaded.entries] == [(e.step, e.note, e.hash) for e in batch.entries]
 
 
-def test_chunks_of_smaller_files_are_copied_first_each_folder_whole() -> None:
+def test_chunks_of_smaller_files_are_copied_first_each_folder_whole_unless_larger_than_a_chunk() -> None:
     """A folder of large files ahead of one of small files in path order: the small files' chunk comes first (their
-    settling then runs beside the large files' copy, and the pass ends on a chunk quick to settle)."""
+    settling then runs beside the large files' copy, and the pass ends on a chunk quick to settle). The large
+    folder holds more than a chunk's bytes: it is cut by bytes (the pass ends on the settling of its last piece
+    only)."""
     def entry(rel: str, size: int) -> migrate.Entry:
         return migrate.Entry("move", f"/srv/hot/{rel}", rel, f"/s/{rel}", f"/w/{rel}", "pi-1", f"/srv/hot/{rel}",
                              "warm", size, 1)
@@ -359,7 +361,10 @@ def test_chunks_of_smaller_files_are_copied_first_each_folder_whole() -> None:
     large = [entry(f"a/l{i}", migrate.CHUNK_BYTES // 2) for i in range(3)]
     small = [entry(f"b/f{i}", 1000) for i in range(10)]
     pieces = migrate.chunks([*small[::-1], *large])
-    assert [[e.rel for e in chunk] for chunk in pieces] == [[e.rel for e in small], [e.rel for e in large]]
+    assert [[e.rel for e in chunk] for chunk in pieces] == [[e.rel for e in small], [e.rel for e in large[:2]],
+                                                            [e.rel for e in large[2:]]]
+    few = migrate.chunks([*small, *large[:2]])  # a folder of exactly a chunk's bytes stays whole
+    assert [[e.rel for e in chunk] for chunk in few] == [[e.rel for e in small], [e.rel for e in large[:2]]]
 
 
 def test_the_journal_writes_once_what_every_entry_shares_and_loads_each_entry_as_it_was(tmp_path: Path) -> None:
@@ -1095,6 +1100,39 @@ def test_copies_placed_by_a_check_whose_answer_was_lost_are_found_placed_by_the_
     monkeypatch.setattr(migrate, "side", real_side)
     replayed = migrate.replay(ctx, "pi-1", "nas-1")
     assert replayed is not None and replayed.moved == 16 and replayed.already_there == 0  # d1 had been copied too
+    one_pass(ctx)
+    assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 16}
+
+
+def test_a_pass_stopped_before_its_batch_is_written_leaves_every_source_and_its_replay_empties_the_staging(
+        tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal names the batch (its header) before anything is copied; the entries are written while the first
+    chunk copies. The pass stops on that write (a full disk, a kill): the copy had staged files, the journal holds
+    the header only, every source is where it was; the replay removes the staged copies, and the next pass moves
+    every file once."""
+    root = tmp_path
+    ctx = FleetContext.load(make_fleet(root, hot={"capacity_gb": 1}), "local")
+    originals = {f"d{i}/f{j}.bin": put(root / "hot" / f"d{i}/f{j}.bin", 20_000, 10, seed=8 * i + j)
+                 for i in range(2) for j in range(8)}
+    real_write = migrate._write_whole
+
+    def write_whole(path: Path, batch: migrate.Batch) -> None:
+        if batch.entries:
+            raise OSError(28, "No space left on device (a test)")
+        real_write(path, batch)
+
+    monkeypatch.setattr(migrate, "_write_whole", write_whole)
+    with pytest.raises(OSError, match="No space left"):
+        one_pass(ctx)
+    journal = migrate.journal_path(ctx, "pi-1", "nas-1")
+    header = migrate.load(journal)
+    assert header is not None and header.entries == [] and header.dest_root == str(root / "warm" / "pi-1")
+    assert temporaries(root / "warm"), "the first chunk's copy ran beside the journal's write"
+    assert all((root / "hot" / rel).is_file() for rel in originals)
+    monkeypatch.setattr(migrate, "_write_whole", real_write)
+    replayed = migrate.replay(ctx, "pi-1", "nas-1")
+    assert replayed is not None and replayed.moved == 0
+    assert temporaries(root / "warm") == [] and not journal.exists()
     one_pass(ctx)
     assert exactly_once(ctx, root, originals) == {"hot": 0, "warm": 16}
 

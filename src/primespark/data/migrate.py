@@ -344,6 +344,21 @@ def _unpacked(data: dict[str, Any]) -> list[Entry]:
     return entries
 
 
+def _write_whole(path: Path, batch: Batch) -> None:
+    data = {f.name: getattr(batch, f.name) for f in fields(batch)
+            if f.name not in ("entries", "saved", "leaves", "_positions")}
+    atomic_write(path, json.dumps({**data, **_packed(batch)}) + "\n", 0o600)
+
+
+def save_header(path: Path, batch: Batch) -> None:
+    """The batch without its entries, written before any of its steps: it names the staging folder, so that a kill
+    before the whole batch is written (by the next `save`, while the first chunk copies) has the replay remove what
+    that copy staged; every source is still where it was."""
+    _write_whole(path, Batch(batch.source_host, batch.dest_host, batch.source_root, batch.dest_root,
+                             batch.algorithm))
+    batch.saved = None
+
+
 def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     """The journal: the whole batch once (written atomically), then one line per save with the entries whose step,
     note or hash changed (appended, fsynced). Rewriting a 100,000-entry batch after every step took longer than
@@ -351,9 +366,7 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     that took the same step, and lists one by one only those whose hash changed). `entries`: the only ones a step
     changed (a chunk's), the others not compared. After a save a crash cut short, the whole batch is written again."""
     if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
-        data = {f.name: getattr(batch, f.name) for f in fields(batch)
-                if f.name not in ("entries", "saved", "leaves", "_positions")}
-        atomic_write(path, json.dumps({**data, **_packed(batch)}) + "\n", 0o600)
+        _write_whole(path, batch)
         batch.saved = _marks(batch.entries)
         return
     # the marks made and compared as whole columns; only the changed ones looked at one by one
@@ -555,7 +568,10 @@ def transfer_names(batch: Batch, todo: list[Entry]) -> tuple[str, ...]:
 
 
 def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None,
-          progress: Callable[[transfer.Progress], None] | None = None) -> None:
+          progress: Callable[[transfer.Progress], None] | None = None,
+          journaled: Callable[[], object] | None = None) -> None:
+    """rsync the planned entries to the staging folder, then mark them copied; `journaled` returns once the journal
+    holds the entries (their marks must not change while they are written)."""
     todo = _of(batch, entries, "planned")
     if not todo:
         return
@@ -580,6 +596,8 @@ def _copy(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None,
     # without reading it a second time; the check hashes the flushed copy and compares
     sums = {item.path: item.checksum for item in report.sent if item.checksum} \
         if batch.algorithm == transfer.CHECKSUM_AS else {}
+    if journaled is not None:
+        journaled()
     for entry in todo:
         entry.step = "copied"
         entry.hash = f"{batch.algorithm}:{sums[entry.rel]}" if entry.rel in sums else None
@@ -717,8 +735,10 @@ def replay(ctx: FleetContext, source: str, dest: str) -> BatchResult | None:
 
 
 def chunks(entries: list[Entry]) -> list[list[Entry]]:
-    """`entries` cut on folder boundaries (a folder's files all in one chunk, however many), in path order, each
-    chunk about CHUNK_FILES files or CHUNK_BYTES: the pieces a batch is copied in. Chunks of smaller files go
+    """`entries` cut on folder boundaries (a folder's files all in one chunk, however many: rsync is told its name,
+    and it is placed in one rename), in path order, each chunk about CHUNK_FILES files or CHUNK_BYTES: the pieces a
+    batch is copied in. A folder of more than CHUNK_BYTES is cut by bytes (its files are few: named one by one):
+    the pass ends on the settling of its last chunk, which waits for the copy before it. Chunks of smaller files go
     first: settling many small files takes longer than copying them, and large ones the other way round, so the
     small files' settling runs beside the large files' copy, and the pass ends on a chunk quick to settle."""
     by_folder: dict[str, list[Entry]] = {}
@@ -731,8 +751,18 @@ def chunks(entries: list[Entry]) -> list[list[Entry]]:
         if current and (len(current) + len(members) > CHUNK_FILES or size >= CHUNK_BYTES):
             out.append(current)
             current, size = [], 0
-        current += members
-        size += sum(e.size for e in members)
+        if sum(e.size for e in members) <= CHUNK_BYTES:
+            current += members
+            size += sum(e.size for e in members)
+            continue
+        for entry in members:
+            if current and size >= CHUNK_BYTES:
+                out.append(current)
+                current, size = [], 0
+            current.append(entry)
+            size += entry.size
+        out.append(current)  # its last piece on its own too (with small files after it, it would go first)
+        current, size = [], 0
     out = [*out, current] if current else out
     return sorted(out, key=lambda chunk: sum(e.size for e in chunk) / len(chunk))  # stable: else path order
 
@@ -824,20 +854,24 @@ def move_batch(ctx: FleetContext, batch: Batch, progress: Callable[[str], None] 
             return None
         return lambda so_far: progress(f"{pair}: copying chunk {index + 1} of {len(pieces)}: {so_far.text}")
 
-    record()
+    save_header(journal, batch)
     if _folder_there(ctx, batch.dest_host, batch.dest_root):  # else nothing can be there, staged or placed
         _check(ctx, batch, batch.at("planned"), replaying=False)  # equal copies already there (a sync job's)
-        record()
     todo = batch.at("planned")  # to copy: those not already there
     todo_bytes = sum(e.size for e in todo)
     pieces = chunks(todo)
     written = [_written_in(batch, chunk) for chunk in pieces]
+    # the whole batch (0.2 s for 100,000 entries) is written while rsync copies the first chunk; that copy marks its
+    # entries only once it is written, and a kill before finds the header: its replay empties the staging folder
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-journal") as writer:
+        whole = writer.submit(contextvars.copy_context().run, record)
 
-    def copy(index: int, chunk: list[Entry]) -> None:
-        _copy(ctx, batch, chunk, copying(index))
-        record(chunk)
+        def copy(index: int, chunk: list[Entry]) -> None:
+            _copy(ctx, batch, chunk, copying(index), journaled=whole.result)
+            record(chunk)
 
-    _copy_and_settle(pieces, copy, settle, [frozenset().union(*written[index + 1:]) for index in range(len(pieces))])
+        _copy_and_settle(pieces, copy, settle,
+                         [frozenset().union(*written[index + 1:]) for index in range(len(pieces))])
     finish(ctx, batch, journal)  # the entries a sync job had copied already, and the batch's end
     return _result(batch)
 
