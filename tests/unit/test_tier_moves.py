@@ -1205,10 +1205,25 @@ def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch
     assert [max(n for chunk, n in counts if chunk == k) for k in (1, 2, 3)] == [8, 8, 8], lines
 
 
-def test_a_request_names_paths_below_their_roots_and_the_host_puts_them_back() -> None:
-    entries = [{"staging": "/w/pi-1/.in/a/f", "final": "/w/pi-1/a/f", "size": 1},
-               {"staging": "/w/pi-1/.in/b", "final": "/srv/hot/b", "size": 2}]  # a recall's final: not below
-    sent = migrate.below_roots([dict(e) for e in entries], staging="/w/pi-1/.in", final="/w/pi-1")
-    assert sent["roots"] == {"staging": "/w/pi-1/.in/"}
-    assert [e["staging"] for e in sent["entries"]] == ["a/f", "b"]
-    assert tierside.absolute(json.loads(json.dumps(sent))) == entries
+def test_a_request_goes_as_columns_below_their_roots_and_the_host_makes_each_entry_whole_again() -> None:
+    """One list per field; a path below its root without it; a field of one value sent once, one equal to a field
+    before it by that field's name; the host makes each entry whole again (a recall's final path, not below the
+    root, goes whole; one entry, no entry)."""
+    entries = [{"staging": "/w/pi-1/.in/a/f", "final": "/w/pi-1/a/f", "size": 1, "host": "nas-1"},
+               {"staging": "/w/pi-1/.in/b", "final": "/w/pi-1/b", "size": 2, "host": "nas-1"}]
+
+    def sent_back(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        sent = migrate.as_columns({key: [row[key] for row in rows] for key in entries[0]},
+                                  staging="/w/pi-1/.in", final="/w/pi-1")
+        return sent, tierside.absolute(json.loads(json.dumps(sent)))
+
+    sent, back = sent_back(entries)
+    assert sent["roots"] == {"staging": "/w/pi-1/.in/", "final": "/w/pi-1/"}
+    assert sent["columns"] == {"staging": ["a/f", "b"], "size": [1, 2]}
+    assert sent["alias"] == {"final": "staging"} and sent["same"] == {"host": "nas-1"}
+    assert back == entries
+    recall = [entries[0], {**entries[1], "final": "/srv/hot/b"}]
+    sent, back = sent_back(recall)
+    assert "final" not in sent["roots"] and sent["columns"]["final"] == ["/w/pi-1/a/f", "/srv/hot/b"]
+    assert back == recall
+    assert sent_back(entries[:1])[1] == entries[:1] and sent_back([])[1] == []

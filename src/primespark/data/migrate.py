@@ -77,18 +77,35 @@ class TierStepFailed(StepFailed):
         self.transient = transient
 
 
-def below_roots(entries: list[dict[str, Any]], **roots: str) -> dict[str, Any]:
-    """A request's `entries`, each path named in `roots` written below its root where every entry's path is below
-    it (the host puts the root back: `tierside.absolute`). The same request in about a third of the JSON, which both
-    ends spend most of a large step's time on."""
-    used = {}
-    for key, root in roots.items():
-        prefix = root.rstrip("/") + "/"
-        if all(e[key].startswith(prefix) for e in entries):
-            for entry in entries:
-                entry[key] = entry[key][len(prefix):]
-            used[key] = prefix
-    return {"roots": used, "entries": entries}
+def as_columns(fields: dict[str, list[Any]], **roots: str) -> dict[str, Any]:
+    """A request's entries as one list per field (JSON of lists: a dict per entry cost both ends most of a large
+    step's time), each path field named in `roots` written below its root where every entry's path is below it, a
+    field with one value for every entry sent once (`same`), and one equal to a field before it (a batch's staged
+    and final paths, below their roots) sent as that field's name (`alias`). The host reads it back with
+    `tierside.columns` or `tierside.absolute`."""
+    count = len(next(iter(fields.values()), []))
+    sent: dict[str, list[Any]] = {}
+    used, same, alias = {}, {}, {}
+    for key, values in fields.items():
+        if key in roots:
+            prefix = roots[key].rstrip("/") + "/"
+            if all(value.startswith(prefix) for value in values):
+                values = [value[len(prefix):] for value in values]
+                used[key] = prefix
+        if values and values.count(values[0]) == count:
+            same[key] = values[0]
+            continue
+        equal = next((other for other, its in sent.items() if its == values), None)
+        if equal is None:
+            sent[key] = values
+        else:
+            alias[key] = equal
+    return {"count": count, "columns": sent, "roots": used, "same": same, "alias": alias}
+
+
+def _fields(entries: list[Entry], names: tuple[str, ...]) -> dict[str, list[Any]]:
+    """`entries`' fields `names`, a list each (for `as_columns`)."""
+    return {name: list(map(attrgetter(name), entries)) for name in names}
 
 
 def side(runner: Runner, op: str, spec: dict[str, Any], timeout: float = 6 * 3600) -> dict[str, Any]:
@@ -496,15 +513,13 @@ def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: boo
     in between finds such a copy placed by its hash)."""
     if not entries:
         return
-    if placing is None:
-        asked = [{"staging": e.staging, "final": e.final, "size": e.size} for e in entries]
-    else:
-        asked = [{"staging": e.staging, "final": e.final, "size": e.size, "expect": e.hash, "atime_ns": e.atime_ns,
-                  "mtime_ns": e.mtime_ns} for e in entries]
+    asked = _fields(entries, ("staging", "final", "size"))
+    if placing is not None:  # what the destination places after it verified: the hash a copy must have, its times
+        asked |= {"expect": list(map(attrgetter("hash"), entries)), **_fields(entries, ("atime_ns", "mtime_ns"))}
     rows = side(ctx.hosts.runner(batch.dest_host), "check", {
         "algorithm": batch.algorithm, "staging_root": batch.staging_root,
         **({} if placing is None else {"place": {"keep": sorted(placing)}}),
-        **below_roots(asked, staging=batch.staging_root, final=batch.dest_root)})["entries"]
+        **as_columns(asked, staging=batch.staging_root, final=batch.dest_root)})["entries"]
     _hash_sources(ctx, batch, [e for e, row in zip(entries, rows, strict=True)
                                if e.hash is None and (_hashed(row["staging"]) or _hashed(row["final"]))])
     stale = []
@@ -611,10 +626,8 @@ def _place(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None, 
     if not todo:
         return
     rows = side(ctx.hosts.runner(batch.dest_host), "place",
-                {"keep": sorted(keep),
-                 **below_roots([{"staging": e.staging, "final": e.final, "atime_ns": e.atime_ns,
-                                 "mtime_ns": e.mtime_ns} for e in todo],
-                               staging=batch.staging_root, final=batch.dest_root)})["entries"]
+                {"keep": sorted(keep), **as_columns(_fields(todo, ("staging", "final", "atime_ns", "mtime_ns")),
+                                                    staging=batch.staging_root, final=batch.dest_root)})["entries"]
     for entry, row in zip(todo, rows, strict=True):
         if row == "placed":
             entry.step = "placed"
@@ -627,20 +640,18 @@ def catalog_side(ctx: FleetContext, op: str, **spec: Any) -> dict[str, Any]:
     return side(ctx.hosts.runner(host), "catalog", {"db": path, "op": op, **spec}, timeout=600)
 
 
-def _row(batch: Batch, entry: Entry, now: float) -> list[Any]:
-    return [entry.origin_host, entry.origin_path, entry.to_tier, batch.dest_host, entry.final, entry.size,
-            entry.hash, now]
-
-
 def _commit(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None) -> None:
     todo = _of(batch, entries, "placed")
     if not todo:
         return
-    now = time.time()
-    moves = [_row(batch, e, now) for e in todo if e.action == "move"]
+    moves = [e for e in todo if e.action == "move"]
     recalls = [[e.origin_host, e.origin_path] for e in todo if e.action == "recall"]
-    if moves:
-        catalog_side(ctx, "commit", rows=moves)
+    if moves:  # the catalog's rows (tierside.COLUMNS) as columns: most are one value for the whole chunk
+        fields = _fields(moves, ("origin_host", "origin_path", "size", "hash"))
+        catalog_side(ctx, "commit", **as_columns(
+            {**fields, "tier": list(map(attrgetter("to_tier"), moves)), "host": [batch.dest_host] * len(moves),
+             "path": list(map(attrgetter("final"), moves)), "moved_at": [time.time()] * len(moves)},
+            origin_path=batch.source_root, path=batch.dest_root))
     if recalls:
         catalog_side(ctx, "drop", keys=recalls)
     for entry in todo:
@@ -655,8 +666,8 @@ def _delete(ctx: FleetContext, batch: Batch, entries: list[Entry] | None = None)
     rows = side(ctx.hosts.runner(batch.source_host), "delete",
                 # a pass's source root is its tier's folder, whose ledger the backups read (a recall's is not)
                 {"root": batch.source_root if todo[0].action == "move" else None,
-                 **below_roots([{"path": e.source, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo],
-                               path=batch.source_root)})["entries"]
+                 **as_columns({"path": list(map(attrgetter("source"), todo)),
+                               **_fields(todo, ("size", "mtime_ns"))}, path=batch.source_root)})["entries"]
     changed = []
     for entry, row in zip(todo, rows, strict=True):
         if row == "changed" and entry.action == "move":

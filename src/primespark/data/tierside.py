@@ -108,8 +108,25 @@ def hash_file(path: str, algorithm: str, size: int | None = None) -> tuple[str, 
     return f"{algorithm}:{digest.hexdigest()}", after.st_size, after.st_mtime_ns
 
 
+def columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """A request sent as columns (`migrate.as_columns`), each field's values as a list again with its paths whole:
+    `roots`, the prefix a path field was sent without; `same`, a field with one value for every entry; `alias`, a
+    field sent as the equal one it names."""
+    count: int = spec["count"]
+    out: dict[str, Any] = dict(spec["columns"])
+    out.update((key, out[other]) for key, other in spec.get("alias", {}).items())
+    out.update((key, [value] * count) for key, value in spec.get("same", {}).items())
+    for key, prefix in spec.get("roots", {}).items():
+        out[key] = [prefix + value for value in out[key]]
+    return out
+
+
 def absolute(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """A request's entries with their paths whole again (`roots`: the prefix each path key was sent without)."""
+    """A request's entries, a dict each with its paths whole: sent as `columns` (what the controller sends), or as
+    `entries`, a dict each (`roots`: the prefix each path key was sent without)."""
+    if "columns" in spec:
+        fields = columns(spec)
+        return [dict(zip(fields, values, strict=True)) for values in zip(*fields.values(), strict=True)]
     entries: list[dict[str, Any]] = spec["entries"]
     for key, prefix in spec.get("roots", {}).items():
         for entry in entries:
@@ -569,11 +586,10 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
-    def commit(self, rows: list[list[Any]]) -> int:
+    def commit(self, rows: list[tuple[Any, ...]] | list[list[Any]]) -> int:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany(INSERT,
-                                [tuple(r) for r in rows])
+            self.db.executemany(INSERT, rows)
         return len(rows)
 
     def drop(self, keys: list[list[str]]) -> int:
@@ -637,8 +653,9 @@ def catalog(spec: dict[str, Any]) -> dict[str, Any]:
     book = Catalog(spec["db"])
     try:
         op = spec["op"]
-        if op == "commit":
-            return {"count": book.commit(spec["rows"])}
+        if op == "commit":  # its rows as columns (`migrate.as_columns`) of the catalog's COLUMNS
+            fields = columns(spec)
+            return {"count": book.commit(list(zip(*(fields[name] for name in COLUMNS), strict=True)))}
         if op == "drop":
             return {"count": book.drop(spec["keys"])}
         if op == "where":
