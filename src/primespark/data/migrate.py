@@ -271,6 +271,7 @@ class Batch:
     # copy reads it, and a replay copies nothing)
     leaves: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     _positions: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _found: dict[int, tuple[list[Entry], list[int]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def staging_root(self) -> str:
@@ -284,10 +285,15 @@ class Batch:
         return [e for e in self.entries if e.step in steps]
 
     def positions(self, entries: list[Entry]) -> list[int]:
-        """Where each of `entries` is in the batch."""
+        """Where each of `entries` is in the batch (a chunk's, saved after each of its steps: found once; the list
+        is kept with them, so that its id names no other list while they are)."""
         if len(self._positions) != len(self.entries):
             self._positions = {id(entry): index for index, entry in enumerate(self.entries)}
-        return list(map(self._positions.__getitem__, map(id, entries)))
+            self._found.clear()
+        known = self._found.get(id(entries))
+        if known is None or len(known[0]) != len(entries):
+            known = self._found[id(entries)] = (entries, list(map(self._positions.__getitem__, map(id, entries))))
+        return known[1]
 
 
 def journal_path(ctx: FleetContext, source: str, dest: str) -> Path:
@@ -363,7 +369,7 @@ def _unpacked(data: dict[str, Any]) -> list[Entry]:
 
 def _write_whole(path: Path, batch: Batch) -> None:
     data = {f.name: getattr(batch, f.name) for f in fields(batch)
-            if f.name not in ("entries", "saved", "leaves", "_positions")}
+            if f.name not in ("entries", "saved", "leaves", "_positions", "_found")}
     atomic_write(path, json.dumps({**data, **_packed(batch)}) + "\n", 0o600)
 
 
@@ -381,7 +387,7 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     note or hash changed (appended, fsynced). Rewriting a 100,000-entry batch after every step took longer than
     some of the steps; so did naming each entry of a step that moved them all (a line now names runs of entries
     that took the same step, and lists one by one only those whose hash changed). `entries`: the only ones a step
-    changed (a chunk's), the others not compared. After a save a crash cut short, the whole batch is written again."""
+    changed (a chunk's: a list never changed once saved, whose positions are found once), the others not compared. After a save a crash cut short, the whole batch is written again."""
     if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
         _write_whole(path, batch)
         batch.saved = _marks(batch.entries)
@@ -395,6 +401,14 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
         marks, olds = _marks(entries), list(map(batch.saved.__getitem__, indices))
     if marks == olds:
         return
+    step_notes = {mark[:2] for mark in marks}
+    if len(step_notes) == 1 and all(mark[2] == old[2] for mark, old in zip(marks, olds, strict=True)):
+        # the common save: every entry at one step, no hash changed; the line names them all (one run, as a rule)
+        (step, note), = step_notes
+        _append(path, {"steps": [[step, note, _runs(sorted(indices))]], "set": []})
+        for i, mark in zip(indices, marks, strict=True):
+            batch.saved[i] = mark
+        return
     changed = [(i, mark, old) for i, mark, old in zip(indices, marks, olds, strict=True) if mark != old]
     hashed: list[list[Any]] = []
     stepped: dict[tuple[str, str], list[int]] = {}
@@ -403,13 +417,17 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
             hashed.append([i, *mark])
         else:
             stepped.setdefault((mark[0], mark[1]), []).append(i)
-    line = {"steps": [[step, note, _runs(sorted(runs))] for (step, note), runs in stepped.items()], "set": hashed}
+    _append(path, {"steps": [[step, note, _runs(sorted(runs))] for (step, note), runs in stepped.items()],
+                   "set": hashed})
+    for i, mark, _ in changed:
+        batch.saved[i] = mark
+
+
+def _append(path: Path, line: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as journal:
         journal.write(json.dumps(line) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
-    for i, mark, _ in changed:
-        batch.saved[i] = mark
 
 
 def load(path: Path) -> Batch | None:
