@@ -901,8 +901,9 @@ def test_a_large_check_hashes_half_of_the_copies_in_a_second_process(tmp_path: P
 
     assert tierside.check(spec) == one_process
     assert forked == [1]
-    assert [row["staging"] is not None and row["staging"].startswith("sha256:") for row in one_process["entries"]] \
+    assert [found is not None and found.startswith("sha256:") for found in one_process["staging"]] \
         == [True, True, False, False] * 2
+    assert one_process["staging"][2] == f"size:{len(b'copy 2!')}" and one_process["final"] == [None] * 8
     with pytest.raises(RuntimeError, match="second hashing process failed"):
         tierside.check({**spec, "entries": [*entries[:7], {k: entries[7][k] for k in ("staging", "size")}]})  # no final
 

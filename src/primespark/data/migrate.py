@@ -387,7 +387,8 @@ def save(path: Path, batch: Batch, entries: list[Entry] | None = None) -> None:
     note or hash changed (appended, fsynced). Rewriting a 100,000-entry batch after every step took longer than
     some of the steps; so did naming each entry of a step that moved them all (a line now names runs of entries
     that took the same step, and lists one by one only those whose hash changed). `entries`: the only ones a step
-    changed (a chunk's: a list never changed once saved, whose positions are found once), the others not compared. After a save a crash cut short, the whole batch is written again."""
+    changed (a chunk's: a list never changed once saved, whose positions are found once), the others not compared.
+    After a save a crash cut short, the whole batch is written again."""
     if batch.saved is None or len(batch.saved) != len(batch.entries) or not _whole(path):
         _write_whole(path, batch)
         batch.saved = _marks(batch.entries)
@@ -534,27 +535,29 @@ def _check(ctx: FleetContext, batch: Batch, entries: list[Entry], replaying: boo
     asked = _fields(entries, ("staging", "final", "size"))
     if placing is not None:  # what the destination places after it verified: the hash a copy must have, its times
         asked |= {"expect": list(map(attrgetter("hash"), entries)), **_fields(entries, ("atime_ns", "mtime_ns"))}
-    rows = side(ctx.hosts.runner(batch.dest_host), "check", {
+    found = side(ctx.hosts.runner(batch.dest_host), "check", {
         "algorithm": batch.algorithm, "staging_root": batch.staging_root,
         **({} if placing is None else {"place": {"keep": sorted(placing)}}),
-        **as_columns(asked, staging=batch.staging_root, final=batch.dest_root)})["entries"]
-    _hash_sources(ctx, batch, [e for e, row in zip(entries, rows, strict=True)
-                               if e.hash is None and (_hashed(row["staging"]) or _hashed(row["final"]))])
+        **as_columns(asked, staging=batch.staging_root, final=batch.dest_root)})
+    staged, final = found["staging"], found["final"]
+    placed = found.get("placed") or [False] * len(entries)
+    _hash_sources(ctx, batch, [e for e, here, there in zip(entries, staged, final, strict=True)
+                               if e.hash is None and (_hashed(here) or _hashed(there))])
     stale = []
-    for entry, row in zip(entries, rows, strict=True):
+    for entry, here, there, moved in zip(entries, staged, final, placed, strict=True):
         if entry.step == "abandoned":  # its source changed or vanished: a staged copy is no good
-            if row["staging"] is not None:
+            if here is not None:
                 stale.append(entry.staging)
-        elif entry.hash is not None and row["staging"] == entry.hash:
-            entry.step = "placed" if row.get("placed") else "verified"
-        elif entry.hash is not None and row["final"] == entry.hash:
+        elif entry.hash is not None and here == entry.hash:
+            entry.step = "placed" if moved else "verified"
+        elif entry.hash is not None and there == entry.hash:
             # a copy the stopped pass's check had placed is no copy that was there before it (the report counts those)
             entry.note = "placed before the pass stopped" if replaying and entry.step == "copied" else "already there"
             entry.step = "placed"
-            if row["staging"] is not None:
+            if here is not None:
                 stale.append(entry.staging)
         elif entry.step == "copied" or replaying:
-            if row["staging"] is not None:
+            if here is not None:
                 stale.append(entry.staging)
             _abandon(entry, "interrupted copy (removed)" if replaying else "copy differs from the source")
     if stale:

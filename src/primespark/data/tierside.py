@@ -13,7 +13,7 @@ Operations:
 - `hash`: content hashes of some files (with their size and mtime_ns, read around the hash: a file that changed
   while it was read has none).
 - `check`: a batch at the destination: the staged copies flushed to disk (one syncfs), each hashed, each final
-  name hashed (a large batch: half of its work in a forked second process).
+  name hashed (a large batch: half of its work in a forked second process); the hashes as two columns.
 - `place`: each verified staged copy renamed to its final name (the folder made, then flushed): a name shows
   the whole file or nothing. A staged folder holding only the batch's copies goes whole, where its final folder
   is not there yet.
@@ -298,27 +298,24 @@ def _flush_filesystem(path: str) -> None:
         os.close(fd)
 
 
-def _check_rows(entries: list[dict[str, Any]], algorithm: str) -> list[dict[str, Any]]:
-    """Each entry's staged copy and final name: its hash, `size:N` when its size is not the expected one (it cannot
-    match, so it is not read), or None when it is not there."""
-    out = []
+def _check_rows(entries: list[dict[str, Any]], algorithm: str) -> list[list[str | None]]:
+    """Each entry's staged copy and final name, as two columns: its hash, `size:N` when its size is not the expected
+    one (it cannot match, so it is not read), or None when it is not there."""
+    out: list[list[str | None]] = [[], []]
     folders: dict[str, bool] = {}  # whether each folder is there: a new tree's files are not asked for one by one
     for entry in entries:
-        row: dict[str, Any] = {"staging": None, "final": None}
-        for key in ("staging", "final"):
+        size = entry["size"]
+        for key, column in zip(("staging", "final"), out, strict=True):
             path = entry[key]
             folder = path.rpartition("/")[0]  # os.path.dirname's own work, three times over, for 100,000 paths
             if folder not in folders:
                 folders[folder] = os.path.isdir(folder)
-            if not folders[folder]:
-                continue
-            found = hash_file(path, algorithm, entry["size"])  # opened once: no stat of the path before
-            row[key] = found[0] if found else None
-        out.append(row)
+            found = hash_file(path, algorithm, size) if folders[folder] else None  # opened once: no stat before
+            column.append(found[0] if found else None)
     return out
 
 
-def _check_rows_in_child(entries: list[dict[str, Any]], algorithm: str) -> Callable[[], list[dict[str, Any]]]:
+def _check_rows_in_child(entries: list[dict[str, Any]], algorithm: str) -> Callable[[], list[list[str | None]]]:
     """`_check_rows` in a forked process (a second core hashes half the copies: most of a check of many small files
     is this interpreter's own work per file); returns the call that waits for its rows."""
     readable, writable = os.pipe()
@@ -334,13 +331,13 @@ def _check_rows_in_child(entries: list[dict[str, Any]], algorithm: str) -> Calla
             os._exit(status)
     os.close(writable)
 
-    def rows() -> list[dict[str, Any]]:
+    def rows() -> list[list[str | None]]:
         with open(readable, "rb") as pipe:
             data = pipe.read()
         _, status = os.waitpid(pid, 0)
         if status != 0:
             raise RuntimeError(f"the check's second hashing process failed (wait status {status})")
-        found: list[dict[str, Any]] = json.loads(data)
+        found: list[list[str | None]] = json.loads(data)
         return found
 
     return rows
@@ -362,10 +359,11 @@ def _halfway(entries: list[dict[str, Any]]) -> int:
 
 
 def check(spec: dict[str, Any]) -> dict[str, Any]:
-    """For each entry: the staged copy's hash (after the copies are flushed to disk) and the final name's hash,
-    each None if absent; a file whose size differs from the expected one is not read (it cannot match). With
-    `place` ({"keep": folders}), each staged copy whose hash is the entry's `expect` is then placed as `place`
-    does (its row says whether: `placed`): the verification and the rename in one call, in that order."""
+    """For each entry, in two columns: the staged copy's hash (`staging`, after the copies are flushed to disk) and
+    the final name's hash (`final`), each None if absent; a file whose size differs from the expected one is not
+    read (it cannot match). With `place` ({"keep": folders}), each staged copy whose hash is the entry's `expect` is
+    then placed as `place` does (a third column says whether: `placed`): the verification and the rename in one
+    call, in that order."""
     algorithm = spec["algorithm"]
     entries = absolute(spec)
     staging_root: str = spec.get("staging_root") or ""
@@ -389,20 +387,24 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
         if os.path.isdir(staging_root) else None
     if flush is not None:
         flush.start()
-    out = _check_rows(entries[:half], algorithm)
+    staged, final = _check_rows(entries[:half], algorithm)
     if second_half is not None:
-        out += second_half()
+        more_staged, more_final = second_half()
+        staged += more_staged
+        final += more_final
     if flush is not None:
         flush.join()
         if failed:
             raise failed[0]
+    out: dict[str, list[Any]] = {"staging": staged, "final": final}
     if "place" in spec:  # flushed, and each copy equal to the hash it was expected to have: renamed into place
-        equal = [i for i, (entry, row) in enumerate(zip(entries, out, strict=True))
-                 if entry.get("expect") and row["staging"] == entry["expect"]]
+        equal = [i for i, (entry, found) in enumerate(zip(entries, staged, strict=True))
+                 if entry.get("expect") and found == entry["expect"]]
         placed = place({"keep": spec["place"]["keep"], "entries": [entries[i] for i in equal]})["entries"]
+        out["placed"] = [False] * len(entries)
         for index, outcome in zip(equal, placed, strict=True):
-            out[index]["placed"] = outcome == "placed"
-    return {"entries": out}
+            out["placed"][index] = outcome == "placed"
+    return out
 
 
 def _place_folder(staged: str, final: str, entries: list[dict[str, Any]]) -> bool:
