@@ -77,7 +77,7 @@ def pinned_by_marker(path: str, markers: frozenset[str]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: a scan makes one per file, and a frozen dataclass's __init__ costs four times as much
 class FileInfo:
     """One regular file below a tier folder, as the host's scan saw it."""
 
@@ -115,7 +115,7 @@ class HostScan:
     leaves: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: a plan makes one per file (see FileInfo)
 class Candidate:
     host: str
     path: str  # relative to the host's scanned root
@@ -210,19 +210,23 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Move]
     on_hot = scan.tier is TierName.hot
     eligible: list[tuple[float, FileInfo]] = []
     held: list[tuple[FileInfo, str]] = []
+    atime_kept = scan.atime_kept
     for info in scan.files:
         reason = _why_not(info, on_hot, spec, scan.markers, now, globs)
-        if reason is None:
-            eligible.append((info.last_used(scan.atime_kept), info))
+        if reason is None:  # FileInfo.last_used, without two calls per file
+            eligible.append(((max(info.mtime_ns, info.atime_ns) if atime_kept else info.mtime_ns) / 1e9, info))
         else:
             held.append((info, reason))
     eligible.sort(key=lambda pair: (pair[0], pair[1].path))
     moves: list[Move] = []
     remaining = []
+    older: dict[str, str] = {}  # one reason per age as written (0.1 day): files of one day share it
     for used_at, info in eligible:
         if spec.max_age_days is not None and now - used_at > spec.max_age_days * DAY:
-            moves.append((info, used_at,
-                          f"older than {spec.max_age_days} days (last used {_age(now - used_at)} ago)"))
+            age = _age(now - used_at)
+            reason = older.get(age) or older.setdefault(
+                age, f"older than {spec.max_age_days} days (last used {age} ago)")
+            moves.append((info, used_at, reason))
         else:
             remaining.append((used_at, info))
     left = scan.used - sum(info.size for info, _, _ in moves)
@@ -246,6 +250,8 @@ def _host_candidates(scan: HostScan, spec: Tier, now: float) -> tuple[list[Move]
 def _roomiest_fit(room: list[HostUsage], size: int, high_watermark: float) -> HostUsage | None:
     """The host with the most room (the lowest ratio, then by name) that stays at or below `high_watermark` with
     `size` more; None if none does."""
+    if len(room) == 1:  # one host below (a NAS): nothing to compare, asked once per file
+        return room[0] if room[0].after + size <= high_watermark * room[0].capacity else None
     best: HostUsage | None = None
     best_key = (0.0, "")
     for usage in room:
