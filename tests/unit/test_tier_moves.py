@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import json
 import os
 import random
@@ -1204,6 +1205,32 @@ def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch
     counts = [(int(m.group(1)), int(m.group(2))) for m in copying if m]
     assert counts == sorted(counts), lines  # chunk by chunk, each one counting up
     assert [max(n for chunk, n in counts if chunk == k) for k in (1, 2, 3)] == [8, 8, 8], lines
+
+
+def test_a_pass_runs_with_the_cycle_collector_paused_and_leaves_it_as_it_found_it(
+        tiers: tuple[FleetContext, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, root = tiers
+    put(root / "hot" / "old.bin", 1000, 30)
+    during: list[bool] = []
+    for name in ("plan_boundary", "move_batch"):
+        real = getattr(migrate, name)
+        monkeypatch.setattr(migrate, name, lambda *a, real=real, **k: during.append(gc.isenabled()) or real(*a, **k))
+    assert gc.isenabled()
+    one_pass(ctx)
+    assert during == [False, False] and gc.isenabled()
+    assert (root / "warm" / "pi-1" / "old.bin").is_file()
+    with migrate.collector_paused():  # nested, and one that fails inside another
+        with contextlib.suppress(RuntimeError), migrate.collector_paused():
+            raise RuntimeError("a failed step")
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # off before: stays off
+    try:
+        with migrate.collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_request_goes_as_columns_below_their_roots_and_the_host_makes_each_entry_whole_again() -> None:
