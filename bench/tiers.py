@@ -206,6 +206,10 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds each contender waits before it starts, once the last one's copy is removed "
                              "(see `at_rest`; 0: no wait, figures then vary with how a VM's host takes memory back)")
+    parser.add_argument("--free-late", action="store_true",
+                        help="keep each contender's copy until the next one starts (removed right before it, not "
+                             "after the last): both then write into memory freed a moment before, as on a machine "
+                             "that keeps its memory (see `at_rest`); with --settle 0")
     args = parser.parse_args()
     if args.scratch is not None and not os.path.isdir(args.scratch):
         parser.error(f"--scratch {args.scratch}: no such folder (make it, or mount the filesystem to measure there)")
@@ -222,11 +226,12 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = ("plain", "plain_sync", "ours") if rnd % 2 == 0 else ("ours", "plain_sync", "plain")
             for name in order:
-                work = root / name
+                work = root / ("work" if args.free_late else name)  # one folder: the next contender frees its copy
                 work.mkdir(exist_ok=True)
                 times[name].append(ours(seed, work, count, args.settle) if name == "ours" else
                                    plain(seed, work, flush=name == "plain_sync", settle=args.settle))
-                shutil.rmtree(work)  # one copy of the dataset beside the seed at a time (memory, on a RAM disk)
+                if not args.free_late:
+                    shutil.rmtree(work)  # one copy of the dataset beside the seed at a time (memory, on a RAM disk)
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
         p, ps, o = (statistics.median(times[k]) for k in ("plain", "plain_sync", "ours"))
         print(f"hot → warm, {count} files / {size / 2**20:.0f} MiB: plain rsync -a --remove-source-files {p:.1f} s; "
