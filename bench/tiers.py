@@ -6,6 +6,9 @@ Run: .venv/bin/python bench/tiers.py [--files 5000] [--mib 256] [--rounds 1] [--
      --scratch DIR measures on DIR's filesystem: a journaled disk (where a durable move waits for the disk and
      plain does not), or a RAM disk below /dev/shm (the moves' own cost, steady from run to run)
      --settle SECONDS (default 10): each contender starts once the machine is at rest (see `at_rest`)
+     --dataset DIR: the dataset made in DIR (on the --scratch filesystem) and kept, for a later run of the same sizes
+     (on a VM that hands freed memory to its host, a dataset written just before the contenders makes their copies
+     pay for memory)
 
 The dataset (`--files` files of 0.5-8 KiB in folders of 100, plus `--mib` MiB of 16 MiB files, all dated ten
 days back) is made once in a scratch folder and hard-linked into a fresh hot tier for each contender, whose page
@@ -70,6 +73,16 @@ def make_dataset(root: Path, files: int, mib: int) -> tuple[int, int]:
         os.utime(path, (old, old))
         count, size = count + 1, size + 16 * (1 << 20)
     return count, size
+
+
+def kept_dataset(seed: Path, files: int, mib: int, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """The files and bytes of a dataset `make_dataset` made in `seed` before; an error if it is not that dataset."""
+    found = [p.stat().st_size for p in seed.rglob("*") if p.is_file()]
+    expected_files, large_bytes = files + mib // 16, mib // 16 * 16 * (1 << 20)
+    if len(found) != expected_files or sum(found) < large_bytes:
+        parser.error(f"--dataset {seed}: {len(found)} files there, not the {expected_files} of --files {files} "
+                     f"--mib {mib} (remove the folder, or give another)")
+    return len(found), sum(found)
 
 
 def fresh_hot(seed: Path, hot: Path) -> None:
@@ -210,6 +223,9 @@ def main() -> None:
                         help="keep each contender's copy until the next one starts (removed right before it, not "
                              "after the last): both then write into memory freed a moment before, as on a machine "
                              "that keeps its memory (see `at_rest`); with --settle 0")
+    parser.add_argument("--dataset", default=None,
+                        help="make the dataset in this folder and keep it; reused by a later run of the same "
+                             "--files and --mib (a folder of another dataset is refused)")
     args = parser.parse_args()
     if args.scratch is not None and not os.path.isdir(args.scratch):
         parser.error(f"--scratch {args.scratch}: no such folder (make it, or mount the filesystem to measure there)")
@@ -218,10 +234,15 @@ def main() -> None:
         state = root / "state"
         state.mkdir(mode=0o700)
         os.environ["SPARK_STATE_DIR"] = str(state)
-        seed = root / "seed"
-        t = time.monotonic()
-        count, size = make_dataset(seed, args.files, args.mib)
-        print(f"dataset: {count} files, {size / 2**20:.0f} MiB (made in {time.monotonic() - t:.0f} s)")
+        seed = Path(args.dataset) if args.dataset else root / "seed"
+        if args.dataset and os.stat(seed.parent if not seed.exists() else seed).st_dev != os.stat(root).st_dev:
+            parser.error(f"--dataset {seed}: not on the filesystem measured ({root}): each contender's hot tier is "
+                         "hard-linked from it (give --scratch a folder beside it)")
+        t, reused = time.monotonic(), seed.exists()
+        count, size = kept_dataset(seed, args.files, args.mib, parser) if reused else \
+            make_dataset(seed, args.files, args.mib)
+        print(f"dataset: {count} files, {size / 2**20:.0f} MiB ({'reused' if reused else 'made'} in "
+              f"{time.monotonic() - t:.0f} s)")
         times: dict[str, list[float]] = {"plain": [], "plain_sync": [], "ours": []}
         for rnd in range(args.rounds):
             order = ("plain", "plain_sync", "ours") if rnd % 2 == 0 else ("ours", "plain_sync", "plain")
