@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,10 @@ def test_chunks_of_smaller_files_are_copied_first_each_folder_whole_unless_large
                                                             [e.rel for e in large[2:]]]
     few = migrate.chunks([*small, *large[:2]])  # a folder of exactly a chunk's bytes stays whole
     assert [[e.rel for e in chunk] for chunk in few] == [[e.rel for e in small], [e.rel for e in large[:2]]]
+    ahead = [entry(f"0/f{i}", 1000) for i in range(3)]  # small files before the large folder in path order
+    pieces = migrate.chunks([*large, *ahead])
+    assert [[e.rel for e in chunk] for chunk in pieces] == [[e.rel for e in ahead], [e.rel for e in large[:2]],
+                                                            [e.rel for e in large[2:]]]
 
 
 def test_the_journal_writes_once_what_every_entry_shares_and_loads_each_entry_as_it_was(tmp_path: Path) -> None:
@@ -1209,15 +1214,36 @@ def test_a_long_move_says_how_far_it_is(tmp_path: Path, state: Path, monkeypatch
 
 def test_a_pass_runs_with_the_cycle_collector_paused_and_leaves_it_as_it_found_it(
         tiers: tuple[FleetContext, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paused while it plans and moves; a cycle made beside a chunk (as a flow's client makes them) is freed once
+    that chunk is settled, not at the pass's end."""
     ctx, root = tiers
     put(root / "hot" / "old.bin", 1000, 30)
     during: list[bool] = []
     for name in ("plan_boundary", "move_batch"):
         real = getattr(migrate, name)
         monkeypatch.setattr(migrate, name, lambda *a, real=real, **k: during.append(gc.isenabled()) or real(*a, **k))
+
+    class Node:
+        pass
+
+    cycles: list[weakref.ref[Node]] = []
+    real_delete = migrate._delete
+
+    def delete(*args: Any, **kwargs: Any) -> list[migrate.Entry]:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+        cycles.append(weakref.ref(node))
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(migrate, "_delete", delete)
+    real_finish = migrate.finish
+    alive_at_finish: list[bool] = []
+    monkeypatch.setattr(migrate, "finish",
+                        lambda *a: alive_at_finish.append(cycles[0]() is not None) or real_finish(*a))
     assert gc.isenabled()
     one_pass(ctx)
     assert during == [False, False] and gc.isenabled()
+    assert alive_at_finish == [False]  # collected after its chunk, inside the pause
     assert (root / "warm" / "pi-1" / "old.bin").is_file()
     with migrate.collector_paused():  # nested, and one that fails inside another
         with contextlib.suppress(RuntimeError), migrate.collector_paused():
